@@ -1,0 +1,276 @@
+// The cast-copy operators: schema and CPU kernels.
+//
+// cast_copy(src, dst) converts src (float32, bfloat16 or float16, any strides) into the
+// preallocated host tensor dst and returns int64 [nonfinite, overflow] counts, where overflow
+// counts finite values that become infinite in dst's dtype. cast_copy_many does the same for a
+// list of sources into regions of one destination, in one parallel pass. The results are
+// bit-identical to torch's own `src.to(dst.dtype)` on this processor, NaN payloads included.
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstring>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define MARSTORE_X86 1
+#endif
+
+#include "cast_copy.h"
+
+namespace marstore {
+namespace {
+
+constexpr int64_t kGrain = 1 << 16;  // elements per work item: large enough to amortise dispatch
+// Above this many destination bytes, non-temporal stores skip reading the destination lines
+// into cache (the copy is streamed to a buffer that another thread reads much later).
+constexpr int64_t kStreamingBytes = 8 << 20;
+
+struct Counts {
+  int64_t nonfinite = 0;
+  int64_t overflow = 0;
+};
+
+inline uint32_t bits_of(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+inline float float_of(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// |x| at or above this is finite but rounds to infinity in float16 (65520 is a tie that rounds
+// to even, i.e. up to infinity, since 65504's last mantissa bit is odd).
+constexpr uint32_t kHalfOverflowBits = 0x477ff000;
+constexpr uint32_t kInfBits = 0x7f800000;
+
+// Scalar float32 -> float16 with the results of the F16C instruction that torch uses on x86:
+// round to nearest even; a NaN keeps its sign and the top 9 payload bits, and is made quiet.
+inline uint16_t half_bits_from_float(float x) {
+  const uint32_t u = bits_of(x);
+  if ((u & 0x7fffffff) > kInfBits) {
+    return static_cast<uint16_t>(((u >> 16) & 0x8000) | 0x7e00 | ((u >> 13) & 0x3ff));
+  }
+  return c10::Half(x).x;
+}
+
+inline void count_float(uint32_t u, uint32_t overflow_bits, Counts& c) {
+  const uint32_t a = u & 0x7fffffff;
+  c.nonfinite += a >= kInfBits;
+  c.overflow += (a < kInfBits) & (a >= overflow_bits);
+}
+
+// Generic scalar loops, one per supported (source, destination) pair.
+void f32_to_f16_scalar(const float* s, uint16_t* d, int64_t n, Counts& c) {
+  for (int64_t i = 0; i < n; ++i) {
+    count_float(bits_of(s[i]), kHalfOverflowBits, c);
+    d[i] = half_bits_from_float(s[i]);
+  }
+}
+void bf16_to_f16_scalar(const uint16_t* s, uint16_t* d, int64_t n, Counts& c) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = float_of(static_cast<uint32_t>(s[i]) << 16);
+    count_float(bits_of(x), kHalfOverflowBits, c);
+    d[i] = half_bits_from_float(x);
+  }
+}
+// Widening keeps a NaN's sign and payload and makes it quiet, as F16C's vcvtph2ps does (torch
+// uses that instruction in its vector body; its scalar tail returns 0x7fffffff instead).
+void f16_to_f32_scalar(const uint16_t* s, float* d, int64_t n, Counts& c) {
+  for (int64_t i = 0; i < n; ++i) {
+    const bool nonfinite = (s[i] & 0x7c00) == 0x7c00;
+    c.nonfinite += nonfinite;
+    if (nonfinite && (s[i] & 0x3ff)) {
+      d[i] = float_of((static_cast<uint32_t>(s[i] & 0x8000) << 16) | 0x7fc00000 |
+                      (static_cast<uint32_t>(s[i] & 0x3ff) << 13));
+    } else {
+      d[i] = static_cast<float>(c10::Half(s[i], c10::Half::from_bits()));
+    }
+  }
+}
+void bf16_to_f32_scalar(const uint16_t* s, float* d, int64_t n, Counts& c) {
+  for (int64_t i = 0; i < n; ++i) {
+    c.nonfinite += (s[i] & 0x7f80) == 0x7f80;
+    d[i] = float_of(static_cast<uint32_t>(s[i]) << 16);
+  }
+}
+// Same-dtype copies: the bytes move unchanged; only the non-finite values are counted.
+void copy16_scalar(const uint16_t* s, uint16_t* d, int64_t n, uint16_t exp_mask, Counts& c) {
+  std::memcpy(d, s, n * sizeof(uint16_t));
+  int64_t nonfinite = 0;
+  for (int64_t i = 0; i < n; ++i) nonfinite += (s[i] & exp_mask) == exp_mask;
+  c.nonfinite += nonfinite;
+}
+void copy32_scalar(const float* s, float* d, int64_t n, Counts& c) {
+  std::memcpy(d, s, n * sizeof(float));
+  int64_t nonfinite = 0;
+  for (int64_t i = 0; i < n; ++i) nonfinite += (bits_of(s[i]) & kInfBits) == kInfBits;
+  c.nonfinite += nonfinite;
+}
+
+#ifdef MARSTORE_X86
+bool detect_f16c() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+}
+
+// Eight float32 lanes -> eight float16 lanes plus their counts, with AVX2 and F16C.
+__attribute__((target("avx2,f16c"))) inline __m128i convert8(__m256 x, __m256i& nonfinite,
+                                                              __m256i& overflow) {
+  const __m256i a = _mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(0x7fffffff));
+  const __m256i nf = _mm256_cmpgt_epi32(a, _mm256_set1_epi32(kInfBits - 1));
+  const __m256i big = _mm256_cmpgt_epi32(a, _mm256_set1_epi32(kHalfOverflowBits - 1));
+  nonfinite = _mm256_sub_epi32(nonfinite, nf);  // a true lane is -1
+  overflow = _mm256_sub_epi32(overflow, _mm256_andnot_si256(nf, big));
+  return _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+__attribute__((target("avx2,f16c"))) inline int64_t lane_sum(__m256i v) {
+  alignas(32) int32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), v);
+  int64_t sum = 0;
+  for (int32_t x : lanes) sum += x;
+  return sum;
+}
+
+// Loads 8 source lanes as float32: from float32 directly, from bfloat16 by a 16-bit shift.
+template <typename Src>
+__attribute__((target("avx2,f16c"))) inline __m256 load8(const Src* p);
+template <>
+__attribute__((target("avx2,f16c"))) inline __m256 load8<float>(const float* p) {
+  return _mm256_loadu_ps(p);
+}
+template <>
+__attribute__((target("avx2,f16c"))) inline __m256 load8<uint16_t>(const uint16_t* p) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
+}
+
+template <typename Src, bool kStream>
+__attribute__((target("avx2,f16c"))) void to_f16_avx2(const Src* s, uint16_t* d, int64_t n,
+                                                      Counts& c) {
+  int64_t i = 0;
+  if (kStream) {  // streaming stores need a 16-byte aligned destination
+    const int64_t head =
+        std::min<int64_t>(n, ((16 - reinterpret_cast<uintptr_t>(d) % 16) % 16) / sizeof(uint16_t));
+    if constexpr (std::is_same_v<Src, float>) f32_to_f16_scalar(s, d, head, c);
+    else bf16_to_f16_scalar(s, d, head, c);
+    i = head;
+  }
+  __m256i nonfinite = _mm256_setzero_si256(), overflow = _mm256_setzero_si256();
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = convert8(load8(s + i), nonfinite, overflow);
+    if (kStream) _mm_stream_si128(reinterpret_cast<__m128i*>(d + i), h);
+    else _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i), h);
+  }
+  c.nonfinite += lane_sum(nonfinite);
+  c.overflow += lane_sum(overflow);
+  if constexpr (std::is_same_v<Src, float>) f32_to_f16_scalar(s + i, d + i, n - i, c);
+  else bf16_to_f16_scalar(s + i, d + i, n - i, c);
+}
+#else
+bool detect_f16c() { return false; }
+#endif
+
+const bool kHaveF16C = detect_f16c();
+
+// Converts elements [begin, end) of one source into the destination.
+void convert_span(const at::Tensor& src, void* dst_base, at::ScalarType dst_type, int64_t begin,
+                  int64_t end, bool streaming, Counts& c) {
+  const int64_t n = end - begin;
+  const auto src_type = src.scalar_type();
+  const char* s = static_cast<const char*>(src.const_data_ptr()) + begin * src.element_size();
+  char* d = static_cast<char*>(dst_base) + begin * c10::elementSize(dst_type);
+  const auto* s16 = reinterpret_cast<const uint16_t*>(s);
+  const auto* s32 = reinterpret_cast<const float*>(s);
+  auto* d16 = reinterpret_cast<uint16_t*>(d);
+  auto* d32 = reinterpret_cast<float*>(d);
+  if (dst_type == at::kHalf) {
+    if (src_type == at::kHalf) return copy16_scalar(s16, d16, n, 0x7c00, c);
+#ifdef MARSTORE_X86
+    if (kHaveF16C) {
+      if (src_type == at::kFloat) {
+        return streaming ? to_f16_avx2<float, true>(s32, d16, n, c)
+                         : to_f16_avx2<float, false>(s32, d16, n, c);
+      }
+      return streaming ? to_f16_avx2<uint16_t, true>(s16, d16, n, c)
+                       : to_f16_avx2<uint16_t, false>(s16, d16, n, c);
+    }
+#endif
+    if (src_type == at::kFloat) return f32_to_f16_scalar(s32, d16, n, c);
+    return bf16_to_f16_scalar(s16, d16, n, c);
+  }
+  if (dst_type == at::kFloat) {
+    if (src_type == at::kFloat) return copy32_scalar(s32, d32, n, c);
+    if (src_type == at::kHalf) return f16_to_f32_scalar(s16, d32, n, c);
+    return bf16_to_f32_scalar(s16, d32, n, c);
+  }
+  return copy16_scalar(s16, d16, n, 0x7f80, c);  // bfloat16 -> bfloat16
+}
+
+at::Tensor cast_copy_many_cpu(at::TensorList srcs, const at::Tensor& dst, at::IntArrayRef offsets,
+                              int64_t /*mode*/) {
+  check_destination("cast_copy_many", srcs, dst, offsets);
+  const auto dst_type = dst.scalar_type();
+  std::vector<at::Tensor> sources;
+  sources.reserve(srcs.size());
+  for (const auto& s : srcs) sources.push_back(s.contiguous());
+
+  // One work list over all sources so that one parallel pass covers them, small or large.
+  struct Item {
+    size_t tensor;
+    int64_t begin, end;
+  };
+  std::vector<Item> items;
+  int64_t total_bytes = 0;
+  for (size_t t = 0; t < sources.size(); ++t) {
+    const int64_t n = sources[t].numel();
+    total_bytes += n * dst.element_size();
+    for (int64_t b = 0; b < n; b += kGrain) items.push_back({t, b, std::min(n, b + kGrain)});
+  }
+  const bool streaming = total_bytes >= kStreamingBytes;
+  std::vector<std::atomic<int64_t>> counts(2 * sources.size());
+  for (auto& x : counts) x.store(0);
+  char* dst_base = static_cast<char*>(dst.data_ptr());
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      const Item& it = items[k];
+      Counts c;
+      convert_span(sources[it.tensor], dst_base + offsets[it.tensor] * dst.element_size(), dst_type,
+                   it.begin, it.end, streaming, c);
+      if (c.nonfinite) counts[2 * it.tensor].fetch_add(c.nonfinite, std::memory_order_relaxed);
+      if (c.overflow) counts[2 * it.tensor + 1].fetch_add(c.overflow, std::memory_order_relaxed);
+    }
+  });
+#ifdef MARSTORE_X86
+  if (streaming) _mm_sfence();  // order the non-temporal stores before the caller reads dst
+#endif
+  auto result = at::empty({static_cast<int64_t>(sources.size()), 2}, at::kLong);
+  auto* r = result.data_ptr<int64_t>();
+  for (size_t i = 0; i < counts.size(); ++i) r[i] = counts[i].load();
+  return result;
+}
+
+at::Tensor cast_copy_cpu(const at::Tensor& src, const at::Tensor& dst, int64_t mode) {
+  check_single(src, dst);
+  return cast_copy_many_cpu({src}, dst, {0}, mode).view({2});
+}
+
+}  // namespace
+
+bool cpu_has_f16c() { return kHaveF16C; }
+
+TORCH_LIBRARY(marstore, m) {
+  m.def("cast_copy(Tensor src, Tensor(a!) dst, int mode=0) -> Tensor");
+  m.def("cast_copy_many(Tensor[] srcs, Tensor(a!) dst, int[] offsets, int mode=0) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(marstore, CPU, m) {
+  m.impl("cast_copy", &cast_copy_cpu);
+  m.impl("cast_copy_many", &cast_copy_many_cpu);
+}
+
+}  // namespace marstore

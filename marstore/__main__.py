@@ -1,0 +1,3 @@
+from marstore.cli import main
+
+raise SystemExit(main())

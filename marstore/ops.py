@@ -1,0 +1,190 @@
+"""The cast-copy operators: float32/bfloat16/float16 into preallocated host buffers.
+
+    counts = cast_copy(src, dst)                      # int64 [nonfinite, overflow]
+    counts = cast_copy_many([a, b], buf, offsets)     # int64 [n, 2], one launch / one pass
+
+Both run marstore._C's kernels (torch.ops.marstore.*) when the extension is usable and a
+pure-torch path with identical results otherwise. Results are bit-identical to torch's
+`src.to(dst.dtype)`, with one exception that torch itself is not consistent about: widening
+float16 NaNs to float32 on the CPU gives F16C's quiet NaN with sign and payload kept (torch's
+vector body does the same; its scalar tail gives 0x7fffffff). For CUDA sources the copy is asynchronous
+on `stream` (default: the current stream), the destination must be pinned, and the returned
+counts live on the device until that stream reaches them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+
+from marstore import _extension
+
+_C, EXTENSION_STATUS = _extension.load()
+_backend = "extension" if _C is not None else "torch"
+
+SOURCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DESTINATION_DTYPES = (torch.float16, torch.float32, torch.bfloat16)
+_MODES = {"auto": 0, "direct": 1, "staged": 2}
+# Finite values at or above this magnitude become inf in float16 (65520 rounds up to even).
+_HALF_OVERFLOW = 65520.0
+
+
+def backend() -> str:
+    """'extension' or 'torch': which implementation the operators use now."""
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Temporarily forces 'extension' or 'torch' (tests and benchmarks compare the two)."""
+    global _backend
+    if name not in ("extension", "torch"):
+        raise ValueError(f"backend {name!r}: use 'extension' or 'torch'")
+    if name == "extension" and _C is None:
+        raise RuntimeError(f"the extension is not usable: {EXTENSION_STATUS}")
+    previous, _backend = _backend, name
+    try:
+        yield
+    finally:
+        _backend = previous
+
+
+def aligned_offsets(srcs: Sequence[torch.Tensor], dst_dtype: torch.dtype, align_bytes: int = 64) -> tuple[list[int], int]:
+    """Consecutive region offsets (in dst elements) for srcs, each aligned to align_bytes.
+
+    Returns (offsets, total elements a destination needs)."""
+    item = torch.empty((), dtype=dst_dtype).element_size()
+    step = max(1, align_bytes // item)
+    offsets, cursor = [], 0
+    for s in srcs:
+        offsets.append(cursor)
+        cursor += -(-s.numel() // step) * step
+    return offsets, cursor
+
+
+def cast_copy(src: torch.Tensor, dst: torch.Tensor, *, stream: torch.cuda.Stream | None = None, mode: str = "auto") -> torch.Tensor:
+    """Converts src into dst (same element count); returns int64 [nonfinite, overflow]."""
+    code = _mode(mode)
+    if _backend == "extension":
+        with _on_stream(src, stream):
+            return torch.ops.marstore.cast_copy(src, dst, code)
+    if dst.numel() != src.numel():
+        raise RuntimeError(
+            f"cast_copy: destination has {dst.numel()} elements but the source has {src.numel()}; they must match"
+        )
+    return _torch_cast_copy_many([src], dst, [0], stream).view(2)
+
+
+def cast_copy_many(
+    srcs: Sequence[torch.Tensor],
+    dst: torch.Tensor,
+    offsets: Sequence[int] | None = None,
+    *,
+    stream: torch.cuda.Stream | None = None,
+    mode: str = "auto",
+) -> torch.Tensor:
+    """Converts each source into dst.view(-1)[offset : offset + numel]; returns int64 [n, 2].
+
+    offsets default to aligned_offsets(srcs, dst.dtype)."""
+    srcs = list(srcs)
+    if offsets is None:
+        offsets = aligned_offsets(srcs, dst.dtype)[0]
+    offsets = [int(o) for o in offsets]
+    code = _mode(mode)
+    if _backend == "extension":
+        with _on_stream(srcs[0] if srcs else None, stream):
+            return torch.ops.marstore.cast_copy_many(srcs, dst, offsets, code)
+    return _torch_cast_copy_many(srcs, dst, offsets, stream)
+
+
+def _mode(mode: str) -> int:
+    try:
+        return _MODES[mode]
+    except KeyError:
+        raise ValueError(f"mode {mode!r}: use one of {sorted(_MODES)}") from None
+
+
+def _on_stream(src: torch.Tensor | None, stream: torch.cuda.Stream | None):
+    if stream is None or src is None or not src.is_cuda:
+        return contextlib.nullcontext()
+    return torch.cuda.stream(stream)
+
+
+
+def _check(srcs: list[torch.Tensor], dst: torch.Tensor, offsets: list[int]) -> None:
+    """The extension's checks, with its messages, for the pure-torch path."""
+    op = "cast_copy_many"
+    if len(srcs) != len(offsets):
+        raise RuntimeError(f"{op}: got {len(srcs)} sources and {len(offsets)} offsets; give one offset per source")
+    if dst.device.type != "cpu":
+        raise RuntimeError(f"{op}: destination is on {dst.device}; it must be a host (CPU) tensor")
+    if not dst.is_contiguous():
+        raise RuntimeError(f"{op}: destination must be contiguous")
+    for i, s in enumerate(srcs):
+        if s.device != srcs[0].device:
+            raise RuntimeError(
+                f"{op}: source {i} is on {s.device} but source 0 is on {srcs[0].device}; all sources must be on one device"
+            )
+        if s.dtype not in SOURCE_DTYPES:
+            raise RuntimeError(
+                f"{op}: source dtype {s.dtype} is not supported; accepted: torch.float32, torch.bfloat16, "
+                "torch.float16 (cast float64 with .float() first)"
+            )
+        if dst.dtype not in DESTINATION_DTYPES:
+            raise RuntimeError(
+                f"{op}: destination dtype {dst.dtype} is not supported; accepted: torch.float16, torch.float32, torch.bfloat16"
+            )
+        if dst.dtype == torch.bfloat16 and s.dtype != torch.bfloat16:
+            raise RuntimeError(
+                f"{op}: a torch.bfloat16 destination takes only torch.bfloat16 sources (a plain copy), got "
+                f"{s.dtype}; use a torch.float16 or torch.float32 destination"
+            )
+        if offsets[i] < 0 or offsets[i] + s.numel() > dst.numel():
+            raise RuntimeError(
+                f"{op}: region {i} [{offsets[i]}, {offsets[i] + s.numel()}) lies outside the destination's "
+                f"{dst.numel()} elements"
+            )
+    if srcs and srcs[0].is_cuda and not dst.is_pinned():
+        raise RuntimeError(
+            f"{op}: destination is not pinned; a CUDA source needs a pinned host destination "
+            "(torch.empty(..., pin_memory=True))"
+        )
+    order = sorted(range(len(srcs)), key=lambda i: offsets[i])
+    for prev, cur in zip(order, order[1:]):
+        end = offsets[prev] + srcs[prev].numel()
+        if end > offsets[cur] and srcs[cur].numel() and srcs[prev].numel():
+            raise RuntimeError(
+                f"{op}: region {cur} starting at {offsets[cur]} overlaps region {prev} [{offsets[prev]}, {end})"
+            )
+
+
+def _torch_cast_copy_many(
+    srcs: list[torch.Tensor], dst: torch.Tensor, offsets: list[int], stream: torch.cuda.Stream | None
+) -> torch.Tensor:
+    _check(srcs, dst, offsets)
+    if not srcs:
+        return torch.zeros(0, 2, dtype=torch.int64)
+    flat = dst.view(-1)
+    with _on_stream(srcs[0], stream):
+        counts = torch.zeros(len(srcs), 2, dtype=torch.int64, device=srcs[0].device)
+        for i, (s, off) in enumerate(zip(srcs, offsets)):
+            if s.numel() == 0:
+                continue
+            finite = torch.isfinite(s)
+            counts[i, 0] = s.numel() - finite.sum()
+            if dst.dtype == torch.float16:
+                counts[i, 1] = (finite & (s.abs() >= _HALF_OVERFLOW)).sum()
+            region = flat[off : off + s.numel()]
+            region.view(s.shape).copy_(s, non_blocking=s.is_cuda)
+            if s.dtype == torch.float16 and dst.dtype == torch.float32 and not s.is_cuda and counts[i, 0] > 0:
+                _requiet_nans(s.reshape(-1), region)
+        return counts
+
+
+def _requiet_nans(src: torch.Tensor, region: torch.Tensor) -> None:
+    """float16 NaNs widened as F16C does: sign and payload kept, quiet bit set (see module doc)."""
+    nan = torch.isnan(src)
+    bits = src[nan].view(torch.int16).to(torch.int32) & 0xFFFF
+    region[nan] = (((bits & 0x8000) << 16) | 0x7FC00000 | ((bits & 0x3FF) << 13)).view(torch.float32)

@@ -1,0 +1,233 @@
+"""The transfer ring: hooked activations -> reusable pinned host slots, off the model's path.
+
+    with TransferRing(num_slots=4, device="cuda") as ring:
+        slot = ring.submit({"encoder_blocks.0": h0, "decoder_norm": h1})  # returns at once
+        host = slot.wait()          # {name: CPU tensor view into the slot}
+        ...write host somewhere...
+        slot.release()              # the slot can be filled again
+
+A ring owns K slots, each one pinned host buffer allocated once, a side CUDA stream and one
+event per slot. submit() makes the side stream wait for the producer's stream, records the
+sources on the side stream (so the caching allocator cannot reuse their memory before the copy
+is done), and launches one cast_copy_many per destination dtype. When every slot is in flight,
+submit() blocks until one is released: host memory stays bounded. CPU sources use the same
+interface with synchronous copies.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Mapping
+
+import torch
+
+from marstore import ops
+
+log = logging.getLogger(__name__)
+
+_ALIGN = 64  # bytes; every region starts on a cache line
+
+
+class SlotTooSmall(ValueError):
+    """A batch needs more bytes than a slot holds; call TransferRing.reserve() first."""
+
+
+class Slot:
+    """One pinned host buffer, and the layout of the batch that was copied into it."""
+
+    def __init__(self, ring: "TransferRing", index: int, nbytes: int, pin: bool):
+        self.ring = ring
+        self.index = index
+        self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        self.event = torch.cuda.Event() if ring.device.type == "cuda" else None
+        self.layout: dict[str, tuple[int, torch.Size, torch.dtype]] = {}
+        self._counts_host = torch.empty(0, 2, dtype=torch.int64)
+        self._counts_names: list[str] = []
+        self.in_flight = False
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel()
+
+    def wait(self) -> dict[str, torch.Tensor]:
+        """Blocks until the copy has landed; returns {name: host tensor view into the slot}."""
+        if self.event is not None:
+            self.event.synchronize()
+        return {
+            name: self.buffer[off : off + _numel(shape) * _itemsize(dtype)].view(dtype).view(shape)
+            for name, (off, shape, dtype) in self.layout.items()
+        }
+
+    def counts(self) -> dict[str, tuple[int, int]]:
+        """{name: (nonfinite, overflow)} of the last copy; call after wait()."""
+        if self.event is not None:
+            self.event.synchronize()
+        rows = self._counts_host.tolist()
+        return {name: (row[0], row[1]) for name, row in zip(self._counts_names, rows)}
+
+    def release(self) -> None:
+        """Returns the slot to the ring; its views must no longer be used."""
+        self.ring._release(self)
+
+
+class TransferRing:
+    """K reusable pinned host slots fed by cast_copy_many on a side stream (see module doc)."""
+
+    def __init__(
+        self,
+        num_slots: int = 4,
+        slot_bytes: int | None = None,
+        *,
+        budget_bytes: int | None = None,
+        device: torch.device | str | None = None,
+        pin_memory: bool | None = None,
+    ):
+        if num_slots < 1:
+            raise ValueError(f"num_slots={num_slots}: a ring needs at least 1 slot")
+        if slot_bytes is not None and budget_bytes is not None:
+            raise ValueError("give slot_bytes or budget_bytes, not both")
+        if budget_bytes is not None:
+            slot_bytes = budget_bytes // num_slots
+        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
+        self.num_slots = num_slots
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._cond = threading.Condition()
+        self._slots: list[Slot] = []
+        self._free: list[Slot] = []
+        self._closed = False
+        if slot_bytes is not None:
+            self._allocate(slot_bytes)
+
+    @property
+    def slot_bytes(self) -> int | None:
+        return self._slots[0].nbytes if self._slots else None
+
+    def _allocate(self, slot_bytes: int) -> None:
+        slot_bytes = -(-int(slot_bytes) // _ALIGN) * _ALIGN
+        self._slots = [Slot(self, i, slot_bytes, self.pin_memory) for i in range(self.num_slots)]
+        self._free = list(reversed(self._slots))
+        log.info("transfer ring: %d slots of %.1f MiB (%s memory)", self.num_slots, slot_bytes / 2**20,
+                 "pinned" if self.pin_memory else "pageable")
+
+    def reserve(self, slot_bytes: int) -> None:
+        """Re-allocates every slot with slot_bytes (waits until all are released)."""
+        with self._cond:
+            self._cond.wait_for(lambda: len(self._free) == len(self._slots))
+            if self.slot_bytes is None or slot_bytes > self.slot_bytes:
+                self._allocate(slot_bytes)
+
+    def layout(self, tensors: Mapping[str, torch.Tensor], dtypes: Mapping[str, torch.dtype]) -> tuple[dict, int]:
+        """Byte layout of a batch in a slot: {name: (offset, shape, dtype)} and the bytes needed."""
+        layout, cursor = {}, 0
+        for name, t in tensors.items():
+            dtype = dtypes[name]
+            layout[name] = (cursor, t.shape, dtype)
+            cursor += -(-t.numel() * _itemsize(dtype) // _ALIGN) * _ALIGN
+        return layout, cursor
+
+    def submit(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        dtype: torch.dtype | Mapping[str, torch.dtype] = torch.float16,
+        timeout: float | None = None,
+    ) -> Slot:
+        """Starts copying tensors into a free slot and returns it (blocks while none is free)."""
+        if self._closed:
+            raise RuntimeError("this TransferRing is closed")
+        dtypes = {name: dtype for name in tensors} if isinstance(dtype, torch.dtype) else dict(dtype)
+        for name, t in tensors.items():
+            if t.device != self.device:
+                raise ValueError(f"tensor {name!r} is on {t.device}, but this ring copies from {self.device}")
+        layout, need = self.layout(tensors, dtypes)
+        if self.slot_bytes is None:
+            log.info("transfer ring: sizing slots from the first batch (%d bytes)", need)
+            self._allocate(need)
+        if need > self.slot_bytes:
+            raise SlotTooSmall(
+                f"batch needs {need} bytes but each slot holds {self.slot_bytes}; call ring.reserve({need}) "
+                "or give slot_bytes/budget_bytes big enough for the largest batch"
+            )
+        with self._cond:
+            if not self._cond.wait_for(lambda: bool(self._free), timeout=timeout):
+                raise TimeoutError(f"no transfer slot was released within {timeout} s")
+            slot = self._free.pop()
+            slot.in_flight = True
+        try:
+            self._launch(slot, tensors, layout)
+        except BaseException:
+            self._release(slot)
+            raise
+        return slot
+
+    def _launch(self, slot: Slot, tensors: Mapping[str, torch.Tensor], layout: dict) -> None:
+        slot.layout = layout
+        slot._counts_names = list(tensors)
+        groups: dict[torch.dtype, list[str]] = {}
+        for name in tensors:
+            groups.setdefault(layout[name][2], []).append(name)
+        if self.stream is None:
+            counts = self._copy_groups(slot, tensors, groups)
+            slot._counts_host = counts
+            return
+        producer = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(producer)
+        with torch.cuda.stream(self.stream):
+            for t in tensors.values():
+                t.record_stream(self.stream)
+            counts = self._copy_groups(slot, tensors, groups)
+            if slot._counts_host.shape[0] != counts.shape[0] or not slot._counts_host.is_pinned():
+                slot._counts_host = torch.empty(counts.shape, dtype=torch.int64, pin_memory=True)
+            slot._counts_host.copy_(counts, non_blocking=True)
+            slot.event.record(self.stream)
+
+    def _copy_groups(self, slot: Slot, tensors, groups) -> torch.Tensor:
+        """One cast_copy_many per destination dtype; returns counts in the order of tensors."""
+        rows: dict[str, torch.Tensor] = {}
+        for dtype, names in groups.items():
+            item = _itemsize(dtype)
+            dst = slot.buffer[: slot.nbytes // item * item].view(dtype)
+            offsets = [slot.layout[n][0] // item for n in names]
+            counts = ops.cast_copy_many([tensors[n] for n in names], dst, offsets)
+            rows.update(zip(names, counts))
+        return torch.stack([rows[n] for n in tensors]) if rows else torch.zeros(0, 2, dtype=torch.int64)
+
+    def _release(self, slot: Slot) -> None:
+        with self._cond:
+            if not slot.in_flight:
+                raise RuntimeError(f"slot {slot.index} was released twice")
+            slot.in_flight = False
+            if slot in self._slots:  # a slot from before reserve() is simply dropped
+                self._free.append(slot)
+            self._cond.notify_all()
+
+    @property
+    def in_flight(self) -> int:
+        with self._cond:
+            return len(self._slots) - len(self._free)
+
+    def close(self) -> None:
+        """Waits for pending copies; the ring cannot be used afterwards."""
+        if self.stream is not None:
+            self.stream.synchronize()
+        self._closed = True
+
+    def __enter__(self) -> "TransferRing":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _numel(shape: torch.Size) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

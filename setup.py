@@ -1,0 +1,69 @@
+"""Builds marstore._C against the torch that is installed (see README: Building)."""
+
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+EXACT_COMMAND = "pip install --no-build-isolation -e ."
+
+
+def _import_build_torch():
+    """Returns torch, refusing one that pip's build isolation brought in for this build only."""
+    try:
+        import torch
+    except ImportError:
+        sys.exit(
+            "marstore: torch is not importable in this build environment. marstore._C must be "
+            "built against the torch that will import it: install torch first, then run: "
+            f"{EXACT_COMMAND}"
+        )
+    if "pip-build-env" in (torch.__file__ or ""):
+        sys.exit(
+            f"marstore: this build found a temporary torch ({torch.__file__}) that pip installed "
+            f"for the build alone; the extension would not match your torch. Run: {EXACT_COMMAND}"
+        )
+    return torch
+
+
+def _extension():
+    torch = _import_build_torch()
+    from torch.utils import cpp_extension
+
+    wanted = os.environ.get("MARSTORE_BUILD", "auto").lower()
+    if wanted not in ("auto", "cpu", "cuda"):
+        sys.exit(f"marstore: MARSTORE_BUILD={wanted!r}; use auto, cpu or cuda")
+    cuda_possible = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if wanted == "cuda" and not cuda_possible:
+        sys.exit(
+            f"marstore: MARSTORE_BUILD=cuda but torch {torch.__version__} has "
+            f"{'no CUDA' if torch.version.cuda is None else 'CUDA'} and CUDA_HOME is "
+            f"{cpp_extension.CUDA_HOME!r} (nvcc: {shutil.which('nvcc')})"
+        )
+    use_cuda = wanted == "cuda" or (wanted == "auto" and cuda_possible)
+    print(f"marstore: building a {'CUDA' if use_cuda else 'CPU'} extension against torch "
+          f"{torch.__version__}", file=sys.stderr)
+
+    sources = ["csrc/cast_copy.cpp", "csrc/module.cpp"]
+    macros = [("MARSTORE_TORCH_VERSION", f'"{torch.__version__}"')]
+    cxx = ["-O3"]
+    if use_cuda:
+        return cpp_extension.CUDAExtension(
+            "marstore._C",
+            sources + ["csrc/cuda/cast_copy.cu"],
+            define_macros=macros + [("MARSTORE_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+        ), cpp_extension
+    return cpp_extension.CppExtension(
+        "marstore._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx}
+    ), cpp_extension
+
+
+extension, cpp_extension = _extension()
+
+setup(
+    packages=find_packages(include=["marstore", "marstore.*"]),
+    ext_modules=[extension],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)

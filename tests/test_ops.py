@@ -1,0 +1,224 @@
+"""cast_copy / cast_copy_many: exact bytes and counts against torch, on both backends."""
+
+import re
+import warnings
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from marstore import _extension, ops
+
+PAIRS = [
+    (torch.float32, torch.float16),
+    (torch.bfloat16, torch.float16),
+    (torch.float16, torch.float16),
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+]
+
+# float32 bit patterns around every edge of the float16 conversion.
+SPECIAL_F32_BITS = [
+    0x00000000, 0x80000000,  # signed zeros
+    0x00000001, 0x807fffff,  # float32 subnormals (flush to signed zero in float16)
+    0x33000000, 0x33000001, 0xb3800000,  # around float16's smallest subnormal 2^-24
+    0x387fc000, 0x38800000, 0x387fe000,  # float16 subnormal/normal boundary, ties
+    0x3f800000, 0x3f801000, 0x3f803000,  # 1.0 and round-to-even ties
+    0x477fe000, 0x477fefff, 0x477ff000, 0x477fffff, 0x47800000,  # 65504, just below/at 65520, 65536
+    0xc77ff000, 0x7f7fffff, 0xff7fffff,  # -65520, float32 max
+    0x7f800000, 0xff800000,  # infinities
+    0x7fc00000, 0xffc00000, 0x7f800001, 0x7fbfffff, 0x7fc01234, 0xff812345,  # NaNs with payloads
+]
+
+
+def special_values(dtype: torch.dtype) -> torch.Tensor:
+    f32 = torch.from_numpy(np.array(SPECIAL_F32_BITS, dtype=np.uint32).view(np.float32).copy())
+    if dtype == torch.float32:
+        return f32
+    # For 16-bit sources, the upper halves of the patterns and all 65536 bit patterns.
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    return torch.cat([every, torch.from_numpy((np.array(SPECIAL_F32_BITS, np.uint32) >> 16).astype(np.uint16).view(np.int16)).view(dtype)])
+
+
+def random_values(dtype: torch.dtype, n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * torch.logspace(-8, 6, n).roll(n // 3)
+    return x.to(dtype)
+
+
+def as_bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def reference(src: torch.Tensor, dst_dtype: torch.dtype) -> torch.Tensor:
+    """torch's own conversion. Widening float16 NaNs on the CPU, torch gives F16C's quiet NaN
+    (sign and payload kept) in its vector body but 0x7fffffff in its scalar tail; marstore
+    gives the former everywhere (documented in marstore.ops)."""
+    out = src.to(dst_dtype)
+    if src.dtype == torch.float16 and dst_dtype == torch.float32 and not src.is_cuda:
+        bits = src.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+        nan = torch.isnan(src).reshape(bits.shape)
+        quiet = ((bits & 0x8000) << 16) | 0x7FC00000 | ((bits & 0x3FF) << 13)
+        out = torch.where(nan, quiet.view(torch.float32), out.reshape(bits.shape)).view(src.shape)
+    return out
+
+
+def expected_counts(src: torch.Tensor, dst_dtype: torch.dtype) -> list[int]:
+    x = src.double().flatten().numpy()
+    finite = np.isfinite(x)
+    overflow = finite & (np.abs(x) >= 65520.0) if dst_dtype == torch.float16 else np.zeros_like(finite)
+    return [int((~finite).sum()), int(overflow.sum())]
+
+
+@pytest.mark.parametrize("src_dtype,dst_dtype", PAIRS)
+@pytest.mark.parametrize("kind", ["special", "random"])
+def test_single_matches_torch_bytes_and_counts(backend, src_dtype, dst_dtype, kind):
+    src = special_values(src_dtype) if kind == "special" else random_values(src_dtype, 100_003)
+    dst = torch.full(src.shape, 7, dtype=dst_dtype)
+    counts = ops.cast_copy(src, dst)
+    assert as_bytes(dst) == as_bytes(reference(src, dst_dtype))
+    assert counts.dtype == torch.int64 and counts.tolist() == expected_counts(src, dst_dtype)
+
+
+def test_counts_of_known_values(backend):
+    src = torch.tensor([1.0, float("nan"), float("inf"), -float("inf"), 65519.0, 65520.0, -7e4, 3e38])
+    counts = ops.cast_copy(src, torch.empty(8, dtype=torch.float16))
+    assert counts.tolist() == [3, 3]
+    counts = ops.cast_copy(src, torch.empty(8, dtype=torch.float32))
+    assert counts.tolist() == [3, 0]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda x: x.view(64, 96).t(),  # transposed
+        lambda x: x.view(64, 96)[::2, 5:70],  # sliced with steps
+        lambda x: x[:96].view(1, 96).expand(40, 96),  # expanded (stride 0)
+        lambda x: x[:0],  # zero-size
+        lambda x: x.view(2, 3, 32, 32).permute(3, 1, 0, 2),
+    ],
+    ids=["transposed", "sliced", "expanded", "empty", "permuted"],
+)
+@pytest.mark.parametrize("src_dtype", [torch.float32, torch.bfloat16])
+def test_non_contiguous_sources(backend, make, src_dtype):
+    src = make(random_values(src_dtype, 64 * 96, seed=3))
+    dst = torch.empty(src.shape, dtype=torch.float16)
+    counts = ops.cast_copy(src, dst)
+    assert as_bytes(dst) == as_bytes(src.to(torch.float16))
+    assert counts.tolist() == expected_counts(src, torch.float16)
+
+
+def test_large_tensor_uses_every_path(backend):
+    # Past the streaming-store threshold, with an odd length and an unaligned start.
+    src = random_values(torch.float32, 5_000_011, seed=5)[1:]
+    src[123] = float("nan")
+    src[4_999_000] = 1e6
+    dst = torch.empty(src.numel() + 3, dtype=torch.float16)[3:]
+    counts = ops.cast_copy(src, dst)
+    assert as_bytes(dst) == as_bytes(src.to(torch.float16))
+    assert counts.tolist() == expected_counts(src, torch.float16)
+
+
+def test_many_fills_regions_and_leaves_gaps(backend):
+    srcs = [
+        random_values(torch.float32, 1000, 1),
+        random_values(torch.bfloat16, 17, 2).view(17, 1),
+        torch.empty(0),
+        random_values(torch.float16, 4096, 3).view(64, 64).t(),
+        torch.tensor([float("inf"), 7e4, float("nan")]),
+    ]
+    offsets, total = ops.aligned_offsets(srcs, torch.float16)
+    assert offsets == [0, 1024, 1056, 1056, 5152] and total == 5184
+    dst = torch.full((total + 10,), -2.0, dtype=torch.float16)
+    counts = ops.cast_copy_many(srcs, dst, offsets)
+    flat = dst.view(-1)
+    covered = torch.zeros(dst.numel(), dtype=torch.bool)
+    for s, off in zip(srcs, offsets):
+        assert as_bytes(flat[off : off + s.numel()]) == as_bytes(s.to(torch.float16))
+        covered[off : off + s.numel()] = True
+    assert (flat[~covered] == -2.0).all()  # padding and tail untouched
+    assert counts.tolist() == [expected_counts(s, torch.float16) for s in srcs]
+
+
+def test_many_with_48_plus_tensors(backend):
+    srcs = [random_values(torch.float32, 256 + i, seed=i) for i in range(60)]
+    offsets, total = ops.aligned_offsets(srcs, torch.float16)
+    dst = torch.empty(total, dtype=torch.float16)
+    counts = ops.cast_copy_many(srcs, dst, offsets)
+    for s, off in zip(srcs, offsets):
+        assert as_bytes(dst[off : off + s.numel()]) == as_bytes(s.to(torch.float16))
+    assert counts.shape == (60, 2)
+
+
+ERRORS = [
+    (lambda: ops.cast_copy(torch.zeros(4, dtype=torch.int32), torch.empty(4, dtype=torch.float16)),
+     "cast_copy_many: source dtype torch.int32 is not supported; accepted: torch.float32, torch.bfloat16, torch.float16"),
+    (lambda: ops.cast_copy(torch.zeros(4, dtype=torch.complex64), torch.empty(4, dtype=torch.float16)),
+     "source dtype torch.complex64 is not supported"),
+    (lambda: ops.cast_copy(torch.zeros(4, dtype=torch.float64), torch.empty(4, dtype=torch.float16)),
+     "source dtype torch.float64 is not supported; accepted: torch.float32, torch.bfloat16, torch.float16 (cast float64 with .float() first)"),
+    (lambda: ops.cast_copy(torch.zeros(4), torch.empty(5, dtype=torch.float16)),
+     "cast_copy: destination has 5 elements but the source has 4; they must match"),
+    (lambda: ops.cast_copy(torch.zeros(4), torch.empty(4, dtype=torch.int16)),
+     "destination dtype torch.int16 is not supported; accepted: torch.float16, torch.float32, torch.bfloat16"),
+    (lambda: ops.cast_copy(torch.zeros(4), torch.empty(4, dtype=torch.bfloat16)),
+     "a torch.bfloat16 destination takes only torch.bfloat16 sources (a plain copy), got torch.float32"),
+    (lambda: ops.cast_copy(torch.zeros(4), torch.empty(2, 4, dtype=torch.float16)[:, 0].view(2).expand(2)),
+     "cast_copy: destination has 2 elements"),
+    (lambda: ops.cast_copy(torch.zeros(8), torch.empty(4, 2, dtype=torch.float16).t()),
+     "cast_copy_many: destination must be contiguous"),
+    (lambda: ops.cast_copy_many([torch.zeros(4), torch.zeros(4)], torch.empty(8, dtype=torch.float16), [0]),
+     "cast_copy_many: got 2 sources and 1 offsets; give one offset per source"),
+    (lambda: ops.cast_copy_many([torch.zeros(4)], torch.empty(8, dtype=torch.float16), [6]),
+     "cast_copy_many: region 0 [6, 10) lies outside the destination's 8 elements"),
+    (lambda: ops.cast_copy_many([torch.zeros(4)], torch.empty(8, dtype=torch.float16), [-1]),
+     "cast_copy_many: region 0 [-1, 3) lies outside the destination's 8 elements"),
+    (lambda: ops.cast_copy_many([torch.zeros(4), torch.zeros(4)], torch.empty(8, dtype=torch.float16), [0, 3]),
+     "cast_copy_many: region 1 starting at 3 overlaps region 0 [0, 4)"),
+]
+
+
+@pytest.mark.parametrize("call,message", ERRORS, ids=[m[:40] for _, m in ERRORS])
+def test_errors_name_the_input_and_the_fix(backend, call, message):
+    with pytest.raises(RuntimeError) as info:
+        call()
+    assert message in str(info.value)
+
+
+def test_unknown_mode_is_refused(backend):
+    with pytest.raises(ValueError, match=r"mode 'fast': use one of \['auto', 'direct', 'staged'\]"):
+        ops.cast_copy(torch.zeros(2), torch.empty(2, dtype=torch.float16), mode="fast")
+
+
+def test_fallback_when_extension_is_missing():
+    def missing(name):
+        raise ImportError(f"No module named {name!r}")
+
+    with pytest.warns(RuntimeWarning, match=r"marstore._C is not importable .*pure-torch path .*pip install --no-build-isolation -e \."):
+        module, status = _extension.load(missing)
+    assert module is None and status.startswith("marstore._C is not importable")
+
+
+def test_fallback_when_extension_was_built_for_another_torch():
+    stale = SimpleNamespace(torch_version="1.0.0", with_cuda=False)
+    with pytest.warns(RuntimeWarning, match=re.escape(f"built for torch 1.0.0, but torch {torch.__version__} is running")):
+        module, _ = _extension.load(lambda name: stale)
+    assert module is None
+
+
+def test_matching_extension_loads_without_warning():
+    current = SimpleNamespace(torch_version=torch.__version__)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module, status = _extension.load(lambda name: current)
+    assert module is current and status == f"loaded, built for torch {torch.__version__}"
+
+
+def test_direct_operator_checks_inputs_too():
+    if ops._C is None:
+        pytest.skip("extension not built")
+    with pytest.raises(RuntimeError, match="source dtype torch.int64 is not supported"):
+        torch.ops.marstore.cast_copy(torch.zeros(3, dtype=torch.int64), torch.empty(3, dtype=torch.float16), 0)
