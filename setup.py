@@ -47,16 +47,20 @@ def _extension():
 
     sources = ["csrc/cast_copy.cpp", "csrc/module.cpp"]
     macros = [("MARSTORE_TORCH_VERSION", f'"{torch.__version__}"')]
-    cxx = ["-O3"]
+    # at::parallel_for is an OpenMP region compiled into our code: without -fopenmp it runs
+    # serially. The libgomp.so.1 it links resolves to the one torch has already loaded.
+    cxx = ["-O3", "-fopenmp"]
+    link = ["-fopenmp"]
     if use_cuda:
         return cpp_extension.CUDAExtension(
             "marstore._C",
             sources + ["csrc/cuda/cast_copy.cu"],
             define_macros=macros + [("MARSTORE_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+            extra_link_args=link,
         ), cpp_extension
     return cpp_extension.CppExtension(
-        "marstore._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx}
+        "marstore._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx}, extra_link_args=link
     ), cpp_extension
 
 

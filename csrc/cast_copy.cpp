@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 
@@ -25,7 +26,7 @@ namespace {
 constexpr int64_t kGrain = 1 << 16;  // elements per work item: large enough to amortise dispatch
 // Above this many destination bytes, non-temporal stores skip reading the destination lines
 // into cache (the copy is streamed to a buffer that another thread reads much later).
-constexpr int64_t kStreamingBytes = 8 << 20;
+constexpr int64_t kStreamingBytes = 4 << 20;
 
 struct Counts {
   int64_t nonfinite = 0;
@@ -117,23 +118,18 @@ bool detect_f16c() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
 }
 
-// Eight float32 lanes -> eight float16 lanes plus their counts, with AVX2 and F16C.
-__attribute__((target("avx2,f16c"))) inline __m128i convert8(__m256 x, __m256i& nonfinite,
-                                                              __m256i& overflow) {
+// Eight float32 lanes -> eight float16 lanes; folds their magnitudes into `largest` so that a
+// span without non-finite or overflowing values (nearly all of them) costs no counting.
+__attribute__((target("avx2,f16c"))) inline __m128i convert8(__m256 x, __m256i& largest) {
   const __m256i a = _mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(0x7fffffff));
-  const __m256i nf = _mm256_cmpgt_epi32(a, _mm256_set1_epi32(kInfBits - 1));
-  const __m256i big = _mm256_cmpgt_epi32(a, _mm256_set1_epi32(kHalfOverflowBits - 1));
-  nonfinite = _mm256_sub_epi32(nonfinite, nf);  // a true lane is -1
-  overflow = _mm256_sub_epi32(overflow, _mm256_andnot_si256(nf, big));
+  largest = _mm256_max_epi32(largest, a);
   return _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
-__attribute__((target("avx2,f16c"))) inline int64_t lane_sum(__m256i v) {
-  alignas(32) int32_t lanes[8];
+__attribute__((target("avx2,f16c"))) inline uint32_t lane_max(__m256i v) {
+  alignas(32) uint32_t lanes[8];
   _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), v);
-  int64_t sum = 0;
-  for (int32_t x : lanes) sum += x;
-  return sum;
+  return *std::max_element(lanes, lanes + 8);
 }
 
 // Loads 8 source lanes as float32: from float32 directly, from bfloat16 by a 16-bit shift.
@@ -149,26 +145,40 @@ __attribute__((target("avx2,f16c"))) inline __m256 load8<uint16_t>(const uint16_
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
 }
 
+template <bool kStream>
+__attribute__((target("avx2,f16c"))) inline void store8(uint16_t* d, __m128i h) {
+  if (kStream) _mm_stream_si128(reinterpret_cast<__m128i*>(d), h);
+  else _mm_storeu_si128(reinterpret_cast<__m128i*>(d), h);
+}
+
 template <typename Src, bool kStream>
 __attribute__((target("avx2,f16c"))) void to_f16_avx2(const Src* s, uint16_t* d, int64_t n,
                                                       Counts& c) {
+  constexpr bool kFloat = std::is_same_v<Src, float>;
   int64_t i = 0;
   if (kStream) {  // streaming stores need a 16-byte aligned destination
-    const int64_t head =
-        std::min<int64_t>(n, ((16 - reinterpret_cast<uintptr_t>(d) % 16) % 16) / sizeof(uint16_t));
-    if constexpr (std::is_same_v<Src, float>) f32_to_f16_scalar(s, d, head, c);
-    else bf16_to_f16_scalar(s, d, head, c);
-    i = head;
+    i = std::min<int64_t>(n, ((16 - reinterpret_cast<uintptr_t>(d) % 16) % 16) / sizeof(uint16_t));
+    if constexpr (kFloat) f32_to_f16_scalar(s, d, i, c);
+    else bf16_to_f16_scalar(s, d, i, c);
   }
-  __m256i nonfinite = _mm256_setzero_si256(), overflow = _mm256_setzero_si256();
-  for (; i + 8 <= n; i += 8) {
-    const __m128i h = convert8(load8(s + i), nonfinite, overflow);
-    if (kStream) _mm_stream_si128(reinterpret_cast<__m128i*>(d + i), h);
-    else _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i), h);
+  const int64_t vec_begin = i;
+  __m256i largest = _mm256_setzero_si256();
+  // Four vectors per iteration: independent conversions keep more loads in flight.
+  for (; i + 32 <= n; i += 32) {
+    const __m256 x0 = load8(s + i), x1 = load8(s + i + 8), x2 = load8(s + i + 16), x3 = load8(s + i + 24);
+    store8<kStream>(d + i, convert8(x0, largest));
+    store8<kStream>(d + i + 8, convert8(x1, largest));
+    store8<kStream>(d + i + 16, convert8(x2, largest));
+    store8<kStream>(d + i + 24, convert8(x3, largest));
   }
-  c.nonfinite += lane_sum(nonfinite);
-  c.overflow += lane_sum(overflow);
-  if constexpr (std::is_same_v<Src, float>) f32_to_f16_scalar(s + i, d + i, n - i, c);
+  for (; i + 8 <= n; i += 8) store8<kStream>(d + i, convert8(load8(s + i), largest));
+  if (lane_max(largest) >= kHalfOverflowBits) {  // rare: count this span exactly
+    for (int64_t k = vec_begin; k < i; ++k) {
+      const uint32_t bits = kFloat ? bits_of(s[k]) : static_cast<uint32_t>(s[k]) << 16;
+      count_float(bits, kHalfOverflowBits, c);
+    }
+  }
+  if constexpr (kFloat) f32_to_f16_scalar(s + i, d + i, n - i, c);
   else bf16_to_f16_scalar(s + i, d + i, n - i, c);
 }
 #else

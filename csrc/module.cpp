@@ -1,7 +1,7 @@
 // The Python module marstore._C: loading it registers the operators (torch.ops.marstore.*);
 // its attributes say what it was built against, so that Python can refuse a stale build.
 
-#include <torch/extension.h>
+#include <pybind11/pybind11.h>
 
 namespace marstore {
 bool cpu_has_f16c();

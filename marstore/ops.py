@@ -68,8 +68,10 @@ def cast_copy(src: torch.Tensor, dst: torch.Tensor, *, stream: torch.cuda.Stream
     """Converts src into dst (same element count); returns int64 [nonfinite, overflow]."""
     code = _mode(mode)
     if _backend == "extension":
-        with _on_stream(src, stream):
-            return torch.ops.marstore.cast_copy(src, dst, code)
+        if stream is None or not src.is_cuda:
+            return torch.ops.marstore.cast_copy.default(src, dst, code)
+        with torch.cuda.stream(stream):
+            return torch.ops.marstore.cast_copy.default(src, dst, code)
     if dst.numel() != src.numel():
         raise RuntimeError(
             f"cast_copy: destination has {dst.numel()} elements but the source has {src.numel()}; they must match"
@@ -87,7 +89,9 @@ def cast_copy_many(
 ) -> torch.Tensor:
     """Converts each source into dst.view(-1)[offset : offset + numel]; returns int64 [n, 2].
 
-    offsets default to aligned_offsets(srcs, dst.dtype)."""
+    offsets default to aligned_offsets(srcs, dst.dtype). Bytes of dst outside every region
+    are left alone, except, for CUDA sources in staged mode, the gaps between regions (one DMA
+    copy moves the whole span): keep nothing there."""
     srcs = list(srcs)
     if offsets is None:
         offsets = aligned_offsets(srcs, dst.dtype)[0]
@@ -95,15 +99,15 @@ def cast_copy_many(
     code = _mode(mode)
     if _backend == "extension":
         with _on_stream(srcs[0] if srcs else None, stream):
-            return torch.ops.marstore.cast_copy_many(srcs, dst, offsets, code)
+            return torch.ops.marstore.cast_copy_many.default(srcs, dst, offsets, code)
     return _torch_cast_copy_many(srcs, dst, offsets, stream)
 
 
 def _mode(mode: str) -> int:
-    try:
-        return _MODES[mode]
-    except KeyError:
-        raise ValueError(f"mode {mode!r}: use one of {sorted(_MODES)}") from None
+    code = _MODES.get(mode)
+    if code is None:
+        raise ValueError(f"mode {mode!r}: use one of {sorted(_MODES)}")
+    return code
 
 
 def _on_stream(src: torch.Tensor | None, stream: torch.cuda.Stream | None):

@@ -12,6 +12,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+
 #include "../cast_copy.h"
 
 namespace marstore {
@@ -22,8 +24,17 @@ constexpr int kVec = 8;  // elements per thread per step: 16 bytes of float16
 constexpr int64_t kBlockElems = kThreads * kVec * 4;
 constexpr int kMaxTensors = 48;  // keeps the launch parameters under 4 KB
 // Up to this many destination bytes the kernel writes to host memory directly; above it,
-// staging in device memory plus one DMA copy is faster (benchmarks/RESULTS.md).
+// staging in device memory plus one DMA copy is faster (benchmarks/RESULTS.md). The
+// environment variable MARSTORE_DIRECT_MAX_BYTES overrides it, for measuring the crossover.
 constexpr int64_t kDirectMaxBytes = 1 << 20;
+
+int64_t direct_max_bytes() {
+  static const int64_t value = [] {
+    const char* env = std::getenv("MARSTORE_DIRECT_MAX_BYTES");
+    return env ? std::atoll(env) : kDirectMaxBytes;
+  }();
+  return value;
+}
 
 enum class Kind : int32_t { F32, BF16, F16 };
 
@@ -167,7 +178,7 @@ at::Tensor cast_copy_many_cuda(at::TensorList srcs, const at::Tensor& dst, at::I
   if (hi <= lo) return counts;
 
   const int64_t span_bytes = (hi - lo) * elem;
-  bool staged = mode == kStaged || (mode == kAuto && span_bytes > kDirectMaxBytes);
+  bool staged = mode == kStaged || (mode == kAuto && span_bytes > direct_max_bytes());
   char* dst_base = nullptr;  // device-visible address of destination element 0
   if (!staged) {
     void* mapped = nullptr;

@@ -1,0 +1,115 @@
+"""Cast-copy throughput: marstore's operator against torch's own ways, side by side.
+
+    python benchmarks/bench_transfer.py [--quick] [--json PATH]
+
+For each size (source float32 bytes), the same source and preallocated destination go through:
+  marstore   ops.cast_copy(src, dst)              (the fused cast + copy, with counts)
+  copy_      dst.copy_(src)                       (torch's own fused path: the strongest baseline)
+  users      src.half().cpu()                     (what users' scripts do)
+  limit      dst16.copy_(src16)                   (a same-dtype copy of the float16 bytes)
+Ratios are the other way's time over marstore's for the same elements: above 1, marstore is
+faster. The multi-tensor case copies 24 tensors of 256 KB: one cast_copy_many against a loop of
+copy_ into the same regions. On a GPU, the direct-write and staged modes are timed as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from common import compare, machine, write_json  # noqa: E402
+
+from marstore import ops  # noqa: E402
+
+KB, MB = 1 << 10, 1 << 20
+
+
+def run(quick: bool) -> dict:
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    top = 512 * MB if cuda else 256 * MB
+    sizes = [64 * KB, 1 * MB, 4 * MB, 16 * MB, 64 * MB] if quick else [64 * KB, 256 * KB, 1 * MB, 4 * MB, 16 * MB, 64 * MB, 256 * MB, top]
+    sizes = sorted(set(s for s in sizes if s <= top))
+    rows = []
+    for size in sizes:
+        n = size // 4
+        repeats = 7 if size >= 64 * MB else (25 if quick else 60)
+        src = torch.randn(n, device=device)
+        src16 = src.half()
+        dst = torch.empty(n, dtype=torch.float16, pin_memory=cuda)
+        dst16 = torch.empty(n, dtype=torch.float16, pin_memory=cuda)
+        fns = {
+            "marstore": lambda: ops.cast_copy(src, dst),
+            "copy_": lambda: dst.copy_(src, non_blocking=cuda),
+            "users": lambda: src.half().cpu(),
+            "limit": lambda: dst16.copy_(src16, non_blocking=cuda),
+        }
+        if cuda:
+            fns["direct"] = lambda: ops.cast_copy(src, dst, mode="direct")
+            fns["staged"] = lambda: ops.cast_copy(src, dst, mode="staged")
+        t = compare(fns, repeats, cuda)
+        rows.append({"bytes": size, "seconds": t, "gbps": {k: size / v / 1e9 for k, v in t.items()}})
+        del src, src16, dst, dst16
+
+    srcs = [torch.randn(256 * KB // 4, device=device) for _ in range(24)]
+    offsets, total = ops.aligned_offsets(srcs, torch.float16)
+    dst = torch.empty(total, dtype=torch.float16, pin_memory=cuda)
+    regions = [dst[o : o + s.numel()] for s, o in zip(srcs, offsets)]
+
+    def copy_loop():
+        for r, s in zip(regions, srcs):
+            r.copy_(s, non_blocking=cuda)
+
+    repeats = 100 if quick else 300
+    multi = compare(
+        {
+            "marstore": lambda: ops.cast_copy_many(srcs, dst, offsets),
+            "copy_loop": copy_loop,
+            "users": lambda: [s.half().cpu() for s in srcs],
+        },
+        repeats,
+        cuda,
+    )
+    big = [r for r in rows if r["bytes"] >= 4 * MB]
+    ratios = {
+        "single_ge_4MB_vs_copy_min": min(r["seconds"]["copy_"] / r["seconds"]["marstore"] for r in big),
+        "single_ge_4MB_vs_users_min": min(r["seconds"]["users"] / r["seconds"]["marstore"] for r in big),
+        "single_ge_4MB_vs_limit_min": min(r["seconds"]["limit"] / r["seconds"]["marstore"] for r in big),
+        "multi_vs_copy_loop": multi["copy_loop"] / multi["marstore"],
+        "multi_vs_users": multi["users"] / multi["marstore"],
+    }
+    return {"device": machine(), "backend": ops.backend(), "quick": quick, "single": rows, "multi_24x256KB": multi, "ratios": ratios}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats (about 1 minute on 2 cores)")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    result = run(args.quick)
+    modes = torch.cuda.is_available()
+    print(f"device: {result['device']} (operators: {result['backend']})")
+    head = f"{'size':>8} {'marstore':>9} {'copy_':>8} {'users':>8} {'limit':>8}" + (f" {'direct':>8} {'staged':>8}" if modes else "") + "   GB/s of source bytes"
+    print(head)
+    for r in result["single"]:
+        g = r["gbps"]
+        line = f"{_size(r['bytes']):>8} {g['marstore']:9.2f} {g['copy_']:8.2f} {g['users']:8.2f} {g['limit']:8.2f}"
+        if modes:
+            line += f" {g['direct']:8.2f} {g['staged']:8.2f}"
+        print(line)
+    m = result["multi_24x256KB"]
+    print(f"24 x 256 KB: marstore {m['marstore'] * 1e6:.0f} us, copy_ loop {m['copy_loop'] * 1e6:.0f} us, users {m['users'] * 1e6:.0f} us")
+    for k, v in result["ratios"].items():
+        print(f"{k}: {v:.2f}")
+    write_json(args.json, result)
+
+
+def _size(b: int) -> str:
+    return f"{b // MB} MB" if b >= MB else f"{b // KB} KB"
+
+
+if __name__ == "__main__":
+    main()

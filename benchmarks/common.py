@@ -1,0 +1,48 @@
+"""Shared helpers for the benchmark scripts: timing, machine description, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def compare(fns: dict[str, Callable[[], object]], repeats: int, cuda: bool = False) -> dict[str, float]:
+    """Median wall time in seconds of each fn, timed in interleaved rounds so that drifts of
+    the machine (clock, other load) hit every contender alike; synchronised when cuda."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for rnd in range(repeats + 1):
+        for name, fn in fns.items():
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            if rnd:  # round 0 warms up
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    text = json.dumps(payload, indent=2)
+    if path:
+        with open(path, "w") as f:
+            f.write(text + "\n")
