@@ -1,87 +1,27 @@
 // Shared by the CPU and CUDA kernels of the cast-copy operators: the input checks, so that
-// both backends refuse the same inputs with the same messages.
+// both backends refuse the same inputs with the same messages. They are defined once, in
+// checks.cpp, so that the host compiler and nvcc never emit two copies of them.
 #pragma once
 
 #include <ATen/ATen.h>
 
-#include <algorithm>
-#include <numeric>
 #include <string>
-#include <vector>
 
 namespace marstore {
 
 // Operator mode: where a CUDA kernel writes. kAuto picks by size; the others force a way.
 enum CopyMode : int64_t { kAuto = 0, kDirect = 1, kStaged = 2 };
 
-inline std::string dtype_name(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return "torch.float32";
-    case at::kDouble: return "torch.float64";
-    case at::kHalf: return "torch.float16";
-    case at::kBFloat16: return "torch.bfloat16";
-    case at::kByte: return "torch.uint8";
-    case at::kChar: return "torch.int8";
-    case at::kShort: return "torch.int16";
-    case at::kInt: return "torch.int32";
-    case at::kLong: return "torch.int64";
-    case at::kBool: return "torch.bool";
-    case at::kComplexFloat: return "torch.complex64";
-    case at::kComplexDouble: return "torch.complex128";
-    default: return std::string("torch.") + c10::toString(t);
-  }
-}
+std::string dtype_name(at::ScalarType t);
 
-inline void check_pair(const char* op, at::ScalarType src, at::ScalarType dst) {
-  TORCH_CHECK(src == at::kFloat || src == at::kBFloat16 || src == at::kHalf,
-              op, ": source dtype ", dtype_name(src),
-              " is not supported; accepted: torch.float32, torch.bfloat16, torch.float16"
-              " (cast float64 with .float() first)");
-  TORCH_CHECK(dst == at::kHalf || dst == at::kFloat || dst == at::kBFloat16,
-              op, ": destination dtype ", dtype_name(dst),
-              " is not supported; accepted: torch.float16, torch.float32, torch.bfloat16");
-  TORCH_CHECK(dst != at::kBFloat16 || src == at::kBFloat16,
-              op, ": a torch.bfloat16 destination takes only torch.bfloat16 sources (a plain copy), got ",
-              dtype_name(src), "; use a torch.float16 or torch.float32 destination");
-}
+// Refuses an unsupported (source, destination) dtype pair.
+void check_pair(const char* op, at::ScalarType src, at::ScalarType dst);
 
 // Checks the destination and the regions [offset, offset + numel) that the sources fill.
-inline void check_destination(const char* op, at::TensorList srcs, const at::Tensor& dst,
-                              at::IntArrayRef offsets) {
-  TORCH_CHECK(srcs.size() == offsets.size(), op, ": got ", srcs.size(), " sources and ",
-              offsets.size(), " offsets; give one offset per source");
-  TORCH_CHECK(dst.device().is_cpu(), op, ": destination is on ", dst.device().str(),
-              "; it must be a host (CPU) tensor");
-  TORCH_CHECK(dst.is_contiguous(), op, ": destination must be contiguous");
-  const auto device = srcs.empty() ? at::Device(at::kCPU) : srcs[0].device();
-  for (size_t i = 0; i < srcs.size(); ++i) {
-    TORCH_CHECK(srcs[i].device() == device, op, ": source ", i, " is on ", srcs[i].device().str(),
-                " but source 0 is on ", device.str(), "; all sources must be on one device");
-    check_pair(op, srcs[i].scalar_type(), dst.scalar_type());
-    TORCH_CHECK(offsets[i] >= 0 && offsets[i] + srcs[i].numel() <= dst.numel(), op, ": region ",
-                i, " [", offsets[i], ", ", offsets[i] + srcs[i].numel(),
-                ") lies outside the destination's ", dst.numel(), " elements");
-  }
-  if (device.is_cuda()) {
-    TORCH_CHECK(dst.is_pinned(), op,
-                ": destination is not pinned; a CUDA source needs a pinned host destination "
-                "(torch.empty(..., pin_memory=True))");
-  }
-  std::vector<size_t> order(srcs.size());
-  std::iota(order.begin(), order.end(), 0);
-  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return offsets[a] < offsets[b]; });
-  for (size_t k = 1; k < order.size(); ++k) {
-    const size_t prev = order[k - 1], cur = order[k];
-    TORCH_CHECK(offsets[prev] + srcs[prev].numel() <= offsets[cur] || srcs[cur].numel() == 0 ||
-                    srcs[prev].numel() == 0,
-                op, ": region ", cur, " starting at ", offsets[cur], " overlaps region ", prev,
-                " [", offsets[prev], ", ", offsets[prev] + srcs[prev].numel(), ")");
-  }
-}
+void check_destination(const char* op, at::TensorList srcs, const at::Tensor& dst,
+                       at::IntArrayRef offsets);
 
-inline void check_single(const at::Tensor& src, const at::Tensor& dst) {
-  TORCH_CHECK(dst.numel() == src.numel(), "cast_copy: destination has ", dst.numel(),
-              " elements but the source has ", src.numel(), "; they must match");
-}
+// cast_copy's own check: one source, a destination of the same element count.
+void check_single(const at::Tensor& src, const at::Tensor& dst);
 
 }  // namespace marstore

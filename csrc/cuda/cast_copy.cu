@@ -174,7 +174,9 @@ at::Tensor cast_copy_many_cuda(at::TensorList srcs, const at::Tensor& dst, at::I
       hi = std::max(hi, offsets[i] + srcs[i].numel());
     }
   }
-  auto counts = at::zeros({n, 2}, srcs[0].options().dtype(at::kLong));
+  // cudaMemsetAsync costs the host less than at::zeros' fill kernel, on a path timed per call.
+  auto counts = at::empty({n, 2}, srcs[0].options().dtype(at::kLong));
+  C10_CUDA_CHECK(cudaMemsetAsync(counts.data_ptr(), 0, counts.nbytes(), stream));
   if (hi <= lo) return counts;
 
   const int64_t span_bytes = (hi - lo) * elem;

@@ -1,0 +1,312 @@
+"""The store: format, dtypes, ragged layers, validation, kills, resume, concurrent reads, disk errors."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from helpers.store_worker import BATCH_ROWS, COMMIT_ROWS, LAYERS, TARGETS, make_batch
+from marstore.store import LayerSpec, Ragged, StoreError, StoreWriteError, StoreWriter, TargetSpec, open_store
+
+TESTS = os.path.dirname(__file__)
+
+
+def worker(path, *args, **popen):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, os.path.dirname(TESTS)]))
+    return subprocess.Popen([sys.executable, "-m", "helpers.store_worker", str(path), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def expected_rows(rows: int) -> dict:
+    """What the first `rows` rows of a store written by store_worker must hold."""
+    acts, targets, index = {}, {}, []
+    parts = [make_batch(i) for i in range(-(-rows // BATCH_ROWS))]
+    for name in ("encoder_blocks.0", "encoder_blocks.1", "proj"):
+        acts[name] = np.concatenate([p[0][name] for p in parts])[:rows] if parts else None
+    ragged = [np.split(p[0]["encoder_norm"].values, np.cumsum(p[0]["encoder_norm"].lengths)[:-1]) for p in parts]
+    acts["encoder_norm"] = [x for r in ragged for x in r][:rows]
+    for name in ("action", "label"):
+        targets[name] = np.concatenate([p[1][name] for p in parts])[:rows] if parts else None
+    index = np.concatenate([p[2] for p in parts])[:rows] if parts else np.zeros(0, np.int64)
+    return {"acts": acts, "targets": targets, "index": index}
+
+
+def assert_store_holds(path, rows):
+    exp = expected_rows(rows)
+    with open_store(path) as s:
+        assert s.rows == rows
+        for name in ("encoder_blocks.0", "encoder_blocks.1", "proj"):
+            assert s.read(name).tobytes() == exp["acts"][name].tobytes()
+        got = s.read("encoder_norm")
+        assert len(got) == rows and all(a.tobytes() == b.tobytes() for a, b in zip(got, exp["acts"]["encoder_norm"]))
+        for name in ("action", "label"):
+            assert s.target(name).tobytes() == exp["targets"][name].astype(s.targets[name].dtype).tobytes()
+        assert s.index().tolist() == exp["index"].tolist()
+
+
+def write_all(path, batches=12, **kw):
+    with StoreWriter(path, LAYERS, TARGETS, {"model": "tests.helpers.store_worker", "command": "test"},
+                     commit_rows=COMMIT_ROWS, **kw) as w:
+        for i in range(batches):
+            acts, targets, index = make_batch(i)
+            w.append(acts, targets=targets, index=index)
+
+
+def test_format_read_back_with_plain_h5py(tmp_path):
+    path = tmp_path / "s.h5"
+    write_all(path, batches=4)
+    with h5py.File(path, "r") as f:
+        a = f.attrs
+        assert (a["format"], a["format_version"], a["status"], a["rows"]) == ("marstore", 1, "complete", 128)
+        assert json.loads(a["run"]) == {"command": "test", "model": "tests.helpers.store_worker"}
+        assert [layer["name"] for layer in json.loads(a["layers"])] == [s.name for s in LAYERS]
+        assert a["torch_version"] == str(torch.__version__)
+        dense = f["activations/encoder_blocks.0"]
+        assert dense.dtype == np.float16 and dense.shape == (128, 48) and dense.chunks == (64, 48)
+        assert dense.maxshape == (None, 48)
+        assert dense.attrs["layout"] == "dense" and dense.attrs["nonfinite"] == 1  # one inf, in batch 0
+        assert f["activations/encoder_blocks.1"].dtype == np.float32
+        bits = f["activations/proj"]
+        assert bits.dtype == np.uint16 and bits.attrs["encoding"] == "bfloat16-bits"
+        ragged = f["activations/encoder_norm"]
+        assert ragged.attrs["layout"] == "ragged" and ragged["offsets"][0] == 0
+        assert ragged["offsets"].shape == (129,) and ragged["values"].shape == (ragged["offsets"][128], 16)
+        assert f["targets/label"].dtype == np.int64 and f["targets/action"].shape == (128, 4, 2)
+        assert f["index"][:5].tolist() == [0, 7, 14, 21, 28]
+        assert not any(isinstance(v, np.void) for v in a.values())  # nothing pickled or opaque
+    assert_store_holds(path, 128)
+
+
+def test_statistics_per_channel_over_finite_values(tmp_path):
+    path = tmp_path / "s.h5"
+    write_all(path, batches=5)
+    exp = expected_rows(160)["acts"]["encoder_blocks.0"].astype(np.float64)
+    exp[~np.isfinite(exp)] = np.nan
+    with h5py.File(path, "r") as f:
+        a = f["activations/encoder_blocks.0"].attrs
+        np.testing.assert_allclose(a["mean"], np.nanmean(exp, 0), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(a["std"], np.nanstd(exp, 0), rtol=1e-10)
+        assert a["stats_count"].tolist()[0] == 159 and a["stats_count"].tolist()[1] == 160
+
+
+def test_dtypes_from_torch_tensors(tmp_path):
+    path = tmp_path / "s.h5"
+    x = torch.randn(10, 4, dtype=torch.bfloat16)
+    specs = [LayerSpec("bf", (4,), dtype="bfloat16"), LayerSpec("f32", (4,), dtype="float32"), LayerSpec("f16", (4,))]
+    targets = [TargetSpec(n, (), n) for n in ("int8", "uint8", "int32", "float64", "bool")]
+    with StoreWriter(path, specs, targets) as w:
+        w.append({"bf": x, "f32": x.float(), "f16": x.half()},
+                 targets={t.name: np.arange(10).astype(t.name) for t in targets}, index=range(10))
+    with open_store(path) as s:
+        assert s.read("bf").tobytes() == x.view(torch.int16).numpy().tobytes()
+        assert torch.equal(torch.from_numpy(s.read("bf").view(np.int16)).view(torch.bfloat16), x)
+        assert s.read("f32").tobytes() == x.float().numpy().tobytes()
+        assert {n: s.targets[n].dtype for n in s.targets} == {t.name: np.dtype(t.name) for t in targets}
+
+
+@pytest.mark.parametrize("compression", ["lzf", "gzip"])
+def test_compression(tmp_path, compression):
+    path = tmp_path / "s.h5"
+    x = np.zeros((300, 64), np.float16)
+    with StoreWriter(path, [LayerSpec("a", (64,), compression=compression)]) as w:
+        w.append({"a": x}, index=range(300))
+    with open_store(path) as s:
+        assert s.layers["a"].compression == compression and s.read("a").tobytes() == x.tobytes()
+
+
+def test_ragged_from_equal_token_batches(tmp_path):
+    path = tmp_path / "s.h5"
+    with StoreWriter(path, [LayerSpec("enc", (3,), ragged=True)]) as w:
+        for t in (5, 2, 0, 7):  # MAR's encoder: a token count per batch
+            w.append({"enc": np.full((4, t, 3), t, np.float16)}, index=range(4))
+    with open_store(path) as s:
+        rows = s.read("enc")
+        assert [r.shape[0] for r in rows] == [5] * 4 + [2] * 4 + [0] * 4 + [7] * 4
+        assert all((r == r.shape[0]).all() for r in rows)
+        assert [r.shape[0] for r in s.read("enc", 3, 6)] == [5, 2, 2]
+
+
+BAD_APPENDS = [
+    (lambda w: w.append({"a": np.zeros((2, 8), np.float16)}, index=[0, 1]),
+     "batch layers do not match the store: missing ['r'], unexpected []"),
+    (lambda w: w.append({"a": np.zeros((2, 8), np.float16), "r": np.zeros((2, 1, 4), np.float16), "x": 1}, index=[0, 1]),
+     "unexpected ['x']"),
+    (lambda w: w.append({"a": np.zeros((2, 9), np.float16), "r": np.zeros((2, 1, 4), np.float16)}, index=[0, 1]),
+     "layer 'a': batch shape (2, 9), expected (2, 8)"),
+    (lambda w: w.append({"a": np.zeros((2, 8), np.float32), "r": np.zeros((2, 1, 4), np.float16)}, index=[0, 1]),
+     "layer 'a': batch dtype float32, the store keeps float16"),
+    (lambda w: w.append({"a": np.zeros((2, 8), np.float16), "r": Ragged(np.zeros((3, 4), np.float16), [1, 1, 1])}, index=[0, 1]),
+     "layer 'r': 3 samples, but index has 2"),
+    (lambda w: w.append({"a": np.zeros((2, 8), np.float16), "r": np.zeros((2, 1, 4), np.float16)}),
+     "append() needs the source index of every row"),
+]
+
+
+@pytest.mark.parametrize("call,message", BAD_APPENDS, ids=[m[:30] for _, m in BAD_APPENDS])
+def test_bad_batches_are_refused_in_the_callers_thread(tmp_path, call, message):
+    with StoreWriter(tmp_path / "s.h5", [LayerSpec("a", (8,)), LayerSpec("r", (4,), ragged=True)]) as w:
+        with pytest.raises(StoreError) as info:
+            call(w)
+        assert message in str(info.value)
+        w.append({"a": np.ones((2, 8), np.float16), "r": np.ones((2, 1, 4), np.float16)}, index=[5, 6])
+    with open_store(tmp_path / "s.h5") as s:  # nothing of the refused batches was written
+        assert s.rows == 2 and s.index().tolist() == [5, 6]
+
+
+def test_varying_token_count_in_a_dense_layer_says_ragged(tmp_path):
+    with StoreWriter(tmp_path / "s.h5", [LayerSpec("enc", (70, 8))]) as w:
+        with pytest.raises(StoreError, match=r"batch shape \(2, 64, 8\), expected \(2, 70, 8\); if this layer's token count varies"):
+            w.append({"enc": np.zeros((2, 64, 8), np.float16)}, index=[0, 1])
+
+
+def test_existing_file_needs_resume_and_matching_layers(tmp_path):
+    path = tmp_path / "s.h5"
+    write_all(path, batches=1)
+    with pytest.raises(StoreError, match="exists; pass resume=True"):
+        StoreWriter(path, LAYERS, TARGETS)
+    with pytest.raises(StoreError, match="written with other layers than this writer's"):
+        StoreWriter(path, LAYERS[:2], TARGETS, resume=True)
+
+
+def test_writer_thread_error_reaches_the_caller(tmp_path, monkeypatch):
+    w = StoreWriter(tmp_path / "s.h5", [LayerSpec("a", (8,))], commit_rows=2)
+
+    def broken(*args):
+        raise OSError("[Errno 28] No space left on device")
+
+    w.append({"a": np.ones((2, 8), np.float16)}, index=[0, 1])
+    w.flush()
+    monkeypatch.setattr(w, "_write_rows", broken)
+    w.append({"a": np.ones((2, 8), np.float16)}, index=[2, 3])
+    with pytest.raises(StoreWriteError, match=r"writing .*s\.h5 failed while storing a batch of 32 bytes: \[Errno 28\] No space left"):
+        for _ in range(50):
+            w.append({"a": np.ones((2, 8), np.float16)}, index=[2, 3])
+            time.sleep(0.01)
+    with pytest.raises(StoreWriteError):
+        w.close()
+    with open_store(tmp_path / "s.h5") as s:
+        assert s.rows == 2 and s.status == "incomplete"
+
+
+def test_exception_in_with_block_keeps_committed_rows_incomplete(tmp_path):
+    path = tmp_path / "s.h5"
+    with pytest.raises(KeyboardInterrupt):
+        with StoreWriter(path, [LayerSpec("a", (8,))]) as w:
+            w.append({"a": np.ones((3, 8), np.float16)}, index=[0, 1, 2])
+            raise KeyboardInterrupt
+    with open_store(path) as s:
+        assert (s.status, s.rows) == ("incomplete", 3)
+
+
+def test_killed_writer_leaves_committed_rows_and_resumes_identically(tmp_path):
+    """SIGKILL at 12 seeded random moments; every time the file opens (marstore and plain
+    h5py), shows 'incomplete', holds exactly its committed rows; resuming finishes a store
+    identical, dataset by dataset, to an uninterrupted one."""
+    batches = 60
+    reference = tmp_path / "reference.h5"
+    p = worker(reference, "--batches", str(batches))
+    assert p.wait(timeout=120) == 0, p.stderr.read()
+    path = tmp_path / "killed.h5"
+    rng = random.Random(20261126)
+    seen_rows = []
+    for kill in range(12):
+        p = worker(path, "--batches", str(batches), *(["--resume"] if kill else []))
+        assert p.stdout.readline().startswith("ready"), p.stderr.read()
+        time.sleep(rng.uniform(0.0, 0.25))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        with h5py.File(path, "r") as f:  # plain h5py, no repair tool
+            rows = int(f.attrs["rows"])
+            assert f.attrs["status"] in ("incomplete", "complete")
+        assert rows % COMMIT_ROWS == 0 or rows == batches * BATCH_ROWS
+        assert_store_holds(path, rows)
+        if rows < batches * BATCH_ROWS:
+            assert open_store(path).status == "incomplete"
+        seen_rows.append(rows)
+    p = worker(path, "--batches", str(batches), "--resume")
+    assert p.wait(timeout=120) == 0, p.stderr.read()
+    assert len(set(seen_rows)) > 3, seen_rows  # the kills landed at different moments
+    with h5py.File(reference, "r") as a, h5py.File(path, "r") as b:
+        names = []
+        a.visit(names.append)
+        other = []
+        b.visit(other.append)
+        assert names == other
+        for name in names:
+            if isinstance(a[name], h5py.Dataset):
+                assert a[name].shape == b[name].shape and a[name].dtype == b[name].dtype, name
+                assert a[name][()].tobytes() == b[name][()].tobytes(), name
+            skip = {"created", "committed_at"}
+            assert {k: np.asarray(v).tolist() for k, v in a[name].attrs.items() if k not in skip} == \
+                   {k: np.asarray(v).tolist() for k, v in b[name].attrs.items() if k not in skip}, name
+        assert b.attrs["status"] == "complete" and b.attrs["rows"] == batches * BATCH_ROWS
+
+
+def test_reader_sees_committed_rows_while_writer_runs(tmp_path):
+    path = tmp_path / "live.h5"
+    p = worker(path, "--batches", "30", "--sleep", "0.05")
+    assert p.stdout.readline().startswith("ready")
+    seen = []
+    while p.poll() is None:
+        with open_store(path) as s:
+            seen.append(s.rows)
+            if s.rows:
+                assert_store_holds(path, s.rows)
+        time.sleep(0.05)
+    assert p.returncode == 0
+    assert seen == sorted(seen) and len(set(seen)) >= 3, seen  # growing, commit by commit
+    assert all(r % COMMIT_ROWS == 0 for r in seen)
+    with open_store(path) as s:
+        assert (s.status, s.rows) == ("complete", 30 * BATCH_ROWS)
+
+
+def test_file_size_limit_stops_the_writer_with_a_clear_message(tmp_path):
+    path = tmp_path / "full.h5"
+    p = worker(path, "--batches", "400", "--fsize-limit", str(6_000_000))
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 3, (out, err)
+    message = out.strip().splitlines()[-1]
+    assert message.startswith(f"StoreError: writing {path} stopped: the next batch needs up to ")
+    assert "bytes, but only" in message and "left under the file size limit of 6000000 bytes" in message
+    with open_store(path) as s:
+        rows = s.rows
+        assert s.status == "incomplete" and rows > 0 and rows % COMMIT_ROWS == 0
+    assert_store_holds(path, rows)
+
+
+def test_invalid_files_give_one_clear_error(tmp_path):
+    good = tmp_path / "good.h5"
+    write_all(good, batches=3)
+    cases = {}
+    cases["missing"] = (tmp_path / "nope.h5", "no such file")
+    (tmp_path / "text.h5").write_text("hello")
+    cases["not hdf5"] = (tmp_path / "text.h5", "is not an HDF5 file")
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = 1
+    cases["other hdf5"] = (tmp_path / "other.h5", "is an HDF5 file but not a marstore store")
+    data = good.read_bytes()
+    (tmp_path / "truncated.h5").write_bytes(data[: len(data) // 2])
+    cases["truncated"] = (tmp_path / "truncated.h5", "truncated or corrupted")
+    newer = tmp_path / "newer.h5"
+    newer.write_bytes(data)
+    with h5py.File(newer, "r+") as f:
+        f.attrs["format_version"] = 2
+    cases["newer"] = (newer, "has format version 2, newer than this marstore reads (1); upgrade marstore")
+    past = tmp_path / "past.h5"
+    past.write_bytes(data)
+    with h5py.File(past, "r+") as f:
+        f.attrs["rows"] = 1000
+    cases["rows past data"] = (past, "says 1000 rows are committed but /index holds 96")
+    for name, (path, message) in cases.items():
+        with pytest.raises(StoreError) as info:
+            open_store(path)
+        text = str(info.value)
+        assert message in text and "\n" not in text, (name, text)
