@@ -92,8 +92,9 @@ def test_statistics_per_channel_over_finite_values(tmp_path):
     exp[~np.isfinite(exp)] = np.nan
     with h5py.File(path, "r") as f:
         a = f["activations/encoder_blocks.0"].attrs
-        np.testing.assert_allclose(a["mean"], np.nanmean(exp, 0), rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(a["std"], np.nanstd(exp, 0), rtol=1e-10)
+        # float32 partial sums within a batch: agreement to about 1e-7 of the values' scale (3)
+        np.testing.assert_allclose(a["mean"], np.nanmean(exp, 0), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(a["std"], np.nanstd(exp, 0), rtol=1e-6)
         assert a["stats_count"].tolist()[0] == 159 and a["stats_count"].tolist()[1] == 160
 
 
@@ -310,3 +311,31 @@ def test_invalid_files_give_one_clear_error(tmp_path):
             open_store(path)
         text = str(info.value)
         assert message in text and "\n" not in text, (name, text)
+
+
+def test_info_describes_a_store(tmp_path, capsys):
+    from marstore.cli import main
+
+    path = tmp_path / "s.h5"
+    write_all(path, batches=2)
+    assert main(["info", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["status"], info["rows"], info["format_version"]) == ("complete", 64, 1)
+    assert info["layers"]["encoder_blocks.0"]["shape"] == [64, 48]
+    assert info["layers"]["encoder_blocks.0"]["dtype"] == "float16"
+    assert info["layers"]["encoder_blocks.0"]["nonfinite"] == 1
+    assert info["layers"]["encoder_norm"]["layout"] == "ragged"
+    assert info["targets"] == {"action": {"shape": [64, 4, 2], "dtype": "float32"}, "label": {"shape": [64], "dtype": "int64"}}
+    assert info["run"]["model"] == "tests.helpers.store_worker"
+    assert main(["info", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "64 committed rows" in text and "encoder_blocks.1" in text and "nonfinite 1" in text
+
+
+def test_info_on_a_bad_file_is_one_line(tmp_path, capsys):
+    from marstore.cli import main
+
+    (tmp_path / "x.h5").write_bytes(b"\0" * 100)
+    assert main(["info", str(tmp_path / "x.h5")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "is not an HDF5 file" in err
