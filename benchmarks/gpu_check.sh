@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device check, one call: build marstore._C with CUDA, run every test (CUDA ones included),
-# measure the transfer benchmark twice (the second time with the direct/staged crossover that
-# the first run found), and print a short table last. Results go to $OUT (or ./gpu-out).
+# then the GPU benchmarks, and print a short table last. Results go to $OUT (or ./gpu-out).
+#   bash benchmarks/gpu_check.sh [extra benchmark command ...]
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -10,20 +10,15 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 time python -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -vE "is ignored|^$" | tail -25
 python -m marstore doctor || exit 1
+# The operator tests first, under a debugger where there is one, so that a crash leaves a backtrace.
+if command -v cuda-gdb >/dev/null; then
+  cuda-gdb -q -batch -ex run -ex bt --args python -m pytest -q -x -p no:cacheprovider tests/test_ops.py 2>&1 | tail -40
+fi
 python -m pytest -q -rs tests 2>&1 | tee "$OUT/pytest.log" | tail -15
-python benchmarks/bench_transfer.py --json "$OUT/transfer_probe.json" | tee "$OUT/transfer_probe.txt"
-crossover=$(python - "$OUT/transfer_probe.json" <<'PY'
-import json, sys
-rows = json.load(open(sys.argv[1]))["single"]
-# destination (float16) bytes of the largest size where writing directly is still not slower
-best = [r["bytes"] // 2 for r in rows if r["seconds"]["direct"] <= r["seconds"]["staged"]]
-print(max(best) if best else 0)
-PY
-)
-echo "direct/staged crossover (destination bytes): $crossover"
-MARSTORE_DIRECT_MAX_BYTES=$crossover python benchmarks/bench_transfer.py --json "$OUT/transfer_gpu.json" | tee "$OUT/transfer_gpu.txt"
-for f in "$@"; do bash -c "$f"; done
+python benchmarks/bench_transfer.py --json "$OUT/transfer_gpu.json" | tee "$OUT/transfer_gpu.txt"
+python benchmarks/bench_store.py --rounds 2 --json "$OUT/store_gpu_machine.json" | tee "$OUT/store_gpu_machine.txt"
+for cmd in "$@"; do bash -c "$cmd"; done
 echo "=== summary ==="
 grep -E "passed|failed" "$OUT/pytest.log" | tail -1
-echo "crossover $crossover"
 tail -6 "$OUT/transfer_gpu.txt"
+tail -5 "$OUT/store_gpu_machine.txt"

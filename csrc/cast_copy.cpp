@@ -23,7 +23,7 @@
 namespace marstore {
 namespace {
 
-constexpr int64_t kGrain = 1 << 16;  // elements per work item: large enough to amortise dispatch
+constexpr int64_t kGrain = 1 << 18;  // elements per work item: large enough to amortise dispatch
 // Above this many destination bytes, non-temporal stores skip reading the destination lines
 // into cache (the copy is streamed to a buffer that another thread reads much later).
 constexpr int64_t kStreamingBytes = 4 << 20;
