@@ -141,7 +141,7 @@ class _Moments:
         t = t.view(torch.bfloat16) if x.dtype == np.uint16 else t
         if t.shape[0] == 0:
             return 0
-        d = t.float()
+        d = t.to(torch.float32, copy=True)  # a copy even for float32: d is modified in place
         # shift by the running mean, or by the first row for channels seen for the first time
         ref = torch.from_numpy(self.mean.astype(np.float32))
         unseen = torch.from_numpy(self.count == 0)

@@ -103,9 +103,12 @@ def test_dtypes_from_torch_tensors(tmp_path):
     x = torch.randn(10, 4, dtype=torch.bfloat16)
     specs = [LayerSpec("bf", (4,), dtype="bfloat16"), LayerSpec("f32", (4,), dtype="float32"), LayerSpec("f16", (4,))]
     targets = [TargetSpec(n, (), n) for n in ("int8", "uint8", "int32", "float64", "bool")]
+    f32 = x.float()
+    kept = f32.clone()
     with StoreWriter(path, specs, targets) as w:
-        w.append({"bf": x, "f32": x.float(), "f16": x.half()},
+        w.append({"bf": x, "f32": f32, "f16": x.half()},
                  targets={t.name: np.arange(10).astype(t.name) for t in targets}, index=range(10))
+    assert torch.equal(f32, kept)  # the caller's buffers are read, never changed
     with open_store(path) as s:
         assert s.read("bf").tobytes() == x.view(torch.int16).numpy().tobytes()
         assert torch.equal(torch.from_numpy(s.read("bf").view(np.int16)).view(torch.bfloat16), x)
