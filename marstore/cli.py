@@ -101,6 +101,97 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _key_value(text: str) -> tuple[str, object]:
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: write KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def _options_from(args: argparse.Namespace):
+    from marstore.extract import ExtractOptions
+
+    config = {}
+    if args.config:
+        import json
+
+        import yaml
+
+        with open(args.config) as f:
+            config = (yaml.safe_load(f) if args.config.endswith((".yaml", ".yml")) else json.load(f)) or {}
+        unknown = sorted(set(config) - set(ExtractOptions.__dataclass_fields__))
+        if unknown:
+            raise SystemExit(f"marstore extract: --config {args.config}: unknown options {unknown}")
+    given = {k: v for k, v in vars(args).items() if k in ExtractOptions.__dataclass_fields__ and v not in (None, [], {})}
+    given.pop("progress", None)
+    merged = {**config, **given}
+    merged["model_args"] = {**config.get("model_args", {}), **dict(args.model_arg or [])}
+    merged["dataset_args"] = {**config.get("dataset_args", {}), **dict(args.dataset_arg or [])}
+    for key in ("strict", "trust_checkpoint", "allow_missing", "stop_early", "resume", "train_mode"):
+        merged[key] = bool(getattr(args, key)) or bool(config.get(key, False))
+    missing = [k for k in ("out", "model", "dataset", "layers") if not merged.get(k)]
+    if missing:
+        raise SystemExit(f"marstore extract: missing {', '.join('--' + m for m in missing)} (or give them in --config)")
+    from marstore.extract import command_line
+
+    merged["command"] = command_line()
+    merged["progress"] = not args.no_progress
+    return ExtractOptions(**merged)
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from marstore import extract as ex
+    from marstore.hooks import HookError
+    from marstore.loading import CheckpointError
+    from marstore.store import StoreError
+
+    opts = _options_from(args)
+    try:
+        result = ex.extract(opts)
+    except ex.Interrupted as exc:
+        print(f"marstore extract: {exc}", file=sys.stderr)
+        return 130
+    except (ex.ExtractError, CheckpointError, HookError, StoreError) as exc:
+        print(f"marstore extract: {exc}", file=sys.stderr)
+        return 2
+    print(ex.describe(result))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    from marstore.models import save_checkpoint, video_mar
+
+    os.makedirs(args.out, exist_ok=True)
+    config = {"task_name": "synthetic", "shape_meta": {"action": {"shape": [2]}, "horizon": 16}, "embed_dim": 64,
+              "depth": 4, "decoder_depth": 4, "num_heads": 4}
+    torch.manual_seed(0)
+    checkpoint = os.path.join(args.out, "latest.ckpt")
+    save_checkpoint(video_mar(**config), config, checkpoint, "workspace")
+    store = os.path.join(args.out, "activations.h5")
+    if os.path.exists(store):
+        os.remove(store)
+    argv = ["extract", "--checkpoint", checkpoint, "--config-key", "cfg.policy.model",
+            "--model", "marstore.models:video_mar", "--dataset", "marstore.models:synthetic_video_actions",
+            "--dataset-arg", f"size={args.rows}", "--forward", "marstore.models:policy_forward",
+            "--layers", "encoder_blocks.*", "decoder_blocks.*", "--reduction", "mean",
+            "--targets", "nactions", "label", "--batch-size", "32", "--out", store]
+    print("running: marstore " + " ".join(argv), flush=True)
+    code = main(argv)
+    if code:
+        return code
+    print()
+    return main(["info", store])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="marstore", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -111,6 +202,45 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("store", help="the store's .h5 file")
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.set_defaults(func=_info)
+
+    ex = sub.add_parser("extract", help="load a checkpoint, hook layers, run a data set, write a store")
+    ex.add_argument("--checkpoint", help="checkpoint file (any layout; loaded with weights_only=True)")
+    ex.add_argument("--model", help="MODULE:CALLABLE that builds the model from the config's keys")
+    ex.add_argument("--model-arg", action="append", type=_key_value, metavar="KEY=VALUE", help="override a config key")
+    ex.add_argument("--config-key", help="dotted path of the model config in the checkpoint (e.g. cfg.model)")
+    ex.add_argument("--state-key", help="dotted path of the weights (e.g. ema_model or model_ema)")
+    ex.add_argument("--strict", action="store_true", help="missing, unexpected or mis-shaped weights are errors")
+    ex.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling (runs code in the file)")
+    ex.add_argument("--dataset", help="MODULE:CALLABLE returning a torch Dataset")
+    ex.add_argument("--dataset-arg", action="append", type=_key_value, metavar="KEY=VALUE")
+    ex.add_argument("--forward", help="MODULE:CALLABLE called as fn(model, batch) (default: batch as arguments)")
+    ex.add_argument("--layers", nargs="+", help="module names, globs (* one level, ** any) or re:REGEX; @input, :index")
+    ex.add_argument("--reduction", help="none, mean, first, last, or token indices like 0,5,9 (default none)")
+    ex.add_argument("--ragged", nargs="+", help="layers to store ragged even if the first batches agree")
+    ex.add_argument("--multi-fire", choices=["error", "first", "last", "stack"], help="a module firing more than once")
+    ex.add_argument("--allow-missing", action="store_true", help="a module that does not fire gives NaN rows")
+    ex.add_argument("--stop-early", action="store_true", help="stop the forward once every hooked module fired")
+    ex.add_argument("--train-mode", action="store_true", help="run in train mode, with autograd (default: eval, inference)")
+    ex.add_argument("--targets", nargs="+", help="batch entries to keep as targets (dotted paths)")
+    ex.add_argument("--limit", type=int, help="extract at most this many samples")
+    ex.add_argument("--sample-seed", type=int, help="with --limit, a seeded random sample instead of the first ones")
+    ex.add_argument("--batch-size", type=int)
+    ex.add_argument("--workers", type=int, help="DataLoader workers")
+    ex.add_argument("--device", help="default: cuda when available")
+    ex.add_argument("--seed", type=int)
+    ex.add_argument("--dtype", choices=["float16", "float32", "bfloat16"], help="stored dtype (default float16)")
+    ex.add_argument("--compression", choices=["lzf", "gzip"])
+    ex.add_argument("--commit-rows", type=int, help="rows between commit points (default 4096)")
+    ex.add_argument("--out", help="the store to write (.h5)")
+    ex.add_argument("--resume", action="store_true", help="continue an interrupted store (options must match)")
+    ex.add_argument("--config", help="a YAML or JSON file with the same options")
+    ex.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ex.set_defaults(func=_extract)
+
+    demo = sub.add_parser("demo", help="the whole loop on the built-in model and synthetic data, no downloads")
+    demo.add_argument("--out", default="runs/demo", help="where the checkpoint and the store go")
+    demo.add_argument("--rows", type=int, default=1024, help="samples to extract")
+    demo.set_defaults(func=_demo)
     return parser
 
 

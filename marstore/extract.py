@@ -1,0 +1,406 @@
+"""Extraction: checkpoint -> model -> hooks -> transfer ring -> store, in one pipeline.
+
+    result = extract(ExtractOptions(checkpoint="ckpt.pt", model="marstore.models:video_mar",
+                                    dataset="marstore.models:synthetic_video_actions",
+                                    layers=["encoder_blocks.*"], out="acts.h5"))
+
+The model runs under torch.inference_mode() in eval mode; each batch's hooked tensors go to a
+TransferRing slot (asynchronous on a CUDA side stream), and the store's writer thread writes
+the slot and releases it: the model waits only when every slot is in flight. Ctrl-C commits
+what is written and raises Interrupted with the command that resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from marstore import hooks, loading
+from marstore.store import LayerSpec, StoreError, StoreWriter, TargetSpec, open_store
+from marstore.transfer import SlotTooSmall, TransferRing
+
+log = logging.getLogger(__name__)
+
+STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class ExtractError(Exception):
+    """An extraction that cannot start or go on; the message says why and what to do."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during extraction: committed rows are kept; `resume_command` continues."""
+
+    def __init__(self, rows: int, resume_command: str):
+        super().__init__(f"interrupted after {rows} committed rows; resume with: {resume_command}")
+        self.rows, self.resume_command = rows, resume_command
+
+
+@dataclass
+class ExtractOptions:
+    out: str
+    model: str
+    dataset: str
+    layers: list[str]
+    checkpoint: str | None = None
+    forward: str | None = None
+    config_key: str | None = None
+    state_key: str | None = None
+    model_args: dict[str, Any] = field(default_factory=dict)
+    dataset_args: dict[str, Any] = field(default_factory=dict)
+    strict: bool = False
+    trust_checkpoint: bool = False
+    reduction: str = "none"
+    ragged: list[str] = field(default_factory=list)
+    multi_fire: str = "error"
+    allow_missing: bool = False
+    stop_early: bool = False
+    train_mode: bool = False
+    targets: list[str] = field(default_factory=list)
+    limit: int | None = None
+    sample_seed: int | None = None
+    batch_size: int = 16
+    workers: int = 0
+    device: str | None = None
+    seed: int = 0
+    dtype: str = "float16"
+    compression: str | None = None
+    slots: int = 4
+    commit_rows: int = 4096
+    resume: bool = False
+    progress: bool = True
+    command: str | None = None
+
+    def recorded(self) -> dict:
+        """The options that must match for --resume (not where or how fast)."""
+        d = asdict(self)
+        for key in ("resume", "progress", "workers", "slots", "command", "device", "out"):
+            d.pop(key)
+        return d
+
+
+@dataclass
+class ExtractResult:
+    rows: int
+    seconds: float
+    bytes: int
+    file_bytes: int
+    layers: dict[str, dict]
+    load_report: dict
+    path: str
+
+
+def default_forward(model: torch.nn.Module, batch: Any) -> Any:
+    """A dict batch as keyword arguments, a tuple or list as positional ones, a tensor alone."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+class _Indexed(Dataset):
+    """Yields (source index, item): the store records where every row came from."""
+
+    def __init__(self, base: Dataset, indices: Sequence[int]):
+        self.base, self.indices = base, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[int, Any]:
+        j = self.indices[i]
+        return j, self.base[j]
+
+
+def _collate(items):
+    index = torch.tensor([i for i, _ in items], dtype=torch.int64)
+    return index, torch.utils.data.default_collate([x for _, x in items])
+
+
+def _get_dotted(batch: Any, path: str) -> Any:
+    obj = batch
+    for part in path.split("."):
+        if isinstance(obj, Mapping) and part in obj:
+            obj = obj[part]
+        elif isinstance(obj, (list, tuple)) and part.isdigit() and int(part) < len(obj):
+            obj = obj[int(part)]
+        else:
+            keys = sorted(obj) if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
+            raise ExtractError(f"--targets {path!r}: {part!r} is not in the batch (it has {keys})")
+    return obj
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _source_indices(n: int, limit: int | None, sample_seed: int | None) -> list[int]:
+    if sample_seed is not None:
+        order = list(range(n))
+        random.Random(sample_seed).shuffle(order)
+        return sorted(order[: limit or n])
+    return list(range(min(n, limit) if limit else n))
+
+
+def resume_command(opts: ExtractOptions) -> str:
+    base = opts.command or "marstore extract ..."
+    return base if "--resume" in base else base + " --resume"
+
+
+def extract(opts: ExtractOptions, on_batch: Callable[[int], None] | None = None) -> ExtractResult:
+    """Runs the extraction that opts describes (see the module doc)."""
+    torch.manual_seed(opts.seed)
+    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if opts.dtype not in STORE_DTYPES:
+        raise ExtractError(f"--dtype {opts.dtype!r}: use one of {sorted(STORE_DTYPES)}")
+
+    # checkpoint -> model
+    report = loading.LoadReport()
+    config: dict = {}
+    state = None
+    if opts.checkpoint:
+        report.checkpoint = loading.file_digest(opts.checkpoint)
+        ckpt = loading.read_checkpoint(opts.checkpoint, trust=opts.trust_checkpoint)
+        config, report.config_key = loading.find_config(ckpt, opts.config_key)
+        state, report.state_key = loading.find_state_dict(ckpt, opts.state_key)
+        del ckpt
+    model = loading.build_model(opts.model, config, opts.model_args, report.config_key)
+    if state is not None:
+        loading.load_weights(model, state, strict=opts.strict, report=report)
+        del state
+    model.to(device)
+    model.train(opts.train_mode)
+    forward = loading.import_callable(opts.forward, "--forward") if opts.forward else default_forward
+
+    # hooks, checked before any data is read
+    reduction = hooks.parse_reduction(opts.reduction)
+    selections = hooks.parse_layers(opts.layers, model, reduction)
+
+    # data
+    dataset = loading.import_callable(opts.dataset, "--dataset")(**opts.dataset_args)
+    indices = _source_indices(len(dataset), opts.limit, opts.sample_seed)
+    metadata = {
+        "model": opts.model,
+        "model_args": opts.model_args,
+        "checkpoint": asdict(report.checkpoint) if report.checkpoint else None,
+        "config_key": report.config_key,
+        "state_key": report.state_key,
+        "model_config": config,
+        "dataset": opts.dataset,
+        "dataset_args": opts.dataset_args,
+        "forward": opts.forward or "marstore.extract:default_forward",
+        "layers": [asdict(s) for s in selections],
+        "options": opts.recorded(),
+        "command": opts.command,
+        "rows_planned": len(indices),
+    }
+    start_row = 0
+    if opts.resume:
+        start_row = _check_resume(opts, metadata)
+    loader = DataLoader(_Indexed(dataset, indices[start_row:]), batch_size=opts.batch_size, shuffle=False,
+                        num_workers=opts.workers, collate_fn=_collate, pin_memory=device.type == "cuda")
+
+    started = time.perf_counter()
+    out_dtype = STORE_DTYPES[opts.dtype]
+    ring = TransferRing(num_slots=opts.slots, device=device)
+    writer: StoreWriter | None = None
+    total_bytes = 0
+    shapes: dict[str, tuple] = {}
+    batches = iter(loader)
+    progress = tqdm(total=len(indices), initial=start_row, unit="row", disable=not opts.progress,
+                    dynamic_ncols=True, desc="extract")
+    try:
+        with hooks.Capture(model, selections, multi_fire=opts.multi_fire, allow_missing=opts.allow_missing,
+                           stop_early=opts.stop_early) as capture:
+            pending: list[tuple] = []
+            for index, batch in batches:
+                tensors = _run_batch(model, forward, capture, _to_device(batch, device), shapes, opts)
+                targets = {t: _target_array(_get_dotted(batch, t)) for t in opts.targets}
+                if writer is None:
+                    pending.append((index, tensors, targets))
+                    if len(pending) < 2 and len(pending) < len(loader):
+                        continue  # a second batch shows which layers change shape (ragged)
+                    writer = _open_writer(opts, selections, pending, metadata, out_dtype)
+                    todo, pending = pending, []
+                else:
+                    todo = [(index, tensors, targets)]
+                for idx, tens, targ in todo:
+                    total_bytes += _submit(ring, writer, tens, targ, idx, out_dtype)
+                    progress.update(len(idx))
+                    progress.set_postfix_str(_rate(total_bytes, started), refresh=False)
+                    if on_batch is not None:
+                        on_batch(writer.written)
+            if writer is None and pending:
+                writer = _open_writer(opts, selections, pending, metadata, out_dtype)
+                for idx, tens, targ in pending:
+                    total_bytes += _submit(ring, writer, tens, targ, idx, out_dtype)
+                    progress.update(len(idx))
+            if writer is None:
+                raise ExtractError("the data set yielded no rows to extract")
+            writer.close()
+    except KeyboardInterrupt:
+        progress.close()
+        rows = _close_after_error(writer)
+        raise Interrupted(rows, resume_command(opts)) from None
+    except BaseException:
+        progress.close()
+        _close_after_error(writer)
+        raise
+    finally:
+        progress.close()
+        ring.close()
+    seconds = time.perf_counter() - started
+    with open_store(opts.out) as store:
+        layers = {name: {"nonfinite": int(info.attrs["nonfinite"]), "overflow": int(info.attrs["overflow"]),
+                         "layout": info.layout, "row_shape": list(info.row_shape)} for name, info in store.layers.items()}
+        rows = store.rows
+    return ExtractResult(rows, seconds, total_bytes, os.path.getsize(opts.out), layers, report.as_dict(), opts.out)
+
+
+def _rate(nbytes: int, started: float) -> str:
+    dt = max(time.perf_counter() - started, 1e-9)
+    return f"{nbytes / dt / 2**20:.0f} MB/s"
+
+
+def _close_after_error(writer: StoreWriter | None) -> int:
+    if writer is None:
+        return 0
+    try:
+        writer.close(complete=False)
+    except StoreError as exc:
+        log.error("closing the store after the error: %s", exc)
+    return writer.committed
+
+
+def _target_array(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _run_batch(model, forward, capture: hooks.Capture, batch: Any, shapes: dict, opts: ExtractOptions) -> dict:
+    capture.start_batch()
+    with torch.inference_mode(not opts.train_mode):
+        try:
+            forward(model, batch)
+        except hooks.StopForward:
+            pass  # every hooked module has fired: the rest of the forward is not needed
+        tensors = capture.finish_batch()
+        for sel in capture.layers:  # --allow-missing: a module that did not fire gives NaN rows
+            if sel.store_name not in tensors:
+                if sel.store_name not in shapes:
+                    raise ExtractError(f"{sel.name} did not fire in the first batch, so its shape is unknown")
+                shape, dtype = shapes[sel.store_name]
+                tensors[sel.store_name] = torch.full(shape, float("nan"), dtype=dtype, device=next(iter(tensors.values())).device)
+                log.warning("%s did not fire in this batch: its rows are NaN", sel.name)
+            shapes.setdefault(sel.store_name, (tuple(tensors[sel.store_name].shape), tensors[sel.store_name].dtype))
+    return tensors
+
+
+def _layer_specs(opts, selections, pending, out_dtype) -> list[LayerSpec]:
+    specs = []
+    for sel in selections:
+        shapes = {tuple(t[1][sel.store_name].shape[1:]) for t in pending}
+        ragged = sel.store_name in opts.ragged or sel.name in opts.ragged
+        if len(shapes) > 1:
+            dims = [s for s in shapes]
+            if any(len(s) != len(dims[0]) or s[1:] != dims[0][1:] for s in dims):
+                raise ExtractError(f"{sel.store_name}: its row shape changes between batches in more than the token "
+                                   f"axis ({sorted(shapes)}); reduce it (--reduction) or capture another module")
+            log.info("%s: token count varies between batches (%s): stored ragged", sel.store_name, sorted(s[0] for s in shapes))
+            ragged = True
+        first = pending[0][1][sel.store_name]
+        row_shape = tuple(first.shape[2:]) if ragged else tuple(first.shape[1:])
+        if ragged and first.dim() < 3:
+            raise ExtractError(f"{sel.store_name}: ragged storage needs (batch, tokens, ...) activations, got {tuple(first.shape)}")
+        source = str(first.dtype).replace("torch.", "")
+        specs.append(LayerSpec(sel.store_name, row_shape, dtype=opts.dtype, source_dtype=source,
+                               reduction=str(sel.reduction) if not isinstance(sel.reduction, list) else json.dumps(sel.reduction),
+                               ragged=ragged, compression=opts.compression))
+    return specs
+
+
+def _open_writer(opts, selections, pending, metadata, out_dtype) -> StoreWriter:
+    specs = _layer_specs(opts, selections, pending, out_dtype)
+    targets = []
+    for name in opts.targets:
+        value = pending[0][2][name]
+        dtype = value.dtype if value.dtype.kind in "biuf" else None
+        if dtype is None:
+            raise ExtractError(f"--targets {name!r}: a {value.dtype} value is not numeric")
+        targets.append(TargetSpec(name, tuple(value.shape[1:]), str(value.dtype)))
+    # On --resume the options were compared already (_check_resume); the store keeps the run
+    # description it was started with (its command line has no --resume).
+    return StoreWriter(opts.out, specs, targets, None if opts.resume else metadata, commit_rows=opts.commit_rows,
+                       resume=opts.resume)
+
+
+def _submit(ring: TransferRing, writer: StoreWriter, tensors: dict, targets: dict, index: torch.Tensor,
+            out_dtype: torch.dtype) -> int:
+    try:
+        slot = ring.submit(tensors, dtype=out_dtype)
+    except SlotTooSmall:
+        layout, need = ring.layout(tensors, {n: out_dtype for n in tensors})
+        grown = int(need * 1.25)
+        log.info("transfer ring: a batch needs %d bytes, more than a slot holds; re-allocating slots of %d bytes", need, grown)
+        ring.reserve(grown)
+        slot = ring.submit(tensors, dtype=out_dtype)
+    writer.append(slot, targets=targets, index=index.numpy())
+    return sum(t.numel() for t in tensors.values()) * torch.empty((), dtype=out_dtype).element_size()
+
+
+def _check_resume(opts: ExtractOptions, metadata: dict) -> int:
+    if not os.path.exists(opts.out):
+        log.info("--resume: %s does not exist yet; starting from the beginning", opts.out)
+        return 0
+    with open_store(opts.out) as store:
+        recorded = store.metadata.get("options", {})
+        now = json.loads(json.dumps(metadata["options"], default=str))
+        differ = sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
+        if differ:
+            raise ExtractError(f"--resume: the options differ from the ones {opts.out} was written with: "
+                               + ", ".join(f"{k} (recorded {recorded.get(k)!r}, now {now.get(k)!r})" for k in differ))
+        if store.status == "complete":
+            raise ExtractError(f"--resume: {opts.out} is already complete ({store.rows} rows)")
+        log.info("--resume: continuing %s after %d committed rows", opts.out, store.rows)
+        return store.rows
+
+
+def describe(result: ExtractResult) -> str:
+    lines = [f"wrote {result.rows} rows to {result.path} in {result.seconds:.1f} s "
+             f"({result.rows / max(result.seconds, 1e-9):.0f} rows/s, {result.bytes / max(result.seconds, 1e-9) / 2**20:.0f} MB/s "
+             f"of activations; file {result.file_bytes / 2**20:.1f} MiB)"]
+    for name, info in result.layers.items():
+        lines.append(f"  {name:<28} {info['layout']:<6} row {tuple(info['row_shape'])}  nonfinite {info['nonfinite']}, "
+                     f"overflow {info['overflow']}")
+    r = result.load_report
+    if r.get("checkpoint"):
+        lines.append(f"  checkpoint {r['checkpoint']['path']} (sha256 {r['checkpoint']['sha256'][:12]}...), "
+                     f"config from {r['config_key']!r}, weights from {r['state_key']!r}; loaded {r['loaded']} tensors, "
+                     f"{r['missing_count']} missing, {r['unexpected_count']} unexpected, {r['shape_mismatches_count']} shape mismatches")
+    return "\n".join(lines)
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in ["marstore", *sys.argv[1:]])
+
+

@@ -1,0 +1,256 @@
+"""Hooks: select modules by name, capture what they compute, reduce it on the device.
+
+    specs = parse_layers(["encoder_blocks.*", "decoder_norm@input", "re:.*attn$:0"], model)
+    with Capture(model, specs) as cap:
+        cap.start_batch()
+        model(**batch)                 # hooks fill cap.outputs
+        tensors = cap.finish_batch()   # {name: reduced tensor}, every module checked
+
+A pattern is an exact module name, a glob (`*` = one name component, `**` = any depth) or a
+regular expression (`re:...`). `@input` captures the module's first input instead of its
+output; `:0` or `:key` picks an element of a tuple, list or dict output. Hooks are removed on
+every exit path, exceptions and KeyboardInterrupt included.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+REDUCTIONS = ("none", "mean", "first", "last")
+MULTI_FIRE = ("error", "first", "last", "stack")
+
+
+class HookError(Exception):
+    """A layer pattern, capture or firing problem; the message names the module and the fix."""
+
+
+class StopForward(Exception):
+    """Raised inside the forward once every hooked module has fired (stop_early)."""
+
+
+@dataclass
+class LayerSelection:
+    name: str  # module name in named_modules()
+    capture: str = "output"  # or "input"
+    element: int | str | None = None
+    reduction: str | list[int] = "none"
+    store_name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.store_name:
+            suffix = "@input" if self.capture == "input" else ""
+            suffix += f":{self.element}" if self.element is not None else ""
+            self.store_name = self.name + suffix
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    parts = []
+    for piece in re.split(r"(\*\*|\*)", pattern):
+        if piece == "**":
+            parts.append(r".*")
+        elif piece == "*":
+            parts.append(r"[^.]+")
+        else:
+            parts.append(re.escape(piece))
+    return re.compile("".join(parts) + r"\Z")
+
+
+def _split_pattern(pattern: str) -> tuple[str, str, int | str | None]:
+    """'name@input:0' -> ('name', 'input', 0)."""
+    body, element = pattern, None
+    if not body.startswith("re:") or body.count(":") > 1:
+        head, sep, tail = body.rpartition(":")
+        if sep and head and head != "re" and not tail.startswith("re"):
+            body, element = head, (int(tail) if tail.lstrip("-").isdigit() else tail)
+    capture = "output"
+    if body.endswith("@input"):
+        body, capture = body[: -len("@input")], "input"
+    elif body.endswith("@output"):
+        body = body[: -len("@output")]
+    return body, capture, element
+
+
+def match_modules(pattern: str, names: Sequence[str]) -> list[str]:
+    if pattern.startswith("re:"):
+        rx = re.compile(pattern[3:])
+        return [n for n in names if rx.fullmatch(n)]
+    if any(c in pattern for c in "*?["):
+        rx = _glob_regex(pattern) if "?" not in pattern and "[" not in pattern else re.compile(fnmatch.translate(pattern))
+        return [n for n in names if rx.match(n)]
+    return [pattern] if pattern in names else []
+
+
+def nearest_names(pattern: str, names: Sequence[str], n: int = 5) -> list[str]:
+    plain = pattern[3:] if pattern.startswith("re:") else pattern
+    plain = plain.replace("**", "").replace("*", "")
+    close = difflib.get_close_matches(plain, names, n=n, cutoff=0.4)
+    return close or [x for x in names if x and x.split(".")[0] in plain][:n] or list(names[1 : n + 1])
+
+
+def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | list[int] = "none") -> list[LayerSelection]:
+    """Resolves patterns against model.named_modules(); fails before any data is read."""
+    names = [n for n, _ in model.named_modules()]
+    selected: dict[str, LayerSelection] = {}
+    for pattern in patterns:
+        body, capture, element = _split_pattern(pattern)
+        found = match_modules(body, names)
+        found = [n for n in found if n]  # the root module is never a layer
+        if not found:
+            raise HookError(f"layer pattern {pattern!r} matches no module; nearest names: {nearest_names(body, names)}")
+        for name in found:
+            sel = LayerSelection(name, capture, element, reduction)
+            selected.setdefault(sel.store_name, sel)
+    return list(selected.values())
+
+
+def reduce_tokens(x: torch.Tensor, reduction: str | list[int]) -> torch.Tensor:
+    """Token reductions on the device, before the transfer; tokens are axis 1 of (B, T, ...)."""
+    if reduction == "none":
+        return x
+    if x.dim() < 3:
+        raise HookError(f"reduction {reduction!r} needs (batch, tokens, ...) activations, got shape {tuple(x.shape)}")
+    if reduction == "mean":
+        return x.float().mean(dim=1).to(x.dtype) if x.dtype != torch.float32 else x.mean(dim=1)
+    if reduction == "first":
+        return x[:, 0]
+    if reduction == "last":
+        return x[:, -1]
+    index = torch.as_tensor(reduction, device=x.device, dtype=torch.long)
+    if index.numel() and (int(index.max()) >= x.shape[1] or int(index.min()) < -x.shape[1]):
+        raise HookError(f"token index {reduction} is out of range for {x.shape[1]} tokens")
+    return x.index_select(1, index % x.shape[1])
+
+
+def parse_reduction(text: str) -> str | list[int]:
+    if text in REDUCTIONS:
+        return text
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        raise HookError(f"reduction {text!r}: use one of {REDUCTIONS} or a comma-separated token index list") from None
+
+
+@dataclass
+class _State:
+    fired: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    done: set[str] = field(default_factory=set)
+
+
+class Capture:
+    """Hooks the selected modules of a model for the duration of a with block (see module doc)."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[LayerSelection], *, multi_fire: str = "error",
+                 allow_missing: bool = False, stop_early: bool = False):
+        if multi_fire not in MULTI_FIRE:
+            raise HookError(f"multi-fire policy {multi_fire!r}: use one of {MULTI_FIRE}")
+        self.model = model
+        self.layers = list(layers)
+        self.multi_fire = multi_fire
+        self.allow_missing = allow_missing
+        self.stop_early = stop_early
+        self.modules = dict(model.named_modules())
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._state = _State()
+        self.missing_counts = {sel.store_name: 0 for sel in self.layers}
+
+    def __enter__(self) -> "Capture":
+        try:
+            for sel in self.layers:
+                module = self.modules[sel.name]
+                if sel.capture == "input":
+                    handle = module.register_forward_pre_hook(self._make_hook(sel), with_kwargs=True)
+                else:
+                    handle = module.register_forward_hook(self._make_hook(sel), with_kwargs=True)
+                self._handles.append(handle)
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._state = _State()
+
+    def _make_hook(self, sel: LayerSelection):
+        def pick(value: Any) -> torch.Tensor:
+            if sel.element is not None:
+                try:
+                    value = value[sel.element]
+                except (KeyError, IndexError, TypeError):
+                    raise HookError(f"{sel.store_name}: the {sel.capture} of {sel.name} is a {type(value).__name__}"
+                                    f" with no element {sel.element!r}") from None
+            elif isinstance(value, (tuple, list)) and len(value) and isinstance(value[0], torch.Tensor) and sel.capture == "output":
+                raise HookError(f"{sel.name} returns a {type(value).__name__} of {len(value)}; pick one with "
+                                f"'{sel.name}:0' (or another index)")
+            if not isinstance(value, torch.Tensor):
+                raise HookError(f"{sel.store_name}: the {sel.capture} of {sel.name} is a {type(value).__name__}, "
+                                "not a tensor; pick a tensor element with ':index' or ':key'")
+            return value
+
+        def hook(module, args, kwargs, output=None):
+            if sel.capture == "input":
+                value = args if args else tuple(kwargs.values())
+                value = pick(value if sel.element is not None else value[0])
+            else:
+                value = pick(output)
+            fired = self._state.fired.setdefault(sel.store_name, [])
+            if fired and self.multi_fire == "error":
+                raise HookError(f"{sel.name} fired more than once in one forward (diffusion heads fire once per "
+                                "step); choose --multi-fire first, last or stack")
+            if fired and self.multi_fire == "first":
+                return None
+            x = reduce_tokens(value.detach(), sel.reduction)
+            if self.multi_fire == "last":
+                fired[:] = [x]
+            else:
+                fired.append(x)
+            self._state.done.add(sel.store_name)
+            if self.stop_early and len(self._state.done) == len(self.layers):
+                raise StopForward
+            return None
+
+        if sel.capture == "input":
+            return lambda module, args, kwargs: hook(module, args, kwargs)
+        return hook
+
+    def start_batch(self) -> None:
+        """Forgets what earlier batches captured."""
+        self._state = _State()
+
+    def finish_batch(self) -> dict[str, torch.Tensor]:
+        """{store name: tensor} for this batch; a module that did not fire is an error unless allowed."""
+        out = {}
+        for sel in self.layers:
+            fired = self._state.fired.get(sel.store_name)
+            if not fired:
+                self.missing_counts[sel.store_name] += 1
+                if not self.allow_missing:
+                    raise HookError(f"{sel.name} did not fire in this batch (some modules run only in some task "
+                                    "modes); check the forward, or pass --allow-missing to skip it")
+                continue
+            out[sel.store_name] = torch.stack(fired, dim=1) if self.multi_fire == "stack" else fired[0]
+        self._state = _State()
+        return out
+
+
+def hook_count(model: nn.Module) -> int:
+    """Hooks still installed on any module of the model (for the tests and for safety checks)."""
+    total = 0
+    for m in model.modules():
+        total += len(m._forward_hooks) + len(m._forward_pre_hooks)
+    return total

@@ -1,0 +1,309 @@
+"""Checkpoint -> model: whatever layout the checkpoint has, with every fallback reported.
+
+    ckpt = read_checkpoint("latest.ckpt")                     # safe: weights_only=True
+    config, config_key = find_config(ckpt, "cfg.model")      # or the first of CONFIG_KEYS
+    state, state_key = find_state_dict(ckpt)                  # EMA weights where there are any
+    model = build_model("pkg.mod:factory", config, overrides={"depth": 2})
+    report = load_weights(model, state, strict=False)         # prefixes, missing, unexpected, shapes
+
+Every choice made here (the config key, the weights, a stripped prefix) is logged and kept in
+the LoadReport, which extraction records in the store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import inspect
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CONFIG_KEYS = ("model_config", "config", "hyper_parameters", "hparams", "cfg", "args")
+# (key path, is EMA), in order of preference for the default choice of weights
+STATE_KEYS = (
+    ("state_dicts.ema_model", True),
+    ("model_ema", True),
+    ("ema_state_dict", True),
+    ("state_dicts.model", False),
+    ("model_state_dict", False),
+    ("state_dict", False),
+    ("model", False),
+)
+KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+class CheckpointError(Exception):
+    """The checkpoint or model cannot be used as asked; the message says why and what to do."""
+
+
+@dataclass
+class CheckpointInfo:
+    path: str
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class LoadReport:
+    checkpoint: CheckpointInfo | None = None
+    config_key: str | None = None
+    state_key: str | None = None
+    stripped_prefix: str | None = None
+    ignored_outside_prefix: int = 0
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    shape_mismatches: list[str] = field(default_factory=list)
+    loaded: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [f"loaded {self.loaded} tensors from {self.state_key or 'the state dict'}"]
+        if self.stripped_prefix:
+            parts.append(f"stripped prefix {self.stripped_prefix!r}")
+        for what, names in (("missing", self.missing), ("unexpected", self.unexpected), ("shape mismatches", self.shape_mismatches)):
+            if names:
+                parts.append(f"{len(names)} {what} (first: {', '.join(names[:3])})")
+        return "; ".join(parts)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        for key in ("missing", "unexpected", "shape_mismatches"):
+            d[f"{key}_count"] = len(d[key])
+            d[key] = d[key][:20]
+        return d
+
+
+def file_digest(path: str) -> CheckpointInfo:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return CheckpointInfo(os.path.abspath(path), os.path.getsize(path), h.hexdigest())
+
+
+def read_checkpoint(path: str, trust: bool = False) -> Any:
+    """torch.load with weights_only=True (argparse.Namespace allowed), unless trust=True."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    if trust:
+        log.warning("loading %s with full unpickling (--trust-checkpoint): it can run code", path)
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - turned into a clear message below
+        if "weights_only" not in str(exc) and "Unsupported global" not in str(exc):
+            raise CheckpointError(f"checkpoint {path} cannot be read: {' '.join(str(exc).split())[:300]}") from None
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # noqa: BLE001 - the names are a courtesy; the refusal stands
+            names = []
+        names = [n for n in names if n != "argparse.Namespace"]
+        listed = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "") if names else "classes it does not name"
+        raise CheckpointError(
+            f"checkpoint {path} needs unpickling of {listed}, which a safe load refuses; if you trust "
+            "its source, pass --trust-checkpoint"
+        ) from None
+
+
+def _get_path(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if isinstance(obj, Mapping) and part in obj:
+            obj = obj[part]
+        elif hasattr(obj, part) and not isinstance(obj, Mapping):
+            obj = getattr(obj, part)
+        else:
+            raise KeyError(part)
+    return obj
+
+
+def to_plain(obj: Any) -> Any:
+    """argparse.Namespace, OmegaConf configs and nested mappings -> plain dicts and lists."""
+    if isinstance(obj, argparse.Namespace):
+        return {k: to_plain(v) for k, v in vars(obj).items()}
+    if type(obj).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(obj, resolve=True)
+    if isinstance(obj, Mapping):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    return obj
+
+
+def find_config(ckpt: Any, key: str | None = None) -> tuple[dict, str | None]:
+    """The model config: under `key` (dotted), else the first of CONFIG_KEYS that exists."""
+    if not isinstance(ckpt, Mapping):
+        return {}, None
+    if key:
+        try:
+            return _as_config(to_plain(_get_path(ckpt, key)), key), key
+        except KeyError as exc:
+            raise CheckpointError(f"config key {key!r}: {exc} is not in the checkpoint; its top-level keys are "
+                                  f"{sorted(map(str, ckpt))}") from None
+    for candidate in CONFIG_KEYS:
+        if candidate in ckpt:
+            log.info("model config taken from checkpoint[%r]", candidate)
+            return _as_config(to_plain(ckpt[candidate]), candidate), candidate
+    log.info("the checkpoint has no config under %s; the model is built from --model-arg values alone", ", ".join(CONFIG_KEYS))
+    return {}, None
+
+
+def _as_config(value: Any, key: str) -> dict:
+    if not isinstance(value, dict):
+        raise CheckpointError(f"checkpoint[{key!r}] is a {type(value).__name__}, not a config mapping")
+    return value
+
+
+def find_state_dict(ckpt: Any, key: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """The weights: under `key` (dotted), else EMA weights where the layout has them."""
+    if isinstance(ckpt, Mapping) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        if key:
+            raise CheckpointError(f"--state-key {key!r}: this checkpoint is a bare state dict, with no keys to choose from")
+        return dict(ckpt), "(bare state dict)"
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"the checkpoint is a {type(ckpt).__name__}, not a state dict or a mapping that holds one")
+    if key:
+        try:
+            state = _get_path(ckpt, key)
+        except KeyError:
+            raise CheckpointError(f"--state-key {key!r} is not in the checkpoint; weights found under: "
+                                  f"{[k for k, _ in STATE_KEYS if _has(ckpt, k)] or sorted(map(str, ckpt))}") from None
+        return _check_state(state, key), key
+    for candidate, ema in STATE_KEYS:
+        if _has(ckpt, candidate):
+            state = _get_path(ckpt, candidate)
+            if isinstance(state, Mapping) and state:
+                others = [k for k, e in STATE_KEYS if _has(ckpt, k) and k != candidate]
+                if ema:
+                    log.info("using the EMA weights checkpoint[%r] (others: %s; choose with --state-key)", candidate, others)
+                return _check_state(state, candidate), candidate
+    raise CheckpointError(f"no weights found in the checkpoint: none of {[k for k, _ in STATE_KEYS]} holds a state "
+                          f"dict; its top-level keys are {sorted(map(str, ckpt))}; name one with --state-key")
+
+
+def _has(ckpt: Mapping, dotted: str) -> bool:
+    try:
+        _get_path(ckpt, dotted)
+        return True
+    except KeyError:
+        return False
+
+
+def _check_state(state: Any, key: str) -> dict[str, torch.Tensor]:
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint[{key!r}] is not a state dict (a mapping of names to tensors)")
+    return dict(state)
+
+
+def import_callable(spec: str, what: str) -> Callable:
+    """'package.module:name' -> the object."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise CheckpointError(f"{what} {spec!r}: write it as MODULE:CALLABLE, e.g. marstore.models:video_mar")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise CheckpointError(f"{what} {spec!r}: cannot import {module_name!r} ({exc})") from None
+    try:
+        obj = _get_path(module, attr)
+    except KeyError:
+        public = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+        raise CheckpointError(f"{what} {spec!r}: {module_name} has no {attr!r}; it has {public[:12]}") from None
+    if not callable(obj):
+        raise CheckpointError(f"{what} {spec!r} is not callable")
+    return obj
+
+
+def build_model(spec: str, config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
+                config_key: str | None = None) -> torch.nn.Module:
+    """Calls the builder with the config as keyword arguments, overrides taking precedence."""
+    builder = import_callable(spec, "--model")
+    kwargs = {**config, **(overrides or {})}
+    try:
+        signature = inspect.signature(builder)
+    except (TypeError, ValueError):
+        signature = None
+    if signature is not None:
+        params = signature.parameters.values()
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
+        named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        required = [p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        lacks = [n for n in required if n not in kwargs]
+        extra = [] if takes_any else sorted(k for k in kwargs if k not in named)
+        if lacks or extra:
+            source = f"the config from checkpoint[{config_key!r}]" if config_key else "the given arguments"
+            raise CheckpointError(
+                f"--model {spec} rejects {source}: it lacks {lacks} and does not accept {extra}; "
+                "fix them with --model-arg KEY=VALUE or choose the config with --config-key"
+            )
+    model = builder(**kwargs)
+    if not isinstance(model, torch.nn.Module):
+        raise CheckpointError(f"--model {spec} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _best_prefix(state: Mapping[str, torch.Tensor], wanted: set[str]) -> tuple[str | None, int]:
+    """The known prefix (or chain of them) whose removal matches the most model keys."""
+    best, best_hits = None, len(wanted & set(state))
+    candidates = list(KNOWN_PREFIXES) + [a + b for a in KNOWN_PREFIXES for b in KNOWN_PREFIXES if a != b]
+    for prefix in candidates:
+        hits = sum(1 for k in state if k.startswith(prefix) and k[len(prefix):] in wanted)
+        if hits > best_hits:
+            best, best_hits = prefix, hits
+    return best, best_hits
+
+
+def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], strict: bool = False,
+                 report: LoadReport | None = None) -> LoadReport:
+    """load_state_dict with prefixes stripped and every mismatch reported (an error if strict)."""
+    report = report or LoadReport()
+    own = model.state_dict()
+    wanted = set(own)
+    prefix, _ = _best_prefix(state, wanted)
+    if prefix:
+        inside = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        report.stripped_prefix = prefix
+        report.ignored_outside_prefix = len(state) - len(inside)
+        log.info("checkpoint keys carry the prefix %r: stripped (%d keys outside it ignored)", prefix, report.ignored_outside_prefix)
+        state = inside
+    usable = {}
+    for k, v in state.items():
+        if k in own and tuple(own[k].shape) != tuple(v.shape):
+            report.shape_mismatches.append(f"{k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}")
+        else:
+            usable[k] = v
+    result = model.load_state_dict(usable, strict=False)
+    report.missing = list(result.missing_keys)
+    report.unexpected = list(result.unexpected_keys)
+    report.loaded = len(usable) - len(report.unexpected)
+    if own and len(report.missing) > len(own) / 2:
+        hint = _prefix_hint(state, wanted)
+        report.notes.append(f"most model keys are missing{hint}")
+    if report.missing or report.unexpected or report.shape_mismatches:
+        (log.error if strict else log.warning)("weights: %s", report.summary())
+        if strict:
+            notes = f" ({'; '.join(report.notes)})" if report.notes else ""
+            raise CheckpointError(f"--strict: the checkpoint does not fit the model: {report.summary()}{notes}")
+    else:
+        log.info("weights: %s", report.summary())
+    return report
+
+
+def _prefix_hint(state: Mapping[str, torch.Tensor], wanted: set[str]) -> str:
+    """Names the prefix that, added to or removed from the checkpoint's keys, would fit them."""
+    for key in state:
+        for target in wanted:
+            if key.endswith("." + target):
+                return f"; the checkpoint's keys look like {key!r}: removing the prefix {key[: -len(target)]!r} would fit them"
+            if target.endswith("." + key):
+                return f"; the model's keys look like {target!r}: adding the prefix {target[: -len(key)]!r} would fit them"
+    return ""

@@ -1,0 +1,48 @@
+"""Saves a model in each checkpoint layout that users hand over (FIELD-NOTES §1)."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+
+LAYOUTS = ("bare", "model_state_dict", "mar", "lightning", "workspace", "ddp", "compile")
+
+
+def _prefixed(state: dict, prefix: str) -> dict:
+    return {prefix + k: v for k, v in state.items()}
+
+
+def save_checkpoint(model: torch.nn.Module, config: dict, path: str, layout: str, ema: torch.nn.Module | None = None) -> None:
+    """Writes model (and EMA weights, default: a perturbed copy) in the given layout."""
+    state = model.state_dict()
+    if ema is None:
+        ema = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in ema.parameters():
+                p.mul_(0.5)  # distinct from the raw weights, so tests can tell which were loaded
+    ema_state = ema.state_dict()
+    if layout == "bare":
+        obj = state
+    elif layout == "model_state_dict":
+        obj = {"model_state_dict": state, "model_config": config}
+    elif layout == "mar":  # MAR's checkpoint-last.pth
+        obj = {"model": state, "model_ema": ema_state, "optimizer": {}, "epoch": 3, "scaler": {},
+               "args": argparse.Namespace(**config)}
+    elif layout == "lightning":
+        obj = {"state_dict": _prefixed(state, "model."), "hyper_parameters": config, "epoch": 3}
+    elif layout == "workspace":  # diffusion_policy: the whole policy, MAR under model.
+        extras = {"vae_model.encoder.weight": torch.zeros(2, 2), "normalizer.params.scale": torch.ones(3)}
+        obj = {"cfg": {"policy": {"model": config}},
+               "state_dicts": {"model": {**_prefixed(state, "model."), **extras},
+                               "ema_model": {**_prefixed(ema_state, "model."), **extras},
+                               "optimizer": {}, "lr_scheduler": {}},
+               "pickles": {}}
+    elif layout == "ddp":
+        obj = {"model_state_dict": _prefixed(state, "module."), "model_config": config}
+    elif layout == "compile":
+        obj = {"model_state_dict": _prefixed(state, "_orig_mod."), "model_config": config}
+    else:
+        raise ValueError(f"layout {layout!r}: use one of {LAYOUTS}")
+    torch.save(obj, path)

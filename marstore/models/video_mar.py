@@ -1,0 +1,175 @@
+"""A small video-action masked autoregressive model with UVA's interfaces (FIELD-NOTES §1).
+
+Same forward signature and return value as UVA's `MAR` (`mar_con_unified.py`), and the same
+module names: z_proj, z_proj_cond, proj_cond_x_layer, encoder_blocks.N, encoder_norm,
+decoder_embed, decoder_blocks.N, decoder_norm, a video head (diffloss) and an action head
+(diffactloss with conv, fc, refine). Small enough to run on two CPU cores in seconds. With
+drop_masked=True the encoder drops masked tokens, so its token count varies per call, as in MAR.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+TASK_MODES = ("video_model", "dynamic_model", "policy_model", "inverse_model", "full_dynamic_model")
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class DiffHead(nn.Module):
+    """Stands in for the diffusion loss heads: a small residual MLP on tokens."""
+
+    def __init__(self, dim: int, out: int, depth: int = 2):
+        super().__init__()
+        self.net = nn.Module()
+        self.net.res_blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU()) for _ in range(depth))
+        self.net.final = nn.Linear(dim, out)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        for block in self.net.res_blocks:
+            z = z + block(z)
+        return self.net.final(z)
+
+
+class ActionHead(nn.Module):
+    """UVA's action head layout: conv over each frame's token grid, fc, refine to the horizon."""
+
+    def __init__(self, dim: int, grid: int, frames: int, horizon: int, action_dim: int):
+        super().__init__()
+        self.frames, self.horizon = frames, horizon
+        self.conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1)
+        self.fc = nn.Linear(dim, dim)
+        self.refine = nn.Linear(dim * frames, horizon * dim)
+        self.out = nn.Linear(dim, action_dim)
+        self.grid = grid
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, frames*grid*grid, D)
+        b, _, d = tokens.shape
+        x = tokens.reshape(b * self.frames, self.grid, self.grid, d).permute(0, 3, 1, 2)
+        x = self.conv(x).mean(dim=(2, 3))  # (B*frames, D)
+        x = self.fc(x).reshape(b, self.frames * d)
+        x = self.refine(x).reshape(b, self.horizon, d)
+        return self.out(x)
+
+
+class VideoActionMAR(nn.Module):
+    def __init__(
+        self,
+        *,
+        task_name: str,
+        shape_meta: dict,
+        use_history_action: bool = False,
+        embed_dim: int = 64,
+        depth: int = 4,
+        decoder_depth: int = 4,
+        num_heads: int = 4,
+        frames: int = 4,
+        latent_channels: int = 4,
+        grid: int = 4,
+        drop_masked: bool = False,
+        mask_ratio_min: float = 0.7,
+    ):
+        super().__init__()
+        action_shape = shape_meta["action"]["shape"]
+        self.task_name = task_name
+        self.action_dim = int(action_shape[-1])
+        self.horizon = int(shape_meta.get("horizon", 16))
+        self.use_history_action = use_history_action
+        self.frames, self.grid, self.channels = frames, grid, latent_channels
+        self.tokens = frames * grid * grid
+        self.drop_masked = drop_masked
+        self.mask_ratio_min = mask_ratio_min
+        d = embed_dim
+        self.z_proj = nn.Linear(latent_channels, d)
+        self.z_proj_cond = nn.Linear(latent_channels, d)
+        self.action_proj = nn.Linear(self.action_dim, d)
+        self.proj_cond_x_layer = nn.Linear(2 * d, d)
+        self.pos_embed = nn.Parameter(torch.randn(1, self.tokens, d) * 0.02)
+        self.encoder_blocks = nn.ModuleList(Block(d, num_heads) for _ in range(depth))
+        self.encoder_norm = nn.LayerNorm(d)
+        self.decoder_embed = nn.Linear(d, d)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.decoder_blocks = nn.ModuleList(Block(d, num_heads) for _ in range(decoder_depth))
+        self.decoder_norm = nn.LayerNorm(d)
+        self.diffloss = DiffHead(d, latent_channels)
+        self.diffactloss = ActionHead(d, grid, frames, self.horizon, self.action_dim)
+
+    def _tokens(self, latents: torch.Tensor, proj: nn.Module) -> torch.Tensor:
+        # (B, frames, C, h, w) -> (B, frames, h*w, D): 4-D, as UVA's z_proj outputs
+        b, f, c, h, w = latents.shape
+        return proj(latents.permute(0, 1, 3, 4, 2).reshape(b, f, h * w, c))
+
+    def forward(self, imgs, cond, history_nactions=None, nactions=None, text_latents=None, task_mode=None,
+                proprioception_input={}):  # noqa: B006 - UVA's signature, mutated as UVA does
+        task_mode = task_mode or "policy_model"
+        if task_mode not in TASK_MODES:
+            raise ValueError(f"task_mode {task_mode!r} is not one of {TASK_MODES}")
+        proprioception_input["task_mode"] = task_mode  # UVA mutates this dict in place too
+        b = imgs.shape[0]
+        x = self._tokens(imgs, self.z_proj)
+        c = self._tokens(cond, self.z_proj_cond)
+        if nactions is not None and task_mode in ("policy_model", "inverse_model", "full_dynamic_model"):
+            c = c + self.action_proj(nactions).mean(dim=1)[:, None, None, :]
+        tokens = self.proj_cond_x_layer(torch.cat([x, c], dim=-1)).reshape(b, self.tokens, -1) + self.pos_embed
+        order = None
+        if self.drop_masked:
+            # MAR drops masked tokens before the encoder; the ratio is drawn once per call
+            ratio = self.mask_ratio_min + (1 - self.mask_ratio_min) * torch.rand(()).item()
+            kept = max(1, int(round(self.tokens * (1 - ratio))))
+            order = torch.argsort(torch.rand(b, self.tokens, device=tokens.device), dim=1)[:, :kept]
+            tokens = torch.gather(tokens, 1, order[..., None].expand(-1, -1, tokens.shape[-1]))
+        for block in self.encoder_blocks:
+            tokens = block(tokens)
+        tokens = self.encoder_norm(tokens)
+        z = self.decoder_embed(tokens)
+        if order is not None:
+            full = self.mask_token.expand(b, self.tokens, -1).clone()
+            z = full.scatter(1, order[..., None].expand(-1, -1, z.shape[-1]), z)
+        for block in self.decoder_blocks:
+            z = block(z)
+        z = self.decoder_norm(z)
+        zero = torch.zeros((), device=imgs.device)
+        video_loss = act_loss = zero
+        if task_mode in ("video_model", "dynamic_model", "full_dynamic_model"):
+            target = imgs.permute(0, 1, 3, 4, 2).reshape(b, self.tokens, self.channels)
+            video_loss = ((self.diffloss(z) - target) ** 2).mean()
+        if task_mode in ("policy_model", "inverse_model", "full_dynamic_model"):
+            pred = self.diffactloss(z)
+            act_loss = ((pred - nactions) ** 2).mean() if nactions is not None else pred.pow(2).mean() * 0
+        return video_loss + act_loss, video_loss, act_loss
+
+
+def video_mar(
+    task_name: str = "synthetic",
+    shape_meta: dict | None = None,
+    use_history_action: bool = False,
+    **kwargs,
+) -> VideoActionMAR:
+    """The built-in model's factory (what `--model marstore.models:video_mar` calls)."""
+    shape_meta = shape_meta or {"action": {"shape": [2]}, "horizon": 16}
+    return VideoActionMAR(task_name=task_name, shape_meta=shape_meta, use_history_action=use_history_action, **kwargs)
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+
+
+
+def policy_forward(model: VideoActionMAR, batch: dict):
+    """The forward for the synthetic data: UVA's policy mode, actions as inputs (`--forward`)."""
+    return model(batch["imgs"], batch["cond"], nactions=batch["nactions"], task_mode="policy_model")

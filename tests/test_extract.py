@@ -1,0 +1,371 @@
+"""Extraction: checkpoint layouts, loading reports, hooks, the pipeline, resume and Ctrl-C."""
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from marstore import hooks
+from marstore.extract import ExtractError, ExtractOptions, extract
+from marstore.loading import CheckpointError, build_model, find_config, find_state_dict, load_weights, read_checkpoint
+from marstore.models import LAYOUTS, policy_forward, save_checkpoint, synthetic_video_actions, video_mar
+from marstore.store import open_store
+
+CONFIG = {"task_name": "t", "shape_meta": {"action": {"shape": [2]}, "horizon": 16}, "embed_dim": 32,
+          "depth": 2, "decoder_depth": 2, "num_heads": 2}
+CONFIG_KEY = {"workspace": "cfg.policy.model"}
+ROOT = os.path.dirname(os.path.dirname(__file__))
+
+
+def options(tmp_path, **kw):
+    base = dict(out=str(tmp_path / "s.h5"), model="marstore.models:video_mar", dataset="marstore.models:synthetic_video_actions",
+                dataset_args={"size": 40}, forward="marstore.models:policy_forward", layers=["encoder_blocks.*"],
+                targets=["nactions", "label"], batch_size=8, progress=False, model_args=dict(CONFIG), device="cpu")
+    base.update(kw)
+    return ExtractOptions(**base)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_loads_the_right_weights(tmp_path, layout):
+    torch.manual_seed(0)
+    model = video_mar(**CONFIG)
+    path = str(tmp_path / "c.pt")
+    save_checkpoint(model, CONFIG, path, layout)
+    ckpt = read_checkpoint(path)
+    config, key = find_config(ckpt, CONFIG_KEY.get(layout))
+    state, state_key = find_state_dict(ckpt)
+    fresh = build_model("marstore.models:video_mar", config, {} if config else CONFIG, key)
+    report = load_weights(fresh, state, strict=True)
+    ema = layout in ("mar", "workspace")
+    expected = {k: v * (0.5 if ema and v.is_floating_point() and k in dict(model.named_parameters()) else 1)
+                for k, v in model.state_dict().items()}
+    got = fresh.state_dict()
+    assert all(torch.equal(got[k], expected[k]) for k in got)
+    assert report.missing == [] and report.unexpected == [] and report.shape_mismatches == []
+    assert state_key == {"bare": "(bare state dict)", "mar": "model_ema", "workspace": "state_dicts.ema_model",
+                         "lightning": "state_dict"}.get(layout, "model_state_dict")
+    assert report.stripped_prefix == {"lightning": "model.", "workspace": "model.", "ddp": "module.",
+                                      "compile": "_orig_mod."}.get(layout)
+    if layout == "workspace":
+        assert report.ignored_outside_prefix == 2  # vae_model.*, normalizer.*
+    if layout == "bare":
+        assert key is None and config == {}
+    else:
+        assert config["embed_dim"] == 32
+
+
+def test_load_report_and_strict(tmp_path):
+    model = video_mar(**CONFIG)
+    state = dict(model.state_dict())
+    state.pop("decoder_norm.weight")
+    state["extra.weight"] = torch.zeros(1)
+    state["z_proj.bias"] = torch.zeros(3)
+    report = load_weights(video_mar(**CONFIG), state)
+    assert report.missing == ["z_proj.bias", "decoder_norm.weight"] or sorted(report.missing) == ["decoder_norm.weight", "z_proj.bias"]
+    assert report.unexpected == ["extra.weight"]
+    assert report.shape_mismatches == ["z_proj.bias: checkpoint (3,), model (32,)"]
+    with pytest.raises(CheckpointError, match=r"--strict: the checkpoint does not fit the model: .*2 missing .*1 unexpected .*1 shape mismatches"):
+        load_weights(video_mar(**CONFIG), state, strict=True)
+
+
+def test_unknown_prefix_is_named(tmp_path):
+    state = {"net.backbone." + k: v for k, v in video_mar(**CONFIG).state_dict().items()}
+    report = load_weights(video_mar(**CONFIG), state)
+    assert "removing the prefix 'net.backbone.' would fit them" in report.notes[0]
+
+
+class Opaque:
+    def __init__(self):
+        self.x = 1
+
+
+def test_untrusted_pickle_is_refused_with_the_flag_named(tmp_path):
+    path = str(tmp_path / "c.pt")
+    torch.save({"model_state_dict": video_mar(**CONFIG).state_dict(), "extra": Opaque()}, path)
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(path)
+    assert "test_extract.Opaque" in str(info.value) and "--trust-checkpoint" in str(info.value)
+    assert isinstance(read_checkpoint(path, trust=True)["extra"], Opaque)
+
+
+def test_argparse_namespace_is_allowed_in_a_safe_load(tmp_path):
+    path = str(tmp_path / "c.pt")
+    save_checkpoint(video_mar(**CONFIG), CONFIG, path, "mar")
+    config, key = find_config(read_checkpoint(path))
+    assert key == "args" and config["depth"] == 2
+
+
+def test_builder_errors_list_missing_and_unknown_keys():
+    with pytest.raises(CheckpointError) as info:
+        build_model("marstore.models.video_mar:VideoActionMAR", {"task_name": "x", "bogus": 1, "depth": 1}, config_key="model_config")
+    text = str(info.value)
+    assert "rejects the config from checkpoint['model_config']: it lacks ['shape_meta'] and does not accept ['bogus']" in text
+    with pytest.raises(CheckpointError, match="cannot import 'no_such_module'"):
+        build_model("no_such_module:f", {})
+    with pytest.raises(CheckpointError, match="write it as MODULE:CALLABLE"):
+        build_model("marstore.models", {})
+
+
+def test_config_key_and_state_key_errors(tmp_path):
+    path = str(tmp_path / "c.pt")
+    save_checkpoint(video_mar(**CONFIG), CONFIG, path, "workspace")
+    ckpt = read_checkpoint(path)
+    with pytest.raises(CheckpointError, match=r"config key 'cfg.model': 'model' is not in the checkpoint"):
+        find_config(ckpt, "cfg.model")
+    state, key = find_state_dict(ckpt, "state_dicts.model")
+    assert key == "state_dicts.model"
+    with pytest.raises(CheckpointError, match=r"--state-key 'ema' is not in the checkpoint; weights found under: \['state_dicts.ema_model', 'state_dicts.model'\]"):
+        find_state_dict(ckpt, "ema")
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.pair = PairOut()
+        self.named = DictOut()
+        self.head = nn.Linear(4, 2)
+        self.loop = nn.Linear(4, 4)
+        self.never = nn.Linear(4, 4)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(4, 4), nn.ReLU()) for _ in range(2))
+
+    def forward(self, x, steps=1):
+        h = self.a(x)
+        h, _ = self.pair(h)
+        h = self.named(h)["hidden"]
+        for _ in range(steps):
+            h = self.loop(h)
+        for b in self.blocks:
+            h = b(h)
+        return self.head(h)
+
+
+class PairOut(nn.Module):
+    def forward(self, x):
+        return x * 2, x * 3
+
+
+class DictOut(nn.Module):
+    def forward(self, x):
+        return {"hidden": x + 1, "other": x - 1}
+
+
+def captured(model, patterns, x, **kw):
+    with hooks.Capture(model, hooks.parse_layers(patterns, model), **kw) as cap:
+        cap.start_batch()
+        model(x, **kw.pop("call", {})) if False else model(x)
+        return cap.finish_batch()
+
+
+def test_tuple_dict_and_input_captures():
+    torch.manual_seed(0)
+    model, x = Toy(), torch.randn(3, 4)
+    out = captured(model, ["pair:1", "named:hidden", "head@input", "a"], x)
+    h = model.a(x)
+    assert torch.equal(out["a"], h)
+    assert torch.equal(out["pair:1"], h * 3)
+    assert torch.equal(out["named:hidden"], h * 2 + 1)
+    assert set(out) == {"a", "pair:1", "named:hidden", "head@input"}
+    with pytest.raises(hooks.HookError, match=r"pair returns a tuple of 2; pick one with 'pair:0'"):
+        captured(model, ["pair"], x)
+    with pytest.raises(hooks.HookError, match=r"named:nope: the output of named is a dict with no element 'nope'"):
+        captured(model, ["named:nope"], x)
+
+
+def test_glob_levels_and_regex():
+    model = Toy()
+    names = [s.name for s in hooks.parse_layers(["blocks.*"], model)]
+    assert names == ["blocks.0", "blocks.1"]  # the blocks, not their sub-modules
+    assert [s.name for s in hooks.parse_layers(["blocks.**"], model)] == ["blocks.0", "blocks.0.0", "blocks.0.1", "blocks.1", "blocks.1.0", "blocks.1.1"]
+    assert [s.name for s in hooks.parse_layers(["re:blocks\\.\\d\\.0"], model)] == ["blocks.0.0", "blocks.1.0"]
+
+
+def test_unknown_layer_suggests_nearest_names():
+    with pytest.raises(hooks.HookError) as info:
+        hooks.parse_layers(["encoder_block.3"], video_mar(**CONFIG))
+    assert "layer pattern 'encoder_block.3' matches no module; nearest names: ['encoder_blocks.1'" in str(info.value)
+
+
+def test_multi_fire_policies_and_modules_that_do_not_fire():
+    torch.manual_seed(0)
+    model, x = Toy(), torch.randn(3, 4)
+    sel = hooks.parse_layers(["loop"], model)
+    for policy, expect_shape in (("first", (3, 4)), ("last", (3, 4)), ("stack", (3, 3, 4))):
+        with hooks.Capture(model, sel, multi_fire=policy) as cap:
+            cap.start_batch()
+            model(x, steps=3)
+            assert tuple(cap.finish_batch()["loop"].shape) == expect_shape
+    with hooks.Capture(model, sel) as cap, pytest.raises(hooks.HookError, match="loop fired more than once in one forward"):
+        cap.start_batch()
+        model(x, steps=3)
+    with hooks.Capture(model, hooks.parse_layers(["never"], model)) as cap:
+        cap.start_batch()
+        model(x)
+        with pytest.raises(hooks.HookError, match="never did not fire in this batch"):
+            cap.finish_batch()
+    with hooks.Capture(model, hooks.parse_layers(["never"], model), allow_missing=True) as cap:
+        cap.start_batch()
+        model(x)
+        assert cap.finish_batch() == {} and cap.missing_counts == {"never": 1}
+
+
+def test_hooks_removed_after_exception_and_keyboard_interrupt():
+    model = Toy()
+    for exc in (RuntimeError, KeyboardInterrupt):
+        with pytest.raises(exc):
+            with hooks.Capture(model, hooks.parse_layers(["a", "loop", "head@input"], model)):
+                assert hooks.hook_count(model) == 3
+                raise exc
+        assert hooks.hook_count(model) == 0
+
+
+def test_stop_early_skips_the_rest_of_the_forward():
+    model = Toy()
+    calls = []
+    model.head.register_forward_hook(lambda *a: calls.append(1))
+    with hooks.Capture(model, hooks.parse_layers(["a"], model), stop_early=True) as cap:
+        cap.start_batch()
+        with pytest.raises(hooks.StopForward):
+            model(torch.randn(2, 4))
+        assert set(cap.finish_batch()) == {"a"}
+    assert calls == []
+
+
+def test_reductions_on_device():
+    x = torch.arange(24.0).view(2, 3, 4)
+    assert torch.equal(hooks.reduce_tokens(x, "mean"), x.mean(1))
+    assert torch.equal(hooks.reduce_tokens(x, "first"), x[:, 0])
+    assert torch.equal(hooks.reduce_tokens(x, "last"), x[:, 2])
+    assert torch.equal(hooks.reduce_tokens(x, [0, -1]), x[:, [0, 2]])
+    with pytest.raises(hooks.HookError, match="token index \\[5\\] is out of range for 3 tokens"):
+        hooks.reduce_tokens(x, [5])
+
+
+def reference_activations(tmp_path, layers):
+    """A plain reference: forward hooks plus .to(torch.float16), batch by batch."""
+    torch.manual_seed(0)
+    model = video_mar(**CONFIG).eval()
+    ds = synthetic_video_actions(size=40)
+    kept = {n: [] for n in layers}
+    handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: kept[n].append(o.to(torch.float16))) for n in layers]
+    with torch.inference_mode():
+        for start in range(0, 40, 8):
+            batch = torch.utils.data.default_collate([ds[i] for i in range(start, start + 8)])
+            policy_forward(model, batch)
+    for h in handles:
+        h.remove()
+    return kept
+
+
+def test_stored_bytes_equal_a_plain_reference(tmp_path):
+    torch.manual_seed(0)  # extract() seeds torch with opts.seed=0 before building the model, as here
+    result = extract(options(tmp_path, layers=["encoder_blocks.*", "decoder_norm", "z_proj"]))
+    ref = reference_activations(tmp_path, ["encoder_blocks.0", "encoder_blocks.1", "decoder_norm", "z_proj"])
+    assert result.rows == 40
+    with open_store(result.path) as s:
+        for name, parts in ref.items():
+            assert s.read(name).tobytes() == torch.cat(parts).numpy().tobytes(), name
+        assert s.index().tolist() == list(range(40))
+        assert s.target("label").tolist() == [synthetic_video_actions(40)[i]["label"] for i in range(40)]
+        assert s.layers["z_proj"].row_shape == (4, 16, 32)  # 4-D output, as UVA's z_proj
+
+
+RECORDED: list[torch.Tensor] = []
+
+
+def recording_forward(model, batch):
+    """policy_forward, also keeping encoder_blocks.1's output as a plain hook sees it."""
+    handle = model.encoder_blocks[1].register_forward_hook(lambda m, a, o: RECORDED.append(o.to(torch.float16)))
+    try:
+        return policy_forward(model, batch)
+    finally:
+        handle.remove()
+
+
+def test_ragged_layers_from_the_masked_encoder(tmp_path):
+    RECORDED.clear()
+    result = extract(options(tmp_path, layers=["encoder_blocks.1", "decoder_norm"], forward="test_extract:recording_forward",
+                             model_args={**CONFIG, "drop_masked": True}))
+    with open_store(result.path) as s:
+        assert s.layers["encoder_blocks.1"].layout == "ragged" and s.layers["decoder_norm"].layout == "dense"
+        rows = s.read("encoder_blocks.1")
+        expected = [r for part in RECORDED for r in part]
+        assert len(rows) == len(expected) == 40
+        assert len({r.shape[0] for r in rows}) > 1  # the token count varies between batches
+        assert all(a.tobytes() == b.numpy().tobytes() for a, b in zip(rows, expected))
+
+
+def test_memory_flat_over_many_batches(tmp_path):
+    live = []
+
+    def count(rows):
+        gc.collect()
+        live.append(sum(1 for o in gc.get_objects() if type(o) in (torch.Tensor, nn.Parameter)))
+
+    extract(options(tmp_path, dataset_args={"size": 160}, batch_size=8), on_batch=count)
+    # a few batches are in flight in the ring and the writer's queue; none is kept after that
+    assert len(live) == 20 and max(live[10:]) <= max(live[:10]), live
+
+
+def test_bad_layer_fails_before_any_data_is_read(tmp_path):
+    with pytest.raises(hooks.HookError, match="matches no module"):
+        extract(options(tmp_path, layers=["encoder_blocks.9"]))
+    assert not os.path.exists(tmp_path / "s.h5")
+
+
+def test_resume_refuses_other_options(tmp_path):
+    extract(options(tmp_path, limit=16))
+    with pytest.raises(ExtractError, match=r"--resume: the options differ .*batch_size \(recorded 8, now 4\)"):
+        extract(options(tmp_path, limit=16, batch_size=4, resume=True))
+
+
+def run_cli(*args, **popen):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.Popen([sys.executable, "-m", "marstore", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
+def test_ctrl_c_commits_and_resume_finishes_identically(tmp_path):
+    ckpt = str(tmp_path / "c.pt")
+    torch.manual_seed(0)
+    save_checkpoint(video_mar(**CONFIG), CONFIG, ckpt, "workspace")
+    common = ["extract", "--checkpoint", ckpt, "--config-key", "cfg.policy.model", "--model", "marstore.models:video_mar",
+              "--dataset", "marstore.models:synthetic_video_actions", "--dataset-arg", "size=3000",
+              "--forward", "marstore.models:policy_forward", "--layers", "encoder_blocks.*", "--targets", "nactions",
+              "--batch-size", "8", "--commit-rows", "64", "--no-progress", "--device", "cpu"]
+    reference = str(tmp_path / "ref.h5")
+    assert run_cli(*common, "--out", reference).wait(timeout=300) == 0
+    out = str(tmp_path / "run.h5")
+    p = run_cli(*common, "--out", out)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait for the first commits
+        time.sleep(0.2)
+        if os.path.exists(out):
+            try:
+                with open_store(out) as s:
+                    if s.rows >= 128:
+                        break
+            except Exception:  # noqa: BLE001 - the file may be mid-creation
+                pass
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "interrupted after" in err and "--resume" in err
+    with open_store(out) as s:
+        assert s.status == "incomplete" and 0 < s.rows < 3000 and s.rows % 8 == 0
+    p = run_cli(*common, "--out", out, "--resume")
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    with open_store(reference) as a, open_store(out) as b:
+        assert a.rows == b.rows == 3000 and b.status == "complete"
+        for name in a.layers:
+            assert a.read(name).tobytes() == b.read(name).tobytes()
+        assert a.index().tolist() == b.index().tolist()
+        assert a.target("nactions").tobytes() == b.target("nactions").tobytes()
