@@ -181,7 +181,7 @@ ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("call,message", ERRORS, ids=[m[:40] for _, m in ERRORS])
+@pytest.mark.parametrize("call,message", ERRORS, ids=[f"err{i}" for i in range(len(ERRORS))])
 def test_errors_name_the_input_and_the_fix(backend, call, message):
     with pytest.raises(RuntimeError) as info:
         call()

@@ -1,0 +1,158 @@
+"""Extraction throughput and memory on the built-in model: bare forward, users' way, marstore.
+
+    python benchmarks/bench_extract.py [--quick] [--json PATH] [--device cuda] [model options]
+
+Each way runs in its own process over the same in-memory batches (the same DataLoader):
+  bare      the forward alone, no hooks
+  users     forward hooks that append `out.half().cpu()` to lists, pickled at the end
+  marstore  marstore.extract.extract(): hooks -> transfer ring -> store writer thread
+marstore and users also run with a quarter of the rows, to show whose peak RSS grows.
+marstore_vs_bare is marstore's rows/s over the bare forward's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import machine, write_json  # noqa: E402
+
+
+class MemoryDataset(torch.utils.data.Dataset):
+    """The synthetic samples, generated once, so that data loading costs the same for every way."""
+
+    def __init__(self, size: int, grid: int = 4):
+        from marstore.models import synthetic_video_actions
+
+        source = synthetic_video_actions(size=min(size, 256), grid=grid)
+        self.samples = [source[i] for i in range(len(source))]
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> dict:
+        return self.samples[i % len(self.samples)]
+
+
+def memory_dataset(size: int, grid: int = 4) -> MemoryDataset:
+    return MemoryDataset(size, grid)
+
+
+def model_args(args) -> dict:
+    return {"task_name": "bench", "shape_meta": {"action": {"shape": [2]}, "horizon": 16}, "embed_dim": args.embed_dim,
+            "depth": args.depth, "decoder_depth": args.depth, "num_heads": args.heads, "grid": args.grid}
+
+
+def run_way(way: str, rows: int, args, out: str) -> dict:
+    from marstore.extract import ExtractOptions, extract
+    from marstore.models import policy_forward, video_mar
+
+    device = torch.device(args.device)
+    layers = args.layers
+    if way == "marstore":
+        opts = ExtractOptions(out=out, model="marstore.models:video_mar", dataset="bench_extract:memory_dataset",
+                              dataset_args={"size": rows, "grid": args.grid}, forward="marstore.models:policy_forward",
+                              layers=layers, reduction=args.reduction, batch_size=args.batch_size, device=args.device,
+                              model_args=model_args(args), progress=False, commit_rows=1 << 30)
+        start = time.perf_counter()
+        result = extract(opts)
+        seconds, nbytes = time.perf_counter() - start, result.bytes
+    else:
+        from marstore.hooks import parse_layers, parse_reduction, reduce_tokens
+
+        torch.manual_seed(0)
+        model = video_mar(**model_args(args)).to(device).eval()
+        loader = torch.utils.data.DataLoader(memory_dataset(rows, args.grid), batch_size=args.batch_size,
+                                             pin_memory=device.type == "cuda")
+        kept: dict[str, list] = {}
+        handles = []
+        if way == "users":
+            reduction = parse_reduction(args.reduction)
+            for sel in parse_layers(layers, model):
+                kept[sel.name] = []
+                handles.append(model.get_submodule(sel.name).register_forward_hook(
+                    lambda m, a, o, n=sel.name: kept[n].append(reduce_tokens(o, reduction).half().cpu())))
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for batch in loader:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                policy_forward(model, batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        nbytes = sum(t.numel() * 2 for v in kept.values() for t in v)
+        if way == "users":
+            with open(out, "wb") as f:
+                pickle.dump({k: torch.cat(v).numpy() for k, v in kept.items()}, f, protocol=pickle.HIGHEST_PROTOCOL)
+        seconds = time.perf_counter() - start
+        for h in handles:
+            h.remove()
+    return {"seconds": seconds, "rows": rows, "rows_per_s": rows / seconds, "bytes": nbytes,
+            "mb_per_s": nbytes / seconds / 2**20, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rows")
+    parser.add_argument("--json")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rows", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--embed-dim", type=int, default=64)
+    parser.add_argument("--depth", type=int, default=4, help="encoder blocks (and as many decoder blocks)")
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--grid", type=int, default=4, help="tokens per frame side (4 frames of grid x grid)")
+    parser.add_argument("--reduction", default="none")
+    parser.add_argument("--layers", nargs="+", default=["encoder_blocks.*", "decoder_blocks.*"])
+    parser.add_argument("--dir", default=None)
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        way, rows, out = args.child
+        print(json.dumps(run_way(way, int(rows), args, out)))
+        return
+    rows = args.rows or (1024 if args.quick else 4096)
+    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                   if k in ("device", "batch_size", "embed_dim", "depth", "heads", "grid", "reduction")]
+    passthrough += ["--layers", *args.layers]
+    results = {}
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        for way, n in (("bare", rows), ("users", rows), ("marstore", rows), ("users", rows // 4), ("marstore", rows // 4)):
+            name = way if n == rows else f"{way}@{n}"
+            out = subprocess.run([sys.executable, __file__, "--child", way, str(n), os.path.join(tmp, name + ".out"), *passthrough],
+                                 capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.path.dirname(__file__)))
+            if out.returncode:
+                raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
+            results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    payload = {
+        "device": machine() + f" ({args.device})",
+        "model": {k: getattr(args, k) for k in ("embed_dim", "depth", "heads", "grid", "batch_size", "reduction", "layers")},
+        "rows": rows,
+        "results": results,
+        "ratios": {
+            "marstore_vs_bare": results["marstore"]["rows_per_s"] / results["bare"]["rows_per_s"],
+            "marstore_vs_users_way": results["marstore"]["rows_per_s"] / results["users"]["rows_per_s"],
+        },
+        "peak_rss_mb": {name: r["peak_rss_mb"] for name, r in results.items()},
+    }
+    print(f"device: {payload['device']}; model {payload['model']}; {rows} rows")
+    print(f"{'way':<16} {'rows/s':>9} {'MB/s':>8} {'peak RSS MB':>12}")
+    for name, r in results.items():
+        print(f"{name:<16} {r['rows_per_s']:9.0f} {r['mb_per_s']:8.0f} {r['peak_rss_mb']:12.0f}")
+    for k, v in payload["ratios"].items():
+        print(f"{k}: {v:.2f}")
+    write_json(args.json, payload)
+
+
+if __name__ == "__main__":
+    main()
