@@ -66,8 +66,21 @@ def _extension():
 
 extension, cpp_extension = _extension()
 
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """Links libstdc++ dynamically even where Python's own link flags say static: a statically
+    linked copy beside torch's shared one crashed formatting numbers (seen on a GPU machine)."""
+
+    def build_extensions(self):
+        for attr in ("linker_so", "linker_so_cxx"):
+            flags = getattr(self.compiler, attr, None)
+            if flags and "-static-libstdc++" in flags:
+                print(f"marstore: dropping -static-libstdc++ from the {attr} command", file=sys.stderr)
+                setattr(self.compiler, attr, [f for f in flags if f != "-static-libstdc++"])
+        super().build_extensions()
+
 setup(
     packages=find_packages(include=["marstore", "marstore.*"]),
     ext_modules=[extension],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -10,14 +10,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 time python -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -vE "is ignored|^$" | tail -25
 python -m marstore doctor || exit 1
-# Known crash under torch 2.11 on this machine (not reproduced on CPU machines): the size-mismatch
-# error test, alone, under the debugger, for a backtrace; the other tests run without it.
-CRASHER="test_errors_name_the_input_and_the_fix and err3"
-if command -v cuda-gdb >/dev/null; then
-  timeout 120 cuda-gdb -q -batch -ex run -ex "bt 25" --args python -m pytest -q -p no:cacheprovider tests/test_ops.py -k "$CRASHER" 2>&1 \
-    | grep -vE "^\[(New|Thread)|^warning" | tee "$OUT/crash_bt.txt" | head -60
-fi
-python -m pytest -q -rs ${TESTS:-tests} -k "not ($CRASHER)" 2>&1 | tee "$OUT/pytest.log" | tail -15
+python -m pytest -q -rs ${TESTS:-tests} 2>&1 | tee "$OUT/pytest.log" | tail -15
 [ "${SKIP_TRANSFER:-}" ] || python benchmarks/bench_transfer.py --json "$OUT/transfer_gpu.json" | tee "$OUT/transfer_gpu.txt"
 for cmd in "$@"; do bash -c "$cmd"; done
 echo "=== summary ==="

@@ -7,6 +7,13 @@
 #include <vector>
 
 namespace marstore {
+namespace {
+
+// Numbers go into messages as strings: a build that links its own libstdc++ statically (seen
+// with some Python builds) crashed formatting integers through the shared library's locale.
+std::string n(int64_t v) { return std::to_string(v); }
+
+}  // namespace
 
 std::string dtype_name(at::ScalarType t) {
   switch (t) {
@@ -41,19 +48,19 @@ void check_pair(const char* op, at::ScalarType src, at::ScalarType dst) {
 
 void check_destination(const char* op, at::TensorList srcs, const at::Tensor& dst,
                               at::IntArrayRef offsets) {
-  TORCH_CHECK(srcs.size() == offsets.size(), op, ": got ", srcs.size(), " sources and ",
-              offsets.size(), " offsets; give one offset per source");
+  TORCH_CHECK(srcs.size() == offsets.size(), op, ": got ", n(srcs.size()), " sources and ",
+              n(offsets.size()), " offsets; give one offset per source");
   TORCH_CHECK(dst.device().is_cpu(), op, ": destination is on ", dst.device().str(),
               "; it must be a host (CPU) tensor");
   TORCH_CHECK(dst.is_contiguous(), op, ": destination must be contiguous");
   const auto device = srcs.empty() ? at::Device(at::kCPU) : srcs[0].device();
   for (size_t i = 0; i < srcs.size(); ++i) {
-    TORCH_CHECK(srcs[i].device() == device, op, ": source ", i, " is on ", srcs[i].device().str(),
+    TORCH_CHECK(srcs[i].device() == device, op, ": source ", n(i), " is on ", srcs[i].device().str(),
                 " but source 0 is on ", device.str(), "; all sources must be on one device");
     check_pair(op, srcs[i].scalar_type(), dst.scalar_type());
     TORCH_CHECK(offsets[i] >= 0 && offsets[i] + srcs[i].numel() <= dst.numel(), op, ": region ",
-                i, " [", offsets[i], ", ", offsets[i] + srcs[i].numel(),
-                ") lies outside the destination's ", dst.numel(), " elements");
+                n(i), " [", n(offsets[i]), ", ", n(offsets[i] + srcs[i].numel()),
+                ") lies outside the destination's ", n(dst.numel()), " elements");
   }
   if (device.is_cuda()) {
     TORCH_CHECK(dst.is_pinned(), op,
@@ -67,14 +74,14 @@ void check_destination(const char* op, at::TensorList srcs, const at::Tensor& ds
     const size_t prev = order[k - 1], cur = order[k];
     TORCH_CHECK(offsets[prev] + srcs[prev].numel() <= offsets[cur] || srcs[cur].numel() == 0 ||
                     srcs[prev].numel() == 0,
-                op, ": region ", cur, " starting at ", offsets[cur], " overlaps region ", prev,
-                " [", offsets[prev], ", ", offsets[prev] + srcs[prev].numel(), ")");
+                op, ": region ", n(cur), " starting at ", n(offsets[cur]), " overlaps region ", n(prev),
+                " [", n(offsets[prev]), ", ", n(offsets[prev] + srcs[prev].numel()), ")");
   }
 }
 
 void check_single(const at::Tensor& src, const at::Tensor& dst) {
-  TORCH_CHECK(dst.numel() == src.numel(), "cast_copy: destination has ", dst.numel(),
-              " elements but the source has ", src.numel(), "; they must match");
+  TORCH_CHECK(dst.numel() == src.numel(), "cast_copy: destination has ", n(dst.numel()),
+              " elements but the source has ", n(src.numel()), "; they must match");
 }
 
 }  // namespace marstore

@@ -155,7 +155,7 @@ at::Tensor cast_copy_many_cuda(at::TensorList srcs, const at::Tensor& dst, at::I
                                int64_t mode) {
   check_destination("cast_copy_many", srcs, dst, offsets);
   TORCH_CHECK(mode == kAuto || mode == kDirect || mode == kStaged,
-              "cast_copy_many: mode ", mode, " is not one of 0 (auto), 1 (direct), 2 (staged)");
+              "cast_copy_many: mode ", std::to_string(mode), " is not one of 0 (auto), 1 (direct), 2 (staged)");
   const int64_t n = static_cast<int64_t>(srcs.size());
   if (n == 0) return at::zeros({0, 2}, at::kLong);
   const c10::cuda::CUDAGuard guard(srcs[0].device());
