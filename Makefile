@@ -21,12 +21,15 @@ $(VENV)/.built: $(SOURCES)
 
 demo: setup
 	$(BIN)/marstore doctor
+	$(BIN)/marstore demo
 
 test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
 	$(BIN)/python benchmarks/bench_transfer.py --quick
+	$(BIN)/python benchmarks/bench_store.py --quick
+	$(BIN)/python benchmarks/bench_extract.py --quick
 
 # Compiles and links the CUDA sources against a CUDA build of torch on a machine without a
 # GPU, then imports the result, so that a CUDA compile error cannot land unseen.
