@@ -163,6 +163,27 @@ def _extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probe(args: argparse.Namespace) -> int:
+    from marstore.probe import ProbeError, ProbeInterrupted, ProbeOptions, run_probes, table
+    from marstore.store import StoreError
+
+    fields = ProbeOptions.__dataclass_fields__
+    opts = ProbeOptions(**{k: v for k, v in vars(args).items() if k in fields and v is not None and k != "progress"},
+                        progress=not args.no_progress)
+    try:
+        report = run_probes(opts)
+    except ProbeInterrupted as exc:
+        print(f"marstore probe: {exc}", file=sys.stderr)
+        return 130
+    except (ProbeError, StoreError) as exc:
+        print(f"marstore probe: {exc}", file=sys.stderr)
+        return 2
+    print(table(report))
+    print(f"report: {report['report']}")
+    print(f"plots: {report['plots']['depth']}, {report['plots']['loss_curves']}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     import os
 
@@ -181,7 +202,7 @@ def _demo(args: argparse.Namespace) -> int:
         os.remove(store)
     argv = ["extract", "--checkpoint", checkpoint, "--config-key", "cfg.policy.model",
             "--model", "marstore.models:video_mar", "--dataset", "marstore.models:synthetic_video_actions",
-            "--dataset-arg", f"size={args.rows}", "--forward", "marstore.models:policy_forward",
+            "--dataset-arg", f"size={args.rows}", "--forward", "marstore.models:dynamic_forward",
             "--layers", "encoder_blocks.*", "decoder_blocks.*", "--reduction", "mean",
             "--targets", "nactions", "label", "--batch-size", "32", "--out", store]
     print("running: marstore " + " ".join(argv), flush=True)
@@ -189,7 +210,14 @@ def _demo(args: argparse.Namespace) -> int:
     if code:
         return code
     print()
-    return main(["info", store])
+    code = main(["info", store])
+    if code:
+        return code
+    print()
+    probes = ["probe", store, "--layer", "re:(encoder|decoder)_blocks\\.\\d+", "--target", "nactions",
+              "--out", os.path.join(args.out, "probes")]
+    print("running: marstore " + " ".join(probes), flush=True)
+    return main(probes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,6 +264,28 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--config", help="a YAML or JSON file with the same options")
     ex.add_argument("--no-progress", action="store_true", help="no progress bar")
     ex.set_defaults(func=_extract)
+
+    pr = sub.add_parser("probe", help="train linear or MLP probes on a store's layers, with a control task")
+    pr.add_argument("store")
+    pr.add_argument("--layer", required=True, help="a layer name, glob or re:REGEX; several layers give a depth plot")
+    pr.add_argument("--target", required=True)
+    pr.add_argument("--task", choices=["auto", "regression", "classification"])
+    pr.add_argument("--kind", choices=["linear", "mlp"])
+    pr.add_argument("--hidden", type=int, help="MLP width (default 256)")
+    pr.add_argument("--out", help="where report.json, the plots and the weights go (default probes/)")
+    pr.add_argument("--epochs", type=int)
+    pr.add_argument("--lr", type=float)
+    pr.add_argument("--weight-decay", type=float)
+    pr.add_argument("--batch-size", type=int)
+    pr.add_argument("--val-fraction", type=float)
+    pr.add_argument("--test-fraction", type=float)
+    pr.add_argument("--group", help="a target (e.g. an episode id) whose values never straddle two splits")
+    pr.add_argument("--patience", type=int, help="epochs without a better validation loss before stopping")
+    pr.add_argument("--seed", type=int)
+    pr.add_argument("--device")
+    pr.add_argument("--resume", action="store_true", help="continue probes interrupted with Ctrl-C")
+    pr.add_argument("--no-progress", action="store_true")
+    pr.set_defaults(func=_probe)
 
     demo = sub.add_parser("demo", help="the whole loop on the built-in model and synthetic data, no downloads")
     demo.add_argument("--out", default="runs/demo", help="where the checkpoint and the store go")

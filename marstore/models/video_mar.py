@@ -121,7 +121,8 @@ class VideoActionMAR(nn.Module):
         b = imgs.shape[0]
         x = self._tokens(imgs, self.z_proj)
         c = self._tokens(cond, self.z_proj_cond)
-        if nactions is not None and task_mode in ("policy_model", "inverse_model", "full_dynamic_model"):
+        if nactions is not None and task_mode in ("dynamic_model", "full_dynamic_model"):
+            # dynamics modes condition on the actions; policy and inverse modes predict them
             c = c + self.action_proj(nactions).mean(dim=1)[:, None, None, :]
         tokens = self.proj_cond_x_layer(torch.cat([x, c], dim=-1)).reshape(b, self.tokens, -1) + self.pos_embed
         order = None
@@ -171,5 +172,13 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def policy_forward(model: VideoActionMAR, batch: dict):
-    """The forward for the synthetic data: UVA's policy mode, actions as inputs (`--forward`)."""
+    """The forward for the synthetic data (`--forward`): UVA's policy mode, which predicts the
+    actions (the loss's targets) from the frames."""
     return model(batch["imgs"], batch["cond"], nactions=batch["nactions"], task_mode="policy_model")
+
+
+
+def dynamic_forward(model: VideoActionMAR, batch: dict):
+    """UVA's dynamics mode (`--forward`): the actions condition the prediction of the frames.
+    The demo probes how much of the action each layer still carries."""
+    return model(batch["imgs"], batch["cond"], nactions=batch["nactions"], task_mode="dynamic_model")

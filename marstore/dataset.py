@@ -1,0 +1,301 @@
+"""Store -> torch: a Dataset that reopens the store in every process, and a chunk-aware sampler.
+
+    ds = ActivationDataset("acts.h5", layers=["encoder_blocks.3"], targets=["nactions"])
+    splits = ds.split((0.8, 0.1, 0.1), seed=0)               # {"train": idx, "val": idx, "test": idx}
+    sampler = ChunkShuffleSampler(splits["train"], ds.chunk_rows, seed=0)
+    loader = DataLoader(ds, batch_size=256, sampler=sampler, num_workers=2)
+
+The HDF5 file is opened lazily, in whichever process reads first, and reopened after a fork:
+a handle inherited across fork is never used (FIELD-NOTES §4). Only committed rows are seen;
+refresh() picks up rows that a running writer has committed since.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Iterator, Sequence
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from marstore.store import StoreError, open_store
+
+log = logging.getLogger(__name__)
+
+READ_REDUCTIONS = (None, "mean", "first", "last")
+
+
+def _runs(sorted_rows: np.ndarray) -> list[tuple[int, int]]:
+    """[start, stop) runs of consecutive rows: one HDF5 read each."""
+    if not len(sorted_rows):
+        return []
+    breaks = np.nonzero(np.diff(sorted_rows) != 1)[0] + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(sorted_rows)]])
+    return [(int(sorted_rows[a]), int(sorted_rows[b - 1]) + 1) for a, b in zip(starts, stops)]
+
+
+class ActivationDataset(Dataset):
+    """Rows of one or more layers and targets of a store, as float32 tensors (see module doc).
+
+    An item is a dict {name: tensor}, or a tuple in the order layers + targets when
+    as_tuple=True. reduction ('mean', 'first', 'last') reduces the token axis of layers stored
+    with tokens at read time; ragged layers give one (tokens, ...) tensor per row, to be padded
+    by collate_padded or reduced."""
+
+    def __init__(self, path: str | os.PathLike, layers: str | Sequence[str], targets: Sequence[str] = (), *,
+                 rows: Sequence[int] | None = None, as_tuple: bool = False, dtype: torch.dtype = torch.float32,
+                 reduction: str | None = None, preload: bool = False):
+        self.path = os.fspath(path)
+        self.layer_names = [layers] if isinstance(layers, str) else list(layers)
+        self.target_names = list(targets)
+        self.as_tuple, self.dtype = as_tuple, dtype
+        if reduction not in READ_REDUCTIONS:
+            raise StoreError(f"read-time reduction {reduction!r}: use one of {READ_REDUCTIONS[1:]}")
+        self.reduction = reduction
+        with open_store(self.path) as store:  # validate once, in the creating process
+            for name in self.layer_names:
+                if name not in store.layers:
+                    raise StoreError(f"{self.path} has no layer {name!r}; it has {sorted(store.layers)}")
+            for name in self.target_names:
+                if name not in store.targets:
+                    raise StoreError(f"{self.path} has no target {name!r}; it has {sorted(store.targets)}")
+            self.committed = store.rows
+            self.ragged = {n for n in self.layer_names if store.layers[n].layout == "ragged"}
+            self.stats = {n: (np.asarray(store.layers[n].attrs.get("mean")), np.asarray(store.layers[n].attrs.get("std")))
+                          for n in self.layer_names}
+            self.chunk_rows = int(store.layers[self.layer_names[0]].chunks[0])
+            self.bfloat16 = {n for n in self.layer_names if store.layers[n].attrs.get("encoding") == "bfloat16-bits"}
+        self.rows = np.arange(self.committed) if rows is None else np.asarray(rows, dtype=np.int64)
+        if len(self.rows) and (self.rows.min() < 0 or self.rows.max() >= self.committed):
+            raise StoreError(f"row selection reaches past the {self.committed} committed rows of {self.path}")
+        self._file: h5py.File | None = None
+        self._pid: int | None = None
+        self._memory: dict[str, np.ndarray] | None = None
+        if preload:
+            self.preload()
+
+    # ---- opening, per process -------------------------------------------------------------
+    def _handle(self) -> h5py.File:
+        if self._file is None or self._pid != os.getpid():
+            # after a fork the parent's handle must not be touched, not even closed
+            self._file = h5py.File(self.path, "r", locking=False)
+            self._pid = os.getpid()
+        return self._file
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_file"], state["_pid"] = None, None  # spawn: the child opens its own
+        return state
+
+    def refresh(self) -> int:
+        """Re-reads the committed count (a writer may still be running); returns it."""
+        if self._file is not None and self._pid == os.getpid():
+            self._file.close()
+        self._file = None
+        with open_store(self.path) as store:
+            grew = store.rows > self.committed
+            self.committed = store.rows
+        if grew and len(self.rows) and self.rows[-1] == len(self.rows) - 1:
+            self.rows = np.arange(self.committed)  # an unrestricted view follows the writer
+        return self.committed
+
+    def close(self) -> None:
+        if self._file is not None and self._pid == os.getpid():
+            self._file.close()
+        self._file = None
+
+    # ---- reading --------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def subset(self, rows: Sequence[int]) -> "ActivationDataset":
+        """The same dataset restricted to some of its positions (e.g. a split)."""
+        new = ActivationDataset.__new__(ActivationDataset)
+        new.__dict__.update(self.__getstate__())
+        new.rows = self.rows[np.asarray(rows, dtype=np.int64)]
+        return new
+
+    def _read(self, name: str, kind: str, sorted_rows: np.ndarray) -> list[np.ndarray] | np.ndarray:
+        if self._memory is not None:
+            return self._memory[f"{kind}/{name}"][np.searchsorted(self._memory["rows"], sorted_rows)]
+        f = self._handle()
+        if kind == "targets":
+            ds = f["targets"][name]
+            return np.concatenate([ds[a:b] for a, b in _runs(sorted_rows)]) if len(sorted_rows) else ds[0:0]
+        obj = f["activations"][name]
+        if name not in self.ragged:
+            parts = [obj[a:b] for a, b in _runs(sorted_rows)]
+            return np.concatenate(parts) if parts else obj[0:0]
+        out = []
+        for a, b in _runs(sorted_rows):
+            offsets = obj["offsets"][a : b + 1]
+            values = obj["values"][offsets[0] : offsets[-1]]
+            out += [values[x - offsets[0] : y - offsets[0]] for x, y in zip(offsets[:-1], offsets[1:])]
+        return out
+
+    def _to_tensor(self, name: str, x: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(x))
+        if name in self.bfloat16:
+            t = t.view(torch.int16).view(torch.bfloat16)
+        axis = 0 if name in self.ragged else 1  # the token axis: of one ragged row, or of a dense batch
+        if self.reduction and t.dim() >= axis + 2:
+            if self.reduction == "mean":
+                t = t.float().mean(axis)
+            else:
+                t = t.select(axis, 0 if self.reduction == "first" else -1)
+        return t.to(self.dtype)
+
+    def __getitems__(self, positions: Sequence[int]) -> list:
+        """Many items with one HDF5 read per run of consecutive rows (DataLoader calls this)."""
+        rows = self.rows[np.asarray(positions, dtype=np.int64)]
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        columns: dict[str, Any] = {}
+        for name in self.layer_names:
+            data = self._read(name, "activations", sorted_rows)
+            if name in self.ragged:
+                columns[name] = [self._to_tensor(name, data[i]) for i in back]
+            else:
+                columns[name] = self._to_tensor(name, data[back]) if len(back) else self._to_tensor(name, data)
+        for name in self.target_names:
+            data = self._read(name, "targets", sorted_rows)
+            columns[name] = torch.from_numpy(np.ascontiguousarray(data[back]))
+        names = self.layer_names + self.target_names
+        items = []
+        for i in range(len(positions)):
+            item = {n: columns[n][i] for n in names}
+            items.append(tuple(item[n] for n in names) if self.as_tuple else item)
+        return items
+
+    def __getitem__(self, position: int):
+        return self.__getitems__([position])[0]
+
+    def read_all(self, positions: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """{name: tensor of every selected row} for dense layers and targets, in one pass."""
+        positions = np.arange(len(self)) if positions is None else np.asarray(positions)
+        if self.ragged and not self.reduction:
+            raise StoreError(f"read_all needs dense rows; {sorted(self.ragged)} are ragged: give reduction=")
+        items = self.__getitems__(positions) if len(positions) else []
+        names = self.layer_names + self.target_names
+        if self.as_tuple:
+            return {n: torch.stack([it[k] for it in items]) for k, n in enumerate(names)}
+        return {n: torch.stack([it[n] for it in items]) for n in names}
+
+    def preload(self, max_bytes: int | None = None) -> int:
+        """Reads the selected rows into memory (when they fit); returns and logs the bytes taken."""
+        if self.ragged:
+            raise StoreError(f"preload keeps dense rows only; {sorted(self.ragged)} are ragged")
+        f = self._handle()
+        sorted_rows = np.sort(self.rows)
+        need = sum(int(np.prod(f["activations"][n].shape[1:])) * f["activations"][n].dtype.itemsize for n in self.layer_names)
+        need += sum(int(np.prod(f["targets"][n].shape[1:])) * f["targets"][n].dtype.itemsize for n in self.target_names)
+        need *= len(sorted_rows)
+        limit = max_bytes if max_bytes is not None else _available_memory() // 2
+        if need > limit:
+            raise StoreError(f"preload needs {need / 2**20:.0f} MiB, more than the {limit / 2**20:.0f} MiB allowed; "
+                             "read from disk instead (preload=False)")
+        memory = {"rows": sorted_rows}
+        for name in self.layer_names:
+            memory[f"activations/{name}"] = self._read(name, "activations", sorted_rows)
+        for name in self.target_names:
+            memory[f"targets/{name}"] = self._read(name, "targets", sorted_rows)
+        self._memory = memory
+        log.info("preloaded %d rows of %s: %.1f MiB in memory", len(sorted_rows), self.path, need / 2**20)
+        return need
+
+    # ---- splits ---------------------------------------------------------------------------
+    def split(self, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0, group: str | None = None) -> dict[str, np.ndarray]:
+        """Deterministic train/val/test positions; by row, or keeping each value of the target
+        `group` (an episode id, say) within one split."""
+        if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0:
+            raise StoreError(f"split fractions {tuple(fractions)} must be three non-negative numbers summing to 1")
+        rng = np.random.default_rng(seed)
+        if group is None:
+            order = rng.permutation(len(self))
+            n_train = int(round(fractions[0] * len(self)))
+            n_val = int(round(fractions[1] * len(self)))
+            parts = np.split(order, [n_train, n_train + n_val])
+        else:
+            keys = self._read(group, "targets", np.sort(self.rows))[np.argsort(np.argsort(self.rows))]
+            unique = rng.permutation(np.unique(keys))
+            n_train = int(round(fractions[0] * len(unique)))
+            n_val = int(round(fractions[1] * len(unique)))
+            groups = np.split(unique, [n_train, n_train + n_val])
+            parts = [np.nonzero(np.isin(keys, g))[0] for g in groups]
+        return {name: np.sort(p) for name, p in zip(("train", "val", "test"), parts)}
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def collate_padded(items: list[dict]) -> dict[str, torch.Tensor]:
+    """Pads ragged (tokens, ...) rows to the longest in the batch; adds `<name>.mask` (True = real)."""
+    out = {}
+    for name in items[0]:
+        values = [it[name] for it in items]
+        if all(v.shape == values[0].shape for v in values):
+            out[name] = torch.stack(values)
+            continue
+        longest = max(v.shape[0] for v in values)
+        padded = values[0].new_zeros((len(values), longest, *values[0].shape[1:]))
+        mask = torch.zeros(len(values), longest, dtype=torch.bool)
+        for i, v in enumerate(values):
+            padded[i, : v.shape[0]] = v
+            mask[i, : v.shape[0]] = True
+        out[name], out[f"{name}.mask"] = padded, mask
+    return out
+
+
+class ChunkShuffleSampler(Sampler[int]):
+    """Shuffles the order of chunks and the rows within each chunk, so that shuffled training
+    reads whole chunks; every position exactly once per epoch. With num_replicas > 1 each rank
+    takes every num_replicas-th chunk (DistributedSampler style, padded to equal lengths)."""
+
+    def __init__(self, positions: int | Sequence[int], chunk_rows: int, seed: int = 0, *, num_replicas: int = 1,
+                 rank: int = 0, rows: Sequence[int] | None = None):
+        self.positions = np.arange(positions) if isinstance(positions, int) else np.asarray(positions, dtype=np.int64)
+        # the chunk of a position is the chunk of its store row (rows: position -> store row)
+        self.store_rows = self.positions if rows is None else np.asarray(rows, dtype=np.int64)[self.positions]
+        if chunk_rows < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"chunk_rows={chunk_rows}, rank={rank}, num_replicas={num_replicas} are not valid")
+        self.chunk_rows, self.seed, self.num_replicas, self.rank = chunk_rows, seed, num_replicas, rank
+        self.epoch = 0
+        chunk_of = self.store_rows // chunk_rows
+        order = np.argsort(chunk_of, kind="stable")
+        bounds = np.nonzero(np.diff(chunk_of[order]))[0] + 1
+        self.chunks = np.split(self.positions[order], bounds) if len(order) else []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _mine(self) -> list[np.ndarray]:
+        rng = np.random.default_rng((self.seed, self.epoch))
+        chunks = [self.chunks[i] for i in rng.permutation(len(self.chunks))]
+        chunks = [rng.permutation(c) for c in chunks]
+        if self.num_replicas == 1:
+            return chunks
+        flat = np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
+        per_rank = -(-len(flat) // self.num_replicas)
+        flat = np.concatenate([flat, flat[: per_rank * self.num_replicas - len(flat)]])  # pad like DistributedSampler
+        return [flat[self.rank * per_rank : (self.rank + 1) * per_rank]]
+
+    def __iter__(self) -> Iterator[int]:
+        for chunk in self._mine():
+            yield from chunk.tolist()
+
+    def __len__(self) -> int:
+        return sum(len(c) for c in self._mine()) if self.num_replicas > 1 else len(self.positions)

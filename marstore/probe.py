@@ -1,0 +1,351 @@
+"""Probes: what each layer knows about a target, against a control task.
+
+    report = run_probes(ProbeOptions(store="acts.h5", layer="encoder_blocks.*", target="nactions", out="probes"))
+
+For every layer that the pattern matches, a linear (or small MLP) probe is trained on the
+layer's rows, standardised with the per-channel statistics that the store recorded, and the same
+probe is trained on a control task (the targets shuffled across rows). Selectivity is the test
+metric minus the control's. Rows whose features or targets are not finite are skipped and
+counted; a step whose loss or gradient is not finite is skipped and counted; gradient norms far
+above their running median are reported. The best validation weights are saved (a state dict
+that loads with weights_only=True); Ctrl-C saves a resumable state at the last finished epoch.
+Outputs: report.json, depth.png (metric and control against depth), loss_curves.png, and a table.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import json
+import logging
+import math
+import os
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from marstore.dataset import ActivationDataset
+from marstore.hooks import match_modules
+from marstore.store import open_store
+
+log = logging.getLogger(__name__)
+
+
+class ProbeError(Exception):
+    """A probe that cannot be trained as asked; the message says why."""
+
+
+class ProbeInterrupted(Exception):
+    """Ctrl-C: the state at the last finished epoch is saved; run again with resume=True."""
+
+
+@dataclass
+class ProbeOptions:
+    store: str
+    layer: str
+    target: str
+    out: str = "probes"
+    task: str = "auto"  # regression, classification or auto
+    kind: str = "linear"  # linear or mlp
+    hidden: int = 256
+    epochs: int = 40
+    lr: float = 1e-2
+    weight_decay: float = 1e-4
+    batch_size: int = 256
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    group: str | None = None
+    patience: int = 8
+    seed: int = 0
+    device: str = "cpu"
+    control: bool = True
+    resume: bool = False
+    progress: bool = True
+
+
+@dataclass
+class ProbeRun:
+    layer: str
+    control: bool
+    metrics: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+    best_epoch: int = -1
+    skipped_rows: int = 0
+    skipped_steps: int = 0
+    grad_spikes: int = 0
+    weights: str = ""
+
+
+def _features(ds: ActivationDataset, positions: np.ndarray, layer: str) -> tuple[torch.Tensor, dict]:
+    data = ds.read_all(positions)
+    mean, std = ds.stats[layer]
+    x = data[layer]
+    if mean.size and mean.shape[-1] == x.shape[-1]:
+        std = np.where(std > 0, std, 1.0)
+        x = (x - torch.from_numpy(mean).float()) / torch.from_numpy(std).float()
+    return x.reshape(len(x), -1), data
+
+
+def _metrics(task: str, pred: torch.Tensor, y: torch.Tensor, classes: int) -> dict:
+    if task == "regression":
+        err = ((pred - y) ** 2).mean(0)
+        var = y.var(0, unbiased=False)
+        r2 = torch.where(var > 0, 1 - err / var.clamp_min(1e-12), torch.zeros_like(var))
+        return {"mse": float(err.mean()), "r2": float(r2.mean()), "r2_per_dim": [round(float(v), 6) for v in r2]}
+    labels = pred.argmax(1)
+    f1 = []
+    for c in range(classes):
+        tp = float(((labels == c) & (y == c)).sum())
+        fp = float(((labels == c) & (y != c)).sum())
+        fn = float(((labels != c) & (y == c)).sum())
+        if tp + fp + fn:
+            f1.append(2 * tp / (2 * tp + fp + fn))
+    return {"accuracy": float((labels == y).float().mean()), "macro_f1": float(np.mean(f1)) if f1 else 0.0}
+
+
+def _headline(task: str) -> str:
+    return "r2" if task == "regression" else "accuracy"
+
+
+class _Trainer:
+    """One probe on one layer (or its control): training with skips, checkpoints and resume."""
+
+    def __init__(self, opts: ProbeOptions, task: str, x: dict, y: dict, classes: int, state_path: str):
+        self.opts, self.task, self.x, self.y, self.classes = opts, task, x, y, classes
+        self.state_path = state_path
+        g = torch.Generator().manual_seed(opts.seed)
+        d_in = x["train"].shape[1]
+        d_out = classes if task == "classification" else y["train"].shape[1]
+        if opts.kind == "linear":
+            self.model = nn.Linear(d_in, d_out)
+        elif opts.kind == "mlp":
+            self.model = nn.Sequential(nn.Linear(d_in, opts.hidden), nn.GELU(), nn.Linear(opts.hidden, d_out))
+        else:
+            raise ProbeError(f"probe kind {opts.kind!r}: use linear or mlp")
+        with torch.no_grad():  # seeded init, independent of the global RNG
+            for p in self.model.parameters():
+                p.copy_(torch.empty_like(p).uniform_(-1, 1, generator=g) / math.sqrt(p.shape[-1] if p.dim() > 1 else d_in))
+        self.model.to(opts.device)
+        self.optim = torch.optim.AdamW(self.model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+        self.loss_fn = nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
+        self.epoch = 0
+        self.best = (math.inf, -1, copy.deepcopy(self.model.state_dict()))
+        self.history: list[dict] = []
+        self.skipped_steps = self.grad_spikes = 0
+        self.norms: collections.deque = collections.deque(maxlen=100)
+        self._snapshot = self._state()
+
+    def _state(self) -> dict:
+        return {"model": copy.deepcopy(self.model.state_dict()), "optim": copy.deepcopy(self.optim.state_dict()),
+                "epoch": self.epoch, "best_loss": self.best[0], "best_epoch": self.best[1], "best_model": self.best[2],
+                "history": list(self.history), "skipped_steps": self.skipped_steps, "grad_spikes": self.grad_spikes,
+                "norms": list(self.norms)}
+
+    def _load(self, s: dict) -> None:
+        self.model.load_state_dict(s["model"])
+        self.optim.load_state_dict(s["optim"])
+        self.epoch, self.history = s["epoch"], list(s["history"])
+        self.best = (s["best_loss"], s["best_epoch"], s["best_model"])
+        self.skipped_steps, self.grad_spikes = s["skipped_steps"], s["grad_spikes"]
+        self.norms = collections.deque(s["norms"], maxlen=100)
+
+    def _val_loss(self) -> float:
+        with torch.no_grad():
+            out = self.model(self.x["val"].to(self.opts.device))
+            return float(self.loss_fn(out, self.y["val"].to(self.opts.device)))
+
+    def fit(self, label: str) -> None:
+        opts = self.opts
+        if opts.resume and os.path.exists(self.state_path):
+            self._load(torch.load(self.state_path, weights_only=True))
+            log.info("%s: resumed at epoch %d", label, self.epoch)
+        xt, yt = self.x["train"], self.y["train"]
+        bar = tqdm(total=opts.epochs, initial=self.epoch, desc=label, unit="epoch", leave=False, disable=not opts.progress)
+        try:
+            while self.epoch < opts.epochs and self.epoch - max(self.best[1], 0) <= opts.patience:
+                order = torch.randperm(len(xt), generator=torch.Generator().manual_seed(opts.seed * 10_007 + self.epoch))
+                losses, steps, skipped = [], 0, 0
+                for start in range(0, len(order), opts.batch_size):
+                    idx = order[start : start + opts.batch_size]
+                    xb, yb = xt[idx].to(opts.device), yt[idx].to(opts.device)
+                    steps += 1
+                    loss = self.loss_fn(self.model(xb), yb)
+                    if not torch.isfinite(loss):
+                        skipped += 1
+                        continue
+                    self.optim.zero_grad(set_to_none=True)
+                    loss.backward()
+                    norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf")))
+                    if not math.isfinite(norm):
+                        skipped += 1
+                        continue
+                    if len(self.norms) >= 20 and norm > 10 * statistics.median(self.norms):
+                        self.grad_spikes += 1
+                        log.warning("%s: gradient norm %.3g at epoch %d is over 10x its running median %.3g",
+                                    label, norm, self.epoch, statistics.median(self.norms))
+                    self.norms.append(norm)
+                    self.optim.step()
+                    losses.append(loss.item())
+                self.skipped_steps += skipped
+                if steps >= 4 and skipped > steps / 2:
+                    raise ProbeError(f"{label}: {skipped} of {steps} steps in epoch {self.epoch} had a non-finite loss or "
+                                     "gradient; lower the learning rate (--lr) or check the features")
+                val = self._val_loss()
+                self.history.append({"epoch": self.epoch, "train_loss": float(np.mean(losses)) if losses else None, "val_loss": val})
+                if val < self.best[0]:
+                    self.best = (val, self.epoch, copy.deepcopy(self.model.state_dict()))
+                self.epoch += 1
+                self._snapshot = self._state()
+                bar.update(1)
+                bar.set_postfix(val=f"{val:.4g}")
+        except KeyboardInterrupt:
+            torch.save(self._snapshot, self.state_path)
+            raise ProbeInterrupted(f"{label}: interrupted; state at epoch {self._snapshot['epoch']} saved to "
+                                   f"{self.state_path}; run again with --resume") from None
+        finally:
+            bar.close()
+        self.model.load_state_dict(self.best[2])
+        if os.path.exists(self.state_path):
+            os.remove(self.state_path)
+
+    def evaluate(self, split: str) -> dict:
+        with torch.no_grad():
+            pred = self.model(self.x[split].to(self.opts.device)).cpu()
+        return _metrics(self.task, pred, self.y[split], self.classes)
+
+
+def _prepare(opts: ProbeOptions, layer: str) -> tuple[str, dict, dict, int, int, dict]:
+    ds = ActivationDataset(opts.store, [layer], [opts.target], reduction="mean")
+    test_frac, val_frac = opts.test_fraction, opts.val_fraction
+    splits = ds.split((1 - val_frac - test_frac, val_frac, test_frac), seed=opts.seed, group=opts.group)
+    xs, ys = {}, {}
+    skipped = 0
+    for name, positions in splits.items():
+        x, data = _features(ds, positions, layer)
+        y = data[opts.target]
+        finite = torch.isfinite(x).all(1) & torch.isfinite(y.reshape(len(y), -1).float()).all(1)
+        skipped += int((~finite).sum())
+        xs[name], ys[name] = x[finite], y[finite]
+    ds.close()
+    y_all = ys["train"]
+    task = opts.task
+    if task == "auto":
+        integral = not torch.is_floating_point(y_all) and y_all.dim() == 1
+        task = "classification" if integral and int(y_all.max()) < 1000 else "regression"
+    classes = 0
+    for name in ys:
+        if task == "classification":
+            ys[name] = ys[name].long().reshape(-1)
+        else:
+            ys[name] = ys[name].float().reshape(len(ys[name]), -1)
+    if task == "classification":
+        classes = int(max(int(v.max()) for v in ys.values() if len(v))) + 1
+    if min(len(v) for v in xs.values()) == 0:
+        raise ProbeError(f"{layer}: a split is empty after skipping {skipped} non-finite rows; the store has too few rows")
+    return task, xs, ys, classes, skipped, {k: len(v) for k, v in splits.items()}
+
+
+def _control(ys: dict, seed: int) -> dict:
+    """The control task: every split's targets shuffled across its rows (fixed seed)."""
+    g = torch.Generator().manual_seed(seed + 99_991)
+    return {k: v[torch.randperm(len(v), generator=g)] for k, v in ys.items()}
+
+
+def layers_matching(store: str, pattern: str) -> list[str]:
+    with open_store(store) as s:
+        recorded = [spec["name"] for spec in json.loads(s.file.attrs["layers"])]
+    found = match_modules(pattern, recorded)
+    if not found:
+        raise ProbeError(f"--layer {pattern!r} matches no layer of {store}; it has {recorded}")
+    return found
+
+
+def run_probes(opts: ProbeOptions) -> dict:
+    """Trains the probes that opts asks for; writes report.json and the plots; returns the report."""
+    os.makedirs(opts.out, exist_ok=True)
+    layers = layers_matching(opts.store, opts.layer)
+    with open_store(opts.store) as s:
+        if opts.target not in s.targets:
+            raise ProbeError(f"--target {opts.target!r} is not in {opts.store}; its targets are {sorted(s.targets)}")
+    rows, task = [], None
+    for layer in layers:
+        task, xs, ys, classes, skipped, sizes = _prepare(opts, layer)
+        entry: dict[str, Any] = {"layer": layer, "task": task, "split_rows": sizes, "skipped_rows": skipped}
+        for control in ([False, True] if opts.control else [False]):
+            label = f"{layer}{' (control)' if control else ''}"
+            safe = layer.replace("/", "_") + ("-control" if control else "")
+            trainer = _Trainer(opts, task, xs, _control(ys, opts.seed) if control else ys, classes,
+                               os.path.join(opts.out, f"{safe}.state.pt"))
+            trainer.fit(label)
+            weights = os.path.join(opts.out, f"{safe}.pt")
+            torch.save(trainer.model.state_dict(), weights)
+            result = {"test": trainer.evaluate("test"), "val": trainer.evaluate("val"), "best_epoch": trainer.best[1],
+                      "epochs": trainer.epoch, "skipped_steps": trainer.skipped_steps, "grad_spikes": trainer.grad_spikes,
+                      "history": trainer.history, "weights": weights}
+            entry["control" if control else "probe"] = result
+        head = _headline(task)
+        if opts.control:
+            entry["selectivity"] = entry["probe"]["test"][head] - entry["control"]["test"][head]
+        rows.append(entry)
+    report = {"store": os.path.abspath(opts.store), "target": opts.target, "task": task, "metric": _headline(task),
+              "options": asdict(opts), "layers": rows}
+    report["plots"] = _plots(report, opts.out)
+    with open(os.path.join(opts.out, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    report["report"] = os.path.join(opts.out, "report.json")
+    return report
+
+
+def _plots(report: dict, out: str) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = report["metric"]
+    names = [r["layer"] for r in report["layers"]]
+    depth = os.path.join(out, "depth.png")
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names)), 4))
+    ax.plot(range(len(names)), [r["probe"]["test"][metric] for r in report["layers"]], "o-", label=f"probe ({metric})")
+    if all("control" in r for r in report["layers"]):
+        ax.plot(range(len(names)), [r["control"]["test"][metric] for r in report["layers"]], "s--", label="control task")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_ylabel(f"test {metric}")
+    ax.set_title(f"What each layer knows about {report['target']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(depth, dpi=110)
+    plt.close(fig)
+    curves = os.path.join(out, "loss_curves.png")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in report["layers"]:
+        h = r["probe"]["history"]
+        ax.plot([e["epoch"] for e in h], [e["val_loss"] for e in h], label=r["layer"])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(curves, dpi=110)
+    plt.close(fig)
+    return {"depth": depth, "loss_curves": curves}
+
+
+def table(report: dict) -> str:
+    metric = report["metric"]
+    lines = [f"{'layer':<28} {metric:>9} {'control':>9} {'select.':>8} {'skipped rows':>13} {'skipped steps':>14}"]
+    for r in report["layers"]:
+        ctrl = r.get("control", {}).get("test", {}).get(metric)
+        sel = r.get("selectivity")
+        lines.append(f"{r['layer']:<28} {r['probe']['test'][metric]:9.3f} "
+                     f"{'' if ctrl is None else f'{ctrl:9.3f}':>9} {'' if sel is None else f'{sel:8.3f}':>8} "
+                     f"{r['skipped_rows']:13d} {r['probe']['skipped_steps']:14d}")
+    return "\n".join(lines)
+

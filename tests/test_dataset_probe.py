@@ -1,0 +1,201 @@
+"""The training side: ActivationDataset through DataLoaders, the chunk sampler, probes."""
+
+import json
+import multiprocessing
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from marstore.dataset import ActivationDataset, ChunkShuffleSampler, collate_padded
+from marstore.probe import ProbeInterrupted, ProbeOptions, run_probes
+from marstore.store import LayerSpec, Ragged, StoreError, StoreWriter, TargetSpec
+
+
+def planted_store(path, n=2000, d=16, nan_rows=(), seed=0):
+    """Layer 'signal' holds x; target 'y' = x @ w (3 outputs); layer 'noise' is unrelated."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float16)
+    w = rng.standard_normal((d, 3))
+    y = (x.astype(np.float64) @ w + 0.05 * rng.standard_normal((n, 3))).astype(np.float32)
+    for r in nan_rows:
+        x[r, 0] = np.nan if r % 2 else np.inf
+    layers = [LayerSpec("signal", (d,), chunk_rows=128), LayerSpec("noise", (d,), chunk_rows=128)]
+    targets = [TargetSpec("y", (3,), "float32"), TargetSpec("episode", (), "int64")]
+    with StoreWriter(path, layers, targets, commit_rows=512) as w_:
+        for a in range(0, n, 250):
+            b = min(n, a + 250)
+            w_.append({"signal": x[a:b], "noise": rng.standard_normal((b - a, d)).astype(np.float16)},
+                      targets={"y": y[a:b], "episode": np.arange(a, b) // 10}, index=np.arange(a, b))
+    return x, y
+
+
+def rows_through_loader(ds, **kw):
+    seen = {}
+    for batch in DataLoader(ds, batch_size=64, **kw):
+        for i, x, y in zip(batch["episode"].tolist(), batch["signal"], batch["y"]):
+            seen.setdefault(i, []).append((x, y))
+    return seen
+
+
+@pytest.mark.parametrize("workers,context", [(0, None), (2, "fork"), (2, "spawn")])
+def test_exact_rows_through_dataloader(tmp_path, workers, context):
+    path = tmp_path / "s.h5"
+    x, y = planted_store(path, n=700)
+    ds = ActivationDataset(path, ["signal"], ["y", "episode"])
+    ds[0]  # the parent opens the file first: forked workers must not use its handle
+    kw = {"num_workers": workers}
+    if context:
+        kw["multiprocessing_context"] = multiprocessing.get_context(context)
+    got = torch.cat([b["signal"] for b in DataLoader(ds, batch_size=64, **kw)])
+    assert got.dtype == torch.float32 and got.shape == (700, 16)
+    assert torch.equal(got, torch.from_numpy(x.astype(np.float32)))
+    ys = torch.cat([b["y"] for b in DataLoader(ds, batch_size=100, shuffle=True, **kw, generator=torch.Generator().manual_seed(0))])
+    assert sorted(map(tuple, ys.tolist())) == sorted(map(tuple, y.tolist()))
+
+
+def test_getitems_reads_runs_and_keeps_order(tmp_path):
+    path = tmp_path / "s.h5"
+    x, _ = planted_store(path, n=300)
+    ds = ActivationDataset(path, "signal", ["episode"], as_tuple=True)
+    positions = [299, 5, 6, 7, 100, 0, 6]
+    items = ds.__getitems__(positions)
+    assert [int(it[1]) for it in items] == [p // 10 for p in positions]
+    assert all(torch.equal(it[0], torch.from_numpy(x[p].astype(np.float32))) for it, p in zip(items, positions))
+
+
+def test_sampler_covers_every_index_once_and_reads_whole_chunks():
+    sampler = ChunkShuffleSampler(1000, chunk_rows=64, seed=3)
+    order = list(sampler)
+    assert sorted(order) == list(range(1000)) and order != list(range(1000))
+    chunks = [i // 64 for i in order]
+    assert sum(1 for a, b in zip(chunks, chunks[1:]) if a != b) == 15  # 16 chunks, each read in one go
+    sampler.set_epoch(1)
+    assert list(sampler) != order and sorted(sampler) == list(range(1000))
+    ranks = [list(ChunkShuffleSampler(1000, 64, seed=3, num_replicas=3, rank=r)) for r in range(3)]
+    assert all(len(r) == 334 for r in ranks) and set(sum(ranks, [])) == set(range(1000))
+    subset = ChunkShuffleSampler(np.arange(100, 400), 64, seed=1)
+    assert sorted(subset) == list(range(100, 400))
+
+
+def test_splits_are_deterministic_and_respect_groups(tmp_path):
+    path = tmp_path / "s.h5"
+    planted_store(path, n=500)
+    ds = ActivationDataset(path, "signal", ["episode"])
+    a, b = ds.split((0.8, 0.1, 0.1), seed=7), ds.split((0.8, 0.1, 0.1), seed=7)
+    assert all(np.array_equal(a[k], b[k]) for k in a) and sum(len(v) for v in a.values()) == 500
+    assert (len(a["train"]), len(a["val"]), len(a["test"])) == (400, 50, 50)
+    g = ds.split((0.6, 0.2, 0.2), seed=7, group="episode")
+    episodes = {k: set((v // 10).tolist()) for k, v in g.items()}
+    assert not (episodes["train"] & episodes["val"]) and not (episodes["train"] & episodes["test"])
+    with pytest.raises(StoreError, match="must be three non-negative numbers summing to 1"):
+        ds.split((0.5, 0.1, 0.1))
+
+
+def test_preload_ragged_and_errors(tmp_path):
+    path = tmp_path / "s.h5"
+    x, _ = planted_store(path, n=300)
+    ds = ActivationDataset(path, ["signal"], ["y"], preload=True)
+    assert torch.equal(ds[17]["signal"], torch.from_numpy(x[17].astype(np.float32)))
+    with pytest.raises(StoreError, match=r"preload needs 0 MiB, more than the 0 MiB allowed"):
+        ActivationDataset(path, ["signal"]).preload(max_bytes=10)
+    with pytest.raises(StoreError, match=r"has no layer 'nope'; it has \['noise', 'signal'\]"):
+        ActivationDataset(path, ["nope"])
+    rpath = tmp_path / "r.h5"
+    with StoreWriter(rpath, [LayerSpec("enc", (4,), ragged=True)]) as w:
+        w.append({"enc": Ragged(np.arange(24, dtype=np.float16).reshape(6, 4), [1, 3, 2])}, index=[0, 1, 2])
+    rds = ActivationDataset(rpath, "enc")
+    batch = collate_padded(rds.__getitems__([0, 1, 2]))
+    assert batch["enc"].shape == (3, 3, 4) and batch["enc.mask"].tolist() == [[True, False, False], [True, True, True], [True, True, False]]
+    assert torch.equal(ActivationDataset(rpath, "enc", reduction="mean")[1]["enc"], torch.arange(4.0, 16).view(3, 4).mean(0))
+
+
+def test_refresh_sees_rows_committed_later(tmp_path):
+    path = tmp_path / "live.h5"
+    w = StoreWriter(path, [LayerSpec("a", (2,))], commit_rows=2)
+    w.append({"a": np.ones((2, 2), np.float16)}, index=[0, 1])
+    w.flush()
+    ds = ActivationDataset(path, "a")
+    assert len(ds) == 2
+    w.append({"a": np.ones((3, 2), np.float16)}, index=[2, 3, 4])
+    w.flush()
+    assert ds.refresh() == 5 and len(ds) == 5
+    w.close()
+
+
+def probe_opts(tmp_path, path, **kw):
+    base = dict(store=str(path), layer="signal", target="y", out=str(tmp_path / "probes"), epochs=60, lr=0.05,
+                batch_size=128, progress=False, patience=60)
+    base.update(kw)
+    return ProbeOptions(**base)
+
+
+def test_planted_linear_signal_is_found_and_the_control_is_not(tmp_path):
+    path = tmp_path / "s.h5"
+    planted_store(path)
+    report = run_probes(probe_opts(tmp_path, path, layer="*"))
+    by = {r["layer"]: r for r in report["layers"]}
+    assert by["signal"]["probe"]["test"]["r2"] > 0.95
+    assert abs(by["signal"]["control"]["test"]["r2"]) < 0.1
+    assert by["noise"]["probe"]["test"]["r2"] < 0.1
+    assert by["signal"]["selectivity"] > 0.85
+    assert len(by["signal"]["probe"]["test"]["r2_per_dim"]) == 3
+    for name in ("depth", "loss_curves"):
+        assert os.path.getsize(report["plots"][name]) > 5000
+    saved = json.load(open(report["report"]))
+    assert saved["metric"] == "r2" and [r["layer"] for r in saved["layers"]] == ["signal", "noise"]
+    weights = torch.load(by["signal"]["probe"]["weights"], weights_only=True)
+    assert set(weights) == {"weight", "bias"} and weights["weight"].shape == (3, 16)
+
+
+def test_classification_probe(tmp_path):
+    path = tmp_path / "s.h5"
+    planted_store(path)
+    report = run_probes(probe_opts(tmp_path, path, target="episode", kind="mlp", epochs=5, control=False))
+    assert report["task"] == "classification" and set(report["layers"][0]["probe"]["test"]) == {"accuracy", "macro_f1"}
+
+
+def test_non_finite_rows_are_skipped_and_counted(tmp_path):
+    path = tmp_path / "s.h5"
+    planted_store(path, nan_rows=range(0, 2000, 100))
+    report = run_probes(probe_opts(tmp_path, path, epochs=5, control=False))
+    assert report["layers"][0]["skipped_rows"] == 20
+    assert report["layers"][0]["probe"]["test"]["r2"] > 0.5
+
+
+def test_interrupted_and_resumed_training_matches(tmp_path, monkeypatch):
+    path = tmp_path / "s.h5"
+    planted_store(path)
+    whole = run_probes(probe_opts(tmp_path, path, epochs=12, control=False, out=str(tmp_path / "a")))
+    from marstore import probe
+
+    calls = {"n": 0}
+    original = probe._Trainer._val_loss
+
+    def interrupting(self):
+        calls["n"] += 1
+        if calls["n"] == 7:  # Ctrl-C during the seventh epoch
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(probe._Trainer, "_val_loss", interrupting)
+    with pytest.raises(ProbeInterrupted, match="state at epoch 6 saved"):
+        run_probes(probe_opts(tmp_path, path, epochs=12, control=False, out=str(tmp_path / "b")))
+    monkeypatch.setattr(probe._Trainer, "_val_loss", original)
+    resumed = run_probes(probe_opts(tmp_path, path, epochs=12, control=False, out=str(tmp_path / "b"), resume=True))
+    a, b = whole["layers"][0]["probe"], resumed["layers"][0]["probe"]
+    assert a["test"] == b["test"] and a["history"] == b["history"] and a["best_epoch"] == b["best_epoch"]
+
+
+def test_demo_store_shows_the_action_above_its_control(tmp_path, capsys):
+    from marstore.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--rows", "512"]) == 0
+    report = json.load(open(tmp_path / "demo" / "probes" / "report.json"))
+    assert len(report["layers"]) == 8
+    assert max(r["probe"]["test"]["r2"] - r["control"]["test"]["r2"] for r in report["layers"]) > 0.5
+    out = capsys.readouterr().out
+    assert "encoder_blocks.0" in out and "depth.png" in out
