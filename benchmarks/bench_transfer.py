@@ -27,32 +27,34 @@ from marstore import ops  # noqa: E402
 KB, MB = 1 << 10, 1 << 20
 
 
+def measure_size(size: int, device: str, cuda: bool, quick: bool) -> dict:
+    """One size: the same source and destinations through every way, in interleaved rounds."""
+    n = size // 4
+    repeats = 7 if size >= 64 * MB else (25 if quick else 60)
+    src = torch.randn(n, device=device)
+    src16 = src.half()
+    dst = torch.empty(n, dtype=torch.float16, pin_memory=cuda)
+    dst16 = torch.empty(n, dtype=torch.float16, pin_memory=cuda)
+    fns = {
+        "marstore": lambda: ops.cast_copy(src, dst),
+        "copy_": lambda: dst.copy_(src, non_blocking=cuda),
+        "users": lambda: src.half().cpu(),
+        "limit": lambda: dst16.copy_(src16, non_blocking=cuda),
+    }
+    if cuda:
+        fns["direct"] = lambda: ops.cast_copy(src, dst, mode="direct")
+        fns["staged"] = lambda: ops.cast_copy(src, dst, mode="staged")
+    t = compare(fns, repeats, cuda)
+    return {"bytes": size, "seconds": t, "gbps": {k: size / v / 1e9 for k, v in t.items()}}
+
+
 def run(quick: bool) -> dict:
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     top = 512 * MB if cuda else 256 * MB
     sizes = [64 * KB, 1 * MB, 4 * MB, 16 * MB, 64 * MB] if quick else [64 * KB, 256 * KB, 1 * MB, 4 * MB, 16 * MB, 64 * MB, 256 * MB, top]
     sizes = sorted(set(s for s in sizes if s <= top))
-    rows = []
-    for size in sizes:
-        n = size // 4
-        repeats = 7 if size >= 64 * MB else (25 if quick else 60)
-        src = torch.randn(n, device=device)
-        src16 = src.half()
-        dst = torch.empty(n, dtype=torch.float16, pin_memory=cuda)
-        dst16 = torch.empty(n, dtype=torch.float16, pin_memory=cuda)
-        fns = {
-            "marstore": lambda: ops.cast_copy(src, dst),
-            "copy_": lambda: dst.copy_(src, non_blocking=cuda),
-            "users": lambda: src.half().cpu(),
-            "limit": lambda: dst16.copy_(src16, non_blocking=cuda),
-        }
-        if cuda:
-            fns["direct"] = lambda: ops.cast_copy(src, dst, mode="direct")
-            fns["staged"] = lambda: ops.cast_copy(src, dst, mode="staged")
-        t = compare(fns, repeats, cuda)
-        rows.append({"bytes": size, "seconds": t, "gbps": {k: size / v / 1e9 for k, v in t.items()}})
-        del src, src16, dst, dst16
+    rows = [measure_size(size, device, cuda, quick) for size in sizes]
 
     srcs = [torch.randn(256 * KB // 4, device=device) for _ in range(24)]
     offsets, total = ops.aligned_offsets(srcs, torch.float16)

@@ -1,8 +1,13 @@
 """marstore: activation extraction from PyTorch models into HDF5 stores, and probes on them.
 
 The data path, one module per stage:
-    transfer   hooked tensors -> float16 in reusable pinned host slots (marstore._C kernels)
-    ops        the cast-copy operators themselves, with a pure-torch fallback
+    loading    checkpoint -> model: any layout, safe unpickling, a report of every mismatch
+    hooks      model -> hooked tensors: names, globs, regexes, reductions on the device
+    transfer   hooked tensors -> float16 in reusable pinned host slots (marstore._C kernels; ops)
+    store      slots -> a chunked, self-describing HDF5 file that survives a kill and resumes
+    dataset    store -> torch Dataset, per-process safe, with a chunk-shuffling sampler
+    probe      dataset -> linear and MLP probes against a control task, reports and plots
+extract runs checkpoint -> store in one pipeline; cli is the `marstore` command.
 """
 
 __version__ = "0.1.0"

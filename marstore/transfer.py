@@ -17,6 +17,7 @@ interface with synchronous copies.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from typing import Mapping
 
@@ -55,7 +56,7 @@ class Slot:
         if self.event is not None:
             self.event.synchronize()
         return {
-            name: self.buffer[off : off + _numel(shape) * _itemsize(dtype)].view(dtype).view(shape)
+            name: self.buffer[off : off + math.prod(shape) * _itemsize(dtype)].view(dtype).view(shape)
             for name, (off, shape, dtype) in self.layout.items()
         }
 
@@ -226,8 +227,3 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _numel(shape: torch.Size) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

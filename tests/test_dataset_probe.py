@@ -3,7 +3,6 @@
 import json
 import multiprocessing
 import os
-import threading
 
 import numpy as np
 import pytest
