@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.dirname(__file__))
 from common import machine, write_json  # noqa: E402
 
-from marstore.dataset import ActivationDataset, ChunkShuffleSampler  # noqa: E402
+from marstore.dataset import ActivationDataset, ChunkShuffleSampler, collate_rows  # noqa: E402
 from marstore.store import LayerSpec, StoreWriter  # noqa: E402
 
 FEATURES = 1024
@@ -74,7 +74,7 @@ def main() -> None:
 
         results["memory"] = samples_per_s(from_memory(), limit)
         for workers in (0, 2):
-            kw = {"batch_size": BATCH, "num_workers": workers, "persistent_workers": False}
+            kw = {"batch_size": BATCH, "num_workers": workers, "collate_fn": collate_rows}
             results[f"random_w{workers}"] = samples_per_s(
                 DataLoader(ds, shuffle=True, generator=torch.Generator().manual_seed(0), **kw), limit)
             sampler = ChunkShuffleSampler(len(ds), ds.chunk_rows, seed=0)

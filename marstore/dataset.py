@@ -12,6 +12,7 @@ refresh() picks up rows that a running writer has committed since.
 
 from __future__ import annotations
 
+import collections.abc
 import logging
 import os
 from typing import Any, Iterator, Sequence
@@ -32,6 +33,10 @@ def _runs(sorted_rows: np.ndarray) -> list[tuple[int, int]]:
     """[start, stop) runs of consecutive rows: one HDF5 read each."""
     if not len(sorted_rows):
         return []
+    if sorted_rows[-1] - sorted_rows[0] + 1 <= 4 * len(sorted_rows):
+        # rows spread over a short span (a shuffled chunk): one read of the span is cheaper
+        # than a read per run; the caller picks the rows out of it
+        return [(int(sorted_rows[0]), int(sorted_rows[-1]) + 1)]
     breaks = np.nonzero(np.diff(sorted_rows) != 1)[0] + 1
     starts = np.concatenate([[0], breaks])
     stops = np.concatenate([breaks, [len(sorted_rows)]])
@@ -123,18 +128,22 @@ class ActivationDataset(Dataset):
         if self._memory is not None:
             return self._memory[f"{kind}/{name}"][np.searchsorted(self._memory["rows"], sorted_rows)]
         f = self._handle()
-        if kind == "targets":
-            ds = f["targets"][name]
-            return np.concatenate([ds[a:b] for a, b in _runs(sorted_rows)]) if len(sorted_rows) else ds[0:0]
+        runs = _runs(sorted_rows)
+        if kind == "targets" or name not in self.ragged:
+            ds = f["targets"][name] if kind == "targets" else f["activations"][name]
+            if not runs:
+                return ds[0:0]
+            parts = [ds[a:b] for a, b in runs]
+            data = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            span = np.concatenate([np.arange(a, b) for a, b in runs])
+            return data if len(span) == len(sorted_rows) else data[np.searchsorted(span, sorted_rows)]
         obj = f["activations"][name]
-        if name not in self.ragged:
-            parts = [obj[a:b] for a, b in _runs(sorted_rows)]
-            return np.concatenate(parts) if parts else obj[0:0]
         out = []
-        for a, b in _runs(sorted_rows):
+        for a, b in runs:
             offsets = obj["offsets"][a : b + 1]
             values = obj["values"][offsets[0] : offsets[-1]]
-            out += [values[x - offsets[0] : y - offsets[0]] for x, y in zip(offsets[:-1], offsets[1:])]
+            wanted = sorted_rows[(sorted_rows >= a) & (sorted_rows < b)] - a
+            out += [values[offsets[i] - offsets[0] : offsets[i + 1] - offsets[0]] for i in wanted]
         return out
 
     def _to_tensor(self, name: str, x: np.ndarray) -> torch.Tensor:
@@ -149,8 +158,9 @@ class ActivationDataset(Dataset):
                 t = t.select(axis, 0 if self.reduction == "first" else -1)
         return t.to(self.dtype)
 
-    def __getitems__(self, positions: Sequence[int]) -> list:
-        """Many items with one HDF5 read per run of consecutive rows (DataLoader calls this)."""
+    def __getitems__(self, positions: Sequence[int]) -> "RowBatch":
+        """Many items with one HDF5 read per run of consecutive rows (DataLoader calls this).
+        The result is a sequence of items; collate_rows turns it into a batch without copies."""
         rows = self.rows[np.asarray(positions, dtype=np.int64)]
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
@@ -166,12 +176,7 @@ class ActivationDataset(Dataset):
         for name in self.target_names:
             data = self._read(name, "targets", sorted_rows)
             columns[name] = torch.from_numpy(np.ascontiguousarray(data[back]))
-        names = self.layer_names + self.target_names
-        items = []
-        for i in range(len(positions)):
-            item = {n: columns[n][i] for n in names}
-            items.append(tuple(item[n] for n in names) if self.as_tuple else item)
-        return items
+        return RowBatch(columns, self.layer_names + self.target_names, len(positions), self.as_tuple)
 
     def __getitem__(self, position: int):
         return self.__getitems__([position])[0]
@@ -229,6 +234,33 @@ class ActivationDataset(Dataset):
             groups = np.split(unique, [n_train, n_train + n_val])
             parts = [np.nonzero(np.isin(keys, g))[0] for g in groups]
         return {name: np.sort(p) for name, p in zip(("train", "val", "test"), parts)}
+
+
+class RowBatch(collections.abc.Sequence):
+    """The rows that __getitems__ read, kept as batched columns; indexing gives one item."""
+
+    def __init__(self, columns: dict[str, Any], names: list[str], size: int, as_tuple: bool):
+        self.columns, self.names, self.size, self.as_tuple = columns, names, size, as_tuple
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int):
+        if not -self.size <= i < self.size:
+            raise IndexError(i)
+        item = {n: self.columns[n][i] for n in self.names}
+        return tuple(item[n] for n in self.names) if self.as_tuple else item
+
+
+def collate_rows(batch: Any) -> Any:
+    """collate_fn for DataLoader(ActivationDataset): the columns that were read, as they are (a
+    dict, or a tuple with as_tuple); ragged layers are padded as collate_padded does."""
+    if not isinstance(batch, RowBatch):
+        return torch.utils.data.default_collate(batch)
+    if any(isinstance(batch.columns[n], list) for n in batch.names):
+        padded = collate_padded([dict(zip(batch.names, it)) if batch.as_tuple else it for it in batch])
+        return tuple(padded[n] for n in batch.names) if batch.as_tuple else padded
+    return tuple(batch.columns[n] for n in batch.names) if batch.as_tuple else dict(batch.columns)
 
 
 def _available_memory() -> int:

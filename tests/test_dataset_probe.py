@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from marstore.dataset import ActivationDataset, ChunkShuffleSampler, collate_padded
+from marstore.dataset import ActivationDataset, ChunkShuffleSampler, collate_padded, collate_rows
 from marstore.probe import ProbeInterrupted, ProbeOptions, run_probes
 from marstore.store import LayerSpec, Ragged, StoreError, StoreWriter, TargetSpec
 
@@ -50,6 +50,8 @@ def test_exact_rows_through_dataloader(tmp_path, workers, context):
     if context:
         kw["multiprocessing_context"] = multiprocessing.get_context(context)
     got = torch.cat([b["signal"] for b in DataLoader(ds, batch_size=64, **kw)])
+    fast = torch.cat([b["signal"] for b in DataLoader(ds, batch_size=64, collate_fn=collate_rows, **kw)])
+    assert torch.equal(fast, got)
     assert got.dtype == torch.float32 and got.shape == (700, 16)
     assert torch.equal(got, torch.from_numpy(x.astype(np.float32)))
     ys = torch.cat([b["y"] for b in DataLoader(ds, batch_size=100, shuffle=True, **kw, generator=torch.Generator().manual_seed(0))])
@@ -107,7 +109,8 @@ def test_preload_ragged_and_errors(tmp_path):
     with StoreWriter(rpath, [LayerSpec("enc", (4,), ragged=True)]) as w:
         w.append({"enc": Ragged(np.arange(24, dtype=np.float16).reshape(6, 4), [1, 3, 2])}, index=[0, 1, 2])
     rds = ActivationDataset(rpath, "enc")
-    batch = collate_padded(rds.__getitems__([0, 1, 2]))
+    batch = collate_padded(list(rds.__getitems__([0, 1, 2])))
+    assert collate_rows(rds.__getitems__([0, 1, 2]))["enc.mask"].tolist() == batch["enc.mask"].tolist()
     assert batch["enc"].shape == (3, 3, 4) and batch["enc.mask"].tolist() == [[True, False, False], [True, True, True], [True, True, False]]
     assert torch.equal(ActivationDataset(rpath, "enc", reduction="mean")[1]["enc"], torch.arange(4.0, 16).view(3, 4).mean(0))
 
