@@ -226,7 +226,7 @@ def extract(opts: ExtractOptions, on_batch: Callable[[int], None] | None = None)
     total_bytes = 0
     shapes: dict[str, tuple] = {}
     batches = iter(loader)
-    progress = tqdm(total=len(indices), initial=start_row, unit="row", disable=not opts.progress,
+    progress = tqdm(total=len(indices), initial=start_row, unit="row", disable=None if opts.progress else True,
                     dynamic_ncols=True, desc="extract")
     try:
         with hooks.Capture(model, selections, multi_fire=opts.multi_fire, allow_missing=opts.allow_missing,

@@ -165,7 +165,7 @@ class _Trainer:
             self._load(torch.load(self.state_path, weights_only=True))
             log.info("%s: resumed at epoch %d", label, self.epoch)
         xt, yt = self.x["train"], self.y["train"]
-        bar = tqdm(total=opts.epochs, initial=self.epoch, desc=label, unit="epoch", leave=False, disable=not opts.progress)
+        bar = tqdm(total=opts.epochs, initial=self.epoch, desc=label, unit="epoch", leave=False, disable=None if opts.progress else True)
         try:
             while self.epoch < opts.epochs and self.epoch - max(self.best[1], 0) <= opts.patience:
                 order = torch.randperm(len(xt), generator=torch.Generator().manual_seed(opts.seed * 10_007 + self.epoch))
