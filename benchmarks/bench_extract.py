@@ -25,7 +25,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, write_json  # noqa: E402
+from common import finish, machine  # noqa: E402
 
 
 class MemoryDataset(torch.utils.data.Dataset):
@@ -148,9 +148,7 @@ def main() -> None:
     print(f"{'way':<16} {'rows/s':>9} {'MB/s':>8} {'peak RSS MB':>12}")
     for name, r in results.items():
         print(f"{name:<16} {r['rows_per_s']:9.0f} {r['mb_per_s']:8.0f} {r['peak_rss_mb']:12.0f}")
-    for k, v in payload["ratios"].items():
-        print(f"{k}: {v:.2f}")
-    write_json(args.json, payload)
+    finish(payload, args.json)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, write_json  # noqa: E402
+from common import finish, machine  # noqa: E402
 
 from marstore.dataset import ActivationDataset, ChunkShuffleSampler, collate_rows  # noqa: E402
 from marstore.store import LayerSpec, StoreWriter  # noqa: E402
@@ -93,9 +93,7 @@ def main() -> None:
     print(f"device: {payload['device']}; {payload['store_mb']} MB store, {limit} samples of {FEATURES} features, batch {BATCH}")
     for k, v in results.items():
         print(f"{k:<20} {v:10.0f} samples/s")
-    for k, v in payload["ratios"].items():
-        print(f"{k}: {v:.3f}")
-    write_json(args.json, payload)
+    finish(payload, args.json)
 
 
 if __name__ == "__main__":

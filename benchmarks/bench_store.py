@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, write_json  # noqa: E402
+from common import finish, machine  # noqa: E402
 
 LAYERS = [f"encoder_blocks.{i}" for i in range(4)]
 ROW = (128, 256)
@@ -134,9 +134,7 @@ def main() -> None:
     print(f"{'way':<20} {'MB/s':>8} {'peak RSS MB':>12}")
     for name, r in results.items():
         print(f"{name:<20} {r['mb_per_s']:8.0f} {r['peak_rss_mb']:12.0f}")
-    for k, v in payload["ratios"].items():
-        print(f"{k}: {v:.2f}")
-    write_json(args.json, payload)
+    finish(payload, args.json)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import sys
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import compare, machine, write_json  # noqa: E402
+from common import compare, finish, machine  # noqa: E402
 
 from marstore import ops  # noqa: E402
 
@@ -104,9 +104,7 @@ def main() -> None:
         print(line)
     m = result["multi_24x256KB"]
     print(f"24 x 256 KB: marstore {m['marstore'] * 1e6:.0f} us, copy_ loop {m['copy_loop'] * 1e6:.0f} us, users {m['users'] * 1e6:.0f} us")
-    for k, v in result["ratios"].items():
-        print(f"{k}: {v:.2f}")
-    write_json(args.json, result)
+    finish(result, args.json)
 
 
 def _size(b: int) -> str:

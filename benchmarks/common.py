@@ -41,6 +41,13 @@ def compare(fns: dict[str, Callable[[], object]], repeats: int, cuda: bool = Fal
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def finish(payload: dict, json_path: str | None) -> None:
+    """Prints the ratios (the lines that RESULTS.md quotes) and writes the JSON."""
+    for name, value in payload["ratios"].items():
+        print(f"{name}: {value:.3f}")
+    write_json(json_path, payload)
+
+
 def write_json(path: str | None, payload: dict) -> None:
     text = json.dumps(payload, indent=2)
     if path:
