@@ -65,13 +65,15 @@ def _glob_regex(pattern: str) -> re.Pattern:
     return re.compile("".join(parts) + r"\Z")
 
 
+_ELEMENT = re.compile(r"-?\d+|[A-Za-z_]\w*")
+
+
 def _split_pattern(pattern: str) -> tuple[str, str, int | str | None]:
-    """'name@input:0' -> ('name', 'input', 0)."""
+    """'name@input:0' -> ('name', 'input', 0); the element is an index or a key identifier."""
     body, element = pattern, None
-    if not body.startswith("re:") or body.count(":") > 1:
-        head, sep, tail = body.rpartition(":")
-        if sep and head and head != "re" and not tail.startswith("re"):
-            body, element = head, (int(tail) if tail.lstrip("-").isdigit() else tail)
+    head, sep, tail = body.rpartition(":")
+    if sep and head and head != "re" and _ELEMENT.fullmatch(tail):
+        body, element = head, (int(tail) if tail.lstrip("-").isdigit() else tail)
     capture = "output"
     if body.endswith("@input"):
         body, capture = body[: -len("@input")], "input"

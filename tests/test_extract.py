@@ -184,6 +184,8 @@ def test_glob_levels_and_regex():
     assert names == ["blocks.0", "blocks.1"]  # the blocks, not their sub-modules
     assert [s.name for s in hooks.parse_layers(["blocks.**"], model)] == ["blocks.0", "blocks.0.0", "blocks.0.1", "blocks.1", "blocks.1.0", "blocks.1.1"]
     assert [s.name for s in hooks.parse_layers(["re:blocks\\.\\d\\.0"], model)] == ["blocks.0.0", "blocks.1.0"]
+    assert [s.name for s in hooks.parse_layers(["re:(?:pair|named)"], model)] == ["pair", "named"]
+    assert [(s.name, s.element) for s in hooks.parse_layers(["re:(?:pair):1"], model)] == [("pair", 1)]
 
 
 def test_unknown_layer_suggests_nearest_names():
