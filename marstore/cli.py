@@ -89,8 +89,9 @@ def _info(args: argparse.Namespace) -> int:
     for name, layer in info["layers"].items():
         shape = "x".join(str(s) for s in layer["shape"])
         flags = f", {layer['compression']}" if layer["compression"] else ""
+        chunks = f"chunks {tuple(layer['chunks'])}" if layer["chunks"] else "virtual"
         print(f"    {name:<28} {layer['layout']:<6} {shape:<18} {layer['dtype']:<8} (from {layer['source_dtype']}, "
-              f"reduction {layer['reduction']}) chunks {tuple(layer['chunks'])}{flags}; "
+              f"reduction {layer['reduction']}) {chunks}{flags}; "
               f"nonfinite {layer['nonfinite']}, overflow {layer['overflow']}")
     if info["targets"]:
         print("  targets: " + ", ".join(f"{n} {'x'.join(map(str, t['shape']))} {t['dtype']}" for n, t in info["targets"].items()))
@@ -181,6 +182,19 @@ def _probe(args: argparse.Namespace) -> int:
     print(table(report))
     print(f"report: {report['report']}")
     print(f"plots: {report['plots']['depth']}, {report['plots']['loss_curves']}")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from marstore.scaleout import merge
+    from marstore.store import StoreError
+
+    try:
+        rows = merge(args.store, args.out)
+    except StoreError as exc:
+        print(f"marstore merge: {exc}", file=sys.stderr)
+        return 2
+    print(f"copied {rows} rows of {args.store} into {args.out}")
     return 0
 
 
@@ -286,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--resume", action="store_true", help="continue probes interrupted with Ctrl-C")
     pr.add_argument("--no-progress", action="store_true")
     pr.set_defaults(func=_probe)
+
+    mg = sub.add_parser("merge", help="copy a store written by several ranks into one self-contained file")
+    mg.add_argument("store")
+    mg.add_argument("--out", required=True)
+    mg.set_defaults(func=_merge)
 
     demo = sub.add_parser("demo", help="the whole loop on the built-in model and synthetic data, no downloads")
     demo.add_argument("--out", default="runs/demo", help="where the checkpoint and the store go")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from marstore.store import StoreError, open_store
+from marstore.store import STORED_DTYPES, StoreError, _chunk_rows, open_store
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,10 @@ class ActivationDataset(Dataset):
             self.ragged = {n for n in self.layer_names if store.layers[n].layout == "ragged"}
             self.stats = {n: (np.asarray(store.layers[n].attrs.get("mean")), np.asarray(store.layers[n].attrs.get("std")))
                           for n in self.layer_names}
-            self.chunk_rows = int(store.layers[self.layer_names[0]].chunks[0])
+            first = store.layers[self.layer_names[0]]
+            # a virtual store (scale-out) has no chunks of its own: use the size the parts use
+            self.chunk_rows = int(first.chunks[0]) if first.chunks else _chunk_rows(
+                first.row_shape, np.dtype(STORED_DTYPES[first.dtype]).itemsize, None)
             self.bfloat16 = {n for n in self.layer_names if store.layers[n].attrs.get("encoding") == "bfloat16-bits"}
         self.rows = np.arange(self.committed) if rows is None else np.asarray(rows, dtype=np.int64)
         if len(self.rows) and (self.rows.min() < 0 or self.rows.max() >= self.committed):

@@ -12,6 +12,7 @@ what is written and raises Interrupted with the command that resumes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from marstore import hooks, loading
+from marstore import hooks, loading, scaleout
 from marstore.store import LayerSpec, StoreError, StoreWriter, TargetSpec, open_store
 from marstore.transfer import SlotTooSmall, TransferRing
 
@@ -167,7 +168,47 @@ def resume_command(opts: ExtractOptions) -> str:
 
 
 def extract(opts: ExtractOptions, on_batch: Callable[[int], None] | None = None) -> ExtractResult:
-    """Runs the extraction that opts describes (see the module doc)."""
+    """Runs the extraction that opts describes (see the module doc). Under torchrun, each rank
+    extracts its share into a part file and rank 0 joins the parts (marstore.scaleout)."""
+    rank = scaleout.current_rank()
+    if not rank.distributed:
+        return _extract_rank(opts, rank, on_batch)
+    import torch.distributed as dist
+
+    cuda = (opts.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(rank.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    part = dataclasses.replace(opts, out=scaleout.part_path(opts.out, rank),
+                               device=f"cuda:{rank.local_rank}" if cuda else "cpu")
+    result, error = None, None
+    try:
+        result = _extract_rank(part, rank, on_batch)
+    except (KeyboardInterrupt, Interrupted):
+        raise  # torchrun passes Ctrl-C to every rank; each has committed its rows
+    except Exception as exc:  # noqa: BLE001 - reported to every rank below, then raised
+        error = f"{type(exc).__name__}: {exc}"
+        log.error("rank %d failed: %s", rank.rank, error)
+    statuses: list = [None] * rank.world
+    dist.all_gather_object(statuses, (rank.rank, error))
+    failed = [(r, e) for r, e in statuses if e]
+    try:
+        if failed:
+            raise ExtractError("; ".join(f"rank {r} failed: {e}" for r, e in failed) +
+                               "; the rows the ranks committed stay: run the same command with --resume")
+        if rank.rank == 0:
+            parts = [scaleout.part_path(opts.out, scaleout.Rank(r, rank.world, 0)) for r in range(rank.world)]
+            scaleout.write_top_file(opts.out, parts)
+            with open_store(opts.out) as store:
+                result = dataclasses.replace(result, path=opts.out, rows=store.rows, file_bytes=os.path.getsize(opts.out))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return result
+
+
+def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callable[[int], None] | None) -> ExtractResult:
     torch.manual_seed(opts.seed)
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if opts.dtype not in STORE_DTYPES:
@@ -197,7 +238,7 @@ def extract(opts: ExtractOptions, on_batch: Callable[[int], None] | None = None)
 
     # data
     dataset = loading.import_callable(opts.dataset, "--dataset")(**opts.dataset_args)
-    indices = _source_indices(len(dataset), opts.limit, opts.sample_seed)
+    indices = _source_indices(len(dataset), opts.limit, opts.sample_seed)[scaleout.rank_positions(rank)]
     metadata = {
         "model": opts.model,
         "model_args": opts.model_args,
@@ -212,6 +253,8 @@ def extract(opts: ExtractOptions, on_batch: Callable[[int], None] | None = None)
         "options": opts.recorded(),
         "command": opts.command,
         "rows_planned": len(indices),
+        "rank": rank.rank,
+        "world_size": rank.world,
     }
     start_row = 0
     if opts.resume:

@@ -720,7 +720,7 @@ class Store:
             values = obj["values"] if ragged else obj
             self.layers[name] = LayerInfo(
                 name, "ragged" if ragged else "dense", tuple(values.shape[1:]), str(obj.attrs["dtype"]),
-                tuple(values.chunks), values.compression,
+                tuple(values.chunks or ()), values.compression,  # () for a virtual dataset
                 {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in obj.attrs.items()},
             )
         self.targets = {name: ds for name, ds in file["targets"].items()}

@@ -1,0 +1,171 @@
+"""Scale-out: N ranks (torchrun) write part files; one top file joins them with virtual datasets.
+
+    torchrun --nproc-per-node 4 -m marstore extract ... --out acts.h5
+      -> acts.part000-of-004.h5 ... acts.part003-of-004.h5   (one store per rank)
+      -> acts.h5: HDF5 virtual datasets over the parts' committed rows, merged metadata
+    marstore merge acts.h5 --out shipped.h5                   (one self-contained copy)
+
+Rank r extracts source positions r, r + N, r + 2N, ...: disjoint, complete, also when N does
+not divide the count. Each part resumes on its own. The top file is an ordinary store to
+marstore, h5py and any HDF5 reader (virtual datasets need HDF5 1.10 or newer); its sources
+are named relative to it, so the directory can be moved whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+
+from marstore.store import (
+    FORMAT,
+    FORMAT_VERSION,
+    LayerSpec,
+    Ragged,
+    StoreError,
+    StoreWriter,
+    TargetSpec,
+    open_store,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Rank:
+    rank: int
+    world: int
+    local_rank: int
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def current_rank() -> Rank:
+    """The rank that torchrun's environment describes (rank 0 of 1 outside torchrun)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return Rank(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def part_path(out: str, rank: Rank) -> str:
+    root, ext = os.path.splitext(out)
+    return f"{root}.part{rank.rank:03d}-of-{rank.world:03d}{ext or '.h5'}"
+
+
+def rank_positions(rank: Rank) -> slice:
+    """This rank's share of the source positions: every world-th one, from its rank."""
+    return slice(rank.rank, None, rank.world)
+
+
+def _combine_moments(parts: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Chan et al.'s parallel combination of per-part (count, mean, M2)."""
+    count = mean = m2 = None
+    for p in parts:
+        c, m, q = (np.asarray(p[k], np.float64) for k in ("stats_count", "mean", "stats_m2"))
+        if count is None:
+            count, mean, m2 = c.copy(), m.copy(), q.copy()
+            continue
+        total = count + c
+        delta = m - mean
+        safe = np.maximum(total, 1)
+        mean = np.where(total > 0, mean + delta * c / safe, mean)
+        m2 = m2 + q + delta * delta * count * c / safe
+        count = total
+    return count, mean, m2
+
+
+def write_top_file(out: str, parts: list[str]) -> int:
+    """Builds the virtual store `out` over the committed rows of `parts`; returns its rows."""
+    stores = [open_store(p) for p in parts]
+    try:
+        first = stores[0].file
+        layer_specs = json.loads(first.attrs["layers"])
+        target_specs = json.loads(first.attrs["targets"])
+        for s in stores[1:]:
+            if json.loads(s.file.attrs["layers"]) != layer_specs or json.loads(s.file.attrs["targets"]) != target_specs:
+                raise StoreError(f"{s.path} holds other layers or targets than {stores[0].path}; the parts do not belong together")
+        rows = [s.rows for s in stores]
+        total = sum(rows)
+        tmp = out + ".tmp"
+        with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
+            f.attrs.update({k: v for k, v in first.attrs.items() if k not in ("rows", "status")})
+            f.attrs.update({
+                "format": FORMAT, "format_version": FORMAT_VERSION, "rows": total,
+                "status": "complete" if all(s.status == "complete" for s in stores) else "incomplete",
+                "parts": json.dumps([os.path.relpath(p, os.path.dirname(os.path.abspath(out))) for p in parts]),
+            })
+            acts, tg = f.create_group("activations"), f.create_group("targets")
+
+            def virtual(group: h5py.Group, name: str, source_name: str, counts: list[int]) -> h5py.Dataset:
+                sources = [s.file[source_name] for s in stores]
+                layout = h5py.VirtualLayout(shape=(sum(counts), *sources[0].shape[1:]), dtype=sources[0].dtype)
+                offset = 0
+                for s, ds, n in zip(stores, sources, counts):
+                    if n:
+                        rel = os.path.relpath(s.path, os.path.dirname(os.path.abspath(out)))
+                        layout[offset : offset + n] = h5py.VirtualSource(rel, source_name, shape=ds.shape)[:n]
+                    offset += n
+                return group.create_virtual_dataset(name, layout)
+
+            for spec in layer_specs:
+                name = spec["name"]
+                objs = [s.file["activations"][name] for s in stores]
+                attrs = dict(objs[0].attrs)
+                if spec["ragged"]:
+                    g = acts.create_group(name)
+                    tokens = [int(o["offsets"][r]) for o, r in zip(objs, rows)]
+                    virtual(g, "values", f"activations/{name}/values", tokens)
+                    starts = np.concatenate([[0], np.cumsum(tokens)[:-1]])
+                    offsets = [np.zeros(1, np.int64)] + [o["offsets"][1 : r + 1] + base for o, r, base in zip(objs, rows, starts)]
+                    g.create_dataset("offsets", data=np.concatenate(offsets))
+                    target = g
+                else:
+                    target = virtual(acts, name, f"activations/{name}", rows)
+                count, mean, m2 = _combine_moments([dict(o.attrs) for o in objs])
+                attrs.update({"nonfinite": sum(int(o.attrs["nonfinite"]) for o in objs),
+                              "overflow": sum(int(o.attrs["overflow"]) for o in objs),
+                              "stats_count": count, "mean": mean, "stats_m2": m2, "std": np.sqrt(m2 / np.maximum(count, 1))})
+                target.attrs.update(attrs)
+            for spec in target_specs:
+                virtual(tg, spec["name"], f"targets/{spec['name']}", rows)
+            virtual(f, "index", "index", rows)
+        os.replace(tmp, out)
+        log.info("%s: virtual store over %d parts, %d rows", out, len(parts), total)
+        return total
+    finally:
+        for s in stores:
+            s.close()
+
+
+def merge(store_path: str, out: str, rows_per_copy: int = 4096) -> int:
+    """Copies a (virtual) store into one self-contained store, a bounded number of rows at a time."""
+    if os.path.exists(out):
+        raise StoreError(f"{out} exists; choose another --out")
+    with open_store(store_path) as src:
+        layers = [LayerSpec(**{k: tuple(v) if k == "row_shape" else v for k, v in spec.items()})
+                  for spec in json.loads(src.file.attrs["layers"])]
+        targets = [TargetSpec(**{k: tuple(v) if k == "row_shape" else v for k, v in spec.items()})
+                   for spec in json.loads(src.file.attrs["targets"])]
+        with StoreWriter(out, layers, targets, src.metadata, commit_rows=1 << 30) as w:
+            for a in range(0, src.rows, rows_per_copy):
+                b = min(src.rows, a + rows_per_copy)
+                acts = {}
+                for spec in layers:
+                    data = src.read(spec.name, a, b)
+                    if spec.ragged:
+                        acts[spec.name] = Ragged(np.concatenate(data) if data else np.zeros((0, *spec.row_shape)),
+                                                 [len(x) for x in data])
+                    else:
+                        acts[spec.name] = data
+                w.append(acts, targets={t.name: src.target(t.name, a, b) for t in targets}, index=src.index(a, b))
+        complete = src.status == "complete"
+    if not complete:
+        with h5py.File(out, "r+", locking=False) as f:
+            f.attrs["status"] = "incomplete"
+    log.info("%s: %d rows copied from %s", out, src.rows, store_path)
+    return src.rows

@@ -1,0 +1,119 @@
+"""Scale-out: torchrun ranks with gloo on the CPU write one store (part files + virtual top file)."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from marstore.dataset import ActivationDataset
+from marstore.store import open_store
+
+ROOT = os.path.dirname(os.path.dirname(__file__))
+TESTS = os.path.dirname(__file__)
+MODEL = ["--model", "marstore.models:video_mar", "--model-arg", "task_name=t", "--model-arg", "embed_dim=32",
+         "--model-arg", "depth=2", "--model-arg", "decoder_depth=2", "--model-arg", "num_heads=2",
+         "--forward", "marstore.models:policy_forward", "--layers", "encoder_blocks.*", "decoder_norm",
+         "--targets", "nactions", "label", "--batch-size", "4", "--no-progress", "--device", "cpu"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def marstore(*args, ranks: int = 1, **popen):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, TESTS]))
+    prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+              "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "marstore"] if ranks > 1 else [sys.executable, "-m", "marstore"]
+    return subprocess.Popen(prefix + list(args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **popen)
+
+
+def run(*args, ranks=1):
+    p = marstore(*args, ranks=ranks)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    return out
+
+
+def by_index(path):
+    """Every dataset's rows, ordered by source index."""
+    with open_store(path) as s:
+        order = np.argsort(s.index())
+        rows = {name: s.read(name)[order] for name in s.layers}
+        rows.update({f"target/{n}": s.target(n)[order] for n in s.targets})
+        return s.rows, np.sort(s.index()), rows
+
+
+@pytest.mark.parametrize("ranks,size", [(2, 37), (3, 10)])
+def test_ranks_write_one_store_equal_to_one_process(tmp_path, ranks, size):
+    data = ["--dataset", "marstore.models:synthetic_video_actions", "--dataset-arg", f"size={size}"]
+    run("extract", *MODEL, *data, "--out", str(tmp_path / "one.h5"))
+    run("extract", *MODEL, *data, "--out", str(tmp_path / "many.h5"), ranks=ranks)
+    parts = sorted(p for p in os.listdir(tmp_path) if ".part" in p)
+    assert parts == [f"many.part{r:03d}-of-{ranks:03d}.h5" for r in range(ranks)]
+    with open_store(tmp_path / f"many.part001-of-{ranks:03d}.h5") as s:
+        assert s.index().tolist() == list(range(1, size, ranks))  # every ranks-th sample, from its rank
+    rows_a, index_a, a = by_index(tmp_path / "one.h5")
+    rows_b, index_b, b = by_index(tmp_path / "many.h5")
+    assert rows_a == rows_b == size and index_a.tolist() == index_b.tolist() == list(range(size))
+    for name in a:
+        assert a[name].tobytes() == b[name].tobytes(), name
+    with open_store(tmp_path / "one.h5") as one, open_store(tmp_path / "many.h5") as many:
+        assert many.status == "complete"
+        for name in one.layers:
+            np.testing.assert_allclose(many.layers[name].attrs["mean"], one.layers[name].attrs["mean"], rtol=1e-6, atol=1e-6)
+            assert many.layers[name].attrs["stats_count"] == one.layers[name].attrs["stats_count"]
+    # plain h5py, from another directory: the virtual sources are found relative to the top file
+    with h5py.File(tmp_path / "many.h5", "r") as f:
+        assert f["activations/encoder_blocks.0"].is_virtual and f["index"].shape == (size,)
+    ds = ActivationDataset(tmp_path / "many.h5", ["decoder_norm"], ["label"])
+    assert len(ds) == size and ds[size - 1]["decoder_norm"].shape == (64, 32)
+    out = run("merge", str(tmp_path / "many.h5"), "--out", str(tmp_path / "merged.h5"))
+    assert f"copied {size} rows" in out
+    _, index_m, m = by_index(tmp_path / "merged.h5")
+    assert index_m.tolist() == index_b.tolist() and all(m[k].tobytes() == b[k].tobytes() for k in b)
+    with h5py.File(tmp_path / "merged.h5", "r") as f:
+        assert not f["activations/encoder_blocks.0"].is_virtual and f.attrs["status"] == "complete"
+
+
+def test_a_failing_rank_stops_the_job_and_is_named(tmp_path):
+    p = marstore("extract", *MODEL, "--dataset", "helpers.failing_data:failing", "--dataset-arg", "fail_at=5",
+                 "--targets", "nactions", "--out", str(tmp_path / "s.h5"), ranks=2)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode != 0
+    assert "rank 1 failed: RuntimeError: sample 5 is unreadable" in err
+    assert not os.path.exists(tmp_path / "s.h5")  # no top file over a failed job
+
+
+def test_killed_job_resumes_per_rank(tmp_path):
+    data = ["--dataset", "marstore.models:synthetic_video_actions", "--dataset-arg", "size=6000", "--commit-rows", "32"]
+    run("extract", *MODEL, *data, "--out", str(tmp_path / "one.h5"))
+    out = str(tmp_path / "many.h5")
+    p = marstore("extract", *MODEL, *data, "--out", out, ranks=2)
+    part = str(tmp_path / "many.part001-of-002.h5")
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        time.sleep(0.05)
+        try:
+            with open_store(part) as s:
+                if s.rows >= 32:
+                    break
+        except Exception:  # noqa: BLE001 - not created yet
+            pass
+    os.killpg(p.pid, signal.SIGKILL)  # every rank, mid-way
+    p.communicate()
+    with open_store(part) as s:
+        assert s.status == "incomplete" and 0 < s.rows < 3000
+    run("extract", *MODEL, *data, "--out", out, "--resume", ranks=2)
+    _, index_a, a = by_index(tmp_path / "one.h5")
+    _, index_b, b = by_index(out)
+    assert index_a.tolist() == index_b.tolist() == list(range(6000))
+    assert all(a[k].tobytes() == b[k].tobytes() for k in a)
