@@ -101,6 +101,7 @@ class ExtractResult:
     layers: dict[str, dict]
     load_report: dict
     path: str
+    outputs: dict = field(default_factory=dict)
 
 
 def default_forward(model: torch.nn.Module, batch: Any) -> Any:
@@ -110,6 +111,31 @@ def default_forward(model: torch.nn.Module, batch: Any) -> Any:
     if isinstance(batch, (tuple, list)):
         return model(*batch)
     return model(batch)
+
+
+def normalize_output(out: Any) -> dict[str, float]:
+    """The forward's return as named scalars: a tensor is the loss; a tuple or list is
+    (loss, parts...), nested tuples flattened (UVA returns (loss, video_loss, act_loss)); a
+    dict keeps its keys. Non-scalar tensors and other values are left out."""
+    named: dict[str, float] = {}
+
+    def add(name: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            named[name] = float(value.detach().float().cpu())
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            named[name] = float(value)
+        elif isinstance(value, Mapping):
+            for k, v in value.items():
+                add(f"{name}.{k}" if name else str(k), v)
+        elif isinstance(value, (tuple, list)):
+            for i, v in enumerate(value):
+                add(("loss" if i == 0 else f"loss_{i}") if not name else f"{name}_{i}", v)
+
+    if isinstance(out, (tuple, list, Mapping)):
+        add("", out)
+    else:
+        add("loss", out)
+    return named
 
 
 class _Indexed(Dataset):
@@ -267,6 +293,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
     ring = TransferRing(num_slots=opts.slots, device=device)
     writer: StoreWriter | None = None
     total_bytes = 0
+    nonfinite_losses = 0
     shapes: dict[str, tuple] = {}
     batches = iter(loader)
     progress = tqdm(total=len(indices), initial=start_row, unit="row", disable=None if opts.progress else True,
@@ -276,26 +303,27 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                            stop_early=opts.stop_early) as capture:
             pending: list[tuple] = []
             for index, batch in batches:
-                tensors = _run_batch(model, forward, capture, _to_device(batch, device), shapes, opts)
+                tensors, outputs = _run_batch(model, forward, capture, _to_device(batch, device), shapes, opts)
                 targets = {t: _target_array(_get_dotted(batch, t)) for t in opts.targets}
+                nonfinite_losses += sum(1 for v in outputs.values() if not np.isfinite(v))
                 if writer is None:
-                    pending.append((index, tensors, targets))
+                    pending.append((index, tensors, targets, outputs))
                     if len(pending) < 2 and len(pending) < len(loader):
                         continue  # a second batch shows which layers change shape (ragged)
                     writer = _open_writer(opts, selections, pending, metadata, out_dtype)
                     todo, pending = pending, []
                 else:
-                    todo = [(index, tensors, targets)]
-                for idx, tens, targ in todo:
-                    total_bytes += _submit(ring, writer, tens, targ, idx, out_dtype)
+                    todo = [(index, tensors, targets, outputs)]
+                for idx, tens, targ, outs in todo:
+                    total_bytes += _submit(ring, writer, tens, targ, idx, out_dtype, outs)
                     progress.update(len(idx))
                     progress.set_postfix_str(_rate(total_bytes, started), refresh=False)
                     if on_batch is not None:
                         on_batch(writer.written)
             if writer is None and pending:
                 writer = _open_writer(opts, selections, pending, metadata, out_dtype)
-                for idx, tens, targ in pending:
-                    total_bytes += _submit(ring, writer, tens, targ, idx, out_dtype)
+                for idx, tens, targ, outs in pending:
+                    total_bytes += _submit(ring, writer, tens, targ, idx, out_dtype, outs)
                     progress.update(len(idx))
             if writer is None:
                 raise ExtractError("the data set yielded no rows to extract")
@@ -316,7 +344,16 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         layers = {name: {"nonfinite": int(info.attrs["nonfinite"]), "overflow": int(info.attrs["overflow"]),
                          "layout": info.layout, "row_shape": list(info.row_shape)} for name, info in store.layers.items()}
         rows = store.rows
-    return ExtractResult(rows, seconds, total_bytes, os.path.getsize(opts.out), layers, report.as_dict(), opts.out)
+        outputs = {}
+        if "outputs" in store.file:
+            for name, ds in store.file["outputs"].items():
+                if name != "row_start":
+                    values = ds[:]
+                    outputs[name] = {"mean": float(np.nanmean(values)) if np.isfinite(values).any() else None,
+                                     "nonfinite": int((~np.isfinite(values)).sum())}
+    if nonfinite_losses:
+        log.warning("%d non-finite forward outputs (losses) in this run", nonfinite_losses)
+    return ExtractResult(rows, seconds, total_bytes, os.path.getsize(opts.out), layers, report.as_dict(), opts.out, outputs)
 
 
 def _rate(nbytes: int, started: float) -> str:
@@ -342,9 +379,10 @@ def _target_array(value: Any) -> np.ndarray:
 
 def _run_batch(model, forward, capture: hooks.Capture, batch: Any, shapes: dict, opts: ExtractOptions) -> dict:
     capture.start_batch()
+    outputs: dict[str, float] = {}
     with torch.inference_mode(not opts.train_mode):
         try:
-            forward(model, batch)
+            outputs = normalize_output(forward(model, batch))
         except hooks.StopForward:
             pass  # every hooked module has fired: the rest of the forward is not needed
         tensors = capture.finish_batch()
@@ -356,7 +394,7 @@ def _run_batch(model, forward, capture: hooks.Capture, batch: Any, shapes: dict,
                 tensors[sel.store_name] = torch.full(shape, float("nan"), dtype=dtype, device=next(iter(tensors.values())).device)
                 log.warning("%s did not fire in this batch: its rows are NaN", sel.name)
             shapes.setdefault(sel.store_name, (tuple(tensors[sel.store_name].shape), tensors[sel.store_name].dtype))
-    return tensors
+    return tensors, outputs
 
 
 def _layer_specs(opts, selections, pending, out_dtype) -> list[LayerSpec]:
@@ -398,7 +436,7 @@ def _open_writer(opts, selections, pending, metadata, out_dtype) -> StoreWriter:
 
 
 def _submit(ring: TransferRing, writer: StoreWriter, tensors: dict, targets: dict, index: torch.Tensor,
-            out_dtype: torch.dtype) -> int:
+            out_dtype: torch.dtype, outputs: dict[str, float]) -> int:
     try:
         slot = ring.submit(tensors, dtype=out_dtype)
     except SlotTooSmall:
@@ -407,7 +445,7 @@ def _submit(ring: TransferRing, writer: StoreWriter, tensors: dict, targets: dic
         log.info("transfer ring: a batch needs %d bytes, more than a slot holds; re-allocating slots of %d bytes", need, grown)
         ring.reserve(grown)
         slot = ring.submit(tensors, dtype=out_dtype)
-    writer.append(slot, targets=targets, index=index.numpy())
+    writer.append(slot, targets=targets, index=index.numpy(), outputs=outputs)
     return sum(t.numel() for t in tensors.values()) * torch.empty((), dtype=out_dtype).element_size()
 
 
@@ -435,6 +473,9 @@ def describe(result: ExtractResult) -> str:
     for name, info in result.layers.items():
         lines.append(f"  {name:<28} {info['layout']:<6} row {tuple(info['row_shape'])}  nonfinite {info['nonfinite']}, "
                      f"overflow {info['overflow']}")
+    for name, o in result.outputs.items():
+        mean = "n/a" if o["mean"] is None else f"{o['mean']:.4g}"
+        lines.append(f"  output {name}: mean {mean} over batches, {o['nonfinite']} non-finite")
     r = result.load_report
     if r.get("checkpoint"):
         lines.append(f"  checkpoint {r['checkpoint']['path']} (sha256 {r['checkpoint']['sha256'][:12]}...), "

@@ -134,12 +134,34 @@ def write_top_file(out: str, parts: list[str]) -> int:
             for spec in target_specs:
                 virtual(tg, spec["name"], f"targets/{spec['name']}", rows)
             virtual(f, "index", "index", rows)
+            _join_outputs(f, stores, rows)
         os.replace(tmp, out)
         log.info("%s: virtual store over %d parts, %d rows", out, len(parts), total)
         return total
     finally:
         for s in stores:
             s.close()
+
+
+def _join_outputs(f: h5py.File, stores: list, rows: list[int]) -> None:
+    """The parts' per-batch outputs (small) copied into /outputs, their row starts shifted."""
+    groups = [s.file.get("outputs") for s in stores]
+    names = sorted({n for g in groups if g is not None for n in g if n != "row_start"})
+    if not names:
+        return
+    starts, values = [], {n: [] for n in names}
+    base = 0
+    for g, n_rows in zip(groups, rows):
+        if g is not None:
+            keep = int(np.searchsorted(g["row_start"][:], n_rows))
+            starts.append(g["row_start"][:keep] + base)
+            for n in names:
+                values[n].append(g[n][:keep] if n in g else np.full(keep, np.nan))
+        base += n_rows
+    out = f.create_group("outputs")
+    out.create_dataset("row_start", data=np.concatenate(starts))
+    for n in names:
+        out.create_dataset(n, data=np.concatenate(values[n]))
 
 
 def merge(store_path: str, out: str, rows_per_copy: int = 4096) -> int:
@@ -164,8 +186,10 @@ def merge(store_path: str, out: str, rows_per_copy: int = 4096) -> int:
                         acts[spec.name] = data
                 w.append(acts, targets={t.name: src.target(t.name, a, b) for t in targets}, index=src.index(a, b))
         complete = src.status == "complete"
-    if not complete:
         with h5py.File(out, "r+", locking=False) as f:
-            f.attrs["status"] = "incomplete"
+            if "outputs" in src.file:
+                src.file.copy("outputs", f)
+            if not complete:
+                f.attrs["status"] = "incomplete"
     log.info("%s: %d rows copied from %s", out, src.rows, store_path)
     return src.rows

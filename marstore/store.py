@@ -238,6 +238,7 @@ class _Batch:
     on_written: Callable[[], None] | None
     slot: Any = None
     nbytes: int = 0
+    outputs: Mapping[str, float] = field(default_factory=dict)
 
 
 _STOP = object()
@@ -364,6 +365,11 @@ class StoreWriter:
         for ds in self._targets.values():
             ds.resize((rows, *ds.shape[1:]))
         self._index.resize((rows,))
+        if "outputs" in self._file:
+            group = self._file["outputs"]
+            keep = int(np.searchsorted(group["row_start"][:], rows))  # batches that start before `rows`
+            for ds in group.values():
+                ds.resize((keep,))
         self._file.flush()
 
     # ---- the caller's side ------------------------------------------------------------
@@ -374,11 +380,14 @@ class StoreWriter:
         index: Sequence[int] | np.ndarray | None = None,
         *,
         counts: Mapping[str, tuple[int, int]] | None = None,
+        outputs: Mapping[str, float] | None = None,
         on_written: Callable[[], None] | None = None,
     ) -> None:
         """Queues one batch. activations: {layer: array or CPU tensor (or Ragged)}, or a
         TransferRing slot (waited for and released by the writer thread). index: the source
         data set's index of each row. counts: {layer: (nonfinite, overflow)} from the transfer.
+        outputs: per-batch scalars (the forward's losses), kept under /outputs with the batch's
+        first row.
         Blocks only while the queue is full."""
         self._raise_if_failed()
         if self._closed:
@@ -417,7 +426,8 @@ class StoreWriter:
             if t.shape != expected:
                 raise StoreError(f"target {name!r}: batch shape {t.shape}, expected {expected}")
         nbytes = sum(v[0].nbytes for v in activations.values()) if slot is None else slot.nbytes
-        batch = _Batch(activations, targets, index, dict(counts or {}), on_written, slot, nbytes)
+        batch = _Batch(activations, targets, index, dict(counts or {}), on_written, slot, nbytes,
+                       {str(k): float(v) for k, v in (outputs or {}).items()})
         while True:  # wake up now and then to notice a writer that died
             try:
                 self._queue.put(batch, timeout=0.5)
@@ -528,6 +538,8 @@ class StoreWriter:
             for name, t in batch.targets.items():
                 self._write_rows(self._targets[name], start, t.astype(self._targets[name].dtype, copy=False))
             self._write_rows(self._index, start, batch.index)
+            if batch.outputs:
+                self._write_outputs(start, batch.outputs)
             stats.result()
             self.written = start + n
             self._uncommitted_bytes += batch.nbytes
@@ -536,6 +548,23 @@ class StoreWriter:
                 batch.slot.release()
             if batch.on_written is not None:
                 batch.on_written()
+
+    def _write_outputs(self, start: int, outputs: Mapping[str, float]) -> None:
+        """One value per batch in /outputs/<name>, aligned with /outputs/row_start (NaN where a
+        batch lacks that output)."""
+        group = self._file.require_group("outputs")
+        starts = group.get("row_start")
+        if starts is None:
+            starts = group.create_dataset("row_start", shape=(0,), dtype=np.int64, chunks=(4096,), maxshape=(None,))
+        n = starts.shape[0]
+        starts.resize((n + 1,))
+        starts[n] = start
+        for name in set(outputs) | {k for k in group if k != "row_start"}:
+            ds = group.get(name)
+            if ds is None:
+                ds = group.create_dataset(name, shape=(n,), dtype=np.float64, chunks=(4096,), maxshape=(None,), fillvalue=np.nan)
+            ds.resize((n + 1,))
+            ds[n] = outputs.get(name, np.nan)
 
     def _update_stats(self, parts: Mapping[str, Any], counts: Mapping[str, tuple[int, int]]) -> None:
         # One intra-op thread here: torch's OpenMP workers spinning beside the HDF5 thread

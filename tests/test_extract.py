@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -288,6 +289,23 @@ def recording_forward(model, batch):
         return policy_forward(model, batch)
     finally:
         handle.remove()
+
+
+def test_forward_outputs_are_kept_per_batch(tmp_path):
+    from marstore.extract import normalize_output
+
+    t = torch.tensor
+    assert normalize_output(t(1.5)) == {"loss": 1.5}
+    assert normalize_output((t(3.0), t(1.0), t(2.0))) == {"loss": 3.0, "loss_1": 1.0, "loss_2": 2.0}
+    assert normalize_output((t(3.0), (t(1.0), t(2.0)))) == {"loss": 3.0, "loss_1_0": 1.0, "loss_1_1": 2.0}
+    assert normalize_output({"total": t(1.0), "logits": torch.zeros(2, 3)}) == {"total": 1.0}
+    result = extract(options(tmp_path))
+    assert set(result.outputs) == {"loss", "loss_1", "loss_2"} and result.outputs["loss"]["nonfinite"] == 0
+    with open_store(result.path) as s:
+        out = s.file["outputs"]
+        assert out["row_start"][:].tolist() == [0, 8, 16, 24, 32]
+        assert out["loss_1"][:].tolist() == [0.0] * 5  # policy mode: no video loss
+        assert np.allclose(out["loss"][:], out["loss_2"][:])
 
 
 def test_ragged_layers_from_the_masked_encoder(tmp_path):
