@@ -82,6 +82,7 @@ class ActivationDataset(Dataset):
             raise StoreError(f"row selection reaches past the {self.committed} committed rows of {self.path}")
         self._file: h5py.File | None = None
         self._pid: int | None = None
+        self._objects: dict = {}
         self._memory: dict[str, np.ndarray] | None = None
         if preload:
             self.preload()
@@ -92,18 +93,25 @@ class ActivationDataset(Dataset):
             # after a fork the parent's handle must not be touched, not even closed
             self._file = h5py.File(self.path, "r", locking=False)
             self._pid = os.getpid()
+            self._objects = {}
         return self._file
+
+    def _object(self, kind: str, name: str):
+        """The h5py dataset or group, looked up once per open (a lookup costs as much as a read)."""
+        f = self._handle()
+        key = (kind, name)
+        if key not in self._objects:
+            self._objects[key] = f[kind][name]
+        return self._objects[key]
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_file"], state["_pid"] = None, None  # spawn: the child opens its own
+        state["_file"], state["_pid"], state["_objects"] = None, None, {}  # spawn: the child opens its own
         return state
 
     def refresh(self) -> int:
         """Re-reads the committed count (a writer may still be running); returns it."""
-        if self._file is not None and self._pid == os.getpid():
-            self._file.close()
-        self._file = None
+        self.close()
         with open_store(self.path) as store:
             grew = store.rows > self.committed
             self.committed = store.rows
@@ -130,17 +138,16 @@ class ActivationDataset(Dataset):
     def _read(self, name: str, kind: str, sorted_rows: np.ndarray) -> list[np.ndarray] | np.ndarray:
         if self._memory is not None:
             return self._memory[f"{kind}/{name}"][np.searchsorted(self._memory["rows"], sorted_rows)]
-        f = self._handle()
         runs = _runs(sorted_rows)
         if kind == "targets" or name not in self.ragged:
-            ds = f["targets"][name] if kind == "targets" else f["activations"][name]
+            ds = self._object(kind, name)
             if not runs:
                 return ds[0:0]
             parts = [ds[a:b] for a, b in runs]
             data = np.concatenate(parts) if len(parts) > 1 else parts[0]
             span = np.concatenate([np.arange(a, b) for a, b in runs])
             return data if len(span) == len(sorted_rows) else data[np.searchsorted(span, sorted_rows)]
-        obj = f["activations"][name]
+        obj = self._object(kind, name)
         out = []
         for a, b in runs:
             offsets = obj["offsets"][a : b + 1]
@@ -199,10 +206,9 @@ class ActivationDataset(Dataset):
         """Reads the selected rows into memory (when they fit); returns and logs the bytes taken."""
         if self.ragged:
             raise StoreError(f"preload keeps dense rows only; {sorted(self.ragged)} are ragged")
-        f = self._handle()
         sorted_rows = np.sort(self.rows)
-        need = sum(int(np.prod(f["activations"][n].shape[1:])) * f["activations"][n].dtype.itemsize for n in self.layer_names)
-        need += sum(int(np.prod(f["targets"][n].shape[1:])) * f["targets"][n].dtype.itemsize for n in self.target_names)
+        objects = [self._object("activations", n) for n in self.layer_names] + [self._object("targets", n) for n in self.target_names]
+        need = sum(int(np.prod(o.shape[1:])) * o.dtype.itemsize for o in objects)
         need *= len(sorted_rows)
         limit = max_bytes if max_bytes is not None else _available_memory() // 2
         if need > limit:
