@@ -25,6 +25,7 @@ import os
 import queue
 import resource
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -784,26 +785,45 @@ class Store:
         self.close()
 
 
-def open_store(path: str | os.PathLike) -> Store:
-    """Opens and validates a store for reading (also while a writer is running)."""
+def open_store(path: str | os.PathLike, retries: int = 20) -> Store:
+    """Opens and validates a store for reading (also while a writer is running).
+
+    A file that a writer is flushing can look inconsistent for a moment (it is written in plain
+    mode, not SWMR), so a failed open is retried `retries` times, 50 ms apart, before the
+    error is reported."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise StoreError(f"{path}: no such file")
     if not h5py.is_hdf5(path):
         raise StoreError(f"{path} is not an HDF5 file, so not a marstore store (is it truncated, or another format?)")
+    for attempt in range(retries + 1):
+        try:
+            return _open_once(path)
+        except StoreError as exc:
+            if not getattr(exc, "transient", False) or attempt == retries:
+                raise
+            time.sleep(0.05)
+    raise AssertionError("unreachable")
+
+
+def _open_once(path: str) -> Store:
     try:
         f = h5py.File(path, "r", locking=False)
     except OSError as exc:
-        raise StoreError(f"{path} is an HDF5 file that cannot be opened; it is truncated or corrupted ({exc})") from None
+        err = StoreError(f"{path} is an HDF5 file that cannot be opened; it is truncated or corrupted ({exc})")
+        err.transient = True
+        raise err from None
     try:
         _validate(path, f)
         return Store(path, f)
     except StoreError:
         f.close()
         raise
-    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+    except (OSError, KeyError, ValueError, RuntimeError, AttributeError, TypeError) as exc:
         f.close()
-        raise StoreError(f"{path} is truncated or corrupted: {exc}") from None
+        err = StoreError(f"{path} is truncated or corrupted: {' '.join(str(exc).split())}")
+        err.transient = True
+        raise err from None
 
 
 def _validate(path: str, f: h5py.File) -> None:
