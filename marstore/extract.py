@@ -284,7 +284,9 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
     }
     start_row = 0
     if opts.resume:
-        start_row = _check_resume(opts, metadata)
+        start_row, recorded_ragged = _check_resume(opts, metadata)
+        # the batches after the resume point may not show the variation that made a layer ragged
+        opts = dataclasses.replace(opts, ragged=sorted(set(opts.ragged) | recorded_ragged))
     loader = DataLoader(_Indexed(dataset, indices[start_row:]), batch_size=opts.batch_size, shuffle=False,
                         num_workers=opts.workers, collate_fn=_collate, pin_memory=device.type == "cuda")
 
@@ -449,10 +451,11 @@ def _submit(ring: TransferRing, writer: StoreWriter, tensors: dict, targets: dic
     return sum(t.numel() for t in tensors.values()) * torch.empty((), dtype=out_dtype).element_size()
 
 
-def _check_resume(opts: ExtractOptions, metadata: dict) -> int:
+def _check_resume(opts: ExtractOptions, metadata: dict) -> tuple[int, set[str]]:
+    """(the committed rows to continue after, the layers the store keeps ragged)."""
     if not os.path.exists(opts.out):
         log.info("--resume: %s does not exist yet; starting from the beginning", opts.out)
-        return 0
+        return 0, set()
     with open_store(opts.out) as store:
         recorded = store.metadata.get("options", {})
         now = json.loads(json.dumps(metadata["options"], default=str))
@@ -463,7 +466,7 @@ def _check_resume(opts: ExtractOptions, metadata: dict) -> int:
         if store.status == "complete":
             raise ExtractError(f"--resume: {opts.out} is already complete ({store.rows} rows)")
         log.info("--resume: continuing %s after %d committed rows", opts.out, store.rows)
-        return store.rows
+        return store.rows, {name for name, info in store.layers.items() if info.layout == "ragged"}
 
 
 def describe(result: ExtractResult) -> str:

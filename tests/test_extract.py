@@ -388,3 +388,24 @@ def test_ctrl_c_commits_and_resume_finishes_identically(tmp_path):
             assert a.read(name).tobytes() == b.read(name).tobytes()
         assert a.index().tolist() == b.index().tolist()
         assert a.target("nactions").tobytes() == b.target("nactions").tobytes()
+
+
+def test_resume_keeps_a_ragged_layer_ragged(tmp_path):
+    from marstore.extract import Interrupted
+
+    calls = []
+
+    def stop_after_two(rows):
+        calls.append(rows)
+        if len(calls) == 4:  # Ctrl-C after four batches: one batch of 8 is left, too few to show raggedness
+            raise KeyboardInterrupt
+
+    opts = options(tmp_path, layers=["encoder_blocks.1"], model_args={**CONFIG, "drop_masked": True}, commit_rows=8)
+    with pytest.raises(Interrupted) as info:
+        extract(opts, on_batch=stop_after_two)
+    assert info.value.rows == 32  # every batch queued before Ctrl-C is committed
+    result = extract(options(tmp_path, layers=["encoder_blocks.1"], model_args={**CONFIG, "drop_masked": True},
+                             commit_rows=8, resume=True))
+    with open_store(result.path) as s:
+        assert (s.status, s.rows, s.layers["encoder_blocks.1"].layout) == ("complete", 40, "ragged")
+        assert s.index().tolist() == list(range(40))
