@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from marstore.store import STORED_DTYPES, StoreError, _chunk_rows, open_store
+from marstore.store import STORED_DTYPES, StoreError, default_chunk_rows, open_store
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class ActivationDataset(Dataset):
                           for n in self.layer_names}
             first = store.layers[self.layer_names[0]]
             # a virtual store (scale-out) has no chunks of its own: use the size the parts use
-            self.chunk_rows = int(first.chunks[0]) if first.chunks else _chunk_rows(
+            self.chunk_rows = int(first.chunks[0]) if first.chunks else default_chunk_rows(
                 first.row_shape, np.dtype(STORED_DTYPES[first.dtype]).itemsize, None)
             self.bfloat16 = {n for n in self.layer_names if store.layers[n].attrs.get("encoding") == "bfloat16-bits"}
         self.rows = np.arange(self.committed) if rows is None else np.asarray(rows, dtype=np.int64)

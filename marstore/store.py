@@ -100,7 +100,8 @@ class Ragged:
     lengths: Sequence[int]
 
 
-def _chunk_rows(row_shape: tuple[int, ...], itemsize: int, chunk_rows: int | None) -> int:
+def default_chunk_rows(row_shape: tuple[int, ...], itemsize: int, chunk_rows: int | None) -> int:
+    """Rows a chunk holds: chunk_rows if given, else about CHUNK_BYTES worth."""
     if chunk_rows:
         return int(chunk_rows)
     row_bytes = max(1, int(np.prod(row_shape, dtype=np.int64)) * itemsize)
@@ -201,7 +202,7 @@ class _Layer:
 
 def _create_layer(root: h5py.Group, spec: LayerSpec) -> None:
     np_dtype = np.dtype(STORED_DTYPES[spec.dtype])
-    rows = _chunk_rows(spec.row_shape, np_dtype.itemsize, spec.chunk_rows)
+    rows = default_chunk_rows(spec.row_shape, np_dtype.itemsize, spec.chunk_rows)
     kwargs = dict(dtype=np_dtype, chunks=(rows, *spec.row_shape), maxshape=(None, *spec.row_shape))
     if spec.compression:
         kwargs["compression"] = spec.compression
@@ -318,7 +319,7 @@ class StoreWriter:
         tg = f.create_group("targets")
         for spec in self.targets_spec:
             itemsize = np.dtype(spec.dtype).itemsize
-            rows = _chunk_rows(spec.row_shape, itemsize, None)
+            rows = default_chunk_rows(spec.row_shape, itemsize, None)
             tg.create_dataset(spec.name, shape=(0, *spec.row_shape), dtype=spec.dtype,
                               chunks=(rows, *spec.row_shape), maxshape=(None, *spec.row_shape))
         f.create_dataset("index", shape=(0,), dtype=np.int64, chunks=(65536,), maxshape=(None,))
