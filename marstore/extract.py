@@ -312,7 +312,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                     pending.append((index, tensors, targets, outputs))
                     if len(pending) < 2 and len(pending) < len(loader):
                         continue  # a second batch shows which layers change shape (ragged)
-                    writer = _open_writer(opts, selections, pending, metadata, out_dtype)
+                    writer = _open_writer(opts, selections, pending, metadata)
                     todo, pending = pending, []
                 else:
                     todo = [(index, tensors, targets, outputs)]
@@ -323,7 +323,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                     if on_batch is not None:
                         on_batch(writer.written)
             if writer is None and pending:
-                writer = _open_writer(opts, selections, pending, metadata, out_dtype)
+                writer = _open_writer(opts, selections, pending, metadata)
                 for idx, tens, targ, outs in pending:
                     total_bytes += _submit(ring, writer, tens, targ, idx, out_dtype, outs)
                     progress.update(len(idx))
@@ -392,21 +392,22 @@ def _run_batch(model, forward, capture: hooks.Capture, batch: Any, shapes: dict,
             if sel.store_name not in tensors:
                 if sel.store_name not in shapes:
                     raise ExtractError(f"{sel.name} did not fire in the first batch, so its shape is unknown")
-                shape, dtype = shapes[sel.store_name]
-                tensors[sel.store_name] = torch.full(shape, float("nan"), dtype=dtype, device=next(iter(tensors.values())).device)
+                shape, dtype, device = shapes[sel.store_name]
+                tensors[sel.store_name] = torch.full(shape, float("nan"), dtype=dtype, device=device)
                 log.warning("%s did not fire in this batch: its rows are NaN", sel.name)
-            shapes.setdefault(sel.store_name, (tuple(tensors[sel.store_name].shape), tensors[sel.store_name].dtype))
+            t = tensors[sel.store_name]
+            shapes.setdefault(sel.store_name, (tuple(t.shape), t.dtype, t.device))
     return tensors, outputs
 
 
-def _layer_specs(opts, selections, pending, out_dtype) -> list[LayerSpec]:
+def _layer_specs(opts, selections, pending) -> list[LayerSpec]:
     specs = []
     for sel in selections:
         shapes = {tuple(t[1][sel.store_name].shape[1:]) for t in pending}
         ragged = sel.store_name in opts.ragged or sel.name in opts.ragged
         if len(shapes) > 1:
-            dims = [s for s in shapes]
-            if any(len(s) != len(dims[0]) or s[1:] != dims[0][1:] for s in dims):
+            some = next(iter(shapes))
+            if any(len(s) != len(some) or s[1:] != some[1:] for s in shapes):
                 raise ExtractError(f"{sel.store_name}: its row shape changes between batches in more than the token "
                                    f"axis ({sorted(shapes)}); reduce it (--reduction) or capture another module")
             log.info("%s: token count varies between batches (%s): stored ragged", sel.store_name, sorted(s[0] for s in shapes))
@@ -422,8 +423,8 @@ def _layer_specs(opts, selections, pending, out_dtype) -> list[LayerSpec]:
     return specs
 
 
-def _open_writer(opts, selections, pending, metadata, out_dtype) -> StoreWriter:
-    specs = _layer_specs(opts, selections, pending, out_dtype)
+def _open_writer(opts, selections, pending, metadata) -> StoreWriter:
+    specs = _layer_specs(opts, selections, pending)
     targets = []
     for name in opts.targets:
         value = pending[0][2][name]
@@ -442,7 +443,7 @@ def _submit(ring: TransferRing, writer: StoreWriter, tensors: dict, targets: dic
     try:
         slot = ring.submit(tensors, dtype=out_dtype)
     except SlotTooSmall:
-        layout, need = ring.layout(tensors, {n: out_dtype for n in tensors})
+        _, need = ring.layout(tensors, {n: out_dtype for n in tensors})
         grown = int(need * 1.25)
         log.info("transfer ring: a batch needs %d bytes, more than a slot holds; re-allocating slots of %d bytes", need, grown)
         ring.reserve(grown)

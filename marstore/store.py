@@ -286,6 +286,7 @@ class StoreWriter:
             self._restore_state()
         self.written = self.committed  # rows handed to HDF5, committed or not
         self._uncommitted_bytes = 0
+        self._last_nbytes = 0  # the batch being written, for the error message
         self._queue: queue.Queue = queue.Queue(maxsize=queue_batches)
         self._error: BaseException | None = None
         self._closed = False
@@ -491,7 +492,7 @@ class StoreWriter:
                 if self.written - self.committed >= self.commit_rows or self._uncommitted_bytes >= self.commit_bytes:
                     self._commit()
         except BaseException as exc:  # noqa: BLE001 - handed to the caller, never lost
-            self._error = _describe_error(exc, self.path, getattr(self, "_last_nbytes", 0))
+            self._error = _describe_error(exc, self.path, self._last_nbytes)
             log.error("store %s: %s", self.path, self._error)
             self._drain()
         finally:
