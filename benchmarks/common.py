@@ -26,10 +26,17 @@ def machine() -> str:
 
 def compare(fns: dict[str, Callable[[], object]], repeats: int, cuda: bool = False) -> dict[str, float]:
     """Median wall time in seconds of each fn, timed in interleaved rounds so that drifts of
-    the machine (clock, other load) hit every contender alike; synchronised when cuda."""
+    the machine (clock, other load) hit every contender alike; synchronised when cuda.
+
+    The order rotates every round: a contender that runs right after another one that
+    reads the same source finds it in cache, and one that follows an allocating contender
+    finds the cache stirred; rotating gives every contender every position equally often."""
     times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
     for rnd in range(repeats + 1):
-        for name, fn in fns.items():
+        shift = rnd % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn = fns[name]
             if cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()

@@ -7,10 +7,10 @@
 // bit-identical to torch's own `src.to(dst.dtype)` on this processor, NaN payloads included.
 
 #include <ATen/Parallel.h>
+#include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstring>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -23,7 +23,7 @@
 namespace marstore {
 namespace {
 
-constexpr int64_t kGrain = 1 << 18;  // elements per work item: large enough to amortise dispatch
+constexpr int64_t kGrain = 1 << 15;  // elements per work item: as torch's own copy, so 64K splits in two
 // Above this many destination bytes, non-temporal stores skip reading the destination lines
 // into cache (the copy is streamed to a buffer that another thread reads much later).
 constexpr int64_t kStreamingBytes = 4 << 20;
@@ -118,18 +118,20 @@ bool detect_f16c() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
 }
 
-// Eight float32 lanes -> eight float16 lanes; folds their magnitudes into `largest` so that a
-// span without non-finite or overflowing values (nearly all of them) costs no counting.
-__attribute__((target("avx2,f16c"))) inline __m128i convert8(__m256 x, __m256i& largest) {
-  const __m256i a = _mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(0x7fffffff));
-  largest = _mm256_max_epi32(largest, a);
+// Eight float32 lanes -> eight float16 lanes (round to nearest even, as torch).
+__attribute__((target("avx2,f16c"))) inline __m128i convert8(__m256 x) {
   return _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
-__attribute__((target("avx2,f16c"))) inline uint32_t lane_max(__m256i v) {
-  alignas(32) uint32_t lanes[8];
+// The screen runs on the float16 results: a finite source that overflows becomes infinity,
+// and a non-finite one stays non-finite, so one unsigned max of |h| over 16 lanes tells
+// whether a span needs exact counting (nearly never); it costs two operations per 16 values.
+constexpr uint16_t kHalfExpBits = 0x7c00;
+
+__attribute__((target("avx2,f16c"))) inline uint16_t lane_max16(__m256i v) {
+  alignas(32) uint16_t lanes[16];
   _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), v);
-  return *std::max_element(lanes, lanes + 8);
+  return *std::max_element(lanes, lanes + 16);
 }
 
 // Loads 8 source lanes as float32: from float32 directly, from bfloat16 by a 16-bit shift.
@@ -145,10 +147,15 @@ __attribute__((target("avx2,f16c"))) inline __m256 load8<uint16_t>(const uint16_
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
 }
 
+template <typename Src>
+__attribute__((target("avx2,f16c"))) inline __m256i convert16(const Src* p) {
+  return _mm256_set_m128i(convert8(load8(p + 8)), convert8(load8(p)));
+}
+
 template <bool kStream>
-__attribute__((target("avx2,f16c"))) inline void store8(uint16_t* d, __m128i h) {
-  if (kStream) _mm_stream_si128(reinterpret_cast<__m128i*>(d), h);
-  else _mm_storeu_si128(reinterpret_cast<__m128i*>(d), h);
+__attribute__((target("avx2,f16c"))) inline void store16(uint16_t* d, __m256i h) {
+  if (kStream) _mm256_stream_si256(reinterpret_cast<__m256i*>(d), h);
+  else _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), h);
 }
 
 template <typename Src, bool kStream>
@@ -156,23 +163,28 @@ __attribute__((target("avx2,f16c"))) void to_f16_avx2(const Src* s, uint16_t* d,
                                                       Counts& c) {
   constexpr bool kFloat = std::is_same_v<Src, float>;
   int64_t i = 0;
-  if (kStream) {  // streaming stores need a 16-byte aligned destination
-    i = std::min<int64_t>(n, ((16 - reinterpret_cast<uintptr_t>(d) % 16) % 16) / sizeof(uint16_t));
+  if (kStream) {  // 32-byte streaming stores need a 32-byte aligned destination
+    i = std::min<int64_t>(n, ((32 - reinterpret_cast<uintptr_t>(d) % 32) % 32) / sizeof(uint16_t));
     if constexpr (kFloat) f32_to_f16_scalar(s, d, i, c);
     else bf16_to_f16_scalar(s, d, i, c);
   }
   const int64_t vec_begin = i;
+  const __m256i magnitude = _mm256_set1_epi16(0x7fff);
   __m256i largest = _mm256_setzero_si256();
-  // Four vectors per iteration: independent conversions keep more loads in flight.
+  // 32 values per iteration: independent conversions keep more loads in flight.
   for (; i + 32 <= n; i += 32) {
-    const __m256 x0 = load8(s + i), x1 = load8(s + i + 8), x2 = load8(s + i + 16), x3 = load8(s + i + 24);
-    store8<kStream>(d + i, convert8(x0, largest));
-    store8<kStream>(d + i + 8, convert8(x1, largest));
-    store8<kStream>(d + i + 16, convert8(x2, largest));
-    store8<kStream>(d + i + 24, convert8(x3, largest));
+    const __m256i h0 = convert16(s + i), h1 = convert16(s + i + 16);
+    largest = _mm256_max_epu16(largest, _mm256_and_si256(h0, magnitude));
+    largest = _mm256_max_epu16(largest, _mm256_and_si256(h1, magnitude));
+    store16<kStream>(d + i, h0);
+    store16<kStream>(d + i + 16, h1);
   }
-  for (; i + 8 <= n; i += 8) store8<kStream>(d + i, convert8(load8(s + i), largest));
-  if (lane_max(largest) >= kHalfOverflowBits) {  // rare: count this span exactly
+  for (; i + 16 <= n; i += 16) {
+    const __m256i h = convert16(s + i);
+    largest = _mm256_max_epu16(largest, _mm256_and_si256(h, magnitude));
+    store16<kStream>(d + i, h);
+  }
+  if (lane_max16(largest) >= kHalfExpBits) {  // rare: count this span exactly
     for (int64_t k = vec_begin; k < i; ++k) {
       const uint32_t bits = kFloat ? bits_of(s[k]) : static_cast<uint32_t>(s[k]) << 16;
       count_float(bits, kHalfOverflowBits, c);
@@ -221,52 +233,66 @@ void convert_span(const at::Tensor& src, void* dst_base, at::ScalarType dst_type
   return copy16_scalar(s16, d16, n, 0x7f80, c);  // bfloat16 -> bfloat16
 }
 
-at::Tensor cast_copy_many_cpu(at::TensorList srcs, const at::Tensor& dst, at::IntArrayRef offsets,
-                              int64_t /*mode*/) {
-  check_destination("cast_copy_many", srcs, dst, offsets);
-  const auto dst_type = dst.scalar_type();
-  std::vector<at::Tensor> sources;
-  sources.reserve(srcs.size());
-  for (const auto& s : srcs) sources.push_back(s.contiguous());
-
-  // One work list over all sources so that one parallel pass covers them, small or large.
+// Converts every source into its region of dst in one parallel pass over all of them, small
+// or large, and writes each source's [nonfinite, overflow] counts to counts_out.
+void convert_all(at::TensorList srcs, const at::Tensor& dst, at::IntArrayRef offsets,
+                 int64_t* counts_out) {
+  // Small vectors: for the few sources of a typical call, no heap allocation at all.
+  c10::SmallVector<at::Tensor, 16> sources;
+  int64_t total = 0;
+  for (const auto& s : srcs) {
+    sources.push_back(s.contiguous());
+    total += s.numel();
+  }
+  // Work items no smaller than a thread's share: a thread then walks one long span per
+  // source, and the pass costs one fork/join however many sources there are.
+  const int64_t threads = at::get_num_threads();
+  const int64_t piece = std::max(kGrain, (total + threads - 1) / threads);
   struct Item {
     size_t tensor;
     int64_t begin, end;
+    Counts counts;
   };
-  std::vector<Item> items;
-  int64_t total_bytes = 0;
+  c10::SmallVector<Item, 32> items;
   for (size_t t = 0; t < sources.size(); ++t) {
     const int64_t n = sources[t].numel();
-    total_bytes += n * dst.element_size();
-    for (int64_t b = 0; b < n; b += kGrain) items.push_back({t, b, std::min(n, b + kGrain)});
+    for (int64_t b = 0; b < n; b += piece) items.push_back({t, b, std::min(n, b + piece), {}});
   }
-  const bool streaming = total_bytes >= kStreamingBytes;
-  std::vector<std::atomic<int64_t>> counts(2 * sources.size());
-  for (auto& x : counts) x.store(0);
+  const auto dst_type = dst.scalar_type();
+  const bool streaming = total * dst.element_size() >= kStreamingBytes;
   char* dst_base = static_cast<char*>(dst.data_ptr());
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
-      const Item& it = items[k];
-      Counts c;
+      Item& it = items[k];
       convert_span(sources[it.tensor], dst_base + offsets[it.tensor] * dst.element_size(), dst_type,
-                   it.begin, it.end, streaming, c);
-      if (c.nonfinite) counts[2 * it.tensor].fetch_add(c.nonfinite, std::memory_order_relaxed);
-      if (c.overflow) counts[2 * it.tensor + 1].fetch_add(c.overflow, std::memory_order_relaxed);
+                   it.begin, it.end, streaming, it.counts);
     }
   });
 #ifdef MARSTORE_X86
   if (streaming) _mm_sfence();  // order the non-temporal stores before the caller reads dst
 #endif
-  auto result = at::empty({static_cast<int64_t>(sources.size()), 2}, at::kLong);
-  auto* r = result.data_ptr<int64_t>();
-  for (size_t i = 0; i < counts.size(); ++i) r[i] = counts[i].load();
+  std::fill(counts_out, counts_out + 2 * sources.size(), 0);
+  for (const Item& it : items) {
+    counts_out[2 * it.tensor] += it.counts.nonfinite;
+    counts_out[2 * it.tensor + 1] += it.counts.overflow;
+  }
+}
+
+at::Tensor cast_copy_many_cpu(at::TensorList srcs, const at::Tensor& dst, at::IntArrayRef offsets,
+                              int64_t /*mode*/) {
+  check_destination("cast_copy_many", srcs, dst, offsets);
+  auto result = at::empty({static_cast<int64_t>(srcs.size()), 2}, at::kLong);
+  convert_all(srcs, dst, offsets, result.data_ptr<int64_t>());
   return result;
 }
 
-at::Tensor cast_copy_cpu(const at::Tensor& src, const at::Tensor& dst, int64_t mode) {
+at::Tensor cast_copy_cpu(const at::Tensor& src, const at::Tensor& dst, int64_t /*mode*/) {
   check_single(src, dst);
-  return cast_copy_many_cpu({src}, dst, {0}, mode).view({2});
+  const int64_t offset = 0;
+  check_destination("cast_copy_many", src, dst, offset);
+  auto result = at::empty({2}, at::kLong);
+  convert_all(src, dst, offset, result.data_ptr<int64_t>());
+  return result;
 }
 
 }  // namespace

@@ -3,7 +3,8 @@
     counts = cast_copy(src, dst)                      # int64 [nonfinite, overflow]
     counts = cast_copy_many([a, b], buf, offsets)     # int64 [n, 2], one launch / one pass
 
-Both run marstore._C's kernels (torch.ops.marstore.*) when the extension is usable and a
+Both run marstore._C's kernels when the extension is usable (through its direct entries,
+which skip the Python dispatch of torch.ops.marstore.*, the same operators) and a
 pure-torch path with identical results otherwise. Results are bit-identical to torch's
 `src.to(dst.dtype)`, with one exception that torch itself is not consistent about: widening
 float16 NaNs to float32 on the CPU gives F16C's quiet NaN with sign and payload kept (torch's
@@ -69,9 +70,9 @@ def cast_copy(src: torch.Tensor, dst: torch.Tensor, *, stream: torch.cuda.Stream
     code = _mode(mode)
     if _backend == "extension":
         if stream is None or not src.is_cuda:
-            return torch.ops.marstore.cast_copy.default(src, dst, code)
+            return _C.cast_copy(src, dst, code)
         with torch.cuda.stream(stream):
-            return torch.ops.marstore.cast_copy.default(src, dst, code)
+            return _C.cast_copy(src, dst, code)
     if dst.numel() != src.numel():
         raise RuntimeError(
             f"cast_copy: destination has {dst.numel()} elements but the source has {src.numel()}; they must match"
@@ -99,7 +100,7 @@ def cast_copy_many(
     code = _mode(mode)
     if _backend == "extension":
         with _on_stream(srcs[0] if srcs else None, stream):
-            return torch.ops.marstore.cast_copy_many.default(srcs, dst, offsets, code)
+            return _C.cast_copy_many(srcs, dst, offsets, code)
     return _torch_cast_copy_many(srcs, dst, offsets, stream)
 
 

@@ -122,6 +122,38 @@ def test_large_tensor_uses_every_path(backend):
     assert counts.tolist() == expected_counts(src, torch.float16)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_work_split_does_not_change_bytes_or_counts(backend, threads):
+    # The CPU pass splits work by thread count; counts from every piece must add up.
+    srcs = [random_values(torch.float32, 70_001, seed=9), random_values(torch.bfloat16, 40_000, seed=10)]
+    srcs[0][[5, 35_000, 70_000]] = torch.tensor([float("inf"), 7e4, float("nan")])
+    srcs[1][39_999] = float("-inf")
+    offsets, total = ops.aligned_offsets(srcs, torch.float16)
+    dst = torch.empty(total, dtype=torch.float16)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        counts = ops.cast_copy_many(srcs, dst, offsets)
+    finally:
+        torch.set_num_threads(previous)
+    for s, off in zip(srcs, offsets):
+        assert as_bytes(dst[off : off + s.numel()]) == as_bytes(s.to(torch.float16))
+    assert counts.tolist() == [expected_counts(s, torch.float16) for s in srcs]
+
+
+def test_direct_entries_match_the_registered_operators():
+    if ops._C is None:
+        pytest.skip("extension not built")
+    src = torch.randn(10_000, generator=torch.Generator().manual_seed(11)).requires_grad_()
+    with torch.no_grad():
+        src[7] = 1e5
+    a, b = torch.empty(10_000, dtype=torch.float16), torch.empty(10_000, dtype=torch.float16)
+    direct = ops._C.cast_copy(src, a, 0)
+    registered = torch.ops.marstore.cast_copy(src.detach(), b, 0)
+    assert as_bytes(a) == as_bytes(b) and direct.tolist() == registered.tolist() == [0, 1]
+    assert not direct.requires_grad
+
+
 def test_many_fills_regions_and_leaves_gaps(backend):
     srcs = [
         random_values(torch.float32, 1000, 1),
