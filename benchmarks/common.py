@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from typing import Callable
@@ -28,14 +29,16 @@ def compare(fns: dict[str, Callable[[], object]], repeats: int, cuda: bool = Fal
     """Median wall time in seconds of each fn, timed in interleaved rounds so that drifts of
     the machine (clock, other load) hit every contender alike; synchronised when cuda.
 
-    The order rotates every round: a contender that runs right after another one that
-    reads the same source finds it in cache, and one that follows an allocating contender
-    finds the cache stirred; rotating gives every contender every position equally often."""
+    The order is shuffled every round (seeded): a contender that runs right after another
+    that wrote the same destination finds it in cache, and one that follows an allocating
+    contender finds the cache stirred. A fixed or rotating order keeps those neighbours the
+    same; a shuffled one gives every contender every neighbour alike."""
     times: dict[str, list[float]] = {name: [] for name in fns}
+    order = random.Random(0)
     names = list(fns)
     for rnd in range(repeats + 1):
-        shift = rnd % len(names)
-        for name in names[shift:] + names[:shift]:
+        order.shuffle(names)
+        for name in names:
             fn = fns[name]
             if cuda:
                 torch.cuda.synchronize()
