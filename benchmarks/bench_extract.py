@@ -7,7 +7,10 @@ Each way runs in its own process over the same in-memory batches (the same DataL
   users     forward hooks that append `out.half().cpu()` to lists, pickled at the end
   marstore  marstore.extract.extract(): hooks -> transfer ring -> store writer thread
 marstore and users also run with a quarter of the rows, to show whose peak RSS grows.
-marstore_vs_bare is marstore's rows/s over the bare forward's.
+marstore_vs_bare is marstore's rows/s over the bare forward's. The disk's write speed is
+measured in the same directory (sequential writes, then fsync), so that marstore's MB/s can
+be read against it: marstore can keep up with the bare forward only while the model makes
+fewer bytes per second than the disk takes.
 """
 
 from __future__ import annotations
@@ -100,6 +103,21 @@ def run_way(way: str, rows: int, args, out: str) -> dict:
             "mb_per_s": nbytes / seconds / 2**20, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def disk_write_mb_s(directory: str, megabytes: int) -> float:
+    """MB/s of a sequential write of fresh bytes, fsync included (the disk, not the page cache)."""
+    block = os.urandom(8 << 20)
+    path = os.path.join(directory, "disk-speed.bin")
+    start = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(max(1, megabytes // 8)):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - start
+    os.remove(path)
+    return max(1, megabytes // 8) * 8 / seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rows")
@@ -113,7 +131,8 @@ def main() -> None:
     parser.add_argument("--grid", type=int, default=4, help="tokens per frame side (4 frames of grid x grid)")
     parser.add_argument("--reduction", default="none")
     parser.add_argument("--layers", nargs="+", default=["encoder_blocks.*", "decoder_blocks.*"])
-    parser.add_argument("--dir", default=None)
+    parser.add_argument("--dir", default=None, help="where the stores are written (default: a temporary directory)")
+    parser.add_argument("--disk-mb", type=int, default=None, help="MB written to measure the disk (default 1024, --quick 256)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -126,6 +145,7 @@ def main() -> None:
     passthrough += ["--layers", *args.layers]
     results = {}
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        disk = disk_write_mb_s(tmp, args.disk_mb or (256 if args.quick else 1024))
         for way, n in (("bare", rows), ("users", rows), ("marstore", rows), ("users", rows // 4), ("marstore", rows // 4)):
             name = way if n == rows else f"{way}@{n}"
             out = subprocess.run([sys.executable, __file__, "--child", way, str(n), os.path.join(tmp, name + ".out"), *passthrough],
@@ -143,8 +163,10 @@ def main() -> None:
             "marstore_vs_users_way": results["marstore"]["rows_per_s"] / results["users"]["rows_per_s"],
         },
         "peak_rss_mb": {name: r["peak_rss_mb"] for name, r in results.items()},
+        "disk_write_mb_s": disk,
+        "marstore_mb_s_over_disk": results["marstore"]["mb_per_s"] / disk,
     }
-    print(f"device: {payload['device']}; model {payload['model']}; {rows} rows")
+    print(f"device: {payload['device']}; model {payload['model']}; {rows} rows; disk writes {disk:.0f} MB/s")
     print(f"{'way':<16} {'rows/s':>9} {'MB/s':>8} {'peak RSS MB':>12}")
     for name, r in results.items():
         print(f"{name:<16} {r['rows_per_s']:9.0f} {r['mb_per_s']:8.0f} {r['peak_rss_mb']:12.0f}")
