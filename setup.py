@@ -45,7 +45,7 @@ def _extension():
     print(f"marstore: building a {'CUDA' if use_cuda else 'CPU'} extension against torch "
           f"{torch.__version__}", file=sys.stderr)
 
-    sources = ["csrc/cast_copy.cpp", "csrc/checks.cpp", "csrc/module.cpp"]
+    sources = ["csrc/cast_copy.cpp", "csrc/channel_moments.cpp", "csrc/checks.cpp", "csrc/module.cpp"]
     macros = [("MARSTORE_TORCH_VERSION", f'"{torch.__version__}"')]
     # at::parallel_for is an OpenMP region compiled into our code: without -fopenmp it runs
     # serially. The libgomp.so.1 it links resolves to the one torch has already loaded.

@@ -104,6 +104,29 @@ def cast_copy_many(
     return _torch_cast_copy_many(srcs, dst, offsets, stream)
 
 
+def channel_moments(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel float64 (sum, sum of squares) of x - shift, x of shape (rows, channels) in
+    float16, bfloat16 or float32 on the CPU, shift float32 of shape (channels,).
+
+    Within a batch the sums run in float32 (blocks of rows in the extension, torch's pairwise
+    reduction here); a channel that holds a non-finite value, or whose squares pass float32's
+    range, gets non-finite sums, which tells the caller to recompute it exactly. The two
+    paths agree to float32 rounding, not to the bit."""
+    if _backend == "extension":
+        return torch.ops.marstore.channel_moments.default(x, shift)
+    if x.dim() != 2:
+        raise RuntimeError(f"channel_moments: x must be 2-D (rows, channels), got {x.dim()} dimensions")
+    if x.dtype not in SOURCE_DTYPES:
+        raise RuntimeError(
+            f"channel_moments: x dtype {x.dtype} is not supported; accepted: torch.float16, torch.bfloat16, torch.float32"
+        )
+    if shift.dtype != torch.float32 or shift.shape != (x.shape[1],):
+        raise RuntimeError(f"channel_moments: shift must be float32 of shape ({x.shape[1]},)")
+    d = x.to(torch.float32, copy=True)  # a copy even for float32: d is modified in place
+    d.sub_(shift)
+    return d.sum(0).double(), d.mul_(d).sum(0).double()
+
+
 def _mode(mode: str) -> int:
     code = _MODES.get(mode)
     if code is None:

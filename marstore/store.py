@@ -33,7 +33,7 @@ import h5py
 import numpy as np
 import torch
 
-from marstore import __version__
+from marstore import __version__, ops
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +127,11 @@ class _Moments:
     """Per-channel (last axis) count, mean and M2 of the finite stored values, combined batch
     by batch in float64 (Chan et al.), so that a resumed store ends with the same bits.
 
-    Within a batch the sums run in float32 with torch's pairwise reduction, on values shifted
-    by the running mean (which keeps M2 free of cancellation); float64 sums of float16 data
-    were 20x slower and would bound the writer. Channels holding a non-finite value (their
-    float32 sums are not finite) are recomputed exactly in float64 without those values."""
+    Within a batch the sums run in float32 (ops.channel_moments: one fused pass in the
+    extension) on values shifted by the running mean, which keeps M2 free of cancellation;
+    float64 sums of float16 data were 20x slower and would bound the writer. Channels holding
+    a non-finite value (their float32 sums are not finite) are recomputed exactly in float64
+    without those values."""
 
     def __init__(self, channels: int):
         self.count = np.zeros(channels, np.float64)
@@ -143,16 +144,12 @@ class _Moments:
         t = t.view(torch.bfloat16) if x.dtype == np.uint16 else t
         if t.shape[0] == 0:
             return 0
-        d = t.to(torch.float32, copy=True)  # a copy even for float32: d is modified in place
         # shift by the running mean, or by the first row for channels seen for the first time
         ref = torch.from_numpy(self.mean.astype(np.float32))
         unseen = torch.from_numpy(self.count == 0)
-        ref = torch.where(unseen, torch.nan_to_num(d[0], nan=0.0, posinf=0.0, neginf=0.0), ref)
-        d.sub_(ref)
-        s = d.sum(0).double()
-        bad = ~torch.isfinite(s)
-        ss = d.mul_(d).sum(0).double()
-        bad |= ~torch.isfinite(ss)
+        ref = torch.where(unseen, torch.nan_to_num(t[0].float(), nan=0.0, posinf=0.0, neginf=0.0), ref)
+        s, ss = ops.channel_moments(t, ref)
+        bad = ~torch.isfinite(s) | ~torch.isfinite(ss)
         n = torch.full_like(s, t.shape[0])
         nonfinite = 0
         if bool(bad.any()):

@@ -254,3 +254,42 @@ def test_direct_operator_checks_inputs_too():
         pytest.skip("extension not built")
     with pytest.raises(RuntimeError, match="source dtype torch.int64 is not supported"):
         torch.ops.marstore.cast_copy(torch.zeros(3, dtype=torch.int64), torch.empty(3, dtype=torch.float16), 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows, channels", [(1, 3), (7, 8), (600, 37), (1029, 256)])
+def test_channel_moments_match_float64(backend, dtype, rows, channels):
+    g = torch.Generator().manual_seed(rows + channels)
+    x = (torch.randn(rows, channels, generator=g) * 3 + 100).to(dtype)
+    shift = x[0].float()
+    s, q = ops.channel_moments(x, shift)
+    d = x.double() - shift.double()
+    assert s.dtype == q.dtype == torch.float64 and s.shape == q.shape == (channels,)
+    # float32 sums of values shifted near their mean: float32 rounding, relative to the scale
+    torch.testing.assert_close(s, d.sum(0), rtol=1e-5, atol=1e-5 * rows * 3)
+    torch.testing.assert_close(q, (d * d).sum(0), rtol=1e-5, atol=1e-5 * rows * 9)
+
+
+def test_channel_moments_flag_non_finite_channels(backend):
+    x = torch.ones(300, 20, dtype=torch.float16)
+    x[5, 3], x[299, 17], x[100, 9] = float("nan"), float("-inf"), 60000.0
+    s, q = ops.channel_moments(x.float() * 1e19, torch.zeros(20))  # squares past float32's range
+    assert (~torch.isfinite(q)).sum() == 20 and not torch.isfinite(s[3])
+    s, q = ops.channel_moments(x, torch.zeros(20))
+    bad = (~torch.isfinite(s) | ~torch.isfinite(q)).nonzero().flatten().tolist()
+    assert bad == [3, 17]
+    assert s[9].item() == 299 + 60000.0  # exact in float32
+    assert q[9].item() == pytest.approx(299 + 60000.0**2, rel=1e-7)  # 3.6e9 has a float32 step of 256
+
+
+@pytest.mark.parametrize(
+    "x, shift, message",
+    [
+        (torch.zeros(4), torch.zeros(4), "channel_moments: x must be 2-D (rows, channels), got 1 dimensions"),
+        (torch.zeros(2, 4, dtype=torch.float64), torch.zeros(4), "channel_moments: x dtype torch.float64 is not supported"),
+        (torch.zeros(2, 4), torch.zeros(3), "channel_moments: shift must be float32 of shape (4,)"),
+    ],
+)
+def test_channel_moments_errors(backend, x, shift, message):
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        ops.channel_moments(x, shift)

@@ -1,0 +1,157 @@
+// channel_moments: per-channel sums of a batch of rows, for the store's running statistics.
+//
+// channel_moments(x, shift) takes x of shape (rows, channels) in float16, bfloat16 or float32
+// and shift of shape (channels,) in float32, and returns float64 (sum, sum of squares) of
+// x - shift per channel. Rows are summed in float32 within blocks of kBlockRows (the values
+// are shifted by about their mean, so the block sums stay small), and the block sums in
+// float64. A non-finite value, or a square past float32's range, makes its channel's sums
+// non-finite; the caller recomputes those channels exactly. One pass over x, one thread:
+// the store's statistics thread calls it beside the HDF5 writer.
+
+#include <torch/library.h>
+
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define MARSTORE_X86 1
+#endif
+
+#include "cast_copy.h"
+
+namespace marstore {
+namespace {
+
+constexpr int64_t kBlockRows = 256;
+
+inline float to_float(float v) { return v; }
+inline float to_float(c10::Half v) { return static_cast<float>(v); }
+inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
+
+// Adds rows [0, rows) of x into the float32 accumulators, channels [from, channels).
+template <typename T>
+void accumulate_scalar(const T* x, int64_t rows, int64_t channels, int64_t from,
+                       const float* shift, float* s, float* q) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = x + r * channels;
+    for (int64_t c = from; c < channels; ++c) {
+      const float v = to_float(row[c]) - shift[c];
+      s[c] += v;
+      q[c] += v * v;
+    }
+  }
+}
+
+#ifdef MARSTORE_X86
+bool detect_avx2() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+         __builtin_cpu_supports("fma");
+}
+
+template <typename T>
+__attribute__((target("avx2,f16c,fma"))) inline __m256 load8(const T* p);
+template <>
+__attribute__((target("avx2,f16c,fma"))) inline __m256 load8<float>(const float* p) {
+  return _mm256_loadu_ps(p);
+}
+template <>
+__attribute__((target("avx2,f16c,fma"))) inline __m256 load8<c10::Half>(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+template <>
+__attribute__((target("avx2,f16c,fma"))) inline __m256 load8<c10::BFloat16>(const c10::BFloat16* p) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
+}
+
+// Four rows at a time, so that the accumulators are loaded and stored once per four rows.
+template <typename T>
+__attribute__((target("avx2,f16c,fma"))) int64_t accumulate_avx2(const T* x, int64_t rows,
+                                                                 int64_t channels, const float* shift,
+                                                                 float* s, float* q) {
+  const int64_t vec_channels = channels / 8 * 8;
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const T* row = x + r * channels;
+    for (int64_t c = 0; c < vec_channels; c += 8) {
+      const __m256 m = _mm256_loadu_ps(shift + c);
+      __m256 sum = _mm256_loadu_ps(s + c), sq = _mm256_loadu_ps(q + c);
+      for (int k = 0; k < 4; ++k) {
+        const __m256 v = _mm256_sub_ps(load8(row + k * channels + c), m);
+        sum = _mm256_add_ps(sum, v);
+        sq = _mm256_fmadd_ps(v, v, sq);
+      }
+      _mm256_storeu_ps(s + c, sum);
+      _mm256_storeu_ps(q + c, sq);
+    }
+  }
+  for (; r < rows; ++r) {
+    const T* row = x + r * channels;
+    for (int64_t c = 0; c < vec_channels; c += 8) {
+      const __m256 v = _mm256_sub_ps(load8(row + c), _mm256_loadu_ps(shift + c));
+      _mm256_storeu_ps(s + c, _mm256_add_ps(_mm256_loadu_ps(s + c), v));
+      _mm256_storeu_ps(q + c, _mm256_fmadd_ps(v, v, _mm256_loadu_ps(q + c)));
+    }
+  }
+  return vec_channels;  // the caller adds the remaining channels
+}
+#else
+bool detect_avx2() { return false; }
+#endif
+
+const bool kHaveAvx2 = detect_avx2();
+
+template <typename T>
+void moments(const T* x, int64_t rows, int64_t channels, const float* shift, double* sum,
+             double* sumsq) {
+  std::vector<float> s(channels), q(channels);
+  for (int64_t first = 0; first < rows; first += kBlockRows) {
+    const int64_t n = std::min(kBlockRows, rows - first);
+    const T* block = x + first * channels;
+    std::fill(s.begin(), s.end(), 0.f);
+    std::fill(q.begin(), q.end(), 0.f);
+    int64_t done = 0;
+#ifdef MARSTORE_X86
+    if (kHaveAvx2) done = accumulate_avx2(block, n, channels, shift, s.data(), q.data());
+#endif
+    accumulate_scalar(block, n, channels, done, shift, s.data(), q.data());
+    for (int64_t c = 0; c < channels; ++c) {
+      sum[c] += s[c];
+      sumsq[c] += q[c];
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> channel_moments_cpu(const at::Tensor& x, const at::Tensor& shift) {
+  TORCH_CHECK(x.dim() == 2, "channel_moments: x must be 2-D (rows, channels), got ", std::to_string(x.dim()), " dimensions");
+  const auto type = x.scalar_type();
+  TORCH_CHECK(type == at::kHalf || type == at::kBFloat16 || type == at::kFloat,
+              "channel_moments: x dtype ", dtype_name(type),
+              " is not supported; accepted: torch.float16, torch.bfloat16, torch.float32");
+  TORCH_CHECK(shift.scalar_type() == at::kFloat && shift.dim() == 1 && shift.size(0) == x.size(1),
+              "channel_moments: shift must be float32 of shape (", std::to_string(x.size(1)), ",)");
+  const auto xc = x.contiguous();
+  const auto sc = shift.contiguous();
+  const int64_t rows = x.size(0), channels = x.size(1);
+  auto sum = at::zeros({channels}, at::kDouble);
+  auto sumsq = at::zeros({channels}, at::kDouble);
+  const float* m = sc.const_data_ptr<float>();
+  double* s = sum.data_ptr<double>();
+  double* q = sumsq.data_ptr<double>();
+  if (type == at::kHalf) moments(xc.const_data_ptr<c10::Half>(), rows, channels, m, s, q);
+  else if (type == at::kBFloat16) moments(xc.const_data_ptr<c10::BFloat16>(), rows, channels, m, s, q);
+  else moments(xc.const_data_ptr<float>(), rows, channels, m, s, q);
+  return {sum, sumsq};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(marstore, m) {
+  m.def("channel_moments(Tensor x, Tensor shift) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(marstore, CPU, m) {
+  m.impl("channel_moments", &channel_moments_cpu);
+}
+
+}  // namespace marstore
