@@ -23,7 +23,7 @@
 namespace marstore {
 namespace {
 
-constexpr int64_t kGrain = 1 << 15;  // elements per work item: as torch's own copy, so 64K splits in two
+constexpr int64_t kGrain = 1 << 15;  // fewest elements a thread is given: torch's own grain
 // Above this many destination bytes, non-temporal stores skip reading the destination lines
 // into cache (the copy is streamed to a buffer that another thread reads much later).
 constexpr int64_t kStreamingBytes = 4 << 20;
@@ -244,25 +244,37 @@ void convert_all(at::TensorList srcs, const at::Tensor& dst, at::IntArrayRef off
     sources.push_back(s.contiguous());
     total += s.numel();
   }
-  // Work items no smaller than a thread's share: a thread then walks one long span per
-  // source, and the pass costs one fork/join however many sources there are.
-  const int64_t threads = at::get_num_threads();
-  const int64_t piece = std::max(kGrain, (total + threads - 1) / threads);
+  // The sources, end to end, are cut into one part per thread (at least kGrain elements
+  // each), so that every thread gets the same number of elements whatever the sizes, and
+  // the pass costs one fork/join however many sources there are. A part is a run of items,
+  // each a span of one source.
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total / kGrain));
+  const int64_t share = (total + parts - 1) / parts;
   struct Item {
     size_t tensor;
     int64_t begin, end;
     Counts counts;
   };
   c10::SmallVector<Item, 32> items;
+  c10::SmallVector<size_t, 16> first_item(parts + 1, 0);  // items of part p: [first_item[p], first_item[p + 1])
+  int64_t base = 0;  // position of the current source's first element in the whole stream
   for (size_t t = 0; t < sources.size(); ++t) {
     const int64_t n = sources[t].numel();
-    for (int64_t b = 0; b < n; b += piece) items.push_back({t, b, std::min(n, b + piece), {}});
+    for (int64_t b = 0; b < n;) {
+      const int64_t part = (base + b) / share;
+      const int64_t e = std::min(n, (part + 1) * share - base);
+      items.push_back({t, b, e, {}});
+      first_item[part + 1] = items.size();
+      b = e;
+    }
+    base += n;
   }
+  for (int64_t p = 1; p <= parts; ++p) first_item[p] = std::max(first_item[p], first_item[p - 1]);
   const auto dst_type = dst.scalar_type();
   const bool streaming = total * dst.element_size() >= kStreamingBytes;
   char* dst_base = static_cast<char*>(dst.data_ptr());
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t k = lo; k < hi; ++k) {
+  at::parallel_for(0, parts, 1, [&](int64_t lo, int64_t hi) {
+    for (size_t k = first_item[lo]; k < first_item[hi]; ++k) {
       Item& it = items[k];
       convert_span(sources[it.tensor], dst_base + offsets[it.tensor] * dst.element_size(), dst_type,
                    it.begin, it.end, streaming, it.counts);

@@ -11,6 +11,8 @@ from typing import Callable
 import torch
 
 REBUILD_COMMAND = "pip install --no-build-isolation -e ."
+# What this package's Python calls in the module; a build from older sources lacks some.
+REQUIRED_ENTRIES = ("cast_copy", "cast_copy_many", "channel_moments")
 
 
 def load(import_module: Callable[[str], ModuleType] = importlib.import_module) -> tuple[ModuleType | None, str]:
@@ -23,9 +25,13 @@ def load(import_module: Callable[[str], ModuleType] = importlib.import_module) -
         status = f"marstore._C is not importable ({exc})"
     else:
         built_for = getattr(module, "torch_version", "unknown")
-        if built_for == torch.__version__:
+        missing = [name for name in REQUIRED_ENTRIES if not hasattr(module, name)]
+        if built_for != torch.__version__:
+            status = f"marstore._C was built for torch {built_for}, but torch {torch.__version__} is running"
+        elif missing:
+            status = f"marstore._C was built from older sources (it lacks {', '.join(missing)})"
+        else:
             return module, f"loaded, built for torch {built_for}"
-        status = f"marstore._C was built for torch {built_for}, but torch {torch.__version__} is running"
     warnings.warn(
         f"{status}; using the pure-torch path (same results, slower). Rebuild with: {REBUILD_COMMAND}",
         RuntimeWarning,

@@ -113,7 +113,7 @@ def channel_moments(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor,
     range, gets non-finite sums, which tells the caller to recompute it exactly. The two
     paths agree to float32 rounding, not to the bit."""
     if _backend == "extension":
-        return torch.ops.marstore.channel_moments.default(x, shift)
+        return _C.channel_moments(x, shift)
     if x.dim() != 2:
         raise RuntimeError(f"channel_moments: x must be 2-D (rows, channels), got {x.dim()} dimensions")
     if x.dtype not in SOURCE_DTYPES:

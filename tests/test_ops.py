@@ -124,10 +124,16 @@ def test_large_tensor_uses_every_path(backend):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_work_split_does_not_change_bytes_or_counts(backend, threads):
-    # The CPU pass splits work by thread count; counts from every piece must add up.
-    srcs = [random_values(torch.float32, 70_001, seed=9), random_values(torch.bfloat16, 40_000, seed=10)]
+    # The CPU pass cuts the sources, end to end, into one part per thread, splitting a source
+    # where a part ends; the counts of every piece must add up.
+    srcs = [
+        random_values(torch.float32, 70_001, seed=9),
+        torch.empty(0),
+        random_values(torch.float32, 7, seed=12),
+        random_values(torch.bfloat16, 40_000, seed=10),
+    ]
     srcs[0][[5, 35_000, 70_000]] = torch.tensor([float("inf"), 7e4, float("nan")])
-    srcs[1][39_999] = float("-inf")
+    srcs[3][39_999] = float("-inf")
     offsets, total = ops.aligned_offsets(srcs, torch.float16)
     dst = torch.empty(total, dtype=torch.float16)
     previous = torch.get_num_threads()
@@ -241,8 +247,15 @@ def test_fallback_when_extension_was_built_for_another_torch():
     assert module is None
 
 
+def test_fallback_when_extension_was_built_from_older_sources():
+    older = SimpleNamespace(torch_version=torch.__version__, cast_copy=None, cast_copy_many=None)
+    with pytest.warns(RuntimeWarning, match=re.escape("built from older sources (it lacks channel_moments); using the pure-torch path")):
+        module, status = _extension.load(lambda name: older)
+    assert module is None and status == "marstore._C was built from older sources (it lacks channel_moments)"
+
+
 def test_matching_extension_loads_without_warning():
-    current = SimpleNamespace(torch_version=torch.__version__)
+    current = SimpleNamespace(torch_version=torch.__version__, cast_copy=None, cast_copy_many=None, channel_moments=None)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         module, status = _extension.load(lambda name: current)
