@@ -13,12 +13,8 @@
 #include <algorithm>
 #include <cstring>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define MARSTORE_X86 1
-#endif
-
 #include "cast_copy.h"
+#include "cpu_vec.h"
 
 namespace marstore {
 namespace {
@@ -119,7 +115,7 @@ bool detect_f16c() {
 }
 
 // Eight float32 lanes -> eight float16 lanes (round to nearest even, as torch).
-__attribute__((target("avx2,f16c"))) inline __m128i convert8(__m256 x) {
+MARSTORE_AVX2 inline __m128i convert8(__m256 x) {
   return _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
@@ -128,45 +124,31 @@ __attribute__((target("avx2,f16c"))) inline __m128i convert8(__m256 x) {
 // whether a span needs exact counting (nearly never); it costs two operations per 16 values.
 constexpr uint16_t kHalfExpBits = 0x7c00;
 
-__attribute__((target("avx2,f16c"))) inline uint16_t lane_max16(__m256i v) {
+MARSTORE_AVX2 inline uint16_t lane_max16(__m256i v) {
   alignas(32) uint16_t lanes[16];
   _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), v);
   return *std::max_element(lanes, lanes + 16);
 }
 
-// Loads 8 source lanes as float32: from float32 directly, from bfloat16 by a 16-bit shift.
 template <typename Src>
-__attribute__((target("avx2,f16c"))) inline __m256 load8(const Src* p);
-template <>
-__attribute__((target("avx2,f16c"))) inline __m256 load8<float>(const float* p) {
-  return _mm256_loadu_ps(p);
-}
-template <>
-__attribute__((target("avx2,f16c"))) inline __m256 load8<uint16_t>(const uint16_t* p) {
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
-}
-
-template <typename Src>
-__attribute__((target("avx2,f16c"))) inline __m256i convert16(const Src* p) {
+MARSTORE_AVX2 inline __m256i convert16(const Src* p) {
   return _mm256_set_m128i(convert8(load8(p + 8)), convert8(load8(p)));
 }
 
 template <bool kStream>
-__attribute__((target("avx2,f16c"))) inline void store16(uint16_t* d, __m256i h) {
+MARSTORE_AVX2 inline void store16(uint16_t* d, __m256i h) {
   if (kStream) _mm256_stream_si256(reinterpret_cast<__m256i*>(d), h);
   else _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), h);
 }
 
 template <typename Src, bool kStream>
-__attribute__((target("avx2,f16c"))) void to_f16_avx2(const Src* s, uint16_t* d, int64_t n,
-                                                      Counts& c) {
+MARSTORE_AVX2 void to_f16_avx2(const Src* s, uint16_t* d, int64_t n, Counts& c) {
   constexpr bool kFloat = std::is_same_v<Src, float>;
   int64_t i = 0;
   if (kStream) {  // 32-byte streaming stores need a 32-byte aligned destination
     i = std::min<int64_t>(n, ((32 - reinterpret_cast<uintptr_t>(d) % 32) % 32) / sizeof(uint16_t));
     if constexpr (kFloat) f32_to_f16_scalar(s, d, i, c);
-    else bf16_to_f16_scalar(s, d, i, c);
+    else bf16_to_f16_scalar(reinterpret_cast<const uint16_t*>(s), d, i, c);
   }
   const int64_t vec_begin = i;
   const __m256i magnitude = _mm256_set1_epi16(0x7fff);
@@ -186,12 +168,14 @@ __attribute__((target("avx2,f16c"))) void to_f16_avx2(const Src* s, uint16_t* d,
   }
   if (lane_max16(largest) >= kHalfExpBits) {  // rare: count this span exactly
     for (int64_t k = vec_begin; k < i; ++k) {
-      const uint32_t bits = kFloat ? bits_of(s[k]) : static_cast<uint32_t>(s[k]) << 16;
+      uint32_t bits;
+      if constexpr (kFloat) bits = bits_of(s[k]);
+      else bits = static_cast<uint32_t>(s[k].x) << 16;
       count_float(bits, kHalfOverflowBits, c);
     }
   }
   if constexpr (kFloat) f32_to_f16_scalar(s + i, d + i, n - i, c);
-  else bf16_to_f16_scalar(s + i, d + i, n - i, c);
+  else bf16_to_f16_scalar(reinterpret_cast<const uint16_t*>(s + i), d + i, n - i, c);
 }
 #else
 bool detect_f16c() { return false; }
@@ -218,8 +202,9 @@ void convert_span(const at::Tensor& src, void* dst_base, at::ScalarType dst_type
         return streaming ? to_f16_avx2<float, true>(s32, d16, n, c)
                          : to_f16_avx2<float, false>(s32, d16, n, c);
       }
-      return streaming ? to_f16_avx2<uint16_t, true>(s16, d16, n, c)
-                       : to_f16_avx2<uint16_t, false>(s16, d16, n, c);
+      const auto* bf16 = reinterpret_cast<const c10::BFloat16*>(s);
+      return streaming ? to_f16_avx2<c10::BFloat16, true>(bf16, d16, n, c)
+                       : to_f16_avx2<c10::BFloat16, false>(bf16, d16, n, c);
     }
 #endif
     if (src_type == at::kFloat) return f32_to_f16_scalar(s32, d16, n, c);

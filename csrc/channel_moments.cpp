@@ -12,12 +12,8 @@
 
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define MARSTORE_X86 1
-#endif
-
 #include "cast_copy.h"
+#include "cpu_vec.h"
 
 namespace marstore {
 namespace {
@@ -46,22 +42,6 @@ void accumulate_scalar(const T* x, int64_t rows, int64_t channels, int64_t from,
 bool detect_avx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
          __builtin_cpu_supports("fma");
-}
-
-template <typename T>
-__attribute__((target("avx2,f16c,fma"))) inline __m256 load8(const T* p);
-template <>
-__attribute__((target("avx2,f16c,fma"))) inline __m256 load8<float>(const float* p) {
-  return _mm256_loadu_ps(p);
-}
-template <>
-__attribute__((target("avx2,f16c,fma"))) inline __m256 load8<c10::Half>(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-template <>
-__attribute__((target("avx2,f16c,fma"))) inline __m256 load8<c10::BFloat16>(const c10::BFloat16* p) {
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
 }
 
 // Four rows at a time, so that the accumulators are loaded and stored once per four rows.
