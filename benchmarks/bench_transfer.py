@@ -3,13 +3,16 @@
     python benchmarks/bench_transfer.py [--quick] [--json PATH]
 
 For each size (source float32 bytes), the same source and preallocated destination go through:
-  marstore   ops.cast_copy(src, dst)              (the fused cast + copy, with counts)
+  marstore   ops.cast_copy(src, dst, counts=c)    (the fused cast + copy, counts into a kept
+                                                  tensor, as the transfer ring calls it)
+  alloc      ops.cast_copy(src, dst)              (the same, with a new counts tensor each call)
   copy_      dst.copy_(src)                       (torch's own fused path: the strongest baseline)
   users      src.half().cpu()                     (what users' scripts do)
   limit      dst16.copy_(src16)                   (a same-dtype copy of the float16 bytes)
 Ratios are the other way's time over marstore's for the same elements: above 1, marstore is
 faster. The multi-tensor case copies 24 tensors of 256 KB: one cast_copy_many against a loop of
 copy_ into the same regions. On a GPU, the direct-write and staged modes are timed as well.
+The contenders run in a shuffled order every round (benchmarks/common.py says why).
 """
 
 from __future__ import annotations
@@ -35,15 +38,17 @@ def measure_size(size: int, device: str, cuda: bool, quick: bool) -> dict:
     src16 = src.half()
     dst = torch.empty(n, dtype=torch.float16, pin_memory=cuda)
     dst16 = torch.empty(n, dtype=torch.float16, pin_memory=cuda)
+    counts = torch.empty(2, dtype=torch.int64, device=device)
     fns = {
-        "marstore": lambda: ops.cast_copy(src, dst),
+        "marstore": lambda: ops.cast_copy(src, dst, counts=counts),
+        "alloc": lambda: ops.cast_copy(src, dst),
         "copy_": lambda: dst.copy_(src, non_blocking=cuda),
         "users": lambda: src.half().cpu(),
         "limit": lambda: dst16.copy_(src16, non_blocking=cuda),
     }
     if cuda:
-        fns["direct"] = lambda: ops.cast_copy(src, dst, mode="direct")
-        fns["staged"] = lambda: ops.cast_copy(src, dst, mode="staged")
+        fns["direct"] = lambda: ops.cast_copy(src, dst, counts=counts, mode="direct")
+        fns["staged"] = lambda: ops.cast_copy(src, dst, counts=counts, mode="staged")
     t = compare(fns, repeats, cuda)
     return {"bytes": size, "seconds": t, "gbps": {k: size / v / 1e9 for k, v in t.items()}}
 
@@ -65,10 +70,12 @@ def run(quick: bool) -> dict:
         for r, s in zip(regions, srcs):
             r.copy_(s, non_blocking=cuda)
 
+    multi_counts = torch.empty(len(srcs), 2, dtype=torch.int64, device=device)
     repeats = 100 if quick else 300
     multi = compare(
         {
-            "marstore": lambda: ops.cast_copy_many(srcs, dst, offsets),
+            "marstore": lambda: ops.cast_copy_many(srcs, dst, offsets, counts=multi_counts),
+            "alloc": lambda: ops.cast_copy_many(srcs, dst, offsets),
             "copy_loop": copy_loop,
             "users": lambda: [s.half().cpu() for s in srcs],
         },
@@ -82,6 +89,8 @@ def run(quick: bool) -> dict:
         "single_ge_4MB_vs_limit_min": min(r["seconds"]["limit"] / r["seconds"]["marstore"] for r in big),
         "multi_vs_copy_loop": multi["copy_loop"] / multi["marstore"],
         "multi_vs_users": multi["users"] / multi["marstore"],
+        "single_ge_4MB_alloc_vs_copy_min": min(r["seconds"]["copy_"] / r["seconds"]["alloc"] for r in big),
+        "multi_alloc_vs_copy_loop": multi["copy_loop"] / multi["alloc"],
     }
     return {"device": machine(), "backend": ops.backend(), "quick": quick, "single": rows, "multi_24x256KB": multi, "ratios": ratios}
 
@@ -94,16 +103,17 @@ def main() -> None:
     result = run(args.quick)
     modes = torch.cuda.is_available()
     print(f"device: {result['device']} (operators: {result['backend']})")
-    head = f"{'size':>8} {'marstore':>9} {'copy_':>8} {'users':>8} {'limit':>8}" + (f" {'direct':>8} {'staged':>8}" if modes else "") + "   GB/s of source bytes"
+    head = f"{'size':>8} {'marstore':>9} {'alloc':>8} {'copy_':>8} {'users':>8} {'limit':>8}" + (f" {'direct':>8} {'staged':>8}" if modes else "") + "   GB/s of source bytes"
     print(head)
     for r in result["single"]:
         g = r["gbps"]
-        line = f"{_size(r['bytes']):>8} {g['marstore']:9.2f} {g['copy_']:8.2f} {g['users']:8.2f} {g['limit']:8.2f}"
+        line = f"{_size(r['bytes']):>8} {g['marstore']:9.2f} {g['alloc']:8.2f} {g['copy_']:8.2f} {g['users']:8.2f} {g['limit']:8.2f}"
         if modes:
             line += f" {g['direct']:8.2f} {g['staged']:8.2f}"
         print(line)
     m = result["multi_24x256KB"]
-    print(f"24 x 256 KB: marstore {m['marstore'] * 1e6:.0f} us, copy_ loop {m['copy_loop'] * 1e6:.0f} us, users {m['users'] * 1e6:.0f} us")
+    print(f"24 x 256 KB: marstore {m['marstore'] * 1e6:.0f} us, alloc {m['alloc'] * 1e6:.0f} us, "
+          f"copy_ loop {m['copy_loop'] * 1e6:.0f} us, users {m['users'] * 1e6:.0f} us")
     finish(result, args.json)
 
 

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 
 #include "cast_copy.h"
@@ -19,7 +20,8 @@
 namespace marstore {
 namespace {
 
-constexpr int64_t kGrain = 1 << 15;  // fewest elements a thread is given: torch's own grain
+constexpr int64_t kGrain = 1 << 15;  // fewest elements in a work item: torch's own grain
+constexpr int64_t kItemsPerThread = 8;
 // Above this many destination bytes, non-temporal stores skip reading the destination lines
 // into cache (the copy is streamed to a buffer that another thread reads much later).
 constexpr int64_t kStreamingBytes = 4 << 20;
@@ -229,40 +231,34 @@ void convert_all(at::TensorList srcs, const at::Tensor& dst, at::IntArrayRef off
     sources.push_back(s.contiguous());
     total += s.numel();
   }
-  // The sources, end to end, are cut into one part per thread (at least kGrain elements
-  // each), so that every thread gets the same number of elements whatever the sizes, and
-  // the pass costs one fork/join however many sources there are. A part is a run of items,
-  // each a span of one source.
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total / kGrain));
-  const int64_t share = (total + parts - 1) / parts;
+  // Items are spans of one source, about an eighth of a thread's share (at least kGrain
+  // elements), handed out one at a time from a shared counter: a thread that starts late or
+  // runs on a slower core (a VM's vCPUs are not alike) takes fewer, where an even static
+  // split waits for the slowest. One fork/join covers all sources, however many.
+  const int64_t threads = at::get_num_threads();
+  const int64_t piece = std::max(kGrain, total / (threads * kItemsPerThread));
   struct Item {
     size_t tensor;
     int64_t begin, end;
     Counts counts;
   };
   c10::SmallVector<Item, 32> items;
-  c10::SmallVector<size_t, 16> first_item(parts + 1, 0);  // items of part p: [first_item[p], first_item[p + 1])
-  int64_t base = 0;  // position of the current source's first element in the whole stream
   for (size_t t = 0; t < sources.size(); ++t) {
     const int64_t n = sources[t].numel();
-    for (int64_t b = 0; b < n;) {
-      const int64_t part = (base + b) / share;
-      const int64_t e = std::min(n, (part + 1) * share - base);
-      items.push_back({t, b, e, {}});
-      first_item[part + 1] = items.size();
-      b = e;
-    }
-    base += n;
+    for (int64_t b = 0; b < n; b += piece) items.push_back({t, b, std::min(n, b + piece), {}});
   }
-  for (int64_t p = 1; p <= parts; ++p) first_item[p] = std::max(first_item[p], first_item[p - 1]);
   const auto dst_type = dst.scalar_type();
   const bool streaming = total * dst.element_size() >= kStreamingBytes;
   char* dst_base = static_cast<char*>(dst.data_ptr());
-  at::parallel_for(0, parts, 1, [&](int64_t lo, int64_t hi) {
-    for (size_t k = first_item[lo]; k < first_item[hi]; ++k) {
+  std::atomic<size_t> next{0};
+  const int64_t workers = std::min<int64_t>(threads, static_cast<int64_t>(items.size()));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (size_t k; (k = next.fetch_add(1, std::memory_order_relaxed)) < items.size();) {
       Item& it = items[k];
+      Counts c;  // local: items of different threads share cache lines
       convert_span(sources[it.tensor], dst_base + offsets[it.tensor] * dst.element_size(), dst_type,
-                   it.begin, it.end, streaming, it.counts);
+                   it.begin, it.end, streaming, c);
+      it.counts = c;
     }
   });
 #ifdef MARSTORE_X86
@@ -275,35 +271,51 @@ void convert_all(at::TensorList srcs, const at::Tensor& dst, at::IntArrayRef off
   }
 }
 
-at::Tensor cast_copy_many_cpu(at::TensorList srcs, const at::Tensor& dst, at::IntArrayRef offsets,
-                              int64_t /*mode*/) {
+void cast_copy_many_into_cpu(at::TensorList srcs, const at::Tensor& dst, at::IntArrayRef offsets,
+                             const at::Tensor& counts, int64_t /*mode*/) {
   check_destination("cast_copy_many", srcs, dst, offsets);
-  auto result = at::empty({static_cast<int64_t>(srcs.size()), 2}, at::kLong);
-  convert_all(srcs, dst, offsets, result.data_ptr<int64_t>());
-  return result;
+  check_counts("cast_copy_many", srcs, counts);
+  convert_all(srcs, dst, offsets, counts.data_ptr<int64_t>());
 }
 
-at::Tensor cast_copy_cpu(const at::Tensor& src, const at::Tensor& dst, int64_t /*mode*/) {
+at::Tensor cast_copy_many_cpu(at::TensorList srcs, const at::Tensor& dst, at::IntArrayRef offsets,
+                              int64_t mode) {
+  auto counts = at::empty({static_cast<int64_t>(srcs.size()), 2}, at::kLong);
+  cast_copy_many_into_cpu(srcs, dst, offsets, counts, mode);
+  return counts;
+}
+
+void cast_copy_into_cpu(const at::Tensor& src, const at::Tensor& dst, const at::Tensor& counts,
+                        int64_t mode) {
   check_single(src, dst);
-  const int64_t offset = 0;
-  check_destination("cast_copy_many", src, dst, offset);
-  auto result = at::empty({2}, at::kLong);
-  convert_all(src, dst, offset, result.data_ptr<int64_t>());
-  return result;
+  cast_copy_many_into_cpu(src, dst, {0}, counts, mode);
+}
+
+at::Tensor cast_copy_cpu(const at::Tensor& src, const at::Tensor& dst, int64_t mode) {
+  auto counts = at::empty({2}, at::kLong);
+  cast_copy_into_cpu(src, dst, counts, mode);
+  return counts;
 }
 
 }  // namespace
 
 bool cpu_has_f16c() { return kHaveF16C; }
 
+// The _into forms write the counts into a tensor the caller keeps (int64, 2 per source, on
+// the sources' device) instead of allocating one per call: allocating and wrapping a new
+// tensor was the largest part of a call's fixed cost once the caches had gone cold.
 TORCH_LIBRARY(marstore, m) {
   m.def("cast_copy(Tensor src, Tensor(a!) dst, int mode=0) -> Tensor");
   m.def("cast_copy_many(Tensor[] srcs, Tensor(a!) dst, int[] offsets, int mode=0) -> Tensor");
+  m.def("cast_copy_into(Tensor src, Tensor(a!) dst, Tensor(b!) counts, int mode=0) -> ()");
+  m.def("cast_copy_many_into(Tensor[] srcs, Tensor(a!) dst, int[] offsets, Tensor(b!) counts, int mode=0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(marstore, CPU, m) {
   m.impl("cast_copy", &cast_copy_cpu);
   m.impl("cast_copy_many", &cast_copy_many_cpu);
+  m.impl("cast_copy_into", &cast_copy_into_cpu);
+  m.impl("cast_copy_many_into", &cast_copy_many_into_cpu);
 }
 
 }  // namespace marstore

@@ -21,6 +21,10 @@ void check_pair(const char* op, at::ScalarType src, at::ScalarType dst);
 void check_destination(const char* op, at::TensorList srcs, const at::Tensor& dst,
                        at::IntArrayRef offsets);
 
+// The counts tensor of the _into forms: contiguous int64, 2 elements per source, on the
+// sources' device.
+void check_counts(const char* op, at::TensorList srcs, const at::Tensor& counts);
+
 // cast_copy's own check: one source, a destination of the same element count.
 void check_single(const at::Tensor& src, const at::Tensor& dst);
 

@@ -79,6 +79,16 @@ void check_destination(const char* op, at::TensorList srcs, const at::Tensor& ds
   }
 }
 
+void check_counts(const char* op, at::TensorList srcs, const at::Tensor& counts) {
+  const auto device = srcs.empty() ? at::Device(at::kCPU) : srcs[0].device();
+  const int64_t want = 2 * static_cast<int64_t>(srcs.size());
+  TORCH_CHECK(counts.scalar_type() == at::kLong && counts.is_contiguous() && counts.numel() == want &&
+                  counts.device() == device,
+              op, ": counts must be a contiguous torch.int64 tensor of ", n(want), " elements (2 per source) on ",
+              device.str(), ", got ", dtype_name(counts.scalar_type()), " of ", n(counts.numel()),
+              " elements on ", counts.device().str());
+}
+
 void check_single(const at::Tensor& src, const at::Tensor& dst) {
   TORCH_CHECK(dst.numel() == src.numel(), "cast_copy: destination has ", n(dst.numel()),
               " elements but the source has ", n(src.numel()), "; they must match");

@@ -1,7 +1,7 @@
 // The Python module marstore._C: loading it registers the operators (torch.ops.marstore.*);
 // its attributes say what it was built against, so that Python can refuse a stale build.
 //
-// cast_copy, cast_copy_many and channel_moments here are direct entries to the same operators: they call the
+// The functions here are direct entries to the same operators: they call the
 // dispatcher from C++, which costs well under a microsecond, where torch.ops' Python
 // dispatch costs several (as much as the copy itself for a 64 KB activation).
 
@@ -33,6 +33,25 @@ at::Tensor cast_copy_many(const std::vector<at::Tensor>& srcs, const at::Tensor&
   return op.call(srcs, dst, offsets, mode);
 }
 
+void cast_copy_into(const at::Tensor& src, const at::Tensor& dst, const at::Tensor& counts, int64_t mode) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("marstore::cast_copy_into", "")
+          .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
+  op.call(src, dst, counts, mode);
+}
+
+void cast_copy_many_into(const std::vector<at::Tensor>& srcs, const at::Tensor& dst,
+                         const std::vector<int64_t>& offsets, const at::Tensor& counts, int64_t mode) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("marstore::cast_copy_many_into", "")
+          .typed<void(at::TensorList, const at::Tensor&, at::IntArrayRef, const at::Tensor&, int64_t)>();
+  op.call(srcs, dst, offsets, counts, mode);
+}
+
 std::tuple<at::Tensor, at::Tensor> channel_moments(const at::Tensor& x, const at::Tensor& shift) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   static const auto op =
@@ -60,6 +79,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("cast_copy_many", &marstore::cast_copy_many,
         "torch.ops.marstore.cast_copy_many without Python dispatch", py::arg("srcs"), py::arg("dst"),
         py::arg("offsets"), py::arg("mode") = 0);
+  m.def("cast_copy_into", &marstore::cast_copy_into,
+        "torch.ops.marstore.cast_copy_into without Python dispatch", py::arg("src"), py::arg("dst"),
+        py::arg("counts"), py::arg("mode") = 0);
+  m.def("cast_copy_many_into", &marstore::cast_copy_many_into,
+        "torch.ops.marstore.cast_copy_many_into without Python dispatch", py::arg("srcs"), py::arg("dst"),
+        py::arg("offsets"), py::arg("counts"), py::arg("mode") = 0);
   m.def("channel_moments", &marstore::channel_moments,
         "torch.ops.marstore.channel_moments without Python dispatch", py::arg("x"), py::arg("shift"));
 }

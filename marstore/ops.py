@@ -65,19 +65,33 @@ def aligned_offsets(srcs: Sequence[torch.Tensor], dst_dtype: torch.dtype, align_
     return offsets, cursor
 
 
-def cast_copy(src: torch.Tensor, dst: torch.Tensor, *, stream: torch.cuda.Stream | None = None, mode: str = "auto") -> torch.Tensor:
-    """Converts src into dst (same element count); returns int64 [nonfinite, overflow]."""
+def cast_copy(
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    *,
+    counts: torch.Tensor | None = None,
+    stream: torch.cuda.Stream | None = None,
+    mode: str = "auto",
+) -> torch.Tensor:
+    """Converts src into dst (same element count); returns int64 [nonfinite, overflow].
+
+    counts: a contiguous int64 tensor of 2 elements on src's device that receives the counts
+    and is returned, instead of a new tensor every call (the transfer ring keeps one a slot)."""
     code = _mode(mode)
     if _backend == "extension":
-        if stream is None or not src.is_cuda:
+        if stream is not None and src.is_cuda:
+            with torch.cuda.stream(stream):
+                return cast_copy(src, dst, counts=counts, mode=mode)
+        if counts is None:
             return _C.cast_copy(src, dst, code)
-        with torch.cuda.stream(stream):
-            return _C.cast_copy(src, dst, code)
+        _C.cast_copy_into(src, dst, counts, code)
+        return counts
     if dst.numel() != src.numel():
         raise RuntimeError(
             f"cast_copy: destination has {dst.numel()} elements but the source has {src.numel()}; they must match"
         )
-    return _torch_cast_copy_many([src], dst, [0], stream).view(2)
+    result = _torch_cast_copy_many([src], dst, [0], stream, counts)
+    return result.view(2) if counts is None else counts
 
 
 def cast_copy_many(
@@ -85,6 +99,7 @@ def cast_copy_many(
     dst: torch.Tensor,
     offsets: Sequence[int] | None = None,
     *,
+    counts: torch.Tensor | None = None,
     stream: torch.cuda.Stream | None = None,
     mode: str = "auto",
 ) -> torch.Tensor:
@@ -92,7 +107,7 @@ def cast_copy_many(
 
     offsets default to aligned_offsets(srcs, dst.dtype). Bytes of dst outside every region
     are left alone, except, for CUDA sources in staged mode, the gaps between regions (one DMA
-    copy moves the whole span): keep nothing there."""
+    copy moves the whole span): keep nothing there. counts: as for cast_copy, 2n elements."""
     srcs = list(srcs)
     if offsets is None:
         offsets = aligned_offsets(srcs, dst.dtype)[0]
@@ -100,8 +115,11 @@ def cast_copy_many(
     code = _mode(mode)
     if _backend == "extension":
         with _on_stream(srcs[0] if srcs else None, stream):
-            return _C.cast_copy_many(srcs, dst, offsets, code)
-    return _torch_cast_copy_many(srcs, dst, offsets, stream)
+            if counts is None:
+                return _C.cast_copy_many(srcs, dst, offsets, code)
+            _C.cast_copy_many_into(srcs, dst, offsets, counts, code)
+            return counts
+    return _torch_cast_copy_many(srcs, dst, offsets, stream, counts)
 
 
 def channel_moments(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,14 +207,23 @@ def _check(srcs: list[torch.Tensor], dst: torch.Tensor, offsets: list[int]) -> N
 
 
 def _torch_cast_copy_many(
-    srcs: list[torch.Tensor], dst: torch.Tensor, offsets: list[int], stream: torch.cuda.Stream | None
+    srcs: list[torch.Tensor],
+    dst: torch.Tensor,
+    offsets: list[int],
+    stream: torch.cuda.Stream | None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     _check(srcs, dst, offsets)
+    if out is not None:
+        _check_counts(srcs, out)
     if not srcs:
-        return torch.zeros(0, 2, dtype=torch.int64)
+        return torch.zeros(0, 2, dtype=torch.int64) if out is None else out
     flat = dst.view(-1)
     with _on_stream(srcs[0], stream):
-        counts = torch.zeros(len(srcs), 2, dtype=torch.int64, device=srcs[0].device)
+        if out is None:
+            counts = torch.zeros(len(srcs), 2, dtype=torch.int64, device=srcs[0].device)
+        else:
+            counts = out.view(len(srcs), 2).zero_()
         for i, (s, off) in enumerate(zip(srcs, offsets)):
             if s.numel() == 0:
                 continue
@@ -208,7 +235,18 @@ def _torch_cast_copy_many(
             region.view(s.shape).copy_(s, non_blocking=s.is_cuda)
             if s.dtype == torch.float16 and dst.dtype == torch.float32 and not s.is_cuda and counts[i, 0] > 0:
                 _requiet_nans(s.reshape(-1), region)
-        return counts
+        return counts if out is None else out
+
+
+def _check_counts(srcs: list[torch.Tensor], counts: torch.Tensor) -> None:
+    """The extension's check of a caller's counts tensor, with its message."""
+    device = srcs[0].device if srcs else torch.device("cpu")
+    want = 2 * len(srcs)
+    if counts.dtype != torch.int64 or not counts.is_contiguous() or counts.numel() != want or counts.device != device:
+        raise RuntimeError(
+            f"cast_copy_many: counts must be a contiguous torch.int64 tensor of {want} elements (2 per source) on "
+            f"{device}, got {counts.dtype} of {counts.numel()} elements on {counts.device}"
+        )
 
 
 def _requiet_nans(src: torch.Tensor, region: torch.Tensor) -> None:

@@ -43,7 +43,10 @@ class Slot:
         self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
         self.event = torch.cuda.Event() if ring.device.type == "cuda" else None
         self.layout: dict[str, tuple[int, torch.Size, torch.dtype]] = {}
+        # Counts of the last copy, one row per name, kept from batch to batch (the operators
+        # write into them); on the device first for CUDA sources, then copied to pinned memory.
         self._counts_host = torch.empty(0, 2, dtype=torch.int64)
+        self._counts_device: torch.Tensor | None = None
         self._counts_names: list[str] = []
         self.in_flight = False
 
@@ -166,35 +169,37 @@ class TransferRing:
 
     def _launch(self, slot: Slot, tensors: Mapping[str, torch.Tensor], layout: dict) -> None:
         slot.layout = layout
-        slot._counts_names = list(tensors)
         groups: dict[torch.dtype, list[str]] = {}
         for name in tensors:
             groups.setdefault(layout[name][2], []).append(name)
+        slot._counts_names = [name for names in groups.values() for name in names]  # rows in group order
+        rows = len(slot._counts_names)
+        if slot._counts_host.shape[0] != rows:
+            slot._counts_host = torch.empty(rows, 2, dtype=torch.int64, pin_memory=self.stream is not None)
         if self.stream is None:
-            counts = self._copy_groups(slot, tensors, groups)
-            slot._counts_host = counts
+            self._copy_groups(slot, tensors, groups, slot._counts_host)
             return
         producer = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(producer)
         with torch.cuda.stream(self.stream):
             for t in tensors.values():
                 t.record_stream(self.stream)
-            counts = self._copy_groups(slot, tensors, groups)
-            if slot._counts_host.shape[0] != counts.shape[0] or not slot._counts_host.is_pinned():
-                slot._counts_host = torch.empty(counts.shape, dtype=torch.int64, pin_memory=True)
-            slot._counts_host.copy_(counts, non_blocking=True)
+            if slot._counts_device is None or slot._counts_device.shape[0] != rows:
+                slot._counts_device = torch.empty(rows, 2, dtype=torch.int64, device=self.device)
+            self._copy_groups(slot, tensors, groups, slot._counts_device)
+            slot._counts_host.copy_(slot._counts_device, non_blocking=True)
             slot.event.record(self.stream)
 
-    def _copy_groups(self, slot: Slot, tensors, groups) -> torch.Tensor:
-        """One cast_copy_many per destination dtype; returns counts in the order of tensors."""
-        rows: dict[str, torch.Tensor] = {}
+    def _copy_groups(self, slot: Slot, tensors, groups, counts: torch.Tensor) -> None:
+        """One cast_copy_many per destination dtype, each writing its rows of counts."""
+        first = 0
         for dtype, names in groups.items():
             item = _itemsize(dtype)
             dst = slot.buffer[: slot.nbytes // item * item].view(dtype)
             offsets = [slot.layout[n][0] // item for n in names]
-            counts = ops.cast_copy_many([tensors[n] for n in names], dst, offsets)
-            rows.update(zip(names, counts))
-        return torch.stack([rows[n] for n in tensors]) if rows else torch.zeros(0, 2, dtype=torch.int64)
+            rows = counts[first : first + len(names)]
+            ops.cast_copy_many([tensors[n] for n in names], dst, offsets, counts=rows)
+            first += len(names)
 
     def _release(self, slot: Slot) -> None:
         with self._cond:

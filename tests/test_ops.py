@@ -160,6 +160,19 @@ def test_direct_entries_match_the_registered_operators():
     assert not direct.requires_grad
 
 
+def test_counts_into_a_kept_tensor(backend):
+    # The ring's form: the counts land in a tensor the caller keeps, overwritten every call.
+    srcs = [torch.tensor([1.0, float("nan"), 7e4]), torch.tensor([float("-inf"), 2.0])]
+    counts = torch.full((2, 2), -9, dtype=torch.int64)
+    dst = torch.empty(8, dtype=torch.float16)
+    for _ in range(2):
+        assert ops.cast_copy_many(srcs, dst, [0, 4], counts=counts) is counts
+        assert counts.tolist() == [[1, 1], [1, 0]]
+    assert as_bytes(dst[:3]) == as_bytes(srcs[0].half()) and as_bytes(dst[4:6]) == as_bytes(srcs[1].half())
+    one = torch.full((2,), -9, dtype=torch.int64)
+    assert ops.cast_copy(srcs[0], dst[:3], counts=one) is one and one.tolist() == [1, 1]
+
+
 def test_many_fills_regions_and_leaves_gaps(backend):
     srcs = [
         random_values(torch.float32, 1000, 1),
@@ -219,6 +232,20 @@ ERRORS = [
 ]
 
 
+ERRORS += [
+    (lambda: ops.cast_copy(torch.zeros(4), torch.empty(4, dtype=torch.float16), counts=torch.empty(2, dtype=torch.int32)),
+     "cast_copy_many: counts must be a contiguous torch.int64 tensor of 2 elements (2 per source) on cpu, got "
+     "torch.int32 of 2 elements on cpu"),
+    (lambda: ops.cast_copy_many([torch.zeros(4)] * 3, torch.empty(12, dtype=torch.float16), [0, 4, 8],
+                                counts=torch.empty(4, dtype=torch.int64)),
+     "cast_copy_many: counts must be a contiguous torch.int64 tensor of 6 elements (2 per source) on cpu, got "
+     "torch.int64 of 4 elements on cpu"),
+    (lambda: ops.cast_copy_many([torch.zeros(4)] * 2, torch.empty(8, dtype=torch.float16), [0, 4],
+                                counts=torch.empty(2, 4, dtype=torch.int64)[:, :2]),
+     "cast_copy_many: counts must be a contiguous torch.int64 tensor of 4 elements"),
+]
+
+
 @pytest.mark.parametrize("call,message", ERRORS, ids=[f"err{i}" for i in range(len(ERRORS))])
 def test_errors_name_the_input_and_the_fix(backend, call, message):
     with pytest.raises(RuntimeError) as info:
@@ -249,13 +276,14 @@ def test_fallback_when_extension_was_built_for_another_torch():
 
 def test_fallback_when_extension_was_built_from_older_sources():
     older = SimpleNamespace(torch_version=torch.__version__, cast_copy=None, cast_copy_many=None)
-    with pytest.warns(RuntimeWarning, match=re.escape("built from older sources (it lacks channel_moments); using the pure-torch path")):
+    lacks = "cast_copy_into, cast_copy_many_into, channel_moments"
+    with pytest.warns(RuntimeWarning, match=re.escape(f"built from older sources (it lacks {lacks}); using the pure-torch path")):
         module, status = _extension.load(lambda name: older)
-    assert module is None and status == "marstore._C was built from older sources (it lacks channel_moments)"
+    assert module is None and status == f"marstore._C was built from older sources (it lacks {lacks})"
 
 
 def test_matching_extension_loads_without_warning():
-    current = SimpleNamespace(torch_version=torch.__version__, cast_copy=None, cast_copy_many=None, channel_moments=None)
+    current = SimpleNamespace(torch_version=torch.__version__, **{name: None for name in _extension.REQUIRED_ENTRIES})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         module, status = _extension.load(lambda name: current)

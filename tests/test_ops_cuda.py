@@ -38,6 +38,22 @@ def test_cuda_many_and_non_contiguous(backend, mode):
     assert counts.cpu().tolist() == [expected_counts(s.cpu(), torch.float16) for s in srcs]
 
 
+@pytest.mark.parametrize("mode", ["direct", "staged"])
+def test_cuda_counts_into_a_kept_device_tensor(backend, mode):
+    srcs = [torch.tensor([1.0, float("nan"), 7e4], device="cuda"), torch.tensor([float("-inf"), 2.0], device="cuda")]
+    dst = torch.zeros(8, dtype=torch.float16).pin_memory()
+    counts = torch.full((2, 2), -9, dtype=torch.int64, device="cuda")
+    side = torch.cuda.Stream()
+    for _ in range(2):  # overwritten, not added to, on the stream the copy runs on
+        side.wait_stream(torch.cuda.current_stream())
+        assert ops.cast_copy_many(srcs, dst, [0, 4], counts=counts, stream=side, mode=mode) is counts
+        side.synchronize()
+        assert counts.cpu().tolist() == [[1, 1], [1, 0]]
+    assert as_bytes(dst[:3]) == as_bytes(srcs[0].half().cpu())
+    with pytest.raises(RuntimeError, match="counts must be a contiguous torch.int64 tensor of 4 elements .* on cuda:0, got torch.int64 of 4 elements on cpu"):
+        ops.cast_copy_many(srcs, dst, [0, 4], counts=torch.empty(4, dtype=torch.int64), mode=mode)
+
+
 def test_cuda_unpinned_destination_is_refused(backend):
     with pytest.raises(RuntimeError, match="destination is not pinned; a CUDA source needs a pinned host destination"):
         ops.cast_copy(torch.zeros(4, device="cuda"), torch.empty(4, dtype=torch.float16))

@@ -4,7 +4,8 @@
 // source, found from the per-source first-block table passed by value. The kernel writes
 // either straight into the pinned host destination (mapped into the device's address space),
 // or into a device staging buffer that one DMA copy then moves to the host. Both run on the
-// caller's current stream; the counts stay on the device for the caller to copy.
+// caller's current stream; the counts stay on the device for the caller to copy (the _into
+// forms write them into a tensor the caller keeps, zeroed here in stream order).
 
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -151,13 +152,14 @@ __global__ void __launch_bounds__(kThreads) cast_copy_kernel(const __grid_consta
   }
 }
 
-at::Tensor cast_copy_many_cuda(at::TensorList srcs, const at::Tensor& dst, at::IntArrayRef offsets,
-                               int64_t mode) {
+void cast_copy_many_into_cuda(at::TensorList srcs, const at::Tensor& dst, at::IntArrayRef offsets,
+                              const at::Tensor& counts, int64_t mode) {
   check_destination("cast_copy_many", srcs, dst, offsets);
+  check_counts("cast_copy_many", srcs, counts);
   TORCH_CHECK(mode == kAuto || mode == kDirect || mode == kStaged,
               "cast_copy_many: mode ", std::to_string(mode), " is not one of 0 (auto), 1 (direct), 2 (staged)");
   const int64_t n = static_cast<int64_t>(srcs.size());
-  if (n == 0) return at::zeros({0, 2}, at::kLong);
+  if (n == 0) return;
   const c10::cuda::CUDAGuard guard(srcs[0].device());
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t elem = dst.element_size();
@@ -174,10 +176,9 @@ at::Tensor cast_copy_many_cuda(at::TensorList srcs, const at::Tensor& dst, at::I
       hi = std::max(hi, offsets[i] + srcs[i].numel());
     }
   }
-  // cudaMemsetAsync costs the host less than at::zeros' fill kernel, on a path timed per call.
-  auto counts = at::empty({n, 2}, srcs[0].options().dtype(at::kLong));
+  // cudaMemsetAsync costs the host less than a fill kernel, on a path timed per call.
   C10_CUDA_CHECK(cudaMemsetAsync(counts.data_ptr(), 0, counts.nbytes(), stream));
-  if (hi <= lo) return counts;
+  if (hi <= lo) return;
 
   const int64_t span_bytes = (hi - lo) * elem;
   bool staged = mode == kStaged || (mode == kAuto && span_bytes > direct_max_bytes());
@@ -226,12 +227,26 @@ at::Tensor cast_copy_many_cuda(at::TensorList srcs, const at::Tensor& dst, at::I
     C10_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(dst.data_ptr()) + lo * elem,
                                    staging.data_ptr(), span_bytes, cudaMemcpyDeviceToHost, stream));
   }
+}
+
+at::Tensor cast_copy_many_cuda(at::TensorList srcs, const at::Tensor& dst, at::IntArrayRef offsets,
+                               int64_t mode) {
+  const auto options = srcs.empty() ? at::TensorOptions() : srcs[0].options();
+  auto counts = at::empty({static_cast<int64_t>(srcs.size()), 2}, options.dtype(at::kLong));
+  cast_copy_many_into_cuda(srcs, dst, offsets, counts, mode);
   return counts;
 }
 
-at::Tensor cast_copy_cuda(const at::Tensor& src, const at::Tensor& dst, int64_t mode) {
+void cast_copy_into_cuda(const at::Tensor& src, const at::Tensor& dst, const at::Tensor& counts,
+                         int64_t mode) {
   check_single(src, dst);
-  return cast_copy_many_cuda({src}, dst, {0}, mode).view({2});
+  cast_copy_many_into_cuda(src, dst, {0}, counts, mode);
+}
+
+at::Tensor cast_copy_cuda(const at::Tensor& src, const at::Tensor& dst, int64_t mode) {
+  auto counts = at::empty({2}, src.options().dtype(at::kLong));
+  cast_copy_into_cuda(src, dst, counts, mode);
+  return counts;
 }
 
 }  // namespace
@@ -239,6 +254,8 @@ at::Tensor cast_copy_cuda(const at::Tensor& src, const at::Tensor& dst, int64_t 
 TORCH_LIBRARY_IMPL(marstore, CUDA, m) {
   m.impl("cast_copy", &cast_copy_cuda);
   m.impl("cast_copy_many", &cast_copy_many_cuda);
+  m.impl("cast_copy_into", &cast_copy_into_cuda);
+  m.impl("cast_copy_many_into", &cast_copy_many_into_cuda);
 }
 
 }  // namespace marstore
