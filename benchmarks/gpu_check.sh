@@ -15,4 +15,4 @@ python -m pytest -q -rs ${TESTS:-tests} 2>&1 | tee "$OUT/pytest.log" | tail -15
 for cmd in "$@"; do bash -c "$cmd"; done
 echo "=== summary ==="
 grep -E "passed|failed" "$OUT/pytest.log" | tail -1
-[ -f "$OUT/transfer_gpu.txt" ] && tail -6 "$OUT/transfer_gpu.txt"
+[ -f "$OUT/transfer_gpu.txt" ] && grep -E "^[a-z0-9_]+: " "$OUT/transfer_gpu.txt"
