@@ -260,10 +260,12 @@ void convert_all(at::TensorList srcs, const at::Tensor& dst, at::IntArrayRef off
                    it.begin, it.end, streaming, c);
       it.counts = c;
     }
-  });
 #ifdef MARSTORE_X86
-  if (streaming) _mm_sfence();  // order the non-temporal stores before the caller reads dst
+    // Each thread orders its own non-temporal stores before the join that lets the caller
+    // (or the thread that reads the slot next) see dst.
+    if (streaming) _mm_sfence();
 #endif
+  });
   std::fill(counts_out, counts_out + 2 * sources.size(), 0);
   for (const Item& it : items) {
     counts_out[2 * it.tensor] += it.counts.nonfinite;
