@@ -57,6 +57,22 @@ def test_per_layer_destination_dtypes():
         assert as_bytes(out["encoder_blocks.0"]) == as_bytes(src["encoder_blocks.0"].half())
 
 
+def test_counts_by_name_across_dtype_groups_and_batches(backend):
+    # Rows of the kept counts tensor follow the dtype groups, not the order of the batch.
+    with TransferRing(num_slots=1, device="cpu") as ring:
+        for bad in (1, 3):
+            src = {
+                "a": torch.full((4, 8), float("nan")),
+                "b": torch.ones(4, 8, dtype=torch.bfloat16),
+                "c": torch.ones(4, 8),
+            }
+            src["c"].view(-1)[:bad] = 1e6
+            slot = ring.submit(src, dtype={"a": torch.float16, "b": torch.bfloat16, "c": torch.float16})
+            slot.wait()
+            assert slot.counts() == {"a": (32, 0), "c": (0, bad), "b": (0, 0)}
+            slot.release()
+
+
 def test_backpressure_blocks_until_a_slot_is_released():
     ring = TransferRing(num_slots=2, slot_bytes=4096, device="cpu")
     held = [ring.submit(batch(0)), ring.submit(batch(1))]
