@@ -6,7 +6,9 @@ Each way runs in its own process over the same in-memory batches (the same DataL
   bare      the forward alone, no hooks
   users     forward hooks that append `out.half().cpu()` to lists, pickled at the end
   marstore  marstore.extract.extract(): hooks -> transfer ring -> store writer thread
-marstore and users also run with a quarter of the rows, to show whose peak RSS grows.
+marstore and users also run with a quarter of the rows, to show whose peak RSS grows. The
+full-size ways run in --rounds rounds, shuffled; each figure is the median run. On the CPU
+every way runs with the malloc thresholds that marstore extract sets (--no-malloc-tuning: none).
 marstore_vs_bare is marstore's rows/s over the bare forward's. The disk's write speed is
 measured in the same directory (sequential writes, then fsync), so that marstore's MB/s can
 be read against it: marstore can keep up with the bare forward only while the model makes
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import pickle
+import random
 import resource
 import subprocess
 import sys
@@ -58,16 +61,19 @@ def model_args(args) -> dict:
 
 
 def run_way(way: str, rows: int, args, out: str) -> dict:
-    from marstore.extract import ExtractOptions, extract
+    from marstore.extract import ExtractOptions, extract, tune_malloc
     from marstore.models import policy_forward, video_mar
 
     device = torch.device(args.device)
     layers = args.layers
+    if device.type == "cpu" and not args.no_malloc_tuning and way != "marstore":
+        tune_malloc()  # what marstore extract does on the CPU, so that every way runs with it
     if way == "marstore":
         opts = ExtractOptions(out=out, model="marstore.models:video_mar", dataset="bench_extract:memory_dataset",
                               dataset_args={"size": rows, "grid": args.grid}, forward="marstore.models:policy_forward",
                               layers=layers, reduction=args.reduction, batch_size=args.batch_size, device=args.device,
-                              model_args=model_args(args), progress=False, commit_rows=1 << 30)
+                              model_args=model_args(args), progress=False, commit_rows=1 << 30,
+                              malloc_tuning=not args.no_malloc_tuning)
         result = extract(opts)  # its clock starts after the model is built and loaded, as below
         seconds, nbytes = result.seconds, result.bytes
     else:
@@ -132,6 +138,9 @@ def main() -> None:
     parser.add_argument("--reduction", default="none")
     parser.add_argument("--layers", nargs="+", default=["encoder_blocks.*", "decoder_blocks.*"])
     parser.add_argument("--dir", default=None, help="where the stores are written (default: a temporary directory)")
+    parser.add_argument("--no-malloc-tuning", action="store_true",
+                        help="leave glibc's malloc thresholds alone in every way (marstore extract sets them on the CPU)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of the full-size ways (default 3, --quick 1)")
     parser.add_argument("--disk-mb", type=int, default=None, help="MB written to measure the disk (default 1024, --quick 256)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -140,22 +149,39 @@ def main() -> None:
         print(json.dumps(run_way(way, int(rows), args, out)))
         return
     rows = args.rows or (1024 if args.quick else 4096)
+    args.rounds = args.rounds or (1 if args.quick else 3)
     passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                    if k in ("device", "batch_size", "embed_dim", "depth", "heads", "grid", "reduction")]
+    passthrough += ["--no-malloc-tuning"] if args.no_malloc_tuning else []
     passthrough += ["--layers", *args.layers]
     results = {}
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         disk = disk_write_mb_s(tmp, args.disk_mb or (256 if args.quick else 1024))
-        for way, n in (("bare", rows), ("users", rows), ("marstore", rows), ("users", rows // 4), ("marstore", rows // 4)):
+        # Rounds of the three full-size ways in a shuffled order: a machine whose speed drifts
+        # between processes (a VM) then slows every way alike, and the medians compare them.
+        runs: dict[str, list[dict]] = {}
+        order = random.Random(0)
+        plan = []
+        for _ in range(args.rounds):
+            ways = ["bare", "users", "marstore"]
+            order.shuffle(ways)
+            plan += [(way, rows) for way in ways]
+        for way, n in plan + [("users", rows // 4), ("marstore", rows // 4)]:
             name = way if n == rows else f"{way}@{n}"
-            out = subprocess.run([sys.executable, __file__, "--child", way, str(n), os.path.join(tmp, name + ".out"), *passthrough],
+            target = os.path.join(tmp, f"{name}.{len(runs.get(name, []))}.out")
+            out = subprocess.run([sys.executable, __file__, "--child", way, str(n), target, *passthrough],
                                  capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.path.dirname(__file__)))
             if out.returncode:
                 raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
-            results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+            os.sync()  # the next way must not share the CPU with the writeback of this one's file
+            runs.setdefault(name, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+        for name, rs in runs.items():
+            results[name] = dict(sorted(rs, key=lambda r: r["rows_per_s"])[len(rs) // 2])  # the median run
+            results[name]["rows_per_s_each_round"] = [r["rows_per_s"] for r in rs]
     payload = {
         "device": machine() + f" ({args.device})",
         "model": {k: getattr(args, k) for k in ("embed_dim", "depth", "heads", "grid", "batch_size", "reduction", "layers")},
+        "malloc_tuning": not args.no_malloc_tuning,
         "rows": rows,
         "results": results,
         "ratios": {

@@ -142,6 +142,8 @@ def _options_from(args: argparse.Namespace):
 
     merged["command"] = command_line()
     merged["progress"] = not args.no_progress
+    if args.no_malloc_tuning:
+        merged["malloc_tuning"] = False
     return ExtractOptions(**merged)
 
 
@@ -277,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--resume", action="store_true", help="continue an interrupted store (options must match)")
     ex.add_argument("--config", help="a YAML or JSON file with the same options")
     ex.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ex.add_argument("--no-malloc-tuning", action="store_true",
+                    help="on the CPU, leave glibc's malloc thresholds alone (by default freed memory is kept for reuse)")
     ex.set_defaults(func=_extract)
 
     pr = sub.add_parser("probe", help="train linear or MLP probes on a store's layers, with a control task")

@@ -12,6 +12,7 @@ what is written and raises Interrupted with the command that resumes.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import logging
@@ -82,12 +83,13 @@ class ExtractOptions:
     commit_rows: int = 4096
     resume: bool = False
     progress: bool = True
+    malloc_tuning: bool = True
     command: str | None = None
 
     def recorded(self) -> dict:
         """The options that must match for --resume (not where or how fast)."""
         d = asdict(self)
-        for key in ("resume", "progress", "workers", "slots", "command", "device", "out"):
+        for key in ("resume", "progress", "workers", "slots", "command", "device", "out", "malloc_tuning"):
             d.pop(key)
         return d
 
@@ -188,6 +190,27 @@ def _source_indices(n: int, limit: int | None, sample_seed: int | None) -> list[
     return list(range(min(n, limit) if limit else n))
 
 
+# glibc's malloc gives freed blocks above a moving threshold back to the OS and trims the top
+# of its heap. Activations held until their batch is copied then make the forward fault in
+# fresh pages every batch: the built-in model's forward ran 12-24% slower with its block
+# outputs held, and 3% slower with these thresholds fixed. The process keeps its peak heap.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MALLOC_SETTINGS = {"M_MMAP_THRESHOLD": 32 << 20, "M_TRIM_THRESHOLD": 1 << 30}
+
+
+def tune_malloc() -> bool:
+    """Keeps freed memory in the heap for reuse (glibc's mallopt); False where not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_SETTINGS["M_MMAP_THRESHOLD"])) and bool(
+        mallopt(_M_TRIM_THRESHOLD, MALLOC_SETTINGS["M_TRIM_THRESHOLD"])
+    )
+
+
 def resume_command(opts: ExtractOptions) -> str:
     base = opts.command or "marstore extract ..."
     return base if "--resume" in base else base + " --resume"
@@ -237,6 +260,12 @@ def extract(opts: ExtractOptions, on_batch: Callable[[int], None] | None = None)
 def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callable[[int], None] | None) -> ExtractResult:
     torch.manual_seed(opts.seed)
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu" and opts.malloc_tuning:
+        if tune_malloc():
+            log.info("malloc: freed memory kept for reuse (%s; --no-malloc-tuning leaves it alone)",
+                     ", ".join(f"{k}={v}" for k, v in MALLOC_SETTINGS.items()))
+        else:
+            log.info("malloc: thresholds left alone (mallopt is not available here)")
     if opts.dtype not in STORE_DTYPES:
         raise ExtractError(f"--dtype {opts.dtype!r}: use one of {sorted(STORE_DTYPES)}")
 

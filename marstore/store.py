@@ -140,27 +140,27 @@ class _Moments:
 
     def update(self, x: np.ndarray) -> int:
         """Adds a batch of rows; returns how many of its values are not finite."""
-        t = torch.from_numpy(np.ascontiguousarray(x).reshape(-1, self.count.shape[0]))
-        t = t.view(torch.bfloat16) if x.dtype == np.uint16 else t
-        if t.shape[0] == 0:
+        rows = np.ascontiguousarray(x).reshape(-1, self.count.shape[0])
+        if rows.shape[0] == 0:
             return 0
-        # shift by the running mean, or by the first row for channels seen for the first time
-        ref = torch.from_numpy(self.mean.astype(np.float32))
-        unseen = torch.from_numpy(self.count == 0)
-        ref = torch.where(unseen, torch.nan_to_num(t[0].float(), nan=0.0, posinf=0.0, neginf=0.0), ref)
-        s, ss = ops.channel_moments(t, ref)
-        bad = ~torch.isfinite(s) | ~torch.isfinite(ss)
-        n = torch.full_like(s, t.shape[0])
+        t = torch.from_numpy(rows)
+        t = t.view(torch.bfloat16) if x.dtype == np.uint16 else t
+        # shift by the running mean, or by the first row for channels seen for the first time;
+        # the per-channel bookkeeping is in numpy: small torch operations cost several times more
+        first = np.nan_to_num(t[0].float().numpy(), nan=0.0, posinf=0.0, neginf=0.0)
+        ref = np.where(self.count == 0, first, self.mean).astype(np.float32)
+        s, ss = (v.numpy() for v in ops.channel_moments(t, torch.from_numpy(ref)))
+        bad = ~(np.isfinite(s) & np.isfinite(ss))
+        n = np.full_like(s, rows.shape[0])
         nonfinite = 0
-        if bool(bad.any()):
-            cols = (t.float()[:, bad] - ref[bad]).double()
+        if bad.any():
+            cols = (t.float()[:, torch.from_numpy(bad)] - torch.from_numpy(ref[bad])).double()
             finite = torch.isfinite(cols)
             nonfinite = int(finite.numel() - finite.sum())
             cols = torch.where(finite, cols, 0.0)
-            n[bad], s[bad], ss[bad] = finite.sum(0).double(), cols.sum(0), (cols * cols).sum(0)
-        n, s, ss = n.numpy(), s.numpy(), ss.numpy()
+            n[bad], s[bad], ss[bad] = finite.sum(0).double().numpy(), cols.sum(0).numpy(), (cols * cols).sum(0).numpy()
         safe_n = np.maximum(n, 1)
-        batch_mean = ref.double().numpy() + s / safe_n
+        batch_mean = ref.astype(np.float64) + s / safe_n
         batch_m2 = np.maximum(ss - s * s / safe_n, 0.0)
         total = self.count + n
         delta = batch_mean - self.mean
