@@ -224,6 +224,18 @@ def _create_layer(root: h5py.Group, spec: LayerSpec) -> None:
     )
 
 
+class _ChunkBuffer:
+    """The rows of a dataset's current chunk that HDF5 has not been given whole yet: batches
+    smaller than a chunk are gathered here, so that each chunk is written once (with
+    write_direct_chunk when it can), not once per batch through h5py's selections."""
+
+    def __init__(self, ds: h5py.Dataset):
+        self.rows = ds.chunks[0]
+        self.data = np.zeros((self.rows, *ds.chunks[1:]), ds.dtype)
+        self.start: int | None = None  # the chunk's first row
+        self.filled = 0  # rows [start, start + filled) are here
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -284,6 +296,7 @@ class StoreWriter:
         self.written = self.committed  # rows handed to HDF5, committed or not
         self._uncommitted_bytes = 0
         self._last_nbytes = 0  # the batch being written, for the error message
+        self._chunks: dict[str, _ChunkBuffer] = {}  # by dataset name
         self._queue: queue.Queue = queue.Queue(maxsize=queue_batches)
         self._error: BaseException | None = None
         self._closed = False
@@ -608,31 +621,55 @@ class StoreWriter:
             )
 
     def _write_rows(self, ds: h5py.Dataset, start: int, data: np.ndarray) -> None:
-        """Writes rows [start, start + len(data)); whole aligned chunks go straight to disk."""
-        stop = start + len(data)
-        if stop > ds.shape[0]:
-            ds.resize((stop, *ds.shape[1:]))
+        """Hands rows [start, start + len(data)) to the dataset's chunk buffer; a chunk goes to
+        HDF5 once it is full, or at the next commit (_flush_chunks) if it is not."""
         if not len(data):
             return
-        data = np.ascontiguousarray(data)
-        chunk = ds.chunks[0]
-        pos = start
-        if self.direct_chunks and ds.compression is None and data.dtype == ds.dtype:
-            # h5py's selection machinery costs more than the copy for large batches; a full
-            # chunk whose first row is chunk-aligned can be written as raw bytes instead.
-            first_full = -(-start // chunk) * chunk
-            if first_full > start:
-                ds[start : min(first_full, stop)] = data[: min(first_full, stop) - start]
-                pos = min(first_full, stop)
-            while pos + chunk <= stop:
-                ds.id.write_direct_chunk((pos,) + (0,) * (ds.ndim - 1), data[pos - start : pos - start + chunk])
-                pos += chunk
-        if pos < stop:
-            ds[pos:stop] = data[pos - start :]
+        data = np.ascontiguousarray(data, dtype=ds.dtype)
+        buf = self._chunks.get(ds.name)
+        if buf is None:
+            buf = self._chunks[ds.name] = _ChunkBuffer(ds)
+        pos, stop = start, start + len(data)
+        while pos < stop:
+            first = pos - pos % buf.rows
+            if pos == first and stop - pos >= buf.rows and buf.start != first:
+                self._write_chunk(ds, first, data[pos - start : pos - start + buf.rows])  # whole, no copy
+                pos += buf.rows
+                continue
+            if buf.start != first:  # a new chunk; rows before pos in it are on disk already (a resume)
+                buf.start = first
+                if pos > first:
+                    buf.data[: pos - first] = ds[first:pos]
+            n = min(stop - pos, first + buf.rows - pos)
+            buf.data[pos - first : pos - first + n] = data[pos - start : pos - start + n]
+            buf.filled = pos - first + n
+            pos += n
+            if buf.filled == buf.rows:
+                self._write_chunk(ds, buf.start, buf.data)
+                buf.start, buf.filled = None, 0
+
+    def _write_chunk(self, ds: h5py.Dataset, first: int, rows: np.ndarray) -> None:
+        """Writes rows from first on: a whole chunk, or the part-filled start of one."""
+        stop = first + len(rows)
+        if stop > ds.shape[0]:
+            ds.resize((stop, *ds.shape[1:]))
+        if len(rows) == ds.chunks[0] and self.direct_chunks and ds.compression is None:
+            # h5py's selection machinery costs more than the copy; a whole chunk goes as raw bytes
+            ds.id.write_direct_chunk((first,) + (0,) * (ds.ndim - 1), rows)
+        else:
+            ds[first:stop] = rows
+
+    def _flush_chunks(self) -> None:
+        """Writes the part-filled chunks (a commit needs every row on disk); they stay in their
+        buffers and are written whole once full."""
+        for name, buf in self._chunks.items():
+            if buf.filled:
+                self._write_chunk(self._file[name], buf.start, buf.data[: buf.filled])
 
     def _commit(self, final: bool = False) -> None:
         """Flushes the rows written so far, then advances the committed count and flushes again:
         a crash between the two leaves the old count, whose rows are all on disk."""
+        self._flush_chunks()
         self._file.flush()
         self._sync()
         for layer in self._layers.values():

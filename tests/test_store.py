@@ -342,3 +342,27 @@ def test_info_on_a_bad_file_is_one_line(tmp_path, capsys):
     assert main(["info", str(tmp_path / "x.h5")]) == 2
     err = capsys.readouterr().err
     assert err.strip().count("\n") == 0 and "is not an HDF5 file" in err
+
+
+@pytest.mark.parametrize("compression", [None, "lzf"])
+def test_batches_smaller_than_a_chunk_commit_and_resume_mid_chunk(tmp_path, compression):
+    # Rows are gathered per chunk (8 rows here) and written whole; a commit writes the
+    # part-filled chunks; a resume continues in the middle of one without losing its rows.
+    path = str(tmp_path / "small.h5")
+    spec = [LayerSpec("enc", (3,), chunk_rows=8, compression=compression)]
+    rows = np.arange(40 * 3, dtype=np.float16).reshape(40, 3)
+    with StoreWriter(path, spec, commit_rows=12) as w:
+        for b in range(0, 15, 5):  # 15 rows: committed at 15 (>= 12), one part-filled chunk
+            w.append({"enc": rows[b : b + 5]}, index=np.arange(b, b + 5))
+        w.flush()
+        with h5py.File(path, "r", locking=False) as f:  # a plain reader sees every committed row
+            assert f.attrs["rows"] == 15 and np.array_equal(f["activations/enc"][:15], rows[:15])
+        w.close(complete=False)
+    with StoreWriter(path, spec, resume=True, commit_rows=12) as w:
+        assert w.committed == 15
+        for b in range(15, 40, 5):
+            w.append({"enc": rows[b : b + 5]}, index=np.arange(b, b + 5))
+    with open_store(path) as store:
+        assert store.rows == 40 and store.status == "complete"
+        assert store.read("enc").tobytes() == rows.tobytes()
+        assert store.index().tolist() == list(range(40))
