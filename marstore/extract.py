@@ -463,8 +463,11 @@ def _open_writer(opts, selections, pending, metadata) -> StoreWriter:
         targets.append(TargetSpec(name, tuple(value.shape[1:]), str(value.dtype)))
     # On --resume the options were compared already (_check_resume); the store keeps the run
     # description it was started with (its command line has no --resume).
+    # On the CPU the model's threads use every core: batches are written between forwards
+    # rather than by a thread that competes with them (measured in benchmarks/RESULTS.md).
+    cpu = all(t.device.type == "cpu" for t in pending[0][1].values())
     return StoreWriter(opts.out, specs, targets, None if opts.resume else metadata, commit_rows=opts.commit_rows,
-                       resume=opts.resume)
+                       resume=opts.resume, background=not cpu)
 
 
 def _submit(ring: TransferRing, writer: StoreWriter, tensors: dict, targets: dict, index: torch.Tensor,

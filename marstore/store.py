@@ -271,6 +271,7 @@ class StoreWriter:
         resume: bool = False,
         fsync: bool = False,
         direct_chunks: bool = True,
+        background: bool = True,
     ):
         self.path = os.fspath(path)
         self.layers_spec = list(layers)
@@ -300,9 +301,13 @@ class StoreWriter:
         self._queue: queue.Queue = queue.Queue(maxsize=queue_batches)
         self._error: BaseException | None = None
         self._closed = False
-        self._stats = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="marstore-stats")
-        self._thread = threading.Thread(target=self._run, name=f"marstore-writer:{os.path.basename(self.path)}", daemon=True)
-        self._thread.start()
+        # background=False writes in append() itself: on the CPU, where the model's threads
+        # already use every core, a writer thread beside them only makes them wait for it.
+        self._stats = self._thread = None
+        if background:
+            self._stats = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="marstore-stats")
+            self._thread = threading.Thread(target=self._run, name=f"marstore-writer:{os.path.basename(self.path)}", daemon=True)
+            self._thread.start()
 
     # ---- creating and reopening -------------------------------------------------------
     def _create(self, metadata: Mapping[str, Any]) -> h5py.File:
@@ -444,15 +449,17 @@ class StoreWriter:
         while True:  # wake up now and then to notice a writer that died
             try:
                 self._queue.put(batch, timeout=0.5)
-                return
+                break
             except queue.Full:
                 self._raise_if_failed()
+        self._pump()
 
     def flush(self) -> None:
         """Waits until every queued batch is written and committed."""
         self._raise_if_failed()
         done = threading.Event()
         self._queue.put(("commit", done))
+        self._pump()
         while not done.wait(0.5):
             self._raise_if_failed()
         self._raise_if_failed()
@@ -463,7 +470,9 @@ class StoreWriter:
             return
         self._closed = True
         self._queue.put((_STOP, complete))
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
+        self._pump()
         if self._error is not None:
             self._raise_if_failed()
 
@@ -489,28 +498,58 @@ class StoreWriter:
     # ---- the writer thread ------------------------------------------------------------
     def _run(self) -> None:
         try:
-            while True:
-                item = self._queue.get()
-                if isinstance(item, tuple) and item[0] is _STOP:
-                    self._commit(final=bool(item[1]))
-                    break
-                if isinstance(item, tuple) and item[0] == "commit":
-                    self._commit()
-                    item[1].set()
-                    continue
-                self._write(item)
-                if self.written - self.committed >= self.commit_rows or self._uncommitted_bytes >= self.commit_bytes:
-                    self._commit()
+            while self._handle(self._queue.get()):
+                pass
         except BaseException as exc:  # noqa: BLE001 - handed to the caller, never lost
-            self._error = _describe_error(exc, self.path, self._last_nbytes)
-            log.error("store %s: %s", self.path, self._error)
-            self._drain()
+            self._fail(exc)
         finally:
+            self._shut()
+
+    def _pump(self) -> None:
+        """Without a writer thread: handles what is queued, here and now."""
+        if self._thread is not None or self._file is None:
+            return
+        try:
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    return
+                if not self._handle(item):
+                    self._shut()
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, never lost
+            self._fail(exc)
+            self._shut()
+            self._raise_if_failed()
+
+    def _handle(self, item: Any) -> bool:
+        """Writes a batch, or commits; False after the last item."""
+        if isinstance(item, tuple) and item[0] is _STOP:
+            self._commit(final=bool(item[1]))
+            return False
+        if isinstance(item, tuple) and item[0] == "commit":
+            self._commit()
+            item[1].set()
+            return True
+        self._write(item)
+        if self.written - self.committed >= self.commit_rows or self._uncommitted_bytes >= self.commit_bytes:
+            self._commit()
+        return True
+
+    def _fail(self, exc: BaseException) -> None:
+        self._error = _describe_error(exc, self.path, self._last_nbytes)
+        log.error("store %s: %s", self.path, self._error)
+        self._drain()
+
+    def _shut(self) -> None:
+        if self._stats is not None:
             self._stats.shutdown(wait=True)
-            try:
-                self._file.close()
-            except Exception as exc:  # noqa: BLE001 - the error that matters is already kept
-                log.warning("store %s: close after the writer stopped: %s", self.path, exc)
+        try:
+            self._file.close()
+        except Exception as exc:  # noqa: BLE001 - the error that matters is already kept
+            log.warning("store %s: close after the writer stopped: %s", self.path, exc)
+        self._file = None
 
     def _drain(self) -> None:
         """After a failure, empties the queue so that no producer stays blocked."""
@@ -537,7 +576,7 @@ class StoreWriter:
             self._ensure_room(parts, batch, start)
             # The statistics read the batch while HDF5 writes it (torch and HDF5 both run
             # outside Python): one stats thread, so that batches are added in order.
-            stats = self._stats.submit(self._update_stats, parts, counts)
+            stats = self._stats.submit(self._update_stats, parts, counts) if self._stats is not None else None
             for name, (data, lengths) in parts.items():
                 layer = self._layers[name]
                 if not layer.spec.ragged:
@@ -553,7 +592,10 @@ class StoreWriter:
             self._write_rows(self._index, start, batch.index)
             if batch.outputs:
                 self._write_outputs(start, batch.outputs)
-            stats.result()
+            if stats is not None:
+                stats.result()
+            else:
+                self._update_stats(parts, counts)
             self.written = start + n
             self._uncommitted_bytes += batch.nbytes
         finally:
@@ -584,7 +626,8 @@ class StoreWriter:
         # halved the writer's throughput on two cores. torch.set_num_threads also seeds the
         # default of threads that start later, so the previous value is put back at once.
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)
+        if self._stats is not None:
+            torch.set_num_threads(1)
         try:
             for name, (data, _) in parts.items():
                 layer = self._layers[name]

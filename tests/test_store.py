@@ -344,21 +344,22 @@ def test_info_on_a_bad_file_is_one_line(tmp_path, capsys):
     assert err.strip().count("\n") == 0 and "is not an HDF5 file" in err
 
 
+@pytest.mark.parametrize("background", [True, False], ids=["thread", "inline"])
 @pytest.mark.parametrize("compression", [None, "lzf"])
-def test_batches_smaller_than_a_chunk_commit_and_resume_mid_chunk(tmp_path, compression):
+def test_batches_smaller_than_a_chunk_commit_and_resume_mid_chunk(tmp_path, compression, background):
     # Rows are gathered per chunk (8 rows here) and written whole; a commit writes the
     # part-filled chunks; a resume continues in the middle of one without losing its rows.
     path = str(tmp_path / "small.h5")
     spec = [LayerSpec("enc", (3,), chunk_rows=8, compression=compression)]
     rows = np.arange(40 * 3, dtype=np.float16).reshape(40, 3)
-    with StoreWriter(path, spec, commit_rows=12) as w:
+    with StoreWriter(path, spec, commit_rows=12, background=background) as w:
         for b in range(0, 15, 5):  # 15 rows: committed at 15 (>= 12), one part-filled chunk
             w.append({"enc": rows[b : b + 5]}, index=np.arange(b, b + 5))
         w.flush()
         with h5py.File(path, "r", locking=False) as f:  # a plain reader sees every committed row
             assert f.attrs["rows"] == 15 and np.array_equal(f["activations/enc"][:15], rows[:15])
         w.close(complete=False)
-    with StoreWriter(path, spec, resume=True, commit_rows=12) as w:
+    with StoreWriter(path, spec, resume=True, commit_rows=12, background=background) as w:
         assert w.committed == 15
         for b in range(15, 40, 5):
             w.append({"enc": rows[b : b + 5]}, index=np.arange(b, b + 5))
@@ -366,3 +367,14 @@ def test_batches_smaller_than_a_chunk_commit_and_resume_mid_chunk(tmp_path, comp
         assert store.rows == 40 and store.status == "complete"
         assert store.read("enc").tobytes() == rows.tobytes()
         assert store.index().tolist() == list(range(40))
+
+
+def test_inline_writer_reports_a_failed_batch_and_keeps_committed_rows(tmp_path):
+    path = str(tmp_path / "inline.h5")
+    w = StoreWriter(path, [LayerSpec("enc", (2,))], commit_rows=2, background=False)
+    w.append({"enc": np.ones((2, 2), np.float16)}, index=[0, 1])  # committed at once (commit_rows=2)
+    with pytest.raises(StoreError, match="batch layers do not match the store: missing \\['enc'\\], unexpected \\['dec'\\]"):
+        w.append({"dec": np.ones((2, 2), np.float16)}, index=[2, 3])
+    w.close(complete=False)
+    with open_store(path) as store:
+        assert store.rows == 2 and store.read("enc").tolist() == [[1.0, 1.0], [1.0, 1.0]]
