@@ -622,21 +622,15 @@ class StoreWriter:
             ds[n] = outputs.get(name, np.nan)
 
     def _update_stats(self, parts: Mapping[str, Any], counts: Mapping[str, tuple[int, int]]) -> None:
-        # One intra-op thread here: torch's OpenMP workers spinning beside the HDF5 thread
-        # halved the writer's throughput on two cores. torch.set_num_threads also seeds the
-        # default of threads that start later, so the previous value is put back at once.
-        threads = torch.get_num_threads()
-        if self._stats is not None:
-            torch.set_num_threads(1)
-        try:
-            for name, (data, _) in parts.items():
-                layer = self._layers[name]
-                nonfinite = layer.moments.update(data)
-                nonfinite, overflow = counts.get(name) or (nonfinite, 0)
-                layer.nonfinite += int(nonfinite)
-                layer.overflow += int(overflow)
-        finally:
-            torch.set_num_threads(threads)
+        # No torch.set_num_threads here: it also sets MKL's thread count, which is global, so
+        # the model's matrix products ran on one thread while the statistics ran (its linear
+        # and attention ops took 25% longer). The sums run in marstore._C's one-thread kernel.
+        for name, (data, _) in parts.items():
+            layer = self._layers[name]
+            nonfinite = layer.moments.update(data)
+            nonfinite, overflow = counts.get(name) or (nonfinite, 0)
+            layer.nonfinite += int(nonfinite)
+            layer.overflow += int(overflow)
 
     def _ensure_room(self, parts: Mapping[str, Any], batch: _Batch, start: int) -> None:
         """Refuses a batch that the disk or the file size limit cannot take, before HDF5 fails
