@@ -7,7 +7,9 @@
     store = open_store("run.h5")          # validated; exposes only committed rows
 
 The writer runs a background thread behind a bounded queue: append() returns while the
-thread writes, and memory stays bounded. Commit points (every `commit_rows` rows or
+thread writes, and memory stays bounded (background=False writes in append() instead, for
+CPU extraction, where the model's threads use every core). Rows are gathered per chunk and
+each chunk written once. Commit points (every `commit_rows` rows or
 `commit_bytes` bytes) flush the data, then advance the root attribute `rows` and flush
 again, so a process killed at any moment leaves a file that opens with plain h5py and holds
 exactly the committed rows. The file is written in plain mode, not SWMR: a killed SWMR writer
