@@ -481,7 +481,7 @@ def _submit(ring: TransferRing, writer: StoreWriter, tensors: dict, targets: dic
         ring.reserve(grown)
         slot = ring.submit(tensors, dtype=out_dtype)
     writer.append(slot, targets=targets, index=index.numpy(), outputs=outputs)
-    return sum(t.numel() for t in tensors.values()) * torch.empty((), dtype=out_dtype).element_size()
+    return sum(t.numel() for t in tensors.values()) * out_dtype.itemsize
 
 
 def _check_resume(opts: ExtractOptions, metadata: dict) -> tuple[int, set[str]]:

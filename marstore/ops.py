@@ -56,7 +56,7 @@ def aligned_offsets(srcs: Sequence[torch.Tensor], dst_dtype: torch.dtype, align_
     """Consecutive region offsets (in dst elements) for srcs, each aligned to align_bytes.
 
     Returns (offsets, total elements a destination needs)."""
-    item = torch.empty((), dtype=dst_dtype).element_size()
+    item = dst_dtype.itemsize
     step = max(1, align_bytes // item)
     offsets, cursor = [], 0
     for s in srcs:

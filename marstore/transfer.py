@@ -59,7 +59,7 @@ class Slot:
         if self.event is not None:
             self.event.synchronize()
         return {
-            name: self.buffer[off : off + math.prod(shape) * _itemsize(dtype)].view(dtype).view(shape)
+            name: self.buffer[off : off + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
             for name, (off, shape, dtype) in self.layout.items()
         }
 
@@ -130,7 +130,7 @@ class TransferRing:
         for name, t in tensors.items():
             dtype = dtypes[name]
             layout[name] = (cursor, t.shape, dtype)
-            cursor += -(-t.numel() * _itemsize(dtype) // _ALIGN) * _ALIGN
+            cursor += -(-t.numel() * dtype.itemsize // _ALIGN) * _ALIGN
         return layout, cursor
 
     def submit(
@@ -194,7 +194,7 @@ class TransferRing:
         """One cast_copy_many per destination dtype, each writing its rows of counts."""
         first = 0
         for dtype, names in groups.items():
-            item = _itemsize(dtype)
+            item = dtype.itemsize
             dst = slot.buffer[: slot.nbytes // item * item].view(dtype)
             offsets = [slot.layout[n][0] // item for n in names]
             rows = counts[first : first + len(names)]
@@ -226,9 +226,5 @@ class TransferRing:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
