@@ -300,6 +300,8 @@ class StoreWriter:
         self._uncommitted_bytes = 0
         self._last_nbytes = 0  # the batch being written, for the error message
         self._chunks: dict[str, _ChunkBuffer] = {}  # by dataset name
+        # batches in /outputs (its datasets grow on disk only as their chunks are written)
+        self._output_rows = self._file["outputs/row_start"].shape[0] if "outputs/row_start" in self._file else 0
         self._queue: queue.Queue = queue.Queue(maxsize=queue_batches)
         self._error: BaseException | None = None
         self._closed = False
@@ -608,20 +610,19 @@ class StoreWriter:
 
     def _write_outputs(self, start: int, outputs: Mapping[str, float]) -> None:
         """One value per batch in /outputs/<name>, aligned with /outputs/row_start (NaN where a
-        batch lacks that output)."""
+        batch lacks that output), through the chunk buffers like every other dataset."""
         group = self._file.require_group("outputs")
         starts = group.get("row_start")
         if starts is None:
             starts = group.create_dataset("row_start", shape=(0,), dtype=np.int64, chunks=(4096,), maxshape=(None,))
-        n = starts.shape[0]
-        starts.resize((n + 1,))
-        starts[n] = start
+        n = self._output_rows
+        self._write_rows(starts, n, np.array([start], np.int64))
         for name in set(outputs) | {k for k in group if k != "row_start"}:
             ds = group.get(name)
-            if ds is None:
+            if ds is None:  # an output first seen now: NaN for the batches before
                 ds = group.create_dataset(name, shape=(n,), dtype=np.float64, chunks=(4096,), maxshape=(None,), fillvalue=np.nan)
-            ds.resize((n + 1,))
-            ds[n] = outputs.get(name, np.nan)
+            self._write_rows(ds, n, np.array([outputs.get(name, np.nan)], np.float64))
+        self._output_rows = n + 1
 
     def _update_stats(self, parts: Mapping[str, Any], counts: Mapping[str, tuple[int, int]]) -> None:
         # No torch.set_num_threads here: it also sets MKL's thread count, which is global, so

@@ -378,3 +378,23 @@ def test_inline_writer_reports_a_failed_batch_and_keeps_committed_rows(tmp_path)
     w.close(complete=False)
     with open_store(path) as store:
         assert store.rows == 2 and store.read("enc").tolist() == [[1.0, 1.0], [1.0, 1.0]]
+
+
+@pytest.mark.parametrize("background", [True, False], ids=["thread", "inline"])
+def test_outputs_per_batch_across_a_resume_and_a_late_output(tmp_path, background):
+    path = str(tmp_path / "outputs.h5")
+    spec = [LayerSpec("enc", (2,))]
+    rows = np.zeros((2, 2), np.float16)
+    with StoreWriter(path, spec, commit_rows=4, background=background) as w:
+        for b in range(3):  # committed after the second batch (4 rows); the third is not
+            w.append({"enc": rows}, index=[2 * b, 2 * b + 1], outputs={"loss": float(b)})
+        w.flush()
+        w.close(complete=False)
+    with StoreWriter(path, spec, resume=True, commit_rows=4, background=background) as w:
+        for b in range(3, 5):  # "aux" appears only now: NaN for the batches before
+            w.append({"enc": rows}, index=[2 * b, 2 * b + 1], outputs={"loss": float(b), "aux": 10.0 + b})
+    with open_store(path) as store:
+        out = store.file["outputs"]
+        assert out["row_start"][:].tolist() == [0, 2, 4, 6, 8]
+        assert out["loss"][:].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+        assert np.array_equal(out["aux"][:], [np.nan, np.nan, np.nan, 13.0, 14.0], equal_nan=True)
