@@ -136,9 +136,16 @@ class _Moments:
     without those values."""
 
     def __init__(self, channels: int):
-        self.count = np.zeros(channels, np.float64)
-        self.mean = np.zeros(channels, np.float64)
-        self.m2 = np.zeros(channels, np.float64)
+        self.restore(np.zeros(channels, np.float64), np.zeros(channels, np.float64), np.zeros(channels, np.float64))
+
+    def restore(self, count: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> None:
+        self.count, self.mean, self.m2 = count, mean, m2
+        self._shift = self._next_shift()
+
+    def _next_shift(self) -> torch.Tensor | None:
+        """The running mean in float32, the next batch's shift; None while a channel has no
+        finite value yet (it is then shifted by the batch's first row)."""
+        return torch.from_numpy(self.mean.astype(np.float32)) if self.count.all() else None
 
     def update(self, x: np.ndarray) -> int:
         """Adds a batch of rows; returns how many of its values are not finite."""
@@ -147,19 +154,23 @@ class _Moments:
             return 0
         t = torch.from_numpy(rows)
         t = t.view(torch.bfloat16) if x.dtype == np.uint16 else t
-        # shift by the running mean, or by the first row for channels seen for the first time;
-        # the per-channel bookkeeping is in numpy: small torch operations cost several times more
-        first = np.nan_to_num(t[0].float().numpy(), nan=0.0, posinf=0.0, neginf=0.0)
-        ref = np.where(self.count == 0, first, self.mean).astype(np.float32)
-        s, ss = (v.numpy() for v in ops.channel_moments(t, torch.from_numpy(ref)))
-        bad = ~(np.isfinite(s) & np.isfinite(ss))
-        n = np.full_like(s, rows.shape[0])
+        # The per-channel bookkeeping is in numpy (small torch operations cost several times
+        # more), and the common case (every sum finite, every channel seen) takes the fewest.
+        shift = self._shift
+        if shift is None:
+            first = np.nan_to_num(t[0].float().numpy(), nan=0.0, posinf=0.0, neginf=0.0)
+            shift = torch.from_numpy(np.where(self.count == 0, first, self.mean).astype(np.float32))
+        ref = shift.numpy()
+        s, ss = (v.numpy() for v in ops.channel_moments(t, shift))
+        n: np.ndarray | float = float(rows.shape[0])
         nonfinite = 0
-        if bad.any():
+        if not np.isfinite(s.sum() + ss.sum()):  # float64 sums of float32 sums cannot overflow
+            bad = ~(np.isfinite(s) & np.isfinite(ss))
             cols = (t.float()[:, torch.from_numpy(bad)] - torch.from_numpy(ref[bad])).double()
             finite = torch.isfinite(cols)
             nonfinite = int(finite.numel() - finite.sum())
             cols = torch.where(finite, cols, 0.0)
+            n = np.full_like(s, n)
             n[bad], s[bad], ss[bad] = finite.sum(0).double().numpy(), cols.sum(0).numpy(), (cols * cols).sum(0).numpy()
         safe_n = np.maximum(n, 1)
         batch_mean = ref.astype(np.float64) + s / safe_n
@@ -170,6 +181,7 @@ class _Moments:
         self.mean = np.where(keep, self.mean + delta * n / np.maximum(total, 1), self.mean)
         self.m2 = np.where(keep, self.m2 + batch_m2 + delta * delta * self.count * n / np.maximum(total, 1), self.m2)
         self.count = total
+        self._shift = self._next_shift()
         return nonfinite
 
     def std(self) -> np.ndarray:
@@ -232,8 +244,15 @@ class _ChunkBuffer:
     write_direct_chunk when it can), not once per batch through h5py's selections."""
 
     def __init__(self, ds: h5py.Dataset):
+        # HDF5's answers are kept: asking for a shape or a chunk layout costs 5-20 us a time,
+        # and every batch of a store writes a dozen datasets or more.
+        self.ds = ds
         self.rows = ds.chunks[0]
+        self.row_shape = ds.shape[1:]
+        self.length = ds.shape[0]  # the dataset's extent; only this writer resizes it
+        self.direct = ds.compression is None  # whole chunks can go as raw bytes
         self.data = np.zeros((self.rows, *ds.chunks[1:]), ds.dtype)
+        self.chunk_bytes = self.data.nbytes
         self.start: int | None = None  # the chunk's first row
         self.filled = 0  # rows [start, start + filled) are here
 
@@ -299,9 +318,10 @@ class StoreWriter:
         self.written = self.committed  # rows handed to HDF5, committed or not
         self._uncommitted_bytes = 0
         self._last_nbytes = 0  # the batch being written, for the error message
-        self._chunks: dict[str, _ChunkBuffer] = {}  # by dataset name
-        # batches in /outputs (its datasets grow on disk only as their chunks are written)
-        self._output_rows = self._file["outputs/row_start"].shape[0] if "outputs/row_start" in self._file else 0
+        self._chunks: dict[h5py.Dataset, _ChunkBuffer] = {}  # h5py datasets hash by their HDF5 object
+        # /outputs/<name>, and the batches in it (its datasets grow on disk only as their chunks are written)
+        self._outputs = dict(self._file["outputs"].items()) if "outputs" in self._file else {}
+        self._output_rows = self._outputs["row_start"].shape[0] if "row_start" in self._outputs else 0
         self._queue: queue.Queue = queue.Queue(maxsize=queue_batches)
         self._error: BaseException | None = None
         self._closed = False
@@ -375,9 +395,7 @@ class StoreWriter:
             a = layer.attrs
             layer.nonfinite, layer.overflow = int(a["nonfinite"]), int(a["overflow"])
             if "stats_count" in a:
-                layer.moments.count = np.array(a["stats_count"], np.float64)
-                layer.moments.mean = np.array(a["mean"], np.float64)
-                layer.moments.m2 = np.array(a["stats_m2"], np.float64)
+                layer.moments.restore(*(np.array(a[k], np.float64) for k in ("stats_count", "mean", "stats_m2")))
             if layer.spec.ragged:
                 layer.tokens = int(layer.offsets[rows])
                 layer.offsets.resize((rows + 1,))
@@ -611,17 +629,17 @@ class StoreWriter:
     def _write_outputs(self, start: int, outputs: Mapping[str, float]) -> None:
         """One value per batch in /outputs/<name>, aligned with /outputs/row_start (NaN where a
         batch lacks that output), through the chunk buffers like every other dataset."""
-        group = self._file.require_group("outputs")
-        starts = group.get("row_start")
-        if starts is None:
-            starts = group.create_dataset("row_start", shape=(0,), dtype=np.int64, chunks=(4096,), maxshape=(None,))
         n = self._output_rows
-        self._write_rows(starts, n, np.array([start], np.int64))
-        for name in set(outputs) | {k for k in group if k != "row_start"}:
-            ds = group.get(name)
-            if ds is None:  # an output first seen now: NaN for the batches before
-                ds = group.create_dataset(name, shape=(n,), dtype=np.float64, chunks=(4096,), maxshape=(None,), fillvalue=np.nan)
-            self._write_rows(ds, n, np.array([outputs.get(name, np.nan)], np.float64))
+        if not self._outputs:
+            self._outputs["row_start"] = self._file.require_group("outputs").create_dataset(
+                "row_start", shape=(0,), dtype=np.int64, chunks=(4096,), maxshape=(None,))
+        self._write_rows(self._outputs["row_start"], n, np.array([start], np.int64))
+        for name in outputs.keys() - self._outputs.keys():  # first seen now: NaN for the batches before
+            self._outputs[name] = self._file["outputs"].create_dataset(
+                name, shape=(n,), dtype=np.float64, chunks=(4096,), maxshape=(None,), fillvalue=np.nan)
+        for name, ds in self._outputs.items():
+            if name != "row_start":
+                self._write_rows(ds, n, np.array([outputs.get(name, np.nan)], np.float64))
         self._output_rows = n + 1
 
     def _update_stats(self, parts: Mapping[str, Any], counts: Mapping[str, tuple[int, int]]) -> None:
@@ -640,9 +658,8 @@ class StoreWriter:
         half-way (a failed HDF5 write leaves a file handle that cannot be closed cleanly)."""
 
         def new_chunk_bytes(ds: h5py.Dataset, first: int, rows: int) -> int:
-            chunk = ds.chunks[0]
-            chunks = -(-(first + rows) // chunk) - -(-first // chunk)
-            return chunks * chunk * int(np.prod(ds.chunks[1:], dtype=np.int64)) * ds.dtype.itemsize
+            buf = self._buffer(ds)
+            return (-(-(first + rows) // buf.rows) - -(-first // buf.rows)) * buf.chunk_bytes
 
         n = len(batch.index)
         need = _METADATA_SLACK + new_chunk_bytes(self._index, start, n)
@@ -665,15 +682,13 @@ class StoreWriter:
         HDF5 once it is full, or at the next commit (_flush_chunks) if it is not."""
         if not len(data):
             return
-        data = np.ascontiguousarray(data, dtype=ds.dtype)
-        buf = self._chunks.get(ds.name)
-        if buf is None:
-            buf = self._chunks[ds.name] = _ChunkBuffer(ds)
+        buf = self._buffer(ds)
+        data = np.ascontiguousarray(data, dtype=buf.data.dtype)
         pos, stop = start, start + len(data)
         while pos < stop:
             first = pos - pos % buf.rows
             if pos == first and stop - pos >= buf.rows and buf.start != first:
-                self._write_chunk(ds, first, data[pos - start : pos - start + buf.rows])  # whole, no copy
+                self._write_chunk(buf, first, data[pos - start : pos - start + buf.rows])  # whole, no copy
                 pos += buf.rows
                 continue
             if buf.start != first:  # a new chunk; rows before pos in it are on disk already (a resume)
@@ -685,26 +700,33 @@ class StoreWriter:
             buf.filled = pos - first + n
             pos += n
             if buf.filled == buf.rows:
-                self._write_chunk(ds, buf.start, buf.data)
+                self._write_chunk(buf, buf.start, buf.data)
                 buf.start, buf.filled = None, 0
 
-    def _write_chunk(self, ds: h5py.Dataset, first: int, rows: np.ndarray) -> None:
+    def _buffer(self, ds: h5py.Dataset) -> _ChunkBuffer:
+        buf = self._chunks.get(ds)
+        if buf is None:
+            buf = self._chunks[ds] = _ChunkBuffer(ds)
+        return buf
+
+    def _write_chunk(self, buf: _ChunkBuffer, first: int, rows: np.ndarray) -> None:
         """Writes rows from first on: a whole chunk, or the part-filled start of one."""
         stop = first + len(rows)
-        if stop > ds.shape[0]:
-            ds.resize((stop, *ds.shape[1:]))
-        if len(rows) == ds.chunks[0] and self.direct_chunks and ds.compression is None:
+        if stop > buf.length:
+            buf.ds.resize((stop, *buf.row_shape))
+            buf.length = stop
+        if len(rows) == buf.rows and self.direct_chunks and buf.direct:
             # h5py's selection machinery costs more than the copy; a whole chunk goes as raw bytes
-            ds.id.write_direct_chunk((first,) + (0,) * (ds.ndim - 1), rows)
+            buf.ds.id.write_direct_chunk((first,) + (0,) * len(buf.row_shape), rows)
         else:
-            ds[first:stop] = rows
+            buf.ds[first:stop] = rows
 
     def _flush_chunks(self) -> None:
         """Writes the part-filled chunks (a commit needs every row on disk); they stay in their
         buffers and are written whole once full."""
-        for name, buf in self._chunks.items():
+        for buf in self._chunks.values():
             if buf.filled:
-                self._write_chunk(self._file[name], buf.start, buf.data[: buf.filled])
+                self._write_chunk(buf, buf.start, buf.data[: buf.filled])
 
     def _commit(self, final: bool = False) -> None:
         """Flushes the rows written so far, then advances the committed count and flushes again:
