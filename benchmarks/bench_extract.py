@@ -7,7 +7,10 @@ Each way runs in its own process over the same in-memory batches (the same DataL
   users     forward hooks that append `out.half().cpu()` to lists, pickled at the end
   marstore  marstore.extract.extract(): hooks -> transfer ring -> store writer thread
 marstore and users also run with a quarter of the rows, to show whose peak RSS grows. The
-full-size ways run in --rounds rounds, shuffled; each figure is the median run. On the CPU
+full-size ways run in --rounds rounds, each round in a shuffled order; each way's figures are
+its median run, and each ratio is the median of the rounds' ratios: a way is compared with the
+runs beside it, so that the drift of a shared machine's speed between rounds (a VM: 25% over
+minutes) cancels out. The ratios of the medians are in the JSON too. On the CPU
 every way runs with the malloc thresholds that marstore extract sets (--no-malloc-tuning: none).
 marstore_vs_bare is marstore's rows/s over the bare forward's. The disk's write speed is
 measured in the same directory (sequential writes, then fsync), so that marstore's MB/s can
@@ -124,6 +127,20 @@ def disk_write_mb_s(directory: str, megabytes: int) -> float:
     return max(1, megabytes // 8) * 8 / seconds
 
 
+RATIOS = {"marstore_vs_bare": "bare", "marstore_vs_users_way": "users"}
+
+
+def paired(ours: list[dict], theirs: list[dict]) -> list[float]:
+    """Each round's ratio of rows/s."""
+    return [a["rows_per_s"] / b["rows_per_s"] for a, b in zip(ours, theirs)]
+
+
+def paired_median(ours: list[dict], theirs: list[dict]) -> float:
+    ratios = sorted(paired(ours, theirs))
+    mid = len(ratios) // 2
+    return ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rows")
@@ -140,7 +157,7 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where the stores are written (default: a temporary directory)")
     parser.add_argument("--no-malloc-tuning", action="store_true",
                         help="leave glibc's malloc thresholds alone in every way (marstore extract sets them on the CPU)")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds of the full-size ways (default 3, --quick 1)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of the full-size ways (default 5, --quick 1)")
     parser.add_argument("--disk-mb", type=int, default=None, help="MB written to measure the disk (default 1024, --quick 256)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -149,7 +166,7 @@ def main() -> None:
         print(json.dumps(run_way(way, int(rows), args, out)))
         return
     rows = args.rows or (1024 if args.quick else 4096)
-    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.rounds = args.rounds or (1 if args.quick else 5)
     passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                    if k in ("device", "batch_size", "embed_dim", "depth", "heads", "grid", "reduction")]
     passthrough += ["--no-malloc-tuning"] if args.no_malloc_tuning else []
@@ -184,10 +201,10 @@ def main() -> None:
         "malloc_tuning": not args.no_malloc_tuning,
         "rows": rows,
         "results": results,
-        "ratios": {
-            "marstore_vs_bare": results["marstore"]["rows_per_s"] / results["bare"]["rows_per_s"],
-            "marstore_vs_users_way": results["marstore"]["rows_per_s"] / results["users"]["rows_per_s"],
-        },
+        "ratios": {name: paired_median(runs["marstore"], runs[other]) for name, other in RATIOS.items()},
+        "ratios_each_round": {name: paired(runs["marstore"], runs[other]) for name, other in RATIOS.items()},
+        "ratios_of_medians": {name: results["marstore"]["rows_per_s"] / results[other]["rows_per_s"]
+                              for name, other in RATIOS.items()},
         "peak_rss_mb": {name: r["peak_rss_mb"] for name, r in results.items()},
         "disk_write_mb_s": disk,
         "marstore_mb_s_over_disk": results["marstore"]["mb_per_s"] / disk,
@@ -196,6 +213,8 @@ def main() -> None:
     print(f"{'way':<16} {'rows/s':>9} {'MB/s':>8} {'peak RSS MB':>12}")
     for name, r in results.items():
         print(f"{name:<16} {r['rows_per_s']:9.0f} {r['mb_per_s']:8.0f} {r['peak_rss_mb']:12.0f}")
+    for name, each in payload["ratios_each_round"].items():
+        print(f"{name} each round: {' '.join(f'{r:.3f}' for r in each)}")
     finish(payload, args.json)
 
 
