@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from helpers.store_worker import BATCH_ROWS, COMMIT_ROWS, LAYERS, TARGETS, make_batch
-from marstore.store import LayerSpec, Ragged, StoreError, StoreWriteError, StoreWriter, TargetSpec, open_store
+from marstore.store import LayerSpec, Ragged, _Moments, StoreError, StoreWriteError, StoreWriter, TargetSpec, open_store
 
 TESTS = os.path.dirname(__file__)
 
@@ -208,6 +208,49 @@ def test_exception_in_with_block_keeps_committed_rows_incomplete(tmp_path):
             raise KeyboardInterrupt
     with open_store(path) as s:
         assert (s.status, s.rows) == ("incomplete", 3)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, "bfloat16"])
+def test_statistics_of_a_channel_without_finite_values_until_a_later_batch(dtype):
+    rng = np.random.default_rng(7)
+    batches = [rng.normal(3.0, 2.0, (64, 4)).astype(np.float32) for _ in range(4)]
+    batches[0][:, 1] = np.nan  # channel 1: nothing finite in the first two batches
+    batches[1][:, 1] = np.inf
+    batches[2][5, 3] = -np.inf
+
+    def stored(x):  # as the writer hands them over: float16, or bfloat16 as its uint16 bits
+        if dtype == "bfloat16":
+            return torch.from_numpy(x).bfloat16().view(torch.int16).numpy().view(np.uint16)
+        return x.astype(np.float16)
+
+    def as_float(x):
+        return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16).double().numpy() if dtype == "bfloat16" else x.astype(np.float64)
+
+    moments = _Moments(4)
+    nonfinite = [moments.update(stored(b)) for b in batches]
+    assert nonfinite == [64, 64, 1, 0]
+    values = np.concatenate([as_float(stored(b)) for b in batches])
+    values[~np.isfinite(values)] = np.nan
+    assert moments.count.tolist() == [256, 128, 256, 255]
+    np.testing.assert_allclose(moments.mean, np.nanmean(values, 0), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(moments.std(), np.nanstd(values, 0), rtol=1e-6)
+
+
+def test_a_non_finite_value_leaves_the_other_channels_statistics_bit_identical():
+    """The common case (every sum finite) and the recomputing one agree to the bit."""
+    rng = np.random.default_rng(8)
+    batches = [rng.normal(0.5, 1.0, (32, 6)).astype(np.float16) for _ in range(3)]
+    clean, spoiled = _Moments(6), _Moments(6)
+    for i, b in enumerate(batches):
+        clean.update(b)
+        b = b.copy()
+        if i == 1:
+            b[7, 2] = np.nan
+        spoiled.update(b)
+    keep = [0, 1, 3, 4, 5]
+    for a, b in ((clean.count, spoiled.count), (clean.mean, spoiled.mean), (clean.m2, spoiled.m2)):
+        assert a[keep].tobytes() == b[keep].tobytes()
+    assert spoiled.count[2] == 95
 
 
 def test_killed_writer_leaves_committed_rows_and_resumes_identically(tmp_path):
