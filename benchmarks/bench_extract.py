@@ -5,7 +5,8 @@
 Each way runs in its own process over the same in-memory batches (the same DataLoader):
   bare      the forward alone, no hooks
   users     forward hooks that append `out.half().cpu()` to lists, pickled at the end
-  marstore  marstore.extract.extract(): hooks -> transfer ring -> store writer thread
+  marstore  marstore.extract.extract(): hooks -> transfer ring -> store writer (its thread on a GPU,
+            between the forwards on the CPU)
 marstore and users also run with a quarter of the rows, to show whose peak RSS grows. The
 full-size ways run in --rounds rounds, each round in a shuffled order; each way's figures are
 its median run, and each ratio is the median of the rounds' ratios: a way is compared with the
