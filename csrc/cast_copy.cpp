@@ -25,6 +25,10 @@ constexpr int64_t kItemsPerThread = 8;
 // Above this many destination bytes, non-temporal stores skip reading the destination lines
 // into cache (the copy is streamed to a buffer that another thread reads much later).
 constexpr int64_t kStreamingBytes = 4 << 20;
+// Such copies also prefetch their source 4 KB ahead: it comes from memory, and the hardware
+// prefetcher alone kept fewer loads in flight (16-64 MB: 1.15-1.2x copy_ without, 1.3x with,
+// caches flushed before each call; smaller, cache-resident sources gained nothing).
+constexpr uintptr_t kPrefetchBytes = 4096;
 
 struct Counts {
   int64_t nonfinite = 0;
@@ -157,6 +161,11 @@ MARSTORE_AVX2 void to_f16_avx2(const Src* s, uint16_t* d, int64_t n, Counts& c) 
   __m256i largest = _mm256_setzero_si256();
   // 32 values per iteration: independent conversions keep more loads in flight.
   for (; i + 32 <= n; i += 32) {
+    if constexpr (kStream) {  // a large copy, read from memory: prefetch ahead (an address: no fault past the end)
+      const uintptr_t ahead = reinterpret_cast<uintptr_t>(s + i) + kPrefetchBytes;
+      _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
+      if constexpr (sizeof(Src) == 4) _mm_prefetch(reinterpret_cast<const char*>(ahead + 64), _MM_HINT_T0);
+    }
     const __m256i h0 = convert16(s + i), h1 = convert16(s + i + 16);
     largest = _mm256_max_epu16(largest, _mm256_and_si256(h0, magnitude));
     largest = _mm256_max_epu16(largest, _mm256_and_si256(h1, magnitude));

@@ -19,6 +19,10 @@ namespace marstore {
 namespace {
 
 constexpr int64_t kBlockRows = 256;
+// The rows 4 KB ahead are prefetched: the batches arrive cold (a DMA into pinned memory, or a
+// copy made before the forward ran on), and the hardware prefetcher alone left a 2 MB batch
+// at 3-4 GB/s on one core; with this, 6 GB/s (4 KB, 8 KB and 16 KB measured alike).
+constexpr int64_t kPrefetchBytes = 4096;
 
 inline float to_float(float v) { return v; }
 inline float to_float(c10::Half v) { return static_cast<float>(v); }
@@ -53,6 +57,11 @@ __attribute__((target("avx2,f16c,fma"))) int64_t accumulate_avx2(const T* x, int
   int64_t r = 0;
   for (; r + 4 <= rows; r += 4) {
     const T* row = x + r * channels;
+    // an address, not a pointer: past the end of x it is still a valid prefetch (a hint, no fault)
+    const uintptr_t ahead = reinterpret_cast<uintptr_t>(row) + kPrefetchBytes;
+    for (uintptr_t off = 0; off < 4 * channels * sizeof(T); off += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(ahead + off), _MM_HINT_T0);
+    }
     for (int64_t c = 0; c < vec_channels; c += 8) {
       const __m256 m = _mm256_loadu_ps(shift + c);
       __m256 sum = _mm256_loadu_ps(s + c), sq = _mm256_loadu_ps(q + c);

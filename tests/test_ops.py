@@ -111,9 +111,10 @@ def test_non_contiguous_sources(backend, make, src_dtype):
     assert counts.tolist() == expected_counts(src, torch.float16)
 
 
-def test_large_tensor_uses_every_path(backend):
-    # Past the streaming-store threshold, with an odd length and an unaligned start.
-    src = random_values(torch.float32, 5_000_011, seed=5)[1:]
+@pytest.mark.parametrize("src_dtype", [torch.float32, torch.bfloat16])
+def test_large_tensor_uses_every_path(backend, src_dtype):
+    # Past the streaming-store (and source prefetch) threshold, with an odd length and an unaligned start.
+    src = random_values(src_dtype, 5_000_011, seed=5)[1:]
     src[123] = float("nan")
     src[4_999_000] = 1e6
     dst = torch.empty(src.numel() + 3, dtype=torch.float16)[3:]
