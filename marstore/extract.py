@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
 
 from marstore import hooks, loading, scaleout
@@ -71,7 +72,7 @@ class ExtractOptions:
     stop_early: bool = False
     train_mode: bool = False
     targets: list[str] = field(default_factory=list)
-    limit: int | None = None
+    num_samples: int | None = None
     sample_seed: int | None = None
     batch_size: int = 16
     workers: int = 0
@@ -154,6 +155,51 @@ class _Indexed(Dataset):
         return j, self.base[j]
 
 
+class _Stream(IterableDataset):
+    """An iterable data set's first `num_samples` items as (stream position, item): this rank's
+    share of the positions, less the first `skip` of them (committed before a --resume)."""
+
+    def __init__(self, base: Any, num_samples: int, rank: "scaleout.Rank", skip: int):
+        self.base, self.num_samples, self.rank, self.skip = base, num_samples, rank, skip
+        self.positions = range(num_samples)[scaleout.rank_positions(rank)]
+
+    def __len__(self) -> int:
+        return max(0, len(self.positions) - self.skip)
+
+    def __iter__(self):
+        mine = 0
+        position = -1
+        for position, item in enumerate(itertools.islice(self.base, self.num_samples)):
+            if position % self.rank.world == self.rank.rank:
+                mine += 1
+                if mine > self.skip:
+                    yield position, item
+        if position + 1 < self.num_samples:
+            log.warning("the data set ended after %d items, before --num-samples %d: the store holds fewer rows",
+                        position + 1, self.num_samples)
+
+
+def _is_map_style(dataset: Any) -> bool:
+    return not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
+
+
+def _check_dataset(dataset: Any, opts: "ExtractOptions") -> None:
+    """Refuses, before any item is read, a data set that cannot be extracted as asked."""
+    what = f"--dataset {opts.dataset} returned a {type(dataset).__name__}"
+    if _is_map_style(dataset):
+        return
+    if not hasattr(dataset, "__iter__"):
+        raise ExtractError(f"{what}: neither a map-style data set (__len__ and __getitem__) nor an iterable one (__iter__)")
+    if opts.num_samples is None:
+        raise ExtractError(f"{what}, an iterable data set with no length: pass --num-samples N to take its first N items")
+    if opts.sample_seed is not None:
+        raise ExtractError(f"{what}, an iterable data set: --sample-seed draws from a known length, so it needs a "
+                           "map-style data set (__len__ and __getitem__); an iterable one gives its first --num-samples")
+    if opts.workers:
+        raise ExtractError(f"{what}, an iterable data set: it is read in order in this process, so --workers must be 0 "
+                           "(each worker would read the whole stream)")
+
+
 def _collate(items):
     index = torch.tensor([i for i, _ in items], dtype=torch.int64)
     return index, torch.utils.data.default_collate([x for _, x in items])
@@ -182,12 +228,12 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def _source_indices(n: int, limit: int | None, sample_seed: int | None) -> list[int]:
+def _source_indices(n: int, num_samples: int | None, sample_seed: int | None) -> list[int]:
     if sample_seed is not None:
         order = list(range(n))
         random.Random(sample_seed).shuffle(order)
-        return sorted(order[: limit or n])
-    return list(range(min(n, limit) if limit else n))
+        return sorted(order[: num_samples or n])
+    return list(range(min(n, num_samples) if num_samples else n))
 
 
 # glibc's malloc gives freed blocks above a moving threshold back to the OS and trims the top
@@ -293,7 +339,12 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
 
     # data
     dataset = loading.import_callable(opts.dataset, "--dataset")(**opts.dataset_args)
-    indices = _source_indices(len(dataset), opts.limit, opts.sample_seed)[scaleout.rank_positions(rank)]
+    _check_dataset(dataset, opts)
+    if _is_map_style(dataset):
+        indices = _source_indices(len(dataset), opts.num_samples, opts.sample_seed)[scaleout.rank_positions(rank)]
+    else:
+        indices = range(opts.num_samples)[scaleout.rank_positions(rank)]
+        log.info("%s is an iterable data set: its first %d items, in order", opts.dataset, opts.num_samples)
     metadata = {
         "model": opts.model,
         "model_args": opts.model_args,
@@ -316,7 +367,14 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         start_row, recorded_ragged = _check_resume(opts, metadata)
         # the batches after the resume point may not show the variation that made a layer ragged
         opts = dataclasses.replace(opts, ragged=sorted(set(opts.ragged) | recorded_ragged))
-    loader = DataLoader(_Indexed(dataset, indices[start_row:]), batch_size=opts.batch_size, shuffle=False,
+    if _is_map_style(dataset):
+        source: Dataset = _Indexed(dataset, indices[start_row:])
+    else:
+        source = _Stream(dataset, opts.num_samples, rank, skip=start_row)
+        if start_row:
+            log.info("--resume: reading past the %d committed items of the iterable data set (it must yield the "
+                     "same items in the same order as before)", start_row)
+    loader = DataLoader(source, batch_size=opts.batch_size, shuffle=False,
                         num_workers=opts.workers, collate_fn=_collate, pin_memory=device.type == "cuda")
 
     started = time.perf_counter()

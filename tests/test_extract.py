@@ -1,5 +1,6 @@
 """Extraction: checkpoint layouts, loading reports, hooks, the pipeline, resume and Ctrl-C."""
 
+import dataclasses
 import gc
 import os
 import signal
@@ -340,9 +341,74 @@ def test_bad_layer_fails_before_any_data_is_read(tmp_path):
 
 
 def test_resume_refuses_other_options(tmp_path):
-    extract(options(tmp_path, limit=16))
+    extract(options(tmp_path, num_samples=16))
     with pytest.raises(ExtractError, match=r"--resume: the options differ .*batch_size \(recorded 8, now 4\)"):
-        extract(options(tmp_path, limit=16, batch_size=4, resume=True))
+        extract(options(tmp_path, num_samples=16, batch_size=4, resume=True))
+
+
+def assert_same_store(a: str, b: str) -> None:
+    with open_store(a) as x, open_store(b) as y:
+        assert (x.rows, sorted(x.layers), sorted(x.targets)) == (y.rows, sorted(y.layers), sorted(y.targets))
+        for name in x.layers:
+            assert x.read(name).tobytes() == y.read(name).tobytes(), name
+        for name in x.targets:
+            assert x.target(name).tobytes() == y.target(name).tobytes(), name
+        assert x.index().tolist() == y.index().tolist()
+
+
+@pytest.mark.parametrize("factory", ["synthetic_stream", "plain_iterable"])
+def test_an_iterable_data_set_gives_its_first_n_items(tmp_path, factory):
+    mapped = extract(options(tmp_path, out=str(tmp_path / "map.h5"), num_samples=20))
+    streamed = extract(options(tmp_path, dataset=f"helpers.streams:{factory}", num_samples=20))
+    assert streamed.rows == 20
+    assert_same_store(mapped.path, streamed.path)
+    with open_store(streamed.path) as s:
+        assert s.index().tolist() == list(range(20)) and s.metadata["options"]["num_samples"] == 20
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"dataset": "helpers.streams:not_a_dataset", "dataset_args": {}},
+     r"--dataset helpers.streams:not_a_dataset returned a int: neither a map-style data set \(__len__ and "
+     r"__getitem__\) nor an iterable one \(__iter__\)$"),
+    ({"dataset": "helpers.streams:synthetic_stream"},
+     r"returned a SyntheticStream, an iterable data set with no length: pass --num-samples N to take its first N items$"),
+    ({"dataset": "helpers.streams:synthetic_stream", "num_samples": 8, "sample_seed": 1},
+     r"--sample-seed draws from a known length, so it needs a map-style data set"),
+    ({"dataset": "helpers.streams:plain_iterable", "num_samples": 8, "workers": 2},
+     r"returned a PlainIterable, an iterable data set: it is read in order in this process, so --workers must be 0"),
+])
+def test_a_data_set_that_cannot_be_extracted_as_asked_is_refused_before_any_item_is_read(tmp_path, kw, message):
+    with pytest.raises(ExtractError, match=message):
+        extract(options(tmp_path, **kw))
+    assert not os.path.exists(tmp_path / "s.h5")
+
+
+def test_a_stream_shorter_than_num_samples_says_so(tmp_path, caplog):
+    result = extract(options(tmp_path, dataset="helpers.streams:synthetic_stream", dataset_args={"size": 13},
+                             num_samples=20))
+    assert result.rows == 13
+    assert "the data set ended after 13 items, before --num-samples 20: the store holds fewer rows" in caplog.text
+
+
+def test_an_iterable_data_set_resumes_after_its_committed_items(tmp_path):
+    from marstore.extract import Interrupted
+
+    whole = extract(options(tmp_path, out=str(tmp_path / "whole.h5"), dataset="helpers.streams:synthetic_stream",
+                            num_samples=36, commit_rows=8))
+    batches = []
+
+    def stop_after_two(rows):
+        batches.append(rows)
+        if len(batches) == 2:
+            raise KeyboardInterrupt
+
+    opts = options(tmp_path, dataset="helpers.streams:synthetic_stream", num_samples=36, commit_rows=8)
+    with pytest.raises(Interrupted) as info:
+        extract(opts, on_batch=stop_after_two)
+    assert info.value.rows == 16
+    resumed = extract(dataclasses.replace(opts, resume=True))
+    assert resumed.rows == 36
+    assert_same_store(whole.path, resumed.path)
 
 
 def run_cli(*args, **popen):

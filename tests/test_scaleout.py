@@ -107,6 +107,19 @@ def test_ranks_write_one_store_equal_to_one_process(tmp_path, ranks, size):
         assert not f["activations/encoder_blocks.0"].is_virtual and f.attrs["status"] == "complete"
 
 
+def test_ranks_share_an_iterable_data_set_by_stream_position(tmp_path):
+    run("extract", *MODEL, "--dataset", "marstore.models:synthetic_video_actions", "--dataset-arg", "size=11",
+        "--out", str(tmp_path / "map.h5"))
+    run("extract", *MODEL, "--dataset", "helpers.streams:synthetic_stream", "--dataset-arg", "size=40",
+        "--num-samples", "11", "--out", str(tmp_path / "stream.h5"), ranks=2)
+    with open_store(tmp_path / "stream.part001-of-002.h5") as s:
+        assert s.index().tolist() == [1, 3, 5, 7, 9]
+    rows_a, index_a, a = by_index(tmp_path / "map.h5")
+    rows_b, index_b, b = by_index(tmp_path / "stream.h5")
+    assert rows_a == rows_b == 11 and index_a.tolist() == index_b.tolist() == list(range(11))
+    assert all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+
 def test_a_failing_rank_stops_the_job_and_is_named(tmp_path):
     p = marstore("extract", *MODEL, "--dataset", "helpers.failing_data:failing", "--dataset-arg", "fail_at=5",
                  "--targets", "nactions", "--out", str(tmp_path / "s.h5"), ranks=2)
