@@ -340,7 +340,8 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
     # data
     dataset = loading.import_callable(opts.dataset, "--dataset")(**opts.dataset_args)
     _check_dataset(dataset, opts)
-    if _is_map_style(dataset):
+    map_style = _is_map_style(dataset)
+    if map_style:
         indices = _source_indices(len(dataset), opts.num_samples, opts.sample_seed)[scaleout.rank_positions(rank)]
     else:
         indices = range(opts.num_samples)[scaleout.rank_positions(rank)]
@@ -367,13 +368,13 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         start_row, recorded_ragged = _check_resume(opts, metadata)
         # the batches after the resume point may not show the variation that made a layer ragged
         opts = dataclasses.replace(opts, ragged=sorted(set(opts.ragged) | recorded_ragged))
-    if _is_map_style(dataset):
+    if map_style:
         source: Dataset = _Indexed(dataset, indices[start_row:])
     else:
         source = _Stream(dataset, opts.num_samples, rank, skip=start_row)
         if start_row:
-            log.info("--resume: reading past the %d committed items of the iterable data set (it must yield the "
-                     "same items in the same order as before)", start_row)
+            log.info("--resume: reading the iterable data set past the store's %d committed rows (it must yield "
+                     "the same items in the same order as before)", start_row)
     loader = DataLoader(source, batch_size=opts.batch_size, shuffle=False,
                         num_workers=opts.workers, collate_fn=_collate, pin_memory=device.type == "cuda")
 
