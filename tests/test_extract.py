@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import requires_cuda
 from marstore import hooks
 from marstore.extract import ExtractError, ExtractOptions, extract
 from marstore.loading import CheckpointError, build_model, find_config, find_state_dict, load_weights, read_checkpoint
@@ -251,26 +252,29 @@ def test_reductions_on_device():
         hooks.reduce_tokens(x, [5])
 
 
-def reference_activations(tmp_path, layers):
+def reference_activations(tmp_path, layers, device="cpu"):
     """A plain reference: forward hooks plus .to(torch.float16), batch by batch."""
     torch.manual_seed(0)
-    model = video_mar(**CONFIG).eval()
+    model = video_mar(**CONFIG).eval().to(device)
     ds = synthetic_video_actions(size=40)
     kept = {n: [] for n in layers}
-    handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: kept[n].append(o.to(torch.float16))) for n in layers]
+    handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: kept[n].append(o.to(torch.float16).cpu()))
+               for n in layers]
     with torch.inference_mode():
         for start in range(0, 40, 8):
             batch = torch.utils.data.default_collate([ds[i] for i in range(start, start + 8)])
-            policy_forward(model, batch)
+            policy_forward(model, {k: v.to(device) for k, v in batch.items()})
     for h in handles:
         h.remove()
     return kept
 
 
-def test_stored_bytes_equal_a_plain_reference(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_stored_bytes_equal_a_plain_reference(tmp_path, device):
+    # on CUDA: hooks -> ring slots on the side stream -> the writer thread, against hooks and .to(float16)
     torch.manual_seed(0)  # extract() seeds torch with opts.seed=0 before building the model, as here
-    result = extract(options(tmp_path, layers=["encoder_blocks.*", "decoder_norm", "z_proj"]))
-    ref = reference_activations(tmp_path, ["encoder_blocks.0", "encoder_blocks.1", "decoder_norm", "z_proj"])
+    result = extract(options(tmp_path, layers=["encoder_blocks.*", "decoder_norm", "z_proj"], device=device))
+    ref = reference_activations(tmp_path, ["encoder_blocks.0", "encoder_blocks.1", "decoder_norm", "z_proj"], device)
     assert result.rows == 40
     with open_store(result.path) as s:
         for name, parts in ref.items():
