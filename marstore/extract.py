@@ -156,38 +156,31 @@ class _Indexed(Dataset):
 
 
 class _Stream(IterableDataset):
-    """An iterable data set's first `num_samples` items as (stream position, item): this rank's
-    share of the positions, less the first `skip` of them (committed before a --resume)."""
+    """The iterable data set's counterpart of _Indexed: reads its first `num_samples` items in
+    order and yields (stream position, item) for the positions given (a range)."""
 
-    def __init__(self, base: Any, num_samples: int, rank: "scaleout.Rank", skip: int):
-        self.base, self.num_samples, self.rank, self.skip = base, num_samples, rank, skip
-        self.positions = range(num_samples)[scaleout.rank_positions(rank)]
+    def __init__(self, base: Any, positions: range, num_samples: int):
+        self.base, self.positions, self.num_samples = base, positions, num_samples
 
     def __len__(self) -> int:
-        return max(0, len(self.positions) - self.skip)
+        return len(self.positions)
 
     def __iter__(self):
-        mine = 0
         position = -1
         for position, item in enumerate(itertools.islice(self.base, self.num_samples)):
-            if position % self.rank.world == self.rank.rank:
-                mine += 1
-                if mine > self.skip:
-                    yield position, item
+            if position in self.positions:
+                yield position, item
         if position + 1 < self.num_samples:
             log.warning("the data set ended after %d items, before --num-samples %d: the store holds fewer rows",
                         position + 1, self.num_samples)
 
 
-def _is_map_style(dataset: Any) -> bool:
-    return not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
-
-
-def _check_dataset(dataset: Any, opts: "ExtractOptions") -> None:
-    """Refuses, before any item is read, a data set that cannot be extracted as asked."""
+def _check_dataset(dataset: Any, opts: "ExtractOptions") -> bool:
+    """Refuses, before any item is read, a data set that cannot be extracted as asked; says
+    whether it is map-style (else iterable)."""
     what = f"--dataset {opts.dataset} returned a {type(dataset).__name__}"
-    if _is_map_style(dataset):
-        return
+    if not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
+        return True
     if not hasattr(dataset, "__iter__"):
         raise ExtractError(f"{what}: neither a map-style data set (__len__ and __getitem__) nor an iterable one (__iter__)")
     if opts.num_samples is None:
@@ -198,6 +191,7 @@ def _check_dataset(dataset: Any, opts: "ExtractOptions") -> None:
     if opts.workers:
         raise ExtractError(f"{what}, an iterable data set: it is read in order in this process, so --workers must be 0 "
                            "(each worker would read the whole stream)")
+    return False
 
 
 def _collate(items):
@@ -339,8 +333,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
 
     # data
     dataset = loading.import_callable(opts.dataset, "--dataset")(**opts.dataset_args)
-    _check_dataset(dataset, opts)
-    map_style = _is_map_style(dataset)
+    map_style = _check_dataset(dataset, opts)
     if map_style:
         indices = _source_indices(len(dataset), opts.num_samples, opts.sample_seed)[scaleout.rank_positions(rank)]
     else:
@@ -371,7 +364,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
     if map_style:
         source: Dataset = _Indexed(dataset, indices[start_row:])
     else:
-        source = _Stream(dataset, opts.num_samples, rank, skip=start_row)
+        source = _Stream(dataset, indices[start_row:], opts.num_samples)
         if start_row:
             log.info("--resume: reading the iterable data set past the store's %d committed rows (it must yield "
                      "the same items in the same order as before)", start_row)
