@@ -265,7 +265,9 @@ def test_killed_writer_leaves_committed_rows_and_resumes_identically(tmp_path):
     rng = random.Random(20261126)
     seen_rows = []
     for kill in range(12):
-        p = worker(path, "--batches", str(batches), *(["--resume"] if kill else []))
+        # 20 ms a batch: the writer alone finishes the 60 batches well inside the 0.25 s kill
+        # window, and the kills would then mostly land after the end instead of mid-run
+        p = worker(path, "--batches", str(batches), "--sleep", "0.02", *(["--resume"] if kill else []))
         assert p.stdout.readline().startswith("ready"), p.stderr.read()
         time.sleep(rng.uniform(0.0, 0.25))
         p.send_signal(signal.SIGKILL)
