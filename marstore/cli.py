@@ -219,6 +219,7 @@ def _demo(args: argparse.Namespace) -> int:
     argv = ["extract", "--checkpoint", checkpoint, "--config-key", "cfg.policy.model",
             "--model", "marstore.models:video_mar", "--dataset", "marstore.models:synthetic_video_actions",
             "--dataset-arg", f"size={args.rows}", "--forward", "marstore.models:dynamic_forward",
+            "--output-names", "loss", "video_loss", "act_loss",
             "--layers", "encoder_blocks.*", "decoder_blocks.*", "--reduction", "mean",
             "--targets", "nactions", "label", "--batch-size", "32", "--out", store]
     print("running: marstore " + " ".join(argv), flush=True)
@@ -266,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--stop-early", action="store_true", help="stop the forward once every hooked module fired")
     ex.add_argument("--train-mode", action="store_true", help="run in train mode, with autograd (default: eval, inference)")
     ex.add_argument("--targets", nargs="+", help="batch entries to keep as targets (dotted paths)")
+    ex.add_argument("--output-names", nargs="+", metavar="NAME",
+                    help="names for the scalars of a tuple the forward returns, in order (e.g. loss video_loss act_loss)")
     ex.add_argument("--num-samples", type=int, help="extract the first N samples (needed for an iterable data set)")
     ex.add_argument("--sample-seed", type=int, help="with --num-samples, a seeded random sample instead of the first ones")
     ex.add_argument("--batch-size", type=int)

@@ -72,6 +72,7 @@ class ExtractOptions:
     stop_early: bool = False
     train_mode: bool = False
     targets: list[str] = field(default_factory=list)
+    output_names: list[str] = field(default_factory=list)
     num_samples: int | None = None
     sample_seed: int | None = None
     batch_size: int = 16
@@ -116,10 +117,12 @@ def default_forward(model: torch.nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
-def normalize_output(out: Any) -> dict[str, float]:
+def normalize_output(out: Any, names: Sequence[str] = ()) -> dict[str, float]:
     """The forward's return as named scalars: a tensor is the loss; a tuple or list is
     (loss, parts...), nested tuples flattened (UVA returns (loss, video_loss, act_loss)); a
-    dict keeps its keys. Non-scalar tensors and other values are left out."""
+    dict keeps its keys ('/' made '.', which HDF5 would read as a group). Non-scalar tensors and
+    other values are left out. names (--output-names) name a tensor's or a tuple's scalars in
+    order, in place of loss, loss_1..."""
     named: dict[str, float] = {}
 
     def add(name: str, value: Any) -> None:
@@ -129,7 +132,8 @@ def normalize_output(out: Any) -> dict[str, float]:
             named[name] = float(value)
         elif isinstance(value, Mapping):
             for k, v in value.items():
-                add(f"{name}.{k}" if name else str(k), v)
+                key = str(k).replace("/", ".")
+                add(f"{name}.{key}" if name else key, v)
         elif isinstance(value, (tuple, list)):
             for i, v in enumerate(value):
                 add(("loss" if i == 0 else f"loss_{i}") if not name else f"{name}_{i}", v)
@@ -138,7 +142,27 @@ def normalize_output(out: Any) -> dict[str, float]:
         add("", out)
     else:
         add("loss", out)
-    return named
+    if not names:
+        if "row_start" in named:
+            raise ExtractError("the forward returned an output named row_start, which the store keeps for the "
+                               "batches' first rows; rename it")
+        return named
+    if isinstance(out, Mapping):
+        raise ExtractError(f"--output-names: the forward returned a dict, whose keys ({', '.join(named)}) name its "
+                           "values already; leave --output-names out")
+    if len(names) != len(named):
+        raise ExtractError(f"--output-names gives {len(names)} names ({' '.join(names)}) but the forward returned "
+                           f"{len(named)} scalar values ({', '.join(named) or 'none'}); give one name for each")
+    return dict(zip(names, named.values()))
+
+
+def _check_output_names(names: Sequence[str]) -> None:
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    bad = [n for n in names if not n or "/" in n or n == "row_start"]
+    if repeated or bad:
+        why = f"{', '.join(repeated)} given twice" if repeated else \
+            f"{bad[0]!r} cannot name an HDF5 dataset beside /outputs/row_start (no '/', not empty, not row_start)"
+        raise ExtractError(f"--output-names {' '.join(names)}: {why}; give distinct plain names")
 
 
 class _Indexed(Dataset):
@@ -308,6 +332,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
             log.info("malloc: thresholds left alone (mallopt is not available here)")
     if opts.dtype not in STORE_DTYPES:
         raise ExtractError(f"--dtype {opts.dtype!r}: use one of {sorted(STORE_DTYPES)}")
+    _check_output_names(opts.output_names)
 
     # checkpoint -> model
     report = loading.LoadReport()
@@ -465,7 +490,7 @@ def _run_batch(model, forward, capture: hooks.Capture, batch: Any, shapes: dict,
     outputs: dict[str, float] = {}
     with torch.inference_mode(not opts.train_mode):
         try:
-            outputs = normalize_output(forward(model, batch))
+            outputs = normalize_output(forward(model, batch), opts.output_names)
         except hooks.StopForward:
             pass  # every hooked module has fired: the rest of the forward is not needed
         tensors = capture.finish_batch()

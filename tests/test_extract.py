@@ -304,6 +304,18 @@ def test_forward_outputs_are_kept_per_batch(tmp_path):
     assert normalize_output((t(3.0), t(1.0), t(2.0))) == {"loss": 3.0, "loss_1": 1.0, "loss_2": 2.0}
     assert normalize_output((t(3.0), (t(1.0), t(2.0)))) == {"loss": 3.0, "loss_1_0": 1.0, "loss_1_1": 2.0}
     assert normalize_output({"total": t(1.0), "logits": torch.zeros(2, 3)}) == {"total": 1.0}
+    assert normalize_output({"train/loss": t(1.0), "parts": {"a/b": 2}}) == {"train.loss": 1.0, "parts.a.b": 2.0}
+    named = ["loss", "video_loss", "act_loss"]
+    assert normalize_output((t(3.0), (t(1.0), t(2.0))), named) == {"loss": 3.0, "video_loss": 1.0, "act_loss": 2.0}
+    assert normalize_output(t(1.5), ["total"]) == {"total": 1.5}
+    with pytest.raises(ExtractError, match=r"^--output-names gives 3 names \(loss video_loss act_loss\) but the forward "
+                                           r"returned 2 scalar values \(loss, loss_1\); give one name for each$"):
+        normalize_output((t(3.0), t(1.0), torch.zeros(4)), named)
+    with pytest.raises(ExtractError, match=r"^--output-names: the forward returned a dict, whose keys \(total\) name"):
+        normalize_output({"total": t(1.0)}, ["loss"])
+    with pytest.raises(ExtractError, match=r"^the forward returned an output named row_start"):
+        normalize_output({"row_start": t(1.0)})
+
     result = extract(options(tmp_path))
     assert set(result.outputs) == {"loss", "loss_1", "loss_2"} and result.outputs["loss"]["nonfinite"] == 0
     with open_store(result.path) as s:
@@ -311,6 +323,31 @@ def test_forward_outputs_are_kept_per_batch(tmp_path):
         assert out["row_start"][:].tolist() == [0, 8, 16, 24, 32]
         assert out["loss_1"][:].tolist() == [0.0] * 5  # policy mode: no video loss
         assert np.allclose(out["loss"][:], out["loss_2"][:])
+        unnamed = {name: out[name][:] for name in ("loss", "loss_1", "loss_2")}
+    result = extract(options(tmp_path, out=str(tmp_path / "named.h5"), output_names=named))
+    assert set(result.outputs) == set(named)
+    with open_store(result.path) as s:
+        out = s.file["outputs"]
+        assert sorted(out) == ["act_loss", "loss", "row_start", "video_loss"]
+        for name, before in zip(named, unnamed.values()):
+            assert out[name][:].tobytes() == before.tobytes()
+
+
+@pytest.mark.parametrize("names, message", [
+    (["loss", "loss"], r"loss given twice"),
+    (["loss", "row_start"], r"'row_start' cannot name an HDF5 dataset"),
+    (["loss", "video/loss"], r"'video/loss' cannot name an HDF5 dataset"),
+])
+def test_bad_output_names_are_refused_before_the_store_is_made(tmp_path, names, message):
+    with pytest.raises(ExtractError, match=r"^--output-names .*" + message):
+        extract(options(tmp_path, output_names=names))
+    assert not (tmp_path / "s.h5").exists()
+
+
+def test_output_names_that_do_not_fit_the_forward_stop_the_first_batch(tmp_path):
+    with pytest.raises(ExtractError, match=r"^--output-names gives 2 names \(loss video_loss\) but the forward returned 3"):
+        extract(options(tmp_path, output_names=["loss", "video_loss"]))
+    assert not (tmp_path / "s.h5").exists()  # the store is made from the first batch's shapes
 
 
 def test_ragged_layers_from_the_masked_encoder(tmp_path):
