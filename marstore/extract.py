@@ -465,8 +465,12 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
 
 
 def _rate(nbytes: int, started: float) -> str:
-    dt = max(time.perf_counter() - started, 1e-9)
-    return f"{nbytes / dt / 2**20:.0f} MB/s"
+    return _mb_per_s(nbytes, time.perf_counter() - started)
+
+
+def _mb_per_s(nbytes: int, seconds: float) -> str:
+    rate = nbytes / max(seconds, 1e-9) / 2**20
+    return f"{rate:.0f} MB/s" if rate >= 10 else f"{rate:.2f} MB/s"  # reduced layers move well under 1 MB/s
 
 
 def _close_after_error(writer: StoreWriter | None) -> int:
@@ -544,7 +548,7 @@ def _open_writer(opts, selections, pending, metadata) -> StoreWriter:
     # rather than by a thread that competes with them (measured in benchmarks/RESULTS.md).
     cpu = all(t.device.type == "cpu" for t in pending[0][1].values())
     return StoreWriter(opts.out, specs, targets, None if opts.resume else metadata, commit_rows=opts.commit_rows,
-                       resume=opts.resume, background=not cpu)
+                       resume=opts.resume, background=not cpu, expected_rows=metadata["rows_planned"])
 
 
 def _submit(ring: TransferRing, writer: StoreWriter, tensors: dict, targets: dict, index: torch.Tensor,
@@ -581,7 +585,7 @@ def _check_resume(opts: ExtractOptions, metadata: dict) -> tuple[int, set[str]]:
 
 def describe(result: ExtractResult) -> str:
     lines = [f"wrote {result.rows} rows to {result.path} in {result.seconds:.1f} s "
-             f"({result.rows / max(result.seconds, 1e-9):.0f} rows/s, {result.bytes / max(result.seconds, 1e-9) / 2**20:.0f} MB/s "
+             f"({result.rows / max(result.seconds, 1e-9):.0f} rows/s, {_mb_per_s(result.bytes, result.seconds)} "
              f"of activations; file {result.file_bytes / 2**20:.1f} MiB)"]
     for name, info in result.layers.items():
         lines.append(f"  {name:<28} {info['layout']:<6} row {tuple(info['row_shape'])}  nonfinite {info['nonfinite']}, "

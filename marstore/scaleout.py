@@ -173,7 +173,7 @@ def merge(store_path: str, out: str, rows_per_copy: int = 4096) -> int:
                   for spec in json.loads(src.file.attrs["layers"])]
         targets = [TargetSpec(**{k: tuple(v) if k == "row_shape" else v for k, v in spec.items()})
                    for spec in json.loads(src.file.attrs["targets"])]
-        with StoreWriter(out, layers, targets, src.metadata, commit_rows=1 << 30) as w:
+        with StoreWriter(out, layers, targets, src.metadata, commit_rows=1 << 30, expected_rows=src.rows) as w:
             for a in range(0, src.rows, rows_per_copy):
                 b = min(src.rows, a + rows_per_copy)
                 acts = {}

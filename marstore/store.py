@@ -102,12 +102,16 @@ class Ragged:
     lengths: Sequence[int]
 
 
-def default_chunk_rows(row_shape: tuple[int, ...], itemsize: int, chunk_rows: int | None) -> int:
-    """Rows a chunk holds: chunk_rows if given, else about CHUNK_BYTES worth."""
+def default_chunk_rows(row_shape: tuple[int, ...], itemsize: int, chunk_rows: int | None,
+                       expected_rows: int | None = None) -> int:
+    """Rows a chunk holds: chunk_rows if given, else about CHUNK_BYTES worth, but no more than
+    the rows the store expects (HDF5 allocates whole chunks: a small store would be mostly
+    empty chunk space)."""
     if chunk_rows:
         return int(chunk_rows)
     row_bytes = max(1, int(np.prod(row_shape, dtype=np.int64)) * itemsize)
-    return max(1, CHUNK_BYTES // row_bytes)
+    rows = max(1, CHUNK_BYTES // row_bytes)
+    return min(rows, expected_rows) if expected_rows else rows
 
 
 def _as_numpy(x: Any) -> np.ndarray:
@@ -211,16 +215,23 @@ class _Layer:
         return (self.group if self.spec.ragged else self.values).attrs
 
 
-def _create_layer(root: h5py.Group, spec: LayerSpec) -> None:
+def _index_chunk(expected_rows: int | None, extra: int = 0) -> int:
+    """Chunk length of a per-row int64 dataset (the index, ragged offsets)."""
+    return min(65536, expected_rows + extra) if expected_rows else 65536
+
+
+def _create_layer(root: h5py.Group, spec: LayerSpec, expected_rows: int | None) -> None:
     np_dtype = np.dtype(STORED_DTYPES[spec.dtype])
-    rows = default_chunk_rows(spec.row_shape, np_dtype.itemsize, spec.chunk_rows)
+    # a ragged layer's rows are tokens, as many as the samples' token counts add up to
+    rows = default_chunk_rows(spec.row_shape, np_dtype.itemsize, spec.chunk_rows, None if spec.ragged else expected_rows)
     kwargs = dict(dtype=np_dtype, chunks=(rows, *spec.row_shape), maxshape=(None, *spec.row_shape))
     if spec.compression:
         kwargs["compression"] = spec.compression
     if spec.ragged:
         group = root.create_group(spec.name)
         group.create_dataset("values", shape=(0, *spec.row_shape), **kwargs)
-        offsets = group.create_dataset("offsets", shape=(1,), dtype=np.int64, chunks=(65536,), maxshape=(None,))
+        offsets = group.create_dataset("offsets", shape=(1,), dtype=np.int64, chunks=(_index_chunk(expected_rows, 1),),
+                                       maxshape=(None,))
         offsets[0] = 0
         obj = group
     else:
@@ -277,7 +288,10 @@ _STOP = object()
 
 
 class StoreWriter:
-    """Streams batches into a store (see the module doc). Use as a context manager."""
+    """Streams batches into a store (see the module doc). Use as a context manager.
+
+    expected_rows: the rows the caller plans to write, if known; chunks then hold no more
+    rows than that (the store still grows past it)."""
 
     def __init__(
         self,
@@ -293,6 +307,7 @@ class StoreWriter:
         fsync: bool = False,
         direct_chunks: bool = True,
         background: bool = True,
+        expected_rows: int | None = None,
     ):
         self.path = os.fspath(path)
         self.layers_spec = list(layers)
@@ -301,6 +316,7 @@ class StoreWriter:
         self.commit_bytes = commit_bytes
         self.fsync = fsync
         self.direct_chunks = direct_chunks
+        self.expected_rows = expected_rows
         if len({s.name for s in self.layers_spec}) != len(self.layers_spec):
             raise StoreError("layer names must be unique")
         if resume and os.path.exists(self.path):
@@ -355,14 +371,14 @@ class StoreWriter:
         )
         acts = f.create_group("activations")
         for spec in self.layers_spec:
-            _create_layer(acts, spec)
+            _create_layer(acts, spec, self.expected_rows)
         tg = f.create_group("targets")
         for spec in self.targets_spec:
             itemsize = np.dtype(spec.dtype).itemsize
-            rows = default_chunk_rows(spec.row_shape, itemsize, None)
+            rows = default_chunk_rows(spec.row_shape, itemsize, None, self.expected_rows)
             tg.create_dataset(spec.name, shape=(0, *spec.row_shape), dtype=spec.dtype,
                               chunks=(rows, *spec.row_shape), maxshape=(None, *spec.row_shape))
-        f.create_dataset("index", shape=(0,), dtype=np.int64, chunks=(65536,), maxshape=(None,))
+        f.create_dataset("index", shape=(0,), dtype=np.int64, chunks=(_index_chunk(self.expected_rows),), maxshape=(None,))
         f.flush()
         log.info("store %s created: %d layers, %d targets", self.path, len(self.layers_spec), len(self.targets_spec))
         return f

@@ -60,6 +60,30 @@ def write_all(path, batches=12, **kw):
             w.append(acts, targets=targets, index=index)
 
 
+def test_expected_rows_bound_the_chunks_and_the_store_grows_past_them(tmp_path):
+    # 100 rows expected, 128 written: the chunks that hold rows (not token rows) are 100 long
+    write_all(tmp_path / "s.h5", batches=4, expected_rows=100)
+    assert_store_holds(tmp_path / "s.h5", 128)
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        chunks = {name: f[name].chunks for name in ("activations/encoder_blocks.0", "activations/encoder_blocks.1",
+                                                    "activations/proj", "activations/encoder_norm/values",
+                                                    "activations/encoder_norm/offsets", "targets/action",
+                                                    "targets/label", "index")}
+    assert chunks == {
+        "activations/encoder_blocks.0": (64, 48),  # chunk_rows given: kept
+        "activations/encoder_blocks.1": (20, 6, 8),
+        "activations/proj": (100, 8),  # 1 MiB would be 65536 rows
+        "activations/encoder_norm/values": (100, 16),  # token rows: chunk_rows given
+        "activations/encoder_norm/offsets": (101,),
+        "targets/action": (100, 4, 2),
+        "targets/label": (100,),
+        "index": (100,),
+    }
+    write_all(tmp_path / "big.h5", batches=4)
+    with h5py.File(tmp_path / "big.h5", "r") as f:
+        assert (f["activations/proj"].chunks, f["index"].chunks, f["targets/label"].chunks) == ((65536, 8), (65536,), (131072,))
+
+
 def test_format_read_back_with_plain_h5py(tmp_path):
     path = tmp_path / "s.h5"
     write_all(path, batches=4)
