@@ -146,7 +146,7 @@ def write_top_file(out: str, parts: list[str]) -> int:
 def _join_outputs(f: h5py.File, stores: list, rows: list[int]) -> None:
     """The parts' per-batch outputs (small) copied into /outputs, their row starts shifted."""
     groups = [s.file.get("outputs") for s in stores]
-    names = sorted({n for g in groups if g is not None for n in g if n != "row_start"})
+    names = list(dict.fromkeys(n for g in groups if g is not None for n in g if n != "row_start"))  # in the parts' order
     if not names:
         return
     starts, values = [], {n: [] for n in names}
@@ -158,7 +158,7 @@ def _join_outputs(f: h5py.File, stores: list, rows: list[int]) -> None:
             for n in names:
                 values[n].append(g[n][:keep] if n in g else np.full(keep, np.nan))
         base += n_rows
-    out = f.create_group("outputs")
+    out = f.create_group("outputs", track_order=True)
     out.create_dataset("row_start", data=np.concatenate(starts))
     for n in names:
         out.create_dataset(n, data=np.concatenate(values[n]))

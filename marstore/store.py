@@ -647,10 +647,12 @@ class StoreWriter:
         batch lacks that output), through the chunk buffers like every other dataset."""
         n = self._output_rows
         if not self._outputs:
-            self._outputs["row_start"] = self._file.require_group("outputs").create_dataset(
+            # track_order: /outputs lists the forward's outputs in its order (loss first), not by name
+            group = self._file["outputs"] if "outputs" in self._file else self._file.create_group("outputs", track_order=True)
+            self._outputs["row_start"] = group.create_dataset(
                 "row_start", shape=(0,), dtype=np.int64, chunks=(4096,), maxshape=(None,))
         self._write_rows(self._outputs["row_start"], n, np.array([start], np.int64))
-        for name in outputs.keys() - self._outputs.keys():  # first seen now: NaN for the batches before
+        for name in [n for n in outputs if n not in self._outputs]:  # first seen now: NaN for the batches before
             self._outputs[name] = self._file["outputs"].create_dataset(
                 name, shape=(n,), dtype=np.float64, chunks=(4096,), maxshape=(None,), fillvalue=np.nan)
         for name, ds in self._outputs.items():

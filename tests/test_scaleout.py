@@ -105,6 +105,9 @@ def test_ranks_write_one_store_equal_to_one_process(tmp_path, ranks, size):
     assert index_m.tolist() == index_b.tolist() and all(m[k].tobytes() == b[k].tobytes() for k in b)
     with h5py.File(tmp_path / "merged.h5", "r") as f:
         assert not f["activations/encoder_blocks.0"].is_virtual and f.attrs["status"] == "complete"
+    for store in ("one.h5", "many.h5", "merged.h5"):  # the forward's (loss, video_loss, act_loss), in its order
+        with h5py.File(tmp_path / store, "r", locking=False) as f:  # as ds, which holds many.h5 open
+            assert list(f["outputs"]) == ["row_start", "loss", "loss_1", "loss_2"], store
 
 
 def test_ranks_share_an_iterable_data_set_by_stream_position(tmp_path):

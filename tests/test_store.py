@@ -464,6 +464,7 @@ def test_outputs_per_batch_across_a_resume_and_a_late_output(tmp_path, backgroun
             w.append({"enc": rows}, index=[2 * b, 2 * b + 1], outputs={"loss": float(b), "aux": 10.0 + b})
     with open_store(path) as store:
         out = store.file["outputs"]
+        assert list(out) == ["row_start", "loss", "aux"]  # in the order they first came, not by name
         assert out["row_start"][:].tolist() == [0, 2, 4, 6, 8]
         assert out["loss"][:].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
         assert np.array_equal(out["aux"][:], [np.nan, np.nan, np.nan, 13.0, 14.0], equal_nan=True)
