@@ -17,6 +17,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import shlex
@@ -31,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
 
 from marstore import hooks, loading, scaleout
-from marstore.store import LayerSpec, StoreError, StoreWriter, TargetSpec, open_store
+from marstore.store import LayerSpec, StoreError, StoreWriter, TargetSpec, open_store, room_left
 from marstore.transfer import SlotTooSmall, TransferRing
 
 log = logging.getLogger(__name__)
@@ -396,6 +397,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
     loader = DataLoader(source, batch_size=opts.batch_size, shuffle=False,
                         num_workers=opts.workers, collate_fn=_collate, pin_memory=device.type == "cuda")
 
+    rows_left = {"rank": len(indices) - start_row, "world": rank.world}
     started = time.perf_counter()
     out_dtype = STORE_DTYPES[opts.dtype]
     ring = TransferRing(num_slots=opts.slots, device=device)
@@ -418,7 +420,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                     pending.append((index, tensors, targets, outputs))
                     if len(pending) < 2 and len(pending) < len(loader):
                         continue  # a second batch shows which layers change shape (ragged)
-                    writer = _open_writer(opts, selections, pending, metadata)
+                    writer = _open_writer(opts, selections, pending, metadata, rows_left)
                     todo, pending = pending, []
                 else:
                     todo = [(index, tensors, targets, outputs)]
@@ -429,7 +431,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                     if on_batch is not None:
                         on_batch(writer.written)
             if writer is None and pending:
-                writer = _open_writer(opts, selections, pending, metadata)
+                writer = _open_writer(opts, selections, pending, metadata, rows_left)
                 for idx, tens, targ, outs in pending:
                     total_bytes += _submit(ring, writer, tens, targ, idx, out_dtype, outs)
                     progress.update(len(idx))
@@ -533,7 +535,7 @@ def _layer_specs(opts, selections, pending) -> list[LayerSpec]:
     return specs
 
 
-def _open_writer(opts, selections, pending, metadata) -> StoreWriter:
+def _open_writer(opts, selections, pending, metadata, rows_left: dict) -> StoreWriter:
     specs = _layer_specs(opts, selections, pending)
     targets = []
     for name in opts.targets:
@@ -542,6 +544,7 @@ def _open_writer(opts, selections, pending, metadata) -> StoreWriter:
         if dtype is None:
             raise ExtractError(f"--targets {name!r}: a {value.dtype} value is not numeric")
         targets.append(TargetSpec(name, tuple(value.shape[1:]), str(value.dtype)))
+    _check_room(opts, specs, targets, pending, rows_left["rank"], rows_left["world"])
     # On --resume the options were compared already (_check_resume); the store keeps the run
     # description it was started with (its command line has no --resume).
     # On the CPU the model's threads use every core: batches are written between forwards
@@ -549,6 +552,49 @@ def _open_writer(opts, selections, pending, metadata) -> StoreWriter:
     cpu = all(t.device.type == "cpu" for t in pending[0][1].values())
     return StoreWriter(opts.out, specs, targets, None if opts.resume else metadata, commit_rows=opts.commit_rows,
                        resume=opts.resume, background=not cpu, expected_rows=metadata["rows_planned"])
+
+
+def _check_room(opts: ExtractOptions, specs: list[LayerSpec], targets: list[TargetSpec], pending: list,
+                rows: int, world: int) -> None:
+    """Says how much the run will write, and refuses to start one that the disk cannot take
+    (hours in, it would stop there). Exact for uncompressed dense layers in one process; ragged
+    layers' token counts are taken from the first batches, so with them (or compression, or
+    ranks that share the filesystem) it is an estimate and only a warning."""
+    itemsize = STORE_DTYPES[opts.dtype].itemsize
+    first_rows = sum(len(p[0]) for p in pending)
+    row_bytes = 8  # the source index
+    for spec in specs:
+        values = math.prod(spec.row_shape) * itemsize
+        if spec.ragged:  # tokens per row in the first batches, and one offset a row
+            tokens = sum(p[1][spec.name].shape[0] * p[1][spec.name].shape[1] for p in pending) / first_rows
+            row_bytes += round(tokens * values) + 8
+        else:
+            row_bytes += values
+    row_bytes += sum(math.prod(t.row_shape) * np.dtype(t.dtype).itemsize for t in targets)
+    need = row_bytes * rows * world
+    file_size = os.path.getsize(opts.out) if opts.resume and os.path.exists(opts.out) else 0
+    room, what = room_left(opts.out, file_size)
+    scope = f"{rows} rows" + (f" on each of {world} ranks" if world > 1 else "")
+    log.info("this run writes about %s (%s of %s) to %s; %s %s", _human(need), scope, _human(row_bytes), opts.out,
+             _human(room), what)
+    if need <= room:
+        return
+    estimate = opts.compression or world > 1 or any(spec.ragged for spec in specs)
+    message = (f"{opts.out}: this run needs {'about ' if estimate else ''}{_human(need)} ({scope} of "
+               f"{_human(row_bytes)}) but only {_human(room)} are {what}; make room, write elsewhere (--out), "
+               "reduce the tokens (--reduction), hook fewer layers or extract fewer rows (--num-samples)")
+    if estimate:
+        log.warning("%s", message)
+    else:
+        raise ExtractError(message)
+
+
+def _human(nbytes: float) -> str:
+    units = ["bytes", "KiB", "MiB", "GiB", "TiB"]
+    step = 0
+    while abs(nbytes) >= 1024 and step < len(units) - 1:
+        nbytes, step = nbytes / 1024, step + 1
+    return f"{nbytes:.0f} bytes" if step == 0 else f"{nbytes:.1f} {units[step]}"
 
 
 def _submit(ring: TransferRing, writer: StoreWriter, tensors: dict, targets: dict, index: torch.Tensor,

@@ -688,7 +688,7 @@ class StoreWriter:
             else:
                 need += new_chunk_bytes(layer.values, layer.tokens, len(data)) + new_chunk_bytes(layer.offsets, start + 1, n)
         need += sum(new_chunk_bytes(self._targets[name], start, n) for name in batch.targets)
-        room, what = _room_left(self.path, self._file.id.get_filesize())
+        room, what = room_left(self.path, self._file.id.get_filesize())
         if need > room:
             raise StoreError(
                 f"writing {self.path} stopped: the next batch needs up to {need} more bytes, but only {room} "
@@ -826,7 +826,7 @@ def _describe_error(exc: BaseException, path: str, nbytes: int) -> BaseException
     return exc
 
 
-def _room_left(path: str, file_size: int) -> tuple[int, str]:
+def room_left(path: str, file_size: int) -> tuple[int, str]:
     """Bytes the file may still grow by, and what limits it: free space or the file size limit."""
     stat = os.statvfs(os.path.dirname(os.path.abspath(path)))
     room, what = stat.f_bavail * stat.f_frsize, "free on its filesystem"

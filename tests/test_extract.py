@@ -2,6 +2,7 @@
 
 import dataclasses
 import gc
+import math
 import os
 import signal
 import subprocess
@@ -530,3 +531,33 @@ def test_the_summary_names_rates_layers_and_outputs():
         "  output loss: mean 0.1531 over batches, 0 non-finite",
     ]
     assert "(512 rows/s, 40 MB/s of" in describe(dataclasses.replace(result, bytes=80 << 20))
+
+
+def test_a_run_the_disk_cannot_take_is_refused_before_the_store_is_made(tmp_path, monkeypatch, caplog):
+    import marstore.extract as ex
+
+    with open_store(extract(options(tmp_path, out=str(tmp_path / "sized.h5"))).path) as s:
+        row = 8 + sum(math.prod(layer.row_shape) * 2 for layer in s.layers.values())
+        row += sum(math.prod(ds.shape[1:]) * ds.dtype.itemsize for ds in s.targets.values())
+    need = 40 * row  # 40 rows: two layers of float16 tokens, nactions, label and the source index
+    monkeypatch.setattr(ex, "room_left", lambda path, size: (need - 1, "free on its filesystem"))
+    with pytest.raises(ExtractError, match=rf"^{tmp_path}/s.h5: this run needs {ex._human(need)} \(40 rows of "
+                                           rf"{ex._human(row)}\) but only {ex._human(need - 1)} are free on its "
+                                           r"filesystem; make room, write elsewhere \(--out\), reduce the tokens"):
+        extract(options(tmp_path))
+    assert not (tmp_path / "s.h5").exists()
+    monkeypatch.setattr(ex, "room_left", lambda path, size: (need, "free on its filesystem"))
+    assert extract(options(tmp_path)).rows == 40
+    # ragged token counts come from the first batches: an estimate, so a warning
+    monkeypatch.setattr(ex, "room_left", lambda path, size: (1000, "free on its filesystem"))
+    with caplog.at_level("WARNING", logger="marstore.extract"):
+        result = extract(options(tmp_path, out=str(tmp_path / "ragged.h5"), layers=["encoder_blocks.1"],
+                                 model_args={**CONFIG, "drop_masked": True}))
+    assert result.rows == 40 and "ragged.h5: this run needs about " in caplog.text
+
+
+def test_sizes_read_as_people_write_them():
+    from marstore.extract import _human
+
+    assert [_human(n) for n in (0, 1023, 1024, 1536 << 20, 3 << 40, 5 << 50)] == [
+        "0 bytes", "1023 bytes", "1.0 KiB", "1.5 GiB", "3.0 TiB", "5120.0 TiB"]
