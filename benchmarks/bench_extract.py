@@ -22,6 +22,7 @@ fewer bytes per second than the disk takes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pickle
@@ -77,7 +78,7 @@ def run_way(way: str, rows: int, args, out: str) -> dict:
                               dataset_args={"size": rows, "grid": args.grid}, forward="marstore.models:policy_forward",
                               layers=layers, reduction=args.reduction, batch_size=args.batch_size, device=args.device,
                               model_args=model_args(args), progress=False, commit_rows=1 << 30,
-                              malloc_tuning=not args.no_malloc_tuning)
+                              malloc_tuning=not args.no_malloc_tuning, autocast=args.autocast)
         result = extract(opts)  # its clock starts after the model is built and loaded, as below
         seconds, nbytes = result.seconds, result.bytes
     else:
@@ -95,8 +96,9 @@ def run_way(way: str, rows: int, args, out: str) -> dict:
                 kept[sel.name] = []
                 handles.append(model.get_submodule(sel.name).register_forward_hook(
                     lambda m, a, o, n=sel.name: kept[n].append(reduce_tokens(o, reduction).half().cpu())))
+        amp = torch.autocast(device.type, dtype=getattr(torch, args.autocast)) if args.autocast else contextlib.nullcontext()
         start = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), amp:
             for batch in loader:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 policy_forward(model, batch)
@@ -154,6 +156,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--grid", type=int, default=4, help="tokens per frame side (4 frames of grid x grid)")
     parser.add_argument("--reduction", default="none")
+    parser.add_argument("--autocast", choices=["bfloat16", "float16"], help="every way runs the forward under torch.autocast")
     parser.add_argument("--layers", nargs="+", default=["encoder_blocks.*", "decoder_blocks.*"])
     parser.add_argument("--dir", default=None, help="where the stores are written (default: a temporary directory)")
     parser.add_argument("--no-malloc-tuning", action="store_true",
@@ -169,7 +172,7 @@ def main() -> None:
     rows = args.rows or (1024 if args.quick else 4096)
     args.rounds = args.rounds or (1 if args.quick else 5)
     passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                   if k in ("device", "batch_size", "embed_dim", "depth", "heads", "grid", "reduction")]
+                   if k in ("device", "batch_size", "embed_dim", "depth", "heads", "grid", "reduction") or (k == "autocast" and v)]
     passthrough += ["--no-malloc-tuning"] if args.no_malloc_tuning else []
     passthrough += ["--layers", *args.layers]
     results = {}
@@ -198,7 +201,8 @@ def main() -> None:
             results[name]["rows_per_s_each_round"] = [r["rows_per_s"] for r in rs]
     payload = {
         "device": machine() + f" ({args.device})",
-        "model": {k: getattr(args, k) for k in ("embed_dim", "depth", "heads", "grid", "batch_size", "reduction", "layers")},
+        "model": {k: getattr(args, k) for k in ("embed_dim", "depth", "heads", "grid", "batch_size", "reduction", "layers",
+                                                "autocast")},
         "malloc_tuning": not args.no_malloc_tuning,
         "rows": rows,
         "results": results,
@@ -213,7 +217,7 @@ def main() -> None:
     print(f"device: {payload['device']}; model {payload['model']}; {rows} rows; disk writes {disk:.0f} MB/s")
     print(f"{'way':<16} {'rows/s':>9} {'MB/s':>8} {'peak RSS MB':>12}")
     for name, r in results.items():
-        print(f"{name:<16} {r['rows_per_s']:9.0f} {r['mb_per_s']:8.0f} {r['peak_rss_mb']:12.0f}")
+        print(f"{name:<16} {r['rows_per_s']:9.1f} {r['mb_per_s']:8.0f} {r['peak_rss_mb']:12.0f}")
     for name, each in payload["ratios_each_round"].items():
         print(f"{name} each round: {' '.join(f'{r:.3f}' for r in each)}")
     finish(payload, args.json)

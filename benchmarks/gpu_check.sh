@@ -15,7 +15,9 @@ time python -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v
 python -m marstore doctor || exit 1
 python -m pytest -q -rs ${TESTS:-tests/test_ops_cuda.py tests/test_transfer.py tests/test_extract.py} 2>&1 | tee "$OUT/pytest.log" | tail -15
 [ "${SKIP_TRANSFER:-}" ] || python benchmarks/bench_transfer.py --json "$OUT/transfer_gpu.json" | tee "$OUT/transfer_gpu.txt"
+# UVA's size and, as UVA runs (FIELD-NOTES §3), bfloat16 autocast: AUTOCAST= for float32
 UVA="--device cuda --embed-dim 768 --depth 12 --heads 12 --grid 16 --batch-size 8 --rounds 1"
+UVA="$UVA ${AUTOCAST=--autocast bfloat16}"
 if [ -z "${SKIP_EXTRACT:-}" ]; then
   python benchmarks/bench_extract.py $UVA --reduction mean --rows 512 --json "$OUT/extract_gpu_mean.json" | tee "$OUT/extract_gpu_mean.txt"
   python benchmarks/bench_extract.py $UVA --rows 64 --json "$OUT/extract_gpu_tokens.json" | tee "$OUT/extract_gpu_tokens.txt"

@@ -265,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--multi-fire", choices=["error", "first", "last", "stack"], help="a module firing more than once")
     ex.add_argument("--allow-missing", action="store_true", help="a module that does not fire gives NaN rows")
     ex.add_argument("--stop-early", action="store_true", help="stop the forward once every hooked module fired")
+    ex.add_argument("--autocast", choices=["bfloat16", "float16"],
+                    help="run the forward under torch.autocast with this dtype (mixed precision, as UVA trains)")
     ex.add_argument("--train-mode", action="store_true", help="run in train mode, with autograd (default: eval, inference)")
     ex.add_argument("--targets", nargs="+", help="batch entries to keep as targets (dotted paths)")
     ex.add_argument("--output-names", nargs="+", metavar="NAME",

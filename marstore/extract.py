@@ -12,6 +12,7 @@ what is written and raises Interrupted with the command that resumes.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import itertools
@@ -72,6 +73,7 @@ class ExtractOptions:
     allow_missing: bool = False
     stop_early: bool = False
     train_mode: bool = False
+    autocast: str | None = None
     targets: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
     num_samples: int | None = None
@@ -333,6 +335,8 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
             log.info("malloc: thresholds left alone (mallopt is not available here)")
     if opts.dtype not in STORE_DTYPES:
         raise ExtractError(f"--dtype {opts.dtype!r}: use one of {sorted(STORE_DTYPES)}")
+    if opts.autocast not in (None, "bfloat16", "float16"):
+        raise ExtractError(f"--autocast {opts.autocast!r}: use bfloat16 or float16")
     _check_output_names(opts.output_names)
 
     # checkpoint -> model
@@ -352,6 +356,9 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
     model.to(device)
     model.train(opts.train_mode)
     forward = loading.import_callable(opts.forward, "--forward") if opts.forward else default_forward
+    # mixed precision as the model was trained (UVA: bfloat16); the hooks then see bfloat16 where autocast casts
+    autocast = (lambda: torch.autocast(device.type, dtype=STORE_DTYPES[opts.autocast])) if opts.autocast \
+        else contextlib.nullcontext
 
     # hooks, checked before any data is read
     reduction = hooks.parse_reduction(opts.reduction)
@@ -413,7 +420,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                            stop_early=opts.stop_early) as capture:
             pending: list[tuple] = []
             for index, batch in batches:
-                tensors, outputs = _run_batch(model, forward, capture, _to_device(batch, device), shapes, opts)
+                tensors, outputs = _run_batch(model, forward, capture, _to_device(batch, device), shapes, opts, autocast)
                 targets = {t: _target_array(_get_dotted(batch, t)) for t in opts.targets}
                 nonfinite_losses += sum(1 for v in outputs.values() if not np.isfinite(v))
                 if writer is None:
@@ -491,10 +498,11 @@ def _target_array(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def _run_batch(model, forward, capture: hooks.Capture, batch: Any, shapes: dict, opts: ExtractOptions) -> dict:
+def _run_batch(model, forward, capture: hooks.Capture, batch: Any, shapes: dict, opts: ExtractOptions,
+               autocast: Callable[[], Any]) -> tuple[dict, dict]:
     capture.start_batch()
     outputs: dict[str, float] = {}
-    with torch.inference_mode(not opts.train_mode):
+    with torch.inference_mode(not opts.train_mode), autocast():
         try:
             outputs = normalize_output(forward(model, batch), opts.output_names)
         except hooks.StopForward:

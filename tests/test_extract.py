@@ -1,5 +1,6 @@
 """Extraction: checkpoint layouts, loading reports, hooks, the pipeline, resume and Ctrl-C."""
 
+import contextlib
 import dataclasses
 import gc
 import math
@@ -253,7 +254,7 @@ def test_reductions_on_device():
         hooks.reduce_tokens(x, [5])
 
 
-def reference_activations(tmp_path, layers, device="cpu"):
+def reference_activations(tmp_path, layers, device="cpu", autocast=None):
     """A plain reference: forward hooks plus .to(torch.float16), batch by batch."""
     torch.manual_seed(0)
     model = video_mar(**CONFIG).eval().to(device)
@@ -261,7 +262,8 @@ def reference_activations(tmp_path, layers, device="cpu"):
     kept = {n: [] for n in layers}
     handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: kept[n].append(o.to(torch.float16).cpu()))
                for n in layers]
-    with torch.inference_mode():
+    amp = torch.autocast(device, dtype=autocast) if autocast else contextlib.nullcontext()
+    with torch.inference_mode(), amp:
         for start in range(0, 40, 8):
             batch = torch.utils.data.default_collate([ds[i] for i in range(start, start + 8)])
             policy_forward(model, {k: v.to(device) for k, v in batch.items()})
@@ -283,6 +285,22 @@ def test_stored_bytes_equal_a_plain_reference(tmp_path, device):
         assert s.index().tolist() == list(range(40))
         assert s.target("label").tolist() == [synthetic_video_actions(40)[i]["label"] for i in range(40)]
         assert s.layers["z_proj"].row_shape == (4, 16, 32)  # 4-D output, as UVA's z_proj
+
+
+def test_autocast_runs_the_forward_in_mixed_precision(tmp_path):
+    # z_proj is a Linear: bfloat16 under autocast; its bytes as a plain hook under autocast sees them
+    torch.manual_seed(0)
+    result = extract(options(tmp_path, layers=["z_proj", "encoder_blocks.1"], autocast="bfloat16"))
+    ref = reference_activations(tmp_path, ["z_proj", "encoder_blocks.1"], autocast=torch.bfloat16)
+    plain = reference_activations(tmp_path, ["z_proj"])
+    with open_store(result.path) as s:
+        assert s.layers["z_proj"].attrs["source_dtype"] == "bfloat16"
+        for name, parts in ref.items():
+            assert s.read(name).tobytes() == torch.cat(parts).numpy().tobytes(), name
+        assert s.read("z_proj").tobytes() != torch.cat(plain["z_proj"]).numpy().tobytes()  # not the float32 run
+        assert s.metadata["options"]["autocast"] == "bfloat16"
+    with pytest.raises(ExtractError, match=r"^--autocast 'float64': use bfloat16 or float16$"):
+        extract(options(tmp_path, out=str(tmp_path / "x.h5"), autocast="float64"))
 
 
 RECORDED: list[torch.Tensor] = []
