@@ -470,6 +470,10 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                                      "nonfinite": int((~np.isfinite(values)).sum())}
     if nonfinite_losses:
         log.warning("%d non-finite forward outputs (losses) in this run", nonfinite_losses)
+    overflowed = {name: info["overflow"] for name, info in layers.items() if info["overflow"]}
+    if overflowed:
+        log.warning("finite values past float16's range were stored as inf (%s); --dtype bfloat16 or float32 keeps "
+                    "them", ", ".join(f"{name}: {n}" for name, n in overflowed.items()))
     return ExtractResult(rows, seconds, total_bytes, os.path.getsize(opts.out), layers, report.as_dict(), opts.out, outputs)
 
 

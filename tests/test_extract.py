@@ -579,3 +579,42 @@ def test_sizes_read_as_people_write_them():
 
     assert [_human(n) for n in (0, 1023, 1024, 1536 << 20, 3 << 40, 5 << 50)] == [
         "0 bytes", "1023 bytes", "1.0 KiB", "1.5 GiB", "3.0 TiB", "5120.0 TiB"]
+
+
+class Loud(nn.Module):
+    """One linear layer whose outputs are 1, 7e4 and -1e5: two of three past float16's range."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(2, 3)
+        with torch.no_grad():
+            self.proj.weight.zero_()
+            self.proj.bias.copy_(torch.tensor([1.0, 7e4, -1e5]))
+
+    def forward(self, x):
+        return self.proj(x).sum()
+
+
+def loud_model(**config):
+    return Loud()
+
+
+def loud_forward(model, batch):
+    return model(batch["nactions"][:, 0])
+
+
+def test_values_past_float16_are_counted_and_named(tmp_path, caplog):
+    kw = dict(model="test_extract:loud_model", forward="test_extract:loud_forward", layers=["proj"])
+    with caplog.at_level("WARNING", logger="marstore.extract"):
+        result = extract(options(tmp_path, **kw))
+    assert result.layers["proj"] == {"nonfinite": 0, "overflow": 80, "layout": "dense", "row_shape": [3]}
+    assert ("finite values past float16's range were stored as inf (proj: 80); --dtype bfloat16 or float32 keeps them"
+            in caplog.text)
+    with open_store(result.path) as s:
+        assert s.read("proj").tolist() == [[1.0, float("inf"), float("-inf")]] * 40
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="marstore.extract"):
+        result = extract(options(tmp_path, out=str(tmp_path / "f32.h5"), dtype="float32", **kw))
+    assert result.layers["proj"]["overflow"] == 0 and "past float16" not in caplog.text
+    with open_store(result.path) as s:
+        assert s.read("proj").tolist() == [[1.0, 7e4, -1e5]] * 40
