@@ -404,7 +404,6 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
     loader = DataLoader(source, batch_size=opts.batch_size, shuffle=False,
                         num_workers=opts.workers, collate_fn=_collate, pin_memory=device.type == "cuda")
 
-    rows_left = {"rank": len(indices) - start_row, "world": rank.world}
     started = time.perf_counter()
     out_dtype = STORE_DTYPES[opts.dtype]
     ring = TransferRing(num_slots=opts.slots, device=device)
@@ -427,7 +426,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                     pending.append((index, tensors, targets, outputs))
                     if len(pending) < 2 and len(pending) < len(loader):
                         continue  # a second batch shows which layers change shape (ragged)
-                    writer = _open_writer(opts, selections, pending, metadata, rows_left)
+                    writer = _open_writer(opts, selections, pending, metadata, start_row)
                     todo, pending = pending, []
                 else:
                     todo = [(index, tensors, targets, outputs)]
@@ -438,7 +437,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                     if on_batch is not None:
                         on_batch(writer.written)
             if writer is None and pending:
-                writer = _open_writer(opts, selections, pending, metadata, rows_left)
+                writer = _open_writer(opts, selections, pending, metadata, start_row)
                 for idx, tens, targ, outs in pending:
                     total_bytes += _submit(ring, writer, tens, targ, idx, out_dtype, outs)
                     progress.update(len(idx))
@@ -547,7 +546,7 @@ def _layer_specs(opts, selections, pending) -> list[LayerSpec]:
     return specs
 
 
-def _open_writer(opts, selections, pending, metadata, rows_left: dict) -> StoreWriter:
+def _open_writer(opts, selections, pending, metadata, start_row: int) -> StoreWriter:
     specs = _layer_specs(opts, selections, pending)
     targets = []
     for name in opts.targets:
@@ -556,7 +555,7 @@ def _open_writer(opts, selections, pending, metadata, rows_left: dict) -> StoreW
         if dtype is None:
             raise ExtractError(f"--targets {name!r}: a {value.dtype} value is not numeric")
         targets.append(TargetSpec(name, tuple(value.shape[1:]), str(value.dtype)))
-    _check_room(opts, specs, targets, pending, rows_left["rank"], rows_left["world"])
+    _check_room(opts, specs, targets, pending, metadata["rows_planned"] - start_row, metadata["world_size"])
     # On --resume the options were compared already (_check_resume); the store keeps the run
     # description it was started with (its command line has no --resume).
     # On the CPU the model's threads use every core: batches are written between forwards
