@@ -43,6 +43,7 @@ def _info(args: argparse.Namespace) -> int:
     import json
     import os
 
+    from marstore.extract import describe_output, summarize_output
     from marstore.store import StoreError, open_store
 
     try:
@@ -77,6 +78,7 @@ def _info(args: argparse.Namespace) -> int:
                 for name, layer in store.layers.items()
             },
             "targets": {name: {"shape": [store.rows, *ds.shape[1:]], "dtype": str(ds.dtype)} for name, ds in store.targets.items()},
+            "outputs": {name: summarize_output(values) for name, values in store.outputs().items() if name != "row_start"},
             "run": store.metadata,
         }
     if args.json:
@@ -95,6 +97,8 @@ def _info(args: argparse.Namespace) -> int:
               f"nonfinite {layer['nonfinite']}, overflow {layer['overflow']}")
     if info["targets"]:
         print("  targets: " + ", ".join(f"{n} {'x'.join(map(str, t['shape']))} {t['dtype']}" for n, t in info["targets"].items()))
+    for name, summary in info["outputs"].items():
+        print(describe_output(name, summary))
     run = info["run"]
     for key in ("model", "checkpoint", "command"):
         if key in run:

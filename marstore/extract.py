@@ -460,13 +460,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         layers = {name: {"nonfinite": int(info.attrs["nonfinite"]), "overflow": int(info.attrs["overflow"]),
                          "layout": info.layout, "row_shape": list(info.row_shape)} for name, info in store.layers.items()}
         rows = store.rows
-        outputs = {}
-        if "outputs" in store.file:
-            for name, ds in store.file["outputs"].items():
-                if name != "row_start":
-                    values = ds[:]
-                    outputs[name] = {"mean": float(np.nanmean(values)) if np.isfinite(values).any() else None,
-                                     "nonfinite": int((~np.isfinite(values)).sum())}
+        outputs = {name: summarize_output(values) for name, values in store.outputs().items() if name != "row_start"}
     if nonfinite_losses:
         log.warning("%d non-finite forward outputs (losses) in this run", nonfinite_losses)
     overflowed = {name: info["overflow"] for name, info in layers.items() if info["overflow"]}
@@ -474,6 +468,18 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         log.warning("finite values past float16's range were stored as inf (%s); --dtype bfloat16 or float32 keeps "
                     "them", ", ".join(f"{name}: {n}" for name, n in overflowed.items()))
     return ExtractResult(rows, seconds, total_bytes, os.path.getsize(opts.out), layers, report.as_dict(), opts.out, outputs)
+
+
+def summarize_output(values: np.ndarray) -> dict:
+    """One output's per-batch values as {batches, mean (of the finite ones), nonfinite}."""
+    finite = values[np.isfinite(values)]
+    return {"batches": len(values), "mean": float(finite.mean()) if finite.size else None,
+            "nonfinite": len(values) - finite.size}
+
+
+def describe_output(name: str, summary: dict) -> str:
+    mean = "n/a" if summary["mean"] is None else f"{summary['mean']:.4g}"
+    return f"  output {name}: mean {mean} over {summary['batches']} batches, {summary['nonfinite']} non-finite"
 
 
 def _rate(nbytes: int, started: float) -> str:
@@ -647,9 +653,7 @@ def describe(result: ExtractResult) -> str:
     for name, info in result.layers.items():
         lines.append(f"  {name:<28} {info['layout']:<6} row {tuple(info['row_shape'])}  nonfinite {info['nonfinite']}, "
                      f"overflow {info['overflow']}")
-    for name, o in result.outputs.items():
-        mean = "n/a" if o["mean"] is None else f"{o['mean']:.4g}"
-        lines.append(f"  output {name}: mean {mean} over batches, {o['nonfinite']} non-finite")
+    lines += [describe_output(name, o) for name, o in result.outputs.items()]
     r = result.load_report
     if r.get("checkpoint"):
         lines.append(f"  checkpoint {r['checkpoint']['path']} (sha256 {r['checkpoint']['sha256'][:12]}...), "

@@ -891,6 +891,15 @@ class Store:
         stop = self.rows if stop is None else min(stop, self.rows)
         return self.file["index"][start:stop]
 
+    def outputs(self) -> dict[str, np.ndarray]:
+        """The forward's per-batch outputs of the committed batches (row_start first, then each
+        output in the forward's order; NaN where a batch lacked one)."""
+        if "outputs" not in self.file:
+            return {}
+        group = self.file["outputs"]
+        batches = int(np.searchsorted(group["row_start"][:], self.rows))  # batches that start before rows
+        return {name: ds[:batches] for name, ds in group.items()}
+
     def close(self) -> None:
         self.file.close()
 

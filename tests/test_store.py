@@ -468,3 +468,25 @@ def test_outputs_per_batch_across_a_resume_and_a_late_output(tmp_path, backgroun
         assert out["row_start"][:].tolist() == [0, 2, 4, 6, 8]
         assert out["loss"][:].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
         assert np.array_equal(out["aux"][:], [np.nan, np.nan, np.nan, 13.0, 14.0], equal_nan=True)
+        assert {k: v.tobytes() for k, v in store.outputs().items()} == {k: v[:].tobytes() for k, v in out.items()}
+
+
+def test_outputs_read_back_are_those_of_committed_batches(tmp_path, capsys):
+    from marstore.cli import main
+
+    path = str(tmp_path / "outputs.h5")
+    with StoreWriter(path, [LayerSpec("enc", (2,))], commit_rows=4, background=False) as w:
+        for b in range(3):  # committed after the second batch; the third's output is not
+            w.append({"enc": np.zeros((2, 2), np.float16)}, index=[2 * b, 2 * b + 1],
+                     outputs={"loss": [1.0, np.inf, 5.0][b], "aux": float(b)})
+            if b == 2:
+                with open_store(path) as store:
+                    assert store.rows == 4
+                    assert {k: v.tolist() for k, v in store.outputs().items()} == {
+                        "row_start": [0, 2], "loss": [1.0, np.inf], "aux": [0.0, 1.0]}
+    assert main(["info", path, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["outputs"] == {
+        "loss": {"batches": 3, "mean": 3.0, "nonfinite": 1}, "aux": {"batches": 3, "mean": 1.0, "nonfinite": 0}}
+    assert main(["info", path]) == 0
+    assert "  output loss: mean 3 over 3 batches, 1 non-finite\n  output aux: mean 1 over 3 batches, 0 non-finite\n" \
+        in capsys.readouterr().out
