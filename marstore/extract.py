@@ -120,12 +120,12 @@ def default_forward(model: torch.nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
-def normalize_output(out: Any, names: Sequence[str] = ()) -> dict[str, float]:
+def normalize_output(out: Any, names: Sequence[str] = (), left_out: set[str] | None = None) -> dict[str, float]:
     """The forward's return as named scalars: a tensor is the loss; a tuple or list is
     (loss, parts...), nested tuples flattened (UVA returns (loss, video_loss, act_loss)); a
     dict keeps its keys ('/' made '.', which HDF5 would read as a group). Non-scalar tensors and
-    other values are left out. names (--output-names) name a tensor's or a tuple's scalars in
-    order, in place of loss, loss_1..."""
+    other values are left out, and described in left_out. names (--output-names) name a
+    tensor's or a tuple's scalars in order, in place of loss, loss_1..."""
     named: dict[str, float] = {}
 
     def add(name: str, value: Any) -> None:
@@ -140,6 +140,10 @@ def normalize_output(out: Any, names: Sequence[str] = ()) -> dict[str, float]:
         elif isinstance(value, (tuple, list)):
             for i, v in enumerate(value):
                 add(("loss" if i == 0 else f"loss_{i}") if not name else f"{name}_{i}", v)
+        elif left_out is not None:
+            what = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else \
+                ("None" if value is None else f"a {type(value).__name__}")
+            left_out.add(f"{name}: {what}")
 
     if isinstance(out, (tuple, list, Mapping)):
         add("", out)
@@ -411,6 +415,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
     total_bytes = 0
     nonfinite_losses = 0
     shapes: dict[str, tuple] = {}
+    left_out: set[str] = set()  # parts of the forward's return that are not scalars, said once
     batches = iter(loader)
     progress = tqdm(total=len(indices), initial=start_row, unit="row", disable=None if opts.progress else True,
                     dynamic_ncols=True, desc="extract")
@@ -419,7 +424,12 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                            stop_early=opts.stop_early) as capture:
             pending: list[tuple] = []
             for index, batch in batches:
-                tensors, outputs = _run_batch(model, forward, capture, _to_device(batch, device), shapes, opts, autocast)
+                tensors, out = _run_batch(model, forward, capture, _to_device(batch, device), shapes, opts, autocast)
+                known = len(left_out)
+                outputs = {} if out is hooks.StopForward else normalize_output(out, opts.output_names, left_out)
+                del out  # it may hold large tensors: not into the next forward
+                if len(left_out) > known:
+                    log.info("not kept from the forward's return (only scalars go to /outputs): %s", "; ".join(sorted(left_out)))
                 targets = {t: _target_array(_get_dotted(batch, t)) for t in opts.targets}
                 nonfinite_losses += sum(1 for v in outputs.values() if not np.isfinite(v))
                 if writer is None:
@@ -508,14 +518,14 @@ def _target_array(value: Any) -> np.ndarray:
 
 
 def _run_batch(model, forward, capture: hooks.Capture, batch: Any, shapes: dict, opts: ExtractOptions,
-               autocast: Callable[[], Any]) -> tuple[dict, dict]:
+               autocast: Callable[[], Any]) -> tuple[dict, Any]:
+    """(the hooked tensors, the forward's return; hooks.StopForward where --stop-early cut it)."""
     capture.start_batch()
-    outputs: dict[str, float] = {}
     with torch.inference_mode(not opts.train_mode), autocast():
         try:
-            outputs = normalize_output(forward(model, batch), opts.output_names)
+            out = forward(model, batch)
         except hooks.StopForward:
-            pass  # every hooked module has fired: the rest of the forward is not needed
+            out = hooks.StopForward  # every hooked module has fired: the rest of the forward is not needed
         tensors = capture.finish_batch()
         for sel in capture.layers:  # --allow-missing: a module that did not fire gives NaN rows
             if sel.store_name not in tensors:
@@ -526,7 +536,7 @@ def _run_batch(model, forward, capture: hooks.Capture, batch: Any, shapes: dict,
                 log.warning("%s did not fire in this batch: its rows are NaN", sel.name)
             t = tensors[sel.store_name]
             shapes.setdefault(sel.store_name, (tuple(t.shape), t.dtype, t.device))
-    return tensors, outputs
+    return tensors, out
 
 
 def _layer_specs(opts, selections, pending) -> list[LayerSpec]:

@@ -322,7 +322,9 @@ def test_forward_outputs_are_kept_per_batch(tmp_path):
     assert normalize_output(t(1.5)) == {"loss": 1.5}
     assert normalize_output((t(3.0), t(1.0), t(2.0))) == {"loss": 3.0, "loss_1": 1.0, "loss_2": 2.0}
     assert normalize_output((t(3.0), (t(1.0), t(2.0)))) == {"loss": 3.0, "loss_1_0": 1.0, "loss_1_1": 2.0}
-    assert normalize_output({"total": t(1.0), "logits": torch.zeros(2, 3)}) == {"total": 1.0}
+    left_out: set[str] = set()
+    assert normalize_output({"total": t(1.0), "logits": torch.zeros(2, 3), "ids": ["a"], "x": None}, (), left_out) == {"total": 1.0}
+    assert left_out == {"logits: a tensor of shape (2, 3)", "ids_0: a str", "x: None"}
     assert normalize_output({"train/loss": t(1.0), "parts": {"a/b": 2}}) == {"train.loss": 1.0, "parts.a.b": 2.0}
     named = ["loss", "video_loss", "act_loss"]
     assert normalize_output((t(3.0), (t(1.0), t(2.0))), named) == {"loss": 3.0, "video_loss": 1.0, "act_loss": 2.0}
@@ -618,3 +620,16 @@ def test_values_past_float16_are_counted_and_named(tmp_path, caplog):
     assert result.layers["proj"]["overflow"] == 0 and "past float16" not in caplog.text
     with open_store(result.path) as s:
         assert s.read("proj").tolist() == [[1.0, 7e4, -1e5]] * 40
+
+
+def forward_with_predictions(model, batch):
+    loss = policy_forward(model, batch)[0]
+    return {"loss": loss, "pred": torch.zeros(len(batch["label"]), 3)}
+
+
+def test_parts_of_the_return_that_are_not_scalars_are_named_once(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="marstore.extract"):
+        result = extract(options(tmp_path, forward="test_extract:forward_with_predictions"))
+    said = [r.getMessage() for r in caplog.records if "not kept from the forward's return" in r.getMessage()]
+    assert said == ["not kept from the forward's return (only scalars go to /outputs): pred: a tensor of shape (8, 3)"]
+    assert list(result.outputs) == ["loss"] and result.outputs["loss"]["batches"] == 5
