@@ -424,13 +424,14 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                            stop_early=opts.stop_early) as capture:
             pending: list[tuple] = []
             for index, batch in batches:
+                # copied before the forward, which may change its inputs in place (UVA's does)
+                targets = {t: _target_array(_get_dotted(batch, t)) for t in opts.targets}
                 tensors, out = _run_batch(model, forward, capture, _to_device(batch, device), shapes, opts, autocast)
                 known = len(left_out)
                 outputs = {} if out is hooks.StopForward else normalize_output(out, opts.output_names, left_out)
                 del out  # it may hold large tensors: not into the next forward
                 if len(left_out) > known:
                     log.info("not kept from the forward's return (only scalars go to /outputs): %s", "; ".join(sorted(left_out)))
-                targets = {t: _target_array(_get_dotted(batch, t)) for t in opts.targets}
                 nonfinite_losses += sum(1 for v in outputs.values() if not np.isfinite(v))
                 if writer is None:
                     pending.append((index, tensors, targets, outputs))
@@ -512,9 +513,10 @@ def _close_after_error(writer: StoreWriter | None) -> int:
 
 
 def _target_array(value: Any) -> np.ndarray:
+    """A copy: on the CPU the batch's tensors are the ones the forward gets."""
     if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy()
-    return np.asarray(value)
+        return value.detach().to("cpu", copy=True).numpy()
+    return np.array(value)
 
 
 def _run_batch(model, forward, capture: hooks.Capture, batch: Any, shapes: dict, opts: ExtractOptions,

@@ -633,3 +633,19 @@ def test_parts_of_the_return_that_are_not_scalars_are_named_once(tmp_path, caplo
     said = [r.getMessage() for r in caplog.records if "not kept from the forward's return" in r.getMessage()]
     assert said == ["not kept from the forward's return (only scalars go to /outputs): pred: a tensor of shape (8, 3)"]
     assert list(result.outputs) == ["loss"] and result.outputs["loss"]["batches"] == 5
+
+
+def mutating_forward(model, batch):
+    """Mutates its inputs in place, as UVA's forward does with proprioception_input."""
+    out = policy_forward(model, batch)
+    batch["nactions"].mul_(0)
+    batch["label"] += 100
+    return out
+
+
+def test_targets_are_read_before_the_forward_can_change_them(tmp_path):
+    result = extract(options(tmp_path, forward="test_extract:mutating_forward"))
+    ds = synthetic_video_actions(40)
+    with open_store(result.path) as s:
+        assert s.target("label").tolist() == [ds[i]["label"] for i in range(40)]
+        assert s.target("nactions").tobytes() == torch.stack([ds[i]["nactions"] for i in range(40)]).numpy().tobytes()
