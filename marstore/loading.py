@@ -228,6 +228,7 @@ def build_model(spec: str, config: Mapping[str, Any], overrides: Mapping[str, An
     """Calls the builder with the config as keyword arguments, overrides taking precedence."""
     builder = import_callable(spec, "--model")
     kwargs = {**config, **(overrides or {})}
+    source = f"the config from checkpoint[{config_key!r}]" if config_key else "the given arguments"
     try:
         signature = inspect.signature(builder)
     except (TypeError, ValueError):
@@ -240,12 +241,17 @@ def build_model(spec: str, config: Mapping[str, Any], overrides: Mapping[str, An
         lacks = [n for n in required if n not in kwargs]
         extra = [] if takes_any else sorted(k for k in kwargs if k not in named)
         if lacks or extra:
-            source = f"the config from checkpoint[{config_key!r}]" if config_key else "the given arguments"
             raise CheckpointError(
                 f"--model {spec} rejects {source}: it lacks {lacks} and does not accept {extra}; "
                 "fix them with --model-arg KEY=VALUE or choose the config with --config-key"
             )
-    model = builder(**kwargs)
+    try:
+        model = builder(**kwargs)
+    except KeyError as exc:  # a constructor that reads the config's nested keys (UVA's shape_meta[...])
+        raise CheckpointError(
+            f"--model {spec} failed on {source}: it looked up {exc.args[0]!r}, which that config lacks (its keys: "
+            f"{sorted(kwargs)}); give it with --model-arg KEY=VALUE or choose the config with --config-key"
+        ) from exc
     if not isinstance(model, torch.nn.Module):
         raise CheckpointError(f"--model {spec} returned a {type(model).__name__}, not a torch.nn.Module")
     return model

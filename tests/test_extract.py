@@ -111,6 +111,11 @@ def test_builder_errors_list_missing_and_unknown_keys():
         build_model("marstore.models.video_mar:VideoActionMAR", {"task_name": "x", "bogus": 1, "depth": 1}, config_key="model_config")
     text = str(info.value)
     assert "rejects the config from checkpoint['model_config']: it lacks ['shape_meta'] and does not accept ['bogus']" in text
+    config = {"task_name": "x", "shape_meta": {"horizon": 16}}  # shape_meta["action"] is read by the constructor
+    with pytest.raises(CheckpointError, match=r"^--model marstore.models:video_mar failed on the config from "
+                                              r"checkpoint\['cfg.policy.model'\]: it looked up 'action', which that "
+                                              r"config lacks \(its keys: \['shape_meta', 'task_name'\]\); give it with"):
+        build_model("marstore.models:video_mar", config, config_key="cfg.policy.model")
     with pytest.raises(CheckpointError, match="cannot import 'no_such_module'"):
         build_model("no_such_module:f", {})
     with pytest.raises(CheckpointError, match="write it as MODULE:CALLABLE"):
