@@ -94,7 +94,11 @@ def read_checkpoint(path: str, trust: bool = False) -> Any:
         raise CheckpointError(f"checkpoint {path}: no such file")
     if trust:
         log.warning("loading %s with full unpickling (--trust-checkpoint): it can run code", path)
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except (ModuleNotFoundError, AttributeError) as exc:  # the pickled classes' code is not here
+            raise CheckpointError(f"checkpoint {path} pickles objects whose code is not importable here ({exc}); "
+                                  "install the package that defines them, or save the checkpoint without them") from exc
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)

@@ -99,6 +99,20 @@ def test_untrusted_pickle_is_refused_with_the_flag_named(tmp_path):
     assert isinstance(read_checkpoint(path, trust=True)["extra"], Opaque)
 
 
+def test_a_trusted_checkpoint_whose_classes_are_not_here_fails_in_one_line(tmp_path, monkeypatch):
+    (tmp_path / "gone_module.py").write_text("class Thing:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import gone_module
+
+    path = str(tmp_path / "c.pt")
+    torch.save({"model": {}, "cfg": gone_module.Thing()}, path)
+    (tmp_path / "gone_module.py").unlink()
+    monkeypatch.delitem(sys.modules, "gone_module")
+    with pytest.raises(CheckpointError, match=r"pickles objects whose code is not importable here \(No module named "
+                                              r"'gone_module'\); install the package that defines them"):
+        read_checkpoint(path, trust=True)
+
+
 def test_argparse_namespace_is_allowed_in_a_safe_load(tmp_path):
     path = str(tmp_path / "c.pt")
     save_checkpoint(video_mar(**CONFIG), CONFIG, path, "mar")
