@@ -116,11 +116,14 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
 
 
 def reduce_tokens(x: torch.Tensor, reduction: str | list[int]) -> torch.Tensor:
-    """Token reductions on the device, before the transfer; tokens are axis 1 of (B, T, ...)."""
+    """Token reductions on the device, before the transfer. Tokens are every axis between the
+    batch and the features (the last axis): (B, T, D), or (B, frames, T, D) as UVA's z_proj,
+    taken as the frames * T tokens, in the order the encoder blocks see them."""
     if reduction == "none":
         return x
     if x.dim() < 3:
-        raise HookError(f"reduction {reduction!r} needs (batch, tokens, ...) activations, got shape {tuple(x.shape)}")
+        raise HookError(f"reduction {reduction!r} needs (batch, tokens, features) activations, got shape {tuple(x.shape)}")
+    x = x.flatten(1, -2)
     if reduction == "mean":
         return x.float().mean(dim=1).to(x.dtype) if x.dtype != torch.float32 else x.mean(dim=1)
     if reduction == "first":

@@ -271,6 +271,12 @@ def test_reductions_on_device():
     assert torch.equal(hooks.reduce_tokens(x, [0, -1]), x[:, [0, 2]])
     with pytest.raises(hooks.HookError, match="token index \\[5\\] is out of range for 3 tokens"):
         hooks.reduce_tokens(x, [5])
+    frames = torch.arange(48.0).view(2, 2, 3, 4)  # (B, frames, tokens, D), as UVA's z_proj: 6 tokens
+    assert torch.equal(hooks.reduce_tokens(frames, "mean"), frames.view(2, 6, 4).mean(1))
+    assert torch.equal(hooks.reduce_tokens(frames, "last"), frames[:, 1, 2])
+    assert torch.equal(hooks.reduce_tokens(frames, [0, 4]), frames.view(2, 6, 4)[:, [0, 4]])
+    with pytest.raises(hooks.HookError, match="needs \\(batch, tokens, features\\) activations, got shape \\(2, 4\\)"):
+        hooks.reduce_tokens(x[:, 0], "mean")
 
 
 def reference_activations(tmp_path, layers, device="cpu", autocast=None):
