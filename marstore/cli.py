@@ -137,7 +137,7 @@ def _options_from(args: argparse.Namespace):
     merged = {**config, **given}
     merged["model_args"] = {**config.get("model_args", {}), **dict(args.model_arg or [])}
     merged["dataset_args"] = {**config.get("dataset_args", {}), **dict(args.dataset_arg or [])}
-    for key in ("strict", "trust_checkpoint", "allow_missing", "stop_early", "resume", "train_mode"):
+    for key in ("strict", "trust_checkpoint", "allow_missing", "stop_early", "resume", "train_mode", "unfold_batch"):
         merged[key] = bool(getattr(args, key)) or bool(config.get(key, False))
     missing = [k for k in ("out", "model", "dataset", "layers") if not merged.get(k)]
     if missing:
@@ -268,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--ragged", nargs="+", help="layers to store ragged even if the first batches agree")
     ex.add_argument("--multi-fire", choices=["error", "first", "last", "stack"], help="a module firing more than once")
     ex.add_argument("--allow-missing", action="store_true", help="a module that does not fire gives NaN rows")
+    ex.add_argument("--unfold-batch", action="store_true",
+                    help="a module with k rows per sample (UVA's action head: B*4) is stored as (B, k, ...)")
     ex.add_argument("--stop-early", action="store_true", help="stop the forward once every hooked module fired")
     ex.add_argument("--autocast", choices=["bfloat16", "float16"],
                     help="run the forward under torch.autocast with this dtype (mixed precision, as UVA trains)")

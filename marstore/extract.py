@@ -72,6 +72,7 @@ class ExtractOptions:
     multi_fire: str = "error"
     allow_missing: bool = False
     stop_early: bool = False
+    unfold_batch: bool = False
     train_mode: bool = False
     autocast: str | None = None
     targets: list[str] = field(default_factory=list)
@@ -421,11 +422,12 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                     dynamic_ncols=True, desc="extract")
     try:
         with hooks.Capture(model, selections, multi_fire=opts.multi_fire, allow_missing=opts.allow_missing,
-                           stop_early=opts.stop_early) as capture:
+                           stop_early=opts.stop_early, unfold_batch=opts.unfold_batch) as capture:
             pending: list[tuple] = []
             for index, batch in batches:
                 # copied before the forward, which may change its inputs in place (UVA's does)
                 targets = {t: _target_array(_get_dotted(batch, t)) for t in opts.targets}
+                capture.start_batch(len(index))
                 tensors, out = _run_batch(model, forward, capture, _to_device(batch, device), shapes, opts, autocast)
                 known = len(left_out)
                 outputs = {} if out is hooks.StopForward else normalize_output(out, opts.output_names, left_out)
@@ -522,7 +524,6 @@ def _target_array(value: Any) -> np.ndarray:
 def _run_batch(model, forward, capture: hooks.Capture, batch: Any, shapes: dict, opts: ExtractOptions,
                autocast: Callable[[], Any]) -> tuple[dict, Any]:
     """(the hooked tensors, the forward's return; hooks.StopForward where --stop-early cut it)."""
-    capture.start_batch()
     with torch.inference_mode(not opts.train_mode), autocast():
         try:
             out = forward(model, batch)

@@ -149,13 +149,14 @@ def parse_reduction(text: str) -> str | list[int]:
 class _State:
     fired: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     done: set[str] = field(default_factory=set)
+    rows: int | None = None  # samples in the batch, when the caller says
 
 
 class Capture:
     """Hooks the selected modules of a model for the duration of a with block (see module doc)."""
 
     def __init__(self, model: nn.Module, layers: Sequence[LayerSelection], *, multi_fire: str = "error",
-                 allow_missing: bool = False, stop_early: bool = False):
+                 allow_missing: bool = False, stop_early: bool = False, unfold_batch: bool = False):
         if multi_fire not in MULTI_FIRE:
             raise HookError(f"multi-fire policy {multi_fire!r}: use one of {MULTI_FIRE}")
         self.model = model
@@ -163,6 +164,7 @@ class Capture:
         self.multi_fire = multi_fire
         self.allow_missing = allow_missing
         self.stop_early = stop_early
+        self.unfold_batch = unfold_batch
         self.modules = dict(model.named_modules())
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._state = _State()
@@ -219,7 +221,11 @@ class Capture:
                                 "step); choose --multi-fire first, last or stack")
             if fired and self.multi_fire == "first":
                 return None
-            x = reduce_tokens(value.detach(), sel.reduction)
+            value = self._per_sample(sel, value)
+            try:
+                x = reduce_tokens(value.detach(), sel.reduction)
+            except HookError as exc:
+                raise HookError(f"{sel.store_name}: {exc}; leave it out of --layers or use --reduction none") from None
             if self.multi_fire == "last":
                 fired[:] = [x]
             else:
@@ -233,9 +239,27 @@ class Capture:
             return lambda module, args, kwargs: hook(module, args, kwargs)
         return hook
 
-    def start_batch(self) -> None:
-        """Forgets what earlier batches captured."""
-        self._state = _State()
+    def _per_sample(self, sel: LayerSelection, value: torch.Tensor) -> torch.Tensor:
+        """One leading row per sample. A module that folds another axis into the batch (UVA's
+        action head runs on B*4 rows) is an error, or with unfold_batch (B, k, ...), the rows
+        taken as sample-major (the k rows of sample 0 first)."""
+        rows = self._state.rows
+        if rows is None or value.dim() == 0 or value.shape[0] == rows:
+            return value
+        n = value.shape[0]
+        if n % rows:
+            raise HookError(f"{sel.store_name}: {n} leading rows for a batch of {rows} samples; marstore stores one "
+                            "row per sample: hook a module that keeps the batch axis")
+        if not self.unfold_batch:
+            raise HookError(f"{sel.store_name}: {n} leading rows for a batch of {rows} samples ({n // rows} a sample: "
+                            "the module folds another axis into the batch); pass --unfold-batch to store them as "
+                            f"({rows}, {n // rows}, ...) taking the rows as sample-major, or hook another module")
+        return value.reshape(rows, n // rows, *value.shape[1:])
+
+    def start_batch(self, rows: int | None = None) -> None:
+        """Forgets what earlier batches captured; rows (the batch's samples) lets every capture
+        be checked for one leading row per sample."""
+        self._state = _State(rows=rows)
 
     def finish_batch(self) -> dict[str, torch.Tensor]:
         """{store name: tensor} for this batch; a module that did not fire is an error unless allowed."""

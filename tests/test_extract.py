@@ -263,6 +263,32 @@ def test_stop_early_skips_the_rest_of_the_forward():
     assert calls == []
 
 
+def test_a_module_with_several_rows_a_sample_is_refused_or_unfolded(tmp_path):
+    # UVA's action head runs on B*4 rows: diffactloss.fc gives (32, 32) for a batch of 8
+    with pytest.raises(hooks.HookError, match=r"^diffactloss.fc: 32 leading rows for a batch of 8 samples \(4 a sample: "
+                                              r"the module folds another axis into the batch\); pass --unfold-batch to "
+                                              r"store them as \(8, 4, \.\.\.\)"):
+        extract(options(tmp_path, layers=["encoder_blocks.0", "diffactloss.fc"]))
+    assert not (tmp_path / "s.h5").exists()
+    result = extract(options(tmp_path, layers=["diffactloss.fc", "diffactloss.conv"], unfold_batch=True))
+    ref = reference_activations(tmp_path, ["diffactloss.fc", "diffactloss.conv"])
+    with open_store(result.path) as s:
+        assert s.layers["diffactloss.fc"].row_shape == (4, 32) and s.layers["diffactloss.conv"].row_shape == (4, 32, 4, 4)
+        for name, parts in ref.items():
+            expected = torch.cat([p.reshape(8, 4, *p.shape[1:]) for p in parts])
+            assert s.read(name).tobytes() == expected.numpy().tobytes(), name
+    # unfolded first, then reduced: the mean over a sample's 4 rows
+    result = extract(options(tmp_path, out=str(tmp_path / "mean.h5"), layers=["diffactloss.fc"], unfold_batch=True,
+                             reduction="mean"))
+    with open_store(result.path) as s:
+        assert s.layers["diffactloss.fc"].row_shape == (32,)
+    model = Toy()
+    with hooks.Capture(model, hooks.parse_layers(["a"], model), unfold_batch=True) as cap:
+        cap.start_batch(3)
+        with pytest.raises(hooks.HookError, match=r"^a: 4 leading rows for a batch of 3 samples; marstore stores one row"):
+            model(torch.randn(4, 4))
+
+
 def test_reductions_on_device():
     x = torch.arange(24.0).view(2, 3, 4)
     assert torch.equal(hooks.reduce_tokens(x, "mean"), x.mean(1))
@@ -277,6 +303,13 @@ def test_reductions_on_device():
     assert torch.equal(hooks.reduce_tokens(frames, [0, 4]), frames.view(2, 6, 4)[:, [0, 4]])
     with pytest.raises(hooks.HookError, match="needs \\(batch, tokens, features\\) activations, got shape \\(2, 4\\)"):
         hooks.reduce_tokens(x[:, 0], "mean")
+
+
+def test_a_layer_a_reduction_cannot_apply_to_is_named(tmp_path):
+    with pytest.raises(hooks.HookError, match=r"^diffactloss.fc: reduction 'mean' needs \(batch, tokens, features\) "
+                                              r"activations, got shape \(32, 32\); leave it out of --layers or use "):
+        extract(options(tmp_path, layers=["encoder_blocks.0", "diffactloss.fc"], reduction="mean"))
+    assert not (tmp_path / "s.h5").exists()
 
 
 def reference_activations(tmp_path, layers, device="cpu", autocast=None):
