@@ -306,9 +306,9 @@ def test_reductions_on_device():
 
 
 def test_a_layer_a_reduction_cannot_apply_to_is_named(tmp_path):
-    with pytest.raises(hooks.HookError, match=r"^diffactloss.fc: reduction 'mean' needs \(batch, tokens, features\) "
-                                              r"activations, got shape \(32, 32\); leave it out of --layers or use "):
-        extract(options(tmp_path, layers=["encoder_blocks.0", "diffactloss.fc"], reduction="mean"))
+    with pytest.raises(hooks.HookError, match=r"^diffactloss.refine: reduction 'mean' needs \(batch, tokens, features\) "
+                                              r"activations, got shape \(8, 512\); leave it out of --layers or use "):
+        extract(options(tmp_path, layers=["encoder_blocks.0", "diffactloss.refine"], reduction="mean"))
     assert not (tmp_path / "s.h5").exists()
 
 
