@@ -129,9 +129,15 @@ def _options_from(args: argparse.Namespace):
 
         with open(args.config) as f:
             config = (yaml.safe_load(f) if args.config.endswith((".yaml", ".yml")) else json.load(f)) or {}
-        unknown = sorted(set(config) - set(ExtractOptions.__dataclass_fields__))
+        fields = list(ExtractOptions.__dataclass_fields__)
+        unknown = sorted(set(config) - set(fields))
         if unknown:
-            raise SystemExit(f"marstore extract: --config {args.config}: unknown options {unknown}")
+            import difflib
+
+            near = {k: difflib.get_close_matches(k, fields, n=1) for k in unknown}
+            hints = ", ".join(f"{k} -> {m[0]}" for k, m in near.items() if m)
+            raise SystemExit(f"marstore extract: --config {args.config}: unknown options {unknown}"
+                             + (f" (did you mean {hints}?)" if hints else "") + "; the options are the long flags with _ for -")
     given = {k: v for k, v in vars(args).items() if k in ExtractOptions.__dataclass_fields__ and v not in (None, [], {})}
     given.pop("progress", None)
     merged = {**config, **given}

@@ -707,3 +707,29 @@ def test_targets_are_read_before_the_forward_can_change_them(tmp_path):
     with open_store(result.path) as s:
         assert s.target("label").tolist() == [ds[i]["label"] for i in range(40)]
         assert s.target("nactions").tobytes() == torch.stack([ds[i]["nactions"] for i in range(40)]).numpy().tobytes()
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_a_config_file_holds_the_options_and_the_command_line_wins(tmp_path, suffix, capsys):
+    import json
+
+    import yaml
+
+    from marstore.cli import main
+
+    config = {"model": "marstore.models:video_mar", "model_args": CONFIG, "dataset": "marstore.models:synthetic_video_actions",
+              "dataset_args": {"size": 12}, "forward": "marstore.models:policy_forward", "layers": ["encoder_blocks.*"],
+              "targets": ["label"], "output_names": ["loss", "video_loss", "act_loss"], "batch_size": 8, "device": "cpu"}
+    path = tmp_path / f"run{suffix}"
+    path.write_text(yaml.safe_dump(config) if suffix == ".yaml" else json.dumps(config))
+    out = str(tmp_path / "s.h5")
+    assert main(["extract", "--config", str(path), "--batch-size", "4", "--out", out, "--no-progress"]) == 0
+    with open_store(out) as s:
+        options = s.metadata["options"]
+        assert (options["batch_size"], options["dataset_args"], options["layers"]) == (4, {"size": 12}, ["encoder_blocks.*"])
+        assert s.rows == 12 and list(s.outputs()) == ["row_start", "loss", "video_loss", "act_loss"]
+        assert s.outputs()["row_start"].tolist() == [0, 4, 8]
+    path.write_text(json.dumps({**config, "bogus": 1, "layer": "x"}))
+    with pytest.raises(SystemExit, match=r"--config .*: unknown options \['bogus', 'layer'\] \(did you mean layer -> "
+                                         r"layers\?\); the options are the long flags with _ for -$"):
+        main(["extract", "--config", str(path), "--out", str(tmp_path / "t.h5")])
