@@ -660,9 +660,9 @@ def _check_resume(opts: ExtractOptions, metadata: dict) -> tuple[int, set[str]]:
 
 
 def describe(result: ExtractResult) -> str:
-    lines = [f"wrote {result.rows} rows to {result.path} in {result.seconds:.1f} s "
-             f"({result.rows / max(result.seconds, 1e-9):.0f} rows/s, {_mb_per_s(result.bytes, result.seconds)} "
-             f"of activations; file {result.file_bytes / 2**20:.1f} MiB)"]
+    lines = [f"wrote {result.rows} rows ({_human(result.bytes)} of activations) to {result.path} in {result.seconds:.1f} s "
+             f"({result.rows / max(result.seconds, 1e-9):.0f} rows/s, {_mb_per_s(result.bytes, result.seconds)}; "
+             f"file {_human(result.file_bytes)})"]
     for name, info in result.layers.items():
         lines.append(f"  {name:<28} {info['layout']:<6} row {tuple(info['row_shape'])}  nonfinite {info['nonfinite']}, "
                      f"overflow {info['overflow']}")

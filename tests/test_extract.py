@@ -604,11 +604,11 @@ def test_the_summary_names_rates_layers_and_outputs():
                            layers={"encoder_blocks.0": {"layout": "dense", "row_shape": [64], "nonfinite": 2, "overflow": 1}},
                            load_report={}, path="a.h5", outputs={"loss": {"batches": 32, "mean": 0.15312, "nonfinite": 0}})
     assert describe(result).splitlines() == [
-        "wrote 1024 rows to a.h5 in 2.0 s (512 rows/s, 0.50 MB/s of activations; file 1.5 MiB)",
+        "wrote 1024 rows (1.0 MiB of activations) to a.h5 in 2.0 s (512 rows/s, 0.50 MB/s; file 1.5 MiB)",
         "  encoder_blocks.0             dense  row (64,)  nonfinite 2, overflow 1",
         "  output loss: mean 0.1531 over 32 batches, 0 non-finite",
     ]
-    assert "(512 rows/s, 40 MB/s of" in describe(dataclasses.replace(result, bytes=80 << 20))
+    assert "(80.0 MiB of activations) to a.h5 in 2.0 s (512 rows/s, 40 MB/s;" in describe(dataclasses.replace(result, bytes=80 << 20))
 
 
 def test_a_run_the_disk_cannot_take_is_refused_before_the_store_is_made(tmp_path, monkeypatch, caplog):
