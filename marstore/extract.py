@@ -641,14 +641,27 @@ def _submit(ring: TransferRing, writer: StoreWriter, tensors: dict, targets: dic
     return sum(t.numel() for t in tensors.values()) * out_dtype.itemsize
 
 
+def _option_defaults() -> dict:
+    return {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            for f in dataclasses.fields(ExtractOptions) if f.default is not dataclasses.MISSING
+            or f.default_factory is not dataclasses.MISSING}
+
+
+def _json(value: Any) -> Any:
+    """As the store's JSON attributes give it back."""
+    return json.loads(json.dumps(value, default=str))
+
+
 def _check_resume(opts: ExtractOptions, metadata: dict) -> tuple[int, set[str]]:
     """(the committed rows to continue after, the layers the store keeps ragged)."""
     if not os.path.exists(opts.out):
         log.info("--resume: %s does not exist yet; starting from the beginning", opts.out)
         return 0, set()
     with open_store(opts.out) as store:
-        recorded = store.metadata.get("options", {})
-        now = json.loads(json.dumps(metadata["options"], default=str))
+        # an option the store's version did not have yet counts as its default
+        now = _json(metadata["options"])
+        defaults = {k: v for k, v in _json(_option_defaults()).items() if k in now}
+        recorded = {**defaults, **store.metadata.get("options", {})}
         differ = sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
         if differ:
             raise ExtractError(f"--resume: the options differ from the ones {opts.out} was written with: "

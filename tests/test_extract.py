@@ -17,7 +17,7 @@ from torch import nn
 
 from conftest import requires_cuda
 from marstore import hooks
-from marstore.extract import ExtractError, ExtractOptions, extract
+from marstore.extract import ExtractError, ExtractOptions, Interrupted, extract
 from marstore.loading import CheckpointError, build_model, find_config, find_state_dict, load_weights, read_checkpoint
 from marstore.models import LAYOUTS, policy_forward, save_checkpoint, synthetic_video_actions, video_mar
 from marstore.store import open_store
@@ -464,6 +464,30 @@ def test_resume_refuses_other_options(tmp_path):
     extract(options(tmp_path, num_samples=16))
     with pytest.raises(ExtractError, match=r"--resume: the options differ .*batch_size \(recorded 8, now 4\)"):
         extract(options(tmp_path, num_samples=16, batch_size=4, resume=True))
+
+
+def test_resume_continues_a_store_written_before_newer_options_existed(tmp_path):
+    import json
+
+    import h5py
+
+    def stop(rows):
+        if rows >= 16:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted):
+        extract(options(tmp_path, commit_rows=8), on_batch=stop)
+    with h5py.File(tmp_path / "s.h5", "r+", locking=False) as f:  # as an earlier marstore wrote it
+        run = json.loads(f.attrs["run"])
+        for key in ("output_names", "autocast", "unfold_batch"):
+            del run["options"][key]
+        f.attrs["run"] = json.dumps(run)
+    result = extract(options(tmp_path, commit_rows=8, resume=True))
+    extract(options(tmp_path, commit_rows=8, out=str(tmp_path / "ref.h5")))
+    assert result.rows == 40
+    assert_same_store(str(tmp_path / "s.h5"), str(tmp_path / "ref.h5"))
+    with pytest.raises(ExtractError, match=r"output_names \(recorded \[\], now \['a', 'b', 'c'\]\)"):
+        extract(options(tmp_path, out=str(tmp_path / "ref.h5"), output_names=["a", "b", "c"], resume=True))
 
 
 def assert_same_store(a: str, b: str) -> None:
