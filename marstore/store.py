@@ -652,7 +652,7 @@ class StoreWriter:
             self._outputs["row_start"] = group.create_dataset(
                 "row_start", shape=(0,), dtype=np.int64, chunks=(4096,), maxshape=(None,))
         self._write_rows(self._outputs["row_start"], n, np.array([start], np.int64))
-        for name in [n for n in outputs if n not in self._outputs]:  # first seen now: NaN for the batches before
+        for name in [k for k in outputs if k not in self._outputs]:  # first seen now: NaN for the batches before
             self._outputs[name] = self._file["outputs"].create_dataset(
                 name, shape=(n,), dtype=np.float64, chunks=(4096,), maxshape=(None,), fillvalue=np.nan)
         for name, ds in self._outputs.items():
