@@ -122,16 +122,22 @@ def default_forward(model: torch.nn.Module, batch: Any) -> Any:
 
 
 def normalize_output(out: Any, names: Sequence[str] = (), left_out: set[str] | None = None) -> dict[str, float]:
+    """The forward's return as named floats (see forward_scalars)."""
+    return {name: float(v) for name, v in forward_scalars(out, names, left_out).items()}
+
+
+def forward_scalars(out: Any, names: Sequence[str] = (), left_out: set[str] | None = None) -> dict[str, Any]:
     """The forward's return as named scalars: a tensor is the loss; a tuple or list is
     (loss, parts...), nested tuples flattened (UVA returns (loss, video_loss, act_loss)); a
     dict keeps its keys ('/' made '.', which HDF5 would read as a group). Non-scalar tensors and
     other values are left out, and described in left_out. names (--output-names) name a
-    tensor's or a tuple's scalars in order, in place of loss, loss_1..."""
-    named: dict[str, float] = {}
+    tensor's or a tuple's scalars in order, in place of loss, loss_1... One-element tensors stay
+    tensors, where they are: reading a GPU loss would make the host wait for the forward."""
+    named: dict[str, Any] = {}
 
     def add(name: str, value: Any) -> None:
         if isinstance(value, torch.Tensor) and value.numel() == 1:
-            named[name] = float(value.detach().float().cpu())
+            named[name] = value.detach()
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             named[name] = float(value)
         elif isinstance(value, Mapping):
@@ -414,7 +420,6 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
     ring = TransferRing(num_slots=opts.slots, device=device)
     writer: StoreWriter | None = None
     total_bytes = 0
-    nonfinite_losses = 0
     shapes: dict[str, tuple] = {}
     left_out: set[str] = set()  # parts of the forward's return that are not scalars, said once
     batches = iter(loader)
@@ -430,11 +435,10 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                 capture.start_batch(len(index))
                 tensors, out = _run_batch(model, forward, capture, _to_device(batch, device), shapes, opts, autocast)
                 known = len(left_out)
-                outputs = {} if out is hooks.StopForward else normalize_output(out, opts.output_names, left_out)
+                outputs = {} if out is hooks.StopForward else forward_scalars(out, opts.output_names, left_out)
                 del out  # it may hold large tensors: not into the next forward
                 if len(left_out) > known:
                     log.info("not kept from the forward's return (only scalars go to /outputs): %s", "; ".join(sorted(left_out)))
-                nonfinite_losses += sum(1 for v in outputs.values() if not np.isfinite(v))
                 if writer is None:
                     pending.append((index, tensors, targets, outputs))
                     if len(pending) < 2 and len(pending) < len(loader):
@@ -474,8 +478,9 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                          "layout": info.layout, "row_shape": list(info.row_shape)} for name, info in store.layers.items()}
         rows = store.rows
         outputs = {name: summarize_output(values) for name, values in store.outputs().items() if name != "row_start"}
-    if nonfinite_losses:
-        log.warning("%d non-finite forward outputs (losses) in this run", nonfinite_losses)
+    nonfinite_outputs = sum(o["nonfinite"] for o in outputs.values())
+    if nonfinite_outputs:
+        log.warning("%d forward outputs (losses) in %s are non-finite, or missing from their batch", nonfinite_outputs, opts.out)
     overflowed = {name: info["overflow"] for name, info in layers.items() if info["overflow"]}
     if overflowed:
         log.warning("finite values past float16's range were stored as inf (%s); --dtype bfloat16 or float32 keeps "
@@ -628,16 +633,17 @@ def _human(nbytes: float) -> str:
 
 
 def _submit(ring: TransferRing, writer: StoreWriter, tensors: dict, targets: dict, index: torch.Tensor,
-            out_dtype: torch.dtype, outputs: dict[str, float]) -> int:
+            out_dtype: torch.dtype, outputs: dict[str, Any]) -> int:
+    """The batch's tensors and the forward's scalars into a ring slot, the slot to the writer."""
     try:
-        slot = ring.submit(tensors, dtype=out_dtype)
+        slot = ring.submit(tensors, dtype=out_dtype, scalars=outputs)
     except SlotTooSmall:
         _, need = ring.layout(tensors, {n: out_dtype for n in tensors})
         grown = int(need * 1.25)
         log.info("transfer ring: a batch needs %d bytes, more than a slot holds; re-allocating slots of %d bytes", need, grown)
         ring.reserve(grown)
-        slot = ring.submit(tensors, dtype=out_dtype)
-    writer.append(slot, targets=targets, index=index.numpy(), outputs=outputs)
+        slot = ring.submit(tensors, dtype=out_dtype, scalars=outputs)
+    writer.append(slot, targets=targets, index=index.numpy())
     return sum(t.numel() for t in tensors.values()) * out_dtype.itemsize
 
 

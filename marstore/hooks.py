@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
 import logging
 import re
 from dataclasses import dataclass, field
@@ -130,10 +131,19 @@ def reduce_tokens(x: torch.Tensor, reduction: str | list[int]) -> torch.Tensor:
         return x[:, 0]
     if reduction == "last":
         return x[:, -1]
-    index = torch.as_tensor(reduction, device=x.device, dtype=torch.long)
-    if index.numel() and (int(index.max()) >= x.shape[1] or int(index.min()) < -x.shape[1]):
-        raise HookError(f"token index {reduction} is out of range for {x.shape[1]} tokens")
-    return x.index_select(1, index % x.shape[1])
+    tokens = x.shape[1]
+    if any(not -tokens <= i < tokens for i in reduction):  # checked on the host: no wait for the device
+        raise HookError(f"token index {reduction} is out of range for {tokens} tokens")
+    return x.index_select(1, _token_index(tuple(i % tokens for i in reduction), x.device))
+
+
+@functools.lru_cache(maxsize=256)
+def _token_index(indices: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The index tensor of a token list, made once per device (a host-to-device copy each
+    batch could make the host wait for the stream). A normal tensor, not an inference one, so
+    that a forward with autograd (--train-mode) can use it too."""
+    with torch.inference_mode(False):
+        return torch.tensor(indices, dtype=torch.long, device=device)
 
 
 def parse_reduction(text: str) -> str | list[int]:

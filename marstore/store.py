@@ -628,8 +628,9 @@ class StoreWriter:
             for name, t in batch.targets.items():
                 self._write_rows(self._targets[name], start, t.astype(self._targets[name].dtype, copy=False))
             self._write_rows(self._index, start, batch.index)
-            if batch.outputs:
-                self._write_outputs(start, batch.outputs)
+            outputs = {**batch.outputs, **batch.slot.scalars()} if batch.slot is not None else batch.outputs
+            if outputs:
+                self._write_outputs(start, outputs)
             if stats is not None:
                 stats.result()
             else:

@@ -11,7 +11,8 @@ event per slot. submit() makes the side stream wait for the producer's stream, r
 sources on the side stream (so the caching allocator cannot reuse their memory before the copy
 is done), and launches one cast_copy_many per destination dtype. When every slot is in flight,
 submit() blocks until one is released: host memory stays bounded. CPU sources use the same
-interface with synchronous copies.
+interface with synchronous copies. A batch may carry named scalars (the forward's losses):
+they travel in the slot too, so that reading a loss on the GPU never makes the model wait.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ class Slot:
         self._counts_host = torch.empty(0, 2, dtype=torch.int64)
         self._counts_device: torch.Tensor | None = None
         self._counts_names: list[str] = []
+        # Scalars of the batch: device values copied behind the tensors, host values as given.
+        self._scalars_host = torch.empty(0, dtype=torch.float64)
+        self._scalar_names: list[str] = []
+        self._host_scalars: dict[str, float] = {}
+        self._order: list[str] = []
         self.in_flight = False
 
     @property
@@ -69,6 +75,13 @@ class Slot:
             self.event.synchronize()
         rows = self._counts_host.tolist()
         return {name: (row[0], row[1]) for name, row in zip(self._counts_names, rows)}
+
+    def scalars(self) -> dict[str, float]:
+        """{name: value} of the scalars submitted with the batch, in their order; after wait()."""
+        if self.event is not None:
+            self.event.synchronize()
+        copied = dict(zip(self._scalar_names, self._scalars_host.tolist()))
+        return {name: copied[name] if name in copied else self._host_scalars[name] for name in self._order}
 
     def release(self) -> None:
         """Returns the slot to the ring; its views must no longer be used."""
@@ -138,8 +151,11 @@ class TransferRing:
         tensors: Mapping[str, torch.Tensor],
         dtype: torch.dtype | Mapping[str, torch.dtype] = torch.float16,
         timeout: float | None = None,
+        scalars: Mapping[str, torch.Tensor | float] | None = None,
     ) -> Slot:
-        """Starts copying tensors into a free slot and returns it (blocks while none is free)."""
+        """Starts copying tensors into a free slot and returns it (blocks while none is free).
+        scalars: named one-element tensors (on the ring's device) or numbers; Slot.scalars()
+        gives them as floats."""
         if self._closed:
             raise RuntimeError("this TransferRing is closed")
         dtypes = {name: dtype for name in tensors} if isinstance(dtype, torch.dtype) else dict(dtype)
@@ -161,14 +177,19 @@ class TransferRing:
             slot = self._free.pop()
             slot.in_flight = True
         try:
-            self._launch(slot, tensors, layout)
+            self._launch(slot, tensors, layout, dict(scalars or {}))
         except BaseException:
             self._release(slot)
             raise
         return slot
 
-    def _launch(self, slot: Slot, tensors: Mapping[str, torch.Tensor], layout: dict) -> None:
+    def _launch(self, slot: Slot, tensors: Mapping[str, torch.Tensor], layout: dict, scalars: dict) -> None:
         slot.layout = layout
+        slot._order = list(scalars)
+        on_device = {} if self.stream is None else {  # on the CPU a tensor's value is at hand
+            n: v for n, v in scalars.items() if isinstance(v, torch.Tensor) and v.device == self.device}
+        slot._host_scalars = {n: float(v) for n, v in scalars.items() if n not in on_device}
+        slot._scalar_names = list(on_device)
         groups: dict[torch.dtype, list[str]] = {}
         for name in tensors:
             groups.setdefault(layout[name][2], []).append(name)
@@ -188,6 +209,13 @@ class TransferRing:
                 slot._counts_device = torch.empty(rows, 2, dtype=torch.int64, device=self.device)
             self._copy_groups(slot, tensors, groups, slot._counts_device)
             slot._counts_host.copy_(slot._counts_device, non_blocking=True)
+            if on_device:
+                for v in on_device.values():
+                    v.record_stream(self.stream)
+                values = torch.stack([v.detach().reshape(()).to(torch.float64) for v in on_device.values()])
+                if slot._scalars_host.numel() != len(on_device):
+                    slot._scalars_host = torch.empty(len(on_device), dtype=torch.float64, pin_memory=True)
+                slot._scalars_host.copy_(values, non_blocking=True)
             slot.event.record(self.stream)
 
     def _copy_groups(self, slot: Slot, tensors, groups, counts: torch.Tensor) -> None:

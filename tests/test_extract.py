@@ -757,3 +757,22 @@ def test_a_config_file_holds_the_options_and_the_command_line_wins(tmp_path, suf
     with pytest.raises(SystemExit, match=r"--config .*: unknown options \['bogus', 'layer'\] \(did you mean layer -> "
                                          r"layers\?\); the options are the long flags with _ for -$"):
         main(["extract", "--config", str(path), "--out", str(tmp_path / "t.h5")])
+
+
+@requires_cuda
+def test_forward_outputs_on_the_gpu_come_through_the_ring(tmp_path):
+    # the losses stay on the device until the slot's copy lands: same values as reading them at once
+    named = ["loss", "video_loss", "act_loss"]
+    result = extract(options(tmp_path, device="cuda", output_names=named))
+    torch.manual_seed(0)
+    model = video_mar(**CONFIG).eval().cuda()
+    ds = synthetic_video_actions(size=40)
+    expected = []
+    with torch.inference_mode():
+        for start in range(0, 40, 8):
+            batch = torch.utils.data.default_collate([ds[i] for i in range(start, start + 8)])
+            expected.append([float(v) for v in policy_forward(model, {k: v.cuda() for k, v in batch.items()})])
+    with open_store(result.path) as s:
+        got = s.outputs()
+        assert list(got) == ["row_start", *named] and got["row_start"].tolist() == [0, 8, 16, 24, 32]
+        assert np.column_stack([got[n] for n in named]).tolist() == expected

@@ -6,6 +6,7 @@ import time
 import pytest
 import torch
 
+from conftest import requires_cuda
 from marstore.transfer import SlotTooSmall, TransferRing
 from test_ops import as_bytes, expected_counts, random_values
 
@@ -141,3 +142,23 @@ def test_cuda_ring_overlaps_and_is_exact(backend):
             assert all(as_bytes(got[k]) == as_bytes(want[k]) for k in want)
             assert s.buffer.is_pinned()
             s.release()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_scalars_travel_with_the_batch(device):
+    # the forward's losses: device tensors read only once the slot's copy is done, numbers as given
+    with TransferRing(num_slots=1, device=device) as ring:
+        src = batch(0, device)
+        loss = torch.tensor(0.25, device=device)
+        aux = torch.tensor([1.5], device=device, dtype=torch.bfloat16)
+        slot = ring.submit(src, scalars={"loss": loss, "step": 3, "aux": aux})
+        del loss, aux  # the ring keeps them for its stream
+        assert slot.scalars() == {"loss": 0.25, "step": 3.0, "aux": 1.5}
+        assert list(slot.scalars()) == ["loss", "step", "aux"]
+        slot.release()
+        slot = ring.submit(src, scalars={"other": torch.tensor(-2.0, device=device)})  # the same slot, other names
+        assert slot.scalars() == {"other": -2.0}
+        slot.release()
+        slot = ring.submit(src)
+        assert slot.scalars() == {}
+        slot.release()
