@@ -49,11 +49,11 @@ class Slot:
         self._counts_host = torch.empty(0, 2, dtype=torch.int64)
         self._counts_device: torch.Tensor | None = None
         self._counts_names: list[str] = []
-        # Scalars of the batch: device values copied behind the tensors, host values as given.
-        self._scalars_host = torch.empty(0, dtype=torch.float64)
-        self._scalar_names: list[str] = []
-        self._host_scalars: dict[str, float] = {}
-        self._order: list[str] = []
+        # Scalars of the batch: device values copied behind the tensors (pinned), the rest as given.
+        self._copied_values = torch.empty(0, dtype=torch.float64)
+        self._copied_names: list[str] = []
+        self._given_scalars: dict[str, float] = {}
+        self._scalar_order: list[str] = []
         self.in_flight = False
 
     @property
@@ -80,8 +80,8 @@ class Slot:
         """{name: value} of the scalars submitted with the batch, in their order; after wait()."""
         if self.event is not None:
             self.event.synchronize()
-        copied = dict(zip(self._scalar_names, self._scalars_host.tolist()))
-        return {name: copied[name] if name in copied else self._host_scalars[name] for name in self._order}
+        values = {**self._given_scalars, **dict(zip(self._copied_names, self._copied_values.tolist()))}
+        return {name: values[name] for name in self._scalar_order}
 
     def release(self) -> None:
         """Returns the slot to the ring; its views must no longer be used."""
@@ -185,11 +185,11 @@ class TransferRing:
 
     def _launch(self, slot: Slot, tensors: Mapping[str, torch.Tensor], layout: dict, scalars: dict) -> None:
         slot.layout = layout
-        slot._order = list(scalars)
+        slot._scalar_order = list(scalars)
         on_device = {} if self.stream is None else {  # on the CPU a tensor's value is at hand
             n: v for n, v in scalars.items() if isinstance(v, torch.Tensor) and v.device == self.device}
-        slot._host_scalars = {n: float(v) for n, v in scalars.items() if n not in on_device}
-        slot._scalar_names = list(on_device)
+        slot._given_scalars = {n: float(v) for n, v in scalars.items() if n not in on_device}
+        slot._copied_names = list(on_device)
         groups: dict[torch.dtype, list[str]] = {}
         for name in tensors:
             groups.setdefault(layout[name][2], []).append(name)
@@ -213,9 +213,9 @@ class TransferRing:
                 for v in on_device.values():
                     v.record_stream(self.stream)
                 values = torch.stack([v.detach().reshape(()).to(torch.float64) for v in on_device.values()])
-                if slot._scalars_host.numel() != len(on_device):
-                    slot._scalars_host = torch.empty(len(on_device), dtype=torch.float64, pin_memory=True)
-                slot._scalars_host.copy_(values, non_blocking=True)
+                if slot._copied_values.numel() != len(on_device):
+                    slot._copied_values = torch.empty(len(on_device), dtype=torch.float64, pin_memory=True)
+                slot._copied_values.copy_(values, non_blocking=True)
             slot.event.record(self.stream)
 
     def _copy_groups(self, slot: Slot, tensors, groups, counts: torch.Tensor) -> None:
