@@ -434,11 +434,8 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                 targets = {t: _target_array(_get_dotted(batch, t)) for t in opts.targets}
                 capture.start_batch(len(index))
                 tensors, out = _run_batch(model, forward, capture, _to_device(batch, device), shapes, opts, autocast)
-                known = len(left_out)
-                outputs = {} if out is hooks.StopForward else forward_scalars(out, opts.output_names, left_out)
+                outputs = _outputs_of(out, opts.output_names, left_out)
                 del out  # it may hold large tensors: not into the next forward
-                if len(left_out) > known:
-                    log.info("not kept from the forward's return (only scalars go to /outputs): %s", "; ".join(sorted(left_out)))
                 if writer is None:
                     pending.append((index, tensors, targets, outputs))
                     if len(pending) < 2 and len(pending) < len(loader):
@@ -524,6 +521,18 @@ def _target_array(value: Any) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu", copy=True).numpy()
     return np.array(value)
+
+
+def _outputs_of(out: Any, names: Sequence[str], left_out: set[str]) -> dict[str, Any]:
+    """The forward's scalars (none where --stop-early cut it); what is not a scalar is said once
+    a run (left_out remembers it)."""
+    if out is hooks.StopForward:
+        return {}
+    known = len(left_out)
+    scalars = forward_scalars(out, names, left_out)
+    if len(left_out) > known:
+        log.info("not kept from the forward's return (only scalars go to /outputs): %s", "; ".join(sorted(left_out)))
+    return scalars
 
 
 def _run_batch(model, forward, capture: hooks.Capture, batch: Any, shapes: dict, opts: ExtractOptions,
