@@ -121,11 +121,6 @@ def default_forward(model: torch.nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
-def normalize_output(out: Any, names: Sequence[str] = (), left_out: set[str] | None = None) -> dict[str, float]:
-    """The forward's return as named floats (see forward_scalars)."""
-    return {name: float(v) for name, v in forward_scalars(out, names, left_out).items()}
-
-
 def forward_scalars(out: Any, names: Sequence[str] = (), left_out: set[str] | None = None) -> dict[str, Any]:
     """The forward's return as named scalars: a tensor is the loss; a tuple or list is
     (loss, parts...), nested tuples flattened (UVA returns (loss, video_loss, act_loss)); a

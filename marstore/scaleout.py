@@ -134,7 +134,7 @@ def write_top_file(out: str, parts: list[str]) -> int:
             for spec in target_specs:
                 virtual(tg, spec["name"], f"targets/{spec['name']}", rows)
             virtual(f, "index", "index", rows)
-            _join_outputs(f, stores, rows)
+            _join_outputs(f, stores)
         os.replace(tmp, out)
         log.info("%s: virtual store over %d parts, %d rows", out, len(parts), total)
         return total
@@ -143,21 +143,21 @@ def write_top_file(out: str, parts: list[str]) -> int:
             s.close()
 
 
-def _join_outputs(f: h5py.File, stores: list, rows: list[int]) -> None:
+def _join_outputs(f: h5py.File, stores: list) -> None:
     """The parts' per-batch outputs (small) copied into /outputs, their row starts shifted."""
-    groups = [s.file.get("outputs") for s in stores]
-    names = list(dict.fromkeys(n for g in groups if g is not None for n in g if n != "row_start"))  # in the parts' order
+    parts = [s.outputs() for s in stores]  # the committed batches of each part
+    names = list(dict.fromkeys(n for part in parts for n in part if n != "row_start"))  # in the parts' order
     if not names:
         return
     starts, values = [], {n: [] for n in names}
     base = 0
-    for g, n_rows in zip(groups, rows):
-        if g is not None:
-            keep = int(np.searchsorted(g["row_start"][:], n_rows))
-            starts.append(g["row_start"][:keep] + base)
+    for store, part in zip(stores, parts):
+        if part:
+            batches = len(part["row_start"])
+            starts.append(part["row_start"] + base)
             for n in names:
-                values[n].append(g[n][:keep] if n in g else np.full(keep, np.nan))
-        base += n_rows
+                values[n].append(part[n] if n in part else np.full(batches, np.nan))
+        base += store.rows
     out = f.create_group("outputs", track_order=True)
     out.create_dataset("row_start", data=np.concatenate(starts))
     for n in names:
