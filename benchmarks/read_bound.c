@@ -1,7 +1,13 @@
-// A bound for bench_transfer's multi-tensor case on the CPU: how long two threads take only to
-// READ the 24 float32 sources of 256 KB (hot in cache, as the benchmark repeats them), next to
-// a plain AVX2/F16C read-convert-write loop over the same sources. If reading alone takes
-// more than half the time of the copy_ loop, multi_vs_copy_loop cannot reach 2.0.
+// Reference loops for bench_transfer's multi-tensor case on the CPU, outside Python and torch:
+// two OpenMP threads over the 24 float32 sources of 256 KB (hot in cache, as the benchmark
+// repeats them), called back to back.
+//   read only             only reads the sources: what the memory hierarchy gives
+//   read, convert, write  a plain AVX2/F16C loop, four conversions a step, whole 32-byte
+//                         stores: what the conversion costs on top, with no call overhead
+// Compare them with marstore's pass called directly (marstore._C.cast_copy_many_into) in a
+// tight loop, and with the benchmark's figures, where each call follows other contenders.
+// (The fourth session's version of the second loop let vcvtps2ph store 16 bytes straight to
+// memory; that form is much slower on this Zen 3 core: 128-187 us instead of 76-91.)
 //   gcc -O2 -mavx2 -mf16c -fopenmp benchmarks/read_bound.c -o /tmp/read_bound && /tmp/read_bound
 #include <immintrin.h>
 #include <omp.h>
@@ -48,8 +54,15 @@ int main(void) {
               a3 = _mm256_add_ps(a3, _mm256_load_ps(s + j + 24));
             }
           } else {
-            __m128i* d = (__m128i*)(dst + (size_t)i * kFloats);
-            for (int j = 0; j < kFloats; j += 8) _mm_store_si128(d + j / 8, _mm256_cvtps_ph(_mm256_load_ps(s + j), 0));
+            unsigned short* d = dst + (size_t)i * kFloats;
+            for (int j = 0; j < kFloats; j += 32) {
+              const __m128i h0 = _mm256_cvtps_ph(_mm256_load_ps(s + j), 0);
+              const __m128i h1 = _mm256_cvtps_ph(_mm256_load_ps(s + j + 8), 0);
+              const __m128i h2 = _mm256_cvtps_ph(_mm256_load_ps(s + j + 16), 0);
+              const __m128i h3 = _mm256_cvtps_ph(_mm256_load_ps(s + j + 24), 0);
+              _mm256_store_si256((__m256i*)(d + j), _mm256_set_m128i(h1, h0));
+              _mm256_store_si256((__m256i*)(d + j + 16), _mm256_set_m128i(h3, h2));
+            }
           }
         }
         float out[8];
