@@ -6,8 +6,9 @@
 
 The model runs under torch.inference_mode() in eval mode; each batch's hooked tensors go to a
 TransferRing slot (asynchronous on a CUDA side stream), and the store's writer thread writes
-the slot and releases it: the model waits only when every slot is in flight. Ctrl-C commits
-what is written and raises Interrupted with the command that resumes.
+the slot and releases it: the model waits only when every slot is in flight. Ctrl-C lets the
+batch in hand finish, commits what is written and raises Interrupted with the command that
+resumes; a second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import math
 import os
 import random
 import shlex
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -421,10 +424,13 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
     progress = tqdm(total=len(indices), initial=start_row, unit="row", disable=None if opts.progress else True,
                     dynamic_ncols=True, desc="extract")
     try:
-        with hooks.Capture(model, selections, multi_fire=opts.multi_fire, allow_missing=opts.allow_missing,
-                           stop_early=opts.stop_early, unfold_batch=opts.unfold_batch) as capture:
+        with _DeferredInterrupt() as interrupt, \
+                hooks.Capture(model, selections, multi_fire=opts.multi_fire, allow_missing=opts.allow_missing,
+                              stop_early=opts.stop_early, unfold_batch=opts.unfold_batch) as capture:
             pending: list[tuple] = []
             for index, batch in batches:
+                if interrupt.requested:
+                    raise KeyboardInterrupt
                 # copied before the forward, which may change its inputs in place (UVA's does)
                 targets = {t: _target_array(_get_dotted(batch, t)) for t in opts.targets}
                 capture.start_batch(len(index))
@@ -499,6 +505,32 @@ def _rate(nbytes: int, started: float) -> str:
 def _mb_per_s(nbytes: int, seconds: float) -> str:
     rate = nbytes / max(seconds, 1e-9) / 2**20
     return f"{rate:.0f} MB/s" if rate >= 10 else f"{rate:.2f} MB/s"  # reduced layers move well under 1 MB/s
+
+
+class _DeferredInterrupt:
+    """Turns the first Ctrl-C into a request that the loop honours between batches, so that
+    it never lands inside an HDF5 call or the ring's bookkeeping; a second one raises at once.
+    Only in the main thread, and only over Python's own handler (a caller's stays in charge)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "_DeferredInterrupt":
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("Ctrl-C: stopping after the batch in hand and committing it (Ctrl-C again stops at once)")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def _close_after_error(writer: StoreWriter | None) -> int:

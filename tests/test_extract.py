@@ -603,6 +603,42 @@ def test_ctrl_c_commits_and_resume_finishes_identically(tmp_path):
         assert a.target("nactions").tobytes() == b.target("nactions").tobytes()
 
 
+def test_ctrl_c_finishes_the_batch_in_hand_and_a_second_stops_at_once(tmp_path, caplog):
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    def ctrl_c(times):
+        def on_batch(rows):
+            if rows == 24:
+                for _ in range(times):
+                    signal.raise_signal(signal.SIGINT)
+        return on_batch
+
+    with pytest.raises(Interrupted) as info:
+        extract(options(tmp_path), on_batch=ctrl_c(1))
+    # the first Ctrl-C came in the third batch's callback: the loop stopped before the fourth
+    assert info.value.rows == 24
+    assert "Ctrl-C: stopping after the batch in hand" in caplog.text
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with open_store(str(tmp_path / "s.h5")) as s:
+        assert (s.status, s.rows, s.index().tolist()) == ("incomplete", 24, list(range(24)))
+
+    with pytest.raises(Interrupted) as info:
+        extract(options(tmp_path, out=str(tmp_path / "t.h5")), on_batch=ctrl_c(2))
+    assert info.value.rows == 24  # the second raised inside the callback, after the batch was queued
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_callers_own_sigint_handler_stays_in_charge(tmp_path):
+    seen = []
+    previous = signal.signal(signal.SIGINT, lambda *_: seen.append("caller"))
+    try:
+        result = extract(options(tmp_path), on_batch=lambda rows: rows == 24 and signal.raise_signal(signal.SIGINT))
+        assert seen == ["caller"] and result.rows == 40
+        assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_resume_keeps_a_ragged_layer_ragged(tmp_path):
     from marstore.extract import Interrupted
 
