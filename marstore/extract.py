@@ -423,10 +423,11 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
     batches = iter(loader)
     progress = tqdm(total=len(indices), initial=start_row, unit="row", disable=None if opts.progress else True,
                     dynamic_ncols=True, desc="extract")
+    interrupt = _DeferredInterrupt()
     try:
-        with _DeferredInterrupt() as interrupt, \
-                hooks.Capture(model, selections, multi_fire=opts.multi_fire, allow_missing=opts.allow_missing,
-                              stop_early=opts.stop_early, unfold_batch=opts.unfold_batch) as capture:
+        interrupt.install()
+        with hooks.Capture(model, selections, multi_fire=opts.multi_fire, allow_missing=opts.allow_missing,
+                           stop_early=opts.stop_early, unfold_batch=opts.unfold_batch) as capture:
             pending: list[tuple] = []
             for index, batch in batches:
                 if interrupt.requested:
@@ -458,16 +459,20 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                     progress.update(len(idx))
             if writer is None:
                 raise ExtractError("the data set yielded no rows to extract")
+            interrupt.committing = True
             writer.close()
     except KeyboardInterrupt:
+        interrupt.committing = True
         progress.close()
         rows = _close_after_error(writer)
         raise Interrupted(rows, resume_command(opts)) from None
     except BaseException:
+        interrupt.committing = True
         progress.close()
         _close_after_error(writer)
         raise
     finally:
+        interrupt.restore()
         progress.close()
         ring.close()
     seconds = time.perf_counter() - started
@@ -509,28 +514,33 @@ def _mb_per_s(nbytes: int, seconds: float) -> str:
 
 class _DeferredInterrupt:
     """Turns the first Ctrl-C into a request that the loop honours between batches, so that
-    it never lands inside an HDF5 call or the ring's bookkeeping; a second one raises at once.
-    Only in the main thread, and only over Python's own handler (a caller's stays in charge)."""
+    it never lands inside an HDF5 call or the ring's bookkeeping; a second one raises at once,
+    and any during the closing commit only say to wait for it. Only in the main thread, and
+    only over Python's own handler (a caller's stays in charge)."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.committing = False
         self._previous: Any = None
 
-    def __enter__(self) -> "_DeferredInterrupt":
+    def install(self) -> None:
         if threading.current_thread() is threading.main_thread() and \
                 signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
 
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("Ctrl-C: stopping after the batch in hand and committing it (Ctrl-C again stops at once)")
-
-    def __exit__(self, *exc: object) -> None:
+    def restore(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.committing:
+            log.warning("Ctrl-C: the rows written are being committed; wait for it to finish")
+        elif self.requested:
+            raise KeyboardInterrupt
+        else:
+            self.requested = True
+            log.warning("Ctrl-C: stopping after the batch in hand and committing it (Ctrl-C again stops at once)")
 
 
 def _close_after_error(writer: StoreWriter | None) -> int:

@@ -628,6 +628,25 @@ def test_ctrl_c_finishes_the_batch_in_hand_and_a_second_stops_at_once(tmp_path, 
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_ctrl_c_during_the_closing_commit_only_says_to_wait(tmp_path, caplog, monkeypatch):
+    from marstore.store import StoreWriter
+
+    close = StoreWriter.close
+
+    def impatient_close(self, *args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+        return close(self, *args, **kwargs)
+
+    monkeypatch.setattr(StoreWriter, "close", impatient_close)
+    result = extract(options(tmp_path))
+    assert result.rows == 40
+    assert caplog.text.count("the rows written are being committed; wait") == 2
+    with open_store(result.path) as s:
+        assert (s.status, s.rows) == ("complete", 40)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_a_callers_own_sigint_handler_stays_in_charge(tmp_path):
     seen = []
     previous = signal.signal(signal.SIGINT, lambda *_: seen.append("caller"))
