@@ -204,7 +204,9 @@ class _Trainer:
                 bar.update(1)
                 bar.set_postfix(val=f"{val:.4g}")
         except KeyboardInterrupt:
-            torch.save(self._snapshot, self.state_path)
+            # whole or not at all: a second Ctrl-C during the save must not leave half a file to resume from
+            torch.save(self._snapshot, self.state_path + ".partial")
+            os.replace(self.state_path + ".partial", self.state_path)
             raise ProbeInterrupted(f"{label}: interrupted; state at epoch {self._snapshot['epoch']} saved to "
                                    f"{self.state_path}; run again with --resume") from None
         finally:
