@@ -16,7 +16,8 @@ counts live on the device until that stream reaches them.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+import operator
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -108,18 +109,28 @@ def cast_copy_many(
     offsets default to aligned_offsets(srcs, dst.dtype). Bytes of dst outside every region
     are left alone, except, for CUDA sources in staged mode, the gaps between regions (one DMA
     copy moves the whole span): keep nothing there. counts: as for cast_copy, 2n elements."""
-    srcs = list(srcs)
+    # This wrapper's own cost counts: the transfer ring calls it every batch, and for 24 small
+    # sources a per-element int() and a context manager took longer than the C++ entry itself.
+    if type(srcs) is not list:
+        srcs = list(srcs)
     if offsets is None:
         offsets = aligned_offsets(srcs, dst.dtype)[0]
-    offsets = [int(o) for o in offsets]
+    elif type(offsets) is not list:
+        offsets = _int_offsets(offsets)
     code = _mode(mode)
     if _backend == "extension":
-        with _on_stream(srcs[0] if srcs else None, stream):
+        if stream is not None and srcs and srcs[0].is_cuda:
+            with torch.cuda.stream(stream):
+                return cast_copy_many(srcs, dst, offsets, counts=counts, mode=mode)
+        try:
             if counts is None:
                 return _C.cast_copy_many(srcs, dst, offsets, code)
             _C.cast_copy_many_into(srcs, dst, offsets, counts, code)
-            return counts
-    return _torch_cast_copy_many(srcs, dst, offsets, stream, counts)
+        except TypeError:
+            _int_offsets(offsets)  # names a bad offset in one line; otherwise pybind's error stands
+            raise
+        return counts
+    return _torch_cast_copy_many(srcs, dst, _int_offsets(offsets), stream, counts)
 
 
 def channel_moments(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,6 +161,17 @@ def _mode(mode: str) -> int:
     if code is None:
         raise ValueError(f"mode {mode!r}: use one of {sorted(_MODES)}")
     return code
+
+
+def _int_offsets(offsets: Sequence[Any]) -> list[int]:
+    """Python ints from any integer type (numpy's, 0-d tensors); a float is an error, not truncated."""
+    result = []
+    for o in offsets:
+        try:
+            result.append(operator.index(o))
+        except TypeError:
+            raise TypeError(f"cast_copy_many: offset {o} is a {type(o).__name__}, not an integer") from None
+    return result
 
 
 def _on_stream(src: torch.Tensor | None, stream: torch.cuda.Stream | None):

@@ -254,6 +254,20 @@ def test_errors_name_the_input_and_the_fix(backend, call, message):
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize("offsets,bad", [([0, 4.0], "4.0 is a float"), ((0, 4.0), "4.0 is a float"),
+                                         (np.array([0.0, 4.0]), "0.0 is a float64")])
+def test_a_float_offset_is_refused_not_truncated(backend, offsets, bad):
+    with pytest.raises(TypeError, match=rf"^cast_copy_many: offset {bad}, not an integer$"):
+        ops.cast_copy_many([torch.zeros(4), torch.zeros(4)], torch.empty(8, dtype=torch.float16), offsets)
+
+
+@pytest.mark.parametrize("offsets", [[0, np.int64(4)], (0, 4), np.array([0, 4]), torch.tensor([0, 4]), [0, torch.tensor(4)]])
+def test_integer_offsets_of_any_kind_are_taken(backend, offsets):
+    dst = torch.zeros(8, dtype=torch.float16)
+    ops.cast_copy_many([torch.ones(4), torch.full((4,), 2.0)], dst, offsets)
+    assert dst.tolist() == [1.0] * 4 + [2.0] * 4
+
+
 def test_unknown_mode_is_refused(backend):
     with pytest.raises(ValueError, match=r"mode 'fast': use one of \['auto', 'direct', 'staged'\]"):
         ops.cast_copy(torch.zeros(2), torch.empty(2, dtype=torch.float16), mode="fast")
