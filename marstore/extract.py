@@ -410,8 +410,9 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         if start_row:
             log.info("--resume: reading the iterable data set past the store's %d committed rows (it must yield "
                      "the same items in the same order as before)", start_row)
-    loader = DataLoader(source, batch_size=opts.batch_size, shuffle=False,
-                        num_workers=opts.workers, collate_fn=_collate, pin_memory=device.type == "cuda")
+    loader = DataLoader(source, batch_size=opts.batch_size, shuffle=False, num_workers=opts.workers,
+                        collate_fn=_collate, pin_memory=device.type == "cuda",
+                        worker_init_fn=_ignore_ctrl_c if opts.workers else None)
 
     started = time.perf_counter()
     out_dtype = STORE_DTYPES[opts.dtype]
@@ -430,8 +431,6 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                            stop_early=opts.stop_early, unfold_batch=opts.unfold_batch) as capture:
             pending: list[tuple] = []
             for index, batch in batches:
-                if interrupt.requested:
-                    raise KeyboardInterrupt
                 # copied before the forward, which may change its inputs in place (UVA's does)
                 targets = {t: _target_array(_get_dotted(batch, t)) for t in opts.targets}
                 capture.start_batch(len(index))
@@ -452,6 +451,8 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                     progress.set_postfix_str(_rate(total_bytes, started), refresh=False)
                     if on_batch is not None:
                         on_batch(writer.written)
+                if interrupt.requested:  # before asking the loader for another batch
+                    raise KeyboardInterrupt
             if writer is None and pending:
                 writer = _open_writer(opts, selections, pending, metadata, start_row)
                 for idx, tens, targ, outs in pending:
@@ -541,6 +542,12 @@ class _DeferredInterrupt:
         else:
             self.requested = True
             log.warning("Ctrl-C: stopping after the batch in hand and committing it (Ctrl-C again stops at once)")
+
+
+def _ignore_ctrl_c(worker_id: int) -> None:
+    """In each data loader worker: a terminal's Ctrl-C reaches the whole job, and a worker that
+    it stopped would fail the batch the main process still has to finish."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _close_after_error(writer: StoreWriter | None) -> int:

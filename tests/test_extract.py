@@ -564,18 +564,19 @@ def run_cli(*args, **popen):
                             stderr=subprocess.PIPE, text=True, **popen)
 
 
-def test_ctrl_c_commits_and_resume_finishes_identically(tmp_path):
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_ctrl_c_commits_and_resume_finishes_identically(tmp_path, workers):
     ckpt = str(tmp_path / "c.pt")
     torch.manual_seed(0)
     save_checkpoint(video_mar(**CONFIG), CONFIG, ckpt, "workspace")
     common = ["extract", "--checkpoint", ckpt, "--config-key", "cfg.policy.model", "--model", "marstore.models:video_mar",
               "--dataset", "marstore.models:synthetic_video_actions", "--dataset-arg", "size=3000",
               "--forward", "marstore.models:policy_forward", "--layers", "encoder_blocks.*", "--targets", "nactions",
-              "--batch-size", "8", "--commit-rows", "64", "--no-progress", "--device", "cpu"]
+              "--batch-size", "8", "--commit-rows", "64", "--no-progress", "--device", "cpu", "--workers", workers]
     reference = str(tmp_path / "ref.h5")
     assert run_cli(*common, "--out", reference).wait(timeout=300) == 0
     out = str(tmp_path / "run.h5")
-    p = run_cli(*common, "--out", out)
+    p = run_cli(*common, "--out", out, start_new_session=True)  # its own process group, as a terminal's job
     deadline = time.time() + 120
     while time.time() < deadline:  # wait for the first commits
         time.sleep(0.2)
@@ -586,7 +587,7 @@ def test_ctrl_c_commits_and_resume_finishes_identically(tmp_path):
                         break
             except Exception:  # noqa: BLE001 - the file may be mid-creation
                 pass
-    p.send_signal(signal.SIGINT)
+    os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: every process of the job, data workers too
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130, err
     assert "interrupted after" in err and "--resume" in err
