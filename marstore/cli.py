@@ -43,7 +43,7 @@ def _info(args: argparse.Namespace) -> int:
     import json
     import os
 
-    from marstore.extract import describe_output, summarize_output
+    from marstore.extract import describe_output, summarize_outputs
     from marstore.store import StoreError, open_store
 
     try:
@@ -78,7 +78,7 @@ def _info(args: argparse.Namespace) -> int:
                 for name, layer in store.layers.items()
             },
             "targets": {name: {"shape": [store.rows, *ds.shape[1:]], "dtype": str(ds.dtype)} for name, ds in store.targets.items()},
-            "outputs": {name: summarize_output(values) for name, values in store.outputs().items() if name != "row_start"},
+            "outputs": summarize_outputs(store),
             "run": store.metadata,
         }
     if args.json:

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
 
 from marstore import hooks, loading, scaleout
-from marstore.store import LayerSpec, StoreError, StoreWriter, TargetSpec, open_store, room_left
+from marstore.store import LayerSpec, Store, StoreError, StoreWriter, TargetSpec, open_store, room_left
 from marstore.transfer import SlotTooSmall, TransferRing
 
 log = logging.getLogger(__name__)
@@ -481,7 +481,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         layers = {name: {"nonfinite": int(info.attrs["nonfinite"]), "overflow": int(info.attrs["overflow"]),
                          "layout": info.layout, "row_shape": list(info.row_shape)} for name, info in store.layers.items()}
         rows = store.rows
-        outputs = {name: summarize_output(values) for name, values in store.outputs().items() if name != "row_start"}
+        outputs = summarize_outputs(store)
     nonfinite_outputs = sum(o["nonfinite"] for o in outputs.values())
     if nonfinite_outputs:
         log.warning("%d forward outputs (losses) in %s are non-finite, or missing from their batch", nonfinite_outputs, opts.out)
@@ -492,11 +492,16 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
     return ExtractResult(rows, seconds, total_bytes, os.path.getsize(opts.out), layers, report.as_dict(), opts.out, outputs)
 
 
-def summarize_output(values: np.ndarray) -> dict:
-    """One output's per-batch values as {batches, mean (of the finite ones), nonfinite}."""
-    finite = values[np.isfinite(values)]
-    return {"batches": len(values), "mean": float(finite.mean()) if finite.size else None,
-            "nonfinite": len(values) - finite.size}
+def summarize_outputs(store: Store) -> dict[str, dict]:
+    """Each forward output of the store's committed batches as {batches, mean (of the finite
+    values), nonfinite}, in the forward's order."""
+    summaries = {}
+    for name, values in store.outputs().items():
+        if name != "row_start":
+            finite = values[np.isfinite(values)]
+            summaries[name] = {"batches": len(values), "mean": float(finite.mean()) if finite.size else None,
+                               "nonfinite": len(values) - finite.size}
+    return summaries
 
 
 def describe_output(name: str, summary: dict) -> str:
