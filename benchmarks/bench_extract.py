@@ -191,7 +191,8 @@ def main() -> None:
             name = way if n == rows else f"{way}@{n}"
             target = os.path.join(tmp, f"{name}.{len(runs.get(name, []))}.out")
             out = subprocess.run([sys.executable, __file__, "--child", way, str(n), target, *passthrough],
-                                 capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.path.dirname(__file__)))
+                                 capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                                     [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])))
             if out.returncode:
                 raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
             os.sync()  # the next way must not share the CPU with the writeback of this one's file

@@ -1,30 +1,60 @@
 #!/usr/bin/env bash
 # The device check, one call: build marstore._C with CUDA, run the tests that use the GPU (and
-# the CPU ones of the same files), then the GPU benchmarks (transfer; extraction on a UVA-sized
-# model, token means and full tokens), and print a short table last. Results go to $OUT (or
-# ./gpu-out). Sized for one device call of under 10 minutes (not yet run in this form).
-# TESTS=tests runs the whole suite; SKIP_TRANSFER=1 or SKIP_EXTRACT=1 leave a benchmark out.
-#   bash benchmarks/gpu_check.sh [extra benchmark command ...]
+# the CPU ones of the same files), the GPU benchmarks (transfer; extraction on a UVA-sized model,
+# token means and full tokens), then the rest of the suite on the GPU machine, and print a short
+# table last. Every step has its own time limit, so that one hang costs only its step. Results
+# and logs go to $OUT (or ./gpu-out), with the built extension, so that a second call can skip
+# the build: PREBUILT=path/to/_C...so bash benchmarks/gpu_check.sh
+#   STEPS="build tests transfer extract rest" (default: all) chooses the steps.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
+PY=${PY:-python3}
+STEPS=${STEPS:-build tests transfer extract rest}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-time python -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -vE "is ignored|^$" | tail -25
-python -m marstore doctor || exit 1
-python -m pytest -q -rs ${TESTS:-tests/test_ops_cuda.py tests/test_transfer.py tests/test_extract.py} 2>&1 | tee "$OUT/pytest.log" | tail -15
-[ "${SKIP_TRANSFER:-}" ] || python benchmarks/bench_transfer.py --json "$OUT/transfer_gpu.json" | tee "$OUT/transfer_gpu.txt"
-# UVA's size and, as UVA runs (FIELD-NOTES §3), bfloat16 autocast: AUTOCAST= for float32
-UVA="--device cuda --embed-dim 768 --depth 12 --heads 12 --grid 16 --batch-size 8 --rounds 1"
-UVA="$UVA ${AUTOCAST=--autocast bfloat16}"
-if [ -z "${SKIP_EXTRACT:-}" ]; then
-  python benchmarks/bench_extract.py $UVA --reduction mean --rows 512 --json "$OUT/extract_gpu_mean.json" | tee "$OUT/extract_gpu_mean.txt"
-  python benchmarks/bench_extract.py $UVA --rows 64 --json "$OUT/extract_gpu_tokens.json" | tee "$OUT/extract_gpu_tokens.txt"
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+# step NAME SECONDS LOG COMMAND...: runs it under a time limit, tees its output, records rc and time
+step() {
+  local name=$1 limit=$2 log=$3 t0=$SECONDS rc; shift 3
+  echo "=== $name (limit ${limit}s)"
+  timeout -k 5 "$limit" "$@" 2>&1 | tee "$log"; rc=${PIPESTATUS[0]}
+  echo "$name: rc $rc in $((SECONDS - t0)) s" | tee -a "$SUMMARY"
+  return "$rc"
+}
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader | tee -a "$SUMMARY"
+$PY -c "import torch, h5py; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'h5py', h5py.__version__)" | tee -a "$SUMMARY"
+if [ -n "${PREBUILT:-}" ]; then
+  cp "$PREBUILT" marstore/ && export PYTHONPATH=$PWD && echo "prebuilt: $PREBUILT" | tee -a "$SUMMARY"
+elif want build; then
+  step build 240 "$OUT/build.log" $PY -m pip install --no-build-isolation --no-deps -e . -v
+  grep -E "marstore: |error|warning: " "$OUT/build.log" | grep -v "^ *$" | tail -20
+  cp marstore/_C*.so "$OUT/" 2>/dev/null
 fi
-for cmd in "$@"; do bash -c "$cmd"; done
+$PY -m marstore doctor 2>&1 | tee -a "$SUMMARY"
+if want tests; then
+  step cuda-tests 150 "$OUT/pytest_cuda.log" $PY -m pytest -q -rfEs tests/test_ops_cuda.py tests/test_transfer.py tests/test_extract.py
+fi
+if want transfer; then
+  step transfer 120 "$OUT/transfer_gpu.txt" $PY benchmarks/bench_transfer.py --json "$OUT/transfer_gpu.json"
+fi
+if want extract; then
+  # UVA's size and, as UVA runs (FIELD-NOTES §3), bfloat16 autocast
+  UVA="--device cuda --embed-dim 768 --depth 12 --heads 12 --grid 16 --batch-size 8 --autocast bfloat16 --disk-mb 2048"
+  step extract-mean 150 "$OUT/extract_gpu_mean.txt" $PY benchmarks/bench_extract.py $UVA --reduction mean --rows 4096 \
+    --rounds 3 --json "$OUT/extract_gpu_mean.json"
+  step extract-tokens 100 "$OUT/extract_gpu_tokens.txt" $PY benchmarks/bench_extract.py $UVA --rows 128 --rounds 1 \
+    --json "$OUT/extract_gpu_tokens.json"
+fi
+if want rest; then
+  # the rest of the suite, on a machine where a GPU is the default device
+  step rest-tests ${REST_LIMIT:-150} "$OUT/pytest_rest.log" $PY -m pytest -q -rfEs -n 8 -p no:cacheprovider \
+    --ignore tests/test_ops_cuda.py --ignore tests/test_transfer.py --ignore tests/test_extract.py tests
+fi
 echo "=== summary ==="
-grep -E "passed|failed" "$OUT/pytest.log" | tail -1
+cat "$SUMMARY"
+for f in "$OUT"/pytest_*.log; do [ -f "$f" ] && grep -E "^(FAILED|ERROR)|passed|failed" "$f" | cut -c1-200 | tail -12; done
 for f in "$OUT"/transfer_gpu.txt "$OUT"/extract_gpu_*.txt; do
-  if [ -f "$f" ]; then echo "$(basename "$f" .txt):"; grep -E "^(device|[a-z0-9_]+: )" "$f"; fi
+  if [ -f "$f" ]; then echo "$(basename "$f" .txt):"; grep -E "^(device|[a-z0-9_@]+ |[a-z0-9_]+: )" "$f" | cut -c1-160; fi
 done
