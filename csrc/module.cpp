@@ -85,6 +85,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("cast_copy_many_into", &marstore::cast_copy_many_into,
         "torch.ops.marstore.cast_copy_many_into without Python dispatch", py::arg("srcs"), py::arg("dst"),
         py::arg("offsets"), py::arg("counts"), py::arg("mode") = 0);
+  // The statistics pass takes milliseconds on a large batch and runs in the store's stats
+  // thread: holding the GIL through it stalled the model's thread and the HDF5 writer.
+  // (The cast-copies keep the GIL: they take microseconds, and getting it back after each
+  // would make the model's thread wait behind the writer's.)
   m.def("channel_moments", &marstore::channel_moments,
-        "torch.ops.marstore.channel_moments without Python dispatch", py::arg("x"), py::arg("shift"));
+        "torch.ops.marstore.channel_moments without Python dispatch", py::arg("x"), py::arg("shift"),
+        py::call_guard<py::gil_scoped_release>());
 }

@@ -107,8 +107,8 @@ def cast_copy_many(
     """Converts each source into dst.view(-1)[offset : offset + numel]; returns int64 [n, 2].
 
     offsets default to aligned_offsets(srcs, dst.dtype). Bytes of dst outside every region
-    are left alone, except, for CUDA sources in staged mode, the gaps between regions (one DMA
-    copy moves the whole span): keep nothing there. counts: as for cast_copy, 2n elements."""
+    are left alone, except, for CUDA sources in staged mode, the gaps between regions (DMA
+    copies move whole stretches of the span): keep nothing there. counts: as for cast_copy, 2n elements."""
     # This wrapper's own cost counts: the transfer ring calls it every batch, and for 24 small
     # sources a per-element int() and a context manager took longer than the C++ entry itself.
     if type(srcs) is not list:

@@ -345,7 +345,8 @@ class StoreWriter:
         # already use every core, a writer thread beside them only makes them wait for it.
         self._stats = self._thread = None
         if background:
-            self._stats = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="marstore-stats")
+            self._stats_threads = _stats_threads()
+            self._stats = concurrent.futures.ThreadPoolExecutor(self._stats_threads, thread_name_prefix="marstore-stats")
             self._thread = threading.Thread(target=self._run, name=f"marstore-writer:{os.path.basename(self.path)}", daemon=True)
             self._thread.start()
 
@@ -612,9 +613,11 @@ class StoreWriter:
             self._last_nbytes = batch.nbytes
             start = self.written
             self._ensure_room(parts, batch, start)
-            # The statistics read the batch while HDF5 writes it (torch and HDF5 both run
-            # outside Python): one stats thread, so that batches are added in order.
-            stats = self._stats.submit(self._update_stats, parts, counts) if self._stats is not None else None
+            # The statistics read the batch while HDF5 writes it (the sums and HDF5 both run
+            # outside the GIL), each stats thread a share of the layers; the writer waits for
+            # them before the next batch, so that every layer adds its batches in order.
+            stats = [self._stats.submit(self._update_stats, share, counts)
+                     for share in _shares(parts, self._stats_threads)] if self._stats is not None else None
             for name, (data, lengths) in parts.items():
                 layer = self._layers[name]
                 if not layer.spec.ragged:
@@ -632,7 +635,9 @@ class StoreWriter:
             if outputs:
                 self._write_outputs(start, outputs)
             if stats is not None:
-                stats.result()
+                concurrent.futures.wait(stats)  # all, even when one failed: they hold the batch's views
+                for done in stats:
+                    done.result()
             else:
                 self._update_stats(parts, counts)
             self.written = start + n
@@ -774,6 +779,24 @@ class StoreWriter:
     def _sync(self) -> None:
         if self.fsync:
             os.fsync(self._file.id.get_vfd_handle())
+
+
+def _stats_threads() -> int:
+    """Threads for a background writer's statistics: a quarter of the cores, 1 to 4. The sums
+    of one batch of full token activations (hundreds of MB) took longer on one core than HDF5
+    took to write them; a quarter leaves the model's own threads their cores."""
+    return max(1, min(4, (os.cpu_count() or 1) // 4))
+
+
+def _shares(parts: Mapping[str, Any], n: int) -> list[dict[str, Any]]:
+    """parts split into at most n dicts of about equal bytes (largest first, each to the lightest share)."""
+    shares: list[dict[str, Any]] = [{} for _ in range(min(n, len(parts)))]
+    loads = [0] * len(shares)
+    for name, part in sorted(parts.items(), key=lambda kv: -kv[1][0].nbytes):
+        i = loads.index(min(loads))
+        shares[i][name] = part
+        loads[i] += part[0].nbytes
+    return shares
 
 
 def _jsonable(x: Any) -> Any:

@@ -38,6 +38,28 @@ def test_cuda_many_and_non_contiguous(backend, mode):
     assert counts.cpu().tolist() == [expected_counts(s.cpu(), torch.float16) for s in srcs]
 
 
+@pytest.mark.parametrize("order", ["ascending", "descending"])
+def test_cuda_staged_in_pieces_is_exact_and_done_when_the_callers_stream_is(backend, order):
+    """From 4 MiB of destination a staged copy goes in pieces copied on a second stream (when
+    the regions ascend): waiting for the caller's stream alone must find every piece landed."""
+    srcs = [random_values(torch.float32, 3_000_017, 1).cuda(), random_values(torch.bfloat16, 2_500_001, 2).cuda(),
+            torch.empty(0, device="cuda"), random_values(torch.float32, 777, 3).cuda()]
+    offsets, total = ops.aligned_offsets(srcs, torch.float16)
+    if order == "descending":  # one DMA copy of the whole span, as below 4 MiB
+        offsets, total = ops.aligned_offsets(srcs[::-1], torch.float16)
+        offsets = offsets[::-1]
+    side = torch.cuda.Stream()
+    for mode in ("auto", "staged"):
+        dst = torch.full((total,), 7, dtype=torch.float16).pin_memory()
+        torch.cuda._sleep(20_000_000)  # the sources' producer is still busy: the copy must wait for it
+        side.wait_stream(torch.cuda.current_stream())
+        counts = ops.cast_copy_many(srcs, dst, offsets, stream=side, mode=mode)
+        side.synchronize()
+        for s, off in zip(srcs, offsets):
+            assert as_bytes(dst[off : off + s.numel()]) == as_bytes(s.to(torch.float16).cpu())
+        assert counts.cpu().tolist() == [expected_counts(s.cpu(), torch.float16) for s in srcs]
+
+
 @pytest.mark.parametrize("mode", ["direct", "staged"])
 def test_cuda_counts_into_a_kept_device_tensor(backend, mode):
     srcs = [torch.tensor([1.0, float("nan"), 7e4], device="cuda"), torch.tensor([float("-inf"), 2.0], device="cuda")]

@@ -490,3 +490,40 @@ def test_outputs_read_back_are_those_of_committed_batches(tmp_path, capsys):
     assert main(["info", path]) == 0
     assert "  output loss: mean 3 over 3 batches, 1 non-finite\n  output aux: mean 1 over 3 batches, 0 non-finite\n" \
         in capsys.readouterr().out
+
+
+def test_statistics_with_several_stats_threads_are_bit_identical_to_inline(tmp_path, monkeypatch):
+    monkeypatch.setattr("marstore.store._stats_threads", lambda: 3)
+    write_all(tmp_path / "threads.h5", batches=6)
+    write_all(tmp_path / "inline.h5", batches=6, background=False)
+    with h5py.File(tmp_path / "threads.h5", "r") as a, h5py.File(tmp_path / "inline.h5", "r") as b:
+        for name in ("encoder_blocks.0", "encoder_blocks.1", "proj", "encoder_norm"):
+            for key in ("mean", "std", "stats_m2", "stats_count", "nonfinite", "overflow"):
+                assert np.asarray(a["activations"][name].attrs[key]).tobytes() == \
+                    np.asarray(b["activations"][name].attrs[key]).tobytes(), (name, key)
+
+
+def test_shares_balance_layers_by_bytes():
+    from marstore.store import _shares
+
+    parts = {name: (np.zeros(size, np.float16), None) for name, size in [("a", 10), ("b", 40), ("c", 30), ("d", 20)]}
+    assert [sorted(s) for s in _shares(parts, 2)] == [["a", "b"], ["c", "d"]]
+    assert [sorted(s) for s in _shares(parts, 8)] == [["b"], ["c"], ["d"], ["a"]]
+    assert [sorted(s) for s in _shares(parts, 1)] == [["a", "b", "c", "d"]]
+
+
+def test_a_failing_stats_thread_reaches_the_caller_and_keeps_committed_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr("marstore.store._stats_threads", lambda: 2)
+    w = StoreWriter(tmp_path / "s.h5", [LayerSpec("a", (8,)), LayerSpec("b", (8,))], commit_rows=2)
+    w.append({"a": np.ones((2, 8), np.float16), "b": np.ones((2, 8), np.float16)}, index=[0, 1])
+    w.flush()
+
+    def broken(x):
+        raise MemoryError("stats of layer b")
+
+    monkeypatch.setattr(w._layers["b"].moments, "update", broken)
+    w.append({"a": np.ones((2, 8), np.float16), "b": np.ones((2, 8), np.float16)}, index=[2, 3])
+    with pytest.raises(StoreWriteError, match="stats of layer b"):
+        w.close()
+    with open_store(tmp_path / "s.h5") as s:
+        assert s.rows == 2 and s.status == "incomplete"

@@ -122,12 +122,18 @@ def test_failed_copy_returns_the_slot():
     assert ring.in_flight == 0
 
 
+def big_batch(seed: int, device="cpu") -> dict[str, torch.Tensor]:
+    """6 MiB of float16 a batch: the staged copy goes in pieces on a second stream."""
+    return {**batch(seed, device), "encoder_blocks.1": random_values(torch.float32, 3 << 20, seed + 2).to(device)}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_ring_overlaps_and_is_exact(backend):
+@pytest.mark.parametrize("make", [batch, big_batch], ids=["small", "pieces"])
+def test_cuda_ring_overlaps_and_is_exact(backend, make):
     with TransferRing(num_slots=3, device="cuda") as ring:
         expected, slots = [], []
         for i in range(6):
-            src = batch(i, "cuda")
+            src = make(i, "cuda")
             expected.append({k: v.half().cpu() for k, v in src.items()})
             slots.append(ring.submit(src))
             del src  # the ring recorded the sources on its stream

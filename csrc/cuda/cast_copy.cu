@@ -3,17 +3,22 @@
 // One launch converts up to kMaxTensors sources: every block owns kBlockElems elements of one
 // source, found from the per-source first-block table passed by value. The kernel writes
 // either straight into the pinned host destination (mapped into the device's address space),
-// or into a device staging buffer that one DMA copy then moves to the host. Both run on the
-// caller's current stream; the counts stay on the device for the caller to copy (the _into
-// forms write them into a tensor the caller keeps, zeroed here in stream order).
+// or into a device staging buffer from which DMA copies move it to the host. A large staged
+// copy goes in pieces: a second stream copies each piece as soon as it is converted, so that
+// converting the rest hides behind the DMA. Everything is ordered on the caller's current
+// stream; the counts stay on the device for the caller to copy (the _into forms write them
+// into a tensor the caller keeps, zeroed here in stream order).
 
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <vector>
 
 #include "../cast_copy.h"
 
@@ -25,9 +30,15 @@ constexpr int kVec = 8;  // elements per thread per step: 16 bytes of float16
 constexpr int64_t kBlockElems = kThreads * kVec * 4;
 constexpr int kMaxTensors = 48;  // keeps the launch parameters under 4 KB
 // Up to this many destination bytes the kernel writes to host memory directly; above it,
-// staging in device memory plus one DMA copy is faster (benchmarks/RESULTS.md). The
-// environment variable MARSTORE_DIRECT_MAX_BYTES overrides it, for measuring the crossover.
-constexpr int64_t kDirectMaxBytes = 1 << 20;
+// staging in device memory plus DMA copies is faster (benchmarks/RESULTS.md: on an H100,
+// direct won at 2 MiB of float16, staged at 8). The environment variable
+// MARSTORE_DIRECT_MAX_BYTES overrides it, for measuring the crossover.
+constexpr int64_t kDirectMaxBytes = 2 << 20;
+// A staged copy of at least two pieces' worth goes in pieces of about this many destination
+// bytes, at most kMaxPieces: each exposes its first piece's conversion and a little
+// per-piece launch cost instead of the whole conversion.
+constexpr int64_t kPieceBytes = 2 << 20;
+constexpr int kMaxPieces = 8;
 
 int64_t direct_max_bytes() {
   static const int64_t value = [] {
@@ -51,6 +62,7 @@ struct Desc {
 struct Params {
   Desc d[kMaxTensors];
   int n;
+  int64_t base_block;  // the launch's first block in the numbering of first_block
 };
 
 Kind kind_of(at::ScalarType t) {
@@ -120,10 +132,11 @@ __device__ __forceinline__ unsigned block_sum(unsigned v, unsigned* shared) {
 }
 
 __global__ void __launch_bounds__(kThreads) cast_copy_kernel(const __grid_constant__ Params p) {
+  const int64_t block = p.base_block + blockIdx.x;
   int t = 0;
-  while (t + 1 < p.n && p.d[t + 1].first_block <= blockIdx.x) ++t;
+  while (t + 1 < p.n && p.d[t + 1].first_block <= block) ++t;
   const Desc& desc = p.d[t];
-  const int64_t begin = (blockIdx.x - desc.first_block) * kBlockElems;
+  const int64_t begin = (block - desc.first_block) * kBlockElems;
   const int64_t end = min(desc.numel, begin + kBlockElems);
   unsigned nonfinite = 0, overflow = 0;
   using c10::BFloat16;
@@ -150,6 +163,28 @@ __global__ void __launch_bounds__(kThreads) cast_copy_kernel(const __grid_consta
     if (nonfinite) atomicAdd(desc.counts, static_cast<unsigned long long>(nonfinite));
     if (overflow) atomicAdd(desc.counts + 1, static_cast<unsigned long long>(overflow));
   }
+}
+
+// Events for ordering the pieces of a staged copy, created once per thread and device and
+// reused (a stream wait takes the event's state when it is enqueued, so re-recording it for
+// the next call is safe; per thread, so that two threads never record the same one).
+cudaEvent_t piece_event(c10::DeviceIndex device, size_t i) {
+  thread_local std::vector<std::vector<cudaEvent_t>> pool;
+  if (pool.size() <= static_cast<size_t>(device)) pool.resize(device + 1);
+  auto& events = pool[device];
+  while (events.size() <= i) {
+    cudaEvent_t e;
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    events.push_back(e);
+  }
+  return events[i];
+}
+
+void launch(const Params& p, int64_t first_block, int64_t end_block, cudaStream_t stream) {
+  Params q = p;
+  q.base_block = first_block;
+  cast_copy_kernel<<<static_cast<unsigned>(end_block - first_block), kThreads, 0, stream>>>(q);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void cast_copy_many_into_cuda(at::TensorList srcs, const at::Tensor& dst, at::IntArrayRef offsets,
@@ -203,11 +238,18 @@ void cast_copy_many_into_cuda(at::TensorList srcs, const at::Tensor& dst, at::In
   }
 
   auto* count_ptr = reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>());
+  char* host = static_cast<char*>(dst.data_ptr());
+  bool piecewise = false;
   for (int64_t first = 0; first < n; first += kMaxTensors) {
     Params p{};
     int64_t blocks = 0;
+    int64_t region[kMaxTensors][2];  // destination elements [begin, end) of each Desc
+    bool ascending = true;  // regions in source order, none overlapping the next
     for (int64_t i = first; i < std::min(n, first + kMaxTensors); ++i) {
       if (sources[i].numel() == 0) continue;
+      ascending = ascending && (p.n == 0 || region[p.n - 1][1] <= offsets[i]);
+      region[p.n][0] = offsets[i];
+      region[p.n][1] = offsets[i] + sources[i].numel();
       Desc& d = p.d[p.n++];
       d.src = sources[i].const_data_ptr();
       d.dst = dst_base + offsets[i] * elem;
@@ -220,12 +262,44 @@ void cast_copy_many_into_cuda(at::TensorList srcs, const at::Tensor& dst, at::In
     }
     if (p.n == 0) continue;
     TORCH_CHECK(blocks <= INT32_MAX, "cast_copy_many: sources too large for one launch");
-    cast_copy_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // Pieces only where this launch is the whole copy and its regions ascend: then each
+    // piece of blocks writes one stretch of the destination, copied on its own.
+    const int64_t pieces = staged && ascending && n <= kMaxTensors
+                               ? std::min<int64_t>({kMaxPieces, span_bytes / kPieceBytes, blocks})
+                               : 1;
+    if (pieces < 2) {
+      launch(p, 0, blocks, stream);
+      continue;
+    }
+    piecewise = true;
+    // The copies run on a second stream that waits for each piece's kernel; the caller's
+    // stream then waits for the last copy, so that everything after it (and the allocator,
+    // which hands the staging buffer out again only to work on the caller's stream) sees
+    // the whole copy done.
+    const auto copier = c10::cuda::getStreamFromPool(false, stream.device_index());
+    const auto stretch = [&](int64_t block, bool end) {  // destination element at a block's start or end
+      int t = 0;
+      while (t + 1 < p.n && p.d[t + 1].first_block <= block) ++t;
+      const int64_t begin = region[t][0] + (block - p.d[t].first_block) * kBlockElems;
+      return end ? std::min(region[t][1], begin + kBlockElems) : begin;
+    };
+    for (int64_t k = 0; k < pieces; ++k) {
+      const int64_t b0 = blocks * k / pieces, b1 = blocks * (k + 1) / pieces;
+      launch(p, b0, b1, stream);
+      const cudaEvent_t converted = piece_event(stream.device_index(), k);
+      C10_CUDA_CHECK(cudaEventRecord(converted, stream));
+      C10_CUDA_CHECK(cudaStreamWaitEvent(copier, converted, 0));
+      const int64_t from = stretch(b0, false), to = stretch(b1 - 1, true);
+      C10_CUDA_CHECK(cudaMemcpyAsync(host + from * elem, dst_base + from * elem, (to - from) * elem,
+                                     cudaMemcpyDeviceToHost, copier));
+    }
+    const cudaEvent_t copied = piece_event(stream.device_index(), kMaxPieces);
+    C10_CUDA_CHECK(cudaEventRecord(copied, copier));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(stream, copied, 0));
   }
-  if (staged) {
-    C10_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(dst.data_ptr()) + lo * elem,
-                                   staging.data_ptr(), span_bytes, cudaMemcpyDeviceToHost, stream));
+  if (staged && !piecewise) {
+    C10_CUDA_CHECK(cudaMemcpyAsync(host + lo * elem, staging.data_ptr(), span_bytes, cudaMemcpyDeviceToHost,
+                                   stream));
   }
 }
 
