@@ -3,8 +3,10 @@
 # the CPU ones of the same files), the GPU benchmarks (transfer; extraction on a UVA-sized model,
 # token means and full tokens), then the rest of the suite on the GPU machine, and print a short
 # table last. Every step has its own time limit, so that one hang costs only its step. Results
-# and logs go to $OUT (or ./gpu-out), with the built extension, so that a second call can skip
-# the build: PREBUILT=path/to/_C...so bash benchmarks/gpu_check.sh
+# and logs go to $OUT (or ./gpu-out), at most 8 files (what the device tool brings back); the
+# build log stays only when the build failed. KEEP_SO=1 also keeps the built extension there
+# (debug info stripped), so that a second call can skip the build:
+#   PREBUILT=path/to/_C...so bash benchmarks/gpu_check.sh
 #   STEPS="build tests transfer extract rest" (default: all) chooses the steps;
 #   CUDA_TESTS (pytest arguments) the tests of the tests step.
 # Sizes measured on an H100 (2026-11-26): build 62 s, the CUDA tests 64 s, transfer 12 s,
@@ -16,13 +18,14 @@ STEPS=${STEPS:-build tests transfer extract rest}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 SUMMARY="$OUT/summary.txt"
+rm -f "$OUT"/*.log "$OUT"/*.txt "$OUT"/*.json  # the step logs below are appended to
 : > "$SUMMARY"
 want() { [[ " $STEPS " == *" $1 "* ]]; }
-# step NAME SECONDS LOG COMMAND...: runs it under a time limit, tees its output, records rc and time
+# step NAME SECONDS LOG COMMAND...: runs it under a time limit, appends its output to LOG, records rc and time
 step() {
   local name=$1 limit=$2 log=$3 t0=$SECONDS rc; shift 3
   echo "=== $name (limit ${limit}s)"
-  timeout -k 5 "$limit" "$@" 2>&1 | tee "$log"; rc=${PIPESTATUS[0]}
+  timeout -k 5 "$limit" "$@" 2>&1 | tee -a "$log"; rc=${PIPESTATUS[0]}
   echo "$name: rc $rc in $((SECONDS - t0)) s" | tee -a "$SUMMARY"
   return "$rc"
 }
@@ -31,13 +34,18 @@ $PY -c "import torch, h5py; print('torch', torch.__version__, 'cuda', torch.vers
 if [ -n "${PREBUILT:-}" ]; then
   cp "$PREBUILT" marstore/ && export PYTHONPATH=$PWD && echo "prebuilt: $PREBUILT" | tee -a "$SUMMARY"
 elif want build; then
-  step build 240 "$OUT/build.log" $PY -m pip install --no-build-isolation --no-deps -e . -v
-  grep -E "marstore: |error|warning: " "$OUT/build.log" | grep -v "^ *$" | tail -20
-  for so in marstore/_C*.so; do strip --strip-debug -o "$OUT/$(basename "$so")" "$so"; done
+  if step build 240 "$OUT/build.log" $PY -m pip install --no-build-isolation --no-deps -e . -v; then
+    rm "$OUT/build.log"
+  else
+    grep -E "error|warning: " "$OUT/build.log" | tail -20
+  fi
+  if [ -n "${KEEP_SO:-}" ]; then
+    for so in marstore/_C*.so; do strip --strip-debug -o "$OUT/$(basename "$so")" "$so"; done
+  fi
 fi
 $PY -m marstore doctor 2>&1 | tee -a "$SUMMARY"
 if want tests; then
-  step cuda-tests 150 "$OUT/pytest_cuda.log" $PY -m pytest -q -rfEs -p no:cacheprovider \
+  step cuda-tests 150 "$OUT/pytest.log" $PY -m pytest -q -rfEs -p no:cacheprovider \
     ${CUDA_TESTS:-tests/test_ops_cuda.py tests/test_transfer.py tests/test_extract.py}
 fi
 if want transfer; then
@@ -47,19 +55,19 @@ if want extract; then
   # UVA's size and, as UVA runs (FIELD-NOTES §3), bfloat16 autocast
   # (each way is a process of its own: 4096 rows in 3 rounds took over 150 s)
   UVA="--device cuda --embed-dim 768 --depth 12 --heads 12 --grid 16 --batch-size 8 --autocast bfloat16 --disk-mb 1024"
-  step extract-tokens 100 "$OUT/extract_gpu_tokens.txt" $PY benchmarks/bench_extract.py $UVA --rows 128 --rounds 1 \
+  step extract-tokens 100 "$OUT/extract_gpu.txt" $PY benchmarks/bench_extract.py $UVA --rows 128 --rounds 1 \
     --json "$OUT/extract_gpu_tokens.json"
-  step extract-mean 100 "$OUT/extract_gpu_mean.txt" $PY benchmarks/bench_extract.py $UVA --reduction mean \
+  step extract-mean 100 "$OUT/extract_gpu.txt" $PY benchmarks/bench_extract.py $UVA --reduction mean \
     --rows ${MEAN_ROWS:-1024} --rounds ${MEAN_ROUNDS:-1} --json "$OUT/extract_gpu_mean.json"
 fi
 if want rest; then
   # the rest of the suite, on a machine where a GPU is the default device
-  step rest-tests ${REST_LIMIT:-150} "$OUT/pytest_rest.log" $PY -m pytest -q -rfEs -n 8 -p no:cacheprovider \
+  step rest-tests ${REST_LIMIT:-150} "$OUT/pytest.log" $PY -m pytest -q -rfEs -n 8 -p no:cacheprovider \
     --ignore tests/test_ops_cuda.py --ignore tests/test_transfer.py --ignore tests/test_extract.py tests
 fi
 echo "=== summary ==="
 cat "$SUMMARY"
-for f in "$OUT"/pytest_*.log; do [ -f "$f" ] && grep -E "^(FAILED|ERROR)|passed|failed" "$f" | cut -c1-200 | tail -12; done
-for f in "$OUT"/transfer_gpu.txt "$OUT"/extract_gpu_*.txt; do
+[ -f "$OUT/pytest.log" ] && grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.log" | cut -c1-200 | tail -12
+for f in "$OUT"/transfer_gpu.txt "$OUT"/extract_gpu.txt; do
   if [ -f "$f" ]; then echo "$(basename "$f" .txt):"; grep -E "^(device|[a-z0-9_@]+ |[a-z0-9_]+: )" "$f" | cut -c1-160; fi
 done

@@ -52,12 +52,23 @@ void cast_copy_many_into(const std::vector<at::Tensor>& srcs, const at::Tensor& 
   op.call(srcs, dst, offsets, counts, mode);
 }
 
+// The statistics pass runs in the store's stats threads. On a large batch it takes
+// milliseconds, and holding the GIL through it stalled the model's thread and the HDF5
+// writer; on a small one, getting the GIL back afterwards can take longer than the pass (the
+// model's thread keeps it for up to the switch interval), so small inputs keep it. The
+// cast-copies keep it too: they take microseconds, on the model's own thread.
+constexpr int64_t kReleaseGilElems = 1 << 20;
+
 std::tuple<at::Tensor, at::Tensor> channel_moments(const at::Tensor& x, const at::Tensor& shift) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("marstore::channel_moments", "")
           .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&)>();
+  if (x.numel() >= kReleaseGilElems) {
+    py::gil_scoped_release no_gil;
+    return op.call(x, shift);
+  }
   return op.call(x, shift);
 }
 
@@ -85,11 +96,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("cast_copy_many_into", &marstore::cast_copy_many_into,
         "torch.ops.marstore.cast_copy_many_into without Python dispatch", py::arg("srcs"), py::arg("dst"),
         py::arg("offsets"), py::arg("counts"), py::arg("mode") = 0);
-  // The statistics pass takes milliseconds on a large batch and runs in the store's stats
-  // thread: holding the GIL through it stalled the model's thread and the HDF5 writer.
-  // (The cast-copies keep the GIL: they take microseconds, and getting it back after each
-  // would make the model's thread wait behind the writer's.)
   m.def("channel_moments", &marstore::channel_moments,
-        "torch.ops.marstore.channel_moments without Python dispatch", py::arg("x"), py::arg("shift"),
-        py::call_guard<py::gil_scoped_release>());
+        "torch.ops.marstore.channel_moments without Python dispatch", py::arg("x"), py::arg("shift"));
 }

@@ -23,6 +23,7 @@ import concurrent.futures
 import datetime
 import json
 import logging
+import math
 import os
 import queue
 import resource
@@ -167,6 +168,17 @@ class _Moments:
         ref = shift.numpy()
         s, ss = (v.numpy() for v in ops.channel_moments(t, shift))
         n: np.ndarray | float = float(rows.shape[0])
+        if self._shift is not None and math.isfinite(s.sum() + ss.sum()):
+            # The common case, in fewer numpy calls (a writer of small batches spends most of
+            # its time here); the same operations in the same order as below, so the same bits.
+            batch_mean = ref.astype(np.float64) + s / n
+            total = self.count + n
+            delta = batch_mean - self.mean
+            self.mean = self.mean + delta * n / total
+            self.m2 = self.m2 + np.maximum(ss - s * s / n, 0.0) + delta * delta * self.count * n / total
+            self.count = total
+            self._shift = torch.from_numpy(self.mean.astype(np.float32))
+            return 0
         nonfinite = 0
         if not (np.isfinite(s).all() and np.isfinite(ss).all()):
             bad = ~(np.isfinite(s) & np.isfinite(ss))
@@ -334,7 +346,9 @@ class StoreWriter:
         self.written = self.committed  # rows handed to HDF5, committed or not
         self._uncommitted_bytes = 0
         self._last_nbytes = 0  # the batch being written, for the error message
-        self._chunks: dict[h5py.Dataset, _ChunkBuffer] = {}  # h5py datasets hash by their HDF5 object
+        # by id(): hashing an h5py dataset asks HDF5 for its object number (a few µs, 26 times a
+        # batch); the writer keeps every dataset object it writes for the file's lifetime
+        self._chunks: dict[int, _ChunkBuffer] = {}
         # /outputs/<name>, and the batches in it (its datasets grow on disk only as their chunks are written)
         self._outputs = dict(self._file["outputs"].items()) if "outputs" in self._file else {}
         self._output_rows = self._outputs["row_start"].shape[0] if "row_start" in self._outputs else 0
@@ -613,11 +627,14 @@ class StoreWriter:
             self._last_nbytes = batch.nbytes
             start = self.written
             self._ensure_room(parts, batch, start)
-            # The statistics read the batch while HDF5 writes it (the sums and HDF5 both run
-            # outside the GIL), each stats thread a share of the layers; the writer waits for
-            # them before the next batch, so that every layer adds its batches in order.
-            stats = [self._stats.submit(self._update_stats, share, counts)
-                     for share in _shares(parts, self._stats_threads)] if self._stats is not None else None
+            # The statistics of a large batch are summed while HDF5 writes it (the sums and
+            # HDF5 both run outside the GIL), each stats thread a share of the layers; the
+            # writer waits for them before the next batch, so that every layer adds its batches
+            # in order. A small batch's are summed here after the writes: handing them to
+            # threads cost more in GIL handovers than the sums themselves.
+            shares = min(self._stats_threads, batch.nbytes // _STATS_SHARE_BYTES) if self._stats is not None else 0
+            stats = [self._stats.submit(self._update_stats, share, counts) for share in _shares(parts, shares)] \
+                if shares else None
             for name, (data, lengths) in parts.items():
                 layer = self._layers[name]
                 if not layer.spec.ragged:
@@ -728,9 +745,9 @@ class StoreWriter:
                 buf.start, buf.filled = None, 0
 
     def _buffer(self, ds: h5py.Dataset) -> _ChunkBuffer:
-        buf = self._chunks.get(ds)
+        buf = self._chunks.get(id(ds))
         if buf is None:
-            buf = self._chunks[ds] = _ChunkBuffer(ds)
+            buf = self._chunks[id(ds)] = _ChunkBuffer(ds)
         return buf
 
     def _write_chunk(self, buf: _ChunkBuffer, first: int, rows: np.ndarray) -> None:
@@ -779,6 +796,9 @@ class StoreWriter:
     def _sync(self) -> None:
         if self.fsync:
             os.fsync(self._file.id.get_vfd_handle())
+
+
+_STATS_SHARE_BYTES = 8 << 20  # the least a stats thread is given: below it, the writer sums inline
 
 
 def _stats_threads() -> int:

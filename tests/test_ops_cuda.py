@@ -40,12 +40,13 @@ def test_cuda_many_and_non_contiguous(backend, mode):
 
 @pytest.mark.parametrize("order", ["ascending", "descending"])
 def test_cuda_staged_in_pieces_is_exact_and_done_when_the_callers_stream_is(backend, order):
-    """From 4 MiB of destination a staged copy goes in pieces copied on a second stream (when
-    the regions ascend): waiting for the caller's stream alone must find every piece landed."""
-    srcs = [random_values(torch.float32, 3_000_017, 1).cuda(), random_values(torch.bfloat16, 2_500_001, 2).cuda(),
+    """From 16 MiB of destination a staged copy goes in pieces copied on a second stream (when
+    the regions ascend; 40 MiB here: 3 pieces): waiting for the caller's stream alone must find
+    every piece landed."""
+    srcs = [random_values(torch.float32, 12_000_017, 1).cuda(), random_values(torch.bfloat16, 8_000_001, 2).cuda(),
             torch.empty(0, device="cuda"), random_values(torch.float32, 777, 3).cuda()]
     offsets, total = ops.aligned_offsets(srcs, torch.float16)
-    if order == "descending":  # one DMA copy of the whole span, as below 4 MiB
+    if order == "descending":  # one DMA copy of the whole span, as below 16 MiB
         offsets, total = ops.aligned_offsets(srcs[::-1], torch.float16)
         offsets = offsets[::-1]
     side = torch.cuda.Stream()

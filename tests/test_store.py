@@ -494,6 +494,7 @@ def test_outputs_read_back_are_those_of_committed_batches(tmp_path, capsys):
 
 def test_statistics_with_several_stats_threads_are_bit_identical_to_inline(tmp_path, monkeypatch):
     monkeypatch.setattr("marstore.store._stats_threads", lambda: 3)
+    monkeypatch.setattr("marstore.store._STATS_SHARE_BYTES", 1)  # these small batches go to the threads too
     write_all(tmp_path / "threads.h5", batches=6)
     write_all(tmp_path / "inline.h5", batches=6, background=False)
     with h5py.File(tmp_path / "threads.h5", "r") as a, h5py.File(tmp_path / "inline.h5", "r") as b:
@@ -514,6 +515,7 @@ def test_shares_balance_layers_by_bytes():
 
 def test_a_failing_stats_thread_reaches_the_caller_and_keeps_committed_rows(tmp_path, monkeypatch):
     monkeypatch.setattr("marstore.store._stats_threads", lambda: 2)
+    monkeypatch.setattr("marstore.store._STATS_SHARE_BYTES", 1)
     w = StoreWriter(tmp_path / "s.h5", [LayerSpec("a", (8,)), LayerSpec("b", (8,))], commit_rows=2)
     w.append({"a": np.ones((2, 8), np.float16), "b": np.ones((2, 8), np.float16)}, index=[0, 1])
     w.flush()

@@ -123,8 +123,8 @@ def test_failed_copy_returns_the_slot():
 
 
 def big_batch(seed: int, device="cpu") -> dict[str, torch.Tensor]:
-    """6 MiB of float16 a batch: the staged copy goes in pieces on a second stream."""
-    return {**batch(seed, device), "encoder_blocks.1": random_values(torch.float32, 3 << 20, seed + 2).to(device)}
+    """18 MiB of float16 a batch: the staged copy goes in 2 pieces on a second stream."""
+    return {**batch(seed, device), "encoder_blocks.1": random_values(torch.float32, 9 << 20, seed + 2).to(device)}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
