@@ -168,19 +168,8 @@ class _Moments:
         ref = shift.numpy()
         s, ss = (v.numpy() for v in ops.channel_moments(t, shift))
         n: np.ndarray | float = float(rows.shape[0])
-        if self._shift is not None and math.isfinite(s.sum() + ss.sum()):
-            # The common case, in fewer numpy calls (a writer of small batches spends most of
-            # its time here); the same operations in the same order as below, so the same bits.
-            batch_mean = ref.astype(np.float64) + s / n
-            total = self.count + n
-            delta = batch_mean - self.mean
-            self.mean = self.mean + delta * n / total
-            self.m2 = self.m2 + np.maximum(ss - s * s / n, 0.0) + delta * delta * self.count * n / total
-            self.count = total
-            self._shift = torch.from_numpy(self.mean.astype(np.float32))
-            return 0
         nonfinite = 0
-        if not (np.isfinite(s).all() and np.isfinite(ss).all()):
+        if not math.isfinite(s.sum() + ss.sum()):  # one check for the common case: every sum finite
             bad = ~(np.isfinite(s) & np.isfinite(ss))
             cols = (t.float()[:, torch.from_numpy(bad)] - torch.from_numpy(ref[bad])).double()
             finite = torch.isfinite(cols)
@@ -193,9 +182,13 @@ class _Moments:
         batch_m2 = np.maximum(ss - s * s / safe_n, 0.0)
         total = self.count + n
         delta = batch_mean - self.mean
-        keep = n > 0
-        self.mean = np.where(keep, self.mean + delta * n / np.maximum(total, 1), self.mean)
-        self.m2 = np.where(keep, self.m2 + batch_m2 + delta * delta * self.count * n / np.maximum(total, 1), self.m2)
+        if isinstance(n, float):  # every channel got n >= 1 values: no channel to leave as it was
+            self.mean = self.mean + delta * n / total
+            self.m2 = self.m2 + batch_m2 + delta * delta * self.count * n / total
+        else:
+            keep = n > 0
+            self.mean = np.where(keep, self.mean + delta * n / np.maximum(total, 1), self.mean)
+            self.m2 = np.where(keep, self.m2 + batch_m2 + delta * delta * self.count * n / np.maximum(total, 1), self.m2)
         self.count = total
         self._shift = self._next_shift()
         return nonfinite
@@ -358,8 +351,8 @@ class StoreWriter:
         # background=False writes in append() itself: on the CPU, where the model's threads
         # already use every core, a writer thread beside them only makes them wait for it.
         self._stats = self._thread = None
+        self._stats_threads = _stats_threads() if background else 0
         if background:
-            self._stats_threads = _stats_threads()
             self._stats = concurrent.futures.ThreadPoolExecutor(self._stats_threads, thread_name_prefix="marstore-stats")
             self._thread = threading.Thread(target=self._run, name=f"marstore-writer:{os.path.basename(self.path)}", daemon=True)
             self._thread.start()
@@ -632,9 +625,8 @@ class StoreWriter:
             # writer waits for them before the next batch, so that every layer adds its batches
             # in order. A small batch's are summed here after the writes: handing them to
             # threads cost more in GIL handovers than the sums themselves.
-            shares = min(self._stats_threads, batch.nbytes // _STATS_SHARE_BYTES) if self._stats is not None else 0
-            stats = [self._stats.submit(self._update_stats, share, counts) for share in _shares(parts, shares)] \
-                if shares else None
+            shares = min(self._stats_threads, batch.nbytes // _STATS_SHARE_BYTES)
+            stats = [self._stats.submit(self._update_stats, share, counts) for share in _shares(parts, shares)]
             for name, (data, lengths) in parts.items():
                 layer = self._layers[name]
                 if not layer.spec.ragged:
@@ -651,7 +643,7 @@ class StoreWriter:
             outputs = {**batch.outputs, **batch.slot.scalars()} if batch.slot is not None else batch.outputs
             if outputs:
                 self._write_outputs(start, outputs)
-            if stats is not None:
+            if stats:
                 concurrent.futures.wait(stats)  # all, even when one failed: they hold the batch's views
                 for done in stats:
                     done.result()
@@ -810,8 +802,11 @@ def _stats_threads() -> int:
 
 
 def _shares(parts: Mapping[str, Any], n: int) -> list[dict[str, Any]]:
-    """parts split into at most n dicts of about equal bytes (largest first, each to the lightest share)."""
+    """parts split into at most n dicts of about equal bytes (largest first, each to the lightest
+    share); none for n = 0."""
     shares: list[dict[str, Any]] = [{} for _ in range(min(n, len(parts)))]
+    if not shares:
+        return shares
     loads = [0] * len(shares)
     for name, part in sorted(parts.items(), key=lambda kv: -kv[1][0].nbytes):
         i = loads.index(min(loads))

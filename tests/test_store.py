@@ -511,6 +511,7 @@ def test_shares_balance_layers_by_bytes():
     assert [sorted(s) for s in _shares(parts, 2)] == [["a", "b"], ["c", "d"]]
     assert [sorted(s) for s in _shares(parts, 8)] == [["b"], ["c"], ["d"], ["a"]]
     assert [sorted(s) for s in _shares(parts, 1)] == [["a", "b", "c", "d"]]
+    assert _shares(parts, 0) == [] and _shares({}, 4) == []
 
 
 def test_a_failing_stats_thread_reaches_the_caller_and_keeps_committed_rows(tmp_path, monkeypatch):

@@ -68,6 +68,14 @@ struct Params {
   int64_t base_block;  // the launch's first block in the numbering of first_block
 };
 
+// The Desc that owns a block (in the numbering of first_block): on the device for each block,
+// on the host for the ends of each piece.
+__host__ __device__ __forceinline__ int desc_of(const Params& p, int64_t block) {
+  int t = 0;
+  while (t + 1 < p.n && p.d[t + 1].first_block <= block) ++t;
+  return t;
+}
+
 Kind kind_of(at::ScalarType t) {
   return t == at::kFloat ? Kind::F32 : (t == at::kBFloat16 ? Kind::BF16 : Kind::F16);
 }
@@ -136,9 +144,7 @@ __device__ __forceinline__ unsigned block_sum(unsigned v, unsigned* shared) {
 
 __global__ void __launch_bounds__(kThreads) cast_copy_kernel(const __grid_constant__ Params p) {
   const int64_t block = p.base_block + blockIdx.x;
-  int t = 0;
-  while (t + 1 < p.n && p.d[t + 1].first_block <= block) ++t;
-  const Desc& desc = p.d[t];
+  const Desc& desc = p.d[desc_of(p, block)];
   const int64_t begin = (block - desc.first_block) * kBlockElems;
   const int64_t end = min(desc.numel, begin + kBlockElems);
   unsigned nonfinite = 0, overflow = 0;
@@ -281,8 +287,7 @@ void cast_copy_many_into_cuda(at::TensorList srcs, const at::Tensor& dst, at::In
     // the whole copy done.
     const auto copier = c10::cuda::getStreamFromPool(false, stream.device_index());
     const auto stretch = [&](int64_t block, bool end) {  // destination element at a block's start or end
-      int t = 0;
-      while (t + 1 < p.n && p.d[t + 1].first_block <= block) ++t;
+      const int t = desc_of(p, block);
       const int64_t begin = region[t][0] + (block - p.d[t].first_block) * kBlockElems;
       return end ? std::min(region[t][1], begin + kBlockElems) : begin;
     };
