@@ -18,6 +18,7 @@ import importlib
 import inspect
 import logging
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -247,7 +248,7 @@ def build_model(spec: str, config: Mapping[str, Any], overrides: Mapping[str, An
         if lacks or extra:
             raise CheckpointError(
                 f"--model {spec} rejects {source}: it lacks {lacks} and does not accept {extra}; "
-                "fix them with --model-arg KEY=VALUE or choose the config with --config-key"
+                f"fix them with --model-arg KEY=VALUE or choose the config with --config-key{_sections_hint(config, config_key)}"
             )
     try:
         model = builder(**kwargs)
@@ -255,10 +256,40 @@ def build_model(spec: str, config: Mapping[str, Any], overrides: Mapping[str, An
         raise CheckpointError(
             f"--model {spec} failed on {source}: it looked up {exc.args[0]!r}, which that config lacks (its keys: "
             f"{sorted(kwargs)}); give it with --model-arg KEY=VALUE or choose the config with --config-key"
+            f"{_sections_hint(config, config_key)}"
+        ) from exc
+    except TypeError as exc:
+        # A builder taking **kwargs passes them on, so only the call inside can reject a key.
+        # Other TypeErrors are bugs of the builder and keep their traceback.
+        if not _ARGUMENT_MISMATCH.search(str(exc)):
+            raise
+        raise CheckpointError(
+            f"--model {spec} rejects {source} ({exc}; its keys: {sorted(kwargs)}); fix them with "
+            f"--model-arg KEY=VALUE or choose the config with --config-key{_sections_hint(config, config_key)}"
         ) from exc
     if not isinstance(model, torch.nn.Module):
         raise CheckpointError(f"--model {spec} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+# What Python says when a call's keyword arguments do not fit the callee's signature.
+_ARGUMENT_MISMATCH = re.compile(r"unexpected keyword argument|missing \d+ required (?:positional|keyword-only) argument")
+
+
+def _sections_hint(config: Mapping[str, Any], config_key: str | None, limit: int = 8) -> str:
+    """Names the config's nested mappings, which --config-key can choose (UVA's cfg.policy.model)."""
+    paths: list[str] = []
+
+    def walk(node: Mapping[str, Any], prefix: str, depth: int) -> None:
+        for key, value in node.items():
+            if isinstance(value, Mapping) and isinstance(key, str) and len(paths) < limit:
+                path = f"{prefix}.{key}" if prefix else key
+                paths.append(path)
+                if depth > 1:
+                    walk(value, path, depth - 1)
+
+    walk(config, config_key or "", 3)
+    return f" (its sections: {', '.join(paths)})" if paths else ""
 
 
 def _best_prefix(state: Mapping[str, torch.Tensor], wanted: set[str]) -> tuple[str | None, int]:

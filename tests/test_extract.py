@@ -130,6 +130,15 @@ def test_builder_errors_list_missing_and_unknown_keys():
                                               r"checkpoint\['cfg.policy.model'\]: it looked up 'action', which that "
                                               r"config lacks \(its keys: \['shape_meta', 'task_name'\]\); give it with"):
         build_model("marstore.models:video_mar", config, config_key="cfg.policy.model")
+    # video_mar takes **kwargs and passes them on: the class's own call rejects the key.
+    with pytest.raises(CheckpointError) as info:
+        build_model("marstore.models:video_mar", {"policy": {"model": {"depth": 1, "shape_meta": {}}}}, config_key="cfg")
+    assert str(info.value) == (
+        "--model marstore.models:video_mar rejects the config from checkpoint['cfg'] (VideoActionMAR.__init__() got an "
+        "unexpected keyword argument 'policy'; its keys: ['policy']); fix them with --model-arg KEY=VALUE or choose the "
+        "config with --config-key (its sections: cfg.policy, cfg.policy.model, cfg.policy.model.shape_meta)")
+    with pytest.raises(TypeError, match="cannot be interpreted as an integer"):  # not about which keys: its own error
+        build_model("marstore.models:video_mar", {"depth": "2"})
     with pytest.raises(CheckpointError, match="cannot import 'no_such_module'"):
         build_model("no_such_module:f", {})
     with pytest.raises(CheckpointError, match="write it as MODULE:CALLABLE"):
