@@ -163,9 +163,8 @@ def _extract(args: argparse.Namespace) -> int:
     from marstore.loading import CheckpointError
     from marstore.store import StoreError
 
-    opts = _options_from(args)
     try:
-        result = ex.extract(opts)
+        result = ex.extract(_options_from(args))
     except ex.Interrupted as exc:
         print(f"marstore extract: {exc}", file=sys.stderr)
         return 130

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import inspect
 import itertools
 import json
 import logging
@@ -95,6 +96,12 @@ class ExtractOptions:
     malloc_tuning: bool = True
     command: str | None = None
 
+    def __post_init__(self) -> None:
+        for name, least in (("batch_size", 1), ("workers", 0), ("slots", 1), ("commit_rows", 1), ("num_samples", 1)):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < least):
+                raise ExtractError(f"--{name.replace('_', '-')} {value!r}: give an integer of at least {least}")
+
     def recorded(self) -> dict:
         """The options that must match for --resume (not where or how fast)."""
         d = asdict(self)
@@ -117,11 +124,25 @@ class ExtractResult:
 
 def default_forward(model: torch.nn.Module, batch: Any) -> Any:
     """A dict batch as keyword arguments, a tuple or list as positional ones, a tensor alone."""
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
+    args, kwargs = ((), dict(batch)) if isinstance(batch, Mapping) else (
+        (tuple(batch), {}) if isinstance(batch, (tuple, list)) else ((batch,), {}))
+    try:
+        return model(*args, **kwargs)
+    except TypeError as exc:
+        # Only a batch that does not fit forward's signature is the user's to fix with --forward;
+        # a TypeError from inside the forward keeps its traceback.
+        try:
+            signature = inspect.signature(model.forward)
+            signature.bind(*args, **kwargs)
+        except ValueError:  # no signature to check against
+            raise exc from None
+        except TypeError:
+            given = f"keys {sorted(kwargs)}" if kwargs else f"{len(args)} positional values"
+            raise ExtractError(
+                f"the default forward calls the model with the batch's {given}, and {type(model).__name__}.forward"
+                f"{signature} rejects them ({exc}); give --forward MODULE:CALLABLE, called as fn(model, batch), "
+                "to choose what the model gets") from exc
+        raise
 
 
 def forward_scalars(out: Any, names: Sequence[str] = (), left_out: set[str] | None = None) -> dict[str, Any]:

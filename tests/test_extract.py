@@ -539,6 +539,40 @@ def test_a_data_set_that_cannot_be_extracted_as_asked_is_refused_before_any_item
     assert not os.path.exists(tmp_path / "s.h5")
 
 
+@pytest.mark.parametrize("kw, message", [
+    ({"batch_size": 0}, "--batch-size 0: give an integer of at least 1"),
+    ({"workers": -1}, "--workers -1: give an integer of at least 0"),
+    ({"num_samples": 0}, "--num-samples 0: give an integer of at least 1"),
+    ({"commit_rows": 2.5}, "--commit-rows 2.5: give an integer of at least 1"),
+])
+def test_counts_that_cannot_be_are_refused_in_one_line(tmp_path, kw, message):
+    with pytest.raises(ExtractError) as info:
+        options(tmp_path, **kw)
+    assert str(info.value) == message
+
+
+def test_a_batch_the_model_does_not_take_asks_for_a_forward(tmp_path):
+    # The built-in data set's items hold a label that VideoActionMAR.forward does not take.
+    with pytest.raises(ExtractError, match=r"^the default forward calls the model with the batch's keys \['cond', 'imgs', "
+                                           r"'label', 'nactions'\], and VideoActionMAR.forward\(imgs, cond, .*\) rejects "
+                                           r"them \(VideoActionMAR.forward\(\) got an unexpected keyword argument 'label'\); "
+                                           r"give --forward MODULE:CALLABLE"):
+        extract(options(tmp_path, forward=None))
+    assert os.listdir(tmp_path) == []  # the store is made after the first batch
+
+
+def test_a_type_error_inside_the_forward_keeps_its_traceback(tmp_path):
+    class Broken(nn.Module):
+        def forward(self, x):
+            return x + "a"
+
+    from marstore.extract import default_forward
+    with pytest.raises(TypeError, match="unsupported operand"):
+        default_forward(Broken(), torch.zeros(2))
+    with pytest.raises(ExtractError, match=r"with the batch's 2 positional values, and Broken.forward\(x\) rejects them"):
+        default_forward(Broken(), (torch.zeros(2), torch.zeros(2)))
+
+
 def test_a_stream_shorter_than_num_samples_says_so(tmp_path, caplog):
     result = extract(options(tmp_path, dataset="helpers.streams:synthetic_stream", dataset_args={"size": 13},
                              num_samples=20))
