@@ -180,10 +180,9 @@ def _probe(args: argparse.Namespace) -> int:
     from marstore.store import StoreError
 
     fields = ProbeOptions.__dataclass_fields__
-    opts = ProbeOptions(**{k: v for k, v in vars(args).items() if k in fields and v is not None and k != "progress"},
-                        progress=not args.no_progress)
     try:
-        report = run_probes(opts)
+        report = run_probes(ProbeOptions(**{k: v for k, v in vars(args).items() if k in fields and v is not None and k != "progress"},
+                                         progress=not args.no_progress))
     except ProbeInterrupted as exc:
         print(f"marstore probe: {exc}", file=sys.stderr)
         return 130

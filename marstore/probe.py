@@ -67,6 +67,17 @@ class ProbeOptions:
     resume: bool = False
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "hidden", "patience"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ProbeError(f"--{name.replace('_', '-')} {value!r}: give an integer of at least 1")
+        if not self.lr > 0 or not self.weight_decay >= 0:
+            raise ProbeError(f"--lr {self.lr} --weight-decay {self.weight_decay}: the rate must be above 0, the decay at least 0")
+        if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
+            raise ProbeError(f"--val-fraction {self.val_fraction} --test-fraction {self.test_fraction}: each must be above 0, "
+                             "and together below 1 (the rest trains)")
+
 
 @dataclass
 class ProbeRun:

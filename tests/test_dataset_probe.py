@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from marstore.dataset import ActivationDataset, ChunkShuffleSampler, collate_padded, collate_rows
-from marstore.probe import ProbeInterrupted, ProbeOptions, run_probes
+from marstore.probe import ProbeError, ProbeInterrupted, ProbeOptions, run_probes
 from marstore.store import LayerSpec, Ragged, StoreError, StoreWriter, TargetSpec
 
 
@@ -133,6 +133,20 @@ def probe_opts(tmp_path, path, **kw):
                 batch_size=128, progress=False, patience=60)
     base.update(kw)
     return ProbeOptions(**base)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"epochs": 0}, "--epochs 0: give an integer of at least 1"),
+    ({"batch_size": -3}, "--batch-size -3: give an integer of at least 1"),
+    ({"lr": 0.0}, "--lr 0.0 --weight-decay 0.0001: the rate must be above 0, the decay at least 0"),
+    ({"val_fraction": 0.5, "test_fraction": 0.5},
+     "--val-fraction 0.5 --test-fraction 0.5: each must be above 0, and together below 1 (the rest trains)"),
+])
+def test_settings_that_would_train_nothing_are_refused(tmp_path, kw, message):
+    # --epochs 0 used to report the metrics of an untrained probe as if it had learned them.
+    with pytest.raises(ProbeError) as info:
+        probe_opts(tmp_path, "s.h5", **kw)
+    assert str(info.value) == message
 
 
 def test_planted_linear_signal_is_found_and_the_control_is_not(tmp_path):
