@@ -368,6 +368,9 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
     if opts.autocast not in (None, "bfloat16", "float16"):
         raise ExtractError(f"--autocast {opts.autocast!r}: use bfloat16 or float16")
     _check_output_names(opts.output_names)
+    if not opts.resume and os.path.exists(opts.out):  # before the checkpoint is read: that can take minutes
+        raise ExtractError(f"{opts.out} exists: pass --resume to continue it (with the options it was written with), "
+                           "or choose another --out")
 
     # checkpoint -> model
     report = loading.LoadReport()

@@ -476,6 +476,12 @@ def test_resume_refuses_other_options(tmp_path):
     extract(options(tmp_path, num_samples=16))
     with pytest.raises(ExtractError, match=r"--resume: the options differ .*batch_size \(recorded 8, now 4\)"):
         extract(options(tmp_path, num_samples=16, batch_size=4, resume=True))
+    before = open(tmp_path / "s.h5", "rb").read()
+    with pytest.raises(ExtractError) as info:
+        extract(options(tmp_path, num_samples=16, checkpoint=str(tmp_path / "never-read.pt")))
+    assert str(info.value) == (f"{tmp_path / 's.h5'} exists: pass --resume to continue it (with the options it was "
+                               "written with), or choose another --out")
+    assert open(tmp_path / "s.h5", "rb").read() == before
 
 
 def test_resume_continues_a_store_written_before_newer_options_existed(tmp_path):
