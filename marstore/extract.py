@@ -386,6 +386,8 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
     if state is not None:
         loading.load_weights(model, state, strict=opts.strict, report=report)
         del state
+    else:  # legitimate for a builder that loads its own weights; a forgotten flag otherwise
+        log.warning("no --checkpoint: the model keeps the weights %s gave it (random, unless it loads its own)", opts.model)
     model.to(device)
     model.train(opts.train_mode)
     forward = loading.import_callable(opts.forward, "--forward") if opts.forward else default_forward
@@ -773,6 +775,8 @@ def describe(result: ExtractResult) -> str:
         lines.append(f"  checkpoint {r['checkpoint']['path']} (sha256 {r['checkpoint']['sha256'][:12]}...), "
                      f"config from {r['config_key']!r}, weights from {r['state_key']!r}; loaded {r['loaded']} tensors, "
                      f"{r['missing_count']} missing, {r['unexpected_count']} unexpected, {r['shape_mismatches_count']} shape mismatches")
+    else:
+        lines.append("  checkpoint: none (the model's weights are the ones its builder gave it)")
     return "\n".join(lines)
 
 

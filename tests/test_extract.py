@@ -579,6 +579,13 @@ def test_a_type_error_inside_the_forward_keeps_its_traceback(tmp_path):
         default_forward(Broken(), (torch.zeros(2), torch.zeros(2)))
 
 
+def test_a_run_without_a_checkpoint_says_whose_weights_it_used(tmp_path, caplog):
+    result = extract(options(tmp_path, num_samples=8))
+    assert ("no --checkpoint: the model keeps the weights marstore.models:video_mar gave it (random, unless it loads "
+            "its own)") in [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert result.load_report.get("checkpoint") is None
+
+
 def test_a_stream_shorter_than_num_samples_says_so(tmp_path, caplog):
     result = extract(options(tmp_path, dataset="helpers.streams:synthetic_stream", dataset_args={"size": 13},
                              num_samples=20))
@@ -739,6 +746,7 @@ def test_the_summary_names_rates_layers_and_outputs():
         "wrote 1024 rows (1.0 MiB of activations) to a.h5 in 2.0 s (512 rows/s, 0.50 MB/s; file 1.5 MiB)",
         "  encoder_blocks.0             dense  row (64,)  nonfinite 2, overflow 1",
         "  output loss: mean 0.1531 over 32 batches, 0 non-finite",
+        "  checkpoint: none (the model's weights are the ones its builder gave it)",
     ]
     assert "(80.0 MiB of activations) to a.h5 in 2.0 s (512 rows/s, 40 MB/s;" in describe(dataclasses.replace(result, bytes=80 << 20))
 
