@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from marstore.store import STORED_DTYPES, StoreError, default_chunk_rows, open_store
+from marstore.hooks import match_modules, nearest_names
+from marstore.store import STORED_DTYPES, Store, StoreError, default_chunk_rows, open_store
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,21 @@ def _runs(sorted_rows: np.ndarray) -> list[tuple[int, int]]:
     return [(int(sorted_rows[a]), int(sorted_rows[b - 1]) + 1) for a, b in zip(starts, stops)]
 
 
+def layers_of(store: Store, patterns: Sequence[str]) -> list[str]:
+    """The store's layers that the patterns name (exact names, globs as in --layers, or re:REGEX),
+    in the order the patterns give, each pattern's in the store's order; each once."""
+    names: list[str] = []
+    for pattern in patterns:
+        found = match_modules(pattern, list(store.layers))
+        if not found:
+            raise StoreError(f"{store.path} has no layer {pattern!r}; nearest: {nearest_names(pattern, list(store.layers))}")
+        names += [n for n in found if n not in names]
+    return names
+
+
 class ActivationDataset(Dataset):
     """Rows of one or more layers and targets of a store, as float32 tensors (see module doc).
+    layers are names or patterns, as the probe's --layer takes them ("encoder_blocks.*").
 
     An item is a dict {name: tensor}, or a tuple in the order layers + targets when
     as_tuple=True. reduction ('mean', 'first', 'last') reduces the token axis of layers stored
@@ -55,16 +69,13 @@ class ActivationDataset(Dataset):
                  rows: Sequence[int] | None = None, as_tuple: bool = False, dtype: torch.dtype = torch.float32,
                  reduction: str | None = None, preload: bool = False):
         self.path = os.fspath(path)
-        self.layer_names = [layers] if isinstance(layers, str) else list(layers)
         self.target_names = list(targets)
         self.as_tuple, self.dtype = as_tuple, dtype
         if reduction not in READ_REDUCTIONS:
             raise StoreError(f"read-time reduction {reduction!r}: use one of {READ_REDUCTIONS[1:]}")
         self.reduction = reduction
         with open_store(self.path) as store:  # validate once, in the creating process
-            for name in self.layer_names:
-                if name not in store.layers:
-                    raise StoreError(f"{self.path} has no layer {name!r}; it has {sorted(store.layers)}")
+            self.layer_names = layers_of(store, [layers] if isinstance(layers, str) else list(layers))
             for name in self.target_names:
                 if name not in store.targets:
                     raise StoreError(f"{self.path} has no target {name!r}; it has {sorted(store.targets)}")

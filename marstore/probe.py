@@ -29,8 +29,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from marstore.dataset import ActivationDataset
-from marstore.hooks import match_modules
+from marstore.dataset import ActivationDataset, layers_of
 from marstore.store import open_store
 
 log = logging.getLogger(__name__)
@@ -269,22 +268,13 @@ def _control(ys: dict, seed: int) -> dict:
     return {k: v[torch.randperm(len(v), generator=g)] for k, v in ys.items()}
 
 
-def layers_matching(store: str, pattern: str) -> list[str]:
-    with open_store(store) as s:
-        recorded = [spec["name"] for spec in json.loads(s.file.attrs["layers"])]
-    found = match_modules(pattern, recorded)
-    if not found:
-        raise ProbeError(f"--layer {pattern!r} matches no layer of {store}; it has {recorded}")
-    return found
-
-
 def run_probes(opts: ProbeOptions) -> dict:
     """Trains the probes that opts asks for; writes report.json and the plots; returns the report."""
-    os.makedirs(opts.out, exist_ok=True)
-    layers = layers_matching(opts.store, opts.layer)
     with open_store(opts.store) as s:
+        layers = layers_of(s, [opts.layer])
         if opts.target not in s.targets:
             raise ProbeError(f"--target {opts.target!r} is not in {opts.store}; its targets are {sorted(s.targets)}")
+    os.makedirs(opts.out, exist_ok=True)
     rows, task = [], None
     for layer in layers:
         task, xs, ys, classes, skipped, sizes = _prepare(opts, layer)

@@ -900,8 +900,10 @@ class Store:
         self.status = str(a["status"])
         self.rows = int(a["rows"])
         self.metadata = json.loads(a["run"])
-        self.layers: dict[str, LayerInfo] = {}
-        for name, obj in file["activations"].items():
+        self.layers: dict[str, LayerInfo] = {}  # in the order the writer was given them (the model's)
+        recorded = [spec["name"] for spec in json.loads(a["layers"])]
+        for name in sorted(file["activations"], key=lambda n: recorded.index(n) if n in recorded else len(recorded)):
+            obj = file["activations"][name]
             ragged = obj.attrs.get("layout") == "ragged"
             values = obj["values"] if ragged else obj
             self.layers[name] = LayerInfo(
@@ -1001,7 +1003,7 @@ def _validate(path: str, f: h5py.File) -> None:
                          f"({FORMAT_VERSION}); upgrade marstore")
     if version < 1:
         raise StoreError(f"{path} has an invalid format version {version}")
-    for key in ("status", "rows", "run"):
+    for key in ("status", "rows", "run", "layers"):
         if key not in a:
             raise StoreError(f"{path} lacks the root attribute {key!r}; it is corrupted")
     rows = int(a["rows"])

@@ -103,8 +103,15 @@ def test_preload_ragged_and_errors(tmp_path):
     assert torch.equal(ds[17]["signal"], torch.from_numpy(x[17].astype(np.float32)))
     with pytest.raises(StoreError, match=r"preload needs 0 MiB, more than the 0 MiB allowed"):
         ActivationDataset(path, ["signal"]).preload(max_bytes=10)
-    with pytest.raises(StoreError, match=r"has no layer 'nope'; it has \['noise', 'signal'\]"):
-        ActivationDataset(path, ["nope"])
+    with pytest.raises(StoreError) as info:
+        ActivationDataset(path, ["sgnal"])
+    assert str(info.value) == f"{path} has no layer 'sgnal'; nearest: ['signal']"
+    # patterns as the probe's --layer takes them; the store's order ('signal' was written first)
+    assert ActivationDataset(path, "re:.*").layer_names == ["signal", "noise"]
+    assert ActivationDataset(path, ["noise", "*"]).layer_names == ["noise", "signal"]
+    with pytest.raises(StoreError, match=r"has no layer 'enc\*'"):
+        run_probes(probe_opts(tmp_path, path, layer="enc*"))
+    assert not (tmp_path / "probes").exists()  # refused before anything is written
     rpath = tmp_path / "r.h5"
     with StoreWriter(rpath, [LayerSpec("enc", (4,), ragged=True)]) as w:
         w.append({"enc": Ragged(np.arange(24, dtype=np.float16).reshape(6, 4), [1, 3, 2])}, index=[0, 1, 2])
