@@ -308,6 +308,23 @@ def tune_malloc() -> bool:
     )
 
 
+def _device(name: str | None) -> torch.device:
+    """--device, checked: a GPU that is not there fails here in one line, not inside the model."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ExtractError(f"--device {name!r}: give cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ExtractError(f"--device {name}: no GPU is usable here (torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ExtractError(f"--device {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+    return device
+
+
 def resume_command(opts: ExtractOptions) -> str:
     base = opts.command or "marstore extract ..."
     return base if "--resume" in base else base + " --resume"
@@ -356,7 +373,7 @@ def extract(opts: ExtractOptions, on_batch: Callable[[int], None] | None = None)
 
 def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callable[[int], None] | None) -> ExtractResult:
     torch.manual_seed(opts.seed)
-    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(opts.device)
     if device.type == "cpu" and opts.malloc_tuning:
         if tune_malloc():
             log.info("malloc: freed memory kept for reuse (%s; --no-malloc-tuning leaves it alone)",
@@ -368,9 +385,13 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
     if opts.autocast not in (None, "bfloat16", "float16"):
         raise ExtractError(f"--autocast {opts.autocast!r}: use bfloat16 or float16")
     _check_output_names(opts.output_names)
-    if not opts.resume and os.path.exists(opts.out):  # before the checkpoint is read: that can take minutes
+    # the output is checked before the checkpoint is read: that can take minutes
+    if not opts.resume and os.path.exists(opts.out):
         raise ExtractError(f"{opts.out} exists: pass --resume to continue it (with the options it was written with), "
                            "or choose another --out")
+    folder = os.path.dirname(os.path.abspath(opts.out))
+    if not os.path.isdir(folder):
+        raise ExtractError(f"--out {opts.out}: the folder {folder} does not exist; create it or choose another --out")
 
     # checkpoint -> model
     report = loading.LoadReport()

@@ -557,6 +557,24 @@ def test_counts_that_cannot_be_are_refused_in_one_line(tmp_path, kw, message):
     assert str(info.value) == message
 
 
+def test_a_device_or_folder_that_is_not_there_is_refused_before_the_checkpoint_is_read(tmp_path):
+    never_read = str(tmp_path / "never-read.pt")
+    cases = [({"device": "gpu"}, "--device 'gpu': give cpu, cuda or cuda:N"),
+             ({"out": str(tmp_path / "no" / "s.h5")},
+              f"--out {tmp_path / 'no' / 's.h5'}: the folder {tmp_path / 'no'} does not exist; create it or choose another --out")]
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        cases.append(({"device": f"cuda:{count}"}, f"--device cuda:{count}: this machine has {count} GPU(s), cuda:0 to "
+                                                   f"cuda:{count - 1}"))
+    else:
+        cases.append(({"device": "cuda"}, f"--device cuda: no GPU is usable here (torch {torch.__version__}); use --device cpu"))
+    for kw, message in cases:
+        with pytest.raises(ExtractError) as info:
+            extract(options(tmp_path, checkpoint=never_read, **kw))
+        assert str(info.value) == message
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_batch_the_model_does_not_take_asks_for_a_forward(tmp_path):
     # The built-in data set's items hold a label that VideoActionMAR.forward does not take.
     with pytest.raises(ExtractError, match=r"^the default forward calls the model with the batch's keys \['cond', 'imgs', "
