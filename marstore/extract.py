@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
 
 from marstore import hooks, loading, scaleout
-from marstore.store import LayerSpec, Store, StoreError, StoreWriter, TargetSpec, open_store, room_left
+from marstore.store import LayerSpec, Store, StoreError, StoreWriter, TargetSpec, check_not_being_written, open_store, room_left
 from marstore.transfer import SlotTooSmall, TransferRing
 
 log = logging.getLogger(__name__)
@@ -389,6 +389,8 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
     if not opts.resume and os.path.exists(opts.out):
         raise ExtractError(f"{opts.out} exists: pass --resume to continue it (with the options it was written with), "
                            "or choose another --out")
+    if opts.resume and os.path.exists(opts.out):
+        check_not_being_written(opts.out)
     folder = os.path.dirname(os.path.abspath(opts.out))
     if not os.path.isdir(folder):
         raise ExtractError(f"--out {opts.out}: the folder {folder} does not exist; create it or choose another --out")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime
+import fcntl
 import json
 import logging
 import math
@@ -324,12 +325,15 @@ class StoreWriter:
         self.expected_rows = expected_rows
         if len({s.name for s in self.layers_spec}) != len(self.layers_spec):
             raise StoreError("layer names must be unique")
-        if resume and os.path.exists(self.path):
-            self._file = self._open_for_resume(metadata)
-        else:
-            if os.path.exists(self.path):
-                raise StoreError(f"{self.path} exists; pass resume=True to continue it, or choose another path")
-            self._file = self._create(metadata or {})
+        resuming = resume and os.path.exists(self.path)
+        if not resuming and os.path.exists(self.path):
+            raise StoreError(f"{self.path} exists; pass resume=True to continue it, or choose another path")
+        self._lock = _WriterLock(self.path, create=not resuming)
+        try:
+            self._file = self._open_for_resume(metadata) if resuming else self._create(metadata or {})
+        except BaseException:
+            self._lock.release()
+            raise
         self._layers = {s.name: _Layer(s, self._file["activations"][s.name]) for s in self.layers_spec}
         self._targets = {s.name: self._file["targets"][s.name] for s in self.targets_spec}
         self._index = self._file["index"]
@@ -359,7 +363,7 @@ class StoreWriter:
 
     # ---- creating and reopening -------------------------------------------------------
     def _create(self, metadata: Mapping[str, Any]) -> h5py.File:
-        f = h5py.File(self.path, "w", libver="earliest", locking=False)
+        f = h5py.File(self.path, "w", libver="earliest", locking=False)  # the file _WriterLock made
         f.attrs.update(
             {
                 "format": FORMAT,
@@ -596,6 +600,7 @@ class StoreWriter:
         except Exception as exc:  # noqa: BLE001 - the error that matters is already kept
             log.warning("store %s: close after the writer stopped: %s", self.path, exc)
         self._file = None
+        self._lock.release()
 
     def _drain(self) -> None:
         """After a failure, empties the queue so that no producer stays blocked."""
@@ -888,6 +893,51 @@ class LayerInfo:
     chunks: tuple[int, ...]
     compression: str | None
     attrs: dict = field(default_factory=dict)
+
+
+class _WriterLock:
+    """An exclusive flock on the store while a writer has it open, so that a second writer (an
+    extraction resumed while the first still runs) is refused instead of interleaving its rows
+    with the first's. Readers (HDF5 locking off) read on; the lock goes with a killed process.
+    HDF5's own lock cannot serve: a reader in the writer's process must open the file with the
+    writer's locking flags, and marstore's readers open theirs with locking off."""
+
+    def __init__(self, path: str, create: bool):
+        try:  # creating: O_EXCL reserves the name, so another process's new store is never truncated
+            self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL if create else os.O_RDONLY, 0o644)
+        except FileExistsError:
+            raise StoreError(f"{path} was created by another process just now; choose another path") from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.release()
+            raise StoreError(_BEING_WRITTEN.format(path)) from None
+        except OSError as exc:  # a filesystem without locks (some network ones)
+            log.warning("store %s: this filesystem gives no file locks (%s); a second writer would not be refused",
+                        path, exc)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+_BEING_WRITTEN = ("{} is being written by another process (it holds the file's lock); let that extraction finish, "
+                  "or stop it and resume")
+
+
+def check_not_being_written(path: str | os.PathLike) -> None:
+    """Refuses a store whose writer still runs (see _WriterLock), before a resume spends minutes
+    loading a model: a shared lock, taken and dropped at once, fails while a writer holds its own."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise StoreError(_BEING_WRITTEN.format(os.fspath(path))) from None
+    except OSError:  # no locks on this filesystem: nothing to ask
+        pass
+    finally:
+        os.close(fd)
 
 
 class Store:

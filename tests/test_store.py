@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from helpers.store_worker import BATCH_ROWS, COMMIT_ROWS, LAYERS, TARGETS, make_batch
-from marstore.store import LayerSpec, Ragged, _Moments, StoreError, StoreWriteError, StoreWriter, TargetSpec, open_store
+from marstore.store import LayerSpec, Ragged, _Moments, StoreError, check_not_being_written, StoreWriteError, StoreWriter, TargetSpec, open_store
 
 TESTS = os.path.dirname(__file__)
 
@@ -341,6 +341,29 @@ def test_reader_sees_committed_rows_while_writer_runs(tmp_path):
         assert (s.status, s.rows) == ("complete", 30 * BATCH_ROWS)
 
 
+def test_a_second_writer_is_refused_while_the_first_runs(tmp_path):
+    """An extraction resumed while the first still runs used to interleave its rows with the
+    first's and mark the store complete; HDF5's file lock now refuses the second."""
+    from helpers.store_worker import METADATA
+
+    path = tmp_path / "busy.h5"
+    p = worker(path, "--batches", "30", "--sleep", "0.05")
+    assert p.stdout.readline().startswith("ready")
+    with pytest.raises(StoreError) as info:
+        StoreWriter(path, LAYERS, TARGETS, METADATA, commit_rows=COMMIT_ROWS, resume=True)
+    assert str(info.value) == (f"{path} is being written by another process (it holds the file's lock); let that "
+                               "extraction finish, or stop it and resume")
+    with pytest.raises(StoreError, match="is being written by another process"):
+        check_not_being_written(path)  # what `extract --resume` asks before it loads the model
+    with open_store(path) as s:  # readers read on
+        assert s.status == "incomplete"
+    assert p.wait(timeout=60) == 0, p.stderr.read()
+    assert_store_holds(path, 30 * BATCH_ROWS)
+    check_not_being_written(path)
+    with StoreWriter(path, LAYERS, TARGETS, METADATA, commit_rows=COMMIT_ROWS, resume=True) as w:  # free again
+        assert w.committed == 30 * BATCH_ROWS
+
+
 def test_file_size_limit_stops_the_writer_with_a_clear_message(tmp_path):
     path = tmp_path / "full.h5"
     p = worker(path, "--batches", "400", "--fsize-limit", str(6_000_000))
@@ -402,6 +425,17 @@ def test_info_describes_a_store(tmp_path, capsys):
     assert main(["info", str(path)]) == 0
     text = capsys.readouterr().out
     assert "64 committed rows" in text and "encoder_blocks.1" in text and "nonfinite 1" in text
+
+
+def test_info_into_a_closed_pipe_stops_quietly(tmp_path):
+    """`marstore info s.h5 | head -1`: the reader leaves early; no traceback, status 141."""
+    path = tmp_path / "s.h5"
+    write_all(path, batches=2)
+    p = subprocess.Popen([sys.executable, "-m", "marstore", "info", str(path)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()  # before the child writes a byte
+    assert p.wait(timeout=60) == 141
+    assert p.stderr.read() == b""
 
 
 def test_info_on_a_bad_file_is_one_line(tmp_path, capsys):
