@@ -231,8 +231,8 @@ class _Trainer:
         return _metrics(self.task, pred, self.y[split], self.classes)
 
 
-def _prepare(opts: ProbeOptions, layer: str) -> tuple[str, dict, dict, int, int, dict]:
-    ds = ActivationDataset(opts.store, [layer], [opts.target], reduction="mean")
+def _prepare(opts: ProbeOptions, layer: str, rows: int) -> tuple[str, dict, dict, int, int, dict]:
+    ds = ActivationDataset(opts.store, [layer], [opts.target], rows=range(rows), reduction="mean")
     test_frac, val_frac = opts.test_fraction, opts.val_fraction
     splits = ds.split((1 - val_frac - test_frac, val_frac, test_frac), seed=opts.seed, group=opts.group)
     xs, ys = {}, {}
@@ -274,10 +274,15 @@ def run_probes(opts: ProbeOptions) -> dict:
         layers = layers_of(s, [opts.layer])
         if opts.target not in s.targets:
             raise ProbeError(f"--target {opts.target!r} is not in {opts.store}; its targets are {sorted(s.targets)}")
+        # every layer's probe sees the same rows, also while an extraction still adds some
+        source = {"path": os.path.abspath(opts.store), "status": s.status, "rows": s.rows}
+    if source["status"] != "complete":
+        log.warning("%s is incomplete (an extraction was interrupted or still runs): the probes see its %d committed "
+                    "rows only", opts.store, source["rows"])
     os.makedirs(opts.out, exist_ok=True)
     rows, task = [], None
     for layer in layers:
-        task, xs, ys, classes, skipped, sizes = _prepare(opts, layer)
+        task, xs, ys, classes, skipped, sizes = _prepare(opts, layer, source["rows"])
         entry: dict[str, Any] = {"layer": layer, "task": task, "split_rows": sizes, "skipped_rows": skipped}
         for control in ([False, True] if opts.control else [False]):
             label = f"{layer}{' (control)' if control else ''}"
@@ -295,8 +300,8 @@ def run_probes(opts: ProbeOptions) -> dict:
         if opts.control:
             entry["selectivity"] = entry["probe"]["test"][head] - entry["control"]["test"][head]
         rows.append(entry)
-    report = {"store": os.path.abspath(opts.store), "target": opts.target, "task": task, "metric": _headline(task),
-              "options": asdict(opts), "layers": rows}
+    report = {"store": source["path"], "store_status": source["status"], "rows": source["rows"], "target": opts.target,
+              "task": task, "metric": _headline(task), "options": asdict(opts), "layers": rows}
     report["plots"] = _plots(report, opts.out)
     with open(os.path.join(opts.out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)

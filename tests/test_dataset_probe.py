@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from marstore.dataset import ActivationDataset, ChunkShuffleSampler, collate_padded, collate_rows
 from marstore.probe import ProbeError, ProbeInterrupted, ProbeOptions, run_probes
-from marstore.store import LayerSpec, Ragged, StoreError, StoreWriter, TargetSpec
+from marstore.store import LayerSpec, Ragged, StoreError, StoreWriter, TargetSpec, open_store
 
 
 def planted_store(path, n=2000, d=16, nan_rows=(), seed=0):
@@ -172,6 +172,37 @@ def test_planted_linear_signal_is_found_and_the_control_is_not(tmp_path):
     assert saved["metric"] == "r2" and [r["layer"] for r in saved["layers"]] == ["signal", "noise"]
     weights = torch.load(by["signal"]["probe"]["weights"], weights_only=True)
     assert set(weights) == {"weight", "bias"} and weights["weight"].shape == (3, 16)
+
+
+def test_a_store_still_written_is_probed_on_the_rows_committed_at_the_start(tmp_path, monkeypatch, caplog):
+    """Every layer's probe sees the same rows, though the writer commits more between layers,
+    and the report and the log say that the store was incomplete."""
+    import marstore.probe as probe
+
+    path = tmp_path / "s.h5"
+    rng = np.random.default_rng(0)
+    batch = lambda n: ({"a": rng.standard_normal((n, 4)).astype(np.float16), "b": rng.standard_normal((n, 4)).astype(np.float16)},
+                       {"y": rng.standard_normal((n, 1)).astype(np.float32)})
+    writer = StoreWriter(path, [LayerSpec("a", (4,)), LayerSpec("b", (4,))], [TargetSpec("y", (1,), "float32")], commit_rows=50)
+    acts, targets = batch(300)
+    writer.append(acts, targets=targets, index=np.arange(300))
+    writer.flush()
+    fit = probe._Trainer.fit
+
+    def fit_then_write_more(self, label):
+        fit(self, label)
+        acts, targets = batch(100)
+        writer.append(acts, targets=targets, index=np.arange(100))
+        writer.flush()
+
+    monkeypatch.setattr(probe._Trainer, "fit", fit_then_write_more)
+    report = run_probes(probe_opts(tmp_path, path, layer="*", epochs=2))
+    writer.close()
+    assert (report["store_status"], report["rows"]) == ("incomplete", 300)
+    assert [sum(r["split_rows"].values()) for r in report["layers"]] == [300, 300]
+    assert f"{path} is incomplete (an extraction was interrupted or still runs): the probes see its 300 committed rows only" \
+        in caplog.text
+    assert open_store(path).rows == 700
 
 
 def test_classification_probe(tmp_path):
