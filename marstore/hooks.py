@@ -102,7 +102,11 @@ def nearest_names(pattern: str, names: Sequence[str], n: int = 5) -> list[str]:
 
 def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | list[int] = "none") -> list[LayerSelection]:
     """Resolves patterns against model.named_modules(); fails before any data is read."""
-    names = [n for n, _ in model.named_modules()]
+    modules = dict(model.named_modules())
+    names = list(modules)
+    # containers without a forward of their own (ModuleList, ModuleDict) are never called, so
+    # their hooks would never fire
+    never_called = {n for n, m in modules.items() if type(m).forward is nn.Module.forward}
     selected: dict[str, LayerSelection] = {}
     for pattern in patterns:
         body, capture, element = _split_pattern(pattern)
@@ -110,6 +114,14 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
         found = [n for n in found if n]  # the root module is never a layer
         if not found:
             raise HookError(f"layer pattern {pattern!r} matches no module; nearest names: {nearest_names(body, names)}")
+        containers = [n for n in found if n in never_called]
+        if containers and len(containers) == len(found):
+            raise HookError(f"layer pattern {pattern!r} selects {', '.join(containers)}: a {type(modules[containers[0]]).__name__}, "
+                            f"which is never called itself; select its modules, e.g. {containers[0] + '.*'!r}")
+        if containers:
+            log.info("layer pattern %r: left out %d containers that are never called: %s", pattern, len(containers),
+                     ", ".join(containers))
+            found = [n for n in found if n not in never_called]
         for name in found:
             sel = LayerSelection(name, capture, element, reduction)
             selected.setdefault(sel.store_name, sel)

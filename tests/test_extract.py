@@ -227,6 +227,18 @@ def test_unknown_layer_suggests_nearest_names():
     assert "layer pattern 'encoder_block.3' matches no module; nearest names: ['encoder_blocks.1'" in str(info.value)
 
 
+def test_containers_that_are_never_called_are_refused_or_left_out(caplog):
+    model = video_mar(**CONFIG)
+    with pytest.raises(hooks.HookError) as info:
+        hooks.parse_layers(["encoder_blocks"], model)
+    assert str(info.value) == ("layer pattern 'encoder_blocks' selects encoder_blocks: a ModuleList, which is never "
+                               "called itself; select its modules, e.g. 'encoder_blocks.*'")
+    caplog.set_level("INFO", logger="marstore.hooks")
+    chosen = hooks.parse_layers([r"re:(en|de)coder_blocks(\.\d+)?"], model)
+    assert [s.name for s in chosen] == ["encoder_blocks.0", "encoder_blocks.1", "decoder_blocks.0", "decoder_blocks.1"]
+    assert "left out 2 containers that are never called: encoder_blocks, decoder_blocks" in caplog.text
+
+
 def test_multi_fire_policies_and_modules_that_do_not_fire():
     torch.manual_seed(0)
     model, x = Toy(), torch.randn(3, 4)
