@@ -124,8 +124,12 @@ class ExtractResult:
 
 def default_forward(model: torch.nn.Module, batch: Any) -> Any:
     """A dict batch as keyword arguments, a tuple or list as positional ones, a tensor alone."""
-    args, kwargs = ((), dict(batch)) if isinstance(batch, Mapping) else (
-        (tuple(batch), {}) if isinstance(batch, (tuple, list)) else ((batch,), {}))
+    if isinstance(batch, Mapping):
+        args, kwargs = (), dict(batch)
+    elif isinstance(batch, (tuple, list)):
+        args, kwargs = tuple(batch), {}
+    else:
+        args, kwargs = (batch,), {}
     try:
         return model(*args, **kwargs)
     except TypeError as exc:
@@ -386,10 +390,10 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         raise ExtractError(f"--autocast {opts.autocast!r}: use bfloat16 or float16")
     _check_output_names(opts.output_names)
     # the output is checked before the checkpoint is read: that can take minutes
-    if not opts.resume and os.path.exists(opts.out):
-        raise ExtractError(f"{opts.out} exists: pass --resume to continue it (with the options it was written with), "
-                           "or choose another --out")
-    if opts.resume and os.path.exists(opts.out):
+    if os.path.exists(opts.out):
+        if not opts.resume:
+            raise ExtractError(f"{opts.out} exists: pass --resume to continue it (with the options it was written with), "
+                               "or choose another --out")
         check_not_being_written(opts.out)
     folder = os.path.dirname(os.path.abspath(opts.out))
     if not os.path.isdir(folder):

@@ -259,8 +259,8 @@ def build_model(spec: str, config: Mapping[str, Any], overrides: Mapping[str, An
             f"{_sections_hint(config, config_key)}"
         ) from exc
     except TypeError as exc:
-        # A builder taking **kwargs passes them on, so only the call inside can reject a key.
-        # Other TypeErrors are bugs of the builder and keep their traceback.
+        # A builder taking **kwargs passes them on, so only the call inside can reject a key;
+        # other TypeErrors keep their traceback.
         if not _ARGUMENT_MISMATCH.search(str(exc)):
             raise
         raise CheckpointError(

@@ -904,7 +904,7 @@ class _WriterLock:
 
     def __init__(self, path: str, create: bool):
         try:  # creating: O_EXCL reserves the name, so another process's new store is never truncated
-            self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL if create else os.O_RDONLY, 0o644)
+            self._fd: int | None = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o644)
         except FileExistsError:
             raise StoreError(f"{path} was created by another process just now; choose another path") from None
         try:
@@ -951,8 +951,8 @@ class Store:
         self.rows = int(a["rows"])
         self.metadata = json.loads(a["run"])
         self.layers: dict[str, LayerInfo] = {}  # in the order the writer was given them (the model's)
-        recorded = [spec["name"] for spec in json.loads(a["layers"])]
-        for name in sorted(file["activations"], key=lambda n: recorded.index(n) if n in recorded else len(recorded)):
+        order = {spec["name"]: i for i, spec in enumerate(json.loads(a["layers"]))}
+        for name in sorted(file["activations"], key=lambda n: order.get(n, len(order))):
             obj = file["activations"][name]
             ragged = obj.attrs.get("layout") == "ragged"
             values = obj["values"] if ragged else obj
