@@ -342,6 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        # Ctrl-C where no loop of marstore's handles it (while a checkpoint loads, say): one
+        # line, not a traceback
+        print(f"marstore {args.command}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # the reader of stdout left (`marstore info s.h5 | head`): stop quietly, as other tools do;
         # stdout goes to devnull so that the interpreter's final flush does not raise again

@@ -438,6 +438,17 @@ def test_info_into_a_closed_pipe_stops_quietly(tmp_path):
     assert p.stderr.read() == b""
 
 
+def test_ctrl_c_outside_marstores_loops_is_one_line(monkeypatch, capsys):
+    from marstore import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_info", interrupted)
+    assert cli.main(["info", "any.h5"]) == 130
+    assert capsys.readouterr().err == "marstore info: interrupted\n"
+
+
 def test_info_on_a_bad_file_is_one_line(tmp_path, capsys):
     from marstore.cli import main
 
