@@ -686,9 +686,10 @@ def _open_writer(opts, selections, pending, metadata, start_row: int) -> StoreWr
     targets = []
     for name in opts.targets:
         value = pending[0][2][name]
-        dtype = value.dtype if value.dtype.kind in "biuf" else None
-        if dtype is None:
-            raise ExtractError(f"--targets {name!r}: a {value.dtype} value is not numeric")
+        if value.dtype.kind not in "biuf":
+            kind = "text" if value.dtype.kind in "USO" else f"{value.dtype} values"
+            raise ExtractError(f"--targets {name!r} holds {kind}; targets are numbers (booleans, integers, floats): "
+                               "map it to integer codes in the data set (a task or episode id, say)")
         targets.append(TargetSpec(name, tuple(value.shape[1:]), str(value.dtype)))
     _check_room(opts, specs, targets, pending, metadata["rows_planned"] - start_row, metadata["world_size"])
     # On --resume the options were compared already (_check_resume); the store keeps the run

@@ -616,6 +616,14 @@ def test_a_run_without_a_checkpoint_says_whose_weights_it_used(tmp_path, caplog)
     assert result.load_report.get("checkpoint") is None
 
 
+def test_a_text_target_is_refused_before_the_store_is_made(tmp_path):
+    with pytest.raises(ExtractError) as info:
+        extract(options(tmp_path, dataset="helpers.streams:named_samples", targets=["label", "task"]))
+    assert str(info.value) == ("--targets 'task' holds text; targets are numbers (booleans, integers, floats): map it to "
+                               "integer codes in the data set (a task or episode id, say)")
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_stream_shorter_than_num_samples_says_so(tmp_path, caplog):
     result = extract(options(tmp_path, dataset="helpers.streams:synthetic_stream", dataset_args={"size": 13},
                              num_samples=20))

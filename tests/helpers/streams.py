@@ -1,4 +1,4 @@
-"""Data sets with no length, for the extraction tests: the built-in synthetic samples as streams."""
+"""Data sets for the extraction tests: the built-in synthetic samples as streams, and with a text field."""
 
 import torch
 
@@ -33,3 +33,20 @@ def plain_iterable(size: int = 40) -> PlainIterable:
 
 def not_a_dataset() -> int:
     return 42
+
+
+class NamedSamples(torch.utils.data.Dataset):
+    """The built-in samples with a text field beside them (a task name, say)."""
+
+    def __init__(self, size: int):
+        self.samples = synthetic_video_actions(size=size)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.samples[i], "task": f"task{i % 3}"}
+
+
+def named_samples(size: int = 40) -> NamedSamples:
+    return NamedSamples(size)
