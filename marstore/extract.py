@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from marstore import hooks, loading, scaleout
 from marstore.store import LayerSpec, Store, StoreError, StoreWriter, TargetSpec, check_not_being_written, open_store, room_left
-from marstore.transfer import SlotTooSmall, TransferRing
+from marstore.transfer import SlotTooSmall, TransferRing, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -312,23 +312,6 @@ def tune_malloc() -> bool:
     )
 
 
-def _device(name: str | None) -> torch.device:
-    """--device, checked: a GPU that is not there fails here in one line, not inside the model."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ExtractError(f"--device {name!r}: give cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ExtractError(f"--device {name}: no GPU is usable here (torch {torch.__version__}); use --device cpu")
-        if device.index is not None and device.index >= count:
-            raise ExtractError(f"--device {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
-    return device
-
-
 def resume_command(opts: ExtractOptions) -> str:
     base = opts.command or "marstore extract ..."
     return base if "--resume" in base else base + " --resume"
@@ -377,7 +360,10 @@ def extract(opts: ExtractOptions, on_batch: Callable[[int], None] | None = None)
 
 def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callable[[int], None] | None) -> ExtractResult:
     torch.manual_seed(opts.seed)
-    device = _device(opts.device)
+    try:
+        device = resolve_device(opts.device)
+    except ValueError as exc:
+        raise ExtractError(str(exc)) from None
     if device.type == "cpu" and opts.malloc_tuning:
         if tune_malloc():
             log.info("malloc: freed memory kept for reuse (%s; --no-malloc-tuning leaves it alone)",

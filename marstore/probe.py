@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from marstore.dataset import ActivationDataset, layers_of
 from marstore.store import open_store
+from marstore.transfer import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,10 @@ class ProbeOptions:
         if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
             raise ProbeError(f"--val-fraction {self.val_fraction} --test-fraction {self.test_fraction}: each must be above 0, "
                              "and together below 1 (the rest trains)")
+        try:
+            resolve_device(self.device)
+        except ValueError as exc:
+            raise ProbeError(str(exc)) from None
 
 
 @dataclass

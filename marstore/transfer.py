@@ -31,6 +31,24 @@ log = logging.getLogger(__name__)
 _ALIGN = 64  # bytes; every region starts on a cache line
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """A --device value, checked: a GPU that is not there fails here, in one line (ValueError),
+    not inside the model. None: the GPU where there is one."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: give cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name}: no GPU is usable here (torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+    return device
+
+
 class SlotTooSmall(ValueError):
     """A batch needs more bytes than a slot holds; call TransferRing.reserve() first."""
 

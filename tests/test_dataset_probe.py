@@ -148,6 +148,7 @@ def probe_opts(tmp_path, path, **kw):
     ({"lr": 0.0}, "--lr 0.0 --weight-decay 0.0001: the rate must be above 0, the decay at least 0"),
     ({"val_fraction": 0.5, "test_fraction": 0.5},
      "--val-fraction 0.5 --test-fraction 0.5: each must be above 0, and together below 1 (the rest trains)"),
+    ({"device": "gpu"}, "--device 'gpu': give cpu, cuda or cuda:N"),
 ])
 def test_settings_that_would_train_nothing_are_refused(tmp_path, kw, message):
     # --epochs 0 used to report the metrics of an untrained probe as if it had learned them.
