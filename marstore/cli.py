@@ -210,8 +210,6 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import os
-
     import torch
 
     from marstore.models import save_checkpoint, video_mar
@@ -224,6 +222,7 @@ def _demo(args: argparse.Namespace) -> int:
     save_checkpoint(video_mar(**config), config, checkpoint, "workspace")
     store = os.path.join(args.out, "activations.h5")
     if os.path.exists(store):
+        print(f"replacing {store}, the store of an earlier demo run", flush=True)
         os.remove(store)
     argv = ["extract", "--checkpoint", checkpoint, "--config-key", "cfg.policy.model",
             "--model", "marstore.models:video_mar", "--dataset", "marstore.models:synthetic_video_actions",
