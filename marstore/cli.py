@@ -42,7 +42,6 @@ def _doctor(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     import json
-    import os
 
     from marstore.extract import describe_output, summarize_outputs
     from marstore.store import StoreError, open_store
