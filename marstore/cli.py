@@ -190,7 +190,7 @@ def _probe(args: argparse.Namespace) -> int:
         print(f"marstore probe: {exc}", file=sys.stderr)
         return 2
     print(table(report))
-    print(f"report: {report['report']}")
+    print(f"report: {report['report']}, {report['markdown']}")
     print(f"plots: {report['plots']['depth']}, {report['plots']['loss_curves']}")
     return 0
 

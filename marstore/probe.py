@@ -9,7 +9,8 @@ metric minus the control's. Rows whose features or targets are not finite are sk
 counted; a step whose loss or gradient is not finite is skipped and counted; gradient norms far
 above their running median are reported. The best validation weights are saved (a state dict
 that loads with weights_only=True); Ctrl-C saves a resumable state at the last finished epoch.
-Outputs: report.json, depth.png (metric and control against depth), loss_curves.png, and a table.
+Outputs: report.json, report.md (the table and the plots), depth.png (metric and control against depth),
+loss_curves.png, and a table.
 """
 
 from __future__ import annotations
@@ -311,6 +312,7 @@ def run_probes(opts: ProbeOptions) -> dict:
     with open(os.path.join(opts.out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     report["report"] = os.path.join(opts.out, "report.json")
+    report["markdown"] = _markdown(report, opts.out)
     return report
 
 
@@ -351,14 +353,48 @@ def _plots(report: dict, out: str) -> dict:
     return {"depth": depth, "loss_curves": curves}
 
 
-def table(report: dict) -> str:
+def _table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
+    """The by-layer table's header and cells, for the terminal and for report.md."""
     metric = report["metric"]
-    lines = [f"{'layer':<28} {metric:>9} {'control':>9} {'select.':>8} {'skipped rows':>13} {'skipped steps':>14}"]
+    header = ["layer", metric, "control", "select.", "skipped rows", "skipped steps"]
+    cells = []
     for r in report["layers"]:
         ctrl = r.get("control", {}).get("test", {}).get(metric)
         sel = r.get("selectivity")
-        lines.append(f"{r['layer']:<28} {r['probe']['test'][metric]:9.3f} "
-                     f"{'' if ctrl is None else f'{ctrl:9.3f}':>9} {'' if sel is None else f'{sel:8.3f}':>8} "
-                     f"{r['skipped_rows']:13d} {r['probe']['skipped_steps']:14d}")
-    return "\n".join(lines)
+        cells.append([r["layer"], f"{r['probe']['test'][metric]:.3f}", "" if ctrl is None else f"{ctrl:.3f}",
+                      "" if sel is None else f"{sel:.3f}", str(r["skipped_rows"]), str(r["probe"]["skipped_steps"])])
+    return header, cells
+
+
+def table(report: dict) -> str:
+    header, cells = _table_rows(report)
+    widths = (9, 9, 8, 13, 14)
+    return "\n".join(" ".join([f"{row[0]:<28}", *(f"{c:>{w}}" for c, w in zip(row[1:], widths))]) for row in [header, *cells])
+
+
+def _markdown(report: dict, out: str) -> str:
+    """report.md: the table and the plots, for a notebook, a pull request or a browser."""
+    header, cells = _table_rows(report)
+    o = report["options"]
+    lines = [
+        f"# What each layer knows about `{report['target']}`",
+        "",
+        f"Store `{report['store']}` ({report['store_status']}, {report['rows']} rows). {o['kind'].capitalize()} probes "
+        f"for {report['task']}; the metric is the test {report['metric']}. " + (
+            "The control is the same probe trained on the targets shuffled across rows; selectivity is the probe's "
+            "metric less the control's." if o["control"] else "No control task was trained."),
+        "",
+        "| " + " | ".join(header) + " |",
+        "| --- |" + " ---: |" * (len(header) - 1),
+        *("| " + " | ".join(row) + " |" for row in cells),
+        "",
+        f"![test {report['metric']} of each layer's probe and its control]({os.path.basename(report['plots']['depth'])})",
+        "",
+        f"![training and validation loss of each probe]({os.path.basename(report['plots']['loss_curves'])})",
+        "",
+    ]
+    path = os.path.join(out, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
 

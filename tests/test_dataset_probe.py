@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from marstore.dataset import ActivationDataset, ChunkShuffleSampler, collate_padded, collate_rows
-from marstore.probe import ProbeError, ProbeInterrupted, ProbeOptions, run_probes
+from marstore.probe import ProbeError, ProbeInterrupted, ProbeOptions, run_probes, table
 from marstore.store import LayerSpec, Ragged, StoreError, StoreWriter, TargetSpec, open_store
 
 
@@ -171,6 +171,18 @@ def test_planted_linear_signal_is_found_and_the_control_is_not(tmp_path):
         assert os.path.getsize(report["plots"][name]) > 5000
     saved = json.load(open(report["report"]))
     assert saved["metric"] == "r2" and [r["layer"] for r in saved["layers"]] == ["signal", "noise"]
+    markdown = open(report["markdown"]).read().splitlines()
+    assert markdown[0] == "# What each layer knows about `y`"
+    assert markdown[4:6] == ["| layer | r2 | control | select. | skipped rows | skipped steps |",
+                             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    s = by["signal"]
+    assert markdown[6] == (f"| signal | {s['probe']['test']['r2']:.3f} | {s['control']['test']['r2']:.3f} | "
+                           f"{s['selectivity']:.3f} | 0 | 0 |")
+    assert "![test r2 of each layer's probe and its control](depth.png)" in markdown
+    assert table(report).splitlines()[:2] == [
+        f"{'layer':<28} {'r2':>9} {'control':>9} {'select.':>8} {'skipped rows':>13} {'skipped steps':>14}",
+        f"{'signal':<28} {s['probe']['test']['r2']:9.3f} {s['control']['test']['r2']:9.3f} {s['selectivity']:8.3f} "
+        f"{0:13d} {0:14d}"]
     weights = torch.load(by["signal"]["probe"]["weights"], weights_only=True)
     assert set(weights) == {"weight", "bias"} and weights["weight"].shape == (3, 16)
 
