@@ -506,10 +506,13 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         progress.close()
         rows = _close_after_error(writer)
         raise Interrupted(rows, resume_command(opts)) from None
-    except BaseException:
+    except BaseException as exc:
         interrupt.committing = True
         progress.close()
-        _close_after_error(writer)
+        rows = _close_after_error(writer)
+        if writer is not None:  # what the error below leaves, and how to go on once it is fixed
+            log.error("stopped by %s: %s keeps its %d committed rows; once the cause is fixed, resume with: %s",
+                      type(exc).__name__, opts.out, rows, resume_command(opts))
         raise
     finally:
         interrupt.restore()

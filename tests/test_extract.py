@@ -624,6 +624,21 @@ def test_a_text_target_is_refused_before_the_store_is_made(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_an_error_mid_run_keeps_the_committed_rows_and_says_how_to_resume(tmp_path, caplog):
+    def fail(rows):
+        if rows >= 16:
+            raise RuntimeError("out of memory (simulated)")
+
+    out = str(tmp_path / "s.h5")
+    with pytest.raises(RuntimeError, match="simulated"):
+        extract(options(tmp_path, commit_rows=8, command="marstore extract ..."), on_batch=fail)
+    with open_store(out) as store:
+        assert (store.status, store.rows) == ("incomplete", 16)
+    assert (f"stopped by RuntimeError: {out} keeps its 16 committed rows; once the cause is fixed, resume with: "
+            "marstore extract ... --resume") in [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert extract(options(tmp_path, commit_rows=8, resume=True)).rows == 40
+
+
 def test_a_stream_shorter_than_num_samples_says_so(tmp_path, caplog):
     result = extract(options(tmp_path, dataset="helpers.streams:synthetic_stream", dataset_args={"size": 13},
                              num_samples=20))
