@@ -237,7 +237,7 @@ class _Trainer:
         return _metrics(self.task, pred, self.y[split], self.classes)
 
 
-def _prepare(opts: ProbeOptions, layer: str, rows: int) -> tuple[str, dict, dict, int, int, dict]:
+def _prepare(opts: ProbeOptions, layer: str, rows: int) -> tuple[str, dict, dict, list[int], int, dict]:
     ds = ActivationDataset(opts.store, [layer], [opts.target], rows=range(rows), reduction="mean")
     test_frac, val_frac = opts.test_fraction, opts.val_fraction
     splits = ds.split((1 - val_frac - test_frac, val_frac, test_frac), seed=opts.seed, group=opts.group)
@@ -255,17 +255,18 @@ def _prepare(opts: ProbeOptions, layer: str, rows: int) -> tuple[str, dict, dict
     if task == "auto":
         integral = not torch.is_floating_point(y_all) and y_all.dim() == 1
         task = "classification" if integral and int(y_all.max()) < 1000 else "regression"
-    classes = 0
-    for name in ys:
-        if task == "classification":
-            ys[name] = ys[name].long().reshape(-1)
-        else:
-            ys[name] = ys[name].float().reshape(len(ys[name]), -1)
-    if task == "classification":
-        classes = int(max(int(v.max()) for v in ys.values() if len(v))) + 1
+    labels: list[int] = []
     if min(len(v) for v in xs.values()) == 0:
         raise ProbeError(f"{layer}: a split is empty after skipping {skipped} non-finite rows; the store has too few rows")
-    return task, xs, ys, classes, skipped, {k: len(v) for k, v in splits.items()}
+    if task == "classification":
+        # the label values, in order, become classes 0..k-1: labels such as -1 ("unknown") or
+        # sparse ids are classes like any other, and the probe has one output per value seen
+        values = torch.unique(torch.cat([v.long().reshape(-1) for v in ys.values()]))
+        labels = values.tolist()
+        ys = {name: torch.searchsorted(values, v.long().reshape(-1)) for name, v in ys.items()}
+    else:
+        ys = {name: v.float().reshape(len(v), -1) for name, v in ys.items()}
+    return task, xs, ys, labels, skipped, {k: len(v) for k, v in splits.items()}
 
 
 def _control(ys: dict, seed: int) -> dict:
@@ -288,12 +289,14 @@ def run_probes(opts: ProbeOptions) -> dict:
     os.makedirs(opts.out, exist_ok=True)
     rows, task = [], None
     for layer in layers:
-        task, xs, ys, classes, skipped, sizes = _prepare(opts, layer, source["rows"])
+        task, xs, ys, labels, skipped, sizes = _prepare(opts, layer, source["rows"])
         entry: dict[str, Any] = {"layer": layer, "task": task, "split_rows": sizes, "skipped_rows": skipped}
+        if labels:
+            entry["classes"] = labels  # class i of the probe's outputs is the label value labels[i]
         for control in ([False, True] if opts.control else [False]):
             label = f"{layer}{' (control)' if control else ''}"
             safe = layer.replace("/", "_") + ("-control" if control else "")
-            trainer = _Trainer(opts, task, xs, _control(ys, opts.seed) if control else ys, classes,
+            trainer = _Trainer(opts, task, xs, _control(ys, opts.seed) if control else ys, len(labels),
                                os.path.join(opts.out, f"{safe}.state.pt"))
             trainer.fit(label)
             weights = os.path.join(opts.out, f"{safe}.pt")

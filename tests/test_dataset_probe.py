@@ -225,6 +225,24 @@ def test_classification_probe(tmp_path):
     assert report["task"] == "classification" and set(report["layers"][0]["probe"]["test"]) == {"accuracy", "macro_f1"}
 
 
+def test_labels_such_as_minus_one_or_sparse_ids_are_classes(tmp_path):
+    """Labels -1, 7 and 400 (an "unknown" and two sparse ids): three classes, found as well as
+    labels 0, 1, 2 would be; -1 used to stop the probe with 'Target -1 is out of bounds'."""
+    path = tmp_path / "s.h5"
+    rng = np.random.default_rng(0)
+    values = np.array([-1, 7, 400])
+    which = rng.integers(0, 3, 600)
+    x = (np.eye(3)[which] * 3 + rng.standard_normal((600, 3)) * 0.3).astype(np.float16)
+    with StoreWriter(path, [LayerSpec("a", (3,))], [TargetSpec("y", (), "int64")]) as w:
+        w.append({"a": x}, targets={"y": values[which]}, index=np.arange(600))
+    report = run_probes(probe_opts(tmp_path, path, layer="a", target="y", epochs=30, control=False))
+    layer = report["layers"][0]
+    assert report["task"] == "classification" and layer["classes"] == [-1, 7, 400]
+    assert layer["probe"]["test"]["accuracy"] > 0.95
+    weights = torch.load(layer["probe"]["weights"], weights_only=True)
+    assert weights["weight"].shape == (3, 3)  # one output per label value, not 401
+
+
 def test_non_finite_rows_are_skipped_and_counted(tmp_path):
     path = tmp_path / "s.h5"
     planted_store(path, nan_rows=range(0, 2000, 100))
