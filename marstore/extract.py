@@ -413,9 +413,15 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
     selections = hooks.parse_layers(opts.layers, model, reduction)
 
     # data
-    dataset = loading.import_callable(opts.dataset, "--dataset")(**opts.dataset_args)
+    try:
+        dataset = loading.call_factory(opts.dataset, "--dataset", opts.dataset_args)
+    except loading.CheckpointError as exc:  # the loading module's error, about the data set here
+        raise ExtractError(str(exc)) from exc.__cause__
     map_style = _check_dataset(dataset, opts)
     if map_style:
+        if opts.num_samples and opts.num_samples > len(dataset):
+            log.warning("%s has %d items, fewer than --num-samples %d: all %d are extracted", opts.dataset, len(dataset),
+                        opts.num_samples, len(dataset))
         indices = _source_indices(len(dataset), opts.num_samples, opts.sample_seed)[scaleout.rank_positions(rank)]
     else:
         indices = range(opts.num_samples)[scaleout.rank_positions(rank)]

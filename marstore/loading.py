@@ -228,6 +228,22 @@ def import_callable(spec: str, what: str) -> Callable:
     return obj
 
 
+def call_factory(spec: str, what: str, kwargs: Mapping[str, Any]) -> Any:
+    """MODULE:CALLABLE called with keyword arguments (--dataset with its --dataset-arg, say);
+    arguments it does not take fail in one line that names them and its signature."""
+    factory = import_callable(spec, what)
+    try:
+        return factory(**kwargs)
+    except TypeError as exc:
+        if not _ARGUMENT_MISMATCH.search(str(exc)):
+            raise
+        try:
+            takes = f"it takes {spec.partition(':')[2]}{inspect.signature(factory)}"
+        except (TypeError, ValueError):
+            takes = "its signature is not known"
+        raise CheckpointError(f"{what} {spec} rejects the arguments {dict(kwargs)} ({exc}); {takes}") from exc
+
+
 def build_model(spec: str, config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
                 config_key: str | None = None) -> torch.nn.Module:
     """Calls the builder with the config as keyword arguments, overrides taking precedence."""

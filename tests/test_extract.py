@@ -550,6 +550,10 @@ def test_an_iterable_data_set_gives_its_first_n_items(tmp_path, factory):
      r"--sample-seed draws from a known length, so it needs a map-style data set"),
     ({"dataset": "helpers.streams:plain_iterable", "num_samples": 8, "workers": 2},
      r"returned a PlainIterable, an iterable data set: it is read in order in this process, so --workers must be 0"),
+    ({"dataset_args": {"size": 40, "bogus": 1}},
+     r"^--dataset marstore.models:synthetic_video_actions rejects the arguments \{'size': 40, 'bogus': 1\} "
+     r"\(SyntheticVideoActions.__init__\(\) got an unexpected keyword argument 'bogus'\); it takes "
+     r"synthetic_video_actions\(size: 'int' = 512, seed: 'int' = 0, \*\*kwargs\)"),
 ])
 def test_a_data_set_that_cannot_be_extracted_as_asked_is_refused_before_any_item_is_read(tmp_path, kw, message):
     with pytest.raises(ExtractError, match=message):
@@ -637,6 +641,12 @@ def test_an_error_mid_run_keeps_the_committed_rows_and_says_how_to_resume(tmp_pa
     assert (f"stopped by RuntimeError: {out} keeps its 16 committed rows; once the cause is fixed, resume with: "
             "marstore extract ... --resume") in [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert extract(options(tmp_path, commit_rows=8, resume=True)).rows == 40
+
+
+def test_a_data_set_shorter_than_num_samples_says_so(tmp_path, caplog):
+    assert extract(options(tmp_path, num_samples=50)).rows == 40
+    assert ("marstore.models:synthetic_video_actions has 40 items, fewer than --num-samples 50: all 40 are extracted"
+            in [r.getMessage() for r in caplog.records if r.levelname == "WARNING"])
 
 
 def test_a_stream_shorter_than_num_samples_says_so(tmp_path, caplog):
