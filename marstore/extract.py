@@ -173,12 +173,11 @@ def forward_scalars(out: Any, names: Sequence[str] = (), left_out: set[str] | No
         elif left_out is not None:
             what = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else \
                 ("None" if value is None else f"a {type(value).__name__}")
-            left_out.add(f"{name}: {what}")
+            left_out.add(f"{name or 'the return value'}: {what}")
 
-    if isinstance(out, (tuple, list, Mapping)):
-        add("", out)
-    else:
-        add("loss", out)
+    # a bare scalar is the loss; anything else bare (logits, say) is not named as one
+    scalar = (isinstance(out, torch.Tensor) and out.numel() == 1) or (isinstance(out, (int, float)) and not isinstance(out, bool))
+    add("loss" if scalar else "", out)
     if not names:
         if "row_start" in named:
             raise ExtractError("the forward returned an output named row_start, which the store keeps for the "

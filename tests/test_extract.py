@@ -407,6 +407,8 @@ def test_forward_outputs_are_kept_per_batch(tmp_path):
     left_out: set[str] = set()
     assert normalize_output({"total": t(1.0), "logits": torch.zeros(2, 3), "ids": ["a"], "x": None}, (), left_out) == {"total": 1.0}
     assert left_out == {"logits: a tensor of shape (2, 3)", "ids_0: a str", "x: None"}
+    left_out.clear()
+    assert normalize_output(torch.zeros(4, 3), (), left_out) == {} and left_out == {"the return value: a tensor of shape (4, 3)"}
     assert normalize_output({"train/loss": t(1.0), "parts": {"a/b": 2}}) == {"train.loss": 1.0, "parts.a.b": 2.0}
     named = ["loss", "video_loss", "act_loss"]
     assert normalize_output((t(3.0), (t(1.0), t(2.0))), named) == {"loss": 3.0, "video_loss": 1.0, "act_loss": 2.0}
