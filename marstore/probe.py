@@ -279,8 +279,9 @@ def run_probes(opts: ProbeOptions) -> dict:
     """Trains the probes that opts asks for; writes report.json and the plots; returns the report."""
     with open_store(opts.store) as s:
         layers = layers_of(s, [opts.layer])
-        if opts.target not in s.targets:
-            raise ProbeError(f"--target {opts.target!r} is not in {opts.store}; its targets are {sorted(s.targets)}")
+        for flag, name in (("--target", opts.target), ("--group", opts.group)):
+            if name is not None and name not in s.targets:
+                raise ProbeError(f"{flag} {name!r} is not in {opts.store}; its targets are {sorted(s.targets)}")
         # every layer's probe sees the same rows, also while an extraction still adds some
         source = {"path": os.path.abspath(opts.store), "status": s.status, "rows": s.rows}
     if source["status"] != "complete":
