@@ -247,6 +247,9 @@ class ActivationDataset(Dataset):
             n_val = int(round(fractions[1] * len(self)))
             parts = np.split(order, [n_train, n_train + n_val])
         else:
+            if group not in self._handle()["targets"]:
+                raise StoreError(f"group {group!r} is not a target of {self.path}; its targets are "
+                                 f"{sorted(self._handle()['targets'])}")
             keys = self._read(group, "targets", np.sort(self.rows))[np.argsort(np.argsort(self.rows))]
             unique = rng.permutation(np.unique(keys))
             n_train = int(round(fractions[0] * len(unique)))

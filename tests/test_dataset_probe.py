@@ -111,6 +111,9 @@ def test_preload_ragged_and_errors(tmp_path):
     assert ActivationDataset(path, ["noise", "*"]).layer_names == ["noise", "signal"]
     with pytest.raises(StoreError, match=r"has no layer 'enc\*'"):
         run_probes(probe_opts(tmp_path, path, layer="enc*"))
+    with pytest.raises(StoreError) as info:
+        ActivationDataset(path, "signal").split(group="episodes")
+    assert str(info.value) == f"group 'episodes' is not a target of {path}; its targets are ['episode', 'y']"
     with pytest.raises(ProbeError) as info:
         run_probes(probe_opts(tmp_path, path, group="episodes"))
     assert str(info.value) == f"--group 'episodes' is not in {path}; its targets are ['episode', 'y']"
