@@ -375,6 +375,9 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         raise ExtractError(f"--autocast {opts.autocast!r}: use bfloat16 or float16")
     _check_output_names(opts.output_names)
     # the output is checked before the checkpoint is read: that can take minutes
+    if os.path.isdir(opts.out):
+        raise ExtractError(f"--out {opts.out} is a folder; give the store's file name, e.g. "
+                           f"{os.path.join(opts.out, 'activations.h5')}")
     if os.path.exists(opts.out):
         if not opts.resume:
             raise ExtractError(f"{opts.out} exists: pass --resume to continue it (with the options it was written with), "

@@ -577,7 +577,10 @@ def test_counts_that_cannot_be_are_refused_in_one_line(tmp_path, kw, message):
 
 def test_a_device_or_folder_that_is_not_there_is_refused_before_the_checkpoint_is_read(tmp_path):
     never_read = str(tmp_path / "never-read.pt")
+    (tmp_path / "runs").mkdir()
     cases = [({"device": "gpu"}, "--device 'gpu': give cpu, cuda or cuda:N"),
+             ({"out": str(tmp_path / "runs")},
+              f"--out {tmp_path / 'runs'} is a folder; give the store's file name, e.g. {tmp_path / 'runs' / 'activations.h5'}"),
              ({"out": str(tmp_path / "no" / "s.h5")},
               f"--out {tmp_path / 'no' / 's.h5'}: the folder {tmp_path / 'no'} does not exist; create it or choose another --out")]
     if torch.cuda.is_available():
@@ -590,7 +593,7 @@ def test_a_device_or_folder_that_is_not_there_is_refused_before_the_checkpoint_i
         with pytest.raises(ExtractError) as info:
             extract(options(tmp_path, checkpoint=never_read, **kw))
         assert str(info.value) == message
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == ["runs"] and os.listdir(tmp_path / "runs") == []
 
 
 def test_a_batch_the_model_does_not_take_asks_for_a_forward(tmp_path):
