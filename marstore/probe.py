@@ -160,7 +160,11 @@ class _Trainer:
         return {"model": copy.deepcopy(self.model.state_dict()), "optim": copy.deepcopy(self.optim.state_dict()),
                 "epoch": self.epoch, "best_loss": self.best[0], "best_epoch": self.best[1], "best_model": self.best[2],
                 "history": list(self.history), "skipped_steps": self.skipped_steps, "grad_spikes": self.grad_spikes,
-                "norms": list(self.norms)}
+                "norms": list(self.norms), "options": self._recorded()}
+
+    def _recorded(self) -> dict:
+        """The options a resume must repeat to reach the same result (not where, or how shown)."""
+        return {k: v for k, v in asdict(self.opts).items() if k not in ("resume", "progress", "device")}
 
     def _load(self, s: dict) -> None:
         self.model.load_state_dict(s["model"])
@@ -178,7 +182,14 @@ class _Trainer:
     def fit(self, label: str) -> None:
         opts = self.opts
         if opts.resume and os.path.exists(self.state_path):
-            self._load(torch.load(self.state_path, weights_only=True))
+            state = torch.load(self.state_path, weights_only=True)
+            now = self._recorded()
+            differ = sorted(k for k in now if state["options"].get(k) != now[k])
+            if differ:
+                raise ProbeError(f"{label}: --resume: the options differ from the interrupted run's: " + ", ".join(
+                    f"{k} (then {state['options'].get(k)!r}, now {now[k]!r})" for k in differ)
+                    + "; repeat them, or run without --resume to start over")
+            self._load(state)
             log.info("%s: resumed at epoch %d", label, self.epoch)
         xt, yt = self.x["train"], self.y["train"]
         bar = tqdm(total=opts.epochs, initial=self.epoch, desc=label, unit="epoch", leave=False, disable=None if opts.progress else True)

@@ -278,6 +278,10 @@ def test_interrupted_and_resumed_training_matches(tmp_path, monkeypatch):
     saved = sorted(p.name for p in (tmp_path / "b").iterdir() if p.name.endswith((".state.pt", ".partial")))
     assert saved == ["signal.state.pt"]  # saved whole: written aside, then renamed
     monkeypatch.setattr(probe._Trainer, "_val_loss", original)
+    with pytest.raises(ProbeError) as info:  # the saved optimizer would bring back the old rate unseen
+        run_probes(probe_opts(tmp_path, path, epochs=12, lr=0.1, control=False, out=str(tmp_path / "b"), resume=True))
+    assert str(info.value) == ("signal: --resume: the options differ from the interrupted run's: lr (then 0.05, now 0.1); "
+                               "repeat them, or run without --resume to start over")
     resumed = run_probes(probe_opts(tmp_path, path, epochs=12, control=False, out=str(tmp_path / "b"), resume=True))
     a, b = whole["layers"][0]["probe"], resumed["layers"][0]["probe"]
     assert a["test"] == b["test"] and a["history"] == b["history"] and a["best_epoch"] == b["best_epoch"]
