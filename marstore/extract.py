@@ -97,6 +97,9 @@ class ExtractOptions:
     command: str | None = None
 
     def __post_init__(self) -> None:
+        repeated = sorted({t for t in self.targets if self.targets.count(t) > 1})
+        if repeated:
+            raise ExtractError(f"--targets names {', '.join(repeated)} more than once; give each once")
         for name, least in (("batch_size", 1), ("workers", 0), ("slots", 1), ("commit_rows", 1), ("num_samples", 1)):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < least):

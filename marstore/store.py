@@ -323,8 +323,11 @@ class StoreWriter:
         self.fsync = fsync
         self.direct_chunks = direct_chunks
         self.expected_rows = expected_rows
-        if len({s.name for s in self.layers_spec}) != len(self.layers_spec):
-            raise StoreError("layer names must be unique")
+        for kind, specs in (("layer", self.layers_spec), ("target", self.targets_spec)):
+            names = [s.name for s in specs]
+            if len(set(names)) != len(names):
+                raise StoreError(f"{kind} names must be unique; {sorted({n for n in names if names.count(n) > 1})} "
+                                 "given more than once")
         resuming = resume and os.path.exists(self.path)
         if not resuming and os.path.exists(self.path):
             raise StoreError(f"{self.path} exists; pass resume=True to continue it, or choose another path")
@@ -332,6 +335,8 @@ class StoreWriter:
         try:
             self._file = self._open_for_resume(metadata) if resuming else self._create(metadata or {})
         except BaseException:
+            if not resuming:  # the file is this writer's own, and not yet a store: leave nothing behind
+                os.remove(self.path)
             self._lock.release()
             raise
         self._layers = {s.name: _Layer(s, self._file["activations"][s.name]) for s in self.layers_spec}
@@ -364,35 +369,39 @@ class StoreWriter:
     # ---- creating and reopening -------------------------------------------------------
     def _create(self, metadata: Mapping[str, Any]) -> h5py.File:
         f = h5py.File(self.path, "w", libver="earliest", locking=False)  # the file _WriterLock made
-        f.attrs.update(
-            {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "status": "incomplete",
-                "rows": 0,
-                "created": _now(),
-                "committed_at": _now(),
-                "marstore_version": __version__,
-                "torch_version": str(torch.__version__),
-                "h5py_version": h5py.version.version,
-                "hdf5_version": h5py.version.hdf5_version,
-                "run": json.dumps(metadata, sort_keys=True, default=str),
-                "layers": json.dumps([s.__dict__ for s in self.layers_spec]),
-                "targets": json.dumps([s.__dict__ for s in self.targets_spec]),
-            }
-        )
-        acts = f.create_group("activations")
-        for spec in self.layers_spec:
-            _create_layer(acts, spec, self.expected_rows)
-        tg = f.create_group("targets")
-        for spec in self.targets_spec:
-            itemsize = np.dtype(spec.dtype).itemsize
-            rows = default_chunk_rows(spec.row_shape, itemsize, None, self.expected_rows)
-            tg.create_dataset(spec.name, shape=(0, *spec.row_shape), dtype=spec.dtype,
-                              chunks=(rows, *spec.row_shape), maxshape=(None, *spec.row_shape))
-        f.create_dataset("index", shape=(0,), dtype=np.int64, chunks=(_index_chunk(self.expected_rows),), maxshape=(None,))
-        f.flush()
-        log.info("store %s created: %d layers, %d targets", self.path, len(self.layers_spec), len(self.targets_spec))
+        try:
+            f.attrs.update(
+                {
+                    "format": FORMAT,
+                    "format_version": FORMAT_VERSION,
+                    "status": "incomplete",
+                    "rows": 0,
+                    "created": _now(),
+                    "committed_at": _now(),
+                    "marstore_version": __version__,
+                    "torch_version": str(torch.__version__),
+                    "h5py_version": h5py.version.version,
+                    "hdf5_version": h5py.version.hdf5_version,
+                    "run": json.dumps(metadata, sort_keys=True, default=str),
+                    "layers": json.dumps([s.__dict__ for s in self.layers_spec]),
+                    "targets": json.dumps([s.__dict__ for s in self.targets_spec]),
+                }
+            )
+            acts = f.create_group("activations")
+            for spec in self.layers_spec:
+                _create_layer(acts, spec, self.expected_rows)
+            tg = f.create_group("targets")
+            for spec in self.targets_spec:
+                itemsize = np.dtype(spec.dtype).itemsize
+                rows = default_chunk_rows(spec.row_shape, itemsize, None, self.expected_rows)
+                tg.create_dataset(spec.name, shape=(0, *spec.row_shape), dtype=spec.dtype,
+                                  chunks=(rows, *spec.row_shape), maxshape=(None, *spec.row_shape))
+            f.create_dataset("index", shape=(0,), dtype=np.int64, chunks=(_index_chunk(self.expected_rows),), maxshape=(None,))
+            f.flush()
+            log.info("store %s created: %d layers, %d targets", self.path, len(self.layers_spec), len(self.targets_spec))
+        except BaseException:  # the caller removes the file; HDF5 must let go of it first
+            f.close()
+            raise
         return f
 
     def _open_for_resume(self, metadata: Mapping[str, Any] | None) -> h5py.File:

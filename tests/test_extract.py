@@ -568,6 +568,7 @@ def test_a_data_set_that_cannot_be_extracted_as_asked_is_refused_before_any_item
     ({"workers": -1}, "--workers -1: give an integer of at least 0"),
     ({"num_samples": 0}, "--num-samples 0: give an integer of at least 1"),
     ({"commit_rows": 2.5}, "--commit-rows 2.5: give an integer of at least 1"),
+    ({"targets": ["label", "nactions", "label"]}, "--targets names label more than once; give each once"),
 ])
 def test_counts_that_cannot_be_are_refused_in_one_line(tmp_path, kw, message):
     with pytest.raises(ExtractError) as info:

@@ -204,6 +204,24 @@ def test_existing_file_needs_resume_and_matching_layers(tmp_path):
         StoreWriter(path, LAYERS[:2], TARGETS, resume=True)
 
 
+def test_a_store_that_cannot_be_made_leaves_no_file(tmp_path, monkeypatch):
+    """A duplicate target used to fail halfway through creating the file and leave one that no
+    tool would open as a store."""
+    path = tmp_path / "s.h5"
+    with pytest.raises(StoreError) as info:
+        StoreWriter(path, LAYERS, TARGETS + [TargetSpec("label", (), "int64")])
+    assert str(info.value) == "target names must be unique; ['label'] given more than once"
+    import marstore.store as store
+
+    def broken(*args):
+        raise OSError("no room for the layer (simulated)")
+
+    monkeypatch.setattr(store, "_create_layer", broken)
+    with pytest.raises(OSError, match="simulated"):
+        StoreWriter(path, LAYERS, TARGETS)
+    assert os.listdir(tmp_path) == []
+
+
 def test_writer_thread_error_reaches_the_caller(tmp_path, monkeypatch):
     w = StoreWriter(tmp_path / "s.h5", [LayerSpec("a", (8,))], commit_rows=2)
 
