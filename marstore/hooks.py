@@ -20,7 +20,7 @@ import functools
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -110,6 +110,9 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
     selected: dict[str, LayerSelection] = {}
     for pattern in patterns:
         body, capture, element = _split_pattern(pattern)
+        if "@" in body:
+            raise HookError(f"layer pattern {pattern!r}: unknown capture '@{body.rpartition('@')[2]}'; "
+                            "use @input or @output")
         found = match_modules(body, names)
         found = [n for n in found if n]  # the root module is never a layer
         if not found:
@@ -221,8 +224,10 @@ class Capture:
                 try:
                     value = value[sel.element]
                 except (KeyError, IndexError, TypeError):
+                    has = f"keys {sorted(map(str, value))}" if isinstance(value, Mapping) else (
+                        f"elements 0 to {len(value) - 1}" if isinstance(value, (tuple, list)) else "no elements")
                     raise HookError(f"{sel.store_name}: the {sel.capture} of {sel.name} is a {type(value).__name__}"
-                                    f" with no element {sel.element!r}") from None
+                                    f" with no element {sel.element!r}; it has {has}") from None
             elif isinstance(value, (tuple, list)) and len(value) and isinstance(value[0], torch.Tensor) and sel.capture == "output":
                 raise HookError(f"{sel.name} returns a {type(value).__name__} of {len(value)}; pick one with "
                                 f"'{sel.name}:0' (or another index)")

@@ -207,8 +207,15 @@ def test_tuple_dict_and_input_captures():
     assert set(out) == {"a", "pair:1", "named:hidden", "head@input"}
     with pytest.raises(hooks.HookError, match=r"pair returns a tuple of 2; pick one with 'pair:0'"):
         captured(model, ["pair"], x)
-    with pytest.raises(hooks.HookError, match=r"named:nope: the output of named is a dict with no element 'nope'"):
+    with pytest.raises(hooks.HookError) as info:
         captured(model, ["named:nope"], x)
+    assert str(info.value) == "named:nope: the output of named is a dict with no element 'nope'; it has keys ['hidden', 'other']"
+    with pytest.raises(hooks.HookError) as info:
+        captured(model, ["pair:2"], x)
+    assert str(info.value) == "pair:2: the output of pair is a tuple with no element 2; it has elements 0 to 1"
+    with pytest.raises(hooks.HookError) as info:
+        hooks.parse_layers(["head@inputs"], model)
+    assert str(info.value) == "layer pattern 'head@inputs': unknown capture '@inputs'; use @input or @output"
 
 
 def test_glob_levels_and_regex():
