@@ -100,6 +100,8 @@ class ExtractOptions:
         repeated = sorted({t for t in self.targets if self.targets.count(t) > 1})
         if repeated:
             raise ExtractError(f"--targets names {', '.join(repeated)} more than once; give each once")
+        if self.sample_seed is not None and self.num_samples is None:
+            raise ExtractError(f"--sample-seed {self.sample_seed} draws --num-samples items at random; give --num-samples N")
         for name, least in (("batch_size", 1), ("workers", 0), ("slots", 1), ("commit_rows", 1), ("num_samples", 1)):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < least):

@@ -576,6 +576,7 @@ def test_a_data_set_that_cannot_be_extracted_as_asked_is_refused_before_any_item
     ({"num_samples": 0}, "--num-samples 0: give an integer of at least 1"),
     ({"commit_rows": 2.5}, "--commit-rows 2.5: give an integer of at least 1"),
     ({"targets": ["label", "nactions", "label"]}, "--targets names label more than once; give each once"),
+    ({"sample_seed": 3}, "--sample-seed 3 draws --num-samples items at random; give --num-samples N"),
 ])
 def test_counts_that_cannot_be_are_refused_in_one_line(tmp_path, kw, message):
     with pytest.raises(ExtractError) as info:
@@ -654,6 +655,17 @@ def test_an_error_mid_run_keeps_the_committed_rows_and_says_how_to_resume(tmp_pa
     assert (f"stopped by RuntimeError: {out} keeps its 16 committed rows; once the cause is fixed, resume with: "
             "marstore extract ... --resume") in [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert extract(options(tmp_path, commit_rows=8, resume=True)).rows == 40
+
+
+def test_a_seeded_sample_is_the_same_for_the_same_seed(tmp_path):
+    def drawn(name, seed):
+        extract(options(tmp_path, out=str(tmp_path / name), num_samples=10, sample_seed=seed))
+        with open_store(str(tmp_path / name)) as store:
+            return store.file["index"][:].tolist()
+
+    first, again, other = drawn("a.h5", 3), drawn("b.h5", 3), drawn("c.h5", 4)
+    assert first == again != other
+    assert len(set(first)) == 10 and first == sorted(first) and first != list(range(10)) and max(first) < 40
 
 
 def test_a_data_set_shorter_than_num_samples_says_so(tmp_path, caplog):
