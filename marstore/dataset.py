@@ -47,6 +47,8 @@ def _runs(sorted_rows: np.ndarray) -> list[tuple[int, int]]:
 def layers_of(store: Store, patterns: Sequence[str]) -> list[str]:
     """The store's layers that the patterns name (exact names, globs as in --layers, or re:REGEX),
     in the order the patterns give, each pattern's in the store's order; each once."""
+    if not patterns:
+        raise StoreError(f"no layers asked of {store.path}; it has {list(store.layers)}")
     names: list[str] = []
     for pattern in patterns:
         found = match_modules(pattern, list(store.layers))

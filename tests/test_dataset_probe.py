@@ -109,6 +109,9 @@ def test_preload_ragged_and_errors(tmp_path):
     # patterns as the probe's --layer takes them; the store's order ('signal' was written first)
     assert ActivationDataset(path, "re:.*").layer_names == ["signal", "noise"]
     assert ActivationDataset(path, ["noise", "*"]).layer_names == ["noise", "signal"]
+    with pytest.raises(StoreError) as info:
+        ActivationDataset(path, [])
+    assert str(info.value) == f"no layers asked of {path}; it has ['signal', 'noise']"
     with pytest.raises(StoreError, match=r"has no layer 'enc\*'"):
         run_probes(probe_opts(tmp_path, path, layer="enc*"))
     with pytest.raises(StoreError) as info:
