@@ -13,6 +13,7 @@ the LoadReport, which extraction records in the store.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import importlib
 import inspect
@@ -244,11 +245,29 @@ def call_factory(spec: str, what: str, kwargs: Mapping[str, Any]) -> Any:
         raise CheckpointError(f"{what} {spec} rejects the arguments {dict(kwargs)} ({exc}); {takes}") from exc
 
 
+def with_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of config with the overrides applied; 'a.b.c' reaches into nested mappings, which
+    the copy owns (the checkpoint's config is never changed)."""
+    merged = copy.deepcopy(dict(config))
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = merged
+        for i, part in enumerate(parents):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise CheckpointError(f"--model-arg {key}: {'.'.join(parents[: i + 1])} is a {type(child).__name__}, "
+                                      "not a mapping to set a key in")
+            node = child
+        node[leaf] = value
+    return merged
+
+
 def build_model(spec: str, config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
                 config_key: str | None = None) -> torch.nn.Module:
-    """Calls the builder with the config as keyword arguments, overrides taking precedence."""
+    """Calls the builder with the config as keyword arguments, overrides taking precedence; a
+    dotted override (shape_meta.action.shape=[7]) replaces one value inside a nested mapping."""
     builder = import_callable(spec, "--model")
-    kwargs = {**config, **(overrides or {})}
+    kwargs = with_overrides(config, overrides or {})
     source = f"the config from checkpoint[{config_key!r}]" if config_key else "the given arguments"
     try:
         signature = inspect.signature(builder)

@@ -145,6 +145,16 @@ def test_builder_errors_list_missing_and_unknown_keys():
         build_model("marstore.models", {})
 
 
+def test_dotted_model_args_reach_into_the_config():
+    config = {"task_name": "t", "shape_meta": {"action": {"shape": [2]}, "horizon": 16}, "embed_dim": 32}
+    model = build_model("marstore.models:video_mar", config, {"shape_meta.action.shape": [7], "depth": 1})
+    assert model.action_dim == 7 and len(model.encoder_blocks) == 1
+    assert config["shape_meta"]["action"]["shape"] == [2]  # the checkpoint's config is left as it was
+    with pytest.raises(CheckpointError) as info:
+        build_model("marstore.models:video_mar", config, {"task_name.x": 1})
+    assert str(info.value) == "--model-arg task_name.x: task_name is a str, not a mapping to set a key in"
+
+
 def test_config_key_and_state_key_errors(tmp_path):
     path = str(tmp_path / "c.pt")
     save_checkpoint(video_mar(**CONFIG), CONFIG, path, "workspace")
