@@ -97,6 +97,9 @@ class ExtractOptions:
     command: str | None = None
 
     def __post_init__(self) -> None:
+        for name in ("layers", "targets", "output_names", "ragged"):  # one name, from Python: not its characters
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
         repeated = sorted({t for t in self.targets if self.targets.count(t) > 1})
         if repeated:
             raise ExtractError(f"--targets names {', '.join(repeated)} more than once; give each once")

@@ -580,6 +580,11 @@ def test_a_data_set_that_cannot_be_extracted_as_asked_is_refused_before_any_item
     assert not os.path.exists(tmp_path / "s.h5")
 
 
+def test_a_single_name_given_as_a_string_is_one_name(tmp_path):
+    opts = options(tmp_path, layers="encoder_blocks.*", targets="label")
+    assert (opts.layers, opts.targets) == (["encoder_blocks.*"], ["label"])  # not ['e', 'n', ...]
+
+
 @pytest.mark.parametrize("kw, message", [
     ({"batch_size": 0}, "--batch-size 0: give an integer of at least 1"),
     ({"workers": -1}, "--workers -1: give an integer of at least 0"),
