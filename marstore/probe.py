@@ -48,7 +48,7 @@ class ProbeInterrupted(Exception):
 @dataclass
 class ProbeOptions:
     store: str
-    layer: str
+    layer: str | list[str]  # a name or pattern, or several
     target: str
     out: str = "probes"
     task: str = "auto"  # regression, classification or auto
@@ -289,7 +289,7 @@ def _control(ys: dict, seed: int) -> dict:
 def run_probes(opts: ProbeOptions) -> dict:
     """Trains the probes that opts asks for; writes report.json and the plots; returns the report."""
     with open_store(opts.store) as s:
-        layers = layers_of(s, [opts.layer])
+        layers = layers_of(s, [opts.layer] if isinstance(opts.layer, str) else list(opts.layer))
         for flag, name in (("--target", opts.target), ("--group", opts.group)):
             if name is not None and name not in s.targets:
                 raise ProbeError(f"{flag} {name!r} is not in {opts.store}; its targets are {sorted(s.targets)}")
