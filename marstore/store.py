@@ -183,13 +183,14 @@ class _Moments:
         batch_m2 = np.maximum(ss - s * s / safe_n, 0.0)
         total = self.count + n
         delta = batch_mean - self.mean
-        if isinstance(n, float):  # every channel got n >= 1 values: no channel to leave as it was
-            self.mean = self.mean + delta * n / total
-            self.m2 = self.m2 + batch_m2 + delta * delta * self.count * n / total
-        else:
+        every = isinstance(n, float)  # every channel got n >= 1 values: total >= 1, none to leave as it was
+        denominator = total if every else np.maximum(total, 1)
+        mean = self.mean + delta * n / denominator
+        m2 = self.m2 + batch_m2 + delta * delta * self.count * n / denominator
+        if not every:  # a channel with no finite value in this batch keeps what it had
             keep = n > 0
-            self.mean = np.where(keep, self.mean + delta * n / np.maximum(total, 1), self.mean)
-            self.m2 = np.where(keep, self.m2 + batch_m2 + delta * delta * self.count * n / np.maximum(total, 1), self.m2)
+            mean, m2 = np.where(keep, mean, self.mean), np.where(keep, m2, self.m2)
+        self.mean, self.m2 = mean, m2
         self.count = total
         self._shift = self._next_shift()
         return nonfinite
