@@ -44,9 +44,10 @@ def _runs(sorted_rows: np.ndarray) -> list[tuple[int, int]]:
     return [(int(sorted_rows[a]), int(sorted_rows[b - 1]) + 1) for a, b in zip(starts, stops)]
 
 
-def layers_of(store: Store, patterns: Sequence[str]) -> list[str]:
-    """The store's layers that the patterns name (exact names, globs as in --layers, or re:REGEX),
-    in the order the patterns give, each pattern's in the store's order; each once."""
+def layers_of(store: Store, patterns: str | Sequence[str]) -> list[str]:
+    """The store's layers that the patterns name (exact names, globs as in --layers, or re:REGEX;
+    one, or several), in the order the patterns give, each pattern's in the store's order; each once."""
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     if not patterns:
         raise StoreError(f"no layers asked of {store.path}; it has {list(store.layers)}")
     names: list[str] = []
@@ -77,7 +78,7 @@ class ActivationDataset(Dataset):
             raise StoreError(f"read-time reduction {reduction!r}: use one of {READ_REDUCTIONS[1:]}")
         self.reduction = reduction
         with open_store(self.path) as store:  # validate once, in the creating process
-            self.layer_names = layers_of(store, [layers] if isinstance(layers, str) else list(layers))
+            self.layer_names = layers_of(store, layers)
             for name in self.target_names:
                 if name not in store.targets:
                     raise StoreError(f"{self.path} has no target {name!r}; it has {sorted(store.targets)}")

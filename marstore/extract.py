@@ -319,6 +319,14 @@ def tune_malloc() -> bool:
     )
 
 
+def _device(name: str | None) -> torch.device:
+    """--device (default: the GPU where there is one), checked before anything else runs."""
+    try:
+        return resolve_device(name)
+    except ValueError as exc:
+        raise ExtractError(str(exc)) from None
+
+
 def resume_command(opts: ExtractOptions) -> str:
     base = opts.command or "marstore extract ..."
     return base if "--resume" in base else base + " --resume"
@@ -332,7 +340,7 @@ def extract(opts: ExtractOptions, on_batch: Callable[[int], None] | None = None)
         return _extract_rank(opts, rank, on_batch)
     import torch.distributed as dist
 
-    cuda = (opts.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    cuda = _device(opts.device).type == "cuda"
     if cuda:
         torch.cuda.set_device(rank.local_rank)
     if not dist.is_initialized():
@@ -367,10 +375,7 @@ def extract(opts: ExtractOptions, on_batch: Callable[[int], None] | None = None)
 
 def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callable[[int], None] | None) -> ExtractResult:
     torch.manual_seed(opts.seed)
-    try:
-        device = resolve_device(opts.device)
-    except ValueError as exc:
-        raise ExtractError(str(exc)) from None
+    device = _device(opts.device)
     if device.type == "cpu" and opts.malloc_tuning:
         if tune_malloc():
             log.info("malloc: freed memory kept for reuse (%s; --no-malloc-tuning leaves it alone)",

@@ -289,7 +289,7 @@ def _control(ys: dict, seed: int) -> dict:
 def run_probes(opts: ProbeOptions) -> dict:
     """Trains the probes that opts asks for; writes report.json and the plots; returns the report."""
     with open_store(opts.store) as s:
-        layers = layers_of(s, [opts.layer] if isinstance(opts.layer, str) else list(opts.layer))
+        layers = layers_of(s, opts.layer)
         for flag, name in (("--target", opts.target), ("--group", opts.group)):
             if name is not None and name not in s.targets:
                 raise ProbeError(f"{flag} {name!r} is not in {opts.store}; its targets are {sorted(s.targets)}")
