@@ -278,6 +278,37 @@ def test_statistics_of_a_channel_without_finite_values_until_a_later_batch(dtype
     np.testing.assert_allclose(moments.std(), np.nanstd(values, 0), rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32", "bfloat16"])
+def test_small_batches_wait_to_be_summed_and_each_commit_records_exactly_its_rows(tmp_path, dtype):
+    """Batches of (8, 6) are summed together later (each sum's bookkeeping costs more than
+    such a batch); a commit sums what waits, so the committed statistics and non-finite counts
+    cover exactly the committed rows, mid-run and at the end."""
+    rng = np.random.default_rng(3)
+    batches = [rng.normal(0.5, 2.0, (8, 6)).astype(np.float32) for _ in range(7)]
+    batches[2][1, 4] = np.inf
+    batches[5][0, 0], batches[5][3, 0], batches[6][7, 5] = np.nan, -np.inf, np.nan
+    stored = np.concatenate([torch.from_numpy(b).to(getattr(torch, dtype)).double().numpy() for b in batches])
+    path = tmp_path / "s.h5"
+
+    def check(rows):
+        with open_store(path) as s:
+            assert s.rows == rows
+            a = s.layers["a"].attrs
+            values = stored[:rows].copy()
+            values[~np.isfinite(values)] = np.nan
+            assert a["nonfinite"] == np.isnan(values).sum()
+            assert list(a["stats_count"]) == (~np.isnan(values)).sum(0).tolist()
+            np.testing.assert_allclose(a["mean"], np.nanmean(values, 0), rtol=0, atol=1e-6)
+            np.testing.assert_allclose(a["std"], np.nanstd(values, 0), rtol=1e-6)
+
+    with StoreWriter(path, [LayerSpec("a", (6,), dtype=dtype)], commit_rows=24, background=False) as w:
+        for i, b in enumerate(batches):
+            w.append({"a": torch.from_numpy(b).to(getattr(torch, dtype))}, index=range(8 * i, 8 * i + 8))
+            if i == 3:
+                check(24)  # committed after the third batch, which held the first non-finite value
+    check(56)
+
+
 def test_a_non_finite_value_leaves_the_other_channels_statistics_bit_identical():
     """The common case (every sum finite) and the recomputing one agree to the bit."""
     rng = np.random.default_rng(8)
@@ -558,6 +589,7 @@ def test_outputs_read_back_are_those_of_committed_batches(tmp_path, capsys):
 def test_statistics_with_several_stats_threads_are_bit_identical_to_inline(tmp_path, monkeypatch):
     monkeypatch.setattr("marstore.store._stats_threads", lambda: 3)
     monkeypatch.setattr("marstore.store._STATS_SHARE_BYTES", 1)  # these small batches go to the threads too
+    monkeypatch.setattr("marstore.store._STATS_DIRECT_SIZE", 1)  # ... and are summed there at once
     write_all(tmp_path / "threads.h5", batches=6)
     write_all(tmp_path / "inline.h5", batches=6, background=False)
     with h5py.File(tmp_path / "threads.h5", "r") as a, h5py.File(tmp_path / "inline.h5", "r") as b:
@@ -580,6 +612,7 @@ def test_shares_balance_layers_by_bytes():
 def test_a_failing_stats_thread_reaches_the_caller_and_keeps_committed_rows(tmp_path, monkeypatch):
     monkeypatch.setattr("marstore.store._stats_threads", lambda: 2)
     monkeypatch.setattr("marstore.store._STATS_SHARE_BYTES", 1)
+    monkeypatch.setattr("marstore.store._STATS_DIRECT_SIZE", 1)
     w = StoreWriter(tmp_path / "s.h5", [LayerSpec("a", (8,)), LayerSpec("b", (8,))], commit_rows=2)
     w.append({"a": np.ones((2, 8), np.float16), "b": np.ones((2, 8), np.float16)}, index=[0, 1])
     w.flush()
