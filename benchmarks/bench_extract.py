@@ -7,7 +7,9 @@ Each way runs in its own process over the same in-memory batches (the same DataL
   users     forward hooks that append `out.half().cpu()` to lists, pickled at the end
   marstore  marstore.extract.extract(): hooks -> transfer ring -> store writer (its thread on a GPU,
             between the forwards on the CPU)
-marstore and users also run with a quarter of the rows, to show whose peak RSS grows. The
+Every way also runs with a quarter of the rows, to show whose peak RSS grows and to give its
+steady rate: the rows between the two runs over the seconds between them, without what a run
+costs once (model warm-up, creating and closing the store), which dominates a short run. The
 full-size ways run in --rounds rounds, each round in a shuffled order; each way's figures are
 its median run, and each ratio is the median of the rounds' ratios: a way is compared with the
 runs beside it, so that the drift of a shared machine's speed between rounds (a VM: 25% over
@@ -187,7 +189,7 @@ def main() -> None:
             ways = ["bare", "users", "marstore"]
             order.shuffle(ways)
             plan += [(way, rows) for way in ways]
-        for way, n in plan + [("users", rows // 4), ("marstore", rows // 4)]:
+        for way, n in plan + [(way, rows // 4) for way in ("bare", "users", "marstore")]:
             name = way if n == rows else f"{way}@{n}"
             target = os.path.join(tmp, f"{name}.{len(runs.get(name, []))}.out")
             out = subprocess.run([sys.executable, __file__, "--child", way, str(n), target, *passthrough],
@@ -200,6 +202,9 @@ def main() -> None:
         for name, rs in runs.items():
             results[name] = dict(sorted(rs, key=lambda r: r["rows_per_s"])[len(rs) // 2])  # the median run
             results[name]["rows_per_s_each_round"] = [r["rows_per_s"] for r in rs]
+    small = rows // 4
+    steady = {way: (rows - small) / (results[way]["seconds"] - results[f"{way}@{small}"]["seconds"])
+              for way in ("bare", "users", "marstore")}
     payload = {
         "device": machine() + f" ({args.device})",
         "model": {k: getattr(args, k) for k in ("embed_dim", "depth", "heads", "grid", "batch_size", "reduction", "layers",
@@ -211,6 +216,8 @@ def main() -> None:
         "ratios_each_round": {name: paired(runs["marstore"], runs[other]) for name, other in RATIOS.items()},
         "ratios_of_medians": {name: results["marstore"]["rows_per_s"] / results[other]["rows_per_s"]
                               for name, other in RATIOS.items()},
+        "steady_rows_per_s": steady,
+        "ratios_steady": {name: steady["marstore"] / steady[other] for name, other in RATIOS.items()},
         "peak_rss_mb": {name: r["peak_rss_mb"] for name, r in results.items()},
         "disk_write_mb_s": disk,
         "marstore_mb_s_over_disk": results["marstore"]["mb_per_s"] / disk,
@@ -221,6 +228,9 @@ def main() -> None:
         print(f"{name:<16} {r['rows_per_s']:9.1f} {r['mb_per_s']:8.0f} {r['peak_rss_mb']:12.0f}")
     for name, each in payload["ratios_each_round"].items():
         print(f"{name} each round: {' '.join(f'{r:.3f}' for r in each)}")
+    print(f"steady rows/s ({small} to {rows} rows): " + ", ".join(f"{way} {r:.1f}" for way, r in steady.items()))
+    for name, r in payload["ratios_steady"].items():
+        print(f"{name} steady: {r:.3f}")
     finish(payload, args.json)
 
 
