@@ -133,7 +133,8 @@ def _as_numpy(x: Any) -> np.ndarray:
 
 class _Moments:
     """Per-channel (last axis) count, mean and M2 of the finite stored values, combined batch
-    by batch in float64 (Chan et al.), so that a resumed store ends with the same bits.
+    by batch in float64 (Chan et al.), so that a resumed store ends with the same bits (_Layer
+    hands small batches over in groups, each group ending at the latest at a commit).
 
     Within a batch the sums run in float32 (ops.channel_moments: one fused pass in the
     extension) on values shifted by the running mean, which keeps M2 free of cancellation;
