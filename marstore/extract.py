@@ -501,7 +501,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                     pending.append((index, tensors, targets, outputs))
                     if len(pending) < 2 and len(pending) < len(loader):
                         continue  # a second batch shows which layers change shape (ragged)
-                    writer = _open_writer(opts, selections, pending, metadata, start_row)
+                    writer = _open_writer(opts, selections, capture.source_dtypes, pending, metadata, start_row)
                     todo, pending = pending, []
                 else:
                     todo = [(index, tensors, targets, outputs)]
@@ -514,7 +514,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                 if interrupt.requested:  # before asking the loader for another batch
                     raise KeyboardInterrupt
             if writer is None and pending:
-                writer = _open_writer(opts, selections, pending, metadata, start_row)
+                writer = _open_writer(opts, selections, capture.source_dtypes, pending, metadata, start_row)
                 for idx, tens, targ, outs in pending:
                     total_bytes += _submit(ring, writer, tens, targ, idx, out_dtype, outs)
                     progress.update(len(idx))
@@ -668,7 +668,7 @@ def _run_batch(model, forward, capture: hooks.Capture, batch: Any, shapes: dict,
     return tensors, out
 
 
-def _layer_specs(opts, selections, pending) -> list[LayerSpec]:
+def _layer_specs(opts, selections, source_dtypes, pending) -> list[LayerSpec]:
     specs = []
     for sel in selections:
         shapes = {tuple(t[1][sel.store_name].shape[1:]) for t in pending}
@@ -684,15 +684,15 @@ def _layer_specs(opts, selections, pending) -> list[LayerSpec]:
         row_shape = tuple(first.shape[2:]) if ragged else tuple(first.shape[1:])
         if ragged and first.dim() < 3:
             raise ExtractError(f"{sel.store_name}: ragged storage needs (batch, tokens, ...) activations, got {tuple(first.shape)}")
-        source = str(first.dtype).replace("torch.", "")
+        source = str(source_dtypes.get(sel.store_name, first.dtype)).replace("torch.", "")
         specs.append(LayerSpec(sel.store_name, row_shape, dtype=opts.dtype, source_dtype=source,
                                reduction=str(sel.reduction) if not isinstance(sel.reduction, list) else json.dumps(sel.reduction),
                                ragged=ragged, compression=opts.compression))
     return specs
 
 
-def _open_writer(opts, selections, pending, metadata, start_row: int) -> StoreWriter:
-    specs = _layer_specs(opts, selections, pending)
+def _open_writer(opts, selections, source_dtypes, pending, metadata, start_row: int) -> StoreWriter:
+    specs = _layer_specs(opts, selections, source_dtypes, pending)
     targets = []
     for name in opts.targets:
         value = pending[0][2][name]

@@ -140,8 +140,8 @@ def reduce_tokens(x: torch.Tensor, reduction: str | list[int]) -> torch.Tensor:
     if x.dim() < 3:
         raise HookError(f"reduction {reduction!r} needs (batch, tokens, features) activations, got shape {tuple(x.shape)}")
     x = x.flatten(1, -2)
-    if reduction == "mean":
-        return x.float().mean(dim=1).to(x.dtype) if x.dtype != torch.float32 else x.mean(dim=1)
+    if reduction == "mean":  # of 16-bit tokens: summed and kept in float32, rounded once, to the stored dtype
+        return x.mean(dim=1, dtype=torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x.mean(dim=1)
     if reduction == "first":
         return x[:, 0]
     if reduction == "last":
@@ -194,6 +194,7 @@ class Capture:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._state = _State()
         self.missing_counts = {sel.store_name: 0 for sel in self.layers}
+        self.source_dtypes: dict[str, torch.dtype] = {}  # what each module gave, before any reduction
 
     def __enter__(self) -> "Capture":
         try:
@@ -249,6 +250,7 @@ class Capture:
             if fired and self.multi_fire == "first":
                 return None
             value = self._per_sample(sel, value)
+            self.source_dtypes.setdefault(sel.store_name, value.dtype)
             try:
                 x = reduce_tokens(value.detach(), sel.reduction)
             except HookError as exc:

@@ -343,6 +343,16 @@ def test_reductions_on_device():
         hooks.reduce_tokens(x[:, 0], "mean")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_token_means_of_16_bit_activations_are_rounded_once(dtype):
+    # the mean of 1, 1, 1 + 2**-7 is 1.0026...: float16's nearest is 1 + 3 * 2**-10, while a
+    # bfloat16 mean (steps of 2**-7 near 1) would be 1 before the transfer reached float16
+    x = torch.tensor([1.0, 1.0, 1.0 + 2**-7]).view(1, 3, 1).to(dtype)
+    mean = hooks.reduce_tokens(x, "mean")
+    assert mean.dtype == torch.float32
+    assert mean.to(torch.float16).item() == 1 + 3 * 2**-10
+
+
 def test_a_layer_a_reduction_cannot_apply_to_is_named(tmp_path):
     with pytest.raises(hooks.HookError, match=r"^diffactloss.refine: reduction 'mean' needs \(batch, tokens, features\) "
                                               r"activations, got shape \(8, 512\); leave it out of --layers or use "):
@@ -350,13 +360,13 @@ def test_a_layer_a_reduction_cannot_apply_to_is_named(tmp_path):
     assert not (tmp_path / "s.h5").exists()
 
 
-def reference_activations(tmp_path, layers, device="cpu", autocast=None):
-    """A plain reference: forward hooks plus .to(torch.float16), batch by batch."""
+def reference_activations(tmp_path, layers, device="cpu", autocast=None, keep=lambda o: o.to(torch.float16)):
+    """A plain reference: forward hooks plus .to(torch.float16) (or keep), batch by batch."""
     torch.manual_seed(0)
     model = video_mar(**CONFIG).eval().to(device)
     ds = synthetic_video_actions(size=40)
     kept = {n: [] for n in layers}
-    handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: kept[n].append(o.to(torch.float16).cpu()))
+    handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: kept[n].append(keep(o).cpu()))
                for n in layers]
     amp = torch.autocast(device, dtype=autocast) if autocast else contextlib.nullcontext()
     with torch.inference_mode(), amp:
@@ -395,6 +405,14 @@ def test_autocast_runs_the_forward_in_mixed_precision(tmp_path):
             assert s.read(name).tobytes() == torch.cat(parts).numpy().tobytes(), name
         assert s.read("z_proj").tobytes() != torch.cat(plain["z_proj"]).numpy().tobytes()  # not the float32 run
         assert s.metadata["options"]["autocast"] == "bfloat16"
+    # token means of bfloat16 activations: summed in float32 and rounded once, to float16
+    torch.manual_seed(0)
+    means = extract(options(tmp_path, out=str(tmp_path / "means.h5"), layers=["z_proj"], autocast="bfloat16", reduction="mean"))
+    ref = reference_activations(tmp_path, ["z_proj"], autocast=torch.bfloat16,
+                                keep=lambda o: o.flatten(1, -2).float().mean(1).to(torch.float16))
+    with open_store(means.path) as s:
+        assert s.layers["z_proj"].attrs["source_dtype"] == "bfloat16"  # the module's, not its mean's
+        assert s.read("z_proj").tobytes() == torch.cat(ref["z_proj"]).numpy().tobytes()
     with pytest.raises(ExtractError, match=r"^--autocast 'float64': use bfloat16 or float16$"):
         extract(options(tmp_path, out=str(tmp_path / "x.h5"), autocast="float64"))
 
