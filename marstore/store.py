@@ -402,6 +402,11 @@ class StoreWriter:
     # ---- creating and reopening -------------------------------------------------------
     def _create(self, metadata: Mapping[str, Any]) -> h5py.File:
         f = h5py.File(self.path, "w", libver="earliest", locking=False)  # the file _WriterLock made
+        # HDF5 opened that file with O_TRUNC, so ext4 (its auto_da_alloc heuristic) flushes it at
+        # the next close of a descriptor, which would be the store's final one: 0.07-0.13 s of
+        # blocking per 268 MB written on the development machine. Closing a descriptor now, while
+        # the file is still empty, spends that flush on nothing.
+        os.close(os.open(self.path, os.O_RDONLY))
         try:
             f.attrs.update(
                 {
