@@ -49,7 +49,9 @@ def _extension():
     macros = [("MARSTORE_TORCH_VERSION", f'"{torch.__version__}"')]
     # at::parallel_for is an OpenMP region compiled into our code: without -fopenmp it runs
     # serially. The libgomp.so.1 it links resolves to the one torch has already loaded.
-    cxx = ["-O3", "-fopenmp"]
+    # No fused multiply-adds unless written as such: the statistics' float64 combination must
+    # give the bits of the same formula in numpy (where a processor has FMA, GCC would fuse).
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
     link = ["-fopenmp"]
     if use_cuda:
         return cpp_extension.CUDAExtension(

@@ -72,6 +72,20 @@ std::tuple<at::Tensor, at::Tensor> channel_moments(const at::Tensor& x, const at
   return op.call(x, shift);
 }
 
+bool moments_update(const at::Tensor& x, const at::Tensor& count, const at::Tensor& mean, const at::Tensor& m2,
+                    const at::Tensor& shift) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("marstore::moments_update", "")
+          .typed<bool(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  if (x.numel() >= kReleaseGilElems) {
+    py::gil_scoped_release no_gil;
+    return op.call(x, count, mean, m2, shift);
+  }
+  return op.call(x, count, mean, m2, shift);
+}
+
 }  // namespace
 }  // namespace marstore
 
@@ -98,4 +112,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("offsets"), py::arg("counts"), py::arg("mode") = 0);
   m.def("channel_moments", &marstore::channel_moments,
         "torch.ops.marstore.channel_moments without Python dispatch", py::arg("x"), py::arg("shift"));
+  m.def("moments_update", &marstore::moments_update,
+        "torch.ops.marstore.moments_update without Python dispatch", py::arg("x"), py::arg("count"),
+        py::arg("mean"), py::arg("m2"), py::arg("shift"));
 }

@@ -12,7 +12,8 @@ import torch
 
 REBUILD_COMMAND = "pip install --no-build-isolation -e ."
 # What this package's Python calls in the module; a build from older sources lacks some.
-REQUIRED_ENTRIES = ("cast_copy", "cast_copy_many", "cast_copy_into", "cast_copy_many_into", "channel_moments")
+REQUIRED_ENTRIES = ("cast_copy", "cast_copy_many", "cast_copy_into", "cast_copy_many_into", "channel_moments",
+                    "moments_update")
 
 
 def load(import_module: Callable[[str], ModuleType] = importlib.import_module) -> tuple[ModuleType | None, str]:

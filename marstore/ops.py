@@ -156,6 +156,18 @@ def channel_moments(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor,
     return d.sum(0).double(), d.mul_(d).sum(0).double()
 
 
+def moments_update(x: torch.Tensor, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor,
+                   shift: torch.Tensor) -> bool:
+    """The store's common statistics step in one extension call: the sums of channel_moments(x,
+    shift), shift being the running mean in float32, combined into the float64 running count,
+    mean and M2 in place, shift set to the new mean. True when done; False, with nothing
+    changed, when a sum is not finite, or always on the pure-torch path: the caller's numpy
+    combination, which gives the same bits from the same sums, then takes the batch."""
+    if _backend == "extension":
+        return _C.moments_update(x, count, mean, m2, shift)
+    return False
+
+
 def _mode(mode: str) -> int:
     code = _MODES.get(mode)
     if code is None:

@@ -291,7 +291,7 @@ def test_fallback_when_extension_was_built_for_another_torch():
 
 def test_fallback_when_extension_was_built_from_older_sources():
     older = SimpleNamespace(torch_version=torch.__version__, cast_copy=None, cast_copy_many=None)
-    lacks = "cast_copy_into, cast_copy_many_into, channel_moments"
+    lacks = "cast_copy_into, cast_copy_many_into, channel_moments, moments_update"
     with pytest.warns(RuntimeWarning, match=re.escape(f"built from older sources (it lacks {lacks}); using the pure-torch path")):
         module, status = _extension.load(lambda name: older)
     assert module is None and status == f"marstore._C was built from older sources (it lacks {lacks})"
@@ -349,3 +349,55 @@ def test_channel_moments_flag_non_finite_channels(backend):
 def test_channel_moments_errors(backend, x, shift, message):
     with pytest.raises(RuntimeError, match=re.escape(message)):
         ops.channel_moments(x, shift)
+
+
+def _moments_state(channels: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    count = torch.full((channels,), 640.0, dtype=torch.float64)
+    mean = torch.randn(channels, generator=g, dtype=torch.float64) * 4
+    m2 = torch.rand(channels, generator=g, dtype=torch.float64) * 640
+    return [count, mean, m2, mean.float()]
+
+
+def test_moments_update_combines_in_place_or_changes_nothing(backend):
+    count, mean, m2, shift = state = _moments_state(5, 0)
+    x = (torch.randn(300, 5, generator=torch.Generator().manual_seed(1)) * 2 + 3).to(torch.float16)
+    before = [t.clone() for t in state]
+    spoiled = x.clone()
+    spoiled[7, 2] = float("inf")
+    assert ops.moments_update(spoiled, *state) is False  # a non-finite sum: the caller's exact path
+    assert ops.moments_update(x.float() * 1e20, *state) is False  # squares past float32's range
+    assert all(torch.equal(a, b) for a, b in zip(state, before))
+    done = ops.moments_update(x, *state)
+    if backend == "torch":  # no one-call path: the caller's numpy combination does it
+        assert done is False and all(torch.equal(a, b) for a, b in zip(state, before))
+        return
+    assert done is True
+    values = x.double()
+    assert count.tolist() == [940.0] * 5
+    # to the float32 rounding of the batch's sums (300 values, a few units from the shift)
+    torch.testing.assert_close(mean, (before[1] * 640 + values.sum(0)) / 940, rtol=0, atol=1e-4)
+    # Chan's M2 of the union: the old M2, the batch's, and the shift of the means
+    batch_m2 = ((values - values.mean(0)) ** 2).sum(0)
+    delta = values.mean(0) - before[1]
+    torch.testing.assert_close(m2, before[2] + batch_m2 + delta * delta * 640 * 300 / 940, rtol=1e-5, atol=0)
+    assert torch.equal(shift, mean.float())
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (1, "moments_update: count must be contiguous float64 of shape (4,), got torch.float32 of shape [4]"),
+        (2, "moments_update: mean must be contiguous float64 of shape (4,), got torch.float64 of shape [3]"),
+        (3, "moments_update: m2 must be contiguous float64 of shape (4,), got torch.float64 of shape [4], not contiguous"),
+        (4, "channel_moments: shift must be float32 of shape (4,)"),
+    ],
+)
+def test_moments_update_errors(bad, message):
+    if ops._C is None:
+        pytest.skip("extension not built")
+    state = _moments_state(4, 2)
+    wrong = {1: state[0].float(), 2: state[1][:3], 3: torch.zeros(8, dtype=torch.float64)[::2], 4: state[3][:3]}
+    state[bad - 1] = wrong[bad]
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        ops.moments_update(torch.zeros(2, 4), *state)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from helpers.store_worker import BATCH_ROWS, COMMIT_ROWS, LAYERS, TARGETS, make_batch
+from marstore import ops
 from marstore.store import LayerSpec, Ragged, _Moments, StoreError, check_not_being_written, StoreWriteError, StoreWriter, TargetSpec, open_store
 
 TESTS = os.path.dirname(__file__)
@@ -324,6 +325,37 @@ def test_a_non_finite_value_leaves_the_other_channels_statistics_bit_identical()
     for a, b in ((clean.count, spoiled.count), (clean.mean, spoiled.mean), (clean.m2, spoiled.m2)):
         assert a[keep].tobytes() == b[keep].tobytes()
     assert spoiled.count[2] == 95
+
+
+@pytest.mark.parametrize("dtype", [np.float16, "bfloat16", np.float32])
+def test_one_call_statistics_update_gives_the_numpy_paths_bits(monkeypatch, dtype):
+    """ops.moments_update (the extension's one call) and the numpy combination, from the same
+    sums: identical count, mean and M2, through a batch that only the numpy path can take."""
+    if ops._C is None:
+        pytest.skip("extension not built")
+    rng = np.random.default_rng(11)
+    batches = [rng.normal(2.0, 3.0, (rows, 16)).astype(np.float32) for rows in rng.integers(1, 300, 40)]
+    batches[2][4, 9] = np.nan
+
+    def stored(x):
+        if dtype == "bfloat16":
+            return torch.from_numpy(x).bfloat16().view(torch.int16).numpy().view(np.uint16)
+        return x.astype(dtype)
+
+    def run() -> _Moments:
+        moments = _Moments(16)
+        assert [moments.update(stored(b)) for b in batches] == [0, 0, 1] + [0] * 37
+        return moments
+
+    one_call = run()
+    calls = []
+    monkeypatch.setattr(ops, "moments_update", lambda *args: calls.append(1) or False)
+    numpy_only = run()
+    assert len(calls) == 39  # every batch after the first (which has no running mean to shift by)
+    for a, b in ((one_call.count, numpy_only.count), (one_call.mean, numpy_only.mean), (one_call.m2, numpy_only.m2)):
+        assert a.tobytes() == b.tobytes()
+    rows = sum(len(b) for b in batches)
+    assert one_call.count.tolist() == [rows] * 9 + [rows - 1] + [rows] * 6
 
 
 def test_killed_writer_leaves_committed_rows_and_resumes_identically(tmp_path):
