@@ -158,6 +158,7 @@ bool moments_update_cpu(const at::Tensor& x, const at::Tensor& count, const at::
   check_state(mean, "mean", channels);
   check_state(m2, "m2", channels);
   TORCH_CHECK(shift.is_contiguous(), "moments_update: shift must be contiguous");
+  if (x.size(0) == 0) return true;  // nothing to add (and no 0 / 0 below)
   const double* s = sum.const_data_ptr<double>();
   const double* q = sumsq.const_data_ptr<double>();
   for (int64_t c = 0; c < channels; ++c) {

@@ -367,6 +367,7 @@ def test_moments_update_combines_in_place_or_changes_nothing(backend):
     spoiled[7, 2] = float("inf")
     assert ops.moments_update(spoiled, *state) is False  # a non-finite sum: the caller's exact path
     assert ops.moments_update(x.float() * 1e20, *state) is False  # squares past float32's range
+    assert ops.moments_update(x[:0], *state) is (backend == "extension")  # no rows: nothing to add
     assert all(torch.equal(a, b) for a, b in zip(state, before))
     done = ops.moments_update(x, *state)
     if backend == "torch":  # no one-call path: the caller's numpy combination does it
