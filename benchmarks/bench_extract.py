@@ -13,7 +13,9 @@ costs once (model warm-up, creating and closing the store), which dominates a sh
 full-size ways run in --rounds rounds, each round in a shuffled order; each way's figures are
 its median run, and each ratio is the median of the rounds' ratios: a way is compared with the
 runs beside it, so that the drift of a shared machine's speed between rounds (a VM: 25% over
-minutes) cancels out. The ratios of the medians are in the JSON too. On the CPU
+minutes) cancels out. Nine rounds by default: on the development VM the forward's speed also
+moves by 10-25% from second to second, and five-round medians of one code spread over
+0.82-0.98 (benchmarks/RESULTS.md). The ratios of the medians are in the JSON too. On the CPU
 every way runs with the malloc thresholds that marstore extract sets (--no-malloc-tuning: none).
 marstore_vs_bare is marstore's rows/s over the bare forward's. The disk's write speed is
 measured in the same directory (sequential writes, then fsync), so that marstore's MB/s can
@@ -163,7 +165,7 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where the stores are written (default: a temporary directory)")
     parser.add_argument("--no-malloc-tuning", action="store_true",
                         help="leave glibc's malloc thresholds alone in every way (marstore extract sets them on the CPU)")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds of the full-size ways (default 5, --quick 1)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of the full-size ways (default 9, --quick 1)")
     parser.add_argument("--disk-mb", type=int, default=None, help="MB written to measure the disk (default 1024, --quick 256)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -172,7 +174,7 @@ def main() -> None:
         print(json.dumps(run_way(way, int(rows), args, out)))
         return
     rows = args.rows or (1024 if args.quick else 4096)
-    args.rounds = args.rounds or (1 if args.quick else 5)
+    args.rounds = args.rounds or (1 if args.quick else 9)
     passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                    if k in ("device", "batch_size", "embed_dim", "depth", "heads", "grid", "reduction") or (k == "autocast" and v)]
     passthrough += ["--no-malloc-tuning"] if args.no_malloc_tuning else []
