@@ -1,13 +1,17 @@
 """Where marstore extract's loop spends the time the bare forward does not: one process.
 
-    python benchmarks/extract_breakdown.py [--rows 4096] [--device cpu]
+    python benchmarks/extract_breakdown.py [--rows 4096] [--device cpu] [bench_extract.py's model options]
 
-Runs `marstore extract` on bench_extract.py's model and in-memory data (default size, every
-encoder and decoder block hooked, no reduction) with clocks around the forward and around
-the stages after it, and prints the seconds of each. Separate processes differ by 10-25% in
-the forward's own speed on a shared VM (benchmarks/RESULTS.md), which hides changes of a few
+Runs `marstore extract` on bench_extract.py's model and in-memory data (by default its default
+size, every encoder and decoder block hooked, no reduction) with clocks around the forward and
+around the stages after it, and prints the seconds of each. Separate processes differ by 10-25%
+in the forward's own speed on a shared VM (benchmarks/RESULTS.md), which hides changes of a few
 percent in bench_extract.py's ratios; the loop's time outside the forward shows them.
-Stages nest: write_rows includes write_chunk, append includes the store's other stages.
+Indented stages are part of the one above them. On the CPU the store's stages run in the loop
+(inside "store append"); on a GPU they run in the writer's thread, beside the loop, and "store
+append" is the loop's time handing batches over (waiting while the writer's queue is full), as
+"transfer ring" includes waiting for a free slot. A GPU forward's clock covers launching its
+work, and waiting where the launch queue is full.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from marstore import hooks, store, transfer  # noqa: E402
 
 # (owner, attribute, label): the stages after the forward, outermost first
 STAGES = [
-    (store.StoreWriter, "append", "store append (all below)"),
+    (store.StoreWriter, "append", "store append"),
     (store.StoreWriter, "_write_rows", "  rows into chunks"),
     (store.StoreWriter, "_write_chunk", "    chunks to HDF5"),
     (store._Layer, "add_stats", "  statistics"),
@@ -55,8 +59,14 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dir", default=None, help="where the store is written (default: a temporary directory)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--embed-dim", type=int, default=64)
+    parser.add_argument("--depth", type=int, default=4, help="encoder blocks (and as many decoder blocks)")
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--grid", type=int, default=4, help="tokens per frame side (4 frames of grid x grid)")
+    parser.add_argument("--reduction", default="none")
+    parser.add_argument("--autocast", choices=["bfloat16", "float16"])
     args = parser.parse_args()
-    size = argparse.Namespace(embed_dim=64, depth=4, heads=4, grid=4)
 
     seconds: collections.Counter = collections.Counter()
     models.policy_forward = timed(seconds, "forward (hooks included)", models.policy_forward)
@@ -65,10 +75,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as directory:
         opts = extract_module.ExtractOptions(
             out=os.path.join(directory, "breakdown.h5"), model="marstore.models:video_mar",
-            dataset="bench_extract:memory_dataset", dataset_args={"size": args.rows, "grid": size.grid},
+            dataset="bench_extract:memory_dataset", dataset_args={"size": args.rows, "grid": args.grid},
             forward="marstore.models:policy_forward", layers=["encoder_blocks.*", "decoder_blocks.*"],
-            reduction="none", batch_size=32, device=args.device, model_args=bench_extract.model_args(size),
-            progress=False, commit_rows=1 << 30)
+            reduction=args.reduction, batch_size=args.batch_size, device=args.device,
+            model_args=bench_extract.model_args(args), progress=False, commit_rows=1 << 30, autocast=args.autocast)
         result = extract_module.extract(opts)
     forward = seconds.pop("forward (hooks included)")
     print(f"{args.rows} rows on {args.device}: loop {result.seconds:.3f} s, {args.rows / result.seconds:.0f} rows/s; "

@@ -12,7 +12,8 @@
 # Sizes measured on an H100 (2026-11-26): build 62 s, the CUDA tests 64 s, transfer 12 s,
 # extraction 45 s with token means and 60 s with full tokens, the rest of the suite over 130 s;
 # on an H200 (eighth session): build 60 s, CUDA tests 74 s, transfer 11 s, extraction 56 and
-# 70 s (before its quarter-row bare run was added), the rest of the suite over 150 s.
+# 70 s (before its quarter-row bare run was added), the rest of the suite over 150 s. The
+# extraction breakdown (ninth session) has not run on a GPU yet: one process, about 1024 rows.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 PY=${PY:-python3}
@@ -56,7 +57,10 @@ fi
 if want extract; then
   # UVA's size and, as UVA runs (FIELD-NOTES §3), bfloat16 autocast
   # (each way is a process of its own: 4096 rows in 3 rounds took over 150 s)
-  UVA="--device cuda --embed-dim 768 --depth 12 --heads 12 --grid 16 --batch-size 8 --autocast bfloat16 --disk-mb 1024"
+  MODEL="--device cuda --embed-dim 768 --depth 12 --heads 12 --grid 16 --batch-size 8 --autocast bfloat16"
+  UVA="$MODEL --disk-mb 1024"
+  # where the loop's time goes with token means (one process; the stages' clocks, see its doc)
+  step extract-breakdown 60 "$OUT/extract_gpu.txt" $PY benchmarks/extract_breakdown.py $MODEL --reduction mean --rows 1024
   step extract-tokens 120 "$OUT/extract_gpu.txt" $PY benchmarks/bench_extract.py $UVA --rows 128 --rounds 1 \
     --json "$OUT/extract_gpu_tokens.json"
   step extract-mean 120 "$OUT/extract_gpu.txt" $PY benchmarks/bench_extract.py $UVA --reduction mean \
@@ -72,5 +76,5 @@ echo "=== summary ==="
 cat "$SUMMARY"
 [ -f "$OUT/pytest.log" ] && grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.log" | cut -c1-200 | tail -12
 for f in "$OUT"/transfer_gpu.txt "$OUT"/extract_gpu.txt; do
-  if [ -f "$f" ]; then echo "$(basename "$f" .txt):"; grep -E "^(device|[a-z0-9_@]+ |[a-z0-9_]+: )" "$f" | cut -c1-160; fi
+  if [ -f "$f" ]; then echo "$(basename "$f" .txt):"; grep -E "^(device|[a-z0-9_@]+ |[a-z0-9_]+: |[0-9]+ rows on)" "$f" | cut -c1-160; fi
 done
