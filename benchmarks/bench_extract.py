@@ -148,19 +148,24 @@ def paired_median(ours: list[dict], theirs: list[dict]) -> float:
     return ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rows")
-    parser.add_argument("--json")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--rows", type=int, default=None)
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The built-in model's size, its batches, the reduction and autocast (extract_breakdown.py has them too)."""
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--embed-dim", type=int, default=64)
     parser.add_argument("--depth", type=int, default=4, help="encoder blocks (and as many decoder blocks)")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--grid", type=int, default=4, help="tokens per frame side (4 frames of grid x grid)")
     parser.add_argument("--reduction", default="none")
-    parser.add_argument("--autocast", choices=["bfloat16", "float16"], help="every way runs the forward under torch.autocast")
+    parser.add_argument("--autocast", choices=["bfloat16", "float16"], help="the forward runs under torch.autocast")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rows")
+    parser.add_argument("--json")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rows", type=int, default=None)
+    add_model_options(parser)
     parser.add_argument("--layers", nargs="+", default=["encoder_blocks.*", "decoder_blocks.*"])
     parser.add_argument("--dir", default=None, help="where the stores are written (default: a temporary directory)")
     parser.add_argument("--no-malloc-tuning", action="store_true",
