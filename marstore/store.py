@@ -166,7 +166,8 @@ class _Moments:
         shift = self._shift
         # The common case (every channel seen, every sum finite) in one extension call; the
         # rest, and everything without the extension, below in numpy (small torch operations
-        # cost several times more).
+        # cost several times more). A batch with a non-finite sum is summed again there: a
+        # second pass, on a path whose exact recount of those channels costs more than one.
         if shift is not None and ops.moments_update(t, *self._state, shift):
             return 0
         if shift is None:
