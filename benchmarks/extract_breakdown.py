@@ -1,12 +1,15 @@
 """Where marstore extract's loop spends the time the bare forward does not: one process.
 
-    python benchmarks/extract_breakdown.py [--rows 4096] [--device cpu] [bench_extract.py's model options]
+    python benchmarks/extract_breakdown.py [--rows 4096] [--rounds 1] [--device cpu] [bench_extract.py's model options]
 
 Runs `marstore extract` on bench_extract.py's model and in-memory data (by default its default
 size, every encoder and decoder block hooked, no reduction) with clocks around the forward and
 around the stages after it, and prints the seconds of each. Separate processes differ by 10-25%
 in the forward's own speed on a shared VM (benchmarks/RESULTS.md), which hides changes of a few
-percent in bench_extract.py's ratios; the loop's time outside the forward shows them.
+percent in bench_extract.py's ratios; the loop's time outside the forward shows them. Each
+extraction runs between two runs of bench_extract.py's bare forward in the same process, and its
+rows/s over their mean is printed too: marstore_vs_bare without the noise between processes.
+"Once" stages are paid once a run, not a batch.
 Indented stages are part of the one above them. On the CPU the store's stages run in the loop
 (inside "store append"); on a GPU they run in the writer's thread, beside the loop, and "store
 append" is the loop's time handing batches over (waiting while the writer's queue is full), as
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -30,6 +34,7 @@ import marstore.extract as extract_module  # noqa: E402
 import marstore.models as models  # noqa: E402
 from marstore import hooks, store, transfer  # noqa: E402
 
+FORWARD = "forward (hooks included)"
 # (owner, attribute, label): the stages after the forward, outermost first
 STAGES = [
     (store.StoreWriter, "append", "store append"),
@@ -38,7 +43,9 @@ STAGES = [
     (store._Layer, "add_stats", "  statistics"),
     (store.StoreWriter, "_ensure_room", "  room check"),
     (store.StoreWriter, "close", "store close"),
+    (extract_module, "_open_writer", "store creation (once)"),
     (transfer.TransferRing, "submit", "transfer ring"),
+    (transfer.TransferRing, "_allocate", "  slot allocation (once)"),
     (hooks.Capture, "finish_batch", "hooks' batch"),
     (extract_module, "_collate", "collate"),
 ]
@@ -59,26 +66,38 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dir", default=None, help="where the store is written (default: a temporary directory)")
+    parser.add_argument("--rounds", type=int, default=1, help="extractions, each between two runs of the bare forward")
     bench_extract.add_model_options(parser)
     args = parser.parse_args()
+    args.layers, args.no_malloc_tuning = ["encoder_blocks.*", "decoder_blocks.*"], False  # as extract below
 
     seconds: collections.Counter = collections.Counter()
-    models.policy_forward = timed(seconds, "forward (hooks included)", models.policy_forward)
+    models.policy_forward = timed(seconds, FORWARD, models.policy_forward)
     for owner, name, label in STAGES:
         setattr(owner, name, timed(seconds, label, getattr(owner, name)))
+    bare = [bench_extract.run_way("bare", args.rows, args, out="")["rows_per_s"]]
+    loops, forwards, ratios = [], [], []
     with tempfile.TemporaryDirectory(dir=args.dir) as directory:
-        opts = extract_module.ExtractOptions(
-            out=os.path.join(directory, "breakdown.h5"), model="marstore.models:video_mar",
-            dataset="bench_extract:memory_dataset", dataset_args={"size": args.rows, "grid": args.grid},
-            forward="marstore.models:policy_forward", layers=["encoder_blocks.*", "decoder_blocks.*"],
-            reduction=args.reduction, batch_size=args.batch_size, device=args.device,
-            model_args=bench_extract.model_args(args), progress=False, commit_rows=1 << 30, autocast=args.autocast)
-        result = extract_module.extract(opts)
-    forward = seconds.pop("forward (hooks included)")
-    print(f"{args.rows} rows on {args.device}: loop {result.seconds:.3f} s, {args.rows / result.seconds:.0f} rows/s; "
-          f"forward {forward:.3f} s; outside the forward {result.seconds - forward:.3f} s")
+        for k in range(args.rounds):
+            opts = extract_module.ExtractOptions(
+                out=os.path.join(directory, f"breakdown{k}.h5"), model="marstore.models:video_mar",
+                dataset="bench_extract:memory_dataset", dataset_args={"size": args.rows, "grid": args.grid},
+                forward="marstore.models:policy_forward", layers=args.layers,
+                reduction=args.reduction, batch_size=args.batch_size, device=args.device,
+                model_args=bench_extract.model_args(args), progress=False, commit_rows=1 << 30, autocast=args.autocast)
+            forward_before = seconds[FORWARD]
+            loops.append(extract_module.extract(opts).seconds)
+            forwards.append(seconds[FORWARD] - forward_before)
+            bare.append(bench_extract.run_way("bare", args.rows, args, out="")["rows_per_s"])
+            ratios.append(args.rows / loops[-1] / statistics.mean(bare[-2:]))
+    loop, forward = statistics.mean(loops), statistics.mean(forwards)
+    print(f"{args.rows} rows on {args.device}, {args.rounds} extraction(s), each between two bare runs: "
+          f"bare rows/s {' '.join(f'{r:.0f}' for r in bare)}; marstore rows/s "
+          f"{' '.join(f'{args.rows / t:.0f}' for t in loops)}; marstore_vs_bare in this process "
+          f"{' '.join(f'{r:.3f}' for r in ratios)}")
+    print(f"per extraction: loop {loop:.3f} s; forward {forward:.3f} s; outside the forward {loop - forward:.3f} s")
     for _, _, label in STAGES:
-        print(f"  {label:<28} {seconds[label]:.3f} s")
+        print(f"  {label:<28} {seconds[label] / args.rounds:.3f} s")
 
 
 if __name__ == "__main__":

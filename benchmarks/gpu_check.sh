@@ -59,8 +59,8 @@ if want extract; then
   # (each way is a process of its own: 4096 rows in 3 rounds took over 150 s)
   MODEL="--device cuda --embed-dim 768 --depth 12 --heads 12 --grid 16 --batch-size 8 --autocast bfloat16"
   UVA="$MODEL --disk-mb 1024"
-  # where the loop's time goes with token means (one process; the stages' clocks, see its doc)
-  step extract-breakdown 60 "$OUT/extract_gpu.txt" $PY benchmarks/extract_breakdown.py $MODEL --reduction mean --rows 1024
+  # where the loop's time goes with token means, and marstore_vs_bare within one process (see its doc)
+  step extract-breakdown 60 "$OUT/extract_gpu.txt" $PY benchmarks/extract_breakdown.py $MODEL --reduction mean --rows 1024 --rounds 2
   step extract-tokens 120 "$OUT/extract_gpu.txt" $PY benchmarks/bench_extract.py $UVA --rows 128 --rounds 1 \
     --json "$OUT/extract_gpu_tokens.json"
   step extract-mean 120 "$OUT/extract_gpu.txt" $PY benchmarks/bench_extract.py $UVA --reduction mean \
