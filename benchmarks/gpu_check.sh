@@ -13,7 +13,8 @@
 # extraction 45 s with token means and 60 s with full tokens, the rest of the suite over 130 s;
 # on an H200 (eighth session): build 60 s, CUDA tests 74 s, transfer 11 s, extraction 56 and
 # 70 s (before its quarter-row bare run was added), the rest of the suite over 150 s. The
-# extraction breakdown (ninth session) has not run on a GPU yet: one process, about 1024 rows.
+# extraction breakdown (ninth and tenth sessions) has not run on a GPU yet: one process, two
+# extractions of 1024 rows and three bare runs.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 PY=${PY:-python3}
