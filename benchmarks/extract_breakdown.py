@@ -51,13 +51,19 @@ STAGES = [
 ]
 
 
-def timed(seconds: collections.Counter, key: str, fn):
+def timed(seconds: collections.Counter, key: str, fn, marks: dict | None = None):
+    """fn, its seconds added to seconds[key]; with marks, its first start and last end kept there."""
     def wrapper(*args, **kwargs):
         start = time.perf_counter()
+        if marks is not None:
+            marks.setdefault("first start", start)
         try:
             return fn(*args, **kwargs)
         finally:
-            seconds[key] += time.perf_counter() - start
+            end = time.perf_counter()
+            seconds[key] += end - start
+            if marks is not None:
+                marks["last end"] = end
     return wrapper
 
 
@@ -72,11 +78,14 @@ def main() -> None:
     args.layers, args.no_malloc_tuning = ["encoder_blocks.*", "decoder_blocks.*"], False  # as extract below
 
     seconds: collections.Counter = collections.Counter()
-    models.policy_forward = timed(seconds, FORWARD, models.policy_forward)
+    forward_marks: dict = {}  # the first forward's start and the last one's end, of one run
+    ring_marks: dict = {}  # the ring is made right after extract's clock starts
+    models.policy_forward = timed(seconds, FORWARD, models.policy_forward, forward_marks)
+    transfer.TransferRing.__init__ = timed(collections.Counter(), "", transfer.TransferRing.__init__, ring_marks)
     for owner, name, label in STAGES:
         setattr(owner, name, timed(seconds, label, getattr(owner, name)))
     bare = [bench_extract.run_way("bare", args.rows, args, out="")["rows_per_s"]]
-    loops, forwards, ratios = [], [], []
+    loops, forwards, ratios, before, after = [], [], [], [], []
     with tempfile.TemporaryDirectory(dir=args.dir) as directory:
         for k in range(args.rounds):
             opts = extract_module.ExtractOptions(
@@ -86,8 +95,12 @@ def main() -> None:
                 reduction=args.reduction, batch_size=args.batch_size, device=args.device,
                 model_args=bench_extract.model_args(args), progress=False, commit_rows=1 << 30, autocast=args.autocast)
             forward_before = seconds[FORWARD]
+            forward_marks.clear()
+            ring_marks.clear()
             loops.append(extract_module.extract(opts).seconds)
             forwards.append(seconds[FORWARD] - forward_before)
+            before.append(forward_marks["first start"] - ring_marks["first start"])
+            after.append(ring_marks["first start"] + loops[-1] - forward_marks["last end"])
             bare.append(bench_extract.run_way("bare", args.rows, args, out="")["rows_per_s"])
             ratios.append(args.rows / loops[-1] / statistics.mean(bare[-2:]))
     loop, forward = statistics.mean(loops), statistics.mean(forwards)
@@ -95,7 +108,8 @@ def main() -> None:
           f"bare rows/s {' '.join(f'{r:.0f}' for r in bare)}; marstore rows/s "
           f"{' '.join(f'{args.rows / t:.0f}' for t in loops)}; marstore_vs_bare in this process "
           f"{' '.join(f'{r:.3f}' for r in ratios)}")
-    print(f"per extraction: loop {loop:.3f} s; forward {forward:.3f} s; outside the forward {loop - forward:.3f} s")
+    print(f"per extraction: loop {loop:.3f} s; forward {forward:.3f} s; outside the forward {loop - forward:.3f} s, "
+          f"of which before the first forward {statistics.mean(before):.3f} s and after the last {statistics.mean(after):.3f} s")
     for _, _, label in STAGES:
         print(f"  {label:<28} {seconds[label] / args.rounds:.3f} s")
 
