@@ -192,7 +192,6 @@ def _on_stream(src: torch.Tensor | None, stream: torch.cuda.Stream | None):
     return torch.cuda.stream(stream)
 
 
-
 def _check(srcs: list[torch.Tensor], dst: torch.Tensor, offsets: list[int]) -> None:
     """The extension's checks, with its messages, for the pure-torch path."""
     op = "cast_copy_many"

@@ -164,18 +164,10 @@ def video_mar(
     return VideoActionMAR(task_name=task_name, shape_meta=shape_meta, use_history_action=use_history_action, **kwargs)
 
 
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-
-
-
 def policy_forward(model: VideoActionMAR, batch: dict):
     """The forward for the synthetic data (`--forward`): UVA's policy mode, which predicts the
     actions (the loss's targets) from the frames."""
     return model(batch["imgs"], batch["cond"], nactions=batch["nactions"], task_mode="policy_model")
-
 
 
 def dynamic_forward(model: VideoActionMAR, batch: dict):
