@@ -393,23 +393,29 @@ def test_stored_bytes_equal_a_plain_reference(tmp_path, device):
         assert s.layers["z_proj"].row_shape == (4, 16, 32)  # 4-D output, as UVA's z_proj
 
 
-def test_autocast_runs_the_forward_in_mixed_precision(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_autocast_runs_the_forward_in_mixed_precision(tmp_path, device):
     # z_proj is a Linear: bfloat16 under autocast; its bytes as a plain hook under autocast sees them
     torch.manual_seed(0)
-    result = extract(options(tmp_path, layers=["z_proj", "encoder_blocks.1"], autocast="bfloat16"))
-    ref = reference_activations(tmp_path, ["z_proj", "encoder_blocks.1"], autocast=torch.bfloat16)
-    plain = reference_activations(tmp_path, ["z_proj"])
+    result = extract(options(tmp_path, layers=["z_proj", "encoder_blocks.1"], autocast="bfloat16", device=device))
+    ref = reference_activations(tmp_path, ["z_proj", "encoder_blocks.1"], device, autocast=torch.bfloat16)
+    plain = reference_activations(tmp_path, ["z_proj"], device)
     with open_store(result.path) as s:
         assert s.layers["z_proj"].attrs["source_dtype"] == "bfloat16"
         for name, parts in ref.items():
             assert s.read(name).tobytes() == torch.cat(parts).numpy().tobytes(), name
         assert s.read("z_proj").tobytes() != torch.cat(plain["z_proj"]).numpy().tobytes()  # not the float32 run
         assert s.metadata["options"]["autocast"] == "bfloat16"
-    # token means of bfloat16 activations: summed in float32 and rounded once, to float16
+    # token means of bfloat16 activations: summed in float32 and rounded once, to float16 (on a GPU
+    # the ring's kernel rounds them; the reference sums with the same reduction, whose order
+    # there depends on the input dtype)
     torch.manual_seed(0)
-    means = extract(options(tmp_path, out=str(tmp_path / "means.h5"), layers=["z_proj"], autocast="bfloat16", reduction="mean"))
-    ref = reference_activations(tmp_path, ["z_proj"], autocast=torch.bfloat16,
-                                keep=lambda o: o.flatten(1, -2).float().mean(1).to(torch.float16))
+    means = extract(options(tmp_path, out=str(tmp_path / "means.h5"), layers=["z_proj"], autocast="bfloat16",
+                            reduction="mean", device=device))
+    mean = (lambda o: o.flatten(1, -2).float().mean(1)) if device == "cpu" else (
+        lambda o: o.flatten(1, -2).mean(1, dtype=torch.float32))
+    ref = reference_activations(tmp_path, ["z_proj"], device, autocast=torch.bfloat16,
+                                keep=lambda o: mean(o).to(torch.float16))
     with open_store(means.path) as s:
         assert s.layers["z_proj"].attrs["source_dtype"] == "bfloat16"  # the module's, not its mean's
         assert s.read("z_proj").tobytes() == torch.cat(ref["z_proj"]).numpy().tobytes()
