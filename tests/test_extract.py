@@ -407,15 +407,13 @@ def test_autocast_runs_the_forward_in_mixed_precision(tmp_path, device):
         assert s.read("z_proj").tobytes() != torch.cat(plain["z_proj"]).numpy().tobytes()  # not the float32 run
         assert s.metadata["options"]["autocast"] == "bfloat16"
     # token means of bfloat16 activations: summed in float32 and rounded once, to float16 (on a GPU
-    # the ring's kernel rounds them; the reference sums with the same reduction, whose order
-    # there depends on the input dtype)
+    # by the ring's kernel). The reference sums as the hook does: on a GPU, a float32 copy of the
+    # tokens would be summed in another order.
     torch.manual_seed(0)
     means = extract(options(tmp_path, out=str(tmp_path / "means.h5"), layers=["z_proj"], autocast="bfloat16",
                             reduction="mean", device=device))
-    mean = (lambda o: o.flatten(1, -2).float().mean(1)) if device == "cpu" else (
-        lambda o: o.flatten(1, -2).mean(1, dtype=torch.float32))
     ref = reference_activations(tmp_path, ["z_proj"], device, autocast=torch.bfloat16,
-                                keep=lambda o: mean(o).to(torch.float16))
+                                keep=lambda o: o.flatten(1, -2).mean(1, dtype=torch.float32).to(torch.float16))
     with open_store(means.path) as s:
         assert s.layers["z_proj"].attrs["source_dtype"] == "bfloat16"  # the module's, not its mean's
         assert s.read("z_proj").tobytes() == torch.cat(ref["z_proj"]).numpy().tobytes()
