@@ -407,8 +407,8 @@ def test_autocast_runs_the_forward_in_mixed_precision(tmp_path, device):
         assert s.read("z_proj").tobytes() != torch.cat(plain["z_proj"]).numpy().tobytes()  # not the float32 run
         assert s.metadata["options"]["autocast"] == "bfloat16"
     # token means of bfloat16 activations: summed in float32 and rounded once, to float16 (on a GPU
-    # by the ring's kernel). The reference sums as the hook does: on a GPU, a float32 copy of the
-    # tokens would be summed in another order.
+    # by the ring's kernel). The reference sums as the hook does: a reduction over a float32 copy
+    # of the tokens may add them in another order on a GPU.
     torch.manual_seed(0)
     means = extract(options(tmp_path, out=str(tmp_path / "means.h5"), layers=["z_proj"], autocast="bfloat16",
                             reduction="mean", device=device))
