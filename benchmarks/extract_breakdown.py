@@ -104,10 +104,9 @@ def main() -> None:
             bare.append(bench_extract.run_way("bare", args.rows, args, out="")["rows_per_s"])
             ratios.append(args.rows / loops[-1] / statistics.mean(bare[-2:]))
     loop, forward = statistics.mean(loops), statistics.mean(forwards)
-    print(f"{args.rows} rows on {args.device}, {args.rounds} extraction(s), each between two bare runs: "
-          f"bare rows/s {' '.join(f'{r:.0f}' for r in bare)}; marstore rows/s "
-          f"{' '.join(f'{args.rows / t:.0f}' for t in loops)}; marstore_vs_bare in this process "
-          f"{' '.join(f'{r:.3f}' for r in ratios)}")
+    print(f"{args.rows} rows on {args.device}: marstore_vs_bare in this process {' '.join(f'{r:.3f}' for r in ratios)} "
+          f"(marstore rows/s {' '.join(f'{args.rows / t:.0f}' for t in loops)}; bare rows/s "
+          f"{' '.join(f'{r:.0f}' for r in bare)}, before and after each extraction)")
     print(f"per extraction: loop {loop:.3f} s; forward {forward:.3f} s; outside the forward {loop - forward:.3f} s, "
           f"of which before the first forward {statistics.mean(before):.3f} s and after the last {statistics.mean(after):.3f} s")
     for _, _, label in STAGES:
