@@ -38,6 +38,23 @@ def test_cuda_many_and_non_contiguous(backend, mode):
     assert counts.cpu().tolist() == [expected_counts(s.cpu(), torch.float16) for s in srcs]
 
 
+@pytest.mark.parametrize("mode", ["direct", "staged"])
+def test_cuda_more_sources_than_one_launch_takes(backend, mode):
+    """One launch takes 48 sources; 100 (a model with every module hooked) take three, into one
+    destination, with every source's counts in its own row. From 16 MiB of destination a staged
+    copy of so many goes in one DMA copy, not in pieces."""
+    small = [random_values((torch.float32, torch.bfloat16)[i % 2], 300 + 7 * i, i).cuda() for i in range(99)]
+    for big in ([], [random_values(torch.float32, 9_000_001, 5).cuda()]):
+        srcs = small[:50] + big + small[50:]
+        offsets, total = ops.aligned_offsets(srcs, torch.float16)
+        dst = torch.full((total,), 7, dtype=torch.float16).pin_memory()
+        counts = ops.cast_copy_many(srcs, dst, offsets, mode=mode)
+        torch.cuda.synchronize()
+        for s, off in zip(srcs, offsets):
+            assert as_bytes(dst[off : off + s.numel()]) == as_bytes(s.to(torch.float16).cpu())
+        assert counts.cpu().tolist() == [expected_counts(s.cpu(), torch.float16) for s in srcs]
+
+
 @pytest.mark.parametrize("order", ["ascending", "descending"])
 def test_cuda_staged_in_pieces_is_exact_and_done_when_the_callers_stream_is(backend, order):
     """From 16 MiB of destination a staged copy goes in pieces copied on a second stream (when
