@@ -2,9 +2,9 @@
 
     python benchmarks/extract_breakdown.py [--rows 4096] [--rounds 1] [--device cpu] [bench_extract.py's model options]
 
-Runs `marstore extract` on bench_extract.py's model and in-memory data (by default its default
-size, every encoder and decoder block hooked, no reduction) with clocks around the forward and
-around the stages after it, and prints the seconds of each. Separate processes differ by 10-25%
+Runs bench_extract.py's marstore way (`marstore extract` on its model and in-memory data; by
+default its default size, every encoder and decoder block hooked, no reduction) with clocks
+around the forward and around the stages after it, and prints the seconds of each. Separate processes differ by 10-25%
 in the forward's own speed on a shared VM (benchmarks/RESULTS.md), which hides changes of a few
 percent in bench_extract.py's ratios; the loop's time outside the forward shows them. Each
 extraction runs between two runs of bench_extract.py's bare forward in the same process, and its
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="extractions, each between two runs of the bare forward")
     bench_extract.add_model_options(parser)
     args = parser.parse_args()
-    args.layers, args.no_malloc_tuning = ["encoder_blocks.*", "decoder_blocks.*"], False  # as extract below
+    args.layers, args.no_malloc_tuning = ["encoder_blocks.*", "decoder_blocks.*"], False  # bench_extract's defaults
 
     seconds: collections.Counter = collections.Counter()
     forward_marks: dict = {}  # the first forward's start and the last one's end, of one run
@@ -88,16 +88,10 @@ def main() -> None:
     loops, forwards, ratios, before, after = [], [], [], [], []
     with tempfile.TemporaryDirectory(dir=args.dir) as directory:
         for k in range(args.rounds):
-            opts = extract_module.ExtractOptions(
-                out=os.path.join(directory, f"breakdown{k}.h5"), model="marstore.models:video_mar",
-                dataset="bench_extract:memory_dataset", dataset_args={"size": args.rows, "grid": args.grid},
-                forward="marstore.models:policy_forward", layers=args.layers,
-                reduction=args.reduction, batch_size=args.batch_size, device=args.device,
-                model_args=bench_extract.model_args(args), progress=False, commit_rows=1 << 30, autocast=args.autocast)
             forward_before = seconds[FORWARD]
             forward_marks.clear()
             ring_marks.clear()
-            loops.append(extract_module.extract(opts).seconds)
+            loops.append(bench_extract.run_way("marstore", args.rows, args, os.path.join(directory, f"breakdown{k}.h5"))["seconds"])
             forwards.append(seconds[FORWARD] - forward_before)
             before.append(forward_marks["first start"] - ring_marks["first start"])
             after.append(ring_marks["first start"] + loops[-1] - forward_marks["last end"])
