@@ -150,6 +150,7 @@ class ActivationDataset(Dataset):
         return new
 
     def _read(self, name: str, kind: str, sorted_rows: np.ndarray) -> list[np.ndarray] | np.ndarray:
+        """The rows sorted_rows (increasing, each once) of one layer or target."""
         if self._memory is not None:
             return self._memory[f"{kind}/{name}"][np.searchsorted(self._memory["rows"], sorted_rows)]
         runs = _runs(sorted_rows)
@@ -185,11 +186,8 @@ class ActivationDataset(Dataset):
     def __getitems__(self, positions: Sequence[int]) -> "RowBatch":
         """Many items with one HDF5 read per run of consecutive rows (DataLoader calls this).
         The result is a sequence of items; collate_rows turns it into a batch without copies."""
-        rows = self.rows[np.asarray(positions, dtype=np.int64)]
-        order = np.argsort(rows, kind="stable")
-        sorted_rows = rows[order]
-        back = np.empty_like(order)
-        back[order] = np.arange(len(order))
+        # each row read once, in order, even when asked for twice (a sampler with replacement)
+        sorted_rows, back = np.unique(self.rows[np.asarray(positions, dtype=np.int64)], return_inverse=True)
         columns: dict[str, Any] = {}
         for name in self.layer_names:
             data = self._read(name, "activations", sorted_rows)
@@ -220,7 +218,7 @@ class ActivationDataset(Dataset):
         """Reads the selected rows into memory (when they fit); returns and logs the bytes taken."""
         if self.ragged:
             raise StoreError(f"preload keeps dense rows only; {sorted(self.ragged)} are ragged")
-        sorted_rows = np.sort(self.rows)
+        sorted_rows = np.unique(self.rows)
         objects = [self._object("activations", n) for n in self.layer_names] + [self._object("targets", n) for n in self.target_names]
         need = sum(int(np.prod(o.shape[1:])) * o.dtype.itemsize for o in objects)
         need *= len(sorted_rows)
@@ -253,7 +251,8 @@ class ActivationDataset(Dataset):
             if group not in self._handle()["targets"]:
                 raise StoreError(f"group {group!r} is not a target of {self.path}; its targets are "
                                  f"{sorted(self._handle()['targets'])}")
-            keys = self._read(group, "targets", np.sort(self.rows))[np.argsort(np.argsort(self.rows))]
+            stored, back = np.unique(self.rows, return_inverse=True)
+            keys = self._read(group, "targets", stored)[back]
             unique = rng.permutation(np.unique(keys))
             n_train = int(round(fractions[0] * len(unique)))
             n_val = int(round(fractions[1] * len(unique)))

@@ -68,6 +68,31 @@ def test_getitems_reads_runs_and_keeps_order(tmp_path):
     assert all(torch.equal(it[0], torch.from_numpy(x[p].astype(np.float32))) for it, p in zip(items, positions))
 
 
+def test_rows_asked_for_twice_come_back_twice(tmp_path):
+    """A sampler with replacement, or a bootstrap row list, asks for some rows more than once;
+    such rows used to come back as their neighbours (every case below did)."""
+    path = tmp_path / "s.h5"
+    x, _ = planted_store(path, n=300)
+    want = lambda rows: torch.from_numpy(x[rows].astype(np.float32))  # noqa: E731
+    ds = ActivationDataset(path, "signal", ["episode"])
+    batch = collate_rows(ds.__getitems__([9, 8, 11, 8]))
+    assert torch.equal(batch["signal"], want([9, 8, 11, 8])) and batch["episode"].tolist() == [0, 0, 1, 0]
+    drawn = [5, 5, 7, 8] + list(torch.utils.data.RandomSampler(range(300), replacement=True, generator=torch.Generator().manual_seed(0)))
+    got = torch.cat([b["signal"] for b in DataLoader(ds, batch_size=4, sampler=drawn, collate_fn=collate_rows)])
+    assert len(set(drawn)) < 300 and torch.equal(got, want(drawn))
+    boot = ActivationDataset(path, "signal", rows=[8, 7, 10, 7], preload=True)
+    assert torch.equal(boot.read_all()["signal"], want([8, 7, 10, 7]))
+    splits = ActivationDataset(path, "signal", rows=[9, 12, 11, 9, 14, 12]).split((0.5, 0.5, 0.0), group="episode")
+    assert sorted(p.tolist() for p in splits.values()) == [[], [0, 3], [1, 2, 4, 5]]  # episode 0, episode 1
+    rpath = tmp_path / "r.h5"
+    lengths = [1 + i % 3 for i in range(50)]
+    with StoreWriter(rpath, [LayerSpec("enc", (2,), ragged=True)]) as w:
+        w.append({"enc": Ragged(np.repeat(np.arange(50, dtype=np.float16), lengths)[:, None].repeat(2, 1), lengths)},
+                 index=list(range(50)))
+    rows = [v["enc"][:, 0].tolist() for v in ActivationDataset(rpath, "enc").__getitems__([40, 1, 1])]
+    assert rows == [[40.0, 40.0], [1.0, 1.0], [1.0, 1.0]]
+
+
 def test_sampler_covers_every_index_once_and_reads_whole_chunks():
     sampler = ChunkShuffleSampler(1000, chunk_rows=64, seed=3)
     order = list(sampler)
