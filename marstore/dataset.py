@@ -92,6 +92,7 @@ class ActivationDataset(Dataset):
                 first.row_shape, np.dtype(STORED_DTYPES[first.dtype]).itemsize, None)
             self.bfloat16 = {n for n in self.layer_names if store.layers[n].attrs.get("encoding") == "bfloat16-bits"}
         self.rows = np.arange(self.committed) if rows is None else np.asarray(rows, dtype=np.int64)
+        self.follows_writer = rows is None  # refresh() extends only a view of every row
         if len(self.rows) and (self.rows.min() < 0 or self.rows.max() >= self.committed):
             raise StoreError(f"row selection reaches past the {self.committed} committed rows of {self.path}")
         self._file: h5py.File | None = None
@@ -124,13 +125,14 @@ class ActivationDataset(Dataset):
         return state
 
     def refresh(self) -> int:
-        """Re-reads the committed count (a writer may still be running); returns it."""
+        """Re-reads the committed count (a writer may still be running); returns it. A view of
+        every row (rows=None) grows with it; a chosen selection or a subset stays as it is."""
         self.close()
         with open_store(self.path) as store:
             grew = store.rows > self.committed
             self.committed = store.rows
-        if grew and len(self.rows) and self.rows[-1] == len(self.rows) - 1:
-            self.rows = np.arange(self.committed)  # an unrestricted view follows the writer
+        if grew and self.follows_writer:
+            self.rows = np.arange(self.committed)
         return self.committed
 
     def close(self) -> None:
@@ -147,6 +149,7 @@ class ActivationDataset(Dataset):
         new = ActivationDataset.__new__(ActivationDataset)
         new.__dict__.update(self.__getstate__())
         new.rows = self.rows[np.asarray(rows, dtype=np.int64)]
+        new.follows_writer = False
         return new
 
     def _read(self, name: str, kind: str, sorted_rows: np.ndarray) -> list[np.ndarray] | np.ndarray:

@@ -166,7 +166,21 @@ def test_refresh_sees_rows_committed_later(tmp_path):
     w.append({"a": np.ones((3, 2), np.float16)}, index=[2, 3, 4])
     w.flush()
     assert ds.refresh() == 5 and len(ds) == 5
+    chosen = ActivationDataset(path, "a", rows=[1, 0, 4])
+    w.append({"a": np.ones((1, 2), np.float16)}, index=[5])
+    w.flush()
+    assert chosen.refresh() == 6 and chosen.rows.tolist() == [1, 0, 4]  # a chosen selection stays as chosen
+    part = ds.subset([3, 1])
+    assert part.refresh() == 6 and part.rows.tolist() == [3, 1]
     w.close()
+    late = StoreWriter(tmp_path / "late.h5", [LayerSpec("a", (2,))], commit_rows=2)
+    late.flush()
+    reader = ActivationDataset(tmp_path / "late.h5", "a")  # opened before the first rows
+    assert len(reader) == 0
+    late.append({"a": np.ones((2, 2), np.float16)}, index=[0, 1])
+    late.flush()
+    assert reader.refresh() == 2 and len(reader) == 2
+    late.close()
 
 
 def probe_opts(tmp_path, path, **kw):
