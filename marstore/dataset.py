@@ -133,6 +133,8 @@ class ActivationDataset(Dataset):
             self.committed = store.rows
         if grew and self.follows_writer:
             self.rows = np.arange(self.committed)
+            if self._memory is not None:  # preloaded: the new rows too
+                self.preload()
         return self.committed
 
     def close(self) -> None:
@@ -221,6 +223,7 @@ class ActivationDataset(Dataset):
         """Reads the selected rows into memory (when they fit); returns and logs the bytes taken."""
         if self.ragged:
             raise StoreError(f"preload keeps dense rows only; {sorted(self.ragged)} are ragged")
+        self._memory = None  # read from the file, also when preloading again
         sorted_rows = np.unique(self.rows)
         objects = [self._object("activations", n) for n in self.layer_names] + [self._object("targets", n) for n in self.target_names]
         need = sum(int(np.prod(o.shape[1:])) * o.dtype.itemsize for o in objects)

@@ -161,11 +161,12 @@ def test_refresh_sees_rows_committed_later(tmp_path):
     w = StoreWriter(path, [LayerSpec("a", (2,))], commit_rows=2)
     w.append({"a": np.ones((2, 2), np.float16)}, index=[0, 1])
     w.flush()
-    ds = ActivationDataset(path, "a")
+    ds, preloaded = ActivationDataset(path, "a"), ActivationDataset(path, "a", preload=True)
     assert len(ds) == 2
-    w.append({"a": np.ones((3, 2), np.float16)}, index=[2, 3, 4])
+    w.append({"a": np.full((3, 2), 2, np.float16)}, index=[2, 3, 4])
     w.flush()
     assert ds.refresh() == 5 and len(ds) == 5
+    assert preloaded.refresh() == 5 and preloaded.read_all()["a"][:, 0].tolist() == [1, 1, 2, 2, 2]
     chosen = ActivationDataset(path, "a", rows=[1, 0, 4])
     w.append({"a": np.ones((1, 2), np.float16)}, index=[5])
     w.flush()
