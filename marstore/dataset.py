@@ -3,7 +3,7 @@
     ds = ActivationDataset("acts.h5", layers=["encoder_blocks.3"], targets=["nactions"])
     splits = ds.split((0.8, 0.1, 0.1), seed=0)               # {"train": idx, "val": idx, "test": idx}
     sampler = ChunkShuffleSampler(splits["train"], ds.chunk_rows, seed=0)
-    loader = DataLoader(ds, batch_size=256, sampler=sampler, num_workers=2)
+    loader = DataLoader(ds, batch_size=256, sampler=sampler, num_workers=2, collate_fn=collate_rows)
 
 The HDF5 file is opened lazily, in whichever process reads first, and reopened after a fork:
 a handle inherited across fork is never used (FIELD-NOTES §4). Only committed rows are seen;
@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections.abc
 import logging
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Collection, Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -65,8 +65,8 @@ class ActivationDataset(Dataset):
 
     An item is a dict {name: tensor}, or a tuple in the order layers + targets when
     as_tuple=True. reduction ('mean', 'first', 'last') reduces the token axis of layers stored
-    with tokens at read time; ragged layers give one (tokens, ...) tensor per row, to be padded
-    by collate_padded or reduced."""
+    with tokens at read time; ragged layers give one (tokens, ...) tensor per row, padded by
+    collate_rows (or reduced)."""
 
     def __init__(self, path: str | os.PathLike, layers: str | Sequence[str], targets: Sequence[str] = (), *,
                  rows: Sequence[int] | None = None, as_tuple: bool = False, dtype: torch.dtype = torch.float32,
@@ -84,6 +84,7 @@ class ActivationDataset(Dataset):
                     raise StoreError(f"{self.path} has no target {name!r}; it has {sorted(store.targets)}")
             self.committed = store.rows
             self.ragged = {n for n in self.layer_names if store.layers[n].layout == "ragged"}
+            self.token_shapes = {n: tuple(store.layers[n].row_shape) for n in self.ragged}  # of one token
             self.stats = {n: (np.asarray(store.layers[n].attrs.get("mean")), np.asarray(store.layers[n].attrs.get("std")))
                           for n in self.layer_names}
             first = store.layers[self.layer_names[0]]
@@ -197,7 +198,10 @@ class ActivationDataset(Dataset):
         for name in self.layer_names:
             data = self._read(name, "activations", sorted_rows)
             if name in self.ragged:
-                columns[name] = [self._to_tensor(name, data[i]) for i in back]
+                rows = [self._to_tensor(name, data[i]) for i in back]
+                if self.reduction:  # a row each, all alike now
+                    rows = torch.stack(rows) if rows else torch.empty(0, *self.token_shapes[name], dtype=self.dtype)
+                columns[name] = rows
             else:
                 columns[name] = self._to_tensor(name, data[back]) if len(back) else self._to_tensor(name, data)
         for name in self.target_names:
@@ -213,11 +217,7 @@ class ActivationDataset(Dataset):
         positions = np.arange(len(self)) if positions is None else np.asarray(positions)
         if self.ragged and not self.reduction:
             raise StoreError(f"read_all needs dense rows; {sorted(self.ragged)} are ragged: give reduction=")
-        items = self.__getitems__(positions) if len(positions) else []
-        names = self.layer_names + self.target_names
-        if self.as_tuple:
-            return {n: torch.stack([it[k] for it in items]) for k, n in enumerate(names)}
-        return {n: torch.stack([it[n] for it in items]) for n in names}
+        return dict(self.__getitems__(positions).columns)
 
     def preload(self, max_bytes: int | None = None) -> int:
         """Reads the selected rows into memory (when they fit); returns and logs the bytes taken."""
@@ -285,13 +285,18 @@ class RowBatch(collections.abc.Sequence):
 
 def collate_rows(batch: Any) -> Any:
     """collate_fn for DataLoader(ActivationDataset): the columns that were read, as they are (a
-    dict, or a tuple with as_tuple); ragged layers are padded as collate_padded does."""
+    dict, or a tuple with as_tuple). Ragged layers are padded as collate_padded does, with
+    their `<name>.mask` in every batch; with as_tuple the masks follow the named columns, in
+    the order of their layers."""
     if not isinstance(batch, RowBatch):
         return torch.utils.data.default_collate(batch)
-    if any(isinstance(batch.columns[n], list) for n in batch.names):
-        padded = collate_padded([dict(zip(batch.names, it)) if batch.as_tuple else it for it in batch])
-        return tuple(padded[n] for n in batch.names) if batch.as_tuple else padded
-    return tuple(batch.columns[n] for n in batch.names) if batch.as_tuple else dict(batch.columns)
+    ragged = [n for n in batch.names if isinstance(batch.columns[n], list)]
+    columns = dict(batch.columns)
+    for name in ragged:
+        columns[name], columns[f"{name}.mask"] = _pad(batch.columns[name])
+    if batch.as_tuple:
+        return tuple(columns[n] for n in batch.names + [f"{n}.mask" for n in ragged])
+    return columns
 
 
 def _available_memory() -> int:
@@ -305,22 +310,30 @@ def _available_memory() -> int:
     return 8 << 30
 
 
-def collate_padded(items: list[dict]) -> dict[str, torch.Tensor]:
-    """Pads ragged (tokens, ...) rows to the longest in the batch; adds `<name>.mask` (True = real)."""
+def collate_padded(items: list[dict], ragged: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+    """Stacks the items' values. Ragged (tokens, ...) rows are padded to the longest in the batch,
+    with `<name>.mask` (True = real). ragged names them, so that every batch has their masks,
+    also one whose rows happen to be alike in length (those of one extraction batch are); by
+    default a value is taken as ragged where its rows differ in shape."""
     out = {}
     for name in items[0]:
         values = [it[name] for it in items]
-        if all(v.shape == values[0].shape for v in values):
+        pad = any(v.shape != values[0].shape for v in values) if ragged is None else name in ragged
+        if pad:
+            out[name], out[f"{name}.mask"] = _pad(values)
+        else:
             out[name] = torch.stack(values)
-            continue
-        longest = max(v.shape[0] for v in values)
-        padded = values[0].new_zeros((len(values), longest, *values[0].shape[1:]))
-        mask = torch.zeros(len(values), longest, dtype=torch.bool)
-        for i, v in enumerate(values):
-            padded[i, : v.shape[0]] = v
-            mask[i, : v.shape[0]] = True
-        out[name], out[f"{name}.mask"] = padded, mask
     return out
+
+
+def _pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(v.shape[0] for v in rows)
+    padded = rows[0].new_zeros((len(rows), longest, *rows[0].shape[1:]))
+    mask = torch.zeros(len(rows), longest, dtype=torch.bool)
+    for i, v in enumerate(rows):
+        padded[i, : v.shape[0]] = v
+        mask[i, : v.shape[0]] = True
+    return padded, mask
 
 
 class ChunkShuffleSampler(Sampler[int]):

@@ -154,6 +154,23 @@ def test_preload_ragged_and_errors(tmp_path):
     assert collate_rows(rds.__getitems__([0, 1, 2]))["enc.mask"].tolist() == batch["enc.mask"].tolist()
     assert batch["enc"].shape == (3, 3, 4) and batch["enc.mask"].tolist() == [[True, False, False], [True, True, True], [True, True, False]]
     assert torch.equal(ActivationDataset(rpath, "enc", reduction="mean")[1]["enc"], torch.arange(4.0, 16).view(3, 4).mean(0))
+    reduced = ActivationDataset(rpath, "enc", reduction="first")
+    assert reduced.read_all([2, 0])["enc"].tolist() == [[16, 17, 18, 19], [0, 1, 2, 3]]
+    assert reduced.read_all([])["enc"].shape == (0, 4) and ActivationDataset(path, "signal", ["y"]).read_all([])["y"].shape == (0, 3)
+
+
+def test_ragged_layers_have_their_mask_in_every_batch(tmp_path):
+    """Rows of one extraction batch have one token count (MAR draws one mask ratio a forward),
+    so a batch read from one chunk often has rows of one length: it still needs the mask."""
+    path = tmp_path / "r.h5"
+    with StoreWriter(path, [LayerSpec("enc", (2,), ragged=True)], [TargetSpec("y", (), "int64")]) as w:
+        w.append({"enc": Ragged(np.ones((7, 2), np.float16), [3, 3, 1])}, targets={"y": np.arange(3)}, index=[0, 1, 2])
+    batches = list(DataLoader(ActivationDataset(path, "enc", ["y"]), batch_size=2, collate_fn=collate_rows))
+    assert [b["enc.mask"].tolist() for b in batches] == [[[True] * 3] * 2, [[True]]]
+    first = next(iter(DataLoader(ActivationDataset(path, "enc", ["y"], as_tuple=True), batch_size=2, collate_fn=collate_rows)))
+    assert [tuple(t.shape) for t in first] == [(2, 3, 2), (2,), (2, 3)]  # the layer, the target, the layer's mask
+    items = [{"enc": torch.ones(3, 2), "y": torch.tensor(0)}] * 2
+    assert sorted(collate_padded(items, ragged=["enc"])) == ["enc", "enc.mask", "y"] and sorted(collate_padded(items)) == ["enc", "y"]
 
 
 def test_refresh_sees_rows_committed_later(tmp_path):
@@ -204,6 +221,19 @@ def test_settings_that_would_train_nothing_are_refused(tmp_path, kw, message):
     with pytest.raises(ProbeError) as info:
         probe_opts(tmp_path, "s.h5", **kw)
     assert str(info.value) == message
+
+
+def test_a_store_too_small_to_split_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "s.h5"
+    planted_store(path, n=2)
+    with pytest.raises(ProbeError) as info:
+        run_probes(probe_opts(tmp_path, path))
+    assert str(info.value) == ("signal: the val and test splits would be empty with 2 rows (--val-fraction 0.1, "
+                               "--test-fraction 0.1); extract more rows, or raise those fractions")
+    with pytest.raises(ProbeError) as info:  # it used to fail in torch.stack
+        run_probes(probe_opts(tmp_path, path, group="episode", val_fraction=0.3, test_fraction=0.3))
+    assert str(info.value) == ("signal: the train and val splits would be empty with 2 rows grouped by 'episode' "
+                               "(--val-fraction 0.3, --test-fraction 0.3); extract more rows")  # one episode
 
 
 def test_planted_linear_signal_is_found_and_the_control_is_not(tmp_path):
