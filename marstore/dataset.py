@@ -366,7 +366,7 @@ class ChunkShuffleSampler(Sampler[int]):
             return chunks
         flat = np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
         per_rank = -(-len(flat) // self.num_replicas)
-        flat = np.concatenate([flat, flat[: per_rank * self.num_replicas - len(flat)]])  # pad like DistributedSampler
+        flat = np.resize(flat, per_rank * self.num_replicas)  # padded by repeating, like DistributedSampler
         return [flat[self.rank * per_rank : (self.rank + 1) * per_rank]]
 
     def __iter__(self) -> Iterator[int]:

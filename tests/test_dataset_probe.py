@@ -103,6 +103,8 @@ def test_sampler_covers_every_index_once_and_reads_whole_chunks():
     assert list(sampler) != order and sorted(sampler) == list(range(1000))
     ranks = [list(ChunkShuffleSampler(1000, 64, seed=3, num_replicas=3, rank=r)) for r in range(3)]
     assert all(len(r) == 334 for r in ranks) and set(sum(ranks, [])) == set(range(1000))
+    # fewer rows than ranks: every rank still gets as many (a rank with fewer batches stalls DDP)
+    assert [list(ChunkShuffleSampler(2, 64, num_replicas=5, rank=r)) for r in range(5)] == [[0], [1], [0], [1], [0]]
     subset = ChunkShuffleSampler(np.arange(100, 400), 64, seed=1)
     assert sorted(subset) == list(range(100, 400))
 
