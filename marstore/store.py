@@ -1026,9 +1026,15 @@ class Store:
             )
         self.targets = {name: ds for name, ds in file["targets"].items()}
 
+    def _span(self, start: int, stop: int | None) -> tuple[int, int]:
+        """[start, stop) as a slice of the committed rows takes it (negative: from the last
+        committed row, not from the end of a dataset that a writer has grown further)."""
+        rows = range(self.rows)[start:stop]
+        return rows.start, max(rows.start, rows.stop)
+
     def read(self, layer: str, start: int = 0, stop: int | None = None) -> np.ndarray | list[np.ndarray]:
         """Committed rows [start, stop) of a layer (a list of per-sample arrays if ragged)."""
-        stop = self.rows if stop is None else min(stop, self.rows)
+        start, stop = self._span(start, stop)
         if layer not in self.layers:
             raise StoreError(f"{self.path} has no layer {layer!r}; it has {sorted(self.layers)}")
         obj = self.file["activations"][layer]
@@ -1039,11 +1045,11 @@ class Store:
         return [values[a - offsets[0] : b - offsets[0]] for a, b in zip(offsets[:-1], offsets[1:])]
 
     def target(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        stop = self.rows if stop is None else min(stop, self.rows)
+        start, stop = self._span(start, stop)
         return self.targets[name][start:stop]
 
     def index(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        stop = self.rows if stop is None else min(stop, self.rows)
+        start, stop = self._span(start, stop)
         return self.file["index"][start:stop]
 
     def outputs(self) -> dict[str, np.ndarray]:

@@ -422,6 +422,25 @@ def test_reader_sees_committed_rows_while_writer_runs(tmp_path):
         assert (s.status, s.rows) == ("complete", 30 * BATCH_ROWS)
 
 
+def test_reads_from_the_end_count_from_the_last_committed_row(tmp_path):
+    """A writer grows its datasets before it commits their rows: row -1 is the last committed."""
+    path = tmp_path / "s.h5"
+    with StoreWriter(path, [LayerSpec("a", (2,), chunk_rows=2), LayerSpec("r", (1,), ragged=True)],
+                     [TargetSpec("y", (), "int64")], commit_rows=4) as w:
+        def add(first, n):
+            w.append({"a": np.arange(2 * first, 2 * (first + n), dtype=np.float16).reshape(n, 2),
+                      "r": Ragged(np.arange(first, first + n, dtype=np.float16)[:, None], [1] * n)},
+                     targets={"y": np.arange(first, first + n)}, index=range(first, first + n))
+        add(0, 4)
+        w.flush()
+        add(4, 3)  # not committed; a's dataset already holds rows 4 and 5
+        with open_store(path) as s:
+            assert (s.rows, s.file["activations"]["a"].shape[0]) == (4, 6)
+            assert s.read("a", -1).tolist() == [[6, 7]] and s.target("y", -2).tolist() == [2, 3]
+            assert s.index(-3, -1).tolist() == [1, 2] and s.read("a", 3, 1).shape == (0, 2)
+            assert [r.tolist() for r in s.read("r", -2)] == [[[2]], [[3]]] and s.read("r", 9) == []
+
+
 def test_a_second_writer_is_refused_while_the_first_runs(tmp_path):
     """An extraction resumed while the first still runs used to interleave its rows with the
     first's and mark the store complete; HDF5's file lock now refuses the second."""
