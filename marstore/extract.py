@@ -274,8 +274,10 @@ def _get_dotted(batch: Any, path: str) -> Any:
             obj = obj[part]
         elif isinstance(obj, (list, tuple)) and part.isdigit() and int(part) < len(obj):
             obj = obj[int(part)]
+        elif part in getattr(obj, "_fields", ()):  # a namedtuple's field
+            obj = getattr(obj, part)
         else:
-            keys = sorted(obj) if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
+            keys = sorted(obj) if isinstance(obj, Mapping) else list(getattr(obj, "_fields", ())) or f"a {type(obj).__name__}"
             raise ExtractError(f"--targets {path!r}: {part!r} is not in the batch (it has {keys})")
     return obj
 
@@ -286,7 +288,8 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, Mapping):
         return {k: _to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
+        moved = [_to_device(v, device) for v in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)  # a namedtuple takes fields
     return batch
 
 

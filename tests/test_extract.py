@@ -679,6 +679,20 @@ def test_a_text_target_is_refused_before_the_store_is_made(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_namedtuple_batches_reach_the_forward_and_name_targets(tmp_path):
+    extract(options(tmp_path, out=str(tmp_path / "dicts.h5"), num_samples=16))
+    extract(options(tmp_path, out=str(tmp_path / "tuples.h5"), dataset="helpers.streams:tuple_samples",
+                    forward="helpers.streams:tuple_forward", num_samples=16))
+    with open_store(tmp_path / "dicts.h5") as a, open_store(tmp_path / "tuples.h5") as b:
+        assert b.rows == 16 and list(b.layers) == list(a.layers)
+        assert all(np.array_equal(a.read(n), b.read(n)) for n in a.layers)
+        assert all(np.array_equal(a.target(n), b.target(n)) for n in ("nactions", "label"))
+    with pytest.raises(ExtractError) as info:
+        extract(options(tmp_path, dataset="helpers.streams:tuple_samples", forward="helpers.streams:tuple_forward",
+                        targets=["actions"]))
+    assert str(info.value) == "--targets 'actions': 'actions' is not in the batch (it has ['imgs', 'cond', 'nactions', 'label'])"
+
+
 def test_an_error_mid_run_keeps_the_committed_rows_and_says_how_to_resume(tmp_path, caplog):
     def fail(rows):
         if rows >= 16:

@@ -1,4 +1,6 @@
-"""Data sets for the extraction tests: the built-in synthetic samples as streams, and with a text field."""
+"""Data sets for the extraction tests: the built-in synthetic samples as streams, with a text field, as namedtuples."""
+
+import collections
 
 import torch
 
@@ -50,3 +52,27 @@ class NamedSamples(torch.utils.data.Dataset):
 
 def named_samples(size: int = 40) -> NamedSamples:
     return NamedSamples(size)
+
+
+Sample = collections.namedtuple("Sample", "imgs cond nactions label")
+
+
+class TupleSamples(torch.utils.data.Dataset):
+    """The built-in samples as namedtuples (DataLoader keeps the type in its batches)."""
+
+    def __init__(self, size: int):
+        self.samples = synthetic_video_actions(size=size)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> Sample:
+        return Sample(*(self.samples[i][k] for k in Sample._fields))
+
+
+def tuple_samples(size: int = 40) -> TupleSamples:
+    return TupleSamples(size)
+
+
+def tuple_forward(model, batch: Sample):
+    return model(batch.imgs, batch.cond, nactions=batch.nactions, task_mode="policy_model")
