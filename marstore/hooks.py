@@ -8,7 +8,8 @@
 
 A pattern is an exact module name, a glob (`*` = one name component, `**` = any depth) or a
 regular expression (`re:...`). `@input` captures the module's first input instead of its
-output; `:0` or `:key` picks an element of a tuple, list or dict output. Hooks are removed on
+output; `:0` or `:key` picks an element of a tuple, list or dict output. A capture is what the
+hook saw, even when the model changes the tensor in place afterwards. Hooks are removed on
 every exit path, exceptions and KeyboardInterrupt included.
 """
 
@@ -161,6 +162,10 @@ def _token_index(indices: tuple[int, ...], device: torch.device) -> torch.Tensor
         return torch.tensor(indices, dtype=torch.long, device=device)
 
 
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.numel() > 0
+
+
 def parse_reduction(text: str) -> str | list[int]:
     if text in REDUCTIONS:
         return text
@@ -255,6 +260,11 @@ class Capture:
                 x = reduce_tokens(value.detach(), sel.reduction)
             except HookError as exc:
                 raise HookError(f"{sel.store_name}: {exc}; leave it out of --layers or use --reduction none") from None
+            if _same_memory(x, value):
+                # The copy to the host comes after the forward, and the model may still change this
+                # tensor in place (ReLU(inplace=True) after a BatchNorm, `out += identity`): keep
+                # what the hook saw. A device copy; the model's own tensor is freed as before.
+                x = x.clone(memory_format=torch.contiguous_format)
             if self.multi_fire == "last":
                 fired[:] = [x]
             else:

@@ -394,6 +394,34 @@ def test_stored_bytes_equal_a_plain_reference(tmp_path, device):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_a_tensor_the_model_changes_in_place_is_stored_as_its_hook_saw_it(tmp_path, device):
+    # The norm's output goes through ReLU(inplace=True), and the ReLU's input is that same tensor;
+    # the copy to the host comes after the forward, so the hook keeps a copy of its own (of the
+    # first token alone, a view, with --reduction first).
+    from helpers.inplace import build, tokens
+
+    torch.manual_seed(0)
+    model = build().to(device).eval()
+    seen: dict[str, list] = {}
+    for name in ("0.norm", "1.norm", "0.fc"):
+        model.get_submodule(name).register_forward_hook(lambda m, a, o, n=name: seen.setdefault(n, []).append(o.half().cpu()))
+    model.get_submodule("0.relu").register_forward_pre_hook(lambda m, a: seen.setdefault("0.relu@input", []).append(a[0].half().cpu()))
+    with torch.inference_mode():
+        for batch in torch.utils.data.DataLoader(tokens(), batch_size=4):
+            model(batch.to(device))
+    for reduction in ("none", "first"):
+        path = extract(ExtractOptions(out=str(tmp_path / f"{reduction}.h5"), model="helpers.inplace:build",
+                                      dataset="helpers.inplace:tokens", layers=["*.norm", "0.fc", "0.relu@input"],
+                                      batch_size=4, reduction=reduction, progress=False, device=device)).path
+        with open_store(path) as s:
+            assert list(s.layers) == ["0.norm", "1.norm", "0.fc", "0.relu@input"]
+            for name, parts in seen.items():
+                want = torch.cat(parts) if reduction == "none" else torch.cat(parts)[:, 0]
+                assert s.read(name).tobytes() == want.numpy().tobytes(), (reduction, name)
+            assert (s.read("0.norm") < 0).any()  # as before the ReLU
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
 def test_autocast_runs_the_forward_in_mixed_precision(tmp_path, device):
     # z_proj is a Linear: bfloat16 under autocast; its bytes as a plain hook under autocast sees them
     torch.manual_seed(0)
