@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data._utils.collate import collate, default_collate_fn_map
 from tqdm import tqdm
 
 from marstore import hooks, loading, scaleout
@@ -262,9 +263,51 @@ def _check_dataset(dataset: Any, opts: "ExtractOptions") -> bool:
     return False
 
 
+def _collate_none(batch: list, *, collate_fn_map: dict | None = None) -> None:
+    # an optional field that is None (UVA's text_latents): None for the batch, as for one sample
+    if any(x is not None for x in batch):
+        raise TypeError("it is None in some items and not in others")
+    return None
+
+
+_COLLATE_MAP = {**default_collate_fn_map, type(None): _collate_none}
+
+
+@dataclass
+class _Unbatchable:
+    """What _collate hands over in place of a batch it could not make, for the loop to raise
+    in one line (an exception raised in a DataLoader worker arrives wrapped in its traceback)."""
+
+    message: str
+
+
 def _collate(items):
     index = torch.tensor([i for i, _ in items], dtype=torch.int64)
-    return index, torch.utils.data.default_collate([x for _, x in items])
+    samples = [x for _, x in items]
+    try:
+        return index, collate(samples, collate_fn_map=_COLLATE_MAP)
+    except (TypeError, RuntimeError, KeyError, AttributeError) as exc:  # AttributeError: a None, in a worker
+        return index, _Unbatchable(_not_batched(samples, index.tolist(), exc))
+
+
+def _not_batched(samples: list, index: list[int], exc: Exception) -> str:
+    """Which field of the items kept them from being batched, and what would."""
+    field, why = None, " ".join(str(exc).split())
+    for key in samples[0] if isinstance(samples[0], Mapping) else ():
+        if any(key not in s for s in samples):
+            field, why = key, "some items lack it"
+        elif 0 < sum(s[key] is None for s in samples) < len(samples):
+            field, why = key, "it is None in some items and not in others"
+        else:
+            try:
+                collate([s[key] for s in samples], collate_fn_map=_COLLATE_MAP)
+                continue
+            except (TypeError, RuntimeError, AttributeError) as inner:
+                field, why = key, " ".join(str(inner).split())
+        break
+    what = f"their field {field!r}" if field is not None else "they"
+    return (f"a batch of {len(index)} items (the first is item {index[0]}) cannot be made: {what}: {why}; give every "
+            "item the same fields and shapes (a field that is None in all of them stays None), or use --batch-size 1")
 
 
 def _get_dotted(batch: Any, path: str) -> Any:
@@ -494,6 +537,8 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                            stop_early=opts.stop_early, unfold_batch=opts.unfold_batch) as capture:
             pending: list[tuple] = []
             for index, batch in batches:
+                if isinstance(batch, _Unbatchable):
+                    raise ExtractError(batch.message)
                 # copied before the forward, which may change its inputs in place (UVA's does)
                 targets = {t: _target_array(_get_dotted(batch, t)) for t in opts.targets}
                 capture.start_batch(len(index))

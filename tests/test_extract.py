@@ -721,6 +721,23 @@ def test_namedtuple_batches_reach_the_forward_and_name_targets(tmp_path):
     assert str(info.value) == "--targets 'actions': 'actions' is not in the batch (it has ['imgs', 'cond', 'nactions', 'label'])"
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_items_that_cannot_be_batched_name_the_field_in_one_line(tmp_path, workers):
+    # a field that is None in every item (UVA's text_latents) stays None for the batch
+    result = extract(options(tmp_path, dataset="helpers.streams:with_extra", num_samples=16, workers=workers))
+    assert result.rows == 16
+    for extra, why in (("uneven", "stack expects each tensor to be equal size, but got [1] at entry 0 and [2] at entry 1"),
+                       ("some_none", "it is None in some items and not in others")):
+        out = tmp_path / f"{extra}.h5"
+        with pytest.raises(ExtractError) as info:  # from a worker too: one line, not a worker's traceback
+            extract(options(tmp_path, out=str(out), dataset="helpers.streams:with_extra", dataset_args={"extra": extra},
+                            workers=workers))
+        assert str(info.value) == (f"a batch of 8 items (the first is item 0) cannot be made: their field 'text_latents': "
+                                   f"{why}; give every item the same fields and shapes (a field that is None in all of "
+                                   "them stays None), or use --batch-size 1")
+        assert not out.exists()
+
+
 def test_an_error_mid_run_keeps_the_committed_rows_and_says_how_to_resume(tmp_path, caplog):
     def fail(rows):
         if rows >= 16:

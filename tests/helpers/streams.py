@@ -76,3 +76,22 @@ def tuple_samples(size: int = 40) -> TupleSamples:
 
 def tuple_forward(model, batch: Sample):
     return model(batch.imgs, batch.cond, nactions=batch.nactions, task_mode="policy_model")
+
+
+class WithExtra(torch.utils.data.Dataset):
+    """The built-in samples with one more field: None in every item ("none"), None in odd items
+    ("some_none"), or a tensor whose length changes from item to item ("uneven")."""
+
+    def __init__(self, size: int, extra: str):
+        self.samples, self.extra = synthetic_video_actions(size=size), extra
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        value = {"none": None, "some_none": None if i % 2 else torch.zeros(2), "uneven": torch.zeros(1 + i % 3)}[self.extra]
+        return {**self.samples[i], "text_latents": value}
+
+
+def with_extra(size: int = 40, extra: str = "none") -> WithExtra:
+    return WithExtra(size, extra)
