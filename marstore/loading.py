@@ -111,7 +111,8 @@ def read_checkpoint(path: str, trust: bool = False) -> Any:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
         except Exception:  # noqa: BLE001 - the names are a courtesy; the refusal stands
             names = []
-        names = [n for n in names if n != "argparse.Namespace"]
+        # the checkpoint's own classes first (they say what it is), then torch's; each in order
+        names = sorted((n for n in names if n != "argparse.Namespace"), key=lambda n: (n.startswith("torch."), n))
         listed = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "") if names else "classes it does not name"
         raise CheckpointError(
             f"checkpoint {path} needs unpickling of {listed}, which a safe load refuses; if you trust "
@@ -170,7 +171,13 @@ def _as_config(value: Any, key: str) -> dict:
 
 
 def find_state_dict(ckpt: Any, key: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
-    """The weights: under `key` (dotted), else EMA weights where the layout has them."""
+    """The weights: under `key` (dotted), else EMA weights where the layout has them. A module
+    saved whole (torch.save(model), which only a trusted load reads) gives its state_dict()."""
+    if isinstance(ckpt, torch.nn.Module):
+        if key:
+            raise CheckpointError(f"--state-key {key!r}: this checkpoint is a whole {type(ckpt).__name__}, with no keys "
+                                  "to choose from")
+        return _module_state(ckpt, "the checkpoint"), "(whole module)"
     if isinstance(ckpt, Mapping) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         if key:
             raise CheckpointError(f"--state-key {key!r}: this checkpoint is a bare state dict, with no keys to choose from")
@@ -183,10 +190,10 @@ def find_state_dict(ckpt: Any, key: str | None = None) -> tuple[dict[str, torch.
         except KeyError:
             raise CheckpointError(f"--state-key {key!r} is not in the checkpoint; weights found under: "
                                   f"{[k for k, _ in STATE_KEYS if _has(ckpt, k)] or sorted(map(str, ckpt))}") from None
-        return _check_state(state, key), key
+        return _check_state(_module_state(state, f"checkpoint[{key!r}]"), key), key
     for candidate, ema in STATE_KEYS:
         if _has(ckpt, candidate):
-            state = _get_path(ckpt, candidate)
+            state = _module_state(_get_path(ckpt, candidate), f"checkpoint[{candidate!r}]")
             if isinstance(state, Mapping) and state:
                 others = [k for k, e in STATE_KEYS if _has(ckpt, k) and k != candidate]
                 if ema:
@@ -194,6 +201,14 @@ def find_state_dict(ckpt: Any, key: str | None = None) -> tuple[dict[str, torch.
                 return _check_state(state, candidate), candidate
     raise CheckpointError(f"no weights found in the checkpoint: none of {[k for k, _ in STATE_KEYS]} holds a state "
                           f"dict; its top-level keys are {sorted(map(str, ckpt))}; name one with --state-key")
+
+
+def _module_state(obj: Any, where: str) -> Any:
+    """obj, or the state dict of a module saved whole."""
+    if not isinstance(obj, torch.nn.Module):
+        return obj
+    log.info("%s is a whole %s (saved with torch.save(model)): its state_dict() gives the weights", where, type(obj).__name__)
+    return obj.state_dict()
 
 
 def _has(ckpt: Mapping, dotted: str) -> bool:

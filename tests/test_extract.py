@@ -120,6 +120,23 @@ def test_argparse_namespace_is_allowed_in_a_safe_load(tmp_path):
     assert key == "args" and config["depth"] == 2
 
 
+def test_a_model_saved_whole_gives_its_weights_to_a_trusted_load(tmp_path):
+    torch.manual_seed(1)
+    model = video_mar(**CONFIG)
+    for name, saved in (("whole.pt", model), ("dict.pt", {"model": model, "epoch": 3})):  # torch.save(model), or in a dict
+        torch.save(saved, tmp_path / name)
+        with pytest.raises(CheckpointError) as info:  # its own classes first, then torch's
+            read_checkpoint(str(tmp_path / name))
+        assert str(info.value).startswith(
+            f"checkpoint {tmp_path / name} needs unpickling of marstore.models.video_mar.ActionHead, marstore.models."
+            "video_mar.Block, marstore.models.video_mar.DiffHead, marstore.models.video_mar.VideoActionMAR, torch.nn.")
+        state, key = find_state_dict(read_checkpoint(str(tmp_path / name), trust=True))
+        assert key == ("(whole module)" if name == "whole.pt" else "model")
+        assert state.keys() == model.state_dict().keys() and all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(CheckpointError, match=r"^--state-key 'ema': this checkpoint is a whole VideoActionMAR, with no keys"):
+        find_state_dict(model, "ema")
+
+
 def test_builder_errors_list_missing_and_unknown_keys():
     with pytest.raises(CheckpointError) as info:
         build_model("marstore.models.video_mar:VideoActionMAR", {"task_name": "x", "bogus": 1, "depth": 1}, config_key="model_config")
