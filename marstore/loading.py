@@ -91,9 +91,12 @@ def file_digest(path: str) -> CheckpointInfo:
 
 
 def read_checkpoint(path: str, trust: bool = False) -> Any:
-    """torch.load with weights_only=True (argparse.Namespace allowed), unless trust=True."""
+    """torch.load with weights_only=True (argparse.Namespace allowed), unless trust=True; a
+    .safetensors file is read as the flat state dict it holds (it never holds a pickle)."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path}: no such file")
+    if path.endswith(".safetensors"):
+        return _read_safetensors(path)
     if trust:
         log.warning("loading %s with full unpickling (--trust-checkpoint): it can run code", path)
         try:
@@ -144,6 +147,23 @@ def to_plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [to_plain(v) for v in obj]
     return obj
+
+
+def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors import SafetensorError, safe_open
+    except ImportError:
+        raise CheckpointError(f"checkpoint {path} is a safetensors file, and reading one needs the safetensors package: "
+                              "pip install safetensors") from None
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            state = {name: f.get_tensor(name) for name in f.keys()}
+    except SafetensorError as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read as safetensors ({exc})") from None
+    if metadata:  # strings only (HF writes {"format": "pt"}); no model config to build from
+        log.info("%s: safetensors metadata %s", path, metadata)
+    return state
 
 
 def find_config(ckpt: Any, key: str | None = None) -> tuple[dict, str | None]:

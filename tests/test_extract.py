@@ -137,6 +137,26 @@ def test_a_model_saved_whole_gives_its_weights_to_a_trusted_load(tmp_path):
         find_state_dict(model, "ema")
 
 
+def test_a_safetensors_checkpoint_is_a_state_dict_without_pickles(tmp_path, monkeypatch):
+    st = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(2)
+    model = video_mar(**CONFIG)
+    path = str(tmp_path / "model.safetensors")
+    st.save_file({k: v.clone() for k, v in model.state_dict().items()}, path, metadata={"format": "pt"})
+    state, key = find_state_dict(read_checkpoint(path))
+    assert key == "(bare state dict)" and all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    result = extract(options(tmp_path, checkpoint=path, num_samples=8))
+    assert result.load_report["loaded"] == len(model.state_dict()) and result.load_report["missing_count"] == 0
+    (tmp_path / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{nonsense")
+    with pytest.raises(CheckpointError, match=r"^checkpoint .*broken.safetensors cannot be read as safetensors \("):
+        read_checkpoint(str(tmp_path / "broken.safetensors"))
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # not installed
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(path)
+    assert str(info.value) == (f"checkpoint {path} is a safetensors file, and reading one needs the safetensors package: "
+                               "pip install safetensors")
+
+
 def test_builder_errors_list_missing_and_unknown_keys():
     with pytest.raises(CheckpointError) as info:
         build_model("marstore.models.video_mar:VideoActionMAR", {"task_name": "x", "bogus": 1, "depth": 1}, config_key="model_config")
