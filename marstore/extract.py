@@ -158,11 +158,11 @@ def default_forward(model: torch.nn.Module, batch: Any) -> Any:
         raise
 
 
-def forward_scalars(out: Any, names: Sequence[str] = (), left_out: set[str] | None = None) -> dict[str, Any]:
+def forward_scalars(out: Any, names: Sequence[str] = (), left_out: dict[str, str] | None = None) -> dict[str, Any]:
     """The forward's return as named scalars: a tensor is the loss; a tuple or list is
     (loss, parts...), nested tuples flattened (UVA returns (loss, video_loss, act_loss)); a
     dict keeps its keys ('/' made '.', which HDF5 would read as a group). Non-scalar tensors and
-    other values are left out, and described in left_out. names (--output-names) name a
+    other values are left out, and described in left_out ({name: what it was, the first time}). names (--output-names) name a
     tensor's or a tuple's scalars in order, in place of loss, loss_1... One-element tensors stay
     tensors, where they are: reading a GPU loss would make the host wait for the forward."""
     named: dict[str, Any] = {}
@@ -182,7 +182,7 @@ def forward_scalars(out: Any, names: Sequence[str] = (), left_out: set[str] | No
         elif left_out is not None:
             what = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else \
                 ("None" if value is None else f"a {type(value).__name__}")
-            left_out.add(f"{name or 'the return value'}: {what}")
+            left_out.setdefault(name or "the return value", what)
 
     # a bare scalar is the loss; anything else bare (logits, say) is not named as one
     scalar = (isinstance(out, torch.Tensor) and out.numel() == 1) or (isinstance(out, (int, float)) and not isinstance(out, bool))
@@ -526,7 +526,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
     writer: StoreWriter | None = None
     total_bytes = 0
     shapes: dict[str, tuple] = {}
-    left_out: set[str] = set()  # parts of the forward's return that are not scalars, said once
+    left_out: dict[str, str] = {}  # parts of the forward's return that are not scalars, said once
     batches = iter(loader)
     progress = tqdm(total=len(indices), initial=start_row, unit="row", disable=None if opts.progress else True,
                     dynamic_ncols=True, desc="extract")
@@ -579,7 +579,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         interrupt.committing = True
         progress.close()
         rows = _close_after_error(writer)
-        if writer is not None:  # what the error below leaves, and how to go on once it is fixed
+        if writer is not None and getattr(exc, "resumable", True):  # what the error leaves, how to go on once fixed
             log.error("stopped by %s: %s keeps its %d committed rows; once the cause is fixed, resume with: %s",
                       type(exc).__name__, opts.out, rows, resume_command(opts))
         raise
@@ -683,7 +683,7 @@ def _target_array(value: Any) -> np.ndarray:
     return np.array(value)
 
 
-def _outputs_of(out: Any, names: Sequence[str], left_out: set[str]) -> dict[str, Any]:
+def _outputs_of(out: Any, names: Sequence[str], left_out: dict[str, str]) -> dict[str, Any]:
     """The forward's scalars (none where --stop-early cut it); what is not a scalar is said once
     a run (left_out remembers it)."""
     if out is hooks.StopForward:
@@ -691,7 +691,8 @@ def _outputs_of(out: Any, names: Sequence[str], left_out: set[str]) -> dict[str,
     known = len(left_out)
     scalars = forward_scalars(out, names, left_out)
     if len(left_out) > known:
-        log.info("not kept from the forward's return (only scalars go to /outputs): %s", "; ".join(sorted(left_out)))
+        log.info("not kept from the forward's return (only scalars go to /outputs): %s",
+                 "; ".join(f"{name}: {what}" for name, what in sorted(left_out.items())))
     return scalars
 
 
@@ -805,6 +806,17 @@ def _human(nbytes: float) -> str:
 def _submit(ring: TransferRing, writer: StoreWriter, tensors: dict, targets: dict, index: torch.Tensor,
             out_dtype: torch.dtype, outputs: dict[str, Any]) -> int:
     """The batch's tensors and the forward's scalars into a ring slot, the slot to the writer."""
+    for spec in writer.layers_spec:
+        t = tensors.get(spec.name)
+        if t is not None and not spec.ragged and tuple(t.shape[1:]) != spec.row_shape:
+            tokens = t.dim() >= 3 and len(spec.row_shape) == t.dim() - 1 and tuple(t.shape[2:]) == spec.row_shape[1:]
+            err = ExtractError(
+                f"{spec.name}: a batch gave rows of shape {tuple(t.shape[1:])}, but {writer.path} keeps this layer "
+                f"dense with rows of {spec.row_shape}, as the first batches gave them; " + (
+                    f"its token count varies, so extract it again with --ragged {spec.name} (a resume cannot change how "
+                    "a layer is stored)" if tokens else "its rows must keep one shape"))
+            err.resumable = False
+            raise err
     try:
         slot = ring.submit(tensors, dtype=out_dtype, scalars=outputs)
     except SlotTooSmall:

@@ -508,11 +508,13 @@ def test_forward_outputs_are_kept_per_batch(tmp_path):
     assert normalize_output(t(1.5)) == {"loss": 1.5}
     assert normalize_output((t(3.0), t(1.0), t(2.0))) == {"loss": 3.0, "loss_1": 1.0, "loss_2": 2.0}
     assert normalize_output((t(3.0), (t(1.0), t(2.0)))) == {"loss": 3.0, "loss_1_0": 1.0, "loss_1_1": 2.0}
-    left_out: set[str] = set()
+    left_out: dict[str, str] = {}
     assert normalize_output({"total": t(1.0), "logits": torch.zeros(2, 3), "ids": ["a"], "x": None}, (), left_out) == {"total": 1.0}
-    assert left_out == {"logits: a tensor of shape (2, 3)", "ids_0: a str", "x: None"}
+    assert left_out == {"logits": "a tensor of shape (2, 3)", "ids_0": "a str", "x": "None"}
     left_out.clear()
-    assert normalize_output(torch.zeros(4, 3), (), left_out) == {} and left_out == {"the return value: a tensor of shape (4, 3)"}
+    assert normalize_output(torch.zeros(4, 3), (), left_out) == {} and left_out == {"the return value": "a tensor of shape (4, 3)"}
+    normalize_output(torch.zeros(4, 5), (), left_out)  # said once a run, whatever its shape in later batches
+    assert left_out == {"the return value": "a tensor of shape (4, 3)"}
     assert normalize_output({"train/loss": t(1.0), "parts": {"a/b": 2}}) == {"train.loss": 1.0, "parts.a.b": 2.0}
     named = ["loss", "video_loss", "act_loss"]
     assert normalize_output((t(3.0), (t(1.0), t(2.0))), named) == {"loss": 3.0, "video_loss": 1.0, "act_loss": 2.0}
@@ -570,6 +572,36 @@ def test_ragged_layers_from_the_masked_encoder(tmp_path):
         assert len(rows) == len(expected) == 40
         assert len({r.shape[0] for r in rows}) > 1  # the token count varies between batches
         assert all(a.tobytes() == b.numpy().tobytes() for a, b in zip(rows, expected))
+
+
+class TokensLater(nn.Module):
+    """Two tokens of each (batch, 3, 8) item in its first two calls, all three after."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.fc(x if self.calls > 2 else x[:, :2])
+
+
+def test_a_layer_whose_tokens_change_after_the_first_batches_is_named_with_the_flag(tmp_path, caplog):
+    out = tmp_path / "s.h5"
+    with pytest.raises(ExtractError) as info:
+        extract(ExtractOptions(out=str(out), model="test_extract:TokensLater", dataset="helpers.inplace:tokens",
+                               layers=["fc"], batch_size=4, commit_rows=4, progress=False, device="cpu"))
+    assert str(info.value) == (f"fc: a batch gave rows of shape (3, 8), but {out} keeps this layer dense with rows of "
+                               "(2, 8), as the first batches gave them; its token count varies, so extract it again with "
+                               "--ragged fc (a resume cannot change how a layer is stored)")
+    assert not [r for r in caplog.records if "resume with" in r.getMessage()]  # a resume would not help
+    with open_store(out) as s:
+        assert s.rows == 8  # what was committed stays
+    result = extract(ExtractOptions(out=str(tmp_path / "r.h5"), model="test_extract:TokensLater", ragged=["fc"],
+                                    dataset="helpers.inplace:tokens", layers=["fc"], batch_size=4, progress=False, device="cpu"))
+    with open_store(result.path) as s:
+        assert s.layers["fc"].layout == "ragged" and [len(r) for r in s.read("fc")] == [2] * 8 + [3] * 8
 
 
 def test_memory_flat_over_many_batches(tmp_path):
