@@ -1144,3 +1144,19 @@ def _validate(path: str, f: h5py.File) -> None:
     for name, ds in f["targets"].items():
         if ds.shape[0] < rows:
             raise StoreError(f"{path}: target {name!r} holds {ds.shape[0]} rows, but {rows} are committed")
+    if "parts" in a:
+        _check_parts(path, f)
+
+
+def _check_parts(path: str, f: h5py.File) -> None:
+    """A virtual store (scale-out) reads its rows from part files beside it; HDF5 gives fill
+    values (zeros), not an error, for rows whose file is missing, so they are checked here."""
+    folder = os.path.dirname(os.path.abspath(path))
+    sources: set[str] = set()
+    f.visititems(lambda _, obj: sources.update(s.file_name for s in obj.virtual_sources())
+                 if isinstance(obj, h5py.Dataset) and obj.is_virtual else None)
+    missing = sorted(name for name in sources if name != "." and not os.path.exists(os.path.join(folder, name)))
+    if missing:
+        raise StoreError(f"{path} is a virtual store over part files that must sit beside it, and {', '.join(missing)} "
+                         f"{'is' if len(missing) == 1 else 'are'} not in {folder}; move the parts with it, or make one "
+                         "self-contained file with `marstore merge` where they are")

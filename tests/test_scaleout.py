@@ -151,3 +151,25 @@ def test_killed_job_resumes_per_rank(tmp_path):
     _, index_b, b = by_index(out)
     assert index_a.tolist() == index_b.tolist() == list(range(2000))
     assert all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+def test_a_virtual_store_whose_part_is_missing_is_refused_not_read_as_zeros(tmp_path):
+    # HDF5 reads the rows of a missing source file as fill values, without an error
+    from marstore.scaleout import write_top_file
+    from marstore.store import LayerSpec, StoreError, StoreWriter, TargetSpec
+
+    parts = [str(tmp_path / f"a.part{r:03d}-of-002.h5") for r in range(2)]
+    for r, part in enumerate(parts):
+        with StoreWriter(part, [LayerSpec("x", (2,))], [TargetSpec("y", (), "int64")]) as w:
+            w.append({"x": np.full((3, 2), r + 1, np.float16)}, targets={"y": np.arange(3)}, index=np.arange(3))
+    top = tmp_path / "a.h5"
+    write_top_file(str(top), parts)
+    os.rename(parts[1], tmp_path / "elsewhere.h5")
+    message = (f"{top} is a virtual store over part files that must sit beside it, and a.part001-of-002.h5 is not in "
+               f"{tmp_path}; move the parts with it, or make one self-contained file with `marstore merge` where they are")
+    for read in (open_store, lambda p: ActivationDataset(p, "x")):
+        with pytest.raises(StoreError) as info:
+            read(top)
+        assert str(info.value) == message
+    os.rename(tmp_path / "elsewhere.h5", parts[1])
+    assert ActivationDataset(top, "x").read_all()["x"][:, 0].tolist() == [1] * 3 + [2] * 3
