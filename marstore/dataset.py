@@ -300,6 +300,7 @@ def collate_rows(batch: Any) -> Any:
 
 
 def _available_memory() -> int:
+    """Bytes of memory available: Linux's MemAvailable, else free pages, else a guess, said."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -307,7 +308,11 @@ def _available_memory() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 8 << 30
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        log.warning("available memory unknown here (no /proc/meminfo, no sysconf): taken as 8 GiB; pass max_bytes to preload")
+        return 8 << 30
 
 
 def collate_padded(items: list[dict], ragged: Collection[str] | None = None) -> dict[str, torch.Tensor]:
