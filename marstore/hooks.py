@@ -36,8 +36,9 @@ class HookError(Exception):
     """A layer pattern, capture or firing problem; the message names the module and the fix."""
 
 
-class StopForward(Exception):
-    """Raised inside the forward once every hooked module has fired (stop_early)."""
+class StopForward(BaseException):
+    """Raised inside the forward once every hooked module has fired (stop_early). Control flow,
+    not an error: a BaseException, so that a model's own `except Exception` lets it through."""
 
 
 @dataclass

@@ -337,6 +337,32 @@ def test_stop_early_skips_the_rest_of_the_forward():
         assert set(cap.finish_batch()) == {"a"}
     assert calls == []
 
+    class Guarded(nn.Module):  # a model that falls back on any Exception must not swallow the stop
+        def __init__(self):
+            super().__init__()
+            self.inner = Toy()
+
+        def forward(self, x):
+            try:
+                return self.inner(x)
+            except Exception:  # noqa: BLE001
+                return None
+
+    guarded = Guarded()
+    with hooks.Capture(guarded, hooks.parse_layers(["inner.a"], guarded), stop_early=True) as cap:
+        cap.start_batch()
+        with pytest.raises(hooks.StopForward):
+            guarded(torch.randn(2, 4))
+
+
+def test_an_extraction_stopped_early_keeps_the_same_rows_and_no_outputs(tmp_path):
+    full = extract(options(tmp_path, out=str(tmp_path / "full.h5"), layers=["encoder_blocks.0"], num_samples=16))
+    early = extract(options(tmp_path, out=str(tmp_path / "early.h5"), layers=["encoder_blocks.0"], num_samples=16,
+                            stop_early=True))
+    assert early.outputs == {} and set(full.outputs) == {"loss", "loss_1", "loss_2"}
+    with open_store(full.path) as a, open_store(early.path) as b:
+        assert b.rows == 16 and np.array_equal(a.read("encoder_blocks.0"), b.read("encoder_blocks.0"))
+
 
 def test_a_module_with_several_rows_a_sample_is_refused_or_unfolded(tmp_path):
     # UVA's action head runs on B*4 rows: diffactloss.fc gives (32, 32) for a batch of 8
