@@ -181,6 +181,7 @@ class _State:
     fired: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     done: set[str] = field(default_factory=set)
     rows: int | None = None  # samples in the batch, when the caller says
+    error: HookError | None = None  # the first a hook raised, kept in case the model swallowed it
 
 
 class Capture:
@@ -275,9 +276,16 @@ class Capture:
                 raise StopForward
             return None
 
+        def checked(module, args, kwargs, output=None):
+            try:
+                return hook(module, args, kwargs, output)
+            except HookError as exc:
+                self._state.error = self._state.error or exc
+                raise
+
         if sel.capture == "input":
-            return lambda module, args, kwargs: hook(module, args, kwargs)
-        return hook
+            return lambda module, args, kwargs: checked(module, args, kwargs)
+        return checked
 
     def _per_sample(self, sel: LayerSelection, value: torch.Tensor) -> torch.Tensor:
         """One leading row per sample. A module that folds another axis into the batch (UVA's
@@ -303,6 +311,8 @@ class Capture:
 
     def finish_batch(self) -> dict[str, torch.Tensor]:
         """{store name: tensor} for this batch; a module that did not fire is an error unless allowed."""
+        if self._state.error is not None:  # a hook's error that the model's own `except` swallowed
+            raise self._state.error
         out = {}
         for sel in self.layers:
             fired = self._state.fired.get(sel.store_name)

@@ -353,6 +353,11 @@ def test_stop_early_skips_the_rest_of_the_forward():
         cap.start_batch()
         with pytest.raises(hooks.StopForward):
             guarded(torch.randn(2, 4))
+    with hooks.Capture(guarded, hooks.parse_layers(["inner.a"], guarded)) as cap:
+        cap.start_batch(rows=3)  # the hook refuses 2 rows for 3 samples; the model swallows that
+        assert guarded(torch.randn(2, 4)) is None
+        with pytest.raises(hooks.HookError, match=r"^inner.a: 2 leading rows for a batch of 3 samples"):
+            cap.finish_batch()
 
 
 def test_an_extraction_stopped_early_keeps_the_same_rows_and_no_outputs(tmp_path):
