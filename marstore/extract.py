@@ -50,6 +50,10 @@ class ExtractError(Exception):
     """An extraction that cannot start or go on; the message says why and what to do."""
 
 
+class RestartNeeded(ExtractError):
+    """An extraction that a resume cannot continue: it must start again with other options."""
+
+
 class Interrupted(Exception):
     """Ctrl-C during extraction: committed rows are kept; `resume_command` continues."""
 
@@ -162,9 +166,10 @@ def forward_scalars(out: Any, names: Sequence[str] = (), left_out: dict[str, str
     """The forward's return as named scalars: a tensor is the loss; a tuple or list is
     (loss, parts...), nested tuples flattened (UVA returns (loss, video_loss, act_loss)); a
     dict keeps its keys ('/' made '.', which HDF5 would read as a group). Non-scalar tensors and
-    other values are left out, and described in left_out ({name: what it was, the first time}). names (--output-names) name a
-    tensor's or a tuple's scalars in order, in place of loss, loss_1... One-element tensors stay
-    tensors, where they are: reading a GPU loss would make the host wait for the forward."""
+    other values are left out, and described in left_out ({name: what it was, the first time}).
+    names (--output-names) name a tensor's or a tuple's scalars in order, in place of loss,
+    loss_1... One-element tensors stay tensors, where they are: reading a GPU loss would make the
+    host wait for the forward."""
     named: dict[str, Any] = {}
 
     def add(name: str, value: Any) -> None:
@@ -290,21 +295,23 @@ def _collate(items):
         return index, _Unbatchable(_not_batched(samples, index.tolist(), exc))
 
 
+def _field_problem(samples: list[Mapping], key: Any) -> str | None:
+    """Why the items' field `key` cannot be batched, or None."""
+    if any(key not in s for s in samples):
+        return "some items lack it"
+    if 0 < sum(s[key] is None for s in samples) < len(samples):
+        return "it is None in some items and not in others"
+    try:
+        collate([s[key] for s in samples], collate_fn_map=_COLLATE_MAP)
+    except (TypeError, RuntimeError, AttributeError) as exc:
+        return " ".join(str(exc).split())
+    return None
+
+
 def _not_batched(samples: list, index: list[int], exc: Exception) -> str:
     """Which field of the items kept them from being batched, and what would."""
-    field, why = None, " ".join(str(exc).split())
-    for key in samples[0] if isinstance(samples[0], Mapping) else ():
-        if any(key not in s for s in samples):
-            field, why = key, "some items lack it"
-        elif 0 < sum(s[key] is None for s in samples) < len(samples):
-            field, why = key, "it is None in some items and not in others"
-        else:
-            try:
-                collate([s[key] for s in samples], collate_fn_map=_COLLATE_MAP)
-                continue
-            except (TypeError, RuntimeError, AttributeError) as inner:
-                field, why = key, " ".join(str(inner).split())
-        break
+    problems = ((key, _field_problem(samples, key)) for key in samples[0]) if isinstance(samples[0], Mapping) else ()
+    field, why = next(((key, why) for key, why in problems if why), (None, " ".join(str(exc).split())))
     what = f"their field {field!r}" if field is not None else "they"
     return (f"a batch of {len(index)} items (the first is item {index[0]}) cannot be made: {what}: {why}; give every "
             "item the same fields and shapes (a field that is None in all of them stays None), or use --batch-size 1")
@@ -579,7 +586,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         interrupt.committing = True
         progress.close()
         rows = _close_after_error(writer)
-        if writer is not None and getattr(exc, "resumable", True):  # what the error leaves, how to go on once fixed
+        if writer is not None and not isinstance(exc, RestartNeeded):  # what the error leaves, how to go on once fixed
             log.error("stopped by %s: %s keeps its %d committed rows; once the cause is fixed, resume with: %s",
                       type(exc).__name__, opts.out, rows, resume_command(opts))
         raise
@@ -809,14 +816,12 @@ def _submit(ring: TransferRing, writer: StoreWriter, tensors: dict, targets: dic
     for spec in writer.layers_spec:
         t = tensors.get(spec.name)
         if t is not None and not spec.ragged and tuple(t.shape[1:]) != spec.row_shape:
-            tokens = t.dim() >= 3 and len(spec.row_shape) == t.dim() - 1 and tuple(t.shape[2:]) == spec.row_shape[1:]
-            err = ExtractError(
+            tokens = t.dim() == len(spec.row_shape) + 1 and tuple(t.shape[2:]) == spec.row_shape[1:]  # only axis 1 differs
+            raise RestartNeeded(
                 f"{spec.name}: a batch gave rows of shape {tuple(t.shape[1:])}, but {writer.path} keeps this layer "
                 f"dense with rows of {spec.row_shape}, as the first batches gave them; " + (
                     f"its token count varies, so extract it again with --ragged {spec.name} (a resume cannot change how "
                     "a layer is stored)" if tokens else "its rows must keep one shape"))
-            err.resumable = False
-            raise err
     try:
         slot = ring.submit(tensors, dtype=out_dtype, scalars=outputs)
     except SlotTooSmall:

@@ -164,6 +164,7 @@ def _token_index(indices: tuple[int, ...], device: torch.device) -> torch.Tensor
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """a is b, or a view of it (reductions such as a first token are views)."""
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.numel() > 0
 
 

@@ -254,9 +254,10 @@ def _prepare(opts: ProbeOptions, layer: str, rows: int) -> tuple[str, dict, dict
     splits = ds.split((1 - val_frac - test_frac, val_frac, test_frac), seed=opts.seed, group=opts.group)
     empty = [name for name, positions in splits.items() if not len(positions)]
     if empty:
+        grouped = f" grouped by {opts.group!r}" if opts.group else ""
+        hint = "extract more rows" + ("" if "train" in empty else ", or raise those fractions")
         raise ProbeError(f"{layer}: the {' and '.join(empty)} split{'s' * (len(empty) > 1)} would be empty with {rows} rows"
-                         + (f" grouped by {opts.group!r}" if opts.group else "") + f" (--val-fraction {val_frac}, "
-                         f"--test-fraction {test_frac}); extract more rows" + ("" if "train" in empty else ", or raise those fractions"))
+                         f"{grouped} (--val-fraction {val_frac}, --test-fraction {test_frac}); {hint}")
     xs, ys = {}, {}
     skipped = 0
     for name, positions in splits.items():

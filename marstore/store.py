@@ -1153,8 +1153,12 @@ def _check_parts(path: str, f: h5py.File) -> None:
     values (zeros), not an error, for rows whose file is missing, so they are checked here."""
     folder = os.path.dirname(os.path.abspath(path))
     sources: set[str] = set()
-    f.visititems(lambda _, obj: sources.update(s.file_name for s in obj.virtual_sources())
-                 if isinstance(obj, h5py.Dataset) and obj.is_virtual else None)
+
+    def collect(_: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset) and obj.is_virtual:
+            sources.update(s.file_name for s in obj.virtual_sources())
+
+    f.visititems(collect)
     missing = sorted(name for name in sources if name != "." and not os.path.exists(os.path.join(folder, name)))
     if missing:
         raise StoreError(f"{path} is a virtual store over part files that must sit beside it, and {', '.join(missing)} "
