@@ -9,7 +9,8 @@
 A ring owns K slots, each one pinned host buffer allocated once, a side CUDA stream and one
 event per slot. submit() makes the side stream wait for the producer's stream, records the
 sources on the side stream (so the caching allocator cannot reuse their memory before the copy
-is done), and launches one cast_copy_many per destination dtype. When every slot is in flight,
+is done), and launches one cast_copy_many per destination dtype (into bfloat16, other sources
+are converted on their device first: the kernels only copy into it). When every slot is in flight,
 submit() blocks until one is released: host memory stays bounded. CPU sources use the same
 interface with synchronous copies. A batch may carry named scalars (the forward's losses):
 they travel in the slot too, so that reading a loss on the GPU never makes the model wait.
@@ -244,7 +245,13 @@ class TransferRing:
             dst = slot.buffer[: slot.nbytes // item * item].view(dtype)
             offsets = [slot.layout[n][0] // item for n in names]
             rows = counts[first : first + len(names)]
-            ops.cast_copy_many([tensors[n] for n in names], dst, offsets, counts=rows)
+            sources = [tensors[n] for n in names]
+            if dtype == torch.bfloat16:
+                # The kernels convert into float16 (or float32); into bfloat16 they only copy, so
+                # other sources are converted on their device first. A float32 value past
+                # bfloat16's range (above 3.39e38) then counts as non-finite, not as an overflow.
+                sources = [s if s.dtype == torch.bfloat16 else s.to(torch.bfloat16) for s in sources]
+            ops.cast_copy_many(sources, dst, offsets, counts=rows)
             first += len(names)
 
     def _release(self, slot: Slot) -> None:

@@ -462,6 +462,22 @@ def test_stored_bytes_equal_a_plain_reference(tmp_path, device):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+@pytest.mark.parametrize("autocast", [None, "float16", "bfloat16"])
+def test_a_bfloat16_store_of_any_activations_holds_their_bfloat16_bits(tmp_path, device, autocast):
+    # the kernels only copy into bfloat16: float32 and float16 activations are converted first
+    torch.manual_seed(0)
+    result = extract(options(tmp_path, layers=["z_proj", "encoder_blocks.1"], dtype="bfloat16", device=device,
+                             autocast=autocast))
+    ref = reference_activations(tmp_path, ["z_proj", "encoder_blocks.1"], device, keep=lambda o: o.to(torch.bfloat16),
+                                autocast=getattr(torch, autocast) if autocast else None)
+    with open_store(result.path) as s:
+        for name, parts in ref.items():
+            assert s.layers[name].attrs["encoding"] == "bfloat16-bits"
+            assert s.read(name).tobytes() == torch.cat(parts).view(torch.int16).numpy().tobytes(), name
+        assert s.layers["z_proj"].attrs["source_dtype"] == {None: "float32", "float16": "float16", "bfloat16": "bfloat16"}[autocast]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
 def test_a_tensor_the_model_changes_in_place_is_stored_as_its_hook_saw_it(tmp_path, device):
     # The norm's output goes through ReLU(inplace=True), and the ReLU's input is that same tensor;
     # the copy to the host comes after the forward, so the hook keeps a copy of its own (of the
