@@ -619,6 +619,11 @@ def test_ragged_layers_from_the_masked_encoder(tmp_path):
         assert len(rows) == len(expected) == 40
         assert len({r.shape[0] for r in rows}) > 1  # the token count varies between batches
         assert all(a.tobytes() == b.numpy().tobytes() for a, b in zip(rows, expected))
+    # under autocast too (the decoder puts bfloat16 tokens among the float32 mask tokens)
+    result = extract(options(tmp_path, out=str(tmp_path / "amp.h5"), layers=["encoder_blocks.1"], autocast="bfloat16",
+                             model_args={**CONFIG, "drop_masked": True}))
+    with open_store(result.path) as s:
+        assert s.layers["encoder_blocks.1"].layout == "ragged" and s.rows == 40
 
 
 class TokensLater(nn.Module):

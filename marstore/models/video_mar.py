@@ -137,7 +137,7 @@ class VideoActionMAR(nn.Module):
         tokens = self.encoder_norm(tokens)
         z = self.decoder_embed(tokens)
         if order is not None:
-            full = self.mask_token.expand(b, self.tokens, -1).clone()
+            full = self.mask_token.to(z.dtype).expand(b, self.tokens, -1).clone()  # z is bfloat16 under autocast
             z = full.scatter(1, order[..., None].expand(-1, -1, z.shape[-1]), z)
         for block in self.decoder_blocks:
             z = block(z)
