@@ -29,6 +29,11 @@ def _doctor(args: argparse.Namespace) -> int:
     else:
         rows.append(("GPU", "none seen"))
     rows.append(("h5py / HDF5", f"{h5py.version.version} / {h5py.version.hdf5_version}"))
+    try:
+        import safetensors
+        rows.append(("safetensors", safetensors.__version__))
+    except ImportError:
+        rows.append(("safetensors", "not installed (only .safetensors checkpoints need it: pip install safetensors)"))
     usable = ext is not None and (ext.with_cuda or not torch.cuda.is_available())
     if ext is not None and not usable:
         rows.append(("problem", "a GPU is present but marstore._C has no CUDA kernels; rebuild with "

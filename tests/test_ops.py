@@ -402,3 +402,22 @@ def test_moments_update_errors(bad, message):
     state[bad - 1] = wrong[bad]
     with pytest.raises(RuntimeError, match=re.escape(message)):
         ops.moments_update(torch.zeros(2, 4), *state)
+
+
+@pytest.mark.parametrize("disabled", [False, True])
+def test_doctor_says_what_it_found_and_exits_non_zero_without_the_extension(disabled):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MARSTORE_NO_EXTENSION"}
+    if disabled:
+        env["MARSTORE_NO_EXTENSION"] = "1"
+    p = subprocess.run([sys.executable, "-m", "marstore", "doctor"], capture_output=True, text=True, env=env)
+    rows = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in p.stdout.splitlines()[:-1])
+    assert rows["torch"].startswith(torch.__version__) and "h5py / HDF5" in rows and "safetensors" in rows
+    if disabled:
+        assert (p.returncode, rows["marstore._C"], rows["operators use"]) == (1, "disabled by MARSTORE_NO_EXTENSION", "torch")
+        assert p.stdout.splitlines()[-1] == "NOT OK: the extension is not usable (see above)"
+    else:
+        assert (p.returncode, rows["marstore._C"], p.stdout.splitlines()[-1]) == (0, f"loaded, built for torch {torch.__version__}", "ok")
