@@ -160,7 +160,10 @@ class _Trainer:
         return {"model": copy.deepcopy(self.model.state_dict()), "optim": copy.deepcopy(self.optim.state_dict()),
                 "epoch": self.epoch, "best_loss": self.best[0], "best_epoch": self.best[1], "best_model": self.best[2],
                 "history": list(self.history), "skipped_steps": self.skipped_steps, "grad_spikes": self.grad_spikes,
-                "norms": list(self.norms), "options": self._recorded()}
+                "norms": list(self.norms), "options": self._recorded(), "rows": self._rows()}
+
+    def _rows(self) -> dict[str, int]:
+        return {split: len(x) for split, x in self.x.items()}
 
     def _recorded(self) -> dict:
         """The options a resume must repeat to reach the same result (not where, or how shown)."""
@@ -189,6 +192,9 @@ class _Trainer:
                 raise ProbeError(f"{label}: --resume: the options differ from the interrupted run's: " + ", ".join(
                     f"{k} (then {state['options'].get(k)!r}, now {now[k]!r})" for k in differ)
                     + "; repeat them, or run without --resume to start over")
+            if state.get("rows", self._rows()) != self._rows():  # the store grew, or other rows were skipped
+                raise ProbeError(f"{label}: --resume: the splits now hold {self._rows()} rows, {state['rows']} when it was "
+                                 "interrupted (did an extraction add rows since?); run without --resume to start over")
             self._load(state)
             log.info("%s: resumed at epoch %d", label, self.epoch)
         xt, yt = self.x["train"], self.y["train"]

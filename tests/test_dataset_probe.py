@@ -357,6 +357,14 @@ def test_interrupted_and_resumed_training_matches(tmp_path, monkeypatch):
         run_probes(probe_opts(tmp_path, path, epochs=12, lr=0.1, control=False, out=str(tmp_path / "b"), resume=True))
     assert str(info.value) == ("signal: --resume: the options differ from the interrupted run's: lr (then 0.05, now 0.1); "
                                "repeat them, or run without --resume to start over")
+    os.rename(path, tmp_path / "kept.h5")  # the store, grown since: other splits, which a resume must not mix
+    planted_store(path, n=2100)
+    with pytest.raises(ProbeError) as info:
+        run_probes(probe_opts(tmp_path, path, epochs=12, control=False, out=str(tmp_path / "b"), resume=True))
+    assert str(info.value) == ("signal: --resume: the splits now hold {'train': 1680, 'val': 210, 'test': 210} rows, "
+                               "{'train': 1600, 'val': 200, 'test': 200} when it was interrupted (did an extraction add "
+                               "rows since?); run without --resume to start over")
+    os.replace(tmp_path / "kept.h5", path)
     resumed = run_probes(probe_opts(tmp_path, path, epochs=12, control=False, out=str(tmp_path / "b"), resume=True))
     a, b = whole["layers"][0]["probe"], resumed["layers"][0]["probe"]
     assert a["test"] == b["test"] and a["history"] == b["history"] and a["best_epoch"] == b["best_epoch"]
