@@ -148,7 +148,8 @@ def _options_from(args: argparse.Namespace):
     merged = {**config, **given}
     merged["model_args"] = {**config.get("model_args", {}), **dict(args.model_arg or [])}
     merged["dataset_args"] = {**config.get("dataset_args", {}), **dict(args.dataset_arg or [])}
-    for key in ("strict", "trust_checkpoint", "allow_missing", "stop_early", "resume", "train_mode", "unfold_batch"):
+    for key in ("strict", "trust_checkpoint", "allow_missing", "stop_early", "resume", "train_mode", "unfold_batch",
+                "channels_first"):
         merged[key] = bool(getattr(args, key)) or bool(config.get(key, False))
     missing = [k for k in ("out", "model", "dataset", "layers") if not merged.get(k)]
     if missing:
@@ -273,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--forward", help="MODULE:CALLABLE called as fn(model, batch) (default: batch as arguments)")
     ex.add_argument("--layers", nargs="+", help="module names, globs (* one level, ** any) or re:REGEX; @input, :index")
     ex.add_argument("--reduction", help="none, mean, first, last, or token indices like 0,5,9 (default none)")
+    ex.add_argument("--channels-first", action="store_true",
+                    help="activations are (batch, channels, *positions), as convolutions give: reduce the positions")
     ex.add_argument("--ragged", nargs="+", help="layers to store ragged even if the first batches agree")
     ex.add_argument("--multi-fire", choices=["error", "first", "last", "stack"], help="a module firing more than once")
     ex.add_argument("--allow-missing", action="store_true", help="a module that does not fire gives NaN rows")

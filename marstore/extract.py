@@ -77,6 +77,7 @@ class ExtractOptions:
     strict: bool = False
     trust_checkpoint: bool = False
     reduction: str = "none"
+    channels_first: bool = False
     ragged: list[str] = field(default_factory=list)
     multi_fire: str = "error"
     allow_missing: bool = False
@@ -478,7 +479,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
 
     # hooks, checked before any data is read
     reduction = hooks.parse_reduction(opts.reduction)
-    selections = hooks.parse_layers(opts.layers, model, reduction)
+    selections = hooks.parse_layers(opts.layers, model, reduction, opts.channels_first)
 
     # data
     try:
@@ -742,9 +743,14 @@ def _layer_specs(opts, selections, source_dtypes, pending) -> list[LayerSpec]:
             raise ExtractError(f"{sel.store_name}: ragged storage needs (batch, tokens, ...) activations, got {tuple(first.shape)}")
         source = str(source_dtypes.get(sel.store_name, first.dtype)).replace("torch.", "")
         specs.append(LayerSpec(sel.store_name, row_shape, dtype=opts.dtype, source_dtype=source,
-                               reduction=str(sel.reduction) if not isinstance(sel.reduction, list) else json.dumps(sel.reduction),
+                               reduction=_reduction_name(sel),
                                ragged=ragged, compression=opts.compression))
     return specs
+
+
+def _reduction_name(sel: hooks.LayerSelection) -> str:
+    name = json.dumps(sel.reduction) if isinstance(sel.reduction, list) else str(sel.reduction)
+    return f"{name} (channels first)" if sel.channels_first and sel.reduction != "none" else name
 
 
 def _open_writer(opts, selections, source_dtypes, pending, metadata, start_row: int) -> StoreWriter:

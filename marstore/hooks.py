@@ -48,6 +48,7 @@ class LayerSelection:
     element: int | str | None = None
     reduction: str | list[int] = "none"
     store_name: str = ""
+    channels_first: bool = False  # (batch, channels, *positions), as convolutions give: reduce the positions
 
     def __post_init__(self) -> None:
         if not self.store_name:
@@ -102,7 +103,14 @@ def nearest_names(pattern: str, names: Sequence[str], n: int = 5) -> list[str]:
     return close or [x for x in names if x and x.split(".")[0] in plain][:n] or list(names[1 : n + 1])
 
 
-def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | list[int] = "none") -> list[LayerSelection]:
+# modules whose outputs are (batch, channels, *positions): a token reduction must be told so
+CHANNELS_FIRST_MODULES = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+                          nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
+                          nn.modules.pooling._AdaptiveMaxPoolNd, nn.GroupNorm)
+
+
+def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | list[int] = "none",
+                 channels_first: bool = False) -> list[LayerSelection]:
     """Resolves patterns against model.named_modules(); fails before any data is read."""
     modules = dict(model.named_modules())
     names = list(modules)
@@ -128,17 +136,24 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
                      ", ".join(containers))
             found = [n for n in found if n not in never_called]
         for name in found:
-            sel = LayerSelection(name, capture, element, reduction)
+            if reduction != "none" and not channels_first and isinstance(modules[name], CHANNELS_FIRST_MODULES):
+                raise HookError(f"{name} is a {type(modules[name]).__name__}, whose output is (batch, channels, ...): "
+                                f"--reduction {reduction if isinstance(reduction, str) else ','.join(map(str, reduction))} "
+                                "would take its channels for tokens; pass --channels-first to reduce its positions")
+            sel = LayerSelection(name, capture, element, reduction, channels_first=channels_first)
             selected.setdefault(sel.store_name, sel)
     return list(selected.values())
 
 
-def reduce_tokens(x: torch.Tensor, reduction: str | list[int]) -> torch.Tensor:
+def reduce_tokens(x: torch.Tensor, reduction: str | list[int], channels_first: bool = False) -> torch.Tensor:
     """Token reductions on the device, before the transfer. Tokens are every axis between the
     batch and the features (the last axis): (B, T, D), or (B, frames, T, D) as UVA's z_proj,
-    taken as the frames * T tokens, in the order the encoder blocks see them."""
+    taken as the frames * T tokens, in the order the encoder blocks see them. channels_first:
+    (B, C, *positions), as convolutions give; the positions are the tokens, in row-major order."""
     if reduction == "none":
         return x
+    if channels_first:
+        x = x.movedim(1, -1)
     if x.dim() < 3:
         raise HookError(f"reduction {reduction!r} needs (batch, tokens, features) activations, got shape {tuple(x.shape)}")
     x = x.flatten(1, -2)
@@ -260,7 +275,7 @@ class Capture:
             value = self._per_sample(sel, value)
             self.source_dtypes.setdefault(sel.store_name, value.dtype)
             try:
-                x = reduce_tokens(value.detach(), sel.reduction)
+                x = reduce_tokens(value.detach(), sel.reduction, sel.channels_first)
             except HookError as exc:
                 raise HookError(f"{sel.store_name}: {exc}; leave it out of --layers or use --reduction none") from None
             if _same_memory(x, value):

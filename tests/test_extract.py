@@ -462,6 +462,40 @@ def test_stored_bytes_equal_a_plain_reference(tmp_path, device):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_channels_first_activations_are_reduced_over_their_positions(tmp_path, device):
+    from helpers.inplace import conv_net, images
+
+    def run(out, **kw):
+        return extract(ExtractOptions(out=str(tmp_path / out), model="helpers.inplace:conv_net", dataset="helpers.inplace:images",
+                                      batch_size=4, progress=False, device=device, **kw))
+
+    with pytest.raises(hooks.HookError) as info:  # (batch, channels, h, w): its channels are not tokens
+        run("no.h5", layers=["bn", "block"], reduction="mean")
+    assert str(info.value) == ("bn is a BatchNorm2d, whose output is (batch, channels, ...): --reduction mean would take "
+                               "its channels for tokens; pass --channels-first to reduce its positions")
+    assert not (tmp_path / "no.h5").exists()
+    torch.manual_seed(0)
+    model = conv_net().to(device).eval()
+    seen: dict[str, list] = {}
+    for name in ("bn", "block"):
+        model.get_submodule(name).register_forward_hook(lambda m, a, o, n=name: seen.setdefault(n, []).append(o.clone()))
+    with torch.inference_mode():
+        for batch in torch.utils.data.DataLoader(images(), batch_size=4):
+            model(batch.to(device))
+    for reduction in ("mean", "first"):
+        result = run(f"{reduction}.h5", layers=["bn", "block"], reduction=reduction, channels_first=True)
+        with open_store(result.path) as s:
+            for name, parts in seen.items():
+                o = torch.cat(parts)  # (12, 6, 5, 4)
+                want = o.movedim(1, -1).flatten(1, -2).mean(1) if reduction == "mean" else o[:, :, 0, 0]
+                assert s.layers[name].row_shape == (6,) and s.layers[name].attrs["reduction"] == f"{reduction} (channels first)"
+                assert s.read(name).tobytes() == want.to(torch.float16).cpu().numpy().tobytes(), (reduction, name)
+                if reduction == "mean":
+                    torch.testing.assert_close(torch.from_numpy(s.read(name)).float(), o.mean((2, 3)).cpu(), atol=2e-3, rtol=2e-3)
+            assert s.metadata["options"]["channels_first"] is True
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
 @pytest.mark.parametrize("autocast", [None, "float16", "bfloat16"])
 def test_a_bfloat16_store_of_any_activations_holds_their_bfloat16_bits(tmp_path, device, autocast):
     # the kernels only copy into bfloat16: float32 and float16 activations are converted first
