@@ -275,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--layers", nargs="+", help="module names, globs (* one level, ** any) or re:REGEX; @input, :index")
     ex.add_argument("--reduction", help="none, mean, first, last, or token indices like 0,5,9 (default none)")
     ex.add_argument("--channels-first", action="store_true",
-                    help="activations are (batch, channels, *positions), as convolutions give: reduce the positions")
+                    help="activations are (batch, channels, *positions), as convolutions give: reduce the positions "
+                         "(every layer of the run)")
     ex.add_argument("--ragged", nargs="+", help="layers to store ragged even if the first batches agree")
     ex.add_argument("--multi-fire", choices=["error", "first", "last", "stack"], help="a module firing more than once")
     ex.add_argument("--allow-missing", action="store_true", help="a module that does not fire gives NaN rows")

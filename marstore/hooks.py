@@ -107,6 +107,8 @@ def nearest_names(pattern: str, names: Sequence[str], n: int = 5) -> list[str]:
 CHANNELS_FIRST_MODULES = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
                           nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
                           nn.modules.pooling._AdaptiveMaxPoolNd, nn.GroupNorm)
+# and modules whose outputs keep their features last, which channels_first would get wrong
+CHANNELS_LAST_MODULES = (nn.Linear, nn.LayerNorm, nn.MultiheadAttention, nn.Embedding, nn.RMSNorm)
 
 
 def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | list[int] = "none",
@@ -140,6 +142,10 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
                 raise HookError(f"{name} is a {type(modules[name]).__name__}, whose output is (batch, channels, ...): "
                                 f"--reduction {reduction if isinstance(reduction, str) else ','.join(map(str, reduction))} "
                                 "would take its channels for tokens; pass --channels-first to reduce its positions")
+            if reduction != "none" and channels_first and isinstance(modules[name], CHANNELS_LAST_MODULES):
+                raise HookError(f"{name} is a {type(modules[name]).__name__}, whose output keeps its features last: "
+                                "--channels-first (which applies to every layer of the run) would take them for "
+                                "positions; extract it in a run without --channels-first")
             sel = LayerSelection(name, capture, element, reduction, channels_first=channels_first)
             selected.setdefault(sel.store_name, sel)
     return list(selected.values())

@@ -474,6 +474,11 @@ def test_channels_first_activations_are_reduced_over_their_positions(tmp_path, d
     assert str(info.value) == ("bn is a BatchNorm2d, whose output is (batch, channels, ...): --reduction mean would take "
                                "its channels for tokens; pass --channels-first to reduce its positions")
     assert not (tmp_path / "no.h5").exists()
+    with pytest.raises(hooks.HookError) as info:  # the flag holds for every layer of a run
+        hooks.parse_layers(["0", "1"], nn.Sequential(nn.Conv2d(3, 4, 1), nn.Linear(4, 4)), "mean", channels_first=True)
+    assert str(info.value) == ("1 is a Linear, whose output keeps its features last: --channels-first (which applies to "
+                               "every layer of the run) would take them for positions; extract it in a run without "
+                               "--channels-first")
     torch.manual_seed(0)
     model = conv_net().to(device).eval()
     seen: dict[str, list] = {}
