@@ -38,7 +38,8 @@ from torch.utils.data._utils.collate import collate, default_collate_fn_map
 from tqdm import tqdm
 
 from marstore import hooks, loading, scaleout
-from marstore.store import LayerSpec, Store, StoreError, StoreWriter, TargetSpec, check_not_being_written, open_store, room_left
+from marstore.store import (LayerSpec, RowShapeError, Store, StoreError, StoreWriter, TargetSpec, check_not_being_written,
+                            open_store, room_left)
 from marstore.transfer import SlotTooSmall, TransferRing, resolve_device
 
 log = logging.getLogger(__name__)
@@ -819,15 +820,14 @@ def _human(nbytes: float) -> str:
 def _submit(ring: TransferRing, writer: StoreWriter, tensors: dict, targets: dict, index: torch.Tensor,
             out_dtype: torch.dtype, outputs: dict[str, Any]) -> int:
     """The batch's tensors and the forward's scalars into a ring slot, the slot to the writer."""
-    for spec in writer.layers_spec:
-        t = tensors.get(spec.name)
-        if t is not None and not spec.ragged and tuple(t.shape[1:]) != spec.row_shape:
-            tokens = t.dim() == len(spec.row_shape) + 1 and tuple(t.shape[2:]) == spec.row_shape[1:]  # only axis 1 differs
-            raise RestartNeeded(
-                f"{spec.name}: a batch gave rows of shape {tuple(t.shape[1:])}, but {writer.path} keeps this layer "
-                f"dense with rows of {spec.row_shape}, as the first batches gave them; " + (
-                    f"its token count varies, so extract it again with --ragged {spec.name} (a resume cannot change how "
-                    "a layer is stored)" if tokens else "its rows must keep one shape"))
+    try:
+        writer.check_shapes({name: tuple(t.shape) for name, t in tensors.items()})
+    except RowShapeError as exc:
+        raise RestartNeeded(
+            f"{exc.layer}: a batch gave rows of shape {exc.row_shape}, but {writer.path} keeps this layer dense with "
+            f"rows of {exc.expected}, as the first batches gave them; " + (
+                f"its token count varies, so extract it again with --ragged {exc.layer} (a resume cannot change how a "
+                "layer is stored)" if exc.tokens_vary else "its rows must keep one shape")) from None
     try:
         slot = ring.submit(tensors, dtype=out_dtype, scalars=outputs)
     except SlotTooSmall:

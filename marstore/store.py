@@ -56,6 +56,14 @@ class StoreWriteError(StoreError):
     """Writing failed (disk full, file size limit, ...); the committed rows stay readable."""
 
 
+class RowShapeError(StoreError):
+    """A batch whose rows do not have its layer's shape; tokens_vary: only the token axis differs."""
+
+    def __init__(self, message: str, layer: str, row_shape: tuple[int, ...], expected: tuple[int, ...], tokens_vary: bool):
+        super().__init__(message)
+        self.layer, self.row_shape, self.expected, self.tokens_vary = layer, row_shape, expected, tokens_vary
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     """One hooked layer: its name in named_modules() and the shape of one stored row.
@@ -494,6 +502,14 @@ class StoreWriter:
         self._file.flush()
 
     # ---- the caller's side ------------------------------------------------------------
+    def check_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Refuses a batch whose dense layers' rows do not fit the store (RowShapeError), before
+        it is transferred; append() checks every batch again, dtypes and ragged layers too."""
+        for name, shape in shapes.items():
+            layer = self._layers[name]
+            if not layer.spec.ragged:
+                _check_shape(tuple(shape), layer, name, shape[0])
+
     def append(
         self,
         activations: Mapping[str, Any] | Any,
@@ -912,12 +928,17 @@ def _numpy_dtype_of(torch_dtype: Any) -> np.dtype:
     return np.dtype(np.uint16) if name == "bfloat16" else np.dtype(name)
 
 
-def _check_batch(shape: tuple[int, ...], dtype: np.dtype, layer: _Layer, name: str, rows: int) -> None:
+def _check_shape(shape: tuple[int, ...], layer: _Layer, name: str, rows: int) -> None:
     expected = (rows, *layer.spec.row_shape)
     if tuple(shape) != expected:
         varies = not layer.spec.ragged and len(shape) == len(expected) >= 2 and shape[0] == rows and shape[2:] == expected[2:]
         hint = "; if this layer's token count varies between batches, store it with ragged=True" if varies else ""
-        raise StoreError(f"layer {name!r}: batch shape {tuple(shape)}, expected {expected}{hint}")
+        raise RowShapeError(f"layer {name!r}: batch shape {tuple(shape)}, expected {expected}{hint}", name,
+                            tuple(shape[1:]), layer.spec.row_shape, varies)
+
+
+def _check_batch(shape: tuple[int, ...], dtype: np.dtype, layer: _Layer, name: str, rows: int) -> None:
+    _check_shape(shape, layer, name, rows)
     if np.dtype(dtype) != layer.np_dtype:
         raise StoreError(f"layer {name!r}: batch dtype {np.dtype(dtype)}, the store keeps {layer.spec.dtype}; "
                          "convert it in the transfer (TransferRing dtype=...)")
