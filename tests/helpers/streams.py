@@ -37,14 +37,18 @@ def not_a_dataset() -> int:
     return 42
 
 
-class NamedSamples(torch.utils.data.Dataset):
-    """The built-in samples with a text field beside them (a task name, say)."""
+class _Samples(torch.utils.data.Dataset):
+    """The built-in samples, each changed by the subclass's __getitem__."""
 
     def __init__(self, size: int):
         self.samples = synthetic_video_actions(size=size)
 
     def __len__(self) -> int:
         return len(self.samples)
+
+
+class NamedSamples(_Samples):
+    """The built-in samples with a text field beside them (a task name, say)."""
 
     def __getitem__(self, i: int) -> dict:
         return {**self.samples[i], "task": f"task{i % 3}"}
@@ -57,14 +61,8 @@ def named_samples(size: int = 40) -> NamedSamples:
 Sample = collections.namedtuple("Sample", "imgs cond nactions label")
 
 
-class TupleSamples(torch.utils.data.Dataset):
+class TupleSamples(_Samples):
     """The built-in samples as namedtuples (DataLoader keeps the type in its batches)."""
-
-    def __init__(self, size: int):
-        self.samples = synthetic_video_actions(size=size)
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def __getitem__(self, i: int) -> Sample:
         return Sample(*(self.samples[i][k] for k in Sample._fields))
@@ -78,15 +76,13 @@ def tuple_forward(model, batch: Sample):
     return model(batch.imgs, batch.cond, nactions=batch.nactions, task_mode="policy_model")
 
 
-class WithExtra(torch.utils.data.Dataset):
+class WithExtra(_Samples):
     """The built-in samples with one more field: None in every item ("none"), None in odd items
     ("some_none"), or a tensor whose length changes from item to item ("uneven")."""
 
     def __init__(self, size: int, extra: str):
-        self.samples, self.extra = synthetic_video_actions(size=size), extra
-
-    def __len__(self) -> int:
-        return len(self.samples)
+        super().__init__(size)
+        self.extra = extra
 
     def __getitem__(self, i: int) -> dict:
         value = {"none": None, "some_none": None if i % 2 else torch.zeros(2), "uneven": torch.zeros(1 + i % 3)}[self.extra]
