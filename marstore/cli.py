@@ -132,8 +132,15 @@ def _options_from(args: argparse.Namespace):
 
         import yaml
 
-        with open(args.config) as f:
-            config = (yaml.safe_load(f) if args.config.endswith((".yaml", ".yml")) else json.load(f)) or {}
+        try:
+            with open(args.config) as f:
+                config = (yaml.safe_load(f) if args.config.endswith((".yaml", ".yml")) else json.load(f)) or {}
+        except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:  # JSONDecodeError is a ValueError
+            reason = " ".join(str(exc).split())
+            raise SystemExit(f"marstore extract: --config {args.config}: cannot read it ({reason})") from None
+        if not isinstance(config, dict):
+            raise SystemExit(f"marstore extract: --config {args.config} holds a {type(config).__name__}; "
+                             "give a mapping of options (out: ..., layers: [...])")
         fields = list(ExtractOptions.__dataclass_fields__)
         unknown = sorted(set(config) - set(fields))
         if unknown:
@@ -146,11 +153,13 @@ def _options_from(args: argparse.Namespace):
     given = {k: v for k, v in vars(args).items() if k in ExtractOptions.__dataclass_fields__ and v not in (None, [], {})}
     given.pop("progress", None)
     merged = {**config, **given}
-    merged["model_args"] = {**config.get("model_args", {}), **dict(args.model_arg or [])}
-    merged["dataset_args"] = {**config.get("dataset_args", {}), **dict(args.dataset_arg or [])}
+    for key in ("model_args", "dataset_args"):
+        from_config, given = config.get(key, {}), dict(getattr(args, key[:-1]) or [])
+        # a config value that is no mapping goes through as it is, for ExtractOptions to refuse in one line
+        merged[key] = {**from_config, **given} if isinstance(from_config, dict) else from_config
     for key in ("strict", "trust_checkpoint", "allow_missing", "stop_early", "resume", "train_mode", "unfold_batch",
                 "channels_first"):
-        merged[key] = bool(getattr(args, key)) or bool(config.get(key, False))
+        merged[key] = True if getattr(args, key) else config.get(key, False)
     missing = [k for k in ("out", "model", "dataset", "layers") if not merged.get(k)]
     if missing:
         raise SystemExit(f"marstore extract: missing {', '.join('--' + m for m in missing)} (or give them in --config)")

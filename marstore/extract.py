@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+import typing
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -107,6 +108,7 @@ class ExtractOptions:
         for name in ("layers", "targets", "output_names", "ragged"):  # one name, from Python: not its characters
             if isinstance(getattr(self, name), str):
                 setattr(self, name, [getattr(self, name)])
+        _check_option_types(self)
         repeated = sorted({t for t in self.targets if self.targets.count(t) > 1})
         if repeated:
             raise ExtractError(f"--targets names {', '.join(repeated)} more than once; give each once")
@@ -114,7 +116,7 @@ class ExtractOptions:
             raise ExtractError(f"--sample-seed {self.sample_seed} draws --num-samples items at random; give --num-samples N")
         for name, least in (("batch_size", 1), ("workers", 0), ("slots", 1), ("commit_rows", 1), ("num_samples", 1)):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < least):
+            if value is not None and value < least:
                 raise ExtractError(f"--{name.replace('_', '-')} {value!r}: give an integer of at least {least}")
 
     def recorded(self) -> dict:
@@ -135,6 +137,34 @@ class ExtractResult:
     load_report: dict
     path: str
     outputs: dict = field(default_factory=dict)
+
+
+def _check_option_types(options: ExtractOptions) -> None:
+    """Options from a --config file or from Python skip argparse: refuse a wrong type in one line
+    (a quoted "no" would be a true flag, a seed of "abc" a traceback deep in the run)."""
+    hints = typing.get_type_hints(type(options))
+    for f in dataclasses.fields(options):
+        value, kind = getattr(options, f.name), hints[f.name]
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if value is None and type(None) in typing.get_args(kind):
+            continue
+        origin = typing.get_origin(kind)
+        flag = "--" + f.name.replace("_", "-")
+        if origin is list:
+            ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+            wanted = "a list of names"
+        elif origin is dict:
+            ok = isinstance(value, Mapping) and all(isinstance(k, str) for k in value)
+            flag, wanted = f.name, f"a mapping of KEY: VALUE (--{f.name[:-1].replace('_', '-')} KEY=VALUE on the command line)"
+        else:
+            base = args[0] if args else kind
+            # bool is an int to Python, but a flag of 1 or a seed of True is a mistake
+            ok = isinstance(value, base) and (base is bool or not isinstance(value, bool))
+            wanted = {bool: "true or false", int: "an integer", str: "a string"}[base]
+        if not ok:
+            raise ExtractError(f"{flag} {value!r}: give {wanted}")
+        if isinstance(value, tuple):
+            setattr(options, f.name, list(value))  # as --resume reads it back from the store's JSON
 
 
 def default_forward(model: torch.nn.Module, batch: Any) -> Any:

@@ -799,7 +799,7 @@ def test_a_single_name_given_as_a_string_is_one_name(tmp_path):
     ({"batch_size": 0}, "--batch-size 0: give an integer of at least 1"),
     ({"workers": -1}, "--workers -1: give an integer of at least 0"),
     ({"num_samples": 0}, "--num-samples 0: give an integer of at least 1"),
-    ({"commit_rows": 2.5}, "--commit-rows 2.5: give an integer of at least 1"),
+    ({"commit_rows": 2.5}, "--commit-rows 2.5: give an integer"),
     ({"targets": ["label", "nactions", "label"]}, "--targets names label more than once; give each once"),
     ({"sample_seed": 3}, "--sample-seed 3 draws --num-samples items at random; give --num-samples N"),
 ])
@@ -1218,6 +1218,47 @@ def test_a_config_file_holds_the_options_and_the_command_line_wins(tmp_path, suf
                                          r"layers\?\); the options are the long flags with _ for -$"):
         main(["extract", "--config", str(path), "--out", str(tmp_path / "t.h5")])
 
+
+
+@pytest.mark.parametrize("text, error", [
+    ("out: [1,", r"--config .*bad\.yaml: cannot read it \(while parsing a flow node .* line 1, column 9\)$"),
+    ("- out", r"--config .*bad\.yaml holds a list; give a mapping of options \(out: \.\.\., layers: \[\.\.\.\]\)$"),
+])
+def test_a_config_file_that_cannot_be_read_is_refused_in_one_line(tmp_path, text, error):
+    from marstore.cli import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(SystemExit, match=error):
+        main(["extract", "--config", str(path)])
+    with pytest.raises(SystemExit, match=r"--config .*nowhere\.json: cannot read it \(\[Errno 2\] No such file"):
+        main(["extract", "--config", str(tmp_path / "nowhere.json")])
+
+
+@pytest.mark.parametrize("line, error", [
+    ("seed: abc", "--seed 'abc': give an integer"),
+    ("batch_size: 2.5", "--batch-size 2.5: give an integer"),
+    ("seed: true", "--seed True: give an integer"),
+    ("stop_early: 'no'", "--stop-early 'no': give true or false"),
+    ("layers: 5", "--layers 5: give a list of names"),
+    ("targets: [label, 2]", "--targets ['label', 2]: give a list of names"),
+    ("model_args: [1]", r"model_args [1]: give a mapping of KEY: VALUE (--model-arg KEY=VALUE on the command line)"),
+    ("reduction: 0", "--reduction 0: give a string"),
+])
+def test_a_config_value_of_the_wrong_type_is_refused_before_the_run(tmp_path, capsys, line, error):
+    from marstore.cli import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text("model: marstore.models:video_mar\ndataset: marstore.models:synthetic_video_actions\n"
+                    "layers: [encoder_blocks.*]\n" + line + "\n")
+    out = tmp_path / "s.h5"
+    assert main(["extract", "--config", str(path), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"marstore extract: {error}"
+    assert not out.exists()
+
+
+def test_a_tuple_option_is_kept_as_the_list_a_resume_reads_back(tmp_path):
+    assert options(tmp_path, layers=("encoder_blocks.0", "encoder_blocks.1")).layers == ["encoder_blocks.0", "encoder_blocks.1"]
 
 @requires_cuda
 def test_forward_outputs_on_the_gpu_come_through_the_ring(tmp_path):
