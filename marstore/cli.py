@@ -182,7 +182,7 @@ def _extract(args: argparse.Namespace) -> int:
         result = ex.extract(_options_from(args))
     except ex.Interrupted as exc:
         print(f"marstore extract: {exc}", file=sys.stderr)
-        return 130
+        return 128 + exc.signum  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
     except (ex.ExtractError, CheckpointError, HookError, StoreError) as exc:
         print(f"marstore extract: {exc}", file=sys.stderr)
         return 2
@@ -200,7 +200,7 @@ def _probe(args: argparse.Namespace) -> int:
                                          progress=not args.no_progress))
     except ProbeInterrupted as exc:
         print(f"marstore probe: {exc}", file=sys.stderr)
-        return 130
+        return 128 + exc.signum
     except (ProbeError, StoreError) as exc:
         print(f"marstore probe: {exc}", file=sys.stderr)
         return 2

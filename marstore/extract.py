@@ -57,11 +57,13 @@ class RestartNeeded(ExtractError):
 
 
 class Interrupted(Exception):
-    """Ctrl-C during extraction: committed rows are kept; `resume_command` continues."""
+    """Ctrl-C (or SIGTERM, as a batch scheduler sends before it kills a job) during extraction:
+    committed rows are kept; `resume_command` continues; `signum` is the signal that stopped it."""
 
-    def __init__(self, rows: int, resume_command: str):
-        super().__init__(f"interrupted after {rows} committed rows; resume with: {resume_command}")
-        self.rows, self.resume_command = rows, resume_command
+    def __init__(self, rows: int, resume_command: str, signum: int = signal.SIGINT):
+        how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        super().__init__(f"{how} after {rows} committed rows; resume with: {resume_command}")
+        self.rows, self.resume_command, self.signum = rows, resume_command, signum
 
 
 @dataclass
@@ -557,7 +559,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                      "the same items in the same order as before)", start_row)
     loader = DataLoader(source, batch_size=opts.batch_size, shuffle=False, num_workers=opts.workers,
                         collate_fn=_collate, pin_memory=device.type == "cuda",
-                        worker_init_fn=_ignore_ctrl_c if opts.workers else None)
+                        worker_init_fn=_ignore_stop_signals if opts.workers else None)
 
     started = time.perf_counter()
     out_dtype = STORE_DTYPES[opts.dtype]
@@ -613,7 +615,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         interrupt.committing = True
         progress.close()
         rows = _close_after_error(writer)
-        raise Interrupted(rows, resume_command(opts)) from None
+        raise Interrupted(rows, resume_command(opts), interrupt.signum) from None
     except BaseException as exc:
         interrupt.committing = True
         progress.close()
@@ -669,40 +671,48 @@ def _mb_per_s(nbytes: int, seconds: float) -> str:
 
 
 class _DeferredInterrupt:
-    """Turns the first Ctrl-C into a request that the loop honours between batches, so that
-    it never lands inside an HDF5 call or the ring's bookkeeping; a second one raises at once,
-    and any during the closing commit only say to wait for it. Only in the main thread, and
-    only over Python's own handler (a caller's stays in charge)."""
+    """Turns the first Ctrl-C or SIGTERM (what SLURM and Kubernetes send before they kill a job)
+    into a request that the loop honours between batches, so that it never lands inside an
+    HDF5 call or the ring's bookkeeping; a second one raises at once, and any during the
+    closing commit only say to wait for it. Only in the main thread, and only over Python's
+    own handling of each signal (a caller's handler stays in charge)."""
+
+    DEFAULTS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 
     def __init__(self) -> None:
+        self.signum: int = signal.SIGINT  # the signal that asked for the stop
         self.requested = False
         self.committing = False
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+        if threading.current_thread() is threading.main_thread():
+            for signum, default in self.DEFAULTS.items():
+                if signal.getsignal(signum) is default:
+                    self._previous[signum] = signal.signal(signum, self._handle)
 
     def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
 
     def _handle(self, signum: int, frame: Any) -> None:
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         if self.committing:
-            log.warning("Ctrl-C: the rows written are being committed; wait for it to finish")
+            log.warning("%s: the rows written are being committed; wait for it to finish", name)
         elif self.requested:
             raise KeyboardInterrupt
         else:
-            self.requested = True
-            log.warning("Ctrl-C: stopping after the batch in hand and committing it (Ctrl-C again stops at once)")
+            self.requested, self.signum = True, signum
+            log.warning("%s: stopping after the batch in hand and committing it (%s again stops at once)", name, name)
 
 
-def _ignore_ctrl_c(worker_id: int) -> None:
-    """In each data loader worker: a terminal's Ctrl-C reaches the whole job, and a worker that
-    it stopped would fail the batch the main process still has to finish."""
+def _ignore_stop_signals(worker_id: int) -> None:
+    """In each data loader worker: a terminal's Ctrl-C, or a scheduler's SIGTERM, reaches the
+    whole job, and a worker that it stopped would fail the batch the main process still has to
+    finish. The workers end with the loader, or when they see the main process gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _close_after_error(writer: StoreWriter | None) -> int:

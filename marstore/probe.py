@@ -8,7 +8,8 @@ probe is trained on a control task (the targets shuffled across rows). Selectivi
 metric minus the control's. Rows whose features or targets are not finite are skipped and
 counted; a step whose loss or gradient is not finite is skipped and counted; gradient norms far
 above their running median are reported. The best validation weights are saved (a state dict
-that loads with weights_only=True); Ctrl-C saves a resumable state at the last finished epoch.
+that loads with weights_only=True). Ctrl-C, or a scheduler's SIGTERM, saves a resumable state at
+the last finished epoch; resume=True keeps the layers finished before it and goes on from there.
 Outputs: report.json, report.md (the table and the plots), depth.png (metric and control against depth),
 loss_curves.png, and a table.
 """
@@ -16,14 +17,17 @@ loss_curves.png, and a table.
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import json
 import logging
 import math
 import os
+import signal
 import statistics
+import threading
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -42,7 +46,12 @@ class ProbeError(Exception):
 
 
 class ProbeInterrupted(Exception):
-    """Ctrl-C: the state at the last finished epoch is saved; run again with resume=True."""
+    """Ctrl-C or SIGTERM (`signum`): the layers finished and the state at the last finished epoch
+    are saved; run again with resume=True."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum
 
 
 @dataclass
@@ -160,14 +169,10 @@ class _Trainer:
         return {"model": copy.deepcopy(self.model.state_dict()), "optim": copy.deepcopy(self.optim.state_dict()),
                 "epoch": self.epoch, "best_loss": self.best[0], "best_epoch": self.best[1], "best_model": self.best[2],
                 "history": list(self.history), "skipped_steps": self.skipped_steps, "grad_spikes": self.grad_spikes,
-                "norms": list(self.norms), "options": self._recorded(), "rows": self._rows()}
+                "norms": list(self.norms), "options": _recorded(self.opts), "rows": self._rows()}
 
     def _rows(self) -> dict[str, int]:
         return {split: len(x) for split, x in self.x.items()}
-
-    def _recorded(self) -> dict:
-        """The options a resume must repeat to reach the same result (not where, or how shown)."""
-        return {k: v for k, v in asdict(self.opts).items() if k not in ("resume", "progress", "device")}
 
     def _load(self, s: dict) -> None:
         self.model.load_state_dict(s["model"])
@@ -186,7 +191,7 @@ class _Trainer:
         opts = self.opts
         if opts.resume and os.path.exists(self.state_path):
             state = torch.load(self.state_path, weights_only=True)
-            now = self._recorded()
+            now = _recorded(self.opts)
             differ = sorted(k for k in now if state["options"].get(k) != now[k])
             if differ:
                 raise ProbeError(f"{label}: --resume: the options differ from the interrupted run's: " + ", ".join(
@@ -241,7 +246,7 @@ class _Trainer:
             torch.save(self._snapshot, self.state_path + ".partial")
             os.replace(self.state_path + ".partial", self.state_path)
             raise ProbeInterrupted(f"{label}: interrupted; state at epoch {self._snapshot['epoch']} saved to "
-                                   f"{self.state_path}; run again with --resume") from None
+                                   f"{self.state_path}") from None
         finally:
             bar.close()
         self.model.load_state_dict(self.best[2])
@@ -306,33 +311,25 @@ def run_probes(opts: ProbeOptions) -> dict:
             if name is not None and name not in s.targets:
                 raise ProbeError(f"{flag} {name!r} is not in {opts.store}; its targets are {sorted(s.targets)}")
         # every layer's probe sees the same rows, also while an extraction still adds some
-        source = {"path": os.path.abspath(opts.store), "status": s.status, "rows": s.rows}
+        source = {"path": os.path.abspath(opts.store), "status": s.status, "rows": s.rows, "created": str(s.file.attrs["created"])}
     if source["status"] != "complete":
         log.warning("%s is incomplete (an extraction was interrupted or still runs): the probes see its %d committed "
                     "rows only", opts.store, source["rows"])
     os.makedirs(opts.out, exist_ok=True)
-    rows, task = [], None
-    for layer in layers:
-        task, xs, ys, labels, skipped, sizes = _prepare(opts, layer, source["rows"])
-        entry: dict[str, Any] = {"layer": layer, "task": task, "split_rows": sizes, "skipped_rows": skipped}
-        if labels:
-            entry["classes"] = labels  # class i of the probe's outputs is the label value labels[i]
-        for control in ([False, True] if opts.control else [False]):
-            label = f"{layer}{' (control)' if control else ''}"
-            safe = layer.replace("/", "_") + ("-control" if control else "")
-            trainer = _Trainer(opts, task, xs, _control(ys, opts.seed) if control else ys, len(labels),
-                               os.path.join(opts.out, f"{safe}.state.pt"))
-            trainer.fit(label)
-            weights = os.path.join(opts.out, f"{safe}.pt")
-            torch.save(trainer.model.state_dict(), weights)
-            result = {"test": trainer.evaluate("test"), "val": trainer.evaluate("val"), "best_epoch": trainer.best[1],
-                      "epochs": trainer.epoch, "skipped_steps": trainer.skipped_steps, "grad_spikes": trainer.grad_spikes,
-                      "history": trainer.history, "weights": weights}
-            entry["control" if control else "probe"] = result
-        head = _headline(task)
-        if opts.control:
-            entry["selectivity"] = entry["probe"]["test"][head] - entry["control"]["test"][head]
-        rows.append(entry)
+    rows: list[dict] = []
+    with _sigterm_stops_like_ctrl_c() as stop:
+        try:
+            for layer in layers:
+                entry = _finished_before(opts, layer, source)
+                if entry is None:
+                    entry = _probe_layer(opts, layer, source["rows"])
+                    _write_json(_finished_path(opts, layer), {"options": _recorded(opts), "store": source, "entry": entry})
+                rows.append(entry)
+        except (KeyboardInterrupt, ProbeInterrupted) as exc:
+            where = str(exc) if isinstance(exc, ProbeInterrupted) else f"{layer}: interrupted"
+            kept = f"; {len(rows)} finished layer{'s' * (len(rows) > 1)} kept" if rows else ""
+            raise ProbeInterrupted(f"{where}{kept}; run again with --resume", stop["signum"]) from None
+    task = rows[-1]["task"]
     report = {"store": source["path"], "store_status": source["status"], "rows": source["rows"], "target": opts.target,
               "task": task, "metric": _headline(task), "options": asdict(opts), "layers": rows}
     report["plots"] = _plots(report, opts.out)
@@ -340,7 +337,96 @@ def run_probes(opts: ProbeOptions) -> dict:
         json.dump(report, f, indent=2)
     report["report"] = os.path.join(opts.out, "report.json")
     report["markdown"] = _markdown(report, opts.out)
+    for layer in layers:  # report.json holds them now
+        os.remove(_finished_path(opts, layer))
     return report
+
+
+def _probe_layer(opts: ProbeOptions, layer: str, rows: int) -> dict:
+    """The probe (and its control) on one layer: the layer's entry in the report."""
+    task, xs, ys, labels, skipped, sizes = _prepare(opts, layer, rows)
+    entry: dict[str, Any] = {"layer": layer, "task": task, "split_rows": sizes, "skipped_rows": skipped}
+    if labels:
+        entry["classes"] = labels  # class i of the probe's outputs is the label value labels[i]
+    for control in ([False, True] if opts.control else [False]):
+        label = f"{layer}{' (control)' if control else ''}"
+        safe = _safe_name(layer) + ("-control" if control else "")
+        trainer = _Trainer(opts, task, xs, _control(ys, opts.seed) if control else ys, len(labels),
+                           os.path.join(opts.out, f"{safe}.state.pt"))
+        trainer.fit(label)
+        weights = os.path.join(opts.out, f"{safe}.pt")
+        torch.save(trainer.model.state_dict(), weights)
+        result = {"test": trainer.evaluate("test"), "val": trainer.evaluate("val"), "best_epoch": trainer.best[1],
+                  "epochs": trainer.epoch, "skipped_steps": trainer.skipped_steps, "grad_spikes": trainer.grad_spikes,
+                  "history": trainer.history, "weights": weights}
+        entry["control" if control else "probe"] = result
+    if opts.control:
+        head = _headline(task)
+        entry["selectivity"] = entry["probe"]["test"][head] - entry["control"]["test"][head]
+    return entry
+
+
+def _safe_name(layer: str) -> str:
+    return layer.replace("/", "_")
+
+
+def _finished_path(opts: ProbeOptions, layer: str) -> str:
+    return os.path.join(opts.out, f"{_safe_name(layer)}.done.json")
+
+
+def _recorded(opts: ProbeOptions) -> dict:
+    """The options a resume must repeat to reach the same result (not where, or how shown)."""
+    return {k: v for k, v in asdict(opts).items() if k not in ("resume", "progress", "device")}
+
+
+def _finished_before(opts: ProbeOptions, layer: str, source: dict) -> dict | None:
+    """With resume, the entry of a layer that an interrupted run finished, when it was trained
+    with these options on these rows of this store."""
+    path = _finished_path(opts, layer)
+    if not (opts.resume and os.path.exists(path)):
+        return None
+    with open(path) as f:
+        done = json.load(f)
+    now = _recorded(opts)
+    differ = sorted(k for k in now if done["options"].get(k) != now[k])
+    if differ:
+        raise ProbeError(f"{layer}: --resume: the options differ from the interrupted run's: " + ", ".join(
+            f"{k} (then {done['options'].get(k)!r}, now {now[k]!r})" for k in differ)
+            + "; repeat them, or run without --resume to start over")
+    if done["store"] != source:
+        raise ProbeError(f"{layer}: --resume: the store is not the one the interrupted run read ({done['store']['rows']} rows "
+                         f"then, {source['rows']} now; created {done['store']['created']} then, {source['created']} now); "
+                         "run without --resume to start over")
+    log.info("%s: kept the probe finished before the interruption (%s)", layer, path)
+    return done["entry"]
+
+
+def _write_json(path: str, value: dict) -> None:
+    """Whole or not at all: a second Ctrl-C must not leave half a file to resume from."""
+    with open(path + ".partial", "w") as f:
+        json.dump(value, f)
+    os.replace(path + ".partial", path)
+
+
+@contextlib.contextmanager
+def _sigterm_stops_like_ctrl_c() -> Iterator[dict]:
+    """SIGTERM, what a batch scheduler sends before it kills a job, stops the probes as Ctrl-C
+    does (where Python's default handling is in place, in the main thread). Yields the signal
+    that stopped them."""
+    stop = {"signum": signal.SIGINT}
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield stop
+        return
+
+    def handle(signum: int, frame: Any) -> None:
+        stop["signum"] = signum
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _plots(report: dict, out: str) -> dict:

@@ -3,6 +3,8 @@
 import json
 import multiprocessing
 import os
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -369,6 +371,78 @@ def test_interrupted_and_resumed_training_matches(tmp_path, monkeypatch):
     a, b = whole["layers"][0]["probe"], resumed["layers"][0]["probe"]
     assert a["test"] == b["test"] and a["history"] == b["history"] and a["best_epoch"] == b["best_epoch"]
 
+
+
+def test_a_resume_keeps_the_layers_finished_before_the_interruption(tmp_path, monkeypatch):
+    from marstore import probe
+
+    path = tmp_path / "s.h5"
+    planted_store(path)
+    whole = run_probes(probe_opts(tmp_path, path, layer=["signal", "noise"], epochs=6, out=str(tmp_path / "a")))
+    prepared = []
+    original = probe._prepare
+
+    def interrupting(opts, layer, rows):
+        prepared.append(layer)
+        if layer == "noise" and len(prepared) == 2:  # Ctrl-C while the second layer is read, before any epoch
+            raise KeyboardInterrupt
+        return original(opts, layer, rows)
+
+    monkeypatch.setattr(probe, "_prepare", interrupting)
+    out = tmp_path / "b"
+    with pytest.raises(ProbeInterrupted) as info:
+        run_probes(probe_opts(tmp_path, path, layer=["signal", "noise"], epochs=6, out=str(out)))
+    assert (str(info.value), info.value.signum) == ("noise: interrupted; 1 finished layer kept; run again with --resume",
+                                                    signal.SIGINT)
+    with pytest.raises(ProbeError, match=r"^signal: --resume: the options differ from the interrupted run's: epochs "
+                                         r"\(then 6, now 7\); repeat them"):
+        run_probes(probe_opts(tmp_path, path, layer=["signal", "noise"], epochs=7, out=str(out), resume=True))
+    resumed = run_probes(probe_opts(tmp_path, path, layer=["signal", "noise"], epochs=6, out=str(out), resume=True))
+    assert prepared == ["signal", "noise", "noise"]  # the finished layer was not read again
+    for a, b in zip(whole["layers"], resumed["layers"]):
+        assert (a["layer"], a["probe"]["test"], a["control"]["test"]) == (b["layer"], b["probe"]["test"], b["control"]["test"])
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".json")) == ["report.json"]
+
+
+def test_a_resume_on_a_store_written_again_is_refused(tmp_path, monkeypatch):
+    from marstore import probe
+
+    path = tmp_path / "s.h5"
+    planted_store(path)
+    original = probe._prepare
+    monkeypatch.setattr(probe, "_prepare", lambda opts, layer, rows: (_ for _ in ()).throw(KeyboardInterrupt)
+                        if layer == "noise" else original(opts, layer, rows))
+    with pytest.raises(ProbeInterrupted):
+        run_probes(probe_opts(tmp_path, path, layer=["signal", "noise"], epochs=3))
+    os.remove(path)
+    time.sleep(1.1)  # a store written again, with as many rows: its creation time tells it apart
+    planted_store(path, seed=1)
+    with pytest.raises(ProbeError, match=r"^signal: --resume: the store is not the one the interrupted run read \(2000 rows "
+                                         r"then, 2000 now; created .* then, .* now\); run without --resume to start over$"):
+        run_probes(probe_opts(tmp_path, path, layer=["signal", "noise"], epochs=3, resume=True))
+
+
+def test_sigterm_stops_the_probes_like_ctrl_c(tmp_path, monkeypatch):
+    from marstore import probe
+
+    path = tmp_path / "s.h5"
+    planted_store(path)
+    original = probe._Trainer._val_loss
+    calls = []
+
+    def terminated(self):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGTERM)
+        return original(self)
+
+    monkeypatch.setattr(probe._Trainer, "_val_loss", terminated)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    with pytest.raises(ProbeInterrupted) as info:
+        run_probes(probe_opts(tmp_path, path, epochs=6, control=False))
+    assert info.value.signum == signal.SIGTERM
+    assert str(info.value).startswith("signal: interrupted; state at epoch 2 saved to ")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 def test_demo_store_shows_the_action_above_its_control(tmp_path, capsys):
     from marstore.cli import main

@@ -964,8 +964,8 @@ def run_cli(*args, **popen):
                             stderr=subprocess.PIPE, text=True, **popen)
 
 
-@pytest.mark.parametrize("workers", ["0", "2"])
-def test_ctrl_c_commits_and_resume_finishes_identically(tmp_path, workers):
+@pytest.mark.parametrize("signum, workers", [(signal.SIGINT, "0"), (signal.SIGINT, "2"), (signal.SIGTERM, "2")])
+def test_ctrl_c_or_sigterm_commits_and_resume_finishes_identically(tmp_path, signum, workers):
     ckpt = str(tmp_path / "c.pt")
     torch.manual_seed(0)
     save_checkpoint(video_mar(**CONFIG), CONFIG, ckpt, "workspace")
@@ -987,10 +987,12 @@ def test_ctrl_c_commits_and_resume_finishes_identically(tmp_path, workers):
                         break
             except Exception:  # noqa: BLE001 - the file may be mid-creation
                 pass
-    os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: every process of the job, data workers too
+    # what Ctrl-C in a terminal does, and a scheduler's SIGTERM: every process of the job, data workers too
+    os.killpg(p.pid, signum)
     _, err = p.communicate(timeout=120)
-    assert p.returncode == 130, err
-    assert "interrupted after" in err and "--resume" in err
+    assert p.returncode == 128 + signum, err
+    how = "interrupted" if signum == signal.SIGINT else "stopped by SIGTERM"
+    assert f"marstore extract: {how} after " in err and "--resume" in err
     with open_store(out) as s:
         assert s.status == "incomplete" and 0 < s.rows < 3000 and s.rows % 8 == 0
     p = run_cli(*common, "--out", out, "--resume")
@@ -1027,6 +1029,18 @@ def test_ctrl_c_finishes_the_batch_in_hand_and_a_second_stops_at_once(tmp_path, 
         extract(options(tmp_path, out=str(tmp_path / "t.h5")), on_batch=ctrl_c(2))
     assert info.value.rows == 24  # the second raised inside the callback, after the batch was queued
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigterm_stops_like_ctrl_c_and_its_handler_is_restored(tmp_path, caplog):
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    with pytest.raises(Interrupted) as info:
+        extract(options(tmp_path), on_batch=lambda rows: rows == 16 and signal.raise_signal(signal.SIGTERM))
+    assert (info.value.rows, info.value.signum) == (16, signal.SIGTERM)
+    assert str(info.value).startswith("stopped by SIGTERM after 16 committed rows; resume with: ")
+    assert "SIGTERM: stopping after the batch in hand and committing it (SIGTERM again stops at once)" in caplog.text
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    with open_store(str(tmp_path / "s.h5")) as s:
+        assert (s.status, s.rows) == ("incomplete", 16)
 
 
 def test_ctrl_c_during_the_closing_commit_only_says_to_wait(tmp_path, caplog, monkeypatch):
