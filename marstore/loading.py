@@ -134,19 +134,53 @@ def _get_path(obj: Any, dotted: str) -> Any:
     return obj
 
 
-def to_plain(obj: Any) -> Any:
-    """argparse.Namespace, OmegaConf configs and nested mappings -> plain dicts and lists."""
+def to_plain(obj: Any, where: str = "") -> Any:
+    """argparse.Namespace, OmegaConf configs and nested mappings -> plain dicts and lists.
+    `where` names obj in messages (the config's key in the checkpoint)."""
     if isinstance(obj, argparse.Namespace):
         return {k: to_plain(v) for k, v in vars(obj).items()}
     if type(obj).__module__.startswith("omegaconf"):
-        from omegaconf import OmegaConf
-
-        return OmegaConf.to_container(obj, resolve=True)
+        unresolved: list[str] = []
+        plain = _plain_omegaconf(obj, where, unresolved)
+        if unresolved:
+            log.warning("the config keeps %d value%s that cannot be resolved outside the program that saved it, as "
+                        "written: %s; if the model needs them, give them with --model-arg KEY=VALUE", len(unresolved),
+                        "s" * (len(unresolved) > 1), "; ".join(unresolved[:5]) + (" ..." if len(unresolved) > 5 else ""))
+        return plain
     if isinstance(obj, Mapping):
         return {str(k): to_plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [to_plain(v) for v in obj]
     return obj
+
+
+def _plain_omegaconf(node: Any, path: str, unresolved: list[str]) -> Any:
+    """An OmegaConf config as plain dicts and lists, each interpolation resolved where it can be.
+    One that cannot (a resolver that only hydra or the training code registers, as diffusion_policy's
+    ${now:...} and ${eval:...}; a key that is not there; a ??? left missing) keeps its text and is
+    listed in `unresolved`, so that one such value elsewhere in the config does not stop the run."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    raw = OmegaConf.to_container(node, resolve=False)
+    if raw is None:  # a config that is None as a whole
+        return None
+    keys = list(node.keys()) if isinstance(node, DictConfig) else range(len(node))
+    plain: Any = {} if isinstance(node, DictConfig) else []
+    for key in keys:
+        where = f"{path}.{key}" if path else str(key)
+        try:
+            value = node[key]
+        except OmegaConfBaseException as exc:
+            value = raw[key]
+            unresolved.append(f"{where} = {value!r} ({str(exc).splitlines()[0]})")
+        if isinstance(value, (DictConfig, ListConfig)):
+            value = _plain_omegaconf(value, where, unresolved)
+        if isinstance(plain, dict):
+            plain[str(key)] = value
+        else:
+            plain.append(value)
+    return plain
 
 
 def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
@@ -172,14 +206,14 @@ def find_config(ckpt: Any, key: str | None = None) -> tuple[dict, str | None]:
         return {}, None
     if key:
         try:
-            return _as_config(to_plain(_get_path(ckpt, key)), key), key
+            return _as_config(to_plain(_get_path(ckpt, key), key), key), key
         except KeyError as exc:
             raise CheckpointError(f"config key {key!r}: {exc} is not in the checkpoint; its top-level keys are "
                                   f"{sorted(map(str, ckpt))}") from None
     for candidate in CONFIG_KEYS:
         if candidate in ckpt:
             log.info("model config taken from checkpoint[%r]", candidate)
-            return _as_config(to_plain(ckpt[candidate]), candidate), candidate
+            return _as_config(to_plain(ckpt[candidate], candidate), candidate), candidate
     log.info("the checkpoint has no config under %s; the model is built from --model-arg values alone", ", ".join(CONFIG_KEYS))
     return {}, None
 
@@ -297,6 +331,9 @@ def with_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> d
     return merged
 
 
+HYDRA_KEYS = ("_target_", "_recursive_", "_convert_", "_partial_", "_args_")
+
+
 def build_model(spec: str, config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
                 config_key: str | None = None) -> torch.nn.Module:
     """Calls the builder with the config as keyword arguments, overrides taking precedence; a
@@ -308,6 +345,10 @@ def build_model(spec: str, config: Mapping[str, Any], overrides: Mapping[str, An
         signature = inspect.signature(builder)
     except (TypeError, ValueError):
         signature = None
+    # hydra's instructions (_target_: the class hydra would build) are never the builder's arguments
+    instructions = {k: kwargs.pop(k) for k in HYDRA_KEYS if k in kwargs and not (signature and k in signature.parameters)}
+    if instructions:
+        log.info("left out the config's hydra keys %s: --model %s builds the model", instructions, spec)
     if signature is not None:
         params = signature.parameters.values()
         takes_any = any(p.kind is p.VAR_KEYWORD for p in params)

@@ -192,6 +192,55 @@ def test_dotted_model_args_reach_into_the_config():
     assert str(info.value) == "--model-arg task_name.x: task_name is a str, not a mapping to set a key in"
 
 
+def test_hydra_keys_are_left_out_of_the_builders_arguments(caplog):
+    caplog.set_level("INFO", logger="marstore.loading")
+    config = {"_target_": "uva.policy.UnifiedVideoActionPolicy", "_recursive_": False, **CONFIG}
+    model = build_model("marstore.models:video_mar", config, config_key="cfg.model.policy")
+    assert len(model.encoder_blocks) == 2
+    assert ("left out the config's hydra keys {'_target_': 'uva.policy.UnifiedVideoActionPolicy', '_recursive_': False}: "
+            "--model marstore.models:video_mar builds the model") in caplog.text
+    assert config["_target_"] == "uva.policy.UnifiedVideoActionPolicy"  # the checkpoint's config is left as it was
+
+    def takes_target(_target_, depth):
+        return torch.nn.Linear(depth, 1)
+
+    module = sys.modules[__name__]
+    module.takes_target = takes_target  # a builder that names the key gets it
+    assert build_model("test_extract:takes_target", {"_target_": "x", "depth": 3}).in_features == 3
+
+
+def test_an_omegaconf_workspace_config_resolves_what_it_can(tmp_path, caplog):
+    omegaconf = pytest.importorskip("omegaconf")
+    # UVA's layout: hydra keys at every level, the policy's shape_meta an interpolation, and values
+    # that only the training program can resolve (diffusion_policy registers ${eval:...}; hydra ${now:...})
+    cfg = omegaconf.OmegaConf.create({
+        "_target_": "uva.workspace.TrainUnifiedVideoActionWorkspace",
+        "task": {"shape_meta": CONFIG["shape_meta"]},
+        "logging": {"name": "${now:%Y.%m.%d}_uva", "steps": "${eval:'2 * 8'}", "tags": ["${missing_key}", "fixed"]},
+        "checkpoint": {"dir": "???"},
+        "model": {"_target_": "uva.workspace.W", "policy": {
+            "_target_": "uva.policy.UnifiedVideoActionPolicy", "shape_meta": "${task.shape_meta}",
+            **{k: v for k, v in CONFIG.items() if k != "shape_meta"}}}})
+    torch.manual_seed(0)
+    state = {"model." + k: v for k, v in video_mar(**CONFIG).state_dict().items()}
+    path = str(tmp_path / "latest.ckpt")
+    torch.save({"cfg": cfg, "state_dicts": {"model": state, "ema_model": state}, "pickles": {}}, path)
+    ckpt = read_checkpoint(path, trust=True)
+    config, key = find_config(ckpt)
+    assert key == "cfg"
+    assert config["logging"] == {"name": "${now:%Y.%m.%d}_uva", "steps": "${eval:'2 * 8'}", "tags": ["${missing_key}", "fixed"]}
+    assert config["checkpoint"] == {"dir": "???"} and config["model"]["policy"]["shape_meta"] == CONFIG["shape_meta"]
+    warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"][-1]
+    assert warning.startswith("the config keeps 4 values that cannot be resolved outside the program that saved it, as "
+                              "written: cfg.logging.name = '${now:%Y.%m.%d}_uva' (Unsupported interpolation type now); ")
+    assert "cfg.logging.tags.0 = '${missing_key}'" in warning and "cfg.checkpoint.dir = '???'" in warning
+    caplog.clear()
+    result = extract(options(tmp_path, checkpoint=path, trust_checkpoint=True, config_key="cfg.model.policy", model_args={}))
+    assert "cannot be resolved" not in caplog.text  # the policy's section resolves whole
+    with open_store(result.path) as s:
+        assert s.metadata["model_config"]["shape_meta"] == CONFIG["shape_meta"]
+        assert result.load_report["missing_count"] == result.load_report["unexpected_count"] == 0
+
 def test_config_key_and_state_key_errors(tmp_path):
     path = str(tmp_path / "c.pt")
     save_checkpoint(video_mar(**CONFIG), CONFIG, path, "workspace")
