@@ -108,6 +108,11 @@ def _info(args: argparse.Namespace) -> int:
     for key in ("model", "checkpoint", "command"):
         if key in run:
             print(f"  {key}: {json.dumps(run[key]) if not isinstance(run[key], str) else run[key]}")
+    loaded = run.get("load_report")
+    if run.get("checkpoint") and loaded:
+        print(f"  weights: {loaded['loaded']} tensors from {run.get('state_key')!r}, {loaded['missing_count']} missing, "
+              f"{loaded['unexpected_count']} unexpected, {loaded['shape_mismatches_count']} shape mismatches"
+              + "".join(f"; {note}" for note in loaded["notes"]))
     return 0
 
 

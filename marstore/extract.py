@@ -493,7 +493,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
     state = None
     if opts.checkpoint:
         report.checkpoint = loading.file_digest(opts.checkpoint)
-        ckpt = loading.read_checkpoint(opts.checkpoint, trust=opts.trust_checkpoint)
+        ckpt = loading.read_checkpoint(opts.checkpoint, trust=opts.trust_checkpoint, report=report)
         config, report.config_key = loading.find_config(ckpt, opts.config_key)
         state, report.state_key = loading.find_state_dict(ckpt, opts.state_key)
         del ckpt
@@ -534,6 +534,8 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         "checkpoint": asdict(report.checkpoint) if report.checkpoint else None,
         "config_key": report.config_key,
         "state_key": report.state_key,
+        # what loading the weights found and did (counts, first names, stripped prefix, notes)
+        "load_report": {k: v for k, v in report.as_dict().items() if k not in ("checkpoint", "config_key", "state_key")},
         "model_config": config,
         "dataset": opts.dataset,
         "dataset_args": opts.dataset_args,
@@ -923,7 +925,8 @@ def describe(result: ExtractResult) -> str:
     if r.get("checkpoint"):
         lines.append(f"  checkpoint {r['checkpoint']['path']} (sha256 {r['checkpoint']['sha256'][:12]}...), "
                      f"config from {r['config_key']!r}, weights from {r['state_key']!r}; loaded {r['loaded']} tensors, "
-                     f"{r['missing_count']} missing, {r['unexpected_count']} unexpected, {r['shape_mismatches_count']} shape mismatches")
+                     f"{r['missing_count']} missing, {r['unexpected_count']} unexpected, {r['shape_mismatches_count']} shape mismatches"
+                     + "".join(f"; {note}" for note in r.get("notes", [])))
     else:
         lines.append("  checkpoint: none (the model's weights are the ones its builder gave it)")
     return "\n".join(lines)

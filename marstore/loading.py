@@ -19,7 +19,9 @@ import importlib
 import inspect
 import logging
 import os
+import pickle
 import re
+import types
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -90,20 +92,27 @@ def file_digest(path: str) -> CheckpointInfo:
     return CheckpointInfo(os.path.abspath(path), os.path.getsize(path), h.hexdigest())
 
 
-def read_checkpoint(path: str, trust: bool = False) -> Any:
+def read_checkpoint(path: str, trust: bool = False, report: LoadReport | None = None) -> Any:
     """torch.load with weights_only=True (argparse.Namespace allowed), unless trust=True; a
-    .safetensors file is read as the flat state dict it holds (it never holds a pickle)."""
+    .safetensors file is read as the flat state dict it holds (it never holds a pickle). In a
+    trusted load, objects whose code is not importable here become inert stand-ins (logged, and
+    noted in `report`): a workspace's pickled normalizer should not keep its weights from loading."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path}: no such file")
     if path.endswith(".safetensors"):
         return _read_safetensors(path)
     if trust:
         log.warning("loading %s with full unpickling (--trust-checkpoint): it can run code", path)
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except (ModuleNotFoundError, AttributeError) as exc:  # the pickled classes' code is not here
-            raise CheckpointError(f"checkpoint {path} pickles objects whose code is not importable here ({exc}); "
-                                  "install the package that defines them, or save the checkpoint without them") from exc
+        unpickler = _StandInUnpickler.module()
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=unpickler)
+        if unpickler.stand_ins:
+            names = sorted(unpickler.stand_ins)
+            note = (f"stand-ins for {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}, whose code is not "
+                    "importable here")
+            log.warning("checkpoint %s: %s (install their package if the model needs them)", path, note)
+            if report is not None:
+                report.notes.append(note)
+        return ckpt
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -121,6 +130,52 @@ def read_checkpoint(path: str, trust: bool = False) -> Any:
             f"checkpoint {path} needs unpickling of {listed}, which a safe load refuses; if you trust "
             "its source, pass --trust-checkpoint"
         ) from None
+
+
+class StandIn:
+    """An object of a class whose code is not importable here: it keeps what the pickle gave it
+    (arguments, state, items) and runs nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.__dict__.setdefault("_args", args)
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):  # (state, slot state)
+            state = state[0] if state[0] is not None else state[1]
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        else:
+            self.__dict__["_state"] = state
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.__dict__.setdefault("_items", {})[key] = value
+
+    def append(self, value: Any) -> None:
+        self.__dict__.setdefault("_list", []).append(value)
+
+    def extend(self, values: Any) -> None:
+        self.__dict__.setdefault("_list", []).extend(values)
+
+    def __repr__(self) -> str:
+        return f"<stand-in for {type(self).__module__}.{type(self).__qualname__}>"
+
+
+class _StandInUnpickler(pickle.Unpickler):
+    stand_ins: set[str]
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            type(self).stand_ins.add(f"{module}.{name}")
+            return type(name, (StandIn,), {"__module__": module, "__qualname__": name})
+
+    @classmethod
+    def module(cls) -> Any:
+        """What torch.load takes as pickle_module, with a fresh record of the stand-ins made."""
+        unpickler = type("StandInUnpickler", (cls,), {"stand_ins": set()})
+        return types.SimpleNamespace(Unpickler=unpickler, load=pickle.load, stand_ins=unpickler.stand_ins,
+                                     __name__="pickle")
 
 
 def _get_path(obj: Any, dotted: str) -> Any:
@@ -219,6 +274,9 @@ def find_config(ckpt: Any, key: str | None = None) -> tuple[dict, str | None]:
 
 
 def _as_config(value: Any, key: str) -> dict:
+    if isinstance(value, StandIn):
+        raise CheckpointError(f"checkpoint[{key!r}] is a {type(value).__module__}.{type(value).__qualname__}, whose code "
+                              f"is not importable here; install its package ({type(value).__module__.split('.')[0]})")
     if not isinstance(value, dict):
         raise CheckpointError(f"checkpoint[{key!r}] is a {type(value).__name__}, not a config mapping")
     return value

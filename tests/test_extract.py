@@ -99,18 +99,42 @@ def test_untrusted_pickle_is_refused_with_the_flag_named(tmp_path):
     assert isinstance(read_checkpoint(path, trust=True)["extra"], Opaque)
 
 
-def test_a_trusted_checkpoint_whose_classes_are_not_here_fails_in_one_line(tmp_path, monkeypatch):
-    (tmp_path / "gone_module.py").write_text("class Thing:\n    pass\n")
+def test_a_trusted_checkpoint_whose_classes_are_not_here_loads_them_as_stand_ins(tmp_path, monkeypatch, caplog):
+    # UVA's workspace pickles its normalizer and more beside the weights; the training package
+    # need not be installed where the activations are extracted
+    (tmp_path / "gone_module.py").write_text("class Normalizer:\n    def __init__(self):\n        self.scale = 2.0\n"
+                                             "def build():\n    return Normalizer()\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     import gone_module
 
+    torch.manual_seed(0)
+    state = {"model." + k: v for k, v in video_mar(**CONFIG).state_dict().items()}
     path = str(tmp_path / "c.pt")
-    torch.save({"model": {}, "cfg": gone_module.Thing()}, path)
+    torch.save({"cfg": {"policy": {"model": CONFIG}}, "state_dicts": {"model": state, "ema_model": state},
+                "pickles": {"normalizer": gone_module.Normalizer(), "factory": gone_module.build}}, path)
+    bad = str(tmp_path / "bad.pt")
+    torch.save({"model": state, "cfg": gone_module.Normalizer()}, bad)
     (tmp_path / "gone_module.py").unlink()
     monkeypatch.delitem(sys.modules, "gone_module")
-    with pytest.raises(CheckpointError, match=r"pickles objects whose code is not importable here \(No module named "
-                                              r"'gone_module'\); install the package that defines them"):
-        read_checkpoint(path, trust=True)
+
+    from marstore.loading import LoadReport, StandIn
+
+    report = LoadReport()
+    ckpt = read_checkpoint(path, trust=True, report=report)
+    normalizer = ckpt["pickles"]["normalizer"]
+    assert isinstance(normalizer, StandIn) and normalizer.scale == 2.0
+    assert repr(normalizer) == "<stand-in for gone_module.Normalizer>"
+    assert issubclass(ckpt["pickles"]["factory"], StandIn)
+    note = "stand-ins for gone_module.Normalizer, gone_module.build, whose code is not importable here"
+    assert report.notes == [note]
+    assert f"checkpoint {path}: {note} (install their package if the model needs them)" in caplog.text
+    result = extract(options(tmp_path, checkpoint=path, trust_checkpoint=True, config_key="cfg.policy.model", model_args={}))
+    with open_store(result.path) as s:
+        assert s.metadata["load_report"]["notes"] == [note] and s.metadata["load_report"]["missing_count"] == 0
+    with pytest.raises(CheckpointError) as info:  # the config itself is one: nothing to build from
+        find_config(read_checkpoint(bad, trust=True), "cfg")
+    assert str(info.value) == ("checkpoint['cfg'] is a gone_module.Normalizer, whose code is not importable here; "
+                               "install its package (gone_module)")
 
 
 def test_argparse_namespace_is_allowed_in_a_safe_load(tmp_path):
