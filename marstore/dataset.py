@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from marstore.hooks import match_modules, nearest_names
+from marstore.hooks import HookError, match_modules, nearest_names
 from marstore.store import STORED_DTYPES, Store, StoreError, default_chunk_rows, open_store
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,10 @@ def layers_of(store: Store, patterns: str | Sequence[str]) -> list[str]:
         raise StoreError(f"no layers asked of {store.path}; it has {list(store.layers)}")
     names: list[str] = []
     for pattern in patterns:
-        found = match_modules(pattern, list(store.layers))
+        try:
+            found = match_modules(pattern, list(store.layers))
+        except HookError as exc:  # a pattern that is no regular expression
+            raise StoreError(str(exc)) from None
         if not found:
             raise StoreError(f"{store.path} has no layer {pattern!r}; nearest: {nearest_names(pattern, list(store.layers))}")
         names += [n for n in found if n not in names]

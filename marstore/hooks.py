@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import functools
+import inspect
 import logging
 import re
 from dataclasses import dataclass, field
@@ -86,9 +87,33 @@ def _split_pattern(pattern: str) -> tuple[str, str, int | str | None]:
     return body, capture, element
 
 
+def _named_inputs(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """A module's inputs by the names its forward gives them (keywords it takes as **kwargs too)."""
+    try:
+        bound = _forward_signature(type(module)).bind(module, *args, **kwargs)
+    except TypeError:  # a forward that its own call does not fit: the keywords as given
+        return dict(kwargs)
+    named: dict[str, Any] = {}
+    for name, value in list(bound.arguments.items())[1:]:  # after self
+        kind = bound.signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif kind is not inspect.Parameter.VAR_POSITIONAL:
+            named[name] = value
+    return named
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_signature(cls: type) -> inspect.Signature:
+    return inspect.signature(cls.forward)
+
+
 def match_modules(pattern: str, names: Sequence[str]) -> list[str]:
     if pattern.startswith("re:"):
-        rx = re.compile(pattern[3:])
+        try:
+            rx = re.compile(pattern[3:])
+        except re.error as exc:
+            raise HookError(f"layer pattern {pattern!r}: not a regular expression ({exc})") from None
         return [n for n in names if rx.fullmatch(n)]
     if any(c in pattern for c in "*?["):
         rx = _glob_regex(pattern) if "?" not in pattern and "[" not in pattern else re.compile(fnmatch.translate(pattern))
@@ -250,10 +275,18 @@ class Capture:
 
     def _make_hook(self, sel: LayerSelection):
         def pick(value: Any) -> torch.Tensor:
+            if sel.element is not None and isinstance(value, torch.Tensor):
+                # indexing would silently take the first sample (':0') or fail inside torch (':key')
+                raise HookError(f"{sel.store_name}: the {sel.capture} of {sel.name} is a tensor, and ':{sel.element}' "
+                                f"picks an element of a tuple, list or dict; hook {sel.name}"
+                                f"{'@input' if sel.capture == 'input' else ''} without it (--reduction picks tokens)")
             if sel.element is not None:
                 try:
                     value = value[sel.element]
                 except (KeyError, IndexError, TypeError):
+                    if sel.capture == "input" and isinstance(sel.element, str):
+                        raise HookError(f"{sel.store_name}: {sel.name} was called without an argument {sel.element!r}; "
+                                        f"its arguments: {list(value)}") from None
                     has = f"keys {sorted(map(str, value))}" if isinstance(value, Mapping) else (
                         f"elements 0 to {len(value) - 1}" if isinstance(value, (tuple, list)) else "no elements")
                     raise HookError(f"{sel.store_name}: the {sel.capture} of {sel.name} is a {type(value).__name__}"
@@ -268,8 +301,11 @@ class Capture:
 
         def hook(module, args, kwargs, output=None):
             if sel.capture == "input":
-                value = args if args else tuple(kwargs.values())
-                value = pick(value if sel.element is not None else value[0])
+                if isinstance(sel.element, str):  # @input:x names the forward's argument
+                    value = pick(_named_inputs(module, args, kwargs))
+                else:
+                    value = args + tuple(kwargs.values())
+                    value = pick(value if sel.element is not None else value[0])
             else:
                 value = pick(output)
             fired = self._state.fired.setdefault(sel.store_name, [])

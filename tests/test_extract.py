@@ -338,6 +338,47 @@ def test_tuple_dict_and_input_captures():
     assert str(info.value) == "layer pattern 'head@inputs': unknown capture '@inputs'; use @input or @output"
 
 
+class Gate(nn.Module):
+    def forward(self, x, scale, **extra):
+        return x * scale + extra.get("shift", 0)
+
+
+class Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = Gate()
+
+    def forward(self, x):
+        return self.gate(x, scale=x.sum(-1, keepdim=True), shift=x + 5)
+
+
+def test_an_input_is_picked_by_its_argument_name_and_a_tensor_has_no_elements():
+    model, x = Gated(), torch.randn(3, 4)
+    out = captured(model, ["gate@input:scale", "gate@input:shift", "gate@input:x", "gate@input:1"], x)
+    assert torch.equal(out["gate@input:scale"], x.sum(-1, keepdim=True)) and torch.equal(out["gate@input:shift"], x + 5)
+    assert torch.equal(out["gate@input:x"], x) and torch.equal(out["gate@input:1"], x.sum(-1, keepdim=True))
+    with pytest.raises(hooks.HookError) as info:
+        captured(model, ["gate@input:bias"], x)
+    assert str(info.value) == "gate@input:bias: gate was called without an argument 'bias'; its arguments: ['x', 'scale', 'shift']"
+    # ':0' on a tensor used to store each batch's first sample as if it were the batch
+    for pattern, element in (("gate:0", "0"), ("gate:hidden", "hidden")):
+        with pytest.raises(hooks.HookError) as info:
+            captured(model, [pattern], x)
+        assert str(info.value) == (f"{pattern}: the output of gate is a tensor, and ':{element}' picks an element of a tuple, "
+                                   "list or dict; hook gate without it (--reduction picks tokens)")
+
+
+def test_a_pattern_that_is_no_regular_expression_is_refused_in_one_line(tmp_path):
+    with pytest.raises(hooks.HookError) as info:
+        hooks.parse_layers(["re:blocks\\.["], Toy())
+    assert str(info.value) == "layer pattern 're:blocks\\\\.[': not a regular expression (unterminated character set at position 8)"
+    from marstore.dataset import layers_of
+    from marstore.store import StoreError
+
+    result = extract(options(tmp_path, dataset_args={"size": 8}))
+    with open_store(result.path) as s, pytest.raises(StoreError, match=r"^layer pattern 're:enc\[': not a regular expression"):
+        layers_of(s, "re:enc[")
+
 def test_glob_levels_and_regex():
     model = Toy()
     names = [s.name for s in hooks.parse_layers(["blocks.*"], model)]
