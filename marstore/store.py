@@ -991,6 +991,8 @@ class _WriterLock:
             self._fd: int | None = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o644)
         except FileExistsError:
             raise StoreError(f"{path} was created by another process just now; choose another path") from None
+        except OSError as exc:  # no such folder, no permission, a read-only filesystem
+            raise StoreError(f"{path}: cannot {'create' if create else 'open'} it for writing ({exc.strerror})") from None
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

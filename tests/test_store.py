@@ -205,6 +205,12 @@ def test_existing_file_needs_resume_and_matching_layers(tmp_path):
         StoreWriter(path, LAYERS[:2], TARGETS, resume=True)
 
 
+def test_a_store_in_a_folder_that_is_not_there_is_refused_in_one_line(tmp_path):
+    path = str(tmp_path / "gone" / "s.h5")
+    with pytest.raises(StoreError) as info:
+        StoreWriter(path, LAYERS, TARGETS)
+    assert str(info.value) == f"{path}: cannot create it for writing (No such file or directory)"
+
 def test_a_store_that_cannot_be_made_leaves_no_file(tmp_path, monkeypatch):
     """A duplicate target used to fail halfway through creating the file and leave one that no
     tool would open as a store."""
