@@ -71,11 +71,11 @@ class ActivationDataset(Dataset):
     with tokens at read time; ragged layers give one (tokens, ...) tensor per row, padded by
     collate_rows (or reduced)."""
 
-    def __init__(self, path: str | os.PathLike, layers: str | Sequence[str], targets: Sequence[str] = (), *,
+    def __init__(self, path: str | os.PathLike, layers: str | Sequence[str], targets: str | Sequence[str] = (), *,
                  rows: Sequence[int] | None = None, as_tuple: bool = False, dtype: torch.dtype = torch.float32,
                  reduction: str | None = None, preload: bool = False):
         self.path = os.fspath(path)
-        self.target_names = list(targets)
+        self.target_names = [targets] if isinstance(targets, str) else list(targets)  # one name, not its letters
         self.as_tuple, self.dtype = as_tuple, dtype
         if reduction not in READ_REDUCTIONS:
             raise StoreError(f"read-time reduction {reduction!r}: use one of {READ_REDUCTIONS[1:]}")
@@ -95,16 +95,35 @@ class ActivationDataset(Dataset):
             self.chunk_rows = int(first.chunks[0]) if first.chunks else default_chunk_rows(
                 first.row_shape, np.dtype(STORED_DTYPES[first.dtype]).itemsize, None)
             self.bfloat16 = {n for n in self.layer_names if store.layers[n].attrs.get("encoding") == "bfloat16-bits"}
-        self.rows = np.arange(self.committed) if rows is None else np.asarray(rows, dtype=np.int64)
+        self.rows = np.arange(self.committed) if rows is None else self._row_positions(rows)
         self.follows_writer = rows is None  # refresh() extends only a view of every row
-        if len(self.rows) and (self.rows.min() < 0 or self.rows.max() >= self.committed):
-            raise StoreError(f"row selection reaches past the {self.committed} committed rows of {self.path}")
+        if len(self.rows) and self.rows.min() < 0:
+            raise StoreError(f"row selection holds the negative row {int(self.rows.min())}; rows count from 0 "
+                             f"to {self.committed - 1}, the committed rows of {self.path}")
+        if len(self.rows) and self.rows.max() >= self.committed:
+            raise StoreError(f"row selection reaches past the {self.committed} committed rows of {self.path} "
+                             f"(row {int(self.rows.max())})")
         self._file: h5py.File | None = None
         self._pid: int | None = None
         self._objects: dict = {}
         self._memory: dict[str, np.ndarray] | None = None
         if preload:
             self.preload()
+
+    def _row_positions(self, rows: Any) -> np.ndarray:
+        """Row numbers as int64: a boolean mask over the committed rows gives the rows it marks,
+        as in numpy; floats are refused (casting would truncate 2.7 to row 2 without a word)."""
+        given = np.asarray(rows.cpu() if isinstance(rows, torch.Tensor) else rows)
+        if given.dtype == bool:
+            if given.shape != (self.committed,):
+                raise StoreError(f"a boolean row mask of shape {given.shape} for {self.path}, whose committed rows are "
+                                 f"{self.committed}; give one value for each row")
+            return np.flatnonzero(given)
+        if given.size and not np.issubdtype(given.dtype, np.integer):
+            raise StoreError(f"rows of dtype {given.dtype}: give row numbers as integers, or a boolean mask")
+        if given.ndim > 1:
+            raise StoreError(f"rows of shape {given.shape}: give a flat list of row numbers")
+        return given.astype(np.int64).reshape(-1)
 
     # ---- opening, per process -------------------------------------------------------------
     def _handle(self) -> h5py.File:

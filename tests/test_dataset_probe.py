@@ -95,6 +95,26 @@ def test_rows_asked_for_twice_come_back_twice(tmp_path):
     assert rows == [[40.0, 40.0], [1.0, 1.0], [1.0, 1.0]]
 
 
+def test_row_selections_of_every_kind_and_the_ones_refused(tmp_path):
+    path = tmp_path / "s.h5"
+    x, y = planted_store(path, n=300)
+    mask = np.zeros(300, bool)
+    mask[[3, 7, 299]] = True
+    for rows in (mask, torch.from_numpy(mask), [3, 7, 299], torch.tensor([3, 7, 299]), np.array([3, 7, 299], np.int32)):
+        ds = ActivationDataset(path, "signal", "y", rows=rows)  # one target name, not its letters
+        assert ds.rows.tolist() == [3, 7, 299] and ds.target_names == ["y"]
+        assert ds[2]["signal"].tolist() == x[299].astype(np.float32).tolist()
+    for rows, message in (
+        ([5, -1], f"row selection holds the negative row -1; rows count from 0 to 299, the committed rows of {path}"),
+        ([5, 300], f"row selection reaches past the 300 committed rows of {path} (row 300)"),
+        (mask[:10], f"a boolean row mask of shape (10,) for {path}, whose committed rows are 300; give one value for each row"),
+        ([2.7], "rows of dtype float64: give row numbers as integers, or a boolean mask"),  # was row 2, silently
+        ([[1, 2]], "rows of shape (1, 2): give a flat list of row numbers"),
+    ):
+        with pytest.raises(StoreError) as info:
+            ActivationDataset(path, "signal", rows=rows)
+        assert str(info.value) == message
+
 def test_sampler_covers_every_index_once_and_reads_whole_chunks():
     sampler = ChunkShuffleSampler(1000, chunk_rows=64, seed=3)
     order = list(sampler)
