@@ -1069,6 +1069,8 @@ class Store:
 
     def target(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         start, stop = self._span(start, stop)
+        if name not in self.targets:
+            raise StoreError(f"{self.path} has no target {name!r}; it has {sorted(self.targets)}")
         return self.targets[name][start:stop]
 
     def index(self, start: int = 0, stop: int | None = None) -> np.ndarray:

@@ -211,6 +211,16 @@ def test_a_store_in_a_folder_that_is_not_there_is_refused_in_one_line(tmp_path):
         StoreWriter(path, LAYERS, TARGETS)
     assert str(info.value) == f"{path}: cannot create it for writing (No such file or directory)"
 
+def test_an_unknown_layer_or_target_is_named_in_one_line(tmp_path):
+    path = tmp_path / "s.h5"
+    write_all(path, batches=1)
+    with open_store(path) as s:
+        with pytest.raises(StoreError) as info:
+            s.target("actions")
+        assert str(info.value) == f"{path} has no target 'actions'; it has ['action', 'label']"
+        with pytest.raises(StoreError, match=r"has no layer 'proj2'; it has \['encoder_blocks.0', "):
+            s.read("proj2")
+
 def test_a_store_that_cannot_be_made_leaves_no_file(tmp_path, monkeypatch):
     """A duplicate target used to fail halfway through creating the file and leave one that no
     tool would open as a store."""
