@@ -91,6 +91,11 @@ class ProbeOptions:
             resolve_device(self.device)
         except ValueError as exc:
             raise ProbeError(str(exc)) from None
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise ProbeError(f"--out {self.out} is a file; give a folder for the report, the plots and the weights")
+        if self.group is not None and self.group == self.target:
+            raise ProbeError(f"--group {self.group} is the target itself: the test rows' values would never be seen in "
+                             "training; group by what ties rows together (an episode id)")
 
 
 @dataclass
@@ -284,6 +289,12 @@ def _prepare(opts: ProbeOptions, layer: str, rows: int) -> tuple[str, dict, dict
         integral = not torch.is_floating_point(y_all) and y_all.dim() == 1
         task = "classification" if integral and int(y_all.max()) < 1000 else "regression"
     labels: list[int] = []
+    fractional = torch.is_floating_point(y_all) and any(not torch.equal(v, v.round()) for v in ys.values())
+    if task == "classification" and (fractional or y_all.dim() != 1):
+        kind = f"{str(y_all.dtype).removeprefix('torch.')} values"
+        kind += f" of shape {tuple(y_all.shape[1:])} a row" if y_all.dim() > 1 else " that are not whole numbers"
+        raise ProbeError(f"{layer}: --task classification needs one integer label a row, and target {opts.target!r} "
+                         f"holds {kind}; use --task regression")
     if min(len(v) for v in xs.values()) == 0:
         raise ProbeError(f"{layer}: a split is empty after skipping {skipped} non-finite rows; the store has too few rows")
     if task == "classification":

@@ -239,6 +239,9 @@ def probe_opts(tmp_path, path, **kw):
     ({"val_fraction": 0.5, "test_fraction": 0.5},
      "--val-fraction 0.5 --test-fraction 0.5: each must be above 0, and together below 1 (the rest trains)"),
     ({"device": "gpu"}, "--device 'gpu': give cpu, cuda or cuda:N"),
+    ({"out": __file__}, f"--out {__file__} is a file; give a folder for the report, the plots and the weights"),
+    ({"group": "y"}, "--group y is the target itself: the test rows' values would never be seen in training; group by what "
+                     "ties rows together (an episode id)"),
 ])
 def test_settings_that_would_train_nothing_are_refused(tmp_path, kw, message):
     # --epochs 0 used to report the metrics of an untrained probe as if it had learned them.
@@ -246,6 +249,14 @@ def test_settings_that_would_train_nothing_are_refused(tmp_path, kw, message):
         probe_opts(tmp_path, "s.h5", **kw)
     assert str(info.value) == message
 
+
+def test_classification_of_a_target_that_holds_no_labels_is_refused(tmp_path):
+    path = tmp_path / "s.h5"
+    planted_store(path)
+    with pytest.raises(ProbeError) as info:  # it failed inside the loss with a batch size mismatch
+        run_probes(probe_opts(tmp_path, path, task="classification", epochs=1))
+    assert str(info.value) == ("signal: --task classification needs one integer label a row, and target 'y' holds float32 "
+                               "values of shape (3,) a row; use --task regression")
 
 def test_a_store_too_small_to_split_is_refused_in_one_line(tmp_path):
     path = tmp_path / "s.h5"
