@@ -104,7 +104,11 @@ def read_checkpoint(path: str, trust: bool = False, report: LoadReport | None = 
     if trust:
         log.warning("loading %s with full unpickling (--trust-checkpoint): it can run code", path)
         unpickler = _StandInUnpickler.module()
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=unpickler)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=unpickler)
+        except (ImportError, AttributeError) as exc:
+            raise CheckpointError(f"checkpoint {path} needs what this torch or numpy lacks ({exc}); was it saved by "
+                                  f"another version? (here: torch {torch.__version__})") from None
         if unpickler.stand_ins:
             names = sorted(unpickler.stand_ins)
             note = (f"stand-ins for {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}, whose code is not "
@@ -167,6 +171,8 @@ class _StandInUnpickler(pickle.Unpickler):
         try:
             return super().find_class(module, name)
         except (ImportError, AttributeError):
+            if module.split(".")[0] in ("torch", "numpy", "builtins", "collections"):
+                raise  # not a missing package: a checkpoint from another version of these, said below
             type(self).stand_ins.add(f"{module}.{name}")
             return type(name, (StandIn,), {"__module__": module, "__qualname__": name})
 

@@ -135,6 +135,11 @@ def test_a_trusted_checkpoint_whose_classes_are_not_here_loads_them_as_stand_ins
         find_config(read_checkpoint(bad, trust=True), "cfg")
     assert str(info.value) == ("checkpoint['cfg'] is a gone_module.Normalizer, whose code is not importable here; "
                                "install its package (gone_module)")
+    newer = tmp_path / "newer.pt"  # a pickle naming what only another torch has: no stand-in for torch's own
+    newer.write_bytes(b"\x80\x02ctorch\n_rebuild_from_the_future\nq\x00)\x81q\x01.")
+    with pytest.raises(CheckpointError, match=r"needs what this torch or numpy lacks \(Can't get attribute "
+                                              r"'_rebuild_from_the_future' .*\); was it saved by another version\?"):
+        read_checkpoint(str(newer), trust=True)
 
 
 def test_argparse_namespace_is_allowed_in_a_safe_load(tmp_path):
