@@ -196,12 +196,7 @@ class _Trainer:
         opts = self.opts
         if opts.resume and os.path.exists(self.state_path):
             state = torch.load(self.state_path, weights_only=True)
-            now = _recorded(self.opts)
-            differ = sorted(k for k in now if state["options"].get(k) != now[k])
-            if differ:
-                raise ProbeError(f"{label}: --resume: the options differ from the interrupted run's: " + ", ".join(
-                    f"{k} (then {state['options'].get(k)!r}, now {now[k]!r})" for k in differ)
-                    + "; repeat them, or run without --resume to start over")
+            _check_same_options(label, state["options"], self.opts)
             if state.get("rows", self._rows()) != self._rows():  # the store grew, or other rows were skipped
                 raise ProbeError(f"{label}: --resume: the splits now hold {self._rows()} rows, {state['rows']} when it was "
                                  "interrupted (did an extraction add rows since?); run without --resume to start over")
@@ -390,6 +385,14 @@ def _recorded(opts: ProbeOptions) -> dict:
     return {k: v for k, v in asdict(opts).items() if k not in ("resume", "progress", "device")}
 
 
+def _check_same_options(label: str, then: dict, opts: ProbeOptions) -> None:
+    now = _recorded(opts)
+    differ = sorted(k for k in now if then.get(k) != now[k])
+    if differ:
+        raise ProbeError(f"{label}: --resume: the options differ from the interrupted run's: " + ", ".join(
+            f"{k} (then {then.get(k)!r}, now {now[k]!r})" for k in differ) + "; repeat them, or run without --resume to start over")
+
+
 def _finished_before(opts: ProbeOptions, layer: str, source: dict) -> dict | None:
     """With resume, the entry of a layer that an interrupted run finished, when it was trained
     with these options on these rows of this store."""
@@ -398,12 +401,7 @@ def _finished_before(opts: ProbeOptions, layer: str, source: dict) -> dict | Non
         return None
     with open(path) as f:
         done = json.load(f)
-    now = _recorded(opts)
-    differ = sorted(k for k in now if done["options"].get(k) != now[k])
-    if differ:
-        raise ProbeError(f"{layer}: --resume: the options differ from the interrupted run's: " + ", ".join(
-            f"{k} (then {done['options'].get(k)!r}, now {now[k]!r})" for k in differ)
-            + "; repeat them, or run without --resume to start over")
+    _check_same_options(layer, done["options"], opts)
     if done["store"] != source:
         raise ProbeError(f"{layer}: --resume: the store is not the one the interrupted run read ({done['store']['rows']} rows "
                          f"then, {source['rows']} now; created {done['store']['created']} then, {source['created']} now); "
