@@ -16,11 +16,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import inspect
 import itertools
 import json
 import logging
 import math
+import multiprocessing
 import os
 import random
 import shlex
@@ -559,9 +561,10 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         if start_row:
             log.info("--resume: reading the iterable data set past the store's %d committed rows (it must yield "
                      "the same items in the same order as before)", start_row)
+    finished = multiprocessing.Event() if opts.workers else None  # set when the workers may go
     loader = DataLoader(source, batch_size=opts.batch_size, shuffle=False, num_workers=opts.workers,
                         collate_fn=_collate, pin_memory=device.type == "cuda",
-                        worker_init_fn=_ignore_stop_signals if opts.workers else None)
+                        worker_init_fn=functools.partial(_quiet_worker, finished) if opts.workers else None)
 
     started = time.perf_counter()
     out_dtype = STORE_DTYPES[opts.dtype]
@@ -630,6 +633,11 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         interrupt.restore()
         progress.close()
         ring.close()
+        if finished is not None:
+            finished.set()
+        # the workers end now, not when the iterator is collected: a traceback that a caller (a test
+        # runner, a notebook) keeps would hold them until the interpreter's exit
+        getattr(batches, "_shutdown_workers", lambda: None)()
     seconds = time.perf_counter() - started
     with open_store(opts.out) as store:
         layers = {name: {"nonfinite": int(info.attrs["nonfinite"]), "overflow": int(info.attrs["overflow"]),
@@ -709,12 +717,19 @@ class _DeferredInterrupt:
             log.warning("%s: stopping after the batch in hand and committing it (%s again stops at once)", name, name)
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
+def _quiet_worker(finished: Any, worker_id: int) -> None:
     """In each data loader worker: a terminal's Ctrl-C, or a scheduler's SIGTERM, reaches the
     whole job, and a worker that it stopped would fail the batch the main process still has to
-    finish. The workers end with the loader, or when they see the main process gone."""
+    finish. So the worker ignores Ctrl-C, and SIGTERM until the extraction is over (`finished`):
+    from then on a SIGTERM (the loader's or the interpreter's last resort) ends it as usual."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if finished.is_set():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def _close_after_error(writer: StoreWriter | None) -> int:

@@ -971,6 +971,50 @@ def test_a_type_error_inside_the_forward_keeps_its_traceback(tmp_path):
         default_forward(Broken(), (torch.zeros(2), torch.zeros(2)))
 
 
+def failing_forward(model, batch):
+    if failing_forward.calls == 2:
+        raise RuntimeError("the third batch fails")
+    failing_forward.calls += 1
+    return policy_forward(model, batch)
+
+
+def test_a_failed_run_ends_its_data_workers_at_once(tmp_path):
+    # A traceback that pytest (or a notebook) keeps holds the loader's iterator; its workers, which
+    # ignore SIGTERM while a run goes on, used to live until the interpreter's exit, whose SIGTERM
+    # they ignored: the process never ended.
+    import multiprocessing
+
+    failing_forward.calls = 0
+    with pytest.raises(RuntimeError, match="the third batch fails") as info:
+        extract(options(tmp_path, forward="test_extract:failing_forward", workers=2))
+    assert info.value.__traceback__ is not None  # kept, with every frame's locals
+    assert [p for p in multiprocessing.active_children() if p.is_alive()] == []
+
+
+def test_a_data_worker_ignores_sigterm_until_the_run_is_over():
+    import multiprocessing
+
+    finished, ready = multiprocessing.Event(), multiprocessing.Event()
+    worker = multiprocessing.Process(target=_sleeping_worker, args=(finished, ready), daemon=True)
+    worker.start()
+    assert ready.wait(30)
+    os.kill(worker.pid, signal.SIGTERM)  # the scheduler's, to the whole job: the run still needs the worker
+    worker.join(1.0)
+    assert worker.is_alive()
+    finished.set()
+    os.kill(worker.pid, signal.SIGTERM)  # the loader's shutdown, or the interpreter's exit
+    worker.join(30)
+    assert worker.exitcode == -signal.SIGTERM
+
+
+def _sleeping_worker(finished, ready):
+    from marstore.extract import _quiet_worker
+
+    _quiet_worker(finished, 0)
+    ready.set()
+    while True:
+        time.sleep(0.05)
+
 def test_a_run_without_a_checkpoint_says_whose_weights_it_used(tmp_path, caplog):
     result = extract(options(tmp_path, num_samples=8))
     assert ("no --checkpoint: the model keeps the weights marstore.models:video_mar gave it (random, unless it loads "
