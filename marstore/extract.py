@@ -112,6 +112,8 @@ class ExtractOptions:
         for name in ("layers", "targets", "output_names", "ragged"):  # one name, from Python: not its characters
             if isinstance(getattr(self, name), str):
                 setattr(self, name, [getattr(self, name)])
+        if isinstance(self.reduction, (list, tuple)) and all(isinstance(i, int) for i in self.reduction):
+            self.reduction = ",".join(map(str, self.reduction))  # token indices, as --reduction 0,5,9 writes them
         _check_option_types(self)
         repeated = sorted({t for t in self.targets if self.targets.count(t) > 1})
         if repeated:

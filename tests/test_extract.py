@@ -1436,6 +1436,7 @@ def test_a_config_value_of_the_wrong_type_is_refused_before_the_run(tmp_path, ca
 
 def test_a_tuple_option_is_kept_as_the_list_a_resume_reads_back(tmp_path):
     assert options(tmp_path, layers=("encoder_blocks.0", "encoder_blocks.1")).layers == ["encoder_blocks.0", "encoder_blocks.1"]
+    assert options(tmp_path, reduction=[0, 5, 9]).reduction == "0,5,9"  # token indices as a YAML list
 
 @requires_cuda
 def test_forward_outputs_on_the_gpu_come_through_the_ring(tmp_path):
