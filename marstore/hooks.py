@@ -176,15 +176,18 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
     return list(selected.values())
 
 
-def reduce_tokens(x: torch.Tensor, reduction: str | list[int], channels_first: bool = False) -> torch.Tensor:
+def reduce_tokens(x: torch.Tensor, reduction: str | list[int], channels_first: bool = False,
+                  channel_axis: int = 1) -> torch.Tensor:
     """Token reductions on the device, before the transfer. Tokens are every axis between the
     batch and the features (the last axis): (B, T, D), or (B, frames, T, D) as UVA's z_proj,
     taken as the frames * T tokens, in the order the encoder blocks see them. channels_first:
-    (B, C, *positions), as convolutions give; the positions are the tokens, in row-major order."""
+    (B, C, *positions), as convolutions give; the positions are the tokens, in row-major order.
+    An unfolded capture, (B, k, C, *positions), has its channels at channel_axis 2: its tokens
+    are the k rows' positions."""
     if reduction == "none":
         return x
     if channels_first:
-        x = x.movedim(1, -1)
+        x = x.movedim(channel_axis, -1)
     if x.dim() < 3:
         raise HookError(f"reduction {reduction!r} needs (batch, tokens, features) activations, got shape {tuple(x.shape)}")
     x = x.flatten(1, -2)
@@ -314,10 +317,11 @@ class Capture:
                                 "step); choose --multi-fire first, last or stack")
             if fired and self.multi_fire == "first":
                 return None
+            folded_dims = value.dim()
             value = self._per_sample(sel, value)
             self.source_dtypes.setdefault(sel.store_name, value.dtype)
-            try:
-                x = reduce_tokens(value.detach(), sel.reduction, sel.channels_first)
+            try:  # unfolded, (B, k, ...): the module's channels moved one axis on
+                x = reduce_tokens(value.detach(), sel.reduction, sel.channels_first, 1 + value.dim() - folded_dims)
             except HookError as exc:
                 raise HookError(f"{sel.store_name}: {exc}; leave it out of --layers or use --reduction none") from None
             if _same_memory(x, value):

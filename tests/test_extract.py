@@ -507,6 +507,19 @@ def test_a_module_with_several_rows_a_sample_is_refused_or_unfolded(tmp_path):
                              reduction="mean"))
     with open_store(result.path) as s:
         assert s.layers["diffactloss.fc"].row_shape == (32,)
+    # a convolution's rows unfolded, (B, 4, C, h, w): its channels are the features, and the 4 rows'
+    # positions the tokens (the channel axis used to be taken as the 4, averaging the channels away)
+    conv = ref["diffactloss.conv"]
+    tokens = [p.reshape(8, 4, 32, 16).permute(0, 1, 3, 2).reshape(8, 64, 32) for p in conv]
+    for reduction, expected, shape in (("mean", [t.mean(1) for t in tokens], (32,)),
+                                       ("0,17", [t[:, [0, 17]] for t in tokens], (2, 32))):
+        result = extract(options(tmp_path, out=str(tmp_path / f"conv{reduction}.h5"), layers=["diffactloss.conv"],
+                                 unfold_batch=True, channels_first=True, reduction=reduction))
+        with open_store(result.path) as s:
+            assert s.layers["diffactloss.conv"].row_shape == shape
+            got, want = s.read("diffactloss.conv"), torch.cat(expected).half().numpy()
+            # token picks are exact; a mean's float32 sum runs in another order than the reference's
+            assert np.array_equal(got, want) if reduction != "mean" else np.allclose(got, want, rtol=2e-3, atol=1e-4)
     model = Toy()
     with hooks.Capture(model, hooks.parse_layers(["a"], model), unfold_batch=True) as cap:
         cap.start_batch(3)
