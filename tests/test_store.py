@@ -442,7 +442,7 @@ def test_reads_from_the_end_count_from_the_last_committed_row(tmp_path):
     """A writer grows its datasets before it commits their rows: row -1 is the last committed."""
     path = tmp_path / "s.h5"
     with StoreWriter(path, [LayerSpec("a", (2,), chunk_rows=2), LayerSpec("r", (1,), ragged=True)],
-                     [TargetSpec("y", (), "int64")], commit_rows=4) as w:
+                     [TargetSpec("y", (), "int64")], commit_rows=4, background=False) as w:  # rows land in append()
         def add(first, n):
             w.append({"a": np.arange(2 * first, 2 * (first + n), dtype=np.float16).reshape(n, 2),
                       "r": Ragged(np.arange(first, first + n, dtype=np.float16)[:, None], [1] * n)},
