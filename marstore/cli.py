@@ -108,11 +108,10 @@ def _info(args: argparse.Namespace) -> int:
     for key in ("model", "checkpoint", "command"):
         if key in run:
             print(f"  {key}: {json.dumps(run[key]) if not isinstance(run[key], str) else run[key]}")
-    loaded = run.get("load_report")
-    if run.get("checkpoint") and loaded:
-        print(f"  weights: {loaded['loaded']} tensors from {run.get('state_key')!r}, {loaded['missing_count']} missing, "
-              f"{loaded['unexpected_count']} unexpected, {loaded['shape_mismatches_count']} shape mismatches"
-              + "".join(f"; {note}" for note in loaded["notes"]))
+    if run.get("checkpoint") and run.get("load_report"):
+        from marstore.loading import LoadReport
+
+        print(f"  weights from {run.get('state_key')!r}: {LoadReport.counts(run['load_report'])}")
     return 0
 
 
@@ -159,9 +158,9 @@ def _options_from(args: argparse.Namespace):
     given.pop("progress", None)
     merged = {**config, **given}
     for key in ("model_args", "dataset_args"):
-        from_config, given = config.get(key, {}), dict(getattr(args, key[:-1]) or [])
+        from_config, from_flags = config.get(key, {}), dict(getattr(args, key[:-1]) or [])
         # a config value that is no mapping goes through as it is, for ExtractOptions to refuse in one line
-        merged[key] = {**from_config, **given} if isinstance(from_config, dict) else from_config
+        merged[key] = {**from_config, **from_flags} if isinstance(from_config, dict) else from_config
     for key in ("strict", "trust_checkpoint", "allow_missing", "stop_early", "resume", "train_mode", "unfold_batch",
                 "channels_first"):
         merged[key] = True if getattr(args, key) else config.get(key, False)

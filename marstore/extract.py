@@ -109,9 +109,10 @@ class ExtractOptions:
     command: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("layers", "targets", "output_names", "ragged"):  # one name, from Python: not its characters
-            if isinstance(getattr(self, name), str):
-                setattr(self, name, [getattr(self, name)])
+        for name in ("layers", "targets", "output_names", "ragged"):
+            value = getattr(self, name)
+            if isinstance(value, (str, tuple)):  # one name, from Python: not its characters; a tuple as the
+                setattr(self, name, [value] if isinstance(value, str) else list(value))  # list a resume reads back
         if isinstance(self.reduction, (list, tuple)) and all(isinstance(i, int) for i in self.reduction):
             self.reduction = ",".join(map(str, self.reduction))  # token indices, as --reduction 0,5,9 writes them
         _check_option_types(self)
@@ -157,7 +158,7 @@ def _check_option_types(options: ExtractOptions) -> None:
         origin = typing.get_origin(kind)
         flag = "--" + f.name.replace("_", "-")
         if origin is list:
-            ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
             wanted = "a list of names"
         elif origin is dict:
             ok = isinstance(value, Mapping) and all(isinstance(k, str) for k in value)
@@ -169,8 +170,6 @@ def _check_option_types(options: ExtractOptions) -> None:
             wanted = {bool: "true or false", int: "an integer", str: "a string"}[base]
         if not ok:
             raise ExtractError(f"{flag} {value!r}: give {wanted}")
-        if isinstance(value, tuple):
-            setattr(options, f.name, list(value))  # as --resume reads it back from the store's JSON
 
 
 def default_forward(model: torch.nn.Module, batch: Any) -> Any:
@@ -941,9 +940,7 @@ def describe(result: ExtractResult) -> str:
     r = result.load_report
     if r.get("checkpoint"):
         lines.append(f"  checkpoint {r['checkpoint']['path']} (sha256 {r['checkpoint']['sha256'][:12]}...), "
-                     f"config from {r['config_key']!r}, weights from {r['state_key']!r}; loaded {r['loaded']} tensors, "
-                     f"{r['missing_count']} missing, {r['unexpected_count']} unexpected, {r['shape_mismatches_count']} shape mismatches"
-                     + "".join(f"; {note}" for note in r.get("notes", [])))
+                     f"config from {r['config_key']!r}, weights from {r['state_key']!r}; {loading.LoadReport.counts(r)}")
     else:
         lines.append("  checkpoint: none (the model's weights are the ones its builder gave it)")
     return "\n".join(lines)

@@ -76,6 +76,12 @@ class LoadReport:
                 parts.append(f"{len(names)} {what} (first: {', '.join(names[:3])})")
         return "; ".join(parts)
 
+    @staticmethod
+    def counts(d: Mapping[str, Any]) -> str:
+        """What loading found, from the as_dict() form that a store records: for a summary line."""
+        return (f"loaded {d['loaded']} tensors, {d['missing_count']} missing, {d['unexpected_count']} unexpected, "
+                f"{d['shape_mismatches_count']} shape mismatches" + "".join(f"; {note}" for note in d.get("notes", [])))
+
     def as_dict(self) -> dict:
         d = asdict(self)
         for key in ("missing", "unexpected", "shape_mismatches"):

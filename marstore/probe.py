@@ -27,7 +27,7 @@ import signal
 import statistics
 import threading
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -242,9 +242,7 @@ class _Trainer:
                 bar.update(1)
                 bar.set_postfix(val=f"{val:.4g}")
         except KeyboardInterrupt:
-            # whole or not at all: a second Ctrl-C during the save must not leave half a file to resume from
-            torch.save(self._snapshot, self.state_path + ".partial")
-            os.replace(self.state_path + ".partial", self.state_path)
+            _replace_whole(self.state_path, lambda path: torch.save(self._snapshot, path))
             raise ProbeInterrupted(f"{label}: interrupted; state at epoch {self._snapshot['epoch']} saved to "
                                    f"{self.state_path}") from None
         finally:
@@ -411,9 +409,17 @@ def _finished_before(opts: ProbeOptions, layer: str, source: dict) -> dict | Non
 
 
 def _write_json(path: str, value: dict) -> None:
-    """Whole or not at all: a second Ctrl-C must not leave half a file to resume from."""
-    with open(path + ".partial", "w") as f:
-        json.dump(value, f)
+    def write(aside: str) -> None:
+        with open(aside, "w") as f:
+            json.dump(value, f)
+
+    _replace_whole(path, write)
+
+
+def _replace_whole(path: str, write: Callable[[str], None]) -> None:
+    """Whole or not at all: written aside, then renamed, so that a second Ctrl-C never leaves
+    half a file to resume from."""
+    write(path + ".partial")
     os.replace(path + ".partial", path)
 
 

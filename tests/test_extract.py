@@ -99,7 +99,7 @@ def test_untrusted_pickle_is_refused_with_the_flag_named(tmp_path):
     assert isinstance(read_checkpoint(path, trust=True)["extra"], Opaque)
 
 
-def test_a_trusted_checkpoint_whose_classes_are_not_here_loads_them_as_stand_ins(tmp_path, monkeypatch, caplog):
+def test_a_trusted_checkpoint_whose_classes_are_not_here_loads_them_as_stand_ins(tmp_path, monkeypatch, caplog, capsys):
     # UVA's workspace pickles its normalizer and more beside the weights; the training package
     # need not be installed where the activations are extracted
     (tmp_path / "gone_module.py").write_text("class Normalizer:\n    def __init__(self):\n        self.scale = 2.0\n"
@@ -131,6 +131,12 @@ def test_a_trusted_checkpoint_whose_classes_are_not_here_loads_them_as_stand_ins
     result = extract(options(tmp_path, checkpoint=path, trust_checkpoint=True, config_key="cfg.policy.model", model_args={}))
     with open_store(result.path) as s:
         assert s.metadata["load_report"]["notes"] == [note] and s.metadata["load_report"]["missing_count"] == 0
+    from marstore.cli import main
+
+    capsys.readouterr()
+    assert main(["info", result.path]) == 0
+    assert (f"  weights from 'state_dicts.ema_model': loaded 82 tensors, 0 missing, 0 unexpected, 0 shape mismatches; "
+            f"{note}") in capsys.readouterr().out.splitlines()
     with pytest.raises(CheckpointError) as info:  # the config itself is one: nothing to build from
         find_config(read_checkpoint(bad, trust=True), "cfg")
     assert str(info.value) == ("checkpoint['cfg'] is a gone_module.Normalizer, whose code is not importable here; "
