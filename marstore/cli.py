@@ -127,6 +127,13 @@ def _key_value(text: str) -> tuple[str, object]:
         return key, value
 
 
+def _pattern_value(text: str) -> tuple[str, str]:
+    pattern, sep, value = text.rpartition("=")  # a reduction has no '=', a regular expression may
+    if not sep or not pattern or not value:
+        raise argparse.ArgumentTypeError(f"{text!r}: write PATTERN=REDUCTION")
+    return pattern, value
+
+
 def _options_from(args: argparse.Namespace):
     from marstore.extract import ExtractOptions
 
@@ -157,13 +164,14 @@ def _options_from(args: argparse.Namespace):
     given = {k: v for k, v in vars(args).items() if k in ExtractOptions.__dataclass_fields__ and v not in (None, [], {})}
     given.pop("progress", None)
     merged = {**config, **given}
-    for key in ("model_args", "dataset_args"):
+    for key in ("model_args", "dataset_args", "layer_reductions"):
         from_config, from_flags = config.get(key, {}), dict(getattr(args, key[:-1]) or [])
         # a config value that is no mapping goes through as it is, for ExtractOptions to refuse in one line
         merged[key] = {**from_config, **from_flags} if isinstance(from_config, dict) else from_config
-    for key in ("strict", "trust_checkpoint", "allow_missing", "stop_early", "resume", "train_mode", "unfold_batch",
-                "channels_first"):
+    for key in ("strict", "trust_checkpoint", "allow_missing", "stop_early", "resume", "train_mode", "unfold_batch"):
         merged[key] = True if getattr(args, key) else config.get(key, False)
+    if args.channels_first is not None:  # the flag alone: every layer; with patterns: their layers
+        merged["channels_first"] = args.channels_first or True
     missing = [k for k in ("out", "model", "dataset", "layers") if not merged.get(k)]
     if missing:
         raise SystemExit(f"marstore extract: missing {', '.join('--' + m for m in missing)} (or give them in --config)")
@@ -287,9 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--forward", help="MODULE:CALLABLE called as fn(model, batch) (default: batch as arguments)")
     ex.add_argument("--layers", nargs="+", help="module names, globs (* one level, ** any) or re:REGEX; @input, :index")
     ex.add_argument("--reduction", help="none, mean, first, last, or token indices like 0,5,9 (default none)")
-    ex.add_argument("--channels-first", action="store_true",
-                    help="activations are (batch, channels, *positions), as convolutions give: reduce the positions "
-                         "(every layer of the run)")
+    ex.add_argument("--layer-reduction", action="append", type=_pattern_value, metavar="PATTERN=REDUCTION",
+                    help="another reduction for the layers a pattern names (e.g. decoder_norm=none)")
+    ex.add_argument("--channels-first", nargs="*", metavar="PATTERN",
+                    help="these layers' activations are (batch, channels, *positions), as convolutions give: reduce "
+                         "the positions (without patterns: every layer of the run)")
     ex.add_argument("--ragged", nargs="+", help="layers to store ragged even if the first batches agree")
     ex.add_argument("--multi-fire", choices=["error", "first", "last", "stack"], help="a module firing more than once")
     ex.add_argument("--allow-missing", action="store_true", help="a module that does not fire gives NaN rows")

@@ -30,6 +30,7 @@ import signal
 import sys
 import threading
 import time
+import types
 import typing
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -83,7 +84,8 @@ class ExtractOptions:
     strict: bool = False
     trust_checkpoint: bool = False
     reduction: str = "none"
-    channels_first: bool = False
+    layer_reductions: dict[str, str] = field(default_factory=dict)  # pattern -> its layers' reduction
+    channels_first: bool | list[str] = False  # every layer's activations, or those of the layers these patterns name
     ragged: list[str] = field(default_factory=list)
     multi_fire: str = "error"
     allow_missing: bool = False
@@ -113,8 +115,11 @@ class ExtractOptions:
             value = getattr(self, name)
             if isinstance(value, (str, tuple)):  # one name, from Python: not its characters; a tuple as the
                 setattr(self, name, [value] if isinstance(value, str) else list(value))  # list a resume reads back
-        if isinstance(self.reduction, (list, tuple)) and all(isinstance(i, int) for i in self.reduction):
-            self.reduction = ",".join(map(str, self.reduction))  # token indices, as --reduction 0,5,9 writes them
+        self.reduction = _reduction_text(self.reduction)
+        if isinstance(self.layer_reductions, Mapping):
+            self.layer_reductions = {k: _reduction_text(v) for k, v in self.layer_reductions.items()}
+        if isinstance(self.channels_first, (str, tuple)):
+            self.channels_first = [self.channels_first] if isinstance(self.channels_first, str) else list(self.channels_first)
         _check_option_types(self)
         repeated = sorted({t for t in self.targets if self.targets.count(t) > 1})
         if repeated:
@@ -146,30 +151,50 @@ class ExtractResult:
     outputs: dict = field(default_factory=dict)
 
 
+def _reduction_text(reduction: Any) -> Any:
+    """Token indices as --reduction 0,5,9 writes them (a config file may give [0, 5, 9] or 5)."""
+    if isinstance(reduction, (list, tuple)) and reduction and all(type(i) is int for i in reduction):
+        return ",".join(map(str, reduction))
+    return str(reduction) if type(reduction) is int else reduction
+
+
 def _check_option_types(options: ExtractOptions) -> None:
     """Options from a --config file or from Python skip argparse: refuse a wrong type in one line
     (a quoted "no" would be a true flag, a seed of "abc" a traceback deep in the run)."""
     hints = typing.get_type_hints(type(options))
     for f in dataclasses.fields(options):
         value, kind = getattr(options, f.name), hints[f.name]
-        args = [a for a in typing.get_args(kind) if a is not type(None)]
-        if value is None and type(None) in typing.get_args(kind):
+        kinds = [a for a in typing.get_args(kind) if a is not type(None)] if typing.get_origin(kind) in (types.UnionType, typing.Union) \
+            else [kind]
+        if value is None and len(kinds) < len(typing.get_args(kind)):
             continue
-        origin = typing.get_origin(kind)
         flag = "--" + f.name.replace("_", "-")
-        if origin is list:
-            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
-            wanted = "a list of names"
-        elif origin is dict:
-            ok = isinstance(value, Mapping) and all(isinstance(k, str) for k in value)
-            flag, wanted = f.name, f"a mapping of KEY: VALUE (--{f.name[:-1].replace('_', '-')} KEY=VALUE on the command line)"
-        else:
-            base = args[0] if args else kind
-            # bool is an int to Python, but a flag of 1 or a seed of True is a mistake
-            ok = isinstance(value, base) and (base is bool or not isinstance(value, bool))
-            wanted = {bool: "true or false", int: "an integer", str: "a string"}[base]
-        if not ok:
-            raise ExtractError(f"{flag} {value!r}: give {wanted}")
+        if typing.get_origin(kinds[0]) is dict:  # --config's name for it, and the flag that gives it
+            flag = f.name
+        if not any(_accepts(k, value) for k in kinds):
+            raise ExtractError(f"{flag} {value!r}: give {' or '.join(_wanted(k, f.name) for k in kinds)}")
+
+
+def _accepts(kind: Any, value: Any) -> bool:
+    origin = typing.get_origin(kind)
+    if origin is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if origin is dict:
+        key_kind, value_kind = typing.get_args(kind)
+        return isinstance(value, Mapping) and all(isinstance(k, str) for k in value) and \
+            (value_kind is Any or all(isinstance(v, value_kind) for v in value.values()))
+    # bool is an int to Python, but a flag of 1 or a seed of True is a mistake
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+def _wanted(kind: Any, name: str) -> str:
+    origin = typing.get_origin(kind)
+    if origin is list:
+        return "a list of names"
+    if origin is dict:
+        key, value = ("PATTERN", "REDUCTION") if name == "layer_reductions" else ("KEY", "VALUE")
+        return f"a mapping of {key}: {value} (--{name[:-1].replace('_', '-')} {key}={value} on the command line)"
+    return {bool: "true or false", int: "an integer", str: "a string"}[kind]
 
 
 def default_forward(model: torch.nn.Module, batch: Any) -> Any:
@@ -515,7 +540,13 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
 
     # hooks, checked before any data is read
     reduction = hooks.parse_reduction(opts.reduction)
-    selections = hooks.parse_layers(opts.layers, model, reduction, opts.channels_first)
+    layer_reductions = {}
+    for pattern, text in opts.layer_reductions.items():
+        try:
+            layer_reductions[pattern] = hooks.parse_reduction(text)
+        except hooks.HookError as exc:
+            raise hooks.HookError(f"--layer-reduction {pattern}={text}: {exc}") from None
+    selections = hooks.parse_layers(opts.layers, model, reduction, opts.channels_first, layer_reductions)
 
     # data
     try:

@@ -137,8 +137,11 @@ CHANNELS_LAST_MODULES = (nn.Linear, nn.LayerNorm, nn.MultiheadAttention, nn.Embe
 
 
 def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | list[int] = "none",
-                 channels_first: bool = False) -> list[LayerSelection]:
-    """Resolves patterns against model.named_modules(); fails before any data is read."""
+                 channels_first: bool | Sequence[str] = False,
+                 layer_reductions: Mapping[str, str | list[int]] | None = None) -> list[LayerSelection]:
+    """Resolves patterns against model.named_modules(); fails before any data is read.
+    reduction is every layer's, unless a pattern of layer_reductions selects the layer;
+    channels_first is True for every layer, or the patterns of the layers it applies to."""
     modules = dict(model.named_modules())
     names = list(modules)
     # containers without a forward of their own (ModuleList, ModuleDict) are never called, so
@@ -163,17 +166,52 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
                      ", ".join(containers))
             found = [n for n in found if n not in never_called]
         for name in found:
-            if reduction != "none" and not channels_first and isinstance(modules[name], CHANNELS_FIRST_MODULES):
-                raise HookError(f"{name} is a {type(modules[name]).__name__}, whose output is (batch, channels, ...): "
-                                f"--reduction {reduction if isinstance(reduction, str) else ','.join(map(str, reduction))} "
-                                "would take its channels for tokens; pass --channels-first to reduce its positions")
-            if reduction != "none" and channels_first and isinstance(modules[name], CHANNELS_LAST_MODULES):
-                raise HookError(f"{name} is a {type(modules[name]).__name__}, whose output keeps its features last: "
-                                "--channels-first (which applies to every layer of the run) would take them for "
-                                "positions; extract it in a run without --channels-first")
-            sel = LayerSelection(name, capture, element, reduction, channels_first=channels_first)
+            sel = LayerSelection(name, capture, element, reduction)
             selected.setdefault(sel.store_name, sel)
-    return list(selected.values())
+    layers = list(selected.values())
+    chosen_by: dict[str, tuple[str, str | list[int]]] = {}  # store name -> the --layer-reduction that chose it
+    for pattern, layer_reduction in (layer_reductions or {}).items():
+        for sel in _selected_by(pattern, layers, "--layer-reduction"):
+            earlier = chosen_by.setdefault(sel.store_name, (pattern, layer_reduction))
+            if earlier[1] != layer_reduction:
+                raise HookError(f"{sel.store_name}: --layer-reduction {earlier[0]}={_reduction_text(earlier[1])} and "
+                                f"{pattern}={_reduction_text(layer_reduction)} both select it; give it one reduction")
+            sel.reduction = layer_reduction
+    if channels_first is True:
+        for sel in layers:
+            sel.channels_first = True
+    elif channels_first:
+        for pattern in channels_first:
+            for sel in _selected_by(pattern, layers, "--channels-first"):
+                sel.channels_first = True
+    for sel in layers:
+        module = modules[sel.name]
+        if sel.reduction != "none" and not sel.channels_first and isinstance(module, CHANNELS_FIRST_MODULES):
+            raise HookError(f"{sel.name} is a {type(module).__name__}, whose output is (batch, channels, ...): "
+                            f"reduction {_reduction_text(sel.reduction)} would take its channels for tokens; "
+                            f"pass --channels-first {sel.name} to reduce its positions")
+        if sel.reduction != "none" and sel.channels_first and isinstance(module, CHANNELS_LAST_MODULES):
+            given = "given alone applies to every layer and" if channels_first is True else f"{' '.join(channels_first)} selects it and"
+            raise HookError(f"{sel.name} is a {type(module).__name__}, whose output keeps its features last: --channels-first "
+                            f"{given} would take them for positions; name only the channels-first layers "
+                            "(--channels-first PATTERN...)")
+    return layers
+
+
+def _selected_by(pattern: str, layers: Sequence[LayerSelection], flag: str) -> list[LayerSelection]:
+    """The selected layers a pattern names, by module name (all its captures) or by store name
+    (one capture: 'decoder_norm@input'); a pattern that names none is a mistake, not a no-op."""
+    by_module = set(match_modules(pattern, list(dict.fromkeys(sel.name for sel in layers))))
+    by_store = set(match_modules(pattern, [sel.store_name for sel in layers]))
+    hits = [sel for sel in layers if sel.name in by_module or sel.store_name in by_store]
+    if not hits:
+        shown = ", ".join(sel.store_name for sel in layers[:8]) + (", ..." if len(layers) > 8 else "")
+        raise HookError(f"{flag} {pattern!r} matches none of the layers --layers selects ({shown})")
+    return hits
+
+
+def _reduction_text(reduction: str | list[int]) -> str:
+    return reduction if isinstance(reduction, str) else ",".join(map(str, reduction))
 
 
 def reduce_tokens(x: torch.Tensor, reduction: str | list[int], channels_first: bool = False,

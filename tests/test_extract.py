@@ -609,14 +609,14 @@ def test_channels_first_activations_are_reduced_over_their_positions(tmp_path, d
 
     with pytest.raises(hooks.HookError) as info:  # (batch, channels, h, w): its channels are not tokens
         run("no.h5", layers=["bn", "block"], reduction="mean")
-    assert str(info.value) == ("bn is a BatchNorm2d, whose output is (batch, channels, ...): --reduction mean would take "
-                               "its channels for tokens; pass --channels-first to reduce its positions")
+    assert str(info.value) == ("bn is a BatchNorm2d, whose output is (batch, channels, ...): reduction mean would take "
+                               "its channels for tokens; pass --channels-first bn to reduce its positions")
     assert not (tmp_path / "no.h5").exists()
-    with pytest.raises(hooks.HookError) as info:  # the flag holds for every layer of a run
+    with pytest.raises(hooks.HookError) as info:  # the flag alone holds for every layer of a run
         hooks.parse_layers(["0", "1"], nn.Sequential(nn.Conv2d(3, 4, 1), nn.Linear(4, 4)), "mean", channels_first=True)
-    assert str(info.value) == ("1 is a Linear, whose output keeps its features last: --channels-first (which applies to "
-                               "every layer of the run) would take them for positions; extract it in a run without "
-                               "--channels-first")
+    assert str(info.value) == ("1 is a Linear, whose output keeps its features last: --channels-first given alone applies "
+                               "to every layer and would take them for positions; name only the channels-first layers "
+                               "(--channels-first PATTERN...)")
     torch.manual_seed(0)
     model = conv_net().to(device).eval()
     seen: dict[str, list] = {}
@@ -637,6 +637,76 @@ def test_channels_first_activations_are_reduced_over_their_positions(tmp_path, d
                     torch.testing.assert_close(torch.from_numpy(s.read(name)).float(), o.mean((2, 3)).cpu(), atol=2e-3, rtol=2e-3)
             assert s.metadata["options"]["channels_first"] is True
 
+
+def test_one_run_gives_each_layer_its_own_reduction_and_channel_axis(tmp_path):
+    # UVA's blocks as token means, its final norm whole, its action head's convolution pooled
+    # over its positions: one run, where --reduction and --channels-first used to hold for all
+    import yaml
+
+    from marstore.cli import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"model_args": CONFIG, "layer_reductions": {"decoder_norm": "none"}}))
+    out = tmp_path / "mixed.h5"
+    assert main(["extract", "--config", str(config), "--model", "marstore.models:video_mar",
+                 "--dataset", "marstore.models:synthetic_video_actions", "--dataset-arg", "size=40",
+                 "--forward", "marstore.models:policy_forward", "--layers", "encoder_blocks.*", "decoder_norm",
+                 "diffactloss.conv", "--unfold-batch", "--reduction", "mean", "--layer-reduction", "encoder_blocks.1=last",
+                 "--channels-first", "diffactloss.conv", "--batch-size", "8", "--device", "cpu", "--out", str(out),
+                 "--no-progress"]) == 0
+    ref = reference_activations(tmp_path, ["encoder_blocks.0", "encoder_blocks.1", "decoder_norm", "diffactloss.conv"],
+                                keep=lambda o: o.clone())
+    with open_store(out) as s:
+        assert {n: (layer.row_shape, layer.attrs["reduction"]) for n, layer in s.layers.items()} == {
+            "encoder_blocks.0": ((32,), "mean"), "encoder_blocks.1": ((32,), "last"),
+            "decoder_norm": ((64, 32), "none"), "diffactloss.conv": ((32,), "mean (channels first)")}
+        half = lambda parts: torch.cat(parts).half().numpy()  # noqa: E731
+        assert s.read("encoder_blocks.0").tobytes() == half([p.mean(1) for p in ref["encoder_blocks.0"]]).tobytes()
+        assert s.read("encoder_blocks.1").tobytes() == half([p[:, -1] for p in ref["encoder_blocks.1"]]).tobytes()
+        assert s.read("decoder_norm").tobytes() == half(ref["decoder_norm"]).tobytes()
+        conv = [p.reshape(8, 4, 32, 16).permute(0, 1, 3, 2).reshape(8, 64, 32).mean(1) for p in ref["diffactloss.conv"]]
+        assert np.allclose(s.read("diffactloss.conv"), half(conv), rtol=2e-3, atol=1e-4)
+        recorded = s.metadata["options"]
+        assert (recorded["layer_reductions"], recorded["channels_first"]) == (
+            {"decoder_norm": "none", "encoder_blocks.1": "last"}, ["diffactloss.conv"])
+    # a resume must reduce every layer as the store did
+    with pytest.raises(ExtractError, match=r"^--resume: the options differ .*: layer_reductions \(recorded "
+                                           r"\{'decoder_norm': 'none', 'encoder_blocks.1': 'last'\}, now \{'decoder_norm': "
+                                           r"'none'\}\)$"):
+        extract(options(tmp_path, out=str(out), layers=["encoder_blocks.*", "decoder_norm", "diffactloss.conv"],
+                        targets=[], unfold_batch=True, reduction="mean", layer_reductions={"decoder_norm": "none"},
+                        channels_first=["diffactloss.conv"], resume=True))
+
+
+@pytest.mark.parametrize("kw, error", [
+    (dict(layer_reductions={"decoder_*": "none"}), "--layer-reduction 'decoder_*' matches none of the layers --layers "
+                                                   "selects (encoder_blocks.0, encoder_blocks.1, 1)"),
+    (dict(channels_first=["2"]), "--channels-first '2' matches none of the layers --layers selects (encoder_blocks.0, "
+                                 "encoder_blocks.1, 1)"),
+    (dict(layer_reductions={"encoder_blocks.*": "first", "re:.*0": [0, 1]}),
+     "encoder_blocks.0: --layer-reduction encoder_blocks.*=first and re:.*0=0,1 both select it; give it one reduction"),
+    (dict(layer_reductions={"encoder_blocks.*": "none"}), "1 is a Conv1d, whose output is (batch, channels, ...): reduction mean would "
+                                                "take its channels for tokens; pass --channels-first 1 to reduce its positions"),
+    (dict(channels_first=["re:.*"]), "encoder_blocks.0 is a Linear, whose output keeps its features last: --channels-first "
+                                     "re:.* selects it and would take them for positions; name only the channels-first "
+                                     "layers (--channels-first PATTERN...)"),
+])
+def test_per_layer_reductions_and_channel_axes_that_cannot_be_are_refused(kw, error):
+    model = nn.Module()
+    model.encoder_blocks = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+    model.add_module("1", nn.Conv1d(4, 4, 1))
+    with pytest.raises(hooks.HookError) as info:
+        hooks.parse_layers(["encoder_blocks.*", "1"], model, "mean", **kw)
+    assert str(info.value) == error
+
+
+def test_a_capture_is_given_its_own_reduction_by_its_store_name():
+    model = nn.Module()
+    model.norm = nn.LayerNorm(4)
+    layers = hooks.parse_layers(["norm", "norm@input"], model, "mean", layer_reductions={"norm@input": "none"})
+    assert [(sel.store_name, sel.reduction) for sel in layers] == [("norm", "mean"), ("norm@input", "none")]
+    layers = hooks.parse_layers(["norm", "norm@input"], model, "mean", layer_reductions={"norm": [0]})  # both captures
+    assert [(sel.store_name, sel.reduction) for sel in layers] == [("norm", [0]), ("norm@input", [0])]
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
 @pytest.mark.parametrize("autocast", [None, "float16", "bfloat16"])
@@ -1439,7 +1509,12 @@ def test_a_config_file_that_cannot_be_read_is_refused_in_one_line(tmp_path, text
     ("layers: 5", "--layers 5: give a list of names"),
     ("targets: [label, 2]", "--targets ['label', 2]: give a list of names"),
     ("model_args: [1]", r"model_args [1]: give a mapping of KEY: VALUE (--model-arg KEY=VALUE on the command line)"),
-    ("reduction: 0", "--reduction 0: give a string"),
+    ("reduction: [mean]", "--reduction ['mean']: give a string"),
+    ("channels_first: 5", "--channels-first 5: give true or false or a list of names"),
+    ("layer_reductions: [x]", "layer_reductions ['x']: give a mapping of PATTERN: REDUCTION (--layer-reduction "
+                              "PATTERN=REDUCTION on the command line)"),
+    ("layer_reductions: {x: null}", "layer_reductions {'x': None}: give a mapping of PATTERN: REDUCTION "
+                                    "(--layer-reduction PATTERN=REDUCTION on the command line)"),
 ])
 def test_a_config_value_of_the_wrong_type_is_refused_before_the_run(tmp_path, capsys, line, error):
     from marstore.cli import main
@@ -1456,6 +1531,10 @@ def test_a_config_value_of_the_wrong_type_is_refused_before_the_run(tmp_path, ca
 def test_a_tuple_option_is_kept_as_the_list_a_resume_reads_back(tmp_path):
     assert options(tmp_path, layers=("encoder_blocks.0", "encoder_blocks.1")).layers == ["encoder_blocks.0", "encoder_blocks.1"]
     assert options(tmp_path, reduction=[0, 5, 9]).reduction == "0,5,9"  # token indices as a YAML list
+    assert options(tmp_path, reduction=0).reduction == "0"  # as --reduction 0 gives it: the first token
+    assert options(tmp_path, layer_reductions={"z_proj": [0, 1], "decoder_norm": 3}).layer_reductions == \
+        {"z_proj": "0,1", "decoder_norm": "3"}
+    assert options(tmp_path, channels_first=("a", "b")).channels_first == ["a", "b"]
 
 @requires_cuda
 def test_forward_outputs_on_the_gpu_come_through_the_ring(tmp_path):
