@@ -207,6 +207,8 @@ def _probe(args: argparse.Namespace) -> int:
     from marstore.store import StoreError
 
     fields = ProbeOptions.__dataclass_fields__
+    if len(args.layer) == 1:  # one pattern, recorded as one (as before several were taken)
+        args.layer = args.layer[0]
     try:
         report = run_probes(ProbeOptions(**{k: v for k, v in vars(args).items() if k in fields and v is not None and k != "progress"},
                                          progress=not args.no_progress))
@@ -331,15 +333,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("probe", help="train linear or MLP probes on a store's layers, with a control task")
     pr.add_argument("store")
-    pr.add_argument("--layer", required=True, help="a layer name, glob or re:REGEX; several layers give a depth plot")
+    pr.add_argument("--layer", required=True, nargs="+", metavar="LAYER",
+                    help="layer names, globs or re:REGEX; several layers give a depth plot")
     pr.add_argument("--target", required=True)
     pr.add_argument("--task", choices=["auto", "regression", "classification"])
     pr.add_argument("--kind", choices=["linear", "mlp"])
+    pr.add_argument("--solver", choices=["auto", "direct", "adamw"],
+                    help="direct: the linear probe's optimum (ridge, or L-BFGS logistic regression), its L2 penalty chosen "
+                         "on the validation split; adamw: minibatch training with --epochs, --lr, --batch-size (default: "
+                         "direct for linear probes, adamw for MLPs)")
     pr.add_argument("--hidden", type=int, help="MLP width (default 256)")
     pr.add_argument("--out", help="where report.json, the plots and the weights go (default probes/)")
     pr.add_argument("--epochs", type=int)
     pr.add_argument("--lr", type=float)
-    pr.add_argument("--weight-decay", type=float)
+    pr.add_argument("--weight-decay", type=float, help="L2 penalty (default: adamw 1e-4; direct chooses it)")
     pr.add_argument("--batch-size", type=int)
     pr.add_argument("--val-fraction", type=float)
     pr.add_argument("--test-fraction", type=float)

@@ -6,10 +6,20 @@ For every layer that the pattern matches, a linear (or small MLP) probe is train
 layer's rows, standardised with the per-channel statistics that the store recorded, and the same
 probe is trained on a control task (the targets shuffled across rows). Selectivity is the test
 metric minus the control's. Rows whose features or targets are not finite are skipped and
-counted; a step whose loss or gradient is not finite is skipped and counted; gradient norms far
-above their running median are reported. The best validation weights are saved (a state dict
-that loads with weights_only=True). Ctrl-C, or a scheduler's SIGTERM, saves a resumable state at
-the last finished epoch; resume=True keeps the layers finished before it and goes on from there.
+counted.
+
+Two solvers. "direct" (the default for linear probes) finds the linear probe's optimum: ridge
+regression in closed form, or L2-penalised logistic regression by full-batch L-BFGS (at most
+LBFGS_ITERATIONS a penalty), the penalty chosen on the validation split. Activations are far
+from isotropic (token means of a transformer span a few directions with most of the variance,
+and a small-variance direction can hold the target), and minibatch gradient descent leaves such
+directions unlearned on stores of a few thousand rows, reporting a layer as knowing nothing
+that a least-squares fit reads well. "adamw" (MLPs, or on request) trains by minibatches: a step
+whose loss or gradient is not finite is skipped and counted; gradient norms far above their
+running median are reported; the best validation weights are kept; Ctrl-C, or a scheduler's
+SIGTERM, saves a resumable state at the last finished epoch.
+Either way the weights are saved (a state dict that loads with weights_only=True), and
+resume=True keeps the layers finished before an interruption.
 Outputs: report.json, report.md (the table and the plots), depth.png (metric and control against depth),
 loss_curves.png, and a table.
 """
@@ -54,6 +64,13 @@ class ProbeInterrupted(Exception):
         self.signum = signum
 
 
+SOLVERS = ("auto", "direct", "adamw")
+ADAMW_WEIGHT_DECAY = 1e-4
+# L2 penalties the direct solver tries, on features standardised to unit variance
+PENALTIES = tuple(10.0 ** k for k in range(-6, 3))
+LBFGS_ITERATIONS = 200  # a penalty, for logistic regression
+
+
 @dataclass
 class ProbeOptions:
     store: str
@@ -62,10 +79,11 @@ class ProbeOptions:
     out: str = "probes"
     task: str = "auto"  # regression, classification or auto
     kind: str = "linear"  # linear or mlp
+    solver: str = "auto"  # direct (linear probes' optimum), adamw (minibatches), or auto: direct for linear, adamw for mlp
     hidden: int = 256
     epochs: int = 40
     lr: float = 1e-2
-    weight_decay: float = 1e-4
+    weight_decay: float | None = None  # adamw: 1e-4; direct: chosen on the validation split unless given
     batch_size: int = 256
     val_fraction: float = 0.1
     test_fraction: float = 0.1
@@ -82,8 +100,12 @@ class ProbeOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ProbeError(f"--{name.replace('_', '-')} {value!r}: give an integer of at least 1")
-        if not self.lr > 0 or not self.weight_decay >= 0:
+        if not self.lr > 0 or not (self.weight_decay is None or self.weight_decay >= 0):
             raise ProbeError(f"--lr {self.lr} --weight-decay {self.weight_decay}: the rate must be above 0, the decay at least 0")
+        if self.solver not in SOLVERS:
+            raise ProbeError(f"--solver {self.solver!r}: use one of {', '.join(SOLVERS)}")
+        if self.solver == "direct" and self.kind != "linear":
+            raise ProbeError(f"--solver direct finds a linear probe's optimum; an {self.kind} probe trains with --solver adamw")
         if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
             raise ProbeError(f"--val-fraction {self.val_fraction} --test-fraction {self.test_fraction}: each must be above 0, "
                              "and together below 1 (the rest trains)")
@@ -161,7 +183,8 @@ class _Trainer:
             for p in self.model.parameters():
                 p.copy_(torch.empty_like(p).uniform_(-1, 1, generator=g) / math.sqrt(p.shape[-1] if p.dim() > 1 else d_in))
         self.model.to(opts.device)
-        self.optim = torch.optim.AdamW(self.model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+        decay = ADAMW_WEIGHT_DECAY if opts.weight_decay is None else opts.weight_decay
+        self.optim = torch.optim.AdamW(self.model.parameters(), lr=opts.lr, weight_decay=decay)
         self.loss_fn = nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
         self.epoch = 0
         self.best = (math.inf, -1, copy.deepcopy(self.model.state_dict()))
@@ -252,9 +275,89 @@ class _Trainer:
             os.remove(self.state_path)
 
     def evaluate(self, split: str) -> dict:
-        with torch.no_grad():
-            pred = self.model(self.x[split].to(self.opts.device)).cpu()
-        return _metrics(self.task, pred, self.y[split], self.classes)
+        return _evaluate(self.model, self.task, self.x[split], self.y[split], self.classes, self.opts.device)
+
+
+def _evaluate(model: nn.Module, task: str, x: torch.Tensor, y: torch.Tensor, classes: int, device: str) -> dict:
+    with torch.no_grad():
+        pred = model(x.to(device)).float().cpu()
+    return _metrics(task, pred, y, classes)
+
+
+def _fit_direct(opts: ProbeOptions, task: str, x: dict, y: dict, classes: int) -> tuple[nn.Linear, float, list[dict]]:
+    """The linear probe's optimum for each penalty (or the one given); the one with the lowest
+    validation loss wins. (the probe, its penalty, every penalty's validation loss)"""
+    device = torch.device(opts.device)
+    xt, xv = x["train"].to(device, torch.float64), x["val"].to(device, torch.float64)
+    penalties = PENALTIES if opts.weight_decay is None else (opts.weight_decay,)
+    found: list[tuple[float, float, torch.Tensor, torch.Tensor]] = []  # (penalty, val loss, weight, bias)
+    if task == "regression":
+        yt, yv = y["train"].to(device, torch.float64), y["val"].to(device, torch.float64)
+        weights_for = _ridge_path(xt, yt)
+        for penalty in penalties:
+            weight, bias = weights_for(penalty)
+            found.append((penalty, float(((xv @ weight.T + bias - yv) ** 2).mean()), weight, bias))
+    else:
+        yt, yv = y["train"].to(device), y["val"].to(device)
+        probe = nn.Linear(xt.shape[1], classes, dtype=torch.float64, device=device)
+        nn.init.zeros_(probe.weight)
+        nn.init.zeros_(probe.bias)
+        for penalty in sorted(penalties, reverse=True):  # each fit starts from the last, more penalised one
+            _logistic_fit(probe, xt, yt, penalty)
+            with torch.no_grad():
+                val = float(nn.functional.cross_entropy(probe(xv), yv))
+            found.append((penalty, val, probe.weight.detach().clone(), probe.bias.detach().clone()))
+        found.reverse()
+    if not all(math.isfinite(f[1]) for f in found):
+        raise ProbeError(f"the direct solver's validation loss is not finite for penalties "
+                         f"{[f[0] for f in found if not math.isfinite(f[1])]}; check the features, or use --solver adamw")
+    penalty, _, weight, bias = min(reversed(found), key=lambda f: f[1])  # a tie goes to the larger penalty
+    probe = nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        probe.weight.copy_(weight)
+        probe.bias.copy_(bias)
+    return probe.to(device), penalty, [{"penalty": f[0], "val_loss": f[1]} for f in found]
+
+
+def _logistic_fit(probe: nn.Linear, x: torch.Tensor, y: torch.Tensor, penalty: float) -> None:
+    """L2-penalised multinomial logistic regression by full-batch L-BFGS, from the probe's weights.
+    A bounded number of iterations: with a small penalty and separable classes the weights grow
+    slowly for ever, while the validation loss has long settled."""
+    optim = torch.optim.LBFGS(probe.parameters(), max_iter=LBFGS_ITERATIONS, history_size=20, line_search_fn="strong_wolfe")
+
+    def loss() -> torch.Tensor:
+        optim.zero_grad()
+        value = nn.functional.cross_entropy(probe(x), y) + penalty * probe.weight.square().sum()
+        value.backward()
+        return value
+
+    optim.step(loss)
+
+
+def _ridge_path(x: torch.Tensor, y: torch.Tensor) -> Callable[[float], tuple[torch.Tensor, torch.Tensor]]:
+    """Ridge regression of y on x, for any penalty, from one eigendecomposition: argmin of
+    mean((x w + b - y)^2) + penalty * |w|^2, the bias unpenalised. With more features than rows,
+    through the rows' Gram matrix (the same solution, a smaller matrix)."""
+    n = len(x)
+    x_mean, y_mean = x.mean(0), y.mean(0)
+    xc, yc = x - x_mean, y - y_mean
+    if x.shape[1] <= n:
+        eig, vec = torch.linalg.eigh(xc.T @ xc / n)
+        along = vec.T @ (xc.T @ yc / n)
+
+        def weights(penalty: float) -> torch.Tensor:
+            return vec @ (along / (eig.clamp_min(0) + penalty)[:, None])
+    else:
+        eig, vec = torch.linalg.eigh(xc @ xc.T / n)
+        along = vec.T @ yc
+
+        def weights(penalty: float) -> torch.Tensor:
+            return xc.T @ (vec @ (along / (eig.clamp_min(0) + penalty)[:, None])) / n
+
+    def fit(penalty: float) -> tuple[torch.Tensor, torch.Tensor]:
+        w = weights(penalty)  # (features, outputs)
+        return w.T, y_mean - x_mean @ w
+    return fit
 
 
 def _prepare(opts: ProbeOptions, layer: str, rows: int) -> tuple[str, dict, dict, list[int], int, dict]:
@@ -335,7 +438,7 @@ def run_probes(opts: ProbeOptions) -> dict:
             raise ProbeInterrupted(f"{where}{kept}; run again with --resume", stop["signum"]) from None
     task = rows[-1]["task"]
     report = {"store": source["path"], "store_status": source["status"], "rows": source["rows"], "target": opts.target,
-              "task": task, "metric": _headline(task), "options": asdict(opts), "layers": rows}
+              "task": task, "metric": _headline(task), "solver": solver_of(opts), "options": asdict(opts), "layers": rows}
     report["plots"] = _plots(report, opts.out)
     with open(os.path.join(opts.out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -352,22 +455,39 @@ def _probe_layer(opts: ProbeOptions, layer: str, rows: int) -> dict:
     entry: dict[str, Any] = {"layer": layer, "task": task, "split_rows": sizes, "skipped_rows": skipped}
     if labels:
         entry["classes"] = labels  # class i of the probe's outputs is the label value labels[i]
+    solver = solver_of(opts)
+    entry["solver"] = solver
     for control in ([False, True] if opts.control else [False]):
         label = f"{layer}{' (control)' if control else ''}"
         safe = _safe_name(layer) + ("-control" if control else "")
-        trainer = _Trainer(opts, task, xs, _control(ys, opts.seed) if control else ys, len(labels),
-                           os.path.join(opts.out, f"{safe}.state.pt"))
-        trainer.fit(label)
+        targets = _control(ys, opts.seed) if control else ys
         weights = os.path.join(opts.out, f"{safe}.pt")
-        torch.save(trainer.model.state_dict(), weights)
-        result = {"test": trainer.evaluate("test"), "val": trainer.evaluate("val"), "best_epoch": trainer.best[1],
-                  "epochs": trainer.epoch, "skipped_steps": trainer.skipped_steps, "grad_spikes": trainer.grad_spikes,
-                  "history": trainer.history, "weights": weights}
-        entry["control" if control else "probe"] = result
+        if solver == "direct":
+            try:
+                model, penalty, penalties = _fit_direct(opts, task, xs, targets, len(labels))
+            except ProbeError as exc:
+                raise ProbeError(f"{label}: {exc}") from None
+            result = {"penalty": penalty, "penalties": penalties, "skipped_steps": 0, "history": []}
+        else:
+            trainer = _Trainer(opts, task, xs, targets, len(labels), os.path.join(opts.out, f"{safe}.state.pt"))
+            trainer.fit(label)
+            model = trainer.model
+            result = {"best_epoch": trainer.best[1], "epochs": trainer.epoch, "skipped_steps": trainer.skipped_steps,
+                      "grad_spikes": trainer.grad_spikes, "history": trainer.history}
+        torch.save(model.state_dict(), weights)
+        entry["control" if control else "probe"] = {
+            "test": _evaluate(model, task, xs["test"], targets["test"], len(labels), opts.device),
+            "val": _evaluate(model, task, xs["val"], targets["val"], len(labels), opts.device), **result, "weights": weights}
     if opts.control:
         head = _headline(task)
         entry["selectivity"] = entry["probe"]["test"][head] - entry["control"]["test"][head]
     return entry
+
+
+def solver_of(opts: ProbeOptions) -> str:
+    if opts.solver != "auto":
+        return opts.solver
+    return "direct" if opts.kind == "linear" else "adamw"
 
 
 def _safe_name(layer: str) -> str:
@@ -467,10 +587,14 @@ def _plots(report: dict, out: str) -> dict:
     plt.close(fig)
     curves = os.path.join(out, "loss_curves.png")
     fig, ax = plt.subplots(figsize=(7, 4))
+    by_penalty = report["solver"] == "direct"  # no epochs: the validation loss of each penalty tried
     for r in report["layers"]:
-        h = r["probe"]["history"]
-        ax.plot([e["epoch"] for e in h], [e["val_loss"] for e in h], label=r["layer"])
-    ax.set_xlabel("epoch")
+        points = r["probe"]["penalties"] if by_penalty else r["probe"]["history"]
+        ax.plot([e["penalty" if by_penalty else "epoch"] for e in points], [e["val_loss"] for e in points],
+                "o-" if by_penalty else "-", label=r["layer"])
+    if by_penalty:
+        ax.set_xscale("log")
+    ax.set_xlabel("L2 penalty" if by_penalty else "epoch")
     ax.set_ylabel("validation loss")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
@@ -490,7 +614,8 @@ def _table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
         ctrl = r.get("control", {}).get("test", {}).get(metric)
         sel = r.get("selectivity")
         cells.append([r["layer"], f"{r['probe']['test'][metric]:.3f}", "" if ctrl is None else f"{ctrl:.3f}",
-                      "" if sel is None else f"{sel:.3f}", str(r["skipped_rows"]), str(r["probe"]["skipped_steps"])])
+                      "" if sel is None else f"{sel:.3f}", str(r["skipped_rows"]),
+                      "-" if r.get("solver") == "direct" else str(r["probe"]["skipped_steps"])])  # no steps to skip
     return header, cells
 
 
@@ -498,6 +623,14 @@ def table(report: dict) -> str:
     header, cells = _table_rows(report)
     widths = (9, 9, 8, 13, 14)
     return "\n".join(" ".join([f"{row[0]:<28}", *(f"{c:>{w}}" for c, w in zip(row[1:], widths))]) for row in [header, *cells])
+
+
+def _solver_text(report: dict) -> str:
+    if report["solver"] == "adamw":
+        return "trained by AdamW on minibatches, the best validation epoch kept"
+    fit = "in closed form (ridge)" if report["task"] == "regression" else "by L-BFGS (logistic regression)"
+    chosen = "; the L2 penalty was chosen on the validation split" if report["options"]["weight_decay"] is None else ""
+    return f"solved {fit}{chosen}"
 
 
 def _markdown(report: dict, out: str) -> str:
@@ -508,7 +641,7 @@ def _markdown(report: dict, out: str) -> str:
         f"# What each layer knows about `{report['target']}`",
         "",
         f"Store `{report['store']}` ({report['store_status']}, {report['rows']} rows). {o['kind'].capitalize()} probes "
-        f"for {report['task']}; the metric is the test {report['metric']}. " + (
+        f"for {report['task']}, {_solver_text(report)}; the metric is the test {report['metric']}. " + (
             "The control is the same probe trained on the targets shuffled across rows; selectivity is the probe's "
             "metric less the control's." if o["control"] else "No control task was trained."),
         "",
@@ -518,7 +651,8 @@ def _markdown(report: dict, out: str) -> str:
         "",
         f"![test {report['metric']} of each layer's probe and its control]({os.path.basename(report['plots']['depth'])})",
         "",
-        f"![training and validation loss of each probe]({os.path.basename(report['plots']['loss_curves'])})",
+        f"![validation loss of each probe, by {'L2 penalty' if report['solver'] == 'direct' else 'epoch'}]"
+        f"({os.path.basename(report['plots']['loss_curves'])})",
         "",
     ]
     path = os.path.join(out, "report.md")

@@ -235,7 +235,7 @@ def probe_opts(tmp_path, path, **kw):
 @pytest.mark.parametrize("kw, message", [
     ({"epochs": 0}, "--epochs 0: give an integer of at least 1"),
     ({"batch_size": -3}, "--batch-size -3: give an integer of at least 1"),
-    ({"lr": 0.0}, "--lr 0.0 --weight-decay 0.0001: the rate must be above 0, the decay at least 0"),
+    ({"lr": 0.0}, "--lr 0.0 --weight-decay None: the rate must be above 0, the decay at least 0"),
     ({"val_fraction": 0.5, "test_fraction": 0.5},
      "--val-fraction 0.5 --test-fraction 0.5: each must be above 0, and together below 1 (the rest trains)"),
     ({"device": "gpu"}, "--device 'gpu': give cpu, cuda or cuda:N"),
@@ -291,15 +291,79 @@ def test_planted_linear_signal_is_found_and_the_control_is_not(tmp_path):
                              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     s = by["signal"]
     assert markdown[6] == (f"| signal | {s['probe']['test']['r2']:.3f} | {s['control']['test']['r2']:.3f} | "
-                           f"{s['selectivity']:.3f} | 0 | 0 |")
+                           f"{s['selectivity']:.3f} | 0 | - |")  # the direct solver takes no steps
     assert "![test r2 of each layer's probe and its control](depth.png)" in markdown
     assert table(report).splitlines()[:2] == [
         f"{'layer':<28} {'r2':>9} {'control':>9} {'select.':>8} {'skipped rows':>13} {'skipped steps':>14}",
         f"{'signal':<28} {s['probe']['test']['r2']:9.3f} {s['control']['test']['r2']:9.3f} {s['selectivity']:8.3f} "
-        f"{0:13d} {0:14d}"]
+        f"{0:13d} {'-':>14}"]
     weights = torch.load(by["signal"]["probe"]["weights"], weights_only=True)
     assert set(weights) == {"weight", "bias"} and weights["weight"].shape == (3, 16)
 
+
+def anisotropic_store(path, n=600, d=32, seed=0):
+    """As token means of a transformer are: one shared direction holds nearly all the variance
+    of every feature, and the target lives in a direction of small variance."""
+    rng = np.random.default_rng(seed)
+    u, v = np.linalg.qr(rng.standard_normal((d, 2)))[0].T
+    shared, t = rng.standard_normal((n, 1)), rng.standard_normal((n, 1))
+    x = (20 * shared * u + 0.1 * t * v + 0.01 * rng.standard_normal((n, d))).astype(np.float16)
+    labels = (t[:, 0] > 0).astype(np.int64) + 2 * (t[:, 0] > 1)  # 3 classes by the small direction
+    with StoreWriter(path, [LayerSpec("a", (d,))], [TargetSpec("y", (1,), "float32"), TargetSpec("label", (), "int64")]) as w:
+        w.append({"a": x}, targets={"y": t.astype(np.float32), "label": labels}, index=np.arange(n))
+
+
+def test_the_direct_solver_reads_a_signal_in_a_small_variance_direction(tmp_path):
+    # minibatch AdamW, the default before, reports such a layer as knowing little
+    path = tmp_path / "s.h5"
+    anisotropic_store(path)
+    direct = run_probes(probe_opts(tmp_path, path, layer="a", out=str(tmp_path / "direct"), epochs=40, lr=0.01, batch_size=256,
+                                   patience=8))
+    adamw = run_probes(probe_opts(tmp_path, path, layer="a", out=str(tmp_path / "adamw"), epochs=40, lr=0.01, batch_size=256,
+                                  patience=8, solver="adamw"))
+    probe, control = direct["layers"][0]["probe"], direct["layers"][0]["control"]
+    assert (direct["solver"], direct["layers"][0]["solver"], adamw["solver"]) == ("direct", "direct", "adamw")
+    assert probe["test"]["r2"] > 0.95 and abs(control["test"]["r2"]) < 0.1
+    assert adamw["layers"][0]["probe"]["test"]["r2"] < 0.8  # 0.68: 80 steps leave the small direction half learned
+    assert [p["penalty"] for p in probe["penalties"]] == [10.0 ** k for k in range(-6, 3)]
+    assert probe["penalty"] == min(probe["penalties"], key=lambda p: p["val_loss"])["penalty"]
+    assert control["penalty"] >= 1  # nothing to find: the penalty that keeps the weights near zero
+    markdown = open(direct["markdown"]).read()
+    assert "Linear probes for regression, solved in closed form (ridge); the L2 penalty was chosen on the validation split" \
+        in markdown and "![validation loss of each probe, by L2 penalty](loss_curves.png)" in markdown
+    weights = torch.load(probe["weights"], weights_only=True)  # applies to the standardised features, as AdamW's
+    assert set(weights) == {"weight", "bias"} and weights["weight"].shape == (1, 32)
+    labels = run_probes(probe_opts(tmp_path, path, layer="a", target="label", out=str(tmp_path / "labels")))
+    assert labels["task"] == "classification" and labels["layers"][0]["probe"]["test"]["accuracy"] > 0.9
+    assert labels["layers"][0]["control"]["test"]["accuracy"] < 0.6
+    given = run_probes(probe_opts(tmp_path, path, layer="a", out=str(tmp_path / "given"), weight_decay=0.5))
+    assert [p["penalty"] for p in given["layers"][0]["probe"]["penalties"]] == [0.5]
+
+
+@pytest.mark.parametrize("rows, features", [(50, 8), (8, 50)])
+def test_ridge_regression_is_the_closed_form_solution(rows, features):
+    from marstore.probe import _ridge_path
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(rows, features, generator=g, dtype=torch.float64), torch.randn(rows, 2, generator=g, dtype=torch.float64)
+    for penalty in (1e-3, 1.0):
+        weight, bias = _ridge_path(x, y)(penalty)
+        # the same problem solved as it is written: [x 1] [w; b] = y, penalty * n on w only
+        design = torch.cat([x, torch.ones(rows, 1, dtype=torch.float64)], 1)
+        ridge = torch.diag(torch.tensor([penalty * rows] * features + [0.0], dtype=torch.float64))
+        solution = torch.linalg.solve(design.T @ design + ridge, design.T @ y)
+        torch.testing.assert_close(weight, solution[:-1].T, rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(bias, solution[-1], rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"solver": "sgd"}, "--solver 'sgd': use one of auto, direct, adamw"),
+    ({"solver": "direct", "kind": "mlp"}, "--solver direct finds a linear probe's optimum; an mlp probe trains with --solver adamw"),
+])
+def test_a_solver_that_cannot_fit_the_probe_is_refused(tmp_path, kw, message):
+    with pytest.raises(ProbeError) as info:
+        probe_opts(tmp_path, "s.h5", **kw)
+    assert str(info.value) == message
 
 def test_a_store_still_written_is_probed_on_the_rows_committed_at_the_start(tmp_path, monkeypatch, caplog):
     """Every layer's probe sees the same rows, though the writer commits more between layers,
@@ -323,7 +387,7 @@ def test_a_store_still_written_is_probed_on_the_rows_committed_at_the_start(tmp_
         writer.flush()
 
     monkeypatch.setattr(probe._Trainer, "fit", fit_then_write_more)
-    report = run_probes(probe_opts(tmp_path, path, layer="*", epochs=2))
+    report = run_probes(probe_opts(tmp_path, path, layer="*", epochs=2, solver="adamw"))
     writer.close()
     assert (report["store_status"], report["rows"]) == ("incomplete", 300)
     assert [sum(r["split_rows"].values()) for r in report["layers"]] == [300, 300]
@@ -368,7 +432,7 @@ def test_non_finite_rows_are_skipped_and_counted(tmp_path):
 def test_interrupted_and_resumed_training_matches(tmp_path, monkeypatch):
     path = tmp_path / "s.h5"
     planted_store(path)
-    whole = run_probes(probe_opts(tmp_path, path, epochs=12, control=False, out=str(tmp_path / "a")))
+    whole = run_probes(probe_opts(tmp_path, path, epochs=12, control=False, solver="adamw", out=str(tmp_path / "a")))
     from marstore import probe
 
     calls = {"n": 0}
@@ -382,23 +446,23 @@ def test_interrupted_and_resumed_training_matches(tmp_path, monkeypatch):
 
     monkeypatch.setattr(probe._Trainer, "_val_loss", interrupting)
     with pytest.raises(ProbeInterrupted, match="state at epoch 6 saved"):
-        run_probes(probe_opts(tmp_path, path, epochs=12, control=False, out=str(tmp_path / "b")))
+        run_probes(probe_opts(tmp_path, path, epochs=12, control=False, solver="adamw", out=str(tmp_path / "b")))
     saved = sorted(p.name for p in (tmp_path / "b").iterdir() if p.name.endswith((".state.pt", ".partial")))
     assert saved == ["signal.state.pt"]  # saved whole: written aside, then renamed
     monkeypatch.setattr(probe._Trainer, "_val_loss", original)
     with pytest.raises(ProbeError) as info:  # the saved optimizer would bring back the old rate unseen
-        run_probes(probe_opts(tmp_path, path, epochs=12, lr=0.1, control=False, out=str(tmp_path / "b"), resume=True))
+        run_probes(probe_opts(tmp_path, path, epochs=12, lr=0.1, control=False, solver="adamw", out=str(tmp_path / "b"), resume=True))
     assert str(info.value) == ("signal: --resume: the options differ from the interrupted run's: lr (then 0.05, now 0.1); "
                                "repeat them, or run without --resume to start over")
     os.rename(path, tmp_path / "kept.h5")  # the store, grown since: other splits, which a resume must not mix
     planted_store(path, n=2100)
     with pytest.raises(ProbeError) as info:
-        run_probes(probe_opts(tmp_path, path, epochs=12, control=False, out=str(tmp_path / "b"), resume=True))
+        run_probes(probe_opts(tmp_path, path, epochs=12, control=False, solver="adamw", out=str(tmp_path / "b"), resume=True))
     assert str(info.value) == ("signal: --resume: the splits now hold {'train': 1680, 'val': 210, 'test': 210} rows, "
                                "{'train': 1600, 'val': 200, 'test': 200} when it was interrupted (did an extraction add "
                                "rows since?); run without --resume to start over")
     os.replace(tmp_path / "kept.h5", path)
-    resumed = run_probes(probe_opts(tmp_path, path, epochs=12, control=False, out=str(tmp_path / "b"), resume=True))
+    resumed = run_probes(probe_opts(tmp_path, path, epochs=12, control=False, solver="adamw", out=str(tmp_path / "b"), resume=True))
     a, b = whole["layers"][0]["probe"], resumed["layers"][0]["probe"]
     assert a["test"] == b["test"] and a["history"] == b["history"] and a["best_epoch"] == b["best_epoch"]
 
@@ -470,7 +534,7 @@ def test_sigterm_stops_the_probes_like_ctrl_c(tmp_path, monkeypatch):
     monkeypatch.setattr(probe._Trainer, "_val_loss", terminated)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     with pytest.raises(ProbeInterrupted) as info:
-        run_probes(probe_opts(tmp_path, path, epochs=6, control=False))
+        run_probes(probe_opts(tmp_path, path, epochs=6, control=False, solver="adamw"))
     assert info.value.signum == signal.SIGTERM
     assert str(info.value).startswith("signal: interrupted; state at epoch 2 saved to ")
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
