@@ -548,3 +548,18 @@ def test_demo_store_shows_the_action_above_its_control(tmp_path, capsys):
     assert max(r["probe"]["test"]["r2"] - r["control"]["test"]["r2"] for r in report["layers"]) > 0.5
     out = capsys.readouterr().out
     assert "encoder_blocks.0" in out and "depth.png" in out
+
+
+def test_the_probe_command_takes_several_layer_patterns(tmp_path, capsys):
+    from marstore.cli import main
+
+    path = tmp_path / "s.h5"
+    planted_store(path, n=400)
+    out = tmp_path / "probes"
+    assert main(["probe", str(path), "--layer", "noise", "sig*", "--target", "y", "--out", str(out), "--no-progress"]) == 0
+    report = json.load(open(out / "report.json"))
+    assert [r["layer"] for r in report["layers"]] == ["noise", "signal"] and report["options"]["layer"] == ["noise", "sig*"]
+    assert main(["probe", str(path), "--layer", "signal", "--target", "y", "--out", str(out), "--no-progress"]) == 0
+    assert json.load(open(out / "report.json"))["options"]["layer"] == "signal"  # one pattern, recorded as before
+    assert capsys.readouterr().out.splitlines()[0].split() == ["layer", "r2", "control", "select.", "skipped", "rows",
+                                                              "skipped", "steps"]
