@@ -28,6 +28,7 @@ from marstore.store import STORED_DTYPES, Store, StoreError, default_chunk_rows,
 log = logging.getLogger(__name__)
 
 READ_REDUCTIONS = (None, "mean", "first", "last")
+READ_BLOCK_BYTES = 64 << 20  # of stored rows, read_all's unit of reading
 
 
 def _runs(sorted_rows: np.ndarray) -> list[tuple[int, int]]:
@@ -205,8 +206,11 @@ class ActivationDataset(Dataset):
             t = t.view(torch.int16).view(torch.bfloat16)
         axis = 0 if name in self.ragged else 1  # the token axis: of one ragged row, or of a dense batch
         if self.reduction and t.dim() >= axis + 2:
-            if self.reduction == "mean":
-                t = t.float().mean(axis)
+            # every axis between the row's and the features is a token axis, as extraction's
+            # reductions take them: UVA's z_proj (frames, tokens, D) has frames * tokens tokens
+            t = t.flatten(axis, -2)
+            if self.reduction == "mean":  # summed in float32 without a float32 copy of the tokens
+                t = t.mean(axis, dtype=torch.float32)
             else:
                 t = t.select(axis, 0 if self.reduction == "first" else -1)
         return t.to(self.dtype)
@@ -216,6 +220,7 @@ class ActivationDataset(Dataset):
         The result is a sequence of items; collate_rows turns it into a batch without copies."""
         # each row read once, in order, even when asked for twice (a sampler with replacement)
         sorted_rows, back = np.unique(self.rows[np.asarray(positions, dtype=np.int64)], return_inverse=True)
+        in_order = np.array_equal(back, np.arange(len(sorted_rows)))  # rows asked in order, each once: no copy
         columns: dict[str, Any] = {}
         for name in self.layer_names:
             data = self._read(name, "activations", sorted_rows)
@@ -225,21 +230,42 @@ class ActivationDataset(Dataset):
                     rows = torch.stack(rows) if rows else torch.empty(0, *self.token_shapes[name], dtype=self.dtype)
                 columns[name] = rows
             else:
-                columns[name] = self._to_tensor(name, data[back]) if len(back) else self._to_tensor(name, data)
+                columns[name] = self._to_tensor(name, data if in_order else data[back])
         for name in self.target_names:
             data = self._read(name, "targets", sorted_rows)
-            columns[name] = torch.from_numpy(np.ascontiguousarray(data[back]))
+            columns[name] = torch.from_numpy(np.ascontiguousarray(data if in_order else data[back]))
         return RowBatch(columns, self.layer_names + self.target_names, len(positions), self.as_tuple)
 
     def __getitem__(self, position: int):
         return self.__getitems__([position])[0]
 
-    def read_all(self, positions: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
-        """{name: tensor of every selected row} for dense layers and targets, in one pass."""
-        positions = np.arange(len(self)) if positions is None else np.asarray(positions)
+    def read_all(self, positions: Sequence[int] | None = None, block_bytes: int = READ_BLOCK_BYTES) -> dict[str, torch.Tensor]:
+        """{name: tensor of every selected row} for dense layers and targets. Read in blocks of
+        about block_bytes of stored rows, in row order, each block reduced before the next is
+        read: the token means of a layer stored whole (gigabytes) take the memory of the means."""
+        positions = np.arange(len(self)) if positions is None else np.asarray(positions, dtype=np.int64)
         if self.ragged and not self.reduction:
             raise StoreError(f"read_all needs dense rows; {sorted(self.ragged)} are ragged: give reduction=")
-        return dict(self.__getitems__(positions).columns)
+        block = max(1, block_bytes // max(1, self._row_bytes()))
+        if len(positions) <= block:
+            return dict(self.__getitems__(positions).columns)
+        order = np.argsort(self.rows[positions], kind="stable")
+        parts = [self.__getitems__(positions[order[i : i + block]]).columns for i in range(0, len(order), block)]
+        back = torch.from_numpy(np.argsort(order, kind="stable"))  # from row order to the order asked
+        return {name: torch.cat([part[name] for part in parts])[back] for name in parts[0]}
+
+    def _row_bytes(self) -> int:
+        """Stored bytes of one row of the selected layers and targets (a ragged layer's mean)."""
+        total = 0
+        for kind, names in (("activations", self.layer_names), ("targets", self.target_names)):
+            for name in names:
+                obj = self._object(kind, name)
+                if kind == "activations" and name in self.ragged:
+                    values = obj["values"]
+                    total += values.size * values.dtype.itemsize // max(1, self.committed)
+                else:
+                    total += int(np.prod(obj.shape[1:])) * obj.dtype.itemsize
+        return total
 
     def preload(self, max_bytes: int | None = None) -> int:
         """Reads the selected rows into memory (when they fit); returns and logs the bytes taken."""

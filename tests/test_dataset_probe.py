@@ -183,6 +183,43 @@ def test_preload_ragged_and_errors(tmp_path):
     assert reduced.read_all([])["enc"].shape == (0, 4) and ActivationDataset(path, "signal", ["y"]).read_all([])["y"].shape == (0, 3)
 
 
+def test_read_all_reads_a_layer_stored_whole_in_blocks_and_keeps_the_order_asked(tmp_path, monkeypatch):
+    """The probe reads every row of a split: a layer stored with its tokens (gigabytes) used to be
+    read in one piece and then copied to float32 before its mean was taken."""
+    path = tmp_path / "t.h5"
+    rng = np.random.default_rng(0)
+    tokens = rng.standard_normal((50, 6, 4)).astype(np.float16)
+    lengths = rng.integers(1, 5, 50)
+    with StoreWriter(path, [LayerSpec("tok", (6, 4)), LayerSpec("enc", (4,), ragged=True)], [TargetSpec("y", (), "int64")]) as w:
+        w.append({"tok": tokens, "enc": Ragged(rng.standard_normal((int(lengths.sum()), 4)).astype(np.float16), lengths)},
+                 targets={"y": np.arange(50) * 10}, index=np.arange(50))
+    ds = ActivationDataset(path, ["tok", "enc"], "y", reduction="mean")
+    assert ds._row_bytes() == 6 * 4 * 2 + int(lengths.sum()) * 4 * 2 // 50 + 8
+    positions = rng.permutation(50)[:37]
+    whole = ds.read_all(positions)
+    sizes = []
+    getitems = ActivationDataset.__getitems__
+    monkeypatch.setattr(ActivationDataset, "__getitems__", lambda self, p: sizes.append(len(p)) or getitems(self, p))
+    blocks = ds.read_all(positions, block_bytes=10 * ds._row_bytes())
+    assert sizes == [10, 10, 10, 7]
+    assert whole.keys() == blocks.keys() == {"tok", "enc", "y"}
+    for name in whole:
+        assert torch.equal(whole[name], blocks[name]), name
+    assert blocks["y"].tolist() == (positions * 10).tolist()
+    assert torch.equal(blocks["tok"], torch.from_numpy(tokens[positions]).mean(1, dtype=torch.float32))
+
+
+def test_a_read_time_reduction_takes_every_axis_between_the_row_and_the_features_as_tokens(tmp_path):
+    # as extraction's --reduction does: UVA's z_proj (frames, tokens, D) has frames * tokens tokens;
+    # a mean used to average the frames only and leave tokens * D features
+    path = tmp_path / "z.h5"
+    z = np.arange(2 * 3 * 5 * 4, dtype=np.float16).reshape(2, 3, 5, 4)
+    with StoreWriter(path, [LayerSpec("z_proj", (3, 5, 4))]) as w:
+        w.append({"z_proj": z}, index=[0, 1])
+    tokens = torch.from_numpy(z).float().reshape(2, 15, 4)
+    assert torch.equal(ActivationDataset(path, "z_proj", reduction="mean").read_all()["z_proj"], tokens.mean(1))
+    assert torch.equal(ActivationDataset(path, "z_proj", reduction="last")[1]["z_proj"], tokens[1, -1])
+
 def test_ragged_layers_have_their_mask_in_every_batch(tmp_path):
     """Rows of one extraction batch have one token count (MAR draws one mask ratio a forward),
     so a batch read from one chunk often has rows of one length: it still needs the mask."""
