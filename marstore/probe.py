@@ -102,6 +102,8 @@ class ProbeOptions:
                 raise ProbeError(f"--{name.replace('_', '-')} {value!r}: give an integer of at least 1")
         if not self.lr > 0 or not (self.weight_decay is None or self.weight_decay >= 0):
             raise ProbeError(f"--lr {self.lr} --weight-decay {self.weight_decay}: the rate must be above 0, the decay at least 0")
+        if self.kind not in ("linear", "mlp"):
+            raise ProbeError(f"--kind {self.kind!r}: use linear or mlp")
         if self.solver not in SOLVERS:
             raise ProbeError(f"--solver {self.solver!r}: use one of {', '.join(SOLVERS)}")
         if self.solver == "direct" and self.kind != "linear":
@@ -175,10 +177,8 @@ class _Trainer:
         d_out = classes if task == "classification" else y["train"].shape[1]
         if opts.kind == "linear":
             self.model = nn.Linear(d_in, d_out)
-        elif opts.kind == "mlp":
-            self.model = nn.Sequential(nn.Linear(d_in, opts.hidden), nn.GELU(), nn.Linear(opts.hidden, d_out))
         else:
-            raise ProbeError(f"probe kind {opts.kind!r}: use linear or mlp")
+            self.model = nn.Sequential(nn.Linear(d_in, opts.hidden), nn.GELU(), nn.Linear(opts.hidden, d_out))
         with torch.no_grad():  # seeded init, independent of the global RNG
             for p in self.model.parameters():
                 p.copy_(torch.empty_like(p).uniform_(-1, 1, generator=g) / math.sqrt(p.shape[-1] if p.dim() > 1 else d_in))
@@ -438,7 +438,7 @@ def run_probes(opts: ProbeOptions) -> dict:
             raise ProbeInterrupted(f"{where}{kept}; run again with --resume", stop["signum"]) from None
     task = rows[-1]["task"]
     report = {"store": source["path"], "store_status": source["status"], "rows": source["rows"], "target": opts.target,
-              "task": task, "metric": _headline(task), "solver": solver_of(opts), "options": asdict(opts), "layers": rows}
+              "task": task, "metric": _headline(task), "solver": _solver_of(opts), "options": asdict(opts), "layers": rows}
     report["plots"] = _plots(report, opts.out)
     with open(os.path.join(opts.out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -455,7 +455,7 @@ def _probe_layer(opts: ProbeOptions, layer: str, rows: int) -> dict:
     entry: dict[str, Any] = {"layer": layer, "task": task, "split_rows": sizes, "skipped_rows": skipped}
     if labels:
         entry["classes"] = labels  # class i of the probe's outputs is the label value labels[i]
-    solver = solver_of(opts)
+    solver = _solver_of(opts)
     entry["solver"] = solver
     for control in ([False, True] if opts.control else [False]):
         label = f"{layer}{' (control)' if control else ''}"
@@ -467,7 +467,7 @@ def _probe_layer(opts: ProbeOptions, layer: str, rows: int) -> dict:
                 model, penalty, penalties = _fit_direct(opts, task, xs, targets, len(labels))
             except ProbeError as exc:
                 raise ProbeError(f"{label}: {exc}") from None
-            result = {"penalty": penalty, "penalties": penalties, "skipped_steps": 0, "history": []}
+            result = {"penalty": penalty, "penalties": penalties}
         else:
             trainer = _Trainer(opts, task, xs, targets, len(labels), os.path.join(opts.out, f"{safe}.state.pt"))
             trainer.fit(label)
@@ -484,7 +484,7 @@ def _probe_layer(opts: ProbeOptions, layer: str, rows: int) -> dict:
     return entry
 
 
-def solver_of(opts: ProbeOptions) -> str:
+def _solver_of(opts: ProbeOptions) -> str:
     if opts.solver != "auto":
         return opts.solver
     return "direct" if opts.kind == "linear" else "adamw"

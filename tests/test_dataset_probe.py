@@ -395,6 +395,7 @@ def test_ridge_regression_is_the_closed_form_solution(rows, features):
 
 @pytest.mark.parametrize("kw, message", [
     ({"solver": "sgd"}, "--solver 'sgd': use one of auto, direct, adamw"),
+    ({"kind": "svm"}, "--kind 'svm': use linear or mlp"),
     ({"solver": "direct", "kind": "mlp"}, "--solver direct finds a linear probe's optimum; an mlp probe trains with --solver adamw"),
 ])
 def test_a_solver_that_cannot_fit_the_probe_is_refused(tmp_path, kw, message):
