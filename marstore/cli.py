@@ -75,6 +75,7 @@ def _info(args: argparse.Namespace) -> int:
                     "dtype": layer.dtype,
                     "source_dtype": layer.attrs.get("source_dtype"),
                     "reduction": layer.attrs.get("reduction"),
+                    "channel_axis": layer.attrs.get("channel_axis"),
                     "chunks": list(layer.chunks),
                     "compression": layer.compression,
                     "nonfinite": int(layer.attrs.get("nonfinite", 0)),
@@ -98,7 +99,7 @@ def _info(args: argparse.Namespace) -> int:
         flags = f", {layer['compression']}" if layer["compression"] else ""
         chunks = f"chunks {tuple(layer['chunks'])}" if layer["chunks"] else "virtual"
         print(f"    {name:<28} {layer['layout']:<6} {shape:<18} {layer['dtype']:<8} (from {layer['source_dtype']}, "
-              f"reduction {layer['reduction']}) {chunks}{flags}; "
+              f"reduction {layer['reduction']}{_channels_text(layer)}) {chunks}{flags}; "
               f"nonfinite {layer['nonfinite']}, overflow {layer['overflow']}")
     if info["targets"]:
         print("  targets: " + ", ".join(f"{n} {'x'.join(map(str, t['shape']))} {t['dtype']}" for n, t in info["targets"].items()))
@@ -113,6 +114,10 @@ def _info(args: argparse.Namespace) -> int:
 
         print(f"  weights from {run.get('state_key')!r}: {LoadReport.counts(run['load_report'])}")
     return 0
+
+
+def _channels_text(layer: dict) -> str:
+    return "" if layer["channel_axis"] is None else f", channels at row axis {layer['channel_axis']}"
 
 
 def _key_value(text: str) -> tuple[str, object]:

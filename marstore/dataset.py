@@ -96,6 +96,8 @@ class ActivationDataset(Dataset):
             self.chunk_rows = int(first.chunks[0]) if first.chunks else default_chunk_rows(
                 first.row_shape, np.dtype(STORED_DTYPES[first.dtype]).itemsize, None)
             self.bfloat16 = {n for n in self.layer_names if store.layers[n].attrs.get("encoding") == "bfloat16-bits"}
+            self.channel_axes = {n: int(store.layers[n].attrs["channel_axis"]) for n in self.layer_names
+                                 if "channel_axis" in store.layers[n].attrs}
         self.rows = np.arange(self.committed) if rows is None else self._row_positions(rows)
         self.follows_writer = rows is None  # refresh() extends only a view of every row
         if len(self.rows) and self.rows.min() < 0:
@@ -207,7 +209,10 @@ class ActivationDataset(Dataset):
         axis = 0 if name in self.ragged else 1  # the token axis: of one ragged row, or of a dense batch
         if self.reduction and t.dim() >= axis + 2:
             # every axis between the row's and the features is a token axis, as extraction's
-            # reductions take them: UVA's z_proj (frames, tokens, D) has frames * tokens tokens
+            # reductions take them: UVA's z_proj (frames, tokens, D) has frames * tokens tokens;
+            # a convolution's (C, h, w) has h * w tokens of C features
+            if name in self.channel_axes:
+                t = t.movedim(axis + self.channel_axes[name], -1)
             t = t.flatten(axis, -2)
             if self.reduction == "mean":  # summed in float32 without a float32 copy of the tokens
                 t = t.mean(axis, dtype=torch.float32)

@@ -627,7 +627,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                     pending.append((index, tensors, targets, outputs))
                     if len(pending) < 2 and len(pending) < len(loader):
                         continue  # a second batch shows which layers change shape (ragged)
-                    writer = _open_writer(opts, selections, capture.source_dtypes, pending, metadata, start_row)
+                    writer = _open_writer(opts, selections, capture, pending, metadata, start_row)
                     todo, pending = pending, []
                 else:
                     todo = [(index, tensors, targets, outputs)]
@@ -640,7 +640,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                 if interrupt.requested:  # before asking the loader for another batch
                     raise KeyboardInterrupt
             if writer is None and pending:
-                writer = _open_writer(opts, selections, capture.source_dtypes, pending, metadata, start_row)
+                writer = _open_writer(opts, selections, capture, pending, metadata, start_row)
                 for idx, tens, targ, outs in pending:
                     total_bytes += _submit(ring, writer, tens, targ, idx, out_dtype, outs)
                     progress.update(len(idx))
@@ -815,7 +815,7 @@ def _run_batch(model, forward, capture: hooks.Capture, batch: Any, shapes: dict,
     return tensors, out
 
 
-def _layer_specs(opts, selections, source_dtypes, pending) -> list[LayerSpec]:
+def _layer_specs(opts, selections, capture: hooks.Capture, pending) -> list[LayerSpec]:
     specs = []
     for sel in selections:
         shapes = {tuple(t[1][sel.store_name].shape[1:]) for t in pending}
@@ -831,10 +831,10 @@ def _layer_specs(opts, selections, source_dtypes, pending) -> list[LayerSpec]:
         row_shape = tuple(first.shape[2:]) if ragged else tuple(first.shape[1:])
         if ragged and first.dim() < 3:
             raise ExtractError(f"{sel.store_name}: ragged storage needs (batch, tokens, ...) activations, got {tuple(first.shape)}")
-        source = str(source_dtypes.get(sel.store_name, first.dtype)).replace("torch.", "")
+        source = str(capture.source_dtypes.get(sel.store_name, first.dtype)).replace("torch.", "")
         specs.append(LayerSpec(sel.store_name, row_shape, dtype=opts.dtype, source_dtype=source,
-                               reduction=_reduction_name(sel),
-                               ragged=ragged, compression=opts.compression))
+                               reduction=_reduction_name(sel), ragged=ragged, compression=opts.compression,
+                               channel_axis=None if ragged else capture.channel_axes.get(sel.store_name)))
     return specs
 
 
@@ -843,8 +843,8 @@ def _reduction_name(sel: hooks.LayerSelection) -> str:
     return f"{name} (channels first)" if sel.channels_first and sel.reduction != "none" else name
 
 
-def _open_writer(opts, selections, source_dtypes, pending, metadata, start_row: int) -> StoreWriter:
-    specs = _layer_specs(opts, selections, source_dtypes, pending)
+def _open_writer(opts, selections, capture: hooks.Capture, pending, metadata, start_row: int) -> StoreWriter:
+    specs = _layer_specs(opts, selections, capture, pending)
     targets = []
     for name in opts.targets:
         value = pending[0][2][name]

@@ -186,6 +186,8 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
                 sel.channels_first = True
     for sel in layers:
         module = modules[sel.name]
+        if sel.reduction == "none" and isinstance(module, CHANNELS_FIRST_MODULES):
+            sel.channels_first = True  # stored whole, nothing to choose: recorded, for reductions at read time
         if sel.reduction != "none" and not sel.channels_first and isinstance(module, CHANNELS_FIRST_MODULES):
             raise HookError(f"{sel.name} is a {type(module).__name__}, whose output is (batch, channels, ...): "
                             f"reduction {_reduction_text(sel.reduction)} would take its channels for tokens; "
@@ -290,6 +292,8 @@ class Capture:
         self._state = _State()
         self.missing_counts = {sel.store_name: 0 for sel in self.layers}
         self.source_dtypes: dict[str, torch.dtype] = {}  # what each module gave, before any reduction
+        # the row axis that holds the channels of a channels-first capture stored with its positions
+        self.channel_axes: dict[str, int] = {}
 
     def __enter__(self) -> "Capture":
         try:
@@ -358,6 +362,8 @@ class Capture:
             folded_dims = value.dim()
             value = self._per_sample(sel, value)
             self.source_dtypes.setdefault(sel.store_name, value.dtype)
+            if sel.channels_first and sel.reduction == "none":  # (C, *positions), after k unfolded rows or stacked firings
+                self.channel_axes.setdefault(sel.store_name, value.dim() - folded_dims + (self.multi_fire == "stack"))
             try:  # unfolded, (B, k, ...): the module's channels moved one axis on
                 x = reduce_tokens(value.detach(), sel.reduction, sel.channels_first, 1 + value.dim() - folded_dims)
             except HookError as exc:

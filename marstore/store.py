@@ -79,6 +79,9 @@ class LayerSpec:
     ragged: bool = False
     chunk_rows: int | None = None
     compression: str | None = None  # None, "lzf" or "gzip"
+    # a layer stored with its positions whose channels come first, as convolutions give: the
+    # row axis of the channels (0 for (C, h, w), 1 for k unfolded rows (k, C, h, w)); None: features last
+    channel_axis: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in STORED_DTYPES:
@@ -227,7 +230,8 @@ class _Layer:
             self.offsets = group["offsets"]
         else:
             self.values = group
-        channels = spec.row_shape[-1] if spec.row_shape else 1
+        # per channel: the last axis, or the channel axis of a channels-first layer
+        channels = spec.row_shape[-1 if spec.channel_axis is None else spec.channel_axis] if spec.row_shape else 1
         self.moments = _Moments(channels)
         self.pending: list[np.ndarray] = []  # small batches' rows not yet in the moments
         self.pending_size = 0
@@ -244,6 +248,8 @@ class _Layer:
         bookkeeping without it), which for 24 layers of (8, 768) token means was two thirds of
         the writer's 3 ms a batch before that call existed (on the CPU the writer runs between
         the forwards; on an H200 the model did not wait for it either way)."""
+        if self.spec.channel_axis is not None:  # the channels last, as _Moments takes them (a copy, in update)
+            data = np.moveaxis(data, 1 + self.spec.channel_axis, -1)
         if data.size >= _STATS_DIRECT_SIZE:
             self.settle_stats()
             nonfinite = self.moments.update(data)
@@ -298,6 +304,7 @@ def _create_layer(root: h5py.Group, spec: LayerSpec, expected_rows: int | None) 
             "reduction": spec.reduction,
             "nonfinite": 0,
             "overflow": 0,
+            **({"channel_axis": spec.channel_axis} if spec.channel_axis is not None else {}),
         }
     )
 

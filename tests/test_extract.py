@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 import gc
+import io
 import math
 import os
 import signal
@@ -637,6 +638,32 @@ def test_channels_first_activations_are_reduced_over_their_positions(tmp_path, d
                     torch.testing.assert_close(torch.from_numpy(s.read(name)).float(), o.mean((2, 3)).cpu(), atol=2e-3, rtol=2e-3)
             assert s.metadata["options"]["channels_first"] is True
 
+
+def test_a_convolution_stored_whole_records_its_channel_axis_for_reductions_at_read_time(tmp_path):
+    # a probe of a convolution stored whole (UVA's action head) used to average its channels with
+    # its rows and keep its last position axis as the features; its statistics were per position
+    from marstore.dataset import ActivationDataset
+
+    result = extract(options(tmp_path, layers=["encoder_blocks.0", "diffactloss.conv", "diffactloss.fc"], unfold_batch=True))
+    ref = reference_activations(tmp_path, ["diffactloss.conv"], keep=lambda o: o.half())
+    conv = torch.cat(ref["diffactloss.conv"]).reshape(40, 4, 32, 4, 4)  # (B, k unfolded rows, C, h, w)
+    with open_store(result.path) as s:
+        assert {n: layer.attrs.get("channel_axis") for n, layer in s.layers.items()} == {
+            "encoder_blocks.0": None, "diffactloss.conv": 1, "diffactloss.fc": None}
+        assert s.read("diffactloss.conv").tobytes() == conv.numpy().tobytes()  # stored as the module gave it
+        per_channel = conv.float().movedim(2, -1).reshape(-1, 32)
+        np.testing.assert_allclose(s.layers["diffactloss.conv"].attrs["mean"], per_channel.double().mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(s.layers["diffactloss.conv"].attrs["std"], per_channel.double().std(0, unbiased=False),
+                                   rtol=1e-4)
+        assert len(s.layers["diffactloss.fc"].attrs["mean"]) == 32
+    means = ActivationDataset(result.path, "diffactloss.conv", reduction="mean").read_all()["diffactloss.conv"]
+    assert means.shape == (40, 32)
+    torch.testing.assert_close(means, conv.float().mean((1, 3, 4)), rtol=1e-5, atol=1e-5)
+    from marstore.cli import main
+
+    with contextlib.redirect_stdout(io.StringIO()) as shown:
+        assert main(["info", result.path]) == 0
+    assert "(from float32, reduction none, channels at row axis 1)" in shown.getvalue()
 
 def test_one_run_gives_each_layer_its_own_reduction_and_channel_axis(tmp_path):
     # UVA's blocks as token means, its final norm whole, its action head's convolution pooled
