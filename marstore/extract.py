@@ -227,7 +227,8 @@ def default_forward(model: torch.nn.Module, batch: Any) -> Any:
 def forward_scalars(out: Any, names: Sequence[str] = (), left_out: dict[str, str] | None = None) -> dict[str, Any]:
     """The forward's return as named scalars: a tensor is the loss; a tuple or list is
     (loss, parts...), nested tuples flattened (UVA returns (loss, video_loss, act_loss)); a
-    dict keeps its keys ('/' made '.', which HDF5 would read as a group). Non-scalar tensors and
+    dict keeps its keys ('/' made '.', which HDF5 would read as a group), and a namedtuple or a
+    dataclass its field names, as a dict of them would. Non-scalar tensors and
     other values are left out, and described in left_out ({name: what it was, the first time}).
     names (--output-names) name a tensor's or a tuple's scalars in order, in place of loss,
     loss_1... One-element tensors stay tensors, where they are: reading a GPU loss would make the
@@ -239,6 +240,8 @@ def forward_scalars(out: Any, names: Sequence[str] = (), left_out: dict[str, str
             named[name] = value.detach()
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             named[name] = float(value)
+        elif _fields_of(value) is not None:
+            add(name, _fields_of(value))
         elif isinstance(value, Mapping):
             for k, v in value.items():
                 key = str(k).replace("/", ".")
@@ -259,13 +262,23 @@ def forward_scalars(out: Any, names: Sequence[str] = (), left_out: dict[str, str
             raise ExtractError("the forward returned an output named row_start, which the store keeps for the "
                                "batches' first rows; rename it")
         return named
-    if isinstance(out, Mapping):
-        raise ExtractError(f"--output-names: the forward returned a dict, whose keys ({', '.join(named)}) name its "
-                           "values already; leave --output-names out")
+    if isinstance(out, Mapping) or _fields_of(out) is not None:
+        raise ExtractError(f"--output-names: the forward returned a {type(out).__name__}, whose keys ({', '.join(named)}) "
+                           "name its values already; leave --output-names out")
     if len(names) != len(named):
         raise ExtractError(f"--output-names gives {len(names)} names ({' '.join(names)}) but the forward returned "
                            f"{len(named)} scalar values ({', '.join(named) or 'none'}); give one name for each")
     return dict(zip(names, named.values()))
+
+
+def _fields_of(value: Any) -> dict[str, Any] | None:
+    """A namedtuple's or a dataclass instance's fields by name (not copied, as asdict would);
+    None for anything else."""
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return dict(zip(value._fields, value))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    return None
 
 
 def _check_output_names(names: Sequence[str]) -> None:

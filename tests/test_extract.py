@@ -1,5 +1,6 @@
 """Extraction: checkpoint layouts, loading reports, hooks, the pipeline, resume and Ctrl-C."""
 
+import collections
 import contextlib
 import dataclasses
 import gc
@@ -845,6 +846,22 @@ def test_forward_outputs_are_kept_per_batch(tmp_path):
         normalize_output((t(3.0), t(1.0), torch.zeros(4)), named)
     with pytest.raises(ExtractError, match=r"^--output-names: the forward returned a dict, whose keys \(total\) name"):
         normalize_output({"total": t(1.0)}, ["loss"])
+    # a namedtuple or a dataclass names its fields (a namedtuple used to give loss, loss_1, ...)
+    Losses = collections.namedtuple("Losses", "loss video_loss act_loss")
+    assert normalize_output(Losses(t(3.0), t(1.0), t(2.0))) == {"loss": 3.0, "video_loss": 1.0, "act_loss": 2.0}
+
+    @dataclasses.dataclass
+    class Output:
+        loss: torch.Tensor
+        logits: torch.Tensor
+        parts: dict
+
+    left_out.clear()
+    assert normalize_output(Output(t(1.0), torch.zeros(2, 3), {"a": t(0.5)}), (), left_out) == {"loss": 1.0, "parts.a": 0.5}
+    assert left_out == {"logits": "a tensor of shape (2, 3)"}
+    with pytest.raises(ExtractError, match=r"^--output-names: the forward returned a Losses, whose keys \(loss, video_loss, "
+                                           r"act_loss\) name its values already"):
+        normalize_output(Losses(t(3.0), t(1.0), t(2.0)), named)
     with pytest.raises(ExtractError, match=r"^the forward returned an output named row_start"):
         normalize_output({"row_start": t(1.0)})
 
