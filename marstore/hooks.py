@@ -156,7 +156,8 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
         found = match_modules(body, names)
         found = [n for n in found if n]  # the root module is never a layer
         if not found:
-            raise HookError(f"layer pattern {pattern!r} matches no module; nearest names: {nearest_names(body, names)}")
+            raise HookError(f"layer pattern {pattern!r} matches no module; {_prefix_hint(body, names)}"
+                            f"nearest names: {nearest_names(body, names)}")
         containers = [n for n in found if n in never_called]
         if containers and len(containers) == len(found):
             raise HookError(f"layer pattern {pattern!r} selects {', '.join(containers)}: a {type(modules[containers[0]]).__name__}, "
@@ -198,6 +199,20 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
                             f"{given} would take them for positions; name only the channels-first layers "
                             "(--channels-first PATTERN...)")
     return layers
+
+
+def _prefix_hint(pattern: str, names: Sequence[str]) -> str:
+    """A name or glob written with the names of wrappers around the model (a policy's 'model.'),
+    whose rest matches: say which prefix to drop."""
+    parts = pattern.split(".")
+    for k in (1, 2):
+        head, rest = ".".join(parts[:k]), ".".join(parts[k:])
+        if not rest or any(c in head + parts[k] for c in "*?["):  # a prefix of plain names only
+            return ""
+        matched = match_modules(rest, names)
+        if matched:
+            return f"the model's names do not start with '{head}.' (drop it: {rest!r} matches {len(matched)}); "
+    return ""
 
 
 def _selected_by(pattern: str, layers: Sequence[LayerSelection], flag: str) -> list[LayerSelection]:

@@ -406,6 +406,16 @@ def test_unknown_layer_suggests_nearest_names():
     with pytest.raises(hooks.HookError) as info:
         hooks.parse_layers(["encoder_block.3"], video_mar(**CONFIG))
     assert "layer pattern 'encoder_block.3' matches no module; nearest names: ['encoder_blocks.1'" in str(info.value)
+    # names copied from the policy or workspace that wraps the model: the prefix to drop is named
+    for pattern, prefix, rest, count in (("model.encoder_blocks.*", "model.", "encoder_blocks.*", 2),
+                                         ("policy.model.z_proj", "policy.model.", "z_proj", 1)):
+        with pytest.raises(hooks.HookError) as info:
+            hooks.parse_layers([pattern], video_mar(**CONFIG))
+        assert str(info.value).startswith(f"layer pattern {pattern!r} matches no module; the model's names do not start "
+                                          f"with '{prefix}' (drop it: {rest!r} matches {count}); nearest names: [")
+    with pytest.raises(hooks.HookError) as info:  # a pattern whose rest is all wildcards gets no such hint
+        hooks.parse_layers(["encoder_block.*"], video_mar(**CONFIG))
+    assert str(info.value).startswith("layer pattern 'encoder_block.*' matches no module; nearest names: [")
 
 
 def test_containers_that_are_never_called_are_refused_or_left_out(caplog):
