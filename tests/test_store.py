@@ -693,3 +693,24 @@ def test_a_failing_stats_thread_reaches_the_caller_and_keeps_committed_rows(tmp_
         w.close()
     with open_store(tmp_path / "s.h5") as s:
         assert s.rows == 2 and s.status == "incomplete"
+
+
+def test_a_store_of_many_layers_reads_each_layers_attributes_when_asked(tmp_path, monkeypatch):
+    """A store of thousands of layers (`--layers '**'`) took seconds to open, reading every
+    attribute of every layer, and the probe opens it once per layer."""
+    path = tmp_path / "many.h5"
+    names = [f"blocks.{i}" for i in range(40)]
+    with StoreWriter(path, [LayerSpec(n, (3,)) for n in names]) as w:
+        w.append({n: np.full((2, 3), i, np.float16) for i, n in enumerate(names)}, index=[0, 1])
+    reads = []
+    getitem = h5py.AttributeManager.__getitem__
+    monkeypatch.setattr(h5py.AttributeManager, "__getitem__", lambda self, key: reads.append(key) or getitem(self, key))
+    with open_store(path) as s:
+        opened = len(reads)
+        assert list(s.layers) == names
+        attrs = s.layers["blocks.7"].attrs
+        assert attrs["mean"] == [7.0, 7.0, 7.0] and attrs.get("channel_axis") is None and "nonfinite" in attrs
+        with h5py.File(path, "r", locking=False) as f:
+            on_file = f["activations/blocks.7"].attrs
+            assert dict(attrs) == {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in on_file.items()}
+    assert opened <= 3 * len(names) + 10  # the layout and dtype of each (and the root's), not a dozen of each
