@@ -16,11 +16,13 @@ import argparse
 import copy
 import hashlib
 import importlib
+import importlib.machinery
 import inspect
 import logging
 import os
 import pickle
 import re
+import sys
 import types
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping
@@ -355,7 +357,7 @@ def import_callable(spec: str, what: str) -> Callable:
     if not sep or not module_name or not attr:
         raise CheckpointError(f"{what} {spec!r}: write it as MODULE:CALLABLE, e.g. marstore.models:video_mar")
     try:
-        module = importlib.import_module(module_name)
+        module = _import_module(module_name, what)
     except ImportError as exc:
         raise CheckpointError(f"{what} {spec!r}: cannot import {module_name!r} ({exc})") from None
     try:
@@ -366,6 +368,20 @@ def import_callable(spec: str, what: str) -> Callable:
     if not callable(obj):
         raise CheckpointError(f"{what} {spec!r} is not callable")
     return obj
+
+
+def _import_module(name: str, what: str) -> types.ModuleType:
+    """importlib.import_module, and then from the working directory: `python -m marstore` (and
+    torchrun) search it, the `marstore` command does not, and a user's model.py sits there."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        here, top = os.getcwd(), name.partition(".")[0]
+        if exc.name != top or here in sys.path or importlib.machinery.PathFinder.find_spec(top, [here]) is None:
+            raise
+    sys.path.append(here)
+    log.info("%s: %r is imported from the working directory %s, which is now on sys.path", what, name, here)
+    return importlib.import_module(name)
 
 
 def call_factory(spec: str, what: str, kwargs: Mapping[str, Any]) -> Any:

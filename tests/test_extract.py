@@ -194,6 +194,24 @@ def test_a_safetensors_checkpoint_is_a_state_dict_without_pickles(tmp_path, monk
                                "pip install safetensors")
 
 
+def test_a_model_module_in_the_working_directory_is_found_as_python_m_finds_it(tmp_path, monkeypatch, caplog):
+    # the `marstore` command's sys.path starts at its own bin/, not at the working directory
+    from marstore.loading import import_callable
+
+    (tmp_path / "mymodel_here.py").write_text("import torch\ndef build(**kw):\n    return torch.nn.Linear(2, 2)\n")
+    (tmp_path / "broken_here.py").write_text("import no_such_dependency_anywhere\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    with caplog.at_level("INFO", logger="marstore.loading"):
+        assert isinstance(import_callable("mymodel_here:build", "--model")(), nn.Linear)
+    assert f"--model: 'mymodel_here' is imported from the working directory {tmp_path}, which is now on sys.path" in caplog.text
+    with pytest.raises(CheckpointError) as info:  # its own missing import is named, not hidden by the search
+        import_callable("broken_here:build", "--model")
+    assert str(info.value) == ("--model 'broken_here:build': cannot import 'broken_here' (No module named "
+                               "'no_such_dependency_anywhere')")
+    with pytest.raises(CheckpointError, match=r"^--model 'nowhere_here:build': cannot import 'nowhere_here' \(No module "):
+        import_callable("nowhere_here:build", "--model")
+
 def test_builder_errors_list_missing_and_unknown_keys():
     with pytest.raises(CheckpointError) as info:
         build_model("marstore.models.video_mar:VideoActionMAR", {"task_name": "x", "bogus": 1, "depth": 1}, config_key="model_config")
