@@ -193,7 +193,7 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
             raise HookError(f"{sel.name} is a {type(module).__name__}, whose output is (batch, channels, ...): "
                             f"reduction {_reduction_text(sel.reduction)} would take its channels for tokens; "
                             f"pass --channels-first {sel.name} to reduce its positions")
-        if sel.reduction != "none" and sel.channels_first and isinstance(module, CHANNELS_LAST_MODULES):
+        if sel.channels_first and isinstance(module, CHANNELS_LAST_MODULES):  # stored whole too: its channel axis is recorded
             given = "given alone applies to every layer and" if channels_first is True else f"{' '.join(channels_first)} selects it and"
             raise HookError(f"{sel.name} is a {type(module).__name__}, whose output keeps its features last: --channels-first "
                             f"{given} would take them for positions; name only the channels-first layers "

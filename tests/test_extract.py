@@ -693,6 +693,11 @@ def test_a_convolution_stored_whole_records_its_channel_axis_for_reductions_at_r
     with contextlib.redirect_stdout(io.StringIO()) as shown:
         assert main(["info", result.path]) == 0
     assert "(from float32, reduction none, channels at row axis 1)" in shown.getvalue()
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Linear(4, 4))
+    assert [sel.channels_first for sel in hooks.parse_layers(["0", "1"], net)] == [True, False]  # recognised, recorded
+    with pytest.raises(hooks.HookError, match=r"^1 is a Linear, whose output keeps its features last: --channels-first "
+                                              r"given alone applies to every layer"):  # its channel axis would be recorded
+        hooks.parse_layers(["0", "1"], net, channels_first=True)
 
 def test_one_run_gives_each_layer_its_own_reduction_and_channel_axis(tmp_path):
     # UVA's blocks as token means, its final norm whole, its action head's convolution pooled
