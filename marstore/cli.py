@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--forward", help="MODULE:CALLABLE called as fn(model, batch) (default: batch as arguments)")
     ex.add_argument("--layers", nargs="+", help="module names, globs (* one level, ** any) or re:REGEX; @input, :index")
     ex.add_argument("--reduction", help="none, mean, first, last, or token indices like 0,5,9 (default none)")
-    ex.add_argument("--layer-reduction", action="append", type=_pattern_value, metavar="PATTERN=REDUCTION",
+    ex.add_argument("--layer-reduction", action="extend", nargs="+", type=_pattern_value, metavar="PATTERN=REDUCTION",
                     help="another reduction for the layers a pattern names (e.g. decoder_norm=none)")
     ex.add_argument("--channels-first", nargs="*", metavar="PATTERN",
                     help="these layers' activations are (batch, channels, *positions), as convolutions give: reduce "

@@ -713,6 +713,7 @@ def test_one_run_gives_each_layer_its_own_reduction_and_channel_axis(tmp_path):
                  "--dataset", "marstore.models:synthetic_video_actions", "--dataset-arg", "size=40",
                  "--forward", "marstore.models:policy_forward", "--layers", "encoder_blocks.*", "decoder_norm",
                  "diffactloss.conv", "--unfold-batch", "--reduction", "mean", "--layer-reduction", "encoder_blocks.1=last",
+                 "encoder_blocks.0=mean",
                  "--channels-first", "diffactloss.conv", "--batch-size", "8", "--device", "cpu", "--out", str(out),
                  "--no-progress"]) == 0
     ref = reference_activations(tmp_path, ["encoder_blocks.0", "encoder_blocks.1", "decoder_norm", "diffactloss.conv"],
@@ -729,11 +730,11 @@ def test_one_run_gives_each_layer_its_own_reduction_and_channel_axis(tmp_path):
         assert np.allclose(s.read("diffactloss.conv"), half(conv), rtol=2e-3, atol=1e-4)
         recorded = s.metadata["options"]
         assert (recorded["layer_reductions"], recorded["channels_first"]) == (
-            {"decoder_norm": "none", "encoder_blocks.1": "last"}, ["diffactloss.conv"])
+            {"decoder_norm": "none", "encoder_blocks.1": "last", "encoder_blocks.0": "mean"}, ["diffactloss.conv"])
     # a resume must reduce every layer as the store did
     with pytest.raises(ExtractError, match=r"^--resume: the options differ .*: layer_reductions \(recorded "
-                                           r"\{'decoder_norm': 'none', 'encoder_blocks.1': 'last'\}, now \{'decoder_norm': "
-                                           r"'none'\}\)$"):
+                                           r"\{'decoder_norm': 'none', 'encoder_blocks.0': 'mean', 'encoder_blocks.1': 'last'\}, "
+                                           r"now \{'decoder_norm': 'none'\}\)$"):
         extract(options(tmp_path, out=str(out), layers=["encoder_blocks.*", "decoder_norm", "diffactloss.conv"],
                         targets=[], unfold_batch=True, reduction="mean", layer_reductions={"decoder_norm": "none"},
                         channels_first=["diffactloss.conv"], resume=True))
