@@ -10,7 +10,8 @@ counted.
 
 Two solvers. "direct" (the default for linear probes) finds the linear probe's optimum: ridge
 regression in closed form, or L2-penalised logistic regression by full-batch L-BFGS (at most
-LBFGS_ITERATIONS a penalty), the penalty chosen on the validation split. Activations are far
+LBFGS_ITERATIONS a penalty), the penalty chosen by the exact leave-one-out error over the
+training rows (ridge) or on the validation split (logistic). Activations are far
 from isotropic (token means of a transformer span a few directions with most of the variance,
 and a small-variance direction can hold the target), and minibatch gradient descent leaves such
 directions unlearned on stores of a few thousand rows, reporting a layer as knowing nothing
@@ -285,18 +286,23 @@ def _evaluate(model: nn.Module, task: str, x: torch.Tensor, y: torch.Tensor, cla
 
 
 def _fit_direct(opts: ProbeOptions, task: str, x: dict, y: dict, classes: int) -> tuple[nn.Linear, float, list[dict]]:
-    """The linear probe's optimum for each penalty (or the one given); the one with the lowest
-    validation loss wins. (the probe, its penalty, every penalty's validation loss)"""
+    """The linear probe's optimum for each penalty (or the one given), and the penalty that wins:
+    for regression the lowest leave-one-out error over the training rows (exact, from the same
+    eigendecomposition: every training row counts, where the validation split of a small store
+    holds a few and picks by chance), for classification the lowest validation loss.
+    (the probe, its penalty, every penalty's losses)"""
     device = torch.device(opts.device)
     xt, xv = x["train"].to(device, torch.float64), x["val"].to(device, torch.float64)
     penalties = PENALTIES if opts.weight_decay is None else (opts.weight_decay,)
-    found: list[tuple[float, float, torch.Tensor, torch.Tensor]] = []  # (penalty, val loss, weight, bias)
+    tried: list[dict] = []  # per penalty: its losses, weight and bias
     if task == "regression":
         yt, yv = y["train"].to(device, torch.float64), y["val"].to(device, torch.float64)
-        weights_for = _ridge_path(xt, yt)
+        ridge = _Ridge(xt, yt)
         for penalty in penalties:
-            weight, bias = weights_for(penalty)
-            found.append((penalty, float(((xv @ weight.T + bias - yv) ** 2).mean()), weight, bias))
+            weight, bias = ridge.fit(penalty)
+            tried.append({"penalty": penalty, "loo_loss": ridge.loo_loss(penalty),
+                          "val_loss": float(((xv @ weight.T + bias - yv) ** 2).mean()), "weight": weight, "bias": bias})
+        criterion = "loo_loss"
     else:
         yt, yv = y["train"].to(device), y["val"].to(device)
         probe = nn.Linear(xt.shape[1], classes, dtype=torch.float64, device=device)
@@ -306,17 +312,20 @@ def _fit_direct(opts: ProbeOptions, task: str, x: dict, y: dict, classes: int) -
             _logistic_fit(probe, xt, yt, penalty)
             with torch.no_grad():
                 val = float(nn.functional.cross_entropy(probe(xv), yv))
-            found.append((penalty, val, probe.weight.detach().clone(), probe.bias.detach().clone()))
-        found.reverse()
-    if not all(math.isfinite(f[1]) for f in found):
-        raise ProbeError(f"the direct solver's validation loss is not finite for penalties "
-                         f"{[f[0] for f in found if not math.isfinite(f[1])]}; check the features, or use --solver adamw")
-    penalty, _, weight, bias = min(reversed(found), key=lambda f: f[1])  # a tie goes to the larger penalty
-    probe = nn.Linear(weight.shape[1], weight.shape[0])
+            tried.append({"penalty": penalty, "val_loss": val, "weight": probe.weight.detach().clone(),
+                          "bias": probe.bias.detach().clone()})
+        tried.reverse()
+        criterion = "val_loss"
+    bad = [t["penalty"] for t in tried if not math.isfinite(t["val_loss"])]
+    if bad:
+        raise ProbeError(f"the direct solver's validation loss is not finite for penalties {bad}; check the features, "
+                         "or use --solver adamw")
+    best = min(reversed(tried), key=lambda t: t[criterion])  # a tie goes to the larger penalty
+    probe = nn.Linear(best["weight"].shape[1], best["weight"].shape[0])
     with torch.no_grad():
-        probe.weight.copy_(weight)
-        probe.bias.copy_(bias)
-    return probe.to(device), penalty, [{"penalty": f[0], "val_loss": f[1]} for f in found]
+        probe.weight.copy_(best["weight"])
+        probe.bias.copy_(best["bias"])
+    return probe.to(device), best["penalty"], [{k: v for k, v in t.items() if k not in ("weight", "bias")} for t in tried]
 
 
 def _logistic_fit(probe: nn.Linear, x: torch.Tensor, y: torch.Tensor, penalty: float) -> None:
@@ -334,30 +343,46 @@ def _logistic_fit(probe: nn.Linear, x: torch.Tensor, y: torch.Tensor, penalty: f
     optim.step(loss)
 
 
-def _ridge_path(x: torch.Tensor, y: torch.Tensor) -> Callable[[float], tuple[torch.Tensor, torch.Tensor]]:
-    """Ridge regression of y on x, for any penalty, from one eigendecomposition: argmin of
-    mean((x w + b - y)^2) + penalty * |w|^2, the bias unpenalised. With more features than rows,
-    through the rows' Gram matrix (the same solution, a smaller matrix)."""
-    n = len(x)
-    x_mean, y_mean = x.mean(0), y.mean(0)
-    xc, yc = x - x_mean, y - y_mean
-    if x.shape[1] <= n:
-        eig, vec = torch.linalg.eigh(xc.T @ xc / n)
-        along = vec.T @ (xc.T @ yc / n)
+class _Ridge:
+    """Ridge regression of y on x for any penalty, from one eigendecomposition: argmin of
+    mean((x w + b - y)^2) + penalty * |w|^2, the bias unpenalised; with more features than rows
+    through the rows' Gram matrix (the same solution, a smaller matrix). loo_loss is the exact
+    leave-one-out error of that fit, from the diagonal of its hat matrix."""
 
-        def weights(penalty: float) -> torch.Tensor:
-            return vec @ (along / (eig.clamp_min(0) + penalty)[:, None])
-    else:
-        eig, vec = torch.linalg.eigh(xc @ xc.T / n)
-        along = vec.T @ yc
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.n = len(x)
+        self.x_mean, self.y_mean = x.mean(0), y.mean(0)
+        self.xc, self.yc = x - self.x_mean, y - self.y_mean
+        self.primal = x.shape[1] <= self.n
+        gram = self.xc.T @ self.xc if self.primal else self.xc @ self.xc.T
+        eig, self.vec = torch.linalg.eigh(gram / self.n)
+        self.eig = eig.clamp_min(0)
+        if self.primal:
+            self.rows = self.xc @ self.vec  # the rows in the eigenbasis
+            self.along = self.vec.T @ (self.xc.T @ self.yc / self.n)
+        else:
+            self.along = self.vec.T @ self.yc
 
-        def weights(penalty: float) -> torch.Tensor:
-            return xc.T @ (vec @ (along / (eig.clamp_min(0) + penalty)[:, None])) / n
+    def fit(self, penalty: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight (outputs, features), bias)"""
+        if self.primal:
+            w = self.vec @ (self.along / (self.eig + penalty)[:, None])
+        else:
+            w = self.xc.T @ (self.vec @ (self.along / (self.eig + penalty)[:, None])) / self.n
+        return w.T, self.y_mean - self.x_mean @ w
 
-    def fit(penalty: float) -> tuple[torch.Tensor, torch.Tensor]:
-        w = weights(penalty)  # (features, outputs)
-        return w.T, y_mean - x_mean @ w
-    return fit
+    def loo_loss(self, penalty: float) -> float:
+        if self.primal:
+            fitted = self.rows @ (self.along / (self.eig + penalty)[:, None])
+            leverage = (self.rows.square() / (self.n * (self.eig + penalty))).sum(1)
+        else:
+            shrink = self.eig / (self.eig + penalty)
+            fitted = self.vec @ (shrink[:, None] * self.along)
+            leverage = (self.vec.square() * shrink).sum(1)
+        # the unpenalised bias adds 1/n to every row's leverage; a row the fit interpolates
+        # (leverage 1) has an unbounded leave-one-out error, kept finite and large
+        held_out = (self.yc - fitted) / (1 - 1 / self.n - leverage).clamp_min(1e-12)[:, None]
+        return float(held_out.square().mean())
 
 
 def _prepare(opts: ProbeOptions, layer: str, rows: int) -> tuple[str, dict, dict, list[int], int, dict]:
@@ -587,15 +612,16 @@ def _plots(report: dict, out: str) -> dict:
     plt.close(fig)
     curves = os.path.join(out, "loss_curves.png")
     fig, ax = plt.subplots(figsize=(7, 4))
-    by_penalty = report["solver"] == "direct"  # no epochs: the validation loss of each penalty tried
+    by_penalty = report["solver"] == "direct"  # no epochs: the loss that chose among the penalties
+    loss = "loo_loss" if by_penalty and report["task"] == "regression" else "val_loss"
     for r in report["layers"]:
         points = r["probe"]["penalties"] if by_penalty else r["probe"]["history"]
-        ax.plot([e["penalty" if by_penalty else "epoch"] for e in points], [e["val_loss"] for e in points],
+        ax.plot([e["penalty" if by_penalty else "epoch"] for e in points], [e[loss] for e in points],
                 "o-" if by_penalty else "-", label=r["layer"])
     if by_penalty:
         ax.set_xscale("log")
     ax.set_xlabel("L2 penalty" if by_penalty else "epoch")
-    ax.set_ylabel("validation loss")
+    ax.set_ylabel("leave-one-out loss (training rows)" if loss == "loo_loss" else "validation loss")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
@@ -628,9 +654,11 @@ def table(report: dict) -> str:
 def _solver_text(report: dict) -> str:
     if report["solver"] == "adamw":
         return "trained by AdamW on minibatches, the best validation epoch kept"
-    fit = "in closed form (ridge)" if report["task"] == "regression" else "by L-BFGS (logistic regression)"
-    chosen = "; the L2 penalty was chosen on the validation split" if report["options"]["weight_decay"] is None else ""
-    return f"solved {fit}{chosen}"
+    if report["task"] == "regression":
+        fit, by = "in closed form (ridge)", "by its leave-one-out error over the training rows"
+    else:
+        fit, by = "by L-BFGS (logistic regression)", "on the validation split"
+    return f"solved {fit}" + (f"; the L2 penalty was chosen {by}" if report["options"]["weight_decay"] is None else "")
 
 
 def _markdown(report: dict, out: str) -> str:
@@ -651,7 +679,7 @@ def _markdown(report: dict, out: str) -> str:
         "",
         f"![test {report['metric']} of each layer's probe and its control]({os.path.basename(report['plots']['depth'])})",
         "",
-        f"![validation loss of each probe, by {'L2 penalty' if report['solver'] == 'direct' else 'epoch'}]"
+        f"![the loss that chose each probe, by {'L2 penalty' if report['solver'] == 'direct' else 'epoch'}]"
         f"({os.path.basename(report['plots']['loss_curves'])})",
         "",
     ]

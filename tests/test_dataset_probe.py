@@ -363,11 +363,12 @@ def test_the_direct_solver_reads_a_signal_in_a_small_variance_direction(tmp_path
     assert probe["test"]["r2"] > 0.95 and abs(control["test"]["r2"]) < 0.1
     assert adamw["layers"][0]["probe"]["test"]["r2"] < 0.8  # 0.68: 80 steps leave the small direction half learned
     assert [p["penalty"] for p in probe["penalties"]] == [10.0 ** k for k in range(-6, 3)]
-    assert probe["penalty"] == min(probe["penalties"], key=lambda p: p["val_loss"])["penalty"]
+    assert probe["penalty"] == min(probe["penalties"], key=lambda p: p["loo_loss"])["penalty"]
     assert control["penalty"] >= 1  # nothing to find: the penalty that keeps the weights near zero
     markdown = open(direct["markdown"]).read()
-    assert "Linear probes for regression, solved in closed form (ridge); the L2 penalty was chosen on the validation split" \
-        in markdown and "![validation loss of each probe, by L2 penalty](loss_curves.png)" in markdown
+    assert "Linear probes for regression, solved in closed form (ridge); the L2 penalty was chosen by its leave-one-out " \
+        "error over the training rows" in markdown and "![the loss that chose each probe, by L2 penalty](loss_curves.png)" \
+        in markdown
     weights = torch.load(probe["weights"], weights_only=True)  # applies to the standardised features, as AdamW's
     assert set(weights) == {"weight", "bias"} and weights["weight"].shape == (1, 32)
     labels = run_probes(probe_opts(tmp_path, path, layer="a", target="label", out=str(tmp_path / "labels")))
@@ -378,19 +379,32 @@ def test_the_direct_solver_reads_a_signal_in_a_small_variance_direction(tmp_path
 
 
 @pytest.mark.parametrize("rows, features", [(50, 8), (8, 50)])
-def test_ridge_regression_is_the_closed_form_solution(rows, features):
-    from marstore.probe import _ridge_path
+def test_ridge_regression_and_its_leave_one_out_error_are_the_closed_form_ones(rows, features):
+    from marstore.probe import _Ridge
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(rows, features, generator=g, dtype=torch.float64), torch.randn(rows, 2, generator=g, dtype=torch.float64)
-    for penalty in (1e-3, 1.0):
-        weight, bias = _ridge_path(x, y)(penalty)
-        # the same problem solved as it is written: [x 1] [w; b] = y, penalty * n on w only
-        design = torch.cat([x, torch.ones(rows, 1, dtype=torch.float64)], 1)
-        ridge = torch.diag(torch.tensor([penalty * rows] * features + [0.0], dtype=torch.float64))
+
+    def solve(x, y, penalty):  # the problem as it is written: [x 1] [w; b] = y, penalty * n on w only
+        n = len(x)
+        design = torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], 1)
+        ridge = torch.diag(torch.tensor([penalty * n] * x.shape[1] + [0.0], dtype=torch.float64))
         solution = torch.linalg.solve(design.T @ design + ridge, design.T @ y)
-        torch.testing.assert_close(weight, solution[:-1].T, rtol=1e-7, atol=1e-9)
-        torch.testing.assert_close(bias, solution[-1], rtol=1e-7, atol=1e-9)
+        return solution[:-1].T, solution[-1]
+
+    fitted = _Ridge(x, y)
+    for penalty in (1e-3, 1.0):
+        weight, bias = fitted.fit(penalty)
+        want_weight, want_bias = solve(x, y, penalty)
+        torch.testing.assert_close(weight, want_weight, rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(bias, want_bias, rtol=1e-7, atol=1e-9)
+        # each row predicted by the fit on the others (whose own penalty is penalty * (n - 1))
+        held_out = []
+        for i in range(rows):
+            keep = torch.arange(rows) != i
+            w, b = solve(x[keep], y[keep], penalty * rows / (rows - 1))
+            held_out.append(x[i] @ w.T + b - y[i])
+        assert fitted.loo_loss(penalty) == pytest.approx(float(torch.stack(held_out).square().mean()), rel=1e-6)
 
 
 @pytest.mark.parametrize("kw, message", [
