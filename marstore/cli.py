@@ -344,9 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--task", choices=["auto", "regression", "classification"])
     pr.add_argument("--kind", choices=["linear", "mlp"])
     pr.add_argument("--solver", choices=["auto", "direct", "adamw"],
-                    help="direct: the linear probe's optimum (ridge, or L-BFGS logistic regression), its L2 penalty chosen "
-                         "on the validation split; adamw: minibatch training with --epochs, --lr, --batch-size (default: "
-                         "direct for linear probes, adamw for MLPs)")
+                    help="direct: the linear probe's optimum (ridge, its L2 penalty chosen by leave-one-out error; or "
+                         "L-BFGS logistic regression, chosen on the validation split); adamw: minibatch training with "
+                         "--epochs, --lr, --batch-size (default: direct for linear probes, adamw for MLPs)")
     pr.add_argument("--hidden", type=int, help="MLP width (default 256)")
     pr.add_argument("--out", help="where report.json, the plots and the weights go (default probes/)")
     pr.add_argument("--epochs", type=int)
