@@ -115,9 +115,9 @@ class ExtractOptions:
             value = getattr(self, name)
             if isinstance(value, (str, tuple)):  # one name, from Python: not its characters; a tuple as the
                 setattr(self, name, [value] if isinstance(value, str) else list(value))  # list a resume reads back
-        self.reduction = _reduction_text(self.reduction)
+        self.reduction = _reduction_option(self.reduction)
         if isinstance(self.layer_reductions, Mapping):
-            self.layer_reductions = {k: _reduction_text(v) for k, v in self.layer_reductions.items()}
+            self.layer_reductions = {k: _reduction_option(v) for k, v in self.layer_reductions.items()}
         if isinstance(self.channels_first, (str, tuple)):
             self.channels_first = [self.channels_first] if isinstance(self.channels_first, str) else list(self.channels_first)
         _check_option_types(self)
@@ -151,7 +151,7 @@ class ExtractResult:
     outputs: dict = field(default_factory=dict)
 
 
-def _reduction_text(reduction: Any) -> Any:
+def _reduction_option(reduction: Any) -> Any:
     """Token indices as --reduction 0,5,9 writes them (a config file may give [0, 5, 9] or 5)."""
     if isinstance(reduction, (list, tuple)) and reduction and all(type(i) is int for i in reduction):
         return ",".join(map(str, reduction))

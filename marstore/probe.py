@@ -11,16 +11,16 @@ counted.
 Two solvers. "direct" (the default for linear probes) finds the linear probe's optimum: ridge
 regression in closed form, or L2-penalised logistic regression by full-batch L-BFGS (at most
 LBFGS_ITERATIONS a penalty), the penalty chosen by the exact leave-one-out error over the
-training rows (ridge) or on the validation split (logistic). Activations are far
-from isotropic (token means of a transformer span a few directions with most of the variance,
-and a small-variance direction can hold the target), and minibatch gradient descent leaves such
-directions unlearned on stores of a few thousand rows, reporting a layer as knowing nothing
-that a least-squares fit reads well. "adamw" (MLPs, or on request) trains by minibatches: a step
+training rows (ridge) or on the validation split (logistic). Activations are far from
+isotropic (token means of a transformer span a few directions with most of the variance, and a
+small-variance direction can hold the target), and minibatch gradient descent leaves such
+directions unlearned on stores of a few thousand rows, reporting a layer as knowing nothing that
+a least-squares fit reads well. "adamw" (MLPs, or on request) trains by minibatches: a step
 whose loss or gradient is not finite is skipped and counted; gradient norms far above their
 running median are reported; the best validation weights are kept; Ctrl-C, or a scheduler's
-SIGTERM, saves a resumable state at the last finished epoch.
-Either way the weights are saved (a state dict that loads with weights_only=True), and
-resume=True keeps the layers finished before an interruption.
+SIGTERM, saves a resumable state at the last finished epoch. Either way the weights are saved
+(a state dict that loads with weights_only=True), and resume=True keeps the layers finished
+before an interruption.
 Outputs: report.json, report.md (the table and the plots), depth.png (metric and control against depth),
 loss_curves.png, and a table.
 """
@@ -84,7 +84,7 @@ class ProbeOptions:
     hidden: int = 256
     epochs: int = 40
     lr: float = 1e-2
-    weight_decay: float | None = None  # adamw: 1e-4; direct: chosen on the validation split unless given
+    weight_decay: float | None = None  # the L2 penalty; adamw: 1e-4, direct: chosen per layer, unless given
     batch_size: int = 256
     val_fraction: float = 0.1
     test_fraction: float = 0.1
