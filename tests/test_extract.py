@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import gc
 import io
+import json
 import math
 import os
 import signal
@@ -693,6 +694,9 @@ def test_a_convolution_stored_whole_records_its_channel_axis_for_reductions_at_r
     with contextlib.redirect_stdout(io.StringIO()) as shown:
         assert main(["info", result.path]) == 0
     assert "(from float32, reduction none, channels at row axis 1)" in shown.getvalue()
+    with contextlib.redirect_stdout(io.StringIO()) as shown:
+        assert main(["info", "--json", result.path]) == 0
+    assert [layer["channel_axis"] for layer in json.loads(shown.getvalue())["layers"].values()] == [None, 1, None]
     net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Linear(4, 4))
     assert [sel.channels_first for sel in hooks.parse_layers(["0", "1"], net)] == [True, False]  # recognised, recorded
     with pytest.raises(hooks.HookError, match=r"^1 is a Linear, whose output keeps its features last: --channels-first "
