@@ -38,7 +38,7 @@ import signal
 import statistics
 import threading
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -292,18 +292,19 @@ def _fit_direct(opts: ProbeOptions, task: str, x: dict, y: dict, classes: int) -
     holds a few and picks by chance), for classification the lowest validation loss.
     (the probe, its penalty, every penalty's losses)"""
     device = torch.device(opts.device)
-    xt, xv = x["train"].to(device, torch.float64), x["val"].to(device, torch.float64)
+    xv = x["val"].to(device, torch.float64)
     penalties = PENALTIES if opts.weight_decay is None else (opts.weight_decay,)
     tried: list[dict] = []  # per penalty: its losses, weight and bias
     if task == "regression":
-        yt, yv = y["train"].to(device, torch.float64), y["val"].to(device, torch.float64)
-        ridge = _Ridge(xt, yt)
-        for penalty in penalties:
+        yv = y["val"].to(device, torch.float64)
+        ridge = _Ridge(x["train"].to(device), y["train"].to(device))
+        for penalty, loo_loss in zip(penalties, ridge.loo_losses(penalties)):
             weight, bias = ridge.fit(penalty)
-            tried.append({"penalty": penalty, "loo_loss": ridge.loo_loss(penalty),
+            tried.append({"penalty": penalty, "loo_loss": loo_loss,
                           "val_loss": float(((xv @ weight.T + bias - yv) ** 2).mean()), "weight": weight, "bias": bias})
         criterion = "loo_loss"
     else:
+        xt = x["train"].to(device, torch.float64)
         yt, yv = y["train"].to(device), y["val"].to(device)
         probe = nn.Linear(xt.shape[1], classes, dtype=torch.float64, device=device)
         nn.init.zeros_(probe.weight)
@@ -346,22 +347,37 @@ def _logistic_fit(probe: nn.Linear, x: torch.Tensor, y: torch.Tensor, penalty: f
 class _Ridge:
     """Ridge regression of y on x for any penalty, from one eigendecomposition: argmin of
     mean((x w + b - y)^2) + penalty * |w|^2, the bias unpenalised; with more features than rows
-    through the rows' Gram matrix (the same solution, a smaller matrix). loo_loss is the exact
-    leave-one-out error of that fit, from the diagonal of its hat matrix."""
+    through the rows' Gram matrix (the same solution, a smaller matrix). loo_losses are the exact
+    leave-one-out errors of those fits, from the diagonal of their hat matrices. With more rows
+    than features, the rows are read in blocks of BLOCK and made float64 a block at a time:
+    float64 copies of a large store's rows never exist whole."""
+
+    BLOCK = 16384
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor):
-        self.n = len(x)
-        self.x_mean, self.y_mean = x.mean(0), y.mean(0)
-        self.xc, self.yc = x - self.x_mean, y - self.y_mean
-        self.primal = x.shape[1] <= self.n
-        gram = self.xc.T @ self.xc if self.primal else self.xc @ self.xc.T
-        eig, self.vec = torch.linalg.eigh(gram / self.n)
-        self.eig = eig.clamp_min(0)
+        self.n, features = x.shape
+        self.x_mean, self.y_mean = x.mean(0, dtype=torch.float64), y.double().mean(0)
+        self.primal = features <= self.n
         if self.primal:
-            self.rows = self.xc @ self.vec  # the rows in the eigenbasis
-            self.along = self.vec.T @ (self.xc.T @ self.yc / self.n)
+            self.x, self.y = x, y
+            gram = torch.zeros(features, features, dtype=torch.float64, device=x.device)
+            cross = torch.zeros(features, y.shape[1], dtype=torch.float64, device=x.device)
+            for xc, yc in self._blocks():
+                gram += xc.T @ xc
+                cross += xc.T @ yc
+            eig, self.vec = torch.linalg.eigh(gram / self.n)
+            self.along = self.vec.T @ (cross / self.n)
         else:
+            self.xc, self.yc = x.double() - self.x_mean, y.double() - self.y_mean
+            eig, self.vec = torch.linalg.eigh(self.xc @ self.xc.T / self.n)
             self.along = self.vec.T @ self.yc
+        self.eig = eig.clamp_min(0)
+
+    def _blocks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The centred rows and targets, in float64, a block at a time."""
+        for start in range(0, self.n, self.BLOCK):
+            stop = start + self.BLOCK
+            yield self.x[start:stop].double() - self.x_mean, self.y[start:stop].double() - self.y_mean
 
     def fit(self, penalty: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight (outputs, features), bias)"""
@@ -371,18 +387,24 @@ class _Ridge:
             w = self.xc.T @ (self.vec @ (self.along / (self.eig + penalty)[:, None])) / self.n
         return w.T, self.y_mean - self.x_mean @ w
 
-    def loo_loss(self, penalty: float) -> float:
-        if self.primal:
-            fitted = self.rows @ (self.along / (self.eig + penalty)[:, None])
-            leverage = (self.rows.square() / (self.n * (self.eig + penalty))).sum(1)
-        else:
-            shrink = self.eig / (self.eig + penalty)
-            fitted = self.vec @ (shrink[:, None] * self.along)
-            leverage = (self.vec.square() * shrink).sum(1)
-        # the unpenalised bias adds 1/n to every row's leverage; a row the fit interpolates
-        # (leverage 1) has an unbounded leave-one-out error, kept finite and large
-        held_out = (self.yc - fitted) / (1 - 1 / self.n - leverage).clamp_min(1e-12)[:, None]
-        return float(held_out.square().mean())
+    def loo_losses(self, penalties: Sequence[float]) -> list[float]:
+        """The mean squared leave-one-out error of each penalty's fit, in one pass over the rows."""
+        sums = [0.0] * len(penalties)
+        blocks = ((xc @ self.vec, yc) for xc, yc in self._blocks()) if self.primal else [(None, self.yc)]
+        for rows, yc in blocks:  # rows: the block's rows in the eigenbasis
+            for i, penalty in enumerate(penalties):
+                if self.primal:
+                    fitted = rows @ (self.along / (self.eig + penalty)[:, None])
+                    leverage = (rows.square() / (self.n * (self.eig + penalty))).sum(1)
+                else:
+                    shrink = self.eig / (self.eig + penalty)
+                    fitted = self.vec @ (shrink[:, None] * self.along)
+                    leverage = (self.vec.square() * shrink).sum(1)
+                # the unpenalised bias adds 1/n to every row's leverage; a row the fit interpolates
+                # (leverage 1) has an unbounded leave-one-out error, kept finite and large
+                held_out = (yc - fitted) / (1 - 1 / self.n - leverage).clamp_min(1e-12)[:, None]
+                sums[i] += float(held_out.square().sum())
+        return [total / (self.n * self.along.shape[1]) for total in sums]
 
 
 def _prepare(opts: ProbeOptions, layer: str, rows: int) -> tuple[str, dict, dict, list[int], int, dict]:
