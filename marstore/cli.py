@@ -75,7 +75,7 @@ def _info(args: argparse.Namespace) -> int:
                     "dtype": layer.dtype,
                     "source_dtype": layer.attrs.get("source_dtype"),
                     "reduction": layer.attrs.get("reduction"),
-                    "channel_axis": None if "channel_axis" not in layer.attrs else int(layer.attrs["channel_axis"]),
+                    "channel_axis": layer.attrs.get("channel_axis"),
                     "chunks": list(layer.chunks),
                     "compression": layer.compression,
                     "nonfinite": int(layer.attrs.get("nonfinite", 0)),

@@ -96,7 +96,7 @@ class ActivationDataset(Dataset):
             self.chunk_rows = int(first.chunks[0]) if first.chunks else default_chunk_rows(
                 first.row_shape, np.dtype(STORED_DTYPES[first.dtype]).itemsize, None)
             self.bfloat16 = {n for n in self.layer_names if store.layers[n].attrs.get("encoding") == "bfloat16-bits"}
-            self.channel_axes = {n: int(store.layers[n].attrs["channel_axis"]) for n in self.layer_names
+            self.channel_axes = {n: store.layers[n].attrs["channel_axis"] for n in self.layer_names
                                  if "channel_axis" in store.layers[n].attrs}
         self.rows = np.arange(self.committed) if rows is None else self._row_positions(rows)
         self.follows_writer = rows is None  # refresh() extends only a view of every row

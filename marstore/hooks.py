@@ -377,10 +377,11 @@ class Capture:
             folded_dims = value.dim()
             value = self._per_sample(sel, value)
             self.source_dtypes.setdefault(sel.store_name, value.dtype)
-            if sel.channels_first and sel.reduction == "none":  # (C, *positions), after k unfolded rows or stacked firings
-                self.channel_axes.setdefault(sel.store_name, value.dim() - folded_dims + (self.multi_fire == "stack"))
-            try:  # unfolded, (B, k, ...): the module's channels moved one axis on
-                x = reduce_tokens(value.detach(), sel.reduction, sel.channels_first, 1 + value.dim() - folded_dims)
+            channel_axis = 1 + value.dim() - folded_dims  # unfolded, (B, k, ...): the module's channels moved one axis on
+            if sel.channels_first and sel.reduction == "none":  # stored whole: the row's axis, one on for stacked firings
+                self.channel_axes.setdefault(sel.store_name, channel_axis - 1 + (self.multi_fire == "stack"))
+            try:
+                x = reduce_tokens(value.detach(), sel.reduction, sel.channels_first, channel_axis)
             except HookError as exc:
                 raise HookError(f"{sel.store_name}: {exc}; leave it out of --layers or use --reduction none") from None
             if _same_memory(x, value):

@@ -988,9 +988,10 @@ class LayerInfo:
 
 
 class _LayerAttrs(collections.abc.Mapping):
-    """A layer's HDF5 attributes, each read when first asked for (arrays as lists), while the
-    store is open: a store of thousands of layers opens in a fraction of the time it took to
-    read a dozen attributes of each, and a probe opens it once per layer."""
+    """A layer's HDF5 attributes, each read when first asked for (arrays as lists, numpy's scalars
+    as Python's, which JSON takes), while the store is open: a store of thousands of layers opens
+    in a fraction of the time it took to read a dozen attributes of each, and a probe opens it
+    once per layer."""
 
     def __init__(self, attrs: h5py.AttributeManager):
         self._attrs, self._read = attrs, {}
@@ -998,7 +999,7 @@ class _LayerAttrs(collections.abc.Mapping):
     def __getitem__(self, key: str) -> Any:
         if key not in self._read:
             value = self._attrs[key]
-            self._read[key] = value.tolist() if isinstance(value, np.ndarray) else value
+            self._read[key] = value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value
         return self._read[key]
 
     def __iter__(self) -> Iterator[str]:
