@@ -983,8 +983,9 @@ def describe(result: ExtractResult) -> str:
     lines += [describe_output(name, o) for name, o in result.outputs.items()]
     r = result.load_report
     if r.get("checkpoint"):
+        config_source = f"config from {r['config_key']!r}" if r.get("config_key") else "no config (--model-arg values only)"
         lines.append(f"  checkpoint {r['checkpoint']['path']} (sha256 {r['checkpoint']['sha256'][:12]}...), "
-                     f"config from {r['config_key']!r}, weights from {r['state_key']!r}; {loading.LoadReport.counts(r)}")
+                     f"{config_source}, weights from {r['state_key']!r}; {loading.LoadReport.counts(r)}")
     else:
         lines.append("  checkpoint: none (the model's weights are the ones its builder gave it)")
     return "\n".join(lines)

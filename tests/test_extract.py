@@ -1441,6 +1441,12 @@ def test_the_summary_names_rates_layers_and_outputs():
         "  checkpoint: none (the model's weights are the ones its builder gave it)",
     ]
     assert "(80.0 MiB of activations) to a.h5 in 2.0 s (512 rows/s, 40 MB/s;" in describe(dataclasses.replace(result, bytes=80 << 20))
+    report = {"checkpoint": {"path": "/c/ck.pt", "sha256": "ab" * 32}, "config_key": None, "state_key": "(bare state dict)",
+              "loaded": 28, "missing_count": 0, "unexpected_count": 0, "shape_mismatches_count": 0}
+    assert describe(dataclasses.replace(result, load_report=report)).splitlines()[-1] == (
+        "  checkpoint /c/ck.pt (sha256 abababababab...), no config (--model-arg values only), "
+        "weights from '(bare state dict)'; loaded 28 tensors, 0 missing, 0 unexpected, 0 shape mismatches")
+    assert "config from 'cfg', weights" in describe(dataclasses.replace(result, load_report={**report, "config_key": "cfg"}))
 
 
 def test_a_run_the_disk_cannot_take_is_refused_before_the_store_is_made(tmp_path, monkeypatch, caplog):
