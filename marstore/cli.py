@@ -212,7 +212,7 @@ def _probe(args: argparse.Namespace) -> int:
     from marstore.store import StoreError
 
     fields = ProbeOptions.__dataclass_fields__
-    if len(args.layer) == 1:  # one pattern, recorded as one (as before several were taken)
+    if args.layer is not None and len(args.layer) == 1:  # one pattern, recorded as one (as before several were taken)
         args.layer = args.layer[0]
     try:
         report = run_probes(ProbeOptions(**{k: v for k, v in vars(args).items() if k in fields and v is not None and k != "progress"},
@@ -338,8 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("probe", help="train linear or MLP probes on a store's layers, with a control task")
     pr.add_argument("store")
-    pr.add_argument("--layer", required=True, nargs="+", metavar="LAYER",
-                    help="layer names, globs or re:REGEX; several layers give a depth plot")
+    pr.add_argument("--layer", nargs="+", metavar="LAYER",
+                    help="layer names, globs or re:REGEX; several layers give a depth plot (default: every layer)")
     pr.add_argument("--target", required=True)
     pr.add_argument("--task", choices=["auto", "regression", "classification"])
     pr.add_argument("--kind", choices=["linear", "mlp"])

@@ -75,8 +75,8 @@ LBFGS_ITERATIONS = 200  # a penalty, for logistic regression
 @dataclass
 class ProbeOptions:
     store: str
-    layer: str | list[str]  # a name or pattern, or several
     target: str
+    layer: str | list[str] = "**"  # a name or pattern, or several; by default every layer
     out: str = "probes"
     task: str = "auto"  # regression, classification or auto
     kind: str = "linear"  # linear or mlp
@@ -461,6 +461,8 @@ def run_probes(opts: ProbeOptions) -> dict:
     """Trains the probes that opts asks for; writes report.json and the plots; returns the report."""
     with open_store(opts.store) as s:
         layers = layers_of(s, opts.layer)
+        if opts.layer == "**":
+            log.info("probing every layer of %s (%d; --layer picks some)", opts.store, len(layers))
         for flag, name in (("--target", opts.target), ("--group", opts.group)):
             if name is not None and name not in s.targets:
                 raise ProbeError(f"{flag} {name!r} is not in {opts.store}; its targets are {sorted(s.targets)}")

@@ -1,6 +1,7 @@
 """The training side: ActivationDataset through DataLoaders, the chunk sampler, probes."""
 
 import json
+import logging
 import multiprocessing
 import os
 import signal
@@ -616,3 +617,14 @@ def test_the_probe_command_takes_several_layer_patterns(tmp_path, capsys):
     assert json.load(open(out / "report.json"))["options"]["layer"] == "signal"  # one pattern, recorded as before
     assert capsys.readouterr().out.splitlines()[0].split() == ["layer", "r2", "control", "select.", "skipped", "rows",
                                                               "skipped", "steps"]
+
+
+def test_the_probe_command_probes_every_layer_when_none_is_named(tmp_path, caplog):
+    from marstore.cli import main
+
+    path = tmp_path / "s.h5"
+    planted_store(path, n=400)
+    with caplog.at_level(logging.INFO, logger="marstore.probe"):
+        assert main(["probe", str(path), "--target", "y", "--out", str(tmp_path / "p"), "--no-progress"]) == 0
+    assert [r["layer"] for r in json.load(open(tmp_path / "p" / "report.json"))["layers"]] == ["signal", "noise"]
+    assert f"probing every layer of {path} (2; --layer picks some)" in caplog.messages
