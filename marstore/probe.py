@@ -70,6 +70,7 @@ ADAMW_WEIGHT_DECAY = 1e-4
 # L2 penalties the direct solver tries, on features standardised to unit variance
 PENALTIES = tuple(10.0 ** k for k in range(-6, 3))
 LBFGS_ITERATIONS = 200  # a penalty, for logistic regression
+BOOTSTRAP_DRAWS = 1000  # resamples of the test rows behind each 95% interval
 
 
 @dataclass
@@ -275,14 +276,50 @@ class _Trainer:
         if os.path.exists(self.state_path):
             os.remove(self.state_path)
 
-    def evaluate(self, split: str) -> dict:
-        return _evaluate(self.model, self.task, self.x[split], self.y[split], self.classes, self.opts.device)
 
-
-def _evaluate(model: nn.Module, task: str, x: torch.Tensor, y: torch.Tensor, classes: int, device: str) -> dict:
+def _predict(model: nn.Module, x: torch.Tensor, device: str) -> torch.Tensor:
     with torch.no_grad():
-        pred = model(x.to(device)).float().cpu()
-    return _metrics(task, pred, y, classes)
+        return model(x.to(device)).float().cpu()
+
+
+def _resamples(rows: int, seed: int, draws: int = BOOTSTRAP_DRAWS) -> Iterator[torch.Tensor]:
+    """Blocks of bootstrap resamples of rows test rows (draws in all): (block, rows) row indices;
+    the same seed gives the same resamples, so that probe and control are compared on each."""
+    g = torch.Generator().manual_seed(seed + 7_919)
+    block = max(1, min(draws, (1 << 22) // max(rows, 1)))  # about 32 MB of float64 weights
+    for start in range(0, draws, block):
+        yield torch.randint(rows, (min(block, draws - start), rows), generator=g)
+
+
+def _resampled_metric(task: str, pred: torch.Tensor, y: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
+    """The headline metric (as _metrics gives it) of each resample, picks (draws, rows) of row
+    indices, from each row's count in it: one matrix product, not a copy of the rows per draw."""
+    counts = torch.zeros(picks.shape, dtype=torch.float64).scatter_add_(1, picks, torch.ones(picks.shape, dtype=torch.float64))
+    rows = picks.shape[1]
+    if task == "regression":
+        y = y.double().reshape(len(y), -1)
+        err = counts @ (pred.double().reshape(len(pred), -1) - y) ** 2 / rows
+        y = y - y.mean(0)  # the variance does not change, and its sums lose less to rounding
+        var = counts @ (y * y) / rows - (counts @ y / rows) ** 2
+        return torch.where(var > 0, 1 - err / var.clamp_min(1e-12), torch.zeros_like(var)).mean(1)
+    return counts @ (pred.argmax(1) == y).double() / rows
+
+
+def _intervals(task: str, preds: dict[str, tuple[torch.Tensor, torch.Tensor]], seed: int) -> dict[str, list[float]]:
+    """95% bootstrap intervals (percentiles) of the test metric of each of preds' (prediction,
+    target) pairs, over the same resamples of the test rows; "selectivity": of probe less control."""
+    samples: dict[str, list[torch.Tensor]] = {name: [] for name in preds}
+    rows = len(next(iter(preds.values()))[1])
+    if rows == 0:
+        return {}
+    for picks in _resamples(rows, seed):
+        for name, (pred, y) in preds.items():
+            samples[name].append(_resampled_metric(task, pred, y, picks))
+    drawn = {name: torch.cat(s) for name, s in samples.items()}
+    if "control" in drawn:
+        drawn["selectivity"] = drawn["probe"] - drawn["control"]
+    return {name: [float(v) for v in torch.quantile(d, torch.tensor([0.025, 0.975], dtype=d.dtype))]
+            for name, d in drawn.items()}
 
 
 def _fit_direct(opts: ProbeOptions, task: str, x: dict, y: dict, classes: int) -> tuple[nn.Linear, float, list[dict]]:
@@ -506,6 +543,7 @@ def _probe_layer(opts: ProbeOptions, layer: str, rows: int) -> dict:
         entry["classes"] = labels  # class i of the probe's outputs is the label value labels[i]
     solver = _solver_of(opts)
     entry["solver"] = solver
+    tests: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # the test split's predictions and targets
     for control in ([False, True] if opts.control else [False]):
         label = f"{layer}{' (control)' if control else ''}"
         safe = _safe_name(layer) + ("-control" if control else "")
@@ -524,12 +562,19 @@ def _probe_layer(opts: ProbeOptions, layer: str, rows: int) -> dict:
             result = {"best_epoch": trainer.best[1], "epochs": trainer.epoch, "skipped_steps": trainer.skipped_steps,
                       "grad_spikes": trainer.grad_spikes, "history": trainer.history}
         torch.save(model.state_dict(), weights)
-        entry["control" if control else "probe"] = {
-            "test": _evaluate(model, task, xs["test"], targets["test"], len(labels), opts.device),
-            "val": _evaluate(model, task, xs["val"], targets["val"], len(labels), opts.device), **result, "weights": weights}
+        which = "control" if control else "probe"
+        tests[which] = (_predict(model, xs["test"], opts.device), targets["test"])
+        entry[which] = {"test": _metrics(task, *tests[which], len(labels)),
+                        "val": _metrics(task, _predict(model, xs["val"], opts.device), targets["val"], len(labels)),
+                        **result, "weights": weights}
+    head = _headline(task)
     if opts.control:
-        head = _headline(task)
         entry["selectivity"] = entry["probe"]["test"][head] - entry["control"]["test"][head]
+    intervals = _intervals(task, tests, opts.seed)
+    for which in intervals.keys() & tests.keys():
+        entry[which]["test"][f"{head}_ci95"] = intervals[which]
+    if "selectivity" in intervals:
+        entry["selectivity_ci95"] = intervals["selectivity"]
     return entry
 
 
@@ -623,11 +668,16 @@ def _plots(report: dict, out: str) -> dict:
     names = [r["layer"] for r in report["layers"]]
     depth = os.path.join(out, "depth.png")
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names)), 4))
-    ax.plot(range(len(names)), [r["probe"]["test"][metric] for r in report["layers"]], "o-", label=f"probe ({metric})")
-    if all("control" in r for r in report["layers"]):
-        ax.plot(range(len(names)), [r["control"]["test"][metric] for r in report["layers"]], "s--", label="control task")
+    for which, style, label in (("probe", "o-", f"probe ({metric})"), ("control", "s--", "control task")):
+        if not all(which in r for r in report["layers"]):
+            continue
+        tests = [r[which]["test"] for r in report["layers"]]
+        line, = ax.plot(range(len(names)), [t[metric] for t in tests], style, label=label)
+        if all(f"{metric}_ci95" in t for t in tests):
+            low, high = zip(*(t[f"{metric}_ci95"] for t in tests))
+            ax.fill_between(range(len(names)), low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_ylabel(f"test {metric}")
+    ax.set_ylabel(f"test {metric} (bands: 95% bootstrap intervals)")
     ax.set_title(f"What each layer knows about {report['target']}")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -658,12 +708,14 @@ def _plots(report: dict, out: str) -> dict:
 def _table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     """The by-layer table's header and cells, for the terminal and for report.md."""
     metric = report["metric"]
-    header = ["layer", metric, "control", "select.", "skipped rows", "skipped steps"]
+    header = ["layer", metric, "95% interval", "control", "select.", "skipped rows", "skipped steps"]
     cells = []
     for r in report["layers"]:
         ctrl = r.get("control", {}).get("test", {}).get(metric)
         sel = r.get("selectivity")
-        cells.append([r["layer"], f"{r['probe']['test'][metric]:.3f}", "" if ctrl is None else f"{ctrl:.3f}",
+        interval = r["probe"]["test"].get(f"{metric}_ci95")  # absent from reports older than the intervals
+        cells.append([r["layer"], f"{r['probe']['test'][metric]:.3f}", "" if interval is None else "{:.3f} to {:.3f}".format(*interval),
+                      "" if ctrl is None else f"{ctrl:.3f}",
                       "" if sel is None else f"{sel:.3f}", str(r["skipped_rows"]),
                       "-" if r.get("solver") == "direct" else str(r["probe"]["skipped_steps"])])  # no steps to skip
     return header, cells
@@ -671,7 +723,7 @@ def _table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
 
 def table(report: dict) -> str:
     header, cells = _table_rows(report)
-    widths = (9, 9, 8, 13, 14)
+    widths = (9, 17, 9, 8, 13, 14)
     return "\n".join(" ".join([f"{row[0]:<28}", *(f"{c:>{w}}" for c, w in zip(row[1:], widths))]) for row in [header, *cells])
 
 
@@ -693,7 +745,8 @@ def _markdown(report: dict, out: str) -> str:
         f"# What each layer knows about `{report['target']}`",
         "",
         f"Store `{report['store']}` ({report['store_status']}, {report['rows']} rows). {o['kind'].capitalize()} probes "
-        f"for {report['task']}, {_solver_text(report)}; the metric is the test {report['metric']}. " + (
+        f"for {report['task']}, {_solver_text(report)}; the metric is the test {report['metric']}, its 95% interval "
+        f"the percentiles of {BOOTSTRAP_DRAWS} resamples of the test rows. " + (
             "The control is the same probe trained on the targets shuffled across rows; selectivity is the probe's "
             "metric less the control's." if o["control"] else "No control task was trained."),
         "",

@@ -325,16 +325,21 @@ def test_planted_linear_signal_is_found_and_the_control_is_not(tmp_path):
     assert saved["metric"] == "r2" and [r["layer"] for r in saved["layers"]] == ["signal", "noise"]
     markdown = open(report["markdown"]).read().splitlines()
     assert markdown[0] == "# What each layer knows about `y`"
-    assert markdown[4:6] == ["| layer | r2 | control | select. | skipped rows | skipped steps |",
-                             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    assert markdown[4:6] == ["| layer | r2 | 95% interval | control | select. | skipped rows | skipped steps |",
+                             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     s = by["signal"]
-    assert markdown[6] == (f"| signal | {s['probe']['test']['r2']:.3f} | {s['control']['test']['r2']:.3f} | "
-                           f"{s['selectivity']:.3f} | 0 | - |")  # the direct solver takes no steps
+    low, high = s["probe"]["test"]["r2_ci95"]
+    assert 0.95 < low <= s["probe"]["test"]["r2"] <= high <= 1
+    c_low, c_high = s["control"]["test"]["r2_ci95"]
+    assert c_low < 0 and c_low < c_high < 0.1 and s["selectivity_ci95"][0] > 0.85
+    assert markdown[6] == (f"| signal | {s['probe']['test']['r2']:.3f} | {low:.3f} to {high:.3f} | "
+                           f"{s['control']['test']['r2']:.3f} | {s['selectivity']:.3f} | 0 | - |")  # direct takes no steps
     assert "![test r2 of each layer's probe and its control](depth.png)" in markdown
     assert table(report).splitlines()[:2] == [
-        f"{'layer':<28} {'r2':>9} {'control':>9} {'select.':>8} {'skipped rows':>13} {'skipped steps':>14}",
-        f"{'signal':<28} {s['probe']['test']['r2']:9.3f} {s['control']['test']['r2']:9.3f} {s['selectivity']:8.3f} "
-        f"{0:13d} {'-':>14}"]
+        f"{'layer':<28} {'r2':>9} {'95% interval':>17} {'control':>9} {'select.':>8} {'skipped rows':>13} "
+        f"{'skipped steps':>14}",
+        f"{'signal':<28} {s['probe']['test']['r2']:9.3f} {f'{low:.3f} to {high:.3f}':>17} {s['control']['test']['r2']:9.3f} "
+        f"{s['selectivity']:8.3f} {0:13d} {'-':>14}"]
     weights = torch.load(by["signal"]["probe"]["weights"], weights_only=True)
     assert set(weights) == {"weight", "bias"} and weights["weight"].shape == (3, 16)
 
@@ -450,11 +455,52 @@ def test_a_store_still_written_is_probed_on_the_rows_committed_at_the_start(tmp_
     assert open_store(path).rows == 700
 
 
+@pytest.mark.parametrize("task", ["regression", "classification"])
+@pytest.mark.parametrize("rows", [1, 37, 5000])
+def test_each_bootstrap_resample_gets_the_metric_of_its_rows(task, rows):
+    """The metric of a resample, computed from each row's count in it, is the metric of the resampled
+    rows themselves; blocks of resamples keep to about 32 MB whatever the rows."""
+    from marstore.probe import _metrics, _resampled_metric, _resamples
+
+    g = torch.Generator().manual_seed(rows)
+    if task == "regression":
+        y = torch.randn(rows, 3, generator=g) * torch.tensor([1.0, 1e-3, 50.0]) + 1e4  # scales far apart, far from 0
+        pred = y + torch.randn(rows, 3, generator=g) * torch.tensor([0.5, 1e-3, 10.0])
+    else:
+        y = torch.randint(4, (rows,), generator=g)
+        pred = torch.randn(rows, 4, generator=g) + 2 * torch.nn.functional.one_hot(y, 4)
+    blocks = list(_resamples(rows, seed=3, draws=50))
+    assert sum(len(b) for b in blocks) == 50 and all(b.numel() <= max(rows, 1 << 22) for b in blocks)
+    assert all(torch.equal(a, b) for a, b in zip(blocks, _resamples(rows, seed=3, draws=50)))  # seeded
+    picks = torch.cat(blocks)
+    got = torch.cat([_resampled_metric(task, pred, y, b) for b in blocks])
+    head = "r2" if task == "regression" else "accuracy"
+    want = torch.tensor([_metrics(task, pred[p].double(), y[p].double() if task == "regression" else y[p], 4)[head]
+                         for p in picks], dtype=torch.float64)
+    assert torch.allclose(got, want, rtol=0, atol=1e-9 if task == "regression" else 1e-6)  # _metrics counts in float32
+
+
+def test_the_intervals_compare_probe_and_control_on_the_same_resamples():
+    from marstore.probe import _intervals
+
+    y = torch.arange(200) % 2
+    right = torch.nn.functional.one_hot(y, 2).float()
+    wrong = 1 - right
+    half = torch.where((torch.arange(200) < 100)[:, None], right, wrong)
+    intervals = _intervals("classification", {"probe": (right, y), "control": (half, y)}, seed=0)
+    assert intervals["probe"] == [1.0, 1.0]  # every resample of a perfect probe is perfect
+    low, high = intervals["control"]
+    assert 0.4 < low < 0.5 < high < 0.6
+    # paired: each resample's selectivity is 1 less that resample's control accuracy, exactly
+    assert intervals["selectivity"] == pytest.approx([1 - high, 1 - low], abs=1e-12)
+    assert _intervals("classification", {"probe": (right, y)}, seed=0) == {"probe": [1.0, 1.0]}
+
+
 def test_classification_probe(tmp_path):
     path = tmp_path / "s.h5"
     planted_store(path)
     report = run_probes(probe_opts(tmp_path, path, target="episode", kind="mlp", epochs=5, control=False))
-    assert report["task"] == "classification" and set(report["layers"][0]["probe"]["test"]) == {"accuracy", "macro_f1"}
+    assert report["task"] == "classification" and set(report["layers"][0]["probe"]["test"]) == {"accuracy", "macro_f1", "accuracy_ci95"}
 
 
 def test_labels_such_as_minus_one_or_sparse_ids_are_classes(tmp_path):
@@ -615,8 +661,8 @@ def test_the_probe_command_takes_several_layer_patterns(tmp_path, capsys):
     assert [r["layer"] for r in report["layers"]] == ["noise", "signal"] and report["options"]["layer"] == ["noise", "sig*"]
     assert main(["probe", str(path), "--layer", "signal", "--target", "y", "--out", str(out), "--no-progress"]) == 0
     assert json.load(open(out / "report.json"))["options"]["layer"] == "signal"  # one pattern, recorded as before
-    assert capsys.readouterr().out.splitlines()[0].split() == ["layer", "r2", "control", "select.", "skipped", "rows",
-                                                              "skipped", "steps"]
+    assert capsys.readouterr().out.splitlines()[0].split() == ["layer", "r2", "95%", "interval", "control", "select.",
+                                                              "skipped", "rows", "skipped", "steps"]
 
 
 def test_the_probe_command_probes_every_layer_when_none_is_named(tmp_path, caplog):
