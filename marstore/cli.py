@@ -49,7 +49,7 @@ def _info(args: argparse.Namespace) -> int:
     import json
 
     from marstore.extract import describe_output, summarize_outputs
-    from marstore.store import StoreError, open_store
+    from marstore.store import TEXT, StoreError, is_text, open_store
 
     try:
         store = open_store(args.store)
@@ -83,7 +83,8 @@ def _info(args: argparse.Namespace) -> int:
                 }
                 for name, layer in store.layers.items()
             },
-            "targets": {name: {"shape": [store.rows, *ds.shape[1:]], "dtype": str(ds.dtype)} for name, ds in store.targets.items()},
+            "targets": {name: {"shape": [store.rows, *ds.shape[1:]], "dtype": TEXT if is_text(ds) else str(ds.dtype)}
+                        for name, ds in store.targets.items()},
             "outputs": summarize_outputs(store),
             "run": store.metadata,
         }

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from marstore.hooks import HookError, match_modules, nearest_names
-from marstore.store import STORED_DTYPES, Store, StoreError, default_chunk_rows, open_store
+from marstore.store import STORED_DTYPES, Store, StoreError, default_chunk_rows, is_text, open_store
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class ActivationDataset(Dataset):
     layers are names or patterns, as the probe's --layer takes them ("encoder_blocks.*").
 
     An item is a dict {name: tensor}, or a tuple in the order layers + targets when
-    as_tuple=True. reduction ('mean', 'first', 'last') reduces the token axis of layers stored
+    as_tuple=True; a text target's value is a str, and a batch's a list of them. reduction ('mean', 'first', 'last') reduces the token axis of layers stored
     with tokens at read time; ragged layers give one (tokens, ...) tensor per row, padded by
     collate_rows (or reduced)."""
 
@@ -98,6 +98,7 @@ class ActivationDataset(Dataset):
             self.bfloat16 = {n for n in self.layer_names if store.layers[n].attrs.get("encoding") == "bfloat16-bits"}
             self.channel_axes = {n: store.layers[n].attrs["channel_axis"] for n in self.layer_names
                                  if "channel_axis" in store.layers[n].attrs}
+            self.text = {n for n in self.target_names if is_text(store.targets[n])}  # read as str, batched as lists
         self.rows = np.arange(self.committed) if rows is None else self._row_positions(rows)
         self.follows_writer = rows is None  # refresh() extends only a view of every row
         if len(self.rows) and self.rows.min() < 0:
@@ -142,7 +143,8 @@ class ActivationDataset(Dataset):
         f = self._handle()
         key = (kind, name)
         if key not in self._objects:
-            self._objects[key] = f[kind][name]
+            obj = f[kind][name]
+            self._objects[key] = obj.asstr() if kind == "targets" and name in self.text else obj
         return self._objects[key]
 
     def __getstate__(self) -> dict:
@@ -238,14 +240,17 @@ class ActivationDataset(Dataset):
                 columns[name] = self._to_tensor(name, data if in_order else data[back])
         for name in self.target_names:
             data = self._read(name, "targets", sorted_rows)
-            columns[name] = torch.from_numpy(np.ascontiguousarray(data if in_order else data[back]))
+            data = data if in_order else data[back]
+            columns[name] = data if name in self.text else torch.from_numpy(np.ascontiguousarray(data))
         return RowBatch(columns, self.layer_names + self.target_names, len(positions), self.as_tuple)
 
     def __getitem__(self, position: int):
         return self.__getitems__([position])[0]
 
-    def read_all(self, positions: Sequence[int] | None = None, block_bytes: int = READ_BLOCK_BYTES) -> dict[str, torch.Tensor]:
-        """{name: tensor of every selected row} for dense layers and targets. Read in blocks of
+    def read_all(self, positions: Sequence[int] | None = None,
+                 block_bytes: int = READ_BLOCK_BYTES) -> dict[str, torch.Tensor | np.ndarray]:
+        """{name: tensor of every selected row} for dense layers and targets (text targets: an
+        object array of str). Read in blocks of
         about block_bytes of stored rows, in row order, each block reduced before the next is
         read: the token means of a layer stored whole (gigabytes) take the memory of the means."""
         positions = np.arange(len(self)) if positions is None else np.asarray(positions, dtype=np.int64)
@@ -257,7 +262,8 @@ class ActivationDataset(Dataset):
         order = np.argsort(self.rows[positions], kind="stable")
         parts = [self.__getitems__(positions[order[i : i + block]]).columns for i in range(0, len(order), block)]
         back = torch.from_numpy(np.argsort(order, kind="stable"))  # from row order to the order asked
-        return {name: torch.cat([part[name] for part in parts])[back] for name in parts[0]}
+        return {name: np.concatenate([part[name] for part in parts])[back.numpy()] if name in self.text
+                else torch.cat([part[name] for part in parts])[back] for name in parts[0]}
 
     def _row_bytes(self) -> int:
         """Stored bytes of one row of the selected layers and targets (a ragged layer's mean)."""
@@ -344,7 +350,7 @@ def collate_rows(batch: Any) -> Any:
     if not isinstance(batch, RowBatch):
         return torch.utils.data.default_collate(batch)
     ragged = [n for n in batch.names if isinstance(batch.columns[n], list)]
-    columns = dict(batch.columns)
+    columns = {n: c.tolist() if isinstance(c, np.ndarray) else c for n, c in batch.columns.items()}  # text: list of str
     for name in ragged:
         columns[name], columns[f"{name}.mask"] = _pad(batch.columns[name])
     if batch.as_tuple:
@@ -376,6 +382,9 @@ def collate_padded(items: list[dict], ragged: Collection[str] | None = None) -> 
     out = {}
     for name in items[0]:
         values = [it[name] for it in items]
+        if isinstance(values[0], str):  # a text target, batched as default_collate does
+            out[name] = values
+            continue
         pad = any(v.shape != values[0].shape for v in values) if ragged is None else name in ragged
         if pad:
             out[name], out[f"{name}.mask"] = _pad(values)

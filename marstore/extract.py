@@ -42,7 +42,7 @@ from torch.utils.data._utils.collate import collate, default_collate_fn_map
 from tqdm import tqdm
 
 from marstore import hooks, loading, scaleout
-from marstore.store import (LayerSpec, RowShapeError, Store, StoreError, StoreWriter, TargetSpec, check_not_being_written,
+from marstore.store import (LayerSpec, RowShapeError, Store, StoreError, StoreWriter, TargetSpec, TEXT, check_not_being_written,
                             open_store, room_left)
 from marstore.transfer import SlotTooSmall, TransferRing, resolve_device
 
@@ -861,11 +861,14 @@ def _open_writer(opts, selections, capture: hooks.Capture, pending, metadata, st
     targets = []
     for name in opts.targets:
         value = pending[0][2][name]
-        if value.dtype.kind not in "biuf":
-            kind = "text" if value.dtype.kind in "USO" else f"{value.dtype} values"
-            raise ExtractError(f"--targets {name!r} holds {kind}; targets are numbers (booleans, integers, floats): "
-                               "map it to integer codes in the data set (a task or episode id, say)")
-        targets.append(TargetSpec(name, tuple(value.shape[1:]), str(value.dtype)))
+        if value.dtype.kind == "U" or (value.dtype.kind == "O" and value.size and all(isinstance(v, str) for v in value.flat)):
+            dtype = TEXT  # a task name or an instruction: the probe takes each string for a class
+        elif value.dtype.kind in "biuf":
+            dtype = str(value.dtype)
+        else:
+            kind = "bytes (decode them to str in the data set)" if value.dtype.kind == "S" else f"{value.dtype} values"
+            raise ExtractError(f"--targets {name!r} holds {kind}; targets are numbers (booleans, integers, floats) or text")
+        targets.append(TargetSpec(name, tuple(value.shape[1:]), dtype))
     _check_room(opts, specs, targets, pending, metadata["rows_planned"] - start_row, metadata["world_size"])
     # On --resume the options were compared already (_check_resume); the store keeps the run
     # description it was started with (its command line has no --resume).
@@ -892,7 +895,12 @@ def _check_room(opts: ExtractOptions, specs: list[LayerSpec], targets: list[Targ
             row_bytes += round(tokens * values) + 8
         else:
             row_bytes += values
-    row_bytes += sum(math.prod(t.row_shape) * np.dtype(t.dtype).itemsize for t in targets)
+    for t in targets:
+        if t.dtype == TEXT:  # a 16-byte reference a string in the dataset, the string and its header in the heap
+            texts = [v for p in pending for v in p[2][t.name].flat]
+            row_bytes += round(math.prod(t.row_shape) * (32 + sum(len(v.encode()) for v in texts) / max(1, len(texts))))
+        else:
+            row_bytes += math.prod(t.row_shape) * np.dtype(t.dtype).itemsize
     need = row_bytes * rows * world
     file_size = os.path.getsize(opts.out) if opts.resume and os.path.exists(opts.out) else 0
     room, what = room_left(opts.out, file_size)
@@ -901,7 +909,7 @@ def _check_room(opts: ExtractOptions, specs: list[LayerSpec], targets: list[Targ
              _human(room), what)
     if need <= room:
         return
-    estimate = opts.compression or world > 1 or any(spec.ragged for spec in specs)
+    estimate = opts.compression or world > 1 or any(spec.ragged for spec in specs) or any(t.dtype == TEXT for t in targets)
     message = (f"{opts.out}: this run needs {'about ' if estimate else ''}{_human(need)} ({scope} of "
                f"{_human(row_bytes)}) but only {_human(room)} are {what}; make room, write elsewhere (--out), "
                "reduce the tokens (--reduction), hook fewer layers or extract fewer rows (--num-samples)")

@@ -444,7 +444,7 @@ class _Ridge:
         return [total / (self.n * self.along.shape[1]) for total in sums]
 
 
-def _prepare(opts: ProbeOptions, layer: str, rows: int) -> tuple[str, dict, dict, list[int], int, dict]:
+def _prepare(opts: ProbeOptions, layer: str, rows: int) -> tuple[str, dict, dict, list[int] | list[str], int, dict]:
     ds = ActivationDataset(opts.store, [layer], [opts.target], rows=range(rows), reduction="mean")
     test_frac, val_frac = opts.test_fraction, opts.val_fraction
     splits = ds.split((1 - val_frac - test_frac, val_frac, test_frac), seed=opts.seed, group=opts.group)
@@ -459,16 +459,30 @@ def _prepare(opts: ProbeOptions, layer: str, rows: int) -> tuple[str, dict, dict
     for name, positions in splits.items():
         x, data = _features(ds, positions, layer)
         y = data[opts.target]
-        finite = torch.isfinite(x).all(1) & torch.isfinite(y.reshape(len(y), -1).float()).all(1)
+        finite = torch.isfinite(x).all(1)
+        if isinstance(y, torch.Tensor):  # text is never non-finite
+            finite &= torch.isfinite(y.reshape(len(y), -1).float()).all(1)
         skipped += int((~finite).sum())
-        xs[name], ys[name] = x[finite], y[finite]
+        xs[name], ys[name] = x[finite], y[finite.numpy()] if isinstance(y, np.ndarray) else y[finite]
     ds.close()
-    y_all = ys["train"]
     task = opts.task
+    names: list[str] = []  # a text target's strings, sorted: class i is names[i]
+    if opts.target in ds.text:
+        if ys["train"].ndim != 1:
+            raise ProbeError(f"{layer}: target {opts.target!r} holds text of shape {ys['train'].shape[1:]} a row; "
+                             "a probe takes one string a row for its class")
+        if task == "regression":
+            raise ProbeError(f"{layer}: target {opts.target!r} holds text, whose strings are classes; "
+                             "use --task classification (or auto)")
+        names = sorted(set().union(*(v.tolist() for v in ys.values())))
+        code = {text: i for i, text in enumerate(names)}
+        ys = {k: torch.tensor([code[v] for v in a], dtype=torch.long) for k, a in ys.items()}
+        task = "classification"
+    y_all = ys["train"]
     if task == "auto":
         integral = not torch.is_floating_point(y_all) and y_all.dim() == 1
         task = "classification" if integral and int(y_all.max()) < 1000 else "regression"
-    labels: list[int] = []
+    labels: list[int] | list[str] = []
     fractional = torch.is_floating_point(y_all) and any(not torch.equal(v, v.round()) for v in ys.values())
     if task == "classification" and (fractional or y_all.dim() != 1):
         kind = f"{str(y_all.dtype).removeprefix('torch.')} values"
@@ -481,7 +495,7 @@ def _prepare(opts: ProbeOptions, layer: str, rows: int) -> tuple[str, dict, dict
         # the label values, in order, become classes 0..k-1: labels such as -1 ("unknown") or
         # sparse ids are classes like any other, and the probe has one output per value seen
         values = torch.unique(torch.cat([v.long().reshape(-1) for v in ys.values()]))
-        labels = values.tolist()
+        labels = [names[i] for i in values.tolist()] if names else values.tolist()
         ys = {name: torch.searchsorted(values, v.long().reshape(-1)) for name, v in ys.items()}
     else:
         ys = {name: v.float().reshape(len(v), -1) for name, v in ys.items()}

@@ -46,6 +46,7 @@ FORMAT = "marstore"
 FORMAT_VERSION = 1
 CHUNK_BYTES = 1 << 20  # about 1 MiB per chunk suits training reads (FIELD-NOTES §4)
 STORED_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
+TEXT = "str"  # a target's dtype for strings, stored as variable-length UTF-8
 _METADATA_SLACK = 1 << 20  # room kept for the metadata that a commit and a close write
 
 
@@ -96,16 +97,35 @@ class LayerSpec:
 
 @dataclass(frozen=True)
 class TargetSpec:
-    """A per-row target or label of any numeric dtype."""
+    """A per-row target or label: of any numeric dtype, or TEXT (variable-length UTF-8 strings:
+    a task name, an instruction, an episode id as the data set gives it)."""
 
     name: str
     row_shape: tuple[int, ...] = ()
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if np.dtype(self.dtype).kind not in "biuf":
-            raise StoreError(f"target {self.name!r}: dtype {self.dtype!r} is not numeric")
+        if self.dtype != TEXT and np.dtype(self.dtype).kind not in "biuf":
+            raise StoreError(f"target {self.name!r}: dtype {self.dtype!r} is neither numeric nor {TEXT!r}")
         object.__setattr__(self, "row_shape", tuple(int(s) for s in self.row_shape))
+
+    @property
+    def storage_dtype(self) -> Any:
+        return h5py.string_dtype() if self.dtype == TEXT else np.dtype(self.dtype)
+
+
+def is_text(ds: h5py.Dataset) -> bool:
+    """Whether a target dataset holds strings (h5py reads them as bytes unless asked for str)."""
+    return h5py.check_string_dtype(ds.dtype) is not None
+
+
+def _text_rows(name: str, t: Any) -> np.ndarray:
+    """A batch of a text target as an object array of str, or a one-line error."""
+    rows = np.asarray(t, dtype=object)
+    odd = next((v for v in rows.flat if not isinstance(v, str)), None)
+    if odd is not None:
+        raise StoreError(f"target {name!r} holds text, and this batch has a {type(odd).__name__} ({odd!r}) among its strings")
+    return rows
 
 
 @dataclass
@@ -322,7 +342,8 @@ class _ChunkBuffer:
         self.rows = ds.chunks[0]
         self.row_shape = ds.shape[1:]
         self.length = ds.shape[0]  # the dataset's extent; only this writer resizes it
-        self.direct = ds.compression is None  # whole chunks can go as raw bytes
+        self.text = is_text(ds)
+        self.direct = ds.compression is None and not self.text  # whole chunks can go as raw bytes; strings cannot
         self.data = np.zeros((self.rows, *ds.chunks[1:]), ds.dtype)
         self.chunk_bytes = self.data.nbytes
         self.start: int | None = None  # the chunk's first row
@@ -452,9 +473,9 @@ class StoreWriter:
                 _create_layer(acts, spec, self.expected_rows)
             tg = f.create_group("targets")
             for spec in self.targets_spec:
-                itemsize = np.dtype(spec.dtype).itemsize
+                itemsize = spec.storage_dtype.itemsize  # a string's: its 16-byte reference to the heap
                 rows = default_chunk_rows(spec.row_shape, itemsize, None, self.expected_rows)
-                tg.create_dataset(spec.name, shape=(0, *spec.row_shape), dtype=spec.dtype,
+                tg.create_dataset(spec.name, shape=(0, *spec.row_shape), dtype=spec.storage_dtype,
                                   chunks=(rows, *spec.row_shape), maxshape=(None, *spec.row_shape))
             f.create_dataset("index", shape=(0,), dtype=np.int64, chunks=(_index_chunk(self.expected_rows),), maxshape=(None,))
             f.flush()
@@ -563,9 +584,10 @@ class StoreWriter:
             if lengths is not None and len(lengths) != n:
                 raise StoreError(f"layer {name!r}: {len(lengths)} samples, but index has {n}")
             _check_batch(shape, dtype, self._layers[name], name, n if lengths is None else int(sum(lengths)))
-        targets = {name: _as_numpy(t) for name, t in (targets or {}).items()}
+        targets = targets or {}
         if sorted(targets) != sorted(self._targets):
             raise StoreError(f"batch targets {sorted(targets)} do not match the store's {sorted(self._targets)}")
+        targets = {name: _text_rows(name, t) if is_text(self._targets[name]) else _as_numpy(t) for name, t in targets.items()}
         for name, t in targets.items():
             expected = (n, *self._targets[name].shape[1:])
             if t.shape != expected:
@@ -805,7 +827,7 @@ class StoreWriter:
             if buf.start != first:  # a new chunk; rows before pos in it are on disk already (a resume)
                 buf.start = first
                 if pos > first:
-                    buf.data[: pos - first] = ds[first:pos]
+                    buf.data[: pos - first] = (ds.asstr() if buf.text else ds)[first:pos]
             n = min(stop - pos, first + buf.rows - pos)
             buf.data[pos - first : pos - first + n] = data[pos - start : pos - start + n]
             buf.filled = pos - first + n
@@ -1105,7 +1127,8 @@ class Store:
         start, stop = self._span(start, stop)
         if name not in self.targets:
             raise StoreError(f"{self.path} has no target {name!r}; it has {sorted(self.targets)}")
-        return self.targets[name][start:stop]
+        ds = self.targets[name]
+        return (ds.asstr() if is_text(ds) else ds)[start:stop]
 
     def index(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         start, stop = self._span(start, stop)

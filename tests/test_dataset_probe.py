@@ -496,6 +496,60 @@ def test_the_intervals_compare_probe_and_control_on_the_same_resamples():
     assert _intervals("classification", {"probe": (right, y)}, seed=0) == {"probe": [1.0, 1.0]}
 
 
+TASKS = ["push", "pick", "place é"]
+
+
+def text_store(path, n=300):
+    """Layer 'a' says which task a row is; targets 'task' (the task's name) and 'ep' (an episode
+    name), text both, and 'y' a number."""
+    rng = np.random.default_rng(0)
+    which = np.arange(n) % 3
+    x = (np.eye(3)[which] * 3 + rng.standard_normal((n, 3)) * 0.3).astype(np.float16)
+    targets = [TargetSpec("task", (), "str"), TargetSpec("ep", (), "str"), TargetSpec("y", (), "int64"),
+               TargetSpec("pair", (2,), "str")]
+    with StoreWriter(path, [LayerSpec("a", (3,), chunk_rows=64)], targets) as w:
+        for start in range(0, n, 100):
+            rows = np.arange(start, min(n, start + 100))
+            w.append({"a": x[rows]}, index=rows, targets={"task": [TASKS[k] for k in which[rows]],
+                                                          "ep": [f"ep{r // 10}" for r in rows], "y": rows,
+                                                          "pair": [["a", "b"]] * len(rows)})
+    return [TASKS[k] for k in which]
+
+
+def test_a_text_target_reads_as_strings_and_batches_as_lists(tmp_path):
+    path = tmp_path / "s.h5"
+    tasks = text_store(path)
+    ds = ActivationDataset(path, "a", ["task", "y"])
+    assert ds[5]["task"] == tasks[5] and int(ds[5]["y"]) == 5
+    batches = list(DataLoader(ds, batch_size=64, collate_fn=collate_rows, num_workers=2))
+    assert [t for b in batches for t in b["task"]] == tasks and all(isinstance(b["task"], list) for b in batches)
+    assert collate_padded([ds[7], ds[2]])["task"] == [tasks[7], tasks[2]]
+    positions = [250, 3, 128, 3]
+    assert ds.read_all(positions)["task"].tolist() == [tasks[p] for p in positions]
+    assert ds.read_all(positions, block_bytes=1)["task"].tolist() == [tasks[p] for p in positions]  # in blocks
+    episodes = ActivationDataset(path, "a", "ep").read_all()["ep"]
+    splits = ds.split(group="ep", seed=1)
+    assert sorted(np.concatenate(list(splits.values())).tolist()) == list(range(300))
+    seen = [set(episodes[p].tolist()) for p in splits.values()]
+    assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])  # an episode's rows in one split
+
+
+def test_a_text_target_is_probed_by_classification_with_its_strings_as_classes(tmp_path):
+    path = tmp_path / "s.h5"
+    text_store(path)
+    report = run_probes(probe_opts(tmp_path, path, layer="a", target="task", group="ep"))
+    layer = report["layers"][0]
+    assert report["task"] == "classification" and layer["classes"] == ["pick", "place é", "push"]
+    assert layer["probe"]["test"]["accuracy"] > 0.95 and layer["control"]["test"]["accuracy"] < 0.6
+    assert torch.load(layer["probe"]["weights"], weights_only=True)["weight"].shape == (3, 3)
+    with pytest.raises(ProbeError) as info:
+        run_probes(probe_opts(tmp_path, path, layer="a", target="task", task="regression"))
+    assert str(info.value) == "a: target 'task' holds text, whose strings are classes; use --task classification (or auto)"
+    with pytest.raises(ProbeError) as info:
+        run_probes(probe_opts(tmp_path, path, layer="a", target="pair"))
+    assert str(info.value) == "a: target 'pair' holds text of shape (2,) a row; a probe takes one string a row for its class"
+
+
 def test_classification_probe(tmp_path):
     path = tmp_path / "s.h5"
     planted_store(path)

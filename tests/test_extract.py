@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -1193,11 +1194,37 @@ def test_a_run_without_a_checkpoint_says_whose_weights_it_used(tmp_path, caplog)
     assert result.load_report.get("checkpoint") is None
 
 
-def test_a_text_target_is_refused_before_the_store_is_made(tmp_path):
+def test_a_text_target_is_stored_as_utf8_strings_also_across_a_resume(tmp_path, capsys):
+    calls = []
+
+    def stop_after_three(rows):
+        calls.append(rows)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    opts = options(tmp_path, dataset="helpers.streams:named_samples", targets=["label", "task"], commit_rows=16)
+    with pytest.raises(Interrupted) as info:
+        extract(opts, on_batch=stop_after_three)
+    assert info.value.rows == 24  # the resume starts inside the chunk of strings it left
+    result = extract(dataclasses.replace(opts, resume=True))
+    tasks = [["push", "pick", "place é"][i % 3] for i in range(40)]
+    with open_store(result.path) as s:
+        assert s.rows == 40 and s.target("task").tolist() == tasks and s.target("task", 3, 5).tolist() == tasks[3:5]
+        assert [t["dtype"] for t in json.loads(s.file.attrs["targets"])] == ["int64", "str"]
+    with h5py.File(result.path, "r") as f:  # what any HDF5 reader sees: variable-length UTF-8 strings
+        assert h5py.check_string_dtype(f["targets/task"].dtype).encoding == "utf-8"
+        assert f["targets/task"][5] == "place é".encode()
+    from marstore.cli import main
+
+    assert main(["info", "--json", result.path]) == 0
+    assert json.loads(capsys.readouterr().out)["targets"]["task"] == {"shape": [40], "dtype": "str"}
+
+
+def test_a_target_that_is_neither_numbers_nor_text_is_refused_before_the_store_is_made(tmp_path):
     with pytest.raises(ExtractError) as info:
-        extract(options(tmp_path, dataset="helpers.streams:named_samples", targets=["label", "task"]))
-    assert str(info.value) == ("--targets 'task' holds text; targets are numbers (booleans, integers, floats): map it to "
-                               "integer codes in the data set (a task or episode id, say)")
+        extract(options(tmp_path, dataset="helpers.streams:named_samples", targets=["label", "raw"]))
+    assert str(info.value) == ("--targets 'raw' holds bytes (decode them to str in the data set); targets are numbers "
+                               "(booleans, integers, floats) or text")
     assert os.listdir(tmp_path) == []
 
 

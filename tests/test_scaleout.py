@@ -173,3 +173,22 @@ def test_a_virtual_store_whose_part_is_missing_is_refused_not_read_as_zeros(tmp_
         assert str(info.value) == message
     os.rename(tmp_path / "elsewhere.h5", parts[1])
     assert ActivationDataset(top, "x").read_all()["x"][:, 0].tolist() == [1] * 3 + [2] * 3
+
+
+def test_text_targets_join_in_the_virtual_store_and_survive_a_merge(tmp_path):
+    from marstore.scaleout import merge, write_top_file
+    from marstore.store import TEXT, LayerSpec, StoreWriter, TargetSpec
+
+    parts = [str(tmp_path / f"a.part{r:03d}-of-002.h5") for r in range(2)]
+    for r, part in enumerate(parts):
+        with StoreWriter(part, [LayerSpec("x", (2,))], [TargetSpec("task", (), TEXT)]) as w:
+            w.append({"x": np.full((3, 2), r, np.float16)}, targets={"task": [f"rank{r} é{i}" for i in range(3)]},
+                     index=np.arange(r, 6, 2))
+    top = str(tmp_path / "a.h5")
+    write_top_file(top, parts)
+    want = [f"rank{r} é{i}" for r in range(2) for i in range(3)]
+    with open_store(top) as s:
+        assert s.target("task").tolist() == want
+    merge(top, str(tmp_path / "m.h5"))
+    with open_store(tmp_path / "m.h5") as s:
+        assert s.target("task").tolist() == want and s.index().tolist() == [0, 2, 4, 1, 3, 5]

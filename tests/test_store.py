@@ -15,7 +15,7 @@ import torch
 
 from helpers.store_worker import BATCH_ROWS, COMMIT_ROWS, LAYERS, TARGETS, make_batch
 from marstore import ops
-from marstore.store import LayerSpec, Ragged, _Moments, StoreError, check_not_being_written, StoreWriteError, StoreWriter, TargetSpec, open_store
+from marstore.store import LayerSpec, Ragged, _Moments, StoreError, check_not_being_written, StoreWriteError, StoreWriter, TargetSpec, TEXT, open_store
 
 TESTS = os.path.dirname(__file__)
 
@@ -139,6 +139,23 @@ def test_dtypes_from_torch_tensors(tmp_path):
         assert torch.equal(torch.from_numpy(s.read("bf").view(np.int16)).view(torch.bfloat16), x)
         assert s.read("f32").tobytes() == x.float().numpy().tobytes()
         assert {n: s.targets[n].dtype for n in s.targets} == {t.name: np.dtype(t.name) for t in targets}
+
+
+def test_text_targets_hold_strings_of_any_length_and_refuse_anything_else(tmp_path):
+    path = tmp_path / "s.h5"
+    text = ["push", "", "place the cup é中", "x" * 5000]
+    with StoreWriter(path, [LayerSpec("a", (2,))], [TargetSpec("task", (), TEXT), TargetSpec("words", (2,), TEXT)]) as w:
+        w.append({"a": np.zeros((4, 2), np.float16)}, index=range(4),
+                 targets={"task": text, "words": np.array([["a", "b"], ["c", "d"], ["e", "f"], ["g", "h"]])})
+        with pytest.raises(StoreError) as info:
+            w.append({"a": np.zeros((2, 2), np.float16)}, index=[4, 5], targets={"task": ["ok", 3], "words": [["a", "b"]] * 2})
+    assert str(info.value) == "target 'task' holds text, and this batch has a int (3) among its strings"
+    with open_store(path) as s:
+        assert s.rows == 4 and s.target("task").tolist() == text
+        assert s.target("words").tolist() == [["a", "b"], ["c", "d"], ["e", "f"], ["g", "h"]]
+    with pytest.raises(StoreError) as info:
+        TargetSpec("z", (), "complex64")
+    assert str(info.value) == "target 'z': dtype 'complex64' is neither numeric nor 'str'"
 
 
 @pytest.mark.parametrize("compression", ["lzf", "gzip"])

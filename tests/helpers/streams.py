@@ -48,10 +48,10 @@ class _Samples(torch.utils.data.Dataset):
 
 
 class NamedSamples(_Samples):
-    """The built-in samples with a text field beside them (a task name, say)."""
+    """The built-in samples with a text field beside them (a task name, say), and the same as bytes."""
 
     def __getitem__(self, i: int) -> dict:
-        return {**self.samples[i], "task": f"task{i % 3}"}
+        return {**self.samples[i], "task": ["push", "pick", "place é"][i % 3], "raw": f"task{i % 3}".encode()}
 
 
 def named_samples(size: int = 40) -> NamedSamples:
