@@ -282,39 +282,47 @@ def _predict(model: nn.Module, x: torch.Tensor, device: str) -> torch.Tensor:
         return model(x.to(device)).float().cpu()
 
 
-def _resamples(rows: int, seed: int, draws: int = BOOTSTRAP_DRAWS) -> Iterator[torch.Tensor]:
-    """Blocks of bootstrap resamples of rows test rows (draws in all): (block, rows) row indices;
-    the same seed gives the same resamples, so that probe and control are compared on each."""
+def _resampled_counts(rows: int, seed: int, groups: np.ndarray | None = None,
+                      draws: int = BOOTSTRAP_DRAWS) -> Iterator[torch.Tensor]:
+    """Bootstrap resamples of the test rows, in blocks: (block, rows) float64, each row's count in
+    a resample. With groups (a group id a row: an episode, say) whole groups are drawn, as rows
+    of one episode are not independent and drawing rows would make the intervals too narrow.
+    The same seed gives the same resamples, so that probe and control are compared on each."""
     g = torch.Generator().manual_seed(seed + 7_919)
-    block = max(1, min(draws, (1 << 22) // max(rows, 1)))  # about 32 MB of float64 weights
+    inverse = None if groups is None else torch.from_numpy(np.unique(groups, return_inverse=True)[1].reshape(-1))
+    units = rows if inverse is None else int(inverse.max()) + 1
+    block = max(1, min(draws, (1 << 22) // max(rows, 1)))  # about 32 MB of counts
     for start in range(0, draws, block):
-        yield torch.randint(rows, (min(block, draws - start), rows), generator=g)
+        picks = torch.randint(units, (min(block, draws - start), units), generator=g)
+        counts = torch.zeros(picks.shape, dtype=torch.float64).scatter_add_(1, picks, torch.ones(picks.shape, dtype=torch.float64))
+        yield counts if inverse is None else counts[:, inverse]
 
 
-def _resampled_metric(task: str, pred: torch.Tensor, y: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
-    """The headline metric (as _metrics gives it) of each resample, picks (draws, rows) of row
-    indices, from each row's count in it: one matrix product, not a copy of the rows per draw."""
-    counts = torch.zeros(picks.shape, dtype=torch.float64).scatter_add_(1, picks, torch.ones(picks.shape, dtype=torch.float64))
-    rows = picks.shape[1]
+def _resampled_metric(task: str, pred: torch.Tensor, y: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The headline metric (as _metrics gives it) of each resample, counts (draws, rows) of each
+    row's copies in it: one matrix product, not a copy of the rows per draw."""
+    total = counts.sum(1, keepdim=True)
     if task == "regression":
         y = y.double().reshape(len(y), -1)
-        err = counts @ (pred.double().reshape(len(pred), -1) - y) ** 2 / rows
+        err = counts @ (pred.double().reshape(len(pred), -1) - y) ** 2 / total
         y = y - y.mean(0)  # the variance does not change, and its sums lose less to rounding
-        var = counts @ (y * y) / rows - (counts @ y / rows) ** 2
+        var = counts @ (y * y) / total - (counts @ y / total) ** 2
         return torch.where(var > 0, 1 - err / var.clamp_min(1e-12), torch.zeros_like(var)).mean(1)
-    return counts @ (pred.argmax(1) == y).double() / rows
+    return (counts @ (pred.argmax(1) == y).double()) / total[:, 0]
 
 
-def _intervals(task: str, preds: dict[str, tuple[torch.Tensor, torch.Tensor]], seed: int) -> dict[str, list[float]]:
+def _intervals(task: str, preds: dict[str, tuple[torch.Tensor, torch.Tensor]], seed: int,
+               groups: np.ndarray | None = None) -> dict[str, list[float]]:
     """95% bootstrap intervals (percentiles) of the test metric of each of preds' (prediction,
-    target) pairs, over the same resamples of the test rows; "selectivity": of probe less control."""
+    target) pairs, over the same resamples of the test rows (or of their groups); "selectivity":
+    of probe less control."""
     samples: dict[str, list[torch.Tensor]] = {name: [] for name in preds}
     rows = len(next(iter(preds.values()))[1])
     if rows == 0:
         return {}
-    for picks in _resamples(rows, seed):
+    for counts in _resampled_counts(rows, seed, groups):
         for name, (pred, y) in preds.items():
-            samples[name].append(_resampled_metric(task, pred, y, picks))
+            samples[name].append(_resampled_metric(task, pred, y, counts))
     drawn = {name: torch.cat(s) for name, s in samples.items()}
     if "control" in drawn:
         drawn["selectivity"] = drawn["probe"] - drawn["control"]
@@ -444,8 +452,12 @@ class _Ridge:
         return [total / (self.n * self.along.shape[1]) for total in sums]
 
 
-def _prepare(opts: ProbeOptions, layer: str, rows: int) -> tuple[str, dict, dict, list[int] | list[str], int, dict]:
-    ds = ActivationDataset(opts.store, [layer], [opts.target], rows=range(rows), reduction="mean")
+def _prepare(opts: ProbeOptions, layer: str,
+             rows: int) -> tuple[str, dict, dict, list[int] | list[str], int, dict, np.ndarray | None]:
+    """(task, features and targets by split, class labels, rows skipped, split sizes, the test rows'
+    --group values or None)"""
+    ds = ActivationDataset(opts.store, [layer], [opts.target, *([opts.group] if opts.group else [])], rows=range(rows),
+                           reduction="mean")
     test_frac, val_frac = opts.test_fraction, opts.val_fraction
     splits = ds.split((1 - val_frac - test_frac, val_frac, test_frac), seed=opts.seed, group=opts.group)
     empty = [name for name, positions in splits.items() if not len(positions)]
@@ -456,6 +468,7 @@ def _prepare(opts: ProbeOptions, layer: str, rows: int) -> tuple[str, dict, dict
                          f"{grouped} (--val-fraction {val_frac}, --test-fraction {test_frac}); {hint}")
     xs, ys = {}, {}
     skipped = 0
+    test_groups = None
     for name, positions in splits.items():
         x, data = _features(ds, positions, layer)
         y = data[opts.target]
@@ -464,6 +477,8 @@ def _prepare(opts: ProbeOptions, layer: str, rows: int) -> tuple[str, dict, dict
             finite &= torch.isfinite(y.reshape(len(y), -1).float()).all(1)
         skipped += int((~finite).sum())
         xs[name], ys[name] = x[finite], y[finite.numpy()] if isinstance(y, np.ndarray) else y[finite]
+        if name == "test" and opts.group:
+            test_groups = np.asarray(data[opts.group])[finite.numpy()]
     ds.close()
     task = opts.task
     names: list[str] = []  # a text target's strings, sorted: class i is names[i]
@@ -499,7 +514,7 @@ def _prepare(opts: ProbeOptions, layer: str, rows: int) -> tuple[str, dict, dict
         ys = {name: torch.searchsorted(values, v.long().reshape(-1)) for name, v in ys.items()}
     else:
         ys = {name: v.float().reshape(len(v), -1) for name, v in ys.items()}
-    return task, xs, ys, labels, skipped, {k: len(v) for k, v in splits.items()}
+    return task, xs, ys, labels, skipped, {k: len(v) for k, v in splits.items()}, test_groups
 
 
 def _control(ys: dict, seed: int) -> dict:
@@ -551,7 +566,7 @@ def run_probes(opts: ProbeOptions) -> dict:
 
 def _probe_layer(opts: ProbeOptions, layer: str, rows: int) -> dict:
     """The probe (and its control) on one layer: the layer's entry in the report."""
-    task, xs, ys, labels, skipped, sizes = _prepare(opts, layer, rows)
+    task, xs, ys, labels, skipped, sizes, test_groups = _prepare(opts, layer, rows)
     entry: dict[str, Any] = {"layer": layer, "task": task, "split_rows": sizes, "skipped_rows": skipped}
     if labels:
         entry["classes"] = labels  # class i of the probe's outputs is the label value labels[i]
@@ -584,7 +599,7 @@ def _probe_layer(opts: ProbeOptions, layer: str, rows: int) -> dict:
     head = _headline(task)
     if opts.control:
         entry["selectivity"] = entry["probe"]["test"][head] - entry["control"]["test"][head]
-    intervals = _intervals(task, tests, opts.seed)
+    intervals = _intervals(task, tests, opts.seed, test_groups)
     for which in intervals.keys() & tests.keys():
         entry[which]["test"][f"{head}_ci95"] = intervals[which]
     if "selectivity" in intervals:
@@ -755,12 +770,13 @@ def _markdown(report: dict, out: str) -> str:
     """report.md: the table and the plots, for a notebook, a pull request or a browser."""
     header, cells = _table_rows(report)
     o = report["options"]
+    drawn = f" (drawn by whole {o['group']!r} groups)" if o["group"] else ""
     lines = [
         f"# What each layer knows about `{report['target']}`",
         "",
         f"Store `{report['store']}` ({report['store_status']}, {report['rows']} rows). {o['kind'].capitalize()} probes "
         f"for {report['task']}, {_solver_text(report)}; the metric is the test {report['metric']}, its 95% interval "
-        f"the percentiles of {BOOTSTRAP_DRAWS} resamples of the test rows. " + (
+        f"the percentiles of {BOOTSTRAP_DRAWS} resamples of the test rows{drawn}. " + (
             "The control is the same probe trained on the targets shuffled across rows; selectivity is the probe's "
             "metric less the control's." if o["control"] else "No control task was trained."),
         "",

@@ -455,12 +455,14 @@ def test_a_store_still_written_is_probed_on_the_rows_committed_at_the_start(tmp_
     assert open_store(path).rows == 700
 
 
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("task", ["regression", "classification"])
 @pytest.mark.parametrize("rows", [1, 37, 5000])
-def test_each_bootstrap_resample_gets_the_metric_of_its_rows(task, rows):
+def test_each_bootstrap_resample_gets_the_metric_of_its_rows(task, rows, grouped):
     """The metric of a resample, computed from each row's count in it, is the metric of the resampled
-    rows themselves; blocks of resamples keep to about 32 MB whatever the rows."""
-    from marstore.probe import _metrics, _resampled_metric, _resamples
+    rows themselves; with groups, whole groups are drawn (every row of a group drawn twice, twice);
+    blocks of resamples keep to about 32 MB whatever the rows."""
+    from marstore.probe import _metrics, _resampled_counts, _resampled_metric
 
     g = torch.Generator().manual_seed(rows)
     if task == "regression":
@@ -469,14 +471,18 @@ def test_each_bootstrap_resample_gets_the_metric_of_its_rows(task, rows):
     else:
         y = torch.randint(4, (rows,), generator=g)
         pred = torch.randn(rows, 4, generator=g) + 2 * torch.nn.functional.one_hot(y, 4)
-    blocks = list(_resamples(rows, seed=3, draws=50))
+    groups = np.array([f"ep{i % 7}" for i in range(rows)]) if grouped else None
+    blocks = list(_resampled_counts(rows, 3, groups, draws=50))
     assert sum(len(b) for b in blocks) == 50 and all(b.numel() <= max(rows, 1 << 22) for b in blocks)
-    assert all(torch.equal(a, b) for a, b in zip(blocks, _resamples(rows, seed=3, draws=50)))  # seeded
-    picks = torch.cat(blocks)
+    assert all(torch.equal(a, b) for a, b in zip(blocks, _resampled_counts(rows, 3, groups, draws=50)))  # seeded
+    counts = torch.cat(blocks)
+    if grouped:  # a row's count is its group's: rows of a group are drawn together
+        assert all(torch.equal(c[groups == groups[0]], c[:1].expand(int((groups == groups[0]).sum()))) for c in counts)
     got = torch.cat([_resampled_metric(task, pred, y, b) for b in blocks])
     head = "r2" if task == "regression" else "accuracy"
+    picked = [torch.repeat_interleave(torch.arange(rows), c.long()) for c in counts]  # the rows of each resample
     want = torch.tensor([_metrics(task, pred[p].double(), y[p].double() if task == "regression" else y[p], 4)[head]
-                         for p in picks], dtype=torch.float64)
+                         for p in picked], dtype=torch.float64)
     assert torch.allclose(got, want, rtol=0, atol=1e-9 if task == "regression" else 1e-6)  # _metrics counts in float32
 
 
@@ -542,6 +548,7 @@ def test_a_text_target_is_probed_by_classification_with_its_strings_as_classes(t
     assert report["task"] == "classification" and layer["classes"] == ["pick", "place é", "push"]
     assert layer["probe"]["test"]["accuracy"] > 0.95 and layer["control"]["test"]["accuracy"] < 0.6
     assert torch.load(layer["probe"]["weights"], weights_only=True)["weight"].shape == (3, 3)
+    assert "1000 resamples of the test rows (drawn by whole 'ep' groups)." in open(report["markdown"]).read()
     with pytest.raises(ProbeError) as info:
         run_probes(probe_opts(tmp_path, path, layer="a", target="task", task="regression"))
     assert str(info.value) == "a: target 'task' holds text, whose strings are classes; use --task classification (or auto)"
