@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 
+SKIPPED_SHOWN = 10  # items left out that `marstore info` lists (--json: all)
+
 
 def _doctor(args: argparse.Namespace) -> int:
     import h5py
@@ -86,6 +88,7 @@ def _info(args: argparse.Namespace) -> int:
             "targets": {name: {"shape": [store.rows, *ds.shape[1:]], "dtype": TEXT if is_text(ds) else str(ds.dtype)}
                         for name, ds in store.targets.items()},
             "outputs": summarize_outputs(store),
+            "skipped": [{"index": i, "error": e} for i, e in store.skipped()],
             "run": store.metadata,
         }
     if args.json:
@@ -106,6 +109,13 @@ def _info(args: argparse.Namespace) -> int:
         print("  targets: " + ", ".join(f"{n} {'x'.join(map(str, t['shape']))} {t['dtype']}" for n, t in info["targets"].items()))
     for name, summary in info["outputs"].items():
         print(describe_output(name, summary))
+    if info["skipped"]:
+        print(f"  left out (--skip-failed): {len(info['skipped'])} item{'s' * (len(info['skipped']) != 1)} the data set "
+              "failed to give:")
+        for item in info["skipped"][:SKIPPED_SHOWN]:
+            print(f"    item {item['index']}: {item['error']}")
+        if len(info["skipped"]) > SKIPPED_SHOWN:
+            print(f"    ... and {len(info['skipped']) - SKIPPED_SHOWN} more (marstore info --json lists every one)")
     run = info["run"]
     for key in ("model", "checkpoint", "command"):
         if key in run:
@@ -322,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="names for the scalars of a tuple the forward returns, in order (e.g. loss video_loss act_loss)")
     ex.add_argument("--num-samples", type=int, help="extract the first N samples (needed for an iterable data set)")
     ex.add_argument("--sample-seed", type=int, help="with --num-samples, a seeded random sample instead of the first ones")
+    ex.add_argument("--skip-failed", action="store_true",
+                    help="leave out the items that the data set fails to give (a corrupt file), each recorded in the "
+                         "store, instead of stopping at the first; a resume may add it")
     ex.add_argument("--batch-size", type=int)
     ex.add_argument("--workers", type=int, help="DataLoader workers")
     ex.add_argument("--device", help="default: cuda when available")

@@ -30,6 +30,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -97,6 +98,7 @@ class ExtractOptions:
     output_names: list[str] = field(default_factory=list)
     num_samples: int | None = None
     sample_seed: int | None = None
+    skip_failed: bool = False  # items the data set fails to give are left out and recorded, not fatal
     batch_size: int = 16
     workers: int = 0
     device: str | None = None
@@ -134,7 +136,7 @@ class ExtractOptions:
     def recorded(self) -> dict:
         """The options that must match for --resume (not where or how fast)."""
         d = asdict(self)
-        for key in ("resume", "progress", "workers", "slots", "command", "device", "out", "malloc_tuning"):
+        for key in ("resume", "progress", "workers", "slots", "command", "device", "out", "malloc_tuning", "skip_failed"):
             d.pop(key)
         return d
 
@@ -149,6 +151,7 @@ class ExtractResult:
     load_report: dict
     path: str
     outputs: dict = field(default_factory=dict)
+    skipped: list[tuple[int, str]] = field(default_factory=list)  # (source index, error) of the items left out
 
 
 def _reduction_option(reduction: Any) -> Any:
@@ -301,7 +304,10 @@ class _Indexed(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, Any]:
         j = self.indices[i]
-        return j, self.base[j]
+        try:
+            return j, self.base[j]
+        except Exception as exc:  # noqa: BLE001 - handed to the loop, which raises it in one line or records it
+            return j, _FailedItem(f"{type(exc).__name__}: {' '.join(str(exc).split())}", traceback.format_exc())
 
 
 class _Stream(IterableDataset):
@@ -316,7 +322,17 @@ class _Stream(IterableDataset):
 
     def __iter__(self):
         position = -1
-        for position, item in enumerate(itertools.islice(self.base, self.num_samples)):
+        items = enumerate(itertools.islice(self.base, self.num_samples))
+        while True:
+            try:
+                position, item = next(items)
+            except StopIteration:
+                break
+            except Exception as exc:  # an iterator that raised is done: nothing after it can be read
+                log.error("the data set's traceback:\n%s", traceback.format_exc().rstrip())
+                raise ExtractError(f"the iterable data set failed on item {position + 1}: {type(exc).__name__}: "
+                                   f"{' '.join(str(exc).split())}; fix it (its traceback is logged above): an "
+                                   "iterator cannot go on past an error, so --skip-failed does not apply") from None
             if position in self.positions:
                 yield position, item
         if position + 1 < self.num_samples:
@@ -354,6 +370,16 @@ _COLLATE_MAP = {**default_collate_fn_map, type(None): _collate_none}
 
 
 @dataclass
+class _FailedItem:
+    """What _Indexed hands over for an item that the data set failed to give (an exception raised
+    in a DataLoader worker arrives wrapped in its traceback): the loop raises it in one line, or
+    leaves the item out and records it (--skip-failed)."""
+
+    error: str  # "OSError: cannot decode video 13.mp4"
+    traceback: str
+
+
+@dataclass
 class _Unbatchable:
     """What _collate hands over in place of a batch it could not make, for the loop to raise
     in one line (an exception raised in a DataLoader worker arrives wrapped in its traceback)."""
@@ -362,12 +388,17 @@ class _Unbatchable:
 
 
 def _collate(items):
+    """(source indices, the batch of the items the data set gave, [(index, _FailedItem)...])"""
+    failed = [(i, x) for i, x in items if isinstance(x, _FailedItem)]
+    items = [(i, x) for i, x in items if not isinstance(x, _FailedItem)]
     index = torch.tensor([i for i, _ in items], dtype=torch.int64)
     samples = [x for _, x in items]
+    if not samples:
+        return index, None, failed
     try:
-        return index, collate(samples, collate_fn_map=_COLLATE_MAP)
+        return index, collate(samples, collate_fn_map=_COLLATE_MAP), failed
     except (TypeError, RuntimeError, KeyError, AttributeError) as exc:  # AttributeError: a None, in a worker
-        return index, _Unbatchable(_not_batched(samples, index.tolist(), exc))
+        return index, _Unbatchable(_not_batched(samples, index.tolist(), exc)), failed
 
 
 def _field_problem(samples: list[Mapping], key: Any) -> str | None:
@@ -390,6 +421,26 @@ def _not_batched(samples: list, index: list[int], exc: Exception) -> str:
     what = f"their field {field!r}" if field is not None else "they"
     return (f"a batch of {len(index)} items (the first is item {index[0]}) cannot be made: {what}: {why}; give every "
             "item the same fields and shapes (a field that is None in all of them stays None), or use --batch-size 1")
+
+
+LOGGED_FAILURES = 10  # items left out that are logged one by one; the store records every one
+FAILED_BEFORE_ANY_ROW = 64  # with --skip-failed, this many failures and no item read: a broken data set
+
+
+def _left_out(failed: list[tuple[int, _FailedItem]], opts: "ExtractOptions", earlier: int) -> list[tuple[int, str]]:
+    """A batch's items that the data set failed to give, as (source index, error) to record;
+    without --skip-failed the first of them stops the run, in one line (its traceback logged)."""
+    if not opts.skip_failed:
+        index, item = failed[0]
+        log.error("the data set's traceback for item %d:\n%s", index, item.traceback.rstrip())
+        raise ExtractError(f"the data set failed on item {index}: {item.error}; fix it (its traceback is logged above), "
+                           "or pass --skip-failed to leave out the items that fail (each is recorded in the store)")
+    for n, (index, item) in enumerate(failed, earlier):
+        if n < LOGGED_FAILURES:
+            log.warning("item %d left out (--skip-failed): %s", index, item.error)
+        elif n == LOGGED_FAILURES:
+            log.warning("more items left out: each is recorded in the store, and `marstore info` lists them")
+    return [(index, item.error) for index, item in failed]
 
 
 def _get_dotted(batch: Any, path: str) -> Any:
@@ -481,7 +532,7 @@ def extract(opts: ExtractOptions, on_batch: Callable[[int], None] | None = None)
     except (KeyboardInterrupt, Interrupted):
         raise  # torchrun passes Ctrl-C to every rank; each has committed its rows
     except Exception as exc:  # noqa: BLE001 - reported to every rank below, then raised
-        error = f"{type(exc).__name__}: {exc}"
+        error = str(exc) if isinstance(exc, ExtractError) else f"{type(exc).__name__}: {exc}"  # ours say what failed
         log.error("rank %d failed: %s", rank.rank, error)
     statuses: list = [None] * rank.world
     dist.all_gather_object(statuses, (rank.rank, error))
@@ -619,6 +670,8 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
     shapes: dict[str, tuple] = {}
     left_out: dict[str, str] = {}  # parts of the forward's return that are not scalars, said once
     batches = iter(loader)
+    skipped = 0  # items the data set failed to give, left out (--skip-failed)
+    unrecorded: list[tuple[int, str]] = []  # ... and not yet handed to the writer
     progress = tqdm(total=len(indices), initial=start_row, unit="row", disable=None if opts.progress else True,
                     dynamic_ncols=True, desc="extract")
     interrupt = _DeferredInterrupt()
@@ -627,7 +680,17 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         with hooks.Capture(model, selections, multi_fire=opts.multi_fire, allow_missing=opts.allow_missing,
                            stop_early=opts.stop_early, unfold_batch=opts.unfold_batch) as capture:
             pending: list[tuple] = []
-            for index, batch in batches:
+            for index, batch, failed in batches:
+                if failed:
+                    unrecorded += _left_out(failed, opts, skipped)
+                    skipped += len(failed)
+                    if skipped >= FAILED_BEFORE_ANY_ROW and writer is None and not pending:
+                        raise ExtractError(f"the data set failed on each of the {skipped} items asked of it so far (the "
+                                           f"first: item {unrecorded[0][0]}, {unrecorded[0][1]}): it is broken, not some "
+                                           "of its files; fix it before --skip-failed can help")
+                    if batch is None:  # every item of the batch failed
+                        progress.update(len(failed))
+                        continue
                 if isinstance(batch, _Unbatchable):
                     raise ExtractError(batch.message)
                 # copied before the forward, which may change its inputs in place (UVA's does)
@@ -636,16 +699,20 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                 tensors, out = _run_batch(model, forward, capture, _to_device(batch, device), shapes, opts, autocast)
                 outputs = _outputs_of(out, opts.output_names, left_out)
                 del out  # it may hold large tensors: not into the next forward
+                progress.update(len(failed))
+                # items left out before this batch's rows are committed with them (a resume starts after both)
+                batch_rows = (index, tensors, targets, outputs, unrecorded)
+                unrecorded = []
                 if writer is None:
-                    pending.append((index, tensors, targets, outputs))
+                    pending.append(batch_rows)
                     if len(pending) < 2 and len(pending) < len(loader):
                         continue  # a second batch shows which layers change shape (ragged)
                     writer = _open_writer(opts, selections, capture, pending, metadata, start_row)
                     todo, pending = pending, []
                 else:
-                    todo = [(index, tensors, targets, outputs)]
-                for idx, tens, targ, outs in todo:
-                    total_bytes += _submit(ring, writer, tens, targ, idx, out_dtype, outs)
+                    todo = [batch_rows]
+                for idx, tens, targ, outs, left in todo:
+                    total_bytes += _submit(ring, writer, tens, targ, idx, out_dtype, outs, left)
                     progress.update(len(idx))
                     progress.set_postfix_str(_rate(total_bytes, started), refresh=False)
                     if on_batch is not None:
@@ -654,11 +721,14 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                     raise KeyboardInterrupt
             if writer is None and pending:
                 writer = _open_writer(opts, selections, capture, pending, metadata, start_row)
-                for idx, tens, targ, outs in pending:
-                    total_bytes += _submit(ring, writer, tens, targ, idx, out_dtype, outs)
+                for idx, tens, targ, outs, left in pending:
+                    total_bytes += _submit(ring, writer, tens, targ, idx, out_dtype, outs, left)
                     progress.update(len(idx))
             if writer is None:
-                raise ExtractError("the data set yielded no rows to extract")
+                raise ExtractError("the data set yielded no rows to extract" + (
+                    f" (all {skipped} items failed: {unrecorded[0][1]} ...)" if skipped else ""))
+            if unrecorded:  # items at the end, after the last rows
+                writer.skip(unrecorded)
             interrupt.committing = True
             writer.close()
     except KeyboardInterrupt:
@@ -689,6 +759,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                          "layout": info.layout, "row_shape": list(info.row_shape)} for name, info in store.layers.items()}
         rows = store.rows
         outputs = summarize_outputs(store)
+        skipped_items = store.skipped()
     nonfinite_outputs = sum(o["nonfinite"] for o in outputs.values())
     if nonfinite_outputs:
         log.warning("%d forward outputs (losses) in %s are non-finite, or missing from their batch", nonfinite_outputs, opts.out)
@@ -696,7 +767,11 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
     if overflowed:
         log.warning("finite values past float16's range were stored as inf (%s); --dtype bfloat16 or float32 keeps "
                     "them", ", ".join(f"{name}: {n}" for name, n in overflowed.items()))
-    return ExtractResult(rows, seconds, total_bytes, os.path.getsize(opts.out), layers, report.as_dict(), opts.out, outputs)
+    if skipped_items:
+        log.warning("%s that the data set failed to give left out (the first: item %d, %s); %s lists them under /skipped",
+                    _items(len(skipped_items)), *skipped_items[0], opts.out)
+    return ExtractResult(rows, seconds, total_bytes, os.path.getsize(opts.out), layers, report.as_dict(), opts.out, outputs,
+                         skipped_items)
 
 
 def summarize_outputs(store: Store) -> dict[str, dict]:
@@ -928,8 +1003,9 @@ def _human(nbytes: float) -> str:
 
 
 def _submit(ring: TransferRing, writer: StoreWriter, tensors: dict, targets: dict, index: torch.Tensor,
-            out_dtype: torch.dtype, outputs: dict[str, Any]) -> int:
-    """The batch's tensors and the forward's scalars into a ring slot, the slot to the writer."""
+            out_dtype: torch.dtype, outputs: dict[str, Any], skipped: list[tuple[int, str]]) -> int:
+    """The batch's tensors and the forward's scalars into a ring slot, the slot to the writer
+    (with the items left out before the batch)."""
     try:
         writer.check_shapes({name: tuple(t.shape) for name, t in tensors.items()})
     except RowShapeError as exc:
@@ -946,7 +1022,7 @@ def _submit(ring: TransferRing, writer: StoreWriter, tensors: dict, targets: dic
         log.info("transfer ring: a batch needs %d bytes, more than a slot holds; re-allocating slots of %d bytes", need, grown)
         ring.reserve(grown)
         slot = ring.submit(tensors, dtype=out_dtype, scalars=outputs)
-    writer.append(slot, targets=targets, index=index.numpy())
+    writer.append(slot, targets=targets, index=index.numpy(), skipped=skipped)
     return sum(t.numel() for t in tensors.values()) * out_dtype.itemsize
 
 
@@ -962,7 +1038,7 @@ def _json(value: Any) -> Any:
 
 
 def _check_resume(opts: ExtractOptions, metadata: dict) -> tuple[int, set[str]]:
-    """(the committed rows to continue after, the layers the store keeps ragged)."""
+    """(the planned items to continue after, the layers the store keeps ragged)."""
     if not os.path.exists(opts.out):
         log.info("--resume: %s does not exist yet; starting from the beginning", opts.out)
         return 0, set()
@@ -977,8 +1053,15 @@ def _check_resume(opts: ExtractOptions, metadata: dict) -> tuple[int, set[str]]:
                                + ", ".join(f"{k} (recorded {recorded.get(k)!r}, now {now.get(k)!r})" for k in differ))
         if store.status == "complete":
             raise ExtractError(f"--resume: {opts.out} is already complete ({store.rows} rows)")
-        log.info("--resume: continuing %s after %d committed rows", opts.out, store.rows)
-        return store.rows, {name for name, info in store.layers.items() if info.layout == "ragged"}
+        # every item before the resume point is a committed row or a committed item left out
+        left_out = len(store.skipped())
+        log.info("--resume: continuing %s after %d committed rows%s", opts.out, store.rows,
+                 f" and {_items(left_out)} left out" if left_out else "")
+        return store.rows + left_out, {name for name, info in store.layers.items() if info.layout == "ragged"}
+
+
+def _items(n: int) -> str:
+    return f"{n} item{'s' * (n != 1)}"
 
 
 def describe(result: ExtractResult) -> str:
@@ -989,6 +1072,9 @@ def describe(result: ExtractResult) -> str:
         lines.append(f"  {name:<28} {info['layout']:<6} row {tuple(info['row_shape'])}  nonfinite {info['nonfinite']}, "
                      f"overflow {info['overflow']}")
     lines += [describe_output(name, o) for name, o in result.outputs.items()]
+    if result.skipped:
+        lines.append(f"  left out {_items(len(result.skipped))} that the data set failed to give (the first: item "
+                     f"{result.skipped[0][0]}, {result.skipped[0][1]}); `marstore info` lists them")
     r = result.load_report
     if r.get("checkpoint"):
         config_source = f"config from {r['config_key']!r}" if r.get("config_key") else "no config (--model-arg values only)"

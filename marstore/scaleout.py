@@ -93,7 +93,7 @@ def write_top_file(out: str, parts: list[str]) -> int:
         total = sum(rows)
         tmp = out + ".tmp"
         with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
-            f.attrs.update({k: v for k, v in first.attrs.items() if k not in ("rows", "status")})
+            f.attrs.update({k: v for k, v in first.attrs.items() if k not in ("rows", "status", "skipped")})
             f.attrs.update({
                 "format": FORMAT, "format_version": FORMAT_VERSION, "rows": total,
                 "status": "complete" if all(s.status == "complete" for s in stores) else "incomplete",
@@ -135,6 +135,7 @@ def write_top_file(out: str, parts: list[str]) -> int:
                 virtual(tg, spec["name"], f"targets/{spec['name']}", rows)
             virtual(f, "index", "index", rows)
             _join_outputs(f, stores)
+            _join_skipped(f, stores)
         os.replace(tmp, out)
         log.info("%s: virtual store over %d parts, %d rows", out, len(parts), total)
         return total
@@ -164,6 +165,16 @@ def _join_outputs(f: h5py.File, stores: list) -> None:
         out.create_dataset(n, data=np.concatenate(values[n]))
 
 
+def _join_skipped(f: h5py.File, stores: list) -> None:
+    """The items each part left out (--skip-failed), copied into /skipped, part by part."""
+    items = [item for s in stores for item in s.skipped()]
+    if items:
+        group = f.create_group("skipped")
+        group.create_dataset("index", data=np.array([i for i, _ in items], np.int64))
+        group.create_dataset("error", data=np.array([e for _, e in items], dtype=object), dtype=h5py.string_dtype())
+        f.attrs["skipped"] = len(items)
+
+
 def merge(store_path: str, out: str, rows_per_copy: int = 4096) -> int:
     """Copies a (virtual) store into one self-contained store, a bounded number of rows at a time."""
     if os.path.exists(out):
@@ -174,6 +185,7 @@ def merge(store_path: str, out: str, rows_per_copy: int = 4096) -> int:
         targets = [TargetSpec(**{k: tuple(v) if k == "row_shape" else v for k, v in spec.items()})
                    for spec in json.loads(src.file.attrs["targets"])]
         with StoreWriter(out, layers, targets, src.metadata, commit_rows=1 << 30, expected_rows=src.rows) as w:
+            w.skip(src.skipped())
             for a in range(0, src.rows, rows_per_copy):
                 b = min(src.rows, a + rows_per_copy)
                 acts = {}

@@ -364,6 +364,7 @@ class _Batch:
     slot: Any = None
     nbytes: int = 0
     outputs: Mapping[str, float] = field(default_factory=dict)
+    skipped: list[tuple[int, str]] = field(default_factory=list)  # items left out before this batch's rows
 
 
 _STOP = object()
@@ -419,6 +420,9 @@ class StoreWriter:
         self._targets = {s.name: self._file["targets"][s.name] for s in self.targets_spec}
         self._index = self._file["index"]
         self.committed = int(self._file.attrs["rows"])
+        # items the data set failed to give, left out: /skipped holds those committed, this list the rest
+        self.skipped_committed = int(self._file.attrs.get("skipped", 0))
+        self._skipped: list[tuple[int, str]] = []
         if resume:
             self._restore_state()
         self.written = self.committed  # rows handed to HDF5, committed or not
@@ -523,6 +527,9 @@ class StoreWriter:
         for ds in self._targets.values():
             ds.resize((rows, *ds.shape[1:]))
         self._index.resize((rows,))
+        if "skipped" in self._file:
+            for ds in self._file["skipped"].values():
+                ds.resize((self.skipped_committed,))
         if "outputs" in self._file:
             group = self._file["outputs"]
             keep = int(np.searchsorted(group["row_start"][:], rows))  # batches that start before `rows`
@@ -548,12 +555,14 @@ class StoreWriter:
         counts: Mapping[str, tuple[int, int]] | None = None,
         outputs: Mapping[str, float] | None = None,
         on_written: Callable[[], None] | None = None,
+        skipped: Sequence[tuple[int, str]] = (),
     ) -> None:
         """Queues one batch. activations: {layer: array or CPU tensor (or Ragged)}, or a
         TransferRing slot (waited for and released by the writer thread). index: the source
         data set's index of each row. counts: {layer: (nonfinite, overflow)} from the transfer.
         outputs: per-batch scalars (the forward's losses), kept under /outputs with the batch's
-        first row.
+        first row. skipped: (source index, error) of items left out since the last batch,
+        committed with this batch's rows, under /skipped.
         Blocks only while the queue is full."""
         self._raise_if_failed()
         if self._closed:
@@ -594,7 +603,7 @@ class StoreWriter:
                 raise StoreError(f"target {name!r}: batch shape {t.shape}, expected {expected}")
         nbytes = sum(v[0].nbytes for v in activations.values()) if slot is None else slot.nbytes
         batch = _Batch(activations, targets, index, dict(counts or {}), on_written, slot, nbytes,
-                       {str(k): float(v) for k, v in (outputs or {}).items()})
+                       {str(k): float(v) for k, v in (outputs or {}).items()}, [(int(i), str(e)) for i, e in skipped])
         while True:  # wake up now and then to notice a writer that died
             try:
                 self._queue.put(batch, timeout=0.5)
@@ -612,6 +621,13 @@ class StoreWriter:
         while not done.wait(0.5):
             self._raise_if_failed()
         self._raise_if_failed()
+
+    def skip(self, items: Sequence[tuple[int, str]]) -> None:
+        """Records (source index, error) of items left out after the last batch, at the next
+        commit (items left out between batches go with the next batch: append(skipped=))."""
+        self._raise_if_failed()
+        self._queue.put(("skipped", [(int(i), str(e)) for i, e in items]))
+        self._pump()
 
     def close(self, complete: bool = True) -> None:
         """Writes what is queued, commits it, and marks the store complete (or not)."""
@@ -680,6 +696,9 @@ class StoreWriter:
         if isinstance(item, tuple) and item[0] == "commit":
             self._commit()
             item[1].set()
+            return True
+        if isinstance(item, tuple) and item[0] == "skipped":
+            self._skipped += item[1]
             return True
         self._write(item)
         if self.written - self.committed >= self.commit_rows or self._uncommitted_bytes >= self.commit_bytes:
@@ -755,6 +774,7 @@ class StoreWriter:
                 self._update_stats(parts, counts)
             self.written = start + n
             self._uncommitted_bytes += batch.nbytes
+            self._skipped += batch.skipped
         finally:
             if batch.slot is not None:
                 batch.slot.release()
@@ -865,6 +885,7 @@ class StoreWriter:
         """Flushes the rows written so far, then advances the committed count and flushes again:
         a crash between the two leaves the old count, whose rows are all on disk."""
         self._flush_chunks()
+        skipped = self._write_skipped()
         self._file.flush()
         self._sync()
         for layer in self._layers.values():
@@ -877,14 +898,33 @@ class StoreWriter:
             a["std"] = layer.moments.std()
             a["stats_m2"] = layer.moments.m2
         self._file.attrs["rows"] = self.written
+        if skipped:
+            self._file.attrs["skipped"] = skipped
         self._file.attrs["committed_at"] = _now()
         if final:
             self._file.attrs["status"] = "complete"
         self._file.flush()
         self._sync()
         self.committed = self.written
+        self.skipped_committed = skipped
         self._uncommitted_bytes = 0
         log.debug("store %s: committed %d rows%s", self.path, self.committed, " (complete)" if final else "")
+
+    def _write_skipped(self) -> int:
+        """Appends the items left out since the last commit to /skipped (source index, error);
+        the root attribute 'skipped', set with 'rows', says how many of them are committed."""
+        total = self.skipped_committed + len(self._skipped)
+        if self._skipped:
+            group = self._file.require_group("skipped")
+            if "index" not in group:
+                group.create_dataset("index", shape=(0,), dtype=np.int64, chunks=(1024,), maxshape=(None,))
+                group.create_dataset("error", shape=(0,), dtype=h5py.string_dtype(), chunks=(256,), maxshape=(None,))
+            for name, values in (("index", np.array([i for i, _ in self._skipped], np.int64)),
+                                 ("error", np.array([e for _, e in self._skipped], dtype=object))):
+                group[name].resize((total,))
+                group[name][self.skipped_committed :] = values
+            self._skipped = []
+        return total
 
     def _sync(self) -> None:
         if self.fsync:
@@ -1142,6 +1182,15 @@ class Store:
         group = self.file["outputs"]
         batches = int(np.searchsorted(group["row_start"][:], self.rows))  # batches that start before rows
         return {name: ds[:batches] for name, ds in group.items()}
+
+    def skipped(self) -> list[tuple[int, str]]:
+        """(source index, error) of each committed item that the data set failed to give and the
+        extraction left out (--skip-failed), in the order met."""
+        count = int(self.file.attrs.get("skipped", 0))
+        if not count:
+            return []
+        group = self.file["skipped"]
+        return list(zip(group["index"][:count].tolist(), group["error"].asstr()[:count].tolist()))
 
     def close(self) -> None:
         self.file.close()

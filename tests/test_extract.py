@@ -1220,6 +1220,76 @@ def test_a_text_target_is_stored_as_utf8_strings_also_across_a_resume(tmp_path, 
     assert json.loads(capsys.readouterr().out)["targets"]["task"] == {"shape": [40], "dtype": "str"}
 
 
+def test_an_item_the_data_set_fails_to_give_stops_the_run_in_one_line_and_keeps_the_rows_before(tmp_path, caplog):
+    opts = options(tmp_path, dataset="helpers.failing_data:failing", dataset_args={"size": 40, "fail_at": 29},
+                   commit_rows=8)
+    with pytest.raises(ExtractError) as info:
+        extract(opts)
+    assert str(info.value) == ("the data set failed on item 29: RuntimeError: sample 29 is unreadable; fix it (its traceback "
+                               "is logged above), or pass --skip-failed to leave out the items that fail (each is "
+                               "recorded in the store)")
+    traceback_logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("the data set's traceback")]
+    assert traceback_logged[0].startswith("the data set's traceback for item 29:\nTraceback (most recent call last):")
+    assert traceback_logged[0].endswith("RuntimeError: sample 29 is unreadable")
+    with open_store(opts.out) as s:
+        assert s.rows == 24 and s.status == "incomplete" and s.skipped() == []  # the batches before item 29's
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skip_failed_leaves_out_the_items_that_fail_records_them_and_resumes_past_them(tmp_path, workers):
+    # 9-15 fill a whole batch of 8 (one item of it, 8, is read); 37 and 39 are in the last batch
+    fail_at = [3, *range(9, 16), 37, 39]
+    base = dict(dataset="helpers.failing_data:failing", dataset_args={"size": 40, "fail_at": fail_at}, commit_rows=8,
+                workers=workers)
+    whole = extract(options(tmp_path, out=str(tmp_path / "whole.h5"), skip_failed=True, **base))
+    kept = [i for i in range(40) if i not in fail_at]
+    errors = [(i, f"RuntimeError: sample {i} is unreadable") for i in fail_at]
+    assert whole.rows == len(kept) and whole.skipped == errors
+    with open_store(whole.path) as s:
+        assert s.status == "complete" and s.index().tolist() == kept and s.skipped() == errors
+
+    calls = []
+
+    def stop_after_three(rows):
+        calls.append(rows)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    opts = options(tmp_path, out=str(tmp_path / "resumed.h5"), skip_failed=True, **base)
+    with pytest.raises(Interrupted):
+        extract(opts, on_batch=stop_after_three)
+    with open_store(opts.out) as s:
+        assert s.rows == 16 and s.skipped() == errors[:8]  # batches 0-7, 8-15 (one row) and 16-23
+    resumed = extract(dataclasses.replace(opts, resume=True))
+    assert resumed.skipped == errors
+    with open_store(opts.out) as a, open_store(whole.path) as b:
+        assert a.index().tolist() == kept and all(np.array_equal(a.read(n), b.read(n)) for n in a.layers)
+
+
+def test_skip_failed_stops_a_data_set_that_gives_nothing(tmp_path):
+    with pytest.raises(ExtractError) as info:
+        extract(options(tmp_path, dataset="helpers.failing_data:failing", skip_failed=True,
+                        dataset_args={"size": 200, "fail_at": list(range(200))}))
+    assert str(info.value) == ("the data set failed on each of the 64 items asked of it so far (the first: item 0, "
+                               "RuntimeError: sample 0 is unreadable): it is broken, not some of its files; fix it before "
+                               "--skip-failed can help")
+    with pytest.raises(ExtractError) as info:
+        extract(options(tmp_path, dataset="helpers.failing_data:failing", skip_failed=True,
+                        dataset_args={"size": 20, "fail_at": list(range(20))}))
+    assert str(info.value) == ("the data set yielded no rows to extract (all 20 items failed: RuntimeError: sample 0 is "
+                               "unreadable ...)")
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_iterable_data_set_that_fails_stops_in_one_line(tmp_path):
+    with pytest.raises(ExtractError) as info:
+        extract(options(tmp_path, dataset="helpers.failing_data:failing_stream", dataset_args={"size": 40, "fail_at": 13},
+                        num_samples=40, skip_failed=True))
+    assert str(info.value) == ("the iterable data set failed on item 13: RuntimeError: sample 13 is unreadable; fix it (its "
+                               "traceback is logged above): an iterator cannot go on past an error, so --skip-failed does "
+                               "not apply")
+
+
 def test_a_target_that_is_neither_numbers_nor_text_is_refused_before_the_store_is_made(tmp_path):
     with pytest.raises(ExtractError) as info:
         extract(options(tmp_path, dataset="helpers.streams:named_samples", targets=["label", "raw"]))

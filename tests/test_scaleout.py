@@ -128,7 +128,7 @@ def test_a_failing_rank_stops_the_job_and_is_named(tmp_path):
                  "--targets", "nactions", "--out", str(tmp_path / "s.h5"), ranks=2)
     _, err = p.communicate(timeout=300)
     assert p.returncode != 0
-    assert "rank 1 failed: RuntimeError: sample 5 is unreadable" in err
+    assert "rank 1 failed: the data set failed on item 5: RuntimeError: sample 5 is unreadable" in err
     assert not os.path.exists(tmp_path / "s.h5")  # no top file over a failed job
 
 
@@ -175,7 +175,7 @@ def test_a_virtual_store_whose_part_is_missing_is_refused_not_read_as_zeros(tmp_
     assert ActivationDataset(top, "x").read_all()["x"][:, 0].tolist() == [1] * 3 + [2] * 3
 
 
-def test_text_targets_join_in_the_virtual_store_and_survive_a_merge(tmp_path):
+def test_text_targets_and_items_left_out_join_in_the_virtual_store_and_survive_a_merge(tmp_path):
     from marstore.scaleout import merge, write_top_file
     from marstore.store import TEXT, LayerSpec, StoreWriter, TargetSpec
 
@@ -183,12 +183,13 @@ def test_text_targets_join_in_the_virtual_store_and_survive_a_merge(tmp_path):
     for r, part in enumerate(parts):
         with StoreWriter(part, [LayerSpec("x", (2,))], [TargetSpec("task", (), TEXT)]) as w:
             w.append({"x": np.full((3, 2), r, np.float16)}, targets={"task": [f"rank{r} é{i}" for i in range(3)]},
-                     index=np.arange(r, 6, 2))
+                     index=np.arange(r, 6, 2), skipped=[(6 + r, f"OSError: item {6 + r}")])
     top = str(tmp_path / "a.h5")
     write_top_file(top, parts)
     want = [f"rank{r} é{i}" for r in range(2) for i in range(3)]
+    skipped = [(6, "OSError: item 6"), (7, "OSError: item 7")]
     with open_store(top) as s:
-        assert s.target("task").tolist() == want
+        assert s.target("task").tolist() == want and s.skipped() == skipped
     merge(top, str(tmp_path / "m.h5"))
     with open_store(tmp_path / "m.h5") as s:
-        assert s.target("task").tolist() == want and s.index().tolist() == [0, 2, 4, 1, 3, 5]
+        assert s.target("task").tolist() == want and s.index().tolist() == [0, 2, 4, 1, 3, 5] and s.skipped() == skipped

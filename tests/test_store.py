@@ -649,6 +649,42 @@ def test_outputs_per_batch_across_a_resume_and_a_late_output(tmp_path, backgroun
         assert {k: v.tobytes() for k, v in store.outputs().items()} == {k: v[:].tobytes() for k, v in out.items()}
 
 
+@pytest.mark.parametrize("background", [True, False], ids=["thread", "inline"])
+def test_items_left_out_are_committed_with_the_rows_after_them_and_resume(tmp_path, background, monkeypatch, capsys):
+    path = str(tmp_path / "skipped.h5")
+    spec = [LayerSpec("enc", (2,))]
+    rows = np.zeros((2, 2), np.float16)
+    w = StoreWriter(path, spec, commit_rows=4, background=background)
+    w.append({"enc": rows}, index=[0, 2], skipped=[(1, "OSError: bad 1")])
+    w.append({"enc": rows}, index=[3, 4])  # committed here (4 rows), with item 1
+    w.flush()
+    w.close(complete=False)
+    with h5py.File(path, "r+", locking=False) as f:  # what a kill between the two steps of a commit leaves
+        assert f.attrs["skipped"] == 1
+        for name, value in (("index", 99), ("error", "junk")):
+            f["skipped"][name].resize((2,))
+            f["skipped"][name][1] = value
+    with StoreWriter(path, spec, commit_rows=4, background=background, resume=True) as w:
+        assert w.skipped_committed == 1
+        w.append({"enc": rows}, index=[5, 6])
+        w.skip([(7, "RuntimeError: bad 7")])  # after the last rows: recorded at the closing commit
+    with open_store(path) as store:
+        assert store.rows == 6 and store.index().tolist() == [0, 2, 3, 4, 5, 6]
+        assert store.skipped() == [(1, "OSError: bad 1"), (7, "RuntimeError: bad 7")]
+    with h5py.File(path, "r", locking=False) as f:
+        assert f["skipped/index"][:].tolist() == [1, 7]
+    from marstore import cli
+
+    monkeypatch.setattr(cli, "SKIPPED_SHOWN", 1)
+    assert cli.main(["info", path]) == 0
+    out = capsys.readouterr().out.splitlines()
+    at = out.index("  left out (--skip-failed): 2 items the data set failed to give:")
+    assert out[at + 1 : at + 3] == ["    item 1: OSError: bad 1", "    ... and 1 more (marstore info --json lists every one)"]
+    assert cli.main(["info", "--json", path]) == 0
+    assert json.loads(capsys.readouterr().out)["skipped"] == [{"index": 1, "error": "OSError: bad 1"},
+                                                             {"index": 7, "error": "RuntimeError: bad 7"}]
+
+
 def test_outputs_read_back_are_those_of_committed_batches(tmp_path, capsys):
     from marstore.cli import main
 
