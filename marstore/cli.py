@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("store")
     pr.add_argument("--layer", nargs="+", metavar="LAYER",
                     help="layer names, globs or re:REGEX; several layers give a depth plot (default: every layer)")
-    pr.add_argument("--target", required=True)
+    pr.add_argument("--target", help="the target to probe for (default: the store's, when it has one)")
     pr.add_argument("--task", choices=["auto", "regression", "classification"])
     pr.add_argument("--kind", choices=["linear", "mlp"])
     pr.add_argument("--solver", choices=["auto", "direct", "adamw"],

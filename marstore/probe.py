@@ -37,7 +37,7 @@ import os
 import signal
 import statistics
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -76,7 +76,7 @@ BOOTSTRAP_DRAWS = 1000  # resamples of the test rows behind each 95% interval
 @dataclass
 class ProbeOptions:
     store: str
-    target: str
+    target: str | None = None  # by default the store's target, when it has one
     layer: str | list[str] = "**"  # a name or pattern, or several; by default every layer
     out: str = "probes"
     task: str = "auto"  # regression, classification or auto
@@ -529,6 +529,12 @@ def run_probes(opts: ProbeOptions) -> dict:
         layers = layers_of(s, opts.layer)
         if opts.layer == "**":
             log.info("probing every layer of %s (%d; --layer picks some)", opts.store, len(layers))
+        if opts.target is None:
+            if len(s.targets) != 1:
+                raise ProbeError(f"--target: name one of the targets of {opts.store}: {', '.join(sorted(s.targets))}"
+                                 if s.targets else f"{opts.store} holds no targets to probe: extract with --targets")
+            opts = replace(opts, target=next(iter(s.targets)))
+            log.info("probing for %s, the target of %s", opts.target, opts.store)
         for flag, name in (("--target", opts.target), ("--group", opts.group)):
             if name is not None and name not in s.targets:
                 raise ProbeError(f"{flag} {name!r} is not in {opts.store}; its targets are {sorted(s.targets)}")

@@ -726,6 +726,26 @@ def test_the_probe_command_takes_several_layer_patterns(tmp_path, capsys):
                                                               "skipped", "rows", "skipped", "steps"]
 
 
+def test_the_target_is_the_stores_own_when_it_has_one(tmp_path, caplog):
+    one = tmp_path / "one.h5"
+    with StoreWriter(one, [LayerSpec("a", (2,))], [TargetSpec("y", (), "int64")]) as w:
+        w.append({"a": np.eye(2, dtype=np.float16)[np.arange(100) % 2]}, targets={"y": np.arange(100) % 2}, index=range(100))
+    with caplog.at_level(logging.INFO, logger="marstore.probe"):
+        report = run_probes(ProbeOptions(str(one), out=str(tmp_path / "p"), progress=False))
+    assert report["target"] == "y" and report["layers"][0]["probe"]["test"]["accuracy"] == 1.0
+    assert f"probing for y, the target of {one}" in caplog.messages
+    path = tmp_path / "two.h5"
+    planted_store(path, n=100)
+    with pytest.raises(ProbeError) as info:
+        run_probes(ProbeOptions(str(path), out=str(tmp_path / "p")))
+    assert str(info.value) == f"--target: name one of the targets of {path}: episode, y"
+    with StoreWriter(tmp_path / "none.h5", [LayerSpec("a", (2,))]) as w:
+        w.append({"a": np.zeros((4, 2), np.float16)}, index=range(4))
+    with pytest.raises(ProbeError) as info:
+        run_probes(ProbeOptions(str(tmp_path / "none.h5"), out=str(tmp_path / "p")))
+    assert str(info.value) == f"{tmp_path / 'none.h5'} holds no targets to probe: extract with --targets"
+
+
 def test_the_probe_command_probes_every_layer_when_none_is_named(tmp_path, caplog):
     from marstore.cli import main
 
