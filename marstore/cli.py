@@ -184,8 +184,9 @@ def _options_from(args: argparse.Namespace):
         from_config, from_flags = config.get(key, {}), dict(getattr(args, key[:-1]) or [])
         # a config value that is no mapping goes through as it is, for ExtractOptions to refuse in one line
         merged[key] = {**from_config, **from_flags} if isinstance(from_config, dict) else from_config
-    for key in ("strict", "trust_checkpoint", "allow_missing", "stop_early", "resume", "train_mode", "unfold_batch"):
-        merged[key] = True if getattr(args, key) else config.get(key, False)
+    for key, f in ExtractOptions.__dataclass_fields__.items():  # a flag left out leaves the config's value
+        if f.type == "bool" and isinstance(getattr(args, key, None), bool):
+            merged[key] = True if getattr(args, key) else config.get(key, False)
     if args.channels_first is not None:  # the flag alone: every layer; with patterns: their layers
         merged["channels_first"] = args.channels_first or True
     missing = [k for k in ("out", "model", "dataset", "layers") if not merged.get(k)]

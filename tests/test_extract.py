@@ -1691,6 +1691,7 @@ def test_a_config_file_that_cannot_be_read_is_refused_in_one_line(tmp_path, text
     ("batch_size: 2.5", "--batch-size 2.5: give an integer"),
     ("seed: true", "--seed True: give an integer"),
     ("stop_early: 'no'", "--stop-early 'no': give true or false"),
+    ("skip_failed: 'yes'", "--skip-failed 'yes': give true or false"),
     ("layers: 5", "--layers 5: give a list of names"),
     ("targets: [label, 2]", "--targets ['label', 2]: give a list of names"),
     ("model_args: [1]", r"model_args [1]: give a mapping of KEY: VALUE (--model-arg KEY=VALUE on the command line)"),
@@ -1711,6 +1712,20 @@ def test_a_config_value_of_the_wrong_type_is_refused_before_the_run(tmp_path, ca
     assert main(["extract", "--config", str(path), "--out", str(out)]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"marstore extract: {error}"
     assert not out.exists()
+
+
+def test_every_true_flag_of_a_config_file_holds_unless_the_command_line_sets_it(tmp_path):
+    # --skip-failed in a config file was overridden by the absent flag's False
+    from marstore.cli import _options_from, build_parser
+    from marstore.extract import ExtractOptions
+
+    flags = [k for k, f in ExtractOptions.__dataclass_fields__.items()
+             if f.type == "bool" and f.default is False and k != "resume"]
+    assert {"strict", "skip_failed", "stop_early", "train_mode", "unfold_batch"} <= set(flags)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"model": "m:f", "dataset": "d:f", "layers": ["x"], "out": "o.h5", **dict.fromkeys(flags, True)}))
+    opts = _options_from(build_parser().parse_args(["extract", "--config", str(path)]))
+    assert {k: getattr(opts, k) for k in flags} == dict.fromkeys(flags, True)
 
 
 def test_a_tuple_option_is_kept_as_the_list_a_resume_reads_back(tmp_path):
