@@ -384,6 +384,36 @@ def test_the_direct_solver_reads_a_signal_in_a_small_variance_direction(tmp_path
     assert [p["penalty"] for p in given["layers"][0]["probe"]["penalties"]] == [0.5]
 
 
+def test_the_mlp_probe_starts_at_the_linear_optimum_and_finds_what_it_cannot(tmp_path):
+    # a plain MLP reached R2 0.79 on this store where the linear optimum gives 0.99
+    path = tmp_path / "s.h5"
+    anisotropic_store(path)
+    linear = run_probes(probe_opts(tmp_path, path, layer="a", out=str(tmp_path / "linear")))["layers"][0]
+    report = run_probes(probe_opts(tmp_path, path, layer="a", out=str(tmp_path / "mlp"), kind="mlp", epochs=10))
+    mlp = report["layers"][0]
+    assert "MLP probes for regression, each the linear probe's optimum (frozen) plus an MLP trained by AdamW" \
+        in open(report["markdown"]).read()
+    assert mlp["solver"] == "adamw" and mlp["probe"]["linear_penalty"] == linear["probe"]["penalty"]
+    start = mlp["probe"]["history"][0]
+    assert start["epoch"] == -1 and start["val_loss"] == pytest.approx(linear["probe"]["val"]["mse"], rel=1e-5)
+    assert mlp["probe"]["val"]["mse"] <= start["val_loss"] * (1 + 1e-6)  # never worse than where it started
+    assert mlp["probe"]["test"]["r2"] > 0.98
+    weights = torch.load(mlp["probe"]["weights"], weights_only=True)
+    assert list(weights) == ["linear.weight", "linear.bias", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"]
+    assert torch.equal(weights["linear.weight"], torch.load(linear["probe"]["weights"], weights_only=True)["weight"])
+
+    # labels no linear probe can read: the sign of a product of two features
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1500, 4)).astype(np.float16)
+    xor = tmp_path / "xor.h5"
+    with StoreWriter(xor, [LayerSpec("a", (4,))], [TargetSpec("y", (), "int64")]) as w:
+        w.append({"a": x}, targets={"y": (x[:, 0].astype(np.float32) * x[:, 1] > 0).astype(np.int64)}, index=range(1500))
+    by_kind = {kind: run_probes(probe_opts(tmp_path, xor, layer="a", kind=kind, out=str(tmp_path / f"xor-{kind}"),
+                                           epochs=30, lr=0.01, batch_size=128))["layers"][0] for kind in ("linear", "mlp")}
+    assert by_kind["linear"]["probe"]["test"]["accuracy"] < 0.65
+    assert by_kind["mlp"]["probe"]["test"]["accuracy"] > 0.9 and by_kind["mlp"]["selectivity"] > 0.3
+
+
 @pytest.mark.parametrize("rows, features, block", [(50, 8, 16384), (50, 8, 7), (8, 50, 16384)])
 def test_ridge_regression_and_its_leave_one_out_error_are_the_closed_form_ones(rows, features, block, monkeypatch):
     from marstore.probe import _Ridge
