@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from marstore.dataset import ActivationDataset, ChunkShuffleSampler, collate_padded, collate_rows
-from marstore.probe import PENALTIES, ProbeError, ProbeInterrupted, ProbeOptions, run_probes, table
+from marstore.probe import ProbeError, ProbeInterrupted, ProbeOptions, run_probes, table
 from marstore.store import LayerSpec, Ragged, StoreError, StoreWriter, TargetSpec, open_store
 
 
@@ -380,14 +380,6 @@ def test_the_direct_solver_reads_a_signal_in_a_small_variance_direction(tmp_path
     labels = run_probes(probe_opts(tmp_path, path, layer="a", target="label", out=str(tmp_path / "labels")))
     assert labels["task"] == "classification" and labels["layers"][0]["probe"]["test"]["accuracy"] > 0.9
     assert labels["layers"][0]["control"]["test"]["accuracy"] < 0.6
-    # from the largest penalty down, until the validation loss has risen twice in a row
-    for which in ("probe", "control"):
-        tried = labels["layers"][0][which]["penalties"]  # smallest first
-        assert [p["penalty"] for p in tried] == [10.0 ** k for k in range(3 - len(tried), 3)]
-        losses = [p["val_loss"] for p in tried]
-        assert (losses[0] > losses[1] > losses[2]) == (len(tried) < len(PENALTIES))
-    assert len(labels["layers"][0]["probe"]["penalties"]) == len(PENALTIES)  # the smallest penalty is the best here
-    assert len(labels["layers"][0]["control"]["penalties"]) < len(PENALTIES)
     given = run_probes(probe_opts(tmp_path, path, layer="a", out=str(tmp_path / "given"), weight_decay=0.5))
     assert [p["penalty"] for p in given["layers"][0]["probe"]["penalties"]] == [0.5]
 
