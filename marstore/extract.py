@@ -322,19 +322,15 @@ class _Stream(IterableDataset):
 
     def __iter__(self):
         position = -1
-        items = enumerate(itertools.islice(self.base, self.num_samples))
-        while True:
-            try:
-                position, item = next(items)
-            except StopIteration:
-                break
-            except Exception as exc:  # an iterator that raised is done: nothing after it can be read
-                log.error("the data set's traceback:\n%s", traceback.format_exc().rstrip())
-                raise ExtractError(f"the iterable data set failed on item {position + 1}: {type(exc).__name__}: "
-                                   f"{' '.join(str(exc).split())}; fix it (its traceback is logged above): an "
-                                   "iterator cannot go on past an error, so --skip-failed does not apply") from None
-            if position in self.positions:
-                yield position, item
+        try:
+            for position, item in enumerate(itertools.islice(self.base, self.num_samples)):
+                if position in self.positions:
+                    yield position, item
+        except Exception as exc:  # an iterator that raised is done: nothing after it can be read
+            log.error("the data set's traceback:\n%s", traceback.format_exc().rstrip())
+            raise ExtractError(f"the iterable data set failed on item {position + 1}: {type(exc).__name__}: "
+                               f"{' '.join(str(exc).split())}; fix it (its traceback is logged above): an "
+                               "iterator cannot go on past an error, so --skip-failed does not apply") from None
         if position + 1 < self.num_samples:
             log.warning("the data set ended after %d items, before --num-samples %d: the store holds fewer rows",
                         position + 1, self.num_samples)
