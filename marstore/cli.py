@@ -254,6 +254,20 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from marstore.probe import ProbeError, compare_reports
+
+    try:
+        result = compare_reports(args.reports, args.out, args.label)
+    except ProbeError as exc:
+        print(f"marstore compare: {exc}", file=sys.stderr)
+        return 2
+    print(result["table"])
+    print(f"report: {result['markdown']}, {result['json']}")
+    print(f"plot: {result['depth']}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     import torch
 
@@ -377,6 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--resume", action="store_true", help="continue probes interrupted with Ctrl-C")
     pr.add_argument("--no-progress", action="store_true")
     pr.set_defaults(func=_probe)
+
+    cmp = sub.add_parser("compare", help="probe reports side by side (one per checkpoint, say): a depth plot and a table")
+    cmp.add_argument("reports", nargs="+", metavar="REPORT", help="folders that `marstore probe` wrote (or their report.json)")
+    cmp.add_argument("--label", nargs="+", help="a name for each report (default: its path)")
+    cmp.add_argument("--out", default="comparison", help="where depth.png, report.md and comparison.json go")
+    cmp.set_defaults(func=_compare)
 
     mg = sub.add_parser("merge", help="copy a store written by several ranks into one self-contained file")
     mg.add_argument("store")

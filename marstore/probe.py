@@ -23,7 +23,7 @@ SIGTERM, saves a resumable state at the last finished epoch. Either way the weig
 (a state dict that loads with weights_only=True), and resume=True keeps the layers finished
 before an interruption.
 Outputs: report.json, report.md (the table and the plots), depth.png (metric and control against depth),
-loss_curves.png, and a table.
+loss_curves.png, and a table. compare_reports() puts several reports of one target side by side.
 """
 
 from __future__ import annotations
@@ -728,23 +728,9 @@ def _plots(report: dict, out: str) -> dict:
     metric = report["metric"]
     names = [r["layer"] for r in report["layers"]]
     depth = os.path.join(out, "depth.png")
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names)), 4))
-    for which, style, label in (("probe", "o-", f"probe ({metric})"), ("control", "s--", "control task")):
-        if not all(which in r for r in report["layers"]):
-            continue
-        tests = [r[which]["test"] for r in report["layers"]]
-        line, = ax.plot(range(len(names)), [t[metric] for t in tests], style, label=label)
-        if all(f"{metric}_ci95" in t for t in tests):
-            low, high = zip(*(t[f"{metric}_ci95"] for t in tests))
-            ax.fill_between(range(len(names)), low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_ylabel(f"test {metric} (bands: 95% bootstrap intervals)")
-    ax.set_title(f"What each layer knows about {report['target']}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(depth, dpi=110)
-    plt.close(fig)
+    by_layer = {r["layer"]: r for r in report["layers"]}
+    _depth_plot(depth, names, metric, f"What each layer knows about {report['target']}",
+                [(f"probe ({metric})", "o-", None, by_layer, "probe"), ("control task", "s--", None, by_layer, "control")])
     curves = os.path.join(out, "loss_curves.png")
     fig, ax = plt.subplots(figsize=(7, 4))
     by_penalty = report["solver"] == "direct"  # no epochs: the loss that chose among the penalties
@@ -764,6 +750,108 @@ def _plots(report: dict, out: str) -> dict:
     fig.savefig(curves, dpi=110)
     plt.close(fig)
     return {"depth": depth, "loss_curves": curves}
+
+
+def _depth_plot(path: str, names: list[str], metric: str, title: str,
+                lines: list[tuple[str, str, str | None, dict[str, dict], str]]) -> None:
+    """The test metric of each layer, a line (label, style, color, layer entries by name, "probe"
+    or "control") at a time, with its 95% band where every point has one; a layer a line lacks
+    leaves a gap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names)), 4))
+    for label, style, color, entries, which in lines:
+        tests = [entries[n][which]["test"] if n in entries and which in entries[n] else None for n in names]
+        if all(t is None for t in tests):
+            continue
+        values = [math.nan if t is None else t[metric] for t in tests]
+        line, = ax.plot(range(len(names)), values, style, label=label, color=color)
+        if all(t is None or f"{metric}_ci95" in t for t in tests):
+            low, high = zip(*((math.nan, math.nan) if t is None else t[f"{metric}_ci95"] for t in tests))
+            ax.fill_between(range(len(names)), low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_ylabel(f"test {metric} (bands: 95% bootstrap intervals)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _read_report(path: str) -> dict:
+    file = os.path.join(path, "report.json") if os.path.isdir(path) else path
+    try:
+        with open(file) as f:
+            report = json.load(f)
+    except (OSError, ValueError) as exc:
+        reason = " ".join(str(exc).split())
+        raise ProbeError(f"{path}: no probe report to read ({reason}); give a folder that `marstore probe` wrote, or its "
+                         "report.json") from None
+    if not isinstance(report, dict) or not {"target", "metric", "layers"} <= report.keys():
+        raise ProbeError(f"{file} is not a report of `marstore probe` (it lacks target, metric or layers)")
+    return report
+
+
+def compare_reports(paths: Sequence[str], out: str, labels: Sequence[str] | None = None) -> dict:
+    """Probe reports side by side (one per checkpoint of a training run, say): depth.png with
+    each report's probe metric (solid, with its band) and control (dashed), report.md and
+    comparison.json with each layer's metric and interval per report. The reports must be of
+    one target and metric; layers are matched by name, in the order the reports give them."""
+    labels = list(labels) if labels else [os.path.normpath(p) for p in paths]
+    if len(labels) != len(paths) or len(set(labels)) != len(labels):
+        raise ProbeError(f"--label {' '.join(labels)}: give one distinct label for each of the {len(paths)} reports")
+    if len(paths) < 2:
+        raise ProbeError("give two reports or more to compare")
+    reports = [_read_report(p) for p in paths]
+    kinds = sorted({(r["target"], r["metric"]) for r in reports})
+    if len(kinds) > 1:
+        raise ProbeError("the reports are of different targets or metrics ("
+                         + ", ".join(f"{label}: {r['target']} {r['metric']}" for label, r in zip(labels, reports))
+                         + "); compare reports of one target")
+    (target, metric), = kinds
+    names = list(dict.fromkeys(entry["layer"] for r in reports for entry in r["layers"]))
+    by_layer = [{entry["layer"]: entry for entry in r["layers"]} for r in reports]
+    os.makedirs(out, exist_ok=True)
+    colors = [f"C{i % 10}" for i in range(len(reports))]
+    depth = os.path.join(out, "depth.png")
+    _depth_plot(depth, names, metric, f"What each layer knows about {target}",
+                [(label, "o-", color, entries, "probe") for label, color, entries in zip(labels, colors, by_layer)]
+                + [(f"{label} (control)", "--", color, entries, "control")
+                   for label, color, entries in zip(labels, colors, by_layer)])
+    def summary(entry: dict | None) -> dict | None:  # a layer's figures in one report
+        if entry is None:
+            return None
+        return {metric: entry["probe"]["test"][metric], "ci95": entry["probe"]["test"].get(f"{metric}_ci95"),
+                "control": entry["control"]["test"][metric] if "control" in entry else None}
+
+    comparison = {"target": target, "metric": metric, "reports": [os.path.abspath(p) for p in paths], "labels": labels,
+                  "layers": {n: {label: summary(entries.get(n)) for label, entries in zip(labels, by_layer)} for n in names}}
+    with open(os.path.join(out, "comparison.json"), "w") as f:
+        json.dump(comparison, f, indent=2)
+
+    def cell(value: dict | None) -> str:
+        if value is None:
+            return "-"
+        return f"{value[metric]:.3f}" + ("" if value["ci95"] is None else " ({:.3f} to {:.3f})".format(*value["ci95"]))
+
+    header = ["layer", *labels]
+    rows = [[n, *(cell(comparison["layers"][n][label]) for label in labels)] for n in names]
+    markdown = os.path.join(out, "report.md")
+    with open(markdown, "w") as f:
+        f.write("\n".join([f"# What each layer knows about `{target}`, by report", "",
+                           f"Test {metric} of each layer's probe (its 95% interval); `-`: a layer the report lacks.", "",
+                           "| " + " | ".join(header) + " |", "| --- |" + " ---: |" * len(labels),
+                           *("| " + " | ".join(row) + " |" for row in rows), "",
+                           f"![test {metric} of each layer, by report]({os.path.basename(depth)})", ""]))
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    text = "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                     for row in [header, *rows])
+    return {"depth": depth, "markdown": markdown, "json": os.path.join(out, "comparison.json"), "table": text,
+            "comparison": comparison}
 
 
 def _table_rows(report: dict) -> tuple[list[str], list[list[str]]]:

@@ -776,6 +776,50 @@ def test_the_target_is_the_stores_own_when_it_has_one(tmp_path, caplog):
     assert str(info.value) == f"{tmp_path / 'none.h5'} holds no targets to probe: extract with --targets"
 
 
+def test_reports_are_compared_layer_by_layer(tmp_path, capsys):
+    from marstore.cli import main
+    from marstore.probe import compare_reports
+
+    path = tmp_path / "s.h5"
+    planted_store(path, n=400)
+    both = run_probes(probe_opts(tmp_path, path, layer=["signal", "noise"], out=str(tmp_path / "both")))
+    one = run_probes(probe_opts(tmp_path, path, layer="noise", out=str(tmp_path / "one"), seed=1))
+    result = compare_reports([str(tmp_path / "both"), one["report"]], str(tmp_path / "cmp"), ["early", "late"])
+    s, n = {r["layer"]: r for r in both["layers"]}["signal"], one["layers"][0]
+    assert result["comparison"]["layers"]["signal"] == {
+        "early": {"r2": s["probe"]["test"]["r2"], "ci95": s["probe"]["test"]["r2_ci95"], "control": s["control"]["test"]["r2"]},
+        "late": None}
+    assert result["comparison"]["layers"]["noise"]["late"]["r2"] == n["probe"]["test"]["r2"]
+    assert json.load(open(result["json"])) == result["comparison"]
+    lines = open(result["markdown"]).read().splitlines()
+    low, high = s["probe"]["test"]["r2_ci95"]
+    assert "| layer | early | late |" in lines and \
+        f"| signal | {s['probe']['test']['r2']:.3f} ({low:.3f} to {high:.3f}) | - |" in lines
+    assert os.path.getsize(result["depth"]) > 5000
+    assert result["table"].splitlines()[0].split() == ["layer", "early", "late"]
+
+    labels = run_probes(probe_opts(tmp_path, path, layer="signal", target="episode", task="classification",
+                                   out=str(tmp_path / "labels"), control=False))
+    for args, message in [
+        ([str(tmp_path / "both"), labels["report"]], f"the reports are of different targets or metrics ({tmp_path / 'both'}: "
+                                                      f"y r2, {labels['report']}: episode accuracy); compare reports of "
+                                                      "one target"),
+        ([str(tmp_path / "both")], "give two reports or more to compare"),
+        ([str(tmp_path / "both"), str(tmp_path / "nowhere")], f"{tmp_path / 'nowhere'}: no probe report to read ([Errno 2] "
+                                                              f"No such file or directory: '{tmp_path / 'nowhere'}'); give "
+                                                              "a folder that `marstore probe` wrote, or its report.json"),
+        ([str(tmp_path / "both"), str(tmp_path / "one"), "--label", "a"], "--label a: give one distinct label for each of "
+                                                                          "the 2 reports"),
+        ([str(tmp_path / "both"), str(tmp_path / "s.json")], f"{tmp_path / 's.json'} is not a report of `marstore probe` "
+                                                             "(it lacks target, metric or layers)"),
+    ]:
+        (tmp_path / "s.json").write_text("[1]")
+        assert main(["compare", *args, "--out", str(tmp_path / "x")]) == 2
+        assert capsys.readouterr().err.strip() == f"marstore compare: {message}"
+    assert main(["compare", str(tmp_path / "both"), str(tmp_path / "one"), "--out", str(tmp_path / "y")]) == 0
+    assert capsys.readouterr().out.splitlines()[0].split() == ["layer", str(tmp_path / "both"), str(tmp_path / "one")]
+
+
 def test_the_probe_command_probes_every_layer_when_none_is_named(tmp_path, caplog):
     from marstore.cli import main
 
