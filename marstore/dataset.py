@@ -68,9 +68,9 @@ class ActivationDataset(Dataset):
     layers are names or patterns, as the probe's --layer takes them ("encoder_blocks.*").
 
     An item is a dict {name: tensor}, or a tuple in the order layers + targets when
-    as_tuple=True; a text target's value is a str, and a batch's a list of them. reduction ('mean', 'first', 'last') reduces the token axis of layers stored
-    with tokens at read time; ragged layers give one (tokens, ...) tensor per row, padded by
-    collate_rows (or reduced)."""
+    as_tuple=True; a text target's value is a str, and a batch's a list of them. reduction
+    ('mean', 'first', 'last') reduces the token axis of layers stored with tokens at read time;
+    ragged layers give one (tokens, ...) tensor per row, padded by collate_rows (or reduced)."""
 
     def __init__(self, path: str | os.PathLike, layers: str | Sequence[str], targets: str | Sequence[str] = (), *,
                  rows: Sequence[int] | None = None, as_tuple: bool = False, dtype: torch.dtype = torch.float32,
@@ -249,10 +249,10 @@ class ActivationDataset(Dataset):
 
     def read_all(self, positions: Sequence[int] | None = None,
                  block_bytes: int = READ_BLOCK_BYTES) -> dict[str, torch.Tensor | np.ndarray]:
-        """{name: tensor of every selected row} for dense layers and targets (text targets: an
-        object array of str). Read in blocks of
-        about block_bytes of stored rows, in row order, each block reduced before the next is
-        read: the token means of a layer stored whole (gigabytes) take the memory of the means."""
+        """{name: tensor of every selected row} for dense layers and targets (a text target: an
+        object array of str). Read in blocks of about block_bytes of stored rows, in row order,
+        each block reduced before the next is read: the token means of a layer stored whole
+        (gigabytes) take the memory of the means."""
         positions = np.arange(len(self)) if positions is None else np.asarray(positions, dtype=np.int64)
         if self.ragged and not self.reduction:
             raise StoreError(f"read_all needs dense rows; {sorted(self.ragged)} are ragged: give reduction=")

@@ -418,6 +418,7 @@ class StoreWriter:
             raise
         self._layers = {s.name: _Layer(s, self._file["activations"][s.name]) for s in self.layers_spec}
         self._targets = {s.name: self._file["targets"][s.name] for s in self.targets_spec}
+        self._text_targets = {s.name for s in self.targets_spec if s.dtype == TEXT}
         self._index = self._file["index"]
         self.committed = int(self._file.attrs["rows"])
         # items the data set failed to give, left out: /skipped holds those committed, this list the rest
@@ -596,7 +597,7 @@ class StoreWriter:
         targets = targets or {}
         if sorted(targets) != sorted(self._targets):
             raise StoreError(f"batch targets {sorted(targets)} do not match the store's {sorted(self._targets)}")
-        targets = {name: _text_rows(name, t) if is_text(self._targets[name]) else _as_numpy(t) for name, t in targets.items()}
+        targets = {name: _text_rows(name, t) if name in self._text_targets else _as_numpy(t) for name, t in targets.items()}
         for name, t in targets.items():
             expected = (n, *self._targets[name].shape[1:])
             if t.shape != expected:
