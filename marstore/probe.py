@@ -248,7 +248,12 @@ class _Trainer:
             if state.get("rows", self._rows()) != self._rows():  # the store grew, or other rows were skipped
                 raise ProbeError(f"{label}: --resume: the splits now hold {self._rows()} rows, {state['rows']} when it was "
                                  "interrupted (did an extraction add rows since?); run without --resume to start over")
-            self._load(state)
+            try:
+                self._load(state)
+            except (RuntimeError, ValueError) as exc:  # a state saved by a marstore whose probe had other parameters
+                first = str(exc).strip().splitlines()[0]
+                raise ProbeError(f"{label}: --resume: {self.state_path} holds another probe than this marstore trains "
+                                 f"({first}); run without --resume to start over") from None
             log.info("%s: resumed at epoch %d", label, self.epoch)
         xt, yt = self.x["train"], self.y["train"]
         bar = tqdm(total=opts.epochs, initial=self.epoch, desc=label, unit="epoch", leave=False, disable=None if opts.progress else True)

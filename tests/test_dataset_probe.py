@@ -659,6 +659,41 @@ def test_interrupted_and_resumed_training_matches(tmp_path, monkeypatch):
 
 
 
+def test_an_mlp_probe_resumes_to_the_same_result_and_refuses_a_state_of_another_probe(tmp_path, monkeypatch):
+    from marstore import probe
+
+    path = tmp_path / "s.h5"
+    planted_store(path, n=600)
+    opts = dict(epochs=8, control=False, kind="mlp", hidden=16)
+    whole = run_probes(probe_opts(tmp_path, path, out=str(tmp_path / "a"), **opts))
+    original = probe._Trainer._val_loss
+    calls = {"n": 0}
+
+    def interrupting(self):
+        calls["n"] += 1
+        if calls["n"] == 5:  # the start's (epoch -1), then epochs 0-2: Ctrl-C in epoch 3
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(probe._Trainer, "_val_loss", interrupting)
+    with pytest.raises(ProbeInterrupted, match="state at epoch 3 saved"):
+        run_probes(probe_opts(tmp_path, path, out=str(tmp_path / "b"), **opts))
+    monkeypatch.setattr(probe._Trainer, "_val_loss", original)
+    state_path = tmp_path / "b" / "signal.state.pt"
+    state = torch.load(state_path, weights_only=True)
+    torch.save({**state, "model": {k.replace("mlp.", "net."): v for k, v in state["model"].items()}}, tmp_path / "other.pt")
+    os.replace(state_path, tmp_path / "kept.pt")
+    os.replace(tmp_path / "other.pt", state_path)  # as a marstore whose MLP had other parameter names saved it
+    with pytest.raises(ProbeError) as info:
+        run_probes(probe_opts(tmp_path, path, out=str(tmp_path / "b"), resume=True, **opts))
+    assert str(info.value).startswith(f"signal: --resume: {state_path} holds another probe than this marstore trains (")
+    assert str(info.value).endswith("); run without --resume to start over")
+    os.replace(tmp_path / "kept.pt", state_path)
+    resumed = run_probes(probe_opts(tmp_path, path, out=str(tmp_path / "b"), resume=True, **opts))
+    a, b = whole["layers"][0]["probe"], resumed["layers"][0]["probe"]
+    assert a["history"][0]["epoch"] == -1 and a["history"] == b["history"] and a["test"] == b["test"]
+
+
 def test_a_resume_keeps_the_layers_finished_before_the_interruption(tmp_path, monkeypatch):
     from marstore import probe
 
