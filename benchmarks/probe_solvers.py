@@ -63,12 +63,12 @@ def main() -> None:
                     "layers": {r["layer"]: {"probe": r["probe"]["test"][report["metric"]],
                                             "control": r["control"]["test"][report["metric"]]} for r in report["layers"]}}
     names = list(results["nactions/direct"]["layers"])
-    print(f"{'layer':<18}" + "".join(f"{key:>18}" for key in results))
+    print(f"{'layer':<18}" + "".join(f"{key:>19}" for key in results))
     for name in names:
-        print(f"{name:<18}" + "".join(f"{r['layers'][name]['probe']:>18.3f}" for r in results.values()))
-    print(f"{'seconds':<18}" + "".join(f"{r['seconds']:>18.1f}" for r in results.values()))
+        print(f"{name:<18}" + "".join(f"{r['layers'][name]['probe']:>19.3f}" for r in results.values()))
+    print(f"{'seconds':<18}" + "".join(f"{r['seconds']:>19.1f}" for r in results.values()))
     mean = {key: statistics.mean(v["probe"] for v in r["layers"].values()) for key, r in results.items()}
-    print(f"{'mean':<18}" + "".join(f"{m:>18.3f}" for m in mean.values()))
+    print(f"{'mean':<18}" + "".join(f"{m:>19.3f}" for m in mean.values()))
     # an R2 can be negative, so the regression figures are differences, not ratios
     differences = {f"r2_{a}_minus_{b}": mean[f"nactions/{a}"] - mean[f"nactions/{b}"]
                    for a, b in (("direct", "adamw"), ("mlp", "mlp-plain"), ("mlp", "direct"))}

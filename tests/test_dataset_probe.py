@@ -384,7 +384,7 @@ def test_the_direct_solver_reads_a_signal_in_a_small_variance_direction(tmp_path
     assert [p["penalty"] for p in given["layers"][0]["probe"]["penalties"]] == [0.5]
 
 
-def test_the_mlp_probe_starts_at_the_linear_optimum_and_finds_what_it_cannot(tmp_path):
+def test_the_mlp_probe_starts_at_the_linear_optimum_and_finds_what_it_cannot(tmp_path, caplog):
     # a plain MLP reached R2 0.79 on this store where the linear optimum gives 0.99
     path = tmp_path / "s.h5"
     anisotropic_store(path)
@@ -401,6 +401,15 @@ def test_the_mlp_probe_starts_at_the_linear_optimum_and_finds_what_it_cannot(tmp
     weights = torch.load(mlp["probe"]["weights"], weights_only=True)
     assert list(weights) == ["linear.weight", "linear.bias", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"]
     assert torch.equal(weights["linear.weight"], torch.load(linear["probe"]["weights"], weights_only=True)["weight"])
+    # an epoch that beats the start by less than the validation rows' standard error does not count
+    with caplog.at_level(logging.INFO, logger="marstore.probe"):
+        labels = run_probes(probe_opts(tmp_path, path, layer="a", target="label", kind="mlp", epochs=10,
+                                       out=str(tmp_path / "mlp-labels")))["layers"][0]
+    kept = [m for m in caplog.messages if m.startswith("a: the MLP's best epoch (9) beat the linear optimum by")]
+    assert len(kept) == 1 and kept[0].endswith(": the linear optimum is kept")
+    assert labels["probe"]["best_epoch"] == -1 and labels["probe"]["history"][-1]["val_loss"] < labels["probe"]["history"][0]["val_loss"]
+    linear_labels = run_probes(probe_opts(tmp_path, path, layer="a", target="label", out=str(tmp_path / "linear-labels")))
+    assert labels["probe"]["test"] == linear_labels["layers"][0]["probe"]["test"]
 
     # labels no linear probe can read: the sign of a product of two features
     rng = np.random.default_rng(1)
