@@ -226,18 +226,27 @@ def _probe(args: argparse.Namespace) -> int:
     fields = ProbeOptions.__dataclass_fields__
     if args.layer is not None and len(args.layer) == 1:  # one pattern, recorded as one (as before several were taken)
         args.layer = args.layer[0]
-    try:
-        report = run_probes(ProbeOptions(**{k: v for k, v in vars(args).items() if k in fields and v is not None and k != "progress"},
-                                         progress=not args.no_progress))
-    except ProbeInterrupted as exc:
-        print(f"marstore probe: {exc}", file=sys.stderr)
-        return 128 + exc.signum
-    except (ProbeError, StoreError) as exc:
-        print(f"marstore probe: {exc}", file=sys.stderr)
+    targets = args.target or [None]
+    if len(set(targets)) != len(targets):
+        print(f"marstore probe: --target {' '.join(targets)}: name each target once", file=sys.stderr)
         return 2
-    print(table(report))
-    print(f"report: {report['report']}, {report['markdown']}")
-    print(f"plots: {report['plots']['depth']}, {report['plots']['loss_curves']}")
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None and k not in ("progress", "target")}
+    out = given.pop("out", fields["out"].default)
+    for target in targets:  # several: one report each, in OUT/<target>
+        try:
+            report = run_probes(ProbeOptions(**given, target=target, progress=not args.no_progress,
+                                             out=os.path.join(out, target) if len(targets) > 1 else out))
+        except ProbeInterrupted as exc:
+            print(f"marstore probe: {exc}", file=sys.stderr)
+            return 128 + exc.signum
+        except (ProbeError, StoreError) as exc:
+            print(f"marstore probe: {exc}", file=sys.stderr)
+            return 2
+        if len(targets) > 1:
+            print(f"\ntarget {target}:")
+        print(table(report))
+        print(f"report: {report['report']}, {report['markdown']}")
+        print(f"plots: {report['plots']['depth']}, {report['plots']['loss_curves']}")
     return 0
 
 
@@ -369,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("store")
     pr.add_argument("--layer", nargs="+", metavar="LAYER",
                     help="layer names, globs or re:REGEX; several layers give a depth plot (default: every layer)")
-    pr.add_argument("--target", help="the target to probe for (default: the store's, when it has one)")
+    pr.add_argument("--target", nargs="+", help="the target to probe for (default: the store's, when it has one); "
+                                                "several: a report each, in OUT/TARGET")
     pr.add_argument("--task", choices=["auto", "regression", "classification"])
     pr.add_argument("--kind", choices=["linear", "mlp"])
     pr.add_argument("--solver", choices=["auto", "direct", "adamw"],

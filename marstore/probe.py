@@ -597,6 +597,9 @@ def run_probes(opts: ProbeOptions) -> dict:
     if source["status"] != "complete":
         log.warning("%s is incomplete (an extraction was interrupted or still runs): the probes see its %d committed "
                     "rows only", opts.store, source["rows"])
+    finished = _finished_report(opts, source) if opts.resume else None
+    if finished is not None:
+        return finished
     os.makedirs(opts.out, exist_ok=True)
     rows: list[dict] = []
     with _sigterm_stops_like_ctrl_c() as stop:
@@ -695,6 +698,23 @@ def _check_same_options(label: str, then: dict, opts: ProbeOptions) -> None:
     if differ:
         raise ProbeError(f"{label}: --resume: the options differ from the interrupted run's: " + ", ".join(
             f"{k} (then {then.get(k)!r}, now {now[k]!r})" for k in differ) + "; repeat them, or run without --resume to start over")
+
+
+def _finished_report(opts: ProbeOptions, source: dict) -> dict | None:
+    """With resume, the report that a run with these options wrote on this store, when there is
+    one: kept, not trained again (the targets of `marstore probe --target a b` resume this way)."""
+    path = os.path.join(opts.out, "report.json")
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except (OSError, ValueError):
+        return None
+    recorded = {k: v for k, v in report.get("options", {}).items() if k not in ("resume", "progress", "device")}
+    if recorded != json.loads(json.dumps(_recorded(opts))) or (report.get("store"), report.get("rows")) != (
+            source["path"], source["rows"]):
+        return None
+    log.info("%s: finished before with these options on these rows: kept", path)
+    return {**report, "report": path, "markdown": os.path.join(opts.out, "report.md")}
 
 
 def _finished_before(opts: ProbeOptions, layer: str, source: dict) -> dict | None:

@@ -864,6 +864,33 @@ def test_reports_are_compared_layer_by_layer(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[0].split() == ["layer", str(tmp_path / "both"), str(tmp_path / "one")]
 
 
+def test_the_probe_command_takes_several_targets_and_resumes_past_the_finished_ones(tmp_path, capsys, monkeypatch):
+    from marstore import probe
+    from marstore.cli import main
+
+    path = tmp_path / "s.h5"
+    planted_store(path, n=400)
+    out = tmp_path / "p"
+    command = ["probe", str(path), "--layer", "signal", "--target", "y", "episode", "--task", "regression", "--out", str(out),
+               "--no-progress"]
+    assert main(command) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line for line in printed if line.startswith("target ")] == ["target y:", "target episode:"]
+    reports = {t: json.load(open(out / t / "report.json")) for t in ("y", "episode")}
+    assert {t: r["target"] for t, r in reports.items()} == {"y": "y", "episode": "episode"}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished target was trained again")
+
+    monkeypatch.setattr(probe, "_probe_layer", no_training)
+    assert main([*command, "--resume"]) == 0  # both finished: kept, printed again
+    assert capsys.readouterr().out.splitlines() == printed
+    with pytest.raises(AssertionError, match="trained again"):  # other options: trained again
+        main([*command[:-1], "--seed", "3", "--resume", "--no-progress"])
+    assert main(["probe", str(path), "--target", "y", "y"]) == 2
+    assert capsys.readouterr().err.strip() == "marstore probe: --target y y: name each target once"
+
+
 def test_the_probe_command_probes_every_layer_when_none_is_named(tmp_path, caplog):
     from marstore.cli import main
 
