@@ -47,6 +47,49 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0 if usable else 1
 
 
+SUMMARY_LABELS = 50  # a target of one integer, boolean or string a row with at most this many values: counted
+SUMMARY_MAX_BYTES = 256 << 20  # a larger target is not read for `marstore info`
+
+
+def _target_summary(store, name: str) -> dict | None:
+    """What a target holds, for a look before probing: each value's count for labels, or the
+    values' mean, std, min and max; None for a target too large to read here."""
+    import numpy as np
+
+    ds = store.targets[name]
+    if store.rows * max(1, int(np.prod(ds.shape[1:]))) * ds.dtype.itemsize > SUMMARY_MAX_BYTES:
+        return None
+    values = store.target(name)
+    if values.ndim == 1 and (values.dtype.kind in "biuO"):
+        labels, counts = np.unique(values, return_counts=True)
+        if len(labels) <= SUMMARY_LABELS:
+            order = np.argsort(-counts, kind="stable")
+            return {"counts": {str(labels[i].item() if hasattr(labels[i], "item") else labels[i]): int(counts[i])
+                               for i in order}}
+    if values.dtype.kind == "O":
+        return {"distinct": int(len(np.unique(values)))}
+    finite = values[np.isfinite(values)] if values.dtype.kind == "f" else values
+    if not finite.size:
+        return {"finite": 0}
+    return {"mean": float(finite.mean()), "std": float(finite.std()), "min": float(finite.min()),
+            "max": float(finite.max()), "nonfinite": int(values.size - finite.size)}
+
+
+def _summary_text(summary: dict | None) -> str:
+    if summary is None:
+        return "(not read: too large)"
+    if "counts" in summary:
+        counts = list(summary["counts"].items())
+        shown = ", ".join(f"{value} ({n})" for value, n in counts[:8])
+        return f"{len(counts)} value{'s' * (len(counts) != 1)}: {shown}" + (", ..." if len(counts) > 8 else "")
+    if "distinct" in summary:
+        return f"{summary['distinct']} distinct strings"
+    if "mean" not in summary:
+        return "no finite values"
+    text = f"mean {summary['mean']:.4g}, std {summary['std']:.4g}, from {summary['min']:.4g} to {summary['max']:.4g}"
+    return text + (f", {summary['nonfinite']} non-finite" if summary["nonfinite"] else "")
+
+
 def _info(args: argparse.Namespace) -> int:
     import json
 
@@ -85,8 +128,8 @@ def _info(args: argparse.Namespace) -> int:
                 }
                 for name, layer in store.layers.items()
             },
-            "targets": {name: {"shape": [store.rows, *ds.shape[1:]], "dtype": TEXT if is_text(ds) else str(ds.dtype)}
-                        for name, ds in store.targets.items()},
+            "targets": {name: {"shape": [store.rows, *ds.shape[1:]], "dtype": TEXT if is_text(ds) else str(ds.dtype),
+                               "summary": _target_summary(store, name)} for name, ds in store.targets.items()},
             "outputs": summarize_outputs(store),
             "skipped": [{"index": i, "error": e} for i, e in store.skipped()],
             "run": store.metadata,
@@ -106,7 +149,10 @@ def _info(args: argparse.Namespace) -> int:
               f"reduction {layer['reduction']}{_channels_text(layer)}) {chunks}{flags}; "
               f"nonfinite {layer['nonfinite']}, overflow {layer['overflow']}")
     if info["targets"]:
-        print("  targets: " + ", ".join(f"{n} {'x'.join(map(str, t['shape']))} {t['dtype']}" for n, t in info["targets"].items()))
+        print("  targets:")
+        for name, target in info["targets"].items():
+            print(f"    {name:<28} {'x'.join(map(str, target['shape'])):<18} {target['dtype']:<8} "
+                  f"{_summary_text(target['summary'])}")
     for name, summary in info["outputs"].items():
         print(describe_output(name, summary))
     if info["skipped"]:

@@ -1217,7 +1217,8 @@ def test_a_text_target_is_stored_as_utf8_strings_also_across_a_resume(tmp_path, 
     from marstore.cli import main
 
     assert main(["info", "--json", result.path]) == 0
-    assert json.loads(capsys.readouterr().out)["targets"]["task"] == {"shape": [40], "dtype": "str"}
+    assert json.loads(capsys.readouterr().out)["targets"]["task"] == {
+        "shape": [40], "dtype": "str", "summary": {"counts": {"push": 14, "pick": 13, "place é": 13}}}
 
 
 def test_an_item_the_data_set_fails_to_give_stops_the_run_in_one_line_and_keeps_the_rows_before(tmp_path, caplog):

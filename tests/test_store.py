@@ -541,7 +541,7 @@ def test_invalid_files_give_one_clear_error(tmp_path):
         assert message in text and "\n" not in text, (name, text)
 
 
-def test_info_describes_a_store(tmp_path, capsys):
+def test_info_describes_a_store(tmp_path, capsys, monkeypatch):
     from marstore.cli import main
 
     path = tmp_path / "s.h5"
@@ -553,11 +553,28 @@ def test_info_describes_a_store(tmp_path, capsys):
     assert info["layers"]["encoder_blocks.0"]["dtype"] == "float16"
     assert info["layers"]["encoder_blocks.0"]["nonfinite"] == 1
     assert info["layers"]["encoder_norm"]["layout"] == "ragged"
-    assert info["targets"] == {"action": {"shape": [64, 4, 2], "dtype": "float32"}, "label": {"shape": [64], "dtype": "int64"}}
+    with open_store(path) as s:
+        action, label = s.target("action"), s.target("label")
+    values, counts = np.unique(label, return_counts=True)
+    by_count = sorted(zip(values.tolist(), counts.tolist()), key=lambda vc: -vc[1])  # the most frequent first
+    assert info["targets"] == {
+        "action": {"shape": [64, 4, 2], "dtype": "float32",
+                   "summary": {"mean": float(action.mean()), "std": float(action.std()), "min": float(action.min()),
+                               "max": float(action.max()), "nonfinite": 0}},
+        "label": {"shape": [64], "dtype": "int64", "summary": {"counts": {str(v): c for v, c in by_count}}}}
     assert info["run"]["model"] == "tests.helpers.store_worker"
     assert main(["info", str(path)]) == 0
     text = capsys.readouterr().out
     assert "64 committed rows" in text and "encoder_blocks.1" in text and "nonfinite 1" in text
+    label_line = next(line for line in text.splitlines() if line.startswith("    label "))
+    assert label_line.split()[1:4] == ["64", "int64", f"{len(values)}"]
+    assert f"{by_count[0][0]} ({by_count[0][1]})" in label_line
+    import marstore.cli
+
+    monkeypatch.setattr(marstore.cli, "SUMMARY_MAX_BYTES", 100)
+    assert main(["info", str(path)]) == 0
+    assert next(line for line in capsys.readouterr().out.splitlines() if line.startswith("    action ")).endswith(
+        "(not read: too large)")
 
 
 def test_info_into_a_closed_pipe_stops_quietly(tmp_path):
