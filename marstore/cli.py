@@ -382,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--dataset-arg", action="append", type=_key_value, metavar="KEY=VALUE")
     ex.add_argument("--forward", help="MODULE:CALLABLE called as fn(model, batch) (default: batch as arguments)")
     ex.add_argument("--layers", nargs="+", help="module names, globs (* one level, ** any) or re:REGEX; @input, :index")
-    ex.add_argument("--reduction", help="none, mean, first, last, or token indices like 0,5,9 (default none)")
+    ex.add_argument("--reduction", help="none, mean, mean:G (means of G equal groups of tokens: frames), first, last, "
+                                        "or token indices like 0,5,9 (default none)")
     ex.add_argument("--layer-reduction", action="extend", nargs="+", type=_pattern_value, metavar="PATTERN=REDUCTION",
                     help="another reduction for the layers a pattern names (e.g. decoder_norm=none)")
     ex.add_argument("--channels-first", nargs="*", metavar="PATTERN",
@@ -428,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "several: a report each, in OUT/TARGET")
     pr.add_argument("--task", choices=["auto", "regression", "classification"])
     pr.add_argument("--kind", choices=["linear", "mlp"])
+    pr.add_argument("--tokens", choices=["mean", "flat"],
+                    help="a layer stored with tokens: probe their mean (default), or all of them side by side (a few "
+                         "tokens a row, as the frame means of --reduction mean:4)")
     pr.add_argument("--solver", choices=["auto", "direct", "adamw"],
                     help="direct: the linear probe's optimum (ridge, its L2 penalty chosen by leave-one-out error; or "
                          "L-BFGS logistic regression, chosen on the validation split); adamw: minibatch training with "

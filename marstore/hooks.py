@@ -248,6 +248,12 @@ def reduce_tokens(x: torch.Tensor, reduction: str | list[int], channels_first: b
     x = x.flatten(1, -2)
     if reduction == "mean":  # of 16-bit tokens: summed and kept in float32, rounded once, to the stored dtype
         return x.mean(dim=1, dtype=torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x.mean(dim=1)
+    if isinstance(reduction, str) and reduction.startswith("mean:"):  # the means of equal groups: UVA's 4 frames
+        groups, tokens = int(reduction[5:]), x.shape[1]
+        if tokens % groups:
+            raise HookError(f"reduction {reduction}: its {tokens} tokens do not split into {groups} equal groups")
+        x = x.unflatten(1, (groups, tokens // groups))
+        return x.mean(dim=2, dtype=torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x.mean(dim=2)
     if reduction == "first":
         return x[:, 0]
     if reduction == "last":
@@ -273,12 +279,13 @@ def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def parse_reduction(text: str) -> str | list[int]:
-    if text in REDUCTIONS:
+    if text in REDUCTIONS or re.fullmatch(r"mean:[1-9][0-9]*", text):
         return text
     try:
         return [int(t) for t in text.split(",")]
     except ValueError:
-        raise HookError(f"reduction {text!r}: use one of {REDUCTIONS} or a comma-separated token index list") from None
+        raise HookError(f"reduction {text!r}: use one of {REDUCTIONS}, mean:G (the means of G equal groups of the "
+                        "tokens, in order: frames) or a comma-separated token index list") from None
 
 
 @dataclass

@@ -82,6 +82,7 @@ class ProbeOptions:
     out: str = "probes"
     task: str = "auto"  # regression, classification or auto
     kind: str = "linear"  # linear or mlp
+    tokens: str = "mean"  # a row of tokens read as their mean, or "flat": side by side (frame means of --reduction mean:4)
     solver: str = "auto"  # direct (linear probes' optimum), adamw (minibatches), or auto: direct for linear, adamw for mlp
     hidden: int = 256
     epochs: int = 40
@@ -107,6 +108,8 @@ class ProbeOptions:
             raise ProbeError(f"--lr {self.lr} --weight-decay {self.weight_decay}: the rate must be above 0, the decay at least 0")
         if self.kind not in ("linear", "mlp"):
             raise ProbeError(f"--kind {self.kind!r}: use linear or mlp")
+        if self.tokens not in ("mean", "flat"):
+            raise ProbeError(f"--tokens {self.tokens!r}: use mean or flat")
         if self.solver not in SOLVERS:
             raise ProbeError(f"--solver {self.solver!r}: use one of {', '.join(SOLVERS)}")
         if self.solver == "direct" and self.kind != "linear":
@@ -142,6 +145,8 @@ def _features(ds: ActivationDataset, positions: np.ndarray, layer: str) -> tuple
     data = ds.read_all(positions)
     mean, std = ds.stats[layer]
     x = data[layer]
+    if ds.reduction is None and layer in ds.channel_axes:  # tokens side by side: the channels last, as the statistics
+        x = x.movedim(1 + ds.channel_axes[layer], -1)
     if mean.size and mean.shape[-1] == x.shape[-1]:
         std = np.where(std > 0, std, 1.0)
         x = (x - torch.from_numpy(mean).float()) / torch.from_numpy(std).float()
@@ -511,7 +516,9 @@ def _prepare(opts: ProbeOptions, layer: str,
     """(task, features and targets by split, class labels, rows skipped, split sizes, the test rows'
     --group values or None)"""
     ds = ActivationDataset(opts.store, [layer], [opts.target, *([opts.group] if opts.group else [])], rows=range(rows),
-                           reduction="mean")
+                           reduction="mean" if opts.tokens == "mean" else None)
+    if ds.ragged and opts.tokens == "flat":
+        raise ProbeError(f"{layer} is ragged (its token count varies): --tokens flat needs one count; use --tokens mean")
     test_frac, val_frac = opts.test_fraction, opts.val_fraction
     splits = ds.split((1 - val_frac - test_frac, val_frac, test_frac), seed=opts.seed, group=opts.group)
     empty = [name for name, positions in splits.items() if not len(positions)]

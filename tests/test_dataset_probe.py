@@ -596,6 +596,31 @@ def test_a_text_target_is_probed_by_classification_with_its_strings_as_classes(t
     assert str(info.value) == "a: target 'pair' holds text of shape (2,) a row; a probe takes one string a row for its class"
 
 
+def test_tokens_side_by_side_read_what_their_mean_loses(tmp_path):
+    # the target is frame 0 less frame 1 (as --reduction mean:2 stores frame means): their mean carries none of it
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((800, 2, 8)).astype(np.float16)
+    w = rng.standard_normal(8)
+    y = (x[:, 0].astype(np.float64) @ w - x[:, 1].astype(np.float64) @ w).astype(np.float32)[:, None]
+    path = tmp_path / "frames.h5"
+    with StoreWriter(path, [LayerSpec("frames", (2, 8))], [TargetSpec("y", (1,), "float32")]) as writer:
+        writer.append({"frames": x}, targets={"y": y}, index=range(800))
+    mean = run_probes(probe_opts(tmp_path, path, layer="frames", out=str(tmp_path / "mean")))["layers"][0]
+    flat = run_probes(probe_opts(tmp_path, path, layer="frames", out=str(tmp_path / "flat"), tokens="flat"))["layers"][0]
+    assert mean["probe"]["test"]["r2"] < 0.05 and flat["probe"]["test"]["r2"] > 0.99
+    assert torch.load(flat["probe"]["weights"], weights_only=True)["weight"].shape == (1, 16)
+    with pytest.raises(ProbeError) as info:
+        probe_opts(tmp_path, path, tokens="all")
+    assert str(info.value) == "--tokens 'all': use mean or flat"
+    ragged = tmp_path / "ragged.h5"
+    with StoreWriter(ragged, [LayerSpec("enc", (2,), ragged=True)], [TargetSpec("y", (), "int64")]) as writer:
+        writer.append({"enc": Ragged(np.zeros((30, 2), np.float16), [1, 2] * 10)}, targets={"y": np.arange(20) % 2},
+                      index=range(20))
+    with pytest.raises(ProbeError) as info:
+        run_probes(probe_opts(tmp_path, ragged, layer="enc", tokens="flat"))
+    assert str(info.value) == "enc is ragged (its token count varies): --tokens flat needs one count; use --tokens mean"
+
+
 def test_classification_probe(tmp_path):
     path = tmp_path / "s.h5"
     planted_store(path)

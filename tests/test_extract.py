@@ -579,6 +579,30 @@ def test_reductions_on_device():
     assert torch.equal(hooks.reduce_tokens(frames, [0, 4]), frames.view(2, 6, 4)[:, [0, 4]])
     with pytest.raises(hooks.HookError, match="needs \\(batch, tokens, features\\) activations, got shape \\(2, 4\\)"):
         hooks.reduce_tokens(x[:, 0], "mean")
+    # mean:G, the means of G equal groups of tokens in order: a frame's tokens each
+    assert torch.equal(hooks.reduce_tokens(frames, "mean:2"), frames.mean(2))
+    assert torch.equal(hooks.reduce_tokens(frames, "mean:3"), frames.view(2, 3, 2, 4).mean(2))
+    assert torch.equal(hooks.reduce_tokens(frames, "mean:1"), hooks.reduce_tokens(frames, "mean")[:, None])
+    with pytest.raises(hooks.HookError, match="^reduction mean:4: its 6 tokens do not split into 4 equal groups$"):
+        hooks.reduce_tokens(frames, "mean:4")
+    assert hooks.parse_reduction("mean:4") == "mean:4"
+    for text in ("mean:0", "mean:", "mean:x", "means:4"):
+        with pytest.raises(hooks.HookError) as info:
+            hooks.parse_reduction(text)
+        assert str(info.value) == (f"reduction {text!r}: use one of ('none', 'mean', 'first', 'last'), mean:G (the means "
+                                   "of G equal groups of the tokens, in order: frames) or a comma-separated token index list")
+
+
+def test_frame_means_are_stored_per_frame(tmp_path):
+    torch.manual_seed(0)
+    result = extract(options(tmp_path, layers=["z_proj", "encoder_blocks.0"], reduction="mean:4"))
+    ref = reference_activations(tmp_path, ["z_proj", "encoder_blocks.0"], keep=lambda o: o.float())
+    with open_store(result.path) as s:
+        assert s.layers["z_proj"].row_shape == (4, 32) and s.layers["encoder_blocks.0"].row_shape == (4, 32)
+        assert s.read("z_proj").tobytes() == torch.cat(ref["z_proj"]).mean(2).half().numpy().tobytes()
+        tokens = torch.cat(ref["encoder_blocks.0"])  # (B, 4 frames x 16 tokens, D)
+        assert s.read("encoder_blocks.0").tobytes() == tokens.unflatten(1, (4, -1)).mean(2).half().numpy().tobytes()
+        assert s.layers["z_proj"].attrs["reduction"] == "mean:4"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -690,6 +714,14 @@ def test_a_convolution_stored_whole_records_its_channel_axis_for_reductions_at_r
     means = ActivationDataset(result.path, "diffactloss.conv", reduction="mean").read_all()["diffactloss.conv"]
     assert means.shape == (40, 32)
     torch.testing.assert_close(means, conv.float().mean((1, 3, 4)), rtol=1e-5, atol=1e-5)
+    from marstore.probe import _features
+
+    # probed with its positions side by side (--tokens flat), it is standardised per channel, as its statistics are
+    ds = ActivationDataset(result.path, "diffactloss.conv")
+    x, _ = _features(ds, np.arange(40), "diffactloss.conv")
+    mean, std = (torch.from_numpy(np.asarray(v)).float() for v in ds.stats["diffactloss.conv"])
+    assert mean.shape == (32,)
+    torch.testing.assert_close(x, ((conv.float().movedim(2, -1) - mean) / std).reshape(40, -1))
     from marstore.cli import main
 
     with contextlib.redirect_stdout(io.StringIO()) as shown:
