@@ -7,8 +7,6 @@ import logging
 import os
 import sys
 
-SKIPPED_SHOWN = 10  # items left out that `marstore info` lists (--json: all)
-
 
 def _doctor(args: argparse.Namespace) -> int:
     import h5py
@@ -47,6 +45,7 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0 if usable else 1
 
 
+SKIPPED_SHOWN = 10  # items left out that `marstore info` lists (--json: all)
 SUMMARY_LABELS = 50  # a target of one integer, boolean or string a row with at most this many values: counted
 SUMMARY_MAX_BYTES = 256 << 20  # a larger target is not read for `marstore info`
 
