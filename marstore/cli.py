@@ -428,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "several: a report each, in OUT/TARGET")
     pr.add_argument("--task", choices=["auto", "regression", "classification"])
     pr.add_argument("--kind", choices=["linear", "mlp"])
+    pr.add_argument("--metric", choices=["accuracy", "balanced_accuracy", "macro_f1"],
+                    help="a classification's headline, with its interval and selectivity (default accuracy; "
+                         "balanced_accuracy or macro_f1 for labels far from balanced)")
     pr.add_argument("--tokens", choices=["mean", "flat"],
                     help="a layer stored with tokens: probe their mean (default), or all of them side by side (a few "
                          "tokens a row, as the frame means of --reduction mean:4)")

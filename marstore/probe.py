@@ -82,6 +82,7 @@ class ProbeOptions:
     out: str = "probes"
     task: str = "auto"  # regression, classification or auto
     kind: str = "linear"  # linear or mlp
+    metric: str | None = None  # classification's headline: accuracy (default), balanced_accuracy or macro_f1
     tokens: str = "mean"  # a row of tokens read as their mean, or "flat": side by side (frame means of --reduction mean:4)
     solver: str = "auto"  # direct (linear probes' optimum), adamw (minibatches), or auto: direct for linear, adamw for mlp
     hidden: int = 256
@@ -110,6 +111,8 @@ class ProbeOptions:
             raise ProbeError(f"--kind {self.kind!r}: use linear or mlp")
         if self.tokens not in ("mean", "flat"):
             raise ProbeError(f"--tokens {self.tokens!r}: use mean or flat")
+        if self.metric not in (None, *CLASSIFICATION_METRICS):
+            raise ProbeError(f"--metric {self.metric!r}: use one of {', '.join(CLASSIFICATION_METRICS)} (for classification)")
         if self.solver not in SOLVERS:
             raise ProbeError(f"--solver {self.solver!r}: use one of {', '.join(SOLVERS)}")
         if self.solver == "direct" and self.kind != "linear":
@@ -167,11 +170,16 @@ def _metrics(task: str, pred: torch.Tensor, y: torch.Tensor, classes: int) -> di
         fn = float(((labels != c) & (y == c)).sum())
         if tp + fp + fn:
             f1.append(2 * tp / (2 * tp + fp + fn))
-    return {"accuracy": float((labels == y).float().mean()), "macro_f1": float(np.mean(f1)) if f1 else 0.0}
+    recalls = [float(((labels == c) & (y == c)).sum() / (y == c).sum()) for c in range(classes) if (y == c).any()]
+    return {"accuracy": float((labels == y).float().mean()), "balanced_accuracy": float(np.mean(recalls)) if recalls else 0.0,
+            "macro_f1": float(np.mean(f1)) if f1 else 0.0}
 
 
-def _headline(task: str) -> str:
-    return "r2" if task == "regression" else "accuracy"
+CLASSIFICATION_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
+
+
+def _headline(task: str, metric: str | None) -> str:
+    return "r2" if task == "regression" else metric or "accuracy"
 
 
 class ResidualMLP(nn.Module):
@@ -357,22 +365,34 @@ def _resampled_counts(rows: int, seed: int, groups: np.ndarray | None = None,
         yield counts if inverse is None else counts[:, inverse]
 
 
-def _resampled_metric(task: str, pred: torch.Tensor, y: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """The headline metric (as _metrics gives it) of each resample, counts (draws, rows) of each
-    row's copies in it: one matrix product, not a copy of the rows per draw."""
+def _resampled_metric(metric: str, pred: torch.Tensor, y: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """A metric (r2 or one of CLASSIFICATION_METRICS, as _metrics gives it) of each resample,
+    counts (draws, rows) of each row's copies in it: matrix products, not a copy of the rows per
+    draw."""
     total = counts.sum(1, keepdim=True)
-    if task == "regression":
+    if metric == "r2":
         y = y.double().reshape(len(y), -1)
         err = counts @ (pred.double().reshape(len(pred), -1) - y) ** 2 / total
         y = y - y.mean(0)  # the variance does not change, and its sums lose less to rounding
         var = counts @ (y * y) / total - (counts @ y / total) ** 2
         return torch.where(var > 0, 1 - err / var.clamp_min(1e-12), torch.zeros_like(var)).mean(1)
-    return (counts @ (pred.argmax(1) == y).double()) / total[:, 0]
+    labels = pred.argmax(1)
+    if metric == "accuracy":
+        return (counts @ (labels == y).double()) / total[:, 0]
+    truth = nn.functional.one_hot(y, pred.shape[1]).double()
+    chosen = nn.functional.one_hot(labels, pred.shape[1]).double()
+    hits, support = counts @ (truth * chosen), counts @ truth  # (draws, classes)
+    if metric == "balanced_accuracy":  # the mean recall of the classes the resample holds
+        scores, counted = hits / support.clamp_min(1), support > 0
+    else:  # macro_f1, over the classes predicted or present
+        denominator = support + counts @ chosen  # (tp + fn) + (tp + fp)
+        scores, counted = 2 * hits / denominator.clamp_min(1e-12), denominator > 0
+    return (scores * counted).sum(1) / counted.sum(1).clamp_min(1)
 
 
-def _intervals(task: str, preds: dict[str, tuple[torch.Tensor, torch.Tensor]], seed: int,
+def _intervals(metric: str, preds: dict[str, tuple[torch.Tensor, torch.Tensor]], seed: int,
                groups: np.ndarray | None = None) -> dict[str, list[float]]:
-    """95% bootstrap intervals (percentiles) of the test metric of each of preds' (prediction,
+    """95% bootstrap intervals (percentiles) of a test metric of each of preds' (prediction,
     target) pairs, over the same resamples of the test rows (or of their groups); "selectivity":
     of probe less control."""
     samples: dict[str, list[torch.Tensor]] = {name: [] for name in preds}
@@ -381,7 +401,7 @@ def _intervals(task: str, preds: dict[str, tuple[torch.Tensor, torch.Tensor]], s
         return {}
     for counts in _resampled_counts(rows, seed, groups):
         for name, (pred, y) in preds.items():
-            samples[name].append(_resampled_metric(task, pred, y, counts))
+            samples[name].append(_resampled_metric(metric, pred, y, counts))
     drawn = {name: torch.cat(s) for name, s in samples.items()}
     if "control" in drawn:
         drawn["selectivity"] = drawn["probe"] - drawn["control"]
@@ -623,7 +643,7 @@ def run_probes(opts: ProbeOptions) -> dict:
             raise ProbeInterrupted(f"{where}{kept}; run again with --resume", stop["signum"]) from None
     task = rows[-1]["task"]
     report = {"store": source["path"], "store_status": source["status"], "rows": source["rows"], "target": opts.target,
-              "task": task, "metric": _headline(task), "solver": _solver_of(opts), "options": asdict(opts), "layers": rows}
+              "task": task, "metric": _headline(task, opts.metric), "solver": _solver_of(opts), "options": asdict(opts), "layers": rows}
     report["plots"] = _plots(report, opts.out)
     with open(os.path.join(opts.out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -637,6 +657,9 @@ def run_probes(opts: ProbeOptions) -> dict:
 def _probe_layer(opts: ProbeOptions, layer: str, rows: int) -> dict:
     """The probe (and its control) on one layer: the layer's entry in the report."""
     task, xs, ys, labels, skipped, sizes, test_groups = _prepare(opts, layer, rows)
+    if task == "regression" and opts.metric:
+        raise ProbeError(f"{layer}: --metric {opts.metric} is a classification's; target {opts.target!r} is probed by "
+                         "regression, whose metric is R²")
     entry: dict[str, Any] = {"layer": layer, "task": task, "split_rows": sizes, "skipped_rows": skipped}
     if labels:
         entry["classes"] = labels  # class i of the probe's outputs is the label value labels[i]
@@ -669,10 +692,10 @@ def _probe_layer(opts: ProbeOptions, layer: str, rows: int) -> dict:
         entry[which] = {"test": _metrics(task, *tests[which], len(labels)),
                         "val": _metrics(task, _predict(model, xs["val"], opts.device), targets["val"], len(labels)),
                         **result, "weights": weights}
-    head = _headline(task)
+    head = _headline(task, opts.metric)
     if opts.control:
         entry["selectivity"] = entry["probe"]["test"][head] - entry["control"]["test"][head]
-    intervals = _intervals(task, tests, opts.seed, test_groups)
+    intervals = _intervals(head, tests, opts.seed, test_groups)
     for which in intervals.keys() & tests.keys():
         entry[which]["test"][f"{head}_ci95"] = intervals[which]
     if "selectivity" in intervals:
@@ -930,7 +953,7 @@ def _table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
 
 def table(report: dict) -> str:
     header, cells = _table_rows(report)
-    widths = (9, 17, 9, 8, 13, 14)
+    widths = (max(9, len(header[1])), 17, 9, 8, 13, 14)
     return "\n".join(" ".join([f"{row[0]:<28}", *(f"{c:>{w}}" for c, w in zip(row[1:], widths))]) for row in [header, *cells])
 
 

@@ -495,20 +495,21 @@ def test_a_store_still_written_is_probed_on_the_rows_committed_at_the_start(tmp_
 
 
 @pytest.mark.parametrize("grouped", [False, True])
-@pytest.mark.parametrize("task", ["regression", "classification"])
+@pytest.mark.parametrize("metric", ["r2", "accuracy", "balanced_accuracy", "macro_f1"])
 @pytest.mark.parametrize("rows", [1, 37, 5000])
-def test_each_bootstrap_resample_gets_the_metric_of_its_rows(task, rows, grouped):
+def test_each_bootstrap_resample_gets_the_metric_of_its_rows(metric, rows, grouped):
     """The metric of a resample, computed from each row's count in it, is the metric of the resampled
     rows themselves; with groups, whole groups are drawn (every row of a group drawn twice, twice);
     blocks of resamples keep to about 32 MB whatever the rows."""
     from marstore.probe import _metrics, _resampled_counts, _resampled_metric
 
     g = torch.Generator().manual_seed(rows)
+    task = "regression" if metric == "r2" else "classification"
     if task == "regression":
         y = torch.randn(rows, 3, generator=g) * torch.tensor([1.0, 1e-3, 50.0]) + 1e4  # scales far apart, far from 0
         pred = y + torch.randn(rows, 3, generator=g) * torch.tensor([0.5, 1e-3, 10.0])
     else:
-        y = torch.randint(4, (rows,), generator=g)
+        y = torch.randint(4, (rows,), generator=g) % 3  # class 3 never true, sometimes predicted: macro F1 counts it
         pred = torch.randn(rows, 4, generator=g) + 2 * torch.nn.functional.one_hot(y, 4)
     groups = np.array([f"ep{i % 7}" for i in range(rows)]) if grouped else None
     blocks = list(_resampled_counts(rows, 3, groups, draws=50))
@@ -517,10 +518,9 @@ def test_each_bootstrap_resample_gets_the_metric_of_its_rows(task, rows, grouped
     counts = torch.cat(blocks)
     if grouped:  # a row's count is its group's: rows of a group are drawn together
         assert all(torch.equal(c[groups == groups[0]], c[:1].expand(int((groups == groups[0]).sum()))) for c in counts)
-    got = torch.cat([_resampled_metric(task, pred, y, b) for b in blocks])
-    head = "r2" if task == "regression" else "accuracy"
+    got = torch.cat([_resampled_metric(metric, pred, y, b) for b in blocks])
     picked = [torch.repeat_interleave(torch.arange(rows), c.long()) for c in counts]  # the rows of each resample
-    want = torch.tensor([_metrics(task, pred[p].double(), y[p].double() if task == "regression" else y[p], 4)[head]
+    want = torch.tensor([_metrics(task, pred[p].double(), y[p].double() if task == "regression" else y[p], 4)[metric]
                          for p in picked], dtype=torch.float64)
     assert torch.allclose(got, want, rtol=0, atol=1e-9 if task == "regression" else 1e-6)  # _metrics counts in float32
 
@@ -532,13 +532,13 @@ def test_the_intervals_compare_probe_and_control_on_the_same_resamples():
     right = torch.nn.functional.one_hot(y, 2).float()
     wrong = 1 - right
     half = torch.where((torch.arange(200) < 100)[:, None], right, wrong)
-    intervals = _intervals("classification", {"probe": (right, y), "control": (half, y)}, seed=0)
+    intervals = _intervals("accuracy", {"probe": (right, y), "control": (half, y)}, seed=0)
     assert intervals["probe"] == [1.0, 1.0]  # every resample of a perfect probe is perfect
     low, high = intervals["control"]
     assert 0.4 < low < 0.5 < high < 0.6
     # paired: each resample's selectivity is 1 less that resample's control accuracy, exactly
     assert intervals["selectivity"] == pytest.approx([1 - high, 1 - low], abs=1e-12)
-    assert _intervals("classification", {"probe": (right, y)}, seed=0) == {"probe": [1.0, 1.0]}
+    assert _intervals("accuracy", {"probe": (right, y)}, seed=0) == {"probe": [1.0, 1.0]}
 
 
 TASKS = ["push", "pick", "place é"]
@@ -621,11 +621,34 @@ def test_tokens_side_by_side_read_what_their_mean_loses(tmp_path):
     assert str(info.value) == "enc is ragged (its token count varies): --tokens flat needs one count; use --tokens mean"
 
 
+def test_a_label_far_from_balanced_is_headed_by_the_metric_asked_for(tmp_path):
+    # 9 rows in 10 are class 0 and the features say nothing: accuracy 0.9 from the majority alone
+    rng = np.random.default_rng(0)
+    path = tmp_path / "rare.h5"
+    with StoreWriter(path, [LayerSpec("a", (4,))], [TargetSpec("y", (), "int64"), TargetSpec("v", (), "float32")]) as w:
+        w.append({"a": rng.standard_normal((1000, 4)).astype(np.float16)},
+                 targets={"y": (np.arange(1000) % 10 == 0).astype(np.int64), "v": np.zeros(1000, np.float32)}, index=range(1000))
+    report = run_probes(probe_opts(tmp_path, path, layer="a", metric="balanced_accuracy"))
+    test = report["layers"][0]["probe"]["test"]
+    assert report["metric"] == "balanced_accuracy" and test["accuracy"] > 0.85 and test["balanced_accuracy"] == 0.5
+    assert set(test) == {"accuracy", "balanced_accuracy", "macro_f1", "balanced_accuracy_ci95"}
+    assert report["layers"][0]["selectivity"] == test["balanced_accuracy"] - report["layers"][0]["control"]["test"][
+        "balanced_accuracy"]
+    assert table(report).splitlines()[0].split()[:2] == ["layer", "balanced_accuracy"]
+    with pytest.raises(ProbeError) as info:
+        run_probes(probe_opts(tmp_path, path, layer="a", target="v", metric="macro_f1"))
+    assert str(info.value) == "a: --metric macro_f1 is a classification's; target 'v' is probed by regression, whose metric is R²"
+    with pytest.raises(ProbeError) as info:
+        probe_opts(tmp_path, path, metric="f1")
+    assert str(info.value) == "--metric 'f1': use one of accuracy, balanced_accuracy, macro_f1 (for classification)"
+
+
 def test_classification_probe(tmp_path):
     path = tmp_path / "s.h5"
     planted_store(path)
     report = run_probes(probe_opts(tmp_path, path, target="episode", kind="mlp", epochs=5, control=False))
-    assert report["task"] == "classification" and set(report["layers"][0]["probe"]["test"]) == {"accuracy", "macro_f1", "accuracy_ci95"}
+    assert report["task"] == "classification" and set(report["layers"][0]["probe"]["test"]) == {"accuracy", "balanced_accuracy", "macro_f1",
+                                                                                               "accuracy_ci95"}
 
 
 def test_labels_such_as_minus_one_or_sparse_ids_are_classes(tmp_path):
