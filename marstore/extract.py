@@ -423,14 +423,16 @@ LOGGED_FAILURES = 10  # items left out that are logged one by one; the store rec
 FAILED_BEFORE_ANY_ROW = 64  # with --skip-failed, this many failures and no item read: a broken data set
 
 
-def _left_out(failed: list[tuple[int, _FailedItem]], opts: "ExtractOptions", earlier: int) -> list[tuple[int, str]]:
-    """A batch's items that the data set failed to give, as (source index, error) to record;
-    without --skip-failed the first of them stops the run, in one line (its traceback logged)."""
-    if not opts.skip_failed:
-        index, item = failed[0]
-        log.error("the data set's traceback for item %d:\n%s", index, item.traceback.rstrip())
-        raise ExtractError(f"the data set failed on item {index}: {item.error}; fix it (its traceback is logged above), "
-                           "or pass --skip-failed to leave out the items that fail (each is recorded in the store)")
+def _failure(index: int, item: _FailedItem) -> ExtractError:
+    """Without --skip-failed, the first item the data set fails to give stops the run, in one
+    line (its traceback logged)."""
+    log.error("the data set's traceback for item %d:\n%s", index, item.traceback.rstrip())
+    return ExtractError(f"the data set failed on item {index}: {item.error}; fix it (its traceback is logged above), "
+                        "or pass --skip-failed to leave out the items that fail (each is recorded in the store)")
+
+
+def _left_out(failed: list[tuple[int, _FailedItem]], earlier: int) -> list[tuple[int, str]]:
+    """A batch's items that the data set failed to give, as (source index, error) to record."""
     for n, (index, item) in enumerate(failed, earlier):
         if n < LOGGED_FAILURES:
             log.warning("item %d left out (--skip-failed): %s", index, item.error)
@@ -676,9 +678,13 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         with hooks.Capture(model, selections, multi_fire=opts.multi_fire, allow_missing=opts.allow_missing,
                            stop_early=opts.stop_early, unfold_batch=opts.unfold_batch) as capture:
             pending: list[tuple] = []
+            stop: ExtractError | None = None  # an item that failed, raised once the batches before it are stored
             for index, batch, failed in batches:
+                if failed and not opts.skip_failed:
+                    stop = _failure(*failed[0])
+                    break
                 if failed:
-                    unrecorded += _left_out(failed, opts, skipped)
+                    unrecorded += _left_out(failed, skipped)
                     skipped += len(failed)
                     if skipped >= FAILED_BEFORE_ANY_ROW and writer is None and not pending:
                         raise ExtractError(f"the data set failed on each of the {skipped} items asked of it so far (the "
@@ -720,6 +726,8 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                 for idx, tens, targ, outs, left in pending:
                     total_bytes += _submit(ring, writer, tens, targ, idx, out_dtype, outs, left)
                     progress.update(len(idx))
+            if stop is not None:
+                raise stop
             if writer is None:
                 raise ExtractError("the data set yielded no rows to extract" + (
                     f" (all {skipped} items failed: {unrecorded[0][1]} ...)" if skipped else ""))

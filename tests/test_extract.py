@@ -1266,6 +1266,14 @@ def test_an_item_the_data_set_fails_to_give_stops_the_run_in_one_line_and_keeps_
     assert traceback_logged[0].endswith("RuntimeError: sample 29 is unreadable")
     with open_store(opts.out) as s:
         assert s.rows == 24 and s.status == "incomplete" and s.skipped() == []  # the batches before item 29's
+    early = options(tmp_path, out=str(tmp_path / "early.h5"), dataset="helpers.failing_data:failing",
+                    dataset_args={"size": 40, "fail_at": 13})
+    with pytest.raises(ExtractError, match="^the data set failed on item 13: RuntimeError: sample 13 is unreadable;"):
+        extract(early)
+    with open_store(early.out) as s:  # the first batch was still waiting for a second to create the store
+        assert s.rows == 8 and s.status == "incomplete" and s.index().tolist() == list(range(8))
+    assert extract(dataclasses.replace(early, resume=True, skip_failed=True)).skipped == [
+        (13, "RuntimeError: sample 13 is unreadable")]
 
 
 @pytest.mark.parametrize("workers", [0, 2])
