@@ -365,29 +365,43 @@ def _resampled_counts(rows: int, seed: int, groups: np.ndarray | None = None,
         yield counts if inverse is None else counts[:, inverse]
 
 
-def _resampled_metric(metric: str, pred: torch.Tensor, y: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """A metric (r2 or one of CLASSIFICATION_METRICS, as _metrics gives it) of each resample,
-    counts (draws, rows) of each row's copies in it: matrix products, not a copy of the rows per
-    draw."""
-    total = counts.sum(1, keepdim=True)
+def _row_terms(metric: str, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(terms, rows) float64: what a resample's metric (r2 or one of CLASSIFICATION_METRICS) sums
+    over its rows, a column a row; laid out so that the sums of every resample in a block are one
+    matrix product with the block's counts (a long, thin product that BLAS runs fastest this way)."""
     if metric == "r2":
         y = y.double().reshape(len(y), -1)
-        err = counts @ (pred.double().reshape(len(pred), -1) - y) ** 2 / total
-        y = y - y.mean(0)  # the variance does not change, and its sums lose less to rounding
-        var = counts @ (y * y) / total - (counts @ y / total) ** 2
-        return torch.where(var > 0, 1 - err / var.clamp_min(1e-12), torch.zeros_like(var)).mean(1)
+        centred = y - y.mean(0)  # the variance does not change, and its sums lose less to rounding
+        return torch.cat([(pred.double().reshape(len(pred), -1) - y) ** 2, centred, centred * centred], 1).T.contiguous()
     labels = pred.argmax(1)
     if metric == "accuracy":
-        return (counts @ (labels == y).double()) / total[:, 0]
+        return (labels == y).double()[None]
     truth = nn.functional.one_hot(y, pred.shape[1]).double()
     chosen = nn.functional.one_hot(labels, pred.shape[1]).double()
-    hits, support = counts @ (truth * chosen), counts @ truth  # (draws, classes)
+    return torch.cat([truth * chosen, truth, chosen], 1).T.contiguous()
+
+
+def _metric_of_sums(metric: str, sums: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Each resample's metric, from the sums of its rows' terms (terms, draws) and its row count."""
+    if metric == "accuracy":
+        return sums[0] / total
+    third = len(sums) // 3
+    first, second, last = sums[:third], sums[third : 2 * third], sums[2 * third :]
+    if metric == "r2":  # squared errors, centred targets and their squares
+        err, mean, square = first / total, second / total, last / total
+        var = square - mean**2
+        return torch.where(var > 0, 1 - err / var.clamp_min(1e-12), torch.zeros_like(var)).mean(0)
+    hits, support, chosen = first, second, last  # per class: true positives, rows of the class, rows predicted as it
     if metric == "balanced_accuracy":  # the mean recall of the classes the resample holds
         scores, counted = hits / support.clamp_min(1), support > 0
-    else:  # macro_f1, over the classes predicted or present
-        denominator = support + counts @ chosen  # (tp + fn) + (tp + fp)
-        scores, counted = 2 * hits / denominator.clamp_min(1e-12), denominator > 0
-    return (scores * counted).sum(1) / counted.sum(1).clamp_min(1)
+    else:  # macro_f1, over the classes predicted or present: 2 tp / ((tp + fn) + (tp + fp))
+        scores, counted = 2 * hits / (support + chosen).clamp_min(1e-12), support + chosen > 0
+    return (scores * counted).sum(0) / counted.sum(0).clamp_min(1)
+
+
+def _resampled_metric(metric: str, pred: torch.Tensor, y: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """A metric (as _metrics gives it) of each resample, counts (draws, rows) of each row's copies in it."""
+    return _metric_of_sums(metric, _row_terms(metric, pred, y) @ counts.T, counts.sum(1))
 
 
 def _intervals(metric: str, preds: dict[str, tuple[torch.Tensor, torch.Tensor]], seed: int,
@@ -395,13 +409,15 @@ def _intervals(metric: str, preds: dict[str, tuple[torch.Tensor, torch.Tensor]],
     """95% bootstrap intervals (percentiles) of a test metric of each of preds' (prediction,
     target) pairs, over the same resamples of the test rows (or of their groups); "selectivity":
     of probe less control."""
-    samples: dict[str, list[torch.Tensor]] = {name: [] for name in preds}
-    rows = len(next(iter(preds.values()))[1])
+    terms = {name: _row_terms(metric, pred, y) for name, (pred, y) in preds.items()}
+    rows = next(iter(terms.values())).shape[1]
     if rows == 0:
         return {}
+    samples: dict[str, list[torch.Tensor]] = {name: [] for name in preds}
     for counts in _resampled_counts(rows, seed, groups):
-        for name, (pred, y) in preds.items():
-            samples[name].append(_resampled_metric(metric, pred, y, counts))
+        total = counts.sum(1)
+        for name, t in terms.items():
+            samples[name].append(_metric_of_sums(metric, t @ counts.T, total))
     drawn = {name: torch.cat(s) for name, s in samples.items()}
     if "control" in drawn:
         drawn["selectivity"] = drawn["probe"] - drawn["control"]
