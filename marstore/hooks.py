@@ -246,14 +246,13 @@ def reduce_tokens(x: torch.Tensor, reduction: str | list[int], channels_first: b
     if x.dim() < 3:
         raise HookError(f"reduction {reduction!r} needs (batch, tokens, features) activations, got shape {tuple(x.shape)}")
     x = x.flatten(1, -2)
-    if reduction == "mean":  # of 16-bit tokens: summed and kept in float32, rounded once, to the stored dtype
-        return x.mean(dim=1, dtype=torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x.mean(dim=1)
+    if reduction == "mean":
+        return _token_mean(x, 1)
     if isinstance(reduction, str) and reduction.startswith("mean:"):  # the means of equal groups: UVA's 4 frames
         groups, tokens = int(reduction[5:]), x.shape[1]
         if tokens % groups:
             raise HookError(f"reduction {reduction}: its {tokens} tokens do not split into {groups} equal groups")
-        x = x.unflatten(1, (groups, tokens // groups))
-        return x.mean(dim=2, dtype=torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x.mean(dim=2)
+        return _token_mean(x.unflatten(1, (groups, tokens // groups)), 2)
     if reduction == "first":
         return x[:, 0]
     if reduction == "last":
@@ -262,6 +261,11 @@ def reduce_tokens(x: torch.Tensor, reduction: str | list[int], channels_first: b
     if any(not -tokens <= i < tokens for i in reduction):  # checked on the host: no wait for the device
         raise HookError(f"token index {reduction} is out of range for {tokens} tokens")
     return x.index_select(1, _token_index(tuple(i % tokens for i in reduction), x.device))
+
+
+def _token_mean(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Of 16-bit tokens: summed and kept in float32, rounded once, to the stored dtype."""
+    return x.mean(dim=dim, dtype=torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x.mean(dim=dim)
 
 
 @functools.lru_cache(maxsize=256)

@@ -227,7 +227,7 @@ class _Trainer:
         self.start_losses = None  # an MLP's: each validation row's loss under the linear optimum
         if isinstance(self.model, ResidualMLP):  # the linear optimum to beat
             self.start_losses, self.start_state = self._val_row_losses(), self.best[2]
-            self.best = (self._val_loss(), -1, self.start_state)
+            self.best = (float(self.start_losses.mean()), -1, self.start_state)  # the validation loss, one forward
             self.history.append({"epoch": -1, "train_loss": None, "val_loss": self.best[0]})
         self.skipped_steps = self.grad_spikes = 0
         self.norms: collections.deque = collections.deque(maxlen=100)
@@ -733,9 +733,12 @@ def _finished_path(opts: ProbeOptions, layer: str) -> str:
     return os.path.join(opts.out, f"{_safe_name(layer)}.done.json")
 
 
+_NOT_RECORDED = ("resume", "progress", "device")  # options that change where or how, not the result
+
+
 def _recorded(opts: ProbeOptions) -> dict:
     """The options a resume must repeat to reach the same result (not where, or how shown)."""
-    return {k: v for k, v in asdict(opts).items() if k not in ("resume", "progress", "device")}
+    return {k: v for k, v in asdict(opts).items() if k not in _NOT_RECORDED}
 
 
 def _check_same_options(label: str, then: dict, opts: ProbeOptions) -> None:
@@ -755,7 +758,7 @@ def _finished_report(opts: ProbeOptions, source: dict) -> dict | None:
             report = json.load(f)
     except (OSError, ValueError):
         return None
-    recorded = {k: v for k, v in report.get("options", {}).items() if k not in ("resume", "progress", "device")}
+    recorded = {k: v for k, v in report.get("options", {}).items() if k not in _NOT_RECORDED}
     if recorded != json.loads(json.dumps(_recorded(opts))) or (report.get("store"), report.get("rows")) != (
             source["path"], source["rows"]):
         return None
