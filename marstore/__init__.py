@@ -6,7 +6,8 @@ The data path, one module per stage:
     transfer   hooked tensors -> float16 in reusable pinned host slots (marstore._C kernels; ops)
     store      slots -> a chunked, self-describing HDF5 file that survives a kill and resumes
     dataset    store -> torch Dataset, per-process safe, with a chunk-shuffling sampler
-    probe      dataset -> linear and MLP probes against a control task, reports and plots
+    probe      dataset -> linear and MLP probes against a control task, reports and plots; probe files
+    evaluate   probe files -> the same probes on another store (checkpoint, model, data set)
 extract runs checkpoint -> store in one pipeline; cli is the `marstore` command.
 """
 

@@ -322,6 +322,23 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from marstore.evaluate import EvaluateOptions, evaluate_probes
+    from marstore.probe import ProbeError, table
+    from marstore.store import StoreError
+
+    try:
+        report = evaluate_probes(EvaluateOptions(args.probes, args.store, args.out, args.layer, args.target, args.rows,
+                                                 args.group, args.device))
+    except (ProbeError, StoreError) as exc:
+        print(f"marstore evaluate: {exc}", file=sys.stderr)
+        return 2
+    print(table(report))
+    print(f"report: {report['report']}, {report['markdown']}")
+    print(f"plot: {report['plots']['depth']}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     import torch
 
@@ -453,6 +470,20 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--resume", action="store_true", help="continue probes interrupted with Ctrl-C")
     pr.add_argument("--no-progress", action="store_true")
     pr.set_defaults(func=_probe)
+
+    ev = sub.add_parser("evaluate", help="apply trained probes, unchanged, to another store (another checkpoint, model "
+                                         "or data set): how far what they read carries over")
+    ev.add_argument("probes", help="a folder that `marstore probe` wrote (or its report.json)")
+    ev.add_argument("store")
+    ev.add_argument("--out", default="evaluation", help="where report.json, report.md and depth.png go")
+    ev.add_argument("--layer", nargs="+", metavar="LAYER", help="names or patterns among the probes' layers (default: all)")
+    ev.add_argument("--target", help="the store's target to score against (default: the one the probes were trained for)")
+    ev.add_argument("--rows", choices=["auto", "all", "held-out"], default="auto",
+                    help="held-out: only the samples the probes were tested on; all: every row; auto (default): "
+                         "held-out where the store holds the samples the probes were trained on, else all")
+    ev.add_argument("--group", help="a target whose groups the intervals resample whole (default: the probes' --group)")
+    ev.add_argument("--device", default="cpu")
+    ev.set_defaults(func=_evaluate)
 
     cmp = sub.add_parser("compare", help="probe reports side by side (one per checkpoint, say): a depth plot and a table")
     cmp.add_argument("reports", nargs="+", metavar="REPORT", help="folders that `marstore probe` wrote (or their report.json)")

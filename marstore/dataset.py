@@ -63,6 +63,22 @@ def layers_of(store: Store, patterns: str | Sequence[str]) -> list[str]:
     return names
 
 
+def reduce_read_tokens(t: torch.Tensor, reduction: str | None, axis: int = 1, channel_axis: int | None = None) -> torch.Tensor:
+    """A read-time token reduction (READ_REDUCTIONS) of rows whose tokens start at axis (1 for a
+    batch, 0 for one ragged row). Every axis between the tokens' first and the features is a
+    token axis, as extraction's reductions take them: UVA's z_proj (frames, tokens, D) has
+    frames * tokens tokens; a convolution's (C, h, w), channel_axis 0, has h * w tokens of C
+    features. A row without tokens is returned as it is."""
+    if not reduction or t.dim() < axis + 2:
+        return t
+    if channel_axis is not None:
+        t = t.movedim(axis + channel_axis, -1)
+    t = t.flatten(axis, -2)
+    if reduction == "mean":  # summed in float32 without a float32 copy of the tokens
+        return t.mean(axis, dtype=torch.float32)
+    return t.select(axis, 0 if reduction == "first" else -1)
+
+
 class ActivationDataset(Dataset):
     """Rows of one or more layers and targets of a store, as float32 tensors (see module doc).
     layers are names or patterns, as the probe's --layer takes them ("encoder_blocks.*").
@@ -209,18 +225,7 @@ class ActivationDataset(Dataset):
         if name in self.bfloat16:
             t = t.view(torch.int16).view(torch.bfloat16)
         axis = 0 if name in self.ragged else 1  # the token axis: of one ragged row, or of a dense batch
-        if self.reduction and t.dim() >= axis + 2:
-            # every axis between the row's and the features is a token axis, as extraction's
-            # reductions take them: UVA's z_proj (frames, tokens, D) has frames * tokens tokens;
-            # a convolution's (C, h, w) has h * w tokens of C features
-            if name in self.channel_axes:
-                t = t.movedim(axis + self.channel_axes[name], -1)
-            t = t.flatten(axis, -2)
-            if self.reduction == "mean":  # summed in float32 without a float32 copy of the tokens
-                t = t.mean(axis, dtype=torch.float32)
-            else:
-                t = t.select(axis, 0 if self.reduction == "first" else -1)
-        return t.to(self.dtype)
+        return reduce_read_tokens(t, self.reduction, axis, self.channel_axes.get(name)).to(self.dtype)
 
     def __getitems__(self, positions: Sequence[int]) -> "RowBatch":
         """Many items with one HDF5 read per run of consecutive rows (DataLoader calls this).

@@ -125,7 +125,7 @@ def nearest_names(pattern: str, names: Sequence[str], n: int = 5) -> list[str]:
     plain = pattern[3:] if pattern.startswith("re:") else pattern
     plain = plain.replace("**", "").replace("*", "")
     close = difflib.get_close_matches(plain, names, n=n, cutoff=0.4)
-    return close or [x for x in names if x and x.split(".")[0] in plain][:n] or list(names[1 : n + 1])
+    return close or [x for x in names if x and x.split(".")[0] in plain][:n] or [x for x in names if x][:n]  # "" is the root
 
 
 # modules whose outputs are (batch, channels, *positions): a token reduction must be told so

@@ -19,8 +19,9 @@ a least-squares fit reads well. An MLP probe is the linear optimum, frozen, plus
 learns what it leaves (ResidualMLP). "adamw" (MLPs, or on request) trains by minibatches: a step
 whose loss or gradient is not finite is skipped and counted; gradient norms far above their
 running median are reported; the best validation weights are kept; Ctrl-C, or a scheduler's
-SIGTERM, saves a resumable state at the last finished epoch. Either way the weights are saved
-(a state dict that loads with weights_only=True), and resume=True keeps the layers finished
+SIGTERM, saves a resumable state at the last finished epoch. Either way each probe is saved as a
+file that load_probe() turns into a module applicable to the layer's activations (TrainedProbe;
+marstore.evaluate applies them to other stores), and resume=True keeps the layers finished
 before an interruption.
 Outputs: report.json, report.md (the table and the plots), depth.png (metric and control against depth),
 loss_curves.png, and a table. compare_reports() puts several reports of one target side by side.
@@ -35,10 +36,11 @@ import json
 import logging
 import math
 import os
+import pickle
 import signal
 import statistics
 import threading
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -46,7 +48,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from marstore.dataset import ActivationDataset, layers_of
+from marstore.dataset import ActivationDataset, layers_of, reduce_read_tokens
+from marstore.hooks import HookError, parse_reduction, reduce_tokens
 from marstore.store import open_store
 from marstore.transfer import resolve_device
 
@@ -131,29 +134,33 @@ class ProbeOptions:
                              "training; group by what ties rows together (an episode id)")
 
 
-@dataclass
-class ProbeRun:
-    layer: str
-    control: bool
-    metrics: dict = field(default_factory=dict)
-    history: list = field(default_factory=list)
-    best_epoch: int = -1
-    skipped_rows: int = 0
-    skipped_steps: int = 0
-    grad_spikes: int = 0
-    weights: str = ""
-
-
-def _features(ds: ActivationDataset, positions: np.ndarray, layer: str) -> tuple[torch.Tensor, dict]:
+def _features(ds: ActivationDataset, positions: np.ndarray, layer: str) -> tuple[torch.Tensor, dict, tuple]:
+    """(the probe's input rows, everything read, the statistics that standardised them)"""
     data = ds.read_all(positions)
-    mean, std = ds.stats[layer]
-    x = data[layer]
-    if ds.reduction is None and layer in ds.channel_axes:  # tokens side by side: the channels last, as the statistics
-        x = x.movedim(1 + ds.channel_axes[layer], -1)
-    if mean.size and mean.shape[-1] == x.shape[-1]:
-        std = np.where(std > 0, std, 1.0)
-        x = (x - torch.from_numpy(mean).float()) / torch.from_numpy(std).float()
-    return x.reshape(len(x), -1), data
+    channel_axis = ds.channel_axes.get(layer) if ds.reduction is None else None
+    stats = _used_stats(*ds.stats[layer], data[layer], channel_axis)
+    return feature_rows(data[layer], *stats, channel_axis), data, stats
+
+
+def _used_stats(mean: Any, std: Any, x: torch.Tensor, channel_axis: int | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The store's per-channel statistics as the features take them, or (None, None) where they
+    do not fit the rows' channels (a store written without statistics)."""
+    mean, std = np.asarray(mean), np.asarray(std)
+    channels = x.shape[-1 if channel_axis is None else 1 + channel_axis]
+    if not mean.size or mean.shape[-1] != channels:
+        return None, None
+    return torch.from_numpy(mean).float(), torch.from_numpy(np.where(std > 0, std, 1.0)).float()
+
+
+def feature_rows(x: torch.Tensor, mean: torch.Tensor | None, std: torch.Tensor | None,
+                 channel_axis: int | None = None) -> torch.Tensor:
+    """A probe's input: rows as read (after the read-time token reduction), standardised per
+    channel, flat. The channels of a layer stored whole go last first (its tokens side by side)."""
+    if channel_axis is not None:
+        x = x.movedim(1 + channel_axis, -1)
+    if mean is not None:
+        x = (x - mean) / std
+    return x.reshape(len(x), -1)
 
 
 def _metrics(task: str, pred: torch.Tensor, y: torch.Tensor, classes: int) -> dict:
@@ -547,10 +554,21 @@ class _Ridge:
         return [total / (self.n * self.along.shape[1]) for total in sums]
 
 
-def _prepare(opts: ProbeOptions, layer: str,
-             rows: int) -> tuple[str, dict, dict, list[int] | list[str], int, dict, np.ndarray | None]:
-    """(task, features and targets by split, class labels, rows skipped, split sizes, the test rows'
-    --group values or None)"""
+@dataclass
+class _Prepared:
+    """A layer's rows, ready to probe."""
+    task: str
+    xs: dict  # features by split
+    ys: dict  # targets by split: class numbers or float rows
+    labels: list  # classification: the label value (int or str) of each class, in the probe's output order
+    skipped: int  # rows with non-finite features or targets
+    sizes: dict  # rows of each split
+    test_groups: np.ndarray | None  # the test rows' --group values
+    test_sources: np.ndarray  # the test rows' source indices: the samples no probe was fitted or chosen on
+    features: dict  # how rows of the layer become the probe's input (see TrainedProbe)
+
+
+def _prepare(opts: ProbeOptions, layer: str, rows: int) -> _Prepared:
     ds = ActivationDataset(opts.store, [layer], [opts.target, *([opts.group] if opts.group else [])], rows=range(rows),
                            reduction="mean" if opts.tokens == "mean" else None)
     if ds.ragged and opts.tokens == "flat":
@@ -567,7 +585,7 @@ def _prepare(opts: ProbeOptions, layer: str,
     skipped = 0
     test_groups = None
     for name, positions in splits.items():
-        x, data = _features(ds, positions, layer)
+        x, data, stats = _features(ds, positions, layer)
         y = data[opts.target]
         finite = torch.isfinite(x).all(1)
         if isinstance(y, torch.Tensor):  # text is never non-finite
@@ -577,6 +595,15 @@ def _prepare(opts: ProbeOptions, layer: str,
         if name == "test" and opts.group:
             test_groups = np.asarray(data[opts.group])[finite.numpy()]
     ds.close()
+    with open_store(opts.store) as store:
+        test_sources = store.index(0, rows)[splits["test"]]
+        info = store.layers[layer]
+        recorded = next((spec for spec in store.metadata.get("layers", []) if spec.get("store_name") == layer), {})
+        # read while the store is open: a closed file's attributes read as absent
+        features = {"row_shape": list(info.row_shape), "ragged": info.layout == "ragged", "dtype": info.dtype,
+                    "channel_axis": ds.channel_axes.get(layer), "reduction": str(info.attrs.get("reduction", "none")),
+                    "channels_first": bool(recorded.get("channels_first", False)), "tokens": opts.tokens,
+                    "mean": stats[0], "std": stats[1]}
     task = opts.task
     names: list[str] = []  # a text target's strings, sorted: class i is names[i]
     if opts.target in ds.text:
@@ -610,8 +637,10 @@ def _prepare(opts: ProbeOptions, layer: str,
         labels = [names[i] for i in values.tolist()] if names else values.tolist()
         ys = {name: torch.searchsorted(values, v.long().reshape(-1)) for name, v in ys.items()}
     else:
+        features["target_shape"] = list(y_all.shape[1:])  # predictions take it back
         ys = {name: v.float().reshape(len(v), -1) for name, v in ys.items()}
-    return task, xs, ys, labels, skipped, {k: len(v) for k, v in splits.items()}, test_groups
+    return _Prepared(task, xs, ys, labels, skipped, {k: len(v) for k, v in splits.items()}, test_groups, test_sources,
+                     features)
 
 
 def _control(ys: dict, seed: int) -> dict:
@@ -650,7 +679,7 @@ def run_probes(opts: ProbeOptions) -> dict:
             for layer in layers:
                 entry = _finished_before(opts, layer, source)
                 if entry is None:
-                    entry = _probe_layer(opts, layer, source["rows"])
+                    entry = _probe_layer(opts, layer, source)
                     _write_json(_finished_path(opts, layer), {"options": _recorded(opts), "store": source, "entry": entry})
                 rows.append(entry)
         except (KeyboardInterrupt, ProbeInterrupted) as exc:
@@ -670,13 +699,15 @@ def run_probes(opts: ProbeOptions) -> dict:
     return report
 
 
-def _probe_layer(opts: ProbeOptions, layer: str, rows: int) -> dict:
-    """The probe (and its control) on one layer: the layer's entry in the report."""
-    task, xs, ys, labels, skipped, sizes, test_groups = _prepare(opts, layer, rows)
+def _probe_layer(opts: ProbeOptions, layer: str, source: dict) -> dict:
+    """The probe (and its control) on one layer of source (the store's path and committed rows):
+    the layer's entry in the report."""
+    prep = _prepare(opts, layer, source["rows"])
+    task, xs, ys, labels = prep.task, prep.xs, prep.ys, prep.labels
     if task == "regression" and opts.metric:
         raise ProbeError(f"{layer}: --metric {opts.metric} is a classification's; target {opts.target!r} is probed by "
                          "regression, whose metric is R²")
-    entry: dict[str, Any] = {"layer": layer, "task": task, "split_rows": sizes, "skipped_rows": skipped}
+    entry: dict[str, Any] = {"layer": layer, "task": task, "split_rows": prep.sizes, "skipped_rows": prep.skipped}
     if labels:
         entry["classes"] = labels  # class i of the probe's outputs is the label value labels[i]
     solver = _solver_of(opts)
@@ -702,7 +733,7 @@ def _probe_layer(opts: ProbeOptions, layer: str, rows: int) -> dict:
             model = trainer.model
             result |= {"best_epoch": trainer.best[1], "epochs": trainer.epoch, "skipped_steps": trainer.skipped_steps,
                        "grad_spikes": trainer.grad_spikes, "history": trainer.history}
-        torch.save(model.state_dict(), weights)
+        torch.save(_probe_file(opts, layer, control, prep, model, source), weights)
         which = "control" if control else "probe"
         tests[which] = (_predict(model, xs["test"], opts.device), targets["test"])
         entry[which] = {"test": _metrics(task, *tests[which], len(labels)),
@@ -711,12 +742,118 @@ def _probe_layer(opts: ProbeOptions, layer: str, rows: int) -> dict:
     head = _headline(task, opts.metric)
     if opts.control:
         entry["selectivity"] = entry["probe"]["test"][head] - entry["control"]["test"][head]
-    intervals = _intervals(head, tests, opts.seed, test_groups)
+    _add_intervals(entry, head, tests, opts.seed, prep.test_groups)
+    return entry
+
+
+def _add_intervals(entry: dict, metric: str, tests: dict[str, tuple[torch.Tensor, torch.Tensor]], seed: int,
+                   groups: np.ndarray | None) -> None:
+    intervals = _intervals(metric, tests, seed, groups)
     for which in intervals.keys() & tests.keys():
-        entry[which]["test"][f"{head}_ci95"] = intervals[which]
+        entry[which]["test"][f"{metric}_ci95"] = intervals[which]
     if "selectivity" in intervals:
         entry["selectivity_ci95"] = intervals["selectivity"]
-    return entry
+
+
+PROBE_FORMAT = "marstore-probe/1"
+
+
+def _probe_file(opts: ProbeOptions, layer: str, control: bool, prep: _Prepared, model: nn.Module, source: dict) -> dict:
+    """A trained probe as one file that loads with weights_only=True and needs nothing else to be
+    applied (load_probe): its weights, the statistics that standardised its input, how rows of
+    the layer become that input, its classes, and the test samples it never saw."""
+    return {"format": PROBE_FORMAT, "layer": layer, "target": opts.target, "control": control, "task": prep.task,
+            "kind": opts.kind, "hidden": opts.hidden, "classes": prep.labels, "features": prep.features,
+            "held_out_sources": torch.from_numpy(np.asarray(prep.test_sources, dtype=np.int64)), "trained_on": source,
+            "options": _recorded(opts), "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+
+
+class TrainedProbe(nn.Module):
+    """A probe that `marstore probe` trained, from its file (load_probe). Called on rows of its
+    layer as a store holds them, (rows, *row_shape), or (rows, tokens, *token_shape) for a ragged
+    layer, it gives the probe's outputs (logits, or the target's values); for a layer that
+    extraction reduced on the device it also takes the module's capture before that reduction
+    (UVA's (B, 1024, D) blocks for a store of token means). predict() gives labels or values.
+    features() and head are the two halves: rows as read (after the read-time token reduction)
+    to standardised input, and the fitted model."""
+
+    def __init__(self, file: dict, path: str = ""):
+        super().__init__()
+        self.path = path
+        self.layer, self.target, self.task, self.kind = file["layer"], file["target"], file["task"], file["kind"]
+        self.control, self.classes, self.trained_on = file["control"], list(file["classes"]), file["trained_on"]
+        self.held_out_sources = file["held_out_sources"]
+        f = file["features"]
+        self.row_shape, self.ragged, self.tokens = tuple(f["row_shape"]), f["ragged"], f["tokens"]
+        self.channel_axis, self.reduction, self.channels_first = f["channel_axis"], f["reduction"], f["channels_first"]
+        self.register_buffer("mean", f["mean"])
+        self.register_buffer("std", f["std"])
+        state = file["state_dict"]
+        if self.kind == "linear":
+            self.head: nn.Module = nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
+        else:
+            self.head = ResidualMLP(state["linear.weight"].shape[1], file["hidden"], state["linear.weight"].shape[0])
+        self.head.load_state_dict(state)
+        self.target_shape = tuple(f.get("target_shape", ()))
+        self.requires_grad_(False).eval()  # fitted: gradients reach the activations only
+
+    def features(self, rows: torch.Tensor) -> torch.Tensor:
+        """The probe's input from rows as ActivationDataset reads them for it (reduction="mean"
+        where the probe took token means, else None)."""
+        return feature_rows(rows.float(), self.mean, self.std, self.channel_axis if self.tokens == "flat" else None)
+
+    def _as_stored(self, x: torch.Tensor) -> torch.Tensor:
+        stored = x.shape[2:] == self.row_shape if self.ragged else x.shape[1:] == self.row_shape
+        if stored or self.reduction == "none" or self.ragged:
+            if not stored:
+                form = f"(rows, tokens, {', '.join(map(str, self.row_shape))})" if self.ragged else f"(rows, {self.row_shape})"
+                raise ProbeError(f"{self.layer}: activations of shape {tuple(x.shape)}; this probe takes rows shaped {form}")
+            return x
+        try:
+            reduced = reduce_tokens(x.float(), parse_reduction(self.reduction), self.channels_first)
+        except HookError as exc:
+            reduced, why = None, f" ({exc})"
+        else:
+            why = ""
+        if reduced is None or reduced.shape[1:] != self.row_shape:
+            raise ProbeError(f"{self.layer}: activations of shape {tuple(x.shape)}; this probe takes rows of shape "
+                             f"{self.row_shape}, as the store holds them, or the capture that extraction reduced to them "
+                             f"(reduction {self.reduction}){why}")
+        return reduced
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = reduce_read_tokens(self._as_stored(x), "mean" if self.tokens == "mean" else None, 1,
+                                  self.channel_axis)
+        return self.head(self.features(rows))
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor | list[str]:
+        """Class labels (the label values the store held: ints, or strings as a list), or the
+        target's values (rows, *dims) for a regression."""
+        out = self(x)
+        if self.task == "regression":
+            return out.reshape(len(out), *self.target_shape)
+        chosen = out.argmax(1).tolist()
+        return [self.classes[i] for i in chosen] if self.classes and isinstance(self.classes[0], str) else \
+            torch.tensor([self.classes[i] for i in chosen], dtype=torch.long)
+
+
+def load_probe(path: str | os.PathLike) -> TrainedProbe:
+    """A probe file (`<layer>.pt`, or `<layer>-control.pt`, in the folder `marstore probe` wrote)
+    as a TrainedProbe. Loaded with weights_only=True: a probe file holds no pickle."""
+    path = os.fspath(path)
+    try:
+        file = torch.load(path, weights_only=True, map_location="cpu")
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise ProbeError(f"{path}: not a probe file that loads ({reason})") from None
+    if not isinstance(file, dict) or file.get("format") != PROBE_FORMAT:
+        if isinstance(file, dict) and file and all(isinstance(v, torch.Tensor) for v in file.values()):
+            raise ProbeError(f"{path} holds a bare state dict, as marstore wrote probes before {PROBE_FORMAT}: it lacks "
+                             "the statistics and classes a probe needs to be applied; run `marstore probe` again")
+        found = file.get("format") if isinstance(file, dict) else type(file).__name__
+        raise ProbeError(f"{path} is not a marstore probe file (format {found!r}; this marstore reads {PROBE_FORMAT!r})")
+    return TrainedProbe(file, path)
 
 
 def _solver_of(opts: ProbeOptions) -> str:
@@ -825,12 +962,7 @@ def _plots(report: dict, out: str) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = report["metric"]
-    names = [r["layer"] for r in report["layers"]]
-    depth = os.path.join(out, "depth.png")
-    by_layer = {r["layer"]: r for r in report["layers"]}
-    _depth_plot(depth, names, metric, f"What each layer knows about {report['target']}",
-                [(f"probe ({metric})", "o-", None, by_layer, "probe"), ("control task", "s--", None, by_layer, "control")])
+    depth = report_depth_plot(report, out, f"What each layer knows about {report['target']}")
     curves = os.path.join(out, "loss_curves.png")
     fig, ax = plt.subplots(figsize=(7, 4))
     by_penalty = report["solver"] == "direct"  # no epochs: the loss that chose among the penalties
@@ -850,6 +982,15 @@ def _plots(report: dict, out: str) -> dict:
     fig.savefig(curves, dpi=110)
     plt.close(fig)
     return {"depth": depth, "loss_curves": curves}
+
+
+def report_depth_plot(report: dict, out: str, title: str) -> str:
+    """depth.png of a report: each layer's test metric, its control's, and their bands."""
+    metric, by_layer = report["metric"], {r["layer"]: r for r in report["layers"]}
+    path = os.path.join(out, "depth.png")
+    _depth_plot(path, list(by_layer), metric, title,
+                [(f"probe ({metric})", "o-", None, by_layer, "probe"), ("control task", "s--", None, by_layer, "control")])
+    return path
 
 
 def _depth_plot(path: str, names: list[str], metric: str, title: str,
@@ -966,7 +1107,7 @@ def _table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
         cells.append([r["layer"], f"{r['probe']['test'][metric]:.3f}", "" if interval is None else "{:.3f} to {:.3f}".format(*interval),
                       "" if ctrl is None else f"{ctrl:.3f}",
                       "" if sel is None else f"{sel:.3f}", str(r["skipped_rows"]),
-                      "-" if r.get("solver") == "direct" else str(r["probe"]["skipped_steps"])])  # no steps to skip
+                      str(r["probe"].get("skipped_steps", "-"))])  # the direct solver takes no steps to skip
     return header, cells
 
 

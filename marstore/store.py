@@ -1056,11 +1056,13 @@ class _LayerAttrs(collections.abc.Mapping):
     in a fraction of the time it took to read a dozen attributes of each, and a probe opens it
     once per layer."""
 
-    def __init__(self, attrs: h5py.AttributeManager):
-        self._attrs, self._read = attrs, {}
+    def __init__(self, obj: h5py.HLObject):
+        self._obj, self._attrs, self._read = obj, obj.attrs, {}
 
     def __getitem__(self, key: str) -> Any:
         if key not in self._read:
+            if not self._obj:  # closed: h5py's KeyError would read as an absent attribute (.get's default)
+                raise StoreError(f"attribute {key!r} of {self._obj!r} asked for after its store was closed")
             value = self._attrs[key]
             self._read[key] = value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value
         return self._read[key]
@@ -1137,7 +1139,7 @@ class Store:
         group = file["activations"]
         for name in sorted(group, key=lambda n: order.get(n, len(order))):
             obj = group[name]
-            attrs = _LayerAttrs(obj.attrs)
+            attrs = _LayerAttrs(obj)
             ragged = attrs.get("layout") == "ragged"
             values = obj["values"] if ragged else obj
             self.layers[name] = LayerInfo(

@@ -340,7 +340,7 @@ def test_planted_linear_signal_is_found_and_the_control_is_not(tmp_path):
         f"{'skipped steps':>14}",
         f"{'signal':<28} {s['probe']['test']['r2']:9.3f} {f'{low:.3f} to {high:.3f}':>17} {s['control']['test']['r2']:9.3f} "
         f"{s['selectivity']:8.3f} {0:13d} {'-':>14}"]
-    weights = torch.load(by["signal"]["probe"]["weights"], weights_only=True)
+    weights = torch.load(by["signal"]["probe"]["weights"], weights_only=True)["state_dict"]
     assert set(weights) == {"weight", "bias"} and weights["weight"].shape == (3, 16)
 
 
@@ -375,7 +375,7 @@ def test_the_direct_solver_reads_a_signal_in_a_small_variance_direction(tmp_path
     assert "Linear probes for regression, solved in closed form (ridge); the L2 penalty was chosen by its leave-one-out " \
         "error over the training rows" in markdown and "![the loss that chose each probe, by L2 penalty](loss_curves.png)" \
         in markdown
-    weights = torch.load(probe["weights"], weights_only=True)  # applies to the standardised features, as AdamW's
+    weights = torch.load(probe["weights"], weights_only=True)["state_dict"]  # applies to the standardised features, as AdamW's
     assert set(weights) == {"weight", "bias"} and weights["weight"].shape == (1, 32)
     labels = run_probes(probe_opts(tmp_path, path, layer="a", target="label", out=str(tmp_path / "labels")))
     assert labels["task"] == "classification" and labels["layers"][0]["probe"]["test"]["accuracy"] > 0.9
@@ -398,9 +398,9 @@ def test_the_mlp_probe_starts_at_the_linear_optimum_and_finds_what_it_cannot(tmp
     assert start["epoch"] == -1 and start["val_loss"] == pytest.approx(linear["probe"]["val"]["mse"], rel=1e-5)
     assert mlp["probe"]["val"]["mse"] <= start["val_loss"] * (1 + 1e-6)  # never worse than where it started
     assert mlp["probe"]["test"]["r2"] > 0.98
-    weights = torch.load(mlp["probe"]["weights"], weights_only=True)
+    weights = torch.load(mlp["probe"]["weights"], weights_only=True)["state_dict"]
     assert list(weights) == ["linear.weight", "linear.bias", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"]
-    assert torch.equal(weights["linear.weight"], torch.load(linear["probe"]["weights"], weights_only=True)["weight"])
+    assert torch.equal(weights["linear.weight"], torch.load(linear["probe"]["weights"], weights_only=True)["state_dict"]["weight"])
     # an epoch that beats the start by less than the validation rows' standard error does not count
     with caplog.at_level(logging.INFO, logger="marstore.probe"):
         labels = run_probes(probe_opts(tmp_path, path, layer="a", target="label", kind="mlp", epochs=10,
@@ -586,7 +586,7 @@ def test_a_text_target_is_probed_by_classification_with_its_strings_as_classes(t
     layer = report["layers"][0]
     assert report["task"] == "classification" and layer["classes"] == ["pick", "place é", "push"]
     assert layer["probe"]["test"]["accuracy"] > 0.95 and layer["control"]["test"]["accuracy"] < 0.6
-    assert torch.load(layer["probe"]["weights"], weights_only=True)["weight"].shape == (3, 3)
+    assert torch.load(layer["probe"]["weights"], weights_only=True)["state_dict"]["weight"].shape == (3, 3)
     assert "1000 resamples of the test rows (drawn by whole 'ep' groups)." in open(report["markdown"]).read()
     with pytest.raises(ProbeError) as info:
         run_probes(probe_opts(tmp_path, path, layer="a", target="task", task="regression"))
@@ -608,7 +608,7 @@ def test_tokens_side_by_side_read_what_their_mean_loses(tmp_path):
     mean = run_probes(probe_opts(tmp_path, path, layer="frames", out=str(tmp_path / "mean")))["layers"][0]
     flat = run_probes(probe_opts(tmp_path, path, layer="frames", out=str(tmp_path / "flat"), tokens="flat"))["layers"][0]
     assert mean["probe"]["test"]["r2"] < 0.05 and flat["probe"]["test"]["r2"] > 0.99
-    assert torch.load(flat["probe"]["weights"], weights_only=True)["weight"].shape == (1, 16)
+    assert torch.load(flat["probe"]["weights"], weights_only=True)["state_dict"]["weight"].shape == (1, 16)
     with pytest.raises(ProbeError) as info:
         probe_opts(tmp_path, path, tokens="all")
     assert str(info.value) == "--tokens 'all': use mean or flat"
@@ -665,7 +665,7 @@ def test_labels_such_as_minus_one_or_sparse_ids_are_classes(tmp_path):
     layer = report["layers"][0]
     assert report["task"] == "classification" and layer["classes"] == [-1, 7, 400]
     assert layer["probe"]["test"]["accuracy"] > 0.95
-    weights = torch.load(layer["probe"]["weights"], weights_only=True)
+    weights = torch.load(layer["probe"]["weights"], weights_only=True)["state_dict"]
     assert weights["weight"].shape == (3, 3)  # one output per label value, not 401
 
 
@@ -948,3 +948,11 @@ def test_the_probe_command_probes_every_layer_when_none_is_named(tmp_path, caplo
         assert main(["probe", str(path), "--target", "y", "--out", str(tmp_path / "p"), "--no-progress"]) == 0
     assert [r["layer"] for r in json.load(open(tmp_path / "p" / "report.json"))["layers"]] == ["signal", "noise"]
     assert f"probing every layer of {path} (2; --layer picks some)" in caplog.messages
+
+
+def test_an_unknown_layer_names_every_layer_when_none_is_close(tmp_path):
+    path = tmp_path / "s.h5"
+    planted_store(path, n=20)
+    # a store's layer list has no root module "": the first layer was left out of the names offered
+    with pytest.raises(StoreError, match=r"has no layer 'qqq'; nearest: \['signal', 'noise'\]$"):
+        ActivationDataset(path, "qqq")

@@ -718,7 +718,7 @@ def test_a_convolution_stored_whole_records_its_channel_axis_for_reductions_at_r
 
     # probed with its positions side by side (--tokens flat), it is standardised per channel, as its statistics are
     ds = ActivationDataset(result.path, "diffactloss.conv")
-    x, _ = _features(ds, np.arange(40), "diffactloss.conv")
+    x, _, _ = _features(ds, np.arange(40), "diffactloss.conv")
     mean, std = (torch.from_numpy(np.asarray(v)).float() for v in ds.stats["diffactloss.conv"])
     assert mean.shape == (32,)
     torch.testing.assert_close(x, ((conv.float().movedim(2, -1) - mean) / std).reshape(40, -1))

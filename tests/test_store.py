@@ -784,3 +784,7 @@ def test_a_store_of_many_layers_reads_each_layers_attributes_when_asked(tmp_path
             on_file = f["activations/blocks.7"].attrs
             assert dict(attrs) == {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in on_file.items()}
     assert opened <= 3 * len(names) + 10  # the layout and dtype of each (and the root's), not a dozen of each
+    # read after the store closed, an attribute was "absent" (.get gave its default, quietly wrong)
+    assert attrs["mean"] == [7.0, 7.0, 7.0]  # read while open: kept
+    with pytest.raises(StoreError, match=r"^attribute 'reduction' of <Closed HDF5 dataset> asked for after its store was closed$"):
+        s.layers["blocks.8"].attrs.get("reduction", "none")

@@ -1,0 +1,255 @@
+"""Trained probes on another store: does what a probe read in one model, checkpoint or data set
+carry over to another?
+
+    report = evaluate_probes(EvaluateOptions(probes="probes", store="acts-ckpt200.h5", out="transfer"))
+
+Every probe that `marstore probe` wrote into the folder `probes` (and its control) is applied,
+unchanged, to its layer's rows in `store`: standardised with the statistics the probe was
+trained with, not the new store's, so that the probe is the same function of the activations.
+Which rows: a store of other samples is evaluated whole; a store of the same samples (the
+store the probes were trained on, or another extraction of the same data set, such as another
+checkpoint's) only on the samples the probes were tested on, never fitted or chosen on
+(rows="auto", logged; "all" or "held-out" choose). The report has the layout of a probe report
+(report.json, report.md, depth.png, with the 95% bootstrap intervals), so that `marstore
+compare probes transfer` puts the two side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from marstore.dataset import ActivationDataset
+from marstore.hooks import match_modules, nearest_names
+from marstore.probe import (ProbeError, TrainedProbe, _add_intervals, _metrics, _read_report, _table_rows, load_probe,
+                            report_depth_plot)
+from marstore.store import Store, StoreError, open_store
+from marstore.transfer import resolve_device
+
+log = logging.getLogger(__name__)
+
+ROWS = ("auto", "all", "held-out")
+
+
+@dataclass
+class EvaluateOptions:
+    probes: str  # a folder that `marstore probe` wrote (or its report.json)
+    store: str
+    out: str = "evaluation"
+    layer: str | list[str] | None = None  # names or patterns among the report's layers; None: all of them
+    target: str | None = None  # the store's target to score against; None: the one the probes were trained for
+    rows: str = "auto"
+    group: str | None = None  # resample whole groups for the intervals; None: the probes' --group, where the store has it
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.rows not in ROWS:
+            raise ProbeError(f"--rows {self.rows!r}: use one of {', '.join(ROWS)}")
+        try:
+            resolve_device(self.device)
+        except ValueError as exc:
+            raise ProbeError(str(exc)) from None
+
+
+def _same_samples(trained_on: dict, store: Store) -> str | None:
+    """Why the store's source indices name the samples the probes saw, or None where they do not
+    (or it cannot be told)."""
+    if os.path.abspath(store.path) == trained_on["path"] and str(store.file.attrs["created"]) == trained_on["created"]:
+        return "the store the probes were trained on"
+    try:
+        with open_store(trained_on["path"]) as then:
+            spec = then.metadata.get("dataset"), then.metadata.get("dataset_args")
+    except (OSError, ValueError, StoreError) as exc:  # moved or deleted: its data set cannot be compared
+        log.warning("rows: cannot read the store the probes were trained on (%s) to tell whether %s holds the same "
+                    "samples; evaluating every row (--rows held-out restricts them)", " ".join(str(exc).split()), store.path)
+        return None
+    now = store.metadata.get("dataset"), store.metadata.get("dataset_args")
+    if spec[0] is not None and spec == now:
+        return f"an extraction of the same data set ({spec[0]} {json.dumps(spec[1], sort_keys=True)})"
+    return None
+
+
+def _held_out_rows(probe: TrainedProbe, index: np.ndarray, store_path: str) -> np.ndarray:
+    """The store's rows of the samples the probe was tested on, in the order it was tested on them
+    (so that on the store it was trained on, the metric and its interval are the report's)."""
+    rows_of: dict[int, list[int]] = {}
+    for row, source in enumerate(index.tolist()):
+        rows_of.setdefault(source, []).append(row)
+    held_out = probe.held_out_sources.tolist()
+    rows = [row for source in held_out for row in rows_of.get(source, ())]
+    if not rows:
+        raise ProbeError(f"{probe.layer}: none of the {len(held_out)} samples the probe was tested on is in {store_path}; "
+                         "use --rows all")
+    return np.asarray(rows, dtype=np.int64)
+
+
+def _check_rows(probe: TrainedProbe, store: Store) -> None:
+    info = store.layers[probe.layer]
+    now = (info.layout == "ragged", tuple(info.row_shape))
+    if now != (probe.ragged, probe.row_shape):
+        def form(ragged: bool, shape: tuple) -> str:
+            return f"{'ragged rows of tokens' if ragged else 'rows'} of shape {shape}"
+        raise ProbeError(f"{probe.layer}: {store.path} holds {form(*now)}, the probe was trained on "
+                         f"{form(probe.ragged, probe.row_shape)}; evaluate on a store of the same layers")
+
+
+def _class_numbers(probe: TrainedProbe, y: np.ndarray | torch.Tensor, target: str) -> tuple[torch.Tensor, int]:
+    """Targets as the probe's class numbers; a label the probe has no class for becomes the
+    extra class len(classes), which no prediction is. (numbers, rows with such a label)"""
+    text_classes = bool(probe.classes) and isinstance(probe.classes[0], str)
+    if text_classes != isinstance(y, np.ndarray):
+        held = ("numbers", "text") if text_classes else ("text", "numbers")
+        raise ProbeError(f"{probe.layer}: target {target!r} holds {held[0]}, and the probe's classes are {held[1]} "
+                         f"({', '.join(map(str, probe.classes[:5]))}); score it against a target like the one it was trained for")
+    values = y.tolist() if isinstance(y, np.ndarray) else y.reshape(len(y), -1).tolist()
+    if not isinstance(y, np.ndarray):
+        if any(len(v) != 1 or v[0] != int(v[0]) for v in values):
+            raise ProbeError(f"{probe.layer}: the probe classifies, and target {target!r} does not hold one whole number "
+                             "a row; score it against a target of labels (--target)")
+        values = [int(v[0]) for v in values]
+    number = {label: i for i, label in enumerate(probe.classes)}
+    classes = [number.get(v, len(probe.classes)) for v in values]
+    return torch.tensor(classes, dtype=torch.long), sum(c == len(probe.classes) for c in classes)
+
+
+def _evaluate_layer(opts: EvaluateOptions, probes: dict[str, TrainedProbe], target: str, group: str | None,
+                    rows: np.ndarray, seed: int, metric: str) -> dict:
+    probe = probes["probe"]
+    layer, device = probe.layer, resolve_device(opts.device)
+    ds = ActivationDataset(opts.store, [layer], [target, *([group] if group else [])], rows=rows,
+                           reduction="mean" if probe.tokens == "mean" else None)
+    data = ds.read_all()
+    ds.close()
+    x = probe.features(data[layer])
+    y = data[target]
+    finite = torch.isfinite(x).all(1)
+    if isinstance(y, torch.Tensor):
+        finite &= torch.isfinite(y.reshape(len(y), -1).float()).all(1)
+    x, y = x[finite], y[finite.numpy()] if isinstance(y, np.ndarray) else y[finite]
+    if not len(x):
+        raise ProbeError(f"{layer}: none of the {len(finite)} rows has finite features and targets")
+    entry: dict = {"layer": layer, "task": probe.task, "split_rows": {"test": len(x)}, "skipped_rows": int((~finite).sum())}
+    classes = len(probe.classes)
+    if probe.task == "classification":
+        y, unseen = _class_numbers(probe, y, target)
+        entry |= {"classes": probe.classes, "unseen_label_rows": unseen}
+        if unseen:
+            log.warning("%s: %d of %d rows hold a label the probe has no class for (it never saw it in training); they "
+                        "count as wrong", layer, unseen, len(y))
+    else:
+        if isinstance(y, np.ndarray):
+            raise ProbeError(f"{layer}: target {target!r} holds text; this probe regresses numbers")
+        y = y.float().reshape(len(y), -1)
+        dims = probe.head(x[:0]).shape[1]
+        if y.shape[1] != dims:
+            raise ProbeError(f"{layer}: target {target!r} has {y.shape[1]} values a row, the probe predicts {dims}")
+    tests = {}
+    for which, p in probes.items():
+        with torch.no_grad():
+            pred = p.head.to(device)(x.to(device)).float().cpu()
+        if probe.task == "classification":  # a column for labels without a class, never chosen
+            pred = torch.cat([pred, torch.full((len(pred), 1), -torch.inf)], 1)
+        tests[which] = (pred, y)
+        entry[which] = {"test": _metrics(probe.task, pred, y, classes + 1),
+                        "weights": p.path}
+    if "control" in tests:
+        entry["selectivity"] = entry["probe"]["test"][metric] - entry["control"]["test"][metric]
+    groups = np.asarray(data[group])[finite.numpy()] if group else None
+    _add_intervals(entry, metric, tests, seed, groups)
+    return entry
+
+
+def evaluate_probes(opts: EvaluateOptions) -> dict:
+    """Applies the probes of opts.probes to opts.store; writes report.json, report.md and depth.png
+    into opts.out; returns the report."""
+    report = _read_report(opts.probes)
+    folder = opts.probes if os.path.isdir(opts.probes) else os.path.dirname(opts.probes)
+    names = [entry["layer"] for entry in report["layers"]]
+    chosen = names
+    if opts.layer is not None:
+        chosen = []
+        for pattern in [opts.layer] if isinstance(opts.layer, str) else opts.layer:
+            found = match_modules(pattern, names)
+            if not found:
+                raise ProbeError(f"--layer {pattern!r}: no probe of {folder} is of such a layer; nearest: "
+                                 f"{', '.join(nearest_names(pattern, names))}")
+            chosen += [n for n in found if n not in chosen]
+    entries = {entry["layer"]: entry for entry in report["layers"]}
+    training = report["options"]
+    with open_store(opts.store) as store:
+        target = opts.target or report["target"]
+        if target not in store.targets:
+            raise ProbeError(f"target {target!r} is not in {opts.store}; its targets are {sorted(store.targets)} "
+                             "(--target names the one to score against)")
+        group = opts.group
+        if group is None and training.get("group") in store.targets:
+            group = training["group"]
+            log.info("intervals drawn by whole %r groups, as the probes' were (--group names another)", group)
+        elif group is not None and group not in store.targets:
+            raise ProbeError(f"--group {group!r} is not in {opts.store}; its targets are {sorted(store.targets)}")
+        missing = [n for n in chosen if n not in store.layers]
+        if missing:
+            raise ProbeError(f"{opts.store} has no layer {missing[0]!r}; nearest: {nearest_names(missing[0], list(store.layers))}")
+        layers = []
+        for name in chosen:
+            files = {"probe": entries[name]["probe"]["weights"], **({"control": entries[name]["control"]["weights"]}
+                                                                     if "control" in entries[name] else {})}
+            # the folder may have moved since: the files are looked for beside its report
+            layers.append({which: load_probe(os.path.join(folder, os.path.basename(path))) for which, path in files.items()})
+            _check_rows(layers[-1]["probe"], store)
+        first = layers[0]["probe"]
+        same = _same_samples(first.trained_on, store)
+        mode = opts.rows if opts.rows != "auto" else "held-out" if same else "all"
+        if same and mode == "all":
+            log.warning("rows: %s is %s, and every row of it includes the samples the probes were fitted and chosen on: "
+                        "the metric is not a test metric (--rows held-out keeps the others)", opts.store, same)
+        if opts.rows == "auto":
+            log.info("rows: %s", f"the samples the probes were tested on, as {opts.store} is {same}" if same else
+                     f"all {store.rows} committed rows of {opts.store}, whose samples the probes never saw")
+        index = store.index(0, store.rows)
+        source = {"path": os.path.abspath(opts.store), "status": store.status, "rows": store.rows}
+    os.makedirs(opts.out, exist_ok=True)
+    metric, seed = report["metric"], training.get("seed", 0)
+    out_entries = []
+    for probes in layers:
+        rows = _held_out_rows(probes["probe"], index, opts.store) if mode == "held-out" else np.arange(len(index))
+        out_entries.append(_evaluate_layer(opts, probes, target, group, rows, seed, metric))
+        log.info("%s: test %s %.3f on %d rows", probes["probe"].layer, metric, out_entries[-1]["probe"]["test"][metric],
+                 out_entries[-1]["split_rows"]["test"])
+    result = {"store": source["path"], "store_status": source["status"], "rows": source["rows"], "target": target,
+              "task": report["task"], "metric": metric, "solver": report["solver"], "options": training,
+              "evaluation": {**asdict(opts), "probes": os.path.abspath(folder), "trained_on": report["store"], "rows": mode,
+                             "same_samples": same, "group": group},
+              "layers": out_entries}
+    result["plots"] = {"depth": report_depth_plot(result, opts.out, f"Probes of {report['target']} from {report['store']}, "
+                                                                     f"on {os.path.basename(opts.store)}")}
+    with open(os.path.join(opts.out, "report.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    result["report"] = os.path.join(opts.out, "report.json")
+    result["markdown"] = _markdown(result, opts.out)
+    return result
+
+
+def _markdown(result: dict, out: str) -> str:
+    header, cells = _table_rows(result)
+    e = result["evaluation"]
+    rows = (f"the {result['layers'][0]['split_rows']['test']} rows of the samples the probes were tested on"
+            if e["rows"] == "held-out" else "every committed row")
+    drawn = f" (drawn by whole {e['group']!r} groups)" if e["group"] else ""
+    lines = [f"# Probes of `{result['target']}` from another store", "",
+             f"The probes trained on `{e['trained_on']}` (`{e['probes']}`), unchanged, on `{result['store']}` "
+             f"({result['store_status']}, {result['rows']} rows): {rows}. The metric is the {result['metric']}, its 95% "
+             f"interval the percentiles of bootstrap resamples of those rows{drawn}; the control is the probe trained on "
+             "shuffled targets, applied the same way.", "",
+             "| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1),
+             *("| " + " | ".join(row) + " |" for row in cells), "",
+             f"![{result['metric']} of each layer's probe and its control]({os.path.basename(result['plots']['depth'])})", ""]
+    path = os.path.join(out, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path

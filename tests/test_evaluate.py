@@ -1,0 +1,254 @@
+"""Trained probes as files (load_probe) and on other stores (marstore evaluate)."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from marstore.cli import main
+from marstore.evaluate import EvaluateOptions, evaluate_probes
+from marstore.probe import ProbeError, ProbeOptions, _metrics, load_probe, run_probes
+from marstore.store import LayerSpec, Ragged, StoreWriter, TargetSpec, open_store
+
+D = 8
+
+
+def linear_store(path, n=600, x_seed=0, w_seed=0, index_start=0, dataset=None, tokens=None, labels=3, reduction="mean"):
+    """Layer 'h': rows of D features (the means of `tokens` tokens of the raw activations that
+    the returned raw holds, when tokens is given); target 'y' = x @ w, the same w for one w_seed;
+    'label' the argmax of y (3 classes), with labels=4 a fourth class where y's largest is large."""
+    rng = np.random.default_rng(x_seed)
+    raw = rng.standard_normal((n, tokens, D) if tokens else (n, D)).astype(np.float32)
+    x = (raw.mean(1) if tokens else raw).astype(np.float16)
+    w = np.random.default_rng(100 + w_seed).standard_normal((D, 3))
+    y = (x.astype(np.float64) @ w).astype(np.float32)
+    label = np.argmax(y, 1)
+    if labels == 4:
+        label[y.max(1) > 4] = 3
+    metadata = {"dataset": dataset[0], "dataset_args": dataset[1]} if dataset else {}
+    spec = LayerSpec("h", (D,), reduction=reduction if tokens else "none", chunk_rows=64)
+    with StoreWriter(path, [spec], [TargetSpec("y", (3,), "float32"), TargetSpec("label", (), "int64")], metadata) as writer:
+        writer.append({"h": x}, targets={"y": y, "label": label}, index=np.arange(index_start, index_start + n))
+    return raw, x, y, label
+
+
+def train(tmp_path, store, target="y", **kw):
+    return run_probes(ProbeOptions(store=str(store), target=target, out=str(tmp_path / "probes"), progress=False, **kw))
+
+
+def test_a_probe_file_holds_all_it_needs_and_predicts_as_the_report_scored_it(tmp_path):
+    store = tmp_path / "a.h5"
+    _, x, y, _ = linear_store(store)
+    report = train(tmp_path, store)
+    entry = report["layers"][0]
+    probe = load_probe(entry["probe"]["weights"])
+    assert (probe.layer, probe.target, probe.task, probe.kind, probe.control) == ("h", "y", "regression", "linear", False)
+    assert probe.held_out_sources.dtype == torch.int64 and len(probe.held_out_sources) == entry["split_rows"]["test"] == 60
+    with open_store(store) as s:
+        train_rows = s.rows - 60
+        assert probe.trained_on == {"path": str(store), "status": "complete", "rows": 600, "created": str(s.file.attrs["created"])}
+    held_out = probe.held_out_sources.numpy()
+    assert len(set(held_out.tolist())) == 60 and train_rows == 540
+    pred = probe.predict(torch.from_numpy(x[held_out].astype(np.float32)))
+    assert pred.shape == (60, 3)
+    # the same function of the activations as the report's test predictions: the same R², to the bit
+    assert _metrics("regression", pred, torch.from_numpy(y[held_out]), 0)["r2"] == entry["probe"]["test"]["r2"]
+    control = load_probe(entry["control"]["weights"])
+    assert control.control and torch.equal(control.held_out_sources, probe.held_out_sources)
+
+
+def test_a_probe_takes_the_capture_before_the_extractions_reduction(tmp_path):
+    store = tmp_path / "a.h5"
+    raw, x, _, _ = linear_store(store, tokens=6)
+    probe = load_probe(train(tmp_path, store)["layers"][0]["probe"]["weights"])
+    stored, captured = probe(torch.from_numpy(x[:5].astype(np.float32))), probe(torch.from_numpy(raw[:5]))
+    torch.testing.assert_close(captured, stored, atol=2e-2, rtol=0)  # the stored means are float16-rounded
+    assert not torch.equal(captured, stored)
+    with pytest.raises(ProbeError, match=r"^h: activations of shape \(5, 6, 4\); this probe takes rows of shape \(8,\), as the "
+                                         r"store holds them, or the capture that extraction reduced to them \(reduction mean\)$"):
+        probe(torch.from_numpy(raw[:5, :, :4]))
+
+
+def test_frame_means_probed_flat_take_the_capture_too(tmp_path):
+    """A store of --reduction mean:2 rows, probed with --tokens flat: the capture is reduced to
+    its two group means, then laid side by side."""
+    rng = np.random.default_rng(0)
+    raw = rng.standard_normal((400, 6, D)).astype(np.float32)
+    rows = raw.reshape(400, 2, 3, D).mean(2).astype(np.float16)
+    y = (rows[:, 0, 0] - rows[:, 1, 0]).astype(np.float32)  # what differs between the groups
+    store = tmp_path / "g.h5"
+    with StoreWriter(store, [LayerSpec("h", (2, D), reduction="mean:2")], [TargetSpec("d", (), "float32")]) as writer:
+        writer.append({"h": rows}, targets={"d": y}, index=np.arange(400))
+    probe = load_probe(train(tmp_path, store, target="d", tokens="flat")["layers"][0]["probe"]["weights"])
+    assert probe.predict(torch.from_numpy(raw[:3])).shape == (3,)
+    torch.testing.assert_close(probe(torch.from_numpy(raw[:3])), probe(torch.from_numpy(rows[:3].astype(np.float32))),
+                               atol=2e-2, rtol=0)
+
+
+def test_probe_files_that_cannot_be_applied_are_refused_in_one_line(tmp_path):
+    torch.save({"weight": torch.zeros(3, D), "bias": torch.zeros(3)}, tmp_path / "old.pt")
+    with pytest.raises(ProbeError, match=r"old\.pt holds a bare state dict, as marstore wrote probes before marstore-probe/1: "
+                                         r"it lacks the statistics and classes a probe needs to be applied; run `marstore "
+                                         r"probe` again$"):
+        load_probe(tmp_path / "old.pt")
+    torch.save({"format": "marstore-probe/9"}, tmp_path / "new.pt")
+    with pytest.raises(ProbeError, match=r"new\.pt is not a marstore probe file \(format 'marstore-probe/9'; this marstore "
+                                         r"reads 'marstore-probe/1'\)$"):
+        load_probe(tmp_path / "new.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a file torch wrote")
+    with pytest.raises(ProbeError, match=r"junk\.pt: not a probe file that loads \("):
+        load_probe(tmp_path / "junk.pt")
+
+
+def test_evaluated_on_its_own_store_it_gives_the_reports_test_metric_and_interval(tmp_path, caplog):
+    store = tmp_path / "a.h5"
+    linear_store(store)
+    report = train(tmp_path, store)
+    with caplog.at_level(logging.INFO, logger="marstore.evaluate"):
+        same = evaluate_probes(EvaluateOptions(str(tmp_path / "probes"), str(store), out=str(tmp_path / "ev")))
+    assert "rows: the samples the probes were tested on, as " + str(store) + " is the store the probes were trained on" in caplog.text
+    a, b = report["layers"][0], same["layers"][0]
+    assert b["split_rows"] == {"test": 60}
+    assert b["probe"]["test"] == {k: v for k, v in a["probe"]["test"].items()}  # metric, per-dimension R², interval
+    # the control is scored against the true targets here, against shuffled ones in training: both chance
+    assert abs(b["control"]["test"]["r2"]) < 0.1 and b["selectivity"] == b["probe"]["test"]["r2"] - b["control"]["test"]["r2"]
+    assert same["evaluation"]["rows"] == "held-out" and same["evaluation"]["same_samples"] == "the store the probes were trained on"
+    assert json.load(open(tmp_path / "ev" / "report.json"))["layers"][0]["probe"]["test"] == b["probe"]["test"]
+    assert (tmp_path / "ev" / "depth.png").stat().st_size > 0
+    markdown = (tmp_path / "ev" / "report.md").read_text()
+    assert f"unchanged, on `{store}` (complete, 600 rows): the 60 rows of the samples the probes were tested on." in markdown
+
+
+def test_other_samples_are_evaluated_whole_and_the_same_data_set_on_its_held_out_samples(tmp_path, caplog):
+    spec = ("mypkg.data:episodes", {"split": "val"})
+    linear_store(tmp_path / "a.h5", dataset=spec)
+    train(tmp_path, tmp_path / "a.h5")
+    probes = str(tmp_path / "probes")
+    # other samples (another data set), the same relation: all 500 rows, read as well
+    _, x, y, _ = linear_store(tmp_path / "other.h5", n=500, x_seed=5, dataset=("mypkg.data:episodes", {"split": "test"}))
+    other = evaluate_probes(EvaluateOptions(probes, str(tmp_path / "other.h5"), out=str(tmp_path / "e1")))
+    assert other["evaluation"]["rows"] == "all" and other["layers"][0]["split_rows"] == {"test": 500}
+    assert other["layers"][0]["probe"]["test"]["r2"] > 0.999
+    # the same data set through another model (its features permuted): the held-out samples only
+    with StoreWriter(tmp_path / "ckpt2.h5", [LayerSpec("h", (D,))], [TargetSpec("y", (3,), "float32")],
+                     {"dataset": spec[0], "dataset_args": spec[1]}) as writer:
+        _, xa, ya, _ = linear_store(tmp_path / "tmp.h5")
+        writer.append({"h": xa[:, ::-1].copy()}, targets={"y": ya}, index=np.arange(600))
+    with caplog.at_level(logging.INFO, logger="marstore.evaluate"):
+        moved = evaluate_probes(EvaluateOptions(probes, str(tmp_path / "ckpt2.h5"), out=str(tmp_path / "e2")))
+    assert ('rows: the samples the probes were tested on, as ' + str(tmp_path / "ckpt2.h5") + ' is an extraction of the same '
+            'data set (mypkg.data:episodes {"split": "val"})') in caplog.text
+    assert moved["layers"][0]["split_rows"] == {"test": 60} and moved["layers"][0]["probe"]["test"]["r2"] < 0.5
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="marstore.evaluate"):
+        every = evaluate_probes(EvaluateOptions(probes, str(tmp_path / "ckpt2.h5"), out=str(tmp_path / "e3"), rows="all"))
+    assert every["layers"][0]["split_rows"] == {"test": 600}
+    assert "includes the samples the probes were fitted and chosen on: the metric is not a test metric" in caplog.text
+    # asked for held-out samples of a store that holds none of them
+    linear_store(tmp_path / "far.h5", n=50, index_start=10_000)
+    with pytest.raises(ProbeError, match=r"^h: none of the 60 samples the probe was tested on is in .*far\.h5; use --rows all$"):
+        evaluate_probes(EvaluateOptions(probes, str(tmp_path / "far.h5"), out=str(tmp_path / "e4"), rows="held-out"))
+
+
+def test_labels_the_probe_never_saw_count_as_wrong(tmp_path, caplog):
+    linear_store(tmp_path / "a.h5", labels=3)
+    train(tmp_path, tmp_path / "a.h5", target="label")
+    _, _, _, label = linear_store(tmp_path / "b.h5", n=300, x_seed=3, labels=4)  # class 3 is new
+    with caplog.at_level(logging.WARNING, logger="marstore.evaluate"):
+        report = evaluate_probes(EvaluateOptions(str(tmp_path / "probes"), str(tmp_path / "b.h5"), out=str(tmp_path / "e")))
+    entry = report["layers"][0]
+    unseen = int((label == 3).sum())
+    assert unseen > 0 and entry["unseen_label_rows"] == unseen and entry["classes"] == [0, 1, 2]
+    assert f"h: {unseen} of 300 rows hold a label the probe has no class for (it never saw it in training); they count as wrong" \
+        in caplog.text
+    probe = load_probe(entry["probe"]["weights"])
+    _, x, _, _ = linear_store(tmp_path / "c.h5", n=300, x_seed=3, labels=4)
+    right = (probe.predict(torch.from_numpy(x.astype(np.float32))).numpy() == label).sum()
+    assert entry["probe"]["test"]["accuracy"] == pytest.approx(right / 300, rel=1e-6) and right / (300 - unseen) > 0.8
+
+
+def test_evaluate_refuses_what_does_not_fit_in_one_line(tmp_path, capsys):
+    linear_store(tmp_path / "a.h5")
+    train(tmp_path, tmp_path / "a.h5")
+    probes = str(tmp_path / "probes")
+    with StoreWriter(tmp_path / "wide.h5", [LayerSpec("h", (D + 1,))], [TargetSpec("y", (3,), "float32")]) as writer:
+        writer.append({"h": np.zeros((10, D + 1), np.float16)}, targets={"y": np.zeros((10, 3), np.float32)}, index=np.arange(10))
+    with StoreWriter(tmp_path / "no_y.h5", [LayerSpec("h", (D,))], [TargetSpec("z", (), "float32")]) as writer:
+        writer.append({"h": np.zeros((10, D), np.float16)}, targets={"z": np.zeros(10, np.float32)}, index=np.arange(10))
+    cases = [
+        ([probes, str(tmp_path / "wide.h5")], f"h: {tmp_path / 'wide.h5'} holds rows of shape (9,), the probe was trained on "
+                                              "rows of shape (8,); evaluate on a store of the same layers"),
+        ([probes, str(tmp_path / "no_y.h5")], f"target 'y' is not in {tmp_path / 'no_y.h5'}; its targets are ['z'] (--target "
+                                              "names the one to score against)"),
+        ([probes, str(tmp_path / "no_y.h5"), "--target", "z"], "h: target 'z' has 1 values a row, the probe predicts 3"),
+        ([probes, str(tmp_path / "a.h5"), "--layer", "g"], f"--layer 'g': no probe of {probes} is of such a layer; nearest: h"),
+    ]
+    for argv, message in cases:
+        code = main(["evaluate", *argv, "--out", str(tmp_path / "e")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert (code, err) == (2, [f"marstore evaluate: {message}"])
+    with pytest.raises(ProbeError, match=r"^--rows 'some': use one of auto, all, held-out$"):
+        EvaluateOptions(probes, str(tmp_path / "a.h5"), rows="some")
+    assert main(["evaluate", probes, str(tmp_path / "a.h5"), "--out", str(tmp_path / "e")]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split()[:2] == ["layer", "r2"] and printed[1].split()[0] == "h"
+    assert printed[-2:] == [f"report: {tmp_path / 'e' / 'report.json'}, {tmp_path / 'e' / 'report.md'}",
+                            f"plot: {tmp_path / 'e' / 'depth.png'}"]
+    # compare takes the evaluation beside the probes' own report
+    assert main(["compare", probes, str(tmp_path / "e"), "--label", "trained", "again", "--out", str(tmp_path / "c")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["layer", "trained", "again"] and table[1].split()[1] == table[1].split()[5]
+
+
+def test_an_mlp_probe_on_a_ragged_layer_is_applied_to_its_tokens(tmp_path):
+    """MAR's encoder keeps a varying number of tokens: the probe takes a sample's tokens, however
+    many, as the store's rows of that layer are read for it (their mean)."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 9, 500)
+    tokens = rng.standard_normal((int(lengths.sum()), D)).astype(np.float16)
+    means = np.stack([t.astype(np.float32).mean(0) for t in np.split(tokens, np.cumsum(lengths)[:-1])])
+    y = (means[:, 0] * means[:, 1] > 0).astype(np.int64)  # a label no linear probe reads
+    store = tmp_path / "r.h5"
+    with StoreWriter(store, [LayerSpec("enc", (D,), ragged=True)], [TargetSpec("sign", (), "int64")]) as writer:
+        writer.append({"enc": Ragged(tokens, lengths)}, targets={"sign": y}, index=np.arange(500))
+    report = train(tmp_path, store, target="sign", kind="mlp", epochs=3, hidden=16)
+    probe = load_probe(report["layers"][0]["probe"]["weights"])
+    assert probe.ragged and probe.kind == "mlp" and probe.head.mlp[0].out_features == 16
+    first = torch.from_numpy(tokens[: lengths[0]].astype(np.float32))[None]
+    torch.testing.assert_close(probe(first), probe.head(probe.features(torch.from_numpy(means[:1]))), atol=1e-5, rtol=1e-5)
+    assert probe.predict(first).tolist() in ([0], [1])
+    with pytest.raises(ProbeError, match=r"^enc: activations of shape \(1, 8\); this probe takes rows shaped "
+                                         r"\(rows, tokens, 8\)$"):
+        probe(first[0, :1])
+    same = evaluate_probes(EvaluateOptions(str(tmp_path / "probes"), str(store), out=str(tmp_path / "e")))
+    assert same["layers"][0]["probe"]["test"] == report["layers"][0]["probe"]["test"]
+
+
+def test_text_labels_are_matched_by_their_strings(tmp_path, capsys):
+    from marstore.store import TEXT
+
+    def store(path, names, seed):
+        rng = np.random.default_rng(seed)
+        which = rng.integers(0, len(names), 300)
+        lifted = np.array([["lift", "push", "stack", "pour"].index(name) for name in names])[which]
+        x = (rng.standard_normal((300, D)) + 3 * np.eye(D)[lifted]).astype(np.float16)  # each task lifts its feature
+        with StoreWriter(path, [LayerSpec("h", (D,))], [TargetSpec("task", (), TEXT), TargetSpec("n", (), "int64")]) as writer:
+            writer.append({"h": x}, targets={"task": np.array(names, dtype=object)[which], "n": which}, index=np.arange(300))
+        return x, np.array(names, dtype=object)[which]
+
+    store(tmp_path / "a.h5", ["lift", "push", "stack"], 0)
+    train(tmp_path, tmp_path / "a.h5", target="task")
+    # the same tasks, listed in another order (so with other numbers), and one more
+    x, tasks = store(tmp_path / "b.h5", ["stack", "lift", "push", "pour"], 1)
+    report = evaluate_probes(EvaluateOptions(str(tmp_path / "probes"), str(tmp_path / "b.h5"), out=str(tmp_path / "e")))
+    entry = report["layers"][0]
+    assert entry["classes"] == ["lift", "push", "stack"] and entry["unseen_label_rows"] == int((tasks == "pour").sum())
+    predicted = np.array(load_probe(entry["probe"]["weights"]).predict(torch.from_numpy(x.astype(np.float32))), dtype=object)
+    assert set(predicted) <= {"lift", "push", "stack"}
+    assert entry["probe"]["test"]["accuracy"] == pytest.approx((predicted == tasks).mean(), rel=1e-6)
+    assert (predicted == tasks)[tasks != "pour"].mean() > 0.9  # the known tasks, read by their names
+    assert main(["evaluate", str(tmp_path / "probes"), str(tmp_path / "b.h5"), "--target", "n", "--out", str(tmp_path / "e")]) == 2
+    assert capsys.readouterr().err.strip() == ("marstore evaluate: h: target 'n' holds numbers, and the probe's classes are text "
+                                               "(lift, push, stack); score it against a target like the one it was trained for")
