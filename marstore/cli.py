@@ -448,9 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--metric", choices=["accuracy", "balanced_accuracy", "macro_f1"],
                     help="a classification's headline, with its interval and selectivity (default accuracy; "
                          "balanced_accuracy or macro_f1 for labels far from balanced)")
-    pr.add_argument("--tokens", choices=["mean", "flat"],
-                    help="a layer stored with tokens: probe their mean (default), or all of them side by side (a few "
-                         "tokens a row, as the frame means of --reduction mean:4)")
+    pr.add_argument("--tokens", choices=["mean", "flat", "each"],
+                    help="a layer stored with tokens: probe their mean (default), all of them side by side (a few "
+                         "tokens a row, as the frame means of --reduction mean:4), or each alone, a probe each (the "
+                         "denoising steps of --multi-fire stack, frames): entries LAYER[0], LAYER[1], ...")
     pr.add_argument("--solver", choices=["auto", "direct", "adamw"],
                     help="direct: the linear probe's optimum (ridge, its L2 penalty chosen by leave-one-out error; or "
                          "L-BFGS logistic regression, chosen on the validation split); adamw: minibatch training with "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -34,6 +35,7 @@ from marstore.transfer import resolve_device
 log = logging.getLogger(__name__)
 
 ROWS = ("auto", "all", "held-out")
+_TOKEN = re.compile(r"\[\d+\]$")  # a token's probe: layer[i]
 
 
 @dataclass
@@ -83,7 +85,7 @@ def _held_out_rows(probe: TrainedProbe, index: np.ndarray, store_path: str) -> n
     held_out = probe.held_out_sources.tolist()
     rows = [row for source in held_out for row in rows_of.get(source, ())]
     if not rows:
-        raise ProbeError(f"{probe.layer}: none of the {len(held_out)} samples the probe was tested on is in {store_path}; "
+        raise ProbeError(f"{probe.name}: none of the {len(held_out)} samples the probe was tested on is in {store_path}; "
                          "use --rows all")
     return np.asarray(rows, dtype=np.int64)
 
@@ -104,12 +106,12 @@ def _class_numbers(probe: TrainedProbe, y: np.ndarray | torch.Tensor, target: st
     text_classes = bool(probe.classes) and isinstance(probe.classes[0], str)
     if text_classes != isinstance(y, np.ndarray):
         held = ("numbers", "text") if text_classes else ("text", "numbers")
-        raise ProbeError(f"{probe.layer}: target {target!r} holds {held[0]}, and the probe's classes are {held[1]} "
+        raise ProbeError(f"{probe.name}: target {target!r} holds {held[0]}, and the probe's classes are {held[1]} "
                          f"({', '.join(map(str, probe.classes[:5]))}); score it against a target like the one it was trained for")
     values = y.tolist() if isinstance(y, np.ndarray) else y.reshape(len(y), -1).tolist()
     if not isinstance(y, np.ndarray):
         if any(len(v) != 1 or v[0] != int(v[0]) for v in values):
-            raise ProbeError(f"{probe.layer}: the probe classifies, and target {target!r} does not hold one whole number "
+            raise ProbeError(f"{probe.name}: the probe classifies, and target {target!r} does not hold one whole number "
                              "a row; score it against a target of labels (--target)")
         values = [int(v[0]) for v in values]
     number = {label: i for i, label in enumerate(probe.classes)}
@@ -117,15 +119,31 @@ def _class_numbers(probe: TrainedProbe, y: np.ndarray | torch.Tensor, target: st
     return torch.tensor(classes, dtype=torch.long), sum(c == len(probe.classes) for c in classes)
 
 
-def _evaluate_layer(opts: EvaluateOptions, probes: dict[str, TrainedProbe], target: str, group: str | None,
-                    rows: np.ndarray, seed: int, metric: str) -> dict:
+class _Reads:
+    """A layer's rows, read once for the probes of all its tokens (--tokens each): the last read is kept."""
+
+    def __init__(self, store: str, target: str, group: str | None):
+        self.store, self.columns = store, [target, *([group] if group else [])]
+        self.key: tuple | None = None
+        self.data: dict = {}
+
+    def __call__(self, probe: TrainedProbe, rows: np.ndarray) -> dict:
+        reduction = "mean" if probe.tokens == "mean" else None
+        key = (probe.layer, reduction, rows.tobytes())
+        if key != self.key:
+            self.data = {}  # the last layer's rows go before the next are read
+            ds = ActivationDataset(self.store, [probe.layer], self.columns, rows=rows, reduction=reduction)
+            self.key, self.data = key, ds.read_all()
+            ds.close()
+        return self.data
+
+
+def _evaluate_layer(opts: EvaluateOptions, probes: dict[str, TrainedProbe], data: dict, target: str, group: str | None,
+                    seed: int, metric: str) -> dict:
+    """The entry of one probe (and its control), from data: its layer's rows, the target's and the group's."""
     probe = probes["probe"]
-    layer, device = probe.layer, resolve_device(opts.device)
-    ds = ActivationDataset(opts.store, [layer], [target, *([group] if group else [])], rows=rows,
-                           reduction="mean" if probe.tokens == "mean" else None)
-    data = ds.read_all()
-    ds.close()
-    x = probe.features(data[layer])
+    layer, device = probe.name, resolve_device(opts.device)
+    x = probe.features(data[probe.layer])
     y = data[target]
     finite = torch.isfinite(x).all(1)
     if isinstance(y, torch.Tensor):
@@ -174,7 +192,8 @@ def evaluate_probes(opts: EvaluateOptions) -> dict:
     if opts.layer is not None:
         chosen = []
         for pattern in [opts.layer] if isinstance(opts.layer, str) else opts.layer:
-            found = match_modules(pattern, names)
+            # a layer's name also picks the probes of its tokens (--tokens each: layer[0], layer[1], ...)
+            found = [n for n in names if match_modules(pattern, [n]) or match_modules(pattern, [_TOKEN.sub("", n)])]
             if not found:
                 raise ProbeError(f"--layer {pattern!r}: no probe of {folder} is of such a layer; nearest: "
                                  f"{', '.join(nearest_names(pattern, names))}")
@@ -192,15 +211,15 @@ def evaluate_probes(opts: EvaluateOptions) -> dict:
             log.info("intervals drawn by whole %r groups, as the probes' were (--group names another)", group)
         elif group is not None and group not in store.targets:
             raise ProbeError(f"--group {group!r} is not in {opts.store}; its targets are {sorted(store.targets)}")
-        missing = [n for n in chosen if n not in store.layers]
-        if missing:
-            raise ProbeError(f"{opts.store} has no layer {missing[0]!r}; nearest: {nearest_names(missing[0], list(store.layers))}")
         layers = []
         for name in chosen:
             files = {"probe": entries[name]["probe"]["weights"], **({"control": entries[name]["control"]["weights"]}
                                                                      if "control" in entries[name] else {})}
             # the folder may have moved since: the files are looked for beside its report
             layers.append({which: load_probe(os.path.join(folder, os.path.basename(path))) for which, path in files.items()})
+            layer = layers[-1]["probe"].layer
+            if layer not in store.layers:
+                raise ProbeError(f"{opts.store} has no layer {layer!r}; nearest: {nearest_names(layer, list(store.layers))}")
             _check_rows(layers[-1]["probe"], store)
         first = layers[0]["probe"]
         same = _same_samples(first.trained_on, store)
@@ -216,10 +235,11 @@ def evaluate_probes(opts: EvaluateOptions) -> dict:
     os.makedirs(opts.out, exist_ok=True)
     metric, seed = report["metric"], training.get("seed", 0)
     out_entries = []
+    read = _Reads(opts.store, target, group)
     for probes in layers:
         rows = _held_out_rows(probes["probe"], index, opts.store) if mode == "held-out" else np.arange(len(index))
-        out_entries.append(_evaluate_layer(opts, probes, target, group, rows, seed, metric))
-        log.info("%s: test %s %.3f on %d rows", probes["probe"].layer, metric, out_entries[-1]["probe"]["test"][metric],
+        out_entries.append(_evaluate_layer(opts, probes, read(probes["probe"], rows), target, group, seed, metric))
+        log.info("%s: test %s %.3f on %d rows", probes["probe"].name, metric, out_entries[-1]["probe"]["test"][metric],
                  out_entries[-1]["split_rows"]["test"])
     result = {"store": source["path"], "store_status": source["status"], "rows": source["rows"], "target": target,
               "task": report["task"], "metric": metric, "solver": report["solver"], "options": training,

@@ -70,6 +70,8 @@ class ProbeInterrupted(Exception):
 
 
 SOLVERS = ("auto", "direct", "adamw")
+TOKEN_MODES = ("mean", "flat", "each")
+MAX_EACH = 256  # probes a layer with --tokens each: more tokens than that want a reduction first
 ADAMW_WEIGHT_DECAY = 1e-4
 # L2 penalties the direct solver tries, on features standardised to unit variance
 PENALTIES = tuple(10.0 ** k for k in range(-6, 3))
@@ -86,7 +88,9 @@ class ProbeOptions:
     task: str = "auto"  # regression, classification or auto
     kind: str = "linear"  # linear or mlp
     metric: str | None = None  # classification's headline: accuracy (default), balanced_accuracy or macro_f1
-    tokens: str = "mean"  # a row of tokens read as their mean, or "flat": side by side (frame means of --reduction mean:4)
+    # a row of tokens read as their mean, "flat": side by side (frame means of --reduction mean:4), or
+    # "each": a probe for each (a diffusion head's denoising steps stacked by --multi-fire stack, frames)
+    tokens: str = "mean"
     solver: str = "auto"  # direct (linear probes' optimum), adamw (minibatches), or auto: direct for linear, adamw for mlp
     hidden: int = 256
     epochs: int = 40
@@ -112,8 +116,8 @@ class ProbeOptions:
             raise ProbeError(f"--lr {self.lr} --weight-decay {self.weight_decay}: the rate must be above 0, the decay at least 0")
         if self.kind not in ("linear", "mlp"):
             raise ProbeError(f"--kind {self.kind!r}: use linear or mlp")
-        if self.tokens not in ("mean", "flat"):
-            raise ProbeError(f"--tokens {self.tokens!r}: use mean or flat")
+        if self.tokens not in TOKEN_MODES:
+            raise ProbeError(f"--tokens {self.tokens!r}: use one of {', '.join(TOKEN_MODES)}")
         if self.metric not in (None, *CLASSIFICATION_METRICS):
             raise ProbeError(f"--metric {self.metric!r}: use one of {', '.join(CLASSIFICATION_METRICS)} (for classification)")
         if self.solver not in SOLVERS:
@@ -153,11 +157,14 @@ def _used_stats(mean: Any, std: Any, x: torch.Tensor, channel_axis: int | None) 
 
 
 def feature_rows(x: torch.Tensor, mean: torch.Tensor | None, std: torch.Tensor | None,
-                 channel_axis: int | None = None) -> torch.Tensor:
+                 channel_axis: int | None = None, token: int | None = None) -> torch.Tensor:
     """A probe's input: rows as read (after the read-time token reduction), standardised per
-    channel, flat. The channels of a layer stored whole go last first (its tokens side by side)."""
+    channel, flat. The channels of a layer stored whole go last first (its tokens side by side);
+    token picks one token (of every token axis flattened, in row-major order)."""
     if channel_axis is not None:
         x = x.movedim(1 + channel_axis, -1)
+    if token is not None:
+        x = x.flatten(1, -2)[:, token]
     if mean is not None:
         x = (x - mean) / std
     return x.reshape(len(x), -1)
@@ -567,12 +574,24 @@ class _Prepared:
     test_sources: np.ndarray  # the test rows' source indices: the samples no probe was fitted or chosen on
     features: dict  # how rows of the layer become the probe's input (see TrainedProbe)
 
+    def tokens(self) -> int:
+        """Tokens of a row (every axis but the row's and the features' flattened): --tokens each's probes."""
+        shape = list(self.features["row_shape"])
+        shape.pop(-1 if self.features["channel_axis"] is None else self.features["channel_axis"])
+        return math.prod(shape) if shape else 0
+
+    def token(self, i: int) -> "_Prepared":
+        """The rows of token i alone (the features of every token lie side by side in xs)."""
+        count = self.tokens()
+        return replace(self, xs={k: v.reshape(len(v), count, -1)[:, i] for k, v in self.xs.items()},
+                       features={**self.features, "token": i})
+
 
 def _prepare(opts: ProbeOptions, layer: str, rows: int) -> _Prepared:
     ds = ActivationDataset(opts.store, [layer], [opts.target, *([opts.group] if opts.group else [])], rows=range(rows),
                            reduction="mean" if opts.tokens == "mean" else None)
-    if ds.ragged and opts.tokens == "flat":
-        raise ProbeError(f"{layer} is ragged (its token count varies): --tokens flat needs one count; use --tokens mean")
+    if ds.ragged and opts.tokens != "mean":
+        raise ProbeError(f"{layer} is ragged (its token count varies): --tokens {opts.tokens} needs one count; use --tokens mean")
     test_frac, val_frac = opts.test_fraction, opts.val_fraction
     splits = ds.split((1 - val_frac - test_frac, val_frac, test_frac), seed=opts.seed, group=opts.group)
     empty = [name for name, positions in splits.items() if not len(positions)]
@@ -600,7 +619,7 @@ def _prepare(opts: ProbeOptions, layer: str, rows: int) -> _Prepared:
         info = store.layers[layer]
         recorded = next((spec for spec in store.metadata.get("layers", []) if spec.get("store_name") == layer), {})
         # read while the store is open: a closed file's attributes read as absent
-        features = {"row_shape": list(info.row_shape), "ragged": info.layout == "ragged", "dtype": info.dtype,
+        features = {"layer": layer, "row_shape": list(info.row_shape), "ragged": info.layout == "ragged", "dtype": info.dtype,
                     "channel_axis": ds.channel_axes.get(layer), "reduction": str(info.attrs.get("reduction", "none")),
                     "channels_first": bool(recorded.get("channels_first", False)), "tokens": opts.tokens,
                     "mean": stats[0], "std": stats[1]}
@@ -677,14 +696,15 @@ def run_probes(opts: ProbeOptions) -> dict:
     with _sigterm_stops_like_ctrl_c() as stop:
         try:
             for layer in layers:
-                entry = _finished_before(opts, layer, source)
-                if entry is None:
-                    entry = _probe_layer(opts, layer, source)
-                    _write_json(_finished_path(opts, layer), {"options": _recorded(opts), "store": source, "entry": entry})
-                rows.append(entry)
+                entries = _finished_before(opts, layer, source)
+                if entries is None:
+                    entries = _probe_layer(opts, layer, source)
+                    _write_json(_finished_path(opts, layer), {"options": _recorded(opts), "store": source, "entries": entries})
+                rows += entries
         except (KeyboardInterrupt, ProbeInterrupted) as exc:
             where = str(exc) if isinstance(exc, ProbeInterrupted) else f"{layer}: interrupted"
-            kept = f"; {len(rows)} finished layer{'s' * (len(rows) > 1)} kept" if rows else ""
+            done = layers.index(layer)
+            kept = f"; {done} finished layer{'s' * (done > 1)} kept" if done else ""
             raise ProbeInterrupted(f"{where}{kept}; run again with --resume", stop["signum"]) from None
     task = rows[-1]["task"]
     report = {"store": source["path"], "store_status": source["status"], "rows": source["rows"], "target": opts.target,
@@ -699,23 +719,35 @@ def run_probes(opts: ProbeOptions) -> dict:
     return report
 
 
-def _probe_layer(opts: ProbeOptions, layer: str, source: dict) -> dict:
-    """The probe (and its control) on one layer of source (the store's path and committed rows):
-    the layer's entry in the report."""
+def _probe_layer(opts: ProbeOptions, layer: str, source: dict) -> list[dict]:
+    """The probe (and its control) on one layer of source (the store's path and committed rows),
+    or with --tokens each on each of its tokens: the layer's entries in the report."""
     prep = _prepare(opts, layer, source["rows"])
-    task, xs, ys, labels = prep.task, prep.xs, prep.ys, prep.labels
-    if task == "regression" and opts.metric:
+    if prep.task == "regression" and opts.metric:
         raise ProbeError(f"{layer}: --metric {opts.metric} is a classification's; target {opts.target!r} is probed by "
                          "regression, whose metric is R²")
-    entry: dict[str, Any] = {"layer": layer, "task": task, "split_rows": prep.sizes, "skipped_rows": prep.skipped}
+    if opts.tokens != "each":
+        return [_probe_entry(opts, layer, prep, source)]
+    count = prep.tokens()
+    if not 1 <= count <= MAX_EACH:
+        have = f"{count} tokens" if count else "no tokens"
+        raise ProbeError(f"{layer}: rows of shape {tuple(prep.features['row_shape'])} have {have}; --tokens each trains a probe "
+                         f"for each of 1 to {MAX_EACH} tokens (store fewer: --reduction mean:G, or probe --tokens mean)")
+    return [_probe_entry(opts, f"{layer}[{i}]", prep.token(i), source) for i in range(count)]
+
+
+def _probe_entry(opts: ProbeOptions, name: str, prep: _Prepared, source: dict) -> dict:
+    """The probe and its control on prep's rows: the entry `name` of the report."""
+    task, xs, ys, labels = prep.task, prep.xs, prep.ys, prep.labels
+    entry: dict[str, Any] = {"layer": name, "task": task, "split_rows": prep.sizes, "skipped_rows": prep.skipped}
     if labels:
         entry["classes"] = labels  # class i of the probe's outputs is the label value labels[i]
     solver = _solver_of(opts)
     entry["solver"] = solver
     tests: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # the test split's predictions and targets
     for control in ([False, True] if opts.control else [False]):
-        label = f"{layer}{' (control)' if control else ''}"
-        safe = _safe_name(layer) + ("-control" if control else "")
+        label = f"{name}{' (control)' if control else ''}"
+        safe = _safe_name(name) + ("-control" if control else "")
         targets = _control(ys, opts.seed) if control else ys
         weights = os.path.join(opts.out, f"{safe}.pt")
         result: dict[str, Any] = {}
@@ -733,7 +765,7 @@ def _probe_layer(opts: ProbeOptions, layer: str, source: dict) -> dict:
             model = trainer.model
             result |= {"best_epoch": trainer.best[1], "epochs": trainer.epoch, "skipped_steps": trainer.skipped_steps,
                        "grad_spikes": trainer.grad_spikes, "history": trainer.history}
-        torch.save(_probe_file(opts, layer, control, prep, model, source), weights)
+        torch.save(_probe_file(opts, name, control, prep, model, source), weights)
         which = "control" if control else "probe"
         tests[which] = (_predict(model, xs["test"], opts.device), targets["test"])
         entry[which] = {"test": _metrics(task, *tests[which], len(labels)),
@@ -758,11 +790,11 @@ def _add_intervals(entry: dict, metric: str, tests: dict[str, tuple[torch.Tensor
 PROBE_FORMAT = "marstore-probe/1"
 
 
-def _probe_file(opts: ProbeOptions, layer: str, control: bool, prep: _Prepared, model: nn.Module, source: dict) -> dict:
+def _probe_file(opts: ProbeOptions, name: str, control: bool, prep: _Prepared, model: nn.Module, source: dict) -> dict:
     """A trained probe as one file that loads with weights_only=True and needs nothing else to be
     applied (load_probe): its weights, the statistics that standardised its input, how rows of
     the layer become that input, its classes, and the test samples it never saw."""
-    return {"format": PROBE_FORMAT, "layer": layer, "target": opts.target, "control": control, "task": prep.task,
+    return {"format": PROBE_FORMAT, "name": name, "layer": prep.features["layer"], "target": opts.target, "control": control, "task": prep.task,
             "kind": opts.kind, "hidden": opts.hidden, "classes": prep.labels, "features": prep.features,
             "held_out_sources": torch.from_numpy(np.asarray(prep.test_sources, dtype=np.int64)), "trained_on": source,
             "options": _recorded(opts), "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
@@ -780,11 +812,12 @@ class TrainedProbe(nn.Module):
     def __init__(self, file: dict, path: str = ""):
         super().__init__()
         self.path = path
-        self.layer, self.target, self.task, self.kind = file["layer"], file["target"], file["task"], file["kind"]
+        self.name, self.layer = file["name"], file["layer"]  # the report's name (a token's: layer[i]), the store's
+        self.target, self.task, self.kind = file["target"], file["task"], file["kind"]
         self.control, self.classes, self.trained_on = file["control"], list(file["classes"]), file["trained_on"]
         self.held_out_sources = file["held_out_sources"]
         f = file["features"]
-        self.row_shape, self.ragged, self.tokens = tuple(f["row_shape"]), f["ragged"], f["tokens"]
+        self.row_shape, self.ragged, self.tokens, self.token = tuple(f["row_shape"]), f["ragged"], f["tokens"], f.get("token")
         self.channel_axis, self.reduction, self.channels_first = f["channel_axis"], f["reduction"], f["channels_first"]
         self.register_buffer("mean", f["mean"])
         self.register_buffer("std", f["std"])
@@ -800,7 +833,8 @@ class TrainedProbe(nn.Module):
     def features(self, rows: torch.Tensor) -> torch.Tensor:
         """The probe's input from rows as ActivationDataset reads them for it (reduction="mean"
         where the probe took token means, else None)."""
-        return feature_rows(rows.float(), self.mean, self.std, self.channel_axis if self.tokens == "flat" else None)
+        return feature_rows(rows.float(), self.mean, self.std, None if self.tokens == "mean" else self.channel_axis,
+                            self.token)
 
     def _as_stored(self, x: torch.Tensor) -> torch.Tensor:
         stored = x.shape[2:] == self.row_shape if self.ragged else x.shape[1:] == self.row_shape
@@ -903,8 +937,8 @@ def _finished_report(opts: ProbeOptions, source: dict) -> dict | None:
     return {**report, "report": path, "markdown": os.path.join(opts.out, "report.md")}
 
 
-def _finished_before(opts: ProbeOptions, layer: str, source: dict) -> dict | None:
-    """With resume, the entry of a layer that an interrupted run finished, when it was trained
+def _finished_before(opts: ProbeOptions, layer: str, source: dict) -> list[dict] | None:
+    """With resume, the entries of a layer that an interrupted run finished, when it was trained
     with these options on these rows of this store."""
     path = _finished_path(opts, layer)
     if not (opts.resume and os.path.exists(path)):
@@ -917,7 +951,7 @@ def _finished_before(opts: ProbeOptions, layer: str, source: dict) -> dict | Non
                          f"then, {source['rows']} now; created {done['store']['created']} then, {source['created']} now); "
                          "run without --resume to start over")
     log.info("%s: kept the probe finished before the interruption (%s)", layer, path)
-    return done["entry"]
+    return done["entries"]
 
 
 def _write_json(path: str, value: dict) -> None:
@@ -1003,7 +1037,7 @@ def _depth_plot(path: str, names: list[str], metric: str, title: str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names)), 4))
+    fig, ax = plt.subplots(figsize=(min(max(6, 0.6 * len(names)), 24), 4))
     for label, style, color, entries, which in lines:
         tests = [entries[n][which]["test"] if n in entries and which in entries[n] else None for n in names]
         if all(t is None for t in tests):
@@ -1013,7 +1047,8 @@ def _depth_plot(path: str, names: list[str], metric: str, title: str,
         if all(t is None or f"{metric}_ci95" in t for t in tests):
             low, high = zip(*((math.nan, math.nan) if t is None else t[f"{metric}_ci95"] for t in tests))
             ax.fill_between(range(len(names)), low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    step = math.ceil(len(names) / 40)  # at most 40 names on the axis (a probe for each of 100 denoising steps)
+    ax.set_xticks(range(0, len(names), step), names[::step], rotation=45, ha="right")
     ax.set_ylabel(f"test {metric} (bands: 95% bootstrap intervals)")
     ax.set_title(title)
     ax.grid(alpha=0.3)

@@ -611,7 +611,7 @@ def test_tokens_side_by_side_read_what_their_mean_loses(tmp_path):
     assert torch.load(flat["probe"]["weights"], weights_only=True)["state_dict"]["weight"].shape == (1, 16)
     with pytest.raises(ProbeError) as info:
         probe_opts(tmp_path, path, tokens="all")
-    assert str(info.value) == "--tokens 'all': use mean or flat"
+    assert str(info.value) == "--tokens 'all': use one of mean, flat, each"
     ragged = tmp_path / "ragged.h5"
     with StoreWriter(ragged, [LayerSpec("enc", (2,), ragged=True)], [TargetSpec("y", (), "int64")]) as writer:
         writer.append({"enc": Ragged(np.zeros((30, 2), np.float16), [1, 2] * 10)}, targets={"y": np.arange(20) % 2},

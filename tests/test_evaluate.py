@@ -252,3 +252,49 @@ def test_text_labels_are_matched_by_their_strings(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "probes"), str(tmp_path / "b.h5"), "--target", "n", "--out", str(tmp_path / "e")]) == 2
     assert capsys.readouterr().err.strip() == ("marstore evaluate: h: target 'n' holds numbers, and the probe's classes are text "
                                                "(lift, push, stack); score it against a target like the one it was trained for")
+
+
+def test_tokens_each_gives_a_probe_for_each_step_and_each_applies_alone(tmp_path):
+    """A diffusion head's firings stacked (--multi-fire stack): which denoising step holds the target?"""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((600, 5, D)).astype(np.float16)
+    y = (x[:, 3, :2].astype(np.float64) @ np.array([1.0, -2.0])).astype(np.float32)  # step 3 alone holds it
+    conv = rng.standard_normal((600, 3, 2, 2)).astype(np.float16)  # channels first: 4 positions of 3 channels
+    z = conv[:, :, 0, 1].astype(np.float64).sum(1).astype(np.float32)  # position (0, 1), flattened 1
+    store = tmp_path / "steps.h5"
+    with StoreWriter(store, [LayerSpec("head", (5, D)), LayerSpec("conv", (3, 2, 2), channel_axis=0)],
+                     [TargetSpec("y", (), "float32"), TargetSpec("z", (), "float32")]) as writer:
+        writer.append({"head": x, "conv": conv}, targets={"y": y, "z": z}, index=np.arange(600))
+    report = train(tmp_path, store, target="y", layer="head", tokens="each")
+    r2 = {entry["layer"]: entry["probe"]["test"]["r2"] for entry in report["layers"]}
+    assert list(r2) == [f"head[{i}]" for i in range(5)]
+    assert r2["head[3]"] > 0.999 and max(v for k, v in r2.items() if k != "head[3]") < 0.05
+    probe = load_probe(report["layers"][3]["probe"]["weights"])
+    assert (probe.name, probe.layer, probe.token) == ("head[3]", "head", 3)
+    held_out = probe.held_out_sources.numpy()
+    pred = probe.predict(torch.from_numpy(x[held_out].astype(np.float32)))
+    assert _metrics("regression", pred[:, None], torch.from_numpy(y[held_out])[:, None], 0)["r2"] == r2["head[3]"]
+    same = evaluate_probes(EvaluateOptions(str(tmp_path / "probes"), str(store), out=str(tmp_path / "e"), layer="head"))
+    assert [e["probe"]["test"] for e in same["layers"]] == [e["probe"]["test"] for e in report["layers"]]
+    flat = run_probes(ProbeOptions(store=str(store), target="z", layer="conv", tokens="each", out=str(tmp_path / "c"),
+                                   progress=False))
+    best = max(flat["layers"], key=lambda e: e["probe"]["test"]["r2"])
+    assert [e["layer"] for e in flat["layers"]] == [f"conv[{i}]" for i in range(4)] and best["layer"] == "conv[1]"
+    assert best["probe"]["test"]["r2"] > 0.999
+
+
+def test_tokens_each_refuses_rows_it_cannot_split(tmp_path):
+    rng = np.random.default_rng(0)
+    store = tmp_path / "s.h5"
+    with StoreWriter(store, [LayerSpec("plain", (D,)), LayerSpec("wide", (300, 2)), LayerSpec("enc", (D,), ragged=True)],
+                     [TargetSpec("y", (), "float32")]) as writer:
+        writer.append({"plain": rng.standard_normal((50, D)).astype(np.float16),
+                       "wide": rng.standard_normal((50, 300, 2)).astype(np.float16),
+                       "enc": Ragged(rng.standard_normal((150, D)).astype(np.float16), [3] * 50)},
+                      targets={"y": rng.standard_normal(50).astype(np.float32)}, index=np.arange(50))
+    for layer, message in [("plain", r"plain: rows of shape \(8,\) have no tokens; --tokens each trains a probe for each of "
+                                     r"1 to 256 tokens \(store fewer: --reduction mean:G, or probe --tokens mean\)$"),
+                           ("wide", r"wide: rows of shape \(300, 2\) have 300 tokens; --tokens each trains a probe"),
+                           ("enc", r"enc is ragged \(its token count varies\): --tokens each needs one count; use --tokens mean$")]:
+        with pytest.raises(ProbeError, match="^" + message):
+            train(tmp_path, store, layer=layer, tokens="each")

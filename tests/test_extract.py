@@ -622,7 +622,8 @@ def test_a_layer_a_reduction_cannot_apply_to_is_named(tmp_path):
     assert not (tmp_path / "s.h5").exists()
 
 
-def reference_activations(tmp_path, layers, device="cpu", autocast=None, keep=lambda o: o.to(torch.float16)):
+def reference_activations(tmp_path, layers, device="cpu", autocast=None, keep=lambda o: o.to(torch.float16),
+                          forward=policy_forward):
     """A plain reference: forward hooks plus .to(torch.float16) (or keep), batch by batch."""
     torch.manual_seed(0)
     model = video_mar(**CONFIG).eval().to(device)
@@ -634,7 +635,7 @@ def reference_activations(tmp_path, layers, device="cpu", autocast=None, keep=la
     with torch.inference_mode(), amp:
         for start in range(0, 40, 8):
             batch = torch.utils.data.default_collate([ds[i] for i in range(start, start + 8)])
-            policy_forward(model, {k: v.to(device) for k, v in batch.items()})
+            forward(model, {k: v.to(device) for k, v in batch.items()})
     for h in handles:
         h.remove()
     return kept
@@ -653,6 +654,29 @@ def test_stored_bytes_equal_a_plain_reference(tmp_path, device):
         assert s.index().tolist() == list(range(40))
         assert s.target("label").tolist() == [synthetic_video_actions(40)[i]["label"] for i in range(40)]
         assert s.layers["z_proj"].row_shape == (4, 16, 32)  # 4-D output, as UVA's z_proj
+
+
+def test_a_diffusion_heads_denoising_steps_are_stored_stacked_and_probed_each(tmp_path):
+    """UVA's diffusion heads fire once per denoising step: with --multi-fire stack a row holds every
+    step, in order, and `marstore probe --tokens each` trains a probe for each step."""
+    from marstore.models import sampling_forward
+    from marstore.probe import ProbeOptions, load_probe, run_probes
+
+    layer = "diffloss.net.res_blocks.1"
+    torch.manual_seed(0)
+    result = extract(options(tmp_path, layers=[layer], forward="marstore.models:sampling_forward", multi_fire="stack",
+                             reduction="mean"))
+    fired = reference_activations(tmp_path, [layer], keep=lambda o: o.mean(1), forward=sampling_forward)[layer]
+    assert len(fired) == 5 * 8  # 5 batches of 8 rows, 8 steps each
+    steps = torch.stack(fired).unflatten(0, (5, 8)).transpose(1, 2).reshape(40, 8, 32)  # (rows, steps, D)
+    with open_store(result.path) as s:
+        assert s.layers[layer].row_shape == (8, 32)
+        assert s.read(layer).tobytes() == steps.half().numpy().tobytes()
+    report = run_probes(ProbeOptions(store=result.path, layer=layer, target="nactions", tokens="each",
+                                     out=str(tmp_path / "p"), progress=False))
+    assert [e["layer"] for e in report["layers"]] == [f"{layer}[{i}]" for i in range(8)]
+    last = load_probe(report["layers"][7]["probe"]["weights"])
+    assert last.token == 7 and last.predict(steps[:2]).shape == (2, 16, 2)  # the target's shape, as stored
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])

@@ -118,6 +118,36 @@ class VideoActionMAR(nn.Module):
         if task_mode not in TASK_MODES:
             raise ValueError(f"task_mode {task_mode!r} is not one of {TASK_MODES}")
         proprioception_input["task_mode"] = task_mode  # UVA mutates this dict in place too
+        z = self._decode(imgs, cond, nactions, task_mode)
+        zero = torch.zeros((), device=imgs.device)
+        video_loss = act_loss = zero
+        if task_mode in ("video_model", "dynamic_model", "full_dynamic_model"):
+            video_loss = ((self.diffloss(z) - self._frame_tokens(imgs)) ** 2).mean()
+        if task_mode in ("policy_model", "inverse_model", "full_dynamic_model"):
+            pred = self.diffactloss(z)
+            act_loss = ((pred - nactions) ** 2).mean() if nactions is not None else pred.pow(2).mean() * 0
+        return video_loss + act_loss, video_loss, act_loss
+
+    def _frame_tokens(self, imgs: torch.Tensor) -> torch.Tensor:
+        """The frames as the video head predicts them: (B, tokens, channels)."""
+        return imgs.permute(0, 1, 3, 4, 2).reshape(imgs.shape[0], self.tokens, self.channels)
+
+    @torch.no_grad()
+    def sample_frames(self, imgs, cond, nactions=None, task_mode: str = "dynamic_model", steps: int = 8) -> torch.Tensor:
+        """UVA's sampling, reduced: the frames' tokens drawn from noise by `steps` denoising steps of
+        the video head, each conditioned on the decoder's output and on the sample so far, so that
+        the head's modules fire once a step (as UVA's diffloss.net.res_blocks do, 100 times by
+        default). The noise is seeded: the same batch gives the same sample. (B, tokens, channels)"""
+        z = self._decode(imgs, cond, nactions, task_mode)
+        g = torch.Generator(device=imgs.device).manual_seed(0)
+        x = torch.randn(z.shape[0], self.tokens, self.channels, generator=g, device=imgs.device, dtype=z.dtype)
+        for i in range(steps):  # each step moves the sample part of the way to the head's prediction
+            embedded = nn.functional.linear(x, self.z_proj.weight, self.z_proj.bias)  # not a call: z_proj fires once, in _decode
+            x = x + (self.diffloss(z + embedded) - x) / (steps - i)
+        return x
+
+    def _decode(self, imgs, cond, nactions, task_mode: str) -> torch.Tensor:
+        """The decoder's output (B, tokens, D): what the heads read."""
         b = imgs.shape[0]
         x = self._tokens(imgs, self.z_proj)
         c = self._tokens(cond, self.z_proj_cond)
@@ -141,16 +171,7 @@ class VideoActionMAR(nn.Module):
             z = full.scatter(1, order[..., None].expand(-1, -1, z.shape[-1]), z)
         for block in self.decoder_blocks:
             z = block(z)
-        z = self.decoder_norm(z)
-        zero = torch.zeros((), device=imgs.device)
-        video_loss = act_loss = zero
-        if task_mode in ("video_model", "dynamic_model", "full_dynamic_model"):
-            target = imgs.permute(0, 1, 3, 4, 2).reshape(b, self.tokens, self.channels)
-            video_loss = ((self.diffloss(z) - target) ** 2).mean()
-        if task_mode in ("policy_model", "inverse_model", "full_dynamic_model"):
-            pred = self.diffactloss(z)
-            act_loss = ((pred - nactions) ** 2).mean() if nactions is not None else pred.pow(2).mean() * 0
-        return video_loss + act_loss, video_loss, act_loss
+        return self.decoder_norm(z)
 
 
 def video_mar(
@@ -168,6 +189,14 @@ def policy_forward(model: VideoActionMAR, batch: dict):
     """The forward for the synthetic data (`--forward`): UVA's policy mode, which predicts the
     actions (the loss's targets) from the frames."""
     return model(batch["imgs"], batch["cond"], nactions=batch["nactions"], task_mode="policy_model")
+
+
+def sampling_forward(model: VideoActionMAR, batch: dict, steps: int = 8):
+    """Sampling the frames in dynamics mode (`--forward`): the video head fires once per denoising
+    step (`--multi-fire stack` keeps every step; `marstore probe --tokens each` probes each).
+    Returns the sample's squared error against the true frames."""
+    return ((model.sample_frames(batch["imgs"], batch["cond"], batch["nactions"], steps=steps)
+             - model._frame_tokens(batch["imgs"])) ** 2).mean()
 
 
 def dynamic_forward(model: VideoActionMAR, batch: dict):
