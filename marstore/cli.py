@@ -480,8 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--layer", nargs="+", metavar="LAYER", help="names or patterns among the probes' layers (default: all)")
     ev.add_argument("--target", help="the store's target to score against (default: the one the probes were trained for)")
     ev.add_argument("--rows", choices=["auto", "all", "held-out"], default="auto",
-                    help="held-out: only the samples the probes were tested on; all: every row; auto (default): "
-                         "held-out where the store holds the samples the probes were trained on, else all")
+                    help="held-out: only samples the probes were never fitted or chosen on; all: every row; auto "
+                         "(default): held-out where the store holds samples of the probes' data set, else all")
     ev.add_argument("--group", help="a target whose groups the intervals resample whole (default: the probes' --group)")
     ev.add_argument("--device", default="cpu")
     ev.set_defaults(func=_evaluate)

@@ -8,10 +8,11 @@ unchanged, to its layer's rows in `store`: standardised with the statistics the 
 trained with, not the new store's, so that the probe is the same function of the activations.
 Which rows: a store of other samples is evaluated whole; a store of the same samples (the
 store the probes were trained on, or another extraction of the same data set, such as another
-checkpoint's) only on the samples the probes were tested on, never fitted or chosen on
-(rows="auto", logged; "all" or "held-out" choose). The report has the layout of a probe report
-(report.json, report.md, depth.png, with the 95% bootstrap intervals), so that `marstore
-compare probes transfer` puts the two side by side.
+checkpoint's) only on the samples the probes were never fitted or chosen on: their test
+samples, and samples their store did not hold (rows="auto", logged; "all" or "held-out"
+choose). The report has the layout of a probe report (report.json, report.md, depth.png, with
+the 95% bootstrap intervals), so that `marstore compare probes transfer` puts the two side by
+side.
 """
 
 from __future__ import annotations
@@ -77,17 +78,13 @@ def _same_samples(trained_on: dict, store: Store) -> str | None:
 
 
 def _held_out_rows(probe: TrainedProbe, index: np.ndarray, store_path: str) -> np.ndarray:
-    """The store's rows of the samples the probe was tested on, in the order it was tested on them
-    (so that on the store it was trained on, the metric and its interval are the report's)."""
-    rows_of: dict[int, list[int]] = {}
-    for row, source in enumerate(index.tolist()):
-        rows_of.setdefault(source, []).append(row)
-    held_out = probe.held_out_sources.tolist()
-    rows = [row for source in held_out for row in rows_of.get(source, ())]
-    if not rows:
-        raise ProbeError(f"{probe.name}: none of the {len(held_out)} samples the probe was tested on is in {store_path}; "
+    """The store's rows of samples the probe was never fitted or chosen on (on its own store: its
+    test rows, in their order, so that the metric and its interval are the report's)."""
+    rows = np.flatnonzero(~probe.saw(index))
+    if not len(rows):
+        raise ProbeError(f"{probe.name}: every row of {store_path} is of a sample the probe was fitted or chosen on; "
                          "use --rows all")
-    return np.asarray(rows, dtype=np.int64)
+    return rows
 
 
 def _check_rows(probe: TrainedProbe, store: Store) -> None:
@@ -228,7 +225,7 @@ def evaluate_probes(opts: EvaluateOptions) -> dict:
             log.warning("rows: %s is %s, and every row of it includes the samples the probes were fitted and chosen on: "
                         "the metric is not a test metric (--rows held-out keeps the others)", opts.store, same)
         if opts.rows == "auto":
-            log.info("rows: %s", f"the samples the probes were tested on, as {opts.store} is {same}" if same else
+            log.info("rows: %s", f"the samples the probes were not fitted or chosen on, as {opts.store} is {same}" if same else
                      f"all {store.rows} committed rows of {opts.store}, whose samples the probes never saw")
         index = store.index(0, store.rows)
         source = {"path": os.path.abspath(opts.store), "status": store.status, "rows": store.rows}
@@ -258,7 +255,7 @@ def evaluate_probes(opts: EvaluateOptions) -> dict:
 def _markdown(result: dict, out: str) -> str:
     header, cells = _table_rows(result)
     e = result["evaluation"]
-    rows = (f"the {result['layers'][0]['split_rows']['test']} rows of the samples the probes were tested on"
+    rows = (f"the {result['layers'][0]['split_rows']['test']} rows of samples the probes were not fitted or chosen on"
             if e["rows"] == "held-out" else "every committed row")
     drawn = f" (drawn by whole {e['group']!r} groups)" if e["group"] else ""
     lines = [f"# Probes of `{result['target']}` from another store", "",

@@ -571,7 +571,7 @@ class _Prepared:
     skipped: int  # rows with non-finite features or targets
     sizes: dict  # rows of each split
     test_groups: np.ndarray | None  # the test rows' --group values
-    test_sources: np.ndarray  # the test rows' source indices: the samples no probe was fitted or chosen on
+    seen_sources: np.ndarray  # the train and validation rows' source indices: the samples the probe was fitted or chosen on
     features: dict  # how rows of the layer become the probe's input (see TrainedProbe)
 
     def tokens(self) -> int:
@@ -615,7 +615,7 @@ def _prepare(opts: ProbeOptions, layer: str, rows: int) -> _Prepared:
             test_groups = np.asarray(data[opts.group])[finite.numpy()]
     ds.close()
     with open_store(opts.store) as store:
-        test_sources = store.index(0, rows)[splits["test"]]
+        seen_sources = store.index(0, rows)[np.concatenate([splits["train"], splits["val"]])]
         info = store.layers[layer]
         recorded = next((spec for spec in store.metadata.get("layers", []) if spec.get("store_name") == layer), {})
         # read while the store is open: a closed file's attributes read as absent
@@ -658,7 +658,7 @@ def _prepare(opts: ProbeOptions, layer: str, rows: int) -> _Prepared:
     else:
         features["target_shape"] = list(y_all.shape[1:])  # predictions take it back
         ys = {name: v.float().reshape(len(v), -1) for name, v in ys.items()}
-    return _Prepared(task, xs, ys, labels, skipped, {k: len(v) for k, v in splits.items()}, test_groups, test_sources,
+    return _Prepared(task, xs, ys, labels, skipped, {k: len(v) for k, v in splits.items()}, test_groups, seen_sources,
                      features)
 
 
@@ -790,13 +790,29 @@ def _add_intervals(entry: dict, metric: str, tests: dict[str, tuple[torch.Tensor
 PROBE_FORMAT = "marstore-probe/1"
 
 
+def source_ranges(sources: np.ndarray) -> np.ndarray:
+    """Source indices as sorted, disjoint [start, stop) ranges, (k, 2) int64: a probe file records
+    the samples it saw this way, a few ranges for an extraction of consecutive samples."""
+    s = np.unique(np.asarray(sources, dtype=np.int64))
+    if not len(s):
+        return np.zeros((0, 2), dtype=np.int64)
+    breaks = np.flatnonzero(np.diff(s) != 1) + 1
+    return np.stack([s[np.r_[0, breaks]], s[np.r_[breaks - 1, len(s) - 1]] + 1], 1)
+
+
+def in_ranges(values: np.ndarray, ranges: np.ndarray) -> np.ndarray:
+    """Whether each value lies in one of source_ranges' ranges."""
+    at = np.searchsorted(ranges[:, 0], values, side="right") - 1
+    return (at >= 0) & (values < ranges[np.maximum(at, 0), 1]) if len(ranges) else np.zeros(len(values), dtype=bool)
+
+
 def _probe_file(opts: ProbeOptions, name: str, control: bool, prep: _Prepared, model: nn.Module, source: dict) -> dict:
     """A trained probe as one file that loads with weights_only=True and needs nothing else to be
     applied (load_probe): its weights, the statistics that standardised its input, how rows of
-    the layer become that input, its classes, and the test samples it never saw."""
+    the layer become that input, its classes, and the samples it was fitted or chosen on."""
     return {"format": PROBE_FORMAT, "name": name, "layer": prep.features["layer"], "target": opts.target, "control": control, "task": prep.task,
             "kind": opts.kind, "hidden": opts.hidden, "classes": prep.labels, "features": prep.features,
-            "held_out_sources": torch.from_numpy(np.asarray(prep.test_sources, dtype=np.int64)), "trained_on": source,
+            "seen_sources": torch.from_numpy(source_ranges(prep.seen_sources)), "trained_on": source,
             "options": _recorded(opts), "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
 
 
@@ -815,7 +831,7 @@ class TrainedProbe(nn.Module):
         self.name, self.layer = file["name"], file["layer"]  # the report's name (a token's: layer[i]), the store's
         self.target, self.task, self.kind = file["target"], file["task"], file["kind"]
         self.control, self.classes, self.trained_on = file["control"], list(file["classes"]), file["trained_on"]
-        self.held_out_sources = file["held_out_sources"]
+        self.seen_sources = file["seen_sources"].numpy()  # [start, stop) ranges
         f = file["features"]
         self.row_shape, self.ragged, self.tokens, self.token = tuple(f["row_shape"]), f["ragged"], f["tokens"], f.get("token")
         self.channel_axis, self.reduction, self.channels_first = f["channel_axis"], f["reduction"], f["channels_first"]
@@ -829,6 +845,12 @@ class TrainedProbe(nn.Module):
         self.head.load_state_dict(state)
         self.target_shape = tuple(f.get("target_shape", ()))
         self.requires_grad_(False).eval()  # fitted: gradients reach the activations only
+
+    def saw(self, sources: np.ndarray | Sequence[int]) -> np.ndarray:
+        """For each source index (a sample of the data set the probe was trained on): whether the
+        probe was fitted or chosen on it (its training or validation rows). Its test samples, and
+        samples its store never held, are unseen."""
+        return in_ranges(np.asarray(sources, dtype=np.int64), self.seen_sources)
 
     def features(self, rows: torch.Tensor) -> torch.Tensor:
         """The probe's input from rows as ActivationDataset reads them for it (reduction="mean"

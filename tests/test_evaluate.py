@@ -15,22 +15,22 @@ from marstore.store import LayerSpec, Ragged, StoreWriter, TargetSpec, open_stor
 D = 8
 
 
-def linear_store(path, n=600, x_seed=0, w_seed=0, index_start=0, dataset=None, tokens=None, labels=3, reduction="mean"):
+def linear_store(path, n=600, x_seed=0, dataset=None, tokens=None, labels=3):
     """Layer 'h': rows of D features (the means of `tokens` tokens of the raw activations that
-    the returned raw holds, when tokens is given); target 'y' = x @ w, the same w for one w_seed;
+    the returned raw holds, when tokens is given); target 'y' = x @ w, the same w in every store;
     'label' the argmax of y (3 classes), with labels=4 a fourth class where y's largest is large."""
     rng = np.random.default_rng(x_seed)
     raw = rng.standard_normal((n, tokens, D) if tokens else (n, D)).astype(np.float32)
     x = (raw.mean(1) if tokens else raw).astype(np.float16)
-    w = np.random.default_rng(100 + w_seed).standard_normal((D, 3))
+    w = np.random.default_rng(100).standard_normal((D, 3))  # one relation in every store
     y = (x.astype(np.float64) @ w).astype(np.float32)
     label = np.argmax(y, 1)
     if labels == 4:
         label[y.max(1) > 4] = 3
     metadata = {"dataset": dataset[0], "dataset_args": dataset[1]} if dataset else {}
-    spec = LayerSpec("h", (D,), reduction=reduction if tokens else "none", chunk_rows=64)
+    spec = LayerSpec("h", (D,), reduction="mean" if tokens else "none", chunk_rows=64)
     with StoreWriter(path, [spec], [TargetSpec("y", (3,), "float32"), TargetSpec("label", (), "int64")], metadata) as writer:
-        writer.append({"h": x}, targets={"y": y, "label": label}, index=np.arange(index_start, index_start + n))
+        writer.append({"h": x}, targets={"y": y, "label": label}, index=np.arange(n))
     return raw, x, y, label
 
 
@@ -45,18 +45,20 @@ def test_a_probe_file_holds_all_it_needs_and_predicts_as_the_report_scored_it(tm
     entry = report["layers"][0]
     probe = load_probe(entry["probe"]["weights"])
     assert (probe.layer, probe.target, probe.task, probe.kind, probe.control) == ("h", "y", "regression", "linear", False)
-    assert probe.held_out_sources.dtype == torch.int64 and len(probe.held_out_sources) == entry["split_rows"]["test"] == 60
     with open_store(store) as s:
-        train_rows = s.rows - 60
         assert probe.trained_on == {"path": str(store), "status": "complete", "rows": 600, "created": str(s.file.attrs["created"])}
-    held_out = probe.held_out_sources.numpy()
-    assert len(set(held_out.tolist())) == 60 and train_rows == 540
+    # the 540 training and validation samples, as ranges of source indices: the other 60 are its test samples
+    seen = probe.saw(np.arange(600))
+    assert seen.sum() == 540 and entry["split_rows"]["test"] == 60
+    assert probe.seen_sources.shape[1] == 2 and probe.seen_sources.shape[0] <= 61
+    assert not probe.saw([600, 10**9, -1]).any()  # samples its store never held
+    held_out = np.flatnonzero(~seen)
     pred = probe.predict(torch.from_numpy(x[held_out].astype(np.float32)))
     assert pred.shape == (60, 3)
     # the same function of the activations as the report's test predictions: the same R², to the bit
     assert _metrics("regression", pred, torch.from_numpy(y[held_out]), 0)["r2"] == entry["probe"]["test"]["r2"]
     control = load_probe(entry["control"]["weights"])
-    assert control.control and torch.equal(control.held_out_sources, probe.held_out_sources)
+    assert control.control and np.array_equal(control.seen_sources, probe.seen_sources)
 
 
 def test_a_probe_takes_the_capture_before_the_extractions_reduction(tmp_path):
@@ -108,7 +110,8 @@ def test_evaluated_on_its_own_store_it_gives_the_reports_test_metric_and_interva
     report = train(tmp_path, store)
     with caplog.at_level(logging.INFO, logger="marstore.evaluate"):
         same = evaluate_probes(EvaluateOptions(str(tmp_path / "probes"), str(store), out=str(tmp_path / "ev")))
-    assert "rows: the samples the probes were tested on, as " + str(store) + " is the store the probes were trained on" in caplog.text
+    assert f"rows: the samples the probes were not fitted or chosen on, as {store} is the store the probes were trained on" \
+        in caplog.text
     a, b = report["layers"][0], same["layers"][0]
     assert b["split_rows"] == {"test": 60}
     assert b["probe"]["test"] == {k: v for k, v in a["probe"]["test"].items()}  # metric, per-dimension R², interval
@@ -118,7 +121,8 @@ def test_evaluated_on_its_own_store_it_gives_the_reports_test_metric_and_interva
     assert json.load(open(tmp_path / "ev" / "report.json"))["layers"][0]["probe"]["test"] == b["probe"]["test"]
     assert (tmp_path / "ev" / "depth.png").stat().st_size > 0
     markdown = (tmp_path / "ev" / "report.md").read_text()
-    assert f"unchanged, on `{store}` (complete, 600 rows): the 60 rows of the samples the probes were tested on." in markdown
+    assert f"unchanged, on `{store}` (complete, 600 rows): the 60 rows of samples the probes were not fitted or chosen on." \
+        in markdown
 
 
 def test_other_samples_are_evaluated_whole_and_the_same_data_set_on_its_held_out_samples(tmp_path, caplog):
@@ -138,18 +142,28 @@ def test_other_samples_are_evaluated_whole_and_the_same_data_set_on_its_held_out
         writer.append({"h": xa[:, ::-1].copy()}, targets={"y": ya}, index=np.arange(600))
     with caplog.at_level(logging.INFO, logger="marstore.evaluate"):
         moved = evaluate_probes(EvaluateOptions(probes, str(tmp_path / "ckpt2.h5"), out=str(tmp_path / "e2")))
-    assert ('rows: the samples the probes were tested on, as ' + str(tmp_path / "ckpt2.h5") + ' is an extraction of the same '
+    assert ('rows: the samples the probes were not fitted or chosen on, as ' + str(tmp_path / "ckpt2.h5") + ' is an extraction of the same '
             'data set (mypkg.data:episodes {"split": "val"})') in caplog.text
     assert moved["layers"][0]["split_rows"] == {"test": 60} and moved["layers"][0]["probe"]["test"]["r2"] < 0.5
+    # the same data set's samples that the probes' store did not hold are unseen too
+    with StoreWriter(tmp_path / "more.h5", [LayerSpec("h", (D,))], [TargetSpec("y", (3,), "float32")],
+                     {"dataset": spec[0], "dataset_args": spec[1]}) as writer:
+        writer.append({"h": np.concatenate([xa, x[:100]])}, targets={"y": np.concatenate([ya, y[:100]])},
+                      index=np.arange(700))
+    more = evaluate_probes(EvaluateOptions(probes, str(tmp_path / "more.h5"), out=str(tmp_path / "e5")))
+    assert more["evaluation"]["rows"] == "held-out" and more["layers"][0]["split_rows"] == {"test": 160}
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="marstore.evaluate"):
         every = evaluate_probes(EvaluateOptions(probes, str(tmp_path / "ckpt2.h5"), out=str(tmp_path / "e3"), rows="all"))
     assert every["layers"][0]["split_rows"] == {"test": 600}
     assert "includes the samples the probes were fitted and chosen on: the metric is not a test metric" in caplog.text
-    # asked for held-out samples of a store that holds none of them
-    linear_store(tmp_path / "far.h5", n=50, index_start=10_000)
-    with pytest.raises(ProbeError, match=r"^h: none of the 60 samples the probe was tested on is in .*far\.h5; use --rows all$"):
-        evaluate_probes(EvaluateOptions(probes, str(tmp_path / "far.h5"), out=str(tmp_path / "e4"), rows="held-out"))
+    # asked for held-out samples of a store that holds none: its rows are all training rows
+    seen = load_probe(tmp_path / "probes" / "h.pt").saw(np.arange(600))
+    with StoreWriter(tmp_path / "seen.h5", [LayerSpec("h", (D,))], [TargetSpec("y", (3,), "float32")]) as writer:
+        writer.append({"h": xa[seen]}, targets={"y": ya[seen]}, index=np.flatnonzero(seen))
+    with pytest.raises(ProbeError, match=r"^h: every row of .*seen\.h5 is of a sample the probe was fitted or chosen on; "
+                                         r"use --rows all$"):
+        evaluate_probes(EvaluateOptions(probes, str(tmp_path / "seen.h5"), out=str(tmp_path / "e4"), rows="held-out"))
 
 
 def test_labels_the_probe_never_saw_count_as_wrong(tmp_path, caplog):
@@ -271,7 +285,7 @@ def test_tokens_each_gives_a_probe_for_each_step_and_each_applies_alone(tmp_path
     assert r2["head[3]"] > 0.999 and max(v for k, v in r2.items() if k != "head[3]") < 0.05
     probe = load_probe(report["layers"][3]["probe"]["weights"])
     assert (probe.name, probe.layer, probe.token) == ("head[3]", "head", 3)
-    held_out = probe.held_out_sources.numpy()
+    held_out = np.flatnonzero(~probe.saw(np.arange(600)))
     pred = probe.predict(torch.from_numpy(x[held_out].astype(np.float32)))
     assert _metrics("regression", pred[:, None], torch.from_numpy(y[held_out])[:, None], 0)["r2"] == r2["head[3]"]
     same = evaluate_probes(EvaluateOptions(str(tmp_path / "probes"), str(store), out=str(tmp_path / "e"), layer="head"))
