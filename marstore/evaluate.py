@@ -30,7 +30,7 @@ from marstore.dataset import ActivationDataset
 from marstore.hooks import match_modules, nearest_names
 from marstore.probe import (ProbeError, TrainedProbe, _add_intervals, _metrics, _read_report, _table_rows, load_probe,
                             report_depth_plot)
-from marstore.store import Store, StoreError, open_store
+from marstore.store import Store, open_store
 from marstore.transfer import resolve_device
 
 log = logging.getLogger(__name__)
@@ -60,20 +60,13 @@ class EvaluateOptions:
 
 
 def _same_samples(trained_on: dict, store: Store) -> str | None:
-    """Why the store's source indices name the samples the probes saw, or None where they do not
-    (or it cannot be told)."""
+    """Why the store's source indices name samples of the probes' data set, or None where they do
+    not (or it cannot be told: a store written without recording its data set)."""
     if os.path.abspath(store.path) == trained_on["path"] and str(store.file.attrs["created"]) == trained_on["created"]:
         return "the store the probes were trained on"
-    try:
-        with open_store(trained_on["path"]) as then:
-            spec = then.metadata.get("dataset"), then.metadata.get("dataset_args")
-    except (OSError, ValueError, StoreError) as exc:  # moved or deleted: its data set cannot be compared
-        log.warning("rows: cannot read the store the probes were trained on (%s) to tell whether %s holds the same "
-                    "samples; evaluating every row (--rows held-out restricts them)", " ".join(str(exc).split()), store.path)
-        return None
-    now = store.metadata.get("dataset"), store.metadata.get("dataset_args")
-    if spec[0] is not None and spec == now:
-        return f"an extraction of the same data set ({spec[0]} {json.dumps(spec[1], sort_keys=True)})"
+    then = trained_on["dataset"]
+    if then[0] is not None and then == [store.metadata.get("dataset"), store.metadata.get("dataset_args")]:
+        return f"an extraction of the same data set ({then[0]} {json.dumps(then[1], sort_keys=True)})"
     return None
 
 

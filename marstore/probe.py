@@ -619,7 +619,7 @@ def _prepare(opts: ProbeOptions, layer: str, rows: int) -> _Prepared:
         info = store.layers[layer]
         recorded = next((spec for spec in store.metadata.get("layers", []) if spec.get("store_name") == layer), {})
         # read while the store is open: a closed file's attributes read as absent
-        features = {"layer": layer, "row_shape": list(info.row_shape), "ragged": info.layout == "ragged", "dtype": info.dtype,
+        features = {"layer": layer, "row_shape": list(info.row_shape), "ragged": info.layout == "ragged",
                     "channel_axis": ds.channel_axes.get(layer), "reduction": str(info.attrs.get("reduction", "none")),
                     "channels_first": bool(recorded.get("channels_first", False)), "tokens": opts.tokens,
                     "mean": stats[0], "std": stats[1]}
@@ -684,7 +684,9 @@ def run_probes(opts: ProbeOptions) -> dict:
             if name is not None and name not in s.targets:
                 raise ProbeError(f"{flag} {name!r} is not in {opts.store}; its targets are {sorted(s.targets)}")
         # every layer's probe sees the same rows, also while an extraction still adds some
-        source = {"path": os.path.abspath(opts.store), "status": s.status, "rows": s.rows, "created": str(s.file.attrs["created"])}
+        source = {"path": os.path.abspath(opts.store), "status": s.status, "rows": s.rows, "created": str(s.file.attrs["created"]),
+                  # what the source indices index: the probe files say which samples they saw
+                  "dataset": [s.metadata.get("dataset"), s.metadata.get("dataset_args")]}
     if source["status"] != "complete":
         log.warning("%s is incomplete (an extraction was interrupted or still runs): the probes see its %d committed "
                     "rows only", opts.store, source["rows"])
@@ -810,8 +812,8 @@ def _probe_file(opts: ProbeOptions, name: str, control: bool, prep: _Prepared, m
     """A trained probe as one file that loads with weights_only=True and needs nothing else to be
     applied (load_probe): its weights, the statistics that standardised its input, how rows of
     the layer become that input, its classes, and the samples it was fitted or chosen on."""
-    return {"format": PROBE_FORMAT, "name": name, "layer": prep.features["layer"], "target": opts.target, "control": control, "task": prep.task,
-            "kind": opts.kind, "hidden": opts.hidden, "classes": prep.labels, "features": prep.features,
+    return {"format": PROBE_FORMAT, "name": name, "layer": prep.features["layer"], "target": opts.target,
+            "control": control, "task": prep.task, "kind": opts.kind, "hidden": opts.hidden, "classes": prep.labels, "features": prep.features,
             "seen_sources": torch.from_numpy(source_ranges(prep.seen_sources)), "trained_on": source,
             "options": _recorded(opts), "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
 
@@ -863,7 +865,7 @@ class TrainedProbe(nn.Module):
         if stored or self.reduction == "none" or self.ragged:
             if not stored:
                 form = f"(rows, tokens, {', '.join(map(str, self.row_shape))})" if self.ragged else f"(rows, {self.row_shape})"
-                raise ProbeError(f"{self.layer}: activations of shape {tuple(x.shape)}; this probe takes rows shaped {form}")
+                raise ProbeError(f"{self.name}: activations of shape {tuple(x.shape)}; this probe takes rows shaped {form}")
             return x
         try:
             reduced = reduce_tokens(x.float(), parse_reduction(self.reduction), self.channels_first)
@@ -872,7 +874,7 @@ class TrainedProbe(nn.Module):
         else:
             why = ""
         if reduced is None or reduced.shape[1:] != self.row_shape:
-            raise ProbeError(f"{self.layer}: activations of shape {tuple(x.shape)}; this probe takes rows of shape "
+            raise ProbeError(f"{self.name}: activations of shape {tuple(x.shape)}; this probe takes rows of shape "
                              f"{self.row_shape}, as the store holds them, or the capture that extraction reduced to them "
                              f"(reduction {self.reduction}){why}")
         return reduced
@@ -1069,7 +1071,7 @@ def _depth_plot(path: str, names: list[str], metric: str, title: str,
         if all(t is None or f"{metric}_ci95" in t for t in tests):
             low, high = zip(*((math.nan, math.nan) if t is None else t[f"{metric}_ci95"] for t in tests))
             ax.fill_between(range(len(names)), low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-    step = math.ceil(len(names) / 40)  # at most 40 names on the axis (a probe for each of 100 denoising steps)
+    step = max(1, math.ceil(len(names) / 40))  # at most 40 names on the axis (a probe for each of 100 denoising steps)
     ax.set_xticks(range(0, len(names), step), names[::step], rotation=45, ha="right")
     ax.set_ylabel(f"test {metric} (bands: 95% bootstrap intervals)")
     ax.set_title(title)

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -46,7 +47,8 @@ def test_a_probe_file_holds_all_it_needs_and_predicts_as_the_report_scored_it(tm
     probe = load_probe(entry["probe"]["weights"])
     assert (probe.layer, probe.target, probe.task, probe.kind, probe.control) == ("h", "y", "regression", "linear", False)
     with open_store(store) as s:
-        assert probe.trained_on == {"path": str(store), "status": "complete", "rows": 600, "created": str(s.file.attrs["created"])}
+        assert probe.trained_on == {"path": str(store), "status": "complete", "rows": 600, "created": str(s.file.attrs["created"]),
+                                    "dataset": [None, None]}  # a store written without recording its data set
     # the 540 training and validation samples, as ranges of source indices: the other 60 are its test samples
     seen = probe.saw(np.arange(600))
     assert seen.sum() == 540 and entry["split_rows"]["test"] == 60
@@ -152,6 +154,10 @@ def test_other_samples_are_evaluated_whole_and_the_same_data_set_on_its_held_out
                       index=np.arange(700))
     more = evaluate_probes(EvaluateOptions(probes, str(tmp_path / "more.h5"), out=str(tmp_path / "e5")))
     assert more["evaluation"]["rows"] == "held-out" and more["layers"][0]["split_rows"] == {"test": 160}
+    # the probe files say which data set they saw: the store they were trained on need not be there
+    os.remove(tmp_path / "a.h5")
+    again = evaluate_probes(EvaluateOptions(probes, str(tmp_path / "more.h5"), out=str(tmp_path / "e6")))
+    assert again["layers"][0]["probe"]["test"] == more["layers"][0]["probe"]["test"]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="marstore.evaluate"):
         every = evaluate_probes(EvaluateOptions(probes, str(tmp_path / "ckpt2.h5"), out=str(tmp_path / "e3"), rows="all"))
