@@ -291,7 +291,7 @@ def _probe(args: argparse.Namespace) -> int:
             print(f"\ntarget {target}:")
         print(table(report))
         print(f"report: {report['report']}, {report['markdown']}")
-        print(f"plots: {report['plots']['depth']}, {report['plots']['loss_curves']}")
+        print(f"plots: {', '.join(report['plots'].values())}")
     return 0
 
 
@@ -335,7 +335,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 2
     print(table(report))
     print(f"report: {report['report']}, {report['markdown']}")
-    print(f"plot: {report['plots']['depth']}")
+    print(f"plots: {', '.join(report['plots'].values())}")
     return 0
 
 

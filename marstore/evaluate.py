@@ -28,8 +28,8 @@ import torch
 
 from marstore.dataset import ActivationDataset
 from marstore.hooks import match_modules, nearest_names
-from marstore.probe import (ProbeError, TrainedProbe, _add_intervals, _metrics, _read_report, _table_rows, load_probe,
-                            report_depth_plot)
+from marstore.probe import (ProbeError, TrainedProbe, _add_intervals, _metrics, _position_lines, _read_report, _table_rows,
+                            load_probe, report_depth_plot, report_position_plot)
 from marstore.store import Store, open_store
 from marstore.transfer import resolve_device
 
@@ -152,6 +152,7 @@ def _evaluate_layer(opts: EvaluateOptions, probes: dict[str, TrainedProbe], data
     else:
         if isinstance(y, np.ndarray):
             raise ProbeError(f"{layer}: target {target!r} holds text; this probe regresses numbers")
+        entry["target_shape"] = list(probe.target_shape)
         y = y.float().reshape(len(y), -1)
         dims = probe.head(x[:0]).shape[1]
         if y.shape[1] != dims:
@@ -237,7 +238,8 @@ def evaluate_probes(opts: EvaluateOptions) -> dict:
                              "same_samples": same, "group": group},
               "layers": out_entries}
     result["plots"] = {"depth": report_depth_plot(result, opts.out, f"Probes of {report['target']} from {report['store']}, "
-                                                                     f"on {os.path.basename(opts.store)}")}
+                                                                     f"on {os.path.basename(opts.store)}"),
+                       **report_position_plot(result, opts.out)}
     with open(os.path.join(opts.out, "report.json"), "w") as f:
         json.dump(result, f, indent=2)
     result["report"] = os.path.join(opts.out, "report.json")
@@ -258,7 +260,8 @@ def _markdown(result: dict, out: str) -> str:
              "shuffled targets, applied the same way.", "",
              "| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1),
              *("| " + " | ".join(row) + " |" for row in cells), "",
-             f"![{result['metric']} of each layer's probe and its control]({os.path.basename(result['plots']['depth'])})", ""]
+             f"![{result['metric']} of each layer's probe and its control]({os.path.basename(result['plots']['depth'])})", "",
+             *_position_lines(result)]
     path = os.path.join(out, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))

@@ -24,7 +24,7 @@ file that load_probe() turns into a module applicable to the layer's activations
 marstore.evaluate applies them to other stores), and resume=True keeps the layers finished
 before an interruption.
 Outputs: report.json, report.md (the table and the plots), depth.png (metric and control against depth),
-loss_curves.png, and a table. compare_reports() puts several reports of one target side by side.
+loss_curves.png, by_position.png (a target of several values a row: R² at each position), and a table. compare_reports() puts several reports of one target side by side.
 """
 
 from __future__ import annotations
@@ -742,6 +742,8 @@ def _probe_entry(opts: ProbeOptions, name: str, prep: _Prepared, source: dict) -
     """The probe and its control on prep's rows: the entry `name` of the report."""
     task, xs, ys, labels = prep.task, prep.xs, prep.ys, prep.labels
     entry: dict[str, Any] = {"layer": name, "task": task, "split_rows": prep.sizes, "skipped_rows": prep.skipped}
+    if task == "regression":
+        entry["target_shape"] = prep.features["target_shape"]  # of r2_per_dim, flat in the metrics
     if labels:
         entry["classes"] = labels  # class i of the probe's outputs is the label value labels[i]
     solver = _solver_of(opts)
@@ -1039,7 +1041,36 @@ def _plots(report: dict, out: str) -> dict:
     fig.tight_layout()
     fig.savefig(curves, dpi=110)
     plt.close(fig)
-    return {"depth": depth, "loss_curves": curves}
+    return {"depth": depth, "loss_curves": curves, **report_position_plot(report, out)}
+
+
+def report_position_plot(report: dict, out: str) -> dict:
+    """{"by_position": path} of a regression whose target has several values a row: each layer's test
+    R² at each position of the target's first axis (the other axes averaged), as a heatmap: how
+    far along UVA's 16-step action horizon a layer reads the actions. {} for other reports."""
+    entries = [e for e in report["layers"] if e.get("target_shape")]
+    if report["task"] != "regression" or not entries or math.prod(entries[0]["target_shape"]) < 2:
+        return {}
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shape = entries[0]["target_shape"]
+    r2 = np.array([np.reshape(e["probe"]["test"]["r2_per_dim"], shape).reshape(shape[0], -1).mean(1) for e in entries])
+    fig, ax = plt.subplots(figsize=(min(max(5, 0.45 * shape[0] + 3), 16), min(max(3, 0.35 * len(entries) + 1.5), 16)))
+    image = ax.imshow(r2, aspect="auto", cmap="viridis", vmin=max(-1.0, min(0.0, float(r2.min()))), vmax=1.0)
+    fig.colorbar(image, ax=ax, label="test R²")
+    step = max(1, math.ceil(len(entries) / 40))
+    ax.set_yticks(range(0, len(entries), step), [e["layer"] for e in entries][::step], fontsize=8)
+    ax.set_xlabel(f"position along the first axis of {report['target']} {tuple(shape)}"
+                  + (" (the others averaged)" if len(shape) > 1 else ""))
+    ax.set_title(f"Test R² of each layer's probe for {report['target']}, by position")
+    fig.tight_layout()
+    path = os.path.join(out, "by_position.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return {"by_position": path}
 
 
 def report_depth_plot(report: dict, out: str, title: str) -> str:
@@ -1189,6 +1220,14 @@ def _solver_text(report: dict) -> str:
     return f"solved {fit}" + (f"; the L2 penalty was chosen {by}" if report["options"]["weight_decay"] is None else "")
 
 
+def _position_lines(report: dict) -> list[str]:
+    """report.md's lines for the by-position heatmap, where there is one."""
+    if "by_position" not in report["plots"]:
+        return []
+    return [f"![test R² of each layer's probe at each position of {report['target']}]"
+            f"({os.path.basename(report['plots']['by_position'])})", ""]
+
+
 def _markdown(report: dict, out: str) -> str:
     """report.md: the table and the plots, for a notebook, a pull request or a browser."""
     header, cells = _table_rows(report)
@@ -1212,6 +1251,7 @@ def _markdown(report: dict, out: str) -> str:
         f"![the loss that chose each probe, by {'L2 penalty' if report['solver'] == 'direct' else 'epoch'}]"
         f"({os.path.basename(report['plots']['loss_curves'])})",
         "",
+        *_position_lines(report),
     ]
     path = os.path.join(out, "report.md")
     with open(path, "w") as f:

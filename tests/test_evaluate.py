@@ -59,8 +59,12 @@ def test_a_probe_file_holds_all_it_needs_and_predicts_as_the_report_scored_it(tm
     assert pred.shape == (60, 3)
     # the same function of the activations as the report's test predictions: the same R², to the bit
     assert _metrics("regression", pred, torch.from_numpy(y[held_out]), 0)["r2"] == entry["probe"]["test"]["r2"]
+    # a target of several values a row: each layer's R² at each of them, as a heatmap linked from report.md
+    assert entry["target_shape"] == [3] and os.path.getsize(report["plots"]["by_position"]) > 5000
+    assert "![test R² of each layer's probe at each position of y](by_position.png)" in open(report["markdown"]).read()
     control = load_probe(entry["control"]["weights"])
     assert control.control and np.array_equal(control.seen_sources, probe.seen_sources)
+    assert "by_position" not in train(tmp_path, store, target="label")["plots"]  # classes have no positions
 
 
 def test_a_probe_takes_the_capture_before_the_extractions_reduction(tmp_path):
@@ -215,7 +219,7 @@ def test_evaluate_refuses_what_does_not_fit_in_one_line(tmp_path, capsys):
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].split()[:2] == ["layer", "r2"] and printed[1].split()[0] == "h"
     assert printed[-2:] == [f"report: {tmp_path / 'e' / 'report.json'}, {tmp_path / 'e' / 'report.md'}",
-                            f"plot: {tmp_path / 'e' / 'depth.png'}"]
+                            f"plots: {tmp_path / 'e' / 'depth.png'}, {tmp_path / 'e' / 'by_position.png'}"]
     # compare takes the evaluation beside the probes' own report
     assert main(["compare", probes, str(tmp_path / "e"), "--label", "trained", "again", "--out", str(tmp_path / "c")]) == 0
     table = capsys.readouterr().out.splitlines()
