@@ -200,31 +200,63 @@ def _wanted(kind: Any, name: str) -> str:
     return {bool: "true or false", int: "an integer", str: "a string"}[kind]
 
 
-def default_forward(model: torch.nn.Module, batch: Any) -> Any:
-    """A dict batch as keyword arguments, a tuple or list as positional ones, a tensor alone."""
-    if isinstance(batch, Mapping):
-        args, kwargs = (), dict(batch)
-    elif isinstance(batch, (tuple, list)):
-        args, kwargs = tuple(batch), {}
-    else:
-        args, kwargs = (batch,), {}
+def _keywords_taken(forward: Callable) -> frozenset[str] | None:
+    """The keyword arguments a forward takes, or None where it takes any (**kwargs) or has no
+    signature to read."""
     try:
-        return model(*args, **kwargs)
-    except TypeError as exc:
-        # Only a batch that does not fit forward's signature is the user's to fix with --forward;
-        # a TypeError from inside the forward keeps its traceback.
+        params = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))
+
+
+class DefaultForward:
+    """The forward without --forward: a dict batch as keyword arguments, a tuple or list as
+    positional ones, a tensor alone. Keys the model's forward does not take (labels and other
+    targets beside the inputs) are left out, as Hugging Face's Trainer leaves out such columns,
+    with a warning that names them, once a run."""
+
+    def __init__(self) -> None:
+        self.said: set[tuple[type, tuple[str, ...]]] = set()
+
+    def __call__(self, model: torch.nn.Module, batch: Any) -> Any:
+        if isinstance(batch, Mapping):
+            args, kwargs = (), dict(batch)
+            taken = _keywords_taken(model.forward)
+            left_out = tuple(sorted(k for k in kwargs if taken is not None and k not in taken))
+            if left_out and taken & kwargs.keys():  # a batch of none of its keys is the user's to fix (below)
+                if (type(model), left_out) not in self.said:
+                    self.said.add((type(model), left_out))
+                    log.warning("the default forward leaves out the batch's keys %s, which %s.forward%s does not take "
+                                "(--targets stores them; --forward MODULE:CALLABLE passes the batch otherwise)",
+                                list(left_out), type(model).__name__, inspect.signature(model.forward))
+                kwargs = {k: v for k, v in kwargs.items() if k not in left_out}
+        elif isinstance(batch, (tuple, list)):
+            args, kwargs = tuple(batch), {}
+        else:
+            args, kwargs = (batch,), {}
         try:
-            signature = inspect.signature(model.forward)
-            signature.bind(*args, **kwargs)
-        except ValueError:  # no signature to check against
-            raise exc from None
-        except TypeError:
-            given = f"keys {sorted(kwargs)}" if kwargs else f"{len(args)} positional values"
-            raise ExtractError(
-                f"the default forward calls the model with the batch's {given}, and {type(model).__name__}.forward"
-                f"{signature} rejects them ({exc}); give --forward MODULE:CALLABLE, called as fn(model, batch), "
-                "to choose what the model gets") from exc
-        raise
+            return model(*args, **kwargs)
+        except TypeError as exc:
+            # Only a batch that does not fit forward's signature is the user's to fix with --forward;
+            # a TypeError from inside the forward keeps its traceback.
+            try:
+                signature = inspect.signature(model.forward)
+                signature.bind(*args, **kwargs)
+            except ValueError:  # no signature to check against
+                raise exc from None
+            except TypeError:
+                given = f"keys {sorted(kwargs)}" if kwargs else f"{len(args)} positional values"
+                raise ExtractError(
+                    f"the default forward calls the model with the batch's {given}, and {type(model).__name__}.forward"
+                    f"{signature} rejects them ({exc}); give --forward MODULE:CALLABLE, called as fn(model, batch), "
+                    "to choose what the model gets") from exc
+            raise
+
+
+default_forward = DefaultForward()  # what extract() calls without --forward (each run has its own)
 
 
 def forward_scalars(out: Any, names: Sequence[str] = (), left_out: dict[str, str] | None = None) -> dict[str, Any]:
@@ -595,7 +627,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         log.warning("no --checkpoint: the model keeps the weights %s gave it (random, unless it loads its own)", opts.model)
     model.to(device)
     model.train(opts.train_mode)
-    forward = loading.import_callable(opts.forward, "--forward") if opts.forward else default_forward
+    forward = loading.import_callable(opts.forward, "--forward") if opts.forward else DefaultForward()
     # mixed precision as the model was trained (UVA: bfloat16); the hooks then see bfloat16 where autocast casts
     autocast = (lambda: torch.autocast(device.type, dtype=STORE_DTYPES[opts.autocast])) if opts.autocast \
         else contextlib.nullcontext

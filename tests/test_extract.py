@@ -6,6 +6,7 @@ import dataclasses
 import gc
 import io
 import json
+import logging
 import math
 import os
 import signal
@@ -1177,12 +1178,37 @@ def test_a_device_or_folder_that_is_not_there_is_refused_before_the_checkpoint_i
     assert os.listdir(tmp_path) == ["runs"] and os.listdir(tmp_path / "runs") == []
 
 
-def test_a_batch_the_model_does_not_take_asks_for_a_forward(tmp_path):
-    # The built-in data set's items hold a label that VideoActionMAR.forward does not take.
-    with pytest.raises(ExtractError, match=r"^the default forward calls the model with the batch's keys \['cond', 'imgs', "
-                                           r"'label', 'nactions'\], and VideoActionMAR.forward\(imgs, cond, .*\) rejects "
-                                           r"them \(VideoActionMAR.forward\(\) got an unexpected keyword argument 'label'\); "
-                                           r"give --forward MODULE:CALLABLE"):
+def test_keys_the_forward_does_not_take_are_left_out_with_a_warning(tmp_path, caplog):
+    """The built-in data set's items hold a label that VideoActionMAR.forward does not take: the
+    default forward leaves it out, as Hugging Face's Trainer leaves out such columns, and says so
+    once; the model gets what policy_forward gives it."""
+    torch.manual_seed(0)
+    with caplog.at_level(logging.WARNING, logger="marstore.extract"):
+        result = extract(options(tmp_path, forward=None, out=str(tmp_path / "default.h5")))
+    said = [r.getMessage() for r in caplog.records if "leaves out" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(
+        "the default forward leaves out the batch's keys ['label'], which VideoActionMAR.forward(imgs, cond, "
+        "history_nactions=None, nactions=None,")
+    assert said[0].endswith("does not take (--targets stores them; --forward MODULE:CALLABLE passes the batch otherwise)")
+    torch.manual_seed(0)
+    policy = extract(options(tmp_path, out=str(tmp_path / "policy.h5")))
+    with open_store(result.path) as a, open_store(policy.path) as b:
+        assert a.read("encoder_blocks.1").tobytes() == b.read("encoder_blocks.1").tobytes()
+        assert a.target("label").tolist() == b.target("label").tolist()  # stored all the same
+
+
+def test_a_batch_the_model_does_not_take_asks_for_a_forward(tmp_path, monkeypatch):
+    """Keys of which the forward takes none, or that leave out an argument it needs, are the
+    user's to fix: an error that names the forward's signature."""
+    from marstore.models import data
+
+    original = data.SyntheticVideoActions.__getitem__
+    monkeypatch.setattr(data.SyntheticVideoActions, "__getitem__",
+                        lambda self, i: {k: v for k, v in original(self, i).items() if k != "cond"})
+    with pytest.raises(ExtractError, match=r"^the default forward calls the model with the batch's keys \['imgs', "
+                                           r"'nactions'\], and VideoActionMAR.forward\(imgs, cond, .*\) rejects "
+                                           r"them \(VideoActionMAR.forward\(\) missing 1 required positional argument: "
+                                           r"'cond'\); give --forward MODULE:CALLABLE"):
         extract(options(tmp_path, forward=None))
     assert os.listdir(tmp_path) == []  # the store is made after the first batch
 
