@@ -173,22 +173,27 @@ def _evaluate_layer(opts: EvaluateOptions, probes: dict[str, TrainedProbe], data
     return entry
 
 
+def _chosen(names: list[str], patterns: str | list[str] | None, folder: str) -> list[str]:
+    """The report's entries that --layer picks (all of them without it)."""
+    if patterns is None:
+        return names
+    chosen: list[str] = []
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        # a layer's name also picks the probes of its tokens (--tokens each: layer[0], layer[1], ...)
+        found = [n for n in names if match_modules(pattern, [n]) or match_modules(pattern, [_TOKEN.sub("", n)])]
+        if not found:
+            raise ProbeError(f"--layer {pattern!r}: no probe of {folder} is of such a layer; nearest: "
+                             f"{', '.join(nearest_names(pattern, names))}")
+        chosen += [n for n in found if n not in chosen]
+    return chosen
+
+
 def evaluate_probes(opts: EvaluateOptions) -> dict:
     """Applies the probes of opts.probes to opts.store; writes report.json, report.md and depth.png
     into opts.out; returns the report."""
     report = _read_report(opts.probes)
     folder = opts.probes if os.path.isdir(opts.probes) else os.path.dirname(opts.probes)
-    names = [entry["layer"] for entry in report["layers"]]
-    chosen = names
-    if opts.layer is not None:
-        chosen = []
-        for pattern in [opts.layer] if isinstance(opts.layer, str) else opts.layer:
-            # a layer's name also picks the probes of its tokens (--tokens each: layer[0], layer[1], ...)
-            found = [n for n in names if match_modules(pattern, [n]) or match_modules(pattern, [_TOKEN.sub("", n)])]
-            if not found:
-                raise ProbeError(f"--layer {pattern!r}: no probe of {folder} is of such a layer; nearest: "
-                                 f"{', '.join(nearest_names(pattern, names))}")
-            chosen += [n for n in found if n not in chosen]
+    chosen = _chosen([entry["layer"] for entry in report["layers"]], opts.layer, folder)
     entries = {entry["layer"]: entry for entry in report["layers"]}
     training = report["options"]
     with open_store(opts.store) as store:
