@@ -1,4 +1,5 @@
-"""Store -> torch: a Dataset that reopens the store in every process, and a chunk-aware sampler.
+"""Store -> torch: a Dataset that reopens the store in every process, a chunk-aware sampler, and
+TokenStream, a layer's tokens shuffled through a bounded buffer (for sparse autoencoders).
 
     ds = ActivationDataset("acts.h5", layers=["encoder_blocks.3"], targets=["nactions"])
     splits = ds.split((0.8, 0.1, 0.1), seed=0)               # {"train": idx, "val": idx, "test": idx}
@@ -14,13 +15,14 @@ from __future__ import annotations
 
 import collections.abc
 import logging
+import math
 import os
 from typing import Any, Collection, Iterator, Sequence
 
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
 from marstore.hooks import HookError, match_modules, nearest_names
 from marstore.store import STORED_DTYPES, Store, StoreError, default_chunk_rows, is_text, open_store
@@ -29,17 +31,18 @@ log = logging.getLogger(__name__)
 
 READ_REDUCTIONS = (None, "mean", "first", "last")
 READ_BLOCK_BYTES = 64 << 20  # of stored rows, read_all's unit of reading
+GAP_BYTES = 256 << 10  # rows skipped between two runs read as one
 
 
-def _runs(sorted_rows: np.ndarray) -> list[tuple[int, int]]:
-    """[start, stop) runs of consecutive rows: one HDF5 read each."""
+def _runs(sorted_rows: np.ndarray, row_bytes: int = 1) -> list[tuple[int, int]]:
+    """[start, stop) runs of rows, one HDF5 read each. Neighbouring runs whose gap holds at most
+    GAP_BYTES are read as one (a read costs about as much as that many bytes of page cache), and
+    the caller picks its rows out: rows spread over a chunk take one read, chunks far apart one
+    each, however many rows they hold."""
     if not len(sorted_rows):
         return []
-    if sorted_rows[-1] - sorted_rows[0] + 1 <= 4 * len(sorted_rows):
-        # rows spread over a short span (a shuffled chunk): one read of the span is cheaper
-        # than a read per run; the caller picks the rows out of it
-        return [(int(sorted_rows[0]), int(sorted_rows[-1]) + 1)]
-    breaks = np.nonzero(np.diff(sorted_rows) != 1)[0] + 1
+    gaps = np.diff(sorted_rows) - 1  # rows between neighbours
+    breaks = np.flatnonzero(gaps * max(row_bytes, 1) > GAP_BYTES) + 1
     starts = np.concatenate([[0], breaks])
     stops = np.concatenate([breaks, [len(sorted_rows)]])
     return [(int(sorted_rows[a]), int(sorted_rows[b - 1]) + 1) for a, b in zip(starts, stops)]
@@ -202,16 +205,25 @@ class ActivationDataset(Dataset):
         """The rows sorted_rows (increasing, each once) of one layer or target."""
         if self._memory is not None:
             return self._memory[f"{kind}/{name}"][np.searchsorted(self._memory["rows"], sorted_rows)]
-        runs = _runs(sorted_rows)
         if kind == "targets" or name not in self.ragged:
             ds = self._object(kind, name)
+            runs = _runs(sorted_rows, int(np.prod(ds.shape[1:])) * ds.dtype.itemsize)
             if not runs:
                 return ds[0:0]
-            parts = [ds[a:b] for a, b in runs]
-            data = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            if len(runs) == 1 or ds.dtype.kind not in "fiu":
+                parts = [ds[a:b] for a, b in runs]
+                data = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            else:  # each run read into its place: no second copy of a buffer of many runs
+                data = np.empty((sum(b - a for a, b in runs), *ds.shape[1:]), dtype=ds.dtype)
+                at = 0
+                for a, b in runs:
+                    ds.read_direct(data, np.s_[a:b], np.s_[at : at + b - a])
+                    at += b - a
             span = np.concatenate([np.arange(a, b) for a, b in runs])
             return data if len(span) == len(sorted_rows) else data[np.searchsorted(span, sorted_rows)]
         obj = self._object(kind, name)
+        stored = obj["values"]
+        runs = _runs(sorted_rows, stored.size * stored.dtype.itemsize // max(1, self.committed))  # a row's mean bytes
         out = []
         for a, b in runs:
             offsets = obj["offsets"][a : b + 1]
@@ -447,3 +459,125 @@ class ChunkShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return sum(len(c) for c in self._mine()) if self.num_replicas > 1 else len(self.positions)
+
+
+class TokenStream(IterableDataset):
+    """The tokens of one layer, each an item, shuffled through a buffer of bounded size: what a
+    sparse autoencoder trains on. A token is what extraction's reductions take for one (UVA's
+    1024 tokens of a block, a convolution's positions; a ragged layer's tokens of each row).
+
+        stream = TokenStream("acts.h5", "encoder_blocks.3", batch_size=4096, buffer_bytes=256 << 20)
+        for batch in DataLoader(stream, batch_size=None):
+            batch["encoder_blocks.3"]   # (4096, D) float32; batch["position"]: (4096, 2) store row, token
+
+    Each epoch reads the selected rows whole, a buffer at a time (whole chunks, in a seeded
+    order, about buffer_bytes of tokens as stored), shuffles the tokens of the buffer together
+    and yields them in float32 batches; every token comes exactly once an epoch (a buffer's last
+    tokens join the next buffer's). Memory: the buffer, and a batch at a time.
+    Targets come with each token, its row's value. DataLoader workers (and num_replicas ranks)
+    take every k-th buffer: reads stay whole chunks and disjoint. Peers shuffle with such a
+    buffer too; here the store needs no shuffling pass of its own."""
+
+    def __init__(self, path: str | os.PathLike, layer: str, targets: str | Sequence[str] = (), *, batch_size: int = 4096,
+                 buffer_bytes: int = 256 << 20, rows: Sequence[int] | None = None, seed: int = 0, drop_last: bool = False,
+                 num_replicas: int = 1, rank: int = 0):
+        self.rows_ds = ActivationDataset(path, [layer], targets, rows=rows)
+        self.layer, self.targets = self.rows_ds.layer_names[0], self.rows_ds.target_names
+        if "position" in self.targets or self.layer == "position":
+            raise StoreError("a target or layer named 'position' would clash with the stream's own (store row, token)")
+        if batch_size < 1 or not 0 <= rank < num_replicas:
+            raise StoreError(f"batch_size={batch_size}, rank={rank}, num_replicas={num_replicas} are not valid")
+        with open_store(self.rows_ds.path) as store:
+            info = store.layers[self.layer]
+            # the buffer keeps the stored dtype (bfloat16 exactly); batches are made float32
+            self.rows_ds.dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[info.dtype]
+            self.ragged = info.layout == "ragged"
+            if self.ragged:  # each row's token count, from its offsets
+                offsets = store.file["activations"][self.layer]["offsets"][: store.rows + 1]
+                self.counts = np.diff(offsets)[self.rows_ds.rows]
+                features = info.row_shape[-1]
+            else:
+                shape = list(info.row_shape)
+                features = shape.pop(self.rows_ds.channel_axes.get(self.layer, -1))  # the rest are token axes
+                if not shape:
+                    raise StoreError(f"{self.layer} has rows of shape {info.row_shape}, with no tokens to stream; read its "
+                                     "rows with ActivationDataset")
+                self.counts = np.full(len(self.rows_ds.rows), math.prod(shape), dtype=np.int64)
+        self.num_tokens = int(self.counts.sum())  # an epoch's, over every worker and rank
+        self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
+        self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
+        chunk = self.rows_ds.chunk_rows
+        row_bytes = self.rows_ds.dtype.itemsize * features * max(1.0, float(self.counts.mean()) if len(self.counts) else 1.0)
+        # whole chunks a buffer: about buffer_bytes of tokens as stored, one chunk at the least
+        self.buffer_chunks = max(1, int(buffer_bytes // (row_bytes * chunk)))
+        positions = np.arange(len(self.rows_ds.rows))
+        chunk_of = self.rows_ds.rows // chunk
+        order = np.argsort(chunk_of, kind="stable")
+        self.chunks = np.split(positions[order], np.flatnonzero(np.diff(chunk_of[order])) + 1) if len(order) else []
+
+    def set_epoch(self, epoch: int) -> None:
+        """Another order each epoch (call before iterating; workers copy the stream when they start)."""
+        self.epoch = epoch
+
+    def _shard(self) -> tuple[int, int]:
+        """(this process's shard, shards): one per DataLoader worker of each rank."""
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        return self.rank * workers + worker, self.num_replicas * workers
+
+    def _buffers(self, shard: int, shards: int) -> list[np.ndarray]:
+        """A shard's buffers of the epoch: positions (into rows) of whole chunks, in order."""
+        rng = np.random.default_rng((self.seed, self.epoch))  # the same chunk order in every shard
+        chunks = [self.chunks[i] for i in rng.permutation(len(self.chunks))]
+        buffers = [np.sort(np.concatenate(chunks[i : i + self.buffer_chunks]))
+                   for i in range(0, len(chunks), self.buffer_chunks)]
+        return buffers[shard::shards]
+
+    def _buffer(self, positions: np.ndarray) -> dict[str, Any]:
+        """The rows at positions, read whole: their tokens (tokens, D) as stored, each token's row
+        (into positions) and place in it, and the rows' targets and store rows."""
+        read = self.rows_ds.__getitems__(positions).columns
+        x = read[self.layer]
+        if self.ragged:
+            x = torch.cat(x) if x else torch.empty(0)
+        else:
+            if self.layer in self.rows_ds.channel_axes:
+                x = x.movedim(1 + self.rows_ds.channel_axes[self.layer], -1)
+            x = x.flatten(0, -2)  # rows' tokens in order: row-major over the token axes
+        counts = torch.from_numpy(self.counts[positions])
+        row = torch.repeat_interleave(torch.arange(len(positions)), counts)
+        token = torch.arange(len(row)) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        return {"x": x, "row": row, "token": token, "store_row": torch.from_numpy(self.rows_ds.rows[positions]),
+                "targets": {name: read[name] for name in self.targets}}
+
+    def _batch(self, buffer: dict[str, Any], picks: torch.Tensor) -> dict[str, Any]:
+        """The tokens picks of a buffer, as a batch: float32 tokens, their rows' targets, positions."""
+        row = buffer["row"][picks]
+        batch: dict[str, Any] = {self.layer: buffer["x"][picks].float(),
+                                 "position": torch.stack([buffer["store_row"][row], buffer["token"][picks]], 1)}
+        for name, values in buffer["targets"].items():  # text as a list of str, as default_collate gives it
+            batch[name] = values[row.numpy()].tolist() if isinstance(values, np.ndarray) else values[row]
+        return batch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        shard, shards = self._shard()
+        rng = np.random.default_rng((self.seed, self.epoch, shard))
+        pending: dict[str, Any] | None = None  # the last buffer's remainder, fewer than batch_size tokens
+        for positions in self._buffers(shard, shards):
+            buffer = self._buffer(positions)
+            order = torch.from_numpy(rng.permutation(len(buffer["row"])))
+            start = 0
+            if pending is not None:  # completed from this buffer first
+                start = min(self.batch_size - len(pending["position"]), len(order))
+                pending = {k: v + w if isinstance(v, list) else torch.cat([v, w])
+                           for (k, v), w in zip(pending.items(), self._batch(buffer, order[:start]).values())}
+                if len(pending["position"]) < self.batch_size:
+                    continue
+                yield pending
+            full = start + (len(order) - start) // self.batch_size * self.batch_size
+            for i in range(start, full, self.batch_size):
+                yield self._batch(buffer, order[i : i + self.batch_size])
+            pending = self._batch(buffer, order[full:]) if full < len(order) else None
+            del buffer, order  # before the next buffer is read: one buffer in memory, not two
+        if pending is not None and not self.drop_last:
+            yield pending
