@@ -956,3 +956,13 @@ def test_an_unknown_layer_names_every_layer_when_none_is_close(tmp_path):
     # a store's layer list has no root module "": the first layer was left out of the names offered
     with pytest.raises(StoreError, match=r"has no layer 'qqq'; nearest: \['signal', 'noise'\]$"):
         ActivationDataset(path, "qqq")
+
+
+def test_runs_of_rows_merge_across_small_gaps_only():
+    from marstore.dataset import GAP_BYTES, _runs
+
+    rows = np.array([0, 1, 2, 10, 11, 500])
+    assert _runs(rows, row_bytes=1024) == [(0, 12), (500, 501)]  # 7 rows of 1 KiB between: one read; 488: another
+    assert _runs(rows, row_bytes=GAP_BYTES // 7) == [(0, 12), (500, 501)]  # a gap of exactly GAP_BYTES still merges
+    assert _runs(rows, row_bytes=GAP_BYTES // 7 + 1) == [(0, 3), (10, 12), (500, 501)]
+    assert _runs(np.array([], dtype=np.int64)) == []
