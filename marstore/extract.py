@@ -877,13 +877,14 @@ def _quiet_worker(finished: Any, worker_id: int) -> None:
     """In each data loader worker: a terminal's Ctrl-C, or a scheduler's SIGTERM, reaches the
     whole job, and a worker that it stopped would fail the batch the main process still has to
     finish. So the worker ignores Ctrl-C, and SIGTERM until the extraction is over (`finished`):
-    from then on a SIGTERM (the loader's or the interpreter's last resort) ends it as usual."""
+    from then on a SIGTERM ends it, with status 0. Killed by the signal, it would make the
+    loader's SIGCHLD check raise "worker killed by signal" in the main process while that shuts
+    the workers down (the job's SIGTERM, handled late on a busy machine, lands then)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def on_sigterm(signum: int, frame: Any) -> None:
         if finished.is_set():
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
+            os._exit(0)  # asked to end, and ending: not a failure (no atexit of the parent's to run)
 
     signal.signal(signal.SIGTERM, on_sigterm)
 

@@ -1256,9 +1256,11 @@ def test_a_data_worker_ignores_sigterm_until_the_run_is_over():
     worker.join(1.0)
     assert worker.is_alive()
     finished.set()
-    os.kill(worker.pid, signal.SIGTERM)  # the loader's shutdown, or the interpreter's exit
+    os.kill(worker.pid, signal.SIGTERM)  # the loader's shutdown, the interpreter's exit, or the job's handled late
     worker.join(30)
-    assert worker.exitcode == -signal.SIGTERM
+    # status 0: a worker killed by the signal made the loader's SIGCHLD check raise in the main
+    # process while it shut the workers down, and a stopped run exited 1 instead of 143
+    assert worker.exitcode == 0
 
 
 def _sleeping_worker(finished, ready):
