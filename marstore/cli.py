@@ -89,12 +89,54 @@ def _summary_text(summary: dict | None) -> str:
     return text + (f", {summary['nonfinite']} non-finite" if summary["nonfinite"] else "")
 
 
+def _probe_info(args: argparse.Namespace) -> int:
+    """`marstore info` of a probe file: what it reads, from what, and what it saw."""
+    import json
+
+    from marstore.probe import ProbeError, load_probe
+
+    try:
+        probe = load_probe(args.store)
+    except ProbeError as exc:
+        print(f"marstore info: {exc}", file=sys.stderr)
+        return 2
+    linear = probe.head.linear if probe.kind == "mlp" else probe.head
+    seen = probe.seen_sources
+    info = {"path": args.store, "name": probe.name, "layer": probe.layer, "target": probe.target, "task": probe.task,
+            "kind": probe.kind, "control": probe.control, "inputs": linear.in_features, "outputs": linear.out_features,
+            "classes": probe.classes, "target_shape": list(probe.target_shape), "tokens": probe.tokens, "token": probe.token,
+            "row_shape": list(probe.row_shape), "ragged": probe.ragged, "reduction": probe.reduction,
+            "standardised": probe.mean is not None, "trained_on": probe.trained_on,
+            "seen_samples": int((seen[:, 1] - seen[:, 0]).sum()), "seen_ranges": len(seen)}
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    tokens = {"mean": "token means", "flat": "every token side by side", "each": f"token {probe.token}"}[probe.tokens]
+    outputs = f"{len(probe.classes)} classes" if probe.task == "classification" else f"{info['outputs']} outputs"
+    where = probe.trained_on
+    dataset = f"; data set {where['dataset'][0]} {json.dumps(where['dataset'][1])}" if where["dataset"][0] else ""
+    print(f"{args.store}: marstore probe{' (the control task)' if probe.control else ''}")
+    rows = f"rows {tuple(probe.row_shape)}" if len(probe.row_shape) == 1 and not probe.ragged else \
+        f"{tokens} of {'ragged rows of tokens' if probe.ragged else 'rows'} {tuple(probe.row_shape)}"
+    print(f"  {probe.name} -> {probe.target}: {probe.kind} {probe.task}, {outputs} from {info['inputs']} features "
+          f"({rows}, extraction reduction {probe.reduction}{', standardised' if info['standardised'] else ''})")
+    if probe.task == "classification":
+        print(f"  classes: {', '.join(map(str, probe.classes))}")
+    print(f"  trained on {where['path']} ({where['status']}, {where['rows']} rows, created {where['created']}{dataset})")
+    print(f"  fitted or chosen on {info['seen_samples']} samples (source indices in {info['seen_ranges']} ranges)")
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     import json
+
+    import h5py
 
     from marstore.extract import describe_output, summarize_outputs
     from marstore.store import TEXT, StoreError, is_text, open_store
 
+    if os.path.isfile(args.store) and not h5py.is_hdf5(args.store) and args.store.endswith(".pt"):
+        return _probe_info(args)
     try:
         store = open_store(args.store)
     except StoreError as exc:
@@ -381,8 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     doctor = sub.add_parser("doctor", help="check the installation: torch, marstore._C, GPU, HDF5")
     doctor.set_defaults(func=_doctor)
-    info = sub.add_parser("info", help="describe a store: status, rows, layers, targets, the recorded run")
-    info.add_argument("store", help="the store's .h5 file")
+    info = sub.add_parser("info", help="describe a store (status, rows, layers, targets, the recorded run) or a probe file")
+    info.add_argument("store", help="the store's .h5 file, or a probe's .pt file")
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.set_defaults(func=_info)
 

@@ -913,7 +913,14 @@ def load_probe(path: str | os.PathLike) -> TrainedProbe:
                              "the statistics and classes a probe needs to be applied; run `marstore probe` again")
         found = file.get("format") if isinstance(file, dict) else type(file).__name__
         raise ProbeError(f"{path} is not a marstore probe file (format {found!r}; this marstore reads {PROBE_FORMAT!r})")
+    missing = sorted(_PROBE_KEYS - file.keys())
+    if missing:  # a file of a development version of the format
+        raise ProbeError(f"{path} lacks {', '.join(missing)}, which a {PROBE_FORMAT} file holds; run `marstore probe` again")
     return TrainedProbe(file, path)
+
+
+_PROBE_KEYS = frozenset({"name", "layer", "target", "control", "task", "kind", "hidden", "classes", "features", "seen_sources",
+                         "trained_on", "state_dict"})
 
 
 def _solver_of(opts: ProbeOptions) -> str:

@@ -322,3 +322,30 @@ def test_tokens_each_refuses_rows_it_cannot_split(tmp_path):
                            ("enc", r"enc is ragged \(its token count varies\): --tokens each needs one count; use --tokens mean$")]:
         with pytest.raises(ProbeError, match="^" + message):
             train(tmp_path, store, layer=layer, tokens="each")
+
+
+def test_info_describes_a_probe_file(tmp_path, capsys):
+    store = tmp_path / "a.h5"
+    linear_store(store, dataset=("mypkg.data:episodes", {"split": "val"}))
+    train(tmp_path, store, target="label")
+    path = str(tmp_path / "probes" / "h.pt")
+    assert main(["info", path]) == 0
+    with open_store(store) as s:
+        created = str(s.file.attrs["created"])
+    assert capsys.readouterr().out.splitlines() == [
+        f"{path}: marstore probe",
+        "  h -> label: linear classification, 3 classes from 8 features (rows (8,), extraction reduction none, "
+        "standardised)",
+        "  classes: 0, 1, 2",
+        f"  trained on {store} (complete, 600 rows, created {created}; data set mypkg.data:episodes {{\"split\": \"val\"}})",
+        f"  fitted or chosen on 540 samples (source indices in {len(load_probe(path).seen_sources)} ranges)"]
+    assert main(["info", str(tmp_path / "probes" / "h-control.pt"), "--json"]) == 0
+    described = json.loads(capsys.readouterr().out)
+    assert (described["control"], described["inputs"], described["outputs"], described["seen_samples"]) == (True, 8, 3, 540)
+    # a file of the format's development version: one line, not a KeyError
+    file = torch.load(path, weights_only=True)
+    del file["seen_sources"]
+    torch.save(file, tmp_path / "old.pt")
+    assert main(["info", str(tmp_path / "old.pt")]) == 2
+    assert capsys.readouterr().err.strip() == (f"marstore info: {tmp_path / 'old.pt'} lacks seen_sources, which a "
+                                               "marstore-probe/1 file holds; run `marstore probe` again")
