@@ -834,7 +834,9 @@ class TrainedProbe(nn.Module):
         self.path = path
         self.name, self.layer = file["name"], file["layer"]  # the report's name (a token's: layer[i]), the store's
         self.target, self.task, self.kind = file["target"], file["task"], file["kind"]
-        self.control, self.classes, self.trained_on = file["control"], list(file["classes"]), file["trained_on"]
+        self.control, self.classes = file["control"], list(file["classes"])
+        # the store it was trained on; "dataset" ([--dataset, --dataset-arg]) is None where not recorded
+        self.trained_on = {"dataset": [None, None], **file["trained_on"]}
         self.seen_sources = file["seen_sources"].numpy()  # [start, stop) ranges
         f = file["features"]
         self.row_shape, self.ragged, self.tokens, self.token = tuple(f["row_shape"]), f["ragged"], f["tokens"], f.get("token")

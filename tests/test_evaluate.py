@@ -342,8 +342,12 @@ def test_info_describes_a_probe_file(tmp_path, capsys):
     assert main(["info", str(tmp_path / "probes" / "h-control.pt"), "--json"]) == 0
     described = json.loads(capsys.readouterr().out)
     assert (described["control"], described["inputs"], described["outputs"], described["seen_samples"]) == (True, 8, 3, 540)
-    # a file of the format's development version: one line, not a KeyError
+    # a file of the format's development version: without the data set read as not recorded, without
+    # the samples it saw refused in one line, not a KeyError
     file = torch.load(path, weights_only=True)
+    del file["trained_on"]["dataset"]
+    torch.save(file, tmp_path / "older.pt")
+    assert load_probe(tmp_path / "older.pt").trained_on["dataset"] == [None, None]
     del file["seen_sources"]
     torch.save(file, tmp_path / "old.pt")
     assert main(["info", str(tmp_path / "old.pt")]) == 2
