@@ -517,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="apply trained probes, unchanged, to another store (another checkpoint, model "
                                          "or data set): how far what they read carries over")
     ev.add_argument("probes", help="a folder that `marstore probe` wrote (or its report.json)")
-    ev.add_argument("store")
+    ev.add_argument("store", help="the store to apply them to (.h5)")
     ev.add_argument("--out", default="evaluation", help="where report.json, report.md and depth.png go")
     ev.add_argument("--layer", nargs="+", metavar="LAYER", help="names or patterns among the probes' layers (default: all)")
     ev.add_argument("--target", help="the store's target to score against (default: the one the probes were trained for)")
