@@ -307,7 +307,7 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from marstore.probe import ProbeError, ProbeInterrupted, ProbeOptions, run_probes, table
+    from marstore.probe import ProbeError, ProbeInterrupted, ProbeOptions, run_probes
     from marstore.store import StoreError
 
     fields = ProbeOptions.__dataclass_fields__
@@ -331,10 +331,17 @@ def _probe(args: argparse.Namespace) -> int:
             return 2
         if len(targets) > 1:
             print(f"\ntarget {target}:")
-        print(table(report))
-        print(f"report: {report['report']}, {report['markdown']}")
-        print(f"plots: {', '.join(report['plots'].values())}")
+        _print_report(report)
     return 0
+
+
+def _print_report(report: dict) -> None:
+    """A probe report (of `probe` or `evaluate`) as the terminal shows it: its table and files."""
+    from marstore.probe import table
+
+    print(table(report))
+    print(f"report: {report['report']}, {report['markdown']}")
+    print(f"plots: {', '.join(report['plots'].values())}")
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -366,7 +373,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from marstore.evaluate import EvaluateOptions, evaluate_probes
-    from marstore.probe import ProbeError, table
+    from marstore.probe import ProbeError
     from marstore.store import StoreError
 
     try:
@@ -375,9 +382,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     except (ProbeError, StoreError) as exc:
         print(f"marstore evaluate: {exc}", file=sys.stderr)
         return 2
-    print(table(report))
-    print(f"report: {report['report']}, {report['markdown']}")
-    print(f"plots: {', '.join(report['plots'].values())}")
+    _print_report(report)
     return 0
 
 

@@ -66,17 +66,30 @@ def layers_of(store: Store, patterns: str | Sequence[str]) -> list[str]:
     return names
 
 
-def reduce_read_tokens(t: torch.Tensor, reduction: str | None, axis: int = 1, channel_axis: int | None = None) -> torch.Tensor:
-    """A read-time token reduction (READ_REDUCTIONS) of rows whose tokens start at axis (1 for a
-    batch, 0 for one ragged row). Every axis between the tokens' first and the features is a
-    token axis, as extraction's reductions take them: UVA's z_proj (frames, tokens, D) has
-    frames * tokens tokens; a convolution's (C, h, w), channel_axis 0, has h * w tokens of C
-    features. A row without tokens is returned as it is."""
-    if not reduction or t.dim() < axis + 2:
-        return t
+def flat_tokens(t: torch.Tensor, axis: int = 1, channel_axis: int | None = None) -> torch.Tensor:
+    """Rows whose tokens start at axis (1 for a batch, 0 for one row) as (..., tokens, features).
+    Every axis between the tokens' first and the features is a token axis, as extraction's
+    reductions take them: UVA's z_proj (frames, tokens, D) has frames * tokens tokens, in
+    row-major order; a convolution's (C, h, w), channel_axis 0, has h * w tokens of C features."""
     if channel_axis is not None:
         t = t.movedim(axis + channel_axis, -1)
-    t = t.flatten(axis, -2)
+    return t.flatten(axis, -2)
+
+
+def row_tokens(row_shape: Sequence[int], channel_axis: int | None = None) -> tuple[int, int]:
+    """(tokens, features) of a row of row_shape, as flat_tokens lays it out: 0 tokens for a row
+    of features alone."""
+    shape = list(row_shape)
+    features = shape.pop(-1 if channel_axis is None else channel_axis)
+    return (math.prod(shape) if shape else 0), features
+
+
+def reduce_read_tokens(t: torch.Tensor, reduction: str | None, axis: int = 1, channel_axis: int | None = None) -> torch.Tensor:
+    """A read-time token reduction (READ_REDUCTIONS) of rows whose tokens start at axis, laid out
+    as flat_tokens takes them. A row without tokens is returned as it is."""
+    if not reduction or t.dim() < axis + 2:
+        return t
+    t = flat_tokens(t, axis, channel_axis)
     if reduction == "mean":  # summed in float32 without a float32 copy of the tokens
         return t.mean(axis, dtype=torch.float32)
     return t.select(axis, 0 if reduction == "first" else -1)
@@ -497,12 +510,11 @@ class TokenStream(IterableDataset):
                 self.counts = np.diff(offsets)[self.rows_ds.rows]
                 features = info.row_shape[-1]
             else:
-                shape = list(info.row_shape)
-                features = shape.pop(self.rows_ds.channel_axes.get(self.layer, -1))  # the rest are token axes
-                if not shape:
+                tokens, features = row_tokens(info.row_shape, self.rows_ds.channel_axes.get(self.layer))
+                if not tokens:
                     raise StoreError(f"{self.layer} has rows of shape {info.row_shape}, with no tokens to stream; read its "
                                      "rows with ActivationDataset")
-                self.counts = np.full(len(self.rows_ds.rows), math.prod(shape), dtype=np.int64)
+                self.counts = np.full(len(self.rows_ds.rows), tokens, dtype=np.int64)
         self.num_tokens = int(self.counts.sum())  # an epoch's, over every worker and rank
         self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
         self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
@@ -540,10 +552,8 @@ class TokenStream(IterableDataset):
         x = read[self.layer]
         if self.ragged:
             x = torch.cat(x) if x else torch.empty(0)
-        else:
-            if self.layer in self.rows_ds.channel_axes:
-                x = x.movedim(1 + self.rows_ds.channel_axes[self.layer], -1)
-            x = x.flatten(0, -2)  # rows' tokens in order: row-major over the token axes
+        else:  # every row's tokens, in order
+            x = flat_tokens(x, 1, self.rows_ds.channel_axes.get(self.layer)).flatten(0, 1)
         counts = torch.from_numpy(self.counts[positions])
         row = torch.repeat_interleave(torch.arange(len(positions)), counts)
         token = torch.arange(len(row)) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)

@@ -29,7 +29,7 @@ import torch
 from marstore.dataset import ActivationDataset
 from marstore.hooks import match_modules, nearest_names
 from marstore.probe import (ProbeError, TrainedProbe, _add_intervals, _metrics, _position_lines, _read_report, _table_rows,
-                            load_probe, report_depth_plot, report_position_plot)
+                            finite_rows, load_probe, markdown_table, report_depth_plot, report_position_plot)
 from marstore.store import Store, open_store
 from marstore.transfer import resolve_device
 
@@ -135,9 +135,7 @@ def _evaluate_layer(opts: EvaluateOptions, probes: dict[str, TrainedProbe], data
     layer, device = probe.name, resolve_device(opts.device)
     x = probe.features(data[probe.layer])
     y = data[target]
-    finite = torch.isfinite(x).all(1)
-    if isinstance(y, torch.Tensor):
-        finite &= torch.isfinite(y.reshape(len(y), -1).float()).all(1)
+    finite = finite_rows(x, y)
     x, y = x[finite], y[finite.numpy()] if isinstance(y, np.ndarray) else y[finite]
     if not len(x):
         raise ProbeError(f"{layer}: none of the {len(finite)} rows has finite features and targets")
@@ -263,8 +261,7 @@ def _markdown(result: dict, out: str) -> str:
              f"({result['store_status']}, {result['rows']} rows): {rows}. The metric is the {result['metric']}, its 95% "
              f"interval the percentiles of bootstrap resamples of those rows{drawn}; the control is the probe trained on "
              "shuffled targets, applied the same way.", "",
-             "| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1),
-             *("| " + " | ".join(row) + " |" for row in cells), "",
+             *markdown_table(header, cells), "",
              f"![{result['metric']} of each layer's probe and its control]({os.path.basename(result['plots']['depth'])})", "",
              *_position_lines(result)]
     path = os.path.join(out, "report.md")

@@ -220,11 +220,14 @@ class DefaultForward:
 
     def __init__(self) -> None:
         self.said: set[tuple[type, tuple[str, ...]]] = set()
+        self.taken: dict[type, frozenset[str] | None] = {}  # a model class's forward, read once, not a batch
 
     def __call__(self, model: torch.nn.Module, batch: Any) -> Any:
         if isinstance(batch, Mapping):
             args, kwargs = (), dict(batch)
-            taken = _keywords_taken(model.forward)
+            if type(model) not in self.taken:
+                self.taken[type(model)] = _keywords_taken(model.forward)
+            taken = self.taken[type(model)]
             left_out = tuple(sorted(k for k in kwargs if taken is not None and k not in taken))
             if left_out and taken & kwargs.keys():  # a batch of none of its keys is the user's to fix (below)
                 if (type(model), left_out) not in self.said:

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from marstore.dataset import ActivationDataset, layers_of, reduce_read_tokens
+from marstore.dataset import ActivationDataset, flat_tokens, layers_of, reduce_read_tokens, row_tokens
 from marstore.hooks import HookError, parse_reduction, reduce_tokens
 from marstore.store import open_store
 from marstore.transfer import resolve_device
@@ -160,14 +160,22 @@ def feature_rows(x: torch.Tensor, mean: torch.Tensor | None, std: torch.Tensor |
                  channel_axis: int | None = None, token: int | None = None) -> torch.Tensor:
     """A probe's input: rows as read (after the read-time token reduction), standardised per
     channel, flat. The channels of a layer stored whole go last first (its tokens side by side);
-    token picks one token (of every token axis flattened, in row-major order)."""
-    if channel_axis is not None:
-        x = x.movedim(1 + channel_axis, -1)
+    token picks one token, as flat_tokens numbers them."""
     if token is not None:
-        x = x.flatten(1, -2)[:, token]
+        x = flat_tokens(x, 1, channel_axis)[:, token]
+    elif channel_axis is not None:
+        x = x.movedim(1 + channel_axis, -1)
     if mean is not None:
         x = (x - mean) / std
     return x.reshape(len(x), -1)
+
+
+def finite_rows(x: torch.Tensor, y: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """The rows whose features and targets are all finite (text is never non-finite)."""
+    finite = torch.isfinite(x).all(1)
+    if isinstance(y, torch.Tensor):
+        finite &= torch.isfinite(y.reshape(len(y), -1).float()).all(1)
+    return finite
 
 
 def _metrics(task: str, pred: torch.Tensor, y: torch.Tensor, classes: int) -> dict:
@@ -575,10 +583,8 @@ class _Prepared:
     features: dict  # how rows of the layer become the probe's input (see TrainedProbe)
 
     def tokens(self) -> int:
-        """Tokens of a row (every axis but the row's and the features' flattened): --tokens each's probes."""
-        shape = list(self.features["row_shape"])
-        shape.pop(-1 if self.features["channel_axis"] is None else self.features["channel_axis"])
-        return math.prod(shape) if shape else 0
+        """Tokens of a row: --tokens each's probes."""
+        return row_tokens(self.features["row_shape"], self.features["channel_axis"])[0]
 
     def token(self, i: int) -> "_Prepared":
         """The rows of token i alone (the features of every token lie side by side in xs)."""
@@ -606,9 +612,7 @@ def _prepare(opts: ProbeOptions, layer: str, rows: int) -> _Prepared:
     for name, positions in splits.items():
         x, data, stats = _features(ds, positions, layer)
         y = data[opts.target]
-        finite = torch.isfinite(x).all(1)
-        if isinstance(y, torch.Tensor):  # text is never non-finite
-            finite &= torch.isfinite(y.reshape(len(y), -1).float()).all(1)
+        finite = finite_rows(x, y)
         skipped += int((~finite).sum())
         xs[name], ys[name] = x[finite], y[finite.numpy()] if isinstance(y, np.ndarray) else y[finite]
         if name == "test" and opts.group:
@@ -815,8 +819,8 @@ def _probe_file(opts: ProbeOptions, name: str, control: bool, prep: _Prepared, m
     applied (load_probe): its weights, the statistics that standardised its input, how rows of
     the layer become that input, its classes, and the samples it was fitted or chosen on."""
     return {"format": PROBE_FORMAT, "name": name, "layer": prep.features["layer"], "target": opts.target,
-            "control": control, "task": prep.task, "kind": opts.kind, "hidden": opts.hidden, "classes": prep.labels, "features": prep.features,
-            "seen_sources": torch.from_numpy(source_ranges(prep.seen_sources)), "trained_on": source,
+            "control": control, "task": prep.task, "kind": opts.kind, "hidden": opts.hidden, "classes": prep.labels,
+            "features": prep.features, "seen_sources": torch.from_numpy(source_ranges(prep.seen_sources)), "trained_on": source,
             "options": _recorded(opts), "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
 
 
@@ -1184,8 +1188,7 @@ def compare_reports(paths: Sequence[str], out: str, labels: Sequence[str] | None
     with open(markdown, "w") as f:
         f.write("\n".join([f"# What each layer knows about `{target}`, by report", "",
                            f"Test {metric} of each layer's probe (its 95% interval); `-`: a layer the report lacks.", "",
-                           "| " + " | ".join(header) + " |", "| --- |" + " ---: |" * len(labels),
-                           *("| " + " | ".join(row) + " |" for row in rows), "",
+                           *markdown_table(header, rows), "",
                            f"![test {metric} of each layer, by report]({os.path.basename(depth)})", ""]))
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     text = "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
@@ -1229,6 +1232,12 @@ def _solver_text(report: dict) -> str:
     return f"solved {fit}" + (f"; the L2 penalty was chosen {by}" if report["options"]["weight_decay"] is None else "")
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table's lines: the first column left-aligned, the figures right-aligned."""
+    return ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
 def _position_lines(report: dict) -> list[str]:
     """report.md's lines for the by-position heatmap, where there is one."""
     if "by_position" not in report["plots"]:
@@ -1251,9 +1260,7 @@ def _markdown(report: dict, out: str) -> str:
             "The control is the same probe trained on the targets shuffled across rows; selectivity is the probe's "
             "metric less the control's." if o["control"] else "No control task was trained."),
         "",
-        "| " + " | ".join(header) + " |",
-        "| --- |" + " ---: |" * (len(header) - 1),
-        *("| " + " | ".join(row) + " |" for row in cells),
+        *markdown_table(header, cells),
         "",
         f"![test {report['metric']} of each layer's probe and its control]({os.path.basename(report['plots']['depth'])})",
         "",
