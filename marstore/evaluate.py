@@ -28,6 +28,7 @@ import torch
 
 from marstore.dataset import ActivationDataset
 from marstore.hooks import match_modules, nearest_names
+from marstore.loading import IN_HAND
 from marstore.probe import (ProbeError, TrainedProbe, _add_intervals, _metrics, _position_lines, _read_report, _table_rows,
                             finite_rows, load_probe, markdown_table, report_depth_plot, report_position_plot)
 from marstore.store import Store, open_store
@@ -61,11 +62,12 @@ class EvaluateOptions:
 
 def _same_samples(trained_on: dict, store: Store) -> str | None:
     """Why the store's source indices name samples of the probes' data set, or None where they do
-    not (or it cannot be told: a store written without recording its data set)."""
+    not (or it cannot be told: a store written without recording its data set, or from a data
+    set object recorded by its class alone)."""
     if os.path.abspath(store.path) == trained_on["path"] and str(store.file.attrs["created"]) == trained_on["created"]:
         return "the store the probes were trained on"
     then = trained_on["dataset"]
-    if then[0] is not None and then == [store.metadata.get("dataset"), store.metadata.get("dataset_args")]:
+    if then[0] is not None and not then[0].startswith(IN_HAND) and then == [store.metadata.get("dataset"), store.metadata.get("dataset_args")]:
         return f"an extraction of the same data set ({then[0]} {json.dumps(then[1], sort_keys=True)})"
     return None
 
@@ -140,7 +142,6 @@ def _evaluate_layer(opts: EvaluateOptions, probes: dict[str, TrainedProbe], data
     if not len(x):
         raise ProbeError(f"{layer}: none of the {len(finite)} rows has finite features and targets")
     entry: dict = {"layer": layer, "task": probe.task, "split_rows": {"test": len(x)}, "skipped_rows": int((~finite).sum())}
-    classes = len(probe.classes)
     if probe.task == "classification":
         y, unseen = _class_numbers(probe, y, target)
         entry |= {"classes": probe.classes, "unseen_label_rows": unseen}
@@ -162,7 +163,7 @@ def _evaluate_layer(opts: EvaluateOptions, probes: dict[str, TrainedProbe], data
         if probe.task == "classification":  # a column for labels without a class, never chosen
             pred = torch.cat([pred, torch.full((len(pred), 1), -torch.inf)], 1)
         tests[which] = (pred, y)
-        entry[which] = {"test": _metrics(probe.task, pred, y, classes + 1),
+        entry[which] = {"test": _metrics(probe.task, pred, y),
                         "weights": p.path}
     if "control" in tests:
         entry["selectivity"] = entry["probe"]["test"][metric] - entry["control"]["test"][metric]

@@ -3,6 +3,7 @@
     result = extract(ExtractOptions(checkpoint="ckpt.pt", model="marstore.models:video_mar",
                                     dataset="marstore.models:synthetic_video_actions",
                                     layers=["encoder_blocks.*"], out="acts.h5"))
+    result = extract_from(model, dataset, "acts.h5", ["encoder_blocks.*"])   # objects in hand
 
 The model runs under torch.inference_mode() in eval mode; each batch's hooked tensors go to a
 TransferRing slot (asynchronous on a CUDA side stream), and the store's writer thread writes
@@ -371,10 +372,10 @@ class _Stream(IterableDataset):
                         position + 1, self.num_samples)
 
 
-def _check_dataset(dataset: Any, opts: "ExtractOptions") -> bool:
+def _check_dataset(dataset: Any, opts: "ExtractOptions", given: str) -> bool:
     """Refuses, before any item is read, a data set that cannot be extracted as asked; says
     whether it is map-style (else iterable)."""
-    what = f"--dataset {opts.dataset} returned a {type(dataset).__name__}"
+    what = f"{given} {type(dataset).__name__}"
     if not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
         return True
     if not hasattr(dataset, "__iter__"):
@@ -540,16 +541,72 @@ def _device(name: str | None) -> torch.device:
 
 
 def resume_command(opts: ExtractOptions) -> str:
+    if opts.command is None and opts.model.startswith(loading.IN_HAND):
+        return f"extract_from(model, dataset, {opts.out!r}, ..., resume=True)"
     base = opts.command or "marstore extract ..."
     return base if "--resume" in base else base + " --resume"
 
 
-def extract(opts: ExtractOptions, on_batch: Callable[[int], None] | None = None) -> ExtractResult:
-    """Runs the extraction that opts describes (see the module doc). Under torchrun, each rank
-    extracts its share into a part file and rank 0 joins the parts (marstore.scaleout)."""
+@dataclass
+class InHand:
+    """The model, data set and forward that extract_from hands over in place of the options'
+    MODULE:CALLABLE specs (which then hold their in_hand_name, for the record)."""
+    model: torch.nn.Module
+    dataset: Any
+    forward: Callable[[torch.nn.Module, Any], Any] | None = None
+
+
+# options that build what extract_from is handed already
+_NOT_IN_HAND = ("model", "dataset", "forward", "model_args", "dataset_args", "command")
+
+
+def extract_from(model: torch.nn.Module, dataset: Any, out: str, layers: Sequence[str] | str, *,
+                 forward: Callable[[torch.nn.Module, Any], Any] | None = None, dataset_name: str | None = None,
+                 on_batch: Callable[[int], None] | None = None, **options: Any) -> ExtractResult:
+    """Extraction from a model and a data set in hand (built in a notebook or a script), not
+    from MODULE:CALLABLE specs; the other options are ExtractOptions' (checkpoint=, targets=,
+    reduction=, batch_size=, resume=, ...).
+
+    The model runs where its weights are unless device= says otherwise, and gets its train or
+    eval mode back afterwards, as torch's random generator gets its state back; the process's
+    malloc is left alone unless malloc_tuning=True; checkpoint= loads that file's weights into it first (reported as
+    the command line's --checkpoint is, and recorded). The store records each object by its class
+    ("<object mypkg.models.MAR>"); dataset_name (e.g. "libero10/val") records the data set by a
+    name instead, so that `marstore evaluate` takes another store of that name for one of the
+    same samples under the same source indices (an object's class does not tell its samples)."""
+    refused = sorted(set(options) & set(_NOT_IN_HAND))
+    if refused:
+        raise TypeError(f"extract_from() got {', '.join(refused)}: it takes the model, the data set and the forward as "
+                        "objects (model_args, dataset_args: build them with those first)")
+    known = {f.name for f in dataclasses.fields(ExtractOptions)} - set(_NOT_IN_HAND) - {"out", "layers"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"extract_from() got unknown options {', '.join(unknown)}; it takes {', '.join(sorted(known))}")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"extract_from(): the model is a {type(model).__name__}, not a torch.nn.Module")
+    options.setdefault("malloc_tuning", False)  # the process goes on after the run: its malloc is left as it was
+    if options.get("device") is None:
+        where = next(itertools.chain(model.parameters(), model.buffers()), None)
+        options["device"] = str(where.device) if where is not None else None
+    opts = ExtractOptions(out=out, model=loading.in_hand_name(model), dataset=dataset_name or loading.in_hand_name(dataset),
+                          forward=loading.in_hand_name(forward) if forward is not None else None, layers=layers, **options)
+    was_training = model.training
+    cuda = [torch.device(opts.device)] if opts.device and torch.device(opts.device).type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=cuda):  # the run seeds torch's generator with seed=: the caller's is kept
+            return extract(opts, on_batch, in_hand=InHand(model, dataset, forward))
+    finally:
+        model.train(was_training)
+
+
+def extract(opts: ExtractOptions, on_batch: Callable[[int], None] | None = None, *,
+            in_hand: InHand | None = None) -> ExtractResult:
+    """Runs the extraction that opts describes (see the module doc); in_hand: see extract_from.
+    Under torchrun, each rank extracts its share into a part file and rank 0 joins the parts
+    (marstore.scaleout)."""
     rank = scaleout.current_rank()
     if not rank.distributed:
-        return _extract_rank(opts, rank, on_batch)
+        return _extract_rank(opts, rank, on_batch, in_hand)
     import torch.distributed as dist
 
     cuda = _device(opts.device).type == "cuda"
@@ -561,7 +618,7 @@ def extract(opts: ExtractOptions, on_batch: Callable[[int], None] | None = None)
                                device=f"cuda:{rank.local_rank}" if cuda else "cpu")
     result, error = None, None
     try:
-        result = _extract_rank(part, rank, on_batch)
+        result = _extract_rank(part, rank, on_batch, in_hand)
     except (KeyboardInterrupt, Interrupted):
         raise  # torchrun passes Ctrl-C to every rank; each has committed its rows
     except Exception as exc:  # noqa: BLE001 - reported to every rank below, then raised
@@ -585,7 +642,8 @@ def extract(opts: ExtractOptions, on_batch: Callable[[int], None] | None = None)
     return result
 
 
-def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callable[[int], None] | None) -> ExtractResult:
+def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callable[[int], None] | None,
+                  in_hand: InHand | None) -> ExtractResult:
     torch.manual_seed(opts.seed)
     device = _device(opts.device)
     if device.type == "cpu" and opts.malloc_tuning:
@@ -622,15 +680,25 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         config, report.config_key = loading.find_config(ckpt, opts.config_key)
         state, report.state_key = loading.find_state_dict(ckpt, opts.state_key)
         del ckpt
-    model = loading.build_model(opts.model, config, opts.model_args, report.config_key)
+    if in_hand is None:
+        model = loading.build_model(opts.model, config, opts.model_args, report.config_key)
+    else:
+        model = in_hand.model
+        if config:
+            log.info("the checkpoint's config (%r) is recorded; the model handed over was built without it", report.config_key)
     if state is not None:
         loading.load_weights(model, state, strict=opts.strict, report=report)
         del state
+    elif in_hand is not None:
+        log.info("no checkpoint=: the store records no weights file; the model keeps the weights it has")
     else:  # legitimate for a builder that loads its own weights; a forgotten flag otherwise
         log.warning("no --checkpoint: the model keeps the weights %s gave it (random, unless it loads its own)", opts.model)
     model.to(device)
     model.train(opts.train_mode)
-    forward = loading.import_callable(opts.forward, "--forward") if opts.forward else DefaultForward()
+    if in_hand is not None and in_hand.forward is not None:
+        forward = in_hand.forward
+    else:
+        forward = loading.import_callable(opts.forward, "--forward") if opts.forward else DefaultForward()
     # mixed precision as the model was trained (UVA: bfloat16); the hooks then see bfloat16 where autocast casts
     autocast = (lambda: torch.autocast(device.type, dtype=STORE_DTYPES[opts.autocast])) if opts.autocast \
         else contextlib.nullcontext
@@ -646,11 +714,14 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
     selections = hooks.parse_layers(opts.layers, model, reduction, opts.channels_first, layer_reductions)
 
     # data
-    try:
-        dataset = loading.call_factory(opts.dataset, "--dataset", opts.dataset_args)
-    except loading.CheckpointError as exc:  # the loading module's error, about the data set here
-        raise ExtractError(str(exc)) from exc.__cause__
-    map_style = _check_dataset(dataset, opts)
+    if in_hand is not None:
+        dataset = in_hand.dataset
+    else:
+        try:
+            dataset = loading.call_factory(opts.dataset, "--dataset", opts.dataset_args)
+        except loading.CheckpointError as exc:  # the loading module's error, about the data set here
+            raise ExtractError(str(exc)) from exc.__cause__
+    map_style = _check_dataset(dataset, opts, "the data set handed over is a" if in_hand else f"--dataset {opts.dataset} returned a")
     if map_style:
         if opts.num_samples and opts.num_samples > len(dataset):
             log.warning("%s has %d items, fewer than --num-samples %d: all %d are extracted", opts.dataset, len(dataset),
@@ -1121,7 +1192,7 @@ def describe(result: ExtractResult) -> str:
         lines.append(f"  checkpoint {r['checkpoint']['path']} (sha256 {r['checkpoint']['sha256'][:12]}...), "
                      f"{config_source}, weights from {r['state_key']!r}; {loading.LoadReport.counts(r)}")
     else:
-        lines.append("  checkpoint: none (the model's weights are the ones its builder gave it)")
+        lines.append("  checkpoint: none recorded (the model ran with the weights it had)")
     return "\n".join(lines)
 
 

@@ -351,6 +351,16 @@ def _check_state(state: Any, key: str) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
+IN_HAND = "<object "
+
+
+def in_hand_name(obj: Any) -> str:
+    """How a store records a model, data set or forward handed over as an object rather than a
+    MODULE:CALLABLE spec: by its class (a function by its own name), "<object pkg.mod.Class>"."""
+    named = obj if inspect.isroutine(obj) or isinstance(obj, type) else type(obj)
+    return f"{IN_HAND}{named.__module__}.{named.__qualname__}>"
+
+
 def import_callable(spec: str, what: str) -> Callable:
     """'package.module:name' -> the object."""
     module_name, sep, attr = spec.partition(":")

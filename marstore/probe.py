@@ -178,23 +178,17 @@ def finite_rows(x: torch.Tensor, y: torch.Tensor | np.ndarray) -> torch.Tensor:
     return finite
 
 
-def _metrics(task: str, pred: torch.Tensor, y: torch.Tensor, classes: int) -> dict:
+def _metrics(task: str, pred: torch.Tensor, y: torch.Tensor) -> dict:
+    """The test (or validation) metrics of predictions pred (rows, outputs) against y; a
+    classification's from the sums of the row terms its bootstrap resamples sum (one definition)."""
     if task == "regression":
         err = ((pred - y) ** 2).mean(0)
         var = y.var(0, unbiased=False)
         r2 = torch.where(var > 0, 1 - err / var.clamp_min(1e-12), torch.zeros_like(var))
         return {"mse": float(err.mean()), "r2": float(r2.mean()), "r2_per_dim": [round(float(v), 6) for v in r2]}
-    labels = pred.argmax(1)
-    f1 = []
-    for c in range(classes):
-        tp = float(((labels == c) & (y == c)).sum())
-        fp = float(((labels == c) & (y != c)).sum())
-        fn = float(((labels != c) & (y == c)).sum())
-        if tp + fp + fn:
-            f1.append(2 * tp / (2 * tp + fp + fn))
-    recalls = [float(((labels == c) & (y == c)).sum() / (y == c).sum()) for c in range(classes) if (y == c).any()]
-    return {"accuracy": float((labels == y).float().mean()), "balanced_accuracy": float(np.mean(recalls)) if recalls else 0.0,
-            "macro_f1": float(np.mean(f1)) if f1 else 0.0}
+    total = torch.tensor([float(len(y))], dtype=torch.float64)
+    return {m: float(_metric_of_sums(m, _row_terms(m, pred, y).sum(1, keepdim=True), total)[0])
+            for m in CLASSIFICATION_METRICS}
 
 
 CLASSIFICATION_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
@@ -776,8 +770,8 @@ def _probe_entry(opts: ProbeOptions, name: str, prep: _Prepared, source: dict) -
         torch.save(_probe_file(opts, name, control, prep, model, source), weights)
         which = "control" if control else "probe"
         tests[which] = (_predict(model, xs["test"], opts.device), targets["test"])
-        entry[which] = {"test": _metrics(task, *tests[which], len(labels)),
-                        "val": _metrics(task, _predict(model, xs["val"], opts.device), targets["val"], len(labels)),
+        entry[which] = {"test": _metrics(task, *tests[which]),
+                        "val": _metrics(task, _predict(model, xs["val"], opts.device), targets["val"]),
                         **result, "weights": weights}
     head = _headline(task, opts.metric)
     if opts.control:

@@ -494,6 +494,38 @@ def test_a_store_still_written_is_probed_on_the_rows_committed_at_the_start(tmp_
     assert open_store(path).rows == 700
 
 
+def reference_metrics(task: str, pred: torch.Tensor, y: torch.Tensor) -> dict:
+    """The metrics written out a class at a time, as their definitions read."""
+    if task == "regression":
+        err, var = ((pred - y) ** 2).mean(0), y.var(0, unbiased=False)
+        return {"r2": float(torch.where(var > 0, 1 - err / var, torch.zeros_like(var)).mean())}
+    labels, f1, recalls = pred.argmax(1), [], []
+    for c in range(pred.shape[1]):
+        tp, fp, fn = (float(((labels == c) & (y == c)).sum()), float(((labels == c) & (y != c)).sum()),
+                      float(((labels != c) & (y == c)).sum()))
+        if tp + fp + fn:  # a class neither present nor predicted does not count
+            f1.append(2 * tp / (2 * tp + fp + fn))
+        if (y == c).any():
+            recalls.append(tp / float((y == c).sum()))
+    return {"accuracy": float((labels == y).double().mean()), "balanced_accuracy": float(np.mean(recalls)),
+            "macro_f1": float(np.mean(f1))}
+
+
+def test_classification_metrics_are_their_definitions():
+    from marstore.probe import _metrics
+
+    g = torch.Generator().manual_seed(0)
+    for rows, classes in ((1, 2), (50, 3), (997, 6)):
+        y = torch.randint(classes - 1, (rows,), generator=g)  # the last class never true
+        pred = torch.randn(rows, classes, generator=g) + torch.nn.functional.one_hot(y, classes)
+        got, want = _metrics("classification", pred, y), reference_metrics("classification", pred, y)
+        assert got.keys() == want.keys() and all(abs(got[k] - want[k]) < 1e-12 for k in want), (rows, got, want)
+    y = torch.tensor([0, 0, 1, 1, 2])  # by hand: classes 0 and 1 each half right, 2 wrong
+    pred = torch.nn.functional.one_hot(torch.tensor([0, 1, 1, 0, 0]), 3).float()
+    assert _metrics("classification", pred, y) == {"accuracy": 0.4, "balanced_accuracy": 1 / 3,
+                                                    "macro_f1": pytest.approx((0.4 + 0.5 + 0) / 3, abs=1e-15)}
+
+
 @pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("metric", ["r2", "accuracy", "balanced_accuracy", "macro_f1"])
 @pytest.mark.parametrize("rows", [1, 37, 5000])
@@ -501,7 +533,7 @@ def test_each_bootstrap_resample_gets_the_metric_of_its_rows(metric, rows, group
     """The metric of a resample, computed from each row's count in it, is the metric of the resampled
     rows themselves; with groups, whole groups are drawn (every row of a group drawn twice, twice);
     blocks of resamples keep to about 32 MB whatever the rows."""
-    from marstore.probe import _metrics, _resampled_counts, _resampled_metric
+    from marstore.probe import _resampled_counts, _resampled_metric
 
     g = torch.Generator().manual_seed(rows)
     task = "regression" if metric == "r2" else "classification"
@@ -520,9 +552,9 @@ def test_each_bootstrap_resample_gets_the_metric_of_its_rows(metric, rows, group
         assert all(torch.equal(c[groups == groups[0]], c[:1].expand(int((groups == groups[0]).sum()))) for c in counts)
     got = torch.cat([_resampled_metric(metric, pred, y, b) for b in blocks])
     picked = [torch.repeat_interleave(torch.arange(rows), c.long()) for c in counts]  # the rows of each resample
-    want = torch.tensor([_metrics(task, pred[p].double(), y[p].double() if task == "regression" else y[p], 4)[metric]
+    want = torch.tensor([reference_metrics(task, pred[p].double(), y[p].double() if task == "regression" else y[p])[metric]
                          for p in picked], dtype=torch.float64)
-    assert torch.allclose(got, want, rtol=0, atol=1e-9 if task == "regression" else 1e-6)  # _metrics counts in float32
+    assert torch.allclose(got, want, rtol=0, atol=1e-9)
 
 
 def test_the_intervals_compare_probe_and_control_on_the_same_resamples():

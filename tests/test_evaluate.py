@@ -58,7 +58,7 @@ def test_a_probe_file_holds_all_it_needs_and_predicts_as_the_report_scored_it(tm
     pred = probe.predict(torch.from_numpy(x[held_out].astype(np.float32)))
     assert pred.shape == (60, 3)
     # the same function of the activations as the report's test predictions: the same R², to the bit
-    assert _metrics("regression", pred, torch.from_numpy(y[held_out]), 0)["r2"] == entry["probe"]["test"]["r2"]
+    assert _metrics("regression", pred, torch.from_numpy(y[held_out]))["r2"] == entry["probe"]["test"]["r2"]
     # a target of several values a row: each layer's R² at each of them, as a heatmap linked from report.md
     assert entry["target_shape"] == [3] and os.path.getsize(report["plots"]["by_position"]) > 5000
     assert "![test R² of each layer's probe at each position of y](by_position.png)" in open(report["markdown"]).read()
@@ -297,7 +297,7 @@ def test_tokens_each_gives_a_probe_for_each_step_and_each_applies_alone(tmp_path
     assert (probe.name, probe.layer, probe.token) == ("head[3]", "head", 3)
     held_out = np.flatnonzero(~probe.saw(np.arange(600)))
     pred = probe.predict(torch.from_numpy(x[held_out].astype(np.float32)))
-    assert _metrics("regression", pred[:, None], torch.from_numpy(y[held_out])[:, None], 0)["r2"] == r2["head[3]"]
+    assert _metrics("regression", pred[:, None], torch.from_numpy(y[held_out])[:, None])["r2"] == r2["head[3]"]
     same = evaluate_probes(EvaluateOptions(str(tmp_path / "probes"), str(store), out=str(tmp_path / "e"), layer="head"))
     assert [e["probe"]["test"] for e in same["layers"]] == [e["probe"]["test"] for e in report["layers"]]
     flat = run_probes(ProbeOptions(store=str(store), target="z", layer="conv", tokens="each", out=str(tmp_path / "c"),
@@ -353,3 +353,20 @@ def test_info_describes_a_probe_file(tmp_path, capsys):
     assert main(["info", str(tmp_path / "old.pt")]) == 2
     assert capsys.readouterr().err.strip() == (f"marstore info: {tmp_path / 'old.pt'} lacks seen_sources, which a "
                                                "marstore-probe/1 file holds; run `marstore probe` again")
+
+
+def test_a_data_set_recorded_by_its_class_alone_does_not_tell_its_samples(tmp_path, caplog):
+    # extract_from records a data set object by its class: two splits of one class are not one data set
+    spec = ("<object mypkg.data.Episodes>", {})
+    linear_store(tmp_path / "a.h5", dataset=spec)
+    train(tmp_path, tmp_path / "a.h5")
+    linear_store(tmp_path / "b.h5", n=500, x_seed=5, dataset=spec)
+    result = evaluate_probes(EvaluateOptions(str(tmp_path / "probes"), str(tmp_path / "b.h5"), out=str(tmp_path / "e")))
+    assert result["evaluation"]["rows"] == "all" and result["layers"][0]["split_rows"] == {"test": 500}
+    # named (extract_from's dataset_name), it does
+    named = ("libero10/val", {})
+    linear_store(tmp_path / "c.h5", dataset=named)
+    train(tmp_path / "c", tmp_path / "c.h5")
+    linear_store(tmp_path / "d.h5", dataset=named)
+    result = evaluate_probes(EvaluateOptions(str(tmp_path / "c" / "probes"), str(tmp_path / "d.h5"), out=str(tmp_path / "e2")))
+    assert result["evaluation"]["rows"] == "held-out" and result["layers"][0]["split_rows"] == {"test": 60}

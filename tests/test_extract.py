@@ -1628,7 +1628,7 @@ def test_the_summary_names_rates_layers_and_outputs():
         "wrote 1024 rows (1.0 MiB of activations) to a.h5 in 2.0 s (512 rows/s, 0.50 MB/s; file 1.5 MiB)",
         "  encoder_blocks.0             dense  row (64,)  nonfinite 2, overflow 1",
         "  output loss: mean 0.1531 over 32 batches, 0 non-finite",
-        "  checkpoint: none (the model's weights are the ones its builder gave it)",
+        "  checkpoint: none recorded (the model ran with the weights it had)",
     ]
     assert "(80.0 MiB of activations) to a.h5 in 2.0 s (512 rows/s, 40 MB/s;" in describe(dataclasses.replace(result, bytes=80 << 20))
     report = {"checkpoint": {"path": "/c/ck.pt", "sha256": "ab" * 32}, "config_key": None, "state_key": "(bare state dict)",
@@ -1846,3 +1846,111 @@ def test_forward_outputs_on_the_gpu_come_through_the_ring(tmp_path):
         got = s.outputs()
         assert list(got) == ["row_start", *named] and got["row_start"].tolist() == [0, 8, 16, 24, 32]
         assert np.column_stack([got[n] for n in named]).tolist() == expected
+
+
+def _hooks_left(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_extract_from_objects_writes_what_the_specs_write_and_leaves_the_model_as_it_was(tmp_path, caplog):
+    from marstore.extract import extract_from
+
+    torch.manual_seed(0)
+    path = str(tmp_path / "c.pt")
+    save_checkpoint(video_mar(**CONFIG), CONFIG, path, "workspace")
+    extract(options(tmp_path, out=str(tmp_path / "spec.h5"), checkpoint=path, config_key="cfg.policy.model", model_args={}))
+    model = video_mar(**CONFIG)  # other weights, until the checkpoint's are loaded into it
+    model.train()
+    with caplog.at_level(logging.INFO, logger="marstore.extract"):
+        result = extract_from(model, synthetic_video_actions(size=40), str(tmp_path / "obj.h5"), "encoder_blocks.*",
+                              forward=policy_forward, checkpoint=path, config_key="cfg.policy.model",
+                              targets=["nactions", "label"], batch_size=8, progress=False)
+    assert result.rows == 40 and result.load_report["loaded"] == len(model.state_dict())
+    assert_same_store(str(tmp_path / "spec.h5"), str(tmp_path / "obj.h5"))
+    assert model.training and _hooks_left(model) == 0  # its mode back, every hook removed
+    assert torch.equal(model.decoder_norm.weight, read_checkpoint(path)["state_dicts"]["ema_model"]["model.decoder_norm.weight"])
+    assert "the checkpoint's config ('cfg.policy.model') is recorded; the model handed over was built without it" in caplog.text
+    assert "malloc:" not in caplog.text  # a notebook's process goes on: its malloc is left alone
+    with open_store(str(tmp_path / "obj.h5")) as s:
+        recorded = {k: s.metadata[k] for k in ("model", "dataset", "dataset_args", "forward", "model_args", "command")}
+        assert recorded == {"model": "<object marstore.models.video_mar.VideoActionMAR>",
+                            "dataset": "<object marstore.models.data.SyntheticVideoActions>", "dataset_args": {},
+                            "forward": "<object marstore.models.video_mar.policy_forward>", "model_args": {}, "command": None}
+        assert s.metadata["checkpoint"]["sha256"] == loading_digest(path)
+        assert s.metadata["model_config"] == CONFIG
+
+    # without a checkpoint the model runs with its own weights, in eval mode, and is put back in eval mode
+    model.eval()
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    extract_from(model, synthetic_video_actions(size=40), str(tmp_path / "own.h5"), ["encoder_blocks.*"],
+                 forward=policy_forward, targets=["nactions", "label"], batch_size=8, progress=False)
+    assert not model.training and torch.equal(torch.rand(3), expected)  # the caller's random generator as it was
+    assert_same_store(str(tmp_path / "spec.h5"), str(tmp_path / "own.h5"))  # the weights loaded above
+
+
+def loading_digest(path: str) -> str:
+    from marstore.loading import file_digest
+
+    return file_digest(path).sha256
+
+
+def test_extract_from_resumes_from_python_and_names_its_data_set(tmp_path):
+    from marstore.extract import extract_from
+
+    torch.manual_seed(0)
+    model, data = video_mar(**CONFIG), synthetic_video_actions(size=40)
+    kw = dict(forward=policy_forward, targets=["nactions", "label"], batch_size=8, commit_rows=8, progress=False,
+              dataset_name="synthetic/40")
+    out = str(tmp_path / "s.h5")
+    with pytest.raises(Interrupted) as info:
+        extract_from(model, data, out, "encoder_blocks.*", on_batch=lambda rows: rows == 16 and _raise(KeyboardInterrupt), **kw)
+    assert info.value.rows == 16
+    assert str(info.value).endswith(f"resume with: extract_from(model, dataset, {out!r}, ..., resume=True)")
+    with pytest.raises(ExtractError, match=r"options differ .*: dataset \(recorded 'synthetic/40', now "
+                                           r"'<object marstore\.models\.data\.SyntheticVideoActions>'\)$"):
+        extract_from(model, data, out, "encoder_blocks.*", resume=True, **{**kw, "dataset_name": None})
+    assert extract_from(model, data, out, "encoder_blocks.*", resume=True, **kw).rows == 40
+    extract_from(model, data, str(tmp_path / "ref.h5"), "encoder_blocks.*", **kw)
+    assert_same_store(out, str(tmp_path / "ref.h5"))
+    with open_store(out) as s:
+        assert (s.status, s.metadata["dataset"]) == ("complete", "synthetic/40")
+
+
+def _raise(exc):
+    raise exc
+
+
+def test_extract_from_refuses_what_it_cannot_take_in_one_line(tmp_path):
+    from marstore.extract import extract_from
+
+    model, data = video_mar(**CONFIG), synthetic_video_actions(size=8)
+    out = str(tmp_path / "s.h5")
+    with pytest.raises(TypeError, match=r"^extract_from\(\) got dataset_args, model_args: it takes the model, the data set "
+                                        r"and the forward as objects"):
+        extract_from(model, data, out, "encoder_blocks.*", model_args={"depth": 2}, dataset_args={})
+    with pytest.raises(TypeError, match=r"^extract_from\(\) got unknown options batchsize; it takes allow_missing, autocast, "
+                                        r"batch_size, .* workers$"):
+        extract_from(model, data, out, "encoder_blocks.*", batchsize=4)
+    with pytest.raises(TypeError, match=r"^extract_from\(\): the model is a function, not a torch.nn.Module$"):
+        extract_from(video_mar, data, out, "encoder_blocks.*")
+    with pytest.raises(ExtractError, match=r"^the data set handed over is a int: neither a map-style data set"):
+        extract_from(model, 5, out, "encoder_blocks.*")
+    with pytest.raises(hooks.HookError, match=r"'encoder_blok\.\*' matches no module; nearest names: \['encoder_blocks\.1'"):
+        extract_from(model, data, out, "encoder_blok.*")
+    assert not os.path.exists(out) and _hooks_left(model) == 0
+
+
+@requires_cuda
+def test_extract_from_runs_the_model_where_its_weights_are(tmp_path):
+    from marstore.extract import extract_from
+
+    model, data = video_mar(**CONFIG), synthetic_video_actions(size=8)
+    kw = dict(forward=policy_forward, targets=["label"], batch_size=8, progress=False)
+    extract_from(model, data, str(tmp_path / "cpu.h5"), "encoder_blocks.0", **kw)  # not moved to the GPU
+    assert next(model.parameters()).device.type == "cpu"
+    extract_from(model.cuda(), data, str(tmp_path / "gpu.h5"), "encoder_blocks.0", **kw)
+    assert next(model.parameters()).is_cuda
+    with open_store(str(tmp_path / "gpu.h5")) as s:
+        assert s.rows == 8
