@@ -554,6 +554,7 @@ class InHand:
     model: torch.nn.Module
     dataset: Any
     forward: Callable[[torch.nn.Module, Any], Any] | None = None
+    move: bool = False  # moved to the run's device (device= was given); else left where its weights are
 
 
 # options that build what extract_from is handed already
@@ -567,8 +568,9 @@ def extract_from(model: torch.nn.Module, dataset: Any, out: str, layers: Sequenc
     from MODULE:CALLABLE specs; the other options are ExtractOptions' (checkpoint=, targets=,
     reduction=, batch_size=, resume=, ...).
 
-    The model runs where its weights are unless device= says otherwise, and gets its train or
-    eval mode back afterwards, as torch's random generator gets its state back; the process's
+    The model stays where its weights are (the inputs go to the first weights' device; a model
+    split over GPUs is not gathered) unless device= moves it for the run; it gets its device,
+    its train or eval mode, and torch's random generator its state, back afterwards; the process's
     malloc is left alone unless malloc_tuning=True; checkpoint= loads that file's weights into it first (reported as
     the command line's --checkpoint is, and recorded). The store records each object by its class
     ("<object mypkg.models.MAR>"); dataset_name (e.g. "libero10/val") records the data set by a
@@ -585,18 +587,21 @@ def extract_from(model: torch.nn.Module, dataset: Any, out: str, layers: Sequenc
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"extract_from(): the model is a {type(model).__name__}, not a torch.nn.Module")
     options.setdefault("malloc_tuning", False)  # the process goes on after the run: its malloc is left as it was
-    if options.get("device") is None:
-        where = next(itertools.chain(model.parameters(), model.buffers()), None)
-        options["device"] = str(where.device) if where is not None else None
+    placed = [t.device for t in itertools.chain(model.parameters(), model.buffers())]
+    move = options.get("device") is not None
+    if not move and placed:  # inputs go where the first weights are (a model split over GPUs takes them there)
+        options["device"] = str(placed[0])
     opts = ExtractOptions(out=out, model=loading.in_hand_name(model), dataset=dataset_name or loading.in_hand_name(dataset),
                           forward=loading.in_hand_name(forward) if forward is not None else None, layers=layers, **options)
     was_training = model.training
     cuda = [torch.device(opts.device)] if opts.device and torch.device(opts.device).type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=cuda):  # the run seeds torch's generator with seed=: the caller's is kept
-            return extract(opts, on_batch, in_hand=InHand(model, dataset, forward))
+            return extract(opts, on_batch, in_hand=InHand(model, dataset, forward, move))
     finally:
         model.train(was_training)
+        if move and len(set(placed)) == 1:
+            model.to(placed[0])
 
 
 def extract(opts: ExtractOptions, on_batch: Callable[[int], None] | None = None, *,
@@ -693,7 +698,8 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         log.info("no checkpoint=: the store records no weights file; the model keeps the weights it has")
     else:  # legitimate for a builder that loads its own weights; a forgotten flag otherwise
         log.warning("no --checkpoint: the model keeps the weights %s gave it (random, unless it loads its own)", opts.model)
-    model.to(device)
+    if in_hand is None or in_hand.move:
+        model.to(device)
     model.train(opts.train_mode)
     if in_hand is not None and in_hand.forward is not None:
         forward = in_hand.forward

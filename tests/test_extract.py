@@ -1942,6 +1942,20 @@ def test_extract_from_refuses_what_it_cannot_take_in_one_line(tmp_path):
     assert not os.path.exists(out) and _hooks_left(model) == 0
 
 
+def test_extract_from_leaves_the_model_where_it_is_unless_told(tmp_path, monkeypatch):
+    from marstore.extract import extract_from
+
+    model, data = video_mar(**CONFIG), synthetic_video_actions(size=8)
+    moves = []
+    original = nn.Module.to
+    monkeypatch.setattr(nn.Module, "to", lambda self, *a, **k: moves.append((type(self).__name__, a, k)) or original(self, *a, **k))
+    kw = dict(forward=policy_forward, targets=["label"], batch_size=8, progress=False)
+    extract_from(model, data, str(tmp_path / "a.h5"), "encoder_blocks.0", **kw)
+    assert [m for m in moves if m[0] == "VideoActionMAR"] == []  # a model split over devices would be gathered by .to()
+    extract_from(model, data, str(tmp_path / "b.h5"), "encoder_blocks.0", device="cpu", **kw)
+    assert [m[1] for m in moves if m[0] == "VideoActionMAR"] == [(torch.device("cpu"),), (torch.device("cpu"),)]  # there, back
+
+
 @requires_cuda
 def test_extract_from_runs_the_model_where_its_weights_are(tmp_path):
     from marstore.extract import extract_from
@@ -1952,5 +1966,7 @@ def test_extract_from_runs_the_model_where_its_weights_are(tmp_path):
     assert next(model.parameters()).device.type == "cpu"
     extract_from(model.cuda(), data, str(tmp_path / "gpu.h5"), "encoder_blocks.0", **kw)
     assert next(model.parameters()).is_cuda
+    extract_from(model, data, str(tmp_path / "moved.h5"), "encoder_blocks.0", device="cpu", **kw)
+    assert next(model.parameters()).is_cuda  # moved for the run, and back
     with open_store(str(tmp_path / "gpu.h5")) as s:
         assert s.rows == 8
