@@ -29,8 +29,8 @@ import torch
 from marstore.dataset import ActivationDataset
 from marstore.hooks import match_modules, nearest_names
 from marstore.loading import IN_HAND
-from marstore.probe import (ProbeError, TrainedProbe, _add_intervals, _metrics, _position_lines, _read_report, _table_rows,
-                            finite_rows, load_probe, markdown_table, report_depth_plot, report_position_plot)
+from marstore.probe import (ProbeError, TrainedProbe, _add_intervals, _breakdown_lines, _metrics, _read_report, _table_rows,
+                            finite_rows, load_probe, markdown_table, report_breakdown_plot, report_depth_plot)
 from marstore.store import Store, open_store
 from marstore.transfer import resolve_device
 
@@ -163,8 +163,9 @@ def _evaluate_layer(opts: EvaluateOptions, probes: dict[str, TrainedProbe], data
         if probe.task == "classification":  # a column for labels without a class, never chosen
             pred = torch.cat([pred, torch.full((len(pred), 1), -torch.inf)], 1)
         tests[which] = (pred, y)
-        entry[which] = {"test": _metrics(probe.task, pred, y),
-                        "weights": p.path}
+        entry[which] = {"test": _metrics(probe.task, pred, y), "weights": p.path}
+        if probe.task == "classification":  # not the extra column's: its rows are counted as unseen_label_rows
+            del entry[which]["test"]["recall_per_class"][len(probe.classes):]
     if "control" in tests:
         entry["selectivity"] = entry["probe"]["test"][metric] - entry["control"]["test"][metric]
     groups = np.asarray(data[group])[finite.numpy()] if group else None
@@ -243,7 +244,7 @@ def evaluate_probes(opts: EvaluateOptions) -> dict:
               "layers": out_entries}
     result["plots"] = {"depth": report_depth_plot(result, opts.out, f"Probes of {report['target']} from {report['store']}, "
                                                                      f"on {os.path.basename(opts.store)}"),
-                       **report_position_plot(result, opts.out)}
+                       **report_breakdown_plot(result, opts.out)}
     with open(os.path.join(opts.out, "report.json"), "w") as f:
         json.dump(result, f, indent=2)
     result["report"] = os.path.join(opts.out, "report.json")
@@ -264,7 +265,7 @@ def _markdown(result: dict, out: str) -> str:
              "shuffled targets, applied the same way.", "",
              *markdown_table(header, cells), "",
              f"![{result['metric']} of each layer's probe and its control]({os.path.basename(result['plots']['depth'])})", "",
-             *_position_lines(result)]
+             *_breakdown_lines(result)]
     path = os.path.join(out, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))

@@ -24,7 +24,8 @@ file that load_probe() turns into a module applicable to the layer's activations
 marstore.evaluate applies them to other stores), and resume=True keeps the layers finished
 before an interruption.
 Outputs: report.json, report.md (the table and the plots), depth.png (metric and control against depth),
-loss_curves.png, by_position.png (a target of several values a row: R² at each position), and a table. compare_reports() puts several reports of one target side by side.
+loss_curves.png, by_position.png (a target of several values a row: R² at each position) or by_class.png
+(each class's recall), and a table. compare_reports() puts several reports of one target side by side.
 """
 
 from __future__ import annotations
@@ -187,8 +188,12 @@ def _metrics(task: str, pred: torch.Tensor, y: torch.Tensor) -> dict:
         r2 = torch.where(var > 0, 1 - err / var.clamp_min(1e-12), torch.zeros_like(var))
         return {"mse": float(err.mean()), "r2": float(r2.mean()), "r2_per_dim": [round(float(v), 6) for v in r2]}
     total = torch.tensor([float(len(y))], dtype=torch.float64)
-    return {m: float(_metric_of_sums(m, _row_terms(m, pred, y).sum(1, keepdim=True), total)[0])
-            for m in CLASSIFICATION_METRICS}
+    sums = _row_terms("macro_f1", pred, y).sum(1, keepdim=True)  # per class: true positives, its rows, rows predicted as it
+    hits, support = sums[:, 0].reshape(3, -1)[:2].tolist()
+    return {"accuracy": float(sum(hits) / total[0]),
+            **{m: float(_metric_of_sums(m, sums, total)[0]) for m in ("balanced_accuracy", "macro_f1")},
+            # which classes a layer tells apart; None for a class without test rows
+            "recall_per_class": [round(h / n, 6) if n else None for h, n in zip(hits, support)]}
 
 
 CLASSIFICATION_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
@@ -1048,36 +1053,60 @@ def _plots(report: dict, out: str) -> dict:
     fig.tight_layout()
     fig.savefig(curves, dpi=110)
     plt.close(fig)
-    return {"depth": depth, "loss_curves": curves, **report_position_plot(report, out)}
+    return {"depth": depth, "loss_curves": curves, **report_breakdown_plot(report, out)}
 
 
-def report_position_plot(report: dict, out: str) -> dict:
-    """{"by_position": path} of a regression whose target has several values a row: each layer's test
-    R² at each position of the target's first axis (the other axes averaged), as a heatmap: how
-    far along UVA's 16-step action horizon a layer reads the actions. {} for other reports."""
-    entries = [e for e in report["layers"] if e.get("target_shape")]
-    if report["task"] != "regression" or not entries or math.prod(entries[0]["target_shape"]) < 2:
-        return {}
+MAX_CLASS_COLUMNS = 50  # by_class.png's columns: more would be unreadable
+
+
+def report_breakdown_plot(report: dict, out: str) -> dict:
+    """A heatmap of each layer's probe at each part of the target, where the target has parts:
+    {"by_position": path} for a regression whose target has several values a row (test R² at
+    each position of its first axis, the other axes averaged: how far along UVA's 16-step action
+    horizon a layer reads the actions); {"by_class": path} for a classification of 2 to
+    MAX_CLASS_COLUMNS classes (each class's test recall: which tasks a layer tells apart). {}
+    for other reports."""
+    if report["task"] == "regression":
+        entries = [e for e in report["layers"] if e.get("target_shape")]
+        if not entries or math.prod(entries[0]["target_shape"]) < 2:
+            return {}
+        shape = entries[0]["target_shape"]
+        values = np.array([np.reshape(e["probe"]["test"]["r2_per_dim"], shape).reshape(shape[0], -1).mean(1) for e in entries])
+        kind, label, low = "by_position", "test R²", max(-1.0, min(0.0, float(values.min())))
+        xlabel = (f"position along the first axis of {report['target']} {tuple(shape)}"
+                  + (" (the others averaged)" if len(shape) > 1 else ""))
+        title = f"Test R² of each layer's probe for {report['target']}, by position"
+        columns = None
+    else:
+        entries = [e for e in report["layers"] if "recall_per_class" in e["probe"]["test"]]
+        classes = entries[0]["classes"] if entries else []
+        if not 2 <= len(classes) <= MAX_CLASS_COLUMNS:
+            return {}
+        values = np.array([[np.nan if v is None else v for v in e["probe"]["test"]["recall_per_class"]]
+                           for e in entries], dtype=float)
+        kind, label, low = "by_class", "test recall", 0.0
+        xlabel, title = f"class of {report['target']}", f"Test recall of each class of {report['target']}, by layer"
+        columns = [str(c) for c in classes]
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shape = entries[0]["target_shape"]
-    r2 = np.array([np.reshape(e["probe"]["test"]["r2_per_dim"], shape).reshape(shape[0], -1).mean(1) for e in entries])
-    fig, ax = plt.subplots(figsize=(min(max(5, 0.45 * shape[0] + 3), 16), min(max(3, 0.35 * len(entries) + 1.5), 16)))
-    image = ax.imshow(r2, aspect="auto", cmap="viridis", vmin=max(-1.0, min(0.0, float(r2.min()))), vmax=1.0)
-    fig.colorbar(image, ax=ax, label="test R²")
+    width = values.shape[1]
+    fig, ax = plt.subplots(figsize=(min(max(5, 0.45 * width + 3), 16), min(max(3, 0.35 * len(entries) + 1.5), 16)))
+    image = ax.imshow(values, aspect="auto", cmap="viridis", vmin=low, vmax=1.0)
+    fig.colorbar(image, ax=ax, label=label)
     step = max(1, math.ceil(len(entries) / 40))
     ax.set_yticks(range(0, len(entries), step), [e["layer"] for e in entries][::step], fontsize=8)
-    ax.set_xlabel(f"position along the first axis of {report['target']} {tuple(shape)}"
-                  + (" (the others averaged)" if len(shape) > 1 else ""))
-    ax.set_title(f"Test R² of each layer's probe for {report['target']}, by position")
+    if columns:
+        ax.set_xticks(range(width), columns, fontsize=7, rotation=90 if max(map(len, columns)) > 3 else 0)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
     fig.tight_layout()
-    path = os.path.join(out, "by_position.png")
+    path = os.path.join(out, f"{kind}.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return {"by_position": path}
+    return {kind: path}
 
 
 def report_depth_plot(report: dict, out: str, title: str) -> str:
@@ -1232,12 +1261,15 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
             *("| " + " | ".join(row) + " |" for row in rows)]
 
 
-def _position_lines(report: dict) -> list[str]:
-    """report.md's lines for the by-position heatmap, where there is one."""
-    if "by_position" not in report["plots"]:
-        return []
-    return [f"![test R² of each layer's probe at each position of {report['target']}]"
-            f"({os.path.basename(report['plots']['by_position'])})", ""]
+def _breakdown_lines(report: dict) -> list[str]:
+    """report.md's lines for the by-position or by-class heatmap, where there is one."""
+    if "by_position" in report["plots"]:
+        return [f"![test R² of each layer's probe at each position of {report['target']}]"
+                f"({os.path.basename(report['plots']['by_position'])})", ""]
+    if "by_class" in report["plots"]:
+        return [f"![test recall of each class of {report['target']}, by layer]"
+                f"({os.path.basename(report['plots']['by_class'])})", ""]
+    return []
 
 
 def _markdown(report: dict, out: str) -> str:
@@ -1261,7 +1293,7 @@ def _markdown(report: dict, out: str) -> str:
         f"![the loss that chose each probe, by {'L2 penalty' if report['solver'] == 'direct' else 'epoch'}]"
         f"({os.path.basename(report['plots']['loss_curves'])})",
         "",
-        *_position_lines(report),
+        *_breakdown_lines(report),
     ]
     path = os.path.join(out, "report.md")
     with open(path, "w") as f:

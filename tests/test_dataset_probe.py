@@ -505,25 +505,28 @@ def reference_metrics(task: str, pred: torch.Tensor, y: torch.Tensor) -> dict:
                       float(((labels != c) & (y == c)).sum()))
         if tp + fp + fn:  # a class neither present nor predicted does not count
             f1.append(2 * tp / (2 * tp + fp + fn))
-        if (y == c).any():
-            recalls.append(tp / float((y == c).sum()))
-    return {"accuracy": float((labels == y).double().mean()), "balanced_accuracy": float(np.mean(recalls)),
-            "macro_f1": float(np.mean(f1))}
+        recalls.append(tp / float((y == c).sum()) if (y == c).any() else None)
+    present = [r for r in recalls if r is not None]
+    return {"accuracy": float((labels == y).double().mean()), "balanced_accuracy": float(np.mean(present)),
+            "macro_f1": float(np.mean(f1)), "recall_per_class": recalls}
 
 
 def test_classification_metrics_are_their_definitions():
-    from marstore.probe import _metrics
+    from marstore.probe import CLASSIFICATION_METRICS, _metrics
 
     g = torch.Generator().manual_seed(0)
     for rows, classes in ((1, 2), (50, 3), (997, 6)):
         y = torch.randint(classes - 1, (rows,), generator=g)  # the last class never true
         pred = torch.randn(rows, classes, generator=g) + torch.nn.functional.one_hot(y, classes)
         got, want = _metrics("classification", pred, y), reference_metrics("classification", pred, y)
-        assert got.keys() == want.keys() and all(abs(got[k] - want[k]) < 1e-12 for k in want), (rows, got, want)
+        assert got.keys() == want.keys() and all(abs(got[k] - want[k]) < 1e-12 for k in CLASSIFICATION_METRICS)
+        assert got["recall_per_class"][-1] is None  # no test rows of the last class
+        assert got["recall_per_class"] == [None if r is None else round(r, 6) for r in want["recall_per_class"]]
     y = torch.tensor([0, 0, 1, 1, 2])  # by hand: classes 0 and 1 each half right, 2 wrong
     pred = torch.nn.functional.one_hot(torch.tensor([0, 1, 1, 0, 0]), 3).float()
     assert _metrics("classification", pred, y) == {"accuracy": 0.4, "balanced_accuracy": 1 / 3,
-                                                    "macro_f1": pytest.approx((0.4 + 0.5 + 0) / 3, abs=1e-15)}
+                                                    "macro_f1": pytest.approx((0.4 + 0.5 + 0) / 3, abs=1e-15),
+                                                    "recall_per_class": [0.5, 0.5, 0.0]}
 
 
 @pytest.mark.parametrize("grouped", [False, True])

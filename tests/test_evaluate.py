@@ -64,7 +64,15 @@ def test_a_probe_file_holds_all_it_needs_and_predicts_as_the_report_scored_it(tm
     assert "![test R² of each layer's probe at each position of y](by_position.png)" in open(report["markdown"]).read()
     control = load_probe(entry["control"]["weights"])
     assert control.control and np.array_equal(control.seen_sources, probe.seen_sources)
-    assert "by_position" not in train(tmp_path, store, target="label")["plots"]  # classes have no positions
+    labels = train(tmp_path, store, target="label")
+    assert "by_position" not in labels["plots"]  # classes have no positions, and each its recall, layer by layer
+    assert os.path.getsize(labels["plots"]["by_class"]) > 5000
+    assert "![test recall of each class of label, by layer](by_class.png)" in open(labels["markdown"]).read()
+    entry = labels["layers"][0]
+    probe = load_probe(entry["probe"]["weights"])
+    _, _, _, label = linear_store(tmp_path / "again.h5")
+    predicted, truth = probe.predict(torch.from_numpy(x[held_out].astype(np.float32))).numpy(), label[held_out]
+    assert entry["probe"]["test"]["recall_per_class"] == [round(float((predicted[truth == c] == c).mean()), 6) for c in range(3)]
 
 
 def test_a_probe_takes_the_capture_before_the_extractions_reduction(tmp_path):
@@ -191,6 +199,9 @@ def test_labels_the_probe_never_saw_count_as_wrong(tmp_path, caplog):
     _, x, _, _ = linear_store(tmp_path / "c.h5", n=300, x_seed=3, labels=4)
     right = (probe.predict(torch.from_numpy(x.astype(np.float32))).numpy() == label).sum()
     assert entry["probe"]["test"]["accuracy"] == pytest.approx(right / 300, rel=1e-6) and right / (300 - unseen) > 0.8
+    predicted = probe.predict(torch.from_numpy(x.astype(np.float32))).numpy()
+    recall = [round(float((predicted[label == c] == c).mean()), 6) for c in range(3)]  # the new class has no recall
+    assert entry["probe"]["test"]["recall_per_class"] == recall and "by_class" in report["plots"]
 
 
 def test_evaluate_refuses_what_does_not_fit_in_one_line(tmp_path, capsys):
