@@ -378,7 +378,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     try:
         report = evaluate_probes(EvaluateOptions(args.probes, args.store, args.out, args.layer, args.target, args.rows,
-                                                 args.group, args.device))
+                                                 args.group, args.device, args.where))
     except (ProbeError, StoreError) as exc:
         print(f"marstore evaluate: {exc}", file=sys.stderr)
         return 2
@@ -512,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--val-fraction", type=float)
     pr.add_argument("--test-fraction", type=float)
     pr.add_argument("--group", help="a target (e.g. an episode id) whose values never straddle two splits")
+    pr.add_argument("--where", nargs="+", metavar="TARGET=VALUE",
+                    help="probe only the rows whose targets meet every condition (TARGET=VALUE or TARGET!=VALUE: "
+                         "the rows of one task, say)")
     pr.add_argument("--patience", type=int, help="epochs without a better validation loss before stopping")
     pr.add_argument("--seed", type=int)
     pr.add_argument("--device")
@@ -530,6 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="held-out: only samples the probes were never fitted or chosen on; all: every row; auto "
                          "(default): held-out where the store holds samples of the probes' data set, else all")
     ev.add_argument("--group", help="a target whose groups the intervals resample whole (default: the probes' --group)")
+    ev.add_argument("--where", nargs="*", metavar="TARGET=VALUE",
+                    help="score only the rows that meet every condition (default: the probes' --where; with no "
+                         "condition, every row)")
     ev.add_argument("--device", default="cpu")
     ev.set_defaults(func=_evaluate)
 

@@ -14,6 +14,7 @@ refresh() picks up rows that a running writer has committed since.
 from __future__ import annotations
 
 import collections.abc
+import json
 import logging
 import math
 import os
@@ -64,6 +65,44 @@ def layers_of(store: Store, patterns: str | Sequence[str]) -> list[str]:
             raise StoreError(f"{store.path} has no layer {pattern!r}; nearest: {nearest_names(pattern, list(store.layers))}")
         names += [n for n in found if n not in names]
     return names
+
+
+def rows_where(store: Store, conditions: str | Sequence[str], rows: int | None = None) -> np.ndarray:
+    """The committed rows (of the first `rows`) whose targets meet every condition, TARGET=VALUE
+    or TARGET!=VALUE: the rows of one task, say, for a probe within it. VALUE is compared as text
+    for a text target, as a number (or true, false) otherwise. A value that no row holds is
+    refused with the values the target does hold: a typo would select nothing, or everything."""
+    conditions = [conditions] if isinstance(conditions, str) else list(conditions)
+    count = store.rows if rows is None else rows
+    keep = np.ones(count, dtype=bool)
+    for condition in conditions:
+        name, negated, text = condition.partition("!=") if "!=" in condition else condition.partition("=")
+        if not name or not negated:
+            raise StoreError(f"--where {condition!r}: write TARGET=VALUE or TARGET!=VALUE")
+        if name not in store.targets:
+            raise StoreError(f"--where {condition}: {store.path} has no target {name!r}; it has {sorted(store.targets)}")
+        column = store.target(name, 0, count)
+        if column.ndim != 1:
+            raise StoreError(f"--where {condition}: target {name!r} holds {column.shape[1:]} values a row; --where "
+                             "compares a target of one value a row")
+        value: Any = text
+        if not is_text(store.targets[name]):
+            try:
+                value = json.loads(text)
+            except ValueError:
+                value = None
+            if isinstance(value, (str, list, dict)) or value is None:
+                raise StoreError(f"--where {condition}: target {name!r} holds numbers, and {text!r} is not one")
+        match = column == value
+        if not match.any():
+            held = np.unique(column)
+            shown = ", ".join(map(str, held[:12].tolist())) + (f" ... ({len(held)} values)" if len(held) > 12 else "")
+            raise StoreError(f"--where {condition}: no row of {store.path} has {name} = {text}; it holds {shown}")
+        keep &= ~match if negated == "!=" else match
+    selected = np.flatnonzero(keep)
+    if not len(selected):
+        raise StoreError(f"--where {' '.join(conditions)}: no row of {store.path} meets them all")
+    return selected
 
 
 def flat_tokens(t: torch.Tensor, axis: int = 1, channel_axis: int | None = None) -> torch.Tensor:

@@ -26,12 +26,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from marstore.dataset import ActivationDataset
+from marstore.dataset import ActivationDataset, rows_where
 from marstore.hooks import match_modules, nearest_names
 from marstore.loading import IN_HAND
 from marstore.probe import (ProbeError, TrainedProbe, _add_intervals, _breakdown_lines, _metrics, _read_report, _table_rows,
                             finite_rows, load_probe, markdown_table, report_breakdown_plot, report_depth_plot)
-from marstore.store import Store, open_store
+from marstore.store import Store, StoreError, open_store
 from marstore.transfer import resolve_device
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class EvaluateOptions:
     rows: str = "auto"
     group: str | None = None  # resample whole groups for the intervals; None: the probes' --group, where the store has it
     device: str = "cpu"
+    where: list[str] | None = None  # TARGET=VALUE conditions on the rows scored; None: the probes' --where; []: none
 
     def __post_init__(self) -> None:
         if self.rows not in ROWS:
@@ -72,10 +73,13 @@ def _same_samples(trained_on: dict, store: Store) -> str | None:
     return None
 
 
-def _held_out_rows(probe: TrainedProbe, index: np.ndarray, store_path: str) -> np.ndarray:
-    """The store's rows of samples the probe was never fitted or chosen on (on its own store: its
-    test rows, in their order, so that the metric and its interval are the report's)."""
+def _held_out_rows(probe: TrainedProbe, index: np.ndarray, store_path: str, allowed: np.ndarray | None) -> np.ndarray:
+    """The store's rows (of allowed ones) of samples the probe was never fitted or chosen on (on
+    its own store: its test rows, in their order, so that the metric and its interval are the
+    report's)."""
     rows = np.flatnonzero(~probe.saw(index))
+    if allowed is not None:
+        rows = np.intersect1d(rows, allowed)
     if not len(rows):
         raise ProbeError(f"{probe.name}: every row of {store_path} is of a sample the probe was fitted or chosen on; "
                          "use --rows all")
@@ -227,20 +231,30 @@ def evaluate_probes(opts: EvaluateOptions) -> dict:
             log.info("rows: %s", f"the samples the probes were not fitted or chosen on, as {opts.store} is {same}" if same else
                      f"all {store.rows} committed rows of {opts.store}, whose samples the probes never saw")
         index = store.index(0, store.rows)
+        where = training.get("where", []) if opts.where is None else opts.where
+        try:
+            allowed = rows_where(store, where, store.rows) if where else None
+        except StoreError as exc:
+            raise ProbeError(str(exc) + (" (the probes' --where; --where with no condition scores every row)"
+                                         if opts.where is None else "")) from None
+        if where:
+            log.info("--where %s%s: %d of the %d committed rows", " ".join(where), " (as the probes were trained)"
+                     if opts.where is None else "", len(allowed), store.rows)
         source = {"path": os.path.abspath(opts.store), "status": store.status, "rows": store.rows}
     os.makedirs(opts.out, exist_ok=True)
     metric, seed = report["metric"], training.get("seed", 0)
     out_entries = []
     read = _Reads(opts.store, target, group)
     for probes in layers:
-        rows = _held_out_rows(probes["probe"], index, opts.store) if mode == "held-out" else np.arange(len(index))
+        rows = _held_out_rows(probes["probe"], index, opts.store, allowed) if mode == "held-out" else \
+            np.arange(len(index)) if allowed is None else allowed
         out_entries.append(_evaluate_layer(opts, probes, read(probes["probe"], rows), target, group, seed, metric))
         log.info("%s: test %s %.3f on %d rows", probes["probe"].name, metric, out_entries[-1]["probe"]["test"][metric],
                  out_entries[-1]["split_rows"]["test"])
     result = {"store": source["path"], "store_status": source["status"], "rows": source["rows"], "target": target,
               "task": report["task"], "metric": metric, "solver": report["solver"], "options": training,
               "evaluation": {**asdict(opts), "probes": os.path.abspath(folder), "trained_on": report["store"], "rows": mode,
-                             "same_samples": same, "group": group},
+                             "same_samples": same, "group": group, "where": where},
               "layers": out_entries}
     result["plots"] = {"depth": report_depth_plot(result, opts.out, f"Probes of {report['target']} from {report['store']}, "
                                                                      f"on {os.path.basename(opts.store)}"),
@@ -257,6 +271,8 @@ def _markdown(result: dict, out: str) -> str:
     e = result["evaluation"]
     rows = (f"the {result['layers'][0]['split_rows']['test']} rows of samples the probes were not fitted or chosen on"
             if e["rows"] == "held-out" else "every committed row")
+    if e["where"]:
+        rows += f", where {' and '.join(e['where'])}"
     drawn = f" (drawn by whole {e['group']!r} groups)" if e["group"] else ""
     lines = [f"# Probes of `{result['target']}` from another store", "",
              f"The probes trained on `{e['trained_on']}` (`{e['probes']}`), unchanged, on `{result['store']}` "

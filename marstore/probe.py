@@ -41,7 +41,7 @@ import pickle
 import signal
 import statistics
 import threading
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -49,9 +49,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from marstore.dataset import ActivationDataset, flat_tokens, layers_of, reduce_read_tokens, row_tokens
+from marstore.dataset import ActivationDataset, flat_tokens, layers_of, reduce_read_tokens, row_tokens, rows_where
 from marstore.hooks import HookError, parse_reduction, reduce_tokens
-from marstore.store import open_store
+from marstore.store import StoreError, open_store
 from marstore.transfer import resolve_device
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ class ProbeOptions:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     group: str | None = None
+    where: list[str] = field(default_factory=list)  # TARGET=VALUE or TARGET!=VALUE: probe the rows that meet them all
     patience: int = 8
     seed: int = 0
     device: str = "cpu"
@@ -109,6 +110,8 @@ class ProbeOptions:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.where, str):  # one condition, not its characters
+            self.where = [self.where]
         for name in ("epochs", "batch_size", "hidden", "patience"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -592,8 +595,9 @@ class _Prepared:
                        features={**self.features, "token": i})
 
 
-def _prepare(opts: ProbeOptions, layer: str, rows: int) -> _Prepared:
-    ds = ActivationDataset(opts.store, [layer], [opts.target, *([opts.group] if opts.group else [])], rows=range(rows),
+def _prepare(opts: ProbeOptions, layer: str, selection: np.ndarray) -> _Prepared:
+    """A layer's features and targets in train, val and test splits of the selected rows."""
+    ds = ActivationDataset(opts.store, [layer], [opts.target, *([opts.group] if opts.group else [])], rows=selection,
                            reduction="mean" if opts.tokens == "mean" else None)
     if ds.ragged and opts.tokens != "mean":
         raise ProbeError(f"{layer} is ragged (its token count varies): --tokens {opts.tokens} needs one count; use --tokens mean")
@@ -603,7 +607,7 @@ def _prepare(opts: ProbeOptions, layer: str, rows: int) -> _Prepared:
     if empty:
         grouped = f" grouped by {opts.group!r}" if opts.group else ""
         hint = "extract more rows" + ("" if "train" in empty else ", or raise those fractions")
-        raise ProbeError(f"{layer}: the {' and '.join(empty)} split{'s' * (len(empty) > 1)} would be empty with {rows} rows"
+        raise ProbeError(f"{layer}: the {' and '.join(empty)} split{'s' * (len(empty) > 1)} would be empty with {len(selection)} rows"
                          f"{grouped} (--val-fraction {val_frac}, --test-fraction {test_frac}); {hint}")
     xs, ys = {}, {}
     skipped = 0
@@ -618,7 +622,7 @@ def _prepare(opts: ProbeOptions, layer: str, rows: int) -> _Prepared:
             test_groups = np.asarray(data[opts.group])[finite.numpy()]
     ds.close()
     with open_store(opts.store) as store:
-        seen_sources = store.index(0, rows)[np.concatenate([splits["train"], splits["val"]])]
+        seen_sources = store.index()[selection[np.concatenate([splits["train"], splits["val"]])]]
         info = store.layers[layer]
         recorded = next((spec for spec in store.metadata.get("layers", []) if spec.get("store_name") == layer), {})
         # read while the store is open: a closed file's attributes read as absent
@@ -690,6 +694,12 @@ def run_probes(opts: ProbeOptions) -> dict:
         source = {"path": os.path.abspath(opts.store), "status": s.status, "rows": s.rows, "created": str(s.file.attrs["created"]),
                   # what the source indices index: the probe files say which samples they saw
                   "dataset": [s.metadata.get("dataset"), s.metadata.get("dataset_args")]}
+        try:
+            selection = rows_where(s, opts.where, s.rows) if opts.where else np.arange(s.rows)
+        except StoreError as exc:
+            raise ProbeError(str(exc)) from None
+    if opts.where:
+        log.info("--where %s: %d of the %d committed rows", " ".join(opts.where), len(selection), source["rows"])
     if source["status"] != "complete":
         log.warning("%s is incomplete (an extraction was interrupted or still runs): the probes see its %d committed "
                     "rows only", opts.store, source["rows"])
@@ -703,7 +713,7 @@ def run_probes(opts: ProbeOptions) -> dict:
             for layer in layers:
                 entries = _finished_before(opts, layer, source)
                 if entries is None:
-                    entries = _probe_layer(opts, layer, source)
+                    entries = _probe_layer(opts, layer, source, selection)
                     _write_json(_finished_path(opts, layer), {"options": _recorded(opts), "store": source, "entries": entries})
                 rows += entries
         except (KeyboardInterrupt, ProbeInterrupted) as exc:
@@ -714,6 +724,8 @@ def run_probes(opts: ProbeOptions) -> dict:
     task = rows[-1]["task"]
     report = {"store": source["path"], "store_status": source["status"], "rows": source["rows"], "target": opts.target,
               "task": task, "metric": _headline(task, opts.metric), "solver": _solver_of(opts), "options": asdict(opts), "layers": rows}
+    if opts.where:
+        report["selected_rows"] = len(selection)
     report["plots"] = _plots(report, opts.out)
     with open(os.path.join(opts.out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -724,10 +736,10 @@ def run_probes(opts: ProbeOptions) -> dict:
     return report
 
 
-def _probe_layer(opts: ProbeOptions, layer: str, source: dict) -> list[dict]:
+def _probe_layer(opts: ProbeOptions, layer: str, source: dict, selection: np.ndarray) -> list[dict]:
     """The probe (and its control) on one layer of source (the store's path and committed rows),
     or with --tokens each on each of its tokens: the layer's entries in the report."""
-    prep = _prepare(opts, layer, source["rows"])
+    prep = _prepare(opts, layer, selection)
     if prep.task == "regression" and opts.metric:
         raise ProbeError(f"{layer}: --metric {opts.metric} is a classification's; target {opts.target!r} is probed by "
                          "regression, whose metric is R²")
@@ -1280,7 +1292,9 @@ def _markdown(report: dict, out: str) -> str:
     lines = [
         f"# What each layer knows about `{report['target']}`",
         "",
-        f"Store `{report['store']}` ({report['store_status']}, {report['rows']} rows). {'MLP' if o['kind'] == 'mlp' else 'Linear'} probes "
+        f"Store `{report['store']}` ({report['store_status']}, {report['rows']} rows"
+        + (f"; the {report['selected_rows']} where {' and '.join(o['where'])}" if o.get("where") else "") +
+        f"). {'MLP' if o['kind'] == 'mlp' else 'Linear'} probes "
         f"for {report['task']}, {_solver_text(report)}; the metric is the test {report['metric']}, its 95% interval "
         f"the percentiles of {BOOTSTRAP_DRAWS} resamples of the test rows{drawn}. " + (
             "The control is the same probe trained on the targets shuffled across rows; selectivity is the probe's "

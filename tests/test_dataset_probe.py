@@ -666,7 +666,8 @@ def test_a_label_far_from_balanced_is_headed_by_the_metric_asked_for(tmp_path):
     report = run_probes(probe_opts(tmp_path, path, layer="a", metric="balanced_accuracy"))
     test = report["layers"][0]["probe"]["test"]
     assert report["metric"] == "balanced_accuracy" and test["accuracy"] > 0.85 and test["balanced_accuracy"] == 0.5
-    assert set(test) == {"accuracy", "balanced_accuracy", "macro_f1", "balanced_accuracy_ci95"}
+    assert set(test) == {"accuracy", "balanced_accuracy", "macro_f1", "balanced_accuracy_ci95",
+                         "recall_per_class"}
     assert report["layers"][0]["selectivity"] == test["balanced_accuracy"] - report["layers"][0]["control"]["test"][
         "balanced_accuracy"]
     assert table(report).splitlines()[0].split()[:2] == ["layer", "balanced_accuracy"]
@@ -682,8 +683,8 @@ def test_classification_probe(tmp_path):
     path = tmp_path / "s.h5"
     planted_store(path)
     report = run_probes(probe_opts(tmp_path, path, target="episode", kind="mlp", epochs=5, control=False))
-    assert report["task"] == "classification" and set(report["layers"][0]["probe"]["test"]) == {"accuracy", "balanced_accuracy", "macro_f1",
-                                                                                               "accuracy_ci95"}
+    assert report["task"] == "classification" and set(report["layers"][0]["probe"]["test"]) == {
+        "accuracy", "balanced_accuracy", "macro_f1", "accuracy_ci95", "recall_per_class"}
 
 
 def test_labels_such_as_minus_one_or_sparse_ids_are_classes(tmp_path):

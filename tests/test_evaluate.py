@@ -11,7 +11,7 @@ import torch
 from marstore.cli import main
 from marstore.evaluate import EvaluateOptions, evaluate_probes
 from marstore.probe import ProbeError, ProbeOptions, _metrics, load_probe, run_probes
-from marstore.store import LayerSpec, Ragged, StoreWriter, TargetSpec, open_store
+from marstore.store import TEXT, LayerSpec, Ragged, StoreWriter, TargetSpec, open_store
 
 D = 8
 
@@ -381,3 +381,71 @@ def test_a_data_set_recorded_by_its_class_alone_does_not_tell_its_samples(tmp_pa
     linear_store(tmp_path / "d.h5", dataset=named)
     result = evaluate_probes(EvaluateOptions(str(tmp_path / "c" / "probes"), str(tmp_path / "d.h5"), out=str(tmp_path / "e2")))
     assert result["evaluation"]["rows"] == "held-out" and result["layers"][0]["split_rows"] == {"test": 60}
+
+
+def task_store(path, n=900, flip=False):
+    """Layer 'h' (D features); 'task' (text) of each row, 'y' (1 value) = x[0] in task 'push' and
+    x[1] in 'pick' (the other way round with flip), 'ok' a boolean and 'ep' an episode number."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, D)).astype(np.float16)
+    task = np.array(["push", "pick", "place"])[np.arange(n) % 3]
+    y = np.where(task == ("pick" if flip else "push"), x[:, 0], x[:, 1]).astype(np.float32)
+    with StoreWriter(path, [LayerSpec("h", (D,))], [TargetSpec("y", (), "float32"), TargetSpec("task", (), TEXT),
+                                                     TargetSpec("ok", (), "bool"), TargetSpec("ep", (), "int64"),
+                                                     TargetSpec("pair", (2,), "int64")],
+                     {"dataset": "mypkg.data:tasks", "dataset_args": {}}) as writer:
+        writer.append({"h": x}, targets={"y": y, "task": task, "ok": np.arange(n) % 2 == 0, "ep": np.arange(n) // 30,
+                                         "pair": np.zeros((n, 2), np.int64)}, index=np.arange(n))
+    return task
+
+
+def test_rows_where_selects_by_target_values_and_refuses_what_would_select_by_mistake(tmp_path):
+    from marstore.dataset import rows_where
+    from marstore.store import StoreError
+
+    task = task_store(tmp_path / "t.h5")
+    with open_store(tmp_path / "t.h5") as s:
+        assert np.array_equal(rows_where(s, "task=push"), np.flatnonzero(task == "push"))
+        assert np.array_equal(rows_where(s, ["task!=push", "ok=true"]), np.flatnonzero((task != "push") & (np.arange(900) % 2 == 0)))
+        assert np.array_equal(rows_where(s, ["ep=3"], rows=100), np.arange(90, 100))  # of the first 100 rows
+        assert np.array_equal(rows_where(s, ["ep=2.0"]), np.arange(60, 90))  # numbers compare as numbers
+        for conditions, message in [
+            ("task=pusj", r"^--where task=pusj: no row of .*t\.h5 has task = pusj; it holds pick, place, push$"),
+            ("ep=99", r"^--where ep=99: no row of .*t\.h5 has ep = 99; it holds 0, 1, 2, .* 11 \.\.\. \(30 values\)$"),
+            ("ep=three", r"^--where ep=three: target 'ep' holds numbers, and 'three' is not one$"),
+            ("stage=1", r"^--where stage=1: .*t\.h5 has no target 'stage'; it has \['ep', 'ok', 'pair', 'task', 'y'\]$"),
+            ("pair=0", r"^--where pair=0: target 'pair' holds \(2,\) values a row; --where compares a target of one value a row$"),
+            ("task", r"^--where 'task': write TARGET=VALUE or TARGET!=VALUE$"),
+            (["task=push", "task=pick"], r"^--where task=push task=pick: no row of .*t\.h5 meets them all$"),
+        ]:
+            with pytest.raises(StoreError, match=message):
+                rows_where(s, conditions)
+
+
+def test_probes_within_a_subset_and_evaluate_keeps_to_it(tmp_path, capsys):
+    task = task_store(tmp_path / "t.h5")
+    report = train(tmp_path, tmp_path / "t.h5", where=["task=push"])
+    entry = report["layers"][0]
+    assert report["selected_rows"] == 300 and sum(entry["split_rows"].values()) == 300
+    assert entry["probe"]["test"]["r2"] > 0.99  # within one task y is one feature: read exactly
+    everywhere = train(tmp_path / "all", tmp_path / "t.h5")["layers"][0]["probe"]["test"]["r2"]
+    assert everywhere < 0.9  # across the tasks it is not one linear function
+    probe = load_probe(entry["probe"]["weights"])
+    seen = probe.saw(np.arange(900))
+    assert seen.sum() == 270 and set(task[seen]) == {"push"}  # fitted and chosen on push rows only
+    assert "(complete, 900 rows; the 300 where task=push)" in open(report["markdown"]).read()
+    # evaluated as trained: on its own store, its test rows, and the report's metric exactly
+    same = evaluate_probes(EvaluateOptions(str(tmp_path / "probes"), str(tmp_path / "t.h5"), out=str(tmp_path / "e1")))
+    assert same["evaluation"]["where"] == ["task=push"] and same["layers"][0]["split_rows"] == {"test": 30}
+    assert same["layers"][0]["probe"]["test"]["r2"] == entry["probe"]["test"]["r2"]
+    # on another checkpoint's store, where the tasks read other features: the push rows only, unless told
+    task_store(tmp_path / "flip.h5", flip=True)
+    main(["evaluate", str(tmp_path / "probes"), str(tmp_path / "flip.h5"), "--out", str(tmp_path / "e2"), "--where", "task=pick"])
+    picked = json.load(open(tmp_path / "e2" / "report.json"))
+    assert picked["layers"][0]["split_rows"] == {"test": 300} and picked["layers"][0]["probe"]["test"]["r2"] > 0.99
+    assert "the 300 rows of samples the probes were not fitted or chosen on, where task=pick" in open(tmp_path / "e2" / "report.md").read()
+    main(["evaluate", str(tmp_path / "probes"), str(tmp_path / "flip.h5"), "--out", str(tmp_path / "e3"), "--where"])
+    assert json.load(open(tmp_path / "e3" / "report.json"))["layers"][0]["split_rows"] == {"test": 630}  # every unseen sample
+    assert main(["probe", str(tmp_path / "t.h5"), "--target", "y", "--where", "task=pusj", "--out", str(tmp_path / "p2")]) == 2
+    assert capsys.readouterr().err.strip().endswith("no row of " + str(tmp_path / "t.h5") + " has task = pusj; it holds pick, "
+                                                    "place, push")
