@@ -106,7 +106,7 @@ def _probe_info(args: argparse.Namespace) -> int:
             "kind": probe.kind, "control": probe.control, "inputs": linear.in_features, "outputs": linear.out_features,
             "classes": probe.classes, "target_shape": list(probe.target_shape), "tokens": probe.tokens, "token": probe.token,
             "row_shape": list(probe.row_shape), "ragged": probe.ragged, "reduction": probe.reduction,
-            "standardised": probe.mean is not None, "trained_on": probe.trained_on,
+            "standardised": probe.mean is not None, "trained_on": probe.trained_on, "where": probe.where,
             "seen_samples": int((seen[:, 1] - seen[:, 0]).sum()), "seen_ranges": len(seen)}
     if args.json:
         print(json.dumps(info, indent=2))
@@ -122,7 +122,8 @@ def _probe_info(args: argparse.Namespace) -> int:
           f"({rows}, extraction reduction {probe.reduction}{', standardised' if info['standardised'] else ''})")
     if probe.task == "classification":
         print(f"  classes: {', '.join(map(str, probe.classes))}")
-    print(f"  trained on {where['path']} ({where['status']}, {where['rows']} rows, created {where['created']}{dataset})")
+    print(f"  trained on {where['path']} ({where['status']}, {where['rows']} rows, created {where['created']}{dataset})"
+          + (f", on the rows where {' and '.join(probe.where)}" if probe.where else ""))
     print(f"  fitted or chosen on {info['seen_samples']} samples (source indices in {info['seen_ranges']} ranges)")
     return 0
 

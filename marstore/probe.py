@@ -853,6 +853,7 @@ class TrainedProbe(nn.Module):
         # the store it was trained on; "dataset" ([--dataset, --dataset-arg]) is None where not recorded
         self.trained_on = {"dataset": [None, None], **file["trained_on"]}
         self.seen_sources = file["seen_sources"].numpy()  # [start, stop) ranges
+        self.where = list(file["options"].get("where", []))  # the conditions on its rows (--where), if any
         f = file["features"]
         self.row_shape, self.ragged, self.tokens, self.token = tuple(f["row_shape"]), f["ragged"], f["tokens"], f.get("token")
         self.channel_axis, self.reduction, self.channels_first = f["channel_axis"], f["reduction"], f["channels_first"]

@@ -434,6 +434,8 @@ def test_probes_within_a_subset_and_evaluate_keeps_to_it(tmp_path, capsys):
     seen = probe.saw(np.arange(900))
     assert seen.sum() == 270 and set(task[seen]) == {"push"}  # fitted and chosen on push rows only
     assert "(complete, 900 rows; the 300 where task=push)" in open(report["markdown"]).read()
+    assert probe.where == ["task=push"] and main(["info", entry["probe"]["weights"]]) == 0
+    assert ", on the rows where task=push\n" in capsys.readouterr().out
     # evaluated as trained: on its own store, its test rows, and the report's metric exactly
     same = evaluate_probes(EvaluateOptions(str(tmp_path / "probes"), str(tmp_path / "t.h5"), out=str(tmp_path / "e1")))
     assert same["evaluation"]["where"] == ["task=push"] and same["layers"][0]["split_rows"] == {"test": 30}
