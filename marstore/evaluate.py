@@ -68,7 +68,8 @@ def _same_samples(trained_on: dict, store: Store) -> str | None:
     if os.path.abspath(store.path) == trained_on["path"] and str(store.file.attrs["created"]) == trained_on["created"]:
         return "the store the probes were trained on"
     then = trained_on["dataset"]
-    if then[0] is not None and not then[0].startswith(IN_HAND) and then == [store.metadata.get("dataset"), store.metadata.get("dataset_args")]:
+    named = then[0] is not None and not then[0].startswith(IN_HAND)
+    if named and then == [store.metadata.get("dataset"), store.metadata.get("dataset_args")]:
         return f"an extraction of the same data set ({then[0]} {json.dumps(then[1], sort_keys=True)})"
     return None
 

@@ -570,12 +570,13 @@ def extract_from(model: torch.nn.Module, dataset: Any, out: str, layers: Sequenc
 
     The model stays where its weights are (the inputs go to the first weights' device; a model
     split over GPUs is not gathered) unless device= moves it for the run; it gets its device,
-    its train or eval mode, and torch's random generator its state, back afterwards; the process's
-    malloc is left alone unless malloc_tuning=True; checkpoint= loads that file's weights into it first (reported as
-    the command line's --checkpoint is, and recorded). The store records each object by its class
-    ("<object mypkg.models.MAR>"); dataset_name (e.g. "libero10/val") records the data set by a
-    name instead, so that `marstore evaluate` takes another store of that name for one of the
-    same samples under the same source indices (an object's class does not tell its samples)."""
+    its train or eval mode, and torch's random generator its state, back afterwards. The
+    process's malloc is left alone unless malloc_tuning=True. checkpoint= loads that file's
+    weights into the model first (reported as the command line's --checkpoint is, and recorded).
+    The store records each object by its class ("<object mypkg.models.MAR>"); dataset_name (e.g.
+    "libero10/val") records the data set by a name instead, so that `marstore evaluate` takes
+    another store of that name for one of the same samples under the same source indices (an
+    object's class does not tell its samples)."""
     refused = sorted(set(options) & set(_NOT_IN_HAND))
     if refused:
         raise TypeError(f"extract_from() got {', '.join(refused)}: it takes the model, the data set and the forward as "
