@@ -167,6 +167,7 @@ def _info(args: argparse.Namespace) -> int:
                     "compression": layer.compression,
                     "nonfinite": int(layer.attrs.get("nonfinite", 0)),
                     "overflow": int(layer.attrs.get("overflow", 0)),
+                    "joined_from": layer.attrs.get("joined_from"),  # the store a joined layer lives in
                 }
                 for name, layer in store.layers.items()
             },
@@ -186,7 +187,8 @@ def _info(args: argparse.Namespace) -> int:
     for name, layer in info["layers"].items():
         shape = "x".join(str(s) for s in layer["shape"])
         flags = f", {layer['compression']}" if layer["compression"] else ""
-        chunks = f"chunks {tuple(layer['chunks'])}" if layer["chunks"] else "virtual"
+        chunks = f"chunks {tuple(layer['chunks'])}" if layer["chunks"] else \
+            f"virtual, in {layer['joined_from']}" if layer["joined_from"] else "virtual"
         print(f"    {name:<28} {layer['layout']:<6} {shape:<18} {layer['dtype']:<8} (from {layer['source_dtype']}, "
               f"reduction {layer['reduction']}{_channels_text(layer)}) {chunks}{flags}; "
               f"nonfinite {layer['nonfinite']}, overflow {layer['overflow']}")
@@ -204,14 +206,17 @@ def _info(args: argparse.Namespace) -> int:
             print(f"    item {item['index']}: {item['error']}")
         if len(info["skipped"]) > SKIPPED_SHOWN:
             print(f"    ... and {len(info['skipped']) - SKIPPED_SHOWN} more (marstore info --json lists every one)")
-    run = info["run"]
-    for key in ("model", "checkpoint", "command"):
-        if key in run:
-            print(f"  {key}: {json.dumps(run[key]) if not isinstance(run[key], str) else run[key]}")
-    if run.get("checkpoint") and run.get("load_report"):
-        from marstore.loading import LoadReport
+    for joined in info["run"].get("joined", [info["run"]]):  # a joined store: the run of each store it joins
+        run, indent = joined.get("run", joined), "    " if "path" in joined else "  "
+        if "path" in joined:
+            print(f"  joined {joined['path']}:")
+        for key in ("model", "checkpoint", "command"):
+            if key in run:
+                print(f"{indent}{key}: {json.dumps(run[key]) if not isinstance(run[key], str) else run[key]}")
+        if run.get("checkpoint") and run.get("load_report"):
+            from marstore.loading import LoadReport
 
-        print(f"  weights from {run.get('state_key')!r}: {LoadReport.counts(run['load_report'])}")
+            print(f"{indent}weights from {run.get('state_key')!r}: {LoadReport.counts(run['load_report'])}")
     return 0
 
 
@@ -355,6 +360,19 @@ def _merge(args: argparse.Namespace) -> int:
         print(f"marstore merge: {exc}", file=sys.stderr)
         return 2
     print(f"copied {rows} rows of {args.store} into {args.out}")
+    return 0
+
+
+def _join(args: argparse.Namespace) -> int:
+    from marstore.scaleout import join_layers
+    from marstore.store import StoreError
+
+    try:
+        layers = join_layers(args.out, args.stores)
+    except StoreError as exc:
+        print(f"marstore join: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.out}: the {len(layers)} layers of {', '.join(args.stores)} ({', '.join(layers)})")
     return 0
 
 
@@ -550,6 +568,12 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("store")
     mg.add_argument("--out", required=True)
     mg.set_defaults(func=_merge)
+
+    jn = sub.add_parser("join", help="one store of the layers of several extractions of the same samples (another "
+                                     "layer extracted later), to probe together")
+    jn.add_argument("stores", nargs="+", metavar="STORE")
+    jn.add_argument("--out", required=True, help="the joined store: virtual datasets over the stores, which stay beside it")
+    jn.set_defaults(func=_join)
 
     demo = sub.add_parser("demo", help="the whole loop on the built-in model and synthetic data, no downloads")
     demo.add_argument("--out", default="runs/demo", help="where the checkpoint and the store go")

@@ -1,4 +1,5 @@
 """Scale-out: N ranks (torchrun) write part files; one top file joins them with virtual datasets.
+join_layers joins the layers of stores of the same samples (extractions of other layers) the same way.
 
     torchrun --nproc-per-node 4 -m marstore extract ... --out acts.h5
       -> acts.part000-of-004.h5 ... acts.part003-of-004.h5   (one store per rank)
@@ -30,6 +31,7 @@ from marstore.store import (
     StoreWriter,
     TargetSpec,
     open_store,
+    utc_now,
 )
 
 log = logging.getLogger(__name__)
@@ -102,15 +104,7 @@ def write_top_file(out: str, parts: list[str]) -> int:
             acts, tg = f.create_group("activations"), f.create_group("targets")
 
             def virtual(group: h5py.Group, name: str, source_name: str, counts: list[int]) -> h5py.Dataset:
-                sources = [s.file[source_name] for s in stores]
-                layout = h5py.VirtualLayout(shape=(sum(counts), *sources[0].shape[1:]), dtype=sources[0].dtype)
-                offset = 0
-                for s, ds, n in zip(stores, sources, counts):
-                    if n:
-                        rel = os.path.relpath(s.path, os.path.dirname(os.path.abspath(out)))
-                        layout[offset : offset + n] = h5py.VirtualSource(rel, source_name, shape=ds.shape)[:n]
-                    offset += n
-                return group.create_virtual_dataset(name, layout)
+                return _virtual(group, name, out, stores, source_name, counts)
 
             for spec in layer_specs:
                 name = spec["name"]
@@ -139,6 +133,104 @@ def write_top_file(out: str, parts: list[str]) -> int:
         os.replace(tmp, out)
         log.info("%s: virtual store over %d parts, %d rows", out, len(parts), total)
         return total
+    finally:
+        for s in stores:
+            s.close()
+
+
+def _virtual(group: h5py.Group, name: str, out: str, stores: list, source_name: str, counts: list[int]) -> h5py.Dataset:
+    """A virtual dataset of the first counts[i] rows of source_name in each store, one after the
+    other, its sources named relative to `out` (the folder can move whole)."""
+    sources = [s.file[source_name] for s in stores]
+    layout = h5py.VirtualLayout(shape=(sum(counts), *sources[0].shape[1:]), dtype=sources[0].dtype)
+    offset = 0
+    for s, ds, n in zip(stores, sources, counts):
+        if n:
+            rel = os.path.relpath(s.path, os.path.dirname(os.path.abspath(out)))
+            layout[offset : offset + n] = h5py.VirtualSource(rel, source_name, shape=ds.shape)[:n]
+        offset += n
+    return group.create_virtual_dataset(name, layout)
+
+
+def join_layers(out: str, paths: list[str]) -> list[str]:
+    """Builds the virtual store `out` with the layers of every store in paths: extractions of the
+    same samples in the same order (another layer asked for after the first run, say), whose
+    layers can then be probed together. Refuses stores of other samples, a layer or target name
+    held twice with other values, and incomplete stores. Returns the layers, in order."""
+    if len(paths) < 2:
+        raise StoreError("join: give two or more stores whose layers to join")
+    if os.path.exists(out):
+        raise StoreError(f"{out} exists; choose another --out")
+    stores = []
+    try:
+        for p in paths:
+            stores.append(open_store(p))
+        first = stores[0]
+        index = first.index()
+        layer_specs, target_specs, holder = [], [], {}
+        for s in stores:
+            if s.status != "complete":
+                raise StoreError(f"{s.path} is incomplete ({s.rows} committed rows): finish it (--resume) before joining")
+            other = s.index()
+            if len(other) != len(index) or not np.array_equal(other, index):
+                where = f"{len(other)} rows against {len(index)}" if len(other) != len(index) else \
+                    f"row {int(np.flatnonzero(other != index)[0])} is sample {other[other != index][0]} against " \
+                    f"{index[other != index][0]}"
+                raise StoreError(f"{s.path} holds other samples than {first.path} ({where}); join stores extracted from "
+                                 "the same samples in the same order (the same --dataset, --num-samples, --sample-seed)")
+            for spec in json.loads(s.file.attrs["layers"]):
+                if spec["name"] in holder:
+                    raise StoreError(f"{s.path} and {holder[spec['name']].path} both hold layer {spec['name']!r}; "
+                                     "join stores of different layers")
+                holder[spec["name"]] = s
+                layer_specs.append(spec)
+            for spec in json.loads(s.file.attrs["targets"]):
+                name = spec["name"]
+                if ("target", name) in holder:
+                    if not np.array_equal(s.target(name), holder[("target", name)].target(name)):
+                        raise StoreError(f"target {name!r} differs between {holder[('target', name)].path} and {s.path}: "
+                                         "they hold other samples, or other labels")
+                    continue
+                holder[("target", name)] = s
+                target_specs.append(spec)
+        runs = [s.metadata for s in stores]
+        checkpoints = {json.dumps(r.get("checkpoint") and r["checkpoint"].get("sha256")) for r in runs}
+        if len(checkpoints) > 1 or len({r.get("model") for r in runs}) > 1:
+            log.warning("the stores come from different models or checkpoints: the joined store's layers are of more than "
+                        "one model (each layer's joined_from says which store it came from)")
+        folder = os.path.dirname(os.path.abspath(out))
+        tmp = out + ".tmp"
+        with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
+            f.attrs.update({k: v for k, v in first.file.attrs.items() if k not in ("parts", "skipped")})
+            f.attrs.update({
+                "format": FORMAT, "format_version": FORMAT_VERSION, "rows": first.rows, "status": "complete",
+                "created": utc_now(), "committed_at": utc_now(),
+                "layers": json.dumps(layer_specs), "targets": json.dumps(target_specs),
+                # the first store's run, with every joined store's; their files sit beside this one
+                "run": json.dumps({**runs[0], "joined": [{"path": os.path.relpath(s.path, folder), "run": r}
+                                                         for s, r in zip(stores, runs)]}, default=str),
+                "parts": json.dumps([os.path.relpath(s.path, folder) for s in stores]),
+            })
+            acts, tg = f.create_group("activations"), f.create_group("targets")
+            for spec in layer_specs:
+                name, s = spec["name"], holder[spec["name"]]
+                obj = s.file["activations"][name]
+                if spec["ragged"]:
+                    target = acts.create_group(name)
+                    _virtual(target, "offsets", out, [s], f"activations/{name}/offsets", [s.rows + 1])
+                    _virtual(target, "values", out, [s], f"activations/{name}/values", [int(obj["offsets"][s.rows])])
+                else:
+                    target = _virtual(acts, name, out, [s], f"activations/{name}", [s.rows])
+                target.attrs.update({**obj.attrs, "joined_from": os.path.relpath(s.path, folder)})
+            for spec in target_specs:
+                _virtual(tg, spec["name"], out, [holder[("target", spec["name"])]], f"targets/{spec['name']}", [first.rows])
+            _virtual(f, "index", out, [first], "index", [first.rows])
+            _join_outputs(f, [first])
+            _join_skipped(f, [first])
+        os.replace(tmp, out)
+        names = [spec["name"] for spec in layer_specs]
+        log.info("%s: virtual store of %d layers from %d stores, %d rows", out, len(names), len(stores), first.rows)
+        return names
     finally:
         for s in stores:
             s.close()

@@ -350,7 +350,7 @@ class _ChunkBuffer:
         self.filled = 0  # rows [start, start + filled) are here
 
 
-def _now() -> str:
+def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -462,8 +462,8 @@ class StoreWriter:
                     "format_version": FORMAT_VERSION,
                     "status": "incomplete",
                     "rows": 0,
-                    "created": _now(),
-                    "committed_at": _now(),
+                    "created": utc_now(),
+                    "committed_at": utc_now(),
                     "marstore_version": __version__,
                     "torch_version": str(torch.__version__),
                     "h5py_version": h5py.version.version,
@@ -901,7 +901,7 @@ class StoreWriter:
         self._file.attrs["rows"] = self.written
         if skipped:
             self._file.attrs["skipped"] = skipped
-        self._file.attrs["committed_at"] = _now()
+        self._file.attrs["committed_at"] = utc_now()
         if final:
             self._file.attrs["status"] = "complete"
         self._file.flush()

@@ -193,3 +193,83 @@ def test_text_targets_and_items_left_out_join_in_the_virtual_store_and_survive_a
     merge(top, str(tmp_path / "m.h5"))
     with open_store(tmp_path / "m.h5") as s:
         assert s.target("task").tolist() == want and s.index().tolist() == [0, 2, 4, 1, 3, 5] and s.skipped() == skipped
+
+
+def _extraction(out, layers, size=48, **kw):
+    import torch
+
+    from marstore.extract import extract_from
+    from marstore.models import policy_forward, synthetic_video_actions, video_mar
+
+    torch.manual_seed(0)
+    model = video_mar(task_name="t", embed_dim=32, depth=2, decoder_depth=2, num_heads=2, drop_masked=True)
+    return extract_from(model, synthetic_video_actions(size=size), str(out), layers, forward=policy_forward,
+                        targets=["nactions", "label"], batch_size=8, progress=False, dataset_name="synthetic", **kw)
+
+
+def test_join_gives_one_store_of_the_layers_of_two_extractions(tmp_path, capsys):
+    from marstore.cli import main
+    from marstore.probe import ProbeOptions, run_probes
+    from marstore.scaleout import join_layers
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    _extraction(folder / "enc.h5", ["encoder_blocks.*"])  # ragged: the encoder drops masked tokens
+    _extraction(folder / "dec.h5", ["decoder_blocks.1", "decoder_norm"], reduction="mean")
+    assert join_layers(str(folder / "all.h5"), [str(folder / "enc.h5"), str(folder / "dec.h5")]) == [
+        "encoder_blocks.0", "encoder_blocks.1", "decoder_blocks.1", "decoder_norm"]
+    os.rename(folder, tmp_path / "moved")  # the sources are named relative to the joined store
+    folder = tmp_path / "moved"
+    with open_store(folder / "all.h5") as joined, open_store(folder / "enc.h5") as enc, open_store(folder / "dec.h5") as dec:
+        assert (joined.status, joined.rows) == ("complete", 48)
+        for source in (enc, dec):
+            for name, layer in source.layers.items():
+                got, want = joined.read(name), source.read(name)
+                assert all(a.tobytes() == b.tobytes() for a, b in zip(got, want)) and len(got) == len(want)
+                kept = joined.layers[name].attrs
+                assert kept["joined_from"] == os.path.basename(source.path)
+                assert np.array_equal(kept["mean"], layer.attrs["mean"]) and kept["reduction"] == layer.attrs["reduction"]
+        assert joined.layers["encoder_blocks.0"].layout == "ragged"
+        assert np.array_equal(joined.index(), enc.index()) and joined.target("label").tobytes() == dec.target("label").tobytes()
+        assert [j["path"] for j in joined.metadata["joined"]] == ["enc.h5", "dec.h5"]
+        assert joined.metadata["joined"][1]["run"]["layers"][0]["name"] == "decoder_blocks.1"
+    assert main(["info", str(folder / "all.h5")]) == 0
+    assert "(from float32, reduction mean) virtual, in dec.h5;" in capsys.readouterr().out
+    report = run_probes(ProbeOptions(store=str(folder / "all.h5"), target="label", out=str(tmp_path / "p"), progress=False,
+                                     control=False))
+    assert [e["layer"] for e in report["layers"]] == ["encoder_blocks.0", "encoder_blocks.1", "decoder_blocks.1", "decoder_norm"]
+    assert main(["merge", str(folder / "all.h5"), "--out", str(tmp_path / "one.h5")]) == 0  # one self-contained file
+    with open_store(tmp_path / "one.h5") as one, open_store(folder / "dec.h5") as dec:
+        assert one.read("decoder_norm").tobytes() == dec.read("decoder_norm").tobytes()
+
+
+def test_join_refuses_stores_of_other_samples_or_the_same_layers_in_one_line(tmp_path, capsys):
+    from marstore.cli import main
+    from marstore.scaleout import join_layers
+    from marstore.store import LayerSpec, StoreError, StoreWriter, TargetSpec
+
+    def store(name, layer, index, y=None):
+        path = str(tmp_path / name)
+        with StoreWriter(path, [LayerSpec(layer, (4,))], [TargetSpec("y", (), "int64")]) as writer:
+            n = len(index)
+            writer.append({layer: np.ones((n, 4), np.float16)}, targets={"y": np.arange(n) if y is None else y},
+                          index=np.asarray(index))
+        return path
+
+    a = store("a.h5", "h1", range(10))
+    cases = [
+        ([a, store("b.h5", "h2", range(12))], r"b\.h5 holds other samples than .*a\.h5 \(12 rows against 10\); join stores "
+                                             r"extracted from the same samples in the same order"),
+        ([a, store("c.h5", "h2", [0, 1, 2, 3, 4, 5, 6, 9, 8, 7])], r"c\.h5 holds other samples .*\(row 7 is sample 9 against 7\)"),
+        ([a, store("d.h5", "h1", range(10))], r"d\.h5 and .*a\.h5 both hold layer 'h1'; join stores of different layers"),
+        ([a, store("e.h5", "h2", range(10), y=np.arange(10) % 3)], r"target 'y' differs between .*a\.h5 and .*e\.h5"),
+        ([a], r"join: give two or more stores"),
+    ]
+    for paths, message in cases:
+        with pytest.raises(StoreError, match=message):
+            join_layers(str(tmp_path / "j.h5"), paths)
+    assert not os.path.exists(tmp_path / "j.h5")
+    with h5py.File(tmp_path / "a.h5", "r+", locking=False) as f:
+        f.attrs["status"] = "incomplete"
+    assert main(["join", a, store("f.h5", "h2", range(10)), "--out", str(tmp_path / "j.h5")]) == 2
+    assert capsys.readouterr().err == f"marstore join: {a} is incomplete (10 committed rows): finish it (--resume) before joining\n"
