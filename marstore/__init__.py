@@ -7,7 +7,7 @@ The data path, one module per stage:
     store      slots -> a chunked, self-describing HDF5 file that survives a kill and resumes
     dataset    store -> torch Dataset, per-process safe, with a chunk-shuffling sampler; token streams
     probe      dataset -> linear and MLP probes against a control task, reports and plots; probe files
-    evaluate   probe files -> the same probes on another store (checkpoint, model, data set)
+    evaluate   probe files -> the same probes on another store (checkpoint, model, data set), or a running model
 extract runs checkpoint -> store in one pipeline; cli is the `marstore` command.
 """
 

@@ -12,7 +12,7 @@ checkpoint's) only on the samples the probes were never fitted or chosen on: the
 samples, and samples their store did not hold (rows="auto", logged; "all" or "held-out"
 choose). The report has the layout of a probe report (report.json, report.md, depth.png, with
 the 95% bootstrap intervals), so that `marstore compare probes transfer` puts the two side by
-side.
+side. LiveProbes applies probe files to a model as it runs.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ import logging
 import os
 import re
 from dataclasses import asdict, dataclass
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from marstore.dataset import ActivationDataset, rows_where
-from marstore.hooks import match_modules, nearest_names
+from marstore.hooks import Capture, match_modules, nearest_names, parse_layers
 from marstore.loading import IN_HAND
 from marstore.probe import (ProbeError, TrainedProbe, _add_intervals, _breakdown_lines, _metrics, _read_report, _table_rows,
                             finite_rows, load_probe, markdown_table, report_breakdown_plot, report_depth_plot)
@@ -265,6 +266,49 @@ def evaluate_probes(opts: EvaluateOptions) -> dict:
     result["report"] = os.path.join(opts.out, "report.json")
     result["markdown"] = _markdown(result, opts.out)
     return result
+
+
+class LiveProbes:
+    """Trained probes reading a model as it runs (a policy in closed loop, a sampler): for the
+    with block, each probe's layer is hooked, and after each forward read() gives every probe's
+    predictions for that forward's samples. The hooks capture each module as it is, and each
+    probe applies its extraction's token reduction itself, so a probe of stored token means
+    takes UVA's (B, 1024, D) block outputs. multi_fire and unfold_batch are extraction's:
+    repeat what the probes' store was extracted with (a diffusion head's steps: "stack").
+
+        with LiveProbes(policy.model, ["probes/encoder_blocks.3.pt"]) as live:
+            action = policy.predict_action(obs)
+            live.read()["encoder_blocks.3"]   # what that block held of the actions, decoded
+    """
+
+    def __init__(self, model: torch.nn.Module, probes: Sequence[TrainedProbe | str | os.PathLike], *,
+                 multi_fire: str = "error", unfold_batch: bool = False):
+        loaded = [p if isinstance(p, TrainedProbe) else load_probe(p) for p in probes]
+        self.probes = {p.name: p for p in loaded}
+        if len(self.probes) != len(loaded):
+            raise ProbeError(f"probes of one name given twice: {sorted(p.name for p in loaded)}; give each once")
+        layers = list(dict.fromkeys(p.layer for p in loaded))
+        self.capture = Capture(model, parse_layers(layers, model), multi_fire=multi_fire, unfold_batch=unfold_batch)
+
+    def __enter__(self) -> "LiveProbes":
+        self.capture.__enter__()
+        self.capture.start_batch()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.capture.remove()
+
+    @torch.no_grad()
+    def read(self) -> dict[str, torch.Tensor | list[str]]:
+        """{probe name: its predictions (as TrainedProbe.predict gives them)} from what the hooked
+        modules gave since the last read; a module that did not fire since is an error."""
+        captured = self.capture.finish_batch()
+        self.capture.start_batch()
+        out = {}
+        for name, probe in self.probes.items():
+            x = captured[probe.layer]
+            out[name] = probe.to(x.device).predict(x)
+        return out
 
 
 def _markdown(result: dict, out: str) -> str:

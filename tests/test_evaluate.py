@@ -451,3 +451,39 @@ def test_probes_within_a_subset_and_evaluate_keeps_to_it(tmp_path, capsys):
     assert main(["probe", str(tmp_path / "t.h5"), "--target", "y", "--where", "task=pusj", "--out", str(tmp_path / "p2")]) == 2
     assert capsys.readouterr().err.strip().endswith("no row of " + str(tmp_path / "t.h5") + " has task = pusj; it holds pick, "
                                                     "place, push")
+
+
+def test_live_probes_read_a_running_model_as_the_store_held_it(tmp_path):
+    from torch.utils.data import default_collate
+
+    from marstore.evaluate import LiveProbes
+    from marstore.extract import extract_from
+    from marstore.hooks import HookError, hook_count
+    from marstore.models import policy_forward, synthetic_video_actions, video_mar
+
+    torch.manual_seed(0)
+    model = video_mar(task_name="t", embed_dim=32, depth=2, decoder_depth=2, num_heads=2)
+    data = synthetic_video_actions(size=200)
+    extract_from(model, data, str(tmp_path / "s.h5"), ["encoder_blocks.*", "decoder_norm"], forward=policy_forward,
+                 targets=["nactions", "label"], reduction="mean", batch_size=20, progress=False, dtype="float32")
+    run_probes(ProbeOptions(store=str(tmp_path / "s.h5"), target="nactions", out=str(tmp_path / "p"), progress=False,
+                            control=False))
+    paths = [str(tmp_path / "p" / f"{name}.pt") for name in ("encoder_blocks.1", "decoder_norm")]
+    probes = [load_probe(p) for p in paths]
+    batch = default_collate([data[i] for i in range(5)])
+    with open_store(tmp_path / "s.h5") as s:
+        stored = {name: torch.from_numpy(s.read(name, 0, 5).astype(np.float32)) for name in ("encoder_blocks.1", "decoder_norm")}
+    with LiveProbes(model, paths) as live:
+        assert hook_count(model) == 2
+        with torch.inference_mode():
+            policy_forward(model, batch)
+        read = live.read()
+        with pytest.raises(HookError, match=r"^encoder_blocks\.1 did not fire in this batch"):
+            live.read()  # nothing ran since
+    assert hook_count(model) == 0
+    for probe in probes:  # the block's (5, 64, 32) tokens, reduced by the probe as extraction reduced them
+        want = probe.predict(stored[probe.layer])
+        assert read[probe.name].shape == want.shape == (5, 16, 2)
+        torch.testing.assert_close(read[probe.name], want, atol=1e-4, rtol=0)  # a batch of 5, not of 20: other roundings
+    with pytest.raises(ProbeError, match=r"^probes of one name given twice"):
+        LiveProbes(model, [paths[0], probes[0]])
