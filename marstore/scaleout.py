@@ -167,32 +167,32 @@ def join_layers(out: str, paths: list[str]) -> list[str]:
             stores.append(open_store(p))
         first = stores[0]
         index = first.index()
-        layer_specs, target_specs, holder = [], [], {}
+        layer_specs, target_specs = [], []
+        layer_in, target_in = {}, {}  # the store that holds each layer, each target
         for s in stores:
             if s.status != "complete":
                 raise StoreError(f"{s.path} is incomplete ({s.rows} committed rows): finish it (--resume) before joining")
             other = s.index()
             if len(other) != len(index) or not np.array_equal(other, index):
-                where = f"{len(other)} rows against {len(index)}" if len(other) != len(index) else \
-                    f"row {int(np.flatnonzero(other != index)[0])} is sample {other[other != index][0]} against " \
-                    f"{index[other != index][0]}"
+                row = np.flatnonzero(other != index)[0] if len(other) == len(index) else None
+                where = f"{len(other)} rows against {len(index)}" if row is None else \
+                    f"row {row} is sample {other[row]} against {index[row]}"
                 raise StoreError(f"{s.path} holds other samples than {first.path} ({where}); join stores extracted from "
                                  "the same samples in the same order (the same --dataset, --num-samples, --sample-seed)")
             for spec in json.loads(s.file.attrs["layers"]):
-                if spec["name"] in holder:
-                    raise StoreError(f"{s.path} and {holder[spec['name']].path} both hold layer {spec['name']!r}; "
+                if spec["name"] in layer_in:
+                    raise StoreError(f"{s.path} and {layer_in[spec['name']].path} both hold layer {spec['name']!r}; "
                                      "join stores of different layers")
-                holder[spec["name"]] = s
+                layer_in[spec["name"]] = s
                 layer_specs.append(spec)
             for spec in json.loads(s.file.attrs["targets"]):
                 name = spec["name"]
-                if ("target", name) in holder:
-                    if not np.array_equal(s.target(name), holder[("target", name)].target(name)):
-                        raise StoreError(f"target {name!r} differs between {holder[('target', name)].path} and {s.path}: "
-                                         "they hold other samples, or other labels")
-                    continue
-                holder[("target", name)] = s
-                target_specs.append(spec)
+                if name not in target_in:
+                    target_in[name] = s
+                    target_specs.append(spec)
+                elif not np.array_equal(s.target(name), target_in[name].target(name)):
+                    raise StoreError(f"target {name!r} differs between {target_in[name].path} and {s.path}: they hold "
+                                     "other samples, or other labels")
         runs = [s.metadata for s in stores]
         checkpoints = {json.dumps(r.get("checkpoint") and r["checkpoint"].get("sha256")) for r in runs}
         if len(checkpoints) > 1 or len({r.get("model") for r in runs}) > 1:
@@ -213,7 +213,7 @@ def join_layers(out: str, paths: list[str]) -> list[str]:
             })
             acts, tg = f.create_group("activations"), f.create_group("targets")
             for spec in layer_specs:
-                name, s = spec["name"], holder[spec["name"]]
+                name, s = spec["name"], layer_in[spec["name"]]
                 obj = s.file["activations"][name]
                 if spec["ragged"]:
                     target = acts.create_group(name)
@@ -223,7 +223,7 @@ def join_layers(out: str, paths: list[str]) -> list[str]:
                     target = _virtual(acts, name, out, [s], f"activations/{name}", [s.rows])
                 target.attrs.update({**obj.attrs, "joined_from": os.path.relpath(s.path, folder)})
             for spec in target_specs:
-                _virtual(tg, spec["name"], out, [holder[("target", spec["name"])]], f"targets/{spec['name']}", [first.rows])
+                _virtual(tg, spec["name"], out, [target_in[spec["name"]]], f"targets/{spec['name']}", [first.rows])
             _virtual(f, "index", out, [first], "index", [first.rows])
             _join_outputs(f, [first])
             _join_skipped(f, [first])
