@@ -376,6 +376,9 @@ def _check_dataset(dataset: Any, opts: "ExtractOptions", given: str) -> bool:
     """Refuses, before any item is read, a data set that cannot be extracted as asked; says
     whether it is map-style (else iterable)."""
     what = f"{given} {type(dataset).__name__}"
+    if isinstance(dataset, DataLoader):  # its items are batches, and its sampler's order is not recorded
+        raise ExtractError(f"{what}: give its data set (loader.dataset); marstore batches the items itself (--batch-size, "
+                           "--workers) and records each sample's index")
     if not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
         return True
     if not hasattr(dataset, "__iter__"):

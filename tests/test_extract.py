@@ -1937,6 +1937,9 @@ def test_extract_from_refuses_what_it_cannot_take_in_one_line(tmp_path):
         extract_from(video_mar, data, out, "encoder_blocks.*")
     with pytest.raises(ExtractError, match=r"^the data set handed over is a int: neither a map-style data set"):
         extract_from(model, 5, out, "encoder_blocks.*")
+    with pytest.raises(ExtractError, match=r"^the data set handed over is a DataLoader: give its data set \(loader\.dataset\); "
+                                           r"marstore batches the items itself"):
+        extract_from(model, torch.utils.data.DataLoader(data, batch_size=4), out, "encoder_blocks.*")
     with pytest.raises(hooks.HookError, match=r"'encoder_blok\.\*' matches no module; nearest names: \['encoder_blocks\.1'"):
         extract_from(model, data, out, "encoder_blok.*")
     assert not os.path.exists(out) and _hooks_left(model) == 0
