@@ -624,12 +624,16 @@ def _prepare(opts: ProbeOptions, layer: str, selection: np.ndarray) -> _Prepared
     with open_store(opts.store) as store:
         seen_sources = store.index()[selection[np.concatenate([splits["train"], splits["val"]])]]
         info = store.layers[layer]
-        recorded = next((spec for spec in store.metadata.get("layers", []) if spec.get("store_name") == layer), {})
+        run = store.run_of(layer)
+        recorded = next((spec for spec in run.get("layers", []) if spec.get("store_name") == layer), {})
+        extraction = run.get("options", {})
         # read while the store is open: a closed file's attributes read as absent
         features = {"layer": layer, "row_shape": list(info.row_shape), "ragged": info.layout == "ragged",
                     "channel_axis": ds.channel_axes.get(layer), "reduction": str(info.attrs.get("reduction", "none")),
                     "channels_first": bool(recorded.get("channels_first", False)), "tokens": opts.tokens,
-                    "mean": stats[0], "std": stats[1]}
+                    "mean": stats[0], "std": stats[1],
+                    # how the hooks took the module's captures, for LiveProbes to take them the same way
+                    "multi_fire": extraction.get("multi_fire", "error"), "unfold_batch": bool(extraction.get("unfold_batch"))}
     task = opts.task
     names: list[str] = []  # a text target's strings, sorted: class i is names[i]
     if opts.target in ds.text:
@@ -857,6 +861,8 @@ class TrainedProbe(nn.Module):
         f = file["features"]
         self.row_shape, self.ragged, self.tokens, self.token = tuple(f["row_shape"]), f["ragged"], f["tokens"], f.get("token")
         self.channel_axis, self.reduction, self.channels_first = f["channel_axis"], f["reduction"], f["channels_first"]
+        # how extraction hooked the module (None in files written before these were recorded)
+        self.multi_fire, self.unfold_batch = f.get("multi_fire"), f.get("unfold_batch")
         self.register_buffer("mean", f["mean"])
         self.register_buffer("std", f["std"])
         state = file["state_dict"]

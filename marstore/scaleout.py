@@ -206,9 +206,10 @@ def join_layers(out: str, paths: list[str]) -> list[str]:
                 "format": FORMAT, "format_version": FORMAT_VERSION, "rows": first.rows, "status": "complete",
                 "created": utc_now(), "committed_at": utc_now(),
                 "layers": json.dumps(layer_specs), "targets": json.dumps(target_specs),
-                # the first store's run, with every joined store's; their files sit beside this one
-                "run": json.dumps({**runs[0], "joined": [{"path": os.path.relpath(s.path, folder), "run": r}
-                                                         for s, r in zip(stores, runs)]}, default=str),
+                # the first store's run with every store's layers, and each store's run; their files sit beside this one
+                "run": json.dumps({**runs[0], "layers": [spec for r in runs for spec in r.get("layers", [])],
+                                   "joined": [{"path": os.path.relpath(s.path, folder), "run": r}
+                                              for s, r in zip(stores, runs)]}, default=str),
                 "parts": json.dumps([os.path.relpath(s.path, folder) for s in stores]),
             })
             acts, tg = f.create_group("activations"), f.create_group("targets")

@@ -1148,6 +1148,14 @@ class Store:
             )
         self.targets = {name: ds for name, ds in file["targets"].items()}
 
+    def run_of(self, layer: str) -> dict:
+        """The run (metadata) of the extraction that wrote a layer: the store's own, or in a
+        joined store (marstore join) the joined store's that holds it."""
+        for joined in self.metadata.get("joined", []):
+            if any(spec.get("store_name") == layer for spec in joined["run"].get("layers", [])):
+                return joined["run"]
+        return self.metadata
+
     def _span(self, start: int, stop: int | None) -> tuple[int, int]:
         """[start, stop) as a slice of the committed rows takes it (negative: from the last
         committed row, not from the end of a dataset that a writer has grown further)."""

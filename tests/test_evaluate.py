@@ -487,3 +487,40 @@ def test_live_probes_read_a_running_model_as_the_store_held_it(tmp_path):
         torch.testing.assert_close(read[probe.name], want, atol=1e-4, rtol=0)  # a batch of 5, not of 20: other roundings
     with pytest.raises(ProbeError, match=r"^probes of one name given twice"):
         LiveProbes(model, [paths[0], probes[0]])
+
+
+class Looped(torch.nn.Module):
+    """A module called three times a forward, as a diffusion head is once a denoising step."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.step = torch.nn.Linear(4, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for _ in range(3):
+            h = torch.tanh(self.step(h))
+        return h.sum()
+
+
+def test_live_probes_hook_a_module_as_its_extraction_did(tmp_path):
+    from marstore.evaluate import LiveProbes
+    from marstore.extract import extract_from
+    from marstore.hooks import HookError
+
+    torch.manual_seed(0)
+    model = Looped()
+    data = [{"x": x, "y": x[0]} for x in torch.randn(300, 4)]
+    extract_from(model, data, str(tmp_path / "s.h5"), "step", forward=lambda m, b: m(b["x"]), targets=["y"],
+                 multi_fire="stack", dtype="float32", batch_size=50, progress=False)
+    run_probes(ProbeOptions(store=str(tmp_path / "s.h5"), target="y", out=str(tmp_path / "p"), progress=False,
+                            control=False, tokens="each"))
+    probe = load_probe(tmp_path / "p" / "step[2].pt")  # the last step's
+    assert (probe.multi_fire, probe.unfold_batch, probe.row_shape) == ("stack", False, (3, 8))
+    with open_store(tmp_path / "s.h5") as s:
+        stored = torch.from_numpy(s.read("step", 0, 5))
+    with LiveProbes(model, [probe]) as live:  # stacked, as the file says
+        model(torch.stack([d["x"] for d in data[:5]]))
+        torch.testing.assert_close(live.read()["step[2]"], probe.predict(stored), atol=1e-5, rtol=0)
+    with LiveProbes(model, [probe], multi_fire="error"), pytest.raises(HookError, match="step fired more than once"):
+        model(torch.stack([d["x"] for d in data[:5]]))

@@ -233,6 +233,9 @@ def test_join_gives_one_store_of_the_layers_of_two_extractions(tmp_path, capsys)
         assert np.array_equal(joined.index(), enc.index()) and joined.target("label").tobytes() == dec.target("label").tobytes()
         assert [j["path"] for j in joined.metadata["joined"]] == ["enc.h5", "dec.h5"]
         assert joined.metadata["joined"][1]["run"]["layers"][0]["name"] == "decoder_blocks.1"
+        # each layer's extraction: its hooks' options (a probe file records them for LiveProbes)
+        assert joined.run_of("decoder_norm") == dec.metadata and joined.run_of("encoder_blocks.1") == enc.metadata
+        assert [spec["name"] for spec in joined.metadata["layers"]] == list(joined.layers)
     assert main(["info", str(folder / "all.h5")]) == 0
     assert "(from float32, reduction mean) virtual, in dec.h5;" in capsys.readouterr().out
     report = run_probes(ProbeOptions(store=str(folder / "all.h5"), target="label", out=str(tmp_path / "p"), progress=False,
