@@ -1042,14 +1042,9 @@ def _layer_specs(opts, selections, capture: hooks.Capture, pending) -> list[Laye
             raise ExtractError(f"{sel.store_name}: ragged storage needs (batch, tokens, ...) activations, got {tuple(first.shape)}")
         source = str(capture.source_dtypes.get(sel.store_name, first.dtype)).replace("torch.", "")
         specs.append(LayerSpec(sel.store_name, row_shape, dtype=opts.dtype, source_dtype=source,
-                               reduction=_reduction_name(sel), ragged=ragged, compression=opts.compression,
+                               reduction=hooks.recorded_reduction(sel.reduction, sel.channels_first), ragged=ragged, compression=opts.compression,
                                channel_axis=None if ragged else capture.channel_axes.get(sel.store_name)))
     return specs
-
-
-def _reduction_name(sel: hooks.LayerSelection) -> str:
-    name = json.dumps(sel.reduction) if isinstance(sel.reduction, list) else str(sel.reduction)
-    return f"{name} (channels first)" if sel.channels_first and sel.reduction != "none" else name
 
 
 def _open_writer(opts, selections, capture: hooks.Capture, pending, metadata, start_row: int) -> StoreWriter:

@@ -19,6 +19,7 @@ import difflib
 import fnmatch
 import functools
 import inspect
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -280,6 +281,22 @@ def _token_index(indices: tuple[int, ...], device: torch.device) -> torch.Tensor
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     """a is b, or a view of it (reductions such as a first token are views)."""
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.numel() > 0
+
+
+CHANNELS_FIRST_NOTE = " (channels first)"
+
+
+def recorded_reduction(reduction: str | list[int], channels_first: bool) -> str:
+    """A layer's reduction as its store records it (the layer's `reduction` attribute): an
+    index list as JSON, and a note where the tokens were a channels-first capture's positions."""
+    text = json.dumps(reduction) if isinstance(reduction, list) else str(reduction)
+    return text + CHANNELS_FIRST_NOTE if channels_first and reduction != "none" else text
+
+
+def parse_recorded_reduction(text: str) -> tuple[str | list[int], bool]:
+    """recorded_reduction's inverse: (the reduction, whether its tokens were channels-first positions)."""
+    body = text.removesuffix(CHANNELS_FIRST_NOTE)
+    return (json.loads(body) if body.startswith("[") else parse_reduction(body)), body != text
 
 
 def parse_reduction(text: str) -> str | list[int]:

@@ -50,7 +50,7 @@ from torch import nn
 from tqdm import tqdm
 
 from marstore.dataset import ActivationDataset, flat_tokens, layers_of, reduce_read_tokens, row_tokens, rows_where
-from marstore.hooks import HookError, parse_reduction, reduce_tokens
+from marstore.hooks import HookError, parse_recorded_reduction, reduce_tokens
 from marstore.store import StoreError, open_store
 from marstore.transfer import resolve_device
 
@@ -894,7 +894,7 @@ class TrainedProbe(nn.Module):
                 raise ProbeError(f"{self.name}: activations of shape {tuple(x.shape)}; this probe takes rows shaped {form}")
             return x
         try:
-            reduced = reduce_tokens(x.float(), parse_reduction(self.reduction), self.channels_first)
+            reduced = reduce_tokens(x.float(), *parse_recorded_reduction(self.reduction))
         except HookError as exc:
             reduced, why = None, f" ({exc})"
         else:

@@ -524,3 +524,33 @@ def test_live_probes_hook_a_module_as_its_extraction_did(tmp_path):
         torch.testing.assert_close(live.read()["step[2]"], probe.predict(stored), atol=1e-5, rtol=0)
     with LiveProbes(model, [probe], multi_fire="error"), pytest.raises(HookError, match="step fired more than once"):
         model(torch.stack([d["x"] for d in data[:5]]))
+
+
+@pytest.mark.parametrize("case", ["conv positions", "token list"])
+def test_a_probe_takes_the_capture_of_any_recorded_reduction(tmp_path, case):
+    """The store records a reduction as text ('mean (channels first)', '[0, 2]'); the probe parses
+    it back to reduce the module's own capture as extraction did."""
+    from marstore.extract import extract_from
+    from marstore.hooks import parse_recorded_reduction, recorded_reduction
+
+    for reduction, channels_first in (("none", False), ("mean", False), ("mean:4", True), ([0, 5, 9], False), ("last", True)):
+        assert parse_recorded_reduction(recorded_reduction(reduction, channels_first)) == (reduction, channels_first)
+    torch.manual_seed(0)
+    if case == "conv positions":
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+        inputs = torch.randn(200, 3, 8, 8)
+        options = dict(reduction="mean", channels_first=True, layers="0")
+    else:
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh())
+        inputs = torch.randn(200, 5, 4)
+        options = dict(reduction=[0, 2], layers="0")
+    model(inputs[:1])
+    data = [{"x": x, "y": x.mean()} for x in inputs]
+    extract_from(model, data, str(tmp_path / "s.h5"), forward=lambda m, b: m(b["x"]), targets=["y"], dtype="float32",
+                 batch_size=50, progress=False, **options)
+    run_probes(ProbeOptions(store=str(tmp_path / "s.h5"), target="y", out=str(tmp_path / "p"), progress=False, control=False))
+    probe = load_probe(tmp_path / "p" / "0.pt")
+    with open_store(tmp_path / "s.h5") as s:
+        stored = torch.from_numpy(s.read("0", 0, 6))
+    captured = model[0](inputs[:6]).detach()  # the module's own output: (6, 6, 6, 6) or (6, 5, 8)
+    torch.testing.assert_close(probe.predict(captured), probe.predict(stored), atol=1e-5, rtol=0)
