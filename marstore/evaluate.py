@@ -273,9 +273,10 @@ class LiveProbes:
     with block, each probe's layer is hooked, and after each forward read() gives every probe's
     predictions for that forward's samples. The hooks capture each module as it is, and each
     probe applies its extraction's token reduction itself, so a probe of stored token means
-    takes UVA's (B, 1024, D) block outputs. The hooks take a module that fires several times
-    (multi_fire: a diffusion head's steps, "stack") or folds samples into its batch
-    (unfold_batch) as the probes' extraction did, as their files record it, unless told.
+    takes UVA's (B, 1024, D) block outputs, and unfolds a module that ran on k rows a sample
+    (UVA's action head, B*4) as extraction did. A module that fires several times a forward (a
+    diffusion head's steps) is hooked with the multi_fire policy the probes' files record
+    (multi_fire= overrides).
 
         with LiveProbes(policy.model, ["probes/encoder_blocks.3.pt"]) as live:
             action = policy.predict_action(obs)
@@ -283,15 +284,14 @@ class LiveProbes:
     """
 
     def __init__(self, model: torch.nn.Module, probes: Sequence[TrainedProbe | str | os.PathLike], *,
-                 multi_fire: str | None = None, unfold_batch: bool | None = None):
+                 multi_fire: str | None = None):
         loaded = [p if isinstance(p, TrainedProbe) else load_probe(p) for p in probes]
         self.probes = {p.name: p for p in loaded}
         if len(self.probes) != len(loaded):
             raise ProbeError(f"probes of one name given twice: {sorted(p.name for p in loaded)}; give each once")
         multi_fire = _as_extracted(loaded, "multi_fire", multi_fire, "error")
-        unfold_batch = _as_extracted(loaded, "unfold_batch", unfold_batch, False)
         layers = list(dict.fromkeys(p.layer for p in loaded))
-        self.capture = Capture(model, parse_layers(layers, model), multi_fire=multi_fire, unfold_batch=unfold_batch)
+        self.capture = Capture(model, parse_layers(layers, model), multi_fire=multi_fire)  # captures as the module gives them
 
     def __enter__(self) -> "LiveProbes":
         self.capture.__enter__()
@@ -315,8 +315,8 @@ class LiveProbes:
 
 
 def _as_extracted(probes: list[TrainedProbe], option: str, given: Any, default: Any) -> Any:
-    """An extraction option that one hooking of the model must share: the one given, or the
-    one the probes' files record (the same in all of them), or the default where none does."""
+    """An extraction option that one hooking of the model must share (multi_fire): the one
+    given, or the one the probes' files record (the same in all of them), or the default."""
     if given is not None:
         return given
     recorded = {p.name: getattr(p, option) for p in probes if getattr(p, option) is not None}

@@ -1043,7 +1043,8 @@ def _layer_specs(opts, selections, capture: hooks.Capture, pending) -> list[Laye
         source = str(capture.source_dtypes.get(sel.store_name, first.dtype)).replace("torch.", "")
         specs.append(LayerSpec(sel.store_name, row_shape, dtype=opts.dtype, source_dtype=source,
                                reduction=hooks.recorded_reduction(sel.reduction, sel.channels_first), ragged=ragged, compression=opts.compression,
-                               channel_axis=None if ragged else capture.channel_axes.get(sel.store_name)))
+                               channel_axis=None if ragged else capture.channel_axes.get(sel.store_name),
+                               unfolded=capture.unfolded.get(sel.store_name)))
     return specs
 
 

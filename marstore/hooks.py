@@ -337,6 +337,7 @@ class Capture:
         self.source_dtypes: dict[str, torch.dtype] = {}  # what each module gave, before any reduction
         # the row axis that holds the channels of a channels-first capture stored with its positions
         self.channel_axes: dict[str, int] = {}
+        self.unfolded: dict[str, int] = {}  # k of each capture unfolded from (B*k, ...) to (B, k, ...)
 
     def __enter__(self) -> "Capture":
         try:
@@ -452,6 +453,7 @@ class Capture:
             raise HookError(f"{sel.store_name}: {n} leading rows for a batch of {rows} samples ({n // rows} a sample: "
                             "the module folds another axis into the batch); pass --unfold-batch to store them as "
                             f"({rows}, {n // rows}, ...) taking the rows as sample-major, or hook another module")
+        self.unfolded.setdefault(sel.store_name, n // rows)
         return value.reshape(rows, n // rows, *value.shape[1:])
 
     def start_batch(self, rows: int | None = None) -> None:

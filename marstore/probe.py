@@ -632,8 +632,9 @@ def _prepare(opts: ProbeOptions, layer: str, selection: np.ndarray) -> _Prepared
                     "channel_axis": ds.channel_axes.get(layer), "reduction": str(info.attrs.get("reduction", "none")),
                     "channels_first": bool(recorded.get("channels_first", False)), "tokens": opts.tokens,
                     "mean": stats[0], "std": stats[1],
-                    # how the hooks took the module's captures, for LiveProbes to take them the same way
-                    "multi_fire": extraction.get("multi_fire", "error"), "unfold_batch": bool(extraction.get("unfold_batch"))}
+                    # how the hooks took the module's captures, for a probe of its live output (LiveProbes)
+                    "multi_fire": extraction.get("multi_fire", "error"),
+                    "unfolded": int(info.attrs["unfolded"]) if "unfolded" in info.attrs else None}
     task = opts.task
     names: list[str] = []  # a text target's strings, sorted: class i is names[i]
     if opts.target in ds.text:
@@ -861,8 +862,9 @@ class TrainedProbe(nn.Module):
         f = file["features"]
         self.row_shape, self.ragged, self.tokens, self.token = tuple(f["row_shape"]), f["ragged"], f["tokens"], f.get("token")
         self.channel_axis, self.reduction, self.channels_first = f["channel_axis"], f["reduction"], f["channels_first"]
-        # how extraction hooked the module (None in files written before these were recorded)
-        self.multi_fire, self.unfold_batch = f.get("multi_fire"), f.get("unfold_batch")
+        # how extraction hooked the module: a firing policy (None in files written before it was
+        # recorded), and k where the module ran on k rows a sample, unfolded to (B, k, ...)
+        self.multi_fire, self.unfolded = f.get("multi_fire"), f.get("unfolded")
         self.register_buffer("mean", f["mean"])
         self.register_buffer("std", f["std"])
         state = file["state_dict"]
@@ -888,13 +890,17 @@ class TrainedProbe(nn.Module):
 
     def _as_stored(self, x: torch.Tensor) -> torch.Tensor:
         stored = x.shape[2:] == self.row_shape if self.ragged else x.shape[1:] == self.row_shape
+        if self.unfolded and not stored and len(x) % self.unfolded == 0:
+            # the module's own B*k rows, sample-major, as extraction unfolded them
+            x = x.reshape(len(x) // self.unfolded, self.unfolded, *x.shape[1:])
+            stored = x.shape[1:] == self.row_shape
         if stored or self.reduction == "none" or self.ragged:
             if not stored:
                 form = f"(rows, tokens, {', '.join(map(str, self.row_shape))})" if self.ragged else f"(rows, {self.row_shape})"
                 raise ProbeError(f"{self.name}: activations of shape {tuple(x.shape)}; this probe takes rows shaped {form}")
             return x
         try:
-            reduced = reduce_tokens(x.float(), *parse_recorded_reduction(self.reduction))
+            reduced = reduce_tokens(x.float(), *parse_recorded_reduction(self.reduction), 2 if self.unfolded else 1)
         except HookError as exc:
             reduced, why = None, f" ({exc})"
         else:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections.abc
 import concurrent.futures
+import dataclasses
 import datetime
 import fcntl
 import json
@@ -84,6 +85,9 @@ class LayerSpec:
     # a layer stored with its positions whose channels come first, as convolutions give: the
     # row axis of the channels (0 for (C, h, w), 1 for k unfolded rows (k, C, h, w)); None: features last
     channel_axis: int | None = None
+    # k, for a module that ran on k rows a sample (UVA's action head: B*4), unfolded to (B, k, ...)
+    # before its reduction; None: one row a sample
+    unfolded: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in STORED_DTYPES:
@@ -326,6 +330,7 @@ def _create_layer(root: h5py.Group, spec: LayerSpec, expected_rows: int | None) 
             "nonfinite": 0,
             "overflow": 0,
             **({"channel_axis": spec.channel_axis} if spec.channel_axis is not None else {}),
+            **({"unfolded": spec.unfolded} if spec.unfolded is not None else {}),
         }
     )
 
@@ -494,7 +499,9 @@ class StoreWriter:
         store = open_store(self.path)  # validates the file first, with clear errors
         store.close()
         f = h5py.File(self.path, "r+", locking=False)
-        recorded = json.loads(f.attrs["layers"])
+        # a field that the store's version did not have yet counts as its default
+        defaults = {k.name: k.default for k in dataclasses.fields(LayerSpec) if k.default is not dataclasses.MISSING}
+        recorded = [{**defaults, **spec} for spec in json.loads(f.attrs["layers"])]
         wanted = [s.__dict__ for s in self.layers_spec]
         if _jsonable(recorded) != _jsonable(wanted):
             f.close()

@@ -464,24 +464,29 @@ def test_live_probes_read_a_running_model_as_the_store_held_it(tmp_path):
     torch.manual_seed(0)
     model = video_mar(task_name="t", embed_dim=32, depth=2, decoder_depth=2, num_heads=2)
     data = synthetic_video_actions(size=200)
-    extract_from(model, data, str(tmp_path / "s.h5"), ["encoder_blocks.*", "decoder_norm"], forward=policy_forward,
-                 targets=["nactions", "label"], reduction="mean", batch_size=20, progress=False, dtype="float32")
+    # UVA's action head runs on B*4 rows: unfolded to (B, 4, D, 4, 4), its positions pooled
+    extract_from(model, data, str(tmp_path / "s.h5"), ["encoder_blocks.*", "decoder_norm", "diffactloss.conv"],
+                 forward=policy_forward, targets=["nactions", "label"], reduction="mean", unfold_batch=True,
+                 channels_first=["diffactloss.conv"], batch_size=20, progress=False, dtype="float32")
     run_probes(ProbeOptions(store=str(tmp_path / "s.h5"), target="nactions", out=str(tmp_path / "p"), progress=False,
                             control=False))
-    paths = [str(tmp_path / "p" / f"{name}.pt") for name in ("encoder_blocks.1", "decoder_norm")]
+    names = ("encoder_blocks.1", "decoder_norm", "diffactloss.conv")
+    paths = [str(tmp_path / "p" / f"{name}.pt") for name in names]
     probes = [load_probe(p) for p in paths]
+    assert [p.unfolded for p in probes] == [None, None, 4]
     batch = default_collate([data[i] for i in range(5)])
     with open_store(tmp_path / "s.h5") as s:
-        stored = {name: torch.from_numpy(s.read(name, 0, 5).astype(np.float32)) for name in ("encoder_blocks.1", "decoder_norm")}
+        stored = {name: torch.from_numpy(s.read(name, 0, 5).astype(np.float32)) for name in names}
+        assert s.layers["diffactloss.conv"].attrs["unfolded"] == 4 and "unfolded" not in s.layers["decoder_norm"].attrs
     with LiveProbes(model, paths) as live:
-        assert hook_count(model) == 2
+        assert hook_count(model) == 3
         with torch.inference_mode():
             policy_forward(model, batch)
         read = live.read()
         with pytest.raises(HookError, match=r"^encoder_blocks\.1 did not fire in this batch"):
             live.read()  # nothing ran since
     assert hook_count(model) == 0
-    for probe in probes:  # the block's (5, 64, 32) tokens, reduced by the probe as extraction reduced them
+    for probe in probes:  # the block's (5, 64, 32) tokens, the head's (20, 32, 4, 4): reduced as extraction reduced them
         want = probe.predict(stored[probe.layer])
         assert read[probe.name].shape == want.shape == (5, 16, 2)
         torch.testing.assert_close(read[probe.name], want, atol=1e-4, rtol=0)  # a batch of 5, not of 20: other roundings
@@ -516,7 +521,7 @@ def test_live_probes_hook_a_module_as_its_extraction_did(tmp_path):
     run_probes(ProbeOptions(store=str(tmp_path / "s.h5"), target="y", out=str(tmp_path / "p"), progress=False,
                             control=False, tokens="each"))
     probe = load_probe(tmp_path / "p" / "step[2].pt")  # the last step's
-    assert (probe.multi_fire, probe.unfold_batch, probe.row_shape) == ("stack", False, (3, 8))
+    assert (probe.multi_fire, probe.unfolded, probe.row_shape) == ("stack", None, (3, 8))
     with open_store(tmp_path / "s.h5") as s:
         stored = torch.from_numpy(s.read("step", 0, 5))
     with LiveProbes(model, [probe]) as live:  # stacked, as the file says

@@ -1089,6 +1089,8 @@ def test_resume_continues_a_store_written_before_newer_options_existed(tmp_path)
         for key in ("output_names", "autocast", "unfold_batch"):
             del run["options"][key]
         f.attrs["run"] = json.dumps(run)
+        f.attrs["layers"] = json.dumps([{k: v for k, v in spec.items() if k != "unfolded"}  # a later layer field
+                                        for spec in json.loads(f.attrs["layers"])])
     result = extract(options(tmp_path, commit_rows=8, resume=True))
     extract(options(tmp_path, commit_rows=8, out=str(tmp_path / "ref.h5")))
     assert result.rows == 40
