@@ -163,6 +163,7 @@ def _info(args: argparse.Namespace) -> int:
                     "source_dtype": layer.attrs.get("source_dtype"),
                     "reduction": layer.attrs.get("reduction"),
                     "channel_axis": layer.attrs.get("channel_axis"),
+                    "unfolded": layer.attrs.get("unfolded"),  # k rows a sample in the module's batch
                     "chunks": list(layer.chunks),
                     "compression": layer.compression,
                     "nonfinite": int(layer.attrs.get("nonfinite", 0)),
@@ -221,7 +222,8 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _channels_text(layer: dict) -> str:
-    return "" if layer["channel_axis"] is None else f", channels at row axis {layer['channel_axis']}"
+    unfolded = f", unfolded from {layer['unfolded']} rows a sample" if layer["unfolded"] else ""
+    return unfolded + ("" if layer["channel_axis"] is None else f", channels at row axis {layer['channel_axis']}")
 
 
 def _key_value(text: str) -> tuple[str, object]:

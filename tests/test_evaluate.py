@@ -453,7 +453,7 @@ def test_probes_within_a_subset_and_evaluate_keeps_to_it(tmp_path, capsys):
                                                     "place, push")
 
 
-def test_live_probes_read_a_running_model_as_the_store_held_it(tmp_path):
+def test_live_probes_read_a_running_model_as_the_store_held_it(tmp_path, capsys):
     from torch.utils.data import default_collate
 
     from marstore.evaluate import LiveProbes
@@ -478,6 +478,8 @@ def test_live_probes_read_a_running_model_as_the_store_held_it(tmp_path):
     with open_store(tmp_path / "s.h5") as s:
         stored = {name: torch.from_numpy(s.read(name, 0, 5).astype(np.float32)) for name in names}
         assert s.layers["diffactloss.conv"].attrs["unfolded"] == 4 and "unfolded" not in s.layers["decoder_norm"].attrs
+    assert main(["info", str(tmp_path / "s.h5")]) == 0
+    assert "(from float32, reduction mean (channels first), unfolded from 4 rows a sample)" in capsys.readouterr().out
     with LiveProbes(model, paths) as live:
         assert hook_count(model) == 3
         with torch.inference_mode():
