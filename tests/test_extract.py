@@ -751,7 +751,7 @@ def test_a_convolution_stored_whole_records_its_channel_axis_for_reductions_at_r
 
     with contextlib.redirect_stdout(io.StringIO()) as shown:
         assert main(["info", result.path]) == 0
-    assert "(from float32, reduction none, channels at row axis 1)" in shown.getvalue()
+    assert "(from float32, reduction none, unfolded from 4 rows a sample, channels at row axis 1)" in shown.getvalue()
     with contextlib.redirect_stdout(io.StringIO()) as shown:
         assert main(["info", "--json", result.path]) == 0
     assert [layer["channel_axis"] for layer in json.loads(shown.getvalue())["layers"].values()] == [None, 1, None]
