@@ -289,7 +289,12 @@ class LiveProbes:
         self.probes = {p.name: p for p in loaded}
         if len(self.probes) != len(loaded):
             raise ProbeError(f"probes of one name given twice: {sorted(p.name for p in loaded)}; give each once")
-        multi_fire = _as_extracted(loaded, "multi_fire", multi_fire, "error")
+        if multi_fire is None:  # as the probes' extraction hooked their modules: one policy for one hooking
+            recorded = {p.name: p.multi_fire for p in loaded if p.multi_fire is not None}
+            if len(set(recorded.values())) > 1:
+                raise ProbeError(f"the probes were extracted with different multi_fire policies ({recorded}); read them "
+                                 "with separate LiveProbes, or give multi_fire=")
+            multi_fire = next(iter(recorded.values()), "error")
         layers = list(dict.fromkeys(p.layer for p in loaded))
         self.capture = Capture(model, parse_layers(layers, model), multi_fire=multi_fire)  # captures as the module gives them
 
@@ -312,18 +317,6 @@ class LiveProbes:
             x = captured[probe.layer]
             out[name] = probe.to(x.device).predict(x)
         return out
-
-
-def _as_extracted(probes: list[TrainedProbe], option: str, given: Any, default: Any) -> Any:
-    """An extraction option that one hooking of the model must share (multi_fire): the one
-    given, or the one the probes' files record (the same in all of them), or the default."""
-    if given is not None:
-        return given
-    recorded = {p.name: getattr(p, option) for p in probes if getattr(p, option) is not None}
-    if len(set(recorded.values())) > 1:
-        raise ProbeError(f"the probes were extracted with different {option} ({recorded}); read them with separate "
-                         f"LiveProbes, or give {option}=")
-    return next(iter(recorded.values()), default)
 
 
 def _markdown(result: dict, out: str) -> str:

@@ -731,7 +731,8 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
             dataset = loading.call_factory(opts.dataset, "--dataset", opts.dataset_args)
         except loading.CheckpointError as exc:  # the loading module's error, about the data set here
             raise ExtractError(str(exc)) from exc.__cause__
-    map_style = _check_dataset(dataset, opts, "the data set handed over is a" if in_hand else f"--dataset {opts.dataset} returned a")
+    given = "the data set handed over is a" if in_hand else f"--dataset {opts.dataset} returned a"
+    map_style = _check_dataset(dataset, opts, given)
     if map_style:
         if opts.num_samples and opts.num_samples > len(dataset):
             log.warning("%s has %d items, fewer than --num-samples %d: all %d are extracted", opts.dataset, len(dataset),
@@ -1042,7 +1043,8 @@ def _layer_specs(opts, selections, capture: hooks.Capture, pending) -> list[Laye
             raise ExtractError(f"{sel.store_name}: ragged storage needs (batch, tokens, ...) activations, got {tuple(first.shape)}")
         source = str(capture.source_dtypes.get(sel.store_name, first.dtype)).replace("torch.", "")
         specs.append(LayerSpec(sel.store_name, row_shape, dtype=opts.dtype, source_dtype=source,
-                               reduction=hooks.recorded_reduction(sel.reduction, sel.channels_first), ragged=ragged, compression=opts.compression,
+                               reduction=hooks.recorded_reduction(sel.reduction, sel.channels_first), ragged=ragged,
+                               compression=opts.compression,
                                channel_axis=None if ragged else capture.channel_axes.get(sel.store_name),
                                unfolded=capture.unfolded.get(sel.store_name)))
     return specs

@@ -607,8 +607,8 @@ def _prepare(opts: ProbeOptions, layer: str, selection: np.ndarray) -> _Prepared
     if empty:
         grouped = f" grouped by {opts.group!r}" if opts.group else ""
         hint = "extract more rows" + ("" if "train" in empty else ", or raise those fractions")
-        raise ProbeError(f"{layer}: the {' and '.join(empty)} split{'s' * (len(empty) > 1)} would be empty with {len(selection)} rows"
-                         f"{grouped} (--val-fraction {val_frac}, --test-fraction {test_frac}); {hint}")
+        raise ProbeError(f"{layer}: the {' and '.join(empty)} split{'s' * (len(empty) > 1)} would be empty with "
+                         f"{len(selection)} rows{grouped} (--val-fraction {val_frac}, --test-fraction {test_frac}); {hint}")
     xs, ys = {}, {}
     skipped = 0
     test_groups = None

@@ -531,6 +531,11 @@ def test_live_probes_hook_a_module_as_its_extraction_did(tmp_path):
         torch.testing.assert_close(live.read()["step[2]"], probe.predict(stored), atol=1e-5, rtol=0)
     with LiveProbes(model, [probe], multi_fire="error"), pytest.raises(HookError, match="step fired more than once"):
         model(torch.stack([d["x"] for d in data[:5]]))
+    other = load_probe(tmp_path / "p" / "step[0].pt")
+    other.multi_fire = "last"  # as if from a store extracted otherwise: one hooking cannot serve both
+    with pytest.raises(ProbeError, match=r"^the probes were extracted with different multi_fire policies "
+                                         r"\(\{'step\[2\]': 'stack', 'step\[0\]': 'last'\}\)"):
+        LiveProbes(model, [probe, other])
 
 
 @pytest.mark.parametrize("case", ["conv positions", "token list"])
