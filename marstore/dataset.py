@@ -93,6 +93,8 @@ def rows_where(store: Store, conditions: str | Sequence[str], rows: int | None =
                 value = None
             if isinstance(value, (str, list, dict)) or value is None:
                 raise StoreError(f"--where {condition}: target {name!r} holds numbers, and {text!r} is not one")
+            if column.dtype.kind == "f":  # 0.1 as the target's float32 holds it, as `marstore info` prints it
+                value = column.dtype.type(value)
         match = column == value
         if not match.any():
             held = np.unique(column)

@@ -409,6 +409,8 @@ def test_rows_where_selects_by_target_values_and_refuses_what_would_select_by_mi
         assert np.array_equal(rows_where(s, ["task!=push", "ok=true"]), np.flatnonzero((task != "push") & (np.arange(900) % 2 == 0)))
         assert np.array_equal(rows_where(s, ["ep=3"], rows=100), np.arange(90, 100))  # of the first 100 rows
         assert np.array_equal(rows_where(s, ["ep=2.0"]), np.arange(60, 90))  # numbers compare as numbers
+        y = s.target("y")
+        assert y.dtype == np.float32 and np.array_equal(rows_where(s, f"y={y[7]}"), np.flatnonzero(y == y[7]))  # as printed
         for conditions, message in [
             ("task=pusj", r"^--where task=pusj: no row of .*t\.h5 has task = pusj; it holds pick, place, push$"),
             ("ep=99", r"^--where ep=99: no row of .*t\.h5 has ep = 99; it holds 0, 1, 2, .* 11 \.\.\. \(30 values\)$"),
