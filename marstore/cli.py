@@ -315,7 +315,7 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from marstore.probe import ProbeError, ProbeInterrupted, ProbeOptions, run_probes
+    from marstore.probe import ProbeError, ProbeInterrupted, ProbeOptions, run_probes, summarize_targets
     from marstore.store import StoreError
 
     fields = ProbeOptions.__dataclass_fields__
@@ -327,6 +327,7 @@ def _probe(args: argparse.Namespace) -> int:
         return 2
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None and k not in ("progress", "target")}
     out = given.pop("out", fields["out"].default)
+    reports = []
     for target in targets:  # several: one report each, in OUT/<target>
         try:
             report = run_probes(ProbeOptions(**given, target=target, progress=not args.no_progress,
@@ -340,6 +341,11 @@ def _probe(args: argparse.Namespace) -> int:
         if len(targets) > 1:
             print(f"\ntarget {target}:")
         _print_report(report)
+        reports.append(report)
+    if len(reports) > 1:  # every target at a glance
+        summary = summarize_targets(reports, out)
+        print(f"\neach layer's test metric, by target:\n{summary['table']}")
+        print(f"summary: {summary['markdown']}, {summary['by_target']}")
     return 0
 
 

@@ -1245,6 +1245,53 @@ def compare_reports(paths: Sequence[str], out: str, labels: Sequence[str] | None
             "comparison": comparison}
 
 
+def summarize_targets(reports: Sequence[dict], out: str) -> dict:
+    """What each layer knows about each of several targets (the reports of `marstore probe
+    --target a b c`): by_target.png, a heatmap of layers x targets of each report's test metric
+    (R² or the classification's headline), and summary.md with the same table; a layer a report
+    lacks is blank. {"by_target": path, "markdown": path, "table": rows of text}."""
+    names = list(dict.fromkeys(e["layer"] for r in reports for e in r["layers"]))
+    columns = [f"{r['target']} ({r['metric']})" for r in reports]
+    values = np.full((len(names), len(reports)), np.nan)
+    for j, r in enumerate(reports):
+        for e in r["layers"]:
+            values[names.index(e["layer"]), j] = e["probe"]["test"][r["metric"]]
+    os.makedirs(out, exist_ok=True)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(min(max(5, 1.1 * len(reports) + 3), 16), min(max(3, 0.35 * len(names) + 1.5), 16)))
+    low = min(0.0, float(np.nanmin(values))) if np.isfinite(values).any() else 0.0
+    image = ax.imshow(values, aspect="auto", cmap="viridis", vmin=max(-1.0, low), vmax=1.0)
+    fig.colorbar(image, ax=ax, label="test metric")
+    if values.size <= 400:  # the figures themselves, where they fit
+        for (i, j), v in np.ndenumerate(values):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
+    step = max(1, math.ceil(len(names) / 40))
+    ax.set_yticks(range(0, len(names), step), names[::step], fontsize=8)
+    ax.set_xticks(range(len(columns)), columns, fontsize=8, rotation=30, ha="right")
+    ax.set_title("What each layer knows about each target (test metric)")
+    fig.tight_layout()
+    path = os.path.join(out, "by_target.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    header = ["layer", *columns]
+    rows = [[n, *("-" if np.isnan(v) else f"{v:.3f}" for v in values[i])] for i, n in enumerate(names)]
+    markdown = os.path.join(out, "summary.md")
+    with open(markdown, "w") as f:
+        f.write("\n".join(["# What each layer knows about each target", "",
+                           "Each report's test metric; the reports, with intervals and controls, are in the folders of "
+                           "the targets.", "", *markdown_table(header, rows), "",
+                           f"![test metric of each layer for each target]({os.path.basename(path)})", ""]))
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    text = "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                     for row in [header, *rows])
+    return {"by_target": path, "markdown": markdown, "table": text}
+
+
 def _table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     """The by-layer table's header and cells, for the terminal and for report.md."""
     metric = report["metric"]

@@ -962,6 +962,12 @@ def test_the_probe_command_takes_several_targets_and_resumes_past_the_finished_o
     assert [line for line in printed if line.startswith("target ")] == ["target y:", "target episode:"]
     reports = {t: json.load(open(out / t / "report.json")) for t in ("y", "episode")}
     assert {t: r["target"] for t, r in reports.items()} == {"y": "y", "episode": "episode"}
+    # every target at a glance: each layer's test metric in a table and a heatmap
+    r2 = {t: f"{r['layers'][0]['probe']['test']['r2']:.3f}" for t, r in reports.items()}
+    assert printed[-4:] == ["each layer's test metric, by target:", "layer   y (r2)  episode (r2)",
+                            f"signal  {r2['y']:>6}  {r2['episode']:>12}", f"summary: {out / 'summary.md'}, {out / 'by_target.png'}"]
+    assert f"| signal | {r2['y']} | {r2['episode']} |" in open(out / "summary.md").read()
+    assert os.path.getsize(out / "by_target.png") > 5000
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished target was trained again")
