@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections.abc
 import concurrent.futures
-import dataclasses
 import datetime
 import fcntl
 import json
@@ -499,10 +498,11 @@ class StoreWriter:
         store = open_store(self.path)  # validates the file first, with clear errors
         store.close()
         f = h5py.File(self.path, "r+", locking=False)
-        # a field that the store's version did not have yet counts as its default
-        defaults = {k.name: k.default for k in dataclasses.fields(LayerSpec) if k.default is not dataclasses.MISSING}
-        recorded = [{**defaults, **spec} for spec in json.loads(f.attrs["layers"])]
-        wanted = [s.__dict__ for s in self.layers_spec]
+        recorded = json.loads(f.attrs["layers"])
+        # only the fields the store's version recorded are compared (a later one, such as
+        # unfolded, is not known of the rows written before)
+        wanted = [{k: v for k, v in s.__dict__.items() if i >= len(recorded) or k in recorded[i]}
+                  for i, s in enumerate(self.layers_spec)]
         if _jsonable(recorded) != _jsonable(wanted):
             f.close()
             raise StoreError(f"{self.path} was written with other layers than this writer's; "

@@ -1082,21 +1082,24 @@ def test_resume_continues_a_store_written_before_newer_options_existed(tmp_path)
         if rows >= 16:
             raise KeyboardInterrupt
 
+    # with UVA's action head unfolded (B*4 rows): an earlier marstore did not record its k
+    unfolded = dict(layers=["encoder_blocks.*", "diffactloss.conv"], unfold_batch=True)
     with pytest.raises(Interrupted):
-        extract(options(tmp_path, commit_rows=8), on_batch=stop)
+        extract(options(tmp_path, commit_rows=8, **unfolded), on_batch=stop)
     with h5py.File(tmp_path / "s.h5", "r+", locking=False) as f:  # as an earlier marstore wrote it
+        del f["activations/diffactloss.conv"].attrs["unfolded"]
         run = json.loads(f.attrs["run"])
-        for key in ("output_names", "autocast", "unfold_batch"):
+        for key in ("output_names", "autocast"):  # options it did not have (it had --unfold-batch)
             del run["options"][key]
         f.attrs["run"] = json.dumps(run)
         f.attrs["layers"] = json.dumps([{k: v for k, v in spec.items() if k != "unfolded"}  # a later layer field
                                         for spec in json.loads(f.attrs["layers"])])
-    result = extract(options(tmp_path, commit_rows=8, resume=True))
-    extract(options(tmp_path, commit_rows=8, out=str(tmp_path / "ref.h5")))
+    result = extract(options(tmp_path, commit_rows=8, resume=True, **unfolded))
+    extract(options(tmp_path, commit_rows=8, out=str(tmp_path / "ref.h5"), **unfolded))
     assert result.rows == 40
     assert_same_store(str(tmp_path / "s.h5"), str(tmp_path / "ref.h5"))
     with pytest.raises(ExtractError, match=r"output_names \(recorded \[\], now \['a', 'b', 'c'\]\)"):
-        extract(options(tmp_path, out=str(tmp_path / "ref.h5"), output_names=["a", "b", "c"], resume=True))
+        extract(options(tmp_path, out=str(tmp_path / "ref.h5"), output_names=["a", "b", "c"], resume=True, **unfolded))
 
 
 def assert_same_store(a: str, b: str) -> None:
