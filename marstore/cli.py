@@ -93,13 +93,9 @@ def _probe_info(args: argparse.Namespace) -> int:
     """`marstore info` of a probe file: what it reads, from what, and what it saw."""
     import json
 
-    from marstore.probe import ProbeError, load_probe
+    from marstore.probe import load_probe
 
-    try:
-        probe = load_probe(args.store)
-    except ProbeError as exc:
-        print(f"marstore info: {exc}", file=sys.stderr)
-        return 2
+    probe = load_probe(args.store)
     linear = probe.head.linear if probe.kind == "mlp" else probe.head
     seen = probe.seen_sources
     info = {"path": args.store, "name": probe.name, "layer": probe.layer, "target": probe.target, "task": probe.task,
@@ -134,16 +130,11 @@ def _info(args: argparse.Namespace) -> int:
     import h5py
 
     from marstore.extract import describe_output, summarize_outputs
-    from marstore.store import TEXT, StoreError, is_text, open_store
+    from marstore.store import TEXT, is_text, open_store
 
     if os.path.isfile(args.store) and not h5py.is_hdf5(args.store) and args.store.endswith(".pt"):
         return _probe_info(args)
-    try:
-        store = open_store(args.store)
-    except StoreError as exc:
-        print(f"marstore info: {exc}", file=sys.stderr)
-        return 2
-    with store:
+    with open_store(args.store) as store:
         size = os.path.getsize(args.store)
         attrs = store.file.attrs
         info = {
@@ -298,25 +289,18 @@ def _options_from(args: argparse.Namespace):
 
 def _extract(args: argparse.Namespace) -> int:
     from marstore import extract as ex
-    from marstore.hooks import HookError
-    from marstore.loading import CheckpointError
-    from marstore.store import StoreError
 
     try:
         result = ex.extract(_options_from(args))
     except ex.Interrupted as exc:
         print(f"marstore extract: {exc}", file=sys.stderr)
         return 128 + exc.signum  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
-    except (ex.ExtractError, CheckpointError, HookError, StoreError) as exc:
-        print(f"marstore extract: {exc}", file=sys.stderr)
-        return 2
     print(ex.describe(result))
     return 0
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from marstore.probe import ProbeError, ProbeInterrupted, ProbeOptions, run_probes, summarize_targets
-    from marstore.store import StoreError
+    from marstore.probe import ProbeInterrupted, ProbeOptions, run_probes, summarize_targets
 
     fields = ProbeOptions.__dataclass_fields__
     if args.layer is not None and len(args.layer) == 1:  # one pattern, recorded as one (as before several were taken)
@@ -335,9 +319,6 @@ def _probe(args: argparse.Namespace) -> int:
         except ProbeInterrupted as exc:
             print(f"marstore probe: {exc}", file=sys.stderr)
             return 128 + exc.signum
-        except (ProbeError, StoreError) as exc:
-            print(f"marstore probe: {exc}", file=sys.stderr)
-            return 2
         if len(targets) > 1:
             print(f"\ntarget {target}:")
         _print_report(report)
@@ -360,38 +341,24 @@ def _print_report(report: dict) -> None:
 
 def _merge(args: argparse.Namespace) -> int:
     from marstore.scaleout import merge
-    from marstore.store import StoreError
 
-    try:
-        rows = merge(args.store, args.out)
-    except StoreError as exc:
-        print(f"marstore merge: {exc}", file=sys.stderr)
-        return 2
+    rows = merge(args.store, args.out)
     print(f"copied {rows} rows of {args.store} into {args.out}")
     return 0
 
 
 def _join(args: argparse.Namespace) -> int:
     from marstore.scaleout import join_layers
-    from marstore.store import StoreError
 
-    try:
-        layers = join_layers(args.out, args.stores)
-    except StoreError as exc:
-        print(f"marstore join: {exc}", file=sys.stderr)
-        return 2
+    layers = join_layers(args.out, args.stores)
     print(f"{args.out}: the {len(layers)} layers of {', '.join(args.stores)} ({', '.join(layers)})")
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from marstore.probe import ProbeError, compare_reports
+    from marstore.probe import compare_reports
 
-    try:
-        result = compare_reports(args.reports, args.out, args.label)
-    except ProbeError as exc:
-        print(f"marstore compare: {exc}", file=sys.stderr)
-        return 2
+    result = compare_reports(args.reports, args.out, args.label)
     print(result["table"])
     print(f"report: {result['markdown']}, {result['json']}")
     print(f"plot: {result['depth']}")
@@ -400,15 +367,9 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from marstore.evaluate import EvaluateOptions, evaluate_probes
-    from marstore.probe import ProbeError
-    from marstore.store import StoreError
 
-    try:
-        report = evaluate_probes(EvaluateOptions(args.probes, args.store, args.out, args.layer, args.target, args.rows,
-                                                 args.group, args.device, args.where))
-    except (ProbeError, StoreError) as exc:
-        print(f"marstore evaluate: {exc}", file=sys.stderr)
-        return 2
+    report = evaluate_probes(EvaluateOptions(args.probes, args.store, args.out, args.layer, args.target, args.rows,
+                                             args.group, args.device, args.where))
     _print_report(report)
     return 0
 
@@ -597,8 +558,13 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from marstore.errors import MarstoreError
+
     try:
         return args.func(args)
+    except MarstoreError as exc:  # bad input or state: its one line, no traceback
+        print(f"marstore {args.command}: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         # Ctrl-C where no loop of marstore's handles it (while a checkpoint loads, say): one
         # line, not a traceback

@@ -44,6 +44,7 @@ from torch.utils.data._utils.collate import collate, default_collate_fn_map
 from tqdm import tqdm
 
 from marstore import hooks, loading, scaleout
+from marstore.errors import MarstoreError
 from marstore.store import (LayerSpec, RowShapeError, Store, StoreError, StoreWriter, TargetSpec, TEXT, check_not_being_written,
                             open_store, room_left)
 from marstore.transfer import SlotTooSmall, TransferRing, resolve_device
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-class ExtractError(Exception):
+class ExtractError(MarstoreError):
     """An extraction that cannot start or go on; the message says why and what to do."""
 
 
@@ -631,7 +632,7 @@ def extract(opts: ExtractOptions, on_batch: Callable[[int], None] | None = None,
     except (KeyboardInterrupt, Interrupted):
         raise  # torchrun passes Ctrl-C to every rank; each has committed its rows
     except Exception as exc:  # noqa: BLE001 - reported to every rank below, then raised
-        error = str(exc) if isinstance(exc, ExtractError) else f"{type(exc).__name__}: {exc}"  # ours say what failed
+        error = str(exc) if isinstance(exc, MarstoreError) else f"{type(exc).__name__}: {exc}"  # ours say what failed
         log.error("rank %d failed: %s", rank.rank, error)
     statuses: list = [None] * rank.world
     dist.all_gather_object(statuses, (rank.rank, error))

@@ -28,13 +28,15 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from marstore.errors import MarstoreError
+
 log = logging.getLogger(__name__)
 
 REDUCTIONS = ("none", "mean", "first", "last")
 MULTI_FIRE = ("error", "first", "last", "stack")
 
 
-class HookError(Exception):
+class HookError(MarstoreError):
     """A layer pattern, capture or firing problem; the message names the module and the fix."""
 
 

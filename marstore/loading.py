@@ -29,6 +29,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from marstore.errors import MarstoreError
+
 log = logging.getLogger(__name__)
 
 CONFIG_KEYS = ("model_config", "config", "hyper_parameters", "hparams", "cfg", "args")
@@ -45,7 +47,7 @@ STATE_KEYS = (
 KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.")
 
 
-class CheckpointError(Exception):
+class CheckpointError(MarstoreError):
     """The checkpoint or model cannot be used as asked; the message says why and what to do."""
 
 

@@ -50,6 +50,7 @@ from torch import nn
 from tqdm import tqdm
 
 from marstore.dataset import ActivationDataset, flat_tokens, layers_of, reduce_read_tokens, row_tokens, rows_where
+from marstore.errors import MarstoreError
 from marstore.hooks import HookError, parse_recorded_reduction, reduce_tokens
 from marstore.store import StoreError, open_store
 from marstore.transfer import resolve_device
@@ -57,7 +58,7 @@ from marstore.transfer import resolve_device
 log = logging.getLogger(__name__)
 
 
-class ProbeError(Exception):
+class ProbeError(MarstoreError):
     """A probe that cannot be trained as asked; the message says why."""
 
 

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from marstore import __version__, ops
+from marstore.errors import MarstoreError
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ TEXT = "str"  # a target's dtype for strings, stored as variable-length UTF-8
 _METADATA_SLACK = 1 << 20  # room kept for the metadata that a commit and a close write
 
 
-class StoreError(Exception):
+class StoreError(MarstoreError):
     """A store that cannot be opened or used as asked; the message says why and what to do."""
 
 

@@ -568,3 +568,21 @@ def test_a_probe_takes_the_capture_of_any_recorded_reduction(tmp_path, case):
         stored = torch.from_numpy(s.read("0", 0, 6))
     captured = model[0](inputs[:6]).detach()  # the module's own output: (6, 6, 6, 6) or (6, 5, 8)
     torch.testing.assert_close(probe.predict(captured), probe.predict(stored), atol=1e-5, rtol=0)
+
+
+def test_every_stage_error_is_one_line_from_any_command(monkeypatch, capsys):
+    from marstore import probe as probe_module
+    from marstore.errors import MarstoreError
+    from marstore.extract import ExtractError
+    from marstore.hooks import HookError
+    from marstore.loading import CheckpointError
+    from marstore.store import StoreError
+
+    assert all(issubclass(e, MarstoreError) for e in (StoreError, ExtractError, HookError, CheckpointError, ProbeError))
+
+    def unreadable(*args, **kwargs):  # a store's error where compare had caught only its own
+        raise StoreError("r.h5 is not an HDF5 file")
+
+    monkeypatch.setattr(probe_module, "compare_reports", unreadable)
+    assert main(["compare", "a", "b"]) == 2
+    assert capsys.readouterr().err == "marstore compare: r.h5 is not an HDF5 file\n"
