@@ -103,6 +103,7 @@ def _probe_info(args: argparse.Namespace) -> int:
             "classes": probe.classes, "target_shape": list(probe.target_shape), "tokens": probe.tokens, "token": probe.token,
             "row_shape": list(probe.row_shape), "ragged": probe.ragged, "reduction": probe.reduction,
             "standardised": probe.mean is not None, "trained_on": probe.trained_on, "where": probe.where,
+            "multi_fire": probe.multi_fire, "unfolded": probe.unfolded,
             "seen_samples": int((seen[:, 1] - seen[:, 0]).sum()), "seen_ranges": len(seen)}
     if args.json:
         print(json.dumps(info, indent=2))
@@ -114,8 +115,10 @@ def _probe_info(args: argparse.Namespace) -> int:
     print(f"{args.store}: marstore probe{' (the control task)' if probe.control else ''}")
     rows = f"rows {tuple(probe.row_shape)}" if len(probe.row_shape) == 1 and not probe.ragged else \
         f"{tokens} of {'ragged rows of tokens' if probe.ragged else 'rows'} {tuple(probe.row_shape)}"
+    hooked = (f", unfolded from {probe.unfolded} rows a sample" if probe.unfolded else "") + (
+        f", --multi-fire {probe.multi_fire}" if probe.multi_fire not in (None, "error") else "")
     print(f"  {probe.name} -> {probe.target}: {probe.kind} {probe.task}, {outputs} from {info['inputs']} features "
-          f"({rows}, extraction reduction {probe.reduction}{', standardised' if info['standardised'] else ''})")
+          f"({rows}, extraction reduction {probe.reduction}{hooked}{', standardised' if info['standardised'] else ''})")
     if probe.task == "classification":
         print(f"  classes: {', '.join(map(str, probe.classes))}")
     print(f"  trained on {where['path']} ({where['status']}, {where['rows']} rows, created {where['created']}{dataset})"

@@ -482,6 +482,8 @@ def test_live_probes_read_a_running_model_as_the_store_held_it(tmp_path, capsys)
         assert s.layers["diffactloss.conv"].attrs["unfolded"] == 4 and "unfolded" not in s.layers["decoder_norm"].attrs
     assert main(["info", str(tmp_path / "s.h5")]) == 0
     assert "(from float32, reduction mean (channels first), unfolded from 4 rows a sample)" in capsys.readouterr().out
+    assert main(["info", paths[2]]) == 0
+    assert "extraction reduction mean (channels first), unfolded from 4 rows a sample, standardised)" in capsys.readouterr().out
     with LiveProbes(model, paths) as live:
         assert hook_count(model) == 3
         with torch.inference_mode():
@@ -512,7 +514,7 @@ class Looped(torch.nn.Module):
         return h.sum()
 
 
-def test_live_probes_hook_a_module_as_its_extraction_did(tmp_path):
+def test_live_probes_hook_a_module_as_its_extraction_did(tmp_path, capsys):
     from marstore.evaluate import LiveProbes
     from marstore.extract import extract_from
     from marstore.hooks import HookError
@@ -526,6 +528,8 @@ def test_live_probes_hook_a_module_as_its_extraction_did(tmp_path):
                             control=False, tokens="each"))
     probe = load_probe(tmp_path / "p" / "step[2].pt")  # the last step's
     assert (probe.multi_fire, probe.unfolded, probe.row_shape) == ("stack", None, (3, 8))
+    assert main(["info", str(tmp_path / "p" / "step[2].pt")]) == 0
+    assert "(token 2 of rows (3, 8), extraction reduction none, --multi-fire stack, standardised)" in capsys.readouterr().out
     with open_store(tmp_path / "s.h5") as s:
         stored = torch.from_numpy(s.read("step", 0, 5))
     with LiveProbes(model, [probe]) as live:  # stacked, as the file says
