@@ -206,15 +206,24 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
 
 def _prefix_hint(pattern: str, names: Sequence[str]) -> str:
     """A name or glob written with the names of wrappers around the model (a policy's 'model.'),
-    whose rest matches: say which prefix to drop."""
+    whose rest matches: say which prefix to drop; or a name that the model holds under such a
+    prefix: say which."""
     parts = pattern.split(".")
     for k in (1, 2):
         head, rest = ".".join(parts[:k]), ".".join(parts[k:])
         if not rest or any(c in head + parts[k] for c in "*?["):  # a prefix of plain names only
-            return ""
+            break
         matched = match_modules(rest, names)
         if matched:
             return f"the model's names do not start with '{head}.' (drop it: {rest!r} matches {len(matched)}); "
+    if pattern.startswith("re:") or any(c in parts[0] for c in "*?["):
+        return ""
+    # the other way round: a wrapper around the model the names were taken from (probes trained
+    # on a store of the MAR, applied to the whole policy)
+    for prefix in sorted({n[: -len(pattern)] for n in names if n.endswith("." + pattern)}):
+        if len(prefix.split(".")) <= 3 and match_modules(prefix + pattern, names):
+            return (f"this model holds it under '{prefix}' ({prefix + pattern!r}; or hand over the module "
+                    f"{prefix[:-1]!r} itself); ")
     return ""
 
 

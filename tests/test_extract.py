@@ -437,6 +437,13 @@ def test_unknown_layer_suggests_nearest_names():
     with pytest.raises(hooks.HookError) as info:  # a pattern whose rest is all wildcards gets no such hint
         hooks.parse_layers(["encoder_block.*"], video_mar(**CONFIG))
     assert str(info.value).startswith("layer pattern 'encoder_block.*' matches no module; nearest names: [")
+    # the other way round: the MAR's names (a probe's layer) on the policy that wraps it
+    policy = nn.Module()
+    policy.model = video_mar(**CONFIG)
+    with pytest.raises(hooks.HookError) as info:
+        hooks.parse_layers(["decoder_norm"], policy)
+    assert str(info.value).startswith("layer pattern 'decoder_norm' matches no module; this model holds it under 'model.' "
+                                      "('model.decoder_norm'; or hand over the module 'model' itself); nearest names: [")
 
 
 def test_containers_that_are_never_called_are_refused_or_left_out(caplog):
