@@ -220,8 +220,8 @@ def _prefix_hint(pattern: str, names: Sequence[str]) -> str:
         return ""
     # the other way round: a wrapper around the model the names were taken from (probes trained
     # on a store of the MAR, applied to the whole policy)
-    for prefix in sorted({n[: -len(pattern)] for n in names if n.endswith("." + pattern)}):
-        if len(prefix.split(".")) <= 3 and match_modules(prefix + pattern, names):
+    for prefix in sorted({n[: -len(pattern)] for n in names if n.endswith("." + pattern)}):  # each a module's name
+        if len(prefix.split(".")) <= 3:
             return (f"this model holds it under '{prefix}' ({prefix + pattern!r}; or hand over the module "
                     f"{prefix[:-1]!r} itself); ")
     return ""

@@ -1239,10 +1239,8 @@ def compare_reports(paths: Sequence[str], out: str, labels: Sequence[str] | None
                            f"Test {metric} of each layer's probe (its 95% interval); `-`: a layer the report lacks.", "",
                            *markdown_table(header, rows), "",
                            f"![test {metric} of each layer, by report]({os.path.basename(depth)})", ""]))
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    text = "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-                     for row in [header, *rows])
-    return {"depth": depth, "markdown": markdown, "json": os.path.join(out, "comparison.json"), "table": text,
+    return {"depth": depth, "markdown": markdown, "json": os.path.join(out, "comparison.json"),
+            "table": text_table(header, rows),
             "comparison": comparison}
 
 
@@ -1287,10 +1285,7 @@ def summarize_targets(reports: Sequence[dict], out: str) -> dict:
                            "Each report's test metric; the reports, with intervals and controls, are in the folders of "
                            "the targets.", "", *markdown_table(header, rows), "",
                            f"![test metric of each layer for each target]({os.path.basename(path)})", ""]))
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    text = "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-                     for row in [header, *rows])
-    return {"by_target": path, "markdown": markdown, "table": text}
+    return {"by_target": path, "markdown": markdown, "table": text_table(header, rows)}
 
 
 def _table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
@@ -1326,6 +1321,14 @@ def _solver_text(report: dict) -> str:
     else:
         fit, by = "by L-BFGS (logistic regression)", "on the validation split"
     return f"solved {fit}" + (f"; the L2 penalty was chosen {by}" if report["options"]["weight_decay"] is None else "")
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    """A table for the terminal: the first column left-aligned, the figures right-aligned, each
+    column as wide as its widest cell."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                     for row in [header, *rows])
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
