@@ -15,6 +15,7 @@ resumes; a second Ctrl-C stops at once.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import dataclasses
 import functools
@@ -216,7 +217,7 @@ def _keywords_taken(forward: Callable) -> frozenset[str] | None:
 
 class DefaultForward:
     """The forward without --forward: a dict batch as keyword arguments, a tuple or list as
-    positional ones, a tensor alone. Keys the model's forward does not take (labels and other
+    positional ones, a tensor or a dataclass alone. Keys the model's forward does not take (labels and other
     targets beside the inputs) are left out, as Hugging Face's Trainer leaves out such columns,
     with a warning that names them, once a run."""
 
@@ -280,8 +281,8 @@ def forward_scalars(out: Any, names: Sequence[str] = (), left_out: dict[str, str
             named[name] = value.detach()
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             named[name] = float(value)
-        elif _fields_of(value) is not None:
-            add(name, _fields_of(value))
+        elif hooks.fields_of(value) is not None:
+            add(name, hooks.fields_of(value))
         elif isinstance(value, Mapping):
             for k, v in value.items():
                 key = str(k).replace("/", ".")
@@ -302,23 +303,13 @@ def forward_scalars(out: Any, names: Sequence[str] = (), left_out: dict[str, str
             raise ExtractError("the forward returned an output named row_start, which the store keeps for the "
                                "batches' first rows; rename it")
         return named
-    if isinstance(out, Mapping) or _fields_of(out) is not None:
+    if isinstance(out, Mapping) or hooks.fields_of(out) is not None:
         raise ExtractError(f"--output-names: the forward returned a {type(out).__name__}, whose keys ({', '.join(named)}) "
                            "name its values already; leave --output-names out")
     if len(names) != len(named):
         raise ExtractError(f"--output-names gives {len(names)} names ({' '.join(names)}) but the forward returned "
                            f"{len(named)} scalar values ({', '.join(named) or 'none'}); give one name for each")
     return dict(zip(names, named.values()))
-
-
-def _fields_of(value: Any) -> dict[str, Any] | None:
-    """A namedtuple's or a dataclass instance's fields by name (not copied, as asdict would);
-    None for anything else."""
-    if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return dict(zip(value._fields, value))
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-    return None
 
 
 def _check_output_names(names: Sequence[str]) -> None:
@@ -431,10 +422,27 @@ def _collate(items):
     samples = [x for _, x in items]
     if not samples:
         return index, None, failed
+    first = samples[0]
+    dataclass_items = hooks.fields_of(first) is not None and not isinstance(first, tuple)
+    if dataclass_items:  # torch's collate takes namedtuples and dicts, not these: batch their fields
+        samples = [hooks.fields_of(x) for x in samples]
     try:
-        return index, collate(samples, collate_fn_map=_COLLATE_MAP), failed
+        batch = collate(samples, collate_fn_map=_COLLATE_MAP)
     except (TypeError, RuntimeError, KeyError, AttributeError) as exc:  # AttributeError: a None, in a worker
         return index, _Unbatchable(_not_batched(samples, index.tolist(), exc)), failed
+    return index, _rebuilt(first, batch) if dataclass_items else batch, failed
+
+
+def _rebuilt(like: Any, fields: Mapping[str, Any]) -> Any:
+    """A namedtuple or dataclass of like's type holding these fields (a batch of such items, or
+    one moved to the device). A dataclass is copied and its fields set, not built again: its
+    __post_init__ would compute or check its fields on a batch (a frozen one refuses setattr)."""
+    if isinstance(like, tuple):
+        return like._replace(**fields)
+    rebuilt = copy.copy(like)
+    for name, value in fields.items():
+        object.__setattr__(rebuilt, name, value)
+    return rebuilt
 
 
 def _field_problem(samples: list[Mapping], key: Any) -> str | None:
@@ -488,10 +496,10 @@ def _get_dotted(batch: Any, path: str) -> Any:
             obj = obj[part]
         elif isinstance(obj, (list, tuple)) and part.isdigit() and int(part) < len(obj):
             obj = obj[int(part)]
-        elif part in getattr(obj, "_fields", ()):  # a namedtuple's field
+        elif part in (hooks.fields_of(obj) or ()):  # a namedtuple's or a dataclass's field
             obj = getattr(obj, part)
         else:
-            keys = sorted(obj) if isinstance(obj, Mapping) else list(getattr(obj, "_fields", ())) or f"a {type(obj).__name__}"
+            keys = sorted(obj) if isinstance(obj, Mapping) else list(hooks.fields_of(obj) or ()) or f"a {type(obj).__name__}"
             raise ExtractError(f"--targets {path!r}: {part!r} is not in the batch (it has {keys})")
     return obj
 
@@ -501,9 +509,11 @@ def _to_device(batch: Any, device: torch.device) -> Any:
         return batch.to(device, non_blocking=True)
     if isinstance(batch, Mapping):
         return {k: _to_device(v, device) for k, v in batch.items()}
+    fields = hooks.fields_of(batch)
+    if fields is not None:
+        return _rebuilt(batch, {k: _to_device(v, device) for k, v in fields.items()})
     if isinstance(batch, (list, tuple)):
-        moved = [_to_device(v, device) for v in batch]
-        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)  # a namedtuple takes fields
+        return type(batch)(_to_device(v, device) for v in batch)
     return batch
 
 

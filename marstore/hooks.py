@@ -15,6 +15,7 @@ every exit path, exceptions and KeyboardInterrupt included.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
 import functools
@@ -59,6 +60,17 @@ class LayerSelection:
             suffix = "@input" if self.capture == "input" else ""
             suffix += f":{self.element}" if self.element is not None else ""
             self.store_name = self.name + suffix
+
+
+def fields_of(value: Any) -> dict[str, Any] | None:
+    """A namedtuple's or a dataclass instance's fields by name (not copied, as asdict would);
+    None for anything else. Models return both (a block's (hidden, attn) namedtuple, an output
+    dataclass), and a field is picked by name as a dict's key would be."""
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return dict(zip(value._fields, value))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    return None
 
 
 def _glob_regex(pattern: str) -> re.Pattern:
@@ -380,17 +392,22 @@ class Capture:
                 raise HookError(f"{sel.store_name}: the {sel.capture} of {sel.name} is a tensor, and ':{sel.element}' "
                                 f"picks an element of a tuple, list or dict; hook {sel.name}"
                                 f"{'@input' if sel.capture == 'input' else ''} without it (--reduction picks tokens)")
+            fields = fields_of(value)
             if sel.element is not None:
                 try:
-                    value = value[sel.element]
+                    value = fields[sel.element] if fields is not None and isinstance(sel.element, str) else value[sel.element]
                 except (KeyError, IndexError, TypeError):
                     if sel.capture == "input" and isinstance(sel.element, str):
                         raise HookError(f"{sel.store_name}: {sel.name} was called without an argument {sel.element!r}; "
                                         f"its arguments: {list(value)}") from None
-                    has = f"keys {sorted(map(str, value))}" if isinstance(value, Mapping) else (
-                        f"elements 0 to {len(value) - 1}" if isinstance(value, (tuple, list)) else "no elements")
+                    has = f"fields {', '.join(fields)}" if fields is not None else (
+                        f"keys {sorted(map(str, value))}" if isinstance(value, Mapping) else (
+                            f"elements 0 to {len(value) - 1}" if isinstance(value, (tuple, list)) else "no elements"))
                     raise HookError(f"{sel.store_name}: the {sel.capture} of {sel.name} is a {type(value).__name__}"
                                     f" with no element {sel.element!r}; it has {has}") from None
+            elif sel.capture == "output" and fields:
+                raise HookError(f"{sel.name} returns a {type(value).__name__} with fields {', '.join(fields)}; "
+                                f"pick one with '{sel.name}:{next(iter(fields))}'")
             elif isinstance(value, (tuple, list)) and len(value) and isinstance(value[0], torch.Tensor) and sel.capture == "output":
                 raise HookError(f"{sel.name} returns a {type(value).__name__} of {len(value)}; pick one with "
                                 f"'{sel.name}:0' (or another index)")

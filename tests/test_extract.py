@@ -372,6 +372,60 @@ def test_tuple_dict_and_input_captures():
     assert str(info.value) == "layer pattern 'head@inputs': unknown capture '@inputs'; use @input or @output"
 
 
+Hidden = collections.namedtuple("Hidden", "hidden attn")
+
+
+@dataclasses.dataclass
+class BlockOutput:
+    hidden: torch.Tensor
+    attn: torch.Tensor | None = None
+
+
+class TupleOf(nn.Module):
+    def forward(self, x):
+        return Hidden(x, x * 2)
+
+
+class RecordOf(nn.Module):
+    def __init__(self, attn: bool = True):
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x):
+        return BlockOutput(x + 1, x - 1 if self.attn else None)
+
+
+class Holder(nn.Module):
+    def __init__(self, m: nn.Module):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        self.m(x)
+        return x
+
+
+def test_a_namedtuple_or_dataclass_output_gives_its_fields_by_name():
+    x = torch.randn(3, 4)
+    tupled = captured(Holder(TupleOf()), ["m:attn", "m:1", "m:hidden"], x)
+    assert torch.equal(tupled["m:attn"], x * 2) and torch.equal(tupled["m:1"], x * 2) and torch.equal(tupled["m:hidden"], x)
+    out = captured(Holder(RecordOf()), ["m:hidden", "m:attn"], x)
+    assert torch.equal(out["m:hidden"], x + 1) and torch.equal(out["m:attn"], x - 1)
+    for module, name in ((TupleOf(), "Hidden"), (RecordOf(), "BlockOutput")):
+        with pytest.raises(hooks.HookError) as info:
+            captured(Holder(module), ["m"], x)
+        assert str(info.value) == f"m returns a {name} with fields hidden, attn; pick one with 'm:hidden'"
+        with pytest.raises(hooks.HookError) as info:
+            captured(Holder(module), ["m:logits"], x)
+        assert str(info.value) == f"m:logits: the output of m is a {name} with no element 'logits'; it has fields hidden, attn"
+    with pytest.raises(hooks.HookError) as info:  # a dataclass has no order to index
+        captured(Holder(RecordOf()), ["m:0"], x)
+    assert str(info.value) == "m:0: the output of m is a BlockOutput with no element 0; it has fields hidden, attn"
+    with pytest.raises(hooks.HookError) as info:
+        captured(Holder(RecordOf(attn=False)), ["m:attn"], x)
+    assert str(info.value) == "m:attn: the output of m is a NoneType, not a tensor; pick a tensor element with ':index' or ':key'"
+
+
 class Gate(nn.Module):
     def forward(self, x, scale, **extra):
         return x * scale + extra.get("shift", 0)
@@ -1415,6 +1469,31 @@ def test_namedtuple_batches_reach_the_forward_and_name_targets(tmp_path):
         extract(options(tmp_path, dataset="helpers.streams:tuple_samples", forward="helpers.streams:tuple_forward",
                         targets=["actions"]))
     assert str(info.value) == "--targets 'actions': 'actions' is not in the batch (it has ['imgs', 'cond', 'nactions', 'label'])"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_dataclass_items_are_batched_field_by_field(tmp_path, workers):
+    # torch's collate refuses dataclasses; the forward gets a batch of the item's own class
+    extract(options(tmp_path, out=str(tmp_path / "dicts.h5"), num_samples=16))
+    extract(options(tmp_path, out=str(tmp_path / "records.h5"), dataset="helpers.streams:dataclass_samples",
+                    forward="helpers.streams:dataclass_forward", num_samples=16, workers=workers,
+                    targets=["label", "frames"]))
+    with open_store(tmp_path / "dicts.h5") as a, open_store(tmp_path / "records.h5") as b:
+        assert b.rows == 16 and list(b.layers) == list(a.layers)
+        assert all(np.array_equal(a.read(n), b.read(n)) for n in a.layers)
+        assert np.array_equal(a.target("label"), b.target("label"))
+        assert b.target("frames").tolist() == [4] * 16
+    with pytest.raises(ExtractError) as info:
+        extract(options(tmp_path, dataset="helpers.streams:dataclass_samples", forward="helpers.streams:dataclass_forward",
+                        targets=["actions"]))
+    assert str(info.value) == ("--targets 'actions': 'actions' is not in the batch (it has ['imgs', 'cond', 'nactions', "
+                               "'label', 'frames'])")
+    from marstore.extract import _to_device
+    from helpers.streams import dataclass_samples
+
+    item = dataclass_samples(2)[1]
+    moved = _to_device(item, torch.device("meta"))  # fields moved, nothing computed again
+    assert type(moved) is type(item) and moved.imgs.is_meta and moved.frames == 4 and not item.imgs.is_meta
 
 
 @pytest.mark.parametrize("workers", [0, 2])

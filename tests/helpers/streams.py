@@ -1,6 +1,8 @@
-"""Data sets for the extraction tests: the built-in synthetic samples as streams, with a text field, as namedtuples."""
+"""Data sets for the extraction tests: the built-in synthetic samples as streams, with a text field, as namedtuples
+and dataclasses."""
 
 import collections
+import dataclasses
 
 import torch
 
@@ -73,6 +75,34 @@ def tuple_samples(size: int = 40) -> TupleSamples:
 
 
 def tuple_forward(model, batch: Sample):
+    return model(batch.imgs, batch.cond, nactions=batch.nactions, task_mode="policy_model")
+
+
+@dataclasses.dataclass
+class SampleRecord:
+    imgs: torch.Tensor
+    cond: torch.Tensor
+    nactions: torch.Tensor
+    label: torch.Tensor
+    frames: int = dataclasses.field(init=False)  # set by __post_init__, as a computed field is
+
+    def __post_init__(self) -> None:
+        self.frames = self.imgs.shape[-4]
+
+
+class DataclassSamples(_Samples):
+    """The built-in samples as dataclasses, which torch's collate does not batch."""
+
+    def __getitem__(self, i: int) -> SampleRecord:
+        return SampleRecord(*(self.samples[i][k] for k in ("imgs", "cond", "nactions", "label")))
+
+
+def dataclass_samples(size: int = 40) -> DataclassSamples:
+    return DataclassSamples(size)
+
+
+def dataclass_forward(model, batch: SampleRecord):
+    assert isinstance(batch, SampleRecord) and batch.frames.tolist() == [batch.imgs.shape[-4]] * len(batch.imgs), batch
     return model(batch.imgs, batch.cond, nactions=batch.nactions, task_mode="policy_model")
 
 
