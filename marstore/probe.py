@@ -762,7 +762,8 @@ def _probe_layer(opts: ProbeOptions, layer: str, source: dict, selection: np.nda
 def _probe_entry(opts: ProbeOptions, name: str, prep: _Prepared, source: dict) -> dict:
     """The probe and its control on prep's rows: the entry `name` of the report."""
     task, xs, ys, labels = prep.task, prep.xs, prep.ys, prep.labels
-    entry: dict[str, Any] = {"layer": name, "task": task, "split_rows": prep.sizes, "skipped_rows": prep.skipped}
+    entry: dict[str, Any] = {"layer": name, "task": task, "split_rows": prep.sizes, "skipped_rows": prep.skipped,
+                             "inputs": int(xs["train"].shape[1]), "features": _features_text(prep.features)}
     if task == "regression":
         entry["target_shape"] = prep.features["target_shape"]  # of r2_per_dim, flat in the metrics
     if labels:
@@ -801,6 +802,21 @@ def _probe_entry(opts: ProbeOptions, name: str, prep: _Prepared, source: dict) -
         entry["selectivity"] = entry["probe"]["test"][head] - entry["control"]["test"][head]
     _add_intervals(entry, head, tests, opts.seed, prep.test_groups)
     return entry
+
+
+def _features_text(features: dict) -> str:
+    """What a probe's input is, in words: which tokens of the stored rows, and how reduced."""
+    count = row_tokens(features["row_shape"], features["channel_axis"])[0]
+    if features["ragged"]:
+        text = "mean of each row's tokens (their count varies)"
+    elif not count:
+        text = "stored row"
+    elif "token" in features:
+        text = f"token {features['token']} of {count}"
+    else:
+        text = f"mean of {count} tokens" if features["tokens"] == "mean" else f"{count} tokens side by side"
+    reduction = features["reduction"]
+    return text + ("" if reduction == "none" else f" (reduced at extraction: {reduction})")
 
 
 def _add_intervals(entry: dict, metric: str, tests: dict[str, tuple[torch.Tensor, torch.Tensor]], seed: int,
@@ -1353,6 +1369,14 @@ def _markdown(report: dict, out: str) -> str:
     header, cells = _table_rows(report)
     o = report["options"]
     drawn = f" (drawn by whole {o['group']!r} groups)" if o["group"] else ""
+    inputs = [f"{r['features']}, {r['inputs']} inputs" for r in report["layers"] if "features" in r]  # older reports lack it
+    reads = ""
+    if len(set(inputs)) == 1:
+        reads = f" Each probe reads the {inputs[0]}."
+    elif inputs:
+        header.insert(1, "probe input")
+        for row, text in zip(cells, inputs):
+            row.insert(1, text)
     lines = [
         f"# What each layer knows about `{report['target']}`",
         "",
@@ -1360,7 +1384,7 @@ def _markdown(report: dict, out: str) -> str:
         + (f"; the {report['selected_rows']} where {' and '.join(o['where'])}" if o.get("where") else "") +
         f"). {'MLP' if o['kind'] == 'mlp' else 'Linear'} probes "
         f"for {report['task']}, {_solver_text(report)}; the metric is the test {report['metric']}, its 95% interval "
-        f"the percentiles of {BOOTSTRAP_DRAWS} resamples of the test rows{drawn}. " + (
+        f"the percentiles of {BOOTSTRAP_DRAWS} resamples of the test rows{drawn}.{reads} " + (
             "The control is the same probe trained on the targets shuffled across rows; selectivity is the probe's "
             "metric less the control's." if o["control"] else "No control task was trained."),
         "",

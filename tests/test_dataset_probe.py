@@ -325,6 +325,7 @@ def test_planted_linear_signal_is_found_and_the_control_is_not(tmp_path):
     assert saved["metric"] == "r2" and [r["layer"] for r in saved["layers"]] == ["signal", "noise"]
     markdown = open(report["markdown"]).read().splitlines()
     assert markdown[0] == "# What each layer knows about `y`"
+    assert " Each probe reads the stored row, 16 inputs. " in markdown[2]
     assert markdown[4:6] == ["| layer | r2 | 95% interval | control | select. | skipped rows | skipped steps |",
                              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     s = by["signal"]
@@ -640,9 +641,13 @@ def test_tokens_side_by_side_read_what_their_mean_loses(tmp_path):
     path = tmp_path / "frames.h5"
     with StoreWriter(path, [LayerSpec("frames", (2, 8))], [TargetSpec("y", (1,), "float32")]) as writer:
         writer.append({"frames": x}, targets={"y": y}, index=range(800))
-    mean = run_probes(probe_opts(tmp_path, path, layer="frames", out=str(tmp_path / "mean")))["layers"][0]
+    mean_report = run_probes(probe_opts(tmp_path, path, layer="frames", out=str(tmp_path / "mean")))
+    mean = mean_report["layers"][0]
     flat = run_probes(probe_opts(tmp_path, path, layer="frames", out=str(tmp_path / "flat"), tokens="flat"))["layers"][0]
     assert mean["probe"]["test"]["r2"] < 0.05 and flat["probe"]["test"]["r2"] > 0.99
+    assert (mean["features"], mean["inputs"], flat["features"], flat["inputs"]) == (
+        "mean of 2 tokens", 8, "2 tokens side by side", 16)
+    assert " Each probe reads the mean of 2 tokens, 8 inputs. " in open(mean_report["markdown"]).read()
     assert torch.load(flat["probe"]["weights"], weights_only=True)["state_dict"]["weight"].shape == (1, 16)
     with pytest.raises(ProbeError) as info:
         probe_opts(tmp_path, path, tokens="all")

@@ -737,6 +737,12 @@ def test_a_diffusion_heads_denoising_steps_are_stored_stacked_and_probed_each(tm
     report = run_probes(ProbeOptions(store=result.path, layer=layer, target="nactions", tokens="each",
                                      out=str(tmp_path / "p"), progress=False))
     assert [e["layer"] for e in report["layers"]] == [f"{layer}[{i}]" for i in range(8)]
+    # report.md says what each probe read: one step's token mean
+    assert [(e["features"], e["inputs"]) for e in report["layers"][:2]] == [
+        ("token 0 of 8 (reduced at extraction: mean)", 32), ("token 1 of 8 (reduced at extraction: mean)", 32)]
+    markdown = open(report["markdown"]).read().splitlines()
+    assert markdown[4].startswith("| layer | probe input | r2 |")
+    assert markdown[6].startswith(f"| {layer}[0] | token 0 of 8 (reduced at extraction: mean), 32 inputs | ")
     last = load_probe(report["layers"][7]["probe"]["weights"])
     assert last.token == 7 and last.predict(steps[:2]).shape == (2, 16, 2)  # the target's shape, as stored
 
