@@ -368,6 +368,17 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _similarity(args: argparse.Namespace) -> int:
+    from marstore.similarity import SimilarityOptions, layer_similarity
+
+    result = layer_similarity(SimilarityOptions(args.store, args.against, args.layer, args.against_layer, args.rows,
+                                                args.seed, args.debiased, args.where or [], args.out))
+    print(result["table"])
+    print(f"report: {result['json']}, {result['markdown']}")
+    print(f"plot: {result['plot']}")
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from marstore.evaluate import EvaluateOptions, evaluate_probes
 
@@ -535,6 +546,22 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--label", nargs="+", help="a name for each report (default: its path)")
     cmp.add_argument("--out", default="comparison", help="where depth.png, report.md and comparison.json go")
     cmp.set_defaults(func=_compare)
+
+    sim = sub.add_parser("similarity", help="how alike layers are (linear CKA), within a store or against another "
+                                            "store of the same samples (another checkpoint or model)")
+    sim.add_argument("store")
+    sim.add_argument("--against", metavar="STORE", help="a second store, its rows matched by source index (default: "
+                                                        "the first against itself)")
+    sim.add_argument("--layer", nargs="+", default="**", metavar="LAYER", help="names or patterns (default: every layer)")
+    sim.add_argument("--against-layer", nargs="+", metavar="LAYER", help="the second store's (default: as --layer)")
+    sim.add_argument("--rows", type=int, default=2048,
+                     help="a seeded sample of the rows compared (default 2048): each layer's Gram matrix is rows x rows")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--debiased", action="store_true",
+                     help="the unbiased HSIC estimator: unrelated layers near 0 where features outnumber rows")
+    sim.add_argument("--where", nargs="*", metavar="TARGET=VALUE", help="compare only the rows that meet every condition")
+    sim.add_argument("--out", default="similarity", help="where similarity.json, similarity.md and similarity.png go")
+    sim.set_defaults(func=_similarity)
 
     mg = sub.add_parser("merge", help="copy a store written by several ranks into one self-contained file")
     mg.add_argument("store")

@@ -1129,26 +1129,41 @@ def report_breakdown_plot(report: dict, out: str) -> dict:
         kind, label, low = "by_class", "test recall", 0.0
         xlabel, title = f"class of {report['target']}", f"Test recall of each class of {report['target']}, by layer"
         columns = [str(c) for c in classes]
+    path = os.path.join(out, f"{kind}.png")
+    heatmap(path, values, [e["layer"] for e in entries], columns, label=label, title=title, xlabel=xlabel, low=low)
+    return {kind: path}
+
+
+def heatmap(path: str, values: np.ndarray, rows: Sequence[str], columns: Sequence[str] | None, *, label: str, title: str,
+            xlabel: str | None = None, low: float = 0.0, annotate: bool = False) -> str:
+    """values (rows x columns, NaN blank) as a heatmap from low to 1, each cell's figure written
+    in it where annotate and they fit; at most 40 names along an axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    width = values.shape[1]
-    fig, ax = plt.subplots(figsize=(min(max(5, 0.45 * width + 3), 16), min(max(3, 0.35 * len(entries) + 1.5), 16)))
+    height, width = values.shape
+    fig, ax = plt.subplots(figsize=(min(max(5, 0.45 * width + 3), 16), min(max(3, 0.35 * height + 1.5), 16)))
     image = ax.imshow(values, aspect="auto", cmap="viridis", vmin=low, vmax=1.0)
     fig.colorbar(image, ax=ax, label=label)
-    step = max(1, math.ceil(len(entries) / 40))
-    ax.set_yticks(range(0, len(entries), step), [e["layer"] for e in entries][::step], fontsize=8)
-    if columns:
-        ax.set_xticks(range(width), columns, fontsize=7, rotation=90 if max(map(len, columns)) > 3 else 0)
-    ax.set_xlabel(xlabel)
+    if annotate and values.size <= 400:
+        for (i, j), v in np.ndenumerate(values):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
+    step = max(1, math.ceil(height / 40))
+    ax.set_yticks(range(0, height, step), list(rows)[::step], fontsize=8)
+    if columns is not None:
+        step = max(1, math.ceil(width / 40))
+        ax.set_xticks(range(0, width, step), list(columns)[::step], fontsize=7,
+                      rotation=90 if max(map(len, columns)) > 3 else 0)
+    if xlabel:
+        ax.set_xlabel(xlabel)
     ax.set_title(title)
     fig.tight_layout()
-    path = os.path.join(out, f"{kind}.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return {kind: path}
+    return path
 
 
 def report_depth_plot(report: dict, out: str, title: str) -> str:
@@ -1272,27 +1287,10 @@ def summarize_targets(reports: Sequence[dict], out: str) -> dict:
         for e in r["layers"]:
             values[names.index(e["layer"]), j] = e["probe"]["test"][r["metric"]]
     os.makedirs(out, exist_ok=True)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(min(max(5, 1.1 * len(reports) + 3), 16), min(max(3, 0.35 * len(names) + 1.5), 16)))
     low = min(0.0, float(np.nanmin(values))) if np.isfinite(values).any() else 0.0
-    image = ax.imshow(values, aspect="auto", cmap="viridis", vmin=max(-1.0, low), vmax=1.0)
-    fig.colorbar(image, ax=ax, label="test metric")
-    if values.size <= 400:  # the figures themselves, where they fit
-        for (i, j), v in np.ndenumerate(values):
-            if np.isfinite(v):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
-    step = max(1, math.ceil(len(names) / 40))
-    ax.set_yticks(range(0, len(names), step), names[::step], fontsize=8)
-    ax.set_xticks(range(len(columns)), columns, fontsize=8, rotation=30, ha="right")
-    ax.set_title("What each layer knows about each target (test metric)")
-    fig.tight_layout()
     path = os.path.join(out, "by_target.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    heatmap(path, values, names, columns, label="test metric", low=max(-1.0, low), annotate=True,
+            title="What each layer knows about each target (test metric)")
     header = ["layer", *columns]
     rows = [[n, *("-" if np.isnan(v) else f"{v:.3f}" for v in values[i])] for i, n in enumerate(names)]
     markdown = os.path.join(out, "summary.md")

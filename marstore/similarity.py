@@ -1,0 +1,212 @@
+"""Store -> similarity: linear CKA (centered kernel alignment) between layers, of one store or of
+two stores of the same samples (two checkpoints of a training run, two models): how alike their
+representations are, where probes ask what they hold about a target.
+
+    result = layer_similarity(SimilarityOptions("a.h5", against="b.h5", rows=2048, out="sim"))
+    result["cka"]  # layers of a.h5 x layers of b.h5
+
+CKA is that of Kornblith et al. (2019), from the rows' Gram matrices: 1 for representations
+that differ by a rotation and a scale, invariant to neither a per-feature scaling nor a
+projection. With more features than rows the plain estimate is biased upward (unrelated layers
+score well above 0), and `debiased` uses the unbiased HSIC estimator instead (Song et al. 2012,
+as Kornblith's code centres it). Each layer is read as the probes read it (a row of tokens as
+their mean), its features centred; rows where any layer read holds a non-finite value are left
+out and counted. Two stores are matched by the rows' source indices.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from marstore.dataset import ActivationDataset, layers_of, rows_where
+from marstore.errors import MarstoreError
+from marstore.probe import heatmap, markdown_table, text_table
+from marstore.store import open_store
+
+log = logging.getLogger(__name__)
+
+MIN_ROWS = 4  # the unbiased estimator divides by n - 3
+
+
+class SimilarityError(MarstoreError):
+    """Stores, layers or rows that CKA cannot compare; the message says what would."""
+
+
+@dataclass
+class SimilarityOptions:
+    store: str
+    against: str | None = None  # a second store of the same samples; by default the first against itself
+    layer: str | list[str] = "**"  # names or patterns of the first store's layers
+    against_layer: str | list[str] | None = None  # of the second store's; by default the same patterns
+    rows: int = 2048  # a seeded sample of the rows the stores share: each layer's Gram matrix is rows x rows
+    seed: int = 0
+    debiased: bool = False
+    where: list[str] = field(default_factory=list)  # TARGET=VALUE conditions on the first store's rows
+    out: str = "similarity"
+
+
+def _shared_rows(opts: SimilarityOptions) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """The rows to compare: (positions in the first store, positions in the second or None, the
+    count available before sampling), sampled by seed, in the first store's row order."""
+    with open_store(opts.store) as store:
+        selected = rows_where(store, opts.where) if opts.where else np.arange(store.rows)
+        sources = store.index()[selected]
+    if opts.against is None:
+        first, second = selected, None
+    else:
+        with open_store(opts.against) as other:
+            other_sources = other.index()
+        # a source index held twice (two runs of one sample) is matched at its first row
+        other_sources, other_rows = np.unique(other_sources, return_index=True)
+        sources, first_of = np.unique(sources, return_index=True)
+        common, in_first, in_second = np.intersect1d(sources, other_sources, assume_unique=True, return_indices=True)
+        if not len(common):
+            raise SimilarityError(f"{opts.store} and {opts.against} share no sample (no source index in both); CKA "
+                                  "compares representations of the same samples: extract both from one data set")
+        order = np.argsort(selected[first_of[in_first]])
+        first, second = selected[first_of[in_first]][order], other_rows[in_second][order]
+        _check_same_samples(opts.store, opts.against, first, second)
+    available = len(first)
+    if available < MIN_ROWS:
+        raise SimilarityError(f"{available} rows to compare{' (shared by the two stores)' if second is not None else ''}; "
+                              f"CKA needs {MIN_ROWS} or more")
+    if available > opts.rows:
+        keep = np.sort(np.random.default_rng(opts.seed).choice(available, opts.rows, replace=False))
+        first, second = first[keep], None if second is None else second[keep]
+    return first, second, available
+
+
+def _check_same_samples(path: str, other_path: str, rows: np.ndarray, other_rows: np.ndarray) -> None:
+    """Source indices name samples of one data set: two stores' targets of one name must agree on
+    the rows matched by index (two data sets, or one drawn with other arguments, would not)."""
+    with open_store(path) as store, open_store(other_path) as other:
+        shared = sorted(set(store.targets) & set(other.targets))
+        for name in shared:
+            a, b = store.target(name)[rows], other.target(name)[other_rows]
+            same = (a == b) | ((a != a) & (b != b)) if a.dtype.kind == "f" and b.dtype.kind == "f" else a == b
+            same = same.reshape(len(rows), -1).all(1)
+            if not same.all():
+                sample = int(store.index()[rows[np.flatnonzero(~same)[0]]])
+                raise SimilarityError(f"target {name!r} differs between {path} and {other_path} for sample {sample} (and "
+                                      f"{int((~same).sum()) - 1} more): their source indices name other samples; compare "
+                                      "extractions of one data set")
+        if not shared:
+            runs = [(s.metadata.get("dataset"), s.metadata.get("dataset_args")) for s in (store, other)]
+            if runs[0] != runs[1]:
+                log.warning("%s and %s share no target to check their samples by, and record other data sets (%s, %s): "
+                            "rows are matched by source index alone", path, other_path, *runs)
+
+
+def _features(path: str, layers: list[str], positions: np.ndarray) -> dict[str, torch.Tensor]:
+    """Each layer's rows at positions as (rows, features) float64, a row of tokens as their mean."""
+    ds = ActivationDataset(path, layers, rows=positions, reduction="mean")
+    try:
+        data = ds.read_all()
+    finally:
+        ds.close()
+    return {name: data[name].reshape(len(positions), -1).double() for name in layers}
+
+
+def centered_gram(x: torch.Tensor, debiased: bool = False) -> torch.Tensor:
+    """The centred Gram matrix of x's rows (float64), scaled to unit Frobenius norm, so that CKA
+    is the inner product of two. debiased: centred for the unbiased HSIC estimator (diagonal
+    zero). A layer whose rows are all alike has no norm to scale by: NaN."""
+    x = x - x.mean(0)
+    gram = x @ x.T
+    n = len(gram)
+    if debiased:
+        gram.fill_diagonal_(0)
+        means = gram.sum(0) / (n - 2)
+        means -= means.sum() / (2 * (n - 1))
+        gram -= means[:, None] + means[None, :]
+        gram.fill_diagonal_(0)
+    norm = torch.linalg.matrix_norm(gram)
+    return gram / norm if norm > 0 else torch.full_like(gram, float("nan"))
+
+
+def layer_similarity(opts: SimilarityOptions) -> dict:
+    """Linear CKA of every layer of opts.store against every layer of opts.against (or of itself):
+    similarity.json, similarity.md and similarity.png in opts.out; the JSON's content, with the
+    paths and a text table of each layer's most similar layer, returned. Memory: a Gram matrix
+    of rows x rows float32 for each layer of the first store (16 MiB at 2048 rows), and features."""
+    if opts.rows < MIN_ROWS:
+        raise SimilarityError(f"--rows {opts.rows}: CKA needs {MIN_ROWS} rows or more")
+    with open_store(opts.store) as store:
+        layers = layers_of(store, opts.layer)
+    with open_store(opts.against or opts.store) as other:
+        other_layers = layers_of(other, opts.against_layer if opts.against_layer is not None else opts.layer)
+    first, second, available = _shared_rows(opts)
+    if second is None:  # one store: each layer read once
+        features = _features(opts.store, list(dict.fromkeys(layers + other_layers)), first)
+        other_features = features
+    else:
+        features, other_features = _features(opts.store, layers, first), _features(opts.against, other_layers, second)
+    finite = torch.ones(len(first), dtype=torch.bool)
+    for x in [*features.values(), *other_features.values()]:
+        finite &= torch.isfinite(x).all(1)
+    rows, skipped = int(finite.sum()), int((~finite).sum())
+    if rows < MIN_ROWS:
+        raise SimilarityError(f"{rows} of {len(first)} rows hold finite values in every layer compared; "
+                              f"CKA needs {MIN_ROWS} or more")
+    if skipped:
+        log.warning("left out %d of %d rows: a layer compared holds a non-finite value in them", skipped, len(first))
+    log.info("linear CKA%s of %d layers against %d on %d rows", " (debiased)" if opts.debiased else "", len(layers),
+             len(other_layers), rows)
+    # float32 once centred and scaled: half the memory of float64, for figures read to three decimals
+    grams = {name: centered_gram(x[finite], opts.debiased).float() for name, x in features.items()}
+    cka = np.empty((len(layers), len(other_layers)))
+    undefined = {name for name, g in grams.items() if torch.isnan(g[0, 0])}
+    for j, name in enumerate(other_layers):  # a second store's Gram matrices one at a time
+        g = grams[name] if second is None else centered_gram(other_features[name][finite], opts.debiased).float()
+        if torch.isnan(g[0, 0]):
+            undefined.add(name)
+        cka[:, j] = [float(torch.dot(grams[a].view(-1), g.view(-1))) for a in layers]
+    if undefined:
+        log.warning("%s hold the same row for every sample compared: their CKA is undefined (NaN)", sorted(undefined))
+    return _write(opts, layers, other_layers, cka, rows=rows, available=available, skipped=skipped)
+
+
+def _write(opts: SimilarityOptions, layers: list[str], other_layers: list[str], cka: np.ndarray, *, rows: int,
+           available: int, skipped: int) -> dict:
+    os.makedirs(opts.out, exist_ok=True)
+    kind = "debiased linear CKA" if opts.debiased else "linear CKA"
+    against = os.path.abspath(opts.against) if opts.against else None
+    result = {"store": os.path.abspath(opts.store), "against": against, "measure": kind, "rows": rows,
+              "rows_available": available, "skipped_rows": skipped, "layers": layers, "against_layers": other_layers,
+              "cka": [[None if np.isnan(v) else round(float(v), 6) for v in row] for row in cka],
+              "options": asdict(opts)}
+    paths = {name: os.path.join(opts.out, name) for name in ("similarity.json", "similarity.md", "similarity.png")}
+    with open(paths["similarity.json"], "w") as f:
+        json.dump(result, f, indent=2)
+    second = os.path.basename(opts.against) if opts.against else os.path.basename(opts.store)
+    heatmap(paths["similarity.png"], cka, layers, other_layers, label=kind, annotate=True,
+            low=min(0.0, float(np.nanmin(cka))) if np.isfinite(cka).any() else 0.0,
+            title=f"{kind}: {os.path.basename(opts.store)} (rows) against {second} (columns)", xlabel=f"layers of {second}")
+    # each layer's nearest other layer (itself excepted, against the same store)
+    header = ["layer", "most similar", kind]
+    table = []
+    for i, name in enumerate(layers):
+        scores = [(v, other) for v, other in zip(cka[i], other_layers)
+                  if np.isfinite(v) and (opts.against is not None or other != name)]
+        best = max(scores, default=None)
+        table.append([name, "-" if best is None else best[1], "-" if best is None else f"{best[0]:.3f}"])
+    rows_text = f"{rows} rows" + (f" (a seeded sample of {available})" if available > opts.rows else "") + (
+        f", {skipped} left out for non-finite values" if skipped else "")
+    with open(paths["similarity.md"], "w") as f:
+        f.write("\n".join([
+            f"# How alike the layers are: {kind}", "",
+            f"Store `{result['store']}`" + (f" against `{against}` (the samples both hold)" if against else "")
+            + f"; {rows_text}" + (f", where {' and '.join(opts.where)}" if opts.where else "")
+            + ". Each layer read as the probes read it (a row of tokens as their mean). 1: the same representation "
+            "up to a rotation and a scale.", "",
+            *markdown_table(["layer", *other_layers], [[n, *("-" if np.isnan(v) else f"{v:.3f}" for v in cka[i])]
+                                                       for i, n in enumerate(layers)]), "",
+            f"![{kind} of each pair of layers](similarity.png)", ""]))
+    return {**result, "json": paths["similarity.json"], "markdown": paths["similarity.md"],
+            "plot": paths["similarity.png"], "table": text_table(header, table)}
