@@ -124,10 +124,11 @@ def centered_gram(x: torch.Tensor, debiased: bool = False) -> torch.Tensor:
         gram.fill_diagonal_(0)
         means = gram.sum(0) / (n - 2)
         means -= means.sum() / (2 * (n - 1))
-        gram -= means[:, None] + means[None, :]
+        gram -= means[:, None]  # in place: no second rows x rows matrix
+        gram -= means[None, :]
         gram.fill_diagonal_(0)
     norm = torch.linalg.matrix_norm(gram)
-    return gram / norm if norm > 0 else torch.full_like(gram, float("nan"))
+    return gram.div_(norm) if norm > 0 else gram.fill_(float("nan"))
 
 
 def layer_similarity(opts: SimilarityOptions) -> dict:
