@@ -447,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--dataset-arg", action="append", type=_key_value, metavar="KEY=VALUE")
     ex.add_argument("--forward", help="MODULE:CALLABLE called as fn(model, batch) (default: batch as arguments)")
     ex.add_argument("--layers", nargs="+", help="module names, globs (* one level, ** any) or re:REGEX; @input, :index")
+    ex.add_argument("--exclude-layers", nargs="+", metavar="PATTERN",
+                    help="modules to leave out of what --layers selects (e.g. '**' but '**.attn')")
     ex.add_argument("--reduction", help="none, mean, mean:G (means of G equal groups of tokens: frames), first, last, "
                                         "or token indices like 0,5,9 (default none)")
     ex.add_argument("--layer-reduction", action="extend", nargs="+", type=_pattern_value, metavar="PATTERN=REDUCTION",

@@ -31,7 +31,7 @@ from marstore.dataset import ActivationDataset, rows_where
 from marstore.hooks import Capture, match_modules, nearest_names, parse_layers
 from marstore.loading import IN_HAND
 from marstore.probe import (ProbeError, TrainedProbe, _add_intervals, _breakdown_lines, _metrics, _read_report, _table_rows,
-                            finite_rows, load_probe, markdown_table, report_breakdown_plot, report_depth_plot)
+                            finite_rows, load_probe, markdown_table, probe_inputs, report_breakdown_plot, report_depth_plot)
 from marstore.store import Store, StoreError, open_store
 from marstore.transfer import resolve_device
 
@@ -247,10 +247,11 @@ def evaluate_probes(opts: EvaluateOptions) -> dict:
     metric, seed = report["metric"], training.get("seed", 0)
     out_entries = []
     read = _Reads(opts.store, target, group)
-    for probes in layers:
+    for name, probes in zip(chosen, layers):
         rows = _held_out_rows(probes["probe"], index, opts.store, allowed) if mode == "held-out" else \
             np.arange(len(index)) if allowed is None else allowed
-        out_entries.append(_evaluate_layer(opts, probes, read(probes["probe"], rows), target, group, seed, metric))
+        entry = _evaluate_layer(opts, probes, read(probes["probe"], rows), target, group, seed, metric)
+        out_entries.append({**entry, **{k: entries[name][k] for k in ("features", "inputs") if k in entries[name]}})
         log.info("%s: test %s %.3f on %d rows", probes["probe"].name, metric, out_entries[-1]["probe"]["test"][metric],
                  out_entries[-1]["split_rows"]["test"])
     result = {"store": source["path"], "store_status": source["status"], "rows": source["rows"], "target": target,
@@ -321,6 +322,7 @@ class LiveProbes:
 
 def _markdown(result: dict, out: str) -> str:
     header, cells = _table_rows(result)
+    reads = probe_inputs(result, header, cells)
     e = result["evaluation"]
     rows = (f"the {result['layers'][0]['split_rows']['test']} rows of samples the probes were not fitted or chosen on"
             if e["rows"] == "held-out" else "every committed row")
@@ -331,7 +333,7 @@ def _markdown(result: dict, out: str) -> str:
              f"The probes trained on `{e['trained_on']}` (`{e['probes']}`), unchanged, on `{result['store']}` "
              f"({result['store_status']}, {result['rows']} rows): {rows}. The metric is the {result['metric']}, its 95% "
              f"interval the percentiles of bootstrap resamples of those rows{drawn}; the control is the probe trained on "
-             "shuffled targets, applied the same way.", "",
+             f"shuffled targets, applied the same way.{reads}", "",
              *markdown_table(header, cells), "",
              f"![{result['metric']} of each layer's probe and its control]({os.path.basename(result['plots']['depth'])})", "",
              *_breakdown_lines(result)]

@@ -89,6 +89,7 @@ class ExtractOptions:
     trust_checkpoint: bool = False
     reduction: str = "none"
     layer_reductions: dict[str, str] = field(default_factory=dict)  # pattern -> its layers' reduction
+    exclude_layers: list[str] = field(default_factory=list)  # patterns of modules to leave out of what layers select
     channels_first: bool | list[str] = False  # every layer's activations, or those of the layers these patterns name
     ragged: list[str] = field(default_factory=list)
     multi_fire: str = "error"
@@ -116,7 +117,7 @@ class ExtractOptions:
     command: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("layers", "targets", "output_names", "ragged"):
+        for name in ("layers", "exclude_layers", "targets", "output_names", "ragged"):
             value = getattr(self, name)
             if isinstance(value, (str, tuple)):  # one name, from Python: not its characters; a tuple as the
                 setattr(self, name, [value] if isinstance(value, str) else list(value))  # list a resume reads back
@@ -732,7 +733,8 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
             layer_reductions[pattern] = hooks.parse_reduction(text)
         except hooks.HookError as exc:
             raise hooks.HookError(f"--layer-reduction {pattern}={text}: {exc}") from None
-    selections = hooks.parse_layers(opts.layers, model, reduction, opts.channels_first, layer_reductions)
+    selections = hooks.parse_layers(opts.layers, model, reduction, opts.channels_first, layer_reductions,
+                                    opts.exclude_layers)
 
     # data
     if in_hand is not None:

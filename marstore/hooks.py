@@ -139,6 +139,12 @@ def match_modules(pattern: str, names: Sequence[str]) -> list[str]:
 def nearest_names(pattern: str, names: Sequence[str], n: int = 5) -> list[str]:
     plain = pattern[3:] if pattern.startswith("re:") else pattern
     plain = plain.replace("**", "").replace("*", "")
+    last = plain.rpartition(".")[2]
+    if "*" in pattern and last and not pattern.startswith("re:"):  # '**.atn': the names ending as the pattern nearly does
+        ends = difflib.get_close_matches(last, sorted({x.rpartition(".")[2] for x in names if x}), n=1, cutoff=0.6)
+        if ends:
+            ending = [x for x in names if x.rpartition(".")[2] == ends[0]]
+            return sorted(ending, key=lambda x: -difflib.SequenceMatcher(None, plain, x).ratio())[:n]
     close = difflib.get_close_matches(plain, names, n=n, cutoff=0.4)
     return close or [x for x in names if x and x.split(".")[0] in plain][:n] or [x for x in names if x][:n]  # "" is the root
 
@@ -153,10 +159,13 @@ CHANNELS_LAST_MODULES = (nn.Linear, nn.LayerNorm, nn.MultiheadAttention, nn.Embe
 
 def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | list[int] = "none",
                  channels_first: bool | Sequence[str] = False,
-                 layer_reductions: Mapping[str, str | list[int]] | None = None) -> list[LayerSelection]:
+                 layer_reductions: Mapping[str, str | list[int]] | None = None,
+                 exclude: Sequence[str] = ()) -> list[LayerSelection]:
     """Resolves patterns against model.named_modules(); fails before any data is read.
     reduction is every layer's, unless a pattern of layer_reductions selects the layer;
-    channels_first is True for every layer, or the patterns of the layers it applies to."""
+    channels_first is True for every layer, or the patterns of the layers it applies to;
+    exclude names modules to leave out of what the patterns select ('**' but the attention
+    modules, whose outputs are tuples)."""
     modules = dict(model.named_modules())
     names = list(modules)
     # containers without a forward of their own (ModuleList, ModuleDict) are never called, so
@@ -185,6 +194,17 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
             sel = LayerSelection(name, capture, element, reduction)
             selected.setdefault(sel.store_name, sel)
     layers = list(selected.values())
+    for pattern in exclude:
+        try:
+            excluded = set(match_modules(pattern, [sel.name for sel in layers]))
+        except HookError as exc:
+            raise HookError(f"--exclude-layers: {exc}") from None
+        if not excluded:
+            raise HookError(f"--exclude-layers {pattern!r} matches none of the selected modules; nearest: "
+                            f"{nearest_names(pattern, list(dict.fromkeys(sel.name for sel in layers)))}")
+        layers = [sel for sel in layers if sel.name not in excluded]
+        if not layers:
+            raise HookError(f"--exclude-layers {' '.join(exclude)} leaves out every module that --layers selects")
     chosen_by: dict[str, tuple[str, str | list[int]]] = {}  # store name -> the --layer-reduction that chose it
     for pattern, layer_reduction in (layer_reductions or {}).items():
         for sel in _selected_by(pattern, layers, "--layer-reduction"):

@@ -1362,19 +1362,26 @@ def _breakdown_lines(report: dict) -> list[str]:
     return []
 
 
+def probe_inputs(report: dict, header: list[str], cells: list[list[str]]) -> str:
+    """What the probes read, for report.md: a sentence where every probe reads alike (" Each
+    probe reads the mean of 64 tokens, 64 inputs."), else a column put into the table (--tokens
+    each); "" for reports older than the entries' features."""
+    inputs = [f"{r['features']}, {r['inputs']} inputs" for r in report["layers"] if "features" in r]
+    if len(set(inputs)) == 1:
+        return f" Each probe reads the {inputs[0]}."
+    if inputs:
+        header.insert(1, "probe input")
+        for row, text in zip(cells, inputs):
+            row.insert(1, text)
+    return ""
+
+
 def _markdown(report: dict, out: str) -> str:
     """report.md: the table and the plots, for a notebook, a pull request or a browser."""
     header, cells = _table_rows(report)
     o = report["options"]
     drawn = f" (drawn by whole {o['group']!r} groups)" if o["group"] else ""
-    inputs = [f"{r['features']}, {r['inputs']} inputs" for r in report["layers"] if "features" in r]  # older reports lack it
-    reads = ""
-    if len(set(inputs)) == 1:
-        reads = f" Each probe reads the {inputs[0]}."
-    elif inputs:
-        header.insert(1, "probe input")
-        for row, text in zip(cells, inputs):
-            row.insert(1, text)
+    reads = probe_inputs(report, header, cells)
     lines = [
         f"# What each layer knows about `{report['target']}`",
         "",

@@ -137,6 +137,9 @@ def test_evaluated_on_its_own_store_it_gives_the_reports_test_metric_and_interva
     markdown = (tmp_path / "ev" / "report.md").read_text()
     assert f"unchanged, on `{store}` (complete, 600 rows): the 60 rows of samples the probes were not fitted or chosen on." \
         in markdown
+    # what the probes read, as their training report says
+    assert (b["features"], b["inputs"]) == (a["features"], a["inputs"])
+    assert f"applied the same way. Each probe reads the {a['features']}, {a['inputs']} inputs." in markdown
 
 
 def test_other_samples_are_evaluated_whole_and_the_same_data_set_on_its_held_out_samples(tmp_path, caplog):

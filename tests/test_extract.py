@@ -477,10 +477,33 @@ def test_glob_levels_and_regex():
     assert [(s.name, s.element) for s in hooks.parse_layers(["re:(?:pair):1"], model)] == [("pair", 1)]
 
 
+def test_excluded_modules_leave_what_the_patterns_select(tmp_path):
+    model = Toy()
+    kept = hooks.parse_layers(["**"], model, exclude=["blocks.**", "re:pair|named"])
+    assert [s.name for s in kept] == ["a", "head", "loop", "never"]
+    with pytest.raises(hooks.HookError) as info:  # a typo would exclude nothing, without a word
+        hooks.parse_layers(["blocks.*"], model, exclude=["blocks.*.0"])
+    assert str(info.value) == "--exclude-layers 'blocks.*.0' matches none of the selected modules; nearest: ['blocks.0']"
+    with pytest.raises(hooks.HookError) as info:
+        hooks.parse_layers(["blocks.*"], model, exclude=["blocks.1", "blocks.0"])
+    assert str(info.value) == "--exclude-layers blocks.1 blocks.0 leaves out every module that --layers selects"
+    # the built-in model's every module but its attention, whose (output, weights) tuple has no one tensor to store
+    # and whose out_proj never fires (nn.MultiheadAttention uses its weights, not its forward)
+    result = extract(options(tmp_path, layers=["encoder_blocks.**"], exclude_layers=["**.attn", "**.attn.**"],
+                             num_samples=8))
+    with open_store(result.path) as s:
+        assert not [n for n in s.layers if ".attn" in n] and "encoder_blocks.0.mlp" in s.layers
+        assert s.metadata["options"]["exclude_layers"] == ["**.attn", "**.attn.**"]
+
+
 def test_unknown_layer_suggests_nearest_names():
     with pytest.raises(hooks.HookError) as info:
         hooks.parse_layers(["encoder_block.3"], video_mar(**CONFIG))
     assert "layer pattern 'encoder_block.3' matches no module; nearest names: ['encoder_blocks.1'" in str(info.value)
+    with pytest.raises(hooks.HookError) as info:  # a glob's misspelt end: the names that end as it nearly does
+        hooks.parse_layers(["encoder_blocks.*.atn"], video_mar(**CONFIG))
+    assert str(info.value).endswith("nearest names: ['encoder_blocks.0.attn', 'encoder_blocks.1.attn', "
+                                    "'decoder_blocks.0.attn', 'decoder_blocks.1.attn']")
     # names copied from the policy or workspace that wraps the model: the prefix to drop is named
     for pattern, prefix, rest, count in (("model.encoder_blocks.*", "model.", "encoder_blocks.*", 2),
                                          ("policy.model.z_proj", "policy.model.", "z_proj", 1)):
