@@ -189,14 +189,20 @@ def _write(opts: SimilarityOptions, layers: list[str], other_layers: list[str], 
     heatmap(paths["similarity.png"], cka, layers, other_layers, label=kind, annotate=True,
             low=min(0.0, float(np.nanmin(cka))) if np.isfinite(cka).any() else 0.0,
             title=f"{kind}: {os.path.basename(opts.store)} (rows) against {second} (columns)", xlabel=f"layers of {second}")
-    # each layer's nearest other layer (itself excepted, against the same store)
-    header = ["layer", "most similar", kind]
+    # each layer's nearest other layer (itself excepted, against the same store); against another
+    # store, also its namesake there: how far a layer moved between two checkpoints
+    namesakes = opts.against is not None and bool(set(layers) & set(other_layers))
+    header = ["layer", "most similar", kind, *(["same layer"] if namesakes else [])]
     table = []
     for i, name in enumerate(layers):
         scores = [(v, other) for v, other in zip(cka[i], other_layers)
                   if np.isfinite(v) and (opts.against is not None or other != name)]
         best = max(scores, default=None)
-        table.append([name, "-" if best is None else best[1], "-" if best is None else f"{best[0]:.3f}"])
+        row = [name, "-" if best is None else best[1], "-" if best is None else f"{best[0]:.3f}"]
+        if namesakes:
+            same = cka[i][other_layers.index(name)] if name in other_layers else np.nan
+            row.append("-" if np.isnan(same) else f"{same:.3f}")
+        table.append(row)
     rows_text = f"{rows} rows" + (f" (a seeded sample of {available})" if available > opts.rows else "") + (
         f", {skipped} left out for non-finite values" if skipped else "")
     with open(paths["similarity.md"], "w") as f:

@@ -99,6 +99,14 @@ def test_two_stores_are_matched_by_source_index(tmp_path, related):
     sampled = layer_similarity(opts(tmp_path, path, against=str(other), layer="bent", against_layer="b", rows=40, out="s2"))
     assert (sampled["rows"], sampled["rows_available"]) == (40, 90) and sampled["cka"][0][0] == pytest.approx(1, abs=2e-6)
     assert "40 rows (a seeded sample of 90)" in open(sampled["markdown"]).read()
+    # against a store with layers of the same names (another checkpoint), each layer's namesake too
+    renamed = tmp_path / "renamed.h5"
+    write_store(renamed, {"bent": layers["a"][sources], "a": layers["bent"][sources]}, index=sources)
+    swapped = layer_similarity(opts(tmp_path, path, against=str(renamed), layer=["a", "bent"], out="s3"))
+    lines = [line.split() for line in swapped["table"].splitlines()]
+    assert lines[0] == ["layer", "most", "similar", "linear", "CKA", "same", "layer"]
+    assert swapped["against_layers"] == ["a", "bent"]
+    assert lines[1] == ["a", "bent", "1.000", f"{swapped['cka'][0][0]:.3f}"] and lines[2][:3] == ["bent", "a", "1.000"]
 
 
 def test_stores_of_other_samples_and_too_few_rows_are_refused(tmp_path, related):
