@@ -218,9 +218,9 @@ def _keywords_taken(forward: Callable) -> frozenset[str] | None:
 
 class DefaultForward:
     """The forward without --forward: a dict batch as keyword arguments, a tuple or list as
-    positional ones, a tensor or a dataclass alone. Keys the model's forward does not take (labels and other
-    targets beside the inputs) are left out, as Hugging Face's Trainer leaves out such columns,
-    with a warning that names them, once a run."""
+    positional ones, a tensor or a dataclass alone. Keys the model's forward does not take
+    (labels and other targets beside the inputs) are left out, as Hugging Face's Trainer leaves
+    out such columns, with a warning that names them, once a run."""
 
     def __init__(self) -> None:
         self.said: set[tuple[type, tuple[str, ...]]] = set()

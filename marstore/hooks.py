@@ -412,7 +412,7 @@ class Capture:
                 raise HookError(f"{sel.store_name}: the {sel.capture} of {sel.name} is a tensor, and ':{sel.element}' "
                                 f"picks an element of a tuple, list or dict; hook {sel.name}"
                                 f"{'@input' if sel.capture == 'input' else ''} without it (--reduction picks tokens)")
-            fields = fields_of(value)
+            fields = None if isinstance(value, torch.Tensor) else fields_of(value)  # the common case, kept cheap
             if sel.element is not None:
                 try:
                     value = fields[sel.element] if fields is not None and isinstance(sel.element, str) else value[sel.element]
