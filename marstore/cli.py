@@ -278,7 +278,9 @@ def _options_from(args: argparse.Namespace):
             merged[key] = True if getattr(args, key) else config.get(key, False)
     if args.channels_first is not None:  # the flag alone: every layer; with patterns: their layers
         merged["channels_first"] = args.channels_first or True
-    missing = [k for k in ("out", "model", "dataset", "layers") if not merged.get(k)]
+    if args.dry_run:
+        merged.setdefault("out", "")  # a dry run writes nothing
+    missing = [k for k in ("out", "model", "dataset", "layers") if not merged.get(k) and not (k == "out" and args.dry_run)]
     if missing:
         raise SystemExit(f"marstore extract: missing {', '.join('--' + m for m in missing)} (or give them in --config)")
     from marstore.extract import command_line
@@ -298,6 +300,9 @@ def _extract(args: argparse.Namespace) -> int:
     except ex.Interrupted as exc:
         print(f"marstore extract: {exc}", file=sys.stderr)
         return 128 + exc.signum  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
+    if isinstance(result, ex.Survey):
+        print(result.describe())
+        return 1 if any(s.problem for s in result.layers) else 0  # a script can tell a plan that would stop
     print(ex.describe(result))
     return 0
 
@@ -447,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--dataset-arg", action="append", type=_key_value, metavar="KEY=VALUE")
     ex.add_argument("--forward", help="MODULE:CALLABLE called as fn(model, batch) (default: batch as arguments)")
     ex.add_argument("--layers", nargs="+", help="module names, globs (* one level, ** any) or re:REGEX; @input, :index")
+    ex.add_argument("--dry-run", action="store_true",
+                    help="run one batch with every selected layer hooked and say what each gives and would store, or "
+                         "what stands in its way (all at once); write nothing (status 1 if a layer would stop the run)")
     ex.add_argument("--exclude-layers", nargs="+", metavar="PATTERN",
                     help="modules to leave out of what --layers selects (e.g. '**' but '**.attn')")
     ex.add_argument("--reduction", help="none, mean, mean:G (means of G equal groups of tokens: frames), first, last, "

@@ -31,7 +31,8 @@ from marstore.dataset import ActivationDataset, rows_where
 from marstore.hooks import Capture, match_modules, nearest_names, parse_layers
 from marstore.loading import IN_HAND
 from marstore.probe import (ProbeError, TrainedProbe, _add_intervals, _breakdown_lines, _metrics, _read_report, _table_rows,
-                            finite_rows, load_probe, markdown_table, probe_inputs, report_breakdown_plot, report_depth_plot)
+                            finite_rows, load_probe, probe_inputs, report_breakdown_plot, report_depth_plot)
+from marstore.report import markdown_table
 from marstore.store import Store, StoreError, open_store
 from marstore.transfer import resolve_device
 

@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from marstore import hooks, loading, scaleout
 from marstore.errors import MarstoreError
+from marstore.report import text_table
 from marstore.store import (LayerSpec, RowShapeError, Store, StoreError, StoreWriter, TargetSpec, TEXT, check_not_being_written,
                             open_store, room_left)
 from marstore.transfer import SlotTooSmall, TransferRing, resolve_device
@@ -112,6 +113,7 @@ class ExtractOptions:
     slots: int = 4
     commit_rows: int = 4096
     resume: bool = False
+    dry_run: bool = False  # one batch through the model, each selected layer surveyed; nothing written
     progress: bool = True
     malloc_tuning: bool = True
     command: str | None = None
@@ -140,7 +142,8 @@ class ExtractOptions:
     def recorded(self) -> dict:
         """The options that must match for --resume (not where or how fast)."""
         d = asdict(self)
-        for key in ("resume", "progress", "workers", "slots", "command", "device", "out", "malloc_tuning", "skip_failed"):
+        for key in ("resume", "progress", "workers", "slots", "command", "device", "out", "malloc_tuning", "skip_failed",
+                    "dry_run"):
             d.pop(key)
         return d
 
@@ -578,7 +581,7 @@ _NOT_IN_HAND = ("model", "dataset", "forward", "model_args", "dataset_args", "co
 
 def extract_from(model: torch.nn.Module, dataset: Any, out: str, layers: Sequence[str] | str, *,
                  forward: Callable[[torch.nn.Module, Any], Any] | None = None, dataset_name: str | None = None,
-                 on_batch: Callable[[int], None] | None = None, **options: Any) -> ExtractResult:
+                 on_batch: Callable[[int], None] | None = None, **options: Any) -> ExtractResult | Survey:
     """Extraction from a model and a data set in hand (built in a notebook or a script), not
     from MODULE:CALLABLE specs; the other options are ExtractOptions' (checkpoint=, targets=,
     reduction=, batch_size=, resume=, ...).
@@ -621,12 +624,12 @@ def extract_from(model: torch.nn.Module, dataset: Any, out: str, layers: Sequenc
 
 
 def extract(opts: ExtractOptions, on_batch: Callable[[int], None] | None = None, *,
-            in_hand: InHand | None = None) -> ExtractResult:
+            in_hand: InHand | None = None) -> ExtractResult | Survey:
     """Runs the extraction that opts describes (see the module doc); in_hand: see extract_from.
     Under torchrun, each rank extracts its share into a part file and rank 0 joins the parts
-    (marstore.scaleout)."""
+    (marstore.scaleout). With dry_run, the first batch alone, surveyed: a Survey, nothing written."""
     rank = scaleout.current_rank()
-    if not rank.distributed:
+    if not rank.distributed or opts.dry_run:
         return _extract_rank(opts, rank, on_batch, in_hand)
     import torch.distributed as dist
 
@@ -664,7 +667,7 @@ def extract(opts: ExtractOptions, on_batch: Callable[[int], None] | None = None,
 
 
 def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callable[[int], None] | None,
-                  in_hand: InHand | None) -> ExtractResult:
+                  in_hand: InHand | None) -> ExtractResult | Survey:
     torch.manual_seed(opts.seed)
     device = _device(opts.device)
     if device.type == "cpu" and opts.malloc_tuning:
@@ -679,7 +682,9 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         raise ExtractError(f"--autocast {opts.autocast!r}: use bfloat16 or float16")
     _check_output_names(opts.output_names)
     # the output is checked before the checkpoint is read: that can take minutes
-    if os.path.isdir(opts.out):
+    if opts.dry_run:
+        pass  # writes nothing
+    elif os.path.isdir(opts.out):
         raise ExtractError(f"--out {opts.out} is a folder; give the store's file name, e.g. "
                            f"{os.path.join(opts.out, 'activations.h5')}")
     if os.path.exists(opts.out):
@@ -733,8 +738,9 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
             layer_reductions[pattern] = hooks.parse_reduction(text)
         except hooks.HookError as exc:
             raise hooks.HookError(f"--layer-reduction {pattern}={text}: {exc}") from None
+    problems: dict[str, str] | None = {} if opts.dry_run else None  # a dry run reports them all, and goes on
     selections = hooks.parse_layers(opts.layers, model, reduction, opts.channels_first, layer_reductions,
-                                    opts.exclude_layers)
+                                    opts.exclude_layers, problems)
 
     # data
     if in_hand is not None:
@@ -754,6 +760,10 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
     else:
         indices = range(opts.num_samples)[scaleout.rank_positions(rank)]
         log.info("%s is an iterable data set: its first %d items, in order", opts.dataset, opts.num_samples)
+    if opts.dry_run:
+        first = indices[:opts.batch_size]
+        return _survey(model, forward, selections, problems, _Indexed(dataset, first) if map_style else
+                       _Stream(dataset, first, opts.num_samples), opts, device, autocast)
     metadata = {
         "model": opts.model,
         "model_args": opts.model_args,
@@ -906,6 +916,56 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                     _items(len(skipped_items)), *skipped_items[0], opts.out)
     return ExtractResult(rows, seconds, total_bytes, os.path.getsize(opts.out), layers, report.as_dict(), opts.out, outputs,
                          skipped_items)
+
+
+@dataclass
+class Survey:
+    """A dry run's findings: what each selected layer gave in the first batch's forward."""
+    rows: int  # the batch's samples
+    layers: list[hooks.LayerSurvey]
+    dtype: str  # the stored dtype
+
+    def describe(self) -> str:
+        """A table of the layers, then each problem with its fix, then what to leave out."""
+        header = ["layer", "module", "calls", "gave (first call)", "stored row"]
+        rows = [[s.name, s.module, str(s.calls), s.gave,
+                 "-" if s.row is None else f"{s.row} {self.dtype} (from {s.source_dtype})"] for s in self.layers]
+        bad = [s for s in self.layers if s.problem]
+        lines = [f"dry run: the first batch ({self.rows} samples) through the model, every selected layer hooked; "
+                 "nothing written", "", text_table(header, rows)]
+        if bad:
+            alike: dict[str, list[hooks.LayerSurvey]] = {}  # one problem of many layers is said once
+            for s in bad:
+                alike.setdefault(s.problem.replace(s.name, "\0"), []).append(s)
+            lines += ["", f"{len(bad)} of {len(self.layers)} layers would stop the extraction; each problem says what fixes it:"]
+            for group in alike.values():
+                lines.append(f"  {group[0].problem}")
+                if len(group) > 1:
+                    lines.append(f"    and the same for {len(group) - 1} more: {', '.join(s.name for s in group[1:])}")
+            lines += ["", f"or leave them out: --exclude-layers {' '.join(shlex.quote(s.name) for s in bad)}"]
+        else:
+            lines += ["", f"all {len(self.layers)} layers would be stored"]
+        return "\n".join(lines)
+
+
+def _survey(model, forward, selections: list, problems: dict, source: Any, opts: ExtractOptions, device: torch.device,
+            autocast: Callable[[], Any]) -> Survey:
+    """--dry-run: the first batch through the model with every selected layer hooked, each
+    layer's error recorded rather than raised, so that one run says all that stands in the way."""
+    loader = DataLoader(source, batch_size=opts.batch_size, shuffle=False, collate_fn=_collate)
+    index, batch, failed = next(iter(loader), (None, None, None))
+    if index is None:
+        raise ExtractError("--dry-run: the data set yielded no items")
+    if failed:
+        raise _failure(*failed[0])
+    if isinstance(batch, _Unbatchable):
+        raise ExtractError(batch.message)
+    with hooks.Capture(model, selections, multi_fire=opts.multi_fire, unfold_batch=opts.unfold_batch, survey=True) as capture:
+        capture.start_batch(len(index))
+        with torch.inference_mode(not opts.train_mode), autocast():
+            forward(model, _to_device(batch, device))
+        found = capture.survey_batch(problems)
+    return Survey(len(index), found, opts.dtype)
 
 
 def summarize_outputs(store: Store) -> dict[str, dict]:

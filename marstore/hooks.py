@@ -160,12 +160,13 @@ CHANNELS_LAST_MODULES = (nn.Linear, nn.LayerNorm, nn.MultiheadAttention, nn.Embe
 def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | list[int] = "none",
                  channels_first: bool | Sequence[str] = False,
                  layer_reductions: Mapping[str, str | list[int]] | None = None,
-                 exclude: Sequence[str] = ()) -> list[LayerSelection]:
+                 exclude: Sequence[str] = (), problems: dict[str, str] | None = None) -> list[LayerSelection]:
     """Resolves patterns against model.named_modules(); fails before any data is read.
     reduction is every layer's, unless a pattern of layer_reductions selects the layer;
     channels_first is True for every layer, or the patterns of the layers it applies to;
     exclude names modules to leave out of what the patterns select ('**' but the attention
-    modules, whose outputs are tuples)."""
+    modules, whose outputs are tuples). problems: where given, the error of a selected module
+    whose options do not fit it is recorded there (a survey), not raised."""
     modules = dict(model.named_modules())
     names = list(modules)
     # containers without a forward of their own (ModuleList, ModuleDict) are never called, so
@@ -224,15 +225,20 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
         module = modules[sel.name]
         if sel.reduction == "none" and isinstance(module, CHANNELS_FIRST_MODULES):
             sel.channels_first = True  # stored whole, nothing to choose: recorded, for reductions at read time
+        problem = None
         if sel.reduction != "none" and not sel.channels_first and isinstance(module, CHANNELS_FIRST_MODULES):
-            raise HookError(f"{sel.name} is a {type(module).__name__}, whose output is (batch, channels, ...): "
-                            f"reduction {_reduction_text(sel.reduction)} would take its channels for tokens; "
-                            f"pass --channels-first {sel.name} to reduce its positions")
+            problem = (f"{sel.name} is a {type(module).__name__}, whose output is (batch, channels, ...): "
+                       f"reduction {_reduction_text(sel.reduction)} would take its channels for tokens; "
+                       f"pass --channels-first {sel.name} to reduce its positions")
         if sel.channels_first and isinstance(module, CHANNELS_LAST_MODULES):  # stored whole too: its channel axis is recorded
             given = "given alone applies to every layer and" if channels_first is True else f"{' '.join(channels_first)} selects it and"
-            raise HookError(f"{sel.name} is a {type(module).__name__}, whose output keeps its features last: --channels-first "
-                            f"{given} would take them for positions; name only the channels-first layers "
-                            "(--channels-first PATTERN...)")
+            problem = (f"{sel.name} is a {type(module).__name__}, whose output keeps its features last: --channels-first "
+                       f"{given} would take them for positions; name only the channels-first layers "
+                       "(--channels-first PATTERN...)")
+        if problem is not None and problems is None:
+            raise HookError(problem)
+        if problem is not None:
+            problems[sel.store_name] = problem
     return layers
 
 
@@ -360,11 +366,46 @@ class _State:
     error: HookError | None = None  # the first a hook raised, kept in case the model swallowed it
 
 
+@dataclass
+class LayerSurvey:
+    """What one selected module did in a surveyed forward, and what extraction would store."""
+    name: str  # the store name
+    module: str  # its class
+    calls: int  # firings in the forward
+    gave: str  # what its hook saw at the first firing, described
+    row: tuple[int, ...] | None  # the stored row's shape, where extraction would store it
+    source_dtype: str | None
+    problem: str | None  # else the error extraction would stop with, which says what fixes it
+
+
+def describe_value(value: Any, depth: int = 0) -> str:
+    """A module's output (or input) in a few words: 'Tensor(16, 64, 32) float32', 'tuple(Tensor(16,
+    64, 32) float32, None)', 'Hidden(hidden: Tensor(...) float32, attn: None)'; nested containers
+    by their size."""
+    if isinstance(value, torch.Tensor):
+        return f"Tensor{tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+    if value is None:
+        return "None"
+    fields = fields_of(value)
+    items = list(fields.items()) if fields is not None else list(value.items()) if isinstance(value, Mapping) else None
+    if items is None and not isinstance(value, (tuple, list)):
+        return type(value).__name__
+    size = len(items if items is not None else value)
+    if depth:
+        return f"{type(value).__name__} of {size}"
+    parts = [f"{k}: {describe_value(v, 1)}" for k, v in items[:4]] if items is not None else \
+        [describe_value(v, 1) for v in value[:4]]
+    return f"{type(value).__name__}({', '.join(parts + (['...'] if size > 4 else []))})"
+
+
 class Capture:
-    """Hooks the selected modules of a model for the duration of a with block (see module doc)."""
+    """Hooks the selected modules of a model for the duration of a with block (see module doc).
+    survey: a hook's error is recorded for its module and the forward goes on, for
+    survey_batch() to say what each module gave and would store (a dry run)."""
 
     def __init__(self, model: nn.Module, layers: Sequence[LayerSelection], *, multi_fire: str = "error",
-                 allow_missing: bool = False, stop_early: bool = False, unfold_batch: bool = False):
+                 allow_missing: bool = False, stop_early: bool = False, unfold_batch: bool = False,
+                 survey: bool = False):
         if multi_fire not in MULTI_FIRE:
             raise HookError(f"multi-fire policy {multi_fire!r}: use one of {MULTI_FIRE}")
         self.model = model
@@ -381,6 +422,10 @@ class Capture:
         # the row axis that holds the channels of a channels-first capture stored with its positions
         self.channel_axes: dict[str, int] = {}
         self.unfolded: dict[str, int] = {}  # k of each capture unfolded from (B*k, ...) to (B, k, ...)
+        self.survey = survey
+        self.calls: dict[str, int] = {sel.store_name: 0 for sel in self.layers}
+        self.seen: dict[str, str] = {}  # survey: what each hook saw first, described
+        self.problems: dict[str, str] = {}  # survey: each module's first error
 
     def __enter__(self) -> "Capture":
         try:
@@ -407,6 +452,8 @@ class Capture:
 
     def _make_hook(self, sel: LayerSelection):
         def pick(value: Any) -> torch.Tensor:
+            if self.survey and sel.store_name not in self.seen:
+                self.seen[sel.store_name] = describe_value(value)
             if sel.element is not None and isinstance(value, torch.Tensor):
                 # indexing would silently take the first sample (':0') or fail inside torch (':key')
                 raise HookError(f"{sel.store_name}: the {sel.capture} of {sel.name} is a tensor, and ':{sel.element}' "
@@ -460,7 +507,8 @@ class Capture:
             try:
                 x = reduce_tokens(value.detach(), sel.reduction, sel.channels_first, channel_axis)
             except HookError as exc:
-                raise HookError(f"{sel.store_name}: {exc}; leave it out of --layers or use --reduction none") from None
+                raise HookError(f"{sel.store_name}: {exc}; leave it out of --layers, or store it whole: "
+                                f"--layer-reduction {sel.store_name}=none") from None
             if _same_memory(x, value):
                 # The copy to the host comes after the forward, and the model may still change this
                 # tensor in place (ReLU(inplace=True) after a BatchNorm, `out += identity`): keep
@@ -476,9 +524,13 @@ class Capture:
             return None
 
         def checked(module, args, kwargs, output=None):
+            self.calls[sel.store_name] += 1
             try:
                 return hook(module, args, kwargs, output)
             except HookError as exc:
+                if self.survey:  # said for this module; the forward goes on to the others
+                    self.problems.setdefault(sel.store_name, str(exc))
+                    return None
                 self._state.error = self._state.error or exc
                 raise
 
@@ -525,6 +577,30 @@ class Capture:
             out[sel.store_name] = torch.stack(fired, dim=1) if self.multi_fire == "stack" else fired[0]
         self._state = _State()
         return out
+
+
+    def survey_batch(self, problems: Mapping[str, str] | None = None) -> list[LayerSurvey]:
+        """What each module did in this batch's forward (survey=True): its firings, what it
+        gave, and the row extraction would store, or the error extraction would stop with
+        (problems: those found before the forward, by parse_layers, come first)."""
+        found = []
+        for sel in self.layers:
+            name, fired = sel.store_name, self._state.fired.get(sel.store_name)
+            problem = (problems or {}).get(name) or self.problems.get(name)
+            row = dtype = None
+            if problem is None and not fired:
+                problem = (f"{sel.name} did not fire (some modules run only in some task modes, or in sampling): run "
+                           "it with another --forward, or leave it out (--allow-missing covers batches after the first)")
+            elif problem is None:
+                try:
+                    x = torch.stack(fired, dim=1) if self.multi_fire == "stack" else fired[0]
+                    row, dtype = tuple(x.shape[1:]), str(self.source_dtypes[name]).removeprefix("torch.")
+                except RuntimeError as exc:
+                    problem = f"{sel.name}: its firings cannot be stacked (--multi-fire stack): {' '.join(str(exc).split())}"
+            found.append(LayerSurvey(name, type(self.modules[sel.name]).__name__, self.calls[name],
+                                     self.seen.get(name, "-"), row, dtype, problem))
+        self._state = _State()
+        return found
 
 
 def hook_count(model: nn.Module) -> int:

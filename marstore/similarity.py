@@ -6,8 +6,8 @@ representations are, where probes ask what they hold about a target.
     result["cka"]  # layers of a.h5 x layers of b.h5
 
 CKA is that of Kornblith et al. (2019), from the rows' Gram matrices: 1 for representations
-that differ by a rotation and a scale, invariant to neither a per-feature scaling nor a
-projection. With more features than rows the plain estimate is biased upward (unrelated layers
+that differ by a rotation, a scale and a shift, and below 1 for ones that differ by another
+linear map (a per-feature scaling, say). With more features than rows the plain estimate is biased upward (unrelated layers
 score well above 0), and `debiased` uses the unbiased HSIC estimator instead (Song et al. 2012,
 as Kornblith's code centres it). Each layer is read as the probes read it (a row of tokens as
 their mean), its features centred; rows where any layer read holds a non-finite value are left
@@ -26,7 +26,7 @@ import torch
 
 from marstore.dataset import ActivationDataset, layers_of, rows_where
 from marstore.errors import MarstoreError
-from marstore.probe import heatmap, markdown_table, text_table
+from marstore.report import heatmap, markdown_table, text_table
 from marstore.store import open_store
 
 log = logging.getLogger(__name__)

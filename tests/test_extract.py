@@ -496,6 +496,66 @@ def test_excluded_modules_leave_what_the_patterns_select(tmp_path):
         assert s.metadata["options"]["exclude_layers"] == ["**.attn", "**.attn.**"]
 
 
+def test_a_dry_run_says_what_every_layer_gives_and_all_that_stands_in_the_way(tmp_path, capsys):
+    from marstore.extract import Survey
+
+    survey = extract(options(tmp_path, layers=["**"], reduction="mean", dry_run=True))
+    assert isinstance(survey, Survey) and survey.rows == 8 and os.listdir(tmp_path) == []  # nothing written
+    by = {s.name: s for s in survey.layers}
+    assert len(by) == 58
+    block = by["encoder_blocks.0"]
+    assert (block.module, block.calls, block.gave, block.row, block.source_dtype, block.problem) == (
+        "Block", 1, "Tensor(8, 64, 32) float32", (32,), "float32", None)
+    attn = by["encoder_blocks.0.attn"]
+    assert attn.gave == "tuple(Tensor(8, 64, 32) float32, None)" and attn.row is None
+    assert attn.problem == "encoder_blocks.0.attn returns a tuple of 2; pick one with 'encoder_blocks.0.attn:0' (or another index)"
+    conv = by["diffactloss.conv"]  # refused before the forward, still hooked to show what it gives
+    assert (conv.calls, conv.gave) == (1, "Tensor(32, 32, 4, 4) float32")
+    assert conv.problem.startswith("diffactloss.conv is a Conv2d, whose output is (batch, channels, ...)")
+    assert by["diffactloss.refine"].problem == (
+        "diffactloss.refine: reduction 'mean' needs (batch, tokens, features) activations, got shape (8, 512); leave it "
+        "out of --layers, or store it whole: --layer-reduction diffactloss.refine=none")
+    assert by["diffloss"].calls == 0 and by["diffloss"].problem == (
+        "diffloss did not fire (some modules run only in some task modes, or in sampling): run it with another --forward, "
+        "or leave it out (--allow-missing covers batches after the first)")
+    text = survey.describe().splitlines()
+    assert "22 of 58 layers would stop the extraction; each problem says what fixes it:" in text
+    assert "    and the same for 3 more: encoder_blocks.1.attn, decoder_blocks.0.attn, decoder_blocks.1.attn" in text
+    assert text[-1].startswith("or leave them out: --exclude-layers action_proj encoder_blocks.0.attn ")
+    # the fixes it names, taken: every layer passes, and the extraction stores the rows it said
+    fixed = dict(layers=["encoder_blocks.*", "**.attn:0", "diffactloss.*"], reduction="mean", unfold_batch=True,
+                 channels_first=["diffactloss.conv"], layer_reductions={"diffactloss.refine": "none"})
+    survey = extract(options(tmp_path, dry_run=True, **fixed))
+    assert survey.describe().splitlines()[-1] == "all 10 layers would be stored"
+    result = extract(options(tmp_path, **fixed))
+    with open_store(result.path) as s:
+        assert {n: layer.row_shape for n, layer in s.layers.items()} == {x.name: x.row for x in survey.layers}
+    from marstore.cli import main
+
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"model_args": CONFIG}))
+    assert main(["extract", "--config", str(config), "--model", "marstore.models:video_mar", "--dataset",
+                 "marstore.models:synthetic_video_actions", "--forward", "marstore.models:policy_forward",
+                 "--layers", "encoder_blocks.*", "diffactloss.fc", "--batch-size", "4", "--dry-run"]) == 1
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == ("dry run: the first batch (4 samples) through the model, every selected layer hooked; nothing "
+                          "written")
+    assert printed[-1] == "or leave them out: --exclude-layers diffactloss.fc"
+
+
+def test_a_surveyed_forward_counts_firings_and_goes_on_past_each_error():
+    model, x = Toy(), torch.randn(3, 4)
+    with hooks.Capture(model, hooks.parse_layers(["loop", "never", "pair", "head"], model), survey=True) as capture:
+        capture.start_batch(3)
+        model(x, steps=3)
+        found = {s.name: s for s in capture.survey_batch()}
+    assert [(s.calls, s.row) for s in found.values()] == [(3, None), (0, None), (1, None), (1, (2,))]
+    assert found["loop"].problem == ("loop fired more than once in one forward (diffusion heads fire once per step); "
+                                     "choose --multi-fire first, last or stack")
+    assert found["pair"].gave == "tuple(Tensor(3, 4) float32, Tensor(3, 4) float32)" and found["head"].problem is None
+    assert hooks.hook_count(model) == 0
+
+
 def test_unknown_layer_suggests_nearest_names():
     with pytest.raises(hooks.HookError) as info:
         hooks.parse_layers(["encoder_block.3"], video_mar(**CONFIG))
@@ -701,9 +761,10 @@ def test_token_means_of_16_bit_activations_are_rounded_once(dtype):
 
 
 def test_a_layer_a_reduction_cannot_apply_to_is_named(tmp_path):
-    with pytest.raises(hooks.HookError, match=r"^diffactloss.refine: reduction 'mean' needs \(batch, tokens, features\) "
-                                              r"activations, got shape \(8, 512\); leave it out of --layers or use "):
+    with pytest.raises(hooks.HookError) as info:
         extract(options(tmp_path, layers=["encoder_blocks.0", "diffactloss.refine"], reduction="mean"))
+    assert str(info.value) == ("diffactloss.refine: reduction 'mean' needs (batch, tokens, features) activations, got shape "
+                               "(8, 512); leave it out of --layers, or store it whole: --layer-reduction diffactloss.refine=none")
     assert not (tmp_path / "s.h5").exists()
 
 
