@@ -27,6 +27,7 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import shlex
 import signal
 import sys
@@ -934,9 +935,9 @@ class Survey:
         lines = [f"dry run: the first batch ({self.rows} samples) through the model, every selected layer hooked; "
                  "nothing written", "", text_table(header, rows)]
         if bad:
-            alike: dict[str, list[hooks.LayerSurvey]] = {}  # one problem of many layers is said once
+            alike: dict[str, list[hooks.LayerSurvey]] = {}  # one problem of many layers (blocks 0 to N) is said once
             for s in bad:
-                alike.setdefault(s.problem.replace(s.name, "\0"), []).append(s)
+                alike.setdefault(_problem_kind(s), []).append(s)
             lines += ["", f"{len(bad)} of {len(self.layers)} layers would stop the extraction; each problem says what fixes it:"]
             for group in alike.values():
                 lines.append(f"  {group[0].problem}")
@@ -946,6 +947,15 @@ class Survey:
         else:
             lines += ["", f"all {len(self.layers)} layers would be stored"]
         return "\n".join(lines)
+
+
+def _problem_kind(survey: hooks.LayerSurvey) -> str:
+    """A problem's text without its layer's names (the layer's, its parents', their numbers),
+    alike for the same problem of other layers."""
+    text, parts = survey.problem or "", survey.name.split(".")
+    for k in range(len(parts), 0, -1):
+        text = text.replace(".".join(parts[:k]), "\0")
+    return re.sub(r"\d+", "#", text)
 
 
 def _survey(model, forward, selections: list, problems: dict, source: Any, opts: ExtractOptions, device: torch.device,

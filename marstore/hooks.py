@@ -571,13 +571,21 @@ class Capture:
             if not fired:
                 self.missing_counts[sel.store_name] += 1
                 if not self.allow_missing:
-                    raise HookError(f"{sel.name} did not fire in this batch (some modules run only in some task "
-                                    "modes); check the forward, or pass --allow-missing to skip it")
+                    raise HookError(self._never_called(sel) or f"{sel.name} did not fire in this batch (some modules run "
+                                    "only in some task modes); check the forward, or pass --allow-missing to skip it")
                 continue
             out[sel.store_name] = torch.stack(fired, dim=1) if self.multi_fire == "stack" else fired[0]
         self._state = _State()
         return out
 
+
+    def _never_called(self, sel: LayerSelection) -> str | None:
+        """Why a module can never fire, where its parent uses its weights without calling it."""
+        parent = sel.name.rpartition(".")[0]
+        if isinstance(self.modules.get(parent), nn.MultiheadAttention):
+            return (f"{sel.name} never fires: its nn.MultiheadAttention ({parent}) uses its weights without calling it; "
+                    f"hook '{parent}:0' for the attention's output")
+        return None
 
     def survey_batch(self, problems: Mapping[str, str] | None = None) -> list[LayerSurvey]:
         """What each module did in this batch's forward (survey=True): its firings, what it
@@ -589,8 +597,9 @@ class Capture:
             problem = (problems or {}).get(name) or self.problems.get(name)
             row = dtype = None
             if problem is None and not fired:
-                problem = (f"{sel.name} did not fire (some modules run only in some task modes, or in sampling): run "
-                           "it with another --forward, or leave it out (--allow-missing covers batches after the first)")
+                problem = self._never_called(sel) or (
+                    f"{sel.name} did not fire (some modules run only in some task modes, or in sampling): run it with "
+                    "another --forward, or leave it out (--allow-missing covers batches after the first)")
             elif problem is None:
                 try:
                     x = torch.stack(fired, dim=1) if self.multi_fire == "stack" else fired[0]

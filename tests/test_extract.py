@@ -518,8 +518,15 @@ def test_a_dry_run_says_what_every_layer_gives_and_all_that_stands_in_the_way(tm
     assert by["diffloss"].calls == 0 and by["diffloss"].problem == (
         "diffloss did not fire (some modules run only in some task modes, or in sampling): run it with another --forward, "
         "or leave it out (--allow-missing covers batches after the first)")
+    assert by["encoder_blocks.0.attn.out_proj"].problem == (
+        "encoder_blocks.0.attn.out_proj never fires: its nn.MultiheadAttention (encoder_blocks.0.attn) uses its weights "
+        "without calling it; hook 'encoder_blocks.0.attn:0' for the attention's output")
+    with pytest.raises(hooks.HookError, match=r"^decoder_blocks.1.attn.out_proj never fires: its nn.MultiheadAttention "):
+        extract(options(tmp_path, layers=["decoder_blocks.1.attn.out_proj"]))  # the run says it too
     text = survey.describe().splitlines()
     assert "22 of 58 layers would stop the extraction; each problem says what fixes it:" in text
+    assert "    and the same for 3 more: encoder_blocks.1.attn.out_proj, decoder_blocks.0.attn.out_proj, " \
+           "decoder_blocks.1.attn.out_proj" in text
     assert "    and the same for 3 more: encoder_blocks.1.attn, decoder_blocks.0.attn, decoder_blocks.1.attn" in text
     assert text[-1].startswith("or leave them out: --exclude-layers action_proj encoder_blocks.0.attn ")
     # the fixes it names, taken: every layer passes, and the extraction stores the rows it said
