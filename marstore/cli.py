@@ -377,7 +377,7 @@ def _similarity(args: argparse.Namespace) -> int:
     from marstore.similarity import SimilarityOptions, layer_similarity
 
     result = layer_similarity(SimilarityOptions(args.store, args.against, args.layer, args.against_layer, args.rows,
-                                                args.seed, args.debiased, args.where or [], args.out))
+                                                args.seed, args.debiased, args.where or [], args.out, args.device))
     print(result["table"])
     print(f"report: {result['json']}, {result['markdown']}")
     print(f"plot: {result['plot']}")
@@ -571,6 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the unbiased HSIC estimator: unrelated layers near 0 where features outnumber rows")
     sim.add_argument("--where", nargs="*", metavar="TARGET=VALUE", help="compare only the rows that meet every condition")
     sim.add_argument("--out", default="similarity", help="where similarity.json, similarity.md and similarity.png go")
+    sim.add_argument("--device", default="cpu", help="where the Gram matrices are made (cuda for many layers and rows)")
     sim.set_defaults(func=_similarity)
 
     mg = sub.add_parser("merge", help="copy a store written by several ranks into one self-contained file")

@@ -28,6 +28,7 @@ from marstore.dataset import ActivationDataset, layers_of, rows_where
 from marstore.errors import MarstoreError
 from marstore.report import heatmap, markdown_table, text_table
 from marstore.store import open_store
+from marstore.transfer import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class SimilarityOptions:
     debiased: bool = False
     where: list[str] = field(default_factory=list)  # TARGET=VALUE conditions on the first store's rows
     out: str = "similarity"
+    device: str = "cpu"  # where the Gram matrices are made and multiplied (cuda: many layers, many rows)
 
 
 def _shared_rows(opts: SimilarityOptions) -> tuple[np.ndarray, np.ndarray | None, int]:
@@ -145,6 +147,10 @@ def layer_similarity(opts: SimilarityOptions) -> dict:
     of rows x rows float32 for each layer of the first store (16 MiB at 2048 rows), and features."""
     if opts.rows < MIN_ROWS:
         raise SimilarityError(f"--rows {opts.rows}: CKA needs {MIN_ROWS} rows or more")
+    try:
+        device = resolve_device(opts.device)
+    except ValueError as exc:
+        raise SimilarityError(str(exc)) from None
     with open_store(opts.store) as store:
         layers = layers_of(store, opts.layer)
     with open_store(opts.against or opts.store) as other:
@@ -168,17 +174,18 @@ def layer_similarity(opts: SimilarityOptions) -> dict:
              len(other_layers), rows)
     # float32 once centred and scaled: half the memory of float64, for figures read to five decimals
     names = list(features)
-    stack = torch.empty(len(names), rows, rows)
+    stack = torch.empty(len(names), rows, rows, device=device)
     for i, name in enumerate(names):
-        stack[i] = centered_gram(features[name][finite], opts.debiased)
+        stack[i] = centered_gram(features[name][finite].to(device), opts.debiased)
     position = {name: i for i, name in enumerate(names)}
     undefined = {name for name in names if torch.isnan(stack[position[name], 0, 0])}
     cka = np.empty((len(layers), len(other_layers)))
     for j, name in enumerate(other_layers):  # a second store's Gram matrices one at a time
-        g = stack[position[name]] if second is None else centered_gram(other_features[name][finite], opts.debiased).float()
+        g = stack[position[name]] if second is None else \
+            centered_gram(other_features[name][finite].to(device), opts.debiased).float()
         if torch.isnan(g[0, 0]):
             undefined.add(name)
-        cka[:, j] = inner_products(stack, g)[[position[a] for a in layers]].numpy()
+        cka[:, j] = inner_products(stack, g)[[position[a] for a in layers]].cpu().numpy()
     if undefined:
         log.warning("%s hold the same row for every sample compared: their CKA is undefined (NaN)", sorted(undefined))
     return _write(opts, layers, other_layers, cka, rows=rows, available=available, skipped=skipped)

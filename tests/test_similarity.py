@@ -6,6 +6,8 @@ import os
 import numpy as np
 import pytest
 
+from conftest import requires_cuda
+
 from marstore.cli import main
 from marstore.similarity import SimilarityError, SimilarityOptions, layer_similarity
 from marstore.store import LayerSpec, StoreWriter, TargetSpec, open_store
@@ -167,3 +169,13 @@ def test_the_command_prints_each_layers_nearest_and_writes_the_report(tmp_path, 
     assert capsys.readouterr().err == f"marstore similarity: {path} has no layer 'nope'; nearest: ['a', 'rotated', 'bent', 'wide']\n"
     with open_store(path) as s:  # the store is read, never written
         assert s.status == "complete" and s.rows == 120
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_the_matrix_is_the_same_on_every_device(tmp_path, related, device):
+    path, _ = related
+    on_cpu = layer_similarity(opts(tmp_path, path, out="cpu"))
+    there = layer_similarity(opts(tmp_path, path, device=device, out=device))
+    assert np.allclose(np.array(there["cka"]), np.array(on_cpu["cka"]), atol=1e-6, rtol=0)
+    with pytest.raises(SimilarityError, match=r"^--device cuda:99: "):
+        layer_similarity(opts(tmp_path, path, device="cuda:99"))
