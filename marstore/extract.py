@@ -667,6 +667,20 @@ def extract(opts: ExtractOptions, on_batch: Callable[[int], None] | None = None,
     return result
 
 
+def _check_out(opts: ExtractOptions) -> None:
+    if os.path.isdir(opts.out):
+        raise ExtractError(f"--out {opts.out} is a folder; give the store's file name, e.g. "
+                           f"{os.path.join(opts.out, 'activations.h5')}")
+    if os.path.exists(opts.out):
+        if not opts.resume:
+            raise ExtractError(f"{opts.out} exists: pass --resume to continue it (with the options it was written with), "
+                               "or choose another --out")
+        check_not_being_written(opts.out)
+    folder = os.path.dirname(os.path.abspath(opts.out))
+    if not os.path.isdir(folder):
+        raise ExtractError(f"--out {opts.out}: the folder {folder} does not exist; create it or choose another --out")
+
+
 def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callable[[int], None] | None,
                   in_hand: InHand | None) -> ExtractResult | Survey:
     torch.manual_seed(opts.seed)
@@ -682,20 +696,8 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
     if opts.autocast not in (None, "bfloat16", "float16"):
         raise ExtractError(f"--autocast {opts.autocast!r}: use bfloat16 or float16")
     _check_output_names(opts.output_names)
-    # the output is checked before the checkpoint is read: that can take minutes
-    if opts.dry_run:
-        pass  # writes nothing
-    elif os.path.isdir(opts.out):
-        raise ExtractError(f"--out {opts.out} is a folder; give the store's file name, e.g. "
-                           f"{os.path.join(opts.out, 'activations.h5')}")
-    if os.path.exists(opts.out):
-        if not opts.resume:
-            raise ExtractError(f"{opts.out} exists: pass --resume to continue it (with the options it was written with), "
-                               "or choose another --out")
-        check_not_being_written(opts.out)
-    folder = os.path.dirname(os.path.abspath(opts.out))
-    if not os.path.isdir(folder):
-        raise ExtractError(f"--out {opts.out}: the folder {folder} does not exist; create it or choose another --out")
+    if not opts.dry_run:  # which writes nothing
+        _check_out(opts)  # before the checkpoint is read: that can take minutes
 
     # checkpoint -> model
     report = loading.LoadReport()

@@ -235,9 +235,9 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
             problem = (f"{sel.name} is a {type(module).__name__}, whose output keeps its features last: --channels-first "
                        f"{given} would take them for positions; name only the channels-first layers "
                        "(--channels-first PATTERN...)")
-        if problem is not None and problems is None:
-            raise HookError(problem)
         if problem is not None:
+            if problems is None:
+                raise HookError(problem)
             problems[sel.store_name] = problem
     return layers
 

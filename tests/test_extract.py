@@ -535,6 +535,7 @@ def test_a_dry_run_says_what_every_layer_gives_and_all_that_stands_in_the_way(tm
     survey = extract(options(tmp_path, dry_run=True, **fixed))
     assert survey.describe().splitlines()[-1] == "all 10 layers would be stored"
     result = extract(options(tmp_path, **fixed))
+    assert extract(options(tmp_path, dry_run=True, **fixed)).layers == survey.layers  # an --out that exists is no matter
     with open_store(result.path) as s:
         assert {n: layer.row_shape for n, layer in s.layers.items()} == {x.name: x.row for x in survey.layers}
     from marstore.cli import main
