@@ -765,8 +765,9 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         log.info("%s is an iterable data set: its first %d items, in order", opts.dataset, opts.num_samples)
     if opts.dry_run:
         first = indices[:opts.batch_size]
-        return _survey(model, forward, selections, problems, _Indexed(dataset, first) if map_style else
-                       _Stream(dataset, first, opts.num_samples), opts, device, autocast)
+        survey = _survey(model, forward, selections, problems, _Indexed(dataset, first) if map_style else
+                         _Stream(dataset, first, opts.num_samples), opts, device, autocast)
+        return dataclasses.replace(survey, planned=len(indices))
     metadata = {
         "model": opts.model,
         "model_args": opts.model_args,
@@ -927,6 +928,12 @@ class Survey:
     rows: int  # the batch's samples
     layers: list[hooks.LayerSurvey]
     dtype: str  # the stored dtype
+    planned: int  # the rows the run would extract
+
+    def row_bytes(self) -> int:
+        """Stored bytes a row of the layers that would be stored, as the first batch gave them."""
+        itemsize = STORE_DTYPES[self.dtype].itemsize
+        return sum(math.prod(s.row) * itemsize for s in self.layers if s.row is not None and not s.problem)
 
     def describe(self) -> str:
         """A table of the layers, then each problem with its fix, then what to leave out."""
@@ -948,6 +955,8 @@ class Survey:
             lines += ["", f"or leave them out: --exclude-layers {' '.join(shlex.quote(s.name) for s in bad)}"]
         else:
             lines += ["", f"all {len(self.layers)} layers would be stored"]
+        lines.append(f"the run's {self.planned} rows: about {_human(self.planned * self.row_bytes())} of activations "
+                     f"({_human(self.row_bytes())} a row, as the first batch's shapes give it)")
         return "\n".join(lines)
 
 
@@ -977,7 +986,7 @@ def _survey(model, forward, selections: list, problems: dict, source: Any, opts:
         with torch.inference_mode(not opts.train_mode), autocast():
             forward(model, _to_device(batch, device))
         found = capture.survey_batch(problems)
-    return Survey(len(index), found, opts.dtype)
+    return Survey(len(index), found, opts.dtype, len(index))
 
 
 def summarize_outputs(store: Store) -> dict[str, dict]:

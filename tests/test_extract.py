@@ -528,16 +528,19 @@ def test_a_dry_run_says_what_every_layer_gives_and_all_that_stands_in_the_way(tm
     assert "    and the same for 3 more: encoder_blocks.1.attn.out_proj, decoder_blocks.0.attn.out_proj, " \
            "decoder_blocks.1.attn.out_proj" in text
     assert "    and the same for 3 more: encoder_blocks.1.attn, decoder_blocks.0.attn, decoder_blocks.1.attn" in text
-    assert text[-1].startswith("or leave them out: --exclude-layers action_proj encoder_blocks.0.attn ")
+    assert text[-2].startswith("or leave them out: --exclude-layers action_proj encoder_blocks.0.attn ")
     # the fixes it names, taken: every layer passes, and the extraction stores the rows it said
     fixed = dict(layers=["encoder_blocks.*", "**.attn:0", "diffactloss.*"], reduction="mean", unfold_batch=True,
                  channels_first=["diffactloss.conv"], layer_reductions={"diffactloss.refine": "none"})
     survey = extract(options(tmp_path, dry_run=True, **fixed))
-    assert survey.describe().splitlines()[-1] == "all 10 layers would be stored"
     result = extract(options(tmp_path, **fixed))
     assert extract(options(tmp_path, dry_run=True, **fixed)).layers == survey.layers  # an --out that exists is no matter
     with open_store(result.path) as s:
         assert {n: layer.row_shape for n, layer in s.layers.items()} == {x.name: x.row for x in survey.layers}
+        assert survey.row_bytes() == sum(math.prod(layer.row_shape) * 2 for layer in s.layers.values()) == 1540
+    assert survey.describe().splitlines()[-2:] == [
+        "all 10 layers would be stored", "the run's 40 rows: about 60.2 KiB of activations (1.5 KiB a row, as the first "
+        "batch's shapes give it)"]
     from marstore.cli import main
 
     config = tmp_path / "run.json"
@@ -548,7 +551,7 @@ def test_a_dry_run_says_what_every_layer_gives_and_all_that_stands_in_the_way(tm
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == ("dry run: the first batch (4 samples) through the model, every selected layer hooked; nothing "
                           "written")
-    assert printed[-1] == "or leave them out: --exclude-layers diffactloss.fc"
+    assert printed[-2] == "or leave them out: --exclude-layers diffactloss.fc"
 
 
 def test_a_surveyed_forward_counts_firings_and_goes_on_past_each_error():
