@@ -559,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("similarity", help="how alike layers are (linear CKA), within a store or against another "
                                             "store of the same samples (another checkpoint or model)")
-    sim.add_argument("store")
+    sim.add_argument("store", help="the store whose layers to compare (.h5)")
     sim.add_argument("--against", metavar="STORE", help="a second store, its rows matched by source index (default: "
                                                         "the first against itself)")
     sim.add_argument("--layer", nargs="+", default="**", metavar="LAYER", help="names or patterns (default: every layer)")
