@@ -280,7 +280,8 @@ def _options_from(args: argparse.Namespace):
         merged["channels_first"] = args.channels_first or True
     if args.dry_run:
         merged.setdefault("out", "")  # a dry run writes nothing
-    missing = [k for k in ("out", "model", "dataset", "layers") if not merged.get(k) and not (k == "out" and args.dry_run)]
+    required = ("model", "dataset", "layers") if args.dry_run else ("out", "model", "dataset", "layers")
+    missing = [k for k in required if not merged.get(k)]
     if missing:
         raise SystemExit(f"marstore extract: missing {', '.join('--' + m for m in missing)} (or give them in --config)")
     from marstore.extract import command_line

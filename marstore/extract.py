@@ -286,8 +286,8 @@ def forward_scalars(out: Any, names: Sequence[str] = (), left_out: dict[str, str
             named[name] = value.detach()
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             named[name] = float(value)
-        elif hooks.fields_of(value) is not None:
-            add(name, hooks.fields_of(value))
+        elif (fields := hooks.fields_of(value)) is not None:
+            add(name, fields)
         elif isinstance(value, Mapping):
             for k, v in value.items():
                 key = str(k).replace("/", ".")

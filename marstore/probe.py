@@ -1115,7 +1115,7 @@ def report_breakdown_plot(report: dict, out: str) -> dict:
             return {}
         shape = entries[0]["target_shape"]
         values = np.array([np.reshape(e["probe"]["test"]["r2_per_dim"], shape).reshape(shape[0], -1).mean(1) for e in entries])
-        kind, label, low = "by_position", "test R²", max(-1.0, min(0.0, float(values.min())))
+        kind, label = "by_position", "test R²"
         xlabel = (f"position along the first axis of {report['target']} {tuple(shape)}"
                   + (" (the others averaged)" if len(shape) > 1 else ""))
         title = f"Test R² of each layer's probe for {report['target']}, by position"
@@ -1127,11 +1127,11 @@ def report_breakdown_plot(report: dict, out: str) -> dict:
             return {}
         values = np.array([[np.nan if v is None else v for v in e["probe"]["test"]["recall_per_class"]]
                            for e in entries], dtype=float)
-        kind, label, low = "by_class", "test recall", 0.0
+        kind, label = "by_class", "test recall"
         xlabel, title = f"class of {report['target']}", f"Test recall of each class of {report['target']}, by layer"
         columns = [str(c) for c in classes]
     path = os.path.join(out, f"{kind}.png")
-    heatmap(path, values, [e["layer"] for e in entries], columns, label=label, title=title, xlabel=xlabel, low=low)
+    heatmap(path, values, [e["layer"] for e in entries], columns, label=label, title=title, xlabel=xlabel)
     return {kind: path}
 
 
@@ -1256,9 +1256,8 @@ def summarize_targets(reports: Sequence[dict], out: str) -> dict:
         for e in r["layers"]:
             values[names.index(e["layer"]), j] = e["probe"]["test"][r["metric"]]
     os.makedirs(out, exist_ok=True)
-    low = min(0.0, float(np.nanmin(values))) if np.isfinite(values).any() else 0.0
     path = os.path.join(out, "by_target.png")
-    heatmap(path, values, names, columns, label="test metric", low=max(-1.0, low), annotate=True,
+    heatmap(path, values, names, columns, label="test metric", annotate=True,
             title="What each layer knows about each target (test metric)")
     header = ["layer", *columns]
     rows = [[n, *("-" if np.isnan(v) else f"{v:.3f}" for v in values[i])] for i, n in enumerate(names)]

@@ -24,9 +24,10 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def heatmap(path: str, values: np.ndarray, rows: Sequence[str], columns: Sequence[str] | None, *, label: str, title: str,
-            xlabel: str | None = None, low: float = 0.0, annotate: bool = False) -> str:
-    """values (rows x columns, NaN blank) as a heatmap from low to 1, each cell's figure written
-    in it where annotate and they fit; at most 40 names along an axis."""
+            xlabel: str | None = None, annotate: bool = False) -> str:
+    """values (rows x columns, NaN blank) as a heatmap up to 1, from 0 or the lowest value below
+    it (R², CKA; -1 at the lowest), each cell's figure written in it where annotate and they fit;
+    at most 40 names along an axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,6 +35,8 @@ def heatmap(path: str, values: np.ndarray, rows: Sequence[str], columns: Sequenc
 
     height, width = values.shape
     fig, ax = plt.subplots(figsize=(min(max(5, 0.45 * width + 3), 16), min(max(3, 0.35 * height + 1.5), 16)))
+    finite = values[np.isfinite(values)]
+    low = max(-1.0, min(0.0, float(finite.min()))) if finite.size else 0.0
     image = ax.imshow(values, aspect="auto", cmap="viridis", vmin=low, vmax=1.0)
     fig.colorbar(image, ax=ax, label=label)
     if annotate and values.size <= 400:

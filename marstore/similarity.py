@@ -205,7 +205,6 @@ def _write(opts: SimilarityOptions, layers: list[str], other_layers: list[str], 
         json.dump(result, f, indent=2)
     second = os.path.basename(opts.against) if opts.against else os.path.basename(opts.store)
     heatmap(paths["similarity.png"], cka, layers, other_layers, label=kind, annotate=True,
-            low=min(0.0, float(np.nanmin(cka))) if np.isfinite(cka).any() else 0.0,
             title=f"{kind}: {os.path.basename(opts.store)} (rows) against {second} (columns)", xlabel=f"layers of {second}")
     # each layer's nearest other layer (itself excepted, against the same store); against another
     # store, also its namesake there: how far a layer moved between two checkpoints
