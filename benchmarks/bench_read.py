@@ -16,7 +16,6 @@ each with 0 and 2 workers, over the same number of samples; samples per second. 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import compare, finish, machine  # noqa: E402
+from common import arguments, compare, finish, machine  # noqa: E402
 
 from marstore.dataset import ActivationDataset, ChunkShuffleSampler, collate_rows  # noqa: E402
 from marstore.scaleout import join_layers  # noqa: E402
@@ -58,10 +57,7 @@ def samples_per_s(loader, limit: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json")
-    parser.add_argument("--dir", default=None)
+    parser = arguments(__doc__)
     args = parser.parse_args()
     size = (128 if args.quick else 512) << 20
     rows = size // (FEATURES * 2)

@@ -17,7 +17,6 @@ marstore's. Both give the same matrix (the largest difference is printed and mus
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -26,7 +25,7 @@ import h5py
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import compare, finish, machine  # noqa: E402
+from common import arguments, compare, finish, machine  # noqa: E402
 
 from marstore.similarity import SimilarityOptions, layer_similarity  # noqa: E402
 from marstore.store import LayerSpec, StoreWriter  # noqa: E402
@@ -71,10 +70,7 @@ def users_cka(path: str, names: list[str], rows: np.ndarray) -> np.ndarray:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json")
-    parser.add_argument("--dir", default=None)
+    parser = arguments(__doc__)
     args = parser.parse_args()
     layers, sample = (6, 1024) if args.quick else (12, 2048)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:

@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import finish, machine  # noqa: E402
+from common import arguments, finish, machine  # noqa: E402
 
 TOKENS, FEATURES, BATCH = 256, 128, 4096
 
@@ -69,10 +69,7 @@ def run_way(way: str, path: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json")
-    parser.add_argument("--dir", default=None)
+    parser = arguments(__doc__)
     parser.add_argument("--way", help=argparse.SUPPRESS)  # run one way in this process (the parent's child)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -1,7 +1,8 @@
-"""Shared helpers for the benchmark scripts: timing, machine description, JSON output."""
+"""Shared helpers for the benchmark scripts: options, timing, machine description, JSON output."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -11,6 +12,16 @@ import time
 from typing import Callable
 
 import torch
+
+
+def arguments(doc: str) -> argparse.ArgumentParser:
+    """The options of a benchmark that scales with --quick, writes --json PATH and keeps its
+    files in --dir (default: the system's temporary folder); a script adds its own."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json")
+    parser.add_argument("--dir", default=None)
+    return parser
 
 
 def machine() -> str:
