@@ -278,9 +278,10 @@ def _options_from(args: argparse.Namespace):
             merged[key] = True if getattr(args, key) else config.get(key, False)
     if args.channels_first is not None:  # the flag alone: every layer; with patterns: their layers
         merged["channels_first"] = args.channels_first or True
-    if args.dry_run:
+    dry_run = merged.get("dry_run") not in (None, False)  # from the flag or the --config file
+    if dry_run:
         merged.setdefault("out", "")  # a dry run writes nothing
-    required = ("model", "dataset", "layers") if args.dry_run else ("out", "model", "dataset", "layers")
+    required = ("model", "dataset", "layers") if dry_run else ("out", "model", "dataset", "layers")
     missing = [k for k in required if not merged.get(k)]
     if missing:
         raise SystemExit(f"marstore extract: missing {', '.join('--' + m for m in missing)} (or give them in --config)")
@@ -303,7 +304,7 @@ def _extract(args: argparse.Namespace) -> int:
         return 128 + exc.signum  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
     if isinstance(result, ex.Survey):
         print(result.describe())
-        return 1 if any(s.problem for s in result.layers) else 0  # a script can tell a plan that would stop
+        return 1 if result.problems() else 0  # a script can tell a plan that would stop
     print(ex.describe(result))
     return 0
 
@@ -453,9 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--dataset-arg", action="append", type=_key_value, metavar="KEY=VALUE")
     ex.add_argument("--forward", help="MODULE:CALLABLE called as fn(model, batch) (default: batch as arguments)")
     ex.add_argument("--layers", nargs="+", help="module names, globs (* one level, ** any) or re:REGEX; @input, :index")
-    ex.add_argument("--dry-run", action="store_true",
-                    help="run one batch with every selected layer hooked and say what each gives and would store, or "
-                         "what stands in its way (all at once); write nothing (status 1 if a layer would stop the run)")
+    ex.add_argument("--dry-run", nargs="?", const=True, type=int, metavar="BATCHES",
+                    help="run one batch (or BATCHES) with every selected layer hooked and say what each layer, target "
+                         "and the forward gives and the run would store, or what stands in its way (all at once); write "
+                         "nothing (status 1 if anything would stop the run)")
     ex.add_argument("--exclude-layers", nargs="+", metavar="PATTERN",
                     help="modules to leave out of what --layers selects (e.g. '**' but '**.attn')")
     ex.add_argument("--reduction", help="none, mean, mean:G (means of G equal groups of tokens: frames), first, last, "

@@ -114,7 +114,7 @@ class ExtractOptions:
     slots: int = 4
     commit_rows: int = 4096
     resume: bool = False
-    dry_run: bool = False  # one batch through the model, each selected layer surveyed; nothing written
+    dry_run: bool | int = False  # N (True: 1) batches through the model, each selected layer surveyed; nothing written
     progress: bool = True
     malloc_tuning: bool = True
     command: str | None = None
@@ -135,6 +135,8 @@ class ExtractOptions:
             raise ExtractError(f"--targets names {', '.join(repeated)} more than once; give each once")
         if self.sample_seed is not None and self.num_samples is None:
             raise ExtractError(f"--sample-seed {self.sample_seed} draws --num-samples items at random; give --num-samples N")
+        if not isinstance(self.dry_run, bool) and self.dry_run < 1:
+            raise ExtractError(f"--dry-run {self.dry_run}: give the batches to survey, at least 1")
         for name, least in (("batch_size", 1), ("workers", 0), ("slots", 1), ("commit_rows", 1), ("num_samples", 1)):
             value = getattr(self, name)
             if value is not None and value < least:
@@ -628,7 +630,7 @@ def extract(opts: ExtractOptions, on_batch: Callable[[int], None] | None = None,
             in_hand: InHand | None = None) -> ExtractResult | Survey:
     """Runs the extraction that opts describes (see the module doc); in_hand: see extract_from.
     Under torchrun, each rank extracts its share into a part file and rank 0 joins the parts
-    (marstore.scaleout). With dry_run, the first batch alone, surveyed: a Survey, nothing written."""
+    (marstore.scaleout). With dry_run, the first batch (or N), surveyed: a Survey, nothing written."""
     rank = scaleout.current_rank()
     if not rank.distributed or opts.dry_run:
         return _extract_rank(opts, rank, on_batch, in_hand)
@@ -764,7 +766,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         indices = range(opts.num_samples)[scaleout.rank_positions(rank)]
         log.info("%s is an iterable data set: its first %d items, in order", opts.dataset, opts.num_samples)
     if opts.dry_run:
-        first = indices[:opts.batch_size]
+        first = indices[:opts.batch_size * int(opts.dry_run)]
         survey = _survey(model, forward, selections, problems, _Indexed(dataset, first) if map_style else
                          _Stream(dataset, first, opts.num_samples), opts, device, autocast)
         return dataclasses.replace(survey, planned=len(indices))
@@ -923,26 +925,64 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
 
 
 @dataclass
+class TargetSurvey:
+    """What a --targets entry gave in a dry run, and how the run would store it."""
+    name: str
+    row: tuple[int, ...] | None
+    dtype: str | None  # the stored dtype ('str' for text)
+    problem: str | None  # else the error the run would stop with
+
+
+@dataclass
 class Survey:
-    """A dry run's findings: what each selected layer gave in the first batch's forward."""
-    rows: int  # the batch's samples
+    """A dry run's findings: what each selected layer, each target and the forward gave in the
+    first batches, and all that would stop the run."""
+    rows: int  # the samples surveyed
     layers: list[hooks.LayerSurvey]
     dtype: str  # the stored dtype
     planned: int  # the rows the run would extract
+    batches: int = 1  # surveyed
+    asked: int = 1  # batches asked for (the data set may have fewer)
+    targets: list[TargetSurvey] = field(default_factory=list)
+    outputs: list[str] | None = field(default_factory=list)  # the forward's scalars, kept; None: --stop-early keeps none
+    left_out: dict[str, str] = field(default_factory=dict)  # the rest of its return: {name: what it was}
+    output_problem: str | None = None
+    skipped: list[tuple[int, str]] = field(default_factory=list)  # (item, error) left out (--skip-failed)
+
+    def problems(self) -> list[str]:
+        """Each error the run would stop with."""
+        return [s.problem for s in self.layers + self.targets if s.problem] + \
+            ([self.output_problem] if self.output_problem else [])
 
     def row_bytes(self) -> int:
-        """Stored bytes a row of the layers that would be stored, as the first batch gave them."""
+        """Stored bytes a row of the layers that would be stored, as the surveyed batches gave
+        them (a ragged layer: its mean token count)."""
         itemsize = STORE_DTYPES[self.dtype].itemsize
-        return sum(math.prod(s.row) * itemsize for s in self.layers if s.row is not None and not s.problem)
+        return round(sum(math.prod(s.row) * itemsize * (s.mean_tokens or 1)
+                         for s in self.layers if s.row is not None and not s.problem))
 
     def describe(self) -> str:
-        """A table of the layers, then each problem with its fix, then what to leave out."""
+        """The layers and targets as tables, the forward's return, then each problem with its
+        fix, what to leave out, and the bytes the run would store."""
         header = ["layer", "module", "calls", "gave (first call)", "stored row"]
-        rows = [[s.name, s.module, str(s.calls), s.gave,
-                 "-" if s.row is None else f"{s.row} {self.dtype} (from {s.source_dtype})"] for s in self.layers]
+        rows = [[s.name, s.module, str(s.calls), s.gave, self._stored(s)] for s in self.layers]
+        what, count = "the first batch" if self.batches == 1 else f"the first {self.batches} batches", f"{self.rows} samples"
+        if self.batches < self.asked:
+            what, count = f"all {self.batches} batches of the data set", f"{count}; {self.asked} asked"
+        lines = [f"dry run: {what} ({count}) through the model, every selected layer hooked; nothing written",
+                 "", text_table(header, rows)]
+        if self.targets:
+            lines += ["", text_table(["target", "stored row"], [
+                [t.name, "-" if t.row is None else f"{t.row} {'text' if t.dtype == TEXT else t.dtype}"] for t in self.targets])]
+        lines += ["", self._return()]
+        if self.skipped:
+            lines.append(f"{_items(len(self.skipped))} failed and would be left out (--skip-failed); the first: item "
+                         f"{self.skipped[0][0]}: {self.skipped[0][1]}")
+        others = [t.problem for t in self.targets if t.problem] + ([self.output_problem] if self.output_problem else [])
+        if others:
+            lines += ["", "the run would stop at:" if len(others) == 1 else f"these {len(others)} would stop the run:",
+                      *(f"  {p}" for p in others)]
         bad = [s for s in self.layers if s.problem]
-        lines = [f"dry run: the first batch ({self.rows} samples) through the model, every selected layer hooked; "
-                 "nothing written", "", text_table(header, rows)]
         if bad:
             alike: dict[str, list[hooks.LayerSurvey]] = {}  # one problem of many layers (blocks 0 to N) is said once
             for s in bad:
@@ -955,9 +995,30 @@ class Survey:
             lines += ["", f"or leave them out: --exclude-layers {' '.join(shlex.quote(s.name) for s in bad)}"]
         else:
             lines += ["", f"all {len(self.layers)} layers would be stored"]
+        shapes = "the first batch's shapes" if self.batches == 1 else "the surveyed batches' shapes"
         lines.append(f"the run's {self.planned} rows: about {_human(self.planned * self.row_bytes())} of activations "
-                     f"({_human(self.row_bytes())} a row, as the first batch's shapes give it)")
+                     f"({_human(self.row_bytes())} a row, as {shapes} give it)")
         return "\n".join(lines)
+
+    def _stored(self, s: hooks.LayerSurvey) -> str:
+        if s.row is None:
+            return "-"
+        if s.tokens is None:
+            return f"{s.row} {self.dtype} (from {s.source_dtype})"
+        fewest, most = s.tokens
+        count = str(most) if fewest == most else f"{fewest}-{most}"
+        return f"{count} tokens of {s.row} {self.dtype}, ragged (from {s.source_dtype})"
+
+    def _return(self) -> str:
+        if self.outputs is None:
+            return "the forward's return: none of it kept (--stop-early cuts the forward short)"
+        if self.output_problem:
+            return "the forward's return: its scalars cannot be named as given (below)"
+        kept = f"{', '.join(self.outputs)}, kept a batch under /outputs" if self.outputs else "no scalars to keep"
+        if any(re.fullmatch(r"loss_\d+", name) for name in self.outputs):
+            kept += " (--output-names NAME... names them)"
+        rest = "; ".join(f"{name}: {what}" for name, what in sorted(self.left_out.items()))
+        return f"the forward's return: {kept}" + (f"; not kept (only scalars are): {rest}" if rest else "")
 
 
 def _problem_kind(survey: hooks.LayerSurvey) -> str:
@@ -971,22 +1032,99 @@ def _problem_kind(survey: hooks.LayerSurvey) -> str:
 
 def _survey(model, forward, selections: list, problems: dict, source: Any, opts: ExtractOptions, device: torch.device,
             autocast: Callable[[], Any]) -> Survey:
-    """--dry-run: the first batch through the model with every selected layer hooked, each
-    layer's error recorded rather than raised, so that one run says all that stands in the way."""
+    """--dry-run [N]: the first N batches through the model with every selected layer hooked,
+    each layer's, target's and the forward's errors recorded rather than raised, so that one
+    run says all that stands in the way."""
+    asked = int(opts.dry_run)
     loader = DataLoader(source, batch_size=opts.batch_size, shuffle=False, collate_fn=_collate)
-    index, batch, failed = next(iter(loader), (None, None, None))
-    if index is None:
-        raise ExtractError("--dry-run: the data set yielded no items")
-    if failed:
-        raise _failure(*failed[0])
-    if isinstance(batch, _Unbatchable):
-        raise ExtractError(batch.message)
+    per_batch: list[list[hooks.LayerSurvey]] = []
+    batch_rows: list[int] = []
+    targets = {name: TargetSurvey(name, None, None, None) for name in opts.targets}
+    outputs: dict[str, None] = {}  # the scalars' names, in the order first seen
+    left_out: dict[str, str] = {}
+    output_problem = None
+    skipped: list[tuple[int, str]] = []
     with hooks.Capture(model, selections, multi_fire=opts.multi_fire, unfold_batch=opts.unfold_batch, survey=True) as capture:
-        capture.start_batch(len(index))
-        with torch.inference_mode(not opts.train_mode), autocast():
-            forward(model, _to_device(batch, device))
-        found = capture.survey_batch(problems)
-    return Survey(len(index), found, opts.dtype, len(index))
+        for index, batch, failed in itertools.islice(loader, asked):
+            if failed and not opts.skip_failed:
+                raise _failure(*failed[0])
+            skipped += [(i, item.error) for i, item in failed]
+            if batch is None:  # every item of the batch failed
+                continue
+            if isinstance(batch, _Unbatchable):
+                raise ExtractError(batch.message)
+            for name, seen in targets.items():  # before the forward, which may change the batch in place
+                targets[name] = seen if seen.problem else _surveyed_target(seen, batch, len(per_batch))
+            capture.start_batch(len(index))
+            with torch.inference_mode(not opts.train_mode), autocast():
+                out = forward(model, _to_device(batch, device))
+            per_batch.append(capture.survey_batch(problems))
+            batch_rows.append(len(index))
+            if output_problem is None:
+                try:
+                    outputs.update(dict.fromkeys(forward_scalars(out, opts.output_names, left_out)))
+                except ExtractError as exc:
+                    output_problem = str(exc)
+            del out  # it may hold large tensors: not into the next forward
+    if not per_batch:
+        raise ExtractError("--dry-run: the data set yielded no items" if not skipped else
+                           f"--dry-run: the data set failed on all {len(skipped)} items asked of it (the first: item "
+                           f"{skipped[0][0]}, {skipped[0][1]})")
+    layers = [_surveyed_layer(list(batches), batch_rows, sel, opts) for sel, batches in zip(selections, zip(*per_batch))]
+    return Survey(sum(batch_rows), layers, opts.dtype, sum(batch_rows), len(per_batch), asked, list(targets.values()),
+                  None if opts.stop_early else list(outputs), left_out, output_problem, skipped)
+
+
+def _surveyed_target(seen: TargetSurvey, batch: Any, k: int) -> TargetSurvey:
+    """A target as batch k gives it, checked against the batches before."""
+    try:
+        value = _target_array(_get_dotted(batch, seen.name))
+        dtype = _target_dtype(seen.name, value)
+    except ExtractError as exc:
+        return dataclasses.replace(seen, problem=str(exc) if not k else f"in batch {k + 1}: {exc}")
+    row = tuple(value.shape[1:])
+    if k and (row != seen.row or (dtype == TEXT) != (seen.dtype == TEXT)):
+        return dataclasses.replace(seen, problem=f"--targets {seen.name!r}: batch {k + 1} gives {row} {dtype} a row, the "
+                                   f"first {seen.row} {seen.dtype}; a target keeps one shape (and numbers or text)")
+    return TargetSurvey(seen.name, row, dtype, None)
+
+
+def _surveyed_layer(batches: list[hooks.LayerSurvey], batch_rows: list[int], sel: hooks.LayerSelection,
+                    opts: ExtractOptions) -> hooks.LayerSurvey:
+    """One layer over the surveyed batches, as the run would meet them: the first problem; a
+    module that stops firing; rows that change shape (stored ragged, where the first two
+    batches show it, as the run decides; an error where a later batch does)."""
+    first, name = batches[0], batches[0].name
+    for k, s in enumerate(batches):
+        if s.problem and not (k and s.calls == 0):  # a later batch without a firing is said below
+            return dataclasses.replace(first, problem=s.problem if not k else f"in batch {k + 1}: {s.problem}")
+    silent = [k for k, s in enumerate(batches) if s.calls == 0]
+    if silent and not opts.allow_missing:
+        return dataclasses.replace(first, problem=(
+            f"{sel.name} did not fire in batch {silent[0] + 1} (it fired in {len(batches) - len(silent)} of {len(batches)}; "
+            "some modules run only in some task modes): pass --allow-missing to store NaN rows where it does not fire, "
+            "or leave it out"))
+    # the run decides from its first two batches, a module's silent one taking the first's shape
+    asked = name in opts.ragged or sel.name in opts.ragged
+    try:
+        ragged, row = _layout(name, [s.row if s.calls else first.row for s in batches[:2]], asked)
+    except ExtractError as exc:
+        return dataclasses.replace(first, problem=str(exc))
+    for k, s in enumerate(batches[2:], 2):
+        if not s.calls or (s.row[1:] if ragged else s.row) == row:
+            continue
+        if ragged or len(s.row) != len(row) or s.row[1:] != row[1:]:
+            fix = "its rows must keep one shape: reduce it (--reduction) or capture another module"
+        else:
+            fix = f"its token count varies, so pass --ragged {name} to store it ragged"
+        return dataclasses.replace(first, problem=(
+            f"{name}: batch {k + 1} gives rows of shape {s.row}, the first two batches "
+            f"{'tokens of ' if ragged else ''}{row}, which decide how the run stores it; {fix}"))
+    if not ragged:
+        return dataclasses.replace(first, row=row)
+    counts = [(s.row[0], n) for s, n in zip(batches, batch_rows) if s.calls]
+    return dataclasses.replace(first, row=row, tokens=(min(c for c, _ in counts), max(c for c, _ in counts)),
+                               mean_tokens=sum(c * n for c, n in counts) / sum(n for _, n in counts))
 
 
 def summarize_outputs(store: Store) -> dict[str, dict]:
@@ -1085,6 +1223,16 @@ def _target_array(value: Any) -> np.ndarray:
     return np.array(value)
 
 
+def _target_dtype(name: str, value: np.ndarray) -> str:
+    """How a target is stored: its numbers' dtype, or text."""
+    if value.dtype.kind == "U" or (value.dtype.kind == "O" and value.size and all(isinstance(v, str) for v in value.flat)):
+        return TEXT  # a task name or an instruction: the probe takes each string for a class
+    if value.dtype.kind in "biuf":
+        return str(value.dtype)
+    kind = "bytes (decode them to str in the data set)" if value.dtype.kind == "S" else f"{value.dtype} values"
+    raise ExtractError(f"--targets {name!r} holds {kind}; targets are numbers (booleans, integers, floats) or text")
+
+
 def _outputs_of(out: Any, names: Sequence[str], left_out: dict[str, str]) -> dict[str, Any]:
     """The forward's scalars (none where --stop-early cut it); what is not a scalar is said once
     a run (left_out remembers it)."""
@@ -1119,22 +1267,30 @@ def _run_batch(model, forward, capture: hooks.Capture, batch: Any, shapes: dict,
     return tensors, out
 
 
+def _layout(name: str, shapes: Sequence[tuple[int, ...]], ragged: bool) -> tuple[bool, tuple[int, ...]]:
+    """(stored ragged, the stored row's shape) of a layer whose first batches gave rows of these
+    shapes (the batch axis left out): ragged where asked or where the token count (the rows'
+    first axis) varies; any other change is an error."""
+    distinct = sorted(set(shapes))
+    if any(len(s) != len(distinct[0]) or s[1:] != distinct[0][1:] for s in distinct):
+        raise ExtractError(f"{name}: its row shape changes between batches in more than the token axis ({distinct}); "
+                           "reduce it (--reduction) or capture another module")
+    ragged = ragged or len(distinct) > 1
+    if ragged and len(shapes[0]) < 2:
+        raise ExtractError(f"{name}: ragged storage needs (batch, tokens, ...) activations, got rows of shape {shapes[0]}")
+    return ragged, shapes[0][1:] if ragged else shapes[0]
+
+
 def _layer_specs(opts, selections, capture: hooks.Capture, pending) -> list[LayerSpec]:
     specs = []
     for sel in selections:
-        shapes = {tuple(t[1][sel.store_name].shape[1:]) for t in pending}
-        ragged = sel.store_name in opts.ragged or sel.name in opts.ragged
-        if len(shapes) > 1:
-            some = next(iter(shapes))
-            if any(len(s) != len(some) or s[1:] != some[1:] for s in shapes):
-                raise ExtractError(f"{sel.store_name}: its row shape changes between batches in more than the token "
-                                   f"axis ({sorted(shapes)}); reduce it (--reduction) or capture another module")
-            log.info("%s: token count varies between batches (%s): stored ragged", sel.store_name, sorted(s[0] for s in shapes))
-            ragged = True
+        shapes = [tuple(t[1][sel.store_name].shape[1:]) for t in pending]
+        asked = sel.store_name in opts.ragged or sel.name in opts.ragged
+        ragged, row_shape = _layout(sel.store_name, shapes, asked)
+        if ragged and not asked:
+            log.info("%s: token count varies between batches (%s): stored ragged", sel.store_name,
+                     sorted({s[0] for s in shapes}))
         first = pending[0][1][sel.store_name]
-        row_shape = tuple(first.shape[2:]) if ragged else tuple(first.shape[1:])
-        if ragged and first.dim() < 3:
-            raise ExtractError(f"{sel.store_name}: ragged storage needs (batch, tokens, ...) activations, got {tuple(first.shape)}")
         source = str(capture.source_dtypes.get(sel.store_name, first.dtype)).replace("torch.", "")
         specs.append(LayerSpec(sel.store_name, row_shape, dtype=opts.dtype, source_dtype=source,
                                reduction=hooks.recorded_reduction(sel.reduction, sel.channels_first), ragged=ragged,
@@ -1149,14 +1305,7 @@ def _open_writer(opts, selections, capture: hooks.Capture, pending, metadata, st
     targets = []
     for name in opts.targets:
         value = pending[0][2][name]
-        if value.dtype.kind == "U" or (value.dtype.kind == "O" and value.size and all(isinstance(v, str) for v in value.flat)):
-            dtype = TEXT  # a task name or an instruction: the probe takes each string for a class
-        elif value.dtype.kind in "biuf":
-            dtype = str(value.dtype)
-        else:
-            kind = "bytes (decode them to str in the data set)" if value.dtype.kind == "S" else f"{value.dtype} values"
-            raise ExtractError(f"--targets {name!r} holds {kind}; targets are numbers (booleans, integers, floats) or text")
-        targets.append(TargetSpec(name, tuple(value.shape[1:]), dtype))
+        targets.append(TargetSpec(name, tuple(value.shape[1:]), _target_dtype(name, value)))
     _check_room(opts, specs, targets, pending, metadata["rows_planned"] - start_row, metadata["world_size"])
     # On --resume the options were compared already (_check_resume); the store keeps the run
     # description it was started with (its command line has no --resume).

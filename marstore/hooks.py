@@ -376,6 +376,9 @@ class LayerSurvey:
     row: tuple[int, ...] | None  # the stored row's shape, where extraction would store it
     source_dtype: str | None
     problem: str | None  # else the error extraction would stop with, which says what fixes it
+    # over several forwards, a layer stored ragged: the fewest and most tokens a sample, and the mean
+    tokens: tuple[int, int] | None = None
+    mean_tokens: float | None = None
 
 
 def describe_value(value: Any, depth: int = 0) -> str:
@@ -425,7 +428,7 @@ class Capture:
         self.survey = survey
         self.calls: dict[str, int] = {sel.store_name: 0 for sel in self.layers}
         self.seen: dict[str, str] = {}  # survey: what each hook saw first, described
-        self.problems: dict[str, str] = {}  # survey: each module's first error
+        self.problems: dict[str, str] = {}  # survey: each module's first error in this forward
 
     def __enter__(self) -> "Capture":
         try:
@@ -589,8 +592,9 @@ class Capture:
 
     def survey_batch(self, problems: Mapping[str, str] | None = None) -> list[LayerSurvey]:
         """What each module did in this batch's forward (survey=True): its firings, what it
-        gave, and the row extraction would store, or the error extraction would stop with
-        (problems: those found before the forward, by parse_layers, come first)."""
+        gave (at its first firing of all), and the row extraction would store, or the error
+        extraction would stop with (problems: those found before the forward, by parse_layers,
+        come first). The next forward is surveyed afresh."""
         found = []
         for sel in self.layers:
             name, fired = sel.store_name, self._state.fired.get(sel.store_name)
@@ -609,6 +613,8 @@ class Capture:
             found.append(LayerSurvey(name, type(self.modules[sel.name]).__name__, self.calls[name],
                                      self.seen.get(name, "-"), row, dtype, problem))
         self._state = _State()
+        self.calls = dict.fromkeys(self.calls, 0)
+        self.problems = {}
         return found
 
 

@@ -1205,6 +1205,105 @@ def test_a_layer_whose_tokens_change_after_the_first_batches_is_named_with_the_f
         assert s.layers["fc"].layout == "ragged" and [len(r) for r in s.read("fc")] == [2] * 8 + [3] * 8
 
 
+def test_a_dry_run_of_several_batches_sees_what_the_first_batches_decide(tmp_path, capsys):
+    from marstore.cli import main
+
+    kw = dict(out="", model="test_extract:TokensLater", dataset="helpers.inplace:tokens", layers=["fc"], batch_size=4,
+              progress=False, device="cpu")
+    # two batches agree, as the run's first two do: stored dense, as the run would
+    assert extract(ExtractOptions(dry_run=2, **kw)).layers[0].row == (2, 8)
+    survey = extract(ExtractOptions(dry_run=4, **kw))
+    assert (survey.batches, survey.rows, survey.planned) == (4, 16, 16)
+    assert survey.layers[0].problem == (
+        "fc: batch 3 gives rows of shape (3, 8), the first two batches (2, 8), which decide how the run stores it; its "
+        "token count varies, so pass --ragged fc to store it ragged")
+    fixed = extract(ExtractOptions(dry_run=4, ragged=["fc"], **kw))
+    fc = fixed.layers[0]
+    assert (fc.row, fc.tokens, fc.mean_tokens, fc.problem, fixed.problems()) == ((8,), (2, 3), 2.5, None, [])
+    assert fixed.row_bytes() == 40  # 2.5 tokens of 8 float16 values
+    result = extract(ExtractOptions(**{**kw, "out": str(tmp_path / "s.h5")}, ragged=["fc"]))
+    with open_store(result.path) as s:
+        assert result.bytes == fixed.row_bytes() * s.rows
+    # more batches asked than the data set has: all of them, said so
+    assert main(["extract", "--model", "test_extract:TokensLater", "--dataset", "helpers.inplace:tokens", "--layers", "fc",
+                 "--batch-size", "4", "--ragged", "fc", "--dry-run", "9"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == ("dry run: all 4 batches of the data set (16 samples; 9 asked) through the model, every selected "
+                          "layer hooked; nothing written")
+    assert printed[3] == "fc     Linear      1  Tensor(4, 2, 8) float32  2-3 tokens of (8,) float16, ragged (from float32)"
+    with pytest.raises(ExtractError, match=r"^--dry-run 0: give the batches to survey, at least 1$"):
+        ExtractOptions(dry_run=0, **kw)
+
+
+class SkipsEvenCalls(nn.Module):
+    """Its `extra` runs in odd calls only, as a module of one task mode does."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.extra = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        h = self.fc(x)
+        return {"loss": h.pow(2).mean(), "logits": self.extra(h) if self.calls % 2 else h}
+
+
+class TagChanges(torch.utils.data.Dataset):
+    """{"x": (3, 8), "tag": 2 numbers a sample for the first 8 items, 3 after}."""
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x": torch.full((3, 8), float(i)), "tag": torch.zeros(2 if i < 8 else 3)}
+
+
+def test_a_dry_run_checks_the_targets_and_the_forward_return_and_modules_that_stop_firing(tmp_path, capsys):
+    kw = dict(out="", model="test_extract:SkipsEvenCalls", dataset="helpers.inplace:tokens", layers=["fc", "extra"],
+              batch_size=4, progress=False, device="cpu", reduction="mean")
+    survey = extract(ExtractOptions(dry_run=1, **kw))
+    assert survey.problems() == [] and survey.outputs == ["loss"] and survey.left_out == {"logits": "a tensor of shape (4, 3, 8)"}
+    survey = extract(ExtractOptions(dry_run=3, **kw))
+    assert survey.problems() == [
+        "extra did not fire in batch 2 (it fired in 2 of 3; some modules run only in some task modes): pass --allow-missing "
+        "to store NaN rows where it does not fire, or leave it out"]
+    assert extract(ExtractOptions(dry_run=3, allow_missing=True, **kw)).problems() == []
+    survey = extract(ExtractOptions(**{**kw, "dataset": "test_extract:TagChanges"}, dry_run=4, allow_missing=True,
+                                    targets=["tag"]))
+    assert survey.problems() == ["--targets 'tag': batch 3 gives (3,) float32 a row, the first (2,) float32; a target "
+                                 "keeps one shape (and numbers or text)"]
+    # the built-in model: a target that is not in the batch, and --output-names that do not fit the return
+    survey = extract(options(tmp_path, dry_run=2, targets=["nactions", "label", "obs.pos"], output_names=["loss", "video"]))
+    assert [(t.name, t.row, t.dtype) for t in survey.targets] == [
+        ("nactions", (16, 2), "float32"), ("label", (), "int64"), ("obs.pos", None, None)]
+    assert survey.problems() == [
+        "--targets 'obs.pos': 'obs' is not in the batch (it has ['cond', 'imgs', 'label', 'nactions'])",
+        "--output-names gives 2 names (loss video) but the forward returned 3 scalar values (loss, loss_1, loss_2); give "
+        "one name for each"]
+    text = survey.describe().splitlines()
+    assert text[text.index("target         stored row") + 3] == "obs.pos                 -"
+    assert text[text.index("these 2 would stop the run:") + 1] == "  --targets 'obs.pos': 'obs' is not in the batch " \
+                                                                   "(it has ['cond', 'imgs', 'label', 'nactions'])"
+    assert "the forward's return: its scalars cannot be named as given (below)" in text
+    assert text[-2:] == ["all 2 layers would be stored", "the run's 40 rows: about 320.0 KiB of activations (8.0 KiB a row, "
+                         "as the surveyed batches' shapes give it)"]
+    survey = extract(options(tmp_path, dry_run=1))
+    assert survey.problems() == [] and "the forward's return: loss, loss_1, loss_2, kept a batch under /outputs " \
+        "(--output-names NAME... names them)" in survey.describe().splitlines()
+    assert extract(options(tmp_path, dry_run=1, stop_early=True)).outputs is None
+    # items the data set fails to give: the first stops the dry run as it would the run, or they are counted
+    failing = dict(dataset="helpers.failing_data:failing", dataset_args={"size": 40, "fail_at": [3, 9, 30]})
+    with pytest.raises(ExtractError, match=r"^the data set failed on item 3: RuntimeError: sample 3 is unreadable; "):
+        extract(options(tmp_path, dry_run=2, **failing))
+    survey = extract(options(tmp_path, dry_run=2, skip_failed=True, **failing))
+    assert (survey.rows, survey.skipped) == (14, [(3, "RuntimeError: sample 3 is unreadable"),
+                                                  (9, "RuntimeError: sample 9 is unreadable")])
+    assert "2 items failed and would be left out (--skip-failed); the first: item 3: RuntimeError: sample 3 is " \
+           "unreadable" in survey.describe().splitlines()
+    assert os.listdir(tmp_path) == []  # nothing written
+
+
 def test_memory_flat_over_many_batches(tmp_path):
     live = []
 
