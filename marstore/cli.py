@@ -379,7 +379,8 @@ def _similarity(args: argparse.Namespace) -> int:
     from marstore.similarity import SimilarityOptions, layer_similarity
 
     result = layer_similarity(SimilarityOptions(args.store, args.against, args.layer, args.against_layer, args.rows,
-                                                args.seed, args.debiased, args.where or [], args.out, args.device))
+                                                args.seed, args.debiased, args.where or [], args.out, args.device,
+                                                args.tokens))
     print(result["table"])
     print(f"report: {result['json']}, {result['markdown']}")
     print(f"plot: {result['plot']}")
@@ -569,6 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--against-layer", nargs="+", metavar="LAYER", help="the second store's (default: as --layer)")
     sim.add_argument("--rows", type=int, default=2048,
                      help="a seeded sample of the rows compared (default 2048): each layer's Gram matrix is rows x rows")
+    sim.add_argument("--tokens", choices=["mean", "flat"], default="mean",
+                     help="a row of tokens read as their mean (default), or flat: each token of a sample a row, token i "
+                          "of one layer against token i of another (--rows then counts tokens)")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--debiased", action="store_true",
                      help="the unbiased HSIC estimator: unrelated layers near 0 where features outnumber rows")

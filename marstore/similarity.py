@@ -10,21 +10,24 @@ that differ by a rotation, a scale and a shift, and below 1 for ones that differ
 linear map (a per-feature scaling, say). With more features than rows the plain estimate is biased upward (unrelated layers
 score well above 0), and `debiased` uses the unbiased HSIC estimator instead (Song et al. 2012,
 as Kornblith's code centres it). Each layer is read as the probes read it (a row of tokens as
-their mean), its features centred; rows where any layer read holds a non-finite value are left
-out and counted. Two stores are matched by the rows' source indices.
+their mean), its features centred; or with tokens="flat" each token of a sample is a row, the
+same token (by position) in every layer compared, so they must hold as many tokens a sample.
+Rows where any layer read holds a non-finite value are left out and counted. Two stores are
+matched by the rows' source indices.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
-from marstore.dataset import ActivationDataset, layers_of, rows_where
+from marstore.dataset import READ_BLOCK_BYTES, ActivationDataset, flat_tokens, layers_of, row_tokens, rows_where
 from marstore.errors import MarstoreError
 from marstore.report import heatmap, markdown_table, text_table
 from marstore.store import open_store
@@ -33,6 +36,7 @@ from marstore.transfer import resolve_device
 log = logging.getLogger(__name__)
 
 MIN_ROWS = 4  # the unbiased estimator divides by n - 3
+TOKEN_MODES = ("mean", "flat")
 
 
 class SimilarityError(MarstoreError):
@@ -51,11 +55,12 @@ class SimilarityOptions:
     where: list[str] = field(default_factory=list)  # TARGET=VALUE conditions on the first store's rows
     out: str = "similarity"
     device: str = "cpu"  # where the Gram matrices are made and multiplied (cuda: many layers, many rows)
+    tokens: str = "mean"  # a row of tokens read as their mean, or "flat": each token a row (rows counts tokens)
 
 
-def _shared_rows(opts: SimilarityOptions) -> tuple[np.ndarray, np.ndarray | None, int]:
+def _shared_rows(opts: SimilarityOptions, sample: bool = True) -> tuple[np.ndarray, np.ndarray | None, int]:
     """The rows to compare: (positions in the first store, positions in the second or None, the
-    count available before sampling), sampled by seed, in the first store's row order."""
+    count available before sampling), sampled by seed where sample, in the first store's row order."""
     with open_store(opts.store) as store:
         selected = rows_where(store, opts.where) if opts.where else np.arange(store.rows)
         sources = store.index()[selected]
@@ -78,7 +83,7 @@ def _shared_rows(opts: SimilarityOptions) -> tuple[np.ndarray, np.ndarray | None
     if available < MIN_ROWS:
         raise SimilarityError(f"{available} rows to compare{' (shared by the two stores)' if second is not None else ''}; "
                               f"CKA needs {MIN_ROWS} or more")
-    if available > opts.rows:
+    if sample and available > opts.rows:
         keep = np.sort(np.random.default_rng(opts.seed).choice(available, opts.rows, replace=False))
         first, second = first[keep], None if second is None else second[keep]
     return first, second, available
@@ -115,6 +120,78 @@ def _features(path: str, layers: list[str], positions: np.ndarray) -> dict[str, 
     return {name: data[name].reshape(len(positions), -1).double() for name in layers}
 
 
+def _token_counts(path: str, layers: list[str], positions: np.ndarray) -> dict[str, np.ndarray]:
+    """Each layer's tokens in each row at positions, as flat_tokens lays them out."""
+    counts = {}
+    with open_store(path) as store:
+        for name in layers:
+            info = store.layers[name]
+            if info.layout == "ragged":
+                offsets = store.file["activations"][name]["offsets"][: store.rows + 1]
+                counts[name] = np.diff(offsets)[positions] * math.prod(info.row_shape[:-1])
+                continue
+            tokens, _ = row_tokens(info.row_shape, info.attrs.get("channel_axis"))
+            if not tokens:
+                raise SimilarityError(f"--tokens flat: {name} of {path} holds rows of shape {tuple(info.row_shape)}, one "
+                                      "vector a sample (its tokens reduced at extraction): compare token means (--tokens "
+                                      "mean), or leave it out (--layer)")
+            counts[name] = np.full(len(positions), tokens, dtype=np.int64)
+    return counts
+
+
+def _token_rows(opts: SimilarityOptions, layers: list[str], other_layers: list[str], first: np.ndarray,
+                second: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, int]:
+    """--tokens flat: (the sample of each token row, as a position in first, its token, the tokens
+    available before sampling), the token rows a seeded sample of opts.rows. Every layer must
+    hold as many tokens in each sample: token i of one is compared with token i of another."""
+    counts = _token_counts(opts.store, layers, first)
+    if second is None:
+        counts |= _token_counts(opts.store, [n for n in other_layers if n not in counts], first)
+    else:
+        counts |= {f"{n} of {opts.against}": c for n, c in _token_counts(opts.against, other_layers, second).items()}
+
+    def said(c: np.ndarray) -> str:
+        return str(c[0]) if (c == c[0]).all() else f"{c.min()}-{c.max()}"
+
+    (name, reference), *rest = counts.items()
+    for other, c in rest:
+        if not np.array_equal(c, reference):
+            raise SimilarityError(f"--tokens flat compares token i of a sample in one layer with token i in another, and "
+                                  f"{name} holds {said(reference)} tokens a sample where {other} holds {said(c)}: compare "
+                                  "layers of one token count (--layer, --against-layer), or token means (--tokens mean)")
+    available = int(reference.sum())
+    starts = np.cumsum(reference) - reference
+    picked = np.arange(available) if available <= opts.rows else \
+        np.sort(np.random.default_rng(opts.seed).choice(available, opts.rows, replace=False))
+    samples = np.searchsorted(starts, picked, side="right") - 1
+    return samples, picked - starts[samples], available
+
+
+def _token_features(path: str, layers: list[str], positions: np.ndarray, tokens: np.ndarray) -> dict[str, torch.Tensor]:
+    """Each layer's token tokens[i] of the row at positions[i], as (len(positions), features)
+    float64: the rows read whole, a block of them at a time, and their other tokens let go."""
+    rows, back = np.unique(positions, return_inverse=True)
+    ds = ActivationDataset(path, layers, rows=rows)
+    picked: dict[str, torch.Tensor] = {}
+    try:
+        block = max(1, READ_BLOCK_BYTES // max(1, ds._row_bytes()))
+        for start in range(0, len(rows), block):
+            columns = ds.__getitems__(range(start, min(start + block, len(rows)))).columns
+            mine = np.flatnonzero((back >= start) & (back < start + block))
+            for name in layers:
+                data = columns[name]
+                if isinstance(data, list):  # ragged: a (tokens, ...) tensor a row
+                    x = torch.stack([flat_tokens(data[back[i] - start], 0)[tokens[i]] for i in mine])
+                else:
+                    x = flat_tokens(data, 1, ds.channel_axes.get(name))[back[mine] - start, tokens[mine]]
+                if name not in picked:
+                    picked[name] = torch.empty(len(positions), x.shape[-1], dtype=torch.float64)
+                picked[name][mine] = x.double()
+    finally:
+        ds.close()
+    return picked
+
+
 def centered_gram(x: torch.Tensor, debiased: bool = False) -> torch.Tensor:
     """The centred Gram matrix of x's rows (float64), scaled to unit Frobenius norm, so that CKA
     is the inner product of two. debiased: centred for the unbiased HSIC estimator (diagonal
@@ -147,6 +224,8 @@ def layer_similarity(opts: SimilarityOptions) -> dict:
     of rows x rows float32 for each layer of the first store (16 MiB at 2048 rows), and features."""
     if opts.rows < MIN_ROWS:
         raise SimilarityError(f"--rows {opts.rows}: CKA needs {MIN_ROWS} rows or more")
+    if opts.tokens not in TOKEN_MODES:
+        raise SimilarityError(f"--tokens {opts.tokens!r}: use one of {', '.join(TOKEN_MODES)}")
     try:
         device = resolve_device(opts.device)
     except ValueError as exc:
@@ -155,12 +234,22 @@ def layer_similarity(opts: SimilarityOptions) -> dict:
         layers = layers_of(store, opts.layer)
     with open_store(opts.against or opts.store) as other:
         other_layers = layers_of(other, opts.against_layer if opts.against_layer is not None else opts.layer)
-    first, second, available = _shared_rows(opts)
+    first, second, available = _shared_rows(opts, sample=opts.tokens == "mean")
+    samples = None
+    if opts.tokens == "flat":
+        which, tokens, available = _token_rows(opts, layers, other_layers, first, second)
+        samples = len(np.unique(which))
+        first, second = first[which], None if second is None else second[which]
+
+        def read(path: str, names: list[str], positions: np.ndarray) -> dict[str, torch.Tensor]:
+            return _token_features(path, names, positions, tokens)
+    else:
+        read = _features
     if second is None:  # one store: each layer read once
-        features = _features(opts.store, list(dict.fromkeys(layers + other_layers)), first)
+        features = read(opts.store, list(dict.fromkeys(layers + other_layers)), first)
         other_features = features
     else:
-        features, other_features = _features(opts.store, layers, first), _features(opts.against, other_layers, second)
+        features, other_features = read(opts.store, layers, first), read(opts.against, other_layers, second)
     finite = torch.ones(len(first), dtype=torch.bool)
     for x in [*features.values(), *other_features.values()]:
         finite &= torch.isfinite(x).all(1)
@@ -188,16 +277,17 @@ def layer_similarity(opts: SimilarityOptions) -> dict:
         cka[:, j] = inner_products(stack, g)[[position[a] for a in layers]].cpu().numpy()
     if undefined:
         log.warning("%s hold the same row for every sample compared: their CKA is undefined (NaN)", sorted(undefined))
-    return _write(opts, layers, other_layers, cka, rows=rows, available=available, skipped=skipped)
+    return _write(opts, layers, other_layers, cka, rows=rows, available=available, skipped=skipped, samples=samples)
 
 
 def _write(opts: SimilarityOptions, layers: list[str], other_layers: list[str], cka: np.ndarray, *, rows: int,
-           available: int, skipped: int) -> dict:
+           available: int, skipped: int, samples: int | None) -> dict:
     os.makedirs(opts.out, exist_ok=True)
     kind = "debiased linear CKA" if opts.debiased else "linear CKA"
     against = os.path.abspath(opts.against) if opts.against else None
     result = {"store": os.path.abspath(opts.store), "against": against, "measure": kind, "rows": rows,
-              "rows_available": available, "skipped_rows": skipped, "layers": layers, "against_layers": other_layers,
+              "rows_available": available, "skipped_rows": skipped, "tokens": opts.tokens,
+              **({"samples": samples} if samples is not None else {}), "layers": layers, "against_layers": other_layers,
               "cka": [[None if np.isnan(v) else round(float(v), 6) for v in row] for row in cka],
               "options": asdict(opts)}
     paths = {name: os.path.join(opts.out, name) for name in ("similarity.json", "similarity.md", "similarity.png")}
@@ -220,15 +310,18 @@ def _write(opts: SimilarityOptions, layers: list[str], other_layers: list[str], 
             same = cka[i][other_layers.index(name)] if name in other_layers else np.nan
             row.append("-" if np.isnan(same) else f"{same:.3f}")
         table.append(row)
-    rows_text = f"{rows} rows" + (f" (a seeded sample of {available})" if available > opts.rows else "") + (
+    unit = "token rows" if samples is not None else "rows"
+    rows_text = f"{rows} {unit}" + (f" (a seeded sample of {available})" if available > opts.rows else "") + (
+        f" from {samples} samples" if samples is not None else "") + (
         f", {skipped} left out for non-finite values" if skipped else "")
+    read_as = "Each row one token of a sample, the same token in every layer" if samples is not None else \
+        "Each layer read as the probes read it (a row of tokens as their mean)"
     with open(paths["similarity.md"], "w") as f:
         f.write("\n".join([
             f"# How alike the layers are: {kind}", "",
             f"Store `{result['store']}`" + (f" against `{against}` (the samples both hold)" if against else "")
             + f"; {rows_text}" + (f", where {' and '.join(opts.where)}" if opts.where else "")
-            + ". Each layer read as the probes read it (a row of tokens as their mean). 1: the same representation "
-            "up to a rotation and a scale.", "",
+            + f". {read_as}. 1: the same representation up to a rotation and a scale.", "",
             *markdown_table(["layer", *other_layers], [[n, *("-" if np.isnan(v) else f"{v:.3f}" for v in cka[i])]
                                                        for i, n in enumerate(layers)]), "",
             f"![{kind} of each pair of layers](similarity.png)", ""]))

@@ -10,7 +10,7 @@ from conftest import requires_cuda
 
 from marstore.cli import main
 from marstore.similarity import SimilarityError, SimilarityOptions, layer_similarity
-from marstore.store import LayerSpec, StoreWriter, TargetSpec, open_store
+from marstore.store import LayerSpec, Ragged, StoreWriter, TargetSpec, open_store
 
 
 def reference_cka(x: np.ndarray, y: np.ndarray, debiased: bool = False) -> float:
@@ -179,3 +179,71 @@ def test_the_matrix_is_the_same_on_every_device(tmp_path, related, device):
     assert np.allclose(np.array(there["cka"]), np.array(on_cpu["cka"]), atol=1e-6, rtol=0)
     with pytest.raises(SimilarityError, match=r"^--device cuda:99: "):
         layer_similarity(opts(tmp_path, path, device="cuda:99"))
+
+
+@pytest.fixture
+def tokens(tmp_path):
+    """30 samples of 8 tokens of 6 features: 'a'; 'rotated', each token rotated (CKA 1 either
+    way); 'shuffled', each sample's tokens in another order (the same token means)."""
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((30, 8, 6)).astype(np.float32)
+    q, _ = np.linalg.qr(rng.standard_normal((6, 6)))
+    shuffled = np.stack([x[rng.permutation(8)] for x in a])
+    layers = {"a": a, "rotated": (a @ q).astype(np.float32), "shuffled": shuffled, "mean": a.mean(1)}
+    path = tmp_path / "tokens.h5"
+    write_store(path, layers)
+    return path, layers
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_flat_tokens_compare_token_by_token(tmp_path, tokens, debiased):
+    path, layers = tokens
+    names = ["a", "rotated", "shuffled"]
+    flat = {n: layers[n].reshape(-1, 6).astype(np.float64) for n in names}  # sample-major, as the store's rows
+    result = layer_similarity(opts(tmp_path, path, layer=names, tokens="flat", debiased=debiased))
+    assert (result["rows"], result["rows_available"], result["samples"], result["tokens"]) == (240, 240, 30, "flat")
+    expected = [[reference_cka(flat[r], flat[c], debiased) for c in names] for r in names]
+    assert np.allclose(np.array(result["cka"]), expected, atol=2e-6, rtol=0)
+    assert result["cka"][0][1] == pytest.approx(1, abs=2e-6) and result["cka"][0][2] < 0.9
+    # read as token means, shuffling the tokens changes nothing
+    means = layer_similarity(opts(tmp_path, path, layer=names, debiased=debiased, out="means"))
+    assert means["cka"][0][2] == pytest.approx(1, abs=2e-6) and means["tokens"] == "mean" and "samples" not in means
+    # a seeded sample of the tokens: --rows counts token rows
+    sampled = layer_similarity(opts(tmp_path, path, layer=["a", "shuffled"], tokens="flat", rows=100, seed=4, out="s"))
+    picked = np.sort(np.random.default_rng(4).choice(240, 100, replace=False))
+    assert (sampled["rows"], sampled["rows_available"], sampled["samples"]) == (100, 240, len(np.unique(picked // 8)))
+    assert sampled["cka"][0][1] == pytest.approx(reference_cka(flat["a"][picked], flat["shuffled"][picked]), abs=2e-6)
+    assert f"100 token rows (a seeded sample of 240) from {sampled['samples']} samples. Each row one token of a sample, " \
+           "the same token in every layer." in open(sampled["markdown"]).read()
+    assert main(["similarity", str(path), "--layer", "a", "shuffled", "--tokens", "flat", "--out", str(tmp_path / "cmd")]) == 0
+    saved, plain = json.load(open(tmp_path / "cmd" / "similarity.json")), reference_cka(flat["a"], flat["shuffled"])
+    assert saved["tokens"] == "flat" and np.allclose(saved["cka"], [[1, plain], [plain, 1]], atol=2e-6, rtol=0)
+
+
+def test_flat_tokens_need_the_same_tokens_in_every_layer(tmp_path, tokens):
+    path, layers = tokens
+    with pytest.raises(SimilarityError) as info:
+        layer_similarity(opts(tmp_path, path, tokens="flat"))
+    assert str(info.value) == (f"--tokens flat: mean of {path} holds rows of shape (6,), one vector a sample (its tokens "
+                               "reduced at extraction): compare token means (--tokens mean), or leave it out (--layer)")
+    # a ragged layer of the same token counts as another store's dense one, and one of other counts
+    rng = np.random.default_rng(5)
+    ragged = tmp_path / "ragged.h5"
+    counts = [8] * 30
+    spec = LayerSpec("r", (6,), dtype="float32", ragged=True)
+    with StoreWriter(ragged, [spec], []) as writer:
+        writer.append({"r": Ragged(layers["shuffled"].reshape(-1, 6), counts)}, index=range(30))
+    result = layer_similarity(opts(tmp_path, path, against=str(ragged), layer="a", against_layer="r", tokens="flat"))
+    flat = {n: layers[n].reshape(-1, 6).astype(np.float64) for n in ("a", "shuffled")}
+    assert result["cka"][0][0] == pytest.approx(reference_cka(flat["a"], flat["shuffled"]), abs=2e-6)
+    uneven = tmp_path / "uneven.h5"
+    counts = rng.integers(5, 9, 30)
+    with StoreWriter(uneven, [spec], []) as writer:
+        writer.append({"r": Ragged(rng.standard_normal((counts.sum(), 6)).astype(np.float32), counts)}, index=range(30))
+    with pytest.raises(SimilarityError) as info:
+        layer_similarity(opts(tmp_path, path, against=str(uneven), layer="a", against_layer="r", tokens="flat"))
+    assert str(info.value) == (f"--tokens flat compares token i of a sample in one layer with token i in another, and a "
+                               f"holds 8 tokens a sample where r of {uneven} holds 5-8: compare layers of one token count "
+                               "(--layer, --against-layer), or token means (--tokens mean)")
+    with pytest.raises(SimilarityError, match=r"^--tokens 'each': use one of mean, flat$"):
+        layer_similarity(opts(tmp_path, path, tokens="each"))
