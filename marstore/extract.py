@@ -948,6 +948,13 @@ class Survey:
     left_out: dict[str, str] = field(default_factory=dict)  # the rest of its return: {name: what it was}
     output_problem: str | None = None
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (item, error) left out (--skip-failed)
+    seconds: list[float] = field(default_factory=list)  # each surveyed batch's forward, hooks and all
+    batch_rows: list[int] = field(default_factory=list)  # each surveyed batch's samples
+
+    def rows_per_second(self) -> float | None:
+        """The forward's pace: over the batches after the first (its warm-up), where there are."""
+        seconds, rows = (self.seconds[1:], self.batch_rows[1:]) if len(self.seconds) > 1 else (self.seconds, self.batch_rows)
+        return sum(rows) / sum(seconds) if seconds and sum(seconds) > 0 else None
 
     def problems(self) -> list[str]:
         """Each error the run would stop with."""
@@ -998,6 +1005,11 @@ class Survey:
         shapes = "the first batch's shapes" if self.batches == 1 else "the surveyed batches' shapes"
         lines.append(f"the run's {self.planned} rows: about {_human(self.planned * self.row_bytes())} of activations "
                      f"({_human(self.row_bytes())} a row, as {shapes} give it)")
+        pace = self.rows_per_second()
+        if pace:
+            which = "the surveyed batches after the first" if len(self.seconds) > 1 else "the first batch, warm-up and all"
+            lines.append(f"and about {_duration(self.planned / pace)} of forward passes, at the pace of {which} "
+                         f"({pace:,.0f} rows/s; storing the rows adds to it)")
         return "\n".join(lines)
 
     def _stored(self, s: hooks.LayerSurvey) -> str:
@@ -1044,6 +1056,7 @@ def _survey(model, forward, selections: list, problems: dict, source: Any, opts:
     left_out: dict[str, str] = {}
     output_problem = None
     skipped: list[tuple[int, str]] = []
+    seconds: list[float] = []  # each batch's forward
     with hooks.Capture(model, selections, multi_fire=opts.multi_fire, unfold_batch=opts.unfold_batch, survey=True) as capture:
         for index, batch, failed in itertools.islice(loader, asked):
             if failed and not opts.skip_failed:
@@ -1056,8 +1069,12 @@ def _survey(model, forward, selections: list, problems: dict, source: Any, opts:
             for name, seen in targets.items():  # before the forward, which may change the batch in place
                 targets[name] = seen if seen.problem else _surveyed_target(seen, batch, len(per_batch))
             capture.start_batch(len(index))
+            started = time.perf_counter()
             with torch.inference_mode(not opts.train_mode), autocast():
                 out = forward(model, _to_device(batch, device))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds.append(time.perf_counter() - started)
             per_batch.append(capture.survey_batch(problems))
             batch_rows.append(len(index))
             if output_problem is None:
@@ -1072,7 +1089,7 @@ def _survey(model, forward, selections: list, problems: dict, source: Any, opts:
                            f"{skipped[0][0]}, {skipped[0][1]})")
     layers = [_surveyed_layer(list(batches), batch_rows, sel, opts) for sel, batches in zip(selections, zip(*per_batch))]
     return Survey(sum(batch_rows), layers, opts.dtype, sum(batch_rows), len(per_batch), asked, list(targets.values()),
-                  None if opts.stop_early else list(outputs), left_out, output_problem, skipped)
+                  None if opts.stop_early else list(outputs), left_out, output_problem, skipped, seconds, batch_rows)
 
 
 def _surveyed_target(seen: TargetSurvey, batch: Any, k: int) -> TargetSurvey:
@@ -1354,6 +1371,12 @@ def _check_room(opts: ExtractOptions, specs: list[LayerSpec], targets: list[Targ
         log.warning("%s", message)
     else:
         raise ExtractError(message)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def _human(nbytes: float) -> str:

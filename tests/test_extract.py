@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from torch import nn
 
 from conftest import requires_cuda
 from marstore import hooks
-from marstore.extract import ExtractError, ExtractOptions, Interrupted, extract
+from marstore.extract import ExtractError, ExtractOptions, Interrupted, _duration, extract
 from marstore.loading import CheckpointError, build_model, find_config, find_state_dict, load_weights, read_checkpoint
 from marstore.models import LAYOUTS, policy_forward, save_checkpoint, synthetic_video_actions, video_mar
 from marstore.store import open_store
@@ -528,7 +529,9 @@ def test_a_dry_run_says_what_every_layer_gives_and_all_that_stands_in_the_way(tm
     assert "    and the same for 3 more: encoder_blocks.1.attn.out_proj, decoder_blocks.0.attn.out_proj, " \
            "decoder_blocks.1.attn.out_proj" in text
     assert "    and the same for 3 more: encoder_blocks.1.attn, decoder_blocks.0.attn, decoder_blocks.1.attn" in text
-    assert text[-2].startswith("or leave them out: --exclude-layers action_proj encoder_blocks.0.attn ")
+    assert text[-3].startswith("or leave them out: --exclude-layers action_proj encoder_blocks.0.attn ")
+    assert re.fullmatch(r"and about \d+\.\d s of forward passes, at the pace of the first batch, warm-up and all \([\d,]+ "
+                        r"rows/s; storing the rows adds to it\)", text[-1]) and len(survey.seconds) == 1
     # the fixes it names, taken: every layer passes, and the extraction stores the rows it said
     fixed = dict(layers=["encoder_blocks.*", "**.attn:0", "diffactloss.*"], reduction="mean", unfold_batch=True,
                  channels_first=["diffactloss.conv"], layer_reductions={"diffactloss.refine": "none"})
@@ -538,7 +541,7 @@ def test_a_dry_run_says_what_every_layer_gives_and_all_that_stands_in_the_way(tm
     with open_store(result.path) as s:
         assert {n: layer.row_shape for n, layer in s.layers.items()} == {x.name: x.row for x in survey.layers}
         assert survey.row_bytes() == sum(math.prod(layer.row_shape) * 2 for layer in s.layers.values()) == 1540
-    assert survey.describe().splitlines()[-2:] == [
+    assert survey.describe().splitlines()[-3:-1] == [
         "all 10 layers would be stored", "the run's 40 rows: about 60.2 KiB of activations (1.5 KiB a row, as the first "
         "batch's shapes give it)"]
     from marstore.cli import main
@@ -551,7 +554,7 @@ def test_a_dry_run_says_what_every_layer_gives_and_all_that_stands_in_the_way(tm
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == ("dry run: the first batch (4 samples) through the model, every selected layer hooked; nothing "
                           "written")
-    assert printed[-2] == "or leave them out: --exclude-layers diffactloss.fc"
+    assert printed[-3] == "or leave them out: --exclude-layers diffactloss.fc"
 
 
 def test_a_surveyed_forward_counts_firings_and_goes_on_past_each_error():
@@ -1286,8 +1289,12 @@ def test_a_dry_run_checks_the_targets_and_the_forward_return_and_modules_that_st
     assert text[text.index("these 2 would stop the run:") + 1] == "  --targets 'obs.pos': 'obs' is not in the batch " \
                                                                    "(it has ['cond', 'imgs', 'label', 'nactions'])"
     assert "the forward's return: its scalars cannot be named as given (below)" in text
-    assert text[-2:] == ["all 2 layers would be stored", "the run's 40 rows: about 320.0 KiB of activations (8.0 KiB a row, "
-                         "as the surveyed batches' shapes give it)"]
+    assert text[-3:-1] == ["all 2 layers would be stored", "the run's 40 rows: about 320.0 KiB of activations (8.0 KiB "
+                           "a row, as the surveyed batches' shapes give it)"]
+    # the pace of the batches after the first, which warms up
+    assert len(survey.seconds) == 2 and survey.rows_per_second() == pytest.approx(8 / survey.seconds[1])
+    assert text[-1].startswith("and about ") and "at the pace of the surveyed batches after the first (" in text[-1]
+    assert [_duration(s) for s in (42.04, 600, 5399, 7200)] == ["42.0 s", "10 min", "90 min", "2.0 h"]
     survey = extract(options(tmp_path, dry_run=1))
     assert survey.problems() == [] and "the forward's return: loss, loss_1, loss_2, kept a batch under /outputs " \
         "(--output-names NAME... names them)" in survey.describe().splitlines()
