@@ -683,6 +683,24 @@ def _check_out(opts: ExtractOptions) -> None:
         raise ExtractError(f"--out {opts.out}: the folder {folder} does not exist; create it or choose another --out")
 
 
+def _out_problem(opts: ExtractOptions, survey: Survey) -> str | None:
+    """What would stop a dry run's --out: the checks a run makes before it reads the checkpoint,
+    then room for the activations the survey expects."""
+    try:
+        _check_out(opts)
+    except ExtractError as exc:
+        return str(exc)
+    if opts.resume:  # the store holds some rows already: the run checks room for the rest
+        return None
+    need = survey.planned * survey.row_bytes()
+    room, what = room_left(opts.out, 0)
+    if need <= room:
+        return None
+    return (f"{opts.out}: the run needs about {_human(need)} for its activations but only {_human(room)} are {what}; make "
+            "room, write elsewhere (--out), reduce the tokens (--reduction), hook fewer layers or extract fewer rows "
+            "(--num-samples)")
+
+
 def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callable[[int], None] | None,
                   in_hand: InHand | None) -> ExtractResult | Survey:
     torch.manual_seed(opts.seed)
@@ -768,8 +786,9 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
     if opts.dry_run:
         first = indices[:opts.batch_size * int(opts.dry_run)]
         survey = _survey(model, forward, selections, problems, _Indexed(dataset, first) if map_style else
-                         _Stream(dataset, first, opts.num_samples), opts, device, autocast)
-        return dataclasses.replace(survey, planned=len(indices))
+                         _Stream(dataset, first, opts.num_samples), opts, device, autocast, planned=len(indices))
+        survey.out_problem = _out_problem(opts, survey) if opts.out else None
+        return survey
     metadata = {
         "model": opts.model,
         "model_args": opts.model_args,
@@ -947,6 +966,7 @@ class Survey:
     outputs: list[str] | None = field(default_factory=list)  # the forward's scalars, kept; None: --stop-early keeps none
     left_out: dict[str, str] = field(default_factory=dict)  # the rest of its return: {name: what it was}
     output_problem: str | None = None
+    out_problem: str | None = None  # --out, where given: what would stop the run there
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (item, error) left out (--skip-failed)
     seconds: list[float] = field(default_factory=list)  # each surveyed batch's forward, hooks and all
     batch_rows: list[int] = field(default_factory=list)  # each surveyed batch's samples
@@ -958,8 +978,11 @@ class Survey:
 
     def problems(self) -> list[str]:
         """Each error the run would stop with."""
-        return [s.problem for s in self.layers + self.targets if s.problem] + \
-            ([self.output_problem] if self.output_problem else [])
+        return [s.problem for s in self.layers if s.problem] + self._others()
+
+    def _others(self) -> list[str]:
+        """The problems that are not a layer's: the targets', the forward's return's, --out's."""
+        return [t.problem for t in self.targets if t.problem] + [p for p in (self.output_problem, self.out_problem) if p]
 
     def row_bytes(self) -> int:
         """Stored bytes a row of the layers that would be stored, as the surveyed batches gave
@@ -985,7 +1008,7 @@ class Survey:
         if self.skipped:
             lines.append(f"{_items(len(self.skipped))} failed and would be left out (--skip-failed); the first: item "
                          f"{self.skipped[0][0]}: {self.skipped[0][1]}")
-        others = [t.problem for t in self.targets if t.problem] + ([self.output_problem] if self.output_problem else [])
+        others = self._others()
         if others:
             lines += ["", "the run would stop at:" if len(others) == 1 else f"these {len(others)} would stop the run:",
                       *(f"  {p}" for p in others)]
@@ -1043,7 +1066,7 @@ def _problem_kind(survey: hooks.LayerSurvey) -> str:
 
 
 def _survey(model, forward, selections: list, problems: dict, source: Any, opts: ExtractOptions, device: torch.device,
-            autocast: Callable[[], Any]) -> Survey:
+            autocast: Callable[[], Any], planned: int) -> Survey:
     """--dry-run [N]: the first N batches through the model with every selected layer hooked,
     each layer's, target's and the forward's errors recorded rather than raised, so that one
     run says all that stands in the way."""
@@ -1088,8 +1111,9 @@ def _survey(model, forward, selections: list, problems: dict, source: Any, opts:
                            f"--dry-run: the data set failed on all {len(skipped)} items asked of it (the first: item "
                            f"{skipped[0][0]}, {skipped[0][1]})")
     layers = [_surveyed_layer(list(batches), batch_rows, sel, opts) for sel, batches in zip(selections, zip(*per_batch))]
-    return Survey(sum(batch_rows), layers, opts.dtype, sum(batch_rows), len(per_batch), asked, list(targets.values()),
-                  None if opts.stop_early else list(outputs), left_out, output_problem, skipped, seconds, batch_rows)
+    return Survey(sum(batch_rows), layers, opts.dtype, planned, batches=len(per_batch), asked=asked,
+                  targets=list(targets.values()), outputs=None if opts.stop_early else list(outputs), left_out=left_out,
+                  output_problem=output_problem, skipped=skipped, seconds=seconds, batch_rows=batch_rows)
 
 
 def _surveyed_target(seen: TargetSurvey, batch: Any, k: int) -> TargetSurvey:

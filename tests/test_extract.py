@@ -537,7 +537,9 @@ def test_a_dry_run_says_what_every_layer_gives_and_all_that_stands_in_the_way(tm
                  channels_first=["diffactloss.conv"], layer_reductions={"diffactloss.refine": "none"})
     survey = extract(options(tmp_path, dry_run=True, **fixed))
     result = extract(options(tmp_path, **fixed))
-    assert extract(options(tmp_path, dry_run=True, **fixed)).layers == survey.layers  # an --out that exists is no matter
+    again = extract(options(tmp_path, dry_run=True, **fixed))  # with the same --out, which exists now
+    assert again.layers == survey.layers and again.problems() == [
+        f"{result.path} exists: pass --resume to continue it (with the options it was written with), or choose another --out"]
     with open_store(result.path) as s:
         assert {n: layer.row_shape for n, layer in s.layers.items()} == {x.name: x.row for x in survey.layers}
         assert survey.row_bytes() == sum(math.prod(layer.row_shape) * 2 for layer in s.layers.values()) == 1540
@@ -1262,7 +1264,7 @@ class TagChanges(torch.utils.data.Dataset):
         return {"x": torch.full((3, 8), float(i)), "tag": torch.zeros(2 if i < 8 else 3)}
 
 
-def test_a_dry_run_checks_the_targets_and_the_forward_return_and_modules_that_stop_firing(tmp_path, capsys):
+def test_a_dry_run_checks_the_targets_and_the_forward_return_and_modules_that_stop_firing(tmp_path, monkeypatch):
     kw = dict(out="", model="test_extract:SkipsEvenCalls", dataset="helpers.inplace:tokens", layers=["fc", "extra"],
               batch_size=4, progress=False, device="cpu", reduction="mean")
     survey = extract(ExtractOptions(dry_run=1, **kw))
@@ -1299,6 +1301,19 @@ def test_a_dry_run_checks_the_targets_and_the_forward_return_and_modules_that_st
     assert survey.problems() == [] and "the forward's return: loss, loss_1, loss_2, kept a batch under /outputs " \
         "(--output-names NAME... names them)" in survey.describe().splitlines()
     assert extract(options(tmp_path, dry_run=1, stop_early=True)).outputs is None
+    # --out, where given: what the run checks before it starts, and room for what the survey expects
+    missing = tmp_path / "no" / "s.h5"
+    assert extract(options(tmp_path, dry_run=1, out=str(missing))).problems() == [
+        f"--out {missing}: the folder {missing.parent} does not exist; create it or choose another --out"]
+    import marstore.extract as ex
+
+    monkeypatch.setattr(ex, "room_left", lambda path, size: (300 << 10, "free on its filesystem"))
+    assert extract(options(tmp_path, dry_run=1)).problems() == [
+        f"{tmp_path}/s.h5: the run needs about 320.0 KiB for its activations but only 300.0 KiB are free on its "
+        "filesystem; make room, write elsewhere (--out), reduce the tokens (--reduction), hook fewer layers or extract "
+        "fewer rows (--num-samples)"]
+    monkeypatch.setattr(ex, "room_left", lambda path, size: (320 << 10, "free on its filesystem"))
+    assert extract(options(tmp_path, dry_run=1)).problems() == []
     # items the data set fails to give: the first stops the dry run as it would the run, or they are counted
     failing = dict(dataset="helpers.failing_data:failing", dataset_args={"size": 40, "fail_at": [3, 9, 30]})
     with pytest.raises(ExtractError, match=r"^the data set failed on item 3: RuntimeError: sample 3 is unreadable; "):
