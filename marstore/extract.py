@@ -1022,7 +1022,9 @@ class Survey:
                 lines.append(f"  {group[0].problem}")
                 if len(group) > 1:
                     lines.append(f"    and the same for {len(group) - 1} more: {', '.join(s.name for s in group[1:])}")
-            lines += ["", f"or leave them out: --exclude-layers {' '.join(shlex.quote(s.name) for s in bad)}"]
+            leave_out = _exclusions([s.name for s in bad], [s.name for s in self.layers])
+            if leave_out:
+                lines += ["", f"or leave them out: --exclude-layers {' '.join(shlex.quote(p) for p in leave_out)}"]
         else:
             lines += ["", f"all {len(self.layers)} layers would be stored"]
         shapes = "the first batch's shapes" if self.batches == 1 else "the surveyed batches' shapes"
@@ -1054,6 +1056,32 @@ class Survey:
             kept += " (--output-names NAME... names them)"
         rest = "; ".join(f"{name}: {what}" for name, what in sorted(self.left_out.items()))
         return f"the forward's return: {kept}" + (f"; not kept (only scalars are): {rest}" if rest else "")
+
+
+def _exclusions(bad: list[str], names: list[str]) -> list[str]:
+    """--exclude-layers patterns that leave out the modules of the bad store names and no other
+    selected module, each as broad as that allows: a subtree ('diffloss' 'diffloss.**'), like
+    modules of numbered blocks ('encoder_blocks.*.attn'), else the name. A module hooked twice
+    (':0' and ':1') is left out only if both are bad."""
+    store_names: dict[str, list[str]] = {}
+    for name in names:
+        store_names.setdefault(hooks.module_name(name), []).append(name)
+    modules = list(store_names)
+    bad_modules = {m for m, stored in store_names.items() if set(stored) <= set(bad)}
+    patterns: list[str] = []
+    covered: set[str] = set()
+    for module in dict.fromkeys(hooks.module_name(name) for name in bad):
+        if module in covered or module not in bad_modules:
+            continue
+        top = module.split(".")[0]
+        numbered = re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", module)
+        for candidate in ([top, f"{top}.**"] if top in store_names else [f"{top}.**"]), [numbered], [module]:
+            group = {m for pattern in candidate for m in hooks.match_modules(pattern, modules)}
+            if module in group and group <= bad_modules and (len(group) > 1 or candidate == [module]):
+                patterns += [p for p in candidate if hooks.match_modules(p, modules)]
+                covered |= group
+                break
+    return patterns
 
 
 def _problem_kind(survey: hooks.LayerSurvey) -> str:

@@ -102,6 +102,11 @@ def _split_pattern(pattern: str) -> tuple[str, str, int | str | None]:
     return body, capture, element
 
 
+def module_name(store_name: str) -> str:
+    """The module a store name ('blocks.0@input:0') captures from."""
+    return _split_pattern(store_name)[0]
+
+
 def _named_inputs(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     """A module's inputs by the names its forward gives them (keywords it takes as **kwargs too)."""
     try:

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -529,7 +530,13 @@ def test_a_dry_run_says_what_every_layer_gives_and_all_that_stands_in_the_way(tm
     assert "    and the same for 3 more: encoder_blocks.1.attn.out_proj, decoder_blocks.0.attn.out_proj, " \
            "decoder_blocks.1.attn.out_proj" in text
     assert "    and the same for 3 more: encoder_blocks.1.attn, decoder_blocks.0.attn, decoder_blocks.1.attn" in text
-    assert text[-3].startswith("or leave them out: --exclude-layers action_proj encoder_blocks.0.attn ")
+    assert text[-3] == ("or leave them out: --exclude-layers action_proj 'encoder_blocks.*.attn' "
+                        "'encoder_blocks.*.attn.out_proj' 'decoder_blocks.*.attn' 'decoder_blocks.*.attn.out_proj' diffloss "
+                        "'diffloss.**' diffactloss.conv diffactloss.fc diffactloss.refine")
+    # which leave out exactly the layers that would stop the run
+    kept = extract(options(tmp_path, layers=["**"], reduction="mean", dry_run=True,
+                           exclude_layers=shlex.split(text[-3].split("--exclude-layers ")[1])))
+    assert kept.problems() == [] and {s.name for s in kept.layers} == {s.name for s in survey.layers if not s.problem}
     assert re.fullmatch(r"and about \d+\.\d s of forward passes, at the pace of the first batch, warm-up and all \([\d,]+ "
                         r"rows/s; storing the rows adds to it\)", text[-1]) and len(survey.seconds) == 1
     # the fixes it names, taken: every layer passes, and the extraction stores the rows it said
@@ -557,6 +564,15 @@ def test_a_dry_run_says_what_every_layer_gives_and_all_that_stands_in_the_way(tm
     assert printed[0] == ("dry run: the first batch (4 samples) through the model, every selected layer hooked; nothing "
                           "written")
     assert printed[-3] == "or leave them out: --exclude-layers diffactloss.fc"
+
+
+def test_the_exclusions_a_dry_run_suggests_leave_out_the_bad_layers_and_no_other():
+    from marstore.extract import _exclusions
+
+    names = ["a.0", "a.0.x", "a.1", "a.1.x", "b", "b.c", "d", "d.e", "d.e.f", "pair:0", "pair:1"]
+    assert _exclusions(["a.0.x", "a.1.x", "b", "d", "d.e", "d.e.f", "pair:1"], names) == ["a.*.x", "b", "d", "d.**"]
+    assert _exclusions(["a.1.x"], names) == ["a.1.x"]  # one of its kind: by name
+    assert _exclusions(["pair:0", "pair:1"], names) == ["pair"]  # a module hooked twice, both bad
 
 
 def test_a_surveyed_forward_counts_firings_and_goes_on_past_each_error():
