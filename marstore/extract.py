@@ -764,6 +764,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
     problems: dict[str, str] | None = {} if opts.dry_run else None  # a dry run reports them all, and goes on
     selections = hooks.parse_layers(opts.layers, model, reduction, opts.channels_first, layer_reductions,
                                     opts.exclude_layers, problems)
+    _asked_ragged(opts, selections)  # a --ragged pattern that names no layer: before any data is read
 
     # data
     if in_hand is not None:
@@ -1022,7 +1023,10 @@ class Survey:
                 lines.append(f"  {group[0].problem}")
                 if len(group) > 1:
                     lines.append(f"    and the same for {len(group) - 1} more: {', '.join(s.name for s in group[1:])}")
-            leave_out = _exclusions([s.name for s in bad], [s.name for s in self.layers])
+                    if f"--ragged {group[0].name} " in group[0].problem:  # one flag for them all
+                        ragged = _covering([s.name for s in group], [s.name for s in self.layers])
+                        lines.append(f"    all of them: --ragged {' '.join(shlex.quote(p) for p in ragged)}")
+            leave_out = _covering([s.name for s in bad], [s.name for s in self.layers])
             if leave_out:
                 lines += ["", f"or leave them out: --exclude-layers {' '.join(shlex.quote(p) for p in leave_out)}"]
         else:
@@ -1058,26 +1062,26 @@ class Survey:
         return f"the forward's return: {kept}" + (f"; not kept (only scalars are): {rest}" if rest else "")
 
 
-def _exclusions(bad: list[str], names: list[str]) -> list[str]:
-    """--exclude-layers patterns that leave out the modules of the bad store names and no other
-    selected module, each as broad as that allows: a subtree ('diffloss' 'diffloss.**'), like
-    modules of numbered blocks ('encoder_blocks.*.attn'), else the name. A module hooked twice
-    (':0' and ':1') is left out only if both are bad."""
+def _covering(chosen: list[str], names: list[str]) -> list[str]:
+    """Patterns (for --exclude-layers, --ragged) that name the modules of the chosen store names
+    and no other module of names, each as broad as that allows: a subtree ('diffloss'
+    'diffloss.**'), like modules of numbered blocks ('encoder_blocks.*.attn'), else the name. A
+    module hooked twice (':0' and ':1') is named only if both are chosen."""
     store_names: dict[str, list[str]] = {}
     for name in names:
         store_names.setdefault(hooks.module_name(name), []).append(name)
     modules = list(store_names)
-    bad_modules = {m for m, stored in store_names.items() if set(stored) <= set(bad)}
+    eligible = {m for m, stored in store_names.items() if set(stored) <= set(chosen)}
     patterns: list[str] = []
     covered: set[str] = set()
-    for module in dict.fromkeys(hooks.module_name(name) for name in bad):
-        if module in covered or module not in bad_modules:
+    for module in dict.fromkeys(hooks.module_name(name) for name in chosen):
+        if module in covered or module not in eligible:
             continue
         top = module.split(".")[0]
         numbered = re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", module)
         for candidate in ([top, f"{top}.**"] if top in store_names else [f"{top}.**"]), [numbered], [module]:
             group = {m for pattern in candidate for m in hooks.match_modules(pattern, modules)}
-            if module in group and group <= bad_modules and (len(group) > 1 or candidate == [module]):
+            if module in group and group <= eligible and (len(group) > 1 or candidate == [module]):
                 patterns += [p for p in candidate if hooks.match_modules(p, modules)]
                 covered |= group
                 break
@@ -1138,7 +1142,8 @@ def _survey(model, forward, selections: list, problems: dict, source: Any, opts:
         raise ExtractError("--dry-run: the data set yielded no items" if not skipped else
                            f"--dry-run: the data set failed on all {len(skipped)} items asked of it (the first: item "
                            f"{skipped[0][0]}, {skipped[0][1]})")
-    layers = [_surveyed_layer(list(batches), batch_rows, sel, opts) for sel, batches in zip(selections, zip(*per_batch))]
+    ragged = _asked_ragged(opts, selections)
+    layers = [_surveyed_layer(list(batches), batch_rows, sel, opts, ragged) for sel, batches in zip(selections, zip(*per_batch))]
     return Survey(sum(batch_rows), layers, opts.dtype, planned, batches=len(per_batch), asked=asked,
                   targets=list(targets.values()), outputs=None if opts.stop_early else list(outputs), left_out=left_out,
                   output_problem=output_problem, skipped=skipped, seconds=seconds, batch_rows=batch_rows)
@@ -1159,7 +1164,7 @@ def _surveyed_target(seen: TargetSurvey, batch: Any, k: int) -> TargetSurvey:
 
 
 def _surveyed_layer(batches: list[hooks.LayerSurvey], batch_rows: list[int], sel: hooks.LayerSelection,
-                    opts: ExtractOptions) -> hooks.LayerSurvey:
+                    opts: ExtractOptions, ragged: set[str]) -> hooks.LayerSurvey:
     """One layer over the surveyed batches, as the run would meet them: the first problem; a
     module that stops firing; rows that change shape (stored ragged, where the first two
     batches show it, as the run decides; an error where a later batch does)."""
@@ -1174,7 +1179,7 @@ def _surveyed_layer(batches: list[hooks.LayerSurvey], batch_rows: list[int], sel
             "some modules run only in some task modes): pass --allow-missing to store NaN rows where it does not fire, "
             "or leave it out"))
     # the run decides from its first two batches, a module's silent one taking the first's shape
-    asked = name in opts.ragged or sel.name in opts.ragged
+    asked = name in ragged
     try:
         ragged, row = _layout(name, [s.row if s.calls else first.row for s in batches[:2]], asked)
     except ExtractError as exc:
@@ -1336,6 +1341,11 @@ def _run_batch(model, forward, capture: hooks.Capture, batch: Any, shapes: dict,
     return tensors, out
 
 
+def _asked_ragged(opts: ExtractOptions, selections: list[hooks.LayerSelection]) -> set[str]:
+    """The store names of the layers --ragged names (by module or store name, or a pattern of them)."""
+    return {sel.store_name for pattern in opts.ragged for sel in hooks.selected_by(pattern, selections, "--ragged")}
+
+
 def _layout(name: str, shapes: Sequence[tuple[int, ...]], ragged: bool) -> tuple[bool, tuple[int, ...]]:
     """(stored ragged, the stored row's shape) of a layer whose first batches gave rows of these
     shapes (the batch axis left out): ragged where asked or where the token count (the rows'
@@ -1352,9 +1362,10 @@ def _layout(name: str, shapes: Sequence[tuple[int, ...]], ragged: bool) -> tuple
 
 def _layer_specs(opts, selections, capture: hooks.Capture, pending) -> list[LayerSpec]:
     specs = []
+    ragged_asked = _asked_ragged(opts, selections)
     for sel in selections:
         shapes = [tuple(t[1][sel.store_name].shape[1:]) for t in pending]
-        asked = sel.store_name in opts.ragged or sel.name in opts.ragged
+        asked = sel.store_name in ragged_asked
         ragged, row_shape = _layout(sel.store_name, shapes, asked)
         if ragged and not asked:
             log.info("%s: token count varies between batches (%s): stored ragged", sel.store_name,

@@ -213,7 +213,7 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
             raise HookError(f"--exclude-layers {' '.join(exclude)} leaves out every module that --layers selects")
     chosen_by: dict[str, tuple[str, str | list[int]]] = {}  # store name -> the --layer-reduction that chose it
     for pattern, layer_reduction in (layer_reductions or {}).items():
-        for sel in _selected_by(pattern, layers, "--layer-reduction"):
+        for sel in selected_by(pattern, layers, "--layer-reduction"):
             earlier = chosen_by.setdefault(sel.store_name, (pattern, layer_reduction))
             if earlier[1] != layer_reduction:
                 raise HookError(f"{sel.store_name}: --layer-reduction {earlier[0]}={_reduction_text(earlier[1])} and "
@@ -224,7 +224,7 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
             sel.channels_first = True
     elif channels_first:
         for pattern in channels_first:
-            for sel in _selected_by(pattern, layers, "--channels-first"):
+            for sel in selected_by(pattern, layers, "--channels-first"):
                 sel.channels_first = True
     for sel in layers:
         module = modules[sel.name]
@@ -270,7 +270,7 @@ def _prefix_hint(pattern: str, names: Sequence[str]) -> str:
     return ""
 
 
-def _selected_by(pattern: str, layers: Sequence[LayerSelection], flag: str) -> list[LayerSelection]:
+def selected_by(pattern: str, layers: Sequence[LayerSelection], flag: str) -> list[LayerSelection]:
     """The selected layers a pattern names, by module name (all its captures) or by store name
     (one capture: 'decoder_norm@input'); a pattern that names none is a mistake, not a no-op."""
     by_module = set(match_modules(pattern, list(dict.fromkeys(sel.name for sel in layers))))

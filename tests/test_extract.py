@@ -566,13 +566,13 @@ def test_a_dry_run_says_what_every_layer_gives_and_all_that_stands_in_the_way(tm
     assert printed[-3] == "or leave them out: --exclude-layers diffactloss.fc"
 
 
-def test_the_exclusions_a_dry_run_suggests_leave_out_the_bad_layers_and_no_other():
-    from marstore.extract import _exclusions
+def test_the_covering_a_dry_run_suggests_leave_out_the_bad_layers_and_no_other():
+    from marstore.extract import _covering
 
     names = ["a.0", "a.0.x", "a.1", "a.1.x", "b", "b.c", "d", "d.e", "d.e.f", "pair:0", "pair:1"]
-    assert _exclusions(["a.0.x", "a.1.x", "b", "d", "d.e", "d.e.f", "pair:1"], names) == ["a.*.x", "b", "d", "d.**"]
-    assert _exclusions(["a.1.x"], names) == ["a.1.x"]  # one of its kind: by name
-    assert _exclusions(["pair:0", "pair:1"], names) == ["pair"]  # a module hooked twice, both bad
+    assert _covering(["a.0.x", "a.1.x", "b", "d", "d.e", "d.e.f", "pair:1"], names) == ["a.*.x", "b", "d", "d.**"]
+    assert _covering(["a.1.x"], names) == ["a.1.x"]  # one of its kind: by name
+    assert _covering(["pair:0", "pair:1"], names) == ["pair"]  # a module hooked twice, both bad
 
 
 def test_a_surveyed_forward_counts_firings_and_goes_on_past_each_error():
@@ -1238,7 +1238,11 @@ def test_a_dry_run_of_several_batches_sees_what_the_first_batches_decide(tmp_pat
     assert survey.layers[0].problem == (
         "fc: batch 3 gives rows of shape (3, 8), the first two batches (2, 8), which decide how the run stores it; its "
         "token count varies, so pass --ragged fc to store it ragged")
-    fixed = extract(ExtractOptions(dry_run=4, ragged=["fc"], **kw))
+    both = extract(ExtractOptions(dry_run=4, **{**kw, "layers": ["fc", "fc@input"]})).describe().splitlines()
+    assert both[both.index("    and the same for 1 more: fc@input") + 1] == "    all of them: --ragged fc"
+    with pytest.raises(hooks.HookError, match=r"^--ragged 'f' matches none of the layers --layers selects \(fc\)$"):
+        extract(ExtractOptions(dry_run=4, ragged=["f"], **kw))
+    fixed = extract(ExtractOptions(dry_run=4, ragged=["f*"], **kw))  # a pattern, as --layers takes them
     fc = fixed.layers[0]
     assert (fc.row, fc.tokens, fc.mean_tokens, fc.problem, fixed.problems()) == ((8,), (2, 3), 2.5, None, [])
     assert fixed.row_bytes() == 40  # 2.5 tokens of 8 float16 values
