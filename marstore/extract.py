@@ -1457,11 +1457,23 @@ def _submit(ring: TransferRing, writer: StoreWriter, tensors: dict, targets: dic
     try:
         writer.check_shapes({name: tuple(t.shape) for name, t in tensors.items()})
     except RowShapeError as exc:
+        if not exc.tokens_vary:
+            raise RestartNeeded(f"{exc.layer}: a batch gave rows of shape {exc.row_shape}, but {writer.path} keeps this "
+                                f"layer dense with rows of {exc.expected}, as the first batches gave them; its rows must "
+                                "keep one shape") from None
+        varying = []  # every layer whose token count changed in this batch: one --ragged for them all
+        for name, t in tensors.items():
+            try:
+                writer.check_shapes({name: tuple(t.shape)})
+            except RowShapeError as other:
+                if other.tokens_vary:
+                    varying.append(name)
+        flag = " ".join(shlex.quote(p) for p in _covering(varying, list(tensors)))
+        also = f" (and so do {', '.join(varying[1:])})" if len(varying) > 1 else ""
         raise RestartNeeded(
             f"{exc.layer}: a batch gave rows of shape {exc.row_shape}, but {writer.path} keeps this layer dense with "
-            f"rows of {exc.expected}, as the first batches gave them; " + (
-                f"its token count varies, so extract it again with --ragged {exc.layer} (a resume cannot change how a "
-                "layer is stored)" if exc.tokens_vary else "its rows must keep one shape")) from None
+            f"rows of {exc.expected}, as the first batches gave them; its token count varies{also}, so extract it again "
+            f"with --ragged {flag} (a resume cannot change how a layer is stored)") from None
     try:
         slot = ring.submit(tensors, dtype=out_dtype, scalars=outputs)
     except SlotTooSmall:

@@ -1218,6 +1218,11 @@ def test_a_layer_whose_tokens_change_after_the_first_batches_is_named_with_the_f
                                "(2, 8), as the first batches gave them; its token count varies, so extract it again with "
                                "--ragged fc (a resume cannot change how a layer is stored)")
     assert not [r for r in caplog.records if "resume with" in r.getMessage()]  # a resume would not help
+    with pytest.raises(ExtractError) as info:  # every layer whose count changed, under one flag
+        extract(ExtractOptions(out=str(tmp_path / "two.h5"), model="test_extract:TokensLater", dataset="helpers.inplace:tokens",
+                               layers=["fc", "fc@input"], batch_size=4, progress=False, device="cpu"))
+    assert str(info.value).endswith("its token count varies (and so do fc@input), so extract it again with --ragged fc "
+                                    "(a resume cannot change how a layer is stored)")
     with open_store(out) as s:
         assert s.rows == 8  # what was committed stays
     result = extract(ExtractOptions(out=str(tmp_path / "r.h5"), model="test_extract:TokensLater", ragged=["fc"],
