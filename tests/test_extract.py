@@ -566,7 +566,7 @@ def test_a_dry_run_says_what_every_layer_gives_and_all_that_stands_in_the_way(tm
     assert printed[-3] == "or leave them out: --exclude-layers diffactloss.fc"
 
 
-def test_the_covering_a_dry_run_suggests_leave_out_the_bad_layers_and_no_other():
+def test_the_patterns_a_dry_run_suggests_name_the_bad_layers_and_no_other():
     from marstore.extract import _covering
 
     names = ["a.0", "a.0.x", "a.1", "a.1.x", "b", "b.c", "d", "d.e", "d.e.f", "pair:0", "pair:1"]
