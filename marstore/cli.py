@@ -468,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--channels-first", nargs="*", metavar="PATTERN",
                     help="these layers' activations are (batch, channels, *positions), as convolutions give: reduce "
                          "the positions (without patterns: every layer of the run)")
-    ex.add_argument("--ragged", nargs="+", metavar="PATTERN",
+    ex.add_argument("--ragged", nargs="+", action="extend", metavar="PATTERN",
                     help="layers (names or patterns, as --layers) to store ragged even if the first batches agree")
     ex.add_argument("--multi-fire", choices=["error", "first", "last", "stack"], help="a module firing more than once")
     ex.add_argument("--allow-missing", action="store_true", help="a module that does not fire gives NaN rows")

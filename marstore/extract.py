@@ -49,7 +49,7 @@ from marstore import hooks, loading, scaleout
 from marstore.errors import MarstoreError
 from marstore.report import text_table
 from marstore.store import (LayerSpec, RowShapeError, Store, StoreError, StoreWriter, TargetSpec, TEXT, check_not_being_written,
-                            open_store, room_left)
+                            convert_to_ragged, open_store, room_left)
 from marstore.transfer import SlotTooSmall, TransferRing, resolve_device
 
 log = logging.getLogger(__name__)
@@ -811,7 +811,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
     }
     start_row = 0
     if opts.resume:
-        start_row, recorded_ragged = _check_resume(opts, metadata)
+        start_row, recorded_ragged = _check_resume(opts, metadata, selections)
         # the batches after the resume point may not show the variation that made a layer ragged
         opts = dataclasses.replace(opts, ragged=sorted(set(opts.ragged) | recorded_ragged))
     if map_style:
@@ -1470,10 +1470,10 @@ def _submit(ring: TransferRing, writer: StoreWriter, tensors: dict, targets: dic
                     varying.append(name)
         flag = " ".join(shlex.quote(p) for p in _covering(varying, list(tensors)))
         also = f" (and so do {', '.join(varying[1:])})" if len(varying) > 1 else ""
-        raise RestartNeeded(
+        raise ExtractError(
             f"{exc.layer}: a batch gave rows of shape {exc.row_shape}, but {writer.path} keeps this layer dense with "
-            f"rows of {exc.expected}, as the first batches gave them; its token count varies{also}, so extract it again "
-            f"with --ragged {flag} (a resume cannot change how a layer is stored)") from None
+            f"rows of {exc.expected}, as the first batches gave them; its token count varies{also}, so resume with "
+            f"--ragged {flag} added: the rows stored so far are rewritten ragged") from None
     try:
         slot = ring.submit(tensors, dtype=out_dtype, scalars=outputs)
     except SlotTooSmall:
@@ -1497,8 +1497,10 @@ def _json(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _check_resume(opts: ExtractOptions, metadata: dict) -> tuple[int, set[str]]:
-    """(the planned items to continue after, the layers the store keeps ragged)."""
+def _check_resume(opts: ExtractOptions, metadata: dict, selections: list[hooks.LayerSelection]) -> tuple[int, set[str]]:
+    """(the planned items to continue after, the layers the store keeps ragged). A --ragged
+    that names layers the store keeps dense (their token count changed after the first batches
+    and stopped the run) has their committed rows rewritten ragged first."""
     if not os.path.exists(opts.out):
         log.info("--resume: %s does not exist yet; starting from the beginning", opts.out)
         return 0, set()
@@ -1508,6 +1510,11 @@ def _check_resume(opts: ExtractOptions, metadata: dict) -> tuple[int, set[str]]:
         defaults = {k: v for k, v in _json(_option_defaults()).items() if k in now}
         recorded = {**defaults, **store.metadata.get("options", {})}
         differ = sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
+        ragged = {name for name, info in store.layers.items() if info.layout == "ragged"}
+        convert = []
+        if "ragged" in differ:  # layers stored ragged stay so; dense ones it names now are rewritten
+            differ.remove("ragged")
+            convert = sorted(_asked_ragged(opts, selections) - ragged)
         if differ:
             raise ExtractError(f"--resume: the options differ from the ones {opts.out} was written with: "
                                + ", ".join(f"{k} (recorded {recorded.get(k)!r}, now {now.get(k)!r})" for k in differ))
@@ -1517,7 +1524,15 @@ def _check_resume(opts: ExtractOptions, metadata: dict) -> tuple[int, set[str]]:
         left_out = len(store.skipped())
         log.info("--resume: continuing %s after %d committed rows%s", opts.out, store.rows,
                  f" and {_items(left_out)} left out" if left_out else "")
-        return store.rows + left_out, {name for name, info in store.layers.items() if info.layout == "ragged"}
+        start, run = store.rows + left_out, {**store.metadata, "options": {**recorded, "ragged": now["ragged"]}}
+    if convert:
+        log.warning("--resume: --ragged names %s, which %s keeps dense: rewriting the rows stored so far ragged",
+                    ", ".join(convert), opts.out)
+        try:
+            convert_to_ragged(opts.out, convert, run)
+        except StoreError as exc:
+            raise ExtractError(f"--resume --ragged: {exc}") from None
+    return start, ragged | set(convert)
 
 
 def _items(n: int) -> str:

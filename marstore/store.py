@@ -1132,6 +1132,72 @@ def check_not_being_written(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+CONVERTING = "converting"  # the root group where convert_to_ragged builds a layer before it replaces the dense one
+
+
+def convert_to_ragged(path: str | os.PathLike, names: Sequence[str], run: Mapping[str, Any] | None = None,
+                      block_bytes: int = 64 << 20) -> None:
+    """Rewrites dense layers of a store as ragged, so that a resumed extraction can append rows
+    of other token counts: each committed row (tokens, ...) becomes its tokens' rows. Rows past
+    the last commit are dropped (a resume drops them too); counters and statistics are kept.
+    run: the run description to record in place of the old (the resumed run's options). Each
+    layer is built beside the old one and then takes its place: a conversion killed before that
+    leaves the store as it was, with a stray /converting group that the next one removes. The
+    file keeps the space the dense rows held (h5repack reclaims it)."""
+    path = os.fspath(path)
+    check_not_being_written(path)
+    with open_store(path):  # validates it, with clear errors
+        pass
+    lock = _WriterLock(path, create=False)
+    try:
+        with h5py.File(path, "r+", locking=False) as f:
+            if "parts" in f.attrs:
+                raise StoreError(f"{path} joins the part files of several ranks; their layers cannot be rewritten in "
+                                 "place: extract again with --ragged")
+            rows = int(f.attrs["rows"])
+            recorded = json.loads(f.attrs["layers"])
+            specs = {spec["name"]: spec for spec in recorded}
+            if CONVERTING in f:
+                del f[CONVERTING]
+            for name in names:
+                dense = f["activations"].get(name)
+                spec = specs.get(name)
+                if dense is None or spec is None:
+                    raise StoreError(f"{path} has no layer {name!r}; it has {sorted(specs)}")
+                if spec.get("ragged"):
+                    continue
+                if len(spec["row_shape"]) < 2 or spec.get("channel_axis") is not None:
+                    raise StoreError(f"{path}: layer {name!r} has rows of shape {tuple(spec['row_shape'])}, not (tokens, "
+                                     "features...): it cannot be stored ragged")
+                tokens, token_shape = spec["row_shape"][0], tuple(spec["row_shape"][1:])
+                ragged = LayerSpec(**{**spec, "row_shape": token_shape, "ragged": True, "channel_axis": None})
+                _create_layer(f.require_group(CONVERTING), ragged, None)
+                group = f[CONVERTING][name]
+                group.attrs.update({k: v for k, v in dense.attrs.items() if k not in ("layout", "channel_axis")})
+                values = group["values"]
+                values.resize((rows * tokens, *token_shape))
+                step = max(1, block_bytes // max(1, dense.dtype.itemsize * math.prod(spec["row_shape"])))
+                for start in range(0, rows, step):
+                    stop = min(rows, start + step)
+                    values[start * tokens : stop * tokens] = dense[start:stop].reshape(-1, *token_shape)
+                group["offsets"].resize((rows + 1,))
+                group["offsets"][:] = np.arange(rows + 1, dtype=np.int64) * tokens
+                f.flush()
+                # the switch: the converted layer takes the dense one's place, and the record follows
+                del f["activations"][name]
+                f.move(f"{CONVERTING}/{name}", f"activations/{name}")
+                specs[name] = {**spec, "row_shape": list(token_shape), "ragged": True, "channel_axis": None}
+                f.attrs["layers"] = json.dumps([specs[s["name"]] for s in recorded])
+                f.flush()
+                log.info("store %s: layer %s rewritten ragged (%d rows of %d tokens)", path, name, rows, tokens)
+            if run is not None:
+                f.attrs["run"] = json.dumps(run, sort_keys=True, default=str)
+            if CONVERTING in f:
+                del f[CONVERTING]
+    finally:
+        lock.release()
+
+
 class Store:
     """A validated, read-only view of a store's committed rows (see open_store)."""
 

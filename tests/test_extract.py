@@ -27,7 +27,7 @@ from marstore import hooks
 from marstore.extract import ExtractError, ExtractOptions, Interrupted, _duration, extract
 from marstore.loading import CheckpointError, build_model, find_config, find_state_dict, load_weights, read_checkpoint
 from marstore.models import LAYOUTS, policy_forward, save_checkpoint, synthetic_video_actions, video_mar
-from marstore.store import open_store
+from marstore.store import LayerSpec, StoreError, StoreWriter, open_store
 
 CONFIG = {"task_name": "t", "shape_meta": {"action": {"shape": [2]}, "horizon": 16}, "embed_dim": 32,
           "depth": 2, "decoder_depth": 2, "num_heads": 2}
@@ -1209,26 +1209,73 @@ class TokensLater(nn.Module):
         return self.fc(x if self.calls > 2 else x[:, :2])
 
 
-def test_a_layer_whose_tokens_change_after_the_first_batches_is_named_with_the_flag(tmp_path, caplog):
+class TokensGrow(torch.utils.data.Dataset):
+    """{"x": 2 tokens of 8 features for the first 8 items, 3 after}: a token count that changes
+    after the first two batches of 4, with the data (so a resumed run sees what a fresh one does)."""
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x": torch.randn(2 if i < 8 else 3, 8, generator=torch.Generator().manual_seed(i)), "label": i % 3}
+
+
+class OneLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_a_layer_whose_tokens_change_after_the_first_batches_is_rewritten_ragged_by_a_resume(tmp_path, caplog):
     out = tmp_path / "s.h5"
+    kw = dict(model="test_extract:OneLinear", dataset="test_extract:TokensGrow", layers=["fc", "fc@input"], targets=["label"],
+              batch_size=4, commit_rows=4, progress=False, device="cpu")
     with pytest.raises(ExtractError) as info:
-        extract(ExtractOptions(out=str(out), model="test_extract:TokensLater", dataset="helpers.inplace:tokens",
-                               layers=["fc"], batch_size=4, commit_rows=4, progress=False, device="cpu"))
+        extract(ExtractOptions(out=str(out), **kw))
     assert str(info.value) == (f"fc: a batch gave rows of shape (3, 8), but {out} keeps this layer dense with rows of "
-                               "(2, 8), as the first batches gave them; its token count varies, so extract it again with "
-                               "--ragged fc (a resume cannot change how a layer is stored)")
-    assert not [r for r in caplog.records if "resume with" in r.getMessage()]  # a resume would not help
-    with pytest.raises(ExtractError) as info:  # every layer whose count changed, under one flag
-        extract(ExtractOptions(out=str(tmp_path / "two.h5"), model="test_extract:TokensLater", dataset="helpers.inplace:tokens",
-                               layers=["fc", "fc@input"], batch_size=4, progress=False, device="cpu"))
-    assert str(info.value).endswith("its token count varies (and so do fc@input), so extract it again with --ragged fc "
-                                    "(a resume cannot change how a layer is stored)")
+                               "(2, 8), as the first batches gave them; its token count varies (and so do fc@input), so "
+                               "resume with --ragged fc added: the rows stored so far are rewritten ragged")
+    assert "once the cause is fixed, resume with: marstore extract ... --resume" in caplog.text
     with open_store(out) as s:
-        assert s.rows == 8  # what was committed stays
-    result = extract(ExtractOptions(out=str(tmp_path / "r.h5"), model="test_extract:TokensLater", ragged=["fc"],
-                                    dataset="helpers.inplace:tokens", layers=["fc"], batch_size=4, progress=False, device="cpu"))
-    with open_store(result.path) as s:
-        assert s.layers["fc"].layout == "ragged" and [len(r) for r in s.read("fc")] == [2] * 8 + [3] * 8
+        assert s.rows == 8 and s.layers["fc"].layout == "dense"  # what was committed stays
+    result = extract(ExtractOptions(out=str(out), ragged=["fc"], resume=True, **kw))
+    fresh = extract(ExtractOptions(out=str(tmp_path / "fresh.h5"), ragged=["fc"], **kw))
+    with open_store(result.path) as s, open_store(fresh.path) as f:
+        assert s.status == "complete" and s.rows == 16 and s.metadata["options"]["ragged"] == ["fc"]
+        for name in ("fc", "fc@input"):
+            assert s.layers[name].layout == "ragged" and [len(r) for r in s.read(name)] == [2] * 8 + [3] * 8
+            assert [r.tobytes() for r in s.read(name)] == [r.tobytes() for r in f.read(name)]
+            assert np.allclose(s.layers[name].attrs["mean"], f.layers[name].attrs["mean"], atol=1e-6)
+            assert s.layers[name].attrs["nonfinite"] == 0
+        assert np.array_equal(s.target("label"), f.target("label")) and np.array_equal(s.index(), f.index())
+        assert "converting" not in s.file
+    assert "--resume: --ragged names fc, fc@input, which " in caplog.text
+    with pytest.raises(ExtractError, match=r"--resume: .* is already complete \(16 rows\)"):  # the record matches now
+        extract(ExtractOptions(out=str(out), ragged=["fc"], resume=True, **kw))
+
+
+def test_a_layer_that_cannot_be_stored_ragged_is_not_rewritten(tmp_path):
+    from marstore.store import convert_to_ragged
+
+    path = tmp_path / "s.h5"
+    with StoreWriter(path, [LayerSpec("means", (8,)), LayerSpec("tokens", (2, 8))]) as writer:
+        writer.append({"means": np.zeros((4, 8), np.float16), "tokens": np.arange(64, dtype=np.float16).reshape(4, 2, 8)},
+                      index=range(4))
+    with pytest.raises(StoreError, match=rf"^{path}: layer 'means' has rows of shape \(8,\), not \(tokens, features...\): "):
+        convert_to_ragged(path, ["means"])
+    with pytest.raises(StoreError, match=rf"^{path} has no layer 'nope'; it has \['means', 'tokens'\]$"):
+        convert_to_ragged(path, ["nope"])
+    with h5py.File(path, "r+") as f:  # what a conversion killed halfway leaves
+        f.create_group("converting/tokens")
+    convert_to_ragged(path, ["tokens"])
+    with open_store(path) as s:
+        assert "converting" not in s.file and s.layers["tokens"].layout == "ragged" and s.layers["tokens"].row_shape == (8,)
+        assert [r.tobytes() for r in s.read("tokens")] == [np.arange(16 * i, 16 * i + 16, dtype=np.float16).reshape(2, 8).tobytes()
+                                                           for i in range(4)]
+        assert s.layers["means"].layout == "dense"
 
 
 def test_a_dry_run_of_several_batches_sees_what_the_first_batches_decide(tmp_path, capsys):
