@@ -880,7 +880,8 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                 else:
                     todo = [batch_rows]
                 for idx, tens, targ, outs, left in todo:
-                    total_bytes += _submit(ring, writer, tens, targ, idx, out_dtype, outs, left)
+                    writer, nbytes = _submit(ring, writer, tens, targ, idx, out_dtype, outs, left)
+                    total_bytes += nbytes
                     progress.update(len(idx))
                     progress.set_postfix_str(_rate(total_bytes, started), refresh=False)
                     if on_batch is not None:
@@ -890,7 +891,8 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
             if writer is None and pending:
                 writer = _open_writer(opts, selections, capture, pending, metadata, start_row)
                 for idx, tens, targ, outs, left in pending:
-                    total_bytes += _submit(ring, writer, tens, targ, idx, out_dtype, outs, left)
+                    writer, nbytes = _submit(ring, writer, tens, targ, idx, out_dtype, outs, left)
+                    total_bytes += nbytes
                     progress.update(len(idx))
             if stop is not None:
                 raise stop
@@ -1023,14 +1025,17 @@ class Survey:
                 lines.append(f"  {group[0].problem}")
                 if len(group) > 1:
                     lines.append(f"    and the same for {len(group) - 1} more: {', '.join(s.name for s in group[1:])}")
-                    if f"--ragged {group[0].name} " in group[0].problem:  # one flag for them all
-                        ragged = _covering([s.name for s in group], [s.name for s in self.layers])
-                        lines.append(f"    all of them: --ragged {' '.join(shlex.quote(p) for p in ragged)}")
             leave_out = _covering([s.name for s in bad], [s.name for s in self.layers])
             if leave_out:
                 lines += ["", f"or leave them out: --exclude-layers {' '.join(shlex.quote(p) for p in leave_out)}"]
         else:
             lines += ["", f"all {len(self.layers)} layers would be stored"]
+        late = [s for s in self.layers if s.ragged_from and not s.problem]
+        if late:
+            flag = " ".join(shlex.quote(p) for p in _covering([s.name for s in late], [s.name for s in self.layers]))
+            lines.append(f"token count changing after the first two batches had them stored dense: "
+                         f"{', '.join(f'{s.name} (batch {s.ragged_from})' for s in late)}; the run will rewrite their rows "
+                         f"ragged then (--ragged {flag} stores them ragged from the start)")
         shapes = "the first batch's shapes" if self.batches == 1 else "the surveyed batches' shapes"
         lines.append(f"the run's {self.planned} rows: about {_human(self.planned * self.row_bytes())} of activations "
                      f"({_human(self.row_bytes())} a row, as {shapes} give it)")
@@ -1048,7 +1053,8 @@ class Survey:
             return f"{s.row} {self.dtype} (from {s.source_dtype})"
         fewest, most = s.tokens
         count = str(most) if fewest == most else f"{fewest}-{most}"
-        return f"{count} tokens of {s.row} {self.dtype}, ragged (from {s.source_dtype})"
+        when = f" from batch {s.ragged_from}" if s.ragged_from else ""
+        return f"{count} tokens of {s.row} {self.dtype}, ragged{when} (from {s.source_dtype})"
 
     def _return(self) -> str:
         if self.outputs is None:
@@ -1184,21 +1190,21 @@ def _surveyed_layer(batches: list[hooks.LayerSurvey], batch_rows: list[int], sel
         ragged, row = _layout(name, [s.row if s.calls else first.row for s in batches[:2]], asked)
     except ExtractError as exc:
         return dataclasses.replace(first, problem=str(exc))
+    ragged_from = None
     for k, s in enumerate(batches[2:], 2):
         if not s.calls or (s.row[1:] if ragged else s.row) == row:
             continue
-        if ragged or len(s.row) != len(row) or s.row[1:] != row[1:]:
-            fix = "its rows must keep one shape: reduce it (--reduction) or capture another module"
-        else:
-            fix = f"its token count varies, so pass --ragged {name} to store it ragged"
-        return dataclasses.replace(first, problem=(
-            f"{name}: batch {k + 1} gives rows of shape {s.row}, the first two batches "
-            f"{'tokens of ' if ragged else ''}{row}, which decide how the run stores it; {fix}"))
+        if ragged or len(row) < 2 or len(s.row) != len(row) or s.row[1:] != row[1:]:
+            return dataclasses.replace(first, problem=(
+                f"{name}: batch {k + 1} gives rows of shape {s.row}, the first two batches {'tokens of ' if ragged else ''}"
+                f"{row}; its rows must keep one shape: reduce it (--reduction) or capture another module"))
+        ragged, row, ragged_from = True, row[1:], k + 1  # its token count changes: the run rewrites it ragged there
     if not ragged:
         return dataclasses.replace(first, row=row)
     counts = [(s.row[0], n) for s, n in zip(batches, batch_rows) if s.calls]
     return dataclasses.replace(first, row=row, tokens=(min(c for c, _ in counts), max(c for c, _ in counts)),
-                               mean_tokens=sum(c * n for c, n in counts) / sum(n for _, n in counts))
+                               mean_tokens=sum(c * n for c, n in counts) / sum(n for _, n in counts),
+                               ragged_from=ragged_from)
 
 
 def summarize_outputs(store: Store) -> dict[str, dict]:
@@ -1451,9 +1457,11 @@ def _human(nbytes: float) -> str:
 
 
 def _submit(ring: TransferRing, writer: StoreWriter, tensors: dict, targets: dict, index: torch.Tensor,
-            out_dtype: torch.dtype, outputs: dict[str, Any], skipped: list[tuple[int, str]]) -> int:
+            out_dtype: torch.dtype, outputs: dict[str, Any], skipped: list[tuple[int, str]]) -> tuple[StoreWriter, int]:
     """The batch's tensors and the forward's scalars into a ring slot, the slot to the writer
-    (with the items left out before the batch)."""
+    (with the items left out before the batch): (the writer, the bytes). A layer whose token
+    count changed after the first batches had it stored dense is rewritten ragged first, and
+    the writer that goes on returned."""
     try:
         writer.check_shapes({name: tuple(t.shape) for name, t in tensors.items()})
     except RowShapeError as exc:
@@ -1461,19 +1469,14 @@ def _submit(ring: TransferRing, writer: StoreWriter, tensors: dict, targets: dic
             raise RestartNeeded(f"{exc.layer}: a batch gave rows of shape {exc.row_shape}, but {writer.path} keeps this "
                                 f"layer dense with rows of {exc.expected}, as the first batches gave them; its rows must "
                                 "keep one shape") from None
-        varying = []  # every layer whose token count changed in this batch: one --ragged for them all
+        varying = []  # every layer whose token count changed in this batch, rewritten at once
         for name, t in tensors.items():
             try:
                 writer.check_shapes({name: tuple(t.shape)})
             except RowShapeError as other:
                 if other.tokens_vary:
                     varying.append(name)
-        flag = " ".join(shlex.quote(p) for p in _covering(varying, list(tensors)))
-        also = f" (and so do {', '.join(varying[1:])})" if len(varying) > 1 else ""
-        raise ExtractError(
-            f"{exc.layer}: a batch gave rows of shape {exc.row_shape}, but {writer.path} keeps this layer dense with "
-            f"rows of {exc.expected}, as the first batches gave them; its token count varies{also}, so resume with "
-            f"--ragged {flag} added: the rows stored so far are rewritten ragged") from None
+        writer = _now_ragged(writer, varying, exc, background=not all(t.device.type == "cpu" for t in tensors.values()))
     try:
         slot = ring.submit(tensors, dtype=out_dtype, scalars=outputs)
     except SlotTooSmall:
@@ -1483,7 +1486,33 @@ def _submit(ring: TransferRing, writer: StoreWriter, tensors: dict, targets: dic
         ring.reserve(grown)
         slot = ring.submit(tensors, dtype=out_dtype, scalars=outputs)
     writer.append(slot, targets=targets, index=index.numpy(), skipped=skipped)
-    return sum(t.numel() for t in tensors.values()) * out_dtype.itemsize
+    return writer, sum(t.numel() for t in tensors.values()) * out_dtype.itemsize
+
+
+def _now_ragged(writer: StoreWriter, layers: list[str], change: RowShapeError, background: bool) -> StoreWriter:
+    """A token count changed after the first batches had these layers stored dense (MAR's
+    encoder, whose first two batches kept as many tokens): the rows written so far are committed
+    and rewritten ragged, the store's options record it (--ragged, so that a resume agrees),
+    and a writer reopens the store to go on. Said in a warning, which names the flag that would
+    have stored them ragged from the start."""
+    writer.close(complete=False)
+    flag = " ".join(shlex.quote(p) for p in _covering(layers, [spec.name for spec in writer.layers_spec]))
+    log.warning("%s: a batch gave rows of %d tokens where the first batches gave %d, and they were stored dense; "
+                "rewriting the %d rows stored so far ragged, then going on (--ragged %s stores them ragged from the start)",
+                ", ".join(layers), change.row_shape[0], change.expected[0], writer.committed, flag)
+    with open_store(writer.path) as store:
+        run = store.metadata
+    options = run.get("options", {})
+    ragged = list(options.get("ragged", [])) + [name for name in layers if name not in options.get("ragged", [])]
+    try:
+        convert_to_ragged(writer.path, layers, {**run, "options": {**options, "ragged": ragged}})
+    except StoreError as exc:
+        raise ExtractError(f"{change.layer}: its token count changed after the first batches, and it cannot be stored "
+                           f"ragged: {exc}") from None
+    specs = [dataclasses.replace(spec, row_shape=spec.row_shape[1:], ragged=True, channel_axis=None) if spec.name in layers
+             else spec for spec in writer.layers_spec]
+    return StoreWriter(writer.path, specs, writer.targets_spec, commit_rows=writer.commit_rows, resume=True,
+                       background=background, expected_rows=writer.expected_rows)
 
 
 def _option_defaults() -> dict:

@@ -384,6 +384,7 @@ class LayerSurvey:
     # over several forwards, a layer stored ragged: the fewest and most tokens a sample, and the mean
     tokens: tuple[int, int] | None = None
     mean_tokens: float | None = None
+    ragged_from: int | None = None  # the batch whose token count makes the run rewrite it ragged, after two alike
 
 
 def describe_value(value: Any, depth: int = 0) -> str:

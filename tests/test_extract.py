@@ -1229,29 +1229,41 @@ class OneLinear(nn.Module):
         return self.fc(x)
 
 
-def test_a_layer_whose_tokens_change_after_the_first_batches_is_rewritten_ragged_by_a_resume(tmp_path, caplog):
-    out = tmp_path / "s.h5"
+def test_a_layer_whose_tokens_change_after_the_first_batches_is_rewritten_ragged_and_the_run_goes_on(tmp_path, caplog):
     kw = dict(model="test_extract:OneLinear", dataset="test_extract:TokensGrow", layers=["fc", "fc@input"], targets=["label"],
               batch_size=4, commit_rows=4, progress=False, device="cpu")
-    with pytest.raises(ExtractError) as info:
-        extract(ExtractOptions(out=str(out), **kw))
-    assert str(info.value) == (f"fc: a batch gave rows of shape (3, 8), but {out} keeps this layer dense with rows of "
-                               "(2, 8), as the first batches gave them; its token count varies (and so do fc@input), so "
-                               "resume with --ragged fc added: the rows stored so far are rewritten ragged")
-    assert "once the cause is fixed, resume with: marstore extract ... --resume" in caplog.text
+    fresh = extract(ExtractOptions(out=str(tmp_path / "fresh.h5"), ragged=["fc"], **kw))  # ragged from the start
+
+    def same_as_fresh(path):
+        with open_store(path) as s, open_store(fresh.path) as f:
+            assert s.status == "complete" and s.rows == 16 and "converting" not in s.file
+            for name in ("fc", "fc@input"):
+                assert s.layers[name].layout == "ragged" and [len(r) for r in s.read(name)] == [2] * 8 + [3] * 8
+                assert [r.tobytes() for r in s.read(name)] == [r.tobytes() for r in f.read(name)]
+                assert np.allclose(s.layers[name].attrs["mean"], f.layers[name].attrs["mean"], atol=1e-6)
+                assert s.layers[name].attrs["nonfinite"] == 0
+            assert np.array_equal(s.target("label"), f.target("label")) and np.array_equal(s.index(), f.index())
+            return s.metadata["options"]["ragged"]
+
+    # the first two batches (2 tokens) store both captures dense; the third (3 tokens) has them rewritten
+    result = extract(ExtractOptions(out=str(tmp_path / "s.h5"), **kw))
+    assert result.rows == 16 and result.layers["fc"]["layout"] == "ragged"
+    assert same_as_fresh(result.path) == ["fc", "fc@input"]  # recorded, so that a resume agrees
+    assert ("fc, fc@input: a batch gave rows of 3 tokens where the first batches gave 2, and they were stored dense; "
+            "rewriting the 8 rows stored so far ragged, then going on (--ragged fc stores them ragged from the start)"
+            ) in caplog.text
+    # a run stopped before the change, resumed with --ragged: its rows are rewritten at the resume
+    out = tmp_path / "stopped.h5"
+
+    def stop(rows):
+        if rows >= 8:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted):
+        extract(ExtractOptions(out=str(out), **kw), on_batch=stop)
     with open_store(out) as s:
-        assert s.rows == 8 and s.layers["fc"].layout == "dense"  # what was committed stays
-    result = extract(ExtractOptions(out=str(out), ragged=["fc"], resume=True, **kw))
-    fresh = extract(ExtractOptions(out=str(tmp_path / "fresh.h5"), ragged=["fc"], **kw))
-    with open_store(result.path) as s, open_store(fresh.path) as f:
-        assert s.status == "complete" and s.rows == 16 and s.metadata["options"]["ragged"] == ["fc"]
-        for name in ("fc", "fc@input"):
-            assert s.layers[name].layout == "ragged" and [len(r) for r in s.read(name)] == [2] * 8 + [3] * 8
-            assert [r.tobytes() for r in s.read(name)] == [r.tobytes() for r in f.read(name)]
-            assert np.allclose(s.layers[name].attrs["mean"], f.layers[name].attrs["mean"], atol=1e-6)
-            assert s.layers[name].attrs["nonfinite"] == 0
-        assert np.array_equal(s.target("label"), f.target("label")) and np.array_equal(s.index(), f.index())
-        assert "converting" not in s.file
+        assert s.rows == 8 and s.layers["fc"].layout == "dense"
+    assert same_as_fresh(extract(ExtractOptions(out=str(out), ragged=["fc"], resume=True, **kw)).path) == ["fc"]
     assert "--resume: --ragged names fc, fc@input, which " in caplog.text
     with pytest.raises(ExtractError, match=r"--resume: .* is already complete \(16 rows\)"):  # the record matches now
         extract(ExtractOptions(out=str(out), ragged=["fc"], resume=True, **kw))
@@ -1287,20 +1299,25 @@ def test_a_dry_run_of_several_batches_sees_what_the_first_batches_decide(tmp_pat
     assert extract(ExtractOptions(dry_run=2, **kw)).layers[0].row == (2, 8)
     survey = extract(ExtractOptions(dry_run=4, **kw))
     assert (survey.batches, survey.rows, survey.planned) == (4, 16, 16)
-    assert survey.layers[0].problem == (
-        "fc: batch 3 gives rows of shape (3, 8), the first two batches (2, 8), which decide how the run stores it; its "
-        "token count varies, so pass --ragged fc to store it ragged")
-    both = extract(ExtractOptions(dry_run=4, **{**kw, "layers": ["fc", "fc@input"]})).describe().splitlines()
-    assert both[both.index("    and the same for 1 more: fc@input") + 1] == "    all of them: --ragged fc"
+    # the third batch changes the count: the run will rewrite the layer ragged there, which stops nothing
+    fc = survey.layers[0]
+    assert (fc.row, fc.tokens, fc.mean_tokens, fc.ragged_from, fc.problem, survey.problems()) == ((8,), (2, 3), 2.5, 3, None, [])
+    text = survey.describe().splitlines()
+    assert text[3] == "fc     Linear      1  Tensor(4, 2, 8) float32  2-3 tokens of (8,) float16, ragged from batch 3 (from float32)"
+    assert ("token count changing after the first two batches had them stored dense: fc (batch 3); the run will rewrite "
+            "their rows ragged then (--ragged fc stores them ragged from the start)") in text
+    both = extract(ExtractOptions(dry_run=4, **{**kw, "layers": ["fc", "fc@input"]})).describe()
+    assert "fc (batch 3), fc@input (batch 3); the run will rewrite their rows ragged then (--ragged fc stores them" in both
     with pytest.raises(hooks.HookError, match=r"^--ragged 'f' matches none of the layers --layers selects \(fc\)$"):
         extract(ExtractOptions(dry_run=4, ragged=["f"], **kw))
     fixed = extract(ExtractOptions(dry_run=4, ragged=["f*"], **kw))  # a pattern, as --layers takes them
     fc = fixed.layers[0]
-    assert (fc.row, fc.tokens, fc.mean_tokens, fc.problem, fixed.problems()) == ((8,), (2, 3), 2.5, None, [])
-    assert fixed.row_bytes() == 40  # 2.5 tokens of 8 float16 values
-    result = extract(ExtractOptions(**{**kw, "out": str(tmp_path / "s.h5")}, ragged=["fc"]))
-    with open_store(result.path) as s:
-        assert result.bytes == fixed.row_bytes() * s.rows
+    assert (fc.row, fc.tokens, fc.mean_tokens, fc.ragged_from, fixed.problems()) == ((8,), (2, 3), 2.5, None, [])
+    assert fixed.row_bytes() == survey.row_bytes() == 40  # 2.5 tokens of 8 float16 values
+    for ragged in ([], ["fc"]):  # rewritten at batch 3, or ragged from the start: the bytes the survey said
+        result = extract(ExtractOptions(**{**kw, "out": str(tmp_path / f"s{len(ragged)}.h5")}, ragged=ragged))
+        with open_store(result.path) as s:
+            assert result.bytes == fixed.row_bytes() * s.rows and s.layers["fc"].layout == "ragged"
     # more batches asked than the data set has: all of them, said so
     assert main(["extract", "--model", "test_extract:TokensLater", "--dataset", "helpers.inplace:tokens", "--layers", "fc",
                  "--batch-size", "4", "--ragged", "fc", "--dry-run", "9"]) == 0
