@@ -127,6 +127,16 @@ def _probe_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ragged_tokens(store, name: str) -> dict | None:
+    """A ragged layer's token rows: in all, and the fewest and most a committed row holds."""
+    import numpy as np
+
+    counts = np.diff(store.file["activations"][name]["offsets"][: store.rows + 1])
+    if not len(counts):
+        return None
+    return {"total": int(counts.sum()), "fewest": int(counts.min()), "most": int(counts.max())}
+
+
 def _info(args: argparse.Namespace) -> int:
     import json
 
@@ -163,6 +173,7 @@ def _info(args: argparse.Namespace) -> int:
                     "nonfinite": int(layer.attrs.get("nonfinite", 0)),
                     "overflow": int(layer.attrs.get("overflow", 0)),
                     "joined_from": layer.attrs.get("joined_from"),  # the store a joined layer lives in
+                    **({"tokens": _ragged_tokens(store, name)} if layer.layout == "ragged" else {}),
                 }
                 for name, layer in store.layers.items()
             },
@@ -181,6 +192,10 @@ def _info(args: argparse.Namespace) -> int:
     print("  layers:")
     for name, layer in info["layers"].items():
         shape = "x".join(str(s) for s in layer["shape"])
+        if layer.get("tokens"):  # ragged: the rows' fewest and most tokens, where the shape says "ragged"
+            counts = layer["tokens"]
+            span = str(counts["fewest"]) if counts["fewest"] == counts["most"] else f"{counts['fewest']}-{counts['most']}"
+            shape = "x".join([str(info["rows"]), f"({span})", *map(str, layer["shape"][1:])])
         flags = f", {layer['compression']}" if layer["compression"] else ""
         chunks = f"chunks {tuple(layer['chunks'])}" if layer["chunks"] else \
             f"virtual, in {layer['joined_from']}" if layer["joined_from"] else "virtual"

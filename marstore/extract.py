@@ -1528,8 +1528,8 @@ def _json(value: Any) -> Any:
 
 def _check_resume(opts: ExtractOptions, metadata: dict, selections: list[hooks.LayerSelection]) -> tuple[int, set[str]]:
     """(the planned items to continue after, the layers the store keeps ragged). A --ragged
-    that names layers the store keeps dense (their token count changed after the first batches
-    and stopped the run) has their committed rows rewritten ragged first."""
+    that names layers the store keeps dense has their committed rows rewritten ragged first, as
+    a run rewrites a layer whose token count changes after its first batches."""
     if not os.path.exists(opts.out):
         log.info("--resume: %s does not exist yet; starting from the beginning", opts.out)
         return 0, set()

@@ -554,6 +554,10 @@ def test_info_describes_a_store(tmp_path, capsys, monkeypatch):
     assert info["layers"]["encoder_blocks.0"]["nonfinite"] == 1
     assert info["layers"]["encoder_norm"]["layout"] == "ragged"
     with open_store(path) as s:
+        counts = [len(r) for r in s.read("encoder_norm")]
+    tokens = {"total": sum(counts), "fewest": min(counts), "most": max(counts)}
+    assert info["layers"]["encoder_norm"]["tokens"] == tokens and "tokens" not in info["layers"]["encoder_blocks.0"]
+    with open_store(path) as s:
         action, label = s.target("action"), s.target("label")
     values, counts = np.unique(label, return_counts=True)
     by_count = sorted(zip(values.tolist(), counts.tolist()), key=lambda vc: -vc[1])  # the most frequent first
@@ -566,6 +570,8 @@ def test_info_describes_a_store(tmp_path, capsys, monkeypatch):
     assert main(["info", str(path)]) == 0
     text = capsys.readouterr().out
     assert "64 committed rows" in text and "encoder_blocks.1" in text and "nonfinite 1" in text
+    ragged_line = next(line for line in text.splitlines() if line.startswith("    encoder_norm "))
+    assert ragged_line.split()[1:3] == ["ragged", f"64x({tokens['fewest']}-{tokens['most']})x16"]
     label_line = next(line for line in text.splitlines() if line.startswith("    label "))
     assert label_line.split()[1:4] == ["64", "int64", f"{len(values)}"]
     assert f"{by_count[0][0]} ({by_count[0][1]})" in label_line
