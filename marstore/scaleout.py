@@ -30,6 +30,7 @@ from marstore.store import (
     StoreError,
     StoreWriter,
     TargetSpec,
+    convert_to_ragged,
     open_store,
     utc_now,
 )
@@ -81,8 +82,43 @@ def _combine_moments(parts: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndar
     return count, mean, m2
 
 
+def _agree_on_ragged(parts: list[str]) -> None:
+    """A layer that some ranks stored dense (their batches kept one token count) and others
+    ragged, or dense with other token counts: its dense parts are rewritten ragged, as one
+    process that saw every batch would have stored it."""
+    specs = []
+    for path in parts:
+        with open_store(path) as store:
+            specs.append({spec["name"]: spec for spec in json.loads(store.file.attrs["layers"])})
+
+    def as_ragged(spec: dict) -> dict | None:
+        if spec.get("ragged"):
+            return spec
+        if len(spec["row_shape"]) < 2 or spec.get("channel_axis") is not None:
+            return None
+        return {**spec, "row_shape": spec["row_shape"][1:], "ragged": True, "channel_axis": None}
+
+    rewrite: dict[str, list[str]] = {}
+    for name in specs[0]:
+        given = [part.get(name) for part in specs]
+        if None in given or all(spec == given[0] for spec in given):
+            continue
+        wanted = [as_ragged(spec) for spec in given]
+        if None in wanted or any(spec != wanted[0] for spec in wanted):
+            continue  # not a matter of token counts: write_top_file refuses the parts
+        for path, spec in zip(parts, given):
+            if not spec.get("ragged"):
+                rewrite.setdefault(path, []).append(name)
+    for path, names in rewrite.items():
+        log.warning("%s stored %s dense, where other ranks' token counts varied: rewriting its rows ragged", path,
+                    ", ".join(names))
+        convert_to_ragged(path, names)
+
+
 def write_top_file(out: str, parts: list[str]) -> int:
-    """Builds the virtual store `out` over the committed rows of `parts`; returns its rows."""
+    """Builds the virtual store `out` over the committed rows of `parts`; returns its rows. A
+    layer that some parts hold dense and others ragged is first rewritten ragged in them all."""
+    _agree_on_ragged(parts)
     stores = [open_store(p) for p in parts]
     try:
         first = stores[0].file

@@ -175,6 +175,29 @@ def test_a_virtual_store_whose_part_is_missing_is_refused_not_read_as_zeros(tmp_
     assert ActivationDataset(top, "x").read_all()["x"][:, 0].tolist() == [1] * 3 + [2] * 3
 
 
+def test_parts_that_stored_a_layer_dense_and_ragged_join_as_ragged(tmp_path):
+    # each rank decides from its own first batches: one saw a token count vary, the others did not
+    from marstore.scaleout import write_top_file
+    from marstore.store import LayerSpec, Ragged, StoreWriter
+
+    tokens = np.arange(3 * 9 * 4, dtype=np.float16).reshape(3, 9, 4)  # rank r's rows: 2, 3 and 4 tokens
+    parts = [str(tmp_path / f"a.part{r:03d}-of-003.h5") for r in range(3)]
+    for r, part in enumerate(parts[:2]):  # dense, each with its own count
+        with StoreWriter(part, [LayerSpec("x", (2 + r, 4)), LayerSpec("m", (4,))]) as w:
+            w.append({"x": np.repeat(tokens[r : r + 1, : 2 + r], 2, axis=0), "m": np.zeros((2, 4), np.float16)},
+                     index=np.arange(r, 6, 3))
+    with StoreWriter(parts[2], [LayerSpec("x", (4,), ragged=True), LayerSpec("m", (4,))]) as w:
+        w.append({"x": Ragged(np.concatenate([tokens[2, :4], tokens[2, :4]]), [4, 4]), "m": np.zeros((2, 4), np.float16)},
+                 index=np.arange(2, 6, 3))
+    top = tmp_path / "a.h5"
+    assert write_top_file(str(top), parts) == 6
+    with open_store(top) as s:
+        assert s.layers["x"].layout == "ragged" and s.layers["m"].layout == "dense"
+        rows = s.read("x")
+        assert [len(r) for r in rows] == [2, 2, 3, 3, 4, 4]
+        assert all(rows[2 * r + i].tobytes() == tokens[r, : 2 + r].tobytes() for r in range(3) for i in range(2))
+
+
 def test_text_targets_and_items_left_out_join_in_the_virtual_store_and_survive_a_merge(tmp_path):
     from marstore.scaleout import merge, write_top_file
     from marstore.store import TEXT, LayerSpec, StoreWriter, TargetSpec
