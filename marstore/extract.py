@@ -49,7 +49,7 @@ from marstore import hooks, loading, scaleout
 from marstore.errors import MarstoreError
 from marstore.report import text_table
 from marstore.store import (LayerSpec, RowShapeError, Store, StoreError, StoreWriter, TargetSpec, TEXT, check_not_being_written,
-                            convert_to_ragged, open_store, room_left)
+                            convert_to_ragged, human_bytes, open_store, room_left)
 from marstore.transfer import SlotTooSmall, TransferRing, resolve_device
 
 log = logging.getLogger(__name__)
@@ -696,7 +696,7 @@ def _out_problem(opts: ExtractOptions, survey: Survey) -> str | None:
     room, what = room_left(opts.out, 0)
     if need <= room:
         return None
-    return (f"{opts.out}: the run needs about {_human(need)} for its activations but only {_human(room)} are {what}; make "
+    return (f"{opts.out}: the run needs about {human_bytes(need)} for its activations but only {human_bytes(room)} are {what}; make "
             "room, write elsewhere (--out), reduce the tokens (--reduction), hook fewer layers or extract fewer rows "
             "(--num-samples)")
 
@@ -1037,8 +1037,8 @@ class Survey:
                          f"{', '.join(f'{s.name} (batch {s.ragged_from})' for s in late)}; the run will rewrite their rows "
                          f"ragged then (--ragged {flag} stores them ragged from the start)")
         shapes = "the first batch's shapes" if self.batches == 1 else "the surveyed batches' shapes"
-        lines.append(f"the run's {self.planned} rows: about {_human(self.planned * self.row_bytes())} of activations "
-                     f"({_human(self.row_bytes())} a row, as {shapes} give it)")
+        lines.append(f"the run's {self.planned} rows: about {human_bytes(self.planned * self.row_bytes())} of activations "
+                     f"({human_bytes(self.row_bytes())} a row, as {shapes} give it)")
         pace = self.rows_per_second()
         if pace:
             which = "the surveyed batches after the first" if len(self.seconds) > 1 else "the first batch, warm-up and all"
@@ -1428,13 +1428,13 @@ def _check_room(opts: ExtractOptions, specs: list[LayerSpec], targets: list[Targ
     file_size = os.path.getsize(opts.out) if opts.resume and os.path.exists(opts.out) else 0
     room, what = room_left(opts.out, file_size)
     scope = f"{rows} rows" + (f" on each of {world} ranks" if world > 1 else "")
-    log.info("this run writes about %s (%s of %s) to %s; %s %s", _human(need), scope, _human(row_bytes), opts.out,
-             _human(room), what)
+    log.info("this run writes about %s (%s of %s) to %s; %s %s", human_bytes(need), scope, human_bytes(row_bytes), opts.out,
+             human_bytes(room), what)
     if need <= room:
         return
     estimate = opts.compression or world > 1 or any(spec.ragged for spec in specs) or any(t.dtype == TEXT for t in targets)
-    message = (f"{opts.out}: this run needs {'about ' if estimate else ''}{_human(need)} ({scope} of "
-               f"{_human(row_bytes)}) but only {_human(room)} are {what}; make room, write elsewhere (--out), "
+    message = (f"{opts.out}: this run needs {'about ' if estimate else ''}{human_bytes(need)} ({scope} of "
+               f"{human_bytes(row_bytes)}) but only {human_bytes(room)} are {what}; make room, write elsewhere (--out), "
                "reduce the tokens (--reduction), hook fewer layers or extract fewer rows (--num-samples)")
     if estimate:
         log.warning("%s", message)
@@ -1446,14 +1446,6 @@ def _duration(seconds: float) -> str:
     if seconds < 60:
         return f"{seconds:.1f} s"
     return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
-
-
-def _human(nbytes: float) -> str:
-    units = ["bytes", "KiB", "MiB", "GiB", "TiB"]
-    step = 0
-    while abs(nbytes) >= 1024 and step < len(units) - 1:
-        nbytes, step = nbytes / 1024, step + 1
-    return f"{nbytes:.0f} bytes" if step == 0 else f"{nbytes:.1f} {units[step]}"
 
 
 def _submit(ring: TransferRing, writer: StoreWriter, tensors: dict, targets: dict, index: torch.Tensor,
@@ -1507,8 +1499,8 @@ def _now_ragged(writer: StoreWriter, layers: list[str], change: RowShapeError, b
     try:
         convert_to_ragged(writer.path, layers, {**run, "options": {**options, "ragged": ragged}})
     except StoreError as exc:
-        raise ExtractError(f"{change.layer}: its token count changed after the first batches, and it cannot be stored "
-                           f"ragged: {exc}") from None
+        raise ExtractError(f"{change.layer}: its token count changed after the first batches had it stored dense, and "
+                           f"its rows cannot be rewritten ragged: {exc}") from None
     specs = [dataclasses.replace(spec, row_shape=spec.row_shape[1:], ragged=True, channel_axis=None) if spec.name in layers
              else spec for spec in writer.layers_spec]
     return StoreWriter(writer.path, specs, writer.targets_spec, commit_rows=writer.commit_rows, resume=True,
@@ -1569,9 +1561,9 @@ def _items(n: int) -> str:
 
 
 def describe(result: ExtractResult) -> str:
-    lines = [f"wrote {result.rows} rows ({_human(result.bytes)} of activations) to {result.path} in {result.seconds:.1f} s "
+    lines = [f"wrote {result.rows} rows ({human_bytes(result.bytes)} of activations) to {result.path} in {result.seconds:.1f} s "
              f"({result.rows / max(result.seconds, 1e-9):.0f} rows/s, {_mb_per_s(result.bytes, result.seconds)}; "
-             f"file {_human(result.file_bytes)})"]
+             f"file {human_bytes(result.file_bytes)})"]
     for name, info in result.layers.items():
         lines.append(f"  {name:<28} {info['layout']:<6} row {tuple(info['row_shape'])}  nonfinite {info['nonfinite']}, "
                      f"overflow {info['overflow']}")

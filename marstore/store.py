@@ -1034,6 +1034,15 @@ def _describe_error(exc: BaseException, path: str, nbytes: int) -> BaseException
     return exc
 
 
+def human_bytes(nbytes: float) -> str:
+    """'512 bytes', '1.5 KiB', '2.0 GiB'."""
+    units = ["bytes", "KiB", "MiB", "GiB", "TiB"]
+    step = 0
+    while abs(nbytes) >= 1024 and step < len(units) - 1:
+        nbytes, step = nbytes / 1024, step + 1
+    return f"{nbytes:.0f} bytes" if step == 0 else f"{nbytes:.1f} {units[step]}"
+
+
 def room_left(path: str, file_size: int) -> tuple[int, str]:
     """Bytes the file may still grow by, and what limits it: free space or the file size limit."""
     stat = os.statvfs(os.path.dirname(os.path.abspath(path)))
@@ -1160,15 +1169,21 @@ def convert_to_ragged(path: str | os.PathLike, names: Sequence[str], run: Mappin
             if CONVERTING in f:
                 del f[CONVERTING]
             for name in names:
-                dense = f["activations"].get(name)
                 spec = specs.get(name)
-                if dense is None or spec is None:
+                if name not in f["activations"] or spec is None:
                     raise StoreError(f"{path} has no layer {name!r}; it has {sorted(specs)}")
-                if spec.get("ragged"):
-                    continue
-                if len(spec["row_shape"]) < 2 or spec.get("channel_axis") is not None:
+                if not spec.get("ragged") and (len(spec["row_shape"]) < 2 or spec.get("channel_axis") is not None):
                     raise StoreError(f"{path}: layer {name!r} has rows of shape {tuple(spec['row_shape'])}, not (tokens, "
                                      "features...): it cannot be stored ragged")
+            todo = [name for name in dict.fromkeys(names) if not specs[name].get("ragged")]
+            # the copies are made before the dense rows go: a disk that cannot take them fails here, not halfway
+            need = sum(rows * math.prod(specs[n]["row_shape"]) * f["activations"][n].dtype.itemsize for n in todo)
+            room, what = room_left(path, os.path.getsize(path))
+            if need > room:
+                raise StoreError(f"{path}: rewriting {', '.join(todo)} ragged needs about {human_bytes(need)}, but only "
+                                 f"{human_bytes(room)} are {what}; make room, then resume")
+            for name in todo:
+                dense, spec = f["activations"][name], specs[name]
                 tokens, token_shape = spec["row_shape"][0], tuple(spec["row_shape"][1:])
                 ragged = LayerSpec(**{**spec, "row_shape": token_shape, "ragged": True, "channel_axis": None})
                 _create_layer(f.require_group(CONVERTING), ragged, None)

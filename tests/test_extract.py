@@ -1269,7 +1269,8 @@ def test_a_layer_whose_tokens_change_after_the_first_batches_is_rewritten_ragged
         extract(ExtractOptions(out=str(out), ragged=["fc"], resume=True, **kw))
 
 
-def test_a_layer_that_cannot_be_stored_ragged_is_not_rewritten(tmp_path):
+def test_a_layer_that_cannot_be_stored_ragged_is_not_rewritten(tmp_path, monkeypatch):
+    import marstore.store
     from marstore.store import convert_to_ragged
 
     path = tmp_path / "s.h5"
@@ -1280,6 +1281,14 @@ def test_a_layer_that_cannot_be_stored_ragged_is_not_rewritten(tmp_path):
         convert_to_ragged(path, ["means"])
     with pytest.raises(StoreError, match=rf"^{path} has no layer 'nope'; it has \['means', 'tokens'\]$"):
         convert_to_ragged(path, ["nope"])
+    with monkeypatch.context() as m:  # a disk that cannot take the copy: refused before anything is written
+        m.setattr(marstore.store, "room_left", lambda path, size: (100, "free on its filesystem"))
+        with pytest.raises(StoreError) as info:
+            convert_to_ragged(path, ["tokens"])
+        assert str(info.value) == (f"{path}: rewriting tokens ragged needs about 128 bytes, but only 100 bytes are free on "
+                                   "its filesystem; make room, then resume")
+    with open_store(path) as s:
+        assert s.layers["tokens"].layout == "dense" and "converting" not in s.file
     with h5py.File(path, "r+") as f:  # what a conversion killed halfway leaves
         f.create_group("converting/tokens")
     convert_to_ragged(path, ["tokens"])
@@ -2049,8 +2058,8 @@ def test_a_run_the_disk_cannot_take_is_refused_before_the_store_is_made(tmp_path
         row += sum(math.prod(ds.shape[1:]) * ds.dtype.itemsize for ds in s.targets.values())
     need = 40 * row  # 40 rows: two layers of float16 tokens, nactions, label and the source index
     monkeypatch.setattr(ex, "room_left", lambda path, size: (need - 1, "free on its filesystem"))
-    with pytest.raises(ExtractError, match=rf"^{tmp_path}/s.h5: this run needs {ex._human(need)} \(40 rows of "
-                                           rf"{ex._human(row)}\) but only {ex._human(need - 1)} are free on its "
+    with pytest.raises(ExtractError, match=rf"^{tmp_path}/s.h5: this run needs {ex.human_bytes(need)} \(40 rows of "
+                                           rf"{ex.human_bytes(row)}\) but only {ex.human_bytes(need - 1)} are free on its "
                                            r"filesystem; make room, write elsewhere \(--out\), reduce the tokens"):
         extract(options(tmp_path))
     assert not (tmp_path / "s.h5").exists()
@@ -2065,9 +2074,9 @@ def test_a_run_the_disk_cannot_take_is_refused_before_the_store_is_made(tmp_path
 
 
 def test_sizes_read_as_people_write_them():
-    from marstore.extract import _human
+    from marstore.store import human_bytes
 
-    assert [_human(n) for n in (0, 1023, 1024, 1536 << 20, 3 << 40, 5 << 50)] == [
+    assert [human_bytes(n) for n in (0, 1023, 1024, 1536 << 20, 3 << 40, 5 << 50)] == [
         "0 bytes", "1023 bytes", "1.0 KiB", "1.5 GiB", "3.0 TiB", "5120.0 TiB"]
 
 
