@@ -1211,13 +1211,18 @@ class TokensLater(nn.Module):
 
 class TokensGrow(torch.utils.data.Dataset):
     """{"x": 2 tokens of 8 features for the first 8 items, 3 after}: a token count that changes
-    after the first two batches of 4, with the data (so a resumed run sees what a fresh one does)."""
+    after the first two batches of 4, with the data (so a resumed run sees what a fresh one does).
+    grows="even": only the even items grow (under torchrun, only rank 0 of 2 sees a change)."""
+
+    def __init__(self, grows: str = "all"):
+        self.grows = grows
 
     def __len__(self) -> int:
         return 16
 
     def __getitem__(self, i: int) -> dict:
-        return {"x": torch.randn(2 if i < 8 else 3, 8, generator=torch.Generator().manual_seed(i)), "label": i % 3}
+        tokens = 3 if i >= 8 and (self.grows == "all" or i % 2 == 0) else 2
+        return {"x": torch.randn(tokens, 8, generator=torch.Generator().manual_seed(i)), "label": i % 3}
 
 
 class OneLinear(nn.Module):

@@ -153,6 +153,22 @@ def test_killed_job_resumes_per_rank(tmp_path):
     assert all(a[k].tobytes() == b[k].tobytes() for k in a)
 
 
+@pytest.mark.parametrize("grows", ["all", "even"])
+def test_ranks_whose_token_counts_change_late_join_as_one_process_stores_them(tmp_path, grows):
+    # items 8-15 have more tokens: each rank meets the change at its fifth item ("all"), or only
+    # rank 0 does ("even") and rank 1's part stays dense until the join
+    args = ["--model", "test_extract:OneLinear", "--dataset", "test_extract:TokensGrow", "--dataset-arg", f"grows={grows}",
+            "--layers", "fc", "--targets", "label", "--batch-size", "1", "--no-progress", "--device", "cpu"]
+    run("extract", *args, "--ragged", "fc", "--out", str(tmp_path / "one.h5"))
+    run("extract", *args, "--out", str(tmp_path / "many.h5"), ranks=2)
+    rows = {}
+    for store in ("one.h5", "many.h5"):
+        with open_store(tmp_path / store) as s:
+            assert s.status == "complete" and s.layers["fc"].layout == "ragged"
+            rows[store] = {int(i): (r.tobytes(), int(t)) for i, r, t in zip(s.index(), s.read("fc"), s.target("label"))}
+    assert sorted(rows["many.h5"]) == list(range(16)) and rows["many.h5"] == rows["one.h5"]
+
+
 def test_a_virtual_store_whose_part_is_missing_is_refused_not_read_as_zeros(tmp_path):
     # HDF5 reads the rows of a missing source file as fill values, without an error
     from marstore.scaleout import write_top_file
