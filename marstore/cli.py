@@ -395,7 +395,7 @@ def _similarity(args: argparse.Namespace) -> int:
 
     result = layer_similarity(SimilarityOptions(args.store, args.against, args.layer, args.against_layer, args.rows,
                                                 args.seed, args.debiased, args.where or [], args.out, args.device,
-                                                args.tokens))
+                                                args.tokens, args.samples))
     print(result["table"])
     print(f"report: {result['json']}, {result['markdown']}")
     print(f"plot: {result['plot']}")
@@ -589,6 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--tokens", choices=["mean", "flat"], default="mean",
                      help="a row of tokens read as their mean (default), or flat: each token of a sample a row, token i "
                           "of one layer against token i of another (--rows then counts tokens)")
+    sim.add_argument("--samples", type=int, metavar="N",
+                     help="--tokens flat: draw the token rows from the tokens of N seeded samples (default: all; "
+                          "each sample drawn is read whole, so fewer read less)")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--debiased", action="store_true",
                      help="the unbiased HSIC estimator: unrelated layers near 0 where features outnumber rows")

@@ -56,6 +56,7 @@ class SimilarityOptions:
     out: str = "similarity"
     device: str = "cpu"  # where the Gram matrices are made and multiplied (cuda: many layers, many rows)
     tokens: str = "mean"  # a row of tokens read as their mean, or "flat": each token a row (rows counts tokens)
+    samples: int | None = None  # tokens flat: the token rows drawn from this many samples' tokens (default: all)
 
 
 def _shared_rows(opts: SimilarityOptions, sample: bool = True) -> tuple[np.ndarray, np.ndarray | None, int]:
@@ -142,8 +143,10 @@ def _token_counts(path: str, layers: list[str], positions: np.ndarray) -> dict[s
 def _token_rows(opts: SimilarityOptions, layers: list[str], other_layers: list[str], first: np.ndarray,
                 second: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, int]:
     """--tokens flat: (the sample of each token row, as a position in first, its token, the tokens
-    available before sampling), the token rows a seeded sample of opts.rows. Every layer must
-    hold as many tokens in each sample: token i of one is compared with token i of another."""
+    available before sampling), the token rows a seeded sample of opts.rows, from the tokens of
+    opts.samples seeded samples where given (rows are read whole: fewer samples, less read).
+    Every layer must hold as many tokens in each sample: token i of one is compared with token
+    i of another."""
     counts = _token_counts(opts.store, layers, first)
     if second is None:
         counts |= _token_counts(opts.store, [n for n in other_layers if n not in counts], first)
@@ -159,12 +162,16 @@ def _token_rows(opts: SimilarityOptions, layers: list[str], other_layers: list[s
             raise SimilarityError(f"--tokens flat compares token i of a sample in one layer with token i in another, and "
                                   f"{name} holds {said(reference)} tokens a sample where {other} holds {said(c)}: compare "
                                   "layers of one token count (--layer, --against-layer), or token means (--tokens mean)")
-    available = int(reference.sum())
-    starts = np.cumsum(reference) - reference
-    picked = np.arange(available) if available <= opts.rows else \
-        np.sort(np.random.default_rng(opts.seed).choice(available, opts.rows, replace=False))
-    samples = np.searchsorted(starts, picked, side="right") - 1
-    return samples, picked - starts[samples], available
+    rng = np.random.default_rng(opts.seed)
+    pool = np.arange(len(reference))  # the samples whose tokens are drawn from (--samples: a seeded few)
+    if opts.samples is not None and opts.samples < len(pool):
+        pool = np.sort(rng.choice(len(pool), opts.samples, replace=False))
+    counts = reference[pool]
+    available = int(counts.sum())
+    starts = np.cumsum(counts) - counts
+    picked = np.arange(available) if available <= opts.rows else np.sort(rng.choice(available, opts.rows, replace=False))
+    which = np.searchsorted(starts, picked, side="right") - 1
+    return pool[which], picked - starts[which], available
 
 
 def _token_features(path: str, layers: list[str], positions: np.ndarray, tokens: np.ndarray) -> dict[str, torch.Tensor]:
@@ -226,6 +233,9 @@ def layer_similarity(opts: SimilarityOptions) -> dict:
         raise SimilarityError(f"--rows {opts.rows}: CKA needs {MIN_ROWS} rows or more")
     if opts.tokens not in TOKEN_MODES:
         raise SimilarityError(f"--tokens {opts.tokens!r}: use one of {', '.join(TOKEN_MODES)}")
+    if opts.samples is not None and (opts.tokens != "flat" or opts.samples < 1):
+        raise SimilarityError(f"--samples {opts.samples}: the samples whose tokens --tokens flat compares, 1 or more; "
+                              "with token means, --rows draws the samples")
     try:
         device = resolve_device(opts.device)
     except ValueError as exc:

@@ -216,6 +216,12 @@ def test_flat_tokens_compare_token_by_token(tmp_path, tokens, debiased):
     assert f"100 token rows (a seeded sample of 240) from {sampled['samples']} samples. Each row one token of a sample, " \
            "the same token in every layer." in open(sampled["markdown"]).read()
     assert main(["similarity", str(path), "--layer", "a", "shuffled", "--tokens", "flat", "--out", str(tmp_path / "cmd")]) == 0
+    # the tokens of a few seeded samples: every token of each (5 x 8 rows), the samples drawn first
+    few = layer_similarity(opts(tmp_path, path, layer=["a", "shuffled"], tokens="flat", samples=5, seed=4, out="few"))
+    chosen = np.sort(np.random.default_rng(4).choice(30, 5, replace=False))
+    rows = (chosen[:, None] * 8 + np.arange(8)).ravel()
+    assert (few["rows"], few["rows_available"], few["samples"]) == (40, 40, 5)
+    assert few["cka"][0][1] == pytest.approx(reference_cka(flat["a"][rows], flat["shuffled"][rows]), abs=2e-6)
     saved, plain = json.load(open(tmp_path / "cmd" / "similarity.json")), reference_cka(flat["a"], flat["shuffled"])
     assert saved["tokens"] == "flat" and np.allclose(saved["cka"], [[1, plain], [plain, 1]], atol=2e-6, rtol=0)
 
@@ -247,3 +253,6 @@ def test_flat_tokens_need_the_same_tokens_in_every_layer(tmp_path, tokens):
                                "(--layer, --against-layer), or token means (--tokens mean)")
     with pytest.raises(SimilarityError, match=r"^--tokens 'each': use one of mean, flat$"):
         layer_similarity(opts(tmp_path, path, tokens="each"))
+    for samples, tokens in ((5, "mean"), (0, "flat")):
+        with pytest.raises(SimilarityError, match=rf"^--samples {samples}: the samples whose tokens --tokens flat compares"):
+            layer_similarity(opts(tmp_path, path, tokens=tokens, samples=samples))
