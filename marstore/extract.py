@@ -1531,7 +1531,7 @@ def _check_resume(opts: ExtractOptions, metadata: dict, selections: list[hooks.L
         defaults = {k: v for k, v in _json(_option_defaults()).items() if k in now}
         recorded = {**defaults, **store.metadata.get("options", {})}
         differ = sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
-        ragged = {name for name, info in store.layers.items() if info.layout == "ragged"}
+        ragged = {name for name, info in store.layers.items() if info.layout == "ragged"} | set(store.cut_short)
         convert = []
         if "ragged" in differ:  # layers stored ragged stay so; dense ones it names now are rewritten
             differ.remove("ragged")

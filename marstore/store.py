@@ -499,6 +499,7 @@ class StoreWriter:
         store = open_store(self.path)  # validates the file first, with clear errors
         store.close()
         f = h5py.File(self.path, "r+", locking=False)
+        _finish_swap(f)
         recorded = json.loads(f.attrs["layers"])
         # only the fields the store's version recorded are compared (a later one, such as
         # unfolded, is not known of the rows written before)
@@ -1144,6 +1145,30 @@ def check_not_being_written(path: str | os.PathLike) -> None:
 CONVERTING = "converting"  # the root group where convert_to_ragged builds a layer before it replaces the dense one
 
 
+def _finish_swap(f: h5py.File) -> None:
+    """Completes a rewrite to ragged that was cut inside its swap (convert_to_ragged): the
+    ragged group, complete before the dense dataset goes, is moved in where the dense one has
+    gone, and the layer's record follows where the group has moved in. What else /converting
+    holds was cut while it was built, its dense layer intact: removed."""
+    recorded = json.loads(f.attrs["layers"])
+    changed = False
+    for n, spec in enumerate(recorded):
+        name = spec["name"]
+        if name not in f["activations"] and CONVERTING in f and name in f[CONVERTING]:
+            f.move(f"{CONVERTING}/{name}", f"activations/{name}")
+        obj = f["activations"].get(name)
+        if obj is not None and not spec.get("ragged") and obj.attrs.get("layout") == "ragged":
+            recorded[n] = {**spec, "row_shape": list(obj["values"].shape[1:]), "ragged": True, "channel_axis": None}
+            changed = True
+            log.warning("store %s: finished rewriting layer %s ragged, which a stopped process had left half done",
+                        f.filename, name)
+    if CONVERTING in f:
+        del f[CONVERTING]
+    if changed:
+        f.attrs["layers"] = json.dumps(recorded)
+    f.flush()
+
+
 def convert_to_ragged(path: str | os.PathLike, names: Sequence[str], run: Mapping[str, Any] | None = None,
                       block_bytes: int = 64 << 20) -> None:
     """Rewrites dense layers of a store as ragged, so that a resumed extraction can append rows
@@ -1151,8 +1176,9 @@ def convert_to_ragged(path: str | os.PathLike, names: Sequence[str], run: Mappin
     the last commit are dropped (a resume drops them too); counters and statistics are kept.
     run: the run description to record in place of the old (the resumed run's options). Each
     layer is built beside the old one and then takes its place: a conversion killed before that
-    leaves the store as it was, with a stray /converting group that the next one removes. The
-    file keeps the space the dense rows held (h5repack reclaims it)."""
+    leaves the store as it was, with a stray /converting group that the next writer removes; one
+    killed inside the swap is finished by the next writer (a resume). The file keeps the space
+    the dense rows held (h5repack reclaims it)."""
     path = os.fspath(path)
     check_not_being_written(path)
     with open_store(path):  # validates it, with clear errors
@@ -1163,11 +1189,10 @@ def convert_to_ragged(path: str | os.PathLike, names: Sequence[str], run: Mappin
             if "parts" in f.attrs:
                 raise StoreError(f"{path} joins the part files of several ranks; their layers cannot be rewritten in "
                                  "place: extract again with --ragged")
+            _finish_swap(f)
             rows = int(f.attrs["rows"])
             recorded = json.loads(f.attrs["layers"])
             specs = {spec["name"]: spec for spec in recorded}
-            if CONVERTING in f:
-                del f[CONVERTING]
             for name in names:
                 spec = specs.get(name)
                 if name not in f["activations"] or spec is None:
@@ -1236,6 +1261,11 @@ class Store:
                 tuple(values.chunks or ()), values.compression, attrs,  # chunks () for a virtual dataset
             )
         self.targets = {name: ds for name, ds in file["targets"].items()}
+        # layers whose rewrite to ragged was cut inside its swap: missing until a writer finishes it
+        self.cut_short = [n for n in order if n not in group and CONVERTING in file and n in file[CONVERTING]]
+        if self.cut_short:
+            log.warning("%s: the rewrite of %s to ragged was cut short, and the layer is missing until it is finished: "
+                        "resume the extraction (--resume) to finish it", path, ", ".join(self.cut_short))
 
     def run_of(self, layer: str) -> dict:
         """The run (metadata) of the extraction that wrote a layer: the store's own, or in a

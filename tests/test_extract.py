@@ -1274,6 +1274,40 @@ def test_a_layer_whose_tokens_change_after_the_first_batches_is_rewritten_ragged
         extract(ExtractOptions(out=str(out), ragged=["fc"], resume=True, **kw))
 
 
+@pytest.mark.parametrize("cut", ["dense gone", "record behind"])
+def test_a_rewrite_cut_inside_its_swap_is_finished_by_the_resume(tmp_path, caplog, cut):
+    import shutil
+
+    from marstore.store import convert_to_ragged
+
+    kw = dict(model="test_extract:OneLinear", dataset="test_extract:TokensGrow", layers=["fc"], targets=["label"],
+              batch_size=4, commit_rows=4, progress=False, device="cpu")
+    fresh = extract(ExtractOptions(out=str(tmp_path / "fresh.h5"), ragged=["fc"], **kw))
+
+    def stop(rows):
+        if rows >= 8:
+            raise KeyboardInterrupt
+
+    out, done = tmp_path / "s.h5", tmp_path / "done.h5"
+    with pytest.raises(Interrupted):
+        extract(ExtractOptions(out=str(out), **kw), on_batch=stop)
+    shutil.copyfile(out, done)
+    convert_to_ragged(done, ["fc"])
+    with h5py.File(out, "r+") as f, h5py.File(done, "r") as g:  # the states a kill inside the swap leaves
+        del f["activations/fc"]
+        if cut == "dense gone":  # the ragged group still waits in /converting
+            g.copy(g["activations/fc"], f.require_group("converting"), "fc")
+        else:  # moved in, the layer's record not yet updated
+            g.copy(g["activations/fc"], f["activations"], "fc")
+    with open_store(out) as s:
+        assert s.rows == 8 and s.cut_short == (["fc"] if cut == "dense gone" else [])
+    result = extract(ExtractOptions(out=str(out), resume=True, **kw))
+    with open_store(result.path) as s, open_store(fresh.path) as f:
+        assert s.status == "complete" and s.layers["fc"].layout == "ragged" and "converting" not in s.file
+        assert [r.tobytes() for r in s.read("fc")] == [r.tobytes() for r in f.read("fc")]
+    assert "finished rewriting layer fc ragged, which a stopped process had left half done" in caplog.text
+
+
 def test_a_layer_that_cannot_be_stored_ragged_is_not_rewritten(tmp_path, monkeypatch):
     import marstore.store
     from marstore.store import convert_to_ragged
