@@ -173,6 +173,7 @@ def _info(args: argparse.Namespace) -> int:
                     "nonfinite": int(layer.attrs.get("nonfinite", 0)),
                     "overflow": int(layer.attrs.get("overflow", 0)),
                     "joined_from": layer.attrs.get("joined_from"),  # the store a joined layer lives in
+                    "rewritten_at_row": layer.attrs.get("rewritten_at_row"),  # stored dense before, rewritten ragged
                     **({"tokens": _ragged_tokens(store, name)} if layer.layout == "ragged" else {}),
                 }
                 for name, layer in store.layers.items()
@@ -232,7 +233,8 @@ def _info(args: argparse.Namespace) -> int:
 
 def _channels_text(layer: dict) -> str:
     unfolded = f", unfolded from {layer['unfolded']} rows a sample" if layer["unfolded"] else ""
-    return unfolded + ("" if layer["channel_axis"] is None else f", channels at row axis {layer['channel_axis']}")
+    rewritten = "" if layer["rewritten_at_row"] is None else f", rewritten ragged at row {layer['rewritten_at_row']}"
+    return unfolded + rewritten + ("" if layer["channel_axis"] is None else f", channels at row axis {layer['channel_axis']}")
 
 
 def _key_value(text: str) -> tuple[str, object]:

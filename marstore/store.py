@@ -1214,6 +1214,7 @@ def convert_to_ragged(path: str | os.PathLike, names: Sequence[str], run: Mappin
                 _create_layer(f.require_group(CONVERTING), ragged, None)
                 group = f[CONVERTING][name]
                 group.attrs.update({k: v for k, v in dense.attrs.items() if k not in ("layout", "channel_axis")})
+                group.attrs["rewritten_at_row"] = rows  # provenance: the rows before it were stored dense
                 values = group["values"]
                 values.resize((rows * tokens, *token_shape))
                 step = max(1, block_bytes // max(1, dense.dtype.itemsize * math.prod(spec["row_shape"])))

@@ -1234,7 +1234,8 @@ class OneLinear(nn.Module):
         return self.fc(x)
 
 
-def test_a_layer_whose_tokens_change_after_the_first_batches_is_rewritten_ragged_and_the_run_goes_on(tmp_path, caplog):
+def test_a_layer_whose_tokens_change_after_the_first_batches_is_rewritten_ragged_and_the_run_goes_on(tmp_path, caplog,
+                                                                                                      capsys):
     kw = dict(model="test_extract:OneLinear", dataset="test_extract:TokensGrow", layers=["fc", "fc@input"], targets=["label"],
               batch_size=4, commit_rows=4, progress=False, device="cpu")
     fresh = extract(ExtractOptions(out=str(tmp_path / "fresh.h5"), ragged=["fc"], **kw))  # ragged from the start
@@ -1254,6 +1255,12 @@ def test_a_layer_whose_tokens_change_after_the_first_batches_is_rewritten_ragged
     result = extract(ExtractOptions(out=str(tmp_path / "s.h5"), **kw))
     assert result.rows == 16 and result.layers["fc"]["layout"] == "ragged"
     assert same_as_fresh(result.path) == ["fc", "fc@input"]  # recorded, so that a resume agrees
+    with open_store(result.path) as s, open_store(fresh.path) as f:
+        assert s.layers["fc"].attrs["rewritten_at_row"] == 8 and "rewritten_at_row" not in f.layers["fc"].attrs
+    from marstore.cli import main
+
+    assert main(["info", result.path]) == 0
+    assert "reduction none, rewritten ragged at row 8) chunks" in capsys.readouterr().out
     assert ("fc, fc@input: a batch gave rows of 3 tokens where the first batches gave 2, and they were stored dense; "
             "rewriting the 8 rows stored so far ragged, then going on (--ragged fc stores them ragged from the start)"
             ) in caplog.text
