@@ -129,9 +129,7 @@ def _probe_info(args: argparse.Namespace) -> int:
 
 def _ragged_tokens(store, name: str) -> dict | None:
     """A ragged layer's token rows: in all, and the fewest and most a committed row holds."""
-    import numpy as np
-
-    counts = np.diff(store.file["activations"][name]["offsets"][: store.rows + 1])
+    counts = store.token_counts(name)
     if not len(counts):
         return None
     return {"total": int(counts.sum()), "fewest": int(counts.min()), "most": int(counts.max())}

@@ -546,9 +546,8 @@ class TokenStream(IterableDataset):
             # the buffer keeps the stored dtype (bfloat16 exactly); batches are made float32
             self.rows_ds.dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[info.dtype]
             self.ragged = info.layout == "ragged"
-            if self.ragged:  # each row's token count, from its offsets
-                offsets = store.file["activations"][self.layer]["offsets"][: store.rows + 1]
-                self.counts = np.diff(offsets)[self.rows_ds.rows]
+            if self.ragged:
+                self.counts = store.token_counts(self.layer)[self.rows_ds.rows]
                 features = info.row_shape[-1]
             else:
                 tokens, features = row_tokens(info.row_shape, self.rows_ds.channel_axes.get(self.layer))

@@ -49,7 +49,7 @@ from marstore import hooks, loading, scaleout
 from marstore.errors import MarstoreError
 from marstore.report import text_table
 from marstore.store import (LayerSpec, RowShapeError, Store, StoreError, StoreWriter, TargetSpec, TEXT, check_not_being_written,
-                            convert_to_ragged, human_bytes, open_store, room_left)
+                            as_ragged, convert_to_ragged, human_bytes, open_store, room_left)
 from marstore.transfer import SlotTooSmall, TransferRing, resolve_device
 
 log = logging.getLogger(__name__)
@@ -1501,8 +1501,7 @@ def _now_ragged(writer: StoreWriter, layers: list[str], change: RowShapeError, b
     except StoreError as exc:
         raise ExtractError(f"{change.layer}: its token count changed after the first batches had it stored dense, and "
                            f"its rows cannot be rewritten ragged: {exc}") from None
-    specs = [dataclasses.replace(spec, row_shape=spec.row_shape[1:], ragged=True, channel_axis=None) if spec.name in layers
-             else spec for spec in writer.layers_spec]
+    specs = [LayerSpec(**as_ragged(asdict(spec))) if spec.name in layers else spec for spec in writer.layers_spec]
     return StoreWriter(writer.path, specs, writer.targets_spec, commit_rows=writer.commit_rows, resume=True,
                        background=background, expected_rows=writer.expected_rows)
 

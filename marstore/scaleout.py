@@ -30,6 +30,7 @@ from marstore.store import (
     StoreError,
     StoreWriter,
     TargetSpec,
+    as_ragged,
     convert_to_ragged,
     open_store,
     utc_now,
@@ -90,13 +91,6 @@ def _agree_on_ragged(parts: list[str]) -> None:
     for path in parts:
         with open_store(path) as store:
             specs.append({spec["name"]: spec for spec in json.loads(store.file.attrs["layers"])})
-
-    def as_ragged(spec: dict) -> dict | None:
-        if spec.get("ragged"):
-            return spec
-        if len(spec["row_shape"]) < 2 or spec.get("channel_axis") is not None:
-            return None
-        return {**spec, "row_shape": spec["row_shape"][1:], "ragged": True, "channel_axis": None}
 
     rewrite: dict[str, list[str]] = {}
     for name in specs[0]:

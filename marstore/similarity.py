@@ -128,8 +128,7 @@ def _token_counts(path: str, layers: list[str], positions: np.ndarray) -> dict[s
         for name in layers:
             info = store.layers[name]
             if info.layout == "ragged":
-                offsets = store.file["activations"][name]["offsets"][: store.rows + 1]
-                counts[name] = np.diff(offsets)[positions] * math.prod(info.row_shape[:-1])
+                counts[name] = store.token_counts(name)[positions] * math.prod(info.row_shape[:-1])
                 continue
             tokens, _ = row_tokens(info.row_shape, info.attrs.get("channel_axis"))
             if not tokens:

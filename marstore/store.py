@@ -1145,6 +1145,16 @@ def check_not_being_written(path: str | os.PathLike) -> None:
 CONVERTING = "converting"  # the root group where convert_to_ragged builds a layer before it replaces the dense one
 
 
+def as_ragged(spec: Mapping[str, Any]) -> dict | None:
+    """A layer's record (LayerSpec's fields) as the record of the same layer stored ragged: its
+    rows (tokens, ...) become token rows; None where its rows have no token axis to vary."""
+    if spec.get("ragged"):
+        return dict(spec)
+    if len(spec["row_shape"]) < 2 or spec.get("channel_axis") is not None:
+        return None
+    return {**spec, "row_shape": list(spec["row_shape"][1:]), "ragged": True, "channel_axis": None}
+
+
 def _finish_swap(f: h5py.File) -> None:
     """Completes a rewrite to ragged that was cut inside its swap (convert_to_ragged): the
     ragged group, complete before the dense dataset goes, is moved in where the dense one has
@@ -1158,7 +1168,7 @@ def _finish_swap(f: h5py.File) -> None:
             f.move(f"{CONVERTING}/{name}", f"activations/{name}")
         obj = f["activations"].get(name)
         if obj is not None and not spec.get("ragged") and obj.attrs.get("layout") == "ragged":
-            recorded[n] = {**spec, "row_shape": list(obj["values"].shape[1:]), "ragged": True, "channel_axis": None}
+            recorded[n] = as_ragged(spec)
             changed = True
             log.warning("store %s: finished rewriting layer %s ragged, which a stopped process had left half done",
                         f.filename, name)
@@ -1197,7 +1207,7 @@ def convert_to_ragged(path: str | os.PathLike, names: Sequence[str], run: Mappin
                 spec = specs.get(name)
                 if name not in f["activations"] or spec is None:
                     raise StoreError(f"{path} has no layer {name!r}; it has {sorted(specs)}")
-                if not spec.get("ragged") and (len(spec["row_shape"]) < 2 or spec.get("channel_axis") is not None):
+                if as_ragged(spec) is None:
                     raise StoreError(f"{path}: layer {name!r} has rows of shape {tuple(spec['row_shape'])}, not (tokens, "
                                      "features...): it cannot be stored ragged")
             todo = [name for name in dict.fromkeys(names) if not specs[name].get("ragged")]
@@ -1210,8 +1220,7 @@ def convert_to_ragged(path: str | os.PathLike, names: Sequence[str], run: Mappin
             for name in todo:
                 dense, spec = f["activations"][name], specs[name]
                 tokens, token_shape = spec["row_shape"][0], tuple(spec["row_shape"][1:])
-                ragged = LayerSpec(**{**spec, "row_shape": token_shape, "ragged": True, "channel_axis": None})
-                _create_layer(f.require_group(CONVERTING), ragged, None)
+                _create_layer(f.require_group(CONVERTING), LayerSpec(**as_ragged(spec)), None)
                 group = f[CONVERTING][name]
                 group.attrs.update({k: v for k, v in dense.attrs.items() if k not in ("layout", "channel_axis")})
                 group.attrs["rewritten_at_row"] = rows  # provenance: the rows before it were stored dense
@@ -1227,7 +1236,7 @@ def convert_to_ragged(path: str | os.PathLike, names: Sequence[str], run: Mappin
                 # the switch: the converted layer takes the dense one's place, and the record follows
                 del f["activations"][name]
                 f.move(f"{CONVERTING}/{name}", f"activations/{name}")
-                specs[name] = {**spec, "row_shape": list(token_shape), "ragged": True, "channel_axis": None}
+                specs[name] = as_ragged(spec)
                 f.attrs["layers"] = json.dumps([specs[s["name"]] for s in recorded])
                 f.flush()
                 log.info("store %s: layer %s rewritten ragged (%d rows of %d tokens)", path, name, rows, tokens)
@@ -1304,6 +1313,10 @@ class Store:
     def index(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         start, stop = self._span(start, stop)
         return self.file["index"][start:stop]
+
+    def token_counts(self, layer: str) -> np.ndarray:
+        """The tokens each committed row of a ragged layer holds (its token rows: the offsets' steps)."""
+        return np.diff(self.file["activations"][layer]["offsets"][: self.rows + 1])
 
     def outputs(self) -> dict[str, np.ndarray]:
         """The forward's per-batch outputs of the committed batches (row_start first, then each
