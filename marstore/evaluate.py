@@ -30,8 +30,9 @@ import torch
 from marstore.dataset import ActivationDataset, rows_where
 from marstore.hooks import Capture, match_modules, nearest_names, parse_layers
 from marstore.loading import IN_HAND
-from marstore.probe import (ProbeError, TrainedProbe, _add_intervals, _breakdown_lines, _metrics, _read_report, _table_rows,
-                            finite_rows, load_probe, probe_inputs, report_breakdown_plot, report_depth_plot)
+from marstore.probe import (ProbeError, TrainedProbe, _add_intervals, _breakdown_lines, _features_text, _metrics, _read_report, _table_rows,
+                            finite_rows, load_probe, probe_inputs, report_breakdown_plot, report_depth_plot,
+                            token_mean_shape)
 from marstore.report import markdown_table
 from marstore.store import Store, StoreError, open_store
 from marstore.transfer import resolve_device
@@ -76,6 +77,16 @@ def _same_samples(trained_on: dict, store: Store) -> str | None:
     return None
 
 
+def _other_arguments(trained_on: dict, store: Store) -> str | None:
+    """Where the store is an extraction of the probes' data set callable with other arguments
+    (another size, another split), the two in words: whether a source index is the same sample in
+    both, only the data set knows (the built-in one's item i is the same at any size)."""
+    then, now = trained_on["dataset"], [store.metadata.get("dataset"), store.metadata.get("dataset_args")]
+    if then[0] is None or then[0].startswith(IN_HAND) or then[0] != now[0]:
+        return None
+    return f"{now[0]} with {json.dumps(now[1], sort_keys=True)}, the probes' with {json.dumps(then[1], sort_keys=True)}"
+
+
 def _held_out_rows(probe: TrainedProbe, index: np.ndarray, store_path: str, allowed: np.ndarray | None) -> np.ndarray:
     """The store's rows (of allowed ones) of samples the probe was never fitted or chosen on (on
     its own store: its test rows, in their order, so that the metric and its interval are the
@@ -89,14 +100,31 @@ def _held_out_rows(probe: TrainedProbe, index: np.ndarray, store_path: str, allo
     return rows
 
 
-def _check_rows(probe: TrainedProbe, store: Store) -> None:
+def _check_rows(probe: TrainedProbe, store: Store) -> str | None:
+    """None where the store holds the probe's layer as the probe's store did (rows alike, reduced
+    alike at extraction). Where it holds it otherwise but gives the probe's input all the same (a
+    probe of token means on a store of token means, of full tokens or of ragged ones, hooked
+    alike), how it holds it, in words; otherwise a ProbeError."""
     info = store.layers[probe.layer]
-    now = (info.layout == "ragged", tuple(info.row_shape))
-    if now != (probe.ragged, probe.row_shape):
-        def form(ragged: bool, shape: tuple) -> str:
-            return f"{'ragged rows of tokens' if ragged else 'rows'} of shape {shape}"
-        raise ProbeError(f"{probe.layer}: {store.path} holds {form(*now)}, the probe was trained on "
-                         f"{form(probe.ragged, probe.row_shape)}; evaluate on a store of the same layers")
+    held = {"row_shape": list(info.row_shape), "ragged": info.layout == "ragged", "channel_axis": info.attrs.get("channel_axis"),
+            "reduction": str(info.attrs.get("reduction", "none")), "tokens": probe.tokens}
+    trained = {"row_shape": list(probe.row_shape), "ragged": probe.ragged, "channel_axis": probe.channel_axis,
+               "reduction": probe.reduction, "tokens": probe.tokens}
+    if all(held[k] == trained[k] for k in ("ragged", "row_shape", "reduction")):
+        return None
+    hooked = (info.attrs.get("unfolded"), store.run_of(probe.layer).get("options", {}).get("multi_fire", "error"))
+    if probe.tokens == "mean" and hooked == (probe.unfolded, probe.multi_fire) \
+            and token_mean_shape(trained) is not None and token_mean_shape(trained) == token_mean_shape(held):
+        log.info("%s: %s holds %s, the probe's store held %s: the mean of their tokens is the probe's input all the same",
+                 probe.layer, store.path, _rows_text(held), _rows_text(trained))
+        return _features_text(held)
+    raise ProbeError(f"{probe.layer}: {store.path} holds {_rows_text(held)}, the probe was trained on {_rows_text(trained)}"
+                     "; evaluate on a store of this layer extracted as the probe's was")
+
+
+def _rows_text(features: dict) -> str:
+    rows = f"{'ragged rows of tokens' if features['ragged'] else 'rows'} of shape {tuple(features['row_shape'])}"
+    return rows + ("" if features["reduction"] == "none" else f" reduced at extraction ({features['reduction']})")
 
 
 def _class_numbers(probe: TrainedProbe, y: np.ndarray | torch.Tensor, target: str) -> tuple[torch.Tensor, int]:
@@ -214,7 +242,7 @@ def evaluate_probes(opts: EvaluateOptions) -> dict:
             log.info("intervals drawn by whole %r groups, as the probes' were (--group names another)", group)
         elif group is not None and group not in store.targets:
             raise ProbeError(f"--group {group!r} is not in {opts.store}; its targets are {sorted(store.targets)}")
-        layers = []
+        layers, held_as = [], {}
         for name in chosen:
             files = {"probe": entries[name]["probe"]["weights"], **({"control": entries[name]["control"]["weights"]}
                                                                      if "control" in entries[name] else {})}
@@ -223,17 +251,23 @@ def evaluate_probes(opts: EvaluateOptions) -> dict:
             layer = layers[-1]["probe"].layer
             if layer not in store.layers:
                 raise ProbeError(f"{opts.store} has no layer {layer!r}; nearest: {nearest_names(layer, list(store.layers))}")
-            _check_rows(layers[-1]["probe"], store)
+            held_as[name] = _check_rows(layers[-1]["probe"], store)
         first = layers[0]["probe"]
         same = _same_samples(first.trained_on, store)
         mode = opts.rows if opts.rows != "auto" else "held-out" if same else "all"
         if same and mode == "all":
             log.warning("rows: %s is %s, and every row of it includes the samples the probes were fitted and chosen on: "
                         "the metric is not a test metric (--rows held-out keeps the others)", opts.store, same)
-        if opts.rows == "auto":
-            log.info("rows: %s", f"the samples the probes were not fitted or chosen on, as {opts.store} is {same}" if same else
-                     f"all {store.rows} committed rows of {opts.store}, whose samples the probes never saw")
         index = store.index(0, store.rows)
+        if opts.rows == "auto" and same:
+            log.info("rows: the samples the probes were not fitted or chosen on, as %s is %s", opts.store, same)
+        elif opts.rows == "auto":
+            other = _other_arguments(first.trained_on, store)
+            seen = int(first.saw(index).sum()) if other else 0
+            log.info("rows: all %d committed rows of %s, %s", store.rows, opts.store,
+                     f"an extraction of {other}: where a source index is the same sample in both, {seen} of them are of "
+                     "samples the probes were fitted or chosen on (--rows held-out leaves those out)" if seen else
+                     "whose samples the probes never saw")
         where = training.get("where", []) if opts.where is None else opts.where
         try:
             allowed = rows_where(store, where, store.rows) if where else None
@@ -252,7 +286,8 @@ def evaluate_probes(opts: EvaluateOptions) -> dict:
         rows = _held_out_rows(probes["probe"], index, opts.store, allowed) if mode == "held-out" else \
             np.arange(len(index)) if allowed is None else allowed
         entry = _evaluate_layer(opts, probes, read(probes["probe"], rows), target, group, seed, metric)
-        out_entries.append({**entry, **{k: entries[name][k] for k in ("features", "inputs") if k in entries[name]}})
+        out_entries.append({**entry, **{k: entries[name][k] for k in ("features", "inputs") if k in entries[name]},
+                            **({"store_rows": held_as[name]} if held_as[name] else {})})
         log.info("%s: test %s %.3f on %d rows", probes["probe"].name, metric, out_entries[-1]["probe"]["test"][metric],
                  out_entries[-1]["split_rows"]["test"])
     result = {"store": source["path"], "store_status": source["status"], "rows": source["rows"], "target": target,
@@ -321,9 +356,20 @@ class LiveProbes:
         return out
 
 
+def _held_otherwise(entries: list[dict]) -> str:
+    """For report.md: what the probes read on a store that holds their layers otherwise than
+    theirs did (a store of token means for probes of full tokens), where that gives their input."""
+    by_text: dict[str, list[str]] = {}
+    for entry in entries:
+        if "store_rows" in entry:
+            by_text.setdefault(entry["store_rows"], []).append(entry["layer"])
+    return "".join(f" On this store the probes of {'every layer' if len(layers) == len(entries) else ', '.join(layers)} "
+                   f"read the {text}, which gives them their input all the same." for text, layers in by_text.items())
+
+
 def _markdown(result: dict, out: str) -> str:
     header, cells = _table_rows(result)
-    reads = probe_inputs(result, header, cells)
+    reads = probe_inputs(result, header, cells) + _held_otherwise(result["layers"])
     e = result["evaluation"]
     rows = (f"the {result['layers'][0]['split_rows']['test']} rows of samples the probes were not fitted or chosen on"
             if e["rows"] == "held-out" else "every committed row")

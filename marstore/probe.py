@@ -820,6 +820,21 @@ def _features_text(features: dict) -> str:
     return text + ("" if reduction == "none" else f" (reduced at extraction: {reduction})")
 
 
+def token_mean_shape(features: dict) -> tuple[int, ...] | None:
+    """The shape of the mean of a row's tokens (what --tokens mean reads) for rows held as
+    features describes them (row_shape, ragged, channel_axis, reduction), where that mean is over
+    every token the module gave: rows stored whole or ragged, averaged at extraction, or averaged
+    in equal groups (mean:G, frames). None where extraction kept some tokens alone (first, last, a
+    token list). A row without tokens is its own mean."""
+    kept, _ = parse_recorded_reduction(features["reduction"])
+    if not (kept in ("none", "mean") or str(kept).startswith("mean:")):
+        return None
+    if features["ragged"]:
+        return tuple(features["row_shape"][-1:])
+    tokens, width = row_tokens(features["row_shape"], features["channel_axis"])
+    return (width,) if tokens else tuple(features["row_shape"])
+
+
 def _add_intervals(entry: dict, metric: str, tests: dict[str, tuple[torch.Tensor, torch.Tensor]], seed: int,
                    groups: np.ndarray | None) -> None:
     intervals = _intervals(metric, tests, seed, groups)

@@ -142,6 +142,51 @@ def test_evaluated_on_its_own_store_it_gives_the_reports_test_metric_and_interva
     assert f"applied the same way. Each probe reads the {a['features']}, {a['inputs']} inputs." in markdown
 
 
+def test_probes_of_token_means_apply_to_a_store_that_gives_the_same_means(tmp_path, caplog):
+    """A store of token means (--reduction mean), of full tokens or of ragged ones gives a probe
+    of token means its input alike: the probes trained on one apply to the others, with the
+    same predictions; a store that kept one token of each row does not."""
+    n = 400
+    raw = (np.random.default_rng(0).integers(-8, 9, (n, 4, D)) / 4).astype(np.float16)
+    means = raw.astype(np.float32).mean(1).astype(np.float16)  # exact: sixteenths
+    y = (means.astype(np.float32) @ np.random.default_rng(1).standard_normal((D, 3))).astype(np.float32)
+    forms = {"full": (LayerSpec("h", (4, D)), raw), "means": (LayerSpec("h", (D,), reduction="mean"), means),
+             "ragged": (LayerSpec("h", (D,), ragged=True), Ragged(raw.reshape(-1, D), np.full(n, 4))),
+             "first": (LayerSpec("h", (D,), reduction="first"), raw[:, 0])}
+    for name, (spec, rows) in forms.items():
+        with StoreWriter(tmp_path / f"{name}.h5", [spec], [TargetSpec("y", (3,), "float32")]) as writer:
+            writer.append({"h": rows}, targets={"y": y}, index=np.arange(n))
+
+    def evaluate(probes, store):
+        return evaluate_probes(EvaluateOptions(str(probes), str(tmp_path / f"{store}.h5"), out=str(tmp_path / "e" / store),
+                                               rows="all"))["layers"][0]
+
+    for trained_on in ("full", "means"):
+        run_probes(ProbeOptions(store=str(tmp_path / f"{trained_on}.h5"), target="y", out=str(tmp_path / trained_on),
+                                progress=False))
+        with caplog.at_level(logging.INFO, logger="marstore.evaluate"):
+            entries = {store: evaluate(tmp_path / trained_on, store) for store in ("full", "means", "ragged")}
+        assert entries["full"]["probe"]["test"] == entries["means"]["probe"]["test"] == entries["ragged"]["probe"]["test"]
+        assert entries[trained_on]["probe"]["test"]["r2"] > 0.99 and "store_rows" not in entries[trained_on]
+        others = {store: entry["store_rows"] for store, entry in entries.items() if store != trained_on}
+        assert others == {**({"full": "mean of 4 tokens"} if trained_on == "means" else
+                             {"means": "stored row (reduced at extraction: mean)"}),
+                          "ragged": "mean of each row's tokens (their count varies)"}
+        assert f"h: {tmp_path / 'ragged.h5'} holds ragged rows of tokens of shape (8,), the probe's store held " in caplog.text
+        assert (f"On this store the probes of every layer read the {others['ragged']}, which gives them their input all "
+                "the same.") in (tmp_path / "e" / "ragged" / "report.md").read_text()
+        with pytest.raises(ProbeError, match=rf"^h: {tmp_path / 'first.h5'} holds rows of shape \(8,\) reduced at extraction "
+                                             rf"\(first\), the probe was trained on rows of shape \({'4, 8' if trained_on == 'full' else '8,'}\)"
+                                             rf"{'' if trained_on == 'full' else ' reduced at extraction [(]mean[)]'}; evaluate on a store "
+                                             "of this layer extracted as the probe's was$"):
+            evaluate(tmp_path / trained_on, "first")
+    # a probe of the tokens side by side needs them
+    run_probes(ProbeOptions(store=str(tmp_path / "full.h5"), target="y", out=str(tmp_path / "flat"), tokens="flat",
+                            progress=False))
+    with pytest.raises(ProbeError, match=r"the probe was trained on rows of shape \(4, 8\); evaluate on a store"):
+        evaluate(tmp_path / "flat", "means")
+
+
 def test_other_samples_are_evaluated_whole_and_the_same_data_set_on_its_held_out_samples(tmp_path, caplog):
     spec = ("mypkg.data:episodes", {"split": "val"})
     linear_store(tmp_path / "a.h5", dataset=spec)
@@ -149,7 +194,14 @@ def test_other_samples_are_evaluated_whole_and_the_same_data_set_on_its_held_out
     probes = str(tmp_path / "probes")
     # other samples (another data set), the same relation: all 500 rows, read as well
     _, x, y, _ = linear_store(tmp_path / "other.h5", n=500, x_seed=5, dataset=("mypkg.data:episodes", {"split": "test"}))
-    other = evaluate_probes(EvaluateOptions(probes, str(tmp_path / "other.h5"), out=str(tmp_path / "e1")))
+    with caplog.at_level(logging.INFO, logger="marstore.evaluate"):
+        other = evaluate_probes(EvaluateOptions(probes, str(tmp_path / "other.h5"), out=str(tmp_path / "e1")))
+    # the same callable with other arguments: whether index i is one sample in both, only the data set knows
+    seen = int(load_probe(os.path.join(probes, "h.pt")).saw(np.arange(500)).sum())
+    assert 400 < seen < 500 and (f'rows: all 500 committed rows of {tmp_path / "other.h5"}, an extraction of mypkg.data:episodes '
+                                 f'with {{"split": "test"}}, the probes\' with {{"split": "val"}}: where a source index is the '
+                                 f'same sample in both, {seen} of them are of samples the probes were fitted or chosen on '
+                                 '(--rows held-out leaves those out)') in caplog.text
     assert other["evaluation"]["rows"] == "all" and other["layers"][0]["split_rows"] == {"test": 500}
     assert other["layers"][0]["probe"]["test"]["r2"] > 0.999
     # the same data set through another model (its features permuted): the held-out samples only
@@ -217,7 +269,7 @@ def test_evaluate_refuses_what_does_not_fit_in_one_line(tmp_path, capsys):
         writer.append({"h": np.zeros((10, D), np.float16)}, targets={"z": np.zeros(10, np.float32)}, index=np.arange(10))
     cases = [
         ([probes, str(tmp_path / "wide.h5")], f"h: {tmp_path / 'wide.h5'} holds rows of shape (9,), the probe was trained on "
-                                              "rows of shape (8,); evaluate on a store of the same layers"),
+                                              "rows of shape (8,); evaluate on a store of this layer extracted as the probe's was"),
         ([probes, str(tmp_path / "no_y.h5")], f"target 'y' is not in {tmp_path / 'no_y.h5'}; its targets are ['z'] (--target "
                                               "names the one to score against)"),
         ([probes, str(tmp_path / "no_y.h5"), "--target", "z"], "h: target 'z' has 1 values a row, the probe predicts 3"),
