@@ -864,7 +864,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                 # copied before the forward, which may change its inputs in place (UVA's does)
                 targets = {t: _target_array(_get_dotted(batch, t)) for t in opts.targets}
                 capture.start_batch(len(index))
-                tensors, out = _run_batch(model, forward, capture, _to_device(batch, device), shapes, opts, autocast)
+                tensors, out = _run_batch(model, forward, capture, _to_device(batch, device), shapes, opts, autocast, device)
                 outputs = _outputs_of(out, opts.output_names, left_out)
                 del out  # it may hold large tensors: not into the next forward
                 progress.update(len(failed))
@@ -1132,7 +1132,7 @@ def _survey(model, forward, selections: list, problems: dict, source: Any, opts:
             capture.start_batch(len(index))
             started = time.perf_counter()
             with torch.inference_mode(not opts.train_mode), autocast():
-                out = forward(model, _to_device(batch, device))
+                out = _call_forward(forward, model, _to_device(batch, device), device)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds.append(time.perf_counter() - started)
@@ -1326,12 +1326,35 @@ def _outputs_of(out: Any, names: Sequence[str], left_out: dict[str, str]) -> dic
     return scalars
 
 
+# what torch says where code asks for CUDA that the run cannot give it
+_CUDA_UNAVAILABLE = re.compile(r"Torch not compiled with CUDA enabled|Found no NVIDIA driver|No CUDA GPUs are available|"
+                               r"Expected all tensors to be on the same device.*cuda")
+
+
+def _call_forward(forward: Callable, model: torch.nn.Module, batch: Any, device: torch.device) -> Any:
+    """forward(model, batch). A forward that moves tensors to the GPU in its own code (MAR's
+    calls .cuda()) on a run whose device is the CPU is said in one line, with the model's line
+    that did it; any other error keeps its traceback."""
+    try:
+        return forward(model, batch)
+    except (AssertionError, RuntimeError) as exc:
+        if device.type == "cuda" or not _CUDA_UNAVAILABLE.search(str(exc)):
+            raise
+        torch_dir = os.path.dirname(torch.__file__)
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(torch_dir)]
+        at = f"at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}: `{frames[-1].line}`; " if frames else ""
+        gpu = "" if torch.cuda.is_available() else "; this machine has none"
+        raise ExtractError(f"the forward uses CUDA in its own code ({at}{type(exc).__name__}: {str(exc).splitlines()[0]}) "
+                           f"and this run's device is {device}: such a model (MAR's forward calls .cuda()) runs only on a "
+                           f"GPU (--device cuda{gpu})") from exc
+
+
 def _run_batch(model, forward, capture: hooks.Capture, batch: Any, shapes: dict, opts: ExtractOptions,
-               autocast: Callable[[], Any]) -> tuple[dict, Any]:
+               autocast: Callable[[], Any], device: torch.device) -> tuple[dict, Any]:
     """(the hooked tensors, the forward's return; hooks.StopForward where --stop-early cut it)."""
     with torch.inference_mode(not opts.train_mode), autocast():
         try:
-            out = forward(model, batch)
+            out = _call_forward(forward, model, batch, device)
         except hooks.StopForward:
             out = hooks.StopForward  # every hooked module has fired: the rest of the forward is not needed
         tensors = capture.finish_batch()

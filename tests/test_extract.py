@@ -1657,6 +1657,39 @@ def test_a_type_error_inside_the_forward_keeps_its_traceback(tmp_path):
         default_forward(Broken(), (torch.zeros(2), torch.zeros(2)))
 
 
+def cuda_on_third_batch(model, batch):
+    cuda_on_third_batch.calls += 1
+    if cuda_on_third_batch.calls == 3:
+        batch["imgs"] = batch["imgs"].cuda()  # as MAR's forward calls .cuda() itself
+    return policy_forward(model, batch)
+
+
+def test_a_forward_that_uses_cuda_itself_on_a_cpu_run_stops_in_one_line(tmp_path, caplog):
+    """MAR's forward calls .cuda(): on a run whose device is the CPU it fails inside torch; the
+    error says so in one line, with the model's line that did it, and the rows before it stay."""
+    for dry_run in (3, False):
+        cuda_on_third_batch.calls = 0
+        with pytest.raises(ExtractError) as info, caplog.at_level(logging.ERROR, logger="marstore.extract"):
+            extract(options(tmp_path, forward="test_extract:cuda_on_third_batch", dry_run=dry_run))
+        message = str(info.value)
+        assert message.startswith("the forward uses CUDA in its own code (at ")
+        if not torch.cuda.is_available():  # else torch fails later, in the model, on weights left on the CPU
+            assert message == (f"the forward uses CUDA in its own code (at {__file__}:{cuda_on_third_batch.__code__.co_firstlineno + 3} "
+                               "in cuda_on_third_batch: `batch[\"imgs\"] = batch[\"imgs\"].cuda()  # as MAR's forward calls "
+                               ".cuda() itself`; AssertionError: Torch not compiled with CUDA enabled) and this run's device is "
+                               "cpu: such a model (MAR's forward calls .cuda()) runs only on a GPU (--device cuda; this machine "
+                               "has none)")
+        assert message.endswith("such a model (MAR's forward calls .cuda()) runs only on a GPU (--device cuda"
+                                 + ("" if torch.cuda.is_available() else "; this machine has none") + ")")
+    assert "stopped by ExtractError: " + str(tmp_path / "s.h5") + " keeps its 16 committed rows" in caplog.text
+    with open_store(tmp_path / "s.h5") as store:
+        assert (store.rows, store.status) == (16, "incomplete")
+    # the forward's other errors keep their traceback
+    failing_forward.calls = 0
+    with pytest.raises(RuntimeError, match="^the third batch fails$"):
+        extract(options(tmp_path, forward="test_extract:failing_forward", out=str(tmp_path / "t.h5")))
+
+
 def failing_forward(model, batch):
     if failing_forward.calls == 2:
         raise RuntimeError("the third batch fails")
