@@ -730,7 +730,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         state, report.state_key = loading.find_state_dict(ckpt, opts.state_key)
         del ckpt
     if in_hand is None:
-        model = loading.build_model(opts.model, config, opts.model_args, report.config_key)
+        model = loading.build_model(opts.model, config, opts.model_args, report.config_key, report)
     else:
         model = in_hand.model
         if config:

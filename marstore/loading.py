@@ -433,9 +433,11 @@ HYDRA_KEYS = ("_target_", "_recursive_", "_convert_", "_partial_", "_args_")
 
 
 def build_model(spec: str, config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
-                config_key: str | None = None) -> torch.nn.Module:
+                config_key: str | None = None, report: LoadReport | None = None) -> torch.nn.Module:
     """Calls the builder with the config as keyword arguments, overrides taking precedence; a
-    dotted override (shape_meta.action.shape=[7]) replaces one value inside a nested mapping."""
+    dotted override (shape_meta.action.shape=[7]) replaces one value inside a nested mapping. A
+    builder that passes them on (MAR's mar_base(**kwargs)) to a callee that rejects the config's
+    training arguments has those left out, logged and noted in report."""
     builder = import_callable(spec, "--model")
     kwargs = with_overrides(config, overrides or {})
     source = f"the config from checkpoint[{config_key!r}]" if config_key else "the given arguments"
@@ -460,7 +462,45 @@ def build_model(spec: str, config: Mapping[str, Any], overrides: Mapping[str, An
                 f"fix them with --model-arg KEY=VALUE or choose the config with --config-key{_sections_hint(config, config_key)}"
             )
     try:
-        model = builder(**kwargs)
+        model = _call_builder(builder, kwargs, spec, source, config, config_key)
+    except _PassedOn as passed:
+        # MAR's factories (mar_base(**kwargs) -> MAR(..., **kwargs)) pass the whole config on, and
+        # MAR's checkpoint['args'] is the training run's argparse arguments: the config's keys that
+        # the callee takes go on, the others are left out, said and recorded
+        given = {key.split(".")[0] for key in overrides or {}}
+        named = {p.name for p in signature.parameters.values()} if signature is not None else set()
+        from_config = [k for k in kwargs if k not in given]
+        left_out = sorted(k for k in from_config if k not in passed.takes and k not in named)
+        if not left_out or len(left_out) == len(from_config):  # the callee takes none of it: another config's
+            raise passed.error from passed.error.__cause__
+        log.warning("--model %s passes the config on to %s, which does not take its keys %s: those are left out, the "
+                    "other %d passed on", spec, passed.callee, left_out, len(kwargs) - len(left_out))
+        if report is not None:
+            report.notes.append(f"config keys that {passed.callee} does not take left out: {', '.join(left_out)}")
+        try:
+            model = _call_builder(builder, {k: v for k, v in kwargs.items() if k not in left_out}, spec, source, config,
+                                  config_key)
+        except _PassedOn as again:
+            raise again.error from again.error.__cause__
+    if not isinstance(model, torch.nn.Module):
+        raise CheckpointError(f"--model {spec} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+class _PassedOn(Exception):
+    """A builder that passed its keyword arguments on to a callee that rejected one of them: the
+    callee's name and the keywords it takes, read from its signature, beside the error to raise
+    where leaving the others out cannot help."""
+
+    def __init__(self, error: CheckpointError, callee: str, takes: set[str]):
+        super().__init__(str(error))
+        self.error, self.callee, self.takes = error, callee, takes
+
+
+def _call_builder(builder: Callable, kwargs: dict, spec: str, source: str, config: Mapping[str, Any],
+                  config_key: str | None) -> Any:
+    try:
+        return builder(**kwargs)
     except KeyError as exc:  # a constructor that reads the config's nested keys (UVA's shape_meta[...])
         raise CheckpointError(
             f"--model {spec} failed on {source}: it looked up {exc.args[0]!r}, which that config lacks (its keys: "
@@ -472,13 +512,38 @@ def build_model(spec: str, config: Mapping[str, Any], overrides: Mapping[str, An
         # other TypeErrors keep their traceback.
         if not _ARGUMENT_MISMATCH.search(str(exc)):
             raise
-        raise CheckpointError(
+        error = CheckpointError(
             f"--model {spec} rejects {source} ({exc}; its keys: {sorted(kwargs)}); fix them with "
-            f"--model-arg KEY=VALUE or choose the config with --config-key{_sections_hint(config, config_key)}"
-        ) from exc
-    if not isinstance(model, torch.nn.Module):
-        raise CheckpointError(f"--model {spec} returned a {type(model).__name__}, not a torch.nn.Module")
-    return model
+            f"--model-arg KEY=VALUE or choose the config with --config-key{_sections_hint(config, config_key)}")
+        error.__cause__ = exc
+        callee = _rejecting_callee(exc)
+        if callee is None:
+            raise error from exc
+        raise _PassedOn(error, *callee) from exc
+
+
+def _rejecting_callee(exc: TypeError) -> tuple[str, set[str]] | None:
+    """(the callee's name, the keywords it takes) for 'NAME() got an unexpected keyword argument',
+    NAME looked up in the frame that made the call; None where that cannot be told (a callee that
+    takes **kwargs itself, or one not among that frame's names)."""
+    match = re.match(r"([\w.]+)\(\) got an unexpected keyword argument", str(exc))
+    tb = exc.__traceback__
+    if match is None or tb is None:
+        return None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    frame = tb.tb_frame
+    first, *rest = match.group(1).removesuffix(".__init__").split(".")
+    obj = frame.f_locals.get(first, frame.f_globals.get(first))
+    for part in rest:
+        obj = getattr(obj, part, None)
+    try:
+        params = inspect.signature(obj).parameters.values() if obj is not None else None
+    except (TypeError, ValueError):
+        params = None
+    if params is None or any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return match.group(1).removesuffix(".__init__"), {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 # What Python says when a call's keyword arguments do not fit the callee's signature.

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from conftest import requires_cuda
-from marstore import hooks
+from marstore import extract as extract_module, hooks
 from marstore.extract import ExtractError, ExtractOptions, Interrupted, _duration, extract
 from marstore.loading import CheckpointError, build_model, find_config, find_state_dict, load_weights, read_checkpoint
 from marstore.models import LAYOUTS, policy_forward, save_checkpoint, synthetic_video_actions, video_mar
@@ -240,6 +240,35 @@ def test_builder_errors_list_missing_and_unknown_keys():
         build_model("no_such_module:f", {})
     with pytest.raises(CheckpointError, match="write it as MODULE:CALLABLE"):
         build_model("marstore.models", {})
+
+
+def test_a_builder_that_passes_the_config_on_gets_the_keys_its_callee_takes(tmp_path, caplog):
+    """MAR's checkpoint['args'] holds the training run's arguments, and mar_base(**kwargs) passes
+    them all on to MAR(...): the keys that the callee does not take are left out, said, and
+    recorded in the store; the model is the one the config describes."""
+    training = {"lr": 1e-4, "epochs": 400, "output_dir": "out/mar", "model": "video_mar"}
+    torch.manual_seed(0)
+    model = video_mar(**CONFIG)
+    save_checkpoint(model, {**CONFIG, **training}, str(tmp_path / "checkpoint-last.pth"), "mar")
+    save_checkpoint(model, CONFIG, str(tmp_path / "clean.pth"), "mar")
+    with caplog.at_level(logging.WARNING, logger="marstore.loading"):
+        result = extract(options(tmp_path, checkpoint=str(tmp_path / "checkpoint-last.pth"), model_args={}))
+    assert ("--model marstore.models:video_mar passes the config on to VideoActionMAR, which does not take its keys "
+            f"['epochs', 'lr', 'model', 'output_dir']: those are left out, the other {len(CONFIG)} passed on") in caplog.text
+    note = "config keys that VideoActionMAR does not take left out: epochs, lr, model, output_dir"
+    assert result.load_report["notes"] == [note] and extract_module.describe(result).count(note) == 1
+    clean = extract(options(tmp_path, checkpoint=str(tmp_path / "clean.pth"), model_args={}, out=str(tmp_path / "clean.h5")))
+    with open_store(result.path) as a, open_store(clean.path) as b:
+        assert all(a.read(name).tobytes() == b.read(name).tobytes() for name in b.layers)
+    # a key given with --model-arg is never left out; nor is a config of which the callee takes nothing
+    with pytest.raises(CheckpointError, match=r"^--model marstore.models:video_mar rejects the config from "
+                                              r"checkpoint\['args'\] \(VideoActionMAR.__init__\(\) got an unexpected "
+                                              r"keyword argument 'bogus'; its keys: \['bogus', 'decoder_depth',"):
+        extract(options(tmp_path, checkpoint=str(tmp_path / "checkpoint-last.pth"), model_args={"bogus": 1},
+                        out=str(tmp_path / "bogus.h5")))
+    with pytest.raises(CheckpointError, match=r"got an unexpected keyword argument 'lr'; its keys: \['epochs', 'lr', "
+                                              r"'model', 'output_dir', 'task_name'\]\)"):
+        build_model("marstore.models:video_mar", training, {"task_name": "t"}, config_key="args")
 
 
 def test_dotted_model_args_reach_into_the_config():
