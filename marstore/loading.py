@@ -13,6 +13,7 @@ the LoadReport, which extraction records in the store.
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import hashlib
 import importlib
@@ -24,8 +25,9 @@ import pickle
 import re
 import sys
 import types
+import typing
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -128,7 +130,7 @@ def read_checkpoint(path: str, trust: bool = False, report: LoadReport | None = 
                 report.notes.append(note)
         return ckpt
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals(_config_global_names()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - turned into a clear message below
         if "weights_only" not in str(exc) and "Unsupported global" not in str(exc):
@@ -138,12 +140,48 @@ def read_checkpoint(path: str, trust: bool = False, report: LoadReport | None = 
         except Exception:  # noqa: BLE001 - the names are a courtesy; the refusal stands
             names = []
         # the checkpoint's own classes first (they say what it is), then torch's; each in order
-        names = sorted((n for n in names if n != "argparse.Namespace"), key=lambda n: (n.startswith("torch."), n))
+        allowed = {name for name, _ in _config_global_names()}
+        names = sorted((n for n in names if n not in allowed), key=lambda n: (n.startswith("torch."), n))
         listed = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "") if names else "classes it does not name"
+        missing = "" if not any(n.startswith("omegaconf.") for n in names) or _omegaconf_classes() else \
+            " (its config is an OmegaConf one, which a safe load reads where omegaconf is installed: pip install omegaconf)"
         raise CheckpointError(
-            f"checkpoint {path} needs unpickling of {listed}, which a safe load refuses; if you trust "
+            f"checkpoint {path} needs unpickling of {listed}, which a safe load refuses{missing}; if you trust "
             "its source, pass --trust-checkpoint"
         ) from None
+
+
+# Builtin types by the names dill's pickles give them (diffusion_policy and UVA save their
+# workspaces with pickle_module=dill, which writes `dill._dill._load_type('dict')` for dict)
+_DILL_TYPES = {t.__name__: t for t in (dict, list, tuple, set, frozenset, int, float, complex, str, bytes, bool, type(None))}
+
+
+def _dill_load_type(name: str) -> type:
+    """dill._dill._load_type for a safe load: builtin container and scalar types only."""
+    if name not in _DILL_TYPES:
+        raise pickle.UnpicklingError(f"dill type {name!r} is not one a safe load reads (only {sorted(_DILL_TYPES)})")
+    return _DILL_TYPES[name]
+
+
+def _omegaconf_classes() -> list[type]:
+    """The classes an OmegaConf config (UVA's and diffusion_policy's cfg) pickles as; [] without
+    omegaconf. Their unpickling sets state and runs no code of the checkpoint's."""
+    try:
+        from omegaconf import DictConfig, ListConfig, base, nodes
+    except ImportError:
+        return []
+    return [DictConfig, ListConfig, base.ContainerMetadata, base.Metadata, nodes.AnyNode, nodes.StringNode,
+            nodes.IntegerNode, nodes.FloatNode, nodes.BooleanNode, nodes.BytesNode]
+
+
+def _config_global_names() -> list[tuple[Any, str]]:
+    """(object, the name a pickle gives it) of what a safe load allows beside tensors: configs
+    (argparse.Namespace as MAR's args; OmegaConf's classes as UVA's cfg) and the builtins and
+    types they refer to, dill's way of naming them included."""
+    plain = [argparse.Namespace, collections.defaultdict, typing.Any, *_DILL_TYPES.values(), *_omegaconf_classes()]
+    named = [(obj, f"{obj.__module__}.{getattr(obj, '__qualname__', getattr(obj, '_name', None))}") for obj in plain]
+    return named + [(_dill_load_type, "dill._dill._load_type")]
+
 
 
 class StandIn:
@@ -212,10 +250,11 @@ def to_plain(obj: Any, where: str = "") -> Any:
         return {k: to_plain(v) for k, v in vars(obj).items()}
     if type(obj).__module__.startswith("omegaconf"):
         unresolved: list[str] = []
+        _escape_resolver_calls(obj, where, unresolved)
         plain = _plain_omegaconf(obj, where, unresolved)
         if unresolved:
-            log.warning("the config keeps %d value%s that cannot be resolved outside the program that saved it, as "
-                        "written: %s; if the model needs them, give them with --model-arg KEY=VALUE", len(unresolved),
+            log.warning("the config keeps %d value%s unresolved, as written: %s; if the model needs them, give them "
+                        "with --model-arg KEY=VALUE", len(unresolved),
                         "s" * (len(unresolved) > 1), "; ".join(unresolved[:5]) + (" ..." if len(unresolved) > 5 else ""))
         return plain
     if isinstance(obj, Mapping):
@@ -225,11 +264,44 @@ def to_plain(obj: Any, where: str = "") -> Any:
     return obj
 
 
+# OmegaConf's own resolvers that read nothing outside the config (oc.env reads the environment)
+SAFE_RESOLVERS = ("oc.select", "oc.create", "oc.decode", "oc.deprecated", "oc.dict.keys", "oc.dict.values")
+_RESOLVER_CALL = re.compile(r"(?<!\\)\$\{\s*([A-Za-z_][\w.]*)\s*:")
+
+
+def _escape_resolver_calls(node: Any, path: str, unresolved: list[str]) -> None:
+    """Escapes to their text, in the whole config that node is part of, the values that call a
+    resolver other than SAFE_RESOLVERS (those of node listed in `unresolved`): a resolver that the
+    importing code registered (diffusion_policy registers Python's eval as ${eval:...}) must not
+    run what a checkpoint's config says, nor ${oc.env:...} copy the environment into the store's
+    record of the config. In place, so that node's references to the rest still resolve."""
+    from omegaconf import OmegaConf, open_dict, read_write
+
+    def calls(value: Any, at: tuple) -> Iterator[tuple[tuple, str, str]]:
+        if isinstance(value, (dict, list)):
+            for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+                yield from calls(item, (*at, key))
+        elif isinstance(value, str):
+            called = [m.group(1) for m in _RESOLVER_CALL.finditer(value) if m.group(1) not in SAFE_RESOLVERS]
+            if called:
+                yield at, value, called[0]
+
+    for at, value, name in calls(OmegaConf.to_container(node, resolve=False), ()):
+        unresolved.append(f"{'.'.join(map(str, (path, *at) if path else at))} = {value!r} (it calls resolver {name!r}, "
+                          "which is not run on a checkpoint's config)")
+    root = node._get_root() if hasattr(node, "_get_root") else node
+    with read_write(root), open_dict(root):
+        for at, value, _ in list(calls(OmegaConf.to_container(root, resolve=False), ())):
+            parent = root
+            for key in at[:-1]:
+                parent = parent[key]
+            parent[at[-1]] = _RESOLVER_CALL.sub(lambda m: "\\" + m.group(0), value)
+
+
 def _plain_omegaconf(node: Any, path: str, unresolved: list[str]) -> Any:
     """An OmegaConf config as plain dicts and lists, each interpolation resolved where it can be.
-    One that cannot (a resolver that only hydra or the training code registers, as diffusion_policy's
-    ${now:...} and ${eval:...}; a key that is not there; a ??? left missing) keeps its text and is
-    listed in `unresolved`, so that one such value elsewhere in the config does not stop the run."""
+    One that cannot (a key that is not there, a ??? left missing) keeps its text and is listed in
+    `unresolved`, so that one such value elsewhere in the config does not stop the run."""
     from omegaconf import DictConfig, ListConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import h5py
 import numpy as np
@@ -25,7 +26,7 @@ from torch import nn
 from conftest import requires_cuda
 from marstore import extract as extract_module, hooks
 from marstore.extract import ExtractError, ExtractOptions, Interrupted, _duration, extract
-from marstore.loading import CheckpointError, build_model, find_config, find_state_dict, load_weights, read_checkpoint
+from marstore.loading import CheckpointError, build_model, find_config, find_state_dict, load_weights, read_checkpoint, to_plain
 from marstore.models import LAYOUTS, policy_forward, save_checkpoint, synthetic_video_actions, video_mar
 from marstore.store import LayerSpec, StoreError, StoreWriter, open_store
 
@@ -314,21 +315,67 @@ def test_an_omegaconf_workspace_config_resolves_what_it_can(tmp_path, caplog):
     state = {"model." + k: v for k, v in video_mar(**CONFIG).state_dict().items()}
     path = str(tmp_path / "latest.ckpt")
     torch.save({"cfg": cfg, "state_dicts": {"model": state, "ema_model": state}, "pickles": {}}, path)
-    ckpt = read_checkpoint(path, trust=True)
-    config, key = find_config(ckpt)
-    assert key == "cfg"
-    assert config["logging"] == {"name": "${now:%Y.%m.%d}_uva", "steps": "${eval:'2 * 8'}", "tags": ["${missing_key}", "fixed"]}
-    assert config["checkpoint"] == {"dir": "???"} and config["model"]["policy"]["shape_meta"] == CONFIG["shape_meta"]
-    warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"][-1]
-    assert warning.startswith("the config keeps 4 values that cannot be resolved outside the program that saved it, as "
-                              "written: cfg.logging.name = '${now:%Y.%m.%d}_uva' (Unsupported interpolation type now); ")
-    assert "cfg.logging.tags.0 = '${missing_key}'" in warning and "cfg.checkpoint.dir = '???'" in warning
+    for trust in (True, False):  # OmegaConf's classes are read by a safe load too
+        config, key = find_config(read_checkpoint(path, trust=trust))
+        assert key == "cfg"
+        assert config["logging"] == {"name": "${now:%Y.%m.%d}_uva", "steps": "${eval:'2 * 8'}",
+                                     "tags": ["${missing_key}", "fixed"]}
+        assert config["checkpoint"] == {"dir": "???"} and config["model"]["policy"]["shape_meta"] == CONFIG["shape_meta"]
+        warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"][-1]
+        assert warning.startswith("the config keeps 4 values unresolved, as written: cfg.logging.name = '${now:%Y.%m.%d}_uva' "
+                                  "(it calls resolver 'now', which is not run on a checkpoint's config); ")
+        assert "cfg.logging.tags.0 = '${missing_key}'" in warning and "cfg.checkpoint.dir = '???'" in warning
     caplog.clear()
-    result = extract(options(tmp_path, checkpoint=path, trust_checkpoint=True, config_key="cfg.model.policy", model_args={}))
-    assert "cannot be resolved" not in caplog.text  # the policy's section resolves whole
+    result = extract(options(tmp_path, checkpoint=path, config_key="cfg.model.policy", model_args={}))
+    assert "unresolved" not in caplog.text  # the policy's section resolves whole
     with open_store(result.path) as s:
         assert s.metadata["model_config"]["shape_meta"] == CONFIG["shape_meta"]
         assert result.load_report["missing_count"] == result.load_report["unexpected_count"] == 0
+
+def test_a_checkpoints_config_runs_no_resolver_but_omegaconfs_own(monkeypatch, caplog):
+    """diffusion_policy registers Python's eval as ${eval:...}: a checkpoint's config must not
+    run it (nor any resolver the importing code registered), nor copy the environment into the
+    store's record of the config; OmegaConf's own resolvers and references still resolve."""
+    omegaconf = pytest.importorskip("omegaconf")
+    calls = []
+    with warnings.catch_warnings():  # omegaconf 2.4 renames register_new_resolver
+        warnings.simplefilter("ignore", UserWarning)
+        omegaconf.OmegaConf.register_new_resolver("eval", lambda text: calls.append(text) or 16, replace=True)
+    monkeypatch.setenv("MARSTORE_TEST_SECRET", "hunter2")
+    try:
+        cfg = omegaconf.OmegaConf.create({"steps": "${eval:'2 * 8'}", "again": "${steps}", "key": "${oc.env:MARSTORE_TEST_SECRET}",
+                                          "depth": 2, "name": "d${oc.select:depth,0}", "nested": {"d": "${depth}"}})
+        assert to_plain(cfg, "cfg") == {"steps": "${eval:'2 * 8'}", "again": "${eval:'2 * 8'}",
+                                        "key": "${oc.env:MARSTORE_TEST_SECRET}", "depth": 2, "name": "d2", "nested": {"d": 2}}
+    finally:
+        omegaconf.OmegaConf.clear_resolver("eval")
+    assert calls == [] and "hunter2" not in caplog.text
+    assert "cfg.key = '${oc.env:MARSTORE_TEST_SECRET}' (it calls resolver 'oc.env', which is not run on" in caplog.text
+
+
+def test_a_workspace_saved_with_dill_loads_safely(tmp_path):
+    """diffusion_policy and UVA save their workspaces with pickle_module=dill, which names builtin
+    types by its own function (dill._dill._load_type): a safe load reads them, and nothing else of dill's."""
+    dill = pytest.importorskip("dill")
+    omegaconf = pytest.importorskip("omegaconf")
+    torch.manual_seed(0)
+    model = video_mar(**CONFIG)
+    state = {"model." + k: v for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters())
+    cfg = omegaconf.OmegaConf.create({"policy": {"model": CONFIG}, "name": "uva"})
+    path = str(tmp_path / "latest.ckpt")
+    torch.save({"cfg": cfg, "state_dicts": {"model": state, "ema_model": state, "optimizer": optimizer.state_dict()},
+                "pickles": {"_output_dir": dill.dumps("/data/outputs/uva")}}, path, pickle_module=dill)
+    assert "dill._dill._load_type" in torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    ckpt = read_checkpoint(path)
+    assert find_config(ckpt, "cfg.policy.model") == (CONFIG, "cfg.policy.model")
+    assert all(torch.equal(ckpt["state_dicts"]["ema_model"][k], v) for k, v in state.items())
+    # a function of dill's that makes more than a builtin type stays refused
+    torch.save({"f": dill.dumps(len), "g": len.__call__}, str(tmp_path / "code.ckpt"), pickle_module=dill)
+    with pytest.raises(CheckpointError, match=r"code\.ckpt needs unpickling of .*, which a safe load refuses; if you "
+                                              r"trust its source, pass --trust-checkpoint$"):
+        read_checkpoint(str(tmp_path / "code.ckpt"))
+
 
 def test_config_key_and_state_key_errors(tmp_path):
     path = str(tmp_path / "c.pt")
