@@ -127,6 +127,53 @@ def _probe_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_info(args: argparse.Namespace, ckpt: object) -> int:
+    """`marstore info` of a checkpoint: its entries, the config and the weights a run would take,
+    and the modules those weights belong to (what --layers can name)."""
+    import json
+
+    from marstore.loading import CONFIG_KEYS, describe_checkpoint
+    from marstore.report import text_table
+    from marstore.store import human_bytes
+
+    info = {"path": args.store, "bytes": os.path.getsize(args.store), "trusted": args.trust_checkpoint,
+            **describe_checkpoint(ckpt)}
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    how = "full unpickling (--trust-checkpoint)" if args.trust_checkpoint else "weights_only=True"
+    print(f"{args.store}: a checkpoint ({human_bytes(info['bytes'])}), read with {how}")
+    width = max(map(len, info["top_level"]))
+    for key, what in info["top_level"].items():
+        print(f"  {key:<{width}}  {what}")
+    config = info["config"]
+    if config is None:
+        print(f"config: none under {', '.join(CONFIG_KEYS)} (--config-key names one; else --model-arg values alone)")
+    elif "problem" in config:
+        print(f"config: {config['problem']}")
+    else:
+        sections = f"; sections: {', '.join(config['sections'])}" if config["sections"] else ""
+        print(f"config: checkpoint[{config['key']!r}], {config['keys']} key{'s' * (config['keys'] != 1)}{sections} "
+              "(--config-key chooses another)")
+        if config["scalars"]:
+            values = ", ".join(f"{k}={v!r}" for k, v in list(config["scalars"].items())[:16])
+            print(f"  {values}{' ...' if len(config['scalars']) > 16 else ''}")
+    if "weights_problem" in info:
+        print(f"weights: {info['weights_problem']}")
+    if info["weights"]:
+        rows = [[w["key"], ("EMA, " if w["ema"] else "") + ("loaded" if w["chosen"] else "-"), str(w["tensors"]),
+                 f"{w['values']:,}", human_bytes(w["bytes"]), ", ".join(w["dtypes"]), repr(w["prefix"]) if w["prefix"] else "-"]
+                for w in info["weights"]]
+        print(text_table(["weights", "run", "tensors", "values", "bytes", "dtypes", "prefix"], rows))
+    chosen = next((w for w in info["weights"] if w["chosen"]), None)
+    if chosen and info["modules"]:
+        stripped = f", {chosen['prefix']!r} stripped" if chosen["prefix"] else ""
+        print(f"modules of {chosen['key']}{stripped}, which --layers names (each with the modules inside it):")
+        print(text_table(["module", "tensors", "values"],
+                         [[m["name"], str(m["tensors"]), f"{m['values']:,}"] for m in info["modules"]]))
+    return 0
+
+
 def _ragged_tokens(store, name: str) -> dict | None:
     """A ragged layer's token rows: in all, and the fewest and most a committed row holds."""
     counts = store.token_counts(name)
@@ -143,8 +190,15 @@ def _info(args: argparse.Namespace) -> int:
     from marstore.extract import describe_output, summarize_outputs
     from marstore.store import TEXT, is_text, open_store
 
-    if os.path.isfile(args.store) and not h5py.is_hdf5(args.store) and args.store.endswith(".pt"):
-        return _probe_info(args)
+    store_name = args.store.endswith((".h5", ".hdf5"))  # one that is not HDF5 is said to be damaged
+    if os.path.isfile(args.store) and not store_name and not h5py.is_hdf5(args.store):  # a probe file, or a checkpoint
+        from marstore.loading import read_checkpoint
+        from marstore.probe import PROBE_FORMAT
+
+        ckpt = read_checkpoint(args.store, trust=args.trust_checkpoint)
+        if isinstance(ckpt, dict) and str(ckpt.get("format", "")).startswith(PROBE_FORMAT.split("/")[0]):
+            return _probe_info(args)
+        return _checkpoint_info(args, ckpt)
     with open_store(args.store) as store:
         size = os.path.getsize(args.store)
         attrs = store.file.attrs
@@ -453,9 +507,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     doctor = sub.add_parser("doctor", help="check the installation: torch, marstore._C, GPU, HDF5")
     doctor.set_defaults(func=_doctor)
-    info = sub.add_parser("info", help="describe a store (status, rows, layers, targets, the recorded run) or a probe file")
-    info.add_argument("store", help="the store's .h5 file, or a probe's .pt file")
+    info = sub.add_parser("info", help="describe a store (status, rows, layers, targets, the recorded run), a probe file, "
+                                       "or a checkpoint (its config, weights and modules)")
+    info.add_argument("store", help="the store's .h5 file, a probe's .pt file, or a checkpoint (any layout)")
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    info.add_argument("--trust-checkpoint", action="store_true", help="a checkpoint: allow full unpickling (runs code in the file)")
     info.set_defaults(func=_info)
 
     ex = sub.add_parser("extract", help="load a checkpoint, hook layers, run a data set, write a store")

@@ -622,8 +622,8 @@ def _rejecting_callee(exc: TypeError) -> tuple[str, set[str]] | None:
 _ARGUMENT_MISMATCH = re.compile(r"unexpected keyword argument|missing \d+ required (?:positional|keyword-only) argument")
 
 
-def _sections_hint(config: Mapping[str, Any], config_key: str | None, limit: int = 8) -> str:
-    """Names the config's nested mappings, which --config-key can choose (UVA's cfg.policy.model)."""
+def config_sections(config: Mapping[str, Any], config_key: str | None, limit: int = 8) -> list[str]:
+    """The config's nested mappings, three levels deep, as --config-key names them (UVA's cfg.policy.model)."""
     paths: list[str] = []
 
     def walk(node: Mapping[str, Any], prefix: str, depth: int) -> None:
@@ -635,6 +635,11 @@ def _sections_hint(config: Mapping[str, Any], config_key: str | None, limit: int
                     walk(value, path, depth - 1)
 
     walk(config, config_key or "", 3)
+    return paths
+
+
+def _sections_hint(config: Mapping[str, Any], config_key: str | None) -> str:
+    paths = config_sections(config, config_key)
     return f" (its sections: {', '.join(paths)})" if paths else ""
 
 
@@ -694,3 +699,114 @@ def _prefix_hint(state: Mapping[str, torch.Tensor], wanted: set[str]) -> str:
             if target.endswith("." + key):
                 return f"; the model's keys look like {target!r}: adding the prefix {target[: -len(key)]!r} would fit them"
     return ""
+
+
+def describe_checkpoint(ckpt: Any) -> dict:
+    """What a checkpoint (as read_checkpoint gives it) holds, for `marstore info`: each top-level
+    entry in a few words; the config find_config would take (its key, scalar values, sections);
+    every state dict found (tensors, values, dtypes, the prefix its names carry), the one the run
+    would load marked; and the top-level modules those weights belong to, numbered blocks
+    together: what --layers patterns can name, before a builder is written."""
+    top = ({str(k): _what(v) for k, v in ckpt.items()} if isinstance(ckpt, Mapping) and not _is_state(ckpt)
+           else {"(checkpoint)": _what(ckpt)})
+    info: dict[str, Any] = {"top_level": top, "config": None, "weights": [], "modules": []}
+    try:
+        config, key = find_config(ckpt)
+    except CheckpointError as exc:
+        info["config"] = {"problem": str(exc)}
+    else:
+        if key:
+            scalars = {k: v for k, v in config.items() if isinstance(v, (str, int, float, bool)) or v is None}
+            info["config"] = {"key": key, "keys": len(config), "scalars": scalars,
+                              "sections": config_sections(config, key, limit=12)}
+    try:
+        _, chosen = find_state_dict(ckpt)
+    except CheckpointError as exc:
+        info["weights_problem"], chosen = str(exc), None
+    found = [(k, ema) for k, ema in STATE_KEYS if isinstance(ckpt, Mapping) and _has(ckpt, k)]
+    if chosen is not None and chosen not in dict(found):
+        found = [(chosen, False)]  # a bare state dict, or a module saved whole
+    for key, ema in found:
+        state = _module_state(ckpt if key == chosen and chosen.startswith("(") else _get_path(ckpt, key), key)
+        if not (isinstance(state, Mapping) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
+            continue
+        prefix = _common_prefix(state)
+        dtypes = collections.Counter(str(v.dtype).removeprefix("torch.") for v in state.values())
+        info["weights"].append({"key": key, "ema": ema, "chosen": key == chosen, "tensors": len(state),
+                                "values": sum(v.numel() for v in state.values()),
+                                "bytes": sum(v.numel() * v.element_size() for v in state.values()),
+                                "dtypes": dict(dtypes.most_common()), "prefix": prefix})
+        if key == chosen:
+            info["modules"] = _top_modules(state, prefix)
+    return info
+
+
+def _is_state(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _what(value: Any) -> str:
+    """A checkpoint entry in a few words."""
+    if isinstance(value, torch.Tensor):
+        return f"tensor {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+    if isinstance(value, torch.nn.Module):
+        return f"a whole {type(value).__name__} module (torch.save(model))"
+    if isinstance(value, StandIn):
+        return f"{type(value).__module__}.{type(value).__qualname__} (a stand-in: its code is not importable here)"
+    if isinstance(value, argparse.Namespace):
+        return f"argparse.Namespace of {len(vars(value))} values"
+    if type(value).__module__.startswith("omegaconf"):
+        return f"OmegaConf config of {len(value)} keys"
+    if _is_state(value):
+        return f"state dict of {len(value)} tensors"
+    if isinstance(value, Mapping):
+        keys = [str(k) for k in value]
+        return f"mapping of {len(keys)}" + (f": {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}" if keys else "")
+    if isinstance(value, (list, tuple)):
+        return f"{type(value).__name__} of {len(value)}"
+    if isinstance(value, (bytes, bytearray)):
+        return f"{len(value)} bytes"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _common_prefix(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The known prefix (module., _orig_mod., model., or a chain of them) that most of the names
+    carry, as load_weights would strip it against a model of the names without it."""
+    best, best_hits = None, len(state) // 2
+    for prefix in list(KNOWN_PREFIXES) + [a + b for a in KNOWN_PREFIXES for b in KNOWN_PREFIXES if a != b]:
+        hits = sum(k.startswith(prefix) for k in state)
+        if hits > best_hits or (hits == best_hits and best and len(prefix) > len(best)):
+            best, best_hits = prefix, hits
+    return best
+
+
+def _top_modules(state: Mapping[str, torch.Tensor], prefix: str | None) -> list[dict]:
+    """The weights' top-level modules in order of first appearance, with their tensors and values;
+    numbered blocks of one container together, where the container lies within the first levels
+    (encoder_blocks.0-23, diffloss.net.res_blocks.0-5; diffloss then holds the rest of diffloss)."""
+    groups: dict[str, dict] = {}
+    for name, tensor in state.items():
+        if prefix:
+            if not name.startswith(prefix):
+                continue
+            name = name[len(prefix):]
+        parts = name.split(".")[:-1]  # the module's path, without the tensor's own name
+        numbered = next((i for i, part in enumerate(parts[:4]) if part.isdigit() and i), None)
+        if numbered is not None:  # blocks of a container, however deep (transformer.h.0, diffloss.net.res_blocks.0)
+            key, number = ".".join(parts[:numbered]), int(parts[numbered])
+        else:
+            key, number = (parts[0] if parts else "(its own tensors)"), None
+        group = groups.setdefault(key, {"numbers": set(), "tensors": 0, "values": 0})
+        if number is not None:
+            group["numbers"].add(number)
+        group["tensors"] += 1
+        group["values"] += tensor.numel()
+    modules = []
+    for key, group in groups.items():
+        numbers = sorted(group["numbers"])
+        contiguous = numbers and numbers == list(range(numbers[0], numbers[-1] + 1))
+        name = (f"{key}.{numbers[0]}-{numbers[-1]}" if contiguous and len(numbers) > 1 else
+                f"{key}.{numbers[0]}" if len(numbers) == 1 else f"{key}.{{{','.join(map(str, numbers))}}}" if numbers else key)
+        modules.append({"name": name, "blocks": len(numbers) or None, "tensors": group["tensors"], "values": group["values"]})
+    return modules

@@ -25,10 +25,11 @@ from torch import nn
 
 from conftest import requires_cuda
 from marstore import extract as extract_module, hooks
+from marstore.cli import main
 from marstore.extract import ExtractError, ExtractOptions, Interrupted, _duration, extract
 from marstore.loading import CheckpointError, build_model, find_config, find_state_dict, load_weights, read_checkpoint, to_plain
 from marstore.models import LAYOUTS, policy_forward, save_checkpoint, synthetic_video_actions, video_mar
-from marstore.store import LayerSpec, StoreError, StoreWriter, open_store
+from marstore.store import LayerSpec, StoreError, StoreWriter, human_bytes, open_store
 
 CONFIG = {"task_name": "t", "shape_meta": {"action": {"shape": [2]}, "horizon": 16}, "embed_dim": 32,
           "depth": 2, "decoder_depth": 2, "num_heads": 2}
@@ -139,7 +140,6 @@ def test_a_trusted_checkpoint_whose_classes_are_not_here_loads_them_as_stand_ins
     result = extract(options(tmp_path, checkpoint=path, trust_checkpoint=True, config_key="cfg.policy.model", model_args={}))
     with open_store(result.path) as s:
         assert s.metadata["load_report"]["notes"] == [note] and s.metadata["load_report"]["missing_count"] == 0
-    from marstore.cli import main
 
     capsys.readouterr()
     assert main(["info", result.path]) == 0
@@ -375,6 +375,69 @@ def test_a_workspace_saved_with_dill_loads_safely(tmp_path):
     with pytest.raises(CheckpointError, match=r"code\.ckpt needs unpickling of .*, which a safe load refuses; if you "
                                               r"trust its source, pass --trust-checkpoint$"):
         read_checkpoint(str(tmp_path / "code.ckpt"))
+
+
+def test_info_describes_a_checkpoint_before_any_builder_is_written(tmp_path, capsys):
+    """`marstore info CKPT`: its entries, the config and the weights a run would take, and the
+    modules those weights belong to, each a name --layers takes."""
+    torch.manual_seed(0)
+    model = video_mar(**CONFIG)
+    path = str(tmp_path / "latest.ckpt")
+    save_checkpoint(model, CONFIG, path, "workspace")
+    assert main(["info", path]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    state = model.state_dict()
+    total = sum(v.numel() for v in state.values()) + 2 * 2 + 3  # with the layout's vae_model and normalizer tensors
+    assert lines[:5] == [
+        f"{path}: a checkpoint ({human_bytes(os.path.getsize(path))}), read with weights_only=True",
+        "  cfg          mapping of 1: policy",
+        "  state_dicts  mapping of 4: model, ema_model, optimizer, lr_scheduler",
+        "  pickles      mapping of 0",
+        "config: checkpoint['cfg'], 1 key; sections: cfg.policy, cfg.policy.model, cfg.policy.model.shape_meta "
+        "(--config-key chooses another)"]
+    assert lines[5].split() == ["weights", "run", "tensors", "values", "bytes", "dtypes", "prefix"]
+    for line, key, run in ((lines[6], "state_dicts.ema_model", ["EMA,", "loaded"]), (lines[7], "state_dicts.model", ["-"])):
+        assert line.split() == [key, *run, str(len(state) + 2), f"{total:,}", *human_bytes(4 * total).split(), "float32",
+                                "'model.'"]
+    assert lines[8] == ("modules of state_dicts.ema_model, 'model.' stripped, which --layers names (each with the modules "
+                        "inside it):")
+    assert main(["info", path, "--json"]) == 0
+    modules = json.loads(capsys.readouterr().out)["modules"]
+    assert [m["name"] for m in modules] == [
+        "(its own tensors)", "z_proj", "z_proj_cond", "action_proj", "proj_cond_x_layer", "encoder_blocks.0-1", "encoder_norm",
+        "decoder_embed", "decoder_blocks.0-1", "decoder_norm", "diffloss.net.res_blocks.0-1", "diffloss", "diffactloss"]
+    assert sum(m["tensors"] for m in modules) == len(state) and sum(m["values"] for m in modules) == sum(
+        v.numel() for v in state.values())
+    for m in modules[1:]:  # each a module of the model, as --layers names it
+        model.get_submodule(m["name"].split("-")[0])
+    # MAR's layout: its argparse arguments as the config, the EMA weights loaded
+    save_checkpoint(model, {**CONFIG, "lr": 1e-4}, str(tmp_path / "mar.pth"), "mar")
+    assert main(["info", str(tmp_path / "mar.pth")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[7:9] == ["config: checkpoint['args'], 7 keys; sections: args.shape_meta, args.shape_meta.action "
+                        "(--config-key chooses another)", "  task_name='t', embed_dim=32, depth=2, decoder_depth=2, "
+                        "num_heads=2, lr=0.0001"]
+    assert [line.split()[:3] for line in out[10:12]] == [["model_ema", "EMA,", "loaded"], ["model", "-", str(len(state))]]
+    # a checkpoint of classes a safe load refuses: one line, and --trust-checkpoint describes it
+    torch.save({"state_dict": state, "hparams": TrainConfig()}, tmp_path / "pickled.pt")
+    assert main(["info", str(tmp_path / "pickled.pt")]) == 2
+    assert capsys.readouterr().err.startswith(f"marstore info: checkpoint {tmp_path / 'pickled.pt'} needs unpickling of "
+                                              "test_extract.TrainConfig")
+    assert main(["info", str(tmp_path / "pickled.pt"), "--trust-checkpoint"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:4] == [f"{tmp_path / 'pickled.pt'}: a checkpoint ({human_bytes(os.path.getsize(tmp_path / 'pickled.pt'))}), "
+                       "read with full unpickling (--trust-checkpoint)",
+                       f"  state_dict  state dict of {len(state)} tensors", "  hparams     TrainConfig(depth=2)",
+                       "config: checkpoint['hparams'] is a TrainConfig, not a config mapping"]
+
+
+class TrainConfig:
+    """A training program's own config class, which only a trusted load reads."""
+
+    depth = 2
+
+    def __repr__(self) -> str:
+        return f"TrainConfig(depth={self.depth})"
 
 
 def test_config_key_and_state_key_errors(tmp_path):
@@ -629,7 +692,6 @@ def test_a_dry_run_says_what_every_layer_gives_and_all_that_stands_in_the_way(tm
     assert survey.describe().splitlines()[-3:-1] == [
         "all 10 layers would be stored", "the run's 40 rows: about 60.2 KiB of activations (1.5 KiB a row, as the first "
         "batch's shapes give it)"]
-    from marstore.cli import main
 
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"model_args": CONFIG}))
@@ -1006,7 +1068,6 @@ def test_a_convolution_stored_whole_records_its_channel_axis_for_reductions_at_r
     mean, std = (torch.from_numpy(np.asarray(v)).float() for v in ds.stats["diffactloss.conv"])
     assert mean.shape == (32,)
     torch.testing.assert_close(x, ((conv.float().movedim(2, -1) - mean) / std).reshape(40, -1))
-    from marstore.cli import main
 
     with contextlib.redirect_stdout(io.StringIO()) as shown:
         assert main(["info", result.path]) == 0
@@ -1025,7 +1086,6 @@ def test_one_run_gives_each_layer_its_own_reduction_and_channel_axis(tmp_path):
     # over its positions: one run, where --reduction and --channels-first used to hold for all
     import yaml
 
-    from marstore.cli import main
 
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"model_args": CONFIG, "layer_reductions": {"decoder_norm": "none"}}))
@@ -1333,7 +1393,6 @@ def test_a_layer_whose_tokens_change_after_the_first_batches_is_rewritten_ragged
     assert same_as_fresh(result.path) == ["fc", "fc@input"]  # recorded, so that a resume agrees
     with open_store(result.path) as s, open_store(fresh.path) as f:
         assert s.layers["fc"].attrs["rewritten_at_row"] == 8 and "rewritten_at_row" not in f.layers["fc"].attrs
-    from marstore.cli import main
 
     assert main(["info", result.path]) == 0
     assert "reduction none, rewritten ragged at row 8) chunks" in capsys.readouterr().out
@@ -1422,7 +1481,6 @@ def test_a_layer_that_cannot_be_stored_ragged_is_not_rewritten(tmp_path, monkeyp
 
 
 def test_a_dry_run_of_several_batches_sees_what_the_first_batches_decide(tmp_path, capsys):
-    from marstore.cli import main
 
     kw = dict(out="", model="test_extract:TokensLater", dataset="helpers.inplace:tokens", layers=["fc"], batch_size=4,
               progress=False, device="cpu")
@@ -1839,7 +1897,6 @@ def test_a_text_target_is_stored_as_utf8_strings_also_across_a_resume(tmp_path, 
     with h5py.File(result.path, "r") as f:  # what any HDF5 reader sees: variable-length UTF-8 strings
         assert h5py.check_string_dtype(f["targets/task"].dtype).encoding == "utf-8"
         assert f["targets/task"][5] == "place é".encode()
-    from marstore.cli import main
 
     assert main(["info", "--json", result.path]) == 0
     assert json.loads(capsys.readouterr().out)["targets"]["task"] == {
@@ -2309,7 +2366,6 @@ def test_a_config_file_holds_the_options_and_the_command_line_wins(tmp_path, suf
 
     import yaml
 
-    from marstore.cli import main
 
     config = {"model": "marstore.models:video_mar", "model_args": CONFIG, "dataset": "marstore.models:synthetic_video_actions",
               "dataset_args": {"size": 12}, "forward": "marstore.models:policy_forward", "layers": ["encoder_blocks.*"],
@@ -2335,7 +2391,6 @@ def test_a_config_file_holds_the_options_and_the_command_line_wins(tmp_path, suf
     ("- out", r"--config .*bad\.yaml holds a list; give a mapping of options \(out: \.\.\., layers: \[\.\.\.\]\)$"),
 ])
 def test_a_config_file_that_cannot_be_read_is_refused_in_one_line(tmp_path, text, error):
-    from marstore.cli import main
 
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -2362,7 +2417,6 @@ def test_a_config_file_that_cannot_be_read_is_refused_in_one_line(tmp_path, text
                                     "(--layer-reduction PATTERN=REDUCTION on the command line)"),
 ])
 def test_a_config_value_of_the_wrong_type_is_refused_before_the_run(tmp_path, capsys, line, error):
-    from marstore.cli import main
 
     path = tmp_path / "run.yaml"
     path.write_text("model: marstore.models:video_mar\ndataset: marstore.models:synthetic_video_actions\n"
