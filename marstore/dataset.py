@@ -327,7 +327,7 @@ class ActivationDataset(Dataset):
         positions = np.arange(len(self)) if positions is None else np.asarray(positions, dtype=np.int64)
         if self.ragged and not self.reduction:
             raise StoreError(f"read_all needs dense rows; {sorted(self.ragged)} are ragged: give reduction=")
-        block = max(1, block_bytes // max(1, self._row_bytes()))
+        block = max(1, block_bytes // max(1, self.row_bytes()))
         if len(positions) <= block:
             return dict(self.__getitems__(positions).columns)
         order = np.argsort(self.rows[positions], kind="stable")
@@ -336,7 +336,7 @@ class ActivationDataset(Dataset):
         return {name: np.concatenate([part[name] for part in parts])[back.numpy()] if name in self.text
                 else torch.cat([part[name] for part in parts])[back] for name in parts[0]}
 
-    def _row_bytes(self) -> int:
+    def row_bytes(self) -> int:
         """Stored bytes of one row of the selected layers and targets (a ragged layer's mean)."""
         total = 0
         for kind, names in (("activations", self.layer_names), ("targets", self.target_names)):

@@ -180,7 +180,7 @@ def _token_features(path: str, layers: list[str], positions: np.ndarray, tokens:
     ds = ActivationDataset(path, layers, rows=rows)
     picked: dict[str, torch.Tensor] = {}
     try:
-        block = max(1, READ_BLOCK_BYTES // max(1, ds._row_bytes()))
+        block = max(1, READ_BLOCK_BYTES // max(1, ds.row_bytes()))
         for start in range(0, len(rows), block):
             columns = ds.__getitems__(range(start, min(start + block, len(rows)))).columns
             mine = np.flatnonzero((back >= start) & (back < start + block))

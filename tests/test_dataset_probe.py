@@ -195,13 +195,13 @@ def test_read_all_reads_a_layer_stored_whole_in_blocks_and_keeps_the_order_asked
         w.append({"tok": tokens, "enc": Ragged(rng.standard_normal((int(lengths.sum()), 4)).astype(np.float16), lengths)},
                  targets={"y": np.arange(50) * 10}, index=np.arange(50))
     ds = ActivationDataset(path, ["tok", "enc"], "y", reduction="mean")
-    assert ds._row_bytes() == 6 * 4 * 2 + int(lengths.sum()) * 4 * 2 // 50 + 8
+    assert ds.row_bytes() == 6 * 4 * 2 + int(lengths.sum()) * 4 * 2 // 50 + 8
     positions = rng.permutation(50)[:37]
     whole = ds.read_all(positions)
     sizes = []
     getitems = ActivationDataset.__getitems__
     monkeypatch.setattr(ActivationDataset, "__getitems__", lambda self, p: sizes.append(len(p)) or getitems(self, p))
-    blocks = ds.read_all(positions, block_bytes=10 * ds._row_bytes())
+    blocks = ds.read_all(positions, block_bytes=10 * ds.row_bytes())
     assert sizes == [10, 10, 10, 7]
     assert whole.keys() == blocks.keys() == {"tok", "enc", "y"}
     for name in whole:
