@@ -8,7 +8,8 @@ The data path, one module per stage:
     dataset    store -> torch Dataset, per-process safe, with a chunk-shuffling sampler; token streams
     probe      dataset -> linear and MLP probes against a control task, reports and plots; probe files
     evaluate   probe files -> the same probes on another store (checkpoint, model, data set), or a running model
-extract runs checkpoint -> store in one pipeline; cli is the `marstore` command.
+extract runs checkpoint -> store in one pipeline (scaleout: over ranks and machines, and join);
+similarity compares layers (linear CKA); cli is the `marstore` command.
 """
 
 __version__ = "0.1.0"
