@@ -30,8 +30,8 @@ import torch
 from marstore.dataset import ActivationDataset, rows_where
 from marstore.hooks import Capture, match_modules, nearest_names, parse_layers
 from marstore.loading import IN_HAND
-from marstore.probe import (ProbeError, TrainedProbe, _add_intervals, _breakdown_lines, _features_text, _metrics, _read_report, _table_rows,
-                            finite_rows, load_probe, probe_inputs, report_breakdown_plot, report_depth_plot,
+from marstore.probe import (ProbeError, TrainedProbe, _add_intervals, _breakdown_lines, _features_text, _metrics, _read_report,
+                            _table_rows, finite_rows, load_probe, probe_inputs, report_breakdown_plot, report_depth_plot,
                             token_mean_shape)
 from marstore.report import markdown_table
 from marstore.store import Store, StoreError, open_store

@@ -47,6 +47,7 @@ STATE_KEYS = (
     ("model", False),
 )
 KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.")
+_PREFIX_CHAINS = KNOWN_PREFIXES + tuple(a + b for a in KNOWN_PREFIXES for b in KNOWN_PREFIXES if a != b)
 
 
 class CheckpointError(MarstoreError):
@@ -181,7 +182,6 @@ def _config_global_names() -> list[tuple[Any, str]]:
     plain = [argparse.Namespace, collections.defaultdict, typing.Any, *_DILL_TYPES.values(), *_omegaconf_classes()]
     named = [(obj, f"{obj.__module__}.{getattr(obj, '__qualname__', getattr(obj, '_name', None))}") for obj in plain]
     return named + [(_dill_load_type, "dill._dill._load_type")]
-
 
 
 class StandIn:
@@ -378,7 +378,7 @@ def find_state_dict(ckpt: Any, key: str | None = None) -> tuple[dict[str, torch.
             raise CheckpointError(f"--state-key {key!r}: this checkpoint is a whole {type(ckpt).__name__}, with no keys "
                                   "to choose from")
         return _module_state(ckpt, "the checkpoint"), "(whole module)"
-    if isinstance(ckpt, Mapping) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+    if _is_state(ckpt):
         if key:
             raise CheckpointError(f"--state-key {key!r}: this checkpoint is a bare state dict, with no keys to choose from")
         return dict(ckpt), "(bare state dict)"
@@ -615,7 +615,8 @@ def _rejecting_callee(exc: TypeError) -> tuple[str, set[str]] | None:
         params = None
     if params is None or any(p.kind is p.VAR_KEYWORD for p in params):
         return None
-    return match.group(1).removesuffix(".__init__"), {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    takes = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return match.group(1).removesuffix(".__init__"), takes
 
 
 # What Python says when a call's keyword arguments do not fit the callee's signature.
@@ -646,8 +647,7 @@ def _sections_hint(config: Mapping[str, Any], config_key: str | None) -> str:
 def _best_prefix(state: Mapping[str, torch.Tensor], wanted: set[str]) -> tuple[str | None, int]:
     """The known prefix (or chain of them) whose removal matches the most model keys."""
     best, best_hits = None, len(wanted & set(state))
-    candidates = list(KNOWN_PREFIXES) + [a + b for a in KNOWN_PREFIXES for b in KNOWN_PREFIXES if a != b]
-    for prefix in candidates:
+    for prefix in _PREFIX_CHAINS:
         hits = sum(1 for k in state if k.startswith(prefix) and k[len(prefix):] in wanted)
         if hits > best_hits:
             best, best_hits = prefix, hits
@@ -720,15 +720,15 @@ def describe_checkpoint(ckpt: Any) -> dict:
             info["config"] = {"key": key, "keys": len(config), "scalars": scalars,
                               "sections": config_sections(config, key, limit=12)}
     try:
-        _, chosen = find_state_dict(ckpt)
+        loaded, chosen = find_state_dict(ckpt)
     except CheckpointError as exc:
-        info["weights_problem"], chosen = str(exc), None
+        info["weights_problem"], loaded, chosen = str(exc), None, None
     found = [(k, ema) for k, ema in STATE_KEYS if isinstance(ckpt, Mapping) and _has(ckpt, k)]
-    if chosen is not None and chosen not in dict(found):
-        found = [(chosen, False)]  # a bare state dict, or a module saved whole
-    for key, ema in found:
-        state = _module_state(ckpt if key == chosen and chosen.startswith("(") else _get_path(ckpt, key), key)
-        if not (isinstance(state, Mapping) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
+    states = [(k, ema, loaded if k == chosen else _module_state(_get_path(ckpt, k), k)) for k, ema in found]
+    if chosen is not None and chosen not in dict(found):  # a bare state dict, or a module saved whole
+        states = [(chosen, False, loaded)]
+    for key, ema, state in states:
+        if not _is_state(state):
             continue
         prefix = _common_prefix(state)
         dtypes = collections.Counter(str(v.dtype).removeprefix("torch.") for v in state.values())
@@ -742,6 +742,7 @@ def describe_checkpoint(ckpt: Any) -> dict:
 
 
 def _is_state(obj: Any) -> bool:
+    """A state dict of some tensors (names to tensors)."""
     return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
@@ -774,7 +775,7 @@ def _common_prefix(state: Mapping[str, torch.Tensor]) -> str | None:
     """The known prefix (module., _orig_mod., model., or a chain of them) that most of the names
     carry, as load_weights would strip it against a model of the names without it."""
     best, best_hits = None, len(state) // 2
-    for prefix in list(KNOWN_PREFIXES) + [a + b for a in KNOWN_PREFIXES for b in KNOWN_PREFIXES if a != b]:
+    for prefix in _PREFIX_CHAINS:
         hits = sum(k.startswith(prefix) for k in state)
         if hits > best_hits or (hits == best_hits and best and len(prefix) > len(best)):
             best, best_hits = prefix, hits
