@@ -31,7 +31,6 @@ import json
 import os
 import pickle
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import finish, machine  # noqa: E402
+from common import finish, machine, peak_rss_mb  # noqa: E402
 
 
 class MemoryDataset(torch.utils.data.Dataset):
@@ -116,7 +115,7 @@ def run_way(way: str, rows: int, args, out: str) -> dict:
         for h in handles:
             h.remove()
     return {"seconds": seconds, "rows": rows, "rows_per_s": rows / seconds, "bytes": nbytes,
-            "mb_per_s": nbytes / seconds / 2**20, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "mb_per_s": nbytes / seconds / 2**20, "peak_rss_mb": peak_rss_mb()}
 
 
 def disk_write_mb_s(directory: str, megabytes: int) -> float:

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import pickle
-import resource
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import finish, machine  # noqa: E402
+from common import finish, machine, peak_rss_mb  # noqa: E402
 
 LAYERS = [f"encoder_blocks.{i}" for i in range(4)]
 ROW = (128, 256)
@@ -81,7 +80,7 @@ def run_way(way: str, path: str, total: int) -> dict:
             pickle.dump({n: np.concatenate(v) for n, v in kept.items()}, f, protocol=pickle.HIGHEST_PROTOCOL)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "file_bytes": os.path.getsize(path),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def child(way: str, total: int, directory: str) -> dict:

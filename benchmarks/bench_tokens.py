@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import arguments, finish, machine  # noqa: E402
+from common import arguments, finish, machine, peak_rss_mb  # noqa: E402
 
 TOKENS, FEATURES, BATCH = 256, 128, 4096
 
@@ -65,7 +65,7 @@ def run_way(way: str, path: str) -> dict:
     seconds = time.perf_counter() - start
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # DataLoader workers
     return {"tokens": seen, "seconds": seconds, "tokens_per_s": seen / seconds,
-            "peak_rss_mb": max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, children) / 1024}
+            "peak_rss_mb": max(peak_rss_mb(), children / 1024)}
 
 
 def main() -> None:

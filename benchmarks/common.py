@@ -36,6 +36,19 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB: Linux's VmHWM, which a child starts afresh,
+    where ru_maxrss carries the parent's peak across fork and exec (a child of a process that
+    imported torch would read that process's memory as its floor)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def compare(fns: dict[str, Callable[[], object]], repeats: int, cuda: bool = False) -> dict[str, float]:
     """Median wall time in seconds of each fn, timed in interleaved rounds so that drifts of
     the machine (clock, other load) hit every contender alike; synchronised when cuda.

@@ -26,6 +26,7 @@ import re
 import sys
 import types
 import typing
+import zipfile
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
@@ -106,10 +107,11 @@ def file_digest(path: str) -> CheckpointInfo:
 
 
 def read_checkpoint(path: str, trust: bool = False, report: LoadReport | None = None) -> Any:
-    """torch.load with weights_only=True (argparse.Namespace allowed), unless trust=True; a
-    .safetensors file is read as the flat state dict it holds (it never holds a pickle). In a
-    trusted load, objects whose code is not importable here become inert stand-ins (logged, and
-    noted in `report`): a workspace's pickled normalizer should not keep its weights from loading."""
+    """torch.load with weights_only=True (configs allowed: _config_global_names), unless
+    trust=True, the file's tensors memory-mapped (_mappable); a .safetensors file is read as the
+    flat state dict it holds (it never holds a pickle). In a trusted load, objects whose code is
+    not importable here become inert stand-ins (logged, and noted in `report`): a workspace's
+    pickled normalizer should not keep its weights from loading."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path}: no such file")
     if path.endswith(".safetensors"):
@@ -118,7 +120,7 @@ def read_checkpoint(path: str, trust: bool = False, report: LoadReport | None = 
         log.warning("loading %s with full unpickling (--trust-checkpoint): it can run code", path)
         unpickler = _StandInUnpickler.module()
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=unpickler)
+            ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=unpickler, mmap=_mappable(path))
         except (ImportError, AttributeError) as exc:
             raise CheckpointError(f"checkpoint {path} needs what this torch or numpy lacks ({exc}); was it saved by "
                                   f"another version? (here: torch {torch.__version__})") from None
@@ -132,7 +134,7 @@ def read_checkpoint(path: str, trust: bool = False, report: LoadReport | None = 
         return ckpt
     try:
         with torch.serialization.safe_globals(_config_global_names()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=_mappable(path))
     except Exception as exc:  # noqa: BLE001 - turned into a clear message below
         if "weights_only" not in str(exc) and "Unsupported global" not in str(exc):
             raise CheckpointError(f"checkpoint {path} cannot be read: {' '.join(str(exc).split())[:300]}") from None
@@ -150,6 +152,13 @@ def read_checkpoint(path: str, trust: bool = False, report: LoadReport | None = 
             f"checkpoint {path} needs unpickling of {listed}, which a safe load refuses{missing}; if you trust "
             "its source, pass --trust-checkpoint"
         ) from None
+
+
+def _mappable(path: str) -> bool:
+    """Whether torch.load can map the file's tensors rather than read them: a training
+    checkpoint's optimizer moments (twice the weights with AdamW) and the weights not chosen are
+    then never read into memory. Files of torch's legacy format are read whole."""
+    return zipfile.is_zipfile(path)
 
 
 # Builtin types by the names dill's pickles give them (diffusion_policy and UVA save their

@@ -377,6 +377,27 @@ def test_a_workspace_saved_with_dill_loads_safely(tmp_path):
         read_checkpoint(str(tmp_path / "code.ckpt"))
 
 
+def test_a_checkpoint_is_read_without_its_optimizer_state_in_memory(tmp_path):
+    """A training checkpoint holds the optimizer's moments beside the weights (twice their size
+    with AdamW): its tensors are mapped, so only the weights used are read into memory. A file of
+    torch's legacy format is read whole, as before."""
+    moments = {i: {"exp_avg": torch.ones(1 << 20), "exp_avg_sq": torch.ones(1 << 20)} for i in range(24)}  # 192 MiB
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": {"w": torch.full((1 << 18,), 2.0)}, "optimizer": {"state": moments}}, path)
+    # the peak of this process's own memory (VmHWM: ru_maxrss keeps the parent's across fork and exec)
+    code = ("import re, sys, torch\n"
+            "from marstore.loading import find_state_dict, read_checkpoint\n"
+            "peak = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+            "before = peak()\n"
+            "state, key = find_state_dict(read_checkpoint(sys.argv[1]))\n"
+            "assert key == 'model' and float(state['w'].sum()) == 2.0 * (1 << 18)\n"
+            "print((peak() - before) // 1024)")
+    grown = int(subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True).stdout)
+    assert grown < 48  # MiB: the weights (1 MiB), not the 192 MiB of moments
+    torch.save({"model": {"w": torch.full((4,), 2.0)}}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    assert read_checkpoint(str(tmp_path / "legacy.pth"))["model"]["w"].tolist() == [2.0] * 4
+
+
 def test_info_describes_a_checkpoint_before_any_builder_is_written(tmp_path, capsys):
     """`marstore info CKPT`: its entries, the config and the weights a run would take, and the
     modules those weights belong to, each a name --layers takes."""
