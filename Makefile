@@ -34,6 +34,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_tokens.py --quick
 	$(BIN)/python benchmarks/bench_similarity.py --quick
 	$(BIN)/python benchmarks/bench_ragged_rewrite.py --quick
+	$(BIN)/python benchmarks/bench_checkpoint.py --quick
 
 # Compiles and links the CUDA sources against a CUDA build of torch on a machine without a
 # GPU, then imports the result, so that a CUDA compile error cannot land unseen.
