@@ -99,6 +99,7 @@ class ExtractOptions:
     stop_early: bool = False
     unfold_batch: bool = False
     train_mode: bool = False
+    redirect_cuda: bool = False  # the model's own .cuda() calls keep their tensors on the run's device (MAR on a CPU)
     autocast: str | None = None
     targets: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
@@ -146,7 +147,7 @@ class ExtractOptions:
         """The options that must match for --resume (not where or how fast)."""
         d = asdict(self)
         for key in ("resume", "progress", "workers", "slots", "command", "device", "out", "malloc_tuning", "skip_failed",
-                    "dry_run"):
+                    "dry_run", "redirect_cuda"):
             d.pop(key)
         return d
 
@@ -749,6 +750,10 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         forward = in_hand.forward
     else:
         forward = loading.import_callable(opts.forward, "--forward") if opts.forward else DefaultForward()
+    if opts.redirect_cuda and device.type == "cuda":
+        log.info("--redirect-cuda: the run's device is %s, where the model's .cuda() calls already go", device)
+    elif opts.redirect_cuda:
+        forward = _CudaCallsTo(forward, device)
     # mixed precision as the model was trained (UVA: bfloat16); the hooks then see bfloat16 where autocast casts
     autocast = (lambda: torch.autocast(device.type, dtype=STORE_DTYPES[opts.autocast])) if opts.autocast \
         else contextlib.nullcontext
@@ -1326,6 +1331,44 @@ def _outputs_of(out: Any, names: Sequence[str], left_out: dict[str, str]) -> dic
     return scalars
 
 
+class _CudaCallsTo:
+    """--redirect-cuda: the forward, with the model's own .cuda() calls (MAR's makes them, as in
+    torch.Tensor(orders).cuda()) putting tensors and modules on the run's device instead, for as
+    long as the forward runs. Said at the first such call."""
+
+    def __init__(self, forward: Callable, device: torch.device):
+        self.forward, self.device, self.calls, self.forwards = forward, device, 0, 0
+
+    def _redirected(self) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            log.info("--redirect-cuda: forward %d called .cuda(); its tensors, and those of every later call, stay on %s",
+                     self.forwards + 1, self.device)
+
+    def __call__(self, model: torch.nn.Module, batch: Any) -> Any:
+        def tensor_cuda(tensor: torch.Tensor, *args: Any, non_blocking: bool = False, **kwargs: Any) -> torch.Tensor:
+            self._redirected()
+            return tensor.to(self.device, non_blocking=non_blocking)
+
+        def module_cuda(module: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
+            self._redirected()
+            return module.to(self.device)
+
+        patched = [(torch.Tensor, tensor_cuda), (torch.nn.Module, module_cuda)]
+        own = [("cuda" in cls.__dict__, cls.__dict__.get("cuda")) for cls, _ in patched]
+        for cls, replacement in patched:
+            cls.cuda = replacement
+        try:
+            return self.forward(model, batch)
+        finally:
+            for (cls, _), (had, original) in zip(patched, own):
+                if had:
+                    cls.cuda = original
+                else:  # torch.Tensor inherits it from the C base class
+                    del cls.cuda
+            self.forwards += 1
+
+
 # what torch says where code asks for CUDA that the run cannot give it
 _CUDA_UNAVAILABLE = re.compile(r"Torch not compiled with CUDA enabled|Found no NVIDIA driver|No CUDA GPUs are available|"
                                r"Expected all tensors to be on the same device.*cuda")
@@ -1345,8 +1388,8 @@ def _call_forward(forward: Callable, model: torch.nn.Module, batch: Any, device:
         at = f"at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}: `{frames[-1].line}`; " if frames else ""
         gpu = "" if torch.cuda.is_available() else "; this machine has none"
         raise ExtractError(f"the forward uses CUDA in its own code ({at}{type(exc).__name__}: {str(exc).splitlines()[0]}) "
-                           f"and this run's device is {device}: such a model (MAR's forward calls .cuda()) runs only on a "
-                           f"GPU (--device cuda{gpu})") from exc
+                           f"and this run's device is {device}: run it on a GPU (--device cuda{gpu}), or pass "
+                           f"--redirect-cuda to keep the tensors of its .cuda() calls (MAR's) on {device}") from exc
 
 
 def _run_batch(model, forward, capture: hooks.Capture, batch: Any, shapes: dict, opts: ExtractOptions,

@@ -1821,7 +1821,10 @@ def cuda_on_third_batch(model, batch):
 
 def test_a_forward_that_uses_cuda_itself_on_a_cpu_run_stops_in_one_line(tmp_path, caplog):
     """MAR's forward calls .cuda(): on a run whose device is the CPU it fails inside torch; the
-    error says so in one line, with the model's line that did it, and the rows before it stay."""
+    error says so in one line, with the model's line that did it, and the rows before it stay.
+    --redirect-cuda keeps those calls' tensors on the CPU: the run stores what a forward without
+    them would."""
+    fix = "; this machine has none" if not torch.cuda.is_available() else ""
     for dry_run in (3, False):
         cuda_on_third_batch.calls = 0
         with pytest.raises(ExtractError) as info, caplog.at_level(logging.ERROR, logger="marstore.extract"):
@@ -1832,10 +1835,10 @@ def test_a_forward_that_uses_cuda_itself_on_a_cpu_run_stops_in_one_line(tmp_path
             assert message == (f"the forward uses CUDA in its own code (at {__file__}:{cuda_on_third_batch.__code__.co_firstlineno + 3} "
                                "in cuda_on_third_batch: `batch[\"imgs\"] = batch[\"imgs\"].cuda()  # as MAR's forward calls "
                                ".cuda() itself`; AssertionError: Torch not compiled with CUDA enabled) and this run's device is "
-                               "cpu: such a model (MAR's forward calls .cuda()) runs only on a GPU (--device cuda; this machine "
-                               "has none)")
-        assert message.endswith("such a model (MAR's forward calls .cuda()) runs only on a GPU (--device cuda"
-                                 + ("" if torch.cuda.is_available() else "; this machine has none") + ")")
+                               "cpu: run it on a GPU (--device cuda; this machine has none), or pass --redirect-cuda to keep "
+                               "the tensors of its .cuda() calls (MAR's) on cpu")
+        assert message.endswith(f"run it on a GPU (--device cuda{fix}), or pass --redirect-cuda to keep the tensors of its "
+                                ".cuda() calls (MAR's) on cpu")
     assert "stopped by ExtractError: " + str(tmp_path / "s.h5") + " keeps its 16 committed rows" in caplog.text
     with open_store(tmp_path / "s.h5") as store:
         assert (store.rows, store.status) == (16, "incomplete")
@@ -1843,6 +1846,22 @@ def test_a_forward_that_uses_cuda_itself_on_a_cpu_run_stops_in_one_line(tmp_path
     failing_forward.calls = 0
     with pytest.raises(RuntimeError, match="^the third batch fails$"):
         extract(options(tmp_path, forward="test_extract:failing_forward", out=str(tmp_path / "t.h5")))
+    # --redirect-cuda: the same rows as a forward that makes no .cuda() call; torch's own .cuda() is back after each
+    cuda_on_third_batch.calls = 0
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="marstore.extract"):
+        torch.manual_seed(0)
+        redirected = extract(options(tmp_path, forward="test_extract:cuda_on_third_batch", redirect_cuda=True,
+                                     out=str(tmp_path / "redirected.h5")))
+    said = [r.getMessage() for r in caplog.records if "--redirect-cuda" in r.getMessage()]
+    assert said == ["--redirect-cuda: forward 3 called .cuda(); its tensors, and those of every later call, stay on cpu"]
+    assert "cuda" not in torch.Tensor.__dict__ and "cuda" in torch.nn.Module.__dict__
+    torch.manual_seed(0)
+    plain = extract(options(tmp_path, out=str(tmp_path / "plain.h5")))
+    with open_store(redirected.path) as a, open_store(plain.path) as b:
+        assert a.rows == b.rows == 40 and all(a.read(n).tobytes() == b.read(n).tobytes() for n in b.layers)
+    # recorded as --device is not: a resume may add or drop it
+    assert "redirect_cuda" not in ExtractOptions(out="o", model="m", dataset="d", layers=["x"], redirect_cuda=True).recorded()
 
 
 def failing_forward(model, batch):
