@@ -1604,6 +1604,7 @@ def _check_resume(opts: ExtractOptions, metadata: dict, selections: list[hooks.L
         if differ:
             raise ExtractError(f"--resume: the options differ from the ones {opts.out} was written with: "
                                + ", ".join(f"{k} (recorded {recorded.get(k)!r}, now {now.get(k)!r})" for k in differ))
+        _check_same_weights(opts.out, store.metadata.get("checkpoint"), metadata["checkpoint"])
         if store.status == "complete":
             raise ExtractError(f"--resume: {opts.out} is already complete ({store.rows} rows)")
         # every item before the resume point is a committed row or a committed item left out
@@ -1619,6 +1620,21 @@ def _check_resume(opts: ExtractOptions, metadata: dict, selections: list[hooks.L
         except StoreError as exc:
             raise ExtractError(f"--resume --ragged: {exc}") from None
     return start, ragged | set(convert)
+
+
+def _check_same_weights(out: str, then: dict | None, now: dict | None) -> None:
+    """A resume must load the checkpoint the store's rows came from: a training run saves over
+    latest.ckpt, and rows of two models in one store would read as one."""
+    if (then or {}).get("sha256") == (now or {}).get("sha256"):
+        return
+    if then is None or now is None:
+        raise ExtractError(f"--resume: {out} was written {'without a checkpoint' if then is None else 'from ' + then['path']}"
+                           f", and this run {'loads ' + now['path'] if now else 'loads none'}; its rows would mix two "
+                           "models' activations: extract into another --out")
+    raise ExtractError(f"--resume: the checkpoint {now['path']} is not the one {out} was written from (sha256 "
+                       f"{then['sha256'][:12]}... then, {now['sha256'][:12]}... now: saved over since?); its rows would "
+                       f"mix two models' activations: resume with that checkpoint ({then['path']}, {then['bytes']} bytes), "
+                       "or extract into another --out")
 
 
 def _items(n: int) -> str:

@@ -4,6 +4,7 @@ import collections
 import contextlib
 import dataclasses
 import gc
+import hashlib
 import io
 import json
 import logging
@@ -1653,6 +1654,31 @@ def test_resume_refuses_other_options(tmp_path):
     assert str(info.value) == (f"{tmp_path / 's.h5'} exists: pass --resume to continue it (with the options it was "
                                "written with), or choose another --out")
     assert open(tmp_path / "s.h5", "rb").read() == before
+
+
+def test_resume_refuses_a_checkpoint_saved_over_since(tmp_path):
+    """Training saves over latest.ckpt: a resume that loaded the new weights would append rows of
+    another model to the store's."""
+    path = tmp_path / "latest.ckpt"
+    torch.manual_seed(0)
+    save_checkpoint(video_mar(**CONFIG), CONFIG, str(path), "workspace")
+    original = path.read_bytes()
+    run = dict(checkpoint=str(path), config_key="cfg.policy.model", model_args={}, commit_rows=8)
+    with pytest.raises(Interrupted):
+        extract(options(tmp_path, **run), on_batch=lambda rows: rows >= 16 and _raise(KeyboardInterrupt))
+    store = (tmp_path / "s.h5").read_bytes()
+    torch.manual_seed(1)
+    save_checkpoint(video_mar(**CONFIG), CONFIG, str(path), "workspace")
+    digests = [hashlib.sha256(data).hexdigest()[:12] for data in (original, path.read_bytes())]
+    with pytest.raises(ExtractError) as info:
+        extract(options(tmp_path, resume=True, **run))
+    assert str(info.value) == (f"--resume: the checkpoint {path} is not the one {tmp_path / 's.h5'} was written from (sha256 "
+                               f"{digests[0]}... then, {digests[1]}... now: saved over since?); its rows would mix two models' "
+                               f"activations: resume with that checkpoint ({path}, {len(original)} bytes), or extract into "
+                               "another --out")
+    assert (tmp_path / "s.h5").read_bytes() == store
+    path.write_bytes(original)  # that checkpoint back: the resume goes on
+    assert extract(options(tmp_path, resume=True, **run)).rows == 40
 
 
 def test_resume_continues_a_store_written_before_newer_options_existed(tmp_path):
