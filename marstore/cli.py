@@ -132,11 +132,11 @@ def _checkpoint_info(args: argparse.Namespace, ckpt: object) -> int:
     and the modules those weights belong to (what --layers can name)."""
     import json
 
-    from marstore.loading import CONFIG_KEYS, describe_checkpoint
+    from marstore.loading import CONFIG_KEYS, checkpoint_bytes, describe_checkpoint
     from marstore.report import text_table
     from marstore.store import human_bytes
 
-    info = {"path": args.store, "bytes": os.path.getsize(args.store), "trusted": args.trust_checkpoint,
+    info = {"path": args.store, "bytes": checkpoint_bytes(args.store), "trusted": args.trust_checkpoint,
             **describe_checkpoint(ckpt)}
     if args.json:
         print(json.dumps(info, indent=2, default=str))

@@ -19,6 +19,7 @@ import hashlib
 import importlib
 import importlib.machinery
 import inspect
+import json
 import logging
 import os
 import pickle
@@ -99,11 +100,69 @@ class LoadReport:
 
 
 def file_digest(path: str) -> CheckpointInfo:
+    """The checkpoint's size and sha256; of a sharded one's index, over the index and its shards
+    in order, so that a shard saved over since tells too."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return CheckpointInfo(os.path.abspath(path), os.path.getsize(path), h.hexdigest())
+    for name in checkpoint_files(path):
+        with open(name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return CheckpointInfo(os.path.abspath(path), checkpoint_bytes(path), h.hexdigest())
+
+
+def checkpoint_files(path: str) -> list[str]:
+    """The file, or a sharded checkpoint's index and its shards."""
+    return [path, *_shards(path)] if path.endswith(INDEX_SUFFIX) else [path]
+
+
+def checkpoint_bytes(path: str) -> int:
+    return sum(os.path.getsize(name) for name in checkpoint_files(path))
+
+
+INDEX_SUFFIX = ".index.json"  # Hugging Face's sharded checkpoints: model.safetensors.index.json
+
+
+def _shards(index_path: str) -> list[str]:
+    """The shard files an index names, in order, beside it."""
+    folder = os.path.dirname(index_path)
+    shards = [os.path.join(folder, name) for name in sorted(set(_read_index(index_path).values()))]
+    missing = [os.path.basename(shard) for shard in shards if not os.path.isfile(shard)]
+    if missing:
+        raise CheckpointError(f"checkpoint index {index_path} names the shards {missing}, which are not beside it")
+    return shards
+
+
+def _read_index(path: str) -> dict[str, str]:
+    try:
+        with open(path) as f:
+            index = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint index {path} cannot be read ({' '.join(str(exc).split())})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"checkpoint index {path} holds no weight_map of tensor names to shard files, as a sharded "
+                              "checkpoint's index does")
+    return weight_map
+
+
+def _read_sharded(path: str, trust: bool, report: LoadReport | None) -> dict[str, torch.Tensor]:
+    """A sharded checkpoint (an index and the shards it names, .safetensors or torch files) as one
+    state dict, each tensor taken from the shard the index names for it."""
+    weight_map = _read_index(path)
+    state: dict[str, torch.Tensor] = {}
+    for shard in _shards(path):
+        part = read_checkpoint(shard, trust=trust, report=report)
+        if not _is_state(part):
+            raise CheckpointError(f"shard {shard} of {path} is not a state dict (a mapping of names to tensors)")
+        mine = {name for name, file in weight_map.items() if file == os.path.basename(shard)}
+        if set(part) != mine:
+            lacks, extra = sorted(mine - set(part)), sorted(set(part) - mine)
+            raise CheckpointError(f"shard {shard} does not hold what {os.path.basename(path)} says: it lacks "
+                                  f"{lacks[:5]}{' ...' if len(lacks) > 5 else ''} and holds {extra[:5]}"
+                                  f"{' ...' if len(extra) > 5 else ''} besides")
+        state.update(part)
+    log.info("%s: %d tensors from %d shards", path, len(state), len(set(weight_map.values())))
+    return state
 
 
 def read_checkpoint(path: str, trust: bool = False, report: LoadReport | None = None) -> Any:
@@ -114,6 +173,8 @@ def read_checkpoint(path: str, trust: bool = False, report: LoadReport | None = 
     pickled normalizer should not keep its weights from loading."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path}: no such file")
+    if path.endswith(INDEX_SUFFIX):
+        return _read_sharded(path, trust, report)
     if path.endswith(".safetensors"):
         return _read_safetensors(path)
     if trust:

@@ -28,7 +28,7 @@ from conftest import requires_cuda
 from marstore import extract as extract_module, hooks
 from marstore.cli import main
 from marstore.extract import ExtractError, ExtractOptions, Interrupted, _duration, extract
-from marstore.loading import CheckpointError, build_model, find_config, find_state_dict, load_weights, read_checkpoint, to_plain
+from marstore.loading import CheckpointError, build_model, file_digest, find_config, find_state_dict, load_weights, read_checkpoint, to_plain
 from marstore.models import LAYOUTS, policy_forward, save_checkpoint, synthetic_video_actions, video_mar
 from marstore.store import LayerSpec, StoreError, StoreWriter, human_bytes, open_store
 
@@ -199,6 +199,51 @@ def test_a_safetensors_checkpoint_is_a_state_dict_without_pickles(tmp_path, monk
         read_checkpoint(path)
     assert str(info.value) == (f"checkpoint {path} is a safetensors file, and reading one needs the safetensors package: "
                                "pip install safetensors")
+
+
+@pytest.mark.parametrize("shard_format", ["safetensors", "bin"])
+def test_a_sharded_checkpoint_is_read_through_its_index(tmp_path, shard_format):
+    """Hugging Face's sharded checkpoints: an index (model.safetensors.index.json) naming the
+    shard of each tensor; the run loads them together, and its digest covers every shard."""
+    torch.manual_seed(3)
+    model = video_mar(**CONFIG)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    names = list(state)
+    shards = {f"model-0000{i + 1}-of-00002.{shard_format}": names[i::2] for i in range(2)}
+    for file, part in shards.items():
+        if shard_format == "safetensors":
+            pytest.importorskip("safetensors.torch").save_file({k: state[k] for k in part}, str(tmp_path / file))
+        else:
+            torch.save({k: state[k] for k in part}, tmp_path / file)
+    index = tmp_path / f"model.{shard_format}.index.json"
+    index.write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": {k: f for f, part in shards.items() for k in part}}))
+    loaded, key = find_state_dict(read_checkpoint(str(index)))
+    assert key == "(bare state dict)" and sorted(loaded) == sorted(state) and all(torch.equal(loaded[k], v) for k, v in state.items())
+    result = extract(options(tmp_path, checkpoint=str(index), num_samples=8))
+    assert result.load_report["loaded"] == len(state) and result.load_report["missing_count"] == 0
+    with open_store(result.path) as store:
+        digest = store.metadata["checkpoint"]
+    assert digest["bytes"] == sum(os.path.getsize(tmp_path / f) for f in [index.name, *shards])
+    # a shard saved over since changes the digest (so that a resume refuses it)
+    first = tmp_path / next(iter(shards))
+    assert file_digest(str(index)).sha256 == digest["sha256"]
+    changed = {k: state[k] + (k == shards[first.name][0]) for k in shards[first.name]}
+    if shard_format == "safetensors":
+        pytest.importorskip("safetensors.torch").save_file(changed, str(first))
+    else:
+        torch.save(changed, first)
+    assert file_digest(str(index)).sha256 != digest["sha256"]
+    # what does not fit the index is said in one line
+    index.write_text(json.dumps({"weight_map": {names[0]: "gone.safetensors"}}))
+    with pytest.raises(CheckpointError, match=r"names the shards \['gone.safetensors'\], which are not beside it$"):
+        read_checkpoint(str(index))
+    index.write_text(json.dumps({"weight_map": {k: first.name for k in shards[first.name] + [names[1]]}}))
+    with pytest.raises(CheckpointError, match=rf"^shard {re.escape(str(first))} does not hold what {index.name} says: it lacks "
+                                             rf"\['{re.escape(names[1])}'\] and holds \[\] besides$"):
+        read_checkpoint(str(index))
+    index.write_text(json.dumps({"shards": []}))
+    with pytest.raises(CheckpointError, match=r"holds no weight_map of tensor names to shard files"):
+        read_checkpoint(str(index))
 
 
 def test_a_model_module_in_the_working_directory_is_found_as_python_m_finds_it(tmp_path, monkeypatch, caplog):
