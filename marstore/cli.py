@@ -191,7 +191,8 @@ def _info(args: argparse.Namespace) -> int:
     from marstore.store import TEXT, is_text, open_store
 
     store_name = args.store.endswith((".h5", ".hdf5"))  # one that is not HDF5 is said to be damaged
-    if os.path.isfile(args.store) and not store_name and not h5py.is_hdf5(args.store):  # a probe file, or a checkpoint
+    if os.path.isdir(args.store) or os.path.isfile(args.store) and not store_name and not h5py.is_hdf5(args.store):
+        # a probe file, or a checkpoint (a folder: the weights Hugging Face's save_pretrained writes there)
         from marstore.loading import read_checkpoint
         from marstore.probe import PROBE_FORMAT
 

@@ -49,6 +49,7 @@ STATE_KEYS = (
     ("model", False),
 )
 KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.")
+INDEX_SUFFIX = ".index.json"  # Hugging Face's sharded checkpoints: model.safetensors.index.json
 _PREFIX_CHAINS = KNOWN_PREFIXES + tuple(a + b for a in KNOWN_PREFIXES for b in KNOWN_PREFIXES if a != b)
 
 
@@ -107,19 +108,38 @@ def file_digest(path: str) -> CheckpointInfo:
         with open(name, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)
-    return CheckpointInfo(os.path.abspath(path), checkpoint_bytes(path), h.hexdigest())
+    return CheckpointInfo(os.path.abspath(resolve_checkpoint(path, quiet=True)), checkpoint_bytes(path), h.hexdigest())
 
 
 def checkpoint_files(path: str) -> list[str]:
     """The file, or a sharded checkpoint's index and its shards."""
+    path = resolve_checkpoint(path, quiet=True)
     return [path, *_shards(path)] if path.endswith(INDEX_SUFFIX) else [path]
+
+
+# what a folder of weights holds, in order of preference (Hugging Face's save_pretrained writes these)
+FOLDER_CHECKPOINTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", INDEX_SUFFIX)
+
+
+def resolve_checkpoint(path: str, quiet: bool = False) -> str:
+    """A checkpoint file; a folder gives the weights Hugging Face's save_pretrained writes into it,
+    and one without them (a training run's checkpoints/) is refused with the files to name."""
+    if not os.path.isdir(path):
+        return path
+    for name in FOLDER_CHECKPOINTS:
+        if os.path.isfile(os.path.join(path, name)):
+            if not quiet:
+                log.info("checkpoint %s is a folder: reading its %s", path, name)
+            return os.path.join(path, name)
+    found = sorted(name for name in os.listdir(path) if name.endswith(CHECKPOINT_SUFFIXES))
+    raise CheckpointError(f"checkpoint {path} is a folder without {FOLDER_CHECKPOINTS[1]} or {FOLDER_CHECKPOINTS[3]} (or "
+                          f"their index); name one of its checkpoints: {', '.join(found[:8]) or 'it holds none'}"
+                          f"{' ...' if len(found) > 8 else ''}")
 
 
 def checkpoint_bytes(path: str) -> int:
     return sum(os.path.getsize(name) for name in checkpoint_files(path))
-
-
-INDEX_SUFFIX = ".index.json"  # Hugging Face's sharded checkpoints: model.safetensors.index.json
 
 
 def _shards(index_path: str) -> list[str]:
@@ -173,6 +193,7 @@ def read_checkpoint(path: str, trust: bool = False, report: LoadReport | None = 
     pickled normalizer should not keep its weights from loading."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path}: no such file")
+    path = resolve_checkpoint(path)
     if path.endswith(INDEX_SUFFIX):
         return _read_sharded(path, trust, report)
     if path.endswith(".safetensors"):

@@ -246,6 +246,31 @@ def test_a_sharded_checkpoint_is_read_through_its_index(tmp_path, shard_format):
         read_checkpoint(str(index))
 
 
+def test_a_folder_checkpoint_is_the_weights_save_pretrained_writes_there(tmp_path, capsys):
+    torch.manual_seed(4)
+    state = video_mar(**CONFIG).state_dict()
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    torch.save(state, folder / "pytorch_model.bin")
+    (folder / "config.json").write_text("{}")
+    loaded, key = find_state_dict(read_checkpoint(str(folder)))
+    assert key == "(bare state dict)" and all(torch.equal(loaded[k], v) for k, v in state.items())
+    assert file_digest(str(folder)) == file_digest(str(folder / "pytorch_model.bin"))
+    result = extract(options(tmp_path, checkpoint=str(folder), num_samples=8))
+    assert result.load_report["loaded"] == len(state)
+    assert main(["info", str(folder)]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == f"  (checkpoint)  state dict of {len(state)} tensors"
+    # a training run's folder of checkpoints: name one
+    runs = tmp_path / "checkpoints"
+    runs.mkdir()
+    for name in ("latest.ckpt", "epoch=0100-train_loss=0.1.ckpt", "notes.txt"):
+        (runs / name).write_bytes(b"")
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(str(runs))
+    assert str(info.value) == (f"checkpoint {runs} is a folder without model.safetensors or pytorch_model.bin (or their "
+                               "index); name one of its checkpoints: epoch=0100-train_loss=0.1.ckpt, latest.ckpt")
+
+
 def test_a_model_module_in_the_working_directory_is_found_as_python_m_finds_it(tmp_path, monkeypatch, caplog):
     # the `marstore` command's sys.path starts at its own bin/, not at the working directory
     from marstore.loading import import_callable
