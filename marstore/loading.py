@@ -100,23 +100,6 @@ class LoadReport:
         return d
 
 
-def file_digest(path: str) -> CheckpointInfo:
-    """The checkpoint's size and sha256; of a sharded one's index, over the index and its shards
-    in order, so that a shard saved over since tells too."""
-    h = hashlib.sha256()
-    for name in checkpoint_files(path):
-        with open(name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-    return CheckpointInfo(os.path.abspath(resolve_checkpoint(path, quiet=True)), checkpoint_bytes(path), h.hexdigest())
-
-
-def checkpoint_files(path: str) -> list[str]:
-    """The file, or a sharded checkpoint's index and its shards."""
-    path = resolve_checkpoint(path, quiet=True)
-    return [path, *_shards(path)] if path.endswith(INDEX_SUFFIX) else [path]
-
-
 # what a folder of weights holds, in order of preference (Hugging Face's save_pretrained writes these)
 FOLDER_CHECKPOINTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", INDEX_SUFFIX)
@@ -138,8 +121,26 @@ def resolve_checkpoint(path: str, quiet: bool = False) -> str:
                           f"{' ...' if len(found) > 8 else ''}")
 
 
+def checkpoint_files(path: str) -> list[str]:
+    """The file, or a sharded checkpoint's index and its shards."""
+    path = resolve_checkpoint(path, quiet=True)
+    return [path, *_shards(path)] if path.endswith(INDEX_SUFFIX) else [path]
+
+
 def checkpoint_bytes(path: str) -> int:
+    """The bytes of the checkpoint's files (checkpoint_files)."""
     return sum(os.path.getsize(name) for name in checkpoint_files(path))
+
+
+def file_digest(path: str) -> CheckpointInfo:
+    """The checkpoint's size and sha256; of a sharded one's index, over the index and its shards
+    in order, so that a shard saved over since tells too."""
+    h = hashlib.sha256()
+    for name in checkpoint_files(path):
+        with open(name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return CheckpointInfo(os.path.abspath(resolve_checkpoint(path, quiet=True)), checkpoint_bytes(path), h.hexdigest())
 
 
 def _shards(index_path: str) -> list[str]:
