@@ -22,7 +22,7 @@ import logging
 import os
 import re
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from marstore.probe import (ProbeError, TrainedProbe, _add_intervals, _breakdown
                             _table_rows, finite_rows, load_probe, probe_inputs, report_breakdown_plot, report_depth_plot,
                             token_mean_shape)
 from marstore.report import markdown_table
-from marstore.store import Store, StoreError, open_store
+from marstore.store import Store, StoreError, open_store, rows_equal
 from marstore.transfer import resolve_device
 
 log = logging.getLogger(__name__)
@@ -64,27 +64,62 @@ class EvaluateOptions:
             raise ProbeError(str(exc)) from None
 
 
-def _same_samples(trained_on: dict, store: Store) -> str | None:
-    """Why the store's source indices name samples of the probes' data set, or None where they do
-    not (or it cannot be told: a store written without recording its data set, or from a data
-    set object recorded by its class alone)."""
+class _Samples(NamedTuple):
+    """How a store's samples relate to the probes' data set: the same (why), perhaps the same
+    (the store, in words: it cannot be told), or others (why)."""
+    same: str | None = None
+    perhaps: str | None = None
+    other: str | None = None
+
+
+def _same_samples(trained_on: dict, store: Store) -> _Samples:
+    """Whether the store's source indices name samples of the probes' data set. The same data
+    set callable with other arguments (another size, another split) is told by the probes'
+    store, where it is still there: the targets of samples of one source index agree in both
+    only if they are one sample. A store recorded without its data set, or from a data set
+    object recorded by its class alone, is taken for other samples."""
     if os.path.abspath(store.path) == trained_on["path"] and str(store.file.attrs["created"]) == trained_on["created"]:
-        return "the store the probes were trained on"
+        return _Samples(same="the store the probes were trained on")
     then = trained_on["dataset"]
-    named = then[0] is not None and not then[0].startswith(IN_HAND)
-    if named and then == [store.metadata.get("dataset"), store.metadata.get("dataset_args")]:
-        return f"an extraction of the same data set ({then[0]} {json.dumps(then[1], sort_keys=True)})"
-    return None
-
-
-def _other_arguments(trained_on: dict, store: Store) -> str | None:
-    """Where the store is an extraction of the probes' data set callable with other arguments
-    (another size, another split), the two in words: whether a source index is the same sample in
-    both, only the data set knows (the built-in one's item i is the same at any size)."""
-    then, now = trained_on["dataset"], [store.metadata.get("dataset"), store.metadata.get("dataset_args")]
+    now = [store.metadata.get("dataset"), store.metadata.get("dataset_args")]
     if then[0] is None or then[0].startswith(IN_HAND) or then[0] != now[0]:
+        return _Samples()
+    if then == now:
+        return _Samples(same=f"an extraction of the same data set ({then[0]} {json.dumps(then[1], sort_keys=True)})")
+    other = f"{now[0]} with {json.dumps(now[1], sort_keys=True)}, the probes' with {json.dumps(then[1], sort_keys=True)}"
+    compared = _compare_targets(trained_on, store)
+    if compared is None:
+        return _Samples(perhaps=f"an extraction of {other}")
+    differ, shared = compared
+    if not differ:
+        return _Samples(same=f"an extraction of {other}, whose targets agree with the probes' store's on all {shared} "
+                             "samples both hold")
+    return _Samples(other=f"an extraction of {other}, whose targets differ from the probes' store's on {differ} of the "
+                          f"{shared} samples of source indices both hold: other samples")
+
+
+def _compare_targets(trained_on: dict, store: Store) -> tuple[int, int] | None:
+    """(samples whose targets differ, samples compared) between the probes' store and store, by
+    source index, over the targets both hold; None where the probes' store is gone (or rewritten),
+    or the two share no target or no source index."""
+    path = trained_on["path"]
+    if not os.path.isfile(path):
         return None
-    return f"{now[0]} with {json.dumps(now[1], sort_keys=True)}, the probes' with {json.dumps(then[1], sort_keys=True)}"
+    try:
+        theirs = open_store(path)
+    except StoreError:
+        return None
+    with theirs:
+        names = sorted(set(theirs.targets) & set(store.targets))
+        if str(theirs.file.attrs["created"]) != trained_on["created"] or not names:
+            return None
+        common, mine, other = np.intersect1d(store.index(), theirs.index(), return_indices=True)
+        if not len(common):
+            return None
+        same = np.ones(len(common), dtype=bool)
+        for name in names:
+            same &= rows_equal(store.target(name)[mine], theirs.target(name)[other])
+    return int((~same).sum()), len(common)
 
 
 def _held_out_rows(probe: TrainedProbe, index: np.ndarray, store_path: str, allowed: np.ndarray | None) -> np.ndarray:
@@ -253,7 +288,8 @@ def evaluate_probes(opts: EvaluateOptions) -> dict:
                 raise ProbeError(f"{opts.store} has no layer {layer!r}; nearest: {nearest_names(layer, list(store.layers))}")
             held_as[name] = _check_rows(layers[-1]["probe"], store)
         first = layers[0]["probe"]
-        same = _same_samples(first.trained_on, store)
+        samples = _same_samples(first.trained_on, store)
+        same = samples.same
         mode = opts.rows if opts.rows != "auto" else "held-out" if same else "all"
         if same and mode == "all":
             log.warning("rows: %s is %s, and every row of it includes the samples the probes were fitted and chosen on: "
@@ -262,12 +298,11 @@ def evaluate_probes(opts: EvaluateOptions) -> dict:
         if opts.rows == "auto" and same:
             log.info("rows: the samples the probes were not fitted or chosen on, as %s is %s", opts.store, same)
         elif opts.rows == "auto":
-            other = _other_arguments(first.trained_on, store)
-            seen = int(first.saw(index).sum()) if other else 0
-            log.info("rows: all %d committed rows of %s, %s", store.rows, opts.store,
-                     f"an extraction of {other}: where a source index is the same sample in both, {seen} of them are of "
-                     "samples the probes were fitted or chosen on (--rows held-out leaves those out)" if seen else
-                     "whose samples the probes never saw")
+            seen = int(first.saw(index).sum()) if samples.perhaps else 0
+            log.info("rows: all %d committed rows of %s, %s", store.rows, opts.store, samples.other or (
+                f"{samples.perhaps}: where a source index is the same sample in both, {seen} of them are of samples the "
+                "probes were fitted or chosen on (--rows held-out leaves those out)" if seen else
+                "whose samples the probes never saw"))
         where = training.get("where", []) if opts.where is None else opts.where
         try:
             allowed = rows_where(store, where, store.rows) if where else None

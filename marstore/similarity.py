@@ -30,7 +30,7 @@ import torch
 from marstore.dataset import READ_BLOCK_BYTES, ActivationDataset, flat_tokens, layers_of, row_tokens, rows_where
 from marstore.errors import MarstoreError
 from marstore.report import heatmap, markdown_table, text_table
-from marstore.store import open_store
+from marstore.store import open_store, rows_equal
 from marstore.transfer import resolve_device
 
 log = logging.getLogger(__name__)
@@ -96,9 +96,7 @@ def _check_same_samples(path: str, other_path: str, rows: np.ndarray, other_rows
     with open_store(path) as store, open_store(other_path) as other:
         shared = sorted(set(store.targets) & set(other.targets))
         for name in shared:
-            a, b = store.target(name)[rows], other.target(name)[other_rows]
-            same = (a == b) | ((a != a) & (b != b)) if a.dtype.kind == "f" and b.dtype.kind == "f" else a == b
-            same = same.reshape(len(rows), -1).all(1)
+            same = rows_equal(store.target(name)[rows], other.target(name)[other_rows])
             if not same.all():
                 sample = int(store.index()[rows[np.flatnonzero(~same)[0]]])
                 raise SimilarityError(f"target {name!r} differs between {path} and {other_path} for sample {sample} (and "

@@ -1035,6 +1035,13 @@ def _describe_error(exc: BaseException, path: str, nbytes: int) -> BaseException
     return exc
 
 
+def rows_equal(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """For each row of two target arrays of one shape: whether every value is equal (NaN equal
+    to NaN): two stores' targets for samples matched by source index."""
+    same = (a == b) | ((a != a) & (b != b)) if a.dtype.kind == "f" and b.dtype.kind == "f" else a == b
+    return np.asarray(same).reshape(len(a), -1).all(1)
+
+
 def human_bytes(nbytes: float) -> str:
     """'512 bytes', '1.5 KiB', '2.0 GiB'."""
     units = ["bytes", "KiB", "MiB", "GiB", "TiB"]

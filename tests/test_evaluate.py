@@ -196,12 +196,10 @@ def test_other_samples_are_evaluated_whole_and_the_same_data_set_on_its_held_out
     _, x, y, _ = linear_store(tmp_path / "other.h5", n=500, x_seed=5, dataset=("mypkg.data:episodes", {"split": "test"}))
     with caplog.at_level(logging.INFO, logger="marstore.evaluate"):
         other = evaluate_probes(EvaluateOptions(probes, str(tmp_path / "other.h5"), out=str(tmp_path / "e1")))
-    # the same callable with other arguments: whether index i is one sample in both, only the data set knows
-    seen = int(load_probe(os.path.join(probes, "h.pt")).saw(np.arange(500)).sum())
-    assert 400 < seen < 500 and (f'rows: all 500 committed rows of {tmp_path / "other.h5"}, an extraction of mypkg.data:episodes '
-                                 f'with {{"split": "test"}}, the probes\' with {{"split": "val"}}: where a source index is the '
-                                 f'same sample in both, {seen} of them are of samples the probes were fitted or chosen on '
-                                 '(--rows held-out leaves those out)') in caplog.text
+    # the same callable with other arguments: the probes' store tells by the targets of each source index
+    assert (f'rows: all 500 committed rows of {tmp_path / "other.h5"}, an extraction of mypkg.data:episodes with {{"split": '
+            '"test"}, the probes\' with {"split": "val"}, whose targets differ from the probes\' store\'s on 500 of the 500 '
+            'samples of source indices both hold: other samples') in caplog.text
     assert other["evaluation"]["rows"] == "all" and other["layers"][0]["split_rows"] == {"test": 500}
     assert other["layers"][0]["probe"]["test"]["r2"] > 0.999
     # the same data set through another model (its features permuted): the held-out samples only
@@ -419,6 +417,31 @@ def test_info_describes_a_probe_file(tmp_path, capsys):
     assert main(["info", str(tmp_path / "old.pt")]) == 2
     assert capsys.readouterr().err.strip() == (f"marstore info: {tmp_path / 'old.pt'} lacks seen_sources, which a "
                                                "marstore-probe/1 file holds; run `marstore probe` again")
+
+
+def test_the_same_data_set_with_other_arguments_is_told_by_the_probes_store(tmp_path, caplog):
+    """size=700 holds the 600 samples of size=600 and 100 more, as the built-in data set does:
+    their targets agree by source index, so only the samples the probes never saw are scored.
+    Where the probes' store is gone, it cannot be told: every row, with a count of the indices
+    the probes saw."""
+    linear_store(tmp_path / "a.h5", dataset=("mypkg.data:episodes", {"size": 600}))
+    train(tmp_path, tmp_path / "a.h5")
+    probes = str(tmp_path / "probes")
+    linear_store(tmp_path / "b.h5", n=700, dataset=("mypkg.data:episodes", {"size": 700}))
+    with caplog.at_level(logging.INFO, logger="marstore.evaluate"):
+        result = evaluate_probes(EvaluateOptions(probes, str(tmp_path / "b.h5"), out=str(tmp_path / "e")))
+    assert result["evaluation"]["rows"] == "held-out" and result["layers"][0]["split_rows"] == {"test": 60 + 100}
+    assert result["evaluation"]["same_samples"] == ('an extraction of mypkg.data:episodes with {"size": 700}, the probes\' '
+                                                    'with {"size": 600}, whose targets agree with the probes\' store\'s on '
+                                                    'all 600 samples both hold')
+    os.rename(tmp_path / "a.h5", tmp_path / "moved.h5")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="marstore.evaluate"):
+        result = evaluate_probes(EvaluateOptions(probes, str(tmp_path / "b.h5"), out=str(tmp_path / "e2")))
+    assert result["evaluation"]["rows"] == "all" and result["layers"][0]["split_rows"] == {"test": 700}
+    assert (f'rows: all 700 committed rows of {tmp_path / "b.h5"}, an extraction of mypkg.data:episodes with {{"size": 700}}, '
+            'the probes\' with {"size": 600}: where a source index is the same sample in both, 540 of them are of samples '
+            'the probes were fitted or chosen on (--rows held-out leaves those out)') in caplog.text
 
 
 def test_a_data_set_recorded_by_its_class_alone_does_not_tell_its_samples(tmp_path, caplog):
