@@ -795,7 +795,8 @@ def _prefix_hint(state: Mapping[str, torch.Tensor], wanted: set[str]) -> str:
 
 def describe_checkpoint(ckpt: Any) -> dict:
     """What a checkpoint (as read_checkpoint gives it) holds, for `marstore info`: each top-level
-    entry in a few words; the config find_config would take (its key, scalar values, sections);
+    entry in a few words; the config find_config would take (its key, scalar values, sections,
+    and all its values, resolved as a run resolves them);
     every state dict found (tensors, values, dtypes, the prefix its names carry), the one the run
     would load marked; and the top-level modules those weights belong to, numbered blocks
     together: what --layers patterns can name, before a builder is written."""
@@ -810,7 +811,7 @@ def describe_checkpoint(ckpt: Any) -> dict:
         if key:
             scalars = {k: v for k, v in config.items() if isinstance(v, (str, int, float, bool)) or v is None}
             info["config"] = {"key": key, "keys": len(config), "scalars": scalars,
-                              "sections": config_sections(config, key, limit=12)}
+                              "sections": config_sections(config, key, limit=12), "values": config}
     try:
         loaded, chosen = find_state_dict(ckpt)
     except CheckpointError as exc:

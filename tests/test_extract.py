@@ -504,6 +504,8 @@ def test_info_describes_a_checkpoint_before_any_builder_is_written(tmp_path, cap
         model.get_submodule(m["name"].split("-")[0])
     # MAR's layout: its argparse arguments as the config, the EMA weights loaded
     save_checkpoint(model, {**CONFIG, "lr": 1e-4}, str(tmp_path / "mar.pth"), "mar")
+    assert main(["info", str(tmp_path / "mar.pth"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["values"] == {**CONFIG, "lr": 1e-4}  # what --model gets
     assert main(["info", str(tmp_path / "mar.pth")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[7:9] == ["config: checkpoint['args'], 7 keys; sections: args.shape_meta, args.shape_meta.action "
