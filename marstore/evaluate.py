@@ -7,10 +7,12 @@ Every probe that `marstore probe` wrote into the folder `probes` (and its contro
 unchanged, to its layer's rows in `store`: standardised with the statistics the probe was
 trained with, not the new store's, so that the probe is the same function of the activations.
 Which rows: a store of other samples is evaluated whole; a store of the same samples (the
-store the probes were trained on, or another extraction of the same data set, such as another
-checkpoint's) only on the samples the probes were never fitted or chosen on: their test
-samples, and samples their store did not hold (rows="auto", logged; "all" or "held-out"
-choose). The report has the layout of a probe report (report.json, report.md, depth.png, with
+store the probes were trained on, another extraction of the same data set, such as another
+checkpoint's, or of its callable with other arguments whose targets agree with the probes'
+store's) only on the samples the probes were never fitted or chosen on: their test samples,
+and samples their store did not hold (rows="auto", logged; "all" or "held-out" choose). A
+probe of token means applies to any store whose rows give those means (token means stored,
+full tokens, ragged ones). The report has the layout of a probe report (report.json, report.md, depth.png, with
 the 95% bootstrap intervals), so that `marstore compare probes transfer` puts the two side by
 side. LiveProbes applies probe files to a model as it runs.
 """
