@@ -174,6 +174,37 @@ def _checkpoint_info(args: argparse.Namespace, ckpt: object) -> int:
     return 0
 
 
+def _report_folders(folder: str) -> list[str]:
+    """The folders of one report each that `marstore probe --target a b` writes into folder."""
+    return sorted(name for name in os.listdir(folder) if os.path.isfile(os.path.join(folder, name, "report.json")))
+
+
+def _report_info(args: argparse.Namespace) -> int:
+    """`marstore info` of a folder that `marstore probe` or `marstore evaluate` wrote: what was
+    probed, on which store, and the table (of each target's folder, where there are several)."""
+    import json
+
+    from marstore.probe import _read_report, table
+
+    if not os.path.isfile(os.path.join(args.store, "report.json")):
+        folders = _report_folders(args.store)
+        summary = os.path.join(args.store, "summary.md")
+        print(f"{args.store}: the probe reports of {len(folders)} targets, a folder each: {', '.join(folders)}"
+              + (f"; {summary} holds each layer's metric by target" if os.path.isfile(summary) else ""))
+        return 0
+    report = _read_report(args.store)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    evaluated = report.get("evaluation")
+    whose = f" in {evaluated['probes']}" if evaluated else ""
+    print(f"{args.store}: the probes of {report['target']!r}{whose} ({report['task']}, {report['metric']}, "
+          f"{len(report['layers'])} entries), {'evaluated' if evaluated else 'trained'} on {report['store']} "
+          f"({report['store_status']}, {report['rows']} rows)")
+    print(table(report))
+    return 0
+
+
 def _ragged_tokens(store, name: str) -> dict | None:
     """A ragged layer's token rows: in all, and the fewest and most a committed row holds."""
     counts = store.token_counts(name)
@@ -190,6 +221,8 @@ def _info(args: argparse.Namespace) -> int:
     from marstore.extract import describe_output, summarize_outputs
     from marstore.store import TEXT, is_text, open_store
 
+    if os.path.isdir(args.store) and (os.path.isfile(os.path.join(args.store, "report.json")) or _report_folders(args.store)):
+        return _report_info(args)
     store_name = args.store.endswith((".h5", ".hdf5"))  # one that is not HDF5 is said to be damaged
     if os.path.isdir(args.store) or os.path.isfile(args.store) and not store_name and not h5py.is_hdf5(args.store):
         # a probe file, or a checkpoint (a folder: the weights Hugging Face's save_pretrained writes there)
@@ -510,7 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.set_defaults(func=_doctor)
     info = sub.add_parser("info", help="describe a store (status, rows, layers, targets, the recorded run), a probe file, "
                                        "or a checkpoint (its config, weights and modules)")
-    info.add_argument("store", help="the store's .h5 file, a probe's .pt file, or a checkpoint (any layout)")
+    info.add_argument("store", help="the store's .h5 file, a probe's .pt file, a folder of probes, or a checkpoint (any "
+                                    "layout)")
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.add_argument("--trust-checkpoint", action="store_true", help="a checkpoint: allow full unpickling (runs code in the file)")
     info.set_defaults(func=_info)

@@ -973,6 +973,9 @@ def test_the_probe_command_takes_several_targets_and_resumes_past_the_finished_o
                             f"signal  {r2['y']:>6}  {r2['episode']:>12}", f"summary: {out / 'summary.md'}, {out / 'by_target.png'}"]
     assert f"| signal | {r2['y']} | {r2['episode']} |" in open(out / "summary.md").read()
     assert os.path.getsize(out / "by_target.png") > 5000
+    assert main(["info", str(out)]) == 0
+    assert capsys.readouterr().out == (f"{out}: the probe reports of 2 targets, a folder each: episode, y; {out / 'summary.md'} "
+                                       "holds each layer's metric by target\n")
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished target was trained again")

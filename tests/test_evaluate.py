@@ -284,6 +284,14 @@ def test_evaluate_refuses_what_does_not_fit_in_one_line(tmp_path, capsys):
     assert printed[0].split()[:2] == ["layer", "r2"] and printed[1].split()[0] == "h"
     assert printed[-2:] == [f"report: {tmp_path / 'e' / 'report.json'}, {tmp_path / 'e' / 'report.md'}",
                             f"plots: {tmp_path / 'e' / 'depth.png'}, {tmp_path / 'e' / 'by_position.png'}"]
+    # marstore info of each folder: what was probed, where, and the table
+    for folder, line in ((probes, f"{probes}: the probes of 'y' (regression, r2, 1 entries), trained on {tmp_path / 'a.h5'} "
+                                  "(complete, 600 rows)"),
+                         (str(tmp_path / "e"), f"{tmp_path / 'e'}: the probes of 'y' in {probes} (regression, r2, 1 entries), "
+                                               f"evaluated on {tmp_path / 'a.h5'} (complete, 600 rows)")):
+        assert main(["info", folder]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[0] == line and out[1].split()[:2] == ["layer", "r2"] and out[2].split()[0] == "h" and len(out) == 3
     # compare takes the evaluation beside the probes' own report
     assert main(["compare", probes, str(tmp_path / "e"), "--label", "trained", "again", "--out", str(tmp_path / "c")]) == 0
     table = capsys.readouterr().out.splitlines()
