@@ -794,6 +794,8 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         survey = _survey(model, forward, selections, problems, _Indexed(dataset, first) if map_style else
                          _Stream(dataset, first, opts.num_samples), opts, device, autocast, planned=len(indices))
         survey.out_problem = _out_problem(opts, survey) if opts.out else None
+        survey.weights = (f"{report.state_key} of {opts.checkpoint}: {loading.LoadReport.counts(report.as_dict())}"
+                          if report.checkpoint else None)
         return survey
     metadata = {
         "model": opts.model,
@@ -975,6 +977,7 @@ class Survey:
     left_out: dict[str, str] = field(default_factory=dict)  # the rest of its return: {name: what it was}
     output_problem: str | None = None
     out_problem: str | None = None  # --out, where given: what would stop the run there
+    weights: str | None = None  # what loading the checkpoint's weights found; None: no checkpoint
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (item, error) left out (--skip-failed)
     seconds: list[float] = field(default_factory=list)  # each surveyed batch's forward, hooks and all
     batch_rows: list[int] = field(default_factory=list)  # each surveyed batch's samples
@@ -1007,8 +1010,9 @@ class Survey:
         what, count = "the first batch" if self.batches == 1 else f"the first {self.batches} batches", f"{self.rows} samples"
         if self.batches < self.asked:
             what, count = f"all {self.batches} batches of the data set", f"{count}; {self.asked} asked"
+        weights = self.weights or "none loaded (no checkpoint): the model runs with the weights it has"
         lines = [f"dry run: {what} ({count}) through the model, every selected layer hooked; nothing written",
-                 "", text_table(header, rows)]
+                 f"weights: {weights}", "", text_table(header, rows)]
         if self.targets:
             lines += ["", text_table(["target", "stored row"], [
                 [t.name, "-" if t.row is None else f"{t.row} {'text' if t.dtype == TEXT else t.dtype}"] for t in self.targets])]

@@ -793,9 +793,16 @@ def test_a_dry_run_says_what_every_layer_gives_and_all_that_stands_in_the_way(tm
                  "marstore.models:synthetic_video_actions", "--forward", "marstore.models:policy_forward",
                  "--layers", "encoder_blocks.*", "diffactloss.fc", "--batch-size", "4", "--dry-run"]) == 1
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0] == ("dry run: the first batch (4 samples) through the model, every selected layer hooked; nothing "
-                          "written")
+    assert printed[:2] == ["dry run: the first batch (4 samples) through the model, every selected layer hooked; nothing "
+                           "written", "weights: none loaded (no checkpoint): the model runs with the weights it has"]
     assert printed[-3] == "or leave them out: --exclude-layers diffactloss.fc"
+    # with a checkpoint: what loading its weights found, as the run would report it
+    path = tmp_path / "latest.ckpt"
+    torch.manual_seed(0)
+    save_checkpoint(video_mar(**CONFIG), CONFIG, str(path), "workspace")
+    survey = extract(options(tmp_path, checkpoint=str(path), config_key="cfg.policy.model", model_args={}, dry_run=True))
+    assert survey.describe().splitlines()[1] == (f"weights: state_dicts.ema_model of {path}: loaded 82 tensors, 0 missing, "
+                                                 "0 unexpected, 0 shape mismatches")
 
 
 def test_the_patterns_a_dry_run_suggests_name_the_bad_layers_and_no_other():
@@ -1586,7 +1593,7 @@ def test_a_dry_run_of_several_batches_sees_what_the_first_batches_decide(tmp_pat
     fc = survey.layers[0]
     assert (fc.row, fc.tokens, fc.mean_tokens, fc.ragged_from, fc.problem, survey.problems()) == ((8,), (2, 3), 2.5, 3, None, [])
     text = survey.describe().splitlines()
-    assert text[3] == "fc     Linear      1  Tensor(4, 2, 8) float32  2-3 tokens of (8,) float16, ragged from batch 3 (from float32)"
+    assert text[4] == "fc     Linear      1  Tensor(4, 2, 8) float32  2-3 tokens of (8,) float16, ragged from batch 3 (from float32)"
     assert ("token count changing after the first two batches had them stored dense: fc (batch 3); the run will rewrite "
             "their rows ragged then (--ragged fc stores them ragged from the start)") in text
     both = extract(ExtractOptions(dry_run=4, **{**kw, "layers": ["fc", "fc@input"]})).describe()
@@ -1607,7 +1614,7 @@ def test_a_dry_run_of_several_batches_sees_what_the_first_batches_decide(tmp_pat
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == ("dry run: all 4 batches of the data set (16 samples; 9 asked) through the model, every selected "
                           "layer hooked; nothing written")
-    assert printed[3] == "fc     Linear      1  Tensor(4, 2, 8) float32  2-3 tokens of (8,) float16, ragged (from float32)"
+    assert printed[4] == "fc     Linear      1  Tensor(4, 2, 8) float32  2-3 tokens of (8,) float16, ragged (from float32)"
     with pytest.raises(ExtractError, match=r"^--dry-run 0: give the batches to survey, at least 1$"):
         ExtractOptions(dry_run=0, **kw)
 
