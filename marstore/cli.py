@@ -175,8 +175,20 @@ def _checkpoint_info(args: argparse.Namespace, ckpt: object) -> int:
 
 
 def _report_folders(folder: str) -> list[str]:
-    """The folders of one report each that `marstore probe --target a b` writes into folder."""
-    return sorted(name for name in os.listdir(folder) if os.path.isfile(os.path.join(folder, name, "report.json")))
+    """The folders of one report each that `marstore probe --target a b` writes into folder, each
+    named for its target."""
+    import json
+
+    names = []
+    for name in sorted(os.listdir(folder)):
+        try:
+            with open(os.path.join(folder, name, "report.json")) as f:
+                target = json.load(f).get("target")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if target == name:
+            names.append(name)
+    return names
 
 
 def _report_info(args: argparse.Namespace) -> int:

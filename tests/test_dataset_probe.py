@@ -4,6 +4,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import time
 
@@ -976,6 +977,11 @@ def test_the_probe_command_takes_several_targets_and_resumes_past_the_finished_o
     assert main(["info", str(out)]) == 0
     assert capsys.readouterr().out == (f"{out}: the probe reports of 2 targets, a folder each: episode, y; {out / 'summary.md'} "
                                        "holds each layer's metric by target\n")
+    # a folder that holds a probe folder named otherwise (the demo's runs/demo/probes) is not one of targets
+    shutil.copytree(out / "y", tmp_path / "run" / "probes")
+    assert main(["info", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.startswith(f"marstore info: checkpoint {tmp_path / 'run'} is a folder without "
+                                              "model.safetensors")
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished target was trained again")
