@@ -752,8 +752,9 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         forward = loading.import_callable(opts.forward, "--forward") if opts.forward else DefaultForward()
     if opts.redirect_cuda and device.type == "cuda":
         log.info("--redirect-cuda: the run's device is %s, where the model's .cuda() calls already go", device)
-    elif opts.redirect_cuda:
-        forward = _CudaCallsTo(forward, device)
+    elif device.type != "cuda":  # a forward that uses CUDA itself: redirected, or said in one line
+        forward = functools.partial(_call_forward, _CudaCallsTo(forward, device) if opts.redirect_cuda else forward,
+                                    device=device)
     # mixed precision as the model was trained (UVA: bfloat16); the hooks then see bfloat16 where autocast casts
     autocast = (lambda: torch.autocast(device.type, dtype=STORE_DTYPES[opts.autocast])) if opts.autocast \
         else contextlib.nullcontext
@@ -871,7 +872,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                 # copied before the forward, which may change its inputs in place (UVA's does)
                 targets = {t: _target_array(_get_dotted(batch, t)) for t in opts.targets}
                 capture.start_batch(len(index))
-                tensors, out = _run_batch(model, forward, capture, _to_device(batch, device), shapes, opts, autocast, device)
+                tensors, out = _run_batch(model, forward, capture, _to_device(batch, device), shapes, opts, autocast)
                 outputs = _outputs_of(out, opts.output_names, left_out)
                 del out  # it may hold large tensors: not into the next forward
                 progress.update(len(failed))
@@ -1141,7 +1142,7 @@ def _survey(model, forward, selections: list, problems: dict, source: Any, opts:
             capture.start_batch(len(index))
             started = time.perf_counter()
             with torch.inference_mode(not opts.train_mode), autocast():
-                out = _call_forward(forward, model, _to_device(batch, device), device)
+                out = forward(model, _to_device(batch, device))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds.append(time.perf_counter() - started)
@@ -1378,14 +1379,14 @@ _CUDA_UNAVAILABLE = re.compile(r"Torch not compiled with CUDA enabled|Found no N
                                r"Expected all tensors to be on the same device.*cuda")
 
 
-def _call_forward(forward: Callable, model: torch.nn.Module, batch: Any, device: torch.device) -> Any:
-    """forward(model, batch). A forward that moves tensors to the GPU in its own code (MAR's
-    calls .cuda()) on a run whose device is the CPU is said in one line, with the model's line
+def _call_forward(forward: Callable, model: torch.nn.Module, batch: Any, *, device: torch.device) -> Any:
+    """forward(model, batch) on a run whose device is not a GPU: a forward that moves tensors to
+    the GPU in its own code (MAR's calls .cuda()) is said in one line, with the model's line
     that did it; any other error keeps its traceback."""
     try:
         return forward(model, batch)
     except (AssertionError, RuntimeError) as exc:
-        if device.type == "cuda" or not _CUDA_UNAVAILABLE.search(str(exc)):
+        if not _CUDA_UNAVAILABLE.search(str(exc)):
             raise
         torch_dir = os.path.dirname(torch.__file__)
         frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(torch_dir)]
@@ -1397,11 +1398,11 @@ def _call_forward(forward: Callable, model: torch.nn.Module, batch: Any, device:
 
 
 def _run_batch(model, forward, capture: hooks.Capture, batch: Any, shapes: dict, opts: ExtractOptions,
-               autocast: Callable[[], Any], device: torch.device) -> tuple[dict, Any]:
+               autocast: Callable[[], Any]) -> tuple[dict, Any]:
     """(the hooked tensors, the forward's return; hooks.StopForward where --stop-early cut it)."""
     with torch.inference_mode(not opts.train_mode), autocast():
         try:
-            out = _call_forward(forward, model, batch, device)
+            out = forward(model, batch)
         except hooks.StopForward:
             out = hooks.StopForward  # every hooked module has fired: the rest of the forward is not needed
         tensors = capture.finish_batch()
