@@ -150,8 +150,9 @@ def _check_rows(probe: TrainedProbe, store: Store) -> str | None:
     if all(held[k] == trained[k] for k in ("ragged", "row_shape", "reduction")):
         return None
     hooked = (info.attrs.get("unfolded"), store.run_of(probe.layer).get("options", {}).get("multi_fire", "error"))
-    if probe.tokens == "mean" and hooked == (probe.unfolded, probe.multi_fire) \
-            and token_mean_shape(trained) is not None and token_mean_shape(trained) == token_mean_shape(held):
+    mean_shape = token_mean_shape(trained)
+    if probe.tokens == "mean" and hooked == (probe.unfolded, probe.multi_fire) and mean_shape is not None \
+            and mean_shape == token_mean_shape(held):
         log.info("%s: %s holds %s, the probe's store held %s: the mean of their tokens is the probe's input all the same",
                  probe.layer, store.path, _rows_text(held), _rows_text(trained))
         return _features_text(held)

@@ -136,11 +136,12 @@ def file_digest(path: str) -> CheckpointInfo:
     """The checkpoint's size and sha256; of a sharded one's index, over the index and its shards
     in order, so that a shard saved over since tells too."""
     h = hashlib.sha256()
-    for name in checkpoint_files(path):
+    files = checkpoint_files(path)
+    for name in files:
         with open(name, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)
-    return CheckpointInfo(os.path.abspath(resolve_checkpoint(path, quiet=True)), checkpoint_bytes(path), h.hexdigest())
+    return CheckpointInfo(os.path.abspath(files[0]), sum(os.path.getsize(name) for name in files), h.hexdigest())
 
 
 def _shards(index_path: str) -> list[str]:
@@ -627,38 +628,37 @@ def build_model(spec: str, config: Mapping[str, Any], overrides: Mapping[str, An
             )
     try:
         model = _call_builder(builder, kwargs, spec, source, config, config_key)
-    except _PassedOn as passed:
+    except _Rejected as rejected:
+        if rejected.passed_on is None:
+            raise
         # MAR's factories (mar_base(**kwargs) -> MAR(..., **kwargs)) pass the whole config on, and
         # MAR's checkpoint['args'] is the training run's argparse arguments: the config's keys that
         # the callee takes go on, the others are left out, said and recorded
+        callee, takes = rejected.passed_on
         given = {key.split(".")[0] for key in overrides or {}}
         named = {p.name for p in signature.parameters.values()} if signature is not None else set()
         from_config = [k for k in kwargs if k not in given]
-        left_out = sorted(k for k in from_config if k not in passed.takes and k not in named)
+        left_out = sorted(k for k in from_config if k not in takes and k not in named)
         if not left_out or len(left_out) == len(from_config):  # the callee takes none of it: another config's
-            raise passed.error from passed.error.__cause__
+            raise
         log.warning("--model %s passes the config on to %s, which does not take its keys %s: those are left out, the "
-                    "other %d passed on", spec, passed.callee, left_out, len(kwargs) - len(left_out))
+                    "other %d passed on", spec, callee, left_out, len(kwargs) - len(left_out))
         if report is not None:
-            report.notes.append(f"config keys that {passed.callee} does not take left out: {', '.join(left_out)}")
-        try:
-            model = _call_builder(builder, {k: v for k, v in kwargs.items() if k not in left_out}, spec, source, config,
-                                  config_key)
-        except _PassedOn as again:
-            raise again.error from again.error.__cause__
+            report.notes.append(f"config keys that {callee} does not take left out: {', '.join(left_out)}")
+        model = _call_builder(builder, {k: v for k, v in kwargs.items() if k not in left_out}, spec, source, config,
+                              config_key)
     if not isinstance(model, torch.nn.Module):
         raise CheckpointError(f"--model {spec} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
-class _PassedOn(Exception):
-    """A builder that passed its keyword arguments on to a callee that rejected one of them: the
-    callee's name and the keywords it takes, read from its signature, beside the error to raise
-    where leaving the others out cannot help."""
+class _Rejected(CheckpointError):
+    """--model's builder rejected the config's keys. passed_on: where it passed them on to a
+    callee whose signature tells the keywords it takes, (its name, those keywords); else None."""
 
-    def __init__(self, error: CheckpointError, callee: str, takes: set[str]):
-        super().__init__(str(error))
-        self.error, self.callee, self.takes = error, callee, takes
+    def __init__(self, message: str, passed_on: tuple[str, set[str]] | None):
+        super().__init__(message)
+        self.passed_on = passed_on
 
 
 def _call_builder(builder: Callable, kwargs: dict, spec: str, source: str, config: Mapping[str, Any],
@@ -676,14 +676,9 @@ def _call_builder(builder: Callable, kwargs: dict, spec: str, source: str, confi
         # other TypeErrors keep their traceback.
         if not _ARGUMENT_MISMATCH.search(str(exc)):
             raise
-        error = CheckpointError(
-            f"--model {spec} rejects {source} ({exc}; its keys: {sorted(kwargs)}); fix them with "
-            f"--model-arg KEY=VALUE or choose the config with --config-key{_sections_hint(config, config_key)}")
-        error.__cause__ = exc
-        callee = _rejecting_callee(exc)
-        if callee is None:
-            raise error from exc
-        raise _PassedOn(error, *callee) from exc
+        raise _Rejected(f"--model {spec} rejects {source} ({exc}; its keys: {sorted(kwargs)}); fix them with --model-arg "
+                        f"KEY=VALUE or choose the config with --config-key{_sections_hint(config, config_key)}",
+                        _rejecting_callee(exc)) from exc
 
 
 def _rejecting_callee(exc: TypeError) -> tuple[str, set[str]] | None:
@@ -697,7 +692,8 @@ def _rejecting_callee(exc: TypeError) -> tuple[str, set[str]] | None:
     while tb.tb_next is not None:
         tb = tb.tb_next
     frame = tb.tb_frame
-    first, *rest = match.group(1).removesuffix(".__init__").split(".")
+    callee = match.group(1).removesuffix(".__init__")
+    first, *rest = callee.split(".")
     obj = frame.f_locals.get(first, frame.f_globals.get(first))
     for part in rest:
         obj = getattr(obj, part, None)
@@ -708,7 +704,7 @@ def _rejecting_callee(exc: TypeError) -> tuple[str, set[str]] | None:
     if params is None or any(p.kind is p.VAR_KEYWORD for p in params):
         return None
     takes = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return match.group(1).removesuffix(".__init__"), takes
+    return callee, takes
 
 
 # What Python says when a call's keyword arguments do not fit the callee's signature.
