@@ -597,8 +597,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run the forward under torch.autocast with this dtype (mixed precision, as UVA trains)")
     ex.add_argument("--train-mode", action="store_true", help="run in train mode, with autograd (default: eval, inference)")
     ex.add_argument("--redirect-cuda", action="store_true",
-                    help="the model's own .cuda() calls (MAR's forward makes them) keep their tensors on --device: a "
-                         "MAR runs on a CPU")
+                    help="the model's own CUDA calls (MAR's .cuda(), .to('cuda'), device='cuda') keep their tensors on "
+                         "--device: a MAR runs on a CPU")
     ex.add_argument("--targets", nargs="+", help="batch entries to keep as targets (dotted paths)")
     ex.add_argument("--output-names", nargs="+", metavar="NAME",
                     help="names for the scalars of a tuple the forward returns, in order (e.g. loss video_loss act_loss)")

@@ -41,6 +41,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data._utils.collate import collate, default_collate_fn_map
 from tqdm import tqdm
@@ -99,7 +100,7 @@ class ExtractOptions:
     stop_early: bool = False
     unfold_batch: bool = False
     train_mode: bool = False
-    redirect_cuda: bool = False  # the model's own .cuda() calls keep their tensors on the run's device (MAR on a CPU)
+    redirect_cuda: bool = False  # the model's own CUDA calls keep their tensors on the run's device (MAR on a CPU)
     autocast: str | None = None
     targets: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
@@ -751,7 +752,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
     else:
         forward = loading.import_callable(opts.forward, "--forward") if opts.forward else DefaultForward()
     if opts.redirect_cuda and device.type == "cuda":
-        log.info("--redirect-cuda: the run's device is %s, where the model's .cuda() calls already go", device)
+        log.info("--redirect-cuda: the run's device is %s, where the model's CUDA calls already go", device)
     elif device.type != "cuda":  # a forward that uses CUDA itself: redirected, or said in one line
         forward = functools.partial(_call_forward, _CudaCallsTo(forward, device) if opts.redirect_cuda else forward,
                                     device=device)
@@ -1336,41 +1337,68 @@ def _outputs_of(out: Any, names: Sequence[str], left_out: dict[str, str]) -> dic
     return scalars
 
 
+def _names_cuda(device: Any) -> bool:
+    """Whether a device argument names a CUDA device: "cuda", "cuda:1", torch.device("cuda", 0),
+    or a bare index (torch reads device=0 as cuda:0)."""
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.split(":")[0].strip() == "cuda"
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToDevice(TorchFunctionMode):
+    """--redirect-cuda: while the forward runs, every torch call that would put a tensor on CUDA
+    puts it on the run's device instead: Tensor.cuda() (MAR's torch.Tensor(orders).cuda()),
+    Tensor.to("cuda") and device="cuda" (or cuda:N, torch.device("cuda"), an index) given to a
+    factory such as torch.zeros or x.new_ones; Module.cuda() and Module.to("cuda") come down to
+    those. Only device arguments change: dtypes, non_blocking and memory formats are kept."""
+
+    def __init__(self, device: torch.device, said: Callable[[str], None]):
+        super().__init__()
+        self.device, self.said = device, said
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:  # cuda(device=None, non_blocking=False, memory_format=...)
+            self.said("Tensor.cuda()")
+            tensor, rest = args[0], dict(zip(("device", "non_blocking", "memory_format"), args[1:]), **kwargs)
+            return tensor.to(self.device, non_blocking=rest.get("non_blocking", False),
+                             memory_format=rest.get("memory_format", torch.preserve_format))
+        if _names_cuda(kwargs.get("device")):
+            self.said(f"{_torch_name(func)}(device={kwargs['device']!r})")
+            kwargs = {**kwargs, "device": self.device}
+        elif func is torch.Tensor.to and len(args) > 1 and _names_cuda(args[1]):
+            self.said(f"Tensor.to({args[1]!r})")
+            args = (args[0], self.device, *args[2:])
+        return func(*args, **kwargs)
+
+
+def _torch_name(func: Callable) -> str:
+    """torch.zeros, Tensor.new_zeros: how a model's code names the call."""
+    name = getattr(func, "__name__", repr(func))
+    return f"Tensor.{name}" if getattr(func, "__qualname__", "").startswith(("TensorBase.", "Tensor.")) else f"torch.{name}"
+
+
 class _CudaCallsTo:
-    """--redirect-cuda: the forward, with the model's own .cuda() calls (MAR's makes them, as in
-    torch.Tensor(orders).cuda()) putting tensors and modules on the run's device instead, for as
-    long as the forward runs. Said at the first such call."""
+    """--redirect-cuda: the forward, run under _CudaToDevice, so that a model's own CUDA calls
+    (MAR's .cuda(), a torch.zeros(..., device="cuda")) keep their tensors on the run's device.
+    Said at the first such call, naming it."""
 
     def __init__(self, forward: Callable, device: torch.device):
         self.forward, self.device, self.calls, self.forwards = forward, device, 0, 0
 
-    def _redirected(self) -> None:
+    def _redirected(self, call: str) -> None:
         self.calls += 1
         if self.calls == 1:
-            log.info("--redirect-cuda: forward %d called .cuda(); its tensors, and those of every later call, stay on %s",
-                     self.forwards + 1, self.device)
+            log.info("--redirect-cuda: forward %d called %s; its tensors, and those of every later call to CUDA, stay on %s",
+                     self.forwards + 1, call, self.device)
 
     def __call__(self, model: torch.nn.Module, batch: Any) -> Any:
-        def tensor_cuda(tensor: torch.Tensor, *args: Any, non_blocking: bool = False, **kwargs: Any) -> torch.Tensor:
-            self._redirected()
-            return tensor.to(self.device, non_blocking=non_blocking)
-
-        def module_cuda(module: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
-            self._redirected()
-            return module.to(self.device)
-
-        patched = [(torch.Tensor, tensor_cuda), (torch.nn.Module, module_cuda)]
-        own = [("cuda" in cls.__dict__, cls.__dict__.get("cuda")) for cls, _ in patched]
-        for cls, replacement in patched:
-            cls.cuda = replacement
         try:
-            return self.forward(model, batch)
+            with _CudaToDevice(self.device, self._redirected):
+                return self.forward(model, batch)
         finally:
-            for (cls, _), (had, original) in zip(patched, own):
-                if had:
-                    cls.cuda = original
-                else:  # torch.Tensor inherits it from the C base class
-                    del cls.cuda
             self.forwards += 1
 
 
@@ -1392,9 +1420,12 @@ def _call_forward(forward: Callable, model: torch.nn.Module, batch: Any, *, devi
         frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(torch_dir)]
         at = f"at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}: `{frames[-1].line}`; " if frames else ""
         gpu = "" if torch.cuda.is_available() else "; this machine has none"
+        fix = (f"--redirect-cuda moves only the tensors that torch calls put on CUDA, not this: run it on a GPU (--device "
+               f"cuda{gpu})") if isinstance(forward, _CudaCallsTo) else \
+            (f"run it on a GPU (--device cuda{gpu}), or pass --redirect-cuda to keep the tensors it puts on CUDA "
+             f"(MAR's .cuda() calls) on {device}")
         raise ExtractError(f"the forward uses CUDA in its own code ({at}{type(exc).__name__}: {str(exc).splitlines()[0]}) "
-                           f"and this run's device is {device}: run it on a GPU (--device cuda{gpu}), or pass "
-                           f"--redirect-cuda to keep the tensors of its .cuda() calls (MAR's) on {device}") from exc
+                           f"and this run's device is {device}: {fix}") from exc
 
 
 def _run_batch(model, forward, capture: hooks.Capture, batch: Any, shapes: dict, opts: ExtractOptions,

@@ -1924,6 +1924,18 @@ def cuda_on_third_batch(model, batch):
     return policy_forward(model, batch)
 
 
+def cuda_every_way(model, batch):
+    """Each way a model's code puts tensors on CUDA (MAR's .cuda(), UVA-like .to(device) with
+    device "cuda", factories given device=), each leaving the values as they were."""
+    model.cuda()
+    model.to("cuda:0")
+    zero = (torch.zeros(1, device="cuda") + torch.ones(1, device=torch.device("cuda", 0)) - torch.tensor([1.0], device=0)
+            + torch.arange(1, device="cuda").float() + batch["imgs"].new_zeros(1, device="cuda"))
+    batch = {"imgs": batch["imgs"].to("cuda") + zero.cuda(0), "cond": batch["cond"].cuda(non_blocking=True),
+             "nactions": batch["nactions"].to(device="cuda").to(torch.device("cuda"), torch.float32, non_blocking=True)}
+    return policy_forward(model, batch)
+
+
 def test_a_forward_that_uses_cuda_itself_on_a_cpu_run_stops_in_one_line(tmp_path, caplog):
     """MAR's forward calls .cuda(): on a run whose device is the CPU it fails inside torch; the
     error says so in one line, with the model's line that did it, and the rows before it stay.
@@ -1941,9 +1953,9 @@ def test_a_forward_that_uses_cuda_itself_on_a_cpu_run_stops_in_one_line(tmp_path
                                "in cuda_on_third_batch: `batch[\"imgs\"] = batch[\"imgs\"].cuda()  # as MAR's forward calls "
                                ".cuda() itself`; AssertionError: Torch not compiled with CUDA enabled) and this run's device is "
                                "cpu: run it on a GPU (--device cuda; this machine has none), or pass --redirect-cuda to keep "
-                               "the tensors of its .cuda() calls (MAR's) on cpu")
-        assert message.endswith(f"run it on a GPU (--device cuda{fix}), or pass --redirect-cuda to keep the tensors of its "
-                                ".cuda() calls (MAR's) on cpu")
+                               "the tensors it puts on CUDA (MAR's .cuda() calls) on cpu")
+        assert message.endswith(f"run it on a GPU (--device cuda{fix}), or pass --redirect-cuda to keep the tensors it puts "
+                                "on CUDA (MAR's .cuda() calls) on cpu")
     assert "stopped by ExtractError: " + str(tmp_path / "s.h5") + " keeps its 16 committed rows" in caplog.text
     with open_store(tmp_path / "s.h5") as store:
         assert (store.rows, store.status) == (16, "incomplete")
@@ -1959,14 +1971,47 @@ def test_a_forward_that_uses_cuda_itself_on_a_cpu_run_stops_in_one_line(tmp_path
         redirected = extract(options(tmp_path, forward="test_extract:cuda_on_third_batch", redirect_cuda=True,
                                      out=str(tmp_path / "redirected.h5")))
     said = [r.getMessage() for r in caplog.records if "--redirect-cuda" in r.getMessage()]
-    assert said == ["--redirect-cuda: forward 3 called .cuda(); its tensors, and those of every later call, stay on cpu"]
-    assert "cuda" not in torch.Tensor.__dict__ and "cuda" in torch.nn.Module.__dict__
-    torch.manual_seed(0)
-    plain = extract(options(tmp_path, out=str(tmp_path / "plain.h5")))
-    with open_store(redirected.path) as a, open_store(plain.path) as b:
-        assert a.rows == b.rows == 40 and all(a.read(n).tobytes() == b.read(n).tobytes() for n in b.layers)
+    assert said == ["--redirect-cuda: forward 3 called Tensor.cuda(); its tensors, and those of every later call to CUDA, "
+                    "stay on cpu"]
+    # the reference: a plain run, with nn.MultiheadAttention's fused fast path off, as torch turns it off under the
+    # flag's torch function mode (the fused kernel rounds otherwise)
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        torch.manual_seed(0)
+        plain = extract(options(tmp_path, out=str(tmp_path / "plain.h5")))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    # every other way of putting tensors on CUDA, from the first forward on: the same rows again
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="marstore.extract"):
+        torch.manual_seed(0)
+        every_way = extract(options(tmp_path, forward="test_extract:cuda_every_way", redirect_cuda=True,
+                                    out=str(tmp_path / "every_way.h5")))
+    said = [r.getMessage() for r in caplog.records if "--redirect-cuda" in r.getMessage()]
+    assert said == ["--redirect-cuda: forward 1 called Tensor.cuda(); its tensors, and those of every later call to CUDA, "
+                    "stay on cpu"]  # the model's .cuda(), first
+    with open_store(redirected.path) as a, open_store(plain.path) as b, open_store(every_way.path) as c:
+        assert a.rows == b.rows == c.rows == 40
+        assert all(a.read(n).tobytes() == b.read(n).tobytes() == c.read(n).tobytes() for n in b.layers)
+    if not torch.cuda.is_available():  # torch itself is left as it was, outside the forward
+        with pytest.raises((AssertionError, RuntimeError), match="Torch not compiled with CUDA enabled"):
+            torch.zeros(1).cuda()
+        # a use of CUDA that is not a tensor put there: the one-line error says the flag does not cover it
+        with pytest.raises(ExtractError) as info:
+            extract(options(tmp_path, forward="test_extract:synchronizes_cuda", redirect_cuda=True,
+                            out=str(tmp_path / "synchronized.h5")))
+        assert str(info.value) == (
+            f"the forward uses CUDA in its own code (at {__file__}:{synchronizes_cuda.__code__.co_firstlineno + 1} in "
+            "synchronizes_cuda: `torch.cuda.synchronize()`; AssertionError: Torch not compiled with CUDA enabled) and this "
+            "run's device is cpu: --redirect-cuda moves only the tensors that torch calls put on CUDA, not this: run it on "
+            "a GPU (--device cuda; this machine has none)")
     # recorded as --device is not: a resume may add or drop it
     assert "redirect_cuda" not in ExtractOptions(out="o", model="m", dataset="d", layers=["x"], redirect_cuda=True).recorded()
+
+
+def synchronizes_cuda(model, batch):
+    torch.cuda.synchronize()
+    return policy_forward(model, batch)
 
 
 def failing_forward(model, batch):
