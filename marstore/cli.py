@@ -610,7 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--batch-size", type=int)
     ex.add_argument("--workers", type=int, help="DataLoader workers")
     ex.add_argument("--device", help="default: cuda when available")
-    ex.add_argument("--seed", type=int)
+    ex.add_argument("--seed", type=int, help="seeds torch's, numpy's and Python's generators before each item and "
+                    "each batch, from this and the source index: a row's draws (MAR's masks) do not depend on the rows "
+                    "before it (default 0)")
     ex.add_argument("--dtype", choices=["float16", "float32", "bfloat16"], help="stored dtype (default float16)")
     ex.add_argument("--compression", choices=["lzf", "gzip"])
     ex.add_argument("--commit-rows", type=int, help="rows between commit points (default 4096)")

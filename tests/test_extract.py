@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import shlex
 import signal
@@ -1760,7 +1761,7 @@ def test_resume_refuses_a_checkpoint_saved_over_since(tmp_path):
     assert extract(options(tmp_path, resume=True, **run)).rows == 40
 
 
-def test_resume_continues_a_store_written_before_newer_options_existed(tmp_path):
+def test_resume_continues_a_store_written_before_newer_options_existed(tmp_path, caplog):
     import json
 
     import h5py
@@ -1778,10 +1779,15 @@ def test_resume_continues_a_store_written_before_newer_options_existed(tmp_path)
         run = json.loads(f.attrs["run"])
         for key in ("output_names", "autocast"):  # options it did not have (it had --unfold-batch)
             del run["options"][key]
+        del run["seeding"]  # it seeded torch once, at the start
         f.attrs["run"] = json.dumps(run)
         f.attrs["layers"] = json.dumps([{k: v for k, v in spec.items() if k != "unfolded"}  # a later layer field
                                         for spec in json.loads(f.attrs["layers"])])
-    result = extract(options(tmp_path, commit_rows=8, resume=True, **unfolded))
+    with caplog.at_level(logging.WARNING, logger="marstore.extract"):
+        result = extract(options(tmp_path, commit_rows=8, resume=True, **unfolded))
+    assert (f"--resume: {tmp_path / 's.h5'} was written by an earlier marstore, which seeded torch once at the start: a "
+            "model or data set that draws at random (MAR's masks) draws the rows after its 16 otherwise than that run "
+            "would have") in caplog.messages
     extract(options(tmp_path, commit_rows=8, out=str(tmp_path / "ref.h5"), **unfolded))
     assert result.rows == 40
     assert_same_store(str(tmp_path / "s.h5"), str(tmp_path / "ref.h5"))
@@ -2343,6 +2349,73 @@ def test_ctrl_c_or_sigterm_commits_and_resume_finishes_identically(tmp_path, sig
         assert a.target("nactions").tobytes() == b.target("nactions").tobytes()
 
 
+def test_a_rows_random_draws_depend_on_the_seed_and_its_source_index_alone(tmp_path):
+    """MAR draws its masks from numpy's global generator (the built-in MAR too, drop_masked=True),
+    a data set its augmentations from any of the three: each item and each batch's forward are
+    seeded from --seed and the source index, so that a second run, a resume, any number of
+    workers and a dry run all draw what one uninterrupted run does; another seed draws anew."""
+    from marstore.extract import SEEDING, extract_from
+
+    def run(out, **kw):
+        return extract(options(tmp_path, out=str(tmp_path / out), layers=["encoder_blocks.1"], commit_rows=8,
+                               model_args={**CONFIG, "drop_masked": True}, **kw))
+
+    def rows(path, layer="encoder_blocks.1"):
+        with open_store(path) as s:
+            assert s.status == "complete" and s.index().tolist() == list(range(40))
+            return [r.tobytes() for r in s.read(layer)], s.metadata["seeding"]
+
+    first, seeding = rows(run("first.h5").path)
+    assert seeding == SEEDING
+    assert rows(run("second.h5").path)[0] == first
+    assert rows(run("workers.h5", workers=2).path)[0] == first
+    assert rows(run("seed1.h5", seed=1).path)[0] != first
+    # stopped after three batches, then resumed: the rows after the resume point are drawn as before
+    batches = []
+
+    def stop_after_three(_rows):
+        batches.append(_rows)
+        if len(batches) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted):
+        extract(options(tmp_path, out=str(tmp_path / "resumed.h5"), layers=["encoder_blocks.1"], commit_rows=8,
+                        model_args={**CONFIG, "drop_masked": True}), on_batch=stop_after_three)
+    assert rows(run("resumed.h5", resume=True).path)[0] == first
+    # the dry run meets the token counts the run stores
+    survey = run("unused.h5", dry_run=5)
+    with open_store(tmp_path / "first.h5") as s:
+        counts = s.token_counts("encoder_blocks.1")
+    (layer,) = survey.layers
+    assert layer.tokens == (counts.min(), counts.max()) and len(set(counts.tolist())) > 1
+    # a data set's draws in __getitem__ and a forward's draws, with and without workers, whole and resumed
+    noisy = dict(model="helpers.random_draws:noisy_forward", dataset="helpers.random_draws:noisy_items", forward=None,
+                 layers=["fc", "out"], targets=["x"], model_args={}, dataset_args={}, commit_rows=8)
+    reference = extract(options(tmp_path, out=str(tmp_path / "noisy.h5"), **noisy)).path
+    with open_store(reference) as s:
+        want = [s.read(n).tobytes() for n in ("fc", "out")] + [s.target("x").tobytes()]
+    batches.clear()
+    with pytest.raises(Interrupted):
+        extract(options(tmp_path, out=str(tmp_path / "noisy_resumed.h5"), workers=2, **noisy), on_batch=stop_after_three)
+    for path, kw in ((tmp_path / "noisy_workers.h5", {"workers": 2}), (tmp_path / "noisy_resumed.h5", {"resume": True})):
+        with open_store(extract(options(tmp_path, out=str(path), **noisy, **kw)).path) as s:
+            assert [s.read(n).tobytes() for n in ("fc", "out")] + [s.target("x").tobytes()] == want
+    # extract_from gives the caller's generators back as they were
+    from helpers.random_draws import noisy_forward, noisy_items
+    model = noisy_forward()
+    np.random.seed(5)
+    random.seed(5)
+    torch.manual_seed(5)
+    expected = (np.random.rand(), random.random(), torch.rand(1).item())
+    np.random.seed(5)
+    random.seed(5)
+    torch.manual_seed(5)
+    extract_from(model, noisy_items(16), str(tmp_path / "from.h5"), "fc", batch_size=8, progress=False)
+    assert (np.random.rand(), random.random(), torch.rand(1).item()) == expected
+    with pytest.raises(ExtractError, match=r"^--seed -1: give an integer of at least 0$"):
+        options(tmp_path, seed=-1)
+
+
 def test_ctrl_c_finishes_the_batch_in_hand_and_a_second_stops_at_once(tmp_path, caplog):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
@@ -2783,3 +2856,22 @@ def test_extract_from_runs_the_model_where_its_weights_are(tmp_path):
     assert next(model.parameters()).is_cuda  # moved for the run, and back
     with open_store(str(tmp_path / "gpu.h5")) as s:
         assert s.rows == 8
+
+
+@requires_cuda
+def test_a_forward_that_draws_on_the_gpu_draws_the_same_after_a_resume(tmp_path):
+    """The device's generator is seeded with each batch, as the CPU's: the NoisyForward's
+    torch.randn_like draws on the GPU."""
+    noisy = dict(model="helpers.random_draws:noisy_forward", dataset="helpers.random_draws:noisy_items", forward=None,
+                 layers=["out"], targets=[], model_args={}, dataset_args={}, commit_rows=8, device="cuda")
+    whole = extract(options(tmp_path, out=str(tmp_path / "whole.h5"), **noisy)).path
+
+    def stop(rows):
+        if rows >= 16:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted):
+        extract(options(tmp_path, out=str(tmp_path / "resumed.h5"), **noisy), on_batch=stop)
+    resumed = extract(options(tmp_path, out=str(tmp_path / "resumed.h5"), resume=True, **noisy)).path
+    with open_store(whole) as a, open_store(resumed) as b:
+        assert a.rows == b.rows == 40 and a.read("out").tobytes() == b.read("out").tobytes()

@@ -9,10 +9,19 @@ drop_masked=True the encoder drops masked tokens, so its token count varies per 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
 TASK_MODES = ("video_model", "dynamic_model", "policy_model", "inverse_model", "full_dynamic_model")
+
+
+def _truncated_normal(low: float, high: float = 1.0, mean: float = 1.0, std: float = 0.25) -> float:
+    """MAR's mask ratio: a normal draw cut to [low, high], from numpy's global generator."""
+    while True:
+        ratio = float(np.random.normal(mean, std))
+        if low <= ratio <= high:
+            return ratio
 
 
 class Block(nn.Module):
@@ -157,10 +166,13 @@ class VideoActionMAR(nn.Module):
         tokens = self.proj_cond_x_layer(torch.cat([x, c], dim=-1)).reshape(b, self.tokens, -1) + self.pos_embed
         order = None
         if self.drop_masked:
-            # MAR drops masked tokens before the encoder; the ratio is drawn once per call
-            ratio = self.mask_ratio_min + (1 - self.mask_ratio_min) * torch.rand(()).item()
+            # MAR drops masked tokens before the encoder. As MAR, it draws from numpy's global
+            # generator: the ratio once per call, from a normal around 1 cut to [mask_ratio_min, 1]
+            # (MAR's scipy truncnorm), and each sample's order (MAR's np.random.shuffle)
+            ratio = _truncated_normal(self.mask_ratio_min)
             kept = max(1, int(round(self.tokens * (1 - ratio))))
-            order = torch.argsort(torch.rand(b, self.tokens, device=tokens.device), dim=1)[:, :kept]
+            orders = np.stack([np.random.permutation(self.tokens) for _ in range(b)])
+            order = torch.from_numpy(orders[:, :kept]).to(tokens.device)
             tokens = torch.gather(tokens, 1, order[..., None].expand(-1, -1, tokens.shape[-1]))
         for block in self.encoder_blocks:
             tokens = block(tokens)
