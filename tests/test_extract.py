@@ -1969,34 +1969,29 @@ def test_a_forward_that_uses_cuda_itself_on_a_cpu_run_stops_in_one_line(tmp_path
     failing_forward.calls = 0
     with pytest.raises(RuntimeError, match="^the third batch fails$"):
         extract(options(tmp_path, forward="test_extract:failing_forward", out=str(tmp_path / "t.h5")))
-    # --redirect-cuda: the same rows as a forward that makes no .cuda() call; torch's own .cuda() is back after each
+    # --redirect-cuda: the same rows as a forward that makes no .cuda() call, said once, at the first call
+    def redirected(forward, out):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="marstore.extract"):
+            result = extract(options(tmp_path, forward=f"test_extract:{forward}", redirect_cuda=True, out=str(tmp_path / out)))
+        return result, [r.getMessage() for r in caplog.records if "--redirect-cuda" in r.getMessage()]
+
     cuda_on_third_batch.calls = 0
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="marstore.extract"):
-        torch.manual_seed(0)
-        redirected = extract(options(tmp_path, forward="test_extract:cuda_on_third_batch", redirect_cuda=True,
-                                     out=str(tmp_path / "redirected.h5")))
-    said = [r.getMessage() for r in caplog.records if "--redirect-cuda" in r.getMessage()]
+    third, said = redirected("cuda_on_third_batch", "redirected.h5")
     assert said == ["--redirect-cuda: forward 3 called Tensor.cuda(); its tensors, and those of every later call to CUDA, "
+                    "stay on cpu"]
+    # every other way of putting tensors on CUDA, from the first forward on (the model's .cuda() first)
+    every_way, said = redirected("cuda_every_way", "every_way.h5")
+    assert said == ["--redirect-cuda: forward 1 called Tensor.cuda(); its tensors, and those of every later call to CUDA, "
                     "stay on cpu"]
     # the reference: a plain run, with nn.MultiheadAttention's fused fast path off, as torch turns it off under the
     # flag's torch function mode (the fused kernel rounds otherwise)
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        torch.manual_seed(0)
         plain = extract(options(tmp_path, out=str(tmp_path / "plain.h5")))
     finally:
         torch.backends.mha.set_fastpath_enabled(True)
-    # every other way of putting tensors on CUDA, from the first forward on: the same rows again
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="marstore.extract"):
-        torch.manual_seed(0)
-        every_way = extract(options(tmp_path, forward="test_extract:cuda_every_way", redirect_cuda=True,
-                                    out=str(tmp_path / "every_way.h5")))
-    said = [r.getMessage() for r in caplog.records if "--redirect-cuda" in r.getMessage()]
-    assert said == ["--redirect-cuda: forward 1 called Tensor.cuda(); its tensors, and those of every later call to CUDA, "
-                    "stay on cpu"]  # the model's .cuda(), first
-    with open_store(redirected.path) as a, open_store(plain.path) as b, open_store(every_way.path) as c:
+    with open_store(third.path) as a, open_store(plain.path) as b, open_store(every_way.path) as c:
         assert a.rows == b.rows == c.rows == 40
         assert all(a.read(n).tobytes() == b.read(n).tobytes() == c.read(n).tobytes() for n in b.layers)
     if not torch.cuda.is_available():  # torch itself is left as it was, outside the forward
