@@ -2392,8 +2392,13 @@ def test_a_rows_random_draws_depend_on_the_seed_and_its_source_index_alone(tmp_p
     batches.clear()
     with pytest.raises(Interrupted):
         extract(options(tmp_path, out=str(tmp_path / "noisy_resumed.h5"), workers=2, **noisy), on_batch=stop_after_three)
-    for path, kw in ((tmp_path / "noisy_workers.h5", {"workers": 2}), (tmp_path / "noisy_resumed.h5", {"resume": True})):
-        with open_store(extract(options(tmp_path, out=str(path), **noisy, **kw)).path) as s:
+    stream = {"dataset": "helpers.random_draws:noisy_stream", "num_samples": 40}  # read again up to the resume point
+    batches.clear()
+    with pytest.raises(Interrupted):
+        extract(options(tmp_path, out=str(tmp_path / "stream_resumed.h5"), **{**noisy, **stream}), on_batch=stop_after_three)
+    for path, kw in ((tmp_path / "noisy_workers.h5", {"workers": 2}), (tmp_path / "noisy_resumed.h5", {"resume": True}),
+                     (tmp_path / "stream_resumed.h5", {"resume": True, **stream})):
+        with open_store(extract(options(tmp_path, out=str(path), **{**noisy, **kw})).path) as s:
             assert [s.read(n).tobytes() for n in ("fc", "out")] + [s.target("x").tobytes()] == want
     # extract_from gives the caller's generators back as they were
     from helpers.random_draws import noisy_forward, noisy_items

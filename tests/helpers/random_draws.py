@@ -22,6 +22,16 @@ class NoisyItems(torch.utils.data.Dataset):
         return {"x": x}
 
 
+class NoisyStream(torch.utils.data.IterableDataset):
+    """The same items, drawn as an iterator makes them."""
+
+    def __init__(self, size: int):
+        self.items = NoisyItems(size)
+
+    def __iter__(self):
+        return (self.items[i] for i in range(len(self.items)))
+
+
 class NoisyForward(nn.Module):
     """Adds noise drawn in the forward (dropout in train mode, a diffusion loss's noise)."""
 
@@ -37,6 +47,10 @@ class NoisyForward(nn.Module):
 
 def noisy_items(size: int = 40) -> NoisyItems:
     return NoisyItems(size)
+
+
+def noisy_stream(size: int = 40) -> NoisyStream:
+    return NoisyStream(size)
 
 
 def noisy_forward() -> NoisyForward:
