@@ -333,8 +333,8 @@ def _check_output_names(names: Sequence[str]) -> None:
 
 # A row's random draws depend on --seed and its source index alone, not on the rows before it:
 # torch's, numpy's and Python's global generators are seeded before each item is read and
-# before each batch's forward (MAR draws its masks from numpy's), so a resume, a dry run, a
-# restart after a ragged rewrite and any number of workers draw what one uninterrupted run does.
+# before each batch's forward (MAR draws its masks from numpy's), so a second run, a resume, a
+# dry run and any number of workers draw what one uninterrupted run does.
 SEEDING = "per item and per batch, from the seed and the source index"
 _ITEM, _BATCH = 0, 1
 
