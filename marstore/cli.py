@@ -322,6 +322,9 @@ def _info(args: argparse.Namespace) -> int:
         for key in ("model", "checkpoint", "command"):
             if key in run:
                 print(f"{indent}{key}: {json.dumps(run[key]) if not isinstance(run[key], str) else run[key]}")
+        if "seed" in run.get("options", {}):  # what a random forward's rows (MAR's masks) were drawn from
+            print(f"{indent}seed: {run['options']['seed']}, "
+                  f"{run.get('seeding', 'torch seeded once at the start (an earlier marstore)')}")
         if run.get("checkpoint") and run.get("load_report"):
             from marstore.loading import LoadReport
 

@@ -1761,7 +1761,7 @@ def test_resume_refuses_a_checkpoint_saved_over_since(tmp_path):
     assert extract(options(tmp_path, resume=True, **run)).rows == 40
 
 
-def test_resume_continues_a_store_written_before_newer_options_existed(tmp_path, caplog):
+def test_resume_continues_a_store_written_before_newer_options_existed(tmp_path, caplog, capsys):
     import json
 
     import h5py
@@ -1783,6 +1783,9 @@ def test_resume_continues_a_store_written_before_newer_options_existed(tmp_path,
         f.attrs["run"] = json.dumps(run)
         f.attrs["layers"] = json.dumps([{k: v for k, v in spec.items() if k != "unfolded"}  # a later layer field
                                         for spec in json.loads(f.attrs["layers"])])
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "s.h5")]) == 0
+    assert "  seed: 0, torch seeded once at the start (an earlier marstore)" in capsys.readouterr().out.splitlines()
     with caplog.at_level(logging.WARNING, logger="marstore.extract"):
         result = extract(options(tmp_path, commit_rows=8, resume=True, **unfolded))
     assert (f"--resume: {tmp_path / 's.h5'} was written by an earlier marstore, which seeded torch once at the start: a "
@@ -2344,7 +2347,7 @@ def test_ctrl_c_or_sigterm_commits_and_resume_finishes_identically(tmp_path, sig
         assert a.target("nactions").tobytes() == b.target("nactions").tobytes()
 
 
-def test_a_rows_random_draws_depend_on_the_seed_and_its_source_index_alone(tmp_path):
+def test_a_rows_random_draws_depend_on_the_seed_and_its_source_index_alone(tmp_path, capsys):
     """MAR draws its masks from numpy's global generator (the built-in MAR too, drop_masked=True),
     a data set its augmentations from any of the three: each item and each batch's forward are
     seeded from --seed and the source index, so that a second run, a resume, any number of
@@ -2365,6 +2368,9 @@ def test_a_rows_random_draws_depend_on_the_seed_and_its_source_index_alone(tmp_p
     assert rows(run("second.h5").path)[0] == first
     assert rows(run("workers.h5", workers=2).path)[0] == first
     assert rows(run("seed1.h5", seed=1).path)[0] != first
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "seed1.h5")]) == 0
+    assert "  seed: 1, per item and per batch, from the seed and the source index" in capsys.readouterr().out.splitlines()
     # stopped after three batches, then resumed: the rows after the resume point are drawn as before
     batches = []
 
