@@ -854,6 +854,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         "command": opts.command,
         "rows_planned": len(indices),
         "seeding": SEEDING,
+        "state_changes": None,  # what the second batch's forward changed of the model's state (None: not watched)
         "rank": rank.rank,
         "world_size": rank.world,
     }
@@ -884,6 +885,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
     batches = iter(loader)
     skipped = 0  # items the data set failed to give, left out (--skip-failed)
     unrecorded: list[tuple[int, str]] = []  # ... and not yet handed to the writer
+    forwards = 0
     progress = tqdm(total=len(indices), initial=start_row, unit="row", disable=None if opts.progress else True,
                     dynamic_ncols=True, desc="extract")
     interrupt = _DeferredInterrupt()
@@ -913,7 +915,13 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                 targets = {t: _target_array(_get_dotted(batch, t)) for t in opts.targets}
                 capture.start_batch(len(index))
                 seed_generators(opts.seed, int(index[0]), _BATCH, device)
+                watch = _StateWatch(model) if forwards == 1 else None
                 tensors, out = _run_batch(model, forward, capture, _to_device(batch, device), shapes, opts, autocast)
+                forwards += 1
+                if watch is not None:
+                    metadata["state_changes"] = watch.changes()
+                    if metadata["state_changes"]:
+                        log.warning(_state_note(metadata["state_changes"]))
                 outputs = _outputs_of(out, opts.output_names, left_out)
                 del out  # it may hold large tensors: not into the next forward
                 progress.update(len(failed))
@@ -1023,6 +1031,7 @@ class Survey:
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (item, error) left out (--skip-failed)
     seconds: list[float] = field(default_factory=list)  # each surveyed batch's forward, hooks and all
     batch_rows: list[int] = field(default_factory=list)  # each surveyed batch's samples
+    state_changes: list[str] | None = None  # what the second batch's forward changed of the model's state
 
     def rows_per_second(self) -> float | None:
         """The forward's pace: over the batches after the first (its warm-up), where there are."""
@@ -1087,6 +1096,8 @@ class Survey:
             lines.append(f"token count changing after the first two batches had them stored dense: "
                          f"{', '.join(f'{s.name} (batch {s.ragged_from})' for s in late)}; the run will rewrite their rows "
                          f"ragged then (--ragged {flag} stores them ragged from the start)")
+        if self.state_changes:
+            lines.append(_state_note(self.state_changes))
         shapes = "the first batch's shapes" if self.batches == 1 else "the surveyed batches' shapes"
         lines.append(f"the run's {self.planned} rows: about {human_bytes(self.planned * self.row_bytes())} of activations "
                      f"({human_bytes(self.row_bytes())} a row, as {shapes} give it)")
@@ -1169,6 +1180,7 @@ def _survey(model, forward, selections: list, problems: dict, source: Any, opts:
     output_problem = None
     skipped: list[tuple[int, str]] = []
     seconds: list[float] = []  # each batch's forward
+    state_changes = None
     with hooks.Capture(model, selections, multi_fire=opts.multi_fire, unfold_batch=opts.unfold_batch, survey=True) as capture:
         for index, batch, failed in itertools.islice(loader, asked):
             if failed and not opts.skip_failed:
@@ -1182,12 +1194,15 @@ def _survey(model, forward, selections: list, problems: dict, source: Any, opts:
                 targets[name] = seen if seen.problem else _surveyed_target(seen, batch, len(per_batch))
             capture.start_batch(len(index))
             seed_generators(opts.seed, int(index[0]), _BATCH, device)
+            watch = _StateWatch(model) if len(per_batch) == 1 else None
             started = time.perf_counter()
             with torch.inference_mode(not opts.train_mode), autocast():
                 out = forward(model, _to_device(batch, device))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds.append(time.perf_counter() - started)
+            if watch is not None:
+                state_changes = watch.changes()
             per_batch.append(capture.survey_batch(problems))
             batch_rows.append(len(index))
             if output_problem is None:
@@ -1204,7 +1219,8 @@ def _survey(model, forward, selections: list, problems: dict, source: Any, opts:
     layers = [_surveyed_layer(list(batches), batch_rows, sel, opts, ragged) for sel, batches in zip(selections, zip(*per_batch))]
     return Survey(sum(batch_rows), layers, opts.dtype, planned, batches=len(per_batch), asked=asked,
                   targets=list(targets.values()), outputs=None if opts.stop_early else list(outputs), left_out=left_out,
-                  output_problem=output_problem, skipped=skipped, seconds=seconds, batch_rows=batch_rows)
+                  output_problem=output_problem, skipped=skipped, seconds=seconds, batch_rows=batch_rows,
+                  state_changes=state_changes)
 
 
 def _surveyed_target(seen: TargetSurvey, batch: Any, k: int) -> TargetSurvey:
@@ -1468,6 +1484,80 @@ def _call_forward(forward: Callable, model: torch.nn.Module, batch: Any, *, devi
         raise ExtractError(f"the forward uses CUDA in its own code ({at}{type(exc).__name__}: {str(exc).splitlines()[0]}) "
                            f"and this run's device is {device}: {fix}") from exc
 
+
+# Buffers up to this many bytes in all are kept for comparison by value while a batch is
+# watched; past it, a buffer is compared by its version counter alone (in-place changes).
+STATE_COPY_BYTES = 256 << 20
+STATE_CHANGES_SHOWN = 5
+
+
+class _StateWatch:
+    """What one forward changes of the model's own state: buffers (by value: a native kernel,
+    as batch norm's running statistics, may not bump a version counter), parameters changed in
+    place, and the tensors and plain values its modules hold as attributes (a memory bank, a
+    step counter). A run watches its second batch: the first may build caches once (rotary
+    tables, UVA's self.device), which ties no row to the ones before it."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.before = self._state(copy_budget=STATE_COPY_BYTES)
+
+    def _state(self, copy_budget: int = 0) -> dict[str, tuple[str, Any]]:
+        state: dict[str, tuple[str, Any]] = {}
+        for name, buffer in self.model.named_buffers():
+            size = buffer.numel() * buffer.element_size()
+            copied = size <= copy_budget
+            copy_budget -= size if copied else 0
+            state[name] = ("a buffer", buffer.detach().clone() if copied else (buffer, _version(buffer)))
+        for name, param in self.model.named_parameters():
+            state[name] = ("a parameter", (param, _version(param)))
+        for prefix, module in self.model.named_modules():
+            for key, value in vars(module).items():
+                if not key.startswith("_") and isinstance(value, (torch.Tensor, bool, int, float, str)):
+                    attr = f"{prefix}.{key}" if prefix else key
+                    state[attr] = ("a tensor attribute", (value, _version(value))) if isinstance(value, torch.Tensor) \
+                        else ("an attribute", value)
+        return state
+
+    def changes(self) -> list[str]:
+        """Each part of the state the forward changed, described."""
+        after = self._state()
+        changed = []
+        for name in dict.fromkeys([*self.before, *after]):
+            if name not in after or name not in self.before:
+                kind = (after.get(name) or self.before[name])[0]
+                changed.append(f"{name} ({kind}, {'set' if name in after else 'removed'})")
+                continue
+            (kind, then), (_, now) = self.before[name], after[name]
+            if isinstance(then, torch.Tensor):  # a buffer's copy, against the buffer itself
+                if not _same_bits(then, now[0]):
+                    changed.append(f"{name} ({kind})")
+            elif isinstance(then, tuple):  # (tensor, its version counter)
+                if then[0] is not now[0]:
+                    changed.append(f"{name} ({kind}, replaced)")
+                elif then[1] != now[1]:
+                    changed.append(f"{name} ({kind}, changed in place)")
+            elif then != now:
+                changed.append(f"{name} ({kind}: {then!r} -> {now!r})")
+        return changed
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """Its version counter, which in-place changes bump (a tensor made under inference mode has none)."""
+    return None if t.is_inference() else t._version
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shapes, dtypes and bytes (NaN equal to the same NaN)."""
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(
+        a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8))
+
+
+def _state_note(changes: list[str]) -> str:
+    shown = ", ".join(changes[:STATE_CHANGES_SHOWN]) + (
+        f" and {len(changes) - STATE_CHANGES_SHOWN} more" if len(changes) > STATE_CHANGES_SHOWN else "")
+    return (f"the forward changes the model's own state ({shown}): a row then depends on the batches before it, so "
+            "a resume, another --batch-size or another order of the data gives other rows")
 
 def _run_batch(model, forward, capture: hooks.Capture, batch: Any, shapes: dict, opts: ExtractOptions,
                autocast: Callable[[], Any]) -> tuple[dict, Any]:

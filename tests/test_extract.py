@@ -2422,6 +2422,51 @@ def test_a_rows_random_draws_depend_on_the_seed_and_its_source_index_alone(tmp_p
         options(tmp_path, seed=-1)
 
 
+def test_a_forward_that_changes_the_models_state_is_said_and_recorded(tmp_path, caplog, capsys):
+    """A model that carries state from one forward to the next (a memory bank) makes each row
+    depend on the batches before it: the run and the dry run say what changed, on the second
+    batch (the first may build caches once), and the store records it."""
+    def run(model, out, **kw):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="marstore.extract"):
+            result = extract(ExtractOptions(**{"out": str(tmp_path / out), "model": f"helpers.stateful:{model}",
+                                               "dataset": "helpers.inplace:tokens", "layers": ["fc"], "batch_size": 4,
+                                               "progress": False, "device": "cpu", **kw}))
+        return result, [m for m in caplog.messages if "the model's own state" in m]
+
+    note = ("the forward changes the model's own state (bank (a buffer), memory (a tensor attribute, replaced), calls "
+            "(an attribute: 1 -> 2)): a row then depends on the batches before it, so a resume, another --batch-size or "
+            "another order of the data gives other rows")
+    result, said = run("remembers", "remembers.h5")
+    assert said == [note]
+    with open_store(result.path) as s:
+        assert s.metadata["state_changes"] == ["bank (a buffer)", "memory (a tensor attribute, replaced)",
+                                               "calls (an attribute: 1 -> 2)"]
+    capsys.readouterr()
+    assert main(["info", result.path]) == 0
+    assert ("  the forward changed the model's own state, so rows depend on the batches before them: bank (a buffer), "
+            "memory (a tensor attribute, replaced), calls (an attribute: 1 -> 2)") in capsys.readouterr().out.splitlines()
+    survey, _ = run("remembers", "unused.h5", dry_run=2)
+    assert note in survey.describe().splitlines()
+    # batch norm's running statistics, written by its kernel, in train mode
+    result, said = run("normed", "normed.h5", layers=["0"], train_mode=True)
+    with open_store(result.path) as s:
+        assert s.metadata["state_changes"] == ["2.running_mean (a buffer)", "2.running_var (a buffer)",
+                                               "2.num_batches_tracked (a buffer)"]
+    # a table built at the first call alone, and a model without state: nothing said
+    for model in ("caches_once", "normed"):
+        result, said = run(model, f"{model}_quiet.h5", layers=["0"] if model == "normed" else ["fc"])
+        assert said == []
+        with open_store(result.path) as s:
+            assert s.metadata["state_changes"] == []
+        survey, _ = run(model, "unused.h5", dry_run=2, layers=["0"] if model == "normed" else ["fc"])
+        assert "the model's own state" not in survey.describe()
+    # one batch: nothing to watch
+    result, said = run("remembers", "one.h5", batch_size=16)
+    with open_store(result.path) as s:
+        assert said == [] and s.metadata["state_changes"] is None
+
+
 def test_ctrl_c_finishes_the_batch_in_hand_and_a_second_stops_at_once(tmp_path, caplog):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 

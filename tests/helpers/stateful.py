@@ -1,0 +1,50 @@
+"""Models that keep state across forwards (a memory bank, a step counter), and one that only
+builds a table at its first call."""
+
+import torch
+from torch import nn
+
+
+class Remembers(nn.Module):
+    """Each forward adds to a buffer, replaces a tensor attribute and counts itself."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.register_buffer("bank", torch.zeros(d))
+        self.memory = torch.zeros(d)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        out = self.fc(x + self.bank + self.memory)
+        self.bank.add_(out.detach().mean((0, 1)))
+        self.memory = out.detach().mean((0, 1))
+        return out
+
+
+class CachesOnce(nn.Module):
+    """Builds a table at its first call, as rotary embeddings do: nothing carried between rows."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.table = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.table is None:
+            self.table = torch.ones(x.shape[1:])
+        return self.fc(x * self.table)
+
+
+def remembers(d: int = 8) -> Remembers:
+    return Remembers(d)
+
+
+def caches_once(d: int = 8) -> CachesOnce:
+    return CachesOnce(d)
+
+
+def normed(d: int = 8) -> nn.Module:
+    """Batch norm over the tokens' features: in train mode its running statistics change."""
+    return nn.Sequential(nn.Linear(d, d), nn.Flatten(0, 1), nn.BatchNorm1d(d))
