@@ -1548,8 +1548,8 @@ def _version(t: torch.Tensor) -> int | None:
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal shapes, dtypes and bytes (NaN equal to the same NaN)."""
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(
+    """Equal shapes, dtypes, devices and bytes (NaN equal to the same NaN)."""
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(
         a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8))
 
 
@@ -1558,6 +1558,7 @@ def _state_note(changes: list[str]) -> str:
         f" and {len(changes) - STATE_CHANGES_SHOWN} more" if len(changes) > STATE_CHANGES_SHOWN else "")
     return (f"the forward changes the model's own state ({shown}): a row then depends on the batches before it, so "
             "a resume, another --batch-size or another order of the data gives other rows")
+
 
 def _run_batch(model, forward, capture: hooks.Capture, batch: Any, shapes: dict, opts: ExtractOptions,
                autocast: Callable[[], Any]) -> tuple[dict, Any]:
