@@ -1556,8 +1556,8 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _state_note(changes: list[str]) -> str:
     shown = ", ".join(changes[:STATE_CHANGES_SHOWN]) + (
         f" and {len(changes) - STATE_CHANGES_SHOWN} more" if len(changes) > STATE_CHANGES_SHOWN else "")
-    return (f"the forward changes the model's own state ({shown}): a row then depends on the batches before it, so "
-            "a resume, another --batch-size or another order of the data gives other rows")
+    return (f"the forward changes the model's own state ({shown}): where a later forward reads it, a row depends on "
+            "the batches before it, and a resume, another --batch-size or another order of the data gives other rows")
 
 
 def _run_batch(model, forward, capture: hooks.Capture, batch: Any, shapes: dict, opts: ExtractOptions,

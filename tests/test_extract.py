@@ -2435,8 +2435,8 @@ def test_a_forward_that_changes_the_models_state_is_said_and_recorded(tmp_path, 
         return result, [m for m in caplog.messages if "the model's own state" in m]
 
     note = ("the forward changes the model's own state (bank (a buffer), memory (a tensor attribute, replaced), calls "
-            "(an attribute: 1 -> 2)): a row then depends on the batches before it, so a resume, another --batch-size or "
-            "another order of the data gives other rows")
+            "(an attribute: 1 -> 2)): where a later forward reads it, a row depends on the batches before it, and a "
+            "resume, another --batch-size or another order of the data gives other rows")
     result, said = run("remembers", "remembers.h5")
     assert said == [note]
     with open_store(result.path) as s:
@@ -2444,8 +2444,9 @@ def test_a_forward_that_changes_the_models_state_is_said_and_recorded(tmp_path, 
                                                "calls (an attribute: 1 -> 2)"]
     capsys.readouterr()
     assert main(["info", result.path]) == 0
-    assert ("  the forward changed the model's own state, so rows depend on the batches before them: bank (a buffer), "
-            "memory (a tensor attribute, replaced), calls (an attribute: 1 -> 2)") in capsys.readouterr().out.splitlines()
+    assert ("  the forward changed the model's own state (where a later forward reads it, rows depend on the batches "
+            "before them): bank (a buffer), memory (a tensor attribute, replaced), calls (an attribute: 1 -> 2)"
+            ) in capsys.readouterr().out.splitlines()
     survey, _ = run("remembers", "unused.h5", dry_run=2)
     assert note in survey.describe().splitlines()
     # batch norm's running statistics, written by its kernel, in train mode
