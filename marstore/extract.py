@@ -663,6 +663,25 @@ def extract_from(model: torch.nn.Module, dataset: Any, out: str, layers: Sequenc
         model.train(was_training)
         if move and len(set(placed)) == 1:
             model.to(placed[0])
+        _normal_tensors_back(model)
+
+
+def _normal_tensors_back(model: torch.nn.Module) -> None:
+    """Tensors that the model stored while the run's forwards ran under inference mode (a table
+    built at the first call, a memory bank) are inference tensors, which autograd refuses when
+    the caller trains the model next ("Inference tensors cannot be saved for backward"): each
+    buffer and tensor attribute of the kind is replaced by a normal copy, said in the log."""
+    replaced = []
+    for prefix, module in model.named_modules():
+        held = [(key, t, module._buffers) for key, t in module._buffers.items()]
+        held += [(key, t, vars(module)) for key, t in vars(module).items() if isinstance(t, torch.Tensor)]
+        for key, tensor, where in held:
+            if tensor is not None and tensor.is_inference() and not isinstance(tensor, torch.nn.Parameter):
+                where[key] = tensor.clone()  # outside inference mode: a normal tensor
+                replaced.append(f"{prefix}.{key}" if prefix else key)
+    if replaced:
+        log.info("the model keeps tensors made during the run under inference mode (%s): given back as normal copies, "
+                 "so that autograd can use them", ", ".join(replaced))
 
 
 def extract(opts: ExtractOptions, on_batch: Callable[[int], None] | None = None, *,

@@ -2825,6 +2825,25 @@ def test_extract_from_objects_writes_what_the_specs_write_and_leaves_the_model_a
     assert_same_store(str(tmp_path / "spec.h5"), str(tmp_path / "own.h5"))  # the weights loaded above
 
 
+def test_extract_from_gives_the_model_back_without_inference_tensors(tmp_path, caplog):
+    """The run's forwards run under inference mode: what the model stores then (a table built at
+    its first call, a memory bank's buffer) would refuse autograd when the caller trains the
+    model next; extract_from gives such tensors back as normal copies."""
+    from helpers.inplace import tokens
+    from helpers.stateful import caches_once, remembers
+
+    from marstore.extract import extract_from
+
+    for model, kept in ((caches_once(), "table"), (remembers(), "memory")):  # its bank only changed in place
+        with caplog.at_level(logging.INFO, logger="marstore.extract"):
+            extract_from(model, tokens(16), str(tmp_path / f"{type(model).__name__}.h5"), "fc", batch_size=4, progress=False)
+        assert (f"the model keeps tensors made during the run under inference mode ({kept}): given back as normal "
+                "copies, so that autograd can use them") in caplog.messages
+        model(torch.randn(2, 3, 8)).sum().backward()  # "Inference tensors cannot be saved for backward" before
+        assert model.fc.weight.grad is not None
+        assert not any(b.is_inference() for b in model.buffers())
+
+
 def loading_digest(path: str) -> str:
     from marstore.loading import file_digest
 

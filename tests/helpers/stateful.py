@@ -34,7 +34,7 @@ class CachesOnce(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.table is None:
             self.table = torch.ones(x.shape[1:])
-        return self.fc(x * self.table)
+        return self.fc(x) * self.table
 
 
 def remembers(d: int = 8) -> Remembers:
