@@ -2352,7 +2352,7 @@ def test_a_rows_random_draws_depend_on_the_seed_and_its_source_index_alone(tmp_p
     a data set its augmentations from any of the three: each item and each batch's forward are
     seeded from --seed and the source index, so that a second run, a resume, any number of
     workers and a dry run all draw what one uninterrupted run does; another seed draws anew."""
-    from marstore.extract import SEEDING, extract_from
+    from marstore.extract import SEEDING
 
     def run(out, **kw):
         return extract(options(tmp_path, out=str(tmp_path / out), layers=["encoder_blocks.1"], commit_rows=8,
@@ -2372,16 +2372,9 @@ def test_a_rows_random_draws_depend_on_the_seed_and_its_source_index_alone(tmp_p
     assert main(["info", str(tmp_path / "seed1.h5")]) == 0
     assert "  seed: 1, per item and per batch, from the seed and the source index" in capsys.readouterr().out.splitlines()
     # stopped after three batches, then resumed: the rows after the resume point are drawn as before
-    batches = []
-
-    def stop_after_three(_rows):
-        batches.append(_rows)
-        if len(batches) == 3:
-            raise KeyboardInterrupt
-
     with pytest.raises(Interrupted):
         extract(options(tmp_path, out=str(tmp_path / "resumed.h5"), layers=["encoder_blocks.1"], commit_rows=8,
-                        model_args={**CONFIG, "drop_masked": True}), on_batch=stop_after_three)
+                        model_args={**CONFIG, "drop_masked": True}), on_batch=ctrl_c_after(3))
     assert rows(run("resumed.h5", resume=True).path)[0] == first
     # the dry run meets the token counts the run stores
     survey = run("unused.h5", dry_run=5)
@@ -2389,19 +2382,38 @@ def test_a_rows_random_draws_depend_on_the_seed_and_its_source_index_alone(tmp_p
         counts = s.token_counts("encoder_blocks.1")
     (layer,) = survey.layers
     assert layer.tokens == (counts.min(), counts.max()) and len(set(counts.tolist())) > 1
-    # a data set's draws in __getitem__ and a forward's draws, with and without workers, whole and resumed
+    with pytest.raises(ExtractError, match=r"^--seed -1: give an integer of at least 0$"):
+        options(tmp_path, seed=-1)
+
+
+def ctrl_c_after(batches: int):
+    """An on_batch callback that stops the run as Ctrl-C does after so many batches."""
+    seen = []
+
+    def on_batch(rows: int) -> None:
+        seen.append(rows)
+        if len(seen) == batches:
+            raise KeyboardInterrupt
+
+    return on_batch
+
+
+def test_a_data_sets_and_a_forwards_draws_repeat_with_workers_and_after_a_resume(tmp_path):
+    """Draws in a data set's __getitem__ (an augmentation), in an iterable's items and in the
+    forward (a diffusion loss's noise), from torch's, numpy's and Python's generators: the same
+    rows with workers and after a resume. extract_from gives the caller's generators back."""
+    from marstore.extract import extract_from
+
     noisy = dict(model="helpers.random_draws:noisy_forward", dataset="helpers.random_draws:noisy_items", forward=None,
                  layers=["fc", "out"], targets=["x"], model_args={}, dataset_args={}, commit_rows=8)
     reference = extract(options(tmp_path, out=str(tmp_path / "noisy.h5"), **noisy)).path
     with open_store(reference) as s:
         want = [s.read(n).tobytes() for n in ("fc", "out")] + [s.target("x").tobytes()]
-    batches.clear()
     with pytest.raises(Interrupted):
-        extract(options(tmp_path, out=str(tmp_path / "noisy_resumed.h5"), workers=2, **noisy), on_batch=stop_after_three)
+        extract(options(tmp_path, out=str(tmp_path / "noisy_resumed.h5"), workers=2, **noisy), on_batch=ctrl_c_after(3))
     stream = {"dataset": "helpers.random_draws:noisy_stream", "num_samples": 40}  # read again up to the resume point
-    batches.clear()
     with pytest.raises(Interrupted):
-        extract(options(tmp_path, out=str(tmp_path / "stream_resumed.h5"), **{**noisy, **stream}), on_batch=stop_after_three)
+        extract(options(tmp_path, out=str(tmp_path / "stream_resumed.h5"), **{**noisy, **stream}), on_batch=ctrl_c_after(3))
     for path, kw in ((tmp_path / "noisy_workers.h5", {"workers": 2}), (tmp_path / "noisy_resumed.h5", {"resume": True}),
                      (tmp_path / "stream_resumed.h5", {"resume": True, **stream})):
         with open_store(extract(options(tmp_path, out=str(path), **{**noisy, **kw})).path) as s:
@@ -2418,8 +2430,6 @@ def test_a_rows_random_draws_depend_on_the_seed_and_its_source_index_alone(tmp_p
     torch.manual_seed(5)
     extract_from(model, noisy_items(16), str(tmp_path / "from.h5"), "fc", batch_size=8, progress=False)
     assert (np.random.rand(), random.random(), torch.rand(1).item()) == expected
-    with pytest.raises(ExtractError, match=r"^--seed -1: give an integer of at least 0$"):
-        options(tmp_path, seed=-1)
 
 
 def test_a_forward_that_changes_the_models_state_is_said_and_recorded(tmp_path, caplog, capsys):
@@ -2936,13 +2946,8 @@ def test_a_forward_that_draws_on_the_gpu_draws_the_same_after_a_resume(tmp_path)
     noisy = dict(model="helpers.random_draws:noisy_forward", dataset="helpers.random_draws:noisy_items", forward=None,
                  layers=["out"], targets=[], model_args={}, dataset_args={}, commit_rows=8, device="cuda")
     whole = extract(options(tmp_path, out=str(tmp_path / "whole.h5"), **noisy)).path
-
-    def stop(rows):
-        if rows >= 16:
-            raise KeyboardInterrupt
-
     with pytest.raises(Interrupted):
-        extract(options(tmp_path, out=str(tmp_path / "resumed.h5"), **noisy), on_batch=stop)
+        extract(options(tmp_path, out=str(tmp_path / "resumed.h5"), **noisy), on_batch=ctrl_c_after(2))
     resumed = extract(options(tmp_path, out=str(tmp_path / "resumed.h5"), resume=True, **noisy)).path
     with open_store(whole) as a, open_store(resumed) as b:
         assert a.rows == b.rows == 40 and a.read("out").tobytes() == b.read("out").tobytes()
