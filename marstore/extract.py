@@ -1513,9 +1513,10 @@ STATE_CHANGES_SHOWN = 5
 class _StateWatch:
     """What one forward changes of the model's own state: buffers (by value: a native kernel,
     as batch norm's running statistics, may not bump a version counter), parameters changed in
-    place, and the tensors and plain values its modules hold as attributes (a memory bank, a
-    step counter). A run watches its second batch: the first may build caches once (rotary
-    tables, UVA's self.device), which ties no row to the ones before it."""
+    place, the tensors and plain values its modules hold as attributes (a memory bank, a step
+    counter), and the dicts and lists that its modules' forwards take as default arguments and
+    fill. A run watches its second batch: the first may build caches once (rotary tables, UVA's
+    self.device), which ties no row to the ones before it."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
@@ -1536,6 +1537,17 @@ class _StateWatch:
                     attr = f"{prefix}.{key}" if prefix else key
                     state[attr] = ("a tensor attribute", (value, _version(value))) if isinstance(value, torch.Tensor) \
                         else ("an attribute", value)
+        # a forward's mutable default argument that it fills (UVA's proprioception_input={}) outlives the call
+        for cls in dict.fromkeys(type(m) for m in self.model.modules()):
+            try:
+                params = inspect.signature(cls.forward).parameters.values()
+            except (TypeError, ValueError):  # a forward written in C has no Python defaults to fill
+                continue
+            for param in params:
+                if isinstance(param.default, (dict, list)):
+                    items = param.default.items() if isinstance(param.default, dict) else enumerate(param.default)
+                    state[f"{cls.__name__}.forward's {param.name}"] = (
+                        "a mutable default argument", [(key, _identity(value)) for key, value in items])
         return state
 
     def changes(self) -> list[str]:
@@ -1557,8 +1569,14 @@ class _StateWatch:
                 elif then[1] != now[1]:
                     changed.append(f"{name} ({kind}, changed in place)")
             elif then != now:
-                changed.append(f"{name} ({kind}: {then!r} -> {now!r})")
+                changed.append(f"{name} ({kind}, filled)" if kind == "a mutable default argument" else
+                               f"{name} ({kind}: {then!r} -> {now!r})")
         return changed
+
+
+def _identity(value: Any) -> Any:
+    """A plain value as itself (a mode's name set again each call is no change), anything else by id."""
+    return value if isinstance(value, (str, bytes, int, float, bool, type(None))) else id(value)
 
 
 def _version(t: torch.Tensor) -> int | None:

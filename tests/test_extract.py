@@ -2365,6 +2365,8 @@ def test_a_rows_random_draws_depend_on_the_seed_and_its_source_index_alone(tmp_p
 
     first, seeding = rows(run("first.h5").path)
     assert seeding == SEEDING
+    with open_store(tmp_path / "first.h5") as s:  # its forward sets the same task mode in its default dict each call
+        assert s.metadata["state_changes"] == []
     assert rows(run("second.h5").path)[0] == first
     assert rows(run("workers.h5", workers=2).path)[0] == first
     assert rows(run("seed1.h5", seed=1).path)[0] != first
@@ -2464,6 +2466,11 @@ def test_a_forward_that_changes_the_models_state_is_said_and_recorded(tmp_path, 
     with open_store(result.path) as s:
         assert s.metadata["state_changes"] == ["2.running_mean (a buffer)", "2.running_var (a buffer)",
                                                "2.num_batches_tracked (a buffer)"]
+    # a dict that a forward takes as its default argument and fills (UVA's proprioception_input={})
+    result, said = run("fills_its_default", "default.h5")
+    assert said == ["the forward changes the model's own state (FillsItsDefault.forward's extra (a mutable default "
+                    "argument, filled)): where a later forward reads it, a row depends on the batches before it, and a "
+                    "resume, another --batch-size or another order of the data gives other rows"]
     # a table built at the first call alone, and a model without state: nothing said
     for model in ("caches_once", "normed"):
         result, said = run(model, f"{model}_quiet.h5", layers=["0"] if model == "normed" else ["fc"])

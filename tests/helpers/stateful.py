@@ -37,8 +37,26 @@ class CachesOnce(nn.Module):
         return self.fc(x) * self.table
 
 
+class FillsItsDefault(nn.Module):
+    """UVA's habit: a forward that fills a dict given as its default argument, which outlives the
+    call (here a count of its calls); the same key set to the same value each call is no change."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor, extra={}, steady={}) -> torch.Tensor:  # noqa: B006 - the habit tested
+        extra["calls"] = extra.get("calls", 0) + 1
+        steady["mode"] = "policy_model"
+        return self.fc(x)
+
+
 def remembers(d: int = 8) -> Remembers:
     return Remembers(d)
+
+
+def fills_its_default(d: int = 8) -> FillsItsDefault:
+    return FillsItsDefault(d)
 
 
 def caches_once(d: int = 8) -> CachesOnce:
