@@ -626,8 +626,9 @@ def extract_from(model: torch.nn.Module, dataset: Any, out: str, layers: Sequenc
 
     The model stays where its weights are (the inputs go to the first weights' device; a model
     split over GPUs is not gathered) unless device= moves it for the run; it gets its device,
-    its train or eval mode, and torch's, numpy's and Python's random generators their states, back afterwards. The
-    process's malloc is left alone unless malloc_tuning=True. checkpoint= loads that file's
+    its train or eval mode, and the tensors it stored during the run as normal (not inference)
+    tensors back afterwards, and torch's, numpy's and Python's random generators get their
+    states back. The process's malloc is left alone unless malloc_tuning=True. checkpoint= loads that file's
     weights into the model first (reported as the command line's --checkpoint is, and recorded).
     The store records each object by its class ("<object mypkg.models.MAR>"); dataset_name (e.g.
     "libero10/val") records the data set by a name instead, so that `marstore evaluate` takes
@@ -651,7 +652,8 @@ def extract_from(model: torch.nn.Module, dataset: Any, out: str, layers: Sequenc
     opts = ExtractOptions(out=out, model=loading.in_hand_name(model), dataset=dataset_name or loading.in_hand_name(dataset),
                           forward=loading.in_hand_name(forward) if forward is not None else None, layers=layers, **options)
     was_training = model.training
-    cuda = [torch.device(opts.device)] if opts.device and torch.device(opts.device).type == "cuda" else []
+    # every GPU's generator: the run seeds them all (a model split over GPUs draws on each)
+    cuda = list(range(torch.cuda.device_count())) if opts.device and torch.device(opts.device).type == "cuda" else []
     numpy_state, python_state = np.random.get_state(), random.getstate()
     try:
         # the run seeds the global generators (seed_generators): the caller's states are kept
