@@ -1515,9 +1515,9 @@ STATE_CHANGES_SHOWN = 5
 class _StateWatch:
     """What one forward changes of the model's own state: buffers (by value: a native kernel,
     as batch norm's running statistics, may not bump a version counter), parameters changed in
-    place, the tensors and plain values its modules hold as attributes (a memory bank, a step
-    counter), and the dicts and lists that its modules' forwards take as default arguments and
-    fill. A run watches its second batch: the first may build caches once (rotary tables, UVA's
+    place, the tensors, random generators and plain values its modules hold as attributes (a
+    memory bank, a step counter, a generator of its own that --seed does not reach), and the
+    dicts and lists that its modules' forwards take as default arguments and fill. A run watches its second batch: the first may build caches once (rotary tables, UVA's
     self.device), which ties no row to the ones before it."""
 
     def __init__(self, model: torch.nn.Module):
@@ -1535,10 +1535,15 @@ class _StateWatch:
             state[name] = ("a parameter", (param, _version(param)))
         for prefix, module in self.model.named_modules():
             for key, value in vars(module).items():
-                if not key.startswith("_") and isinstance(value, (torch.Tensor, bool, int, float, str)):
-                    attr = f"{prefix}.{key}" if prefix else key
-                    state[attr] = ("a tensor attribute", (value, _version(value))) if isinstance(value, torch.Tensor) \
-                        else ("an attribute", value)
+                attr = f"{prefix}.{key}" if prefix else key
+                if key.startswith("_"):
+                    continue
+                if isinstance(value, torch.Tensor):
+                    state[attr] = ("a tensor attribute", (value, _version(value)))
+                elif isinstance(value, torch.Generator):  # a model's own generator, which no --seed reaches
+                    state[attr] = ("a random generator", value.get_state())
+                elif isinstance(value, (bool, int, float, str)):
+                    state[attr] = ("an attribute", value)
         # a forward's mutable default argument that it fills (UVA's proprioception_input={}) outlives the call
         for cls in dict.fromkeys(type(m) for m in self.model.modules()):
             try:
@@ -1562,7 +1567,10 @@ class _StateWatch:
                 changed.append(f"{name} ({kind}, {'set' if name in after else 'removed'})")
                 continue
             (kind, then), (_, now) = self.before[name], after[name]
-            if isinstance(then, torch.Tensor):  # a buffer's copy, against the buffer itself
+            if kind == "a random generator":
+                if not torch.equal(then, now):
+                    changed.append(f"{name} ({kind}, advanced)")
+            elif isinstance(then, torch.Tensor):  # a buffer's copy, against the buffer itself
                 if not _same_bits(then, now[0]):
                     changed.append(f"{name} ({kind})")
             elif isinstance(then, tuple):  # (tensor, its version counter)

@@ -2471,6 +2471,10 @@ def test_a_forward_that_changes_the_models_state_is_said_and_recorded(tmp_path, 
     assert said == ["the forward changes the model's own state (FillsItsDefault.forward's extra (a mutable default "
                     "argument, filled)): where a later forward reads it, a row depends on the batches before it, and a "
                     "resume, another --batch-size or another order of the data gives other rows"]
+    # a generator of its own, which --seed does not reach
+    result, said = run("own_noise", "own_noise.h5")
+    with open_store(result.path) as s:
+        assert s.metadata["state_changes"] == ["noise (a random generator, advanced)"]
     # a table built at the first call alone, and a model without state: nothing said
     for model in ("caches_once", "normed"):
         result, said = run(model, f"{model}_quiet.h5", layers=["0"] if model == "normed" else ["fc"])

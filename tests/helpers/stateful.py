@@ -51,6 +51,22 @@ class FillsItsDefault(nn.Module):
         return self.fc(x)
 
 
+class OwnNoise(nn.Module):
+    """Draws its noise from a generator of its own, which no global seed reaches."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.noise = torch.Generator().manual_seed(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x + torch.randn(x.shape, generator=self.noise))
+
+
+def own_noise(d: int = 8) -> OwnNoise:
+    return OwnNoise(d)
+
+
 def remembers(d: int = 8) -> Remembers:
     return Remembers(d)
 
