@@ -424,6 +424,9 @@ class StoreWriter:
         self._layers = {s.name: _Layer(s, self._file["activations"][s.name]) for s in self.layers_spec}
         self._targets = {s.name: self._file["targets"][s.name] for s in self.targets_spec}
         self._text_targets = {s.name for s in self.targets_spec if s.dtype == TEXT}
+        # append() checks batches against these, not the datasets: the writer thread closes the
+        # file when it fails, and an h5py dataset of a closed file cannot tell its shape
+        self._target_row_shapes = {s.name: s.row_shape for s in self.targets_spec}
         self._index = self._file["index"]
         self.committed = int(self._file.attrs["rows"])
         # items the data set failed to give, left out: /skipped holds those committed, this list the rest
@@ -608,7 +611,7 @@ class StoreWriter:
             raise StoreError(f"batch targets {sorted(targets)} do not match the store's {sorted(self._targets)}")
         targets = {name: _text_rows(name, t) if name in self._text_targets else _as_numpy(t) for name, t in targets.items()}
         for name, t in targets.items():
-            expected = (n, *self._targets[name].shape[1:])
+            expected = (n, *self._target_row_shapes[name])
             if t.shape != expected:
                 raise StoreError(f"target {name!r}: batch shape {t.shape}, expected {expected}")
         nbytes = sum(v[0].nbytes for v in activations.values()) if slot is None else slot.nbytes
@@ -644,11 +647,18 @@ class StoreWriter:
         if self._closed:
             return
         self._closed = True
-        self._queue.put((_STOP, complete))
+        while True:  # a writer that failed reads the queue no more, and it may be full
+            try:
+                self._queue.put((_STOP, complete), timeout=0.5)
+                break
+            except queue.Full:
+                if self._error is not None:
+                    break
         if self._thread is not None:
             self._thread.join()
         self._pump()
         if self._error is not None:
+            self._drain()  # a batch queued as the writer failed: release its transfer slot
             self._raise_if_failed()
 
     def __enter__(self) -> "StoreWriter":
@@ -658,9 +668,11 @@ class StoreWriter:
         # On an error or Ctrl-C, keep what was written (committed), but not "complete".
         try:
             self.close(complete=exc_type is None)
-        except StoreError:
+        except StoreError as close_error:
             if exc_type is None:
                 raise
+            if close_error.__cause__ is not None and close_error.__cause__ is getattr(exc, "__cause__", None):
+                return  # the writer's failure that is already on its way up, logged when it happened
             log.exception("store %s: closing after an error also failed", self.path)
 
     def _raise_if_failed(self) -> None:

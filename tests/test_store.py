@@ -6,6 +6,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import h5py
@@ -274,6 +275,50 @@ def test_writer_thread_error_reaches_the_caller(tmp_path, monkeypatch):
         w.close()
     with open_store(tmp_path / "s.h5") as s:
         assert s.rows == 2 and s.status == "incomplete"
+
+
+def test_a_batch_appended_as_the_writer_fails_gives_its_error_once(tmp_path, monkeypatch, caplog):
+    """The writer thread fails and closes the file between append()'s first check and its
+    queueing (a CI run met this window): append() read a target's shape from a dataset of the
+    closed file (RuntimeError from HDF5), and with the queue full close() waited for ever."""
+    path = tmp_path / "s.h5"
+    batch = {"a": np.ones((2, 8), np.float16)}
+    w = StoreWriter(path, [LayerSpec("a", (8,))], [TargetSpec("y", (3,))], commit_rows=2, queue_batches=1)
+    w.append(batch, targets={"y": np.zeros((2, 3))}, index=[0, 1])
+    w.flush()
+
+    def disk_full(*args):
+        raise StoreError("disk full")
+
+    monkeypatch.setattr(w, "_ensure_room", disk_full)
+    w.append(batch, targets={"y": np.zeros((2, 3))}, index=[2, 3])
+    w._thread.join(timeout=30)  # failed, drained its queue, closed the file
+    real_check = w._raise_if_failed
+    monkeypatch.setattr(w, "_raise_if_failed", lambda: None)  # append() checked before the writer failed
+    w.append(batch, targets={"y": np.zeros((2, 3))}, index=[4, 5])  # fills the queue that nobody reads
+    monkeypatch.setattr(w, "_raise_if_failed", real_check)
+    caplog.clear()
+    raised = []
+
+    def close():
+        try:
+            w.close()
+        except StoreWriteError as exc:
+            raised.append(str(exc))
+
+    closing = threading.Thread(target=close)
+    closing.start()
+    closing.join(timeout=30)
+    assert not closing.is_alive() and raised == ["disk full"]
+    with pytest.raises(StoreWriteError, match="^disk full$"):
+        with StoreWriter(tmp_path / "t.h5", [LayerSpec("a", (8,))], commit_rows=2) as w:
+            monkeypatch.setattr(w, "_ensure_room", disk_full)
+            for i in range(100):
+                w.append(batch, index=[2 * i, 2 * i + 1])
+                time.sleep(0.01)
+    assert [r.getMessage() for r in caplog.records if r.levelname != "INFO"] == [f"store {w.path}: disk full"]
+    with open_store(path) as s:
+        assert (s.rows, s.status) == (2, "incomplete")
 
 
 def test_exception_in_with_block_keeps_committed_rows_incomplete(tmp_path):
