@@ -407,7 +407,8 @@ def test_the_mlp_probe_starts_at_the_linear_optimum_and_finds_what_it_cannot(tmp
     with caplog.at_level(logging.INFO, logger="marstore.probe"):
         labels = run_probes(probe_opts(tmp_path, path, layer="a", target="label", kind="mlp", epochs=10,
                                        out=str(tmp_path / "mlp-labels")))["layers"][0]
-    kept = [m for m in caplog.messages if m.startswith("a: the MLP's best epoch (9) beat the linear optimum by")]
+    best = min(labels["probe"]["history"][1:], key=lambda h: h["val_loss"])["epoch"]  # which one varies with the CPU's kernels
+    kept = [m for m in caplog.messages if m.startswith(f"a: the MLP's best epoch ({best}) beat the linear optimum by")]
     assert len(kept) == 1 and kept[0].endswith(": the linear optimum is kept")
     assert labels["probe"]["best_epoch"] == -1 and labels["probe"]["history"][-1]["val_loss"] < labels["probe"]["history"][0]["val_loss"]
     linear_labels = run_probes(probe_opts(tmp_path, path, layer="a", target="label", out=str(tmp_path / "linear-labels")))
