@@ -93,6 +93,7 @@ def _probe_info(args: argparse.Namespace) -> int:
     """`marstore info` of a probe file: what it reads, from what, and what it saw."""
     import json
 
+    from marstore.hooks import unfolded_text
     from marstore.probe import load_probe
 
     probe = load_probe(args.store)
@@ -103,7 +104,7 @@ def _probe_info(args: argparse.Namespace) -> int:
             "classes": probe.classes, "target_shape": list(probe.target_shape), "tokens": probe.tokens, "token": probe.token,
             "row_shape": list(probe.row_shape), "ragged": probe.ragged, "reduction": probe.reduction,
             "standardised": probe.mean is not None, "trained_on": probe.trained_on, "where": probe.where,
-            "multi_fire": probe.multi_fire, "unfolded": probe.unfolded,
+            "multi_fire": probe.multi_fire, "unfolded": probe.unfolded, "unfold_layout": probe.unfold_layout,
             "seen_samples": int((seen[:, 1] - seen[:, 0]).sum()), "seen_ranges": len(seen)}
     if args.json:
         print(json.dumps(info, indent=2))
@@ -115,7 +116,7 @@ def _probe_info(args: argparse.Namespace) -> int:
     print(f"{args.store}: marstore probe{' (the control task)' if probe.control else ''}")
     rows = f"rows {tuple(probe.row_shape)}" if len(probe.row_shape) == 1 and not probe.ragged else \
         f"{tokens} of {'ragged rows of tokens' if probe.ragged else 'rows'} {tuple(probe.row_shape)}"
-    hooked = (f", unfolded from {probe.unfolded} rows a sample" if probe.unfolded else "") + (
+    hooked = unfolded_text(probe.unfolded, probe.unfold_layout) + (
         f", --multi-fire {probe.multi_fire}" if probe.multi_fire not in (None, "error") else "")
     print(f"  {probe.name} -> {probe.target}: {probe.kind} {probe.task}, {outputs} from {info['inputs']} features "
           f"({rows}, extraction reduction {probe.reduction}{hooked}{', standardised' if info['standardised'] else ''})")
@@ -266,6 +267,7 @@ def _info(args: argparse.Namespace) -> int:
                     "reduction": layer.attrs.get("reduction"),
                     "channel_axis": layer.attrs.get("channel_axis"),
                     "unfolded": layer.attrs.get("unfolded"),  # k rows a sample in the module's batch
+                    "unfold_layout": layer.attrs.get("unfold_layout"),  # their order there: (m=4 b t=64)
                     "chunks": list(layer.chunks),
                     "compression": layer.compression,
                     "nonfinite": int(layer.attrs.get("nonfinite", 0)),
@@ -336,7 +338,9 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _channels_text(layer: dict) -> str:
-    unfolded = f", unfolded from {layer['unfolded']} rows a sample" if layer["unfolded"] else ""
+    from marstore.hooks import unfolded_text
+
+    unfolded = unfolded_text(layer["unfolded"], layer["unfold_layout"])
     rewritten = "" if layer["rewritten_at_row"] is None else f", rewritten ragged at row {layer['rewritten_at_row']}"
     return unfolded + rewritten + ("" if layer["channel_axis"] is None else f", channels at row axis {layer['channel_axis']}")
 
@@ -358,6 +362,20 @@ def _pattern_value(text: str) -> tuple[str, str]:
     if not sep or not pattern or not value:
         raise argparse.ArgumentTypeError(f"{text!r}: write PATTERN=REDUCTION")
     return pattern, value
+
+
+def _unfold_option(values: list[str]) -> bool | str | dict[str, str]:
+    """--unfold-batch alone: True; one LAYOUT for every layer; or PATTERN=LAYOUT..."""
+    if not values:
+        return True
+    if len(values) == 1 and values[0].lstrip().startswith("("):
+        return values[0]
+    pairs = [v.partition("=") for v in values]  # a pattern has no '='; the layout after it may (m=4)
+    bad = [v for v, (pattern, sep, layout) in zip(values, pairs) if not (pattern and sep and layout.lstrip().startswith("("))]
+    if bad:
+        raise SystemExit(f"marstore extract: --unfold-batch {bad[0]!r}: give one LAYOUT for every layer, such as "
+                         "'(k b)', or PATTERN=LAYOUT for each, such as 'diffloss.net.**=(m=4 b t)'")
+    return {pattern: layout for pattern, _, layout in pairs}
 
 
 def _options_from(args: argparse.Namespace):
@@ -399,6 +417,8 @@ def _options_from(args: argparse.Namespace):
             merged[key] = True if getattr(args, key) else config.get(key, False)
     if args.channels_first is not None:  # the flag alone: every layer; with patterns: their layers
         merged["channels_first"] = args.channels_first or True
+    if args.unfold_batch is not None:
+        merged["unfold_batch"] = _unfold_option(args.unfold_batch)
     dry_run = merged.get("dry_run") not in (None, False)  # from the flag or the --config file
     if dry_run:
         merged.setdefault("out", "")  # a dry run writes nothing
@@ -596,8 +616,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="layers (names or patterns, as --layers) to store ragged even if the first batches agree")
     ex.add_argument("--multi-fire", choices=["error", "first", "last", "stack"], help="a module firing more than once")
     ex.add_argument("--allow-missing", action="store_true", help="a module that does not fire gives NaN rows")
-    ex.add_argument("--unfold-batch", action="store_true",
-                    help="a module with k rows per sample (UVA's action head: B*4) is stored as (B, k, ...)")
+    ex.add_argument("--unfold-batch", nargs="*", metavar="LAYOUT|PATTERN=LAYOUT",
+                    help="a module with k rows per sample (UVA's action head: B*4) is stored as (B, k, ...), its rows "
+                         "taken as sample-major; a layout in einops' notation orders them otherwise: '(k b)' for "
+                         "x.repeat(k, 1), '(m=4 b t)' for MAR's diffusion loss (for the layers a PATTERN names)")
     ex.add_argument("--stop-early", action="store_true", help="stop the forward once every hooked module fired")
     ex.add_argument("--autocast", choices=["bfloat16", "float16"],
                     help="run the forward under torch.autocast with this dtype (mixed precision, as UVA trains)")

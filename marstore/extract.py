@@ -98,7 +98,8 @@ class ExtractOptions:
     multi_fire: str = "error"
     allow_missing: bool = False
     stop_early: bool = False
-    unfold_batch: bool = False
+    # a module's several rows a sample: True (sample-major), a layout ('(m=4 b t)'), or {pattern: layout}
+    unfold_batch: bool | str | dict[str, str] = False
     train_mode: bool = False
     redirect_cuda: bool = False  # the model's own CUDA calls keep their tensors on the run's device (MAR on a CPU)
     autocast: str | None = None
@@ -208,8 +209,9 @@ def _wanted(kind: Any, name: str) -> str:
     if origin is list:
         return "a list of names"
     if origin is dict:
-        key, value = ("PATTERN", "REDUCTION") if name == "layer_reductions" else ("KEY", "VALUE")
-        return f"a mapping of {key}: {value} (--{name[:-1].replace('_', '-')} {key}={value} on the command line)"
+        key, value = {"layer_reductions": ("PATTERN", "REDUCTION"), "unfold_batch": ("PATTERN", "LAYOUT")}.get(name, ("KEY", "VALUE"))
+        flag = name.replace("_", "-") if name == "unfold_batch" else name[:-1].replace("_", "-")
+        return f"a mapping of {key}: {value} (--{flag} {key}={value} on the command line)"
     return {bool: "true or false", int: "an integer", str: "a string"}[kind]
 
 
@@ -828,7 +830,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
             raise hooks.HookError(f"--layer-reduction {pattern}={text}: {exc}") from None
     problems: dict[str, str] | None = {} if opts.dry_run else None  # a dry run reports them all, and goes on
     selections = hooks.parse_layers(opts.layers, model, reduction, opts.channels_first, layer_reductions,
-                                    opts.exclude_layers, problems)
+                                    opts.exclude_layers, problems, opts.unfold_batch)
     _asked_ragged(opts, selections)  # a --ragged pattern that names no layer: before any data is read
 
     # data
@@ -913,7 +915,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
     try:
         interrupt.install()
         with hooks.Capture(model, selections, multi_fire=opts.multi_fire, allow_missing=opts.allow_missing,
-                           stop_early=opts.stop_early, unfold_batch=opts.unfold_batch) as capture:
+                           stop_early=opts.stop_early) as capture:
             pending: list[tuple] = []
             stop: ExtractError | None = None  # an item that failed, raised once the batches before it are stored
             for index, batch, failed in batches:
@@ -1202,7 +1204,7 @@ def _survey(model, forward, selections: list, problems: dict, source: Any, opts:
     skipped: list[tuple[int, str]] = []
     seconds: list[float] = []  # each batch's forward
     state_changes = None
-    with hooks.Capture(model, selections, multi_fire=opts.multi_fire, unfold_batch=opts.unfold_batch, survey=True) as capture:
+    with hooks.Capture(model, selections, multi_fire=opts.multi_fire, survey=True) as capture:
         for index, batch, failed in itertools.islice(loader, asked):
             if failed and not opts.skip_failed:
                 raise _failure(*failed[0])
@@ -1663,8 +1665,13 @@ def _layer_specs(opts, selections, capture: hooks.Capture, pending) -> list[Laye
                                reduction=hooks.recorded_reduction(sel.reduction, sel.channels_first), ragged=ragged,
                                compression=opts.compression,
                                channel_axis=None if ragged else capture.channel_axes.get(sel.store_name),
-                               unfolded=capture.unfolded.get(sel.store_name)))
+                               **_unfolded(capture.unfolded.get(sel.store_name))))
     return specs
+
+
+def _unfolded(layout: hooks.UnfoldLayout | None) -> dict[str, Any]:
+    """A LayerSpec's record of an unfolded capture: its rows a sample, and its layout."""
+    return {} if layout is None else {"unfolded": layout.per_sample, "unfold_layout": str(layout)}
 
 
 def _open_writer(opts, selections, capture: hooks.Capture, pending, metadata, start_row: int) -> StoreWriter:

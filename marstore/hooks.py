@@ -22,6 +22,7 @@ import functools
 import inspect
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
@@ -46,6 +47,90 @@ class StopForward(BaseException):
     not an error: a BaseException, so that a model's own `except Exception` lets it through."""
 
 
+_LAYOUT_EXAMPLES = ("write the module's batch axis as einops does: '(b k)' for k rows a sample, sample-major; "
+                    "'(k b)' for k copies of the batch one after another (x.repeat(k, 1)); '(m=4 b t)' for "
+                    "MAR's diffusion loss, which repeats its B*t token rows 4 times")
+
+
+@dataclass(frozen=True)
+class UnfoldLayout:
+    """How a module that runs on several rows a sample folded them into its batch axis, in
+    einops' notation: b is the batch, the other axes keep their order after it, so that
+    (m b t) is stored as (B, m, t, ...). Sizes may be given (m=4); all but one must be.
+    The default, (b k), takes the rows as sample-major, as a reshape of (B, k, ...) makes
+    them (UVA's action head); MAR's diffusion loss repeats its B*t token rows with
+    x.repeat(m, 1), which is (m b t)."""
+
+    axes: tuple[tuple[str, int | None], ...]
+
+    @classmethod
+    def parse(cls, text: str) -> "UnfoldLayout":
+        def bad(why: str) -> HookError:
+            return HookError(f"unfold layout {text!r}: {why}; {_LAYOUT_EXAMPLES}")
+
+        inner = re.fullmatch(r"\s*\((.*)\)\s*", text)
+        if inner is None:
+            raise bad("not in parentheses")
+        axes = []
+        for word in inner.group(1).split():
+            m = re.fullmatch(r"([A-Za-z_]\w*)(?:=(\d+))?", word)
+            if m is None or (m.group(2) is not None and int(m.group(2)) < 1):
+                raise bad(f"{word!r} is neither an axis name nor name=size with a size of at least 1")
+            axes.append((m.group(1), None if m.group(2) is None else int(m.group(2))))
+        names = [name for name, _ in axes]
+        if names.count("b") != 1:
+            raise bad("it must name the batch axis b once")
+        if dict(axes)["b"] is not None:
+            raise bad("the batch axis b takes the batch's size; give sizes to the other axes")
+        if len(set(names)) != len(names) or len(names) < 2:
+            raise bad("each axis once, and at least one beside b" if len(names) > 1 else "nothing to unfold beside b")
+        if sum(size is None for _, size in axes) > 2:
+            raise bad("give the sizes of all its axes but one beside b (m=4)")
+        return cls(tuple(axes))
+
+    def __str__(self) -> str:
+        return "(" + " ".join(name if size is None else f"{name}={size}" for name, size in self.axes) + ")"
+
+    def sizes(self, rows: int, samples: int) -> list[int]:
+        """Each axis's size for a module's `rows` leading rows from a batch of `samples`; a
+        HookError where they do not fit."""
+        given = math.prod(size for name, size in self.axes if name != "b" and size is not None)
+        per_sample, unknown = rows // samples, [n for n, size in self.axes if size is None and n != "b"]
+        if rows % samples or per_sample % given or (not unknown and per_sample != given):
+            raise HookError(f"{rows} leading rows for a batch of {samples} samples do not unfold as {self}: "
+                            f"{per_sample if rows % samples == 0 else rows / samples:g} a sample, the layout gives "
+                            f"{'a multiple of ' if unknown else ''}{given}")
+        return [samples if name == "b" else per_sample // given if size is None else size for name, size in self.axes]
+
+    @property
+    def per_sample(self) -> int:
+        """The module's rows a sample, of a layout with every size given."""
+        return math.prod(size for name, size in self.axes if name != "b")
+
+    def resolved(self, rows: int, samples: int) -> "UnfoldLayout":
+        """This layout with every size given: what the store records."""
+        sizes = self.sizes(rows, samples)
+        return UnfoldLayout(tuple((name, None if name == "b" else size) for (name, _), size in zip(self.axes, sizes)))
+
+    def unfold(self, value: torch.Tensor, samples: int) -> torch.Tensor:
+        """(rows, ...) -> (samples, <the other axes in order>, ...): a view."""
+        sizes = self.sizes(value.shape[0], samples)
+        batch_axis = [name for name, _ in self.axes].index("b")
+        return value.reshape(*sizes, *value.shape[1:]).movedim(batch_axis, 0)
+
+
+SAMPLE_MAJOR = UnfoldLayout((("b", None), ("k", None)))
+
+
+def unfolded_text(per_sample: int | None, layout: str | None) -> str:
+    """', unfolded from 4 rows a sample', with the layout where it is not sample-major."""
+    if not per_sample:
+        return ""
+    axes = UnfoldLayout.parse(layout).axes if layout else ()
+    shown = len(axes) > 2 or (len(axes) == 2 and axes[0][0] != "b")
+    return f", unfolded from {per_sample} rows a sample" + (f" as {layout}" if shown else "")
+
+
 @dataclass
 class LayerSelection:
     name: str  # module name in named_modules()
@@ -54,6 +139,7 @@ class LayerSelection:
     reduction: str | list[int] = "none"
     store_name: str = ""
     channels_first: bool = False  # (batch, channels, *positions), as convolutions give: reduce the positions
+    unfold: UnfoldLayout | None = None  # how a module with several rows a sample folded them into its batch
 
     def __post_init__(self) -> None:
         if not self.store_name:
@@ -165,10 +251,13 @@ CHANNELS_LAST_MODULES = (nn.Linear, nn.LayerNorm, nn.MultiheadAttention, nn.Embe
 def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | list[int] = "none",
                  channels_first: bool | Sequence[str] = False,
                  layer_reductions: Mapping[str, str | list[int]] | None = None,
-                 exclude: Sequence[str] = (), problems: dict[str, str] | None = None) -> list[LayerSelection]:
+                 exclude: Sequence[str] = (), problems: dict[str, str] | None = None,
+                 unfold: bool | str | Mapping[str, str] = False) -> list[LayerSelection]:
     """Resolves patterns against model.named_modules(); fails before any data is read.
     reduction is every layer's, unless a pattern of layer_reductions selects the layer;
     channels_first is True for every layer, or the patterns of the layers it applies to;
+    unfold (--unfold-batch) is True (every layer's rows sample-major), one layout for every
+    layer, or {pattern: layout} for the layers the patterns name;
     exclude names modules to leave out of what the patterns select ('**' but the attention
     modules, whose outputs are tuples). problems: where given, the error of a selected module
     whose options do not fit it is recorded there (a survey), not raised."""
@@ -219,6 +308,7 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
                 raise HookError(f"{sel.store_name}: --layer-reduction {earlier[0]}={_reduction_text(earlier[1])} and "
                                 f"{pattern}={_reduction_text(layer_reduction)} both select it; give it one reduction")
             sel.reduction = layer_reduction
+    _assign_unfold(unfold, layers)
     if channels_first is True:
         for sel in layers:
             sel.channels_first = True
@@ -268,6 +358,28 @@ def _prefix_hint(pattern: str, names: Sequence[str]) -> str:
             return (f"this model holds it under '{prefix}' ({prefix + pattern!r}; or hand over the module "
                     f"{prefix[:-1]!r} itself); ")
     return ""
+
+
+def _assign_unfold(unfold: bool | str | Mapping[str, str], layers: Sequence[LayerSelection]) -> None:
+    if unfold is False or unfold is None:
+        return
+    if not isinstance(unfold, Mapping):
+        layout = SAMPLE_MAJOR if unfold is True else UnfoldLayout.parse(unfold)
+        for sel in layers:
+            sel.unfold = layout
+        return
+    chosen_by: dict[str, tuple[str, UnfoldLayout]] = {}  # store name -> the pattern that gave its layout
+    for pattern, text in unfold.items():
+        try:
+            layout = UnfoldLayout.parse(text)
+        except HookError as exc:
+            raise HookError(f"--unfold-batch {pattern}={text}: {exc}") from None
+        for sel in selected_by(pattern, layers, "--unfold-batch"):
+            earlier = chosen_by.setdefault(sel.store_name, (pattern, layout))
+            if earlier[1] != layout:
+                raise HookError(f"{sel.store_name}: --unfold-batch {earlier[0]}={earlier[1]} and {pattern}={layout} "
+                                "both select it; give it one layout")
+            sel.unfold = layout
 
 
 def selected_by(pattern: str, layers: Sequence[LayerSelection], flag: str) -> list[LayerSelection]:
@@ -413,8 +525,7 @@ class Capture:
     survey_batch() to say what each module gave and would store (a dry run)."""
 
     def __init__(self, model: nn.Module, layers: Sequence[LayerSelection], *, multi_fire: str = "error",
-                 allow_missing: bool = False, stop_early: bool = False, unfold_batch: bool = False,
-                 survey: bool = False):
+                 allow_missing: bool = False, stop_early: bool = False, survey: bool = False):
         if multi_fire not in MULTI_FIRE:
             raise HookError(f"multi-fire policy {multi_fire!r}: use one of {MULTI_FIRE}")
         self.model = model
@@ -422,7 +533,6 @@ class Capture:
         self.multi_fire = multi_fire
         self.allow_missing = allow_missing
         self.stop_early = stop_early
-        self.unfold_batch = unfold_batch
         self.modules = dict(model.named_modules())
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._state = _State()
@@ -430,7 +540,8 @@ class Capture:
         self.source_dtypes: dict[str, torch.dtype] = {}  # what each module gave, before any reduction
         # the row axis that holds the channels of a channels-first capture stored with its positions
         self.channel_axes: dict[str, int] = {}
-        self.unfolded: dict[str, int] = {}  # k of each capture unfolded from (B*k, ...) to (B, k, ...)
+        # each unfolded capture's layout, every size given: (m=4 b t=64) stored as (B, 4, 64, ...)
+        self.unfolded: dict[str, UnfoldLayout] = {}
         self.survey = survey
         self.calls: dict[str, int] = {sel.store_name: 0 for sel in self.layers}
         self.seen: dict[str, str] = {}  # survey: what each hook saw first, described
@@ -549,8 +660,8 @@ class Capture:
 
     def _per_sample(self, sel: LayerSelection, value: torch.Tensor) -> torch.Tensor:
         """One leading row per sample. A module that folds another axis into the batch (UVA's
-        action head runs on B*4 rows) is an error, or with unfold_batch (B, k, ...), the rows
-        taken as sample-major (the k rows of sample 0 first)."""
+        action head runs on B*4 rows) is an error, or, with an unfold layout, unfolded by it:
+        (b k) takes the rows as sample-major, (B, k, ...)."""
         rows = self._state.rows
         if rows is None or value.dim() == 0 or value.shape[0] == rows:
             return value
@@ -558,12 +669,17 @@ class Capture:
         if n % rows:
             raise HookError(f"{sel.store_name}: {n} leading rows for a batch of {rows} samples; marstore stores one "
                             "row per sample: hook a module that keeps the batch axis")
-        if not self.unfold_batch:
+        if sel.unfold is None:
             raise HookError(f"{sel.store_name}: {n} leading rows for a batch of {rows} samples ({n // rows} a sample: "
                             "the module folds another axis into the batch); pass --unfold-batch to store them as "
-                            f"({rows}, {n // rows}, ...) taking the rows as sample-major, or hook another module")
-        self.unfolded.setdefault(sel.store_name, n // rows)
-        return value.reshape(rows, n // rows, *value.shape[1:])
+                            f"({rows}, {n // rows}, ...) taking the rows as sample-major, --unfold-batch LAYOUT where "
+                            "they are ordered otherwise ('(k b)' for x.repeat(k, 1)), or hook another module")
+        try:
+            unfolded = sel.unfold.unfold(value, rows)
+            self.unfolded.setdefault(sel.store_name, sel.unfold.resolved(n, rows))
+        except HookError as exc:
+            raise HookError(f"{sel.store_name}: {exc}") from None
+        return unfolded
 
     def start_batch(self, rows: int | None = None) -> None:
         """Forgets what earlier batches captured; rows (the batch's samples) lets every capture

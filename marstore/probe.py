@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from marstore.dataset import ActivationDataset, flat_tokens, layers_of, reduce_read_tokens, row_tokens, rows_where
 from marstore.errors import MarstoreError
-from marstore.hooks import HookError, parse_recorded_reduction, reduce_tokens
+from marstore.hooks import HookError, UnfoldLayout, parse_recorded_reduction, reduce_tokens
 from marstore.report import heatmap, markdown_table, text_table
 from marstore.store import StoreError, open_store
 from marstore.transfer import resolve_device
@@ -636,7 +636,8 @@ def _prepare(opts: ProbeOptions, layer: str, selection: np.ndarray) -> _Prepared
                     "mean": stats[0], "std": stats[1],
                     # how the hooks took the module's captures, for a probe of its live output (LiveProbes)
                     "multi_fire": extraction.get("multi_fire", "error"),
-                    "unfolded": int(info.attrs["unfolded"]) if "unfolded" in info.attrs else None}
+                    "unfolded": int(info.attrs["unfolded"]) if "unfolded" in info.attrs else None,
+                    "unfold_layout": str(info.attrs["unfold_layout"]) if "unfold_layout" in info.attrs else None}
     task = opts.task
     names: list[str] = []  # a text target's strings, sorted: class i is names[i]
     if opts.target in ds.text:
@@ -896,8 +897,10 @@ class TrainedProbe(nn.Module):
         self.row_shape, self.ragged, self.tokens, self.token = tuple(f["row_shape"]), f["ragged"], f["tokens"], f.get("token")
         self.channel_axis, self.reduction, self.channels_first = f["channel_axis"], f["reduction"], f["channels_first"]
         # how extraction hooked the module: a firing policy (None in files written before it was
-        # recorded), and k where the module ran on k rows a sample, unfolded to (B, k, ...)
+        # recorded), and k where the module ran on k rows a sample, unfolded to (B, k, ...) (as
+        # its layout says; sample-major in files written before it was recorded)
         self.multi_fire, self.unfolded = f.get("multi_fire"), f.get("unfolded")
+        self.unfold_layout = f.get("unfold_layout") or (f"(b k={self.unfolded})" if self.unfolded else None)
         self.register_buffer("mean", f["mean"])
         self.register_buffer("std", f["std"])
         state = file["state_dict"]
@@ -923,9 +926,10 @@ class TrainedProbe(nn.Module):
 
     def _as_stored(self, x: torch.Tensor) -> torch.Tensor:
         stored = x.shape[2:] == self.row_shape if self.ragged else x.shape[1:] == self.row_shape
-        if self.unfolded and not stored and len(x) % self.unfolded == 0:
-            # the module's own B*k rows, sample-major, as extraction unfolded them
-            x = x.reshape(len(x) // self.unfolded, self.unfolded, *x.shape[1:])
+        layout = UnfoldLayout.parse(self.unfold_layout) if self.unfolded else None
+        if layout is not None and not stored and len(x) % self.unfolded == 0:
+            # the module's own B*k rows, unfolded as extraction did
+            x = layout.unfold(x, len(x) // self.unfolded)
             stored = x.shape[1:] == self.row_shape
         if stored or self.reduction == "none" or self.ragged:
             if not stored:
@@ -933,7 +937,8 @@ class TrainedProbe(nn.Module):
                 raise ProbeError(f"{self.name}: activations of shape {tuple(x.shape)}; this probe takes rows shaped {form}")
             return x
         try:
-            reduced = reduce_tokens(x.float(), *parse_recorded_reduction(self.reduction), 2 if self.unfolded else 1)
+            reduced = reduce_tokens(x.float(), *parse_recorded_reduction(self.reduction),
+                                    len(layout.axes) if layout is not None else 1)  # the channels follow the unfolded axes
         except HookError as exc:
             reduced, why = None, f" ({exc})"
         else:

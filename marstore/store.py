@@ -88,6 +88,9 @@ class LayerSpec:
     # k, for a module that ran on k rows a sample (UVA's action head: B*4), unfolded to (B, k, ...)
     # before its reduction; None: one row a sample
     unfolded: int | None = None
+    # the order of those rows in the module's batch, as einops writes it: (b k=4) sample-major,
+    # (m=4 b t=64) for MAR's diffusion loss (stored (B, 4, 64, ...))
+    unfold_layout: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in STORED_DTYPES:
@@ -331,6 +334,7 @@ def _create_layer(root: h5py.Group, spec: LayerSpec, expected_rows: int | None) 
             "overflow": 0,
             **({"channel_axis": spec.channel_axis} if spec.channel_axis is not None else {}),
             **({"unfolded": spec.unfolded} if spec.unfolded is not None else {}),
+            **({"unfold_layout": spec.unfold_layout} if spec.unfold_layout is not None else {}),
         }
     )
 

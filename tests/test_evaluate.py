@@ -630,6 +630,50 @@ def test_live_probes_hook_a_module_as_its_extraction_did(tmp_path, capsys):
         LiveProbes(model, [probe, other])
 
 
+class RepeatsTheBatch(torch.nn.Module):
+    """A head that runs on 3 shifted copies of the batch, one after another (k b), as MAR's
+    diffusion loss runs on x.repeat(4, 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.head = torch.nn.Linear(4, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.head(torch.cat([h + i for i in range(3)])).sum()
+
+
+def test_live_probes_unfold_a_module_by_its_recorded_layout(tmp_path, capsys):
+    from marstore.evaluate import LiveProbes
+    from marstore.extract import extract_from
+
+    torch.manual_seed(0)
+    model = RepeatsTheBatch()
+    data = [{"x": x, "y": x[0]} for x in torch.randn(300, 4)]
+    extract_from(model, data, str(tmp_path / "s.h5"), "head", forward=lambda m, b: m(b["x"]), targets=["y"],
+                 unfold_batch="(k b)", dtype="float32", batch_size=50, progress=False)
+    run_probes(ProbeOptions(store=str(tmp_path / "s.h5"), target="y", out=str(tmp_path / "p"), progress=False,
+                            control=False, tokens="flat"))
+    probe = load_probe(tmp_path / "p" / "head.pt")
+    assert (probe.unfolded, probe.unfold_layout, probe.row_shape) == (3, "(k=3 b)", (3, 8))
+    assert main(["info", str(tmp_path / "p" / "head.pt")]) == 0
+    assert "extraction reduction none, unfolded from 3 rows a sample as (k=3 b), standardised)" in capsys.readouterr().out
+    assert main(["info", str(tmp_path / "s.h5")]) == 0
+    assert ", unfolded from 3 rows a sample as (k=3 b)" in capsys.readouterr().out
+    x = torch.stack([d["x"] for d in data[:5]])
+    with open_store(tmp_path / "s.h5") as s:
+        stored = torch.from_numpy(s.read("head", 0, 5))
+    with torch.no_grad():  # sample s's third copy (a batch of 5, not 50: other roundings)
+        torch.testing.assert_close(stored[:, 2], model.head(model.inp(x) + 2), atol=1e-6, rtol=0)
+    with LiveProbes(model, [probe]) as live:
+        model(x)
+        torch.testing.assert_close(live.read()["head"], probe.predict(stored), atol=1e-5, rtol=0)
+    probe.unfold_layout = "(b k=3)"  # as files written before the layout was recorded read: sample-major
+    with LiveProbes(model, [probe]) as live:
+        model(x)
+        assert not torch.allclose(live.read()["head"], probe.predict(stored), atol=1e-3)
+
+
 @pytest.mark.parametrize("case", ["conv positions", "token list"])
 def test_a_probe_takes_the_capture_of_any_recorded_reduction(tmp_path, case):
     """The store records a reduction as text ('mean (channels first)', '[0, 2]'); the probe parses

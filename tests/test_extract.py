@@ -976,10 +976,85 @@ def test_a_module_with_several_rows_a_sample_is_refused_or_unfolded(tmp_path):
             # token picks are exact; a mean's float32 sum runs in another order than the reference's
             assert np.array_equal(got, want) if reduction != "mean" else np.allclose(got, want, rtol=2e-3, atol=1e-4)
     model = Toy()
-    with hooks.Capture(model, hooks.parse_layers(["a"], model), unfold_batch=True) as cap:
+    with hooks.Capture(model, hooks.parse_layers(["a"], model, unfold=True)) as cap:
         cap.start_batch(3)
         with pytest.raises(hooks.HookError, match=r"^a: 4 leading rows for a batch of 3 samples; marstore stores one row"):
             model(torch.randn(4, 4))
+
+
+def test_an_unfold_layout_orders_the_rows_of_a_module_that_repeats_the_batch(tmp_path):
+    # MAR's diffusion loss runs on B*t token rows repeated 4 times (x.repeat(4, 1)): ordered (m b t)
+    run = dict(model_args=dict(CONFIG, diffusion_batch_mul=4), forward="marstore.models:dynamic_forward",
+               layers=["decoder_norm", "diffloss@input", "diffloss.net.res_blocks.0"])
+    result = extract(options(tmp_path, unfold_batch="(m=4 b t)", **run))
+    with open_store(result.path) as s:
+        tokens, copies = s.read("decoder_norm"), s.read("diffloss@input")
+        assert tokens.shape == (40, 64, 32) and copies.shape == (40, 4, 64, 32)
+        assert all(np.array_equal(copies[:, m], tokens) for m in range(4))  # each copy: its own sample's tokens
+        layer = s.layers["diffloss.net.res_blocks.0"]
+        assert layer.row_shape == (4, 64, 32) and (layer.attrs["unfolded"], layer.attrs["unfold_layout"]) == (256, "(m=4 b t=64)")
+        assert "unfolded" not in s.layers["decoder_norm"].attrs
+        blocks = s.read("diffloss.net.res_blocks.0")
+    # taken as sample-major, the same rows mix the samples of a batch
+    plain = extract(options(tmp_path, out=str(tmp_path / "plain.h5"), unfold_batch=True, **run))
+    with open_store(plain.path) as s:
+        assert s.layers["diffloss@input"].attrs["unfold_layout"] == "(b k=256)"
+        assert not np.array_equal(s.read("diffloss@input")[:, :64], tokens)
+        module_rows = s.read("diffloss.net.res_blocks.0").reshape(5, 8 * 256, 32)  # each batch's rows, as the module had them
+    expected = np.concatenate([rows.reshape(4, 8, 64, 32).transpose(1, 0, 2, 3) for rows in module_rows])
+    assert blocks.tobytes() == expected.tobytes()
+    # every size given, or one left to infer; sizes that do not fit are refused before anything is stored
+    for layout in ("(m b t=64)", "(m=4 b t=64)"):
+        again = extract(options(tmp_path, out=str(tmp_path / f"{len(layout)}.h5"), unfold_batch=layout, **run))
+        with open_store(again.path) as s:
+            assert s.read("diffloss.net.res_blocks.0").tobytes() == blocks.tobytes()
+    with pytest.raises(hooks.HookError, match=re.escape(
+            "diffloss@input: 2048 leading rows for a batch of 8 samples do not unfold as (m=3 b t): 256 a sample, "
+            "the layout gives a multiple of 3")):
+        extract(options(tmp_path, out=str(tmp_path / "bad.h5"), unfold_batch="(m=3 b t)", **run))
+    assert not (tmp_path / "bad.h5").exists()
+    with pytest.raises(hooks.HookError, match=re.escape("do not unfold as (m=4 b t=32): 256 a sample, the layout gives 128")):
+        extract(options(tmp_path, out=str(tmp_path / "bad.h5"), unfold_batch="(m=4 b t=32)", **run))
+
+
+@pytest.mark.parametrize("layout, error", [
+    ("m b", "not in parentheses"),
+    ("(m k)", "it must name the batch axis b once"),
+    ("(b m b)", "it must name the batch axis b once"),
+    ("(b=8 k)", "the batch axis b takes the batch's size; give sizes to the other axes"),
+    ("(b)", "nothing to unfold beside b"),
+    ("(k b k)", "each axis once, and at least one beside b"),
+    ("(m b t)", "give the sizes of all its axes but one beside b (m=4)"),
+    ("(m=0 b)", "'m=0' is neither an axis name nor name=size with a size of at least 1"),
+    ("(m-1 b)", "'m-1' is neither an axis name nor name=size with a size of at least 1"),
+])
+def test_a_bad_unfold_layout_is_refused_in_one_line(layout, error):
+    with pytest.raises(hooks.HookError) as info:
+        hooks.UnfoldLayout.parse(layout)
+    assert str(info.value) == (f"unfold layout {layout!r}: {error}; write the module's batch axis as einops does: '(b k)' "
+                               "for k rows a sample, sample-major; '(k b)' for k copies of the batch one after another "
+                               "(x.repeat(k, 1)); '(m=4 b t)' for MAR's diffusion loss, which repeats its B*t token rows 4 times")
+
+
+def test_unfold_layouts_by_pattern():
+    model = video_mar(**CONFIG)
+    layers = ["diffloss@input", "diffloss.net.res_blocks.*", "diffactloss.conv", "decoder_norm"]
+    selected = hooks.parse_layers(layers, model, unfold={"diffloss.**": "(m=4 b t)", "diffloss": "(m=4 b t)",
+                                                         "diffactloss.conv": "(b k)"})
+    assert {sel.store_name: str(sel.unfold) if sel.unfold else None for sel in selected} == {
+        "diffloss@input": "(m=4 b t)", "diffloss.net.res_blocks.0": "(m=4 b t)", "diffloss.net.res_blocks.1": "(m=4 b t)",
+        "diffactloss.conv": "(b k)", "decoder_norm": None}
+    with pytest.raises(hooks.HookError, match=re.escape(
+            "diffactloss.conv: --unfold-batch diffactloss.*=(b k) and diffactloss.conv=(k b) both select it; give it one layout")):
+        hooks.parse_layers(layers, model, unfold={"diffactloss.*": "(b k)", "diffactloss.conv": "(k b)"})
+    with pytest.raises(hooks.HookError, match=re.escape("--unfold-batch 'diffactloss.fc' matches none of the layers")):
+        hooks.parse_layers(layers, model, unfold={"diffactloss.fc": "(b k)"})
+    with pytest.raises(hooks.HookError, match=re.escape("--unfold-batch diffloss=(b): unfold layout '(b)': nothing to unfold")):
+        hooks.parse_layers(layers, model, unfold={"diffloss": "(b)"})
+    x = torch.arange(24).reshape(12, 2)  # 3 samples: rows (k=2 b t=2), sample s's rows are 2s, 2s+1, 6+2s, 7+2s
+    unfolded = hooks.UnfoldLayout.parse("(k=2 b t)").unfold(x, 3)
+    assert unfolded.shape == (3, 2, 2, 2) and unfolded[1, :, :, 0].tolist() == [[4, 6], [16, 18]]
+    assert torch.equal(hooks.UnfoldLayout.parse("(b k)").unfold(x, 3), x.reshape(3, 4, 2))
 
 
 def test_reductions_on_device():
@@ -2751,6 +2826,8 @@ def test_a_config_file_that_cannot_be_read_is_refused_in_one_line(tmp_path, text
                               "PATTERN=REDUCTION on the command line)"),
     ("layer_reductions: {x: null}", "layer_reductions {'x': None}: give a mapping of PATTERN: REDUCTION "
                                     "(--layer-reduction PATTERN=REDUCTION on the command line)"),
+    ("unfold_batch: 4", "--unfold-batch 4: give true or false or a string or a mapping of PATTERN: LAYOUT "
+                        "(--unfold-batch PATTERN=LAYOUT on the command line)"),
 ])
 def test_a_config_value_of_the_wrong_type_is_refused_before_the_run(tmp_path, capsys, line, error):
 
@@ -2770,11 +2847,33 @@ def test_every_true_flag_of_a_config_file_holds_unless_the_command_line_sets_it(
 
     flags = [k for k, f in ExtractOptions.__dataclass_fields__.items()
              if f.type == "bool" and f.default is False and k != "resume"]
-    assert {"strict", "skip_failed", "stop_early", "train_mode", "unfold_batch"} <= set(flags)
+    assert {"strict", "skip_failed", "stop_early", "train_mode"} <= set(flags)
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"model": "m:f", "dataset": "d:f", "layers": ["x"], "out": "o.h5", **dict.fromkeys(flags, True)}))
     opts = _options_from(build_parser().parse_args(["extract", "--config", str(path)]))
     assert {k: getattr(opts, k) for k in flags} == dict.fromkeys(flags, True)
+
+
+def test_unfold_batch_alone_with_one_layout_or_with_a_layout_a_pattern(tmp_path):
+    from marstore.cli import _options_from, build_parser
+
+    def parsed(*args, config=None):
+        if config is not None:
+            (tmp_path / "run.json").write_text(json.dumps(config))
+            args = ("--config", str(tmp_path / "run.json"), *args)
+        return _options_from(build_parser().parse_args(["extract", "--model", "m:f", "--dataset", "d:f", "--layers", "x",
+                                                        "--out", "o.h5", *args])).unfold_batch
+
+    assert parsed() is False and parsed("--unfold-batch") is True and parsed("--unfold-batch", "(k b)") == "(k b)"
+    assert parsed("--unfold-batch", "diffloss.**=(m=4 b t)", "diffactloss.conv=(b k)") == {
+        "diffloss.**": "(m=4 b t)", "diffactloss.conv": "(b k)"}
+    assert parsed(config={"unfold_batch": {"diffloss": "(m=4 b t)"}}) == {"diffloss": "(m=4 b t)"}
+    assert parsed(config={"unfold_batch": True}) is True and parsed("--unfold-batch", "(k b)", config={"unfold_batch": True}) == "(k b)"
+    for wrong in (["diffloss", "(b k)"], ["(b k)", "(k b)"], ["diffloss=b k"]):
+        with pytest.raises(SystemExit) as info:
+            parsed("--unfold-batch", *wrong)
+        assert str(info.value) == (f"marstore extract: --unfold-batch {wrong[0]!r}: give one LAYOUT for every layer, such "
+                                   "as '(k b)', or PATTERN=LAYOUT for each, such as 'diffloss.net.**=(m=4 b t)'")
 
 
 def test_a_tuple_option_is_kept_as_the_list_a_resume_reads_back(tmp_path):

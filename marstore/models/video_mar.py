@@ -4,7 +4,8 @@ Same forward signature and return value as UVA's `MAR` (`mar_con_unified.py`), a
 module names: z_proj, z_proj_cond, proj_cond_x_layer, encoder_blocks.N, encoder_norm,
 decoder_embed, decoder_blocks.N, decoder_norm, a video head (diffloss) and an action head
 (diffactloss with conv, fc, refine). Small enough to run on two CPU cores in seconds. With
-drop_masked=True the encoder drops masked tokens, so its token count varies per call, as in MAR.
+drop_masked=True the encoder drops masked tokens, so its token count varies per call, as in MAR;
+with diffusion_batch_mul=m the video head runs on each token's row m times, as MAR's does.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ class DiffHead(nn.Module):
         self.net.res_blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU()) for _ in range(depth))
         self.net.final = nn.Linear(dim, out)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        if noise is not None:  # MAR's head denoises a noised target, conditioned on z
+            z = z + noise
         for block in self.net.res_blocks:
             z = z + block(z)
         return self.net.final(z)
@@ -90,6 +93,7 @@ class VideoActionMAR(nn.Module):
         grid: int = 4,
         drop_masked: bool = False,
         mask_ratio_min: float = 0.7,
+        diffusion_batch_mul: int = 0,
     ):
         super().__init__()
         action_shape = shape_meta["action"]["shape"]
@@ -101,6 +105,7 @@ class VideoActionMAR(nn.Module):
         self.tokens = frames * grid * grid
         self.drop_masked = drop_masked
         self.mask_ratio_min = mask_ratio_min
+        self.diffusion_batch_mul = diffusion_batch_mul
         d = embed_dim
         self.z_proj = nn.Linear(latent_channels, d)
         self.z_proj_cond = nn.Linear(latent_channels, d)
@@ -131,11 +136,22 @@ class VideoActionMAR(nn.Module):
         zero = torch.zeros((), device=imgs.device)
         video_loss = act_loss = zero
         if task_mode in ("video_model", "dynamic_model", "full_dynamic_model"):
-            video_loss = ((self.diffloss(z) - self._frame_tokens(imgs)) ** 2).mean()
+            video_loss = self._video_loss(z, imgs)
         if task_mode in ("policy_model", "inverse_model", "full_dynamic_model"):
             pred = self.diffactloss(z)
             act_loss = ((pred - nactions) ** 2).mean() if nactions is not None else pred.pow(2).mean() * 0
         return video_loss + act_loss, video_loss, act_loss
+
+    def _video_loss(self, z: torch.Tensor, imgs: torch.Tensor) -> torch.Tensor:
+        target = self._frame_tokens(imgs)
+        if not self.diffusion_batch_mul:
+            return ((self.diffloss(z) - target) ** 2).mean()
+        # MAR's forward_loss: each token a row, the B*t rows repeated diffusion_batch_mul times
+        # (x.repeat(m, 1), so the head's rows are ordered (m b t)), each copy with its own noise
+        b, t, d = z.shape
+        rows = z.reshape(b * t, d).repeat(self.diffusion_batch_mul, 1)
+        target = target.reshape(b * t, -1).repeat(self.diffusion_batch_mul, 1)
+        return ((self.diffloss(rows, torch.randn_like(rows)) - target) ** 2).mean()
 
     def _frame_tokens(self, imgs: torch.Tensor) -> torch.Tensor:
         """The frames as the video head predicts them: (B, tokens, channels)."""
