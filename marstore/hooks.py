@@ -675,11 +675,11 @@ class Capture:
                             f"({rows}, {n // rows}, ...) taking the rows as sample-major, --unfold-batch LAYOUT where "
                             "they are ordered otherwise ('(k b)' for x.repeat(k, 1)), or hook another module")
         try:
-            unfolded = sel.unfold.unfold(value, rows)
-            self.unfolded.setdefault(sel.store_name, sel.unfold.resolved(n, rows))
+            if sel.store_name not in self.unfolded:
+                self.unfolded[sel.store_name] = sel.unfold.resolved(n, rows)
+            return sel.unfold.unfold(value, rows)
         except HookError as exc:
             raise HookError(f"{sel.store_name}: {exc}") from None
-        return unfolded
 
     def start_batch(self, rows: int | None = None) -> None:
         """Forgets what earlier batches captured; rows (the batch's samples) lets every capture
