@@ -600,18 +600,26 @@ class Looped(torch.nn.Module):
         return h.sum()
 
 
+def probed(tmp_path, model, layer, tokens, **hooked):
+    """Stores a layer of a model of 4 inputs over 300 samples (target y: the first input), hooked
+    as told, in tmp_path/s.h5, and trains its probes into tmp_path/p; the samples."""
+    from marstore.extract import extract_from
+
+    data = [{"x": x, "y": x[0]} for x in torch.randn(300, 4)]
+    extract_from(model, data, str(tmp_path / "s.h5"), layer, forward=lambda m, b: m(b["x"]), targets=["y"],
+                 dtype="float32", batch_size=50, progress=False, **hooked)
+    run_probes(ProbeOptions(store=str(tmp_path / "s.h5"), target="y", out=str(tmp_path / "p"), progress=False,
+                            control=False, tokens=tokens))
+    return data
+
+
 def test_live_probes_hook_a_module_as_its_extraction_did(tmp_path, capsys):
     from marstore.evaluate import LiveProbes
-    from marstore.extract import extract_from
     from marstore.hooks import HookError
 
     torch.manual_seed(0)
     model = Looped()
-    data = [{"x": x, "y": x[0]} for x in torch.randn(300, 4)]
-    extract_from(model, data, str(tmp_path / "s.h5"), "step", forward=lambda m, b: m(b["x"]), targets=["y"],
-                 multi_fire="stack", dtype="float32", batch_size=50, progress=False)
-    run_probes(ProbeOptions(store=str(tmp_path / "s.h5"), target="y", out=str(tmp_path / "p"), progress=False,
-                            control=False, tokens="each"))
+    data = probed(tmp_path, model, "step", "each", multi_fire="stack")
     probe = load_probe(tmp_path / "p" / "step[2].pt")  # the last step's
     assert (probe.multi_fire, probe.unfolded, probe.row_shape) == ("stack", None, (3, 8))
     assert main(["info", str(tmp_path / "p" / "step[2].pt")]) == 0
@@ -645,15 +653,10 @@ class RepeatsTheBatch(torch.nn.Module):
 
 def test_live_probes_unfold_a_module_by_its_recorded_layout(tmp_path, capsys):
     from marstore.evaluate import LiveProbes
-    from marstore.extract import extract_from
 
     torch.manual_seed(0)
     model = RepeatsTheBatch()
-    data = [{"x": x, "y": x[0]} for x in torch.randn(300, 4)]
-    extract_from(model, data, str(tmp_path / "s.h5"), "head", forward=lambda m, b: m(b["x"]), targets=["y"],
-                 unfold_batch="(k b)", dtype="float32", batch_size=50, progress=False)
-    run_probes(ProbeOptions(store=str(tmp_path / "s.h5"), target="y", out=str(tmp_path / "p"), progress=False,
-                            control=False, tokens="flat"))
+    data = probed(tmp_path, model, "head", "flat", unfold_batch="(k b)")
     probe = load_probe(tmp_path / "p" / "head.pt")
     assert (probe.unfolded, probe.unfold_layout, probe.row_shape) == (3, "(k=3 b)", (3, 8))
     assert main(["info", str(tmp_path / "p" / "head.pt")]) == 0
