@@ -328,8 +328,10 @@ def _info(args: argparse.Namespace) -> int:
             print(f"{indent}seed: {run['options']['seed']}, "
                   f"{run.get('seeding', 'torch seeded once at the start (an earlier marstore)')}")
         if run.get("state_changes"):
-            print(f"{indent}the forward changed the model's own state (where a later forward reads it, rows depend on "
-                  f"the batches before them): {', '.join(run['state_changes'])}")
+            dependent = run.get("state_dependent_layers")
+            verdict = "where a later forward reads it, rows depend on the batches before them" if dependent is None else \
+                f"the rows of {', '.join(dependent)} depend on it" if dependent else "the rows do not depend on it"
+            print(f"{indent}the forward changed the model's own state ({verdict}): {', '.join(run['state_changes'])}")
         if run.get("checkpoint") and run.get("load_report"):
             from marstore.loading import LoadReport
 

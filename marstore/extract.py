@@ -549,15 +549,20 @@ def _get_dotted(batch: Any, path: str) -> Any:
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
+    return _map_tensors(batch, lambda t: t.to(device, non_blocking=True))
+
+
+def _map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """The batch with fn applied to each of its tensors, in dicts, lists, tuples and dataclasses."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
+        return fn(batch)
     if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: _map_tensors(v, fn) for k, v in batch.items()}
     fields = hooks.fields_of(batch)
     if fields is not None:
-        return _rebuilt(batch, {k: _to_device(v, device) for k, v in fields.items()})
+        return _rebuilt(batch, {k: _map_tensors(v, fn) for k, v in fields.items()})
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
+        return type(batch)(_map_tensors(v, fn) for v in batch)
     return batch
 
 
@@ -878,6 +883,9 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         "rows_planned": len(indices),
         "seeding": SEEDING,
         "state_changes": None,  # what the second batch's forward changed of the model's state (None: not watched)
+        # the layers whose captures came out otherwise when that forward ran again from the state it
+        # left ([]: none, the rows do not depend on that state; None: not run again)
+        "state_dependent_layers": None,
         "rank": rank.rank,
         "world_size": rank.world,
     }
@@ -939,12 +947,19 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                 capture.start_batch(len(index))
                 seed_generators(opts.seed, int(index[0]), _BATCH, device)
                 watch = _StateWatch(model) if forwards == 1 else None
-                tensors, out = _run_batch(model, forward, capture, _to_device(batch, device), shapes, opts, autocast)
+                replay = _map_tensors(batch, torch.clone) if watch is not None else None  # the forward may change it
+                tensors, out, missing = _run_batch(model, forward, capture, _to_device(batch, device), shapes, opts,
+                                                   autocast)
                 forwards += 1
                 if watch is not None:
                     metadata["state_changes"] = watch.changes()
                     if metadata["state_changes"]:
-                        log.warning(_state_note(metadata["state_changes"]))
+                        fired = {name: t for name, t in tensors.items() if name not in missing}
+                        metadata["state_dependent_layers"] = _rows_on_state(
+                            watch, lambda: forward(model, _to_device(replay, device)), capture, len(index), fired,
+                            functools.partial(seed_generators, opts.seed, int(index[0]), _BATCH, device), opts, autocast)
+                        _say_state(metadata["state_changes"], metadata["state_dependent_layers"])
+                    del replay
                 outputs = _outputs_of(out, opts.output_names, left_out)
                 del out  # it may hold large tensors: not into the next forward
                 progress.update(len(failed))
@@ -1055,6 +1070,7 @@ class Survey:
     seconds: list[float] = field(default_factory=list)  # each surveyed batch's forward, hooks and all
     batch_rows: list[int] = field(default_factory=list)  # each surveyed batch's samples
     state_changes: list[str] | None = None  # what the second batch's forward changed of the model's state
+    state_dependent_layers: list[str] | None = None  # the captures that came out otherwise when it ran again
 
     def rows_per_second(self) -> float | None:
         """The forward's pace: over the batches after the first (its warm-up), where there are."""
@@ -1120,7 +1136,7 @@ class Survey:
                          f"{', '.join(f'{s.name} (batch {s.ragged_from})' for s in late)}; the run will rewrite their rows "
                          f"ragged then (--ragged {flag} stores them ragged from the start)")
         if self.state_changes:
-            lines.append(_state_note(self.state_changes))
+            lines.append(_state_note(self.state_changes, self.state_dependent_layers))
         shapes = "the first batch's shapes" if self.batches == 1 else "the surveyed batches' shapes"
         lines.append(f"the run's {self.planned} rows: about {human_bytes(self.planned * self.row_bytes())} of activations "
                      f"({human_bytes(self.row_bytes())} a row, as {shapes} give it)")
@@ -1203,7 +1219,7 @@ def _survey(model, forward, selections: list, problems: dict, source: Any, opts:
     output_problem = None
     skipped: list[tuple[int, str]] = []
     seconds: list[float] = []  # each batch's forward
-    state_changes = None
+    state_changes = dependent = None
     with hooks.Capture(model, selections, multi_fire=opts.multi_fire, survey=True) as capture:
         for index, batch, failed in itertools.islice(loader, asked):
             if failed and not opts.skip_failed:
@@ -1218,15 +1234,22 @@ def _survey(model, forward, selections: list, problems: dict, source: Any, opts:
             capture.start_batch(len(index))
             seed_generators(opts.seed, int(index[0]), _BATCH, device)
             watch = _StateWatch(model) if len(per_batch) == 1 else None
+            replay = _map_tensors(batch, torch.clone) if watch is not None else None  # the forward may change it
             started = time.perf_counter()
             with torch.inference_mode(not opts.train_mode), autocast():
                 out = forward(model, _to_device(batch, device))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds.append(time.perf_counter() - started)
+            first = capture.captured() if watch is not None else None  # before the survey forgets them
+            per_batch.append(capture.survey_batch(problems))
             if watch is not None:
                 state_changes = watch.changes()
-            per_batch.append(capture.survey_batch(problems))
+                if state_changes:
+                    dependent = _rows_on_state(
+                        watch, lambda: forward(model, _to_device(replay, device)), capture, len(index), first,
+                        functools.partial(seed_generators, opts.seed, int(index[0]), _BATCH, device), opts, autocast)
+            del first, replay
             batch_rows.append(len(index))
             if output_problem is None:
                 try:
@@ -1243,7 +1266,7 @@ def _survey(model, forward, selections: list, problems: dict, source: Any, opts:
     return Survey(sum(batch_rows), layers, opts.dtype, planned, batches=len(per_batch), asked=asked,
                   targets=list(targets.values()), outputs=None if opts.stop_early else list(outputs), left_out=left_out,
                   output_problem=output_problem, skipped=skipped, seconds=seconds, batch_rows=batch_rows,
-                  state_changes=state_changes)
+                  state_changes=state_changes, state_dependent_layers=dependent)
 
 
 def _surveyed_target(seen: TargetSurvey, batch: Any, k: int) -> TargetSurvey:
@@ -1519,33 +1542,40 @@ class _StateWatch:
     as batch norm's running statistics, may not bump a version counter), parameters changed in
     place, the tensors, random generators and plain values its modules hold as attributes (a
     memory bank, a step counter, a generator of its own that --seed does not reach), and the
-    dicts and lists that its modules' forwards take as default arguments and fill. A run watches its second batch: the first may build caches once (rotary tables, UVA's
+    dicts and lists that its modules' forwards take as default arguments and fill. A run
+    watches its second batch: the first may build caches once (rotary tables, UVA's
     self.device), which ties no row to the ones before it."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.before = self._state(copy_budget=STATE_COPY_BYTES)
+        self.changed: list[str] = []  # the names of the parts that changed
 
-    def _state(self, copy_budget: int = 0) -> dict[str, tuple[str, Any]]:
-        state: dict[str, tuple[str, Any]] = {}
+    def _state(self, copy_budget: int = 0) -> dict[str, tuple[str, Any, Any, Any]]:
+        """{name: (kind, what is compared, the holder, the key it is held under)}: the holder is
+        a module, or the default argument (dict or list) itself."""
+        modules = dict(self.model.named_modules())
+        state: dict[str, tuple[str, Any, Any, Any]] = {}
         for name, buffer in self.model.named_buffers():
             size = buffer.numel() * buffer.element_size()
             copied = size <= copy_budget
             copy_budget -= size if copied else 0
-            state[name] = ("a buffer", buffer.detach().clone() if copied else (buffer, _version(buffer)))
+            prefix, _, key = name.rpartition(".")
+            state[name] = ("a buffer", buffer.detach().clone() if copied else (buffer, _version(buffer)), modules[prefix], key)
         for name, param in self.model.named_parameters():
-            state[name] = ("a parameter", (param, _version(param)))
-        for prefix, module in self.model.named_modules():
+            prefix, _, key = name.rpartition(".")
+            state[name] = ("a parameter", (param, _version(param)), modules[prefix], key)
+        for prefix, module in modules.items():
             for key, value in vars(module).items():
                 attr = f"{prefix}.{key}" if prefix else key
                 if key.startswith("_"):
                     continue
                 if isinstance(value, torch.Tensor):
-                    state[attr] = ("a tensor attribute", (value, _version(value)))
+                    state[attr] = ("a tensor attribute", (value, _version(value)), module, key)
                 elif isinstance(value, torch.Generator):  # a model's own generator, which no --seed reaches
-                    state[attr] = ("a random generator", value.get_state())
+                    state[attr] = ("a random generator", value.get_state(), module, key)
                 elif isinstance(value, (bool, int, float, str)):
-                    state[attr] = ("an attribute", value)
+                    state[attr] = ("an attribute", value, module, key)
         # a forward's mutable default argument that it fills (UVA's proprioception_input={}) outlives the call
         for cls in dict.fromkeys(type(m) for m in self.model.modules()):
             try:
@@ -1556,34 +1586,86 @@ class _StateWatch:
                 if isinstance(param.default, (dict, list)):
                     items = param.default.items() if isinstance(param.default, dict) else enumerate(param.default)
                     state[f"{cls.__name__}.forward's {param.name}"] = (
-                        "a mutable default argument", [(key, _identity(value)) for key, value in items])
+                        "a mutable default argument", [(key, _identity(value)) for key, value in items], param.default, None)
         return state
 
     def changes(self) -> list[str]:
         """Each part of the state the forward changed, described."""
         after = self._state()
-        changed = []
+        changed, self.changed = [], []
         for name in dict.fromkeys([*self.before, *after]):
             if name not in after or name not in self.before:
                 kind = (after.get(name) or self.before[name])[0]
-                changed.append(f"{name} ({kind}, {'set' if name in after else 'removed'})")
-                continue
-            (kind, then), (_, now) = self.before[name], after[name]
-            if kind == "a random generator":
-                if not torch.equal(then, now):
-                    changed.append(f"{name} ({kind}, advanced)")
-            elif isinstance(then, torch.Tensor):  # a buffer's copy, against the buffer itself
-                if not _same_bits(then, now[0]):
-                    changed.append(f"{name} ({kind})")
-            elif isinstance(then, tuple):  # (tensor, its version counter)
-                if then[0] is not now[0]:
-                    changed.append(f"{name} ({kind}, replaced)")
-                elif then[1] != now[1]:
-                    changed.append(f"{name} ({kind}, changed in place)")
-            elif then != now:
-                changed.append(f"{name} ({kind}, filled)" if kind == "a mutable default argument" else
-                               f"{name} ({kind}: {then!r} -> {now!r})")
+                said = f"{name} ({kind}, {'set' if name in after else 'removed'})"
+            else:
+                (kind, then, *_), (_, now, *_) = self.before[name], after[name]
+                said = None
+                if kind == "a random generator":
+                    if not torch.equal(then, now):
+                        said = f"{name} ({kind}, advanced)"
+                elif isinstance(then, torch.Tensor):  # a buffer's copy, against the buffer itself
+                    if not _same_bits(then, now[0]):
+                        said = f"{name} ({kind})"
+                elif isinstance(then, tuple):  # (tensor, its version counter)
+                    if then[0] is not now[0]:
+                        said = f"{name} ({kind}, replaced)"
+                    elif then[1] != now[1]:
+                        said = f"{name} ({kind}, changed in place)"
+                elif then != now:
+                    said = f"{name} ({kind}, filled)" if kind == "a mutable default argument" else \
+                        f"{name} ({kind}: {then!r} -> {now!r})"
+            if said is not None:
+                changed.append(said)
+                self.changed.append(name)
         return changed
+
+    def keep(self) -> Callable[[], None] | None:
+        """What the changed parts hold now, and a function that puts it back (after a replay of
+        the forward); None where a part was removed, or where copies of its tensors would take
+        more than STATE_COPY_BYTES."""
+        now = self._state()
+        puts: list[Callable[[], None]] = []
+        budget = STATE_COPY_BYTES
+        for name in self.changed:
+            if name not in now:
+                return None
+            kind, _, holder, key = now[name]
+            if kind == "a mutable default argument":
+                kept = dict(holder) if isinstance(holder, dict) else list(holder)
+                puts.append(functools.partial(_refill, holder, kept))
+                continue
+            value = getattr(holder, key)
+            if isinstance(value, torch.Tensor):
+                budget -= value.numel() * value.element_size()
+                if budget < 0:
+                    return None
+                puts.append(functools.partial(_put_tensor, holder, key, value, value.detach().clone()))
+            elif isinstance(value, torch.Generator):
+                puts.append(functools.partial(value.set_state, value.get_state()))
+            else:
+                puts.append(functools.partial(setattr, holder, key, value))
+
+        def put_back() -> None:
+            for put in puts:
+                put()
+
+        return put_back
+
+
+def _refill(holder: dict | list, kept: dict | list) -> None:
+    if isinstance(holder, dict):
+        holder.clear()
+        holder.update(kept)
+    else:
+        holder[:] = kept
+
+
+def _put_tensor(module: torch.nn.Module, key: str, tensor: torch.Tensor, kept: torch.Tensor) -> None:
+    """The tensor a module held under key, holding its kept values again."""
+    if getattr(module, key) is not tensor:
+        setattr(module, key, tensor)
+    with torch.inference_mode(tensor.is_inference()), torch.no_grad():  # an inference tensor changes only in inference mode
+        tensor.copy_(kept)
 
 
 def _identity(value: Any) -> Any:
@@ -1602,24 +1684,73 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
         a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8))
 
 
-def _state_note(changes: list[str]) -> str:
+def _state_note(changes: list[str], dependent: list[str] | None) -> str:
+    """What the watched forward changed of the model's state, and whether the rows depend on it."""
     shown = ", ".join(changes[:STATE_CHANGES_SHOWN]) + (
         f" and {len(changes) - STATE_CHANGES_SHOWN} more" if len(changes) > STATE_CHANGES_SHOWN else "")
-    return (f"the forward changes the model's own state ({shown}): where a later forward reads it, a row depends on "
-            "the batches before it, and a resume, another --batch-size or another order of the data gives other rows")
+    depends = ("a row depends on the batches before it, and a resume, another --batch-size or another order of the "
+               "data gives other rows")
+    if dependent is None:
+        return f"the forward changes the model's own state ({shown}): where a later forward reads it, {depends}"
+    if dependent:
+        layers = ", ".join(dependent[:STATE_CHANGES_SHOWN]) + (
+            f" and {len(dependent) - STATE_CHANGES_SHOWN} more" if len(dependent) > STATE_CHANGES_SHOWN else "")
+        return (f"the forward changes the model's own state ({shown}), and the rows depend on it (the second batch, "
+                f"run again from the state it left, gave other values for {layers}): {depends}")
+    return (f"the forward changes the model's own state ({shown}), but the rows do not depend on it: the second "
+            "batch, run again from the state it left, gave the same activations")
+
+
+def _say_state(changes: list[str], dependent: list[str] | None) -> None:
+    """A warning where the rows may depend on the batches before them; a note where they do not."""
+    (log.info if dependent == [] else log.warning)(_state_note(changes, dependent))
+
+
+def _rows_on_state(watch: _StateWatch, run_forward: Callable[[], Any], capture: hooks.Capture, rows: int,
+                      first: Mapping[str, torch.Tensor], seed: Callable[[], None], opts: ExtractOptions,
+                      autocast: Callable[[], Any]) -> list[str] | None:
+    """Runs the watched batch's forward once more, from the state its first run left, then puts
+    that state back: the layers whose captures came out otherwise (their rows depend on the
+    state); [] where every capture came out the same bits (the state is written, or read only
+    past the hooked layers); None where the changed state is too large to keep a copy of, and
+    the forward is not run again."""
+    put_back = watch.keep()
+    if put_back is None:
+        return None
+    log.info("the forward changed the model's own state: running the second batch again, to see whether the rows depend on it")
+    capture.start_batch(rows)
+    seed()
+    try:
+        with torch.inference_mode(not opts.train_mode), autocast():
+            try:
+                run_forward()
+            except hooks.StopForward:
+                pass
+        again = capture.captured()
+    except Exception as exc:  # noqa: BLE001 - the check must not stop a run that goes on without it
+        log.warning("running the second batch again failed (%s: %s): whether the rows depend on the state it changed "
+                    "is not known", type(exc).__name__, " ".join(str(exc).split()))
+        return None
+    finally:
+        capture.forget()
+        put_back()
+    return [name for name in dict.fromkeys([*first, *again])
+            if name not in first or name not in again or not _same_bits(first[name], again[name])]
 
 
 def _run_batch(model, forward, capture: hooks.Capture, batch: Any, shapes: dict, opts: ExtractOptions,
-               autocast: Callable[[], Any]) -> tuple[dict, Any]:
-    """(the hooked tensors, the forward's return; hooks.StopForward where --stop-early cut it)."""
+               autocast: Callable[[], Any]) -> tuple[dict, Any, list[str]]:
+    """(the hooked tensors, the forward's return (hooks.StopForward where --stop-early cut it),
+    the layers that did not fire, whose rows are NaN)."""
     with torch.inference_mode(not opts.train_mode), autocast():
         try:
             out = forward(model, batch)
         except hooks.StopForward:
             out = hooks.StopForward  # every hooked module has fired: the rest of the forward is not needed
         tensors = capture.finish_batch()
+        missing = [sel.store_name for sel in capture.layers if sel.store_name not in tensors]
         for sel in capture.layers:  # --allow-missing: a module that did not fire gives NaN rows
-            if sel.store_name not in tensors:
+            if sel.store_name in missing:
                 if sel.store_name not in shapes:
                     raise ExtractError(f"{sel.name} did not fire in the first batch, so its shape is unknown")
                 shape, dtype, device = shapes[sel.store_name]
@@ -1627,7 +1758,7 @@ def _run_batch(model, forward, capture: hooks.Capture, batch: Any, shapes: dict,
                 log.warning("%s did not fire in this batch: its rows are NaN", sel.name)
             t = tensors[sel.store_name]
             shapes.setdefault(sel.store_name, (tuple(t.shape), t.dtype, t.device))
-    return tensors, out
+    return tensors, out, missing
 
 
 def _asked_ragged(opts: ExtractOptions, selections: list[hooks.LayerSelection]) -> set[str]:

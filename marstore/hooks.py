@@ -704,6 +704,17 @@ class Capture:
         return out
 
 
+    def captured(self) -> dict[str, torch.Tensor]:
+        """What this forward's hooks captured so far, as finish_batch gives it but unchecked."""
+        return {name: torch.stack(fired, dim=1) if self.multi_fire == "stack" else fired[0]
+                for name, fired in self._state.fired.items() if fired}
+
+    def forget(self) -> None:
+        """Drops what this forward's hooks found (a forward run once more, to compare)."""
+        self._state = _State()
+        self.calls = dict.fromkeys(self.calls, 0)
+        self.problems = {}
+
     def _never_called(self, sel: LayerSelection) -> str | None:
         """Why a module can never fire, where its parent uses its weights without calling it."""
         parent = sel.name.rpartition(".")[0]

@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import gc
 import hashlib
+import inspect
 import io
 import json
 import logging
@@ -2509,59 +2510,129 @@ def test_a_data_sets_and_a_forwards_draws_repeat_with_workers_and_after_a_resume
     assert (np.random.rand(), random.random(), torch.rand(1).item()) == expected
 
 
-def test_a_forward_that_changes_the_models_state_is_said_and_recorded(tmp_path, caplog, capsys):
-    """A model that carries state from one forward to the next (a memory bank) makes each row
-    depend on the batches before it: the run and the dry run say what changed, on the second
-    batch (the first may build caches once), and the store records it."""
+def plain_rows(model, layer, train=False):
+    """A plain loop's captures of one module over helpers.inplace:tokens, 16 items, in batches of 4."""
+    from helpers.inplace import tokens
+
+    data, kept = tokens(), []
+    handle = model.get_submodule(layer).register_forward_hook(lambda m, a, o: kept.append(o.detach().clone()))
+    model.train(train)
+    with torch.inference_mode(not train):
+        for start in range(0, 16, 4):
+            model(torch.stack([data[i] for i in range(start, start + 4)]))
+    handle.remove()
+    return torch.cat(kept)
+
+
+def test_a_forward_that_changes_the_models_state_is_said_and_recorded(tmp_path, caplog, capsys, monkeypatch):
+    """A model that carries state from one forward to the next (a memory bank) may make each row
+    depend on the batches before it: the run watches the second batch (the first may build
+    caches once), runs it again from the state it left to see whether the rows depend on that
+    state, puts the state back, and says and records what it found; a dry run too."""
+    from helpers import stateful
+
     def run(model, out, **kw):
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="marstore.extract"):
+        with caplog.at_level(logging.INFO, logger="marstore.extract"):
             result = extract(ExtractOptions(**{"out": str(tmp_path / out), "model": f"helpers.stateful:{model}",
                                                "dataset": "helpers.inplace:tokens", "layers": ["fc"], "batch_size": 4,
                                                "progress": False, "device": "cpu", **kw}))
-        return result, [m for m in caplog.messages if "the model's own state" in m]
+        said = [(r.levelname, r.getMessage()) for r in caplog.records if r.getMessage().startswith("the forward changes")]
+        return result, said
 
-    note = ("the forward changes the model's own state (bank (a buffer), memory (a tensor attribute, replaced), calls "
-            "(an attribute: 1 -> 2)): where a later forward reads it, a row depends on the batches before it, and a "
-            "resume, another --batch-size or another order of the data gives other rows")
+    def stored(result, layer="fc"):
+        with open_store(result.path) as s:
+            return s.read(layer), s.metadata["state_changes"], s.metadata["state_dependent_layers"]
+
+    changes = "bank (a buffer), memory (a tensor attribute, replaced), calls (an attribute: 1 -> 2)"
+    depends = ("a row depends on the batches before it, and a resume, another --batch-size or another order of the data "
+               "gives other rows")
+    note = (f"the forward changes the model's own state ({changes}), and the rows depend on it (the second batch, run "
+            f"again from the state it left, gave other values for fc): {depends}")
     result, said = run("remembers", "remembers.h5")
-    assert said == [note]
-    with open_store(result.path) as s:
-        assert s.metadata["state_changes"] == ["bank (a buffer)", "memory (a tensor attribute, replaced)",
-                                               "calls (an attribute: 1 -> 2)"]
+    assert said == [("WARNING", note)]
+    rows, state, dependent = stored(result)
+    assert state == ["bank (a buffer)", "memory (a tensor attribute, replaced)", "calls (an attribute: 1 -> 2)"]
+    assert dependent == ["fc"]
+    torch.manual_seed(0)  # as extract() seeds before it builds the model
+    assert rows.tobytes() == plain_rows(stateful.remembers(), "fc").half().numpy().tobytes()  # the state was put back
     capsys.readouterr()
     assert main(["info", result.path]) == 0
-    assert ("  the forward changed the model's own state (where a later forward reads it, rows depend on the batches "
-            "before them): bank (a buffer), memory (a tensor attribute, replaced), calls (an attribute: 1 -> 2)"
-            ) in capsys.readouterr().out.splitlines()
-    survey, _ = run("remembers", "unused.h5", dry_run=2)
-    assert note in survey.describe().splitlines()
-    # batch norm's running statistics, written by its kernel, in train mode
-    result, said = run("normed", "normed.h5", layers=["0"], train_mode=True)
-    with open_store(result.path) as s:
-        assert s.metadata["state_changes"] == ["2.running_mean (a buffer)", "2.running_var (a buffer)",
-                                               "2.num_batches_tracked (a buffer)"]
-    # a dict that a forward takes as its default argument and fills (UVA's proprioception_input={})
-    result, said = run("fills_its_default", "default.h5")
-    assert said == ["the forward changes the model's own state (FillsItsDefault.forward's extra (a mutable default "
-                    "argument, filled)): where a later forward reads it, a row depends on the batches before it, and a "
-                    "resume, another --batch-size or another order of the data gives other rows"]
-    # a generator of its own, which --seed does not reach
+    assert f"  the forward changed the model's own state (the rows of fc depend on it): {changes}" \
+        in capsys.readouterr().out.splitlines()
+    survey, said = run("remembers", "unused.h5", dry_run=2)
+    assert note in survey.describe().splitlines() and said == []
+    # too large to keep a copy of: not run again, and said as what it may do
+    monkeypatch.setattr(extract_module, "STATE_COPY_BYTES", 0)
+    result, said = run("remembers", "uncopied.h5")
+    assert said == [("WARNING", "the forward changes the model's own state (bank (a buffer, changed in place), memory (a "
+                                "tensor attribute, replaced), calls (an attribute: 1 -> 2)): where a later forward reads "
+                                f"it, {depends}")]
+    assert stored(result)[2] is None
+    assert main(["info", result.path]) == 0
+    assert "the forward changed the model's own state (where a later forward reads it, rows depend on the batches before " \
+        "them)" in capsys.readouterr().out
+    monkeypatch.undo()
+    # a generator of its own, which --seed does not reach: put back too
     result, said = run("own_noise", "own_noise.h5")
-    with open_store(result.path) as s:
-        assert s.metadata["state_changes"] == ["noise (a random generator, advanced)"]
+    rows, state, dependent = stored(result)
+    assert (state, dependent, said[0][0]) == (["noise (a random generator, advanced)"], ["fc"], "WARNING")
+    torch.manual_seed(0)
+    assert rows.tobytes() == plain_rows(stateful.own_noise(), "fc").half().numpy().tobytes()
+    # state written and never read back: a note, not a warning
+    for model, change in (("fills_its_default", "FillsItsDefault.forward's extra (a mutable default argument, filled)"),
+                          ("keeps_the_last", "last (a tensor attribute, replaced)")):
+        result, said = run(model, f"{model}.h5")
+        assert said == [("INFO", f"the forward changes the model's own state ({change}), but the rows do not depend on "
+                                 "it: the second batch, run again from the state it left, gave the same activations")]
+        assert stored(result)[1:] == ([change], [])
+        assert main(["info", result.path]) == 0
+        assert f"the forward changed the model's own state (the rows do not depend on it): {change}" in capsys.readouterr().out
+    # running the batch again fails: said, not known, and the run goes on
+    result, said = run("refuses_a_repeat", "refuses.h5")
+    assert said == [("WARNING", "the forward changes the model's own state (seen (a tensor attribute, replaced)): where "
+                                f"a later forward reads it, {depends}")]
+    assert ("running the second batch again failed (ValueError: the same batch twice): whether the rows depend on the "
+            "state it changed is not known") in caplog.messages
+    assert stored(result)[1:] == (["seen (a tensor attribute, replaced)"], None) and result.rows == 16
+    # batch norm in train mode normalises by the batch: its running statistics are written, not read
+    result, said = run("normed", "normed.h5", layers=["2"], train_mode=True, unfold_batch=True)
+    rows, state, dependent = stored(result, "2")
+    assert state == ["2.running_mean (a buffer)", "2.running_var (a buffer)", "2.num_batches_tracked (a buffer)"]
+    assert dependent == [] and said[0][0] == "INFO"
     # a table built at the first call alone, and a model without state: nothing said
     for model in ("caches_once", "normed"):
         result, said = run(model, f"{model}_quiet.h5", layers=["0"] if model == "normed" else ["fc"])
-        assert said == []
-        with open_store(result.path) as s:
-            assert s.metadata["state_changes"] == []
+        assert said == [] and stored(result, "0" if model == "normed" else "fc")[1:] == ([], None)
         survey, _ = run(model, "unused.h5", dry_run=2, layers=["0"] if model == "normed" else ["fc"])
         assert "the model's own state" not in survey.describe()
     # one batch: nothing to watch
     result, said = run("remembers", "one.h5", batch_size=16)
-    with open_store(result.path) as s:
-        assert said == [] and s.metadata["state_changes"] is None
+    assert said == [] and stored(result)[1] is None
+
+
+def test_the_state_a_second_forward_changed_is_put_back_after_it_runs_again(tmp_path):
+    """What the run again changes goes back: a filled default argument counts each batch once,
+    batch norm's running statistics are a plain loop's."""
+    from helpers.inplace import tokens
+    from helpers.stateful import FillsItsDefault, normed
+    from marstore.extract import extract_from
+
+    extra = inspect.signature(FillsItsDefault.forward).parameters["extra"].default
+    calls = extra.get("calls", 0)
+    extract_from(FillsItsDefault(), tokens(), str(tmp_path / "a.h5"), "fc", batch_size=4, progress=False)
+    assert extra["calls"] == calls + 4
+    torch.manual_seed(0)
+    model, plain = normed(), normed()
+    plain.load_state_dict(model.state_dict())
+    extract_from(model, tokens(), str(tmp_path / "b.h5"), "2", batch_size=4, progress=False, train_mode=True,
+                 unfold_batch=True)
+    with open_store(tmp_path / "b.h5") as s:
+        assert s.metadata["state_dependent_layers"] == []
+        rows = s.read("2")
+    assert rows.tobytes() == plain_rows(plain, "2", train=True).half().numpy().tobytes()
+    for name, value in plain.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
 
 
 def test_ctrl_c_finishes_the_batch_in_hand_and_a_second_stops_at_once(tmp_path, caplog):

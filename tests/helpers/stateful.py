@@ -1,5 +1,5 @@
-"""Models that keep state across forwards (a memory bank, a step counter), and one that only
-builds a table at its first call."""
+"""Models that keep state across forwards (a memory bank, a step counter, a last output kept
+for a plot), and one that only builds a table at its first call."""
 
 import torch
 from torch import nn
@@ -51,6 +51,36 @@ class FillsItsDefault(nn.Module):
         return self.fc(x)
 
 
+class KeepsTheLast(nn.Module):
+    """Keeps its last output for a plot, as models that save attention maps do: written each
+    call, never read."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.last = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc(x)
+        self.last = out.detach()
+        return out
+
+
+class RefusesARepeat(nn.Module):
+    """Refuses the batch it has just seen (a data pipeline's guard): the same batch run again fails."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.seen = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.seen is not None and torch.equal(x, self.seen):
+            raise ValueError("the same batch twice")
+        self.seen = x.clone()
+        return self.fc(x)
+
+
 class OwnNoise(nn.Module):
     """Draws its noise from a generator of its own, which no global seed reaches."""
 
@@ -65,6 +95,14 @@ class OwnNoise(nn.Module):
 
 def own_noise(d: int = 8) -> OwnNoise:
     return OwnNoise(d)
+
+
+def keeps_the_last(d: int = 8) -> KeepsTheLast:
+    return KeepsTheLast(d)
+
+
+def refuses_a_repeat(d: int = 8) -> RefusesARepeat:
+    return RefusesARepeat(d)
 
 
 def remembers(d: int = 8) -> Remembers:
