@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from marstore.dataset import ActivationDataset, rows_where
-from marstore.hooks import Capture, match_modules, nearest_names, parse_layers
+from marstore.hooks import Capture, match_modules, nearest_names, parse_layers, recorded_unfold
 from marstore.loading import IN_HAND
 from marstore.probe import (ProbeError, TrainedProbe, _add_intervals, _breakdown_lines, _features_text, _metrics, _read_report,
                             _table_rows, finite_rows, load_probe, probe_inputs, report_breakdown_plot, report_depth_plot,
@@ -143,6 +143,12 @@ def _check_rows(probe: TrainedProbe, store: Store) -> str | None:
     probe of token means on a store of token means, of full tokens or of ragged ones, hooked
     alike), how it holds it, in words; otherwise a ProbeError."""
     info = store.layers[probe.layer]
+    unfolded = recorded_unfold(info.attrs.get("unfolded"), info.attrs.get("unfold_layout"))
+    if unfolded != probe.unfold_layout:  # rows of one shape, but of other samples' copies
+        said = {None: "not unfolded"}
+        raise ProbeError(f"{probe.layer}: {store.path} holds it {said.get(unfolded, f'unfolded as {unfolded}')}, the probe "
+                         f"was trained on it {said.get(probe.unfold_layout, f'unfolded as {probe.unfold_layout}')}; "
+                         "evaluate on a store of this layer extracted as the probe's was")
     held = {"row_shape": list(info.row_shape), "ragged": info.layout == "ragged", "channel_axis": info.attrs.get("channel_axis"),
             "reduction": str(info.attrs.get("reduction", "none")), "tokens": probe.tokens}
     trained = {"row_shape": list(probe.row_shape), "ragged": probe.ragged, "channel_axis": probe.channel_axis,

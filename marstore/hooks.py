@@ -122,6 +122,12 @@ class UnfoldLayout:
 SAMPLE_MAJOR = UnfoldLayout((("b", None), ("k", None)))
 
 
+def recorded_unfold(per_sample: int | None, layout: str | None) -> str | None:
+    """The unfold layout a store or a probe records; sample-major where it records k alone
+    (files written before layouts were)."""
+    return layout or (f"(b k={per_sample})" if per_sample else None)
+
+
 def unfolded_text(per_sample: int | None, layout: str | None) -> str:
     """', unfolded from 4 rows a sample', with the layout where it is not sample-major."""
     if not per_sample:

@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from marstore.dataset import ActivationDataset, flat_tokens, layers_of, reduce_read_tokens, row_tokens, rows_where
 from marstore.errors import MarstoreError
-from marstore.hooks import HookError, UnfoldLayout, parse_recorded_reduction, reduce_tokens
+from marstore.hooks import HookError, UnfoldLayout, parse_recorded_reduction, recorded_unfold, reduce_tokens
 from marstore.report import heatmap, markdown_table, text_table
 from marstore.store import StoreError, open_store
 from marstore.transfer import resolve_device
@@ -900,7 +900,7 @@ class TrainedProbe(nn.Module):
         # recorded), and k where the module ran on k rows a sample, unfolded to (B, k, ...) (as
         # its layout says; sample-major in files written before it was recorded)
         self.multi_fire, self.unfolded = f.get("multi_fire"), f.get("unfolded")
-        self.unfold_layout = f.get("unfold_layout") or (f"(b k={self.unfolded})" if self.unfolded else None)
+        self.unfold_layout = recorded_unfold(self.unfolded, f.get("unfold_layout"))
         self.register_buffer("mean", f["mean"])
         self.register_buffer("std", f["std"])
         state = file["state_dict"]

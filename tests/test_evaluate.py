@@ -675,6 +675,15 @@ def test_live_probes_unfold_a_module_by_its_recorded_layout(tmp_path, capsys):
     with LiveProbes(model, [probe]) as live:
         model(x)
         assert not torch.allclose(live.read()["head"], probe.predict(stored), atol=1e-3)
+    # a store of the same module unfolded sample-major holds rows of the same shape, of mixed samples
+    from marstore.extract import extract_from
+
+    extract_from(model, data, str(tmp_path / "sample_major.h5"), "head", forward=lambda m, b: m(b["x"]), targets=["y"],
+                 unfold_batch=True, dtype="float32", batch_size=50, progress=False)
+    with pytest.raises(ProbeError) as info:
+        evaluate_probes(EvaluateOptions(str(tmp_path / "p"), str(tmp_path / "sample_major.h5"), out=str(tmp_path / "e")))
+    assert str(info.value) == (f"head: {tmp_path / 'sample_major.h5'} holds it unfolded as (b k=3), the probe was trained "
+                               "on it unfolded as (k=3 b); evaluate on a store of this layer extracted as the probe's was")
 
 
 @pytest.mark.parametrize("case", ["conv positions", "token list"])
