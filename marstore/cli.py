@@ -608,7 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--exclude-layers", nargs="+", metavar="PATTERN",
                     help="modules to leave out of what --layers selects (e.g. '**' but '**.attn')")
     ex.add_argument("--reduction", help="none, mean, mean:G (means of G equal groups of tokens: frames), first, last, "
-                                        "or token indices like 0,5,9 (default none)")
+                                        "or token indices and spans like 0,5,9 or 0:256 (default none)")
     ex.add_argument("--layer-reduction", action="extend", nargs="+", type=_pattern_value, metavar="PATTERN=REDUCTION",
                     help="another reduction for the layers a pattern names (e.g. decoder_norm=none)")
     ex.add_argument("--channels-first", nargs="*", metavar="PATTERN",

@@ -474,11 +474,19 @@ def parse_recorded_reduction(text: str) -> tuple[str | list[int], bool]:
 def parse_reduction(text: str) -> str | list[int]:
     if text in REDUCTIONS or re.fullmatch(r"mean:[1-9][0-9]*", text):
         return text
-    try:
-        return [int(t) for t in text.split(",")]
-    except ValueError:
-        raise HookError(f"reduction {text!r}: use one of {REDUCTIONS}, mean:G (the means of G equal groups of the "
-                        "tokens, in order: frames) or a comma-separated token index list") from None
+    indices: list[int] = []
+    for part in text.split(","):
+        span = re.fullmatch(r"\s*(\d+):(\d+)(?::([1-9]\d*))?\s*", part)  # start:stop[:step], as Python slices
+        if span is not None and int(span[1]) < int(span[2]):
+            indices += range(int(span[1]), int(span[2]), int(span[3] or 1))
+            continue
+        try:
+            indices.append(int(part))
+        except ValueError:
+            raise HookError(f"reduction {text!r}: use one of {REDUCTIONS}, mean:G (the means of G equal groups of the "
+                            "tokens, in order: frames) or a comma-separated list of token indices and start:stop[:step] "
+                            "spans (0:256: UVA's first frame)") from None
+    return indices
 
 
 @dataclass

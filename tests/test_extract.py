@@ -1079,11 +1079,15 @@ def test_reductions_on_device():
     with pytest.raises(hooks.HookError, match="^reduction mean:4: its 6 tokens do not split into 4 equal groups$"):
         hooks.reduce_tokens(frames, "mean:4")
     assert hooks.parse_reduction("mean:4") == "mean:4"
-    for text in ("mean:0", "mean:", "mean:x", "means:4"):
+    # token spans, as Python slices: UVA's first frame is 0:256
+    assert hooks.parse_reduction("0:3,5,8:14:3") == [0, 1, 2, 5, 8, 11]
+    assert torch.equal(hooks.reduce_tokens(frames, hooks.parse_reduction("0:3")), frames[:, 0])
+    for text in ("mean:0", "mean:", "mean:x", "means:4", "3:3", "5:2", "0:4:0", ":4", "0:", "-4:0", "1,x"):
         with pytest.raises(hooks.HookError) as info:
             hooks.parse_reduction(text)
         assert str(info.value) == (f"reduction {text!r}: use one of ('none', 'mean', 'first', 'last'), mean:G (the means "
-                                   "of G equal groups of the tokens, in order: frames) or a comma-separated token index list")
+                                   "of G equal groups of the tokens, in order: frames) or a comma-separated list of token "
+                                   "indices and start:stop[:step] spans (0:256: UVA's first frame)")
 
 
 def test_frame_means_are_stored_per_frame(tmp_path):
