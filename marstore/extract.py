@@ -955,9 +955,8 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                     metadata["state_changes"] = watch.changes()
                     if metadata["state_changes"]:
                         fired = {name: t for name, t in tensors.items() if name not in missing}
-                        metadata["state_dependent_layers"] = _rows_on_state(
-                            watch, lambda: forward(model, _to_device(replay, device)), capture, len(index), fired,
-                            functools.partial(seed_generators, opts.seed, int(index[0]), _BATCH, device), opts, autocast)
+                        metadata["state_dependent_layers"] = _rows_on_state(watch, model, forward, replay, index, device,
+                                                                            capture, fired, opts, autocast)
                         _say_state(metadata["state_changes"], metadata["state_dependent_layers"])
                     del replay
                 outputs = _outputs_of(out, opts.output_names, left_out)
@@ -1246,9 +1245,7 @@ def _survey(model, forward, selections: list, problems: dict, source: Any, opts:
             if watch is not None:
                 state_changes = watch.changes()
                 if state_changes:
-                    dependent = _rows_on_state(
-                        watch, lambda: forward(model, _to_device(replay, device)), capture, len(index), first,
-                        functools.partial(seed_generators, opts.seed, int(index[0]), _BATCH, device), opts, autocast)
+                    dependent = _rows_on_state(watch, model, forward, replay, index, device, capture, first, opts, autocast)
             del first, replay
             batch_rows.append(len(index))
             if output_problem is None:
@@ -1706,24 +1703,24 @@ def _say_state(changes: list[str], dependent: list[str] | None) -> None:
     (log.info if dependent == [] else log.warning)(_state_note(changes, dependent))
 
 
-def _rows_on_state(watch: _StateWatch, run_forward: Callable[[], Any], capture: hooks.Capture, rows: int,
-                      first: Mapping[str, torch.Tensor], seed: Callable[[], None], opts: ExtractOptions,
-                      autocast: Callable[[], Any]) -> list[str] | None:
+def _rows_on_state(watch: _StateWatch, model: torch.nn.Module, forward: Callable, batch: Any, index: Sequence[int],
+                   device: torch.device, capture: hooks.Capture, first: Mapping[str, torch.Tensor], opts: ExtractOptions,
+                   autocast: Callable[[], Any]) -> list[str] | None:
     """Runs the watched batch's forward once more, from the state its first run left, then puts
     that state back: the layers whose captures came out otherwise (their rows depend on the
     state); [] where every capture came out the same bits (the state is written, or read only
-    past the hooked layers); None where the changed state is too large to keep a copy of, and
-    the forward is not run again."""
+    past the hooked layers); None where the changed state is too large to keep a copy of (the
+    forward is not run again), or where running it again fails."""
     put_back = watch.keep()
     if put_back is None:
         return None
     log.info("the forward changed the model's own state: running the second batch again, to see whether the rows depend on it")
-    capture.start_batch(rows)
-    seed()
+    capture.start_batch(len(index))
+    seed_generators(opts.seed, int(index[0]), _BATCH, device)
     try:
         with torch.inference_mode(not opts.train_mode), autocast():
             try:
-                run_forward()
+                forward(model, _to_device(batch, device))
             except hooks.StopForward:
                 pass
         again = capture.captured()

@@ -704,16 +704,15 @@ class Capture:
         """{store name: tensor} for this batch; a module that did not fire is an error unless allowed."""
         if self._state.error is not None:  # a hook's error that the model's own `except` swallowed
             raise self._state.error
-        out = {}
+        captured, out = self.captured(), {}
         for sel in self.layers:
-            fired = self._state.fired.get(sel.store_name)
-            if not fired:
+            if sel.store_name not in captured:
                 self.missing_counts[sel.store_name] += 1
                 if not self.allow_missing:
                     raise HookError(self._never_called(sel) or f"{sel.name} did not fire in this batch (some modules run "
                                     "only in some task modes); check the forward, or pass --allow-missing to skip it")
                 continue
-            out[sel.store_name] = torch.stack(fired, dim=1) if self.multi_fire == "stack" else fired[0]
+            out[sel.store_name] = captured[sel.store_name]
         self._state = _State()
         return out
 
