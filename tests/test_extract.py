@@ -2514,16 +2514,16 @@ def test_a_data_sets_and_a_forwards_draws_repeat_with_workers_and_after_a_resume
     assert (np.random.rand(), random.random(), torch.rand(1).item()) == expected
 
 
-def plain_rows(model, layer, train=False):
+def plain_rows(model, layer, train=False, device="cpu"):
     """A plain loop's captures of one module over helpers.inplace:tokens, 16 items, in batches of 4."""
     from helpers.inplace import tokens
 
     data, kept = tokens(), []
-    handle = model.get_submodule(layer).register_forward_hook(lambda m, a, o: kept.append(o.detach().clone()))
+    handle = model.get_submodule(layer).register_forward_hook(lambda m, a, o: kept.append(o.detach().cpu()))
     model.train(train)
     with torch.inference_mode(not train):
         for start in range(0, 16, 4):
-            model(torch.stack([data[i] for i in range(start, start + 4)]))
+            model(torch.stack([data[i] for i in range(start, start + 4)]).to(device))
     handle.remove()
     return torch.cat(kept)
 
@@ -2613,6 +2613,20 @@ def test_a_forward_that_changes_the_models_state_is_said_and_recorded(tmp_path, 
     # one batch: nothing to watch
     result, said = run("remembers", "one.h5", batch_size=16)
     assert said == [] and stored(result)[1] is None
+
+
+@requires_cuda
+def test_the_run_again_check_on_the_gpu_puts_the_state_back(tmp_path):
+    from helpers.stateful import remembers
+
+    result = extract(ExtractOptions(out=str(tmp_path / "s.h5"), model="helpers.stateful:remembers",
+                                    dataset="helpers.inplace:tokens", layers=["fc"], batch_size=4, progress=False,
+                                    device="cuda"))
+    with open_store(result.path) as s:
+        assert s.metadata["state_dependent_layers"] == ["fc"]
+        rows = s.read("fc")
+    torch.manual_seed(0)
+    assert rows.tobytes() == plain_rows(remembers().cuda(), "fc", device="cuda").half().numpy().tobytes()
 
 
 def test_the_state_a_second_forward_changed_is_put_back_after_it_runs_again(tmp_path):

@@ -17,7 +17,7 @@ class Remembers(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        out = self.fc(x + self.bank + self.memory)
+        out = self.fc(x + self.bank + self.memory.to(x.device))  # a plain attribute stays on the CPU in .cuda()
         self.bank.add_(out.detach().mean((0, 1)))
         self.memory = out.detach().mean((0, 1))
         return out
