@@ -93,7 +93,7 @@ def _probe_info(args: argparse.Namespace) -> int:
     """`marstore info` of a probe file: what it reads, from what, and what it saw."""
     import json
 
-    from marstore.hooks import unfolded_text
+    from marstore.hooks import reduction_text, unfolded_text
     from marstore.probe import load_probe
 
     probe = load_probe(args.store)
@@ -119,7 +119,8 @@ def _probe_info(args: argparse.Namespace) -> int:
     hooked = unfolded_text(probe.unfolded, probe.unfold_layout) + (
         f", --multi-fire {probe.multi_fire}" if probe.multi_fire not in (None, "error") else "")
     print(f"  {probe.name} -> {probe.target}: {probe.kind} {probe.task}, {outputs} from {info['inputs']} features "
-          f"({rows}, extraction reduction {probe.reduction}{hooked}{', standardised' if info['standardised'] else ''})")
+          f"({rows}, extraction reduction {reduction_text(probe.reduction)}{hooked}"
+          f"{', standardised' if info['standardised'] else ''})")
     if probe.task == "classification":
         print(f"  classes: {', '.join(map(str, probe.classes))}")
     print(f"  trained on {where['path']} ({where['status']}, {where['rows']} rows, created {where['created']}{dataset})"
@@ -232,6 +233,7 @@ def _info(args: argparse.Namespace) -> int:
     import h5py
 
     from marstore.extract import describe_output, summarize_outputs
+    from marstore.hooks import reduction_text
     from marstore.store import TEXT, is_text, open_store
 
     if os.path.isdir(args.store) and (os.path.isfile(os.path.join(args.store, "report.json")) or _report_folders(args.store)):
@@ -301,7 +303,7 @@ def _info(args: argparse.Namespace) -> int:
         chunks = f"chunks {tuple(layer['chunks'])}" if layer["chunks"] else \
             f"virtual, in {layer['joined_from']}" if layer["joined_from"] else "virtual"
         print(f"    {name:<28} {layer['layout']:<6} {shape:<18} {layer['dtype']:<8} (from {layer['source_dtype']}, "
-              f"reduction {layer['reduction']}{_channels_text(layer)}) {chunks}{flags}; "
+              f"reduction {reduction_text(str(layer['reduction']))}{_channels_text(layer)}) {chunks}{flags}; "
               f"nonfinite {layer['nonfinite']}, overflow {layer['overflow']}")
     if info["targets"]:
         print("  targets:")

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from marstore.dataset import ActivationDataset, rows_where
-from marstore.hooks import Capture, match_modules, nearest_names, parse_layers, recorded_unfold
+from marstore.hooks import Capture, match_modules, nearest_names, parse_layers, recorded_unfold, reduction_text
 from marstore.loading import IN_HAND
 from marstore.probe import (ProbeError, TrainedProbe, _add_intervals, _breakdown_lines, _features_text, _metrics, _read_report,
                             _table_rows, finite_rows, load_probe, probe_inputs, report_breakdown_plot, report_depth_plot,
@@ -168,7 +168,7 @@ def _check_rows(probe: TrainedProbe, store: Store) -> str | None:
 
 def _rows_text(features: dict) -> str:
     rows = f"{'ragged rows of tokens' if features['ragged'] else 'rows'} of shape {tuple(features['row_shape'])}"
-    return rows + ("" if features["reduction"] == "none" else f" reduced at extraction ({features['reduction']})")
+    return rows + ("" if features["reduction"] == "none" else f" reduced at extraction ({reduction_text(features['reduction'])})")
 
 
 def _class_numbers(probe: TrainedProbe, y: np.ndarray | torch.Tensor, target: str) -> tuple[torch.Tensor, int]:

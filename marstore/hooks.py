@@ -401,7 +401,29 @@ def selected_by(pattern: str, layers: Sequence[LayerSelection], flag: str) -> li
 
 
 def _reduction_text(reduction: str | list[int]) -> str:
-    return reduction if isinstance(reduction, str) else ",".join(map(str, reduction))
+    """A reduction as --reduction takes it; an index list with its runs as spans (0:256, not 256 numbers)."""
+    if isinstance(reduction, str):
+        return reduction
+    parts, i, n = [], 0, len(reduction)
+    while i < n:
+        step = reduction[i + 1] - reduction[i] if i + 1 < n else 0
+        j = i + 1
+        while j < n and reduction[j] - reduction[j - 1] == step:
+            j += 1
+        if reduction[i] >= 0 and step > 0 and j - i >= 3:  # a run: start:stop[:step]
+            parts.append(f"{reduction[i]}:{reduction[j - 1] + step}" + (f":{step}" if step > 1 else ""))
+            i = j
+        else:
+            parts.append(str(reduction[i]))
+            i += 1
+    return ",".join(parts)
+
+
+def reduction_text(recorded: str) -> str:
+    """A store's recorded reduction (recorded_reduction) as people read and write it: an index
+    list as --reduction takes it, runs as spans."""
+    body = recorded.removesuffix(CHANNELS_FIRST_NOTE)
+    return recorded if not body.startswith("[") else _reduction_text(json.loads(body)) + recorded[len(body):]
 
 
 def reduce_tokens(x: torch.Tensor, reduction: str | list[int], channels_first: bool = False,

@@ -51,7 +51,8 @@ from tqdm import tqdm
 
 from marstore.dataset import ActivationDataset, flat_tokens, layers_of, reduce_read_tokens, row_tokens, rows_where
 from marstore.errors import MarstoreError
-from marstore.hooks import HookError, UnfoldLayout, parse_recorded_reduction, recorded_unfold, reduce_tokens
+from marstore.hooks import (HookError, UnfoldLayout, parse_recorded_reduction, recorded_unfold, reduce_tokens,
+                            reduction_text)
 from marstore.report import heatmap, markdown_table, text_table
 from marstore.store import StoreError, open_store
 from marstore.transfer import resolve_device
@@ -946,7 +947,7 @@ class TrainedProbe(nn.Module):
         if reduced is None or reduced.shape[1:] != self.row_shape:
             raise ProbeError(f"{self.name}: activations of shape {tuple(x.shape)}; this probe takes rows of shape "
                              f"{self.row_shape}, as the store holds them, or the capture that extraction reduced to them "
-                             f"(reduction {self.reduction}){why}")
+                             f"(reduction {reduction_text(self.reduction)}){why}")
         return reduced
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1081,6 +1081,12 @@ def test_reductions_on_device():
     assert hooks.parse_reduction("mean:4") == "mean:4"
     # token spans, as Python slices: UVA's first frame is 0:256
     assert hooks.parse_reduction("0:3,5,8:14:3") == [0, 1, 2, 5, 8, 11]
+    # and shown so, where the store records the list (marstore info, errors)
+    for indices, text in (([0, 1, 2, 5, 8, 11], "0:3,5:14:3"), (list(range(0, 1024, 4)), "0:1024:4"),
+                          ([-1, 0, 1, 2], "-1,0:3"), ([3, 3, 3, 2], "3,3,3,2"), ([0, 5, 10, 11], "0:15:5,11")):
+        recorded = hooks.recorded_reduction(indices, channels_first=False)
+        assert hooks.reduction_text(recorded) == text and hooks.parse_reduction(text) == indices
+    assert hooks.reduction_text(hooks.recorded_reduction(list(range(16)), True)) == "0:16 (channels first)"
     assert torch.equal(hooks.reduce_tokens(frames, hooks.parse_reduction("0:3")), frames[:, 0])
     for text in ("mean:0", "mean:", "mean:x", "means:4", "3:3", "5:2", "0:4:0", ":4", "0:", "-4:0", "1,x"):
         with pytest.raises(hooks.HookError) as info:
