@@ -48,6 +48,14 @@ FORMAT_VERSION = 1
 CHUNK_BYTES = 1 << 20  # about 1 MiB per chunk suits training reads (FIELD-NOTES §4)
 STORED_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
 TEXT = "str"  # a target's dtype for strings, stored as variable-length UTF-8
+_STATE_PREFIX = "state_at_row_"
+
+
+def _state_name(rows: int) -> str:
+    """The layer attribute that holds its counters and statistics over its first `rows` rows."""
+    return f"{_STATE_PREFIX}{rows}"
+
+
 _METADATA_SLACK = 1 << 20  # room kept for the metadata that a commit and a close write
 
 
@@ -291,6 +299,16 @@ class _Layer:
         self.nonfinite += int(nonfinite)
         self.overflow += int(overflow)
 
+    def packed_state(self) -> np.ndarray:
+        """[nonfinite, overflow, count..., mean..., m2...] as float64 (exact to 2**53), for one attribute."""
+        m = self.moments
+        return np.concatenate([[self.nonfinite, self.overflow], m.count, m.mean, m.m2]).astype(np.float64)
+
+    def restore_state(self, packed: np.ndarray) -> None:
+        channels = (len(packed) - 2) // 3
+        self.nonfinite, self.overflow = int(packed[0]), int(packed[1])
+        self.moments.restore(*np.split(np.asarray(packed[2:], np.float64), [channels, 2 * channels]))
+
     def settle_stats(self) -> None:
         """Sums the kept small batches into the moments, in order (a commit records them)."""
         if self.pending:
@@ -532,9 +550,12 @@ class StoreWriter:
         rows = self.committed
         for layer in self._layers.values():
             a = layer.attrs
-            layer.nonfinite, layer.overflow = int(a["nonfinite"]), int(a["overflow"])
-            if "stats_count" in a:
-                layer.moments.restore(*(a[k] for k in ("stats_count", "mean", "stats_m2")))
+            if _state_name(rows) in a:  # the counters and statistics of exactly the committed rows
+                layer.restore_state(a[_state_name(rows)])
+            else:  # a store of an earlier version
+                layer.nonfinite, layer.overflow = int(a["nonfinite"]), int(a["overflow"])
+                if "stats_count" in a:
+                    layer.moments.restore(*(a[k] for k in ("stats_count", "mean", "stats_m2")))
             if layer.spec.ragged:
                 layer.tokens = int(layer.offsets[rows])
                 layer.offsets.resize((rows + 1,))
@@ -912,10 +933,21 @@ class StoreWriter:
         a crash between the two leaves the old count, whose rows are all on disk."""
         self._flush_chunks()
         skipped = self._write_skipped()
+        # Each layer's counters and statistics at the new row count, in one attribute written
+        # before the count moves: HDF5 writes a flush's attributes one by one, so a kill during
+        # the second flush can leave a layer's "mean" new and the root's "rows" old, and a resume
+        # that reloaded "mean" counted the rows after the old count twice. The state of the rows
+        # committed before stays beside it until the new count is on disk.
+        kept = {_state_name(self.committed), _state_name(self.written)}
+        for layer in self._layers.values():
+            layer.settle_stats()
+            a = layer.attrs
+            for name in [k for k in a if k.startswith(_STATE_PREFIX) and k not in kept]:
+                del a[name]
+            a[_state_name(self.written)] = layer.packed_state()
         self._file.flush()
         self._sync()
         for layer in self._layers.values():
-            layer.settle_stats()
             a = layer.attrs
             a["nonfinite"] = layer.nonfinite
             a["overflow"] = layer.overflow
