@@ -1546,7 +1546,8 @@ class _StateWatch:
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.before = self._state(copy_budget=STATE_COPY_BYTES)
-        self.changed: list[str] = []  # the names of the parts that changed
+        # the parts that changed, each as the state after the forward holds it (None: removed)
+        self.changed: dict[str, tuple[str, Any, Any, Any] | None] = {}
 
     def _state(self, copy_budget: int = 0) -> dict[str, tuple[str, Any, Any, Any]]:
         """{name: (kind, what is compared, the holder, the key it is held under)}: the holder is
@@ -1589,7 +1590,7 @@ class _StateWatch:
     def changes(self) -> list[str]:
         """Each part of the state the forward changed, described."""
         after = self._state()
-        changed, self.changed = [], []
+        changed, self.changed = [], {}
         for name in dict.fromkeys([*self.before, *after]):
             if name not in after or name not in self.before:
                 kind = (after.get(name) or self.before[name])[0]
@@ -1613,20 +1614,19 @@ class _StateWatch:
                         f"{name} ({kind}: {then!r} -> {now!r})"
             if said is not None:
                 changed.append(said)
-                self.changed.append(name)
+                self.changed[name] = after.get(name)
         return changed
 
     def keep(self) -> Callable[[], None] | None:
         """What the changed parts hold now, and a function that puts it back (after a replay of
         the forward); None where a part was removed, or where copies of its tensors would take
-        more than STATE_COPY_BYTES."""
-        now = self._state()
+        more than STATE_COPY_BYTES. Called right after changes(), whose walk of the state it uses."""
         puts: list[Callable[[], None]] = []
         budget = STATE_COPY_BYTES
-        for name in self.changed:
-            if name not in now:
+        for part in self.changed.values():
+            if part is None:
                 return None
-            kind, _, holder, key = now[name]
+            kind, _, holder, key = part
             if kind == "a mutable default argument":
                 kept = dict(holder) if isinstance(holder, dict) else list(holder)
                 puts.append(functools.partial(_refill, holder, kept))
@@ -1683,17 +1683,18 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _state_note(changes: list[str], dependent: list[str] | None) -> str:
     """What the watched forward changed of the model's state, and whether the rows depend on it."""
-    shown = ", ".join(changes[:STATE_CHANGES_SHOWN]) + (
-        f" and {len(changes) - STATE_CHANGES_SHOWN} more" if len(changes) > STATE_CHANGES_SHOWN else "")
+    def listed(items: list[str]) -> str:
+        more = len(items) - STATE_CHANGES_SHOWN
+        return ", ".join(items[:STATE_CHANGES_SHOWN]) + (f" and {more} more" if more > 0 else "")
+
+    shown = listed(changes)
     depends = ("a row depends on the batches before it, and a resume, another --batch-size or another order of the "
                "data gives other rows")
     if dependent is None:
         return f"the forward changes the model's own state ({shown}): where a later forward reads it, {depends}"
     if dependent:
-        layers = ", ".join(dependent[:STATE_CHANGES_SHOWN]) + (
-            f" and {len(dependent) - STATE_CHANGES_SHOWN} more" if len(dependent) > STATE_CHANGES_SHOWN else "")
         return (f"the forward changes the model's own state ({shown}), and the rows depend on it (the second batch, "
-                f"run again from the state it left, gave other values for {layers}): {depends}")
+                f"run again from the state it left, gave other values for {listed(dependent)}): {depends}")
     return (f"the forward changes the model's own state ({shown}), but the rows do not depend on it: the second "
             "batch, run again from the state it left, gave the same activations")
 
