@@ -25,6 +25,7 @@ import numpy as np
 from marstore.store import (
     FORMAT,
     FORMAT_VERSION,
+    SKIPPED_PREFIX,
     LayerSpec,
     Ragged,
     StoreError,
@@ -125,7 +126,8 @@ def write_top_file(out: str, parts: list[str]) -> int:
         total = sum(rows)
         tmp = out + ".tmp"
         with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
-            f.attrs.update({k: v for k, v in first.attrs.items() if k not in ("rows", "status", "skipped")})
+            f.attrs.update({k: v for k, v in first.attrs.items()
+                           if k not in ("rows", "status", "skipped") and not k.startswith(SKIPPED_PREFIX)})
             f.attrs.update({
                 "format": FORMAT, "format_version": FORMAT_VERSION, "rows": total,
                 "status": "complete" if all(s.status == "complete" for s in stores) else "incomplete",
@@ -231,7 +233,8 @@ def join_layers(out: str, paths: list[str]) -> list[str]:
         folder = os.path.dirname(os.path.abspath(out))
         tmp = out + ".tmp"
         with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
-            f.attrs.update({k: v for k, v in first.file.attrs.items() if k not in ("parts", "skipped")})
+            f.attrs.update({k: v for k, v in first.file.attrs.items()
+                           if k not in ("parts", "skipped") and not k.startswith(SKIPPED_PREFIX)})
             f.attrs.update({
                 "format": FORMAT, "format_version": FORMAT_VERSION, "rows": first.rows, "status": "complete",
                 "created": utc_now(), "committed_at": utc_now(),

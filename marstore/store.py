@@ -49,11 +49,20 @@ CHUNK_BYTES = 1 << 20  # about 1 MiB per chunk suits training reads (FIELD-NOTES
 STORED_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
 TEXT = "str"  # a target's dtype for strings, stored as variable-length UTF-8
 _STATE_PREFIX = "state_at_row_"
+SKIPPED_PREFIX = "skipped_at_row_"
 
 
 def _state_name(rows: int) -> str:
     """The layer attribute that holds its counters and statistics over its first `rows` rows."""
     return f"{_STATE_PREFIX}{rows}"
+
+
+def committed_skipped(attrs: Mapping[str, Any], rows: int) -> int:
+    """The entries of /skipped that go with the first `rows` rows. The root's 'skipped' and
+    'rows' reach the disk one by one in a commit's last flush, so 'skipped_at_row_<rows>',
+    written before it, is the one to trust where it is there (absent: nothing was ever left
+    out, or an earlier version's store)."""
+    return int(attrs.get(f"{SKIPPED_PREFIX}{rows}", attrs.get("skipped", 0)))
 
 
 _METADATA_SLACK = 1 << 20  # room kept for the metadata that a commit and a close write
@@ -452,7 +461,7 @@ class StoreWriter:
         self._index = self._file["index"]
         self.committed = int(self._file.attrs["rows"])
         # items the data set failed to give, left out: /skipped holds those committed, this list the rest
-        self.skipped_committed = int(self._file.attrs.get("skipped", 0))
+        self.skipped_committed = committed_skipped(self._file.attrs, self.committed)
         self._skipped: list[tuple[int, str]] = []
         if resume:
             self._restore_state()
@@ -945,6 +954,12 @@ class StoreWriter:
             for name in [k for k in a if k.startswith(_STATE_PREFIX) and k not in kept]:
                 del a[name]
             a[_state_name(self.written)] = layer.packed_state()
+        if skipped:  # the same for the count of /skipped, kept for both row counts
+            a = self._file.attrs
+            for name in [k for k in a if k.startswith(SKIPPED_PREFIX)]:
+                del a[name]
+            a[f"{SKIPPED_PREFIX}{self.committed}"] = self.skipped_committed
+            a[f"{SKIPPED_PREFIX}{self.written}"] = skipped
         self._file.flush()
         self._sync()
         for layer in self._layers.values():
@@ -1385,7 +1400,7 @@ class Store:
     def skipped(self) -> list[tuple[int, str]]:
         """(source index, error) of each committed item that the data set failed to give and the
         extraction left out (--skip-failed), in the order met."""
-        count = int(self.file.attrs.get("skipped", 0))
+        count = committed_skipped(self.file.attrs, self.rows)
         if not count:
             return []
         group = self.file["skipped"]

@@ -229,6 +229,7 @@ def test_text_targets_and_items_left_out_join_in_the_virtual_store_and_survive_a
     skipped = [(6, "OSError: item 6"), (7, "OSError: item 7")]
     with open_store(top) as s:
         assert s.target("task").tolist() == want and s.skipped() == skipped
+        assert not [k for k in s.file.attrs if k.startswith("skipped_at_row_")]  # a part's own counts stay in it
     merge(top, str(tmp_path / "m.h5"))
     with open_store(tmp_path / "m.h5") as s:
         assert s.target("task").tolist() == want and s.index().tolist() == [0, 2, 4, 1, 3, 5] and s.skipped() == skipped

@@ -778,6 +778,44 @@ def test_items_left_out_are_committed_with_the_rows_after_them_and_resume(tmp_pa
                                                              {"index": 7, "error": "RuntimeError: bad 7"}]
 
 
+@pytest.mark.parametrize("torn", ["count old, skipped new", "count new, skipped old"])
+def test_a_kill_between_the_skipped_count_and_the_row_count_resumes_identically(tmp_path, torn):
+    """The root's 'skipped' and 'rows' reach the disk one by one in a commit's last flush: a kill
+    between them used to record the items left out before the new rows twice (a resume redoes
+    those rows) or lose them. skipped_at_row_N, written before, goes with the row count."""
+    spec = [LayerSpec("enc", (2,))]
+
+    def run(path, stop_after=None, resume=False):
+        batches = [([0, 2], [(1, "OSError: bad 1")]), ([3, 4], []), ([6, 7], [(5, "OSError: bad 5")]), ([8, 9], [])]
+        w = StoreWriter(path, spec, commit_rows=4, background=False, resume=resume)
+        for index, skipped in batches[w.committed // 2 :]:
+            w.append({"enc": np.full((2, 2), index[0], np.float16)}, index=index, skipped=skipped)
+            if w.committed == stop_after:
+                return w  # open, as a killed process leaves it
+        w.close()
+
+    reference, path = str(tmp_path / "reference.h5"), str(tmp_path / "torn.h5")
+    run(reference)
+    w = run(path, stop_after=8)
+    assert w._file.attrs["skipped"] == 2 and w._file.attrs["rows"] == 8
+    if torn == "count old, skipped new":
+        w._file.attrs["rows"] = 4  # the second commit's count never reached the disk
+    else:
+        w._file.attrs["skipped"] = 1
+    w._file.close()  # the process dies
+    w._lock.release()
+    with open_store(path) as store:  # a reader of the torn file sees the items of its committed rows
+        assert store.skipped() == [(1, "OSError: bad 1")] + [(5, "OSError: bad 5")] * (store.rows == 8)
+    run(path, resume=True)
+    with open_store(reference) as a, open_store(path) as b:
+        assert a.skipped() == b.skipped() == [(1, "OSError: bad 1"), (5, "OSError: bad 5")]
+        assert a.index().tolist() == b.index().tolist() == [0, 2, 3, 4, 6, 7, 8, 9]
+        assert b.file.attrs["skipped"] == 2
+        for f in (a.file, b.file):  # the closing commit added no rows: one count is left
+            assert {k: int(v) for k, v in f.attrs.items() if k.startswith("skipped_at_row_")} == {"skipped_at_row_8": 2}
+        assert b.file["skipped/index"][:].tolist() == [1, 5]
+
+
 def test_outputs_read_back_are_those_of_committed_batches(tmp_path, capsys):
     from marstore.cli import main
 
