@@ -26,6 +26,7 @@ from marstore.store import (
     FORMAT,
     FORMAT_VERSION,
     SKIPPED_PREFIX,
+    STATE_PREFIX,
     LayerSpec,
     Ragged,
     StoreError,
@@ -141,7 +142,8 @@ def write_top_file(out: str, parts: list[str]) -> int:
             for spec in layer_specs:
                 name = spec["name"]
                 objs = [s.file["activations"][name] for s in stores]
-                attrs = dict(objs[0].attrs)
+                committed = [s.layers[name].attrs for s in stores]  # over each part's committed rows
+                attrs = {k: v for k, v in objs[0].attrs.items() if not k.startswith(STATE_PREFIX)}
                 if spec["ragged"]:
                     g = acts.create_group(name)
                     tokens = [int(o["offsets"][r]) for o, r in zip(objs, rows)]
@@ -152,9 +154,9 @@ def write_top_file(out: str, parts: list[str]) -> int:
                     target = g
                 else:
                     target = virtual(acts, name, f"activations/{name}", rows)
-                count, mean, m2 = _combine_moments([dict(o.attrs) for o in objs])
-                attrs.update({"nonfinite": sum(int(o.attrs["nonfinite"]) for o in objs),
-                              "overflow": sum(int(o.attrs["overflow"]) for o in objs),
+                count, mean, m2 = _combine_moments(committed)
+                attrs.update({"nonfinite": sum(int(a["nonfinite"]) for a in committed),
+                              "overflow": sum(int(a["overflow"]) for a in committed),
                               "stats_count": count, "mean": mean, "stats_m2": m2, "std": np.sqrt(m2 / np.maximum(count, 1))})
                 target.attrs.update(attrs)
             for spec in target_specs:

@@ -48,13 +48,30 @@ FORMAT_VERSION = 1
 CHUNK_BYTES = 1 << 20  # about 1 MiB per chunk suits training reads (FIELD-NOTES §4)
 STORED_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
 TEXT = "str"  # a target's dtype for strings, stored as variable-length UTF-8
-_STATE_PREFIX = "state_at_row_"
+STATE_PREFIX = "state_at_row_"
 SKIPPED_PREFIX = "skipped_at_row_"
 
 
 def _state_name(rows: int) -> str:
     """The layer attribute that holds its counters and statistics over its first `rows` rows."""
-    return f"{_STATE_PREFIX}{rows}"
+    return f"{STATE_PREFIX}{rows}"
+
+
+# a layer's attributes that a commit's last flush rewrites, and that its state_at_row_N holds
+COMMITTED_LAYER_KEYS = ("nonfinite", "overflow", "stats_count", "mean", "stats_m2", "std")
+
+
+def committed_layer_state(attrs: Mapping[str, Any], rows: int) -> dict[str, Any] | None:
+    """A layer's counters and statistics over exactly its first `rows` rows, from its
+    state_at_row_<rows> (the attributes themselves can be a commit ahead after a kill, or
+    while a writer commits); None where the store has no such attribute (earlier versions)."""
+    packed = attrs.get(_state_name(rows))
+    if packed is None:
+        return None
+    packed = np.asarray(packed, np.float64)
+    count, mean, m2 = np.split(packed[2:], [(len(packed) - 2) // 3, 2 * (len(packed) - 2) // 3])
+    return {"nonfinite": int(packed[0]), "overflow": int(packed[1]), "stats_count": count, "mean": mean,
+            "stats_m2": m2, "std": np.sqrt(m2 / np.maximum(count, 1))}
 
 
 def committed_skipped(attrs: Mapping[str, Any], rows: int) -> int:
@@ -313,10 +330,10 @@ class _Layer:
         m = self.moments
         return np.concatenate([[self.nonfinite, self.overflow], m.count, m.mean, m.m2]).astype(np.float64)
 
-    def restore_state(self, packed: np.ndarray) -> None:
-        channels = (len(packed) - 2) // 3
-        self.nonfinite, self.overflow = int(packed[0]), int(packed[1])
-        self.moments.restore(*np.split(np.asarray(packed[2:], np.float64), [channels, 2 * channels]))
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        """Counters and statistics as committed_layer_state gives them."""
+        self.nonfinite, self.overflow = state["nonfinite"], state["overflow"]
+        self.moments.restore(state["stats_count"], state["mean"], state["stats_m2"])
 
     def settle_stats(self) -> None:
         """Sums the kept small batches into the moments, in order (a commit records them)."""
@@ -559,8 +576,9 @@ class StoreWriter:
         rows = self.committed
         for layer in self._layers.values():
             a = layer.attrs
-            if _state_name(rows) in a:  # the counters and statistics of exactly the committed rows
-                layer.restore_state(a[_state_name(rows)])
+            state = committed_layer_state(a, rows)  # the counters and statistics of exactly the committed rows
+            if state is not None:
+                layer.restore_state(state)
             else:  # a store of an earlier version
                 layer.nonfinite, layer.overflow = int(a["nonfinite"]), int(a["overflow"])
                 if "stats_count" in a:
@@ -951,7 +969,7 @@ class StoreWriter:
         for layer in self._layers.values():
             layer.settle_stats()
             a = layer.attrs
-            for name in [k for k in a if k.startswith(_STATE_PREFIX) and k not in kept]:
+            for name in [k for k in a if k.startswith(STATE_PREFIX) and k not in kept]:
                 del a[name]
             a[_state_name(self.written)] = layer.packed_state()
         if skipped:  # the same for the count of /skipped, kept for both row counts
@@ -974,10 +992,12 @@ class StoreWriter:
         if skipped:
             self._file.attrs["skipped"] = skipped
         self._file.attrs["committed_at"] = utc_now()
-        if final:
-            self._file.attrs["status"] = "complete"
         self._file.flush()
         self._sync()
+        if final:  # flushed on its own after the count: a kill cannot leave "complete" over an old count
+            self._file.attrs["status"] = "complete"
+            self._file.flush()
+            self._sync()
         self.committed = self.written
         self.skipped_committed = skipped
         self._uncommitted_bytes = 0
@@ -1144,14 +1164,18 @@ class _LayerAttrs(collections.abc.Mapping):
     in a fraction of the time it took to read a dozen attributes of each, and a probe opens it
     once per layer."""
 
-    def __init__(self, obj: h5py.HLObject):
-        self._obj, self._attrs, self._read = obj, obj.attrs, {}
+    def __init__(self, obj: h5py.HLObject, rows: int):
+        self._obj, self._attrs, self._read, self._rows = obj, obj.attrs, {}, rows
+        self._committed: dict[str, Any] | None = None
 
     def __getitem__(self, key: str) -> Any:
         if key not in self._read:
             if not self._obj:  # closed: h5py's KeyError would read as an absent attribute (.get's default)
                 raise StoreError(f"attribute {key!r} of {self._obj!r} asked for after its store was closed")
-            value = self._attrs[key]
+            if key in COMMITTED_LAYER_KEYS and self._committed is None:
+                self._committed = committed_layer_state(self._attrs, self._rows) or {}
+            # the counters and statistics of the committed rows, which the attributes may be ahead of
+            value = self._committed[key] if key in COMMITTED_LAYER_KEYS and key in self._committed else self._attrs[key]
             self._read[key] = value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value
         return self._read[key]
 
@@ -1333,7 +1357,7 @@ class Store:
         group = file["activations"]
         for name in sorted(group, key=lambda n: order.get(n, len(order))):
             obj = group[name]
-            attrs = _LayerAttrs(obj)
+            attrs = _LayerAttrs(obj, self.rows)
             ragged = attrs.get("layout") == "ragged"
             values = obj["values"] if ragged else obj
             self.layers[name] = LayerInfo(

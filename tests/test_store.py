@@ -16,7 +16,7 @@ import torch
 
 from helpers.store_worker import BATCH_ROWS, COMMIT_ROWS, LAYERS, TARGETS, make_batch
 from marstore import ops
-from marstore.store import LayerSpec, Ragged, _Moments, StoreError, check_not_being_written, StoreWriteError, StoreWriter, TargetSpec, TEXT, open_store
+from marstore.store import COMMITTED_LAYER_KEYS, LayerSpec, Ragged, _Moments, StoreError, check_not_being_written, StoreWriteError, StoreWriter, TargetSpec, TEXT, open_store
 
 TESTS = os.path.dirname(__file__)
 
@@ -500,11 +500,40 @@ def test_a_kill_between_the_statistics_and_the_row_count_resumes_identically(tmp
     w._file.attrs["rows"] = COMMIT_ROWS  # the second commit's count never reached the disk
     w._file.close()  # the process dies
     w._lock.release()
+    # a reader (marstore info, the training set's normalisation) sees the statistics of the
+    # committed rows, as a store of those rows alone holds them
+    first = tmp_path / "first.h5"
+    assert worker(first, "--batches", "3").wait(timeout=120) == 0
+    with open_store(path) as torn, h5py.File(first, "r") as f:
+        assert torn.rows == COMMIT_ROWS
+        for name in LAYERS:
+            got = {k: torn.layers[name.name].attrs[k] for k in COMMITTED_LAYER_KEYS}
+            assert got == {k: np.asarray(f["activations"][name.name].attrs[k]).tolist() for k in COMMITTED_LAYER_KEYS}
+            assert got["mean"] != torn.file["activations"][name.name].attrs["mean"].tolist()  # a commit ahead
     assert worker(path, "--batches", "12", "--resume").wait(timeout=120) == 0
     with h5py.File(reference, "r") as a, h5py.File(path, "r") as b:
         for name in LAYERS:
             attrs = [{k: np.asarray(v).tolist() for k, v in f["activations"][name.name].attrs.items()} for f in (a, b)]
             assert attrs[0] == attrs[1], name.name
+
+
+def test_complete_reaches_the_disk_only_after_the_final_row_count(tmp_path, monkeypatch):
+    """The closing commit flushes 'complete' after the row count, in a flush of its own: a kill
+    in the count's flush cannot leave a store that says complete over fewer rows."""
+    flushed = []
+    real_sync = StoreWriter._sync
+
+    def sync(self):  # what each flush of a commit put on disk
+        flushed.append((int(self._file.attrs["rows"]), str(self._file.attrs["status"])))
+        real_sync(self)
+
+    monkeypatch.setattr(StoreWriter, "_sync", sync)
+    with StoreWriter(tmp_path / "s.h5", LAYERS, TARGETS, commit_rows=COMMIT_ROWS, background=False) as w:
+        for i in range(4):
+            acts, targets, index = make_batch(i)
+            w.append(acts, targets=targets, index=index)
+    assert flushed == [(0, "incomplete"), (96, "incomplete"), (96, "incomplete"), (128, "incomplete"),
+                       (128, "complete")]
 
 
 def test_reader_sees_committed_rows_while_writer_runs(tmp_path):
