@@ -558,9 +558,11 @@ def _demo(args: argparse.Namespace) -> int:
         os.remove(store)
     argv = ["extract", "--checkpoint", checkpoint, "--config-key", "cfg.policy.model",
             "--model", "marstore.models:video_mar", "--dataset", "marstore.models:synthetic_video_actions",
-            "--dataset-arg", f"size={args.rows}", "--forward", "marstore.models:dynamic_forward",
+            # UVA's policy mode: the model sees the frames and must give the action, which does not
+            # enter the forward, so a probe finds it only where the layers have worked out the motion
+            "--dataset-arg", f"size={args.rows}", "--forward", "marstore.models:policy_forward",
             "--output-names", "loss", "video_loss", "act_loss",
-            "--layers", "encoder_blocks.*", "decoder_blocks.*", "--reduction", "mean",
+            "--layers", "proj_cond_x_layer", "encoder_blocks.*", "decoder_blocks.*", "--reduction", "mean",
             "--targets", "nactions", "label", "--batch-size", "32", "--out", store]
     print("running: marstore " + " ".join(argv), flush=True)
     code = main(argv)
@@ -571,8 +573,7 @@ def _demo(args: argparse.Namespace) -> int:
     if code:
         return code
     print()
-    probes = ["probe", store, "--layer", "re:(encoder|decoder)_blocks\\.\\d+", "--target", "nactions",
-              "--out", os.path.join(args.out, "probes")]
+    probes = ["probe", store, "--target", "nactions", "--out", os.path.join(args.out, "probes")]
     print("running: marstore " + " ".join(probes), flush=True)
     return main(probes)
 

@@ -870,8 +870,12 @@ def test_demo_store_shows_the_action_above_its_control(tmp_path, capsys):
 
     assert main(["demo", "--out", str(tmp_path / "demo"), "--rows", "512"]) == 0
     report = json.load(open(tmp_path / "demo" / "probes" / "report.json"))
-    assert len(report["layers"]) == 8
-    assert max(r["probe"]["test"]["r2"] - r["control"]["test"]["r2"] for r in report["layers"]) > 0.5
+    selectivity = {r["layer"]: r["probe"]["test"]["r2"] - r["control"]["test"]["r2"] for r in report["layers"]}
+    assert list(selectivity) == ["proj_cond_x_layer", *(f"{p}_blocks.{i}" for p in ("encoder", "decoder") for i in range(4))]
+    # the action is the policy's output, not its input: the layer that joins the frames (a linear
+    # map, so its token means say where the blob is, not where it went) does not carry it, the
+    # first attention block does
+    assert abs(selectivity["proj_cond_x_layer"]) < 0.1 and selectivity["encoder_blocks.0"] > 0.4
     out = capsys.readouterr().out
     assert "encoder_blocks.0" in out and "depth.png" in out
 

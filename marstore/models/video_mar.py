@@ -228,6 +228,5 @@ def sampling_forward(model: VideoActionMAR, batch: dict, steps: int = 8):
 
 
 def dynamic_forward(model: VideoActionMAR, batch: dict):
-    """UVA's dynamics mode (`--forward`): the actions condition the prediction of the frames.
-    The demo probes how much of the action each layer still carries."""
+    """UVA's dynamics mode (`--forward`): the actions condition the prediction of the frames."""
     return model(batch["imgs"], batch["cond"], nactions=batch["nactions"], task_mode="dynamic_model")
