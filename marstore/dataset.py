@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
-from marstore.hooks import HookError, match_modules, nearest_names
+from marstore.hooks import HookError, did_you_mean, match_modules, nearest_names
 from marstore.store import STORED_DTYPES, Store, StoreError, default_chunk_rows, is_text, open_store
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,8 @@ def layers_of(store: Store, patterns: str | Sequence[str]) -> list[str]:
         except HookError as exc:  # a pattern that is no regular expression
             raise StoreError(str(exc)) from None
         if not found:
-            raise StoreError(f"{store.path} has no layer {pattern!r}; nearest: {nearest_names(pattern, list(store.layers))}")
+            raise StoreError(f"{store.path} has no layer {pattern!r}; {did_you_mean(pattern, list(store.layers))}"
+                             f"nearest: {nearest_names(pattern, list(store.layers))}")
         names += [n for n in found if n not in names]
     return names
 

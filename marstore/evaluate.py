@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from marstore.dataset import ActivationDataset, rows_where
-from marstore.hooks import Capture, match_modules, nearest_names, parse_layers, recorded_unfold, reduction_text
+from marstore.hooks import Capture, did_you_mean, match_modules, nearest_names, parse_layers, recorded_unfold, reduction_text
 from marstore.loading import IN_HAND
 from marstore.probe import (ProbeError, TrainedProbe, _add_intervals, _breakdown_lines, _features_text, _metrics, _read_report,
                             _table_rows, finite_rows, load_probe, probe_inputs, report_breakdown_plot, report_depth_plot,
@@ -261,8 +261,8 @@ def _chosen(names: list[str], patterns: str | list[str] | None, folder: str) -> 
         # a layer's name also picks the probes of its tokens (--tokens each: layer[0], layer[1], ...)
         found = [n for n in names if match_modules(pattern, [n]) or match_modules(pattern, [_TOKEN.sub("", n)])]
         if not found:
-            raise ProbeError(f"--layer {pattern!r}: no probe of {folder} is of such a layer; nearest: "
-                             f"{', '.join(nearest_names(pattern, names))}")
+            raise ProbeError(f"--layer {pattern!r}: no probe of {folder} is of such a layer; "
+                             f"{did_you_mean(pattern, names)}nearest: {', '.join(nearest_names(pattern, names))}")
         chosen += [n for n in found if n not in chosen]
     return chosen
 

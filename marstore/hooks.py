@@ -233,6 +233,17 @@ def match_modules(pattern: str, names: Sequence[str]) -> list[str]:
     return [pattern] if pattern in names else []
 
 
+def _close_matches(word: str, candidates: Sequence[str], n: int, cutoff: float) -> list[str]:
+    """difflib.get_close_matches with equally close candidates in their given order (the
+    model's: blocks.0 before blocks.1), where difflib reverses them."""
+    scored = []
+    for x in candidates:
+        m = difflib.SequenceMatcher(None, word, x)
+        if m.real_quick_ratio() >= cutoff and m.quick_ratio() >= cutoff and m.ratio() >= cutoff:
+            scored.append((m.ratio(), x))
+    return [x for _, x in sorted(scored, key=lambda rx: -rx[0])[:n]]
+
+
 def nearest_names(pattern: str, names: Sequence[str], n: int = 5) -> list[str]:
     plain = pattern[3:] if pattern.startswith("re:") else pattern
     plain = plain.replace("**", "").replace("*", "")
@@ -242,8 +253,32 @@ def nearest_names(pattern: str, names: Sequence[str], n: int = 5) -> list[str]:
         if ends:
             ending = [x for x in names if x.rpartition(".")[2] == ends[0]]
             return sorted(ending, key=lambda x: -difflib.SequenceMatcher(None, plain, x).ratio())[:n]
-    close = difflib.get_close_matches(plain, names, n=n, cutoff=0.4)
+    close = _close_matches(plain, names, n=n, cutoff=0.4)
     return close or [x for x in names if x and x.split(".")[0] in plain][:n] or [x for x in names if x][:n]  # "" is the root
+
+
+def did_you_mean(pattern: str, names: Sequence[str]) -> str:
+    """"did you mean X (it matches N)? " for a glob that matches nothing where each of its plain
+    components that no name has, replaced by the nearest one that some name has, makes one that
+    matches ('encoder_block.*' -> 'encoder_blocks.*'); "" where none does. (A plain name's
+    nearest names say the same.)"""
+    if pattern.startswith("re:") or not any(c in pattern for c in "*?["):
+        return ""
+    components = sorted({c for n in names for c in n.split(".") if c})
+    fixed = []
+    for part in pattern.split("."):
+        if any(c in part for c in "*?[") or part in components:
+            fixed.append(part)
+            continue
+        close = difflib.get_close_matches(part, components, n=1, cutoff=0.6)
+        if not close:
+            return ""
+        fixed.append(close[0])
+    corrected = ".".join(fixed)
+    found = [n for n in match_modules(corrected, names) if n] if corrected != pattern else []
+    if not found:
+        return ""
+    return f"did you mean {corrected!r} (it matches {len(found)})? "
 
 
 # modules whose outputs are (batch, channels, *positions): a token reduction must be told so
@@ -281,8 +316,8 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
         found = match_modules(body, names)
         found = [n for n in found if n]  # the root module is never a layer
         if not found:
-            raise HookError(f"layer pattern {pattern!r} matches no module; {_prefix_hint(body, names)}"
-                            f"nearest names: {nearest_names(body, names)}")
+            raise HookError(f"layer pattern {pattern!r} matches no module; "
+                            f"{_prefix_hint(body, names) or did_you_mean(body, names)}nearest names: {nearest_names(body, names)}")
         containers = [n for n in found if n in never_called]
         if containers and len(containers) == len(found):
             raise HookError(f"layer pattern {pattern!r} selects {', '.join(containers)}: a {type(modules[containers[0]]).__name__}, "

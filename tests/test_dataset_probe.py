@@ -157,6 +157,13 @@ def test_preload_ragged_and_errors(tmp_path):
     with pytest.raises(StoreError) as info:
         ActivationDataset(path, ["sgnal"])
     assert str(info.value) == f"{path} has no layer 'sgnal'; nearest: ['signal']"
+    blocks = tmp_path / "blocks.h5"
+    with StoreWriter(blocks, [LayerSpec(f"encoder_blocks.{i}", (2,)) for i in range(2)]) as w:
+        w.append({f"encoder_blocks.{i}": np.zeros((4, 2), np.float16) for i in range(2)}, index=range(4))
+    with pytest.raises(StoreError) as info:  # a glob's misspelt component: the glob that the nearest one makes
+        ActivationDataset(blocks, ["encoder_block.*"])
+    assert str(info.value) == (f"{blocks} has no layer 'encoder_block.*'; did you mean 'encoder_blocks.*' (it matches 2)? "
+                               "nearest: ['encoder_blocks.0', 'encoder_blocks.1']")
     # patterns as the probe's --layer takes them; the store's order ('signal' was written first)
     assert ActivationDataset(path, "re:.*").layer_names == ["signal", "noise"]
     assert ActivationDataset(path, ["noise", "*"]).layer_names == ["noise", "signal"]

@@ -832,7 +832,13 @@ def test_a_surveyed_forward_counts_firings_and_goes_on_past_each_error():
 def test_unknown_layer_suggests_nearest_names():
     with pytest.raises(hooks.HookError) as info:
         hooks.parse_layers(["encoder_block.3"], video_mar(**CONFIG))
-    assert "layer pattern 'encoder_block.3' matches no module; nearest names: ['encoder_blocks.1'" in str(info.value)
+    # the model has blocks 0 and 1: no component fix makes a name; the nearest in the model's order
+    assert str(info.value) == ("layer pattern 'encoder_block.3' matches no module; nearest names: ['encoder_blocks.0', "
+                               "'encoder_blocks.1', 'encoder_blocks', 'decoder_blocks.0', 'decoder_blocks.1']")
+    with pytest.raises(hooks.HookError) as info:  # a glob's misspelt components: the glob they make is offered
+        hooks.parse_layers(["decodr_blocks.**.atn"], video_mar(**CONFIG))
+    assert str(info.value).startswith("layer pattern 'decodr_blocks.**.atn' matches no module; did you mean "
+                                      "'decoder_blocks.**.attn' (it matches 2)? nearest names: [")
     with pytest.raises(hooks.HookError) as info:  # a glob's misspelt end: the names that end as it nearly does
         hooks.parse_layers(["encoder_blocks.*.atn"], video_mar(**CONFIG))
     assert str(info.value).endswith("nearest names: ['encoder_blocks.0.attn', 'encoder_blocks.1.attn', "
@@ -846,7 +852,9 @@ def test_unknown_layer_suggests_nearest_names():
                                           f"with '{prefix}' (drop it: {rest!r} matches {count}); nearest names: [")
     with pytest.raises(hooks.HookError) as info:  # a pattern whose rest is all wildcards gets no such hint
         hooks.parse_layers(["encoder_block.*"], video_mar(**CONFIG))
-    assert str(info.value).startswith("layer pattern 'encoder_block.*' matches no module; nearest names: [")
+    assert str(info.value) == ("layer pattern 'encoder_block.*' matches no module; did you mean 'encoder_blocks.*' "
+                               "(it matches 2)? nearest names: ['encoder_blocks.0', 'encoder_blocks.1', 'encoder_blocks', "
+                               "'decoder_blocks.0', 'decoder_blocks.1']")
     # the other way round: the MAR's names (a probe's layer) on the policy that wraps it
     policy = nn.Module()
     policy.model = video_mar(**CONFIG)
@@ -3109,7 +3117,8 @@ def test_extract_from_refuses_what_it_cannot_take_in_one_line(tmp_path):
     with pytest.raises(ExtractError, match=r"^the data set handed over is a DataLoader: give its data set \(loader\.dataset\); "
                                            r"marstore batches the items itself"):
         extract_from(model, torch.utils.data.DataLoader(data, batch_size=4), out, "encoder_blocks.*")
-    with pytest.raises(hooks.HookError, match=r"'encoder_blok\.\*' matches no module; nearest names: \['encoder_blocks\.1'"):
+    with pytest.raises(hooks.HookError, match=r"'encoder_blok\.\*' matches no module; did you mean 'encoder_blocks\.\*' "
+                                              r"\(it matches 2\)\? nearest names: \['encoder_blocks\.0'"):
         extract_from(model, data, out, "encoder_blok.*")
     assert not os.path.exists(out) and _hooks_left(model) == 0
 
