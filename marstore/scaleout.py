@@ -34,6 +34,7 @@ from marstore.store import (
     TargetSpec,
     as_ragged,
     convert_to_ragged,
+    moments_std,
     open_store,
     utc_now,
 )
@@ -157,7 +158,7 @@ def write_top_file(out: str, parts: list[str]) -> int:
                 count, mean, m2 = _combine_moments(committed)
                 attrs.update({"nonfinite": sum(int(a["nonfinite"]) for a in committed),
                               "overflow": sum(int(a["overflow"]) for a in committed),
-                              "stats_count": count, "mean": mean, "stats_m2": m2, "std": np.sqrt(m2 / np.maximum(count, 1))})
+                              "stats_count": count, "mean": mean, "stats_m2": m2, "std": moments_std(count, m2)})
                 target.attrs.update(attrs)
             for spec in target_specs:
                 virtual(tg, spec["name"], f"targets/{spec['name']}", rows)

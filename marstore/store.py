@@ -57,6 +57,11 @@ def _state_name(rows: int) -> str:
     return f"{STATE_PREFIX}{rows}"
 
 
+def moments_std(count: np.ndarray, m2: np.ndarray) -> np.ndarray:
+    """Each channel's standard deviation from its count of finite values and M2 (0 where none)."""
+    return np.sqrt(m2 / np.maximum(count, 1))
+
+
 # a layer's attributes that a commit's last flush rewrites, and that its state_at_row_N holds
 COMMITTED_LAYER_KEYS = ("nonfinite", "overflow", "stats_count", "mean", "stats_m2", "std")
 
@@ -71,7 +76,7 @@ def committed_layer_state(attrs: Mapping[str, Any], rows: int) -> dict[str, Any]
     packed = np.asarray(packed, np.float64)
     count, mean, m2 = np.split(packed[2:], [(len(packed) - 2) // 3, 2 * (len(packed) - 2) // 3])
     return {"nonfinite": int(packed[0]), "overflow": int(packed[1]), "stats_count": count, "mean": mean,
-            "stats_m2": m2, "std": np.sqrt(m2 / np.maximum(count, 1))}
+            "stats_m2": m2, "std": moments_std(count, m2)}
 
 
 def committed_skipped(attrs: Mapping[str, Any], rows: int) -> int:
@@ -277,7 +282,7 @@ class _Moments:
         return nonfinite
 
     def std(self) -> np.ndarray:
-        return np.sqrt(self.m2 / np.maximum(self.count, 1))
+        return moments_std(self.count, self.m2)
 
 
 class _Layer:
@@ -1162,7 +1167,8 @@ class _LayerAttrs(collections.abc.Mapping):
     """A layer's HDF5 attributes, each read when first asked for (arrays as lists, numpy's scalars
     as Python's, which JSON takes), while the store is open: a store of thousands of layers opens
     in a fraction of the time it took to read a dozen attributes of each, and a probe opens it
-    once per layer."""
+    once per layer. The counters and statistics are those of the store's first `rows` rows
+    (committed_layer_state), where it records them apart."""
 
     def __init__(self, obj: h5py.HLObject, rows: int):
         self._obj, self._attrs, self._read, self._rows = obj, obj.attrs, {}, rows
@@ -1174,8 +1180,7 @@ class _LayerAttrs(collections.abc.Mapping):
                 raise StoreError(f"attribute {key!r} of {self._obj!r} asked for after its store was closed")
             if key in COMMITTED_LAYER_KEYS and self._committed is None:
                 self._committed = committed_layer_state(self._attrs, self._rows) or {}
-            # the counters and statistics of the committed rows, which the attributes may be ahead of
-            value = self._committed[key] if key in COMMITTED_LAYER_KEYS and key in self._committed else self._attrs[key]
+            value = self._committed[key] if key in (self._committed or {}) else self._attrs[key]
             self._read[key] = value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value
         return self._read[key]
 
