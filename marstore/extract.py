@@ -1292,7 +1292,7 @@ def _surveyed_layer(batches: list[hooks.LayerSurvey], batch_rows: list[int], sel
     silent = [k for k, s in enumerate(batches) if s.calls == 0]
     if silent and not opts.allow_missing:
         return dataclasses.replace(first, problem=(
-            f"{sel.name} did not fire in batch {silent[0] + 1} (it fired in {len(batches) - len(silent)} of {len(batches)}; "
+            f"{sel.label} did not fire in batch {silent[0] + 1} (it fired in {len(batches) - len(silent)} of {len(batches)}; "
             "some modules run only in some task modes): pass --allow-missing to store NaN rows where it does not fire, "
             "or leave it out"))
     # the run decides from its first two batches, a module's silent one taking the first's shape
@@ -1750,10 +1750,10 @@ def _run_batch(model, forward, capture: hooks.Capture, batch: Any, shapes: dict,
         for sel in capture.layers:  # --allow-missing: a module that did not fire gives NaN rows
             if sel.store_name in missing:
                 if sel.store_name not in shapes:
-                    raise ExtractError(f"{sel.name} did not fire in the first batch, so its shape is unknown")
+                    raise ExtractError(f"{sel.label} did not fire in the first batch, so its shape is unknown")
                 shape, dtype, device = shapes[sel.store_name]
                 tensors[sel.store_name] = torch.full(shape, float("nan"), dtype=dtype, device=device)
-                log.warning("%s did not fire in this batch: its rows are NaN", sel.name)
+                log.warning("%s did not fire in this batch: its rows are NaN", sel.label)
             t = tensors[sel.store_name]
             shapes.setdefault(sel.store_name, (tuple(t.shape), t.dtype, t.device))
     return tensors, out, missing

@@ -25,7 +25,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -139,19 +139,25 @@ def unfolded_text(per_sample: int | None, layout: str | None) -> str:
 
 @dataclass
 class LayerSelection:
-    name: str  # module name in named_modules()
-    capture: str = "output"  # or "input"
+    name: str  # module name in named_modules() ("" for the model itself, whose methods may be captured)
+    capture: str = "output"  # or "input", or "return": the return value of the module's method
     element: int | str | None = None
     reduction: str | list[int] = "none"
     store_name: str = ""
     channels_first: bool = False  # (batch, channels, *positions), as convolutions give: reduce the positions
     unfold: UnfoldLayout | None = None  # how a module with several rows a sample folded them into its batch
+    method: str | None = None  # capture "return": the method's name
 
     def __post_init__(self) -> None:
         if not self.store_name:
             suffix = "@input" if self.capture == "input" else ""
             suffix += f":{self.element}" if self.element is not None else ""
-            self.store_name = self.name + suffix
+            self.store_name = self.label + suffix
+
+    @property
+    def label(self) -> str:
+        """The module's name, or for a method's return value the method's ('random_masking()')."""
+        return f"{self.name + '.' if self.name else ''}{self.method}()" if self.method else self.name
 
 
 def fields_of(value: Any) -> dict[str, Any] | None:
@@ -313,6 +319,10 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
         if "@" in body:
             raise HookError(f"layer pattern {pattern!r}: unknown capture '@{body.rpartition('@')[2]}'; "
                             "use @input or @output")
+        if body.endswith("()"):  # a method's return value: 'random_masking()', 'diffloss.sample():0'
+            sel = _method_selection(pattern, body[:-2], element, reduction, modules)
+            selected.setdefault(sel.store_name, sel)
+            continue
         found = match_modules(body, names)
         found = [n for n in found if n]  # the root module is never a layer
         if not found:
@@ -358,7 +368,7 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
             for sel in selected_by(pattern, layers, "--channels-first"):
                 sel.channels_first = True
     for sel in layers:
-        module = modules[sel.name]
+        module = modules[sel.name] if sel.method is None else None  # what a method returns is no module's output
         if sel.reduction == "none" and isinstance(module, CHANNELS_FIRST_MODULES):
             sel.channels_first = True  # stored whole, nothing to choose: recorded, for reductions at read time
         problem = None
@@ -376,6 +386,31 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
                 raise HookError(problem)
             problems[sel.store_name] = problem
     return layers
+
+
+def _method_selection(pattern: str, path: str, element: int | str | None, reduction: str | list[int],
+                      modules: Mapping[str, nn.Module]) -> LayerSelection:
+    """The selection of a method's return value: MODULE.METHOD() or, of the model itself, METHOD()."""
+    owner, _, method = path.rpartition(".")
+    if any(c in path for c in "*?[") or path.startswith("re:") or not method.isidentifier():
+        raise HookError(f"layer pattern {pattern!r}: a method is named exactly, as MODULE.METHOD() or METHOD() "
+                        "for the model's own")
+    if owner not in modules:
+        raise HookError(f"layer pattern {pattern!r}: the model has no module {owner!r}; nearest names: "
+                        f"{nearest_names(owner, list(modules))}")
+    module = modules[owner]
+    attr = getattr(module, method, None)
+    if isinstance(attr, nn.Module):
+        raise HookError(f"layer pattern {pattern!r}: {path} is a module, not a method; hook it as "
+                        f"{path!r} (or its input as '{path}@input')")
+    if not inspect.ismethod(attr):
+        # the methods its own classes define, not nn.Module's (train, zero_grad, ...)
+        own = list(dict.fromkeys(m for cls in type(module).__mro__ if not issubclass(nn.Module, cls)
+                                  for m, v in vars(cls).items() if inspect.isfunction(v) and not m.startswith("__")))
+        shown = _close_matches(method, own, n=5, cutoff=0.5) or [m for m in own if not m.startswith("_")][:8]
+        raise HookError(f"layer pattern {pattern!r}: {type(module).__name__} ({owner or 'the model'}) has no method "
+                        f"{method!r}; its methods: {shown}")
+    return LayerSelection(owner, "return", element, reduction, method=method)
 
 
 def _prefix_hint(pattern: str, names: Sequence[str]) -> str:
@@ -605,7 +640,7 @@ class Capture:
         self.allow_missing = allow_missing
         self.stop_early = stop_early
         self.modules = dict(model.named_modules())
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle | _MethodHook] = []
         self._state = _State()
         self.missing_counts = {sel.store_name: 0 for sel in self.layers}
         self.source_dtypes: dict[str, torch.dtype] = {}  # what each module gave, before any reduction
@@ -622,7 +657,9 @@ class Capture:
         try:
             for sel in self.layers:
                 module = self.modules[sel.name]
-                if sel.capture == "input":
+                if sel.capture == "return":
+                    handle = _MethodHook(module, sel.method, self._make_hook(sel))
+                elif sel.capture == "input":
                     handle = module.register_forward_pre_hook(self._make_hook(sel), with_kwargs=True)
                 else:
                     handle = module.register_forward_hook(self._make_hook(sel), with_kwargs=True)
@@ -647,8 +684,8 @@ class Capture:
                 self.seen[sel.store_name] = describe_value(value)
             if sel.element is not None and isinstance(value, torch.Tensor):
                 # indexing would silently take the first sample (':0') or fail inside torch (':key')
-                raise HookError(f"{sel.store_name}: the {sel.capture} of {sel.name} is a tensor, and ':{sel.element}' "
-                                f"picks an element of a tuple, list or dict; hook {sel.name}"
+                raise HookError(f"{sel.store_name}: the {sel.capture} of {sel.label} is a tensor, and ':{sel.element}' "
+                                f"picks an element of a tuple, list or dict; hook {sel.label}"
                                 f"{'@input' if sel.capture == 'input' else ''} without it (--reduction picks tokens)")
             fields = None if isinstance(value, torch.Tensor) else fields_of(value)  # the common case, kept cheap
             if sel.element is not None:
@@ -661,16 +698,16 @@ class Capture:
                     has = f"fields {', '.join(fields)}" if fields is not None else (
                         f"keys {sorted(map(str, value))}" if isinstance(value, Mapping) else (
                             f"elements 0 to {len(value) - 1}" if isinstance(value, (tuple, list)) else "no elements"))
-                    raise HookError(f"{sel.store_name}: the {sel.capture} of {sel.name} is a {type(value).__name__}"
+                    raise HookError(f"{sel.store_name}: the {sel.capture} of {sel.label} is a {type(value).__name__}"
                                     f" with no element {sel.element!r}; it has {has}") from None
-            elif sel.capture == "output" and fields:
-                raise HookError(f"{sel.name} returns a {type(value).__name__} with fields {', '.join(fields)}; "
-                                f"pick one with '{sel.name}:{next(iter(fields))}'")
-            elif isinstance(value, (tuple, list)) and len(value) and isinstance(value[0], torch.Tensor) and sel.capture == "output":
-                raise HookError(f"{sel.name} returns a {type(value).__name__} of {len(value)}; pick one with "
-                                f"'{sel.name}:0' (or another index)")
+            elif sel.capture != "input" and fields:
+                raise HookError(f"{sel.label} returns a {type(value).__name__} with fields {', '.join(fields)}; "
+                                f"pick one with '{sel.label}:{next(iter(fields))}'")
+            elif isinstance(value, (tuple, list)) and len(value) and isinstance(value[0], torch.Tensor) and sel.capture != "input":
+                raise HookError(f"{sel.label} returns a {type(value).__name__} of {len(value)}; pick one with "
+                                f"'{sel.label}:0' (or another index)")
             if not isinstance(value, torch.Tensor):
-                raise HookError(f"{sel.store_name}: the {sel.capture} of {sel.name} is a {type(value).__name__}, "
+                raise HookError(f"{sel.store_name}: the {sel.capture} of {sel.label} is a {type(value).__name__}, "
                                 "not a tensor; pick a tensor element with ':index' or ':key'")
             return value
 
@@ -685,7 +722,7 @@ class Capture:
                 value = pick(output)
             fired = self._state.fired.setdefault(sel.store_name, [])
             if fired and self.multi_fire == "error":
-                raise HookError(f"{sel.name} fired more than once in one forward (diffusion heads fire once per "
+                raise HookError(f"{sel.label} fired more than once in one forward (diffusion heads fire once per "
                                 "step); choose --multi-fire first, last or stack")
             if fired and self.multi_fire == "first":
                 return None
@@ -766,7 +803,7 @@ class Capture:
             if sel.store_name not in captured:
                 self.missing_counts[sel.store_name] += 1
                 if not self.allow_missing:
-                    raise HookError(self._never_called(sel) or f"{sel.name} did not fire in this batch (some modules run "
+                    raise HookError(self._never_called(sel) or f"{sel.label} did not fire in this batch (some modules run "
                                     "only in some task modes); check the forward, or pass --allow-missing to skip it")
                 continue
             out[sel.store_name] = captured[sel.store_name]
@@ -788,7 +825,7 @@ class Capture:
     def _never_called(self, sel: LayerSelection) -> str | None:
         """Why a module can never fire, where its parent uses its weights without calling it."""
         parent = sel.name.rpartition(".")[0]
-        if isinstance(self.modules.get(parent), nn.MultiheadAttention):
+        if sel.method is None and isinstance(self.modules.get(parent), nn.MultiheadAttention):
             return (f"{sel.name} never fires: its nn.MultiheadAttention ({parent}) uses its weights without calling it; "
                     f"hook '{parent}:0' for the attention's output")
         return None
@@ -805,15 +842,16 @@ class Capture:
             row = dtype = None
             if problem is None and not fired:
                 problem = self._never_called(sel) or (
-                    f"{sel.name} did not fire (some modules run only in some task modes, or in sampling): run it with "
+                    f"{sel.label} did not fire (some modules run only in some task modes, or in sampling): run it with "
                     "another --forward, or leave it out (--allow-missing covers batches after the first)")
             elif problem is None:
                 try:
                     x = torch.stack(fired, dim=1) if self.multi_fire == "stack" else fired[0]
                     row, dtype = tuple(x.shape[1:]), str(self.source_dtypes[name]).removeprefix("torch.")
                 except RuntimeError as exc:
-                    problem = f"{sel.name}: its firings cannot be stacked (--multi-fire stack): {' '.join(str(exc).split())}"
-            found.append(LayerSurvey(name, type(self.modules[sel.name]).__name__, self.calls[name],
+                    problem = f"{sel.label}: its firings cannot be stacked (--multi-fire stack): {' '.join(str(exc).split())}"
+            kind = type(self.modules[sel.name]).__name__ + (f".{sel.method}()" if sel.method else "")
+            found.append(LayerSurvey(name, kind, self.calls[name],
                                      self.seen.get(name, "-"), row, dtype, problem))
         self._state = _State()
         self.calls = dict.fromkeys(self.calls, 0)
@@ -821,9 +859,40 @@ class Capture:
         return found
 
 
+class _MethodHook:
+    """A module's method wrapped on the instance while a Capture lasts: the wrapper calls it and
+    hands its return value to the hook, as a forward hook is handed a module's output (MAR's
+    random_masking() gives the mask that no module's output holds). remove() puts back what
+    the instance had."""
+
+    def __init__(self, module: nn.Module, method: str, hook: Callable) -> None:
+        self.module, self.method = module, method
+        self.had, self.saved = method in module.__dict__, module.__dict__.get(method)
+        original = getattr(module, method)
+
+        @functools.wraps(original)
+        def wrapper(*args, **kwargs):
+            out = original(*args, **kwargs)
+            hook(module, args, kwargs, out)
+            return out
+
+        wrapper.marstore_capture = True  # type: ignore[attr-defined]  # hook_count() finds it
+        self.wrapper = wrapper
+        module.__dict__[method] = wrapper
+
+    def remove(self) -> None:
+        if self.module.__dict__.get(self.method) is self.wrapper:
+            if self.had:
+                self.module.__dict__[self.method] = self.saved
+            else:
+                del self.module.__dict__[self.method]
+
+
 def hook_count(model: nn.Module) -> int:
-    """Hooks still installed on any module of the model (for the tests and for safety checks)."""
+    """Hooks still installed on any module of the model, methods wrapped by a Capture included
+    (for the tests and for safety checks)."""
     total = 0
     for m in model.modules():
         total += len(m._forward_hooks) + len(m._forward_pre_hooks)
+        total += sum(1 for v in m.__dict__.values() if getattr(v, "marstore_capture", False))
     return total

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import default_collate
 
 from conftest import requires_cuda
 from marstore import extract as extract_module, hooks
@@ -1526,6 +1527,64 @@ def test_ragged_layers_from_the_masked_encoder(tmp_path):
                              model_args={**CONFIG, "drop_masked": True}))
     with open_store(result.path) as s:
         assert s.layers["encoder_blocks.1"].layout == "ragged" and s.rows == 40
+
+
+def test_a_methods_return_value_is_stored_as_a_layer(tmp_path):
+    """MAR's mask comes from a method (random_masking), not from any module's output:
+    'random_masking()' stores it, row by row beside the layers, and it is the mask the forward
+    used: each row's kept tokens are the encoder's, and the decoder's input holds the mask token
+    exactly where it says."""
+    from marstore.extract import extract_from
+
+    model = video_mar(**CONFIG, drop_masked=True).eval()
+    data = synthetic_video_actions(size=24)
+    layers = ["random_masking()", "encoder_blocks.1", "decoder_blocks.0@input"]
+    result = extract_from(model, data, str(tmp_path / "m.h5"), layers, forward=policy_forward, batch_size=8)
+    assert result.rows == 24 and hooks.hook_count(model) == 0 and "random_masking" not in vars(model)
+    with open_store(result.path) as s:
+        assert list(s.layers) == layers and s.metadata["state_changes"] == []  # the wrapper is no state of the model's
+        mask, tokens, decoder_in = s.read("random_masking()"), s.read("encoder_blocks.1"), s.read("decoder_blocks.0@input")
+        assert mask.shape == (24, 64) and set(np.unique(mask).tolist()) <= {0.0, 1.0}
+        assert s.layers["random_masking()"].attrs["source_dtype"] == "float32"
+    kept = (mask == 0).sum(1)
+    assert kept.tolist() == [len(t) for t in tokens] and len(set(kept[:8])) == 1  # one ratio a call
+    assert len(set(kept.tolist())) > 1  # and another in another batch
+    token = model.mask_token.detach().to(torch.float16).numpy().reshape(-1)
+    for m, d in zip(mask, decoder_in):
+        assert (d[m == 1] == token).all() and not (d[m == 0] == token).all(1).any()
+
+
+def test_method_patterns_are_checked_and_the_wrapper_goes_with_the_capture():
+    model = video_mar(**CONFIG, drop_masked=True)
+    for pattern, message in (
+        ("random_maskin()", "layer pattern 'random_maskin()': VideoActionMAR (the model) has no method 'random_maskin'; "
+                            "its methods: ['random_masking']"),
+        ("nope()", "layer pattern 'nope()': VideoActionMAR (the model) has no method 'nope'; its methods: "
+                   "['forward', 'sample_frames', 'sample_orders', 'random_masking']"),
+        ("encoder_blocks()", "layer pattern 'encoder_blocks()': encoder_blocks is a module, not a method; hook it as "
+                             "'encoder_blocks' (or its input as 'encoder_blocks@input')"),
+        ("encoder_blocks.*.forward()", "layer pattern 'encoder_blocks.*.forward()': a method is named exactly, as "
+                                       "MODULE.METHOD() or METHOD() for the model's own"),
+        ("diffloss.forwrd()", "layer pattern 'diffloss.forwrd()': DiffHead (diffloss) has no method 'forwrd'; its "
+                              "methods: ['forward']"),
+    ):
+        with pytest.raises(hooks.HookError) as info:
+            hooks.parse_layers([pattern], model)
+        assert str(info.value) == message
+    with pytest.raises(hooks.HookError, match=r"^layer pattern 'decodr\.forward\(\)': the model has no module 'decodr'; "):
+        hooks.parse_layers(["decodr.forward()"], model)
+    # an instance attribute of that name (another tool's wrapper) is put back, on an error too
+    theirs = model.random_masking
+    model.random_masking = theirs
+    (sel,) = hooks.parse_layers(["random_masking():0"], model)
+    assert (sel.name, sel.method, sel.store_name, sel.label) == ("", "random_masking", "random_masking():0", "random_masking()")
+    batch = default_collate([synthetic_video_actions(size=2)[i] for i in range(2)])
+    with pytest.raises(hooks.HookError, match=r"^random_masking\(\):0: the return of random_masking\(\) is a tensor"):
+        with hooks.Capture(model, [sel]) as capture, torch.inference_mode():
+            assert hooks.hook_count(model) == 1
+            capture.start_batch(2)
+            policy_forward(model, batch)
+    assert hooks.hook_count(model) == 0 and vars(model)["random_masking"] is theirs
 
 
 class TokensLater(nn.Module):

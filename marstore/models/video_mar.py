@@ -171,6 +171,25 @@ class VideoActionMAR(nn.Module):
             x = x + (self.diffloss(z + embedded) - x) / (steps - i)
         return x
 
+    def sample_orders(self, bsz: int) -> torch.Tensor:
+        """MAR's: each sample's tokens in a random order (bsz, tokens), from numpy's global
+        generator (np.random.shuffle), as MAR draws them."""
+        orders = []
+        for _ in range(bsz):
+            order = np.arange(self.tokens)
+            np.random.shuffle(order)
+            orders.append(order)
+        return torch.from_numpy(np.stack(orders)).long()
+
+    def random_masking(self, x: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
+        """MAR's: the mask (bsz, tokens), 1 where a token is masked: the first tokens of each
+        order, as many as a ratio drawn once a call from a normal around 1 cut to
+        [mask_ratio_min, 1] (MAR's scipy truncnorm, from numpy's global generator) says; one
+        token is always kept (MAR keeps its buffer tokens)."""
+        masked = min(int(np.ceil(self.tokens * _truncated_normal(self.mask_ratio_min))), self.tokens - 1)
+        mask = torch.zeros(x.shape[0], self.tokens, device=x.device)
+        return mask.scatter(-1, orders[:, :masked].to(x.device), 1.0)
+
     def _decode(self, imgs, cond, nactions, task_mode: str) -> torch.Tensor:
         """The decoder's output (B, tokens, D): what the heads read."""
         b = imgs.shape[0]
@@ -180,23 +199,19 @@ class VideoActionMAR(nn.Module):
             # dynamics modes condition on the actions; policy and inverse modes predict them
             c = c + self.action_proj(nactions).mean(dim=1)[:, None, None, :]
         tokens = self.proj_cond_x_layer(torch.cat([x, c], dim=-1)).reshape(b, self.tokens, -1) + self.pos_embed
-        order = None
-        if self.drop_masked:
-            # MAR drops masked tokens before the encoder. As MAR, it draws from numpy's global
-            # generator: the ratio once per call, from a normal around 1 cut to [mask_ratio_min, 1]
-            # (MAR's scipy truncnorm), and each sample's order (MAR's np.random.shuffle)
-            ratio = _truncated_normal(self.mask_ratio_min)
-            kept = max(1, int(round(self.tokens * (1 - ratio))))
-            orders = np.stack([np.random.permutation(self.tokens) for _ in range(b)])
-            order = torch.from_numpy(orders[:, :kept]).to(tokens.device)
-            tokens = torch.gather(tokens, 1, order[..., None].expand(-1, -1, tokens.shape[-1]))
+        kept = None
+        if self.drop_masked:  # MAR drops the masked tokens before the encoder, keeping the others in order
+            mask = self.random_masking(tokens, self.sample_orders(b))
+            kept = (mask == 0).nonzero(as_tuple=True)
+            tokens = tokens[kept].reshape(b, -1, tokens.shape[-1])
         for block in self.encoder_blocks:
             tokens = block(tokens)
         tokens = self.encoder_norm(tokens)
         z = self.decoder_embed(tokens)
-        if order is not None:
+        if kept is not None:  # the mask token where a token was dropped
             full = self.mask_token.to(z.dtype).expand(b, self.tokens, -1).clone()  # z is bfloat16 under autocast
-            z = full.scatter(1, order[..., None].expand(-1, -1, z.shape[-1]), z)
+            full[kept] = z.reshape(-1, z.shape[-1])
+            z = full
         for block in self.decoder_blocks:
             z = block(z)
         return self.decoder_norm(z)
