@@ -673,7 +673,7 @@ class Capture:
         self.remove()
 
     def remove(self) -> None:
-        for handle in self._handles:
+        for handle in reversed(self._handles):  # last first: a method wrapped twice is unwrapped in turn
             handle.remove()
         self._handles.clear()
         self._state = _State()
@@ -894,5 +894,5 @@ def hook_count(model: nn.Module) -> int:
     total = 0
     for m in model.modules():
         total += len(m._forward_hooks) + len(m._forward_pre_hooks)
-        total += sum(1 for v in m.__dict__.values() if getattr(v, "marstore_capture", False))
+        total += sum(1 for v in m.__dict__.values() if getattr(v, "marstore_capture", None) is True)
     return total

@@ -1586,6 +1586,23 @@ def test_method_patterns_are_checked_and_the_wrapper_goes_with_the_capture():
             policy_forward(model, batch)
     assert hooks.hook_count(model) == 0 and vars(model)["random_masking"] is theirs
 
+    class Pair(nn.Module):
+        def forward(self, x):
+            return self.halves(x)[0]
+
+        def halves(self, x):
+            return x[:, :2], x[:, 2:]
+
+    pair = Pair()
+    sels = hooks.parse_layers(["halves():0", "halves():1"], pair)  # one method wrapped twice
+    with hooks.Capture(pair, sels) as capture:
+        assert hooks.hook_count(pair) == 1  # the method, wrapped (twice)
+        capture.start_batch(3)
+        pair(torch.arange(12.0).reshape(3, 4))
+        got = capture.finish_batch()
+    assert [got[n].tolist() for n in ("halves():0", "halves():1")] == [[[0, 1], [4, 5], [8, 9]], [[2, 3], [6, 7], [10, 11]]]
+    assert hooks.hook_count(pair) == 0 and "halves" not in vars(pair)
+
 
 class TokensLater(nn.Module):
     """Two tokens of each (batch, 3, 8) item in its first two calls, all three after."""
