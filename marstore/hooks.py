@@ -320,6 +320,9 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
             raise HookError(f"layer pattern {pattern!r}: unknown capture '@{body.rpartition('@')[2]}'; "
                             "use @input or @output")
         if body.endswith("()"):  # a method's return value: 'random_masking()', 'diffloss.sample():0'
+            if capture == "input":
+                raise HookError(f"layer pattern {pattern!r}: a method's return value is captured, not its arguments; "
+                                f"drop '@input' (the module that gives them can be hooked)")
             sel = _method_selection(pattern, body[:-2], element, reduction, modules)
             selected.setdefault(sel.store_name, sel)
             continue

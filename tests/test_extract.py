@@ -1567,6 +1567,8 @@ def test_method_patterns_are_checked_and_the_wrapper_goes_with_the_capture():
                                        "MODULE.METHOD() or METHOD() for the model's own"),
         ("diffloss.forwrd()", "layer pattern 'diffloss.forwrd()': DiffHead (diffloss) has no method 'forwrd'; its "
                               "methods: ['forward']"),
+        ("random_masking()@input", "layer pattern 'random_masking()@input': a method's return value is captured, not "
+                                   "its arguments; drop '@input' (the module that gives them can be hooked)"),
     ):
         with pytest.raises(hooks.HookError) as info:
             hooks.parse_layers([pattern], model)
