@@ -345,13 +345,13 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
     layers = list(selected.values())
     for pattern in exclude:
         try:
-            excluded = set(match_modules(pattern, [sel.name for sel in layers]))
+            excluded = set(match_modules(pattern, [sel.label for sel in layers]))
         except HookError as exc:
             raise HookError(f"--exclude-layers: {exc}") from None
         if not excluded:
             raise HookError(f"--exclude-layers {pattern!r} matches none of the selected modules; nearest: "
-                            f"{nearest_names(pattern, list(dict.fromkeys(sel.name for sel in layers)))}")
-        layers = [sel for sel in layers if sel.name not in excluded]
+                            f"{nearest_names(pattern, list(dict.fromkeys(sel.label for sel in layers)))}")
+        layers = [sel for sel in layers if sel.label not in excluded]
         if not layers:
             raise HookError(f"--exclude-layers {' '.join(exclude)} leaves out every module that --layers selects")
     chosen_by: dict[str, tuple[str, str | list[int]]] = {}  # store name -> the --layer-reduction that chose it
@@ -464,9 +464,9 @@ def _assign_unfold(unfold: bool | str | Mapping[str, str], layers: Sequence[Laye
 def selected_by(pattern: str, layers: Sequence[LayerSelection], flag: str) -> list[LayerSelection]:
     """The selected layers a pattern names, by module name (all its captures) or by store name
     (one capture: 'decoder_norm@input'); a pattern that names none is a mistake, not a no-op."""
-    by_module = set(match_modules(pattern, list(dict.fromkeys(sel.name for sel in layers))))
+    by_module = set(match_modules(pattern, list(dict.fromkeys(sel.label for sel in layers))))
     by_store = set(match_modules(pattern, [sel.store_name for sel in layers]))
-    hits = [sel for sel in layers if sel.name in by_module or sel.store_name in by_store]
+    hits = [sel for sel in layers if sel.label in by_module or sel.store_name in by_store]
     if not hits:
         shown = ", ".join(sel.store_name for sel in layers[:8]) + (", ..." if len(layers) > 8 else "")
         raise HookError(f"{flag} {pattern!r} matches none of the layers --layers selects ({shown})")
@@ -732,6 +732,14 @@ class Capture:
             folded_dims = value.dim()
             value = self._per_sample(sel, value)
             self.source_dtypes.setdefault(sel.store_name, value.dtype)
+            if value.dtype in (torch.float64, torch.bool):
+                # the kernels take float32, bfloat16 and float16: these become float32 on the device (a
+                # mask exactly; a float64 value past float32's range counts as non-finite, not as an overflow)
+                value = value.to(torch.float32)
+            elif not value.is_floating_point():
+                raise HookError(f"{sel.store_name}: the {sel.capture} of {sel.label} holds {str(value.dtype).removeprefix('torch.')} "
+                                "values; marstore stores floating-point values (float32, bfloat16, float16, float64) and bool "
+                                "masks, not integers or complex numbers: hook a module that gives floats")
             channel_axis = 1 + value.dim() - folded_dims  # unfolded, (B, k, ...): the module's channels moved one axis on
             if sel.channels_first and sel.reduction == "none":  # stored whole: the row's axis, one on for stacked firings
                 self.channel_axes.setdefault(sel.store_name, channel_axis - 1 + (self.multi_fire == "stack"))

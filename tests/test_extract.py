@@ -1606,6 +1606,54 @@ def test_method_patterns_are_checked_and_the_wrapper_goes_with_the_capture():
     assert hooks.hook_count(pair) == 0 and "halves" not in vars(pair)
 
 
+class Typed(nn.Module):
+    """A linear layer whose output `out` gives in the dtype asked (float64, a bool mask, integers)."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.lin, self.out, self.dtype = nn.Linear(4, 3), nn.Identity(), dtype
+
+    def forward(self, x):
+        y = self.lin(x.double()) * 1e5 if self.dtype == torch.float64 else self.lin(x)
+        return self.out(y > 0 if self.dtype == torch.bool else y.to(self.dtype)).float().sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bool])
+def test_float64_and_bool_captures_are_stored_through_float32(tmp_path, dtype):
+    """The kernels take float32, bfloat16 and float16; a float64 capture (a model run in double
+    precision) and a bool mask become float32 on the device first, recorded as their own dtype."""
+    from marstore.extract import extract_from
+
+    torch.manual_seed(0)
+    model = Typed(dtype).double() if dtype == torch.float64 else Typed(dtype)
+    data = [torch.randn(4) for _ in range(12)]
+    result = extract_from(model, data, str(tmp_path / "t.h5"), "out", batch_size=4)
+    reference = torch.stack([model.out(model.lin(x.double()) * 1e5 if dtype == torch.float64 else model.lin(x) > 0)
+                             for x in data]).detach()
+    with open_store(result.path) as s:
+        assert s.read("out").tobytes() == reference.float().half().numpy().tobytes()
+        assert s.layers["out"].attrs["source_dtype"] == str(dtype).removeprefix("torch.")
+        overflow = int((reference.float().abs() >= 65520).sum())  # past float16's range: counted
+        assert s.layers["out"].attrs["overflow"] == overflow and (overflow > 0) == (dtype == torch.float64)
+
+
+def test_integer_and_complex_captures_are_refused_before_anything_is_written(tmp_path):
+    from marstore.extract import extract_from
+
+    for dtype, name in ((torch.int64, "int64"), (torch.complex64, "complex64")):
+        with pytest.raises(hooks.HookError) as info:
+            extract_from(Typed(dtype), [torch.randn(4) for _ in range(8)], str(tmp_path / "t.h5"), "out", batch_size=4)
+        assert str(info.value) == (f"out: the output of out holds {name} values; marstore stores floating-point values "
+                                   "(float32, bfloat16, float16, float64) and bool masks, not integers or complex "
+                                   "numbers: hook a module that gives floats")
+        assert not (tmp_path / "t.h5").exists()
+    # the dry run names it among the others, and --exclude-layers leaves a method out by its name
+    model = video_mar(**CONFIG, drop_masked=True)
+    assert [s.label for s in hooks.parse_layers(["sample_orders()", "random_masking()", "encoder_blocks.*"], model,
+                                                exclude=["sample_orders()"])] == [
+        "random_masking()", "encoder_blocks.0", "encoder_blocks.1"]
+
+
 class TokensLater(nn.Module):
     """Two tokens of each (batch, 3, 8) item in its first two calls, all three after."""
 
