@@ -406,10 +406,11 @@ def _method_selection(pattern: str, path: str, element: int | str | None, reduct
     if isinstance(attr, nn.Module):
         raise HookError(f"layer pattern {pattern!r}: {path} is a module, not a method; hook it as "
                         f"{path!r} (or its input as '{path}@input')")
-    if not inspect.ismethod(attr):
+    if not callable(attr):  # a method, a static one, or a function kept on the instance
         # the methods its own classes define, not nn.Module's (train, zero_grad, ...)
         own = list(dict.fromkeys(m for cls in type(module).__mro__ if not issubclass(nn.Module, cls)
-                                  for m, v in vars(cls).items() if inspect.isfunction(v) and not m.startswith("__")))
+                                  for m, v in vars(cls).items()
+                                  if (inspect.isfunction(v) or isinstance(v, (staticmethod, classmethod))) and not m.startswith("__")))
         shown = _close_matches(method, own, n=5, cutoff=0.5) or [m for m in own if not m.startswith("_")][:8]
         raise HookError(f"layer pattern {pattern!r}: {type(module).__name__} ({owner or 'the model'}) has no method "
                         f"{method!r}; its methods: {shown}")

@@ -1590,20 +1590,28 @@ def test_method_patterns_are_checked_and_the_wrapper_goes_with_the_capture():
 
     class Pair(nn.Module):
         def forward(self, x):
-            return self.halves(x)[0]
+            return self.halves(self.doubled(x))[0]
 
         def halves(self, x):
             return x[:, :2], x[:, 2:]
 
+        @staticmethod
+        def doubled(x):
+            return 2 * x
+
     pair = Pair()
-    sels = hooks.parse_layers(["halves():0", "halves():1"], pair)  # one method wrapped twice
+    sels = hooks.parse_layers(["halves():0", "halves():1", "doubled()"], pair)  # one method wrapped twice; a static one
     with hooks.Capture(pair, sels) as capture:
-        assert hooks.hook_count(pair) == 1  # the method, wrapped (twice)
+        assert hooks.hook_count(pair) == 2  # the methods, wrapped (one twice)
         capture.start_batch(3)
-        pair(torch.arange(12.0).reshape(3, 4))
+        pair(torch.arange(12.0).reshape(3, 4) / 2)
         got = capture.finish_batch()
     assert [got[n].tolist() for n in ("halves():0", "halves():1")] == [[[0, 1], [4, 5], [8, 9]], [[2, 3], [6, 7], [10, 11]]]
-    assert hooks.hook_count(pair) == 0 and "halves" not in vars(pair)
+    assert got["doubled()"].flatten().tolist() == list(range(12))
+    assert hooks.hook_count(pair) == 0 and not {"halves", "doubled"} & set(vars(pair))
+    with pytest.raises(hooks.HookError, match=r"^layer pattern 'halve\(\)': Pair \(the model\) has no method 'halve'; "
+                                              r"its methods: \['halves'\]$"):
+        hooks.parse_layers(["halve()"], pair)
 
 
 class Typed(nn.Module):
