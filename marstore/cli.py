@@ -605,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--forward", help="MODULE:CALLABLE called as fn(model, batch) (default: batch as arguments)")
     ex.add_argument("--layers", nargs="+", help="module names, globs (* one level, ** any) or re:REGEX; @input, :index")
     ex.add_argument("--dry-run", nargs="?", const=True, type=int, metavar="BATCHES",
-                    help="run one batch (or BATCHES) with every selected layer hooked and say what each layer, target "
+                    help="run two batches (or BATCHES) with every selected layer hooked and say what each layer, target "
                          "and the forward gives and the run would store, or what stands in its way (all at once); write "
                          "nothing (status 1 if anything would stop the run)")
     ex.add_argument("--exclude-layers", nargs="+", metavar="PATTERN",

@@ -117,7 +117,7 @@ class ExtractOptions:
     slots: int = 4
     commit_rows: int = 4096
     resume: bool = False
-    dry_run: bool | int = False  # N (True: 1) batches through the model, each selected layer surveyed; nothing written
+    dry_run: bool | int = False  # N (True: 2) batches through the model, each selected layer surveyed; nothing written
     progress: bool = True
     malloc_tuning: bool = True
     command: str | None = None
@@ -697,7 +697,7 @@ def extract(opts: ExtractOptions, on_batch: Callable[[int], None] | None = None,
             in_hand: InHand | None = None) -> ExtractResult | Survey:
     """Runs the extraction that opts describes (see the module doc); in_hand: see extract_from.
     Under torchrun, each rank extracts its share into a part file and rank 0 joins the parts
-    (marstore.scaleout). With dry_run, the first batch (or N), surveyed: a Survey, nothing written."""
+    (marstore.scaleout). With dry_run, the first two batches (or N), surveyed: a Survey, nothing written."""
     rank = scaleout.current_rank()
     if not rank.distributed or opts.dry_run:
         return _extract_rank(opts, rank, on_batch, in_hand)
@@ -857,7 +857,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         indices = range(opts.num_samples)[scaleout.rank_positions(rank)]
         log.info("%s is an iterable data set: its first %d items, in order", opts.dataset, opts.num_samples)
     if opts.dry_run:
-        first = indices[:opts.batch_size * int(opts.dry_run)]
+        first = indices[:opts.batch_size * _dry_run_batches(opts.dry_run)]
         survey = _survey(model, forward, selections, problems, _Indexed(dataset, first, opts.seed) if map_style else
                          _Stream(dataset, first, opts.num_samples, opts.seed), opts, device, autocast,
                          planned=len(indices))
@@ -1098,7 +1098,8 @@ class Survey:
         rows = [[s.name, s.module, str(s.calls), s.gave, self._stored(s)] for s in self.layers]
         what, count = "the first batch" if self.batches == 1 else f"the first {self.batches} batches", f"{self.rows} samples"
         if self.batches < self.asked:
-            what, count = f"all {self.batches} batches of the data set", f"{count}; {self.asked} asked"
+            what = "the data set's one batch" if self.batches == 1 else f"all {self.batches} batches of the data set"
+            count = f"{count}; {self.asked} asked"
         weights = self.weights or "none loaded (no checkpoint): the model runs with the weights it has"
         lines = [f"dry run: {what} ({count}) through the model, every selected layer hooked; nothing written",
                  f"weights: {weights}", "", text_table(header, rows)]
@@ -1205,10 +1206,10 @@ def _problem_kind(survey: hooks.LayerSurvey) -> str:
 
 def _survey(model, forward, selections: list, problems: dict, source: Any, opts: ExtractOptions, device: torch.device,
             autocast: Callable[[], Any], planned: int) -> Survey:
-    """--dry-run [N]: the first N batches through the model with every selected layer hooked,
+    """--dry-run [N]: the first N batches (2) through the model with every selected layer hooked,
     each layer's, target's and the forward's errors recorded rather than raised, so that one
     run says all that stands in the way."""
-    asked = int(opts.dry_run)
+    asked = _dry_run_batches(opts.dry_run)
     loader = DataLoader(source, batch_size=opts.batch_size, shuffle=False, collate_fn=_collate)
     per_batch: list[list[hooks.LayerSurvey]] = []
     batch_rows: list[int] = []
@@ -1264,6 +1265,12 @@ def _survey(model, forward, selections: list, problems: dict, source: Any, opts:
                   targets=list(targets.values()), outputs=None if opts.stop_early else list(outputs), left_out=left_out,
                   output_problem=output_problem, skipped=skipped, seconds=seconds, batch_rows=batch_rows,
                   state_changes=state_changes, state_dependent_layers=dependent)
+
+
+def _dry_run_batches(dry_run: bool | int) -> int:
+    """--dry-run alone surveys two batches: the run decides from its first two whether a layer's
+    token count varies (stored ragged) and whether the forward changes the model's state."""
+    return 2 if dry_run is True else int(dry_run)
 
 
 def _surveyed_target(seen: TargetSurvey, batch: Any, k: int) -> TargetSurvey:

@@ -737,8 +737,8 @@ def test_excluded_modules_leave_what_the_patterns_select(tmp_path):
 def test_a_dry_run_says_what_every_layer_gives_and_all_that_stands_in_the_way(tmp_path, capsys):
     from marstore.extract import Survey
 
-    survey = extract(options(tmp_path, layers=["**"], reduction="mean", dry_run=True))
-    assert isinstance(survey, Survey) and survey.rows == 8 and os.listdir(tmp_path) == []  # nothing written
+    survey = extract(options(tmp_path, layers=["**"], reduction="mean", dry_run=True))  # two batches, as the run decides from
+    assert isinstance(survey, Survey) and survey.rows == 16 and os.listdir(tmp_path) == []  # nothing written
     by = {s.name: s for s in survey.layers}
     assert len(by) == 58
     block = by["encoder_blocks.0"]
@@ -773,8 +773,8 @@ def test_a_dry_run_says_what_every_layer_gives_and_all_that_stands_in_the_way(tm
     kept = extract(options(tmp_path, layers=["**"], reduction="mean", dry_run=True,
                            exclude_layers=shlex.split(text[-3].split("--exclude-layers ")[1])))
     assert kept.problems() == [] and {s.name for s in kept.layers} == {s.name for s in survey.layers if not s.problem}
-    assert re.fullmatch(r"and about \d+\.\d s of forward passes, at the pace of the first batch, warm-up and all \([\d,]+ "
-                        r"rows/s; storing the rows adds to it\)", text[-1]) and len(survey.seconds) == 1
+    assert re.fullmatch(r"and about \d+\.\d s of forward passes, at the pace of the surveyed batches after the first "
+                        r"\([\d,]+ rows/s; storing the rows adds to it\)", text[-1]) and len(survey.seconds) == 2
     # the fixes it names, taken: every layer passes, and the extraction stores the rows it said
     fixed = dict(layers=["encoder_blocks.*", "**.attn:0", "diffactloss.*"], reduction="mean", unfold_batch=True,
                  channels_first=["diffactloss.conv"], layer_reductions={"diffactloss.refine": "none"})
@@ -787,8 +787,8 @@ def test_a_dry_run_says_what_every_layer_gives_and_all_that_stands_in_the_way(tm
         assert {n: layer.row_shape for n, layer in s.layers.items()} == {x.name: x.row for x in survey.layers}
         assert survey.row_bytes() == sum(math.prod(layer.row_shape) * 2 for layer in s.layers.values()) == 1540
     assert survey.describe().splitlines()[-3:-1] == [
-        "all 10 layers would be stored", "the run's 40 rows: about 60.2 KiB of activations (1.5 KiB a row, as the first "
-        "batch's shapes give it)"]
+        "all 10 layers would be stored", "the run's 40 rows: about 60.2 KiB of activations (1.5 KiB a row, as the surveyed "
+        "batches' shapes give it)"]
 
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"model_args": CONFIG}))
@@ -796,7 +796,7 @@ def test_a_dry_run_says_what_every_layer_gives_and_all_that_stands_in_the_way(tm
                  "marstore.models:synthetic_video_actions", "--forward", "marstore.models:policy_forward",
                  "--layers", "encoder_blocks.*", "diffactloss.fc", "--batch-size", "4", "--dry-run"]) == 1
     printed = capsys.readouterr().out.splitlines()
-    assert printed[:2] == ["dry run: the first batch (4 samples) through the model, every selected layer hooked; nothing "
+    assert printed[:2] == ["dry run: the first 2 batches (8 samples) through the model, every selected layer hooked; nothing "
                            "written", "weights: none loaded (no checkpoint): the model runs with the weights it has"]
     assert printed[-3] == "or leave them out: --exclude-layers diffactloss.fc"
     # with a checkpoint: what loading its weights found, as the run would report it
@@ -806,6 +806,26 @@ def test_a_dry_run_says_what_every_layer_gives_and_all_that_stands_in_the_way(tm
     survey = extract(options(tmp_path, checkpoint=str(path), config_key="cfg.policy.model", model_args={}, dry_run=True))
     assert survey.describe().splitlines()[1] == (f"weights: state_dicts.ema_model of {path}: loaded 82 tensors, 0 missing, "
                                                  "0 unexpected, 0 shape mismatches")
+
+
+def test_a_dry_run_surveys_two_batches_as_the_run_decides_from_them(tmp_path):
+    """The run stores a layer ragged when its first two batches give other token counts, and
+    checks the model's state on its second batch: --dry-run alone surveys two batches, so that
+    it says the same (MAR's masked encoder); --dry-run 1 surveys one."""
+    kw = dict(layers=["encoder_blocks.1", "random_masking()"], model_args={**CONFIG, "drop_masked": True})
+    survey = extract(options(tmp_path, dry_run=True, **kw))
+    assert (survey.batches, survey.rows, survey.state_changes) == (2, 16, [])
+    encoder = survey.layers[0]
+    assert encoder.tokens is not None and encoder.tokens[0] < encoder.tokens[1] and encoder.row == (32,)
+    assert survey.layers[1].row == (64,) and survey.layers[1].tokens is None
+    result = extract(options(tmp_path, **kw))
+    with open_store(result.path) as s:
+        assert s.layers["encoder_blocks.1"].layout == "ragged"
+    one = extract(options(tmp_path, dry_run=1, **kw))
+    assert (one.batches, one.state_changes) == (1, None) and one.layers[0].tokens is None
+    small = extract(options(tmp_path, dry_run=True, dataset_args={"size": 5}, **kw))
+    assert survey.describe().splitlines()[0].startswith("dry run: the first 2 batches (16 samples) through the model")
+    assert small.describe().splitlines()[0].startswith("dry run: the data set's one batch (5 samples; 2 asked) through")
 
 
 def test_the_patterns_a_dry_run_suggests_name_the_bad_layers_and_no_other():
