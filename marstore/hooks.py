@@ -8,9 +8,11 @@
 
 A pattern is an exact module name, a glob (`*` = one name component, `**` = any depth) or a
 regular expression (`re:...`). `@input` captures the module's first input instead of its
-output; `:0` or `:key` picks an element of a tuple, list or dict output. A capture is what the
-hook saw, even when the model changes the tensor in place afterwards. Hooks are removed on
-every exit path, exceptions and KeyboardInterrupt included.
+output; `:0` or `:key` picks an element of a tuple, list or dict output. `METHOD()` or
+`MODULE.METHOD()` captures what a method returns (MAR's `random_masking()`: the mask), the
+method wrapped on the instance meanwhile. A capture is what the hook saw, even when the model
+changes the tensor in place afterwards. Hooks (and wrappers) are removed on every exit path,
+exceptions and KeyboardInterrupt included.
 """
 
 from __future__ import annotations
