@@ -56,14 +56,15 @@ def layers_of(store: Store, patterns: str | Sequence[str]) -> list[str]:
     if not patterns:
         raise StoreError(f"no layers asked of {store.path}; it has {list(store.layers)}")
     names: list[str] = []
+    stored = list(store.layers)
     for pattern in patterns:
         try:
-            found = match_modules(pattern, list(store.layers))
+            found = match_modules(pattern, stored)
         except HookError as exc:  # a pattern that is no regular expression
             raise StoreError(str(exc)) from None
         if not found:
-            raise StoreError(f"{store.path} has no layer {pattern!r}; {did_you_mean(pattern, list(store.layers))}"
-                             f"nearest: {nearest_names(pattern, list(store.layers))}")
+            raise StoreError(f"{store.path} has no layer {pattern!r}; {did_you_mean(pattern, stored)}"
+                             f"nearest: {nearest_names(pattern, stored)}")
         names += [n for n in found if n not in names]
     return names
 

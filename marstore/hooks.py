@@ -173,6 +173,11 @@ def fields_of(value: Any) -> dict[str, Any] | None:
     return None
 
 
+def _has_wildcards(text: str) -> bool:
+    """Whether a name pattern (or a part of one) holds glob wildcards."""
+    return any(c in text for c in "*?[")
+
+
 def _glob_regex(pattern: str) -> re.Pattern:
     parts = []
     for piece in re.split(r"(\*\*|\*)", pattern):
@@ -235,7 +240,7 @@ def match_modules(pattern: str, names: Sequence[str]) -> list[str]:
         except re.error as exc:
             raise HookError(f"layer pattern {pattern!r}: not a regular expression ({exc})") from None
         return [n for n in names if rx.fullmatch(n)]
-    if any(c in pattern for c in "*?["):
+    if _has_wildcards(pattern):
         rx = _glob_regex(pattern) if "?" not in pattern and "[" not in pattern else re.compile(fnmatch.translate(pattern))
         return [n for n in names if rx.match(n)]
     return [pattern] if pattern in names else []
@@ -247,8 +252,10 @@ def _close_matches(word: str, candidates: Sequence[str], n: int, cutoff: float) 
     scored = []
     for x in candidates:
         m = difflib.SequenceMatcher(None, word, x)
-        if m.real_quick_ratio() >= cutoff and m.quick_ratio() >= cutoff and m.ratio() >= cutoff:
-            scored.append((m.ratio(), x))
+        if m.real_quick_ratio() >= cutoff and m.quick_ratio() >= cutoff:
+            ratio = m.ratio()  # the costly one, last, as difflib does
+            if ratio >= cutoff:
+                scored.append((ratio, x))
     return [x for _, x in sorted(scored, key=lambda rx: -rx[0])[:n]]
 
 
@@ -270,12 +277,12 @@ def did_you_mean(pattern: str, names: Sequence[str]) -> str:
     components that no name has, replaced by the nearest one that some name has, makes one that
     matches ('encoder_block.*' -> 'encoder_blocks.*'); "" where none does. (A plain name's
     nearest names say the same.)"""
-    if pattern.startswith("re:") or not any(c in pattern for c in "*?["):
+    if pattern.startswith("re:") or not _has_wildcards(pattern):
         return ""
     components = sorted({c for n in names for c in n.split(".") if c})
     fixed = []
     for part in pattern.split("."):
-        if any(c in part for c in "*?[") or part in components:
+        if _has_wildcards(part) or part in components:
             fixed.append(part)
             continue
         close = difflib.get_close_matches(part, components, n=1, cutoff=0.6)
@@ -397,7 +404,7 @@ def _method_selection(pattern: str, path: str, element: int | str | None, reduct
                       modules: Mapping[str, nn.Module]) -> LayerSelection:
     """The selection of a method's return value: MODULE.METHOD() or, of the model itself, METHOD()."""
     owner, _, method = path.rpartition(".")
-    if any(c in path for c in "*?[") or path.startswith("re:") or not method.isidentifier():
+    if _has_wildcards(path) or path.startswith("re:") or not method.isidentifier():
         raise HookError(f"layer pattern {pattern!r}: a method is named exactly, as MODULE.METHOD() or METHOD() "
                         "for the model's own")
     if owner not in modules:
@@ -426,12 +433,12 @@ def _prefix_hint(pattern: str, names: Sequence[str]) -> str:
     parts = pattern.split(".")
     for k in (1, 2):
         head, rest = ".".join(parts[:k]), ".".join(parts[k:])
-        if not rest or any(c in head + parts[k] for c in "*?["):  # a prefix of plain names only
+        if not rest or _has_wildcards(head + parts[k]):  # a prefix of plain names only
             break
         matched = match_modules(rest, names)
         if matched:
             return f"the model's names do not start with '{head}.' (drop it: {rest!r} matches {len(matched)}); "
-    if pattern.startswith("re:") or any(c in parts[0] for c in "*?["):
+    if pattern.startswith("re:") or _has_wildcards(parts[0]):
         return ""
     # the other way round: a wrapper around the model the names were taken from (probes trained
     # on a store of the MAR, applied to the whole policy)

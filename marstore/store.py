@@ -57,6 +57,11 @@ def _state_name(rows: int) -> str:
     return f"{STATE_PREFIX}{rows}"
 
 
+def _skipped_name(rows: int) -> str:
+    """The root attribute that holds the count of /skipped's entries that go with the first `rows` rows."""
+    return f"{SKIPPED_PREFIX}{rows}"
+
+
 def moments_std(count: np.ndarray, m2: np.ndarray) -> np.ndarray:
     """Each channel's standard deviation from its count of finite values and M2 (0 where none)."""
     return np.sqrt(m2 / np.maximum(count, 1))
@@ -84,7 +89,7 @@ def committed_skipped(attrs: Mapping[str, Any], rows: int) -> int:
     'rows' reach the disk one by one in a commit's last flush, so 'skipped_at_row_<rows>',
     written before it, is the one to trust where it is there (absent: nothing was ever left
     out, or an earlier version's store)."""
-    return int(attrs.get(f"{SKIPPED_PREFIX}{rows}", attrs.get("skipped", 0)))
+    return int(attrs.get(_skipped_name(rows), attrs.get("skipped", 0)))
 
 
 _METADATA_SLACK = 1 << 20  # room kept for the metadata that a commit and a close write
@@ -981,8 +986,8 @@ class StoreWriter:
             a = self._file.attrs
             for name in [k for k in a if k.startswith(SKIPPED_PREFIX)]:
                 del a[name]
-            a[f"{SKIPPED_PREFIX}{self.committed}"] = self.skipped_committed
-            a[f"{SKIPPED_PREFIX}{self.written}"] = skipped
+            a[_skipped_name(self.committed)] = self.skipped_committed
+            a[_skipped_name(self.written)] = skipped
         self._file.flush()
         self._sync()
         for layer in self._layers.values():
