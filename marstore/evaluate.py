@@ -395,8 +395,14 @@ class LiveProbes:
         self.capture.start_batch()
         out = {}
         for name, probe in self.probes.items():
-            x = captured[probe.layer]
-            out[name] = probe.to(x.device).predict(x)
+            x, lengths = captured[probe.layer], self.capture.lengths.get(probe.layer)
+            probe = probe.to(x.device)
+            if lengths is None:
+                out[name] = probe.predict(x)
+                continue
+            # a nested tensor, padded: each sample is read over its own tokens, as extraction stored it
+            parts = [probe.predict(x[i:i + 1, :n]) for i, n in enumerate(lengths)]
+            out[name] = torch.cat(parts) if isinstance(parts[0], torch.Tensor) else [p for part in parts for p in part]
         return out
 
 

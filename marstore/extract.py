@@ -948,8 +948,8 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                 seed_generators(opts.seed, int(index[0]), _BATCH, device)
                 watch = _StateWatch(model) if forwards == 1 else None
                 replay = _map_tensors(batch, torch.clone) if watch is not None else None  # the forward may change it
-                tensors, out, missing = _run_batch(model, forward, capture, _to_device(batch, device), shapes, opts,
-                                                   autocast)
+                tensors, lengths, out, missing = _run_batch(model, forward, capture, _to_device(batch, device), len(index),
+                                                            shapes, opts, autocast)
                 forwards += 1
                 if watch is not None:
                     metadata["state_changes"] = watch.changes()
@@ -963,7 +963,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                 del out  # it may hold large tensors: not into the next forward
                 progress.update(len(failed))
                 # items left out before this batch's rows are committed with them (a resume starts after both)
-                batch_rows = (index, tensors, targets, outputs, unrecorded)
+                batch_rows = (index, tensors, targets, outputs, unrecorded, lengths)
                 unrecorded = []
                 if writer is None:
                     pending.append(batch_rows)
@@ -973,8 +973,8 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                     todo, pending = pending, []
                 else:
                     todo = [batch_rows]
-                for idx, tens, targ, outs, left in todo:
-                    writer, nbytes = _submit(ring, writer, tens, targ, idx, out_dtype, outs, left)
+                for idx, tens, targ, outs, left, lens in todo:
+                    writer, nbytes = _submit(ring, writer, tens, targ, idx, out_dtype, outs, left, lens)
                     total_bytes += nbytes
                     progress.update(len(idx))
                     progress.set_postfix_str(_rate(total_bytes, started), refresh=False)
@@ -984,8 +984,8 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                     raise KeyboardInterrupt
             if writer is None and pending:
                 writer = _open_writer(opts, selections, capture, pending, metadata, start_row)
-                for idx, tens, targ, outs, left in pending:
-                    writer, nbytes = _submit(ring, writer, tens, targ, idx, out_dtype, outs, left)
+                for idx, tens, targ, outs, left, lens in pending:
+                    writer, nbytes = _submit(ring, writer, tens, targ, idx, out_dtype, outs, left, lens)
                     total_bytes += nbytes
                     progress.update(len(idx))
             if stop is not None:
@@ -1303,14 +1303,14 @@ def _surveyed_layer(batches: list[hooks.LayerSurvey], batch_rows: list[int], sel
             "some modules run only in some task modes): pass --allow-missing to store NaN rows where it does not fire, "
             "or leave it out"))
     # the run decides from its first two batches, a module's silent one taking the first's shape
-    asked = name in ragged
+    asked = name in ragged or any(s.lengths for s in batches[:2])  # a nested tensor's samples: ragged
     try:
         ragged, row = _layout(name, [s.row if s.calls else first.row for s in batches[:2]], asked)
     except ExtractError as exc:
         return dataclasses.replace(first, problem=str(exc))
     ragged_from = None
     for k, s in enumerate(batches[2:], 2):
-        if not s.calls or (s.row[1:] if ragged else s.row) == row:
+        if not s.calls or ((s.row[1:] if ragged else s.row) == row and (ragged or not s.lengths)):
             continue
         if ragged or len(row) < 2 or len(s.row) != len(row) or s.row[1:] != row[1:]:
             return dataclasses.replace(first, problem=(
@@ -1319,9 +1319,8 @@ def _surveyed_layer(batches: list[hooks.LayerSurvey], batch_rows: list[int], sel
         ragged, row, ragged_from = True, row[1:], k + 1  # its token count changes: the run rewrites it ragged there
     if not ragged:
         return dataclasses.replace(first, row=row)
-    counts = [(s.row[0], n) for s, n in zip(batches, batch_rows) if s.calls]
-    return dataclasses.replace(first, row=row, tokens=(min(c for c, _ in counts), max(c for c, _ in counts)),
-                               mean_tokens=sum(c * n for c, n in counts) / sum(n for _, n in counts),
+    counts = [c for s, n in zip(batches, batch_rows) if s.calls for c in (s.lengths or [s.row[0]] * n)]
+    return dataclasses.replace(first, row=row, tokens=(min(counts), max(counts)), mean_tokens=sum(counts) / len(counts),
                                ragged_from=ragged_from)
 
 
@@ -1743,10 +1742,11 @@ def _rows_on_state(watch: _StateWatch, model: torch.nn.Module, forward: Callable
             if name not in first or name not in again or not _same_bits(first[name], again[name])]
 
 
-def _run_batch(model, forward, capture: hooks.Capture, batch: Any, shapes: dict, opts: ExtractOptions,
-               autocast: Callable[[], Any]) -> tuple[dict, Any, list[str]]:
-    """(the hooked tensors, the forward's return (hooks.StopForward where --stop-early cut it),
-    the layers that did not fire, whose rows are NaN)."""
+def _run_batch(model, forward, capture: hooks.Capture, batch: Any, rows: int, shapes: dict, opts: ExtractOptions,
+               autocast: Callable[[], Any]) -> tuple[dict, dict, Any, list[str]]:
+    """(the hooked tensors, the token counts of the samples of those that were nested tensors
+    (their tensors padded), the forward's return (hooks.StopForward where --stop-early cut it),
+    the layers that did not fire, whose `rows` rows are NaN)."""
     with torch.inference_mode(not opts.train_mode), autocast():
         try:
             out = forward(model, batch)
@@ -1759,11 +1759,11 @@ def _run_batch(model, forward, capture: hooks.Capture, batch: Any, shapes: dict,
                 if sel.store_name not in shapes:
                     raise ExtractError(f"{sel.label} did not fire in the first batch, so its shape is unknown")
                 shape, dtype, device = shapes[sel.store_name]
-                tensors[sel.store_name] = torch.full(shape, float("nan"), dtype=dtype, device=device)
+                tensors[sel.store_name] = torch.full((rows, *shape[1:]), float("nan"), dtype=dtype, device=device)
                 log.warning("%s did not fire in this batch: its rows are NaN", sel.label)
             t = tensors[sel.store_name]
             shapes.setdefault(sel.store_name, (tuple(t.shape), t.dtype, t.device))
-    return tensors, out, missing
+    return tensors, capture.lengths, out, missing
 
 
 def _asked_ragged(opts: ExtractOptions, selections: list[hooks.LayerSelection]) -> set[str]:
@@ -1791,8 +1791,11 @@ def _layer_specs(opts, selections, capture: hooks.Capture, pending) -> list[Laye
     for sel in selections:
         shapes = [tuple(t[1][sel.store_name].shape[1:]) for t in pending]
         asked = sel.store_name in ragged_asked
-        ragged, row_shape = _layout(sel.store_name, shapes, asked)
-        if ragged and not asked:
+        nested = any(sel.store_name in t[5] for t in pending)
+        ragged, row_shape = _layout(sel.store_name, shapes, asked or nested)
+        if nested and not asked:
+            log.info("%s: a nested tensor, its samples' token counts differing: stored ragged", sel.store_name)
+        elif ragged and not asked:
             log.info("%s: token count varies between batches (%s): stored ragged", sel.store_name,
                      sorted({s[0] for s in shapes}))
         first = pending[0][1][sel.store_name]
@@ -1838,7 +1841,8 @@ def _check_room(opts: ExtractOptions, specs: list[LayerSpec], targets: list[Targ
     for spec in specs:
         values = math.prod(spec.row_shape) * itemsize
         if spec.ragged:  # tokens per row in the first batches, and one offset a row
-            tokens = sum(p[1][spec.name].shape[0] * p[1][spec.name].shape[1] for p in pending) / first_rows
+            tokens = sum(sum(p[5][spec.name]) if spec.name in p[5] else p[1][spec.name].shape[0] * p[1][spec.name].shape[1]
+                         for p in pending) / first_rows
             row_bytes += round(tokens * values) + 8
         else:
             row_bytes += values
@@ -1873,11 +1877,16 @@ def _duration(seconds: float) -> str:
 
 
 def _submit(ring: TransferRing, writer: StoreWriter, tensors: dict, targets: dict, index: torch.Tensor,
-            out_dtype: torch.dtype, outputs: dict[str, Any], skipped: list[tuple[int, str]]) -> tuple[StoreWriter, int]:
+            out_dtype: torch.dtype, outputs: dict[str, Any], skipped: list[tuple[int, str]],
+            lengths: dict[str, list[int]]) -> tuple[StoreWriter, int]:
     """The batch's tensors and the forward's scalars into a ring slot, the slot to the writer
-    (with the items left out before the batch): (the writer, the bytes). A layer whose token
-    count changed after the first batches had it stored dense is rewritten ragged first, and
-    the writer that goes on returned."""
+    (with the items left out before the batch, and the token counts of its nested captures):
+    (the writer, the bytes). A layer whose token count changed after the first batches had it
+    stored dense is rewritten ragged first, and the writer that goes on returned."""
+    background = not all(t.device.type == "cpu" for t in tensors.values())
+    dense = {spec.name for spec in writer.layers_spec if not spec.ragged}
+    if set(lengths) & dense:  # a nested capture where the first batches gave dense rows
+        writer = _now_ragged(writer, sorted(set(lengths) & dense), None, background)
     try:
         writer.check_shapes({name: tuple(t.shape) for name, t in tensors.items()})
     except RowShapeError as exc:
@@ -1892,7 +1901,7 @@ def _submit(ring: TransferRing, writer: StoreWriter, tensors: dict, targets: dic
             except RowShapeError as other:
                 if other.tokens_vary:
                     varying.append(name)
-        writer = _now_ragged(writer, varying, exc, background=not all(t.device.type == "cpu" for t in tensors.values()))
+        writer = _now_ragged(writer, varying, exc, background)
     try:
         slot = ring.submit(tensors, dtype=out_dtype, scalars=outputs)
     except SlotTooSmall:
@@ -1901,21 +1910,23 @@ def _submit(ring: TransferRing, writer: StoreWriter, tensors: dict, targets: dic
         log.info("transfer ring: a batch needs %d bytes, more than a slot holds; re-allocating slots of %d bytes", need, grown)
         ring.reserve(grown)
         slot = ring.submit(tensors, dtype=out_dtype, scalars=outputs)
-    writer.append(slot, targets=targets, index=index.numpy(), skipped=skipped)
+    writer.append(slot, targets=targets, index=index.numpy(), skipped=skipped, lengths=lengths)
     return writer, sum(t.numel() for t in tensors.values()) * out_dtype.itemsize
 
 
-def _now_ragged(writer: StoreWriter, layers: list[str], change: RowShapeError, background: bool) -> StoreWriter:
+def _now_ragged(writer: StoreWriter, layers: list[str], change: RowShapeError | None, background: bool) -> StoreWriter:
     """A token count changed after the first batches had these layers stored dense (MAR's
-    encoder, whose first two batches kept as many tokens): the rows written so far are committed
-    and rewritten ragged, the store's options record it (--ragged, so that a resume agrees),
-    and a writer reopens the store to go on. Said in a warning, which names the flag that would
-    have stored them ragged from the start."""
+    encoder, whose first two batches kept as many tokens; change None: a nested tensor, whose
+    samples' counts differ): the rows written so far are committed and rewritten ragged, the
+    store's options record it (--ragged, so that a resume agrees), and a writer reopens the
+    store to go on. Said in a warning, which names the flag that would have stored them ragged
+    from the start."""
     writer.close(complete=False)
     flag = " ".join(shlex.quote(p) for p in _covering(layers, [spec.name for spec in writer.layers_spec]))
-    log.warning("%s: a batch gave rows of %d tokens where the first batches gave %d, and they were stored dense; "
-                "rewriting the %d rows stored so far ragged, then going on (--ragged %s stores them ragged from the start)",
-                ", ".join(layers), change.row_shape[0], change.expected[0], writer.committed, flag)
+    gave = ("a nested tensor (its samples' token counts differ) where the first batches gave dense rows" if change is None
+            else f"rows of {change.row_shape[0]} tokens where the first batches gave {change.expected[0]}")
+    log.warning("%s: a batch gave %s, and they were stored dense; rewriting the %d rows stored so far ragged, then going "
+                "on (--ragged %s stores them ragged from the start)", ", ".join(layers), gave, writer.committed, flag)
     with open_store(writer.path) as store:
         run = store.metadata
     options = run.get("options", {})
@@ -1923,7 +1934,7 @@ def _now_ragged(writer: StoreWriter, layers: list[str], change: RowShapeError, b
     try:
         convert_to_ragged(writer.path, layers, {**run, "options": {**options, "ragged": ragged}})
     except StoreError as exc:
-        raise ExtractError(f"{change.layer}: its token count changed after the first batches had it stored dense, and "
+        raise ExtractError(f"{layers[0]}: its token count changed after the first batches had it stored dense, and "
                            f"its rows cannot be rewritten ragged: {exc}") from None
     specs = [LayerSpec(**as_ragged(asdict(spec))) if spec.name in layers else spec for spec in writer.layers_spec]
     return StoreWriter(writer.path, specs, writer.targets_spec, commit_rows=writer.commit_rows, resume=True,

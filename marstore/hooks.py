@@ -599,6 +599,7 @@ class _State:
     fired: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     done: set[str] = field(default_factory=set)
     rows: int | None = None  # samples in the batch, when the caller says
+    lengths: dict[str, list[int]] = field(default_factory=dict)  # nested captures: each sample's token count
     error: HookError | None = None  # the first a hook raised, kept in case the model swallowed it
 
 
@@ -616,12 +617,18 @@ class LayerSurvey:
     tokens: tuple[int, int] | None = None
     mean_tokens: float | None = None
     ragged_from: int | None = None  # the batch whose token count makes the run rewrite it ragged, after two alike
+    lengths: list[int] | None = None  # a nested capture's token count for each sample (row: padded to the most)
 
 
 def describe_value(value: Any, depth: int = 0) -> str:
     """A module's output (or input) in a few words: 'Tensor(16, 64, 32) float32', 'tuple(Tensor(16,
     64, 32) float32, None)', 'Hidden(hidden: Tensor(...) float32, attn: None)'; nested containers
     by their size."""
+    if isinstance(value, torch.Tensor) and value.is_nested:  # its shape is not a tuple of ints
+        shapes = [tuple(t.shape) for t in value.unbind()]
+        sizes = [sorted({shape[k] for shape in shapes}) for k in range(len(shapes[0]))] if shapes else []
+        axes = ", ".join(str(v[0]) if len(v) == 1 else f"{v[0]}-{v[-1]}" for v in sizes)
+        return f"NestedTensor({len(shapes)}{', ' if axes else ''}{axes}) {str(value.dtype).removeprefix('torch.')}"
     if isinstance(value, torch.Tensor):
         return f"Tensor{tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
     if value is None:
@@ -665,6 +672,7 @@ class Capture:
         self.calls: dict[str, int] = {sel.store_name: 0 for sel in self.layers}
         self.seen: dict[str, str] = {}  # survey: what each hook saw first, described
         self.problems: dict[str, str] = {}  # survey: each module's first error in this forward
+        self.lengths: dict[str, list[int]] = {}  # the last finished batch's nested captures: each sample's token count
 
     def __enter__(self) -> "Capture":
         try:
@@ -740,7 +748,7 @@ class Capture:
             if fired and self.multi_fire == "first":
                 return None
             folded_dims = value.dim()
-            value = self._per_sample(sel, value)
+            value, lengths = self._unnested(sel, value) if value.is_nested else (self._per_sample(sel, value), None)
             self.source_dtypes.setdefault(sel.store_name, value.dtype)
             if value.dtype in (torch.float64, torch.bool):
                 # the kernels take float32, bfloat16 and float16: these become float32 on the device (a
@@ -754,19 +762,32 @@ class Capture:
             if sel.channels_first and sel.reduction == "none":  # stored whole: the row's axis, one on for stacked firings
                 self.channel_axes.setdefault(sel.store_name, channel_axis - 1 + (self.multi_fire == "stack"))
             try:
-                x = reduce_tokens(value.detach(), sel.reduction, sel.channels_first, channel_axis)
+                if lengths is None:
+                    x = reduce_tokens(value.detach(), sel.reduction, sel.channels_first, channel_axis)
+                elif sel.reduction != "none":  # each sample over its own tokens, not the padding
+                    x = torch.cat([reduce_tokens(value[i:i + 1, :n].detach(), sel.reduction) for i, n in enumerate(lengths)])
+                    lengths = None
+                else:
+                    x = value.detach()
             except HookError as exc:
                 raise HookError(f"{sel.store_name}: {exc}; leave it out of --layers, or store it whole: "
                                 f"--layer-reduction {sel.store_name}=none") from None
-            if _same_memory(x, value):
+            if lengths is None and _same_memory(x, value):  # (a nested capture's padded copy is the hook's own)
                 # The copy to the host comes after the forward, and the model may still change this
                 # tensor in place (ReLU(inplace=True) after a BatchNorm, `out += identity`): keep
                 # what the hook saw. A device copy; the model's own tensor is freed as before.
                 x = x.clone(memory_format=torch.contiguous_format)
+            if lengths is not None and self.multi_fire == "stack":
+                raise HookError(f"{sel.label} gives a nested tensor, whose firings cannot be stacked (--multi-fire stack):"
+                                " choose first or last, or reduce its tokens (--reduction)")
             if self.multi_fire == "last":
                 fired[:] = [x]
             else:
                 fired.append(x)
+            if lengths is not None:
+                self._state.lengths[sel.store_name] = lengths
+            else:  # (a dense last firing after a nested one)
+                self._state.lengths.pop(sel.store_name, None)
             self._state.done.add(sel.store_name)
             if self.stop_early and len(self._state.done) == len(self.layers):
                 raise StopForward
@@ -786,6 +807,25 @@ class Capture:
         if sel.capture == "input":
             return lambda module, args, kwargs: checked(module, args, kwargs)
         return checked
+
+    def _unnested(self, sel: LayerSelection, value: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """A nested tensor (torch.nested: nn.TransformerEncoder's layers give one where a padding
+        mask lets them skip the padding), one component a sample, each (tokens, ...): padded with
+        zeros to (B, most tokens, ...), and each sample's token count."""
+        samples = value.unbind()
+        rows = self._state.rows
+        if rows is not None and len(samples) != rows:
+            raise HookError(f"{sel.store_name}: a nested tensor of {len(samples)} components for a batch of {rows} "
+                            "samples; marstore stores one component a sample: hook a module that keeps the batch")
+        if not samples or samples[0].dim() == 0 or any(t.shape[1:] != samples[0].shape[1:] for t in samples):
+            shapes = sorted({tuple(t.shape) for t in samples})
+            raise HookError(f"{sel.store_name}: the {sel.capture} of {sel.label} is a nested tensor whose samples have "
+                            f"shapes {shapes[:4]}; marstore takes nested samples of (tokens, ...) that differ only in their "
+                            "token count: hook another module")
+        if sel.channels_first or sel.unfold is not None:
+            raise HookError(f"{sel.store_name}: the {sel.capture} of {sel.label} is a nested tensor, taken as (samples, "
+                            "tokens, ...): leave out --channels-first and --unfold-batch for it")
+        return torch.nested.to_padded_tensor(value, 0.0), [int(t.shape[0]) for t in samples]
 
     def _per_sample(self, sel: LayerSelection, value: torch.Tensor) -> torch.Tensor:
         """One leading row per sample. A module that folds another axis into the batch (UVA's
@@ -816,7 +856,9 @@ class Capture:
         self._state = _State(rows=rows)
 
     def finish_batch(self) -> dict[str, torch.Tensor]:
-        """{store name: tensor} for this batch; a module that did not fire is an error unless allowed."""
+        """{store name: tensor} for this batch; a module that did not fire is an error unless
+        allowed. A nested capture's tensor is padded, (B, most tokens, ...): self.lengths then
+        holds each of its samples' token count, for this batch."""
         if self._state.error is not None:  # a hook's error that the model's own `except` swallowed
             raise self._state.error
         captured, out = self.captured(), {}
@@ -828,6 +870,7 @@ class Capture:
                                     "only in some task modes); check the forward, or pass --allow-missing to skip it")
                 continue
             out[sel.store_name] = captured[sel.store_name]
+        self.lengths = {name: counts for name, counts in self._state.lengths.items() if name in out}
         self._state = _State()
         return out
 
@@ -872,8 +915,8 @@ class Capture:
                 except RuntimeError as exc:
                     problem = f"{sel.label}: its firings cannot be stacked (--multi-fire stack): {' '.join(str(exc).split())}"
             kind = type(self.modules[sel.name]).__name__ + (f".{sel.method}()" if sel.method else "")
-            found.append(LayerSurvey(name, kind, self.calls[name],
-                                     self.seen.get(name, "-"), row, dtype, problem))
+            found.append(LayerSurvey(name, kind, self.calls[name], self.seen.get(name, "-"), row, dtype, problem,
+                                     lengths=self._state.lengths.get(name) if problem is None else None))
         self._state = _State()
         self.calls = dict.fromkeys(self.calls, 0)
         self.problems = {}

@@ -428,6 +428,7 @@ class _Batch:
     nbytes: int = 0
     outputs: Mapping[str, float] = field(default_factory=dict)
     skipped: list[tuple[int, str]] = field(default_factory=list)  # items left out before this batch's rows
+    lengths: Mapping[str, Sequence[int]] = field(default_factory=dict)  # padded ragged layers' token counts
 
 
 _STOP = object()
@@ -631,13 +632,16 @@ class StoreWriter:
         outputs: Mapping[str, float] | None = None,
         on_written: Callable[[], None] | None = None,
         skipped: Sequence[tuple[int, str]] = (),
+        lengths: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
         """Queues one batch. activations: {layer: array or CPU tensor (or Ragged)}, or a
         TransferRing slot (waited for and released by the writer thread). index: the source
         data set's index of each row. counts: {layer: (nonfinite, overflow)} from the transfer.
         outputs: per-batch scalars (the forward's losses), kept under /outputs with the batch's
         first row. skipped: (source index, error) of items left out since the last batch,
-        committed with this batch's rows, under /skipped.
+        committed with this batch's rows, under /skipped. lengths: {ragged layer: each sample's
+        token count} where that layer's batch is padded, (batch, most tokens, ...): each sample's
+        first tokens are stored (a nested tensor's samples, padded on the device).
         Blocks only while the queue is full."""
         self._raise_if_failed()
         if self._closed:
@@ -656,18 +660,22 @@ class StoreWriter:
         extra = [name for name in names if name not in self._layers]
         if missing or extra:
             raise StoreError(f"batch layers do not match the store: missing {missing}, unexpected {extra}")
+        lengths = {name: [int(v) for v in tokens] for name, tokens in (lengths or {}).items()}
+        if set(lengths) - set(names):
+            raise StoreError(f"token counts for layers not in the batch: {sorted(set(lengths) - set(names))}")
         if slot is None:
-            activations = {name: _batch_part(v, self._layers[name], name) for name, v in activations.items()}
-            parts = {name: (tuple(d.shape), d.dtype, lengths) for name, (d, lengths) in activations.items()}
+            activations = {name: _batch_part(v, self._layers[name], name, lengths.get(name))
+                           for name, v in activations.items()}
+            parts = {name: (tuple(d.shape), d.dtype, tokens) for name, (d, tokens) in activations.items()}
         else:
             parts = {}
             for name, (_, shape, dtype) in slot.layout.items():
-                shape, lengths = _split_tokens(tuple(shape), name) if self._layers[name].spec.ragged else (tuple(shape), None)
-                parts[name] = (shape, _numpy_dtype_of(dtype), lengths)
-        for name, (shape, dtype, lengths) in parts.items():
-            if lengths is not None and len(lengths) != n:
-                raise StoreError(f"layer {name!r}: {len(lengths)} samples, but index has {n}")
-            _check_batch(shape, dtype, self._layers[name], name, n if lengths is None else int(sum(lengths)))
+                shape, tokens = _split_tokens(tuple(shape), self._layers[name], name, lengths.get(name))
+                parts[name] = (shape, _numpy_dtype_of(dtype), tokens)
+        for name, (shape, dtype, tokens) in parts.items():
+            if tokens is not None and len(tokens) != n:
+                raise StoreError(f"layer {name!r}: {len(tokens)} samples, but index has {n}")
+            _check_batch(shape, dtype, self._layers[name], name, n if tokens is None else int(sum(tokens)))
         targets = targets or {}
         if sorted(targets) != sorted(self._targets):
             raise StoreError(f"batch targets {sorted(targets)} do not match the store's {sorted(self._targets)}")
@@ -678,7 +686,8 @@ class StoreWriter:
                 raise StoreError(f"target {name!r}: batch shape {t.shape}, expected {expected}")
         nbytes = sum(v[0].nbytes for v in activations.values()) if slot is None else slot.nbytes
         batch = _Batch(activations, targets, index, dict(counts or {}), on_written, slot, nbytes,
-                       {str(k): float(v) for k, v in (outputs or {}).items()}, [(int(i), str(e)) for i, e in skipped])
+                       {str(k): float(v) for k, v in (outputs or {}).items()}, [(int(i), str(e)) for i, e in skipped],
+                       lengths)
         while True:  # wake up now and then to notice a writer that died
             try:
                 self._queue.put(batch, timeout=0.5)
@@ -819,7 +828,8 @@ class StoreWriter:
     def _write(self, batch: _Batch) -> None:
         try:
             if batch.slot is not None:  # checked in append() against the slot's layout
-                parts = {name: _batch_part(v, self._layers[name], name) for name, v in batch.slot.wait().items()}
+                parts = {name: _batch_part(v, self._layers[name], name, batch.lengths.get(name))
+                         for name, v in batch.slot.wait().items()}
                 counts = batch.slot.counts()
             else:
                 parts, counts = batch.activations, batch.counts
@@ -1076,24 +1086,38 @@ def _jsonable(x: Any) -> Any:
     return json.loads(json.dumps(x))
 
 
-def _split_tokens(shape: tuple[int, ...], name: str) -> tuple[tuple[int, ...], list[int]]:
-    """A ragged layer's (batch, tokens, ...) batch: its token rows' shape and per-sample counts."""
+def _split_tokens(shape: tuple[int, ...], layer: "_Layer", name: str,
+                  lengths: list[int] | None = None) -> tuple[tuple[int, ...], list[int] | None]:
+    """A batch's shape as stored, and each sample's token count for a ragged layer: a ragged
+    layer's (batch, tokens, ...) batch holds that many token rows a sample, or, padded, the
+    first `lengths[i]` of sample i's."""
+    if not layer.spec.ragged:
+        if lengths is not None:
+            raise StoreError(f"layer {name!r} is dense; per-sample token counts need a layer made with ragged=True")
+        return shape, None
     if len(shape) < 2:
         raise StoreError(f"ragged layer {name!r}: a batch needs shape (batch, tokens, ...) or Ragged, got {shape}")
-    return (shape[0] * shape[1], *shape[2:]), [shape[1]] * shape[0]
+    if lengths is None:
+        return (shape[0] * shape[1], *shape[2:]), [shape[1]] * shape[0]
+    if len(lengths) != shape[0] or any(not 0 <= n <= shape[1] for n in lengths):
+        raise StoreError(f"ragged layer {name!r}: token counts {lengths} for a padded batch of shape {shape} (one count a "
+                         f"sample, 0 to {shape[1]})")
+    return (sum(lengths), *shape[2:]), lengths
 
 
-def _batch_part(value: Any, layer: "_Layer", name: str) -> tuple[np.ndarray, list[int] | None]:
+def _batch_part(value: Any, layer: "_Layer", name: str,
+                lengths: list[int] | None = None) -> tuple[np.ndarray, list[int] | None]:
     """(rows as numpy, per-sample token counts for a ragged layer, else None)."""
     if isinstance(value, Ragged):
         if not layer.spec.ragged:
             raise StoreError(f"layer {name!r} is dense; a Ragged batch needs a layer made with ragged=True")
         return _as_numpy(value.values), [int(v) for v in value.lengths]
     data = _as_numpy(value)
-    if not layer.spec.ragged:
-        return data, None
-    shape, lengths = _split_tokens(tuple(data.shape), name)
-    return data.reshape(shape), lengths
+    shape, lengths = _split_tokens(tuple(data.shape), layer, name, lengths)
+    if lengths is None or sum(lengths) == data.shape[0] * data.shape[1]:
+        return data.reshape(shape), lengths
+    kept = np.arange(data.shape[1]) < np.asarray(lengths)[:, None]  # each sample's first tokens, in order
+    return data[kept], lengths
 
 
 def _numpy_dtype_of(torch_dtype: Any) -> np.dtype:

@@ -732,3 +732,30 @@ def test_every_stage_error_is_one_line_from_any_command(monkeypatch, capsys):
     monkeypatch.setattr(probe_module, "compare_reports", unreadable)
     assert main(["compare", "a", "b"]) == 2
     assert capsys.readouterr().err == "marstore compare: r.h5 is not an HDF5 file\n"
+
+
+def test_live_probes_read_a_nested_tensor_each_sample_over_its_own_tokens(tmp_path):
+    from torch.utils.data import default_collate
+
+    from marstore.evaluate import LiveProbes
+    from marstore.extract import extract_from
+    from test_extract import PaddedEncoder, PaddedTokens
+
+    model, data = PaddedEncoder().eval(), PaddedTokens()
+    extract_from(model, data, str(tmp_path / "s.h5"), ["encoder.layers.1"], targets=["count"], batch_size=6,
+                 dtype="float32", progress=False)
+    run_probes(ProbeOptions(store=str(tmp_path / "s.h5"), target="count", out=str(tmp_path / "p"), progress=False,
+                            control=False, val_fraction=0.25, test_fraction=0.25))
+    probe = load_probe(tmp_path / "p" / "encoder.layers.1.pt")
+    batch = default_collate([data[i] for i in range(6)])
+    with LiveProbes(model, [probe]) as live:
+        with torch.inference_mode():
+            model(batch["tokens"], batch["padding"])
+        read = live.read()["encoder.layers.1"]
+    with open_store(tmp_path / "s.h5") as s:  # the stored rows of 3 to 8 tokens, each read as its token mean
+        rows = [torch.from_numpy(r) for r in s.read("encoder.layers.1", 0, 6)]
+    assert [len(r) for r in rows] == [3, 4, 5, 6, 7, 8]
+    want = torch.cat([probe.predict(r[None]) for r in rows])
+    torch.testing.assert_close(read, want, atol=1e-4, rtol=0)
+    padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # what a mean over the padding would read
+    assert (probe.predict(padded) - want).abs().max() > 0.1

@@ -30,7 +30,7 @@ from torch.utils.data import default_collate
 from conftest import requires_cuda
 from marstore import extract as extract_module, hooks
 from marstore.cli import main
-from marstore.extract import ExtractError, ExtractOptions, Interrupted, _duration, extract
+from marstore.extract import ExtractError, ExtractOptions, Interrupted, _duration, extract, extract_from
 from marstore.loading import CheckpointError, build_model, file_digest, find_config, find_state_dict, load_weights, read_checkpoint, to_plain
 from marstore.models import LAYOUTS, policy_forward, save_checkpoint, synthetic_video_actions, video_mar
 from marstore.store import LayerSpec, StoreError, StoreWriter, human_bytes, open_store
@@ -1830,6 +1830,159 @@ def test_a_layer_that_cannot_be_stored_ragged_is_not_rewritten(tmp_path, monkeyp
         assert s.layers["means"].layout == "dense"
 
 
+class PaddedEncoder(nn.Module):
+    """nn.TransformerEncoder as text and action models use it: with a padding mask, in eval and
+    inference mode, its layers take torch's fast path and give nested tensors, one component a
+    sample over its own tokens. A batch with nothing padded runs without a mask (dense tensors)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(50, 16)
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2)
+
+    def forward(self, tokens, padding):
+        return self.encoder(self.embed(tokens), src_key_padding_mask=padding if padding.any() else None)
+
+
+class PaddedTokens(torch.utils.data.Dataset):
+    """24 items of 10 token ids, item i's first 3 + i % 7 real (count), the rest padding; late=True:
+    the first 8 items unpadded (the first two batches of 4 run without a mask)."""
+
+    def __init__(self, late: bool = False):
+        self.late = late
+
+    def __len__(self) -> int:
+        return 24
+
+    def __getitem__(self, i: int) -> dict:
+        n = 10 if self.late and i < 8 else 3 + i % 7
+        return {"tokens": torch.randint(0, 50, (10,), generator=torch.Generator().manual_seed(i)),
+                "padding": torch.arange(10) >= n, "label": i % 3, "count": float(n)}
+
+
+def nested_reference(layer: str, data: PaddedTokens, batch_size: int = 4) -> list[torch.Tensor]:
+    """Each sample's tokens at the layer's output as a plain hook sees them."""
+    model, rows = PaddedEncoder().eval(), []
+
+    def keep(module, args, output):
+        parts = output.unbind() if output.is_nested else list(output)
+        rows.extend(p.clone() for p in parts)
+
+    handle = model.get_submodule(layer).register_forward_hook(keep)
+    with torch.inference_mode():
+        for start in range(0, len(data), batch_size):
+            batch = default_collate([data[i] for i in range(start, min(start + batch_size, len(data)))])
+            model(batch["tokens"], batch["padding"])
+    handle.remove()
+    return rows
+
+
+def test_a_nested_tensor_is_stored_ragged_each_sample_over_its_own_tokens(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    data = PaddedTokens()
+    result = extract_from(PaddedEncoder(), data, str(tmp_path / "s.h5"), ["encoder.layers.*"], targets=["label"],
+                          batch_size=4, progress=False)
+    expected = [e.half() for e in nested_reference("encoder.layers.1", data)]
+    with open_store(result.path) as s:
+        assert s.rows == 24 and [s.layers[n].layout for n in s.layers] == ["ragged", "ragged"]
+        rows = s.read("encoder.layers.1")
+        assert [len(r) for r in rows] == [3 + i % 7 for i in range(24)]
+        assert [r.tobytes() for r in rows] == [e.numpy().tobytes() for e in expected]
+        assert s.file["activations/encoder.layers.1/offsets"][:6].tolist() == [0, 3, 7, 12, 18, 25]
+        assert s.layers["encoder.layers.0"].attrs["nonfinite"] == 0
+    assert "encoder.layers.0: a nested tensor, its samples' token counts differing: stored ragged" in caplog.text
+    # a reduction reads each sample's own tokens, never the zeros of its padding
+    for reduction, of in (("last", lambda e: e[-1]), ("first", lambda e: e[0])):
+        result = extract_from(PaddedEncoder(), data, str(tmp_path / f"{reduction}.h5"), ["encoder.layers.1"],
+                              reduction=reduction, batch_size=4, progress=False)
+        with open_store(result.path) as s:
+            assert s.layers["encoder.layers.1"].layout == "dense"
+            assert s.read("encoder.layers.1").tobytes() == torch.stack([of(e) for e in expected]).numpy().tobytes()
+    result = extract_from(PaddedEncoder(), data, str(tmp_path / "mean.h5"), ["encoder.layers.1"], reduction="mean",
+                          batch_size=4, progress=False)
+    means = torch.stack([e.mean(0) for e in nested_reference("encoder.layers.1", data)]).half()
+    with open_store(result.path) as s:
+        assert s.read("encoder.layers.1").tobytes() == means.numpy().tobytes()
+    with pytest.raises(hooks.HookError, match=r"^encoder.layers.1: token index \[3\] is out of range for 3 tokens; "):
+        extract_from(PaddedEncoder(), data, str(tmp_path / "index.h5"), ["encoder.layers.1"], reduction="3",
+                     batch_size=4, progress=False)
+
+
+def test_a_nested_tensor_after_dense_batches_is_rewritten_ragged_and_a_dry_run_says_what_it_gives(tmp_path, caplog):
+    survey = extract_from(PaddedEncoder(), PaddedTokens(), "", ["encoder.layers.0"], batch_size=4, dry_run=True,
+                          progress=False)
+    assert survey.describe().splitlines()[4] == ("encoder.layers.0  TransformerEncoderLayer      1  NestedTensor(4, 3-6, 16)"
+                                                 " float32  3-9 tokens of (16,) float16, ragged (from float32)")
+    layer = survey.layers[0]
+    assert (layer.tokens, layer.mean_tokens, layer.lengths, layer.problem) == ((3, 9), 5.625, [3, 4, 5, 6], None)
+    late = PaddedTokens(late=True)  # the first two batches pad nothing: they run without a mask, dense
+    survey = extract_from(PaddedEncoder(), late, "", ["encoder.layers.1"], batch_size=4, dry_run=4, progress=False)
+    assert (survey.layers[0].tokens, survey.layers[0].ragged_from, survey.problems()) == ((3, 10), 3, [])
+    result = extract_from(PaddedEncoder(), late, str(tmp_path / "s.h5"), ["encoder.layers.1"], batch_size=4,
+                          progress=False)
+    assert ("encoder.layers.1: a batch gave a nested tensor (its samples' token counts differ) where the first batches "
+            "gave dense rows, and they were stored dense; rewriting the 8 rows stored so far ragged, then going on "
+            "(--ragged encoder.layers.1 stores them ragged from the start)") in caplog.text
+    expected = [e.half() for e in nested_reference("encoder.layers.1", late)]
+    with open_store(result.path) as s:
+        layer = s.layers["encoder.layers.1"]
+        assert (layer.layout, layer.attrs["rewritten_at_row"], s.metadata["options"]["ragged"]) == (
+            "ragged", 8, ["encoder.layers.1"])
+        assert [r.tobytes() for r in s.read("encoder.layers.1")] == [e.numpy().tobytes() for e in expected]
+        assert layer.attrs["stats_count"][0] == sum(len(e) for e in expected) == 173  # no padding in the statistics
+
+
+class Nested(nn.Module):
+    """Gives a nested tensor of (x's rows cut to `tokens` each): rows of other feature sizes
+    where `features` differ; called `calls` times in a forward."""
+
+    def __init__(self, tokens=(2, 5, 3), features=None):
+        super().__init__()
+        self.tokens, self.features = tokens, features or [4] * len(tokens)
+
+    def forward(self, x):
+        return torch.nested.nested_tensor([x[i, :n, :f] for i, (n, f) in enumerate(zip(self.tokens, self.features))])
+
+
+class NestedTwice(nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.inner = Nested(**kw)
+
+    def forward(self, x):
+        return self.inner(x), self.inner(x)
+
+
+def test_a_nested_capture_is_padded_for_the_transfer_or_refused_in_one_line():
+    x = torch.randn(3, 6, 4)
+    model = NestedTwice()
+    with hooks.Capture(model, hooks.parse_layers(["inner"], model), multi_fire="last") as cap:
+        cap.start_batch(3)
+        model(x)
+        padded = cap.finish_batch()["inner"]
+        assert cap.lengths == {"inner": [2, 5, 3]} and tuple(padded.shape) == (3, 5, 4)
+        assert all(torch.equal(padded[i, :n], x[i, :n]) and not padded[i, n:].any() for i, n in enumerate((2, 5, 3)))
+
+    def refused(model, error, rows=3, **kw):
+        with hooks.Capture(model, hooks.parse_layers(["inner"], model, **kw.pop("parse", {})), **kw) as cap:
+            cap.start_batch(rows)
+            with pytest.raises(hooks.HookError) as info:
+                model(x)
+                cap.finish_batch()
+            assert str(info.value) == error
+
+    refused(NestedTwice(), "inner gives a nested tensor, whose firings cannot be stacked (--multi-fire stack): choose first "
+            "or last, or reduce its tokens (--reduction)", multi_fire="stack")
+    refused(NestedTwice(), "inner: a nested tensor of 3 components for a batch of 6 samples; marstore stores one component "
+            "a sample: hook a module that keeps the batch", rows=6, multi_fire="first")
+    refused(NestedTwice(features=[4, 3, 4]), "inner: the output of inner is a nested tensor whose samples have shapes "
+            "[(2, 4), (3, 4), (5, 3)]; marstore takes nested samples of (tokens, ...) that differ only in their token "
+            "count: hook another module", multi_fire="first")
+    refused(NestedTwice(), "inner: the output of inner is a nested tensor, taken as (samples, tokens, ...): leave out "
+            "--channels-first and --unfold-batch for it", multi_fire="first", parse={"channels_first": True})
+
+
 def test_a_dry_run_of_several_batches_sees_what_the_first_batches_decide(tmp_path, capsys):
 
     kw = dict(out="", model="test_extract:TokensLater", dataset="helpers.inplace:tokens", layers=["fc"], batch_size=4,
@@ -1891,6 +2044,18 @@ class TagChanges(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         return {"x": torch.full((3, 8), float(i)), "tag": torch.zeros(2 if i < 8 else 3)}
 
+
+
+def test_allow_missing_stores_nan_rows_where_a_module_does_not_fire_also_in_a_short_last_batch(tmp_path, caplog):
+    # 16 items in batches of 5: `extra` skips the second and the last, of 1 row
+    result = extract(ExtractOptions(out=str(tmp_path / "s.h5"), model="test_extract:SkipsEvenCalls",
+                                    dataset="helpers.inplace:tokens", layers=["fc", "extra"], batch_size=5, progress=False,
+                                    device="cpu", reduction="mean", allow_missing=True))
+    with open_store(result.path) as s:
+        assert s.rows == 16 and not np.isnan(s.read("fc")).any()
+        assert np.isnan(s.read("extra")).all(axis=1).tolist() == [False] * 5 + [True] * 5 + [False] * 5 + [True]
+        assert np.isnan(s.read("extra")).any(axis=1).tolist() == np.isnan(s.read("extra")).all(axis=1).tolist()
+    assert caplog.text.count("extra did not fire in this batch: its rows are NaN") == 2
 
 def test_a_dry_run_checks_the_targets_and_the_forward_return_and_modules_that_stop_firing(tmp_path, monkeypatch):
     kw = dict(out="", model="test_extract:SkipsEvenCalls", dataset="helpers.inplace:tokens", layers=["fc", "extra"],

@@ -175,11 +175,16 @@ def test_ragged_from_equal_token_batches(tmp_path):
     with StoreWriter(path, [LayerSpec("enc", (3,), ragged=True)]) as w:
         for t in (5, 2, 0, 7):  # MAR's encoder: a token count per batch
             w.append({"enc": np.full((4, t, 3), t, np.float16)}, index=range(4))
+        # a nested tensor's samples, padded to the most tokens: each sample's first tokens are kept
+        padded = np.arange(4 * 6 * 3, dtype=np.float16).reshape(4, 6, 3)
+        w.append({"enc": padded}, index=range(4, 8), lengths={"enc": [6, 0, 2, 5]})
     with open_store(path) as s:
         rows = s.read("enc")
-        assert [r.shape[0] for r in rows] == [5] * 4 + [2] * 4 + [0] * 4 + [7] * 4
-        assert all((r == r.shape[0]).all() for r in rows)
+        assert [r.shape[0] for r in rows] == [5] * 4 + [2] * 4 + [0] * 4 + [7] * 4 + [6, 0, 2, 5]
+        assert all((r == r.shape[0]).all() for r in rows[:16])
+        assert [r.tobytes() for r in rows[16:]] == [padded[i, :n].tobytes() for i, n in enumerate([6, 0, 2, 5])]
         assert [r.shape[0] for r in s.read("enc", 3, 6)] == [5, 2, 2]
+        assert s.file["activations/enc/offsets"][-5:].tolist() == [56, 62, 62, 64, 69]
 
 
 BAD_APPENDS = [
@@ -195,6 +200,18 @@ BAD_APPENDS = [
      "layer 'r': 3 samples, but index has 2"),
     (lambda w: w.append({"a": np.zeros((2, 8), np.float16), "r": np.zeros((2, 1, 4), np.float16)}),
      "append() needs the source index of every row"),
+    (lambda w: w.append({"a": np.zeros((2, 8), np.float16), "r": np.zeros((2, 3, 4), np.float16)}, index=[0, 1],
+                        lengths={"r": [1, 4]}),
+     "ragged layer 'r': token counts [1, 4] for a padded batch of shape (2, 3, 4) (one count a sample, 0 to 3)"),
+    (lambda w: w.append({"a": np.zeros((2, 8), np.float16), "r": np.zeros((2, 3, 4), np.float16)}, index=[0, 1],
+                        lengths={"r": [1]}),
+     "ragged layer 'r': token counts [1] for a padded batch of shape (2, 3, 4) (one count a sample, 0 to 3)"),
+    (lambda w: w.append({"a": np.zeros((2, 8), np.float16), "r": np.zeros((2, 3, 4), np.float16)}, index=[0, 1],
+                        lengths={"a": [1, 1]}),
+     "layer 'a' is dense; per-sample token counts need a layer made with ragged=True"),
+    (lambda w: w.append({"a": np.zeros((2, 8), np.float16), "r": np.zeros((2, 3, 4), np.float16)}, index=[0, 1],
+                        lengths={"x": [1, 1]}),
+     "token counts for layers not in the batch: ['x']"),
 ]
 
 
