@@ -227,15 +227,30 @@ def _keywords_taken(forward: Callable) -> frozenset[str] | None:
     return frozenset(p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))
 
 
+def _positions_taken(forward: Callable) -> int | None:
+    """The most positional arguments a forward takes, or None where it takes any (*args) or has
+    no signature to read."""
+    try:
+        params = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return None
+    return sum(p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in params)
+
+
 class DefaultForward:
     """The forward without --forward: a dict batch as keyword arguments, a tuple or list as
     positional ones, a tensor or a dataclass alone. Keys the model's forward does not take
     (labels and other targets beside the inputs) are left out, as Hugging Face's Trainer leaves
-    out such columns, with a warning that names them, once a run."""
+    out such columns, and so are a tuple's last values where the forward takes fewer (the label
+    of torchvision's (image, label) items), with a warning that names them, once a run."""
 
     def __init__(self) -> None:
         self.said: set[tuple[type, tuple[str, ...]]] = set()
-        self.taken: dict[type, frozenset[str] | None] = {}  # a model class's forward, read once, not a batch
+        # a model class's forward, read once, not a batch: its keywords, and its most positional values
+        self.taken: dict[type, frozenset[str] | None] = {}
+        self.positions: dict[type, int | None] = {}
 
     def __call__(self, model: torch.nn.Module, batch: Any) -> Any:
         if isinstance(batch, Mapping):
@@ -253,6 +268,18 @@ class DefaultForward:
                 kwargs = {k: v for k, v in kwargs.items() if k not in left_out}
         elif isinstance(batch, (tuple, list)):
             args, kwargs = tuple(batch), {}
+            if type(model) not in self.positions:
+                self.positions[type(model)] = _positions_taken(model.forward)
+            most = self.positions[type(model)]
+            if most and most < len(args):  # a forward of no positional arguments is the user's to fix (below)
+                left_out = tuple(str(i) for i in range(most, len(args)))
+                if (type(model), left_out) not in self.said:
+                    self.said.add((type(model), left_out))
+                    log.warning("the default forward passes the first %d of the batch's %d values, as many as %s.forward%s "
+                                "takes, and leaves out values %s (--targets %s stores them; --forward MODULE:CALLABLE "
+                                "passes the batch otherwise)", most, len(args), type(model).__name__,
+                                inspect.signature(model.forward), ", ".join(left_out), " ".join(left_out))
+                args = args[:most]
         else:
             args, kwargs = (batch,), {}
         try:
@@ -266,7 +293,7 @@ class DefaultForward:
             except ValueError:  # no signature to check against
                 raise exc from None
             except TypeError:
-                given = f"keys {sorted(kwargs)}" if kwargs else f"{len(args)} positional values"
+                given = f"keys {sorted(kwargs)}" if kwargs else f"{len(args)} positional value{'s' * (len(args) != 1)}"
                 raise ExtractError(
                     f"the default forward calls the model with the batch's {given}, and {type(model).__name__}.forward"
                     f"{signature} rejects them ({exc}); give --forward MODULE:CALLABLE, called as fn(model, batch), "
@@ -1582,9 +1609,10 @@ class _StateWatch:
                     state[attr] = ("an attribute", value, module, key)
         # a forward's mutable default argument that it fills (UVA's proprioception_input={}) outlives the call
         for cls in dict.fromkeys(type(m) for m in self.model.modules()):
+            forward = inspect.getattr_static(cls, "forward", None)  # (a scripted module's class raises on `.forward`)
             try:
-                params = inspect.signature(cls.forward).parameters.values()
-            except (TypeError, ValueError):  # a forward written in C has no Python defaults to fill
+                params = inspect.signature(forward).parameters.values()
+            except (TypeError, ValueError):  # a forward written in C, or TorchScript's: no Python defaults to fill
                 continue
             for param in params:
                 if isinstance(param.default, (dict, list)):

@@ -320,8 +320,9 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
     modules = dict(model.named_modules())
     names = list(modules)
     # containers without a forward of their own (ModuleList, ModuleDict) are never called, so
-    # their hooks would never fire
-    never_called = {n for n, m in modules.items() if type(m).forward is nn.Module.forward}
+    # their hooks would never fire (looked up statically: a scripted module's class raises on `.forward`)
+    never_called = {n for n, m in modules.items() if inspect.getattr_static(type(m), "forward", None) is nn.Module.forward}
+    scripted = {n for n, m in modules.items() if isinstance(m, torch.jit.ScriptModule)}  # TorchScript takes no hooks
     selected: dict[str, LayerSelection] = {}
     for pattern in patterns:
         body, capture, element = _split_pattern(pattern)
@@ -348,6 +349,15 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
             log.info("layer pattern %r: left out %d containers that are never called: %s", pattern, len(containers),
                      ", ".join(containers))
             found = [n for n in found if n not in never_called]
+        script = [n for n in found if n in scripted]
+        if script and len(script) == len(found):
+            raise HookError(f"layer pattern {pattern!r} selects {', '.join(script)}: TorchScript (torch.jit.script or "
+                            "torch.jit.load), which takes no hooks; hook the Python module that calls it, or its caller's "
+                            "input (MODULE@input)")
+        if script:
+            log.info("layer pattern %r: left out %d TorchScript modules, which take no hooks: %s", pattern, len(script),
+                     ", ".join(script))
+            found = [n for n in found if n not in scripted]
         for name in found:
             sel = LayerSelection(name, capture, element, reduction)
             selected.setdefault(sel.store_name, sel)

@@ -897,6 +897,34 @@ def test_containers_that_are_never_called_are_refused_or_left_out(caplog):
     assert "left out 2 containers that are never called: encoder_blocks, decoder_blocks" in caplog.text
 
 
+class WithScripted(nn.Module):
+    """A TorchScript submodule (torch.jit.script), as exported or fused parts of models are."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.fused = torch.jit.script(nn.Sequential(nn.Linear(8, 4), nn.ReLU()))
+
+    def forward(self, x):
+        return self.fused(self.fc(x))
+
+
+def test_a_torchscript_module_is_refused_or_left_out_and_the_modules_around_it_are_stored(tmp_path, caplog):
+    model = WithScripted()
+    with pytest.raises(hooks.HookError) as info:
+        hooks.parse_layers(["fused.*"], model)
+    assert str(info.value) == ("layer pattern 'fused.*' selects fused.0, fused.1: TorchScript (torch.jit.script or "
+                               "torch.jit.load), which takes no hooks; hook the Python module that calls it, or its "
+                               "caller's input (MODULE@input)")
+    caplog.set_level("INFO", logger="marstore.hooks")
+    assert [s.name for s in hooks.parse_layers(["**"], model)] == ["fc"]
+    assert "left out 3 TorchScript modules, which take no hooks: fused, fused.0, fused.1" in caplog.text
+    # a model holding one is extracted (its state checked, its forward's defaults read) as any other
+    x = torch.randn(16, 8)
+    result = extract_from(model, [{"x": r} for r in x], str(tmp_path / "s.h5"), ["fc"], batch_size=4, progress=False)
+    with torch.inference_mode(), open_store(result.path) as s:
+        assert s.read("fc").tobytes() == torch.cat([model.fc(x[i:i + 4]) for i in range(0, 16, 4)]).half().numpy().tobytes()
+
 def test_multi_fire_policies_and_modules_that_do_not_fire():
     torch.manual_seed(0)
     model, x = Toy(), torch.randn(3, 4)
@@ -2332,11 +2360,31 @@ def test_a_type_error_inside_the_forward_keeps_its_traceback(tmp_path):
         def forward(self, x):
             return x + "a"
 
+    class Pair(nn.Module):
+        def forward(self, x, y):
+            return x + y
+
     from marstore.extract import default_forward
     with pytest.raises(TypeError, match="unsupported operand"):
         default_forward(Broken(), torch.zeros(2))
-    with pytest.raises(ExtractError, match=r"with the batch's 2 positional values, and Broken.forward\(x\) rejects them"):
+    with pytest.raises(TypeError, match="unsupported operand"):  # (x, label): the label left out, x reaches the forward
         default_forward(Broken(), (torch.zeros(2), torch.zeros(2)))
+    with pytest.raises(ExtractError, match=r"with the batch's 1 positional value, and Pair.forward\(x, y\) rejects them"):
+        default_forward(Pair(), (torch.zeros(2),))
+
+
+def test_the_labels_of_image_label_items_are_left_out_of_the_forward_and_stored_as_targets(tmp_path, caplog):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    x, y = torch.randn(20, 8), torch.arange(20) % 3
+    result = extract_from(model, torch.utils.data.TensorDataset(x, y), str(tmp_path / "s.h5"), ["0"], targets=["1"],
+                          batch_size=8, progress=False)
+    assert caplog.text.count("the default forward passes the first 1 of the batch's 2 values, as many as "
+                             "Sequential.forward(input) takes, and leaves out values 1 (--targets 1 stores them; "
+                             "--forward MODULE:CALLABLE passes the batch otherwise)") == 1
+    with torch.inference_mode(), open_store(result.path) as s:
+        assert s.target("1").tolist() == y.tolist()
+        assert s.read("0").tobytes() == torch.cat([model[0](x[i:i + 8]) for i in range(0, 20, 8)]).half().numpy().tobytes()
 
 
 def cuda_on_third_batch(model, batch):
