@@ -845,9 +845,9 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         forward = loading.import_callable(opts.forward, "--forward") if opts.forward else DefaultForward()
     if opts.redirect_cuda and device.type == "cuda":
         log.info("--redirect-cuda: the run's device is %s, where the model's CUDA calls already go", device)
-    elif device.type != "cuda":  # a forward that uses CUDA itself: redirected, or said in one line
-        forward = functools.partial(_call_forward, _CudaCallsTo(forward, device) if opts.redirect_cuda else forward,
-                                    device=device)
+    # a forward that uses CUDA itself on another device (redirected, or said in one line), or that meets float64 data
+    redirect = opts.redirect_cuda and device.type != "cuda"
+    forward = functools.partial(_call_forward, _CudaCallsTo(forward, device) if redirect else forward, device=device)
     # mixed precision as the model was trained (UVA: bfloat16); the hooks then see bfloat16 where autocast casts
     autocast = (lambda: torch.autocast(device.type, dtype=STORE_DTYPES[opts.autocast])) if opts.autocast \
         else contextlib.nullcontext
@@ -1540,25 +1540,61 @@ _CUDA_UNAVAILABLE = re.compile(r"Torch not compiled with CUDA enabled|Found no N
                                r"Expected all tensors to be on the same device.*cuda")
 
 
+# what torch's layers say where an input's dtype is not their weights'
+_DTYPE_MISMATCH = re.compile(r"same dtype|should be the same|share same datatype|dtype .* does not match weight dtype")
+
+
+def _float_parts(batch: Any, path: str = "") -> list[tuple[str, torch.dtype]]:
+    """A batch's floating-point tensors: (name: 'x', 'obs.pos', '0', or 'the batch' for a tensor
+    batch; dtype)."""
+    if isinstance(batch, torch.Tensor):
+        return [(path or "the batch", batch.dtype)] if batch.is_floating_point() else []
+    fields = hooks.fields_of(batch)
+    items = batch.items() if isinstance(batch, Mapping) else fields.items() if fields is not None else \
+        enumerate(batch) if isinstance(batch, (list, tuple)) else ()
+    return [part for key, value in items for part in _float_parts(value, f"{path}.{key}" if path else str(key))]
+
+
 def _call_forward(forward: Callable, model: torch.nn.Module, batch: Any, *, device: torch.device) -> Any:
-    """forward(model, batch) on a run whose device is not a GPU: a forward that moves tensors to
-    the GPU in its own code (MAR's calls .cuda()) is said in one line, with the model's line
-    that did it; any other error keeps its traceback."""
+    """forward(model, batch). A layer's dtype error where the batch holds floating-point tensors
+    of a dtype that none of the model's weights has (numpy's float64 for float32 weights), and,
+    on a run whose device is not a GPU, a forward that moves tensors to the GPU in its own code
+    (MAR's calls .cuda()), are said in one line, with the model's line where it failed; any
+    other error keeps its traceback."""
     try:
         return forward(model, batch)
-    except (AssertionError, RuntimeError) as exc:
-        if not _CUDA_UNAVAILABLE.search(str(exc)):
+    except (AssertionError, RuntimeError, ValueError) as exc:
+        first = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        if _DTYPE_MISMATCH.search(str(exc)):
+            weights = {p.dtype for p in model.parameters() if p.is_floating_point()}
+            other = [(name, dtype) for name, dtype in _float_parts(batch) if weights and dtype not in weights]
+            if other:
+                names = ", ".join(name for name, _ in other[:4]) + (", ..." if len(other) > 4 else "")
+                subject = "the batch is" if names == "the batch" else f"the batch's {names} {'is' if len(other) == 1 else 'are'}"
+                given, held = ("/".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+                               for dtypes in ({d for _, d in other}, weights))
+                raise ExtractError(f"the forward failed on the batch's dtype ({_model_line(exc)}{first}): {subject} {given}, "
+                                   f"the model's weights {held}; give the data set items of the weights' dtype (numpy "
+                                   "and Python floats are float64: .astype(np.float32)), or a --forward that casts "
+                                   "them") from exc
+        if device.type == "cuda" or not _CUDA_UNAVAILABLE.search(str(exc)):
             raise
-        torch_dir = os.path.dirname(torch.__file__)
-        frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(torch_dir)]
-        at = f"at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}: `{frames[-1].line}`; " if frames else ""
         gpu = "" if torch.cuda.is_available() else "; this machine has none"
         fix = (f"--redirect-cuda moves only the tensors that torch calls put on CUDA, not this: run it on a GPU (--device "
                f"cuda{gpu})") if isinstance(forward, _CudaCallsTo) else \
             (f"run it on a GPU (--device cuda{gpu}), or pass --redirect-cuda to keep the tensors it puts on CUDA "
              f"(MAR's .cuda() calls) on {device}")
-        raise ExtractError(f"the forward uses CUDA in its own code ({at}{type(exc).__name__}: {str(exc).splitlines()[0]}) "
-                           f"and this run's device is {device}: {fix}") from exc
+        raise ExtractError(f"the forward uses CUDA in its own code ({_model_line(exc)}{first}) and this run's device is "
+                           f"{device}: {fix}") from exc
+
+
+def _model_line(exc: BaseException) -> str:
+    """'at FILE:LINE in FUNCTION: `CODE`; ', the last line outside torch and this module (the
+    default forward) that the error passed: none for a model of torch's own modules."""
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(torch_dir)
+              and f.filename != __file__]
+    return f"at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}: `{frames[-1].line}`; " if frames else ""
 
 
 # Buffers up to this many bytes in all are kept for comparison by value while a batch is

@@ -2406,6 +2406,36 @@ def cuda_every_way(model, batch):
     return policy_forward(model, batch)
 
 
+class Projection(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_float64_data_for_float32_weights_stops_in_one_line_naming_the_batchs_tensors(tmp_path):
+    items = [{"x": np.random.default_rng(i).standard_normal(8), "label": i} for i in range(8)]  # numpy's float64
+    here = f"{__file__}:{inspect.getsourcelines(Projection.forward)[1] + 1}"
+    with pytest.raises(ExtractError) as info:
+        extract_from(Projection(), items, str(tmp_path / "s.h5"), ["fc"], batch_size=4, progress=False)
+    assert str(info.value) == (
+        f"the forward failed on the batch's dtype (at {here} in forward: `return self.fc(x)`; RuntimeError: mat1 and "
+        "mat2 must have the same dtype, but got Double and Float): the batch's x is float64, the model's weights "
+        "float32; give the data set items of the weights' dtype (numpy and Python floats are float64: "
+        ".astype(np.float32)), or a --forward that casts them")
+    assert not os.path.exists(tmp_path / "s.h5")  # the store is made after the first batch
+    with pytest.raises(ExtractError, match=r"\): the batch is float32, the model's weights bfloat16; give "):
+        extract_from(Projection().to(torch.bfloat16), torch.randn(8, 8), str(tmp_path / "b.h5"), ["fc"], batch_size=4,
+                     progress=False)
+    # a model of float64 weights takes them; a dtype error of the model's own stays the model's, with its traceback
+    result = extract_from(Projection().double(), items, str(tmp_path / "d.h5"), ["fc"], batch_size=4, progress=False)
+    assert result.rows == 8
+    with pytest.raises(RuntimeError, match=r"^mat1 and mat2 must have the same dtype"):
+        extract_from(Projection(), [torch.randn(8) for _ in range(8)], str(tmp_path / "m.h5"), ["fc"], batch_size=4,
+                     progress=False, forward=lambda model, x: model.fc(x.double()))
+
 def test_a_forward_that_uses_cuda_itself_on_a_cpu_run_stops_in_one_line(tmp_path, caplog):
     """MAR's forward calls .cuda(): on a run whose device is the CPU it fails inside torch; the
     error says so in one line, with the model's line that did it, and the rows before it stay.
