@@ -37,7 +37,7 @@ import traceback
 import types
 import typing
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -951,7 +951,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         interrupt.install()
         with hooks.Capture(model, selections, multi_fire=opts.multi_fire, allow_missing=opts.allow_missing,
                            stop_early=opts.stop_early) as capture:
-            pending: list[tuple] = []
+            pending: list[_BatchRows] = []
             stop: ExtractError | None = None  # an item that failed, raised once the batches before it are stored
             for index, batch, failed in batches:
                 if failed and not opts.skip_failed:
@@ -990,7 +990,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                 del out  # it may hold large tensors: not into the next forward
                 progress.update(len(failed))
                 # items left out before this batch's rows are committed with them (a resume starts after both)
-                batch_rows = (index, tensors, targets, outputs, unrecorded, lengths)
+                batch_rows = _BatchRows(index, tensors, targets, outputs, unrecorded, lengths)
                 unrecorded = []
                 if writer is None:
                     pending.append(batch_rows)
@@ -1000,10 +1000,10 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                     todo, pending = pending, []
                 else:
                     todo = [batch_rows]
-                for idx, tens, targ, outs, left, lens in todo:
-                    writer, nbytes = _submit(ring, writer, tens, targ, idx, out_dtype, outs, left, lens)
+                for queued in todo:
+                    writer, nbytes = _submit(ring, writer, queued, out_dtype)
                     total_bytes += nbytes
-                    progress.update(len(idx))
+                    progress.update(len(queued.index))
                     progress.set_postfix_str(_rate(total_bytes, started), refresh=False)
                     if on_batch is not None:
                         on_batch(writer.written)
@@ -1011,10 +1011,10 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                     raise KeyboardInterrupt
             if writer is None and pending:
                 writer = _open_writer(opts, selections, capture, pending, metadata, start_row)
-                for idx, tens, targ, outs, left, lens in pending:
-                    writer, nbytes = _submit(ring, writer, tens, targ, idx, out_dtype, outs, left, lens)
+                for queued in pending:
+                    writer, nbytes = _submit(ring, writer, queued, out_dtype)
                     total_bytes += nbytes
-                    progress.update(len(idx))
+                    progress.update(len(queued.index))
             if stop is not None:
                 raise stop
             if writer is None:
@@ -1849,20 +1849,30 @@ def _layout(name: str, shapes: Sequence[tuple[int, ...]], ragged: bool) -> tuple
     return ragged, shapes[0][1:] if ragged else shapes[0]
 
 
-def _layer_specs(opts, selections, capture: hooks.Capture, pending) -> list[LayerSpec]:
+class _BatchRows(NamedTuple):
+    """One batch, from its forward to the store."""
+    index: torch.Tensor  # the source index of each row
+    tensors: dict[str, torch.Tensor]  # {store name: the hooked tensor}
+    targets: dict[str, Any]
+    outputs: dict[str, Any]  # the forward's scalars
+    skipped: list[tuple[int, str]]  # items left out before the batch, committed with its rows
+    lengths: dict[str, list[int]]  # a nested capture's token count for each sample (its tensor padded)
+
+
+def _layer_specs(opts, selections, capture: hooks.Capture, pending: list[_BatchRows]) -> list[LayerSpec]:
     specs = []
     ragged_asked = _asked_ragged(opts, selections)
     for sel in selections:
-        shapes = [tuple(t[1][sel.store_name].shape[1:]) for t in pending]
+        shapes = [tuple(p.tensors[sel.store_name].shape[1:]) for p in pending]
         asked = sel.store_name in ragged_asked
-        nested = any(sel.store_name in t[5] for t in pending)
+        nested = any(sel.store_name in p.lengths for p in pending)
         ragged, row_shape = _layout(sel.store_name, shapes, asked or nested)
         if nested and not asked:
             log.info("%s: a nested tensor, its samples' token counts differing: stored ragged", sel.store_name)
         elif ragged and not asked:
             log.info("%s: token count varies between batches (%s): stored ragged", sel.store_name,
                      sorted({s[0] for s in shapes}))
-        first = pending[0][1][sel.store_name]
+        first = pending[0].tensors[sel.store_name]
         source = str(capture.source_dtypes.get(sel.store_name, first.dtype)).replace("torch.", "")
         specs.append(LayerSpec(sel.store_name, row_shape, dtype=opts.dtype, source_dtype=source,
                                reduction=hooks.recorded_reduction(sel.reduction, sel.channels_first), ragged=ragged,
@@ -1877,42 +1887,43 @@ def _unfolded(layout: hooks.UnfoldLayout | None) -> dict[str, Any]:
     return {} if layout is None else {"unfolded": layout.per_sample, "unfold_layout": str(layout)}
 
 
-def _open_writer(opts, selections, capture: hooks.Capture, pending, metadata, start_row: int) -> StoreWriter:
+def _open_writer(opts, selections, capture: hooks.Capture, pending: list[_BatchRows], metadata,
+                 start_row: int) -> StoreWriter:
     specs = _layer_specs(opts, selections, capture, pending)
     targets = []
     for name in opts.targets:
-        value = pending[0][2][name]
+        value = pending[0].targets[name]
         targets.append(TargetSpec(name, tuple(value.shape[1:]), _target_dtype(name, value)))
     _check_room(opts, specs, targets, pending, metadata["rows_planned"] - start_row, metadata["world_size"])
     # On --resume the options were compared already (_check_resume); the store keeps the run
     # description it was started with (its command line has no --resume).
     # On the CPU the model's threads use every core: batches are written between forwards
     # rather than by a thread that competes with them (measured in benchmarks/RESULTS.md).
-    cpu = all(t.device.type == "cpu" for t in pending[0][1].values())
+    cpu = all(t.device.type == "cpu" for t in pending[0].tensors.values())
     return StoreWriter(opts.out, specs, targets, None if opts.resume else metadata, commit_rows=opts.commit_rows,
                        resume=opts.resume, background=not cpu, expected_rows=metadata["rows_planned"])
 
 
-def _check_room(opts: ExtractOptions, specs: list[LayerSpec], targets: list[TargetSpec], pending: list,
+def _check_room(opts: ExtractOptions, specs: list[LayerSpec], targets: list[TargetSpec], pending: list[_BatchRows],
                 rows: int, world: int) -> None:
     """Says how much the run will write, and refuses to start one that the disk cannot take
     (hours in, it would stop there). Exact for uncompressed dense layers in one process; ragged
     layers' token counts are taken from the first batches, so with them (or compression, or
     ranks that share the filesystem) it is an estimate and only a warning."""
     itemsize = STORE_DTYPES[opts.dtype].itemsize
-    first_rows = sum(len(p[0]) for p in pending)
+    first_rows = sum(len(p.index) for p in pending)
     row_bytes = 8  # the source index
     for spec in specs:
         values = math.prod(spec.row_shape) * itemsize
         if spec.ragged:  # tokens per row in the first batches, and one offset a row
-            tokens = sum(sum(p[5][spec.name]) if spec.name in p[5] else p[1][spec.name].shape[0] * p[1][spec.name].shape[1]
+            tokens = sum(sum(p.lengths[spec.name]) if spec.name in p.lengths else math.prod(p.tensors[spec.name].shape[:2])
                          for p in pending) / first_rows
             row_bytes += round(tokens * values) + 8
         else:
             row_bytes += values
     for t in targets:
         if t.dtype == TEXT:  # a 16-byte reference a string in the dataset, the string and its header in the heap
-            texts = [v for p in pending for v in p[2][t.name].flat]
+            texts = [v for p in pending for v in p.targets[t.name].flat]
             row_bytes += round(math.prod(t.row_shape) * (32 + sum(len(v.encode()) for v in texts) / max(1, len(texts))))
         else:
             row_bytes += math.prod(t.row_shape) * np.dtype(t.dtype).itemsize
@@ -1940,13 +1951,12 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
-def _submit(ring: TransferRing, writer: StoreWriter, tensors: dict, targets: dict, index: torch.Tensor,
-            out_dtype: torch.dtype, outputs: dict[str, Any], skipped: list[tuple[int, str]],
-            lengths: dict[str, list[int]]) -> tuple[StoreWriter, int]:
+def _submit(ring: TransferRing, writer: StoreWriter, batch: _BatchRows, out_dtype: torch.dtype) -> tuple[StoreWriter, int]:
     """The batch's tensors and the forward's scalars into a ring slot, the slot to the writer
-    (with the items left out before the batch, and the token counts of its nested captures):
-    (the writer, the bytes). A layer whose token count changed after the first batches had it
-    stored dense is rewritten ragged first, and the writer that goes on returned."""
+    (with the batch's targets, index, items left out before it and nested captures' token
+    counts): (the writer, the bytes). A layer whose token count changed after the first batches
+    had it stored dense is rewritten ragged first, and the writer that goes on returned."""
+    tensors, lengths = batch.tensors, batch.lengths
     background = not all(t.device.type == "cpu" for t in tensors.values())
     dense = {spec.name for spec in writer.layers_spec if not spec.ragged}
     if set(lengths) & dense:  # a nested capture where the first batches gave dense rows
@@ -1967,14 +1977,14 @@ def _submit(ring: TransferRing, writer: StoreWriter, tensors: dict, targets: dic
                     varying.append(name)
         writer = _now_ragged(writer, varying, exc, background)
     try:
-        slot = ring.submit(tensors, dtype=out_dtype, scalars=outputs)
+        slot = ring.submit(tensors, dtype=out_dtype, scalars=batch.outputs)
     except SlotTooSmall:
         _, need = ring.layout(tensors, {n: out_dtype for n in tensors})
         grown = int(need * 1.25)
         log.info("transfer ring: a batch needs %d bytes, more than a slot holds; re-allocating slots of %d bytes", need, grown)
         ring.reserve(grown)
-        slot = ring.submit(tensors, dtype=out_dtype, scalars=outputs)
-    writer.append(slot, targets=targets, index=index.numpy(), skipped=skipped, lengths=lengths)
+        slot = ring.submit(tensors, dtype=out_dtype, scalars=batch.outputs)
+    writer.append(slot, targets=batch.targets, index=batch.index.numpy(), skipped=batch.skipped, lengths=lengths)
     return writer, sum(t.numel() for t in tensors.values()) * out_dtype.itemsize
 
 
