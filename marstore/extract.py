@@ -215,28 +215,19 @@ def _wanted(kind: Any, name: str) -> str:
     return {bool: "true or false", int: "an integer", str: "a string"}[kind]
 
 
-def _keywords_taken(forward: Callable) -> frozenset[str] | None:
-    """The keyword arguments a forward takes, or None where it takes any (**kwargs) or has no
-    signature to read."""
+def _arguments_taken(forward: Callable) -> tuple[frozenset[str] | None, int | None]:
+    """The keyword arguments a forward takes (None: any, **kwargs) and the most positional ones
+    it takes (None: any, *args); both None where it has no signature to read."""
     try:
         params = inspect.signature(forward).parameters.values()
     except (TypeError, ValueError):
-        return None
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return None
-    return frozenset(p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))
-
-
-def _positions_taken(forward: Callable) -> int | None:
-    """The most positional arguments a forward takes, or None where it takes any (*args) or has
-    no signature to read."""
-    try:
-        params = inspect.signature(forward).parameters.values()
-    except (TypeError, ValueError):
-        return None
-    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
-        return None
-    return sum(p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in params)
+        return None, None
+    kinds = {p.kind for p in params}
+    keywords = frozenset(p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                              inspect.Parameter.KEYWORD_ONLY))
+    positions = sum(p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in params)
+    return (None if inspect.Parameter.VAR_KEYWORD in kinds else keywords,
+            None if inspect.Parameter.VAR_POSITIONAL in kinds else positions)
 
 
 class DefaultForward:
@@ -249,36 +240,28 @@ class DefaultForward:
     def __init__(self) -> None:
         self.said: set[tuple[type, tuple[str, ...]]] = set()
         # a model class's forward, read once, not a batch: its keywords, and its most positional values
-        self.taken: dict[type, frozenset[str] | None] = {}
-        self.positions: dict[type, int | None] = {}
+        self.taken: dict[type, tuple[frozenset[str] | None, int | None]] = {}
 
     def __call__(self, model: torch.nn.Module, batch: Any) -> Any:
+        if type(model) not in self.taken:
+            self.taken[type(model)] = _arguments_taken(model.forward)
+        taken, most = self.taken[type(model)]
         if isinstance(batch, Mapping):
             args, kwargs = (), dict(batch)
-            if type(model) not in self.taken:
-                self.taken[type(model)] = _keywords_taken(model.forward)
-            taken = self.taken[type(model)]
             left_out = tuple(sorted(k for k in kwargs if taken is not None and k not in taken))
             if left_out and taken & kwargs.keys():  # a batch of none of its keys is the user's to fix (below)
-                if (type(model), left_out) not in self.said:
-                    self.said.add((type(model), left_out))
-                    log.warning("the default forward leaves out the batch's keys %s, which %s.forward%s does not take "
-                                "(--targets stores them; --forward MODULE:CALLABLE passes the batch otherwise)",
-                                list(left_out), type(model).__name__, inspect.signature(model.forward))
+                self._say_once(model, left_out, "the default forward leaves out the batch's keys %s, which %s.forward%s "
+                               "does not take (--targets stores them; --forward MODULE:CALLABLE passes the batch "
+                               "otherwise)", list(left_out), type(model).__name__, inspect.signature(model.forward))
                 kwargs = {k: v for k, v in kwargs.items() if k not in left_out}
         elif isinstance(batch, (tuple, list)):
             args, kwargs = tuple(batch), {}
-            if type(model) not in self.positions:
-                self.positions[type(model)] = _positions_taken(model.forward)
-            most = self.positions[type(model)]
             if most and most < len(args):  # a forward of no positional arguments is the user's to fix (below)
                 left_out = tuple(str(i) for i in range(most, len(args)))
-                if (type(model), left_out) not in self.said:
-                    self.said.add((type(model), left_out))
-                    log.warning("the default forward passes the first %d of the batch's %d values, as many as %s.forward%s "
-                                "takes, and leaves out values %s (--targets %s stores them; --forward MODULE:CALLABLE "
-                                "passes the batch otherwise)", most, len(args), type(model).__name__,
-                                inspect.signature(model.forward), ", ".join(left_out), " ".join(left_out))
+                self._say_once(model, left_out, "the default forward passes the first %d of the batch's %d values, as "
+                               "many as %s.forward%s takes, and leaves out values %s (--targets %s stores them; --forward "
+                               "MODULE:CALLABLE passes the batch otherwise)", most, len(args), type(model).__name__,
+                               inspect.signature(model.forward), ", ".join(left_out), " ".join(left_out))
                 args = args[:most]
         else:
             args, kwargs = (batch,), {}
@@ -299,6 +282,12 @@ class DefaultForward:
                     f"{signature} rejects them ({exc}); give --forward MODULE:CALLABLE, called as fn(model, batch), "
                     "to choose what the model gets") from exc
             raise
+
+    def _say_once(self, model: torch.nn.Module, left_out: tuple[str, ...], message: str, *args: Any) -> None:
+        """A warning of what the forward leaves out, once a run for each model class and batch layout."""
+        if (type(model), left_out) not in self.said:
+            self.said.add((type(model), left_out))
+            log.warning(message, *args)
 
 
 default_forward = DefaultForward()  # what extract() calls without --forward (each run has its own)
