@@ -1930,8 +1930,8 @@ def test_a_nested_tensor_is_stored_ragged_each_sample_over_its_own_tokens(tmp_pa
     result = extract_from(PaddedEncoder(), data, str(tmp_path / "mean.h5"), ["encoder.layers.1"], reduction="mean",
                           batch_size=4, progress=False)
     means = torch.stack([e.mean(0) for e in nested_reference("encoder.layers.1", data)]).half()
-    with open_store(result.path) as s:
-        assert s.read("encoder.layers.1").tobytes() == means.numpy().tobytes()
+    with open_store(result.path) as s:  # the float32 sums' order is the kernel's: one float16 step of leeway
+        np.testing.assert_array_max_ulp(s.read("encoder.layers.1"), means.numpy(), maxulp=1)
     with pytest.raises(hooks.HookError, match=r"^encoder.layers.1: token index \[3\] is out of range for 3 tokens; "):
         extract_from(PaddedEncoder(), data, str(tmp_path / "index.h5"), ["encoder.layers.1"], reduction="3",
                      batch_size=4, progress=False)
