@@ -603,6 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--dataset", help="MODULE:CALLABLE returning a torch Dataset")
     ex.add_argument("--dataset-arg", action="append", type=_key_value, metavar="KEY=VALUE")
     ex.add_argument("--forward", help="MODULE:CALLABLE called as fn(model, batch) (default: batch as arguments)")
+    ex.add_argument("--collate", help="MODULE:CALLABLE called as fn(items) to batch a list of items, e.g. padding "
+                                      "sequences of different lengths (default: torch's default_collate)")
     ex.add_argument("--layers", nargs="+", help="module names, globs (* one level, ** any) or re:REGEX; @input, :index")
     ex.add_argument("--dry-run", nargs="?", const=True, type=int, metavar="BATCHES",
                     help="run two batches (or BATCHES) with every selected layer hooked and say what each layer, target "

@@ -84,6 +84,7 @@ class ExtractOptions:
     layers: list[str]
     checkpoint: str | None = None
     forward: str | None = None
+    collate: str | None = None  # MODULE:CALLABLE that batches a list of items (padding them), for torch's default
     config_key: str | None = None
     state_key: str | None = None
     model_args: dict[str, Any] = field(default_factory=dict)
@@ -472,16 +473,31 @@ class _Unbatchable:
     in one line (an exception raised in a DataLoader worker arrives wrapped in its traceback)."""
 
     message: str
+    traceback: str | None = None  # a --collate's own error's
+
+    def error(self) -> "ExtractError":
+        if self.traceback is not None:
+            log.error("the --collate traceback:\n%s", self.traceback.rstrip())
+        return ExtractError(self.message)
 
 
-def _collate(items):
-    """(source indices, the batch of the items the data set gave, [(index, _FailedItem)...])"""
+def _collate(items, batch_items: Callable[[list], Any] | None = None):
+    """(source indices, the batch of the items the data set gave, [(index, _FailedItem)...]),
+    batched by batch_items (--collate) where given."""
     failed = [(i, x) for i, x in items if isinstance(x, _FailedItem)]
     items = [(i, x) for i, x in items if not isinstance(x, _FailedItem)]
     index = torch.tensor([i for i, _ in items], dtype=torch.int64)
     samples = [x for _, x in items]
     if not samples:
         return index, None, failed
+    if batch_items is not None:
+        try:
+            return index, batch_items(samples), failed
+        except Exception as exc:  # said in one line by the loop, its traceback logged (a worker's would be lost)
+            name = getattr(batch_items, "__qualname__", type(batch_items).__name__)
+            return index, _Unbatchable(f"--collate {name} failed on a batch of {len(samples)} items (the first is item "
+                                       f"{index[0]}): {type(exc).__name__}: {' '.join(str(exc).split())}; fix it (its "
+                                       "traceback is logged above)", traceback.format_exc()), failed
     first = samples[0]
     dataclass_items = hooks.fields_of(first) is not None and not isinstance(first, tuple)
     if dataclass_items:  # torch's collate takes namedtuples and dicts, not these: batch their fields
@@ -524,7 +540,8 @@ def _not_batched(samples: list, index: list[int], exc: Exception) -> str:
     field, why = next(((key, why) for key, why in problems if why), (None, " ".join(str(exc).split())))
     what = f"their field {field!r}" if field is not None else "they"
     return (f"a batch of {len(index)} items (the first is item {index[0]}) cannot be made: {what}: {why}; give every "
-            "item the same fields and shapes (a field that is None in all of them stays None), or use --batch-size 1")
+            "item the same fields and shapes (a field that is None in all of them stays None), give --collate "
+            "MODULE:CALLABLE that batches them (pads them), or use --batch-size 1")
 
 
 LOGGED_FAILURES = 10  # items left out that are logged one by one; the store records every one
@@ -633,18 +650,21 @@ class InHand:
     model: torch.nn.Module
     dataset: Any
     forward: Callable[[torch.nn.Module, Any], Any] | None = None
+    collate: Callable[[list], Any] | None = None
     move: bool = False  # moved to the run's device (device= was given); else left where its weights are
 
 
 # options that build what extract_from is handed already
-_NOT_IN_HAND = ("model", "dataset", "forward", "model_args", "dataset_args", "command")
+_NOT_IN_HAND = ("model", "dataset", "forward", "collate", "model_args", "dataset_args", "command")
 
 
 def extract_from(model: torch.nn.Module, dataset: Any, out: str, layers: Sequence[str] | str, *,
-                 forward: Callable[[torch.nn.Module, Any], Any] | None = None, dataset_name: str | None = None,
+                 forward: Callable[[torch.nn.Module, Any], Any] | None = None,
+                 collate: Callable[[list], Any] | None = None, dataset_name: str | None = None,
                  on_batch: Callable[[int], None] | None = None, **options: Any) -> ExtractResult | Survey:
     """Extraction from a model and a data set in hand (built in a notebook or a script), not
-    from MODULE:CALLABLE specs; the other options are ExtractOptions' (checkpoint=, targets=,
+    from MODULE:CALLABLE specs (forward=, and collate=, which batches a list of items in place of
+    torch's default_collate); the other options are ExtractOptions' (checkpoint=, targets=,
     reduction=, batch_size=, resume=, ...).
 
     The model stays where its weights are (the inputs go to the first weights' device; a model
@@ -659,8 +679,8 @@ def extract_from(model: torch.nn.Module, dataset: Any, out: str, layers: Sequenc
     object's class does not tell its samples)."""
     refused = sorted(set(options) & set(_NOT_IN_HAND))
     if refused:
-        raise TypeError(f"extract_from() got {', '.join(refused)}: it takes the model, the data set and the forward as "
-                        "objects (model_args, dataset_args: build them with those first)")
+        raise TypeError(f"extract_from() got {', '.join(refused)}: it takes the model, the data set, the forward and the "
+                        "collate as objects (model_args, dataset_args: build them with those first)")
     known = {f.name for f in dataclasses.fields(ExtractOptions)} - set(_NOT_IN_HAND) - {"out", "layers"}
     unknown = sorted(set(options) - known)
     if unknown:
@@ -673,7 +693,8 @@ def extract_from(model: torch.nn.Module, dataset: Any, out: str, layers: Sequenc
     if not move and placed:  # inputs go where the first weights are (a model split over GPUs takes them there)
         options["device"] = str(placed[0])
     opts = ExtractOptions(out=out, model=loading.in_hand_name(model), dataset=dataset_name or loading.in_hand_name(dataset),
-                          forward=loading.in_hand_name(forward) if forward is not None else None, layers=layers, **options)
+                          forward=loading.in_hand_name(forward) if forward is not None else None,
+                          collate=loading.in_hand_name(collate) if collate is not None else None, layers=layers, **options)
     was_training = model.training
     # every GPU's generator: the run seeds them all (a model split over GPUs draws on each)
     cuda = list(range(torch.cuda.device_count())) if opts.device and torch.device(opts.device).type == "cuda" else []
@@ -681,7 +702,7 @@ def extract_from(model: torch.nn.Module, dataset: Any, out: str, layers: Sequenc
     try:
         # the run seeds the global generators (seed_generators): the caller's states are kept
         with torch.random.fork_rng(devices=cuda):
-            return extract(opts, on_batch, in_hand=InHand(model, dataset, forward, move))
+            return extract(opts, on_batch, in_hand=InHand(model, dataset, forward, collate, move))
     finally:
         np.random.set_state(numpy_state)
         random.setstate(python_state)
@@ -832,6 +853,11 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         forward = in_hand.forward
     else:
         forward = loading.import_callable(opts.forward, "--forward") if opts.forward else DefaultForward()
+    if in_hand is not None and in_hand.collate is not None:
+        collate_fn = functools.partial(_collate, batch_items=in_hand.collate)
+    else:
+        collate_fn = functools.partial(_collate, batch_items=loading.import_callable(opts.collate, "--collate")) \
+            if opts.collate else _collate
     if opts.redirect_cuda and device.type == "cuda":
         log.info("--redirect-cuda: the run's device is %s, where the model's CUDA calls already go", device)
     # a forward that uses CUDA itself on another device (redirected, or said in one line), or that meets float64 data
@@ -874,7 +900,8 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         log.info("%s is an iterable data set: its first %d items, in order", opts.dataset, opts.num_samples)
     if opts.dry_run:
         first = indices[:opts.batch_size * _dry_run_batches(opts.dry_run)]
-        survey = _survey(model, forward, selections, problems, _Indexed(dataset, first, opts.seed) if map_style else
+        survey = _survey(model, forward, collate_fn, selections, problems,
+                         _Indexed(dataset, first, opts.seed) if map_style else
                          _Stream(dataset, first, opts.num_samples, opts.seed), opts, device, autocast,
                          planned=len(indices))
         survey.out_problem = _out_problem(opts, survey) if opts.out else None
@@ -893,6 +920,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         "dataset": opts.dataset,
         "dataset_args": opts.dataset_args,
         "forward": opts.forward or "marstore.extract:default_forward",
+        "collate": opts.collate or "torch default_collate",
         "layers": [asdict(s) for s in selections],
         "options": opts.recorded(),
         "command": opts.command,
@@ -919,7 +947,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                      "the same items in the same order as before)", start_row)
     finished = multiprocessing.Event() if opts.workers else None  # set when the workers may go
     loader = DataLoader(source, batch_size=opts.batch_size, shuffle=False, num_workers=opts.workers,
-                        collate_fn=_collate, pin_memory=device.type == "cuda",
+                        collate_fn=collate_fn, pin_memory=device.type == "cuda",
                         worker_init_fn=functools.partial(_quiet_worker, finished) if opts.workers else None)
 
     started = time.perf_counter()
@@ -957,7 +985,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                         progress.update(len(failed))
                         continue
                 if isinstance(batch, _Unbatchable):
-                    raise ExtractError(batch.message)
+                    raise batch.error()
                 # copied before the forward, which may change its inputs in place (UVA's does)
                 targets = {t: _target_array(_get_dotted(batch, t)) for t in opts.targets}
                 capture.start_batch(len(index))
@@ -1220,13 +1248,13 @@ def _problem_kind(survey: hooks.LayerSurvey) -> str:
     return re.sub(r"\d+", "#", text)
 
 
-def _survey(model, forward, selections: list, problems: dict, source: Any, opts: ExtractOptions, device: torch.device,
-            autocast: Callable[[], Any], planned: int) -> Survey:
+def _survey(model, forward, collate_fn: Callable, selections: list, problems: dict, source: Any, opts: ExtractOptions,
+            device: torch.device, autocast: Callable[[], Any], planned: int) -> Survey:
     """--dry-run [N]: the first N batches (2) through the model with every selected layer hooked,
     each layer's, target's and the forward's errors recorded rather than raised, so that one
     run says all that stands in the way."""
     asked = _dry_run_batches(opts.dry_run)
-    loader = DataLoader(source, batch_size=opts.batch_size, shuffle=False, collate_fn=_collate)
+    loader = DataLoader(source, batch_size=opts.batch_size, shuffle=False, collate_fn=collate_fn)
     per_batch: list[list[hooks.LayerSurvey]] = []
     batch_rows: list[int] = []
     targets = {name: TargetSurvey(name, None, None, None) for name in opts.targets}
@@ -1244,7 +1272,7 @@ def _survey(model, forward, selections: list, problems: dict, source: Any, opts:
             if batch is None:  # every item of the batch failed
                 continue
             if isinstance(batch, _Unbatchable):
-                raise ExtractError(batch.message)
+                raise batch.error()
             for name, seen in targets.items():  # before the forward, which may change the batch in place
                 targets[name] = seen if seen.problem else _surveyed_target(seen, batch, len(per_batch))
             capture.start_batch(len(index))

@@ -2726,9 +2726,75 @@ def test_items_that_cannot_be_batched_name_the_field_in_one_line(tmp_path, worke
                             workers=workers))
         assert str(info.value) == (f"a batch of 8 items (the first is item 0) cannot be made: their field 'text_latents': "
                                    f"{why}; give every item the same fields and shapes (a field that is None in all of "
-                                   "them stays None), or use --batch-size 1")
+                                   "them stays None), give --collate MODULE:CALLABLE that batches them (pads them), or "
+                                   "use --batch-size 1")
         assert not out.exists()
 
+
+class Sentences(torch.utils.data.Dataset):
+    """Token ids of 2 + i % 5 tokens: items of different lengths, as text and action chunks are."""
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int) -> dict:
+        return {"ids": torch.arange(2 + i % 5) + i, "label": i % 2}
+
+
+def pad_ids(items: list[dict]) -> dict:
+    """A --collate: the ids padded with 0 to the batch's longest, and their mask."""
+    ids = torch.nn.utils.rnn.pad_sequence([item["ids"] for item in items], batch_first=True)
+    lengths = torch.tensor([len(item["ids"]) for item in items])
+    return {"ids": ids, "mask": torch.arange(ids.shape[1]) < lengths[:, None],
+            "label": torch.tensor([item["label"] for item in items])}
+
+
+class Embedder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(20, 4)
+
+    def forward(self, ids, mask):
+        return self.embed(ids) * mask[..., None]
+
+
+def broken_collate(items: list[dict]) -> dict:
+    raise ValueError(f"cannot pad {len(items)} items")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_collate_batches_items_of_different_lengths(tmp_path, workers, caplog, capsys):
+    kw = dict(model="test_extract:Embedder", dataset="test_extract:Sentences", layers=["embed"], targets=["label"],
+              batch_size=4, progress=False, device="cpu", workers=workers)
+    with pytest.raises(ExtractError, match=r"cannot be made: their field 'ids': stack expects each tensor to be equal "
+                                           r"size, .*give --collate MODULE:CALLABLE that batches them \(pads them\), or "):
+        extract(ExtractOptions(out=str(tmp_path / "plain.h5"), **kw))
+    result = extract(ExtractOptions(out=str(tmp_path / "s.h5"), collate="test_extract:pad_ids", **kw))
+    data = Sentences()
+    with open_store(result.path) as s, torch.inference_mode():
+        assert s.layers["embed"].layout == "ragged" and s.metadata["collate"] == "test_extract:pad_ids"
+        assert s.metadata["options"]["collate"] == "test_extract:pad_ids"
+        batches = [pad_ids([data[i] for i in range(start, start + 4)]) for start in range(0, 12, 4)]
+        expected = [row for batch in batches for row in Embedder().embed(batch["ids"]).half().numpy()]
+        assert [r.shape[0] for r in expected] == [5] * 4 + [6] * 8  # each batch padded to its longest
+        assert [r.tobytes() for r in s.read("embed")] == [r.tobytes() for r in expected]
+        assert s.target("label").tolist() == [i % 2 for i in range(12)]
+    # resumed with another collate: refused, as any option that changes the rows
+    with pytest.raises(ExtractError, match=r"the options differ from the ones .* was written with: collate \(recorded "
+                                           r"'test_extract:pad_ids', now 'test_extract:broken_collate'\)$"):
+        extract(ExtractOptions(out=str(tmp_path / "s.h5"), collate="test_extract:broken_collate", resume=True, **kw))
+    with pytest.raises(ExtractError) as info:  # its own error: one line, its traceback logged (from a worker too)
+        extract(ExtractOptions(out=str(tmp_path / "b.h5"), collate="test_extract:broken_collate", **kw))
+    assert str(info.value) == ("--collate broken_collate failed on a batch of 4 items (the first is item 0): ValueError: "
+                               "cannot pad 4 items; fix it (its traceback is logged above)")
+    assert 'raise ValueError(f"cannot pad {len(items)} items")' in caplog.text
+    # in hand: a callable, recorded by its name
+    survey = extract_from(Embedder(), data, "", ["embed"], collate=pad_ids, batch_size=4, dry_run=True, progress=False)
+    assert survey.problems() == [] and survey.layers[0].tokens == (5, 6)
+    assert main(["extract", "--model", "test_extract:Embedder", "--dataset", "test_extract:Sentences", "--layers", "embed",
+                 "--batch-size", "4", "--collate", "test_extract:pad_ids", "--dry-run"]) == 0
+    assert "embed  Embedding      1  Tensor(4, 5, 4) float32  5-6 tokens of (4,) float16, ragged" in capsys.readouterr().out
 
 def test_an_error_mid_run_keeps_the_committed_rows_and_says_how_to_resume(tmp_path, caplog):
     def fail(rows):
@@ -3501,8 +3567,8 @@ def test_extract_from_refuses_what_it_cannot_take_in_one_line(tmp_path):
 
     model, data = video_mar(**CONFIG), synthetic_video_actions(size=8)
     out = str(tmp_path / "s.h5")
-    with pytest.raises(TypeError, match=r"^extract_from\(\) got dataset_args, model_args: it takes the model, the data set "
-                                        r"and the forward as objects"):
+    with pytest.raises(TypeError, match=r"^extract_from\(\) got dataset_args, model_args: it takes the model, the data set, "
+                                        r"the forward and the collate as objects"):
         extract_from(model, data, out, "encoder_blocks.*", model_args={"depth": 2}, dataset_args={})
     with pytest.raises(TypeError, match=r"^extract_from\(\) got unknown options batchsize; it takes allow_missing, autocast, "
                                         r"batch_size, .* workers$"):
