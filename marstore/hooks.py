@@ -541,10 +541,10 @@ def reduce_tokens(x: torch.Tensor, reduction: str | list[int], channels_first: b
         if tokens % groups:
             raise HookError(f"reduction {reduction}: its {tokens} tokens do not split into {groups} equal groups")
         return _token_mean(x.unflatten(1, (groups, tokens // groups)), 2)
-    if reduction == "first":
-        return x[:, 0]
-    if reduction == "last":
-        return x[:, -1]
+    if reduction in ("first", "last"):
+        if not x.shape[1]:  # (a nested tensor's sample whose tokens are all padding)
+            raise HookError(f"reduction {reduction!r} takes a token, and a sample has none")
+        return x[:, 0] if reduction == "first" else x[:, -1]
     tokens = x.shape[1]
     if any(not -tokens <= i < tokens for i in reduction):  # checked on the host: no wait for the device
         raise HookError(f"token index {reduction} is out of range for {tokens} tokens")

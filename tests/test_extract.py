@@ -1875,16 +1875,17 @@ class PaddedEncoder(nn.Module):
 
 class PaddedTokens(torch.utils.data.Dataset):
     """24 items of 10 token ids, item i's first 3 + i % 7 real (count), the rest padding; late=True:
-    the first 8 items unpadded (the first two batches of 4 run without a mask)."""
+    the first 8 items unpadded (the first two batches of 4 run without a mask); item `empty` all
+    padding."""
 
-    def __init__(self, late: bool = False):
-        self.late = late
+    def __init__(self, late: bool = False, empty: int | None = None):
+        self.late, self.empty = late, empty
 
     def __len__(self) -> int:
         return 24
 
     def __getitem__(self, i: int) -> dict:
-        n = 10 if self.late and i < 8 else 3 + i % 7
+        n = 10 if self.late and i < 8 else 0 if i == self.empty else 3 + i % 7
         return {"tokens": torch.randint(0, 50, (10,), generator=torch.Generator().manual_seed(i)),
                 "padding": torch.arange(10) >= n, "label": i % 3, "count": float(n)}
 
@@ -1935,6 +1936,22 @@ def test_a_nested_tensor_is_stored_ragged_each_sample_over_its_own_tokens(tmp_pa
     with pytest.raises(hooks.HookError, match=r"^encoder.layers.1: token index \[3\] is out of range for 3 tokens; "):
         extract_from(PaddedEncoder(), data, str(tmp_path / "index.h5"), ["encoder.layers.1"], reduction="3",
                      batch_size=4, progress=False)
+    # a sample of padding alone: no tokens stored, a mean of none (NaN, counted), no first token
+    empty = PaddedTokens(empty=2)
+    result = extract_from(PaddedEncoder(), empty, str(tmp_path / "empty.h5"), ["encoder.layers.1"], batch_size=4,
+                          progress=False)
+    with open_store(result.path) as s:
+        assert [len(r) for r in s.read("encoder.layers.1")][:4] == [3, 4, 0, 6]
+    result = extract_from(PaddedEncoder(), empty, str(tmp_path / "empty_mean.h5"), ["encoder.layers.1"], reduction="mean",
+                          batch_size=4, progress=False)
+    with open_store(result.path) as s:
+        assert np.isnan(s.read("encoder.layers.1")).any(axis=1).tolist() == [i == 2 for i in range(24)]
+        assert s.layers["encoder.layers.1"].attrs["nonfinite"] == 16
+    with pytest.raises(hooks.HookError) as info:
+        extract_from(PaddedEncoder(), empty, str(tmp_path / "empty_first.h5"), ["encoder.layers.1"], reduction="first",
+                     batch_size=4, progress=False)
+    assert str(info.value) == ("encoder.layers.1: reduction 'first' takes a token, and a sample has none; leave it out of "
+                               "--layers, or store it whole: --layer-reduction encoder.layers.1=none")
 
 
 def test_a_nested_tensor_after_dense_batches_is_rewritten_ragged_and_a_dry_run_says_what_it_gives(tmp_path, caplog):
