@@ -2065,6 +2065,13 @@ def _check_resume(opts: ExtractOptions, metadata: dict, selections: list[hooks.L
             raise ExtractError(f"--resume: the options differ from the ones {opts.out} was written with: "
                                + ", ".join(f"{k} (recorded {recorded.get(k)!r}, now {now.get(k)!r})" for k in differ))
         _check_same_weights(opts.out, store.metadata.get("checkpoint"), metadata["checkpoint"])
+        # a store of an earlier marstore took a sequence module's (sequence, batch, ...) rows from their first axis
+        then = {layer["store_name"]: layer.get("batch_axis", 0) for layer in store.metadata.get("layers", [])}
+        moved = [sel.store_name for sel in selections if then.get(sel.store_name, sel.batch_axis) != sel.batch_axis]
+        if moved:
+            raise RestartNeeded(f"--resume: {opts.out} took the rows of {', '.join(moved)} from the first axis of their "
+                                "(sequence, batch, ...) tensors, as marstore did before it read torch's batch_first: "
+                                "those rows are positions, not samples; extract into a new store")
         if store.status == "complete":
             raise ExtractError(f"--resume: {opts.out} is already complete ({store.rows} rows)")
         # every item before the resume point is a committed row or a committed item left out

@@ -149,6 +149,7 @@ class LayerSelection:
     channels_first: bool = False  # (batch, channels, *positions), as convolutions give: reduce the positions
     unfold: UnfoldLayout | None = None  # how a module with several rows a sample folded them into its batch
     method: str | None = None  # capture "return": the method's name
+    batch_axis: int = 0  # 1: the tensor is (sequence, batch, ...), as torch's sequence modules give without batch_first
 
     def __post_init__(self) -> None:
         if not self.store_name:
@@ -391,6 +392,10 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
                 sel.channels_first = True
     for sel in layers:
         module = modules[sel.name] if sel.method is None else None  # what a method returns is no module's output
+        sel.batch_axis = _batch_axis(module, sel) if module is not None else 0
+        if sel.batch_axis:
+            log.info("%s: the %s of a %s (batch_first=False) is (sequence or layers, batch, ...): each sample's row is "
+                     "taken from its second axis", sel.store_name, sel.capture, type(module).__name__)
         if sel.reduction == "none" and isinstance(module, CHANNELS_FIRST_MODULES):
             sel.channels_first = True  # stored whole, nothing to choose: recorded, for reductions at read time
         problem = None
@@ -408,6 +413,39 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
                 raise HookError(problem)
             problems[sel.store_name] = problem
     return layers
+
+
+# torch's sequence modules, whose tensors are (sequence, batch, ...) unless batch_first: the
+# arguments of theirs that are (an RNN's hidden state is (layers, batch, hidden) either way)
+SEQUENCE_FIRST_ARGUMENTS = {nn.MultiheadAttention: ("query", "key", "value"), nn.TransformerEncoderLayer: ("src",),
+                            nn.TransformerDecoderLayer: ("tgt", "memory"), nn.Transformer: ("src", "tgt"),
+                            nn.TransformerEncoder: ("src",), nn.TransformerDecoder: ("tgt", "memory"),
+                            nn.RNNBase: ("input",)}
+
+
+def _batch_axis(module: nn.Module, sel: LayerSelection) -> int:
+    """The axis of the batch in what sel captures of module: 1 for the outputs and sequence
+    arguments of torch's sequence modules built without batch_first, and for an RNN's hidden
+    state (its output 1, its argument hx); else 0. Output 1 of MultiheadAttention, its attention
+    weights, is (batch, ...) either way, as are masks."""
+    kind = next((k for k in SEQUENCE_FIRST_ARGUMENTS if isinstance(module, k)), None)
+    if kind is None:
+        return 0
+    if sel.capture == "output":
+        name = "output" if sel.element in (None, 0) else "hx" if sel.element == 1 else None
+    else:
+        names = list(_forward_signature(type(module)).parameters)[1:]  # after self
+        element = 0 if sel.element is None else sel.element
+        name = element if isinstance(element, str) else names[element] if 0 <= element < len(names) else None
+    if kind is nn.RNNBase and name == "hx":
+        return 1
+    layer = module.layers[0] if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)) else module
+    batch_first = getattr(layer, "batch_first", None)
+    if batch_first is None:  # the encoder and decoder layers keep it in their attention
+        batch_first = layer.self_attn.batch_first
+    if batch_first or (kind is nn.MultiheadAttention and name == "hx"):  # (MHA's output 1: its weights)
+        return 0
+    return 1 if name == "output" or name in SEQUENCE_FIRST_ARGUMENTS[kind] else 0
 
 
 def _method_selection(pattern: str, path: str, element: int | str | None, reduction: str | list[int],
@@ -757,6 +795,8 @@ class Capture:
                                 "step); choose --multi-fire first, last or stack")
             if fired and self.multi_fire == "first":
                 return None
+            if sel.batch_axis and value.dim() > 1:  # (sequence, batch, ...): a row per sample
+                value = value.transpose(0, 1)
             folded_dims = value.dim()
             value, lengths = self._unnested(sel, value) if value.is_nested else (self._per_sample(sel, value), None)
             self.source_dtypes.setdefault(sel.store_name, value.dtype)

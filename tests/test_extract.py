@@ -925,6 +925,71 @@ def test_a_torchscript_module_is_refused_or_left_out_and_the_modules_around_it_a
     with torch.inference_mode(), open_store(result.path) as s:
         assert s.read("fc").tobytes() == torch.cat([model.fc(x[i:i + 4]) for i in range(0, 16, 4)]).half().numpy().tobytes()
 
+class SequenceFirst(nn.Module):
+    """torch's sequence modules as built by default (batch_first=False): they take and give
+    (sequence, batch, ...), and an RNN's hidden state is (layers, batch, hidden)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+        self.attn = nn.MultiheadAttention(8, 2)
+        self.rnn = nn.GRU(8, 8, num_layers=2)
+
+    def forward(self, x):  # (batch, tokens, 8)
+        h = self.enc(x.transpose(0, 1))
+        h = h + self.attn(h, h, h, need_weights=True)[0]
+        return self.rnn(h)[0]
+
+
+def test_sequence_first_modules_are_stored_a_row_per_sample_also_where_tokens_equal_the_batch(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    data = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(8)]  # 4 tokens, batches of 4
+    model = SequenceFirst().eval()
+    seen: dict[str, list] = collections.defaultdict(list)
+    handles = [model.get_submodule(name).register_forward_hook(
+        lambda m, a, o, name=name: seen[name].append(o)) for name in ("enc", "attn", "rnn")]
+    with torch.inference_mode():
+        for start in (0, 4):
+            model(torch.stack(data[start:start + 4]))
+    for h in handles:
+        h.remove()
+    layers = ["enc", "attn:0", "attn:1", "rnn:0", "rnn:1", "attn@input:key"]
+    result = extract_from(model, data, str(tmp_path / "s.h5"), layers, batch_size=4, progress=False)
+    # the batch's own axis, the second of (tokens, batch, ...) and of the GRU's (layers, batch, hidden), the first of the
+    # attention weights' (batch, tokens, tokens)
+    expected = {"enc": [o.transpose(0, 1) for o in seen["enc"]], "attn:0": [o[0].transpose(0, 1) for o in seen["attn"]],
+                "attn:1": [o[1] for o in seen["attn"]], "rnn:0": [o[0].transpose(0, 1) for o in seen["rnn"]],
+                "rnn:1": [o[1].transpose(0, 1) for o in seen["rnn"]], "attn@input:key": [o.transpose(0, 1) for o in seen["enc"]]}
+    with open_store(result.path) as s:
+        for name, parts in expected.items():
+            assert s.read(name).tobytes() == torch.cat(parts).half().numpy().tobytes(), name
+        assert s.layers["rnn:1"].row_shape == (2, 8) and s.layers["attn:1"].row_shape == (4, 4)
+        assert [layer["batch_axis"] for layer in s.metadata["layers"]] == [1, 1, 0, 1, 1, 1]
+    assert ("enc: the output of a TransformerEncoderLayer (batch_first=False) is (sequence or layers, batch, ...): each "
+            "sample's row is taken from its second axis") in caplog.text
+    # a store that an earlier marstore began took such rows from the first axis: a resume cannot go on with it
+
+    def stop(rows):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "old.h5"
+    with pytest.raises(Interrupted):
+        extract_from(model, data, str(out), ["enc"], batch_size=4, progress=False, commit_rows=4, on_batch=stop)
+    with h5py.File(out, "r+") as f:
+        run = json.loads(f.attrs["run"])
+        f.attrs["run"] = json.dumps({**run, "layers": [{k: v for k, v in layer.items() if k != "batch_axis"}
+                                                         for layer in run["layers"]]})
+    with pytest.raises(extract_module.RestartNeeded) as info:
+        extract_from(model, data, str(out), ["enc"], batch_size=4, progress=False, commit_rows=4, resume=True)
+    assert str(info.value) == (f"--resume: {out} took the rows of enc from the first axis of their (sequence, batch, ...) "
+                               "tensors, as marstore did before it read torch's batch_first: those rows are positions, "
+                               "not samples; extract into a new store")
+    # built with batch_first, the same modules are read as they are
+    batch_first = nn.ModuleDict({"enc": nn.TransformerEncoderLayer(8, 2, batch_first=True), "rnn": nn.GRU(8, 8, batch_first=True)})
+    assert [(s.store_name, s.batch_axis) for s in hooks.parse_layers(["enc", "rnn:0", "rnn:1"], batch_first)] == [
+        ("enc", 0), ("rnn:0", 0), ("rnn:1", 1)]
+
 def test_multi_fire_policies_and_modules_that_do_not_fire():
     torch.manual_seed(0)
     model, x = Toy(), torch.randn(3, 4)
