@@ -426,26 +426,26 @@ SEQUENCE_FIRST_ARGUMENTS = {nn.MultiheadAttention: ("query", "key", "value"), nn
 def _batch_axis(module: nn.Module, sel: LayerSelection) -> int:
     """The axis of the batch in what sel captures of module: 1 for the outputs and sequence
     arguments of torch's sequence modules built without batch_first, and for an RNN's hidden
-    state (its output 1, its argument hx); else 0. Output 1 of MultiheadAttention, its attention
-    weights, is (batch, ...) either way, as are masks."""
+    state (its output 1, its argument hx) either way; else 0 (MultiheadAttention's output 1,
+    its attention weights, and masks are (batch, ...))."""
     kind = next((k for k in SEQUENCE_FIRST_ARGUMENTS if isinstance(module, k)), None)
     if kind is None:
         return 0
-    if sel.capture == "output":
-        name = "output" if sel.element in (None, 0) else "hx" if sel.element == 1 else None
+    if sel.capture == "output":  # a tensor, an RNN's (output, h_n) or MultiheadAttention's (output, weights)
+        if sel.element == 1:
+            return int(kind is nn.RNNBase)
+        name = "output" if sel.element in (None, 0) else None
     else:
         names = list(_forward_signature(type(module)).parameters)[1:]  # after self
         element = 0 if sel.element is None else sel.element
         name = element if isinstance(element, str) else names[element] if 0 <= element < len(names) else None
-    if kind is nn.RNNBase and name == "hx":
-        return 1
+        if kind is nn.RNNBase and name == "hx":
+            return 1
     layer = module.layers[0] if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)) else module
     batch_first = getattr(layer, "batch_first", None)
     if batch_first is None:  # the encoder and decoder layers keep it in their attention
         batch_first = layer.self_attn.batch_first
-    if batch_first or (kind is nn.MultiheadAttention and name == "hx"):  # (MHA's output 1: its weights)
-        return 0
-    return 1 if name == "output" or name in SEQUENCE_FIRST_ARGUMENTS[kind] else 0
+    return int(not batch_first and (name == "output" or name in SEQUENCE_FIRST_ARGUMENTS[kind]))
 
 
 def _method_selection(pattern: str, path: str, element: int | str | None, reduction: str | list[int],
