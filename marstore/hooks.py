@@ -150,11 +150,12 @@ class LayerSelection:
     unfold: UnfoldLayout | None = None  # how a module with several rows a sample folded them into its batch
     method: str | None = None  # capture "return": the method's name
     batch_axis: int = 0  # 1: the tensor is (sequence, batch, ...), as torch's sequence modules give without batch_first
+    inner: tuple[int | str, ...] = ()  # elements picked inside the element: 'lstm:1:0', an LSTM's h_n
 
     def __post_init__(self) -> None:
         if not self.store_name:
             suffix = "@input" if self.capture == "input" else ""
-            suffix += f":{self.element}" if self.element is not None else ""
+            suffix += "".join(f":{e}" for e in (self.element, *self.inner)) if self.element is not None else ""
             self.store_name = self.label + suffix
 
     @property
@@ -194,18 +195,24 @@ def _glob_regex(pattern: str) -> re.Pattern:
 _ELEMENT = re.compile(r"-?\d+|[A-Za-z_]\w*")
 
 
-def _split_pattern(pattern: str) -> tuple[str, str, int | str | None]:
-    """'name@input:0' -> ('name', 'input', 0); the element is an index or a key identifier."""
-    body, element = pattern, None
-    head, sep, tail = body.rpartition(":")
-    if sep and head and head != "re" and _ELEMENT.fullmatch(tail):
-        body, element = head, (int(tail) if tail.lstrip("-").isdigit() else tail)
+def _split_pattern(pattern: str) -> tuple[str, str, int | str | None, tuple[int | str, ...]]:
+    """'name@input:0' -> ('name', 'input', 0, ()); an element is an index or a key identifier,
+    and the ones after the first pick inside it: 'lstm:1:0' -> ('lstm', 'output', 1, (0,)), the
+    h_n of an LSTM's (output, (h_n, c_n))."""
+    body, elements = pattern, []
+    while True:
+        head, sep, tail = body.rpartition(":")
+        if not (sep and head and head != "re" and _ELEMENT.fullmatch(tail)):
+            break
+        body = head
+        elements.insert(0, int(tail) if tail.lstrip("-").isdigit() else tail)
+    element, inner = (elements[0], tuple(elements[1:])) if elements else (None, ())
     capture = "output"
     if body.endswith("@input"):
         body, capture = body[: -len("@input")], "input"
     elif body.endswith("@output"):
         body = body[: -len("@output")]
-    return body, capture, element
+    return body, capture, element, inner
 
 
 def module_name(store_name: str) -> str:
@@ -326,7 +333,7 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
     scripted = {n for n, m in modules.items() if isinstance(m, torch.jit.ScriptModule)}  # TorchScript takes no hooks
     selected: dict[str, LayerSelection] = {}
     for pattern in patterns:
-        body, capture, element = _split_pattern(pattern)
+        body, capture, element, inner = _split_pattern(pattern)
         if "@" in body:
             raise HookError(f"layer pattern {pattern!r}: unknown capture '@{body.rpartition('@')[2]}'; "
                             "use @input or @output")
@@ -334,7 +341,7 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
             if capture == "input":
                 raise HookError(f"layer pattern {pattern!r}: a method's return value is captured, not its arguments; "
                                 f"drop '@input' (the module that gives them can be hooked)")
-            sel = _method_selection(pattern, body[:-2], element, reduction, modules)
+            sel = _method_selection(pattern, body[:-2], element, reduction, modules, inner)
             selected.setdefault(sel.store_name, sel)
             continue
         found = match_modules(body, names)
@@ -360,7 +367,7 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
                      ", ".join(script))
             found = [n for n in found if n not in scripted]
         for name in found:
-            sel = LayerSelection(name, capture, element, reduction)
+            sel = LayerSelection(name, capture, element, reduction, inner=inner)
             selected.setdefault(sel.store_name, sel)
     layers = list(selected.values())
     for pattern in exclude:
@@ -449,7 +456,7 @@ def _batch_axis(module: nn.Module, sel: LayerSelection) -> int:
 
 
 def _method_selection(pattern: str, path: str, element: int | str | None, reduction: str | list[int],
-                      modules: Mapping[str, nn.Module]) -> LayerSelection:
+                      modules: Mapping[str, nn.Module], inner: tuple[int | str, ...] = ()) -> LayerSelection:
     """The selection of a method's return value: MODULE.METHOD() or, of the model itself, METHOD()."""
     owner, _, method = path.rpartition(".")
     if _has_wildcards(path) or path.startswith("re:") or not method.isidentifier():
@@ -471,7 +478,7 @@ def _method_selection(pattern: str, path: str, element: int | str | None, reduct
         shown = _close_matches(method, own, n=5, cutoff=0.5) or [m for m in own if not m.startswith("_")][:8]
         raise HookError(f"layer pattern {pattern!r}: {type(module).__name__} ({owner or 'the model'}) has no method "
                         f"{method!r}; its methods: {shown}")
-    return LayerSelection(owner, "return", element, reduction, method=method)
+    return LayerSelection(owner, "return", element, reduction, method=method, inner=inner)
 
 
 def _prefix_hint(pattern: str, names: Sequence[str]) -> str:
@@ -751,33 +758,38 @@ class Capture:
         def pick(value: Any) -> torch.Tensor:
             if self.survey and sel.store_name not in self.seen:
                 self.seen[sel.store_name] = describe_value(value)
-            if sel.element is not None and isinstance(value, torch.Tensor):
-                # indexing would silently take the first sample (':0') or fail inside torch (':key')
-                raise HookError(f"{sel.store_name}: the {sel.capture} of {sel.label} is a tensor, and ':{sel.element}' "
-                                f"picks an element of a tuple, list or dict; hook {sel.label}"
-                                f"{'@input' if sel.capture == 'input' else ''} without it (--reduction picks tokens)")
+            path = () if sel.element is None else (sel.element, *sel.inner)
             fields = None if isinstance(value, torch.Tensor) else fields_of(value)  # the common case, kept cheap
-            if sel.element is not None:
+            for depth, element in enumerate(path):
+                where = f"the {sel.capture} of {sel.label}" + "".join(f":{e}" for e in path[:depth])
+                if isinstance(value, torch.Tensor):
+                    # indexing would silently take the first sample (':0') or fail inside torch (':key')
+                    raise HookError(f"{sel.store_name}: {where} is a tensor, and ':{element}' picks an element of a tuple, "
+                                    f"list or dict; hook {sel.label}{'@input' if sel.capture == 'input' else ''}"
+                                    f"{''.join(f':{e}' for e in path[:depth])} without it (--reduction picks tokens)")
                 try:
-                    value = fields[sel.element] if fields is not None and isinstance(sel.element, str) else value[sel.element]
+                    value = fields[element] if fields is not None and isinstance(element, str) else value[element]
                 except (KeyError, IndexError, TypeError):
-                    if sel.capture == "input" and isinstance(sel.element, str):
-                        raise HookError(f"{sel.store_name}: {sel.name} was called without an argument {sel.element!r}; "
+                    if depth == 0 and sel.capture == "input" and isinstance(element, str):
+                        raise HookError(f"{sel.store_name}: {sel.name} was called without an argument {element!r}; "
                                         f"its arguments: {list(value)}") from None
                     has = f"fields {', '.join(fields)}" if fields is not None else (
                         f"keys {sorted(map(str, value))}" if isinstance(value, Mapping) else (
                             f"elements 0 to {len(value) - 1}" if isinstance(value, (tuple, list)) else "no elements"))
-                    raise HookError(f"{sel.store_name}: the {sel.capture} of {sel.label} is a {type(value).__name__}"
-                                    f" with no element {sel.element!r}; it has {has}") from None
-            elif sel.capture != "input" and fields:
+                    raise HookError(f"{sel.store_name}: {where} is a {type(value).__name__} with no element "
+                                    f"{element!r}; it has {has}") from None
+                fields = None if isinstance(value, torch.Tensor) else fields_of(value)
+            if not path and sel.capture != "input" and fields:
                 raise HookError(f"{sel.label} returns a {type(value).__name__} with fields {', '.join(fields)}; "
                                 f"pick one with '{sel.label}:{next(iter(fields))}'")
-            elif isinstance(value, (tuple, list)) and len(value) and isinstance(value[0], torch.Tensor) and sel.capture != "input":
+            if not path and isinstance(value, (tuple, list)) and len(value) and isinstance(value[0], torch.Tensor) \
+                    and sel.capture != "input":
                 raise HookError(f"{sel.label} returns a {type(value).__name__} of {len(value)}; pick one with "
                                 f"'{sel.label}:0' (or another index)")
             if not isinstance(value, torch.Tensor):
-                raise HookError(f"{sel.store_name}: the {sel.capture} of {sel.label} is a {type(value).__name__}, "
-                                "not a tensor; pick a tensor element with ':index' or ':key'")
+                inside = " (one more ':index' picks inside it)" if isinstance(value, (tuple, list, Mapping)) else ""
+                raise HookError(f"{sel.store_name}: the {sel.capture} of {sel.label}{''.join(f':{e}' for e in path)} is a "
+                                f"{type(value).__name__}, not a tensor; pick a tensor element with ':index' or ':key'{inside}")
             return value
 
         def hook(module, args, kwargs, output=None):

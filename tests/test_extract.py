@@ -661,7 +661,7 @@ def test_a_namedtuple_or_dataclass_output_gives_its_fields_by_name():
     assert str(info.value) == "m:0: the output of m is a BlockOutput with no element 0; it has fields hidden, attn"
     with pytest.raises(hooks.HookError) as info:
         captured(Holder(RecordOf(attn=False)), ["m:attn"], x)
-    assert str(info.value) == "m:attn: the output of m is a NoneType, not a tensor; pick a tensor element with ':index' or ':key'"
+    assert str(info.value) == "m:attn: the output of m:attn is a NoneType, not a tensor; pick a tensor element with ':index' or ':key'"
 
 
 class Gate(nn.Module):
@@ -989,6 +989,43 @@ def test_sequence_first_modules_are_stored_a_row_per_sample_also_where_tokens_eq
     batch_first = nn.ModuleDict({"enc": nn.TransformerEncoderLayer(8, 2, batch_first=True), "rnn": nn.GRU(8, 8, batch_first=True)})
     assert [(s.store_name, s.batch_axis) for s in hooks.parse_layers(["enc", "rnn:0", "rnn:1"], batch_first)] == [
         ("enc", 0), ("rnn:0", 0), ("rnn:1", 1)]
+
+class Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lstm = nn.LSTM(8, 6, num_layers=2, batch_first=True)
+
+    def forward(self, x):
+        return self.lstm(x)[0]
+
+
+def test_elements_inside_an_element_are_picked_as_an_lstms_hidden_and_cell_states(tmp_path):
+    assert hooks._split_pattern("lstm:1:0") == ("lstm", "output", 1, (0,))
+    assert hooks._split_pattern("blocks.0@input:x:mask") == ("blocks.0", "input", "x", ("mask",))
+    assert hooks._split_pattern("re:enc.*:0") == ("re:enc.*", "output", 0, ())
+    data = [torch.randn(5, 8, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    model = Recurrent().eval()
+    result = extract_from(model, data, str(tmp_path / "s.h5"), ["lstm:0", "lstm:1:0", "lstm:1:1"], batch_size=4,
+                          progress=False)
+    with torch.inference_mode():
+        parts = [model.lstm(torch.stack(data[i:i + 4])) for i in (0, 4)]
+    # the LSTM's (output, (h_n, c_n)): h_n and c_n are (layers, batch, hidden), batch_first or not
+    expected = {"lstm:0": [p[0] for p in parts], "lstm:1:0": [p[1][0].transpose(0, 1) for p in parts],
+                "lstm:1:1": [p[1][1].transpose(0, 1) for p in parts]}
+    with open_store(result.path) as s:
+        assert list(s.layers) == ["lstm:0", "lstm:1:0", "lstm:1:1"] and s.layers["lstm:1:1"].row_shape == (2, 6)
+        for name, want in expected.items():
+            assert s.read(name).tobytes() == torch.cat(want).half().numpy().tobytes(), name
+    for pattern, error in (
+            ("lstm:1", "lstm:1: the output of lstm:1 is a tuple, not a tensor; pick a tensor element with ':index' or "
+                       "':key' (one more ':index' picks inside it)"),
+            ("lstm:1:2", "lstm:1:2: the output of lstm:1 is a tuple with no element 2; it has elements 0 to 1"),
+            ("lstm:0:1", "lstm:0:1: the output of lstm:0 is a tensor, and ':1' picks an element of a tuple, list or dict; "
+                         "hook lstm:0 without it (--reduction picks tokens)")):
+        with pytest.raises(hooks.HookError) as info:
+            extract_from(model, data, str(tmp_path / "bad.h5"), [pattern], batch_size=4, progress=False)
+        assert str(info.value) == error
 
 def test_multi_fire_policies_and_modules_that_do_not_fire():
     torch.manual_seed(0)
