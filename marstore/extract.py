@@ -1347,7 +1347,7 @@ def _surveyed_layer(batches: list[hooks.LayerSurvey], batch_rows: list[int], sel
             "some modules run only in some task modes): pass --allow-missing to store NaN rows where it does not fire, "
             "or leave it out"))
     # the run decides from its first two batches, a module's silent one taking the first's shape
-    asked = name in ragged or any(s.lengths for s in batches[:2])  # a nested tensor's samples: ragged
+    asked = name in ragged or any(s.lengths for s in batches[:2])  # samples of different lengths: ragged
     try:
         ragged, row = _layout(name, [s.row if s.calls else first.row for s in batches[:2]], asked)
     except ExtractError as exc:
@@ -1885,7 +1885,8 @@ def _layer_specs(opts, selections, capture: hooks.Capture, pending: list[_BatchR
         nested = any(sel.store_name in p.lengths for p in pending)
         ragged, row_shape = _layout(sel.store_name, shapes, asked or nested)
         if nested and not asked:
-            log.info("%s: a nested tensor, its samples' token counts differing: stored ragged", sel.store_name)
+            log.info("%s: samples of different lengths (a nested tensor or a packed sequence): stored ragged",
+                     sel.store_name)
         elif ragged and not asked:
             log.info("%s: token count varies between batches (%s): stored ragged", sel.store_name,
                      sorted({s[0] for s in shapes}))
@@ -2007,15 +2008,15 @@ def _submit(ring: TransferRing, writer: StoreWriter, batch: _BatchRows, out_dtyp
 
 def _now_ragged(writer: StoreWriter, layers: list[str], change: RowShapeError | None, background: bool) -> StoreWriter:
     """A token count changed after the first batches had these layers stored dense (MAR's
-    encoder, whose first two batches kept as many tokens; change None: a nested tensor, whose
-    samples' counts differ): the rows written so far are committed and rewritten ragged, the
-    store's options record it (--ragged, so that a resume agrees), and a writer reopens the
-    store to go on. Said in a warning, which names the flag that would have stored them ragged
-    from the start."""
+    encoder, whose first two batches kept as many tokens; change None: samples of different
+    lengths, a nested tensor or a packed sequence): the rows written so far are committed and
+    rewritten ragged, the store's options record it (--ragged, so that a resume agrees), and a
+    writer reopens the store to go on. Said in a warning, which names the flag that would have
+    stored them ragged from the start."""
     writer.close(complete=False)
     flag = " ".join(shlex.quote(p) for p in _covering(layers, [spec.name for spec in writer.layers_spec]))
-    gave = ("a nested tensor (its samples' token counts differ) where the first batches gave dense rows" if change is None
-            else f"rows of {change.row_shape[0]} tokens where the first batches gave {change.expected[0]}")
+    gave = ("samples of different lengths (a nested tensor or a packed sequence) where the first batches gave dense rows"
+            if change is None else f"rows of {change.row_shape[0]} tokens where the first batches gave {change.expected[0]}")
     log.warning("%s: a batch gave %s, and they were stored dense; rewriting the %d rows stored so far ragged, then going "
                 "on (--ragged %s stores them ragged from the start)", ", ".join(layers), gave, writer.committed, flag)
     with open_store(writer.path) as store:

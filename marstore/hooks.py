@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from marstore.errors import MarstoreError
 
@@ -679,6 +680,12 @@ def describe_value(value: Any, depth: int = 0) -> str:
     """A module's output (or input) in a few words: 'Tensor(16, 64, 32) float32', 'tuple(Tensor(16,
     64, 32) float32, None)', 'Hidden(hidden: Tensor(...) float32, attn: None)'; nested containers
     by their size."""
+    if isinstance(value, PackedSequence):  # (batch, tokens, ...) as pad_packed_sequence gives it
+        sizes = value.batch_sizes.tolist()  # sequences still running at each step, the longest first
+        shortest = sum(n == sizes[0] for n in sizes)
+        axes = ", ".join(map(str, [sizes[0], f"{shortest}-{len(sizes)}" if shortest < len(sizes) else shortest,
+                                   *value.data.shape[1:]]))
+        return f"PackedSequence({axes}) {str(value.data.dtype).removeprefix('torch.')}"
     if isinstance(value, torch.Tensor) and value.is_nested:  # its shape is not a tuple of ints
         shapes = [tuple(t.shape) for t in value.unbind()]
         sizes = [sorted({shape[k] for shape in shapes}) for k in range(len(shapes[0]))] if shapes else []
@@ -779,6 +786,8 @@ class Capture:
                     raise HookError(f"{sel.store_name}: {where} is a {type(value).__name__} with no element "
                                     f"{element!r}; it has {has}") from None
                 fields = None if isinstance(value, torch.Tensor) else fields_of(value)
+            if isinstance(value, PackedSequence):  # an RNN's sequences of different lengths: taken whole
+                return value
             if not path and sel.capture != "input" and fields:
                 raise HookError(f"{sel.label} returns a {type(value).__name__} with fields {', '.join(fields)}; "
                                 f"pick one with '{sel.label}:{next(iter(fields))}'")
@@ -807,10 +816,14 @@ class Capture:
                                 "step); choose --multi-fire first, last or stack")
             if fired and self.multi_fire == "first":
                 return None
-            if sel.batch_axis and value.dim() > 1:  # (sequence, batch, ...): a row per sample
+            if not isinstance(value, PackedSequence) and sel.batch_axis and value.dim() > 1:  # (sequence, batch, ...)
                 value = value.transpose(0, 1)
-            folded_dims = value.dim()
-            value, lengths = self._unnested(sel, value) if value.is_nested else (self._per_sample(sel, value), None)
+            folded_dims = None if isinstance(value, PackedSequence) else value.dim()
+            if isinstance(value, PackedSequence) or value.is_nested:  # samples of different lengths
+                value, lengths = self._padded(sel, value)
+            else:
+                value, lengths = self._per_sample(sel, value), None
+            folded_dims = folded_dims or value.dim()
             self.source_dtypes.setdefault(sel.store_name, value.dtype)
             if value.dtype in (torch.float64, torch.bool):
                 # the kernels take float32, bfloat16 and float16: these become float32 on the device (a
@@ -840,8 +853,8 @@ class Capture:
                 # what the hook saw. A device copy; the model's own tensor is freed as before.
                 x = x.clone(memory_format=torch.contiguous_format)
             if lengths is not None and self.multi_fire == "stack":
-                raise HookError(f"{sel.label} gives a nested tensor, whose firings cannot be stacked (--multi-fire stack):"
-                                " choose first or last, or reduce its tokens (--reduction)")
+                raise HookError(f"{sel.label} gives samples of different lengths, whose firings cannot be stacked "
+                                "(--multi-fire stack): choose first or last, or reduce its tokens (--reduction)")
             if self.multi_fire == "last":
                 fired[:] = [x]
             else:
@@ -870,24 +883,31 @@ class Capture:
             return lambda module, args, kwargs: checked(module, args, kwargs)
         return checked
 
-    def _unnested(self, sel: LayerSelection, value: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        """A nested tensor (torch.nested: nn.TransformerEncoder's layers give one where a padding
-        mask lets them skip the padding), one component a sample, each (tokens, ...): padded with
-        zeros to (B, most tokens, ...), and each sample's token count."""
-        samples = value.unbind()
+    def _padded(self, sel: LayerSelection, value: torch.Tensor | PackedSequence) -> tuple[torch.Tensor, list[int]]:
+        """Samples of different lengths, each (tokens, ...): a nested tensor (torch.nested:
+        nn.TransformerEncoder's layers give one where a padding mask lets them skip the padding)
+        or a PackedSequence (an RNN's, run on pack_padded_sequence's sequences), padded with zeros
+        to (B, most tokens, ...) in the batch's order, and each sample's token count."""
+        if isinstance(value, PackedSequence):
+            kind = "packed sequence"
+            padded, counts = pad_packed_sequence(value, batch_first=True)
+            counts = counts.tolist()
+        else:
+            kind, samples = "nested tensor", value.unbind()
+            if not samples or samples[0].dim() == 0 or any(t.shape[1:] != samples[0].shape[1:] for t in samples):
+                shapes = sorted({tuple(t.shape) for t in samples})
+                raise HookError(f"{sel.store_name}: the {sel.capture} of {sel.label} is a nested tensor whose samples have "
+                                f"shapes {shapes[:4]}; marstore takes nested samples of (tokens, ...) that differ only in "
+                                "their token count: hook another module")
+            padded, counts = torch.nested.to_padded_tensor(value, 0.0), [int(t.shape[0]) for t in samples]
         rows = self._state.rows
-        if rows is not None and len(samples) != rows:
-            raise HookError(f"{sel.store_name}: a nested tensor of {len(samples)} components for a batch of {rows} "
-                            "samples; marstore stores one component a sample: hook a module that keeps the batch")
-        if not samples or samples[0].dim() == 0 or any(t.shape[1:] != samples[0].shape[1:] for t in samples):
-            shapes = sorted({tuple(t.shape) for t in samples})
-            raise HookError(f"{sel.store_name}: the {sel.capture} of {sel.label} is a nested tensor whose samples have "
-                            f"shapes {shapes[:4]}; marstore takes nested samples of (tokens, ...) that differ only in their "
-                            "token count: hook another module")
+        if rows is not None and len(counts) != rows:
+            raise HookError(f"{sel.store_name}: a {kind} of {len(counts)} sequences for a batch of {rows} samples; "
+                            "marstore stores one sequence a sample: hook a module that keeps the batch")
         if sel.channels_first or sel.unfold is not None:
-            raise HookError(f"{sel.store_name}: the {sel.capture} of {sel.label} is a nested tensor, taken as (samples, "
+            raise HookError(f"{sel.store_name}: the {sel.capture} of {sel.label} is a {kind}, taken as (samples, "
                             "tokens, ...): leave out --channels-first and --unfold-batch for it")
-        return torch.nested.to_padded_tensor(value, 0.0), [int(t.shape[0]) for t in samples]
+        return padded, counts
 
     def _per_sample(self, sel: LayerSelection, value: torch.Tensor) -> torch.Tensor:
         """One leading row per sample. A module that folds another axis into the batch (UVA's

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch.utils.data import default_collate
 
 from conftest import requires_cuda
@@ -1027,6 +1028,47 @@ def test_elements_inside_an_element_are_picked_as_an_lstms_hidden_and_cell_state
             extract_from(model, data, str(tmp_path / "bad.h5"), [pattern], batch_size=4, progress=False)
         assert str(info.value) == error
 
+class PackedRecurrent(nn.Module):
+    """An LSTM run on pack_padded_sequence's sequences of different lengths, as RNN code does."""
+
+    def __init__(self, batch_first: bool = True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.batch_first = batch_first
+        self.lstm = nn.LSTM(8, 6, num_layers=2, batch_first=batch_first)
+
+    def forward(self, x, n):
+        x = x if self.batch_first else x.transpose(0, 1)
+        out, (h, c) = self.lstm(pack_padded_sequence(x, n, batch_first=self.batch_first, enforce_sorted=False))
+        return h[-1]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_a_packed_sequence_is_stored_ragged_each_sample_its_own_steps(tmp_path, batch_first):
+    data = [{"x": torch.randn(7, 8, generator=torch.Generator().manual_seed(i)), "n": 2 + i % 5} for i in range(12)]
+    model = PackedRecurrent(batch_first).eval()
+    layers = ["lstm:0", "lstm:1:0", "lstm@input"]
+    survey = extract_from(model, data, "", layers, batch_size=4, progress=False, dry_run=True)
+    assert [(s.gave, s.row, s.tokens) for s in survey.layers] == [
+        ("tuple(PackedSequence(4, 2-5, 6) float32, tuple of 2)", (6,), (2, 6)),
+        ("tuple(PackedSequence(4, 2-5, 6) float32, tuple of 2)", (2, 6), None),
+        ("PackedSequence(4, 2-5, 8) float32", (8,), (2, 6))]
+    result = extract_from(model, data, str(tmp_path / "s.h5"), layers, batch_size=4, progress=False)
+    outputs, hidden = [], []
+    with torch.inference_mode():
+        for start in range(0, 12, 4):
+            x, n = torch.stack([d["x"] for d in data[start:start + 4]]), torch.tensor([d["n"] for d in data[start:start + 4]])
+            out, (h, _) = model.lstm(pack_padded_sequence(x if batch_first else x.transpose(0, 1), n,
+                                                          batch_first=batch_first, enforce_sorted=False))
+            padded, lengths = pad_packed_sequence(out, batch_first=True)  # in the batch's order
+            outputs += [padded[i, :k] for i, k in enumerate(lengths)]
+            hidden.append(h.transpose(0, 1))
+    with open_store(result.path) as s:
+        assert [len(r) for r in s.read("lstm:0")] == [2 + i % 5 for i in range(12)]
+        assert [r.tobytes() for r in s.read("lstm:0")] == [o.half().numpy().tobytes() for o in outputs]
+        assert s.read("lstm:1:0").tobytes() == torch.cat(hidden).half().numpy().tobytes()
+        assert [r.tobytes() for r in s.read("lstm@input")] == [d["x"][:d["n"]].half().numpy().tobytes() for d in data]
+
 def test_multi_fire_policies_and_modules_that_do_not_fire():
     torch.manual_seed(0)
     model, x = Toy(), torch.randn(3, 4)
@@ -2022,7 +2064,8 @@ def test_a_nested_tensor_is_stored_ragged_each_sample_over_its_own_tokens(tmp_pa
         assert [r.tobytes() for r in rows] == [e.numpy().tobytes() for e in expected]
         assert s.file["activations/encoder.layers.1/offsets"][:6].tolist() == [0, 3, 7, 12, 18, 25]
         assert s.layers["encoder.layers.0"].attrs["nonfinite"] == 0
-    assert "encoder.layers.0: a nested tensor, its samples' token counts differing: stored ragged" in caplog.text
+    assert ("encoder.layers.0: samples of different lengths (a nested tensor or a packed sequence): stored ragged"
+            in caplog.text)
     # a reduction reads each sample's own tokens, never the zeros of its padding
     for reduction, of in (("last", lambda e: e[-1]), ("first", lambda e: e[0])):
         result = extract_from(PaddedEncoder(), data, str(tmp_path / f"{reduction}.h5"), ["encoder.layers.1"],
@@ -2068,8 +2111,8 @@ def test_a_nested_tensor_after_dense_batches_is_rewritten_ragged_and_a_dry_run_s
     assert (survey.layers[0].tokens, survey.layers[0].ragged_from, survey.problems()) == ((3, 10), 3, [])
     result = extract_from(PaddedEncoder(), late, str(tmp_path / "s.h5"), ["encoder.layers.1"], batch_size=4,
                           progress=False)
-    assert ("encoder.layers.1: a batch gave a nested tensor (its samples' token counts differ) where the first batches "
-            "gave dense rows, and they were stored dense; rewriting the 8 rows stored so far ragged, then going on "
+    assert ("encoder.layers.1: a batch gave samples of different lengths (a nested tensor or a packed sequence) where "
+            "the first batches gave dense rows, and they were stored dense; rewriting the 8 rows stored so far ragged, then going on "
             "(--ragged encoder.layers.1 stores them ragged from the start)") in caplog.text
     expected = [e.half() for e in nested_reference("encoder.layers.1", late)]
     with open_store(result.path) as s:
@@ -2119,9 +2162,9 @@ def test_a_nested_capture_is_padded_for_the_transfer_or_refused_in_one_line():
                 cap.finish_batch()
             assert str(info.value) == error
 
-    refused(NestedTwice(), "inner gives a nested tensor, whose firings cannot be stacked (--multi-fire stack): choose first "
-            "or last, or reduce its tokens (--reduction)", multi_fire="stack")
-    refused(NestedTwice(), "inner: a nested tensor of 3 components for a batch of 6 samples; marstore stores one component "
+    refused(NestedTwice(), "inner gives samples of different lengths, whose firings cannot be stacked (--multi-fire "
+            "stack): choose first or last, or reduce its tokens (--reduction)", multi_fire="stack")
+    refused(NestedTwice(), "inner: a nested tensor of 3 sequences for a batch of 6 samples; marstore stores one sequence "
             "a sample: hook a module that keeps the batch", rows=6, multi_fire="first")
     refused(NestedTwice(features=[4, 3, 4]), "inner: the output of inner is a nested tensor whose samples have shapes "
             "[(2, 4), (3, 4), (5, 3)]; marstore takes nested samples of (tokens, ...) that differ only in their token "
