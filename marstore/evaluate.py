@@ -400,7 +400,7 @@ class LiveProbes:
             if lengths is None:
                 out[name] = probe.predict(x)
                 continue
-            # a nested tensor, padded: each sample is read over its own tokens, as extraction stored it
+            # samples of different lengths, padded: each is read over its own tokens, as extraction stored it
             parts = [probe.predict(x[i:i + 1, :n]) for i, n in enumerate(lengths)]
             out[name] = torch.cat(parts) if isinstance(parts[0], torch.Tensor) else [p for part in parts for p in part]
         return out
