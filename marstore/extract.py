@@ -854,10 +854,10 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
     else:
         forward = loading.import_callable(opts.forward, "--forward") if opts.forward else DefaultForward()
     if in_hand is not None and in_hand.collate is not None:
-        collate_fn = functools.partial(_collate, batch_items=in_hand.collate)
+        batch_items = in_hand.collate
     else:
-        collate_fn = functools.partial(_collate, batch_items=loading.import_callable(opts.collate, "--collate")) \
-            if opts.collate else _collate
+        batch_items = loading.import_callable(opts.collate, "--collate") if opts.collate else None
+    collate_fn = functools.partial(_collate, batch_items=batch_items)
     if opts.redirect_cuda and device.type == "cuda":
         log.info("--redirect-cuda: the run's device is %s, where the model's CUDA calls already go", device)
     # a forward that uses CUDA itself on another device (redirected, or said in one line), or that meets float64 data
@@ -1825,8 +1825,8 @@ def _rows_on_state(watch: _StateWatch, model: torch.nn.Module, forward: Callable
 
 def _run_batch(model, forward, capture: hooks.Capture, batch: Any, rows: int, shapes: dict, opts: ExtractOptions,
                autocast: Callable[[], Any]) -> tuple[dict, dict, Any, list[str]]:
-    """(the hooked tensors, the token counts of the samples of those that were nested tensors
-    (their tensors padded), the forward's return (hooks.StopForward where --stop-early cut it),
+    """(the hooked tensors, the token counts of the samples of the uneven ones, nested tensors and
+    packed sequences (their tensors padded), the forward's return (hooks.StopForward where --stop-early cut it),
     the layers that did not fire, whose `rows` rows are NaN)."""
     with torch.inference_mode(not opts.train_mode), autocast():
         try:
@@ -1873,7 +1873,7 @@ class _BatchRows(NamedTuple):
     targets: dict[str, Any]
     outputs: dict[str, Any]  # the forward's scalars
     skipped: list[tuple[int, str]]  # items left out before the batch, committed with its rows
-    lengths: dict[str, list[int]]  # a nested capture's token count for each sample (its tensor padded)
+    lengths: dict[str, list[int]]  # an uneven capture's token count for each sample (its tensor padded)
 
 
 def _layer_specs(opts, selections, capture: hooks.Capture, pending: list[_BatchRows]) -> list[LayerSpec]:
@@ -1882,9 +1882,9 @@ def _layer_specs(opts, selections, capture: hooks.Capture, pending: list[_BatchR
     for sel in selections:
         shapes = [tuple(p.tensors[sel.store_name].shape[1:]) for p in pending]
         asked = sel.store_name in ragged_asked
-        nested = any(sel.store_name in p.lengths for p in pending)
-        ragged, row_shape = _layout(sel.store_name, shapes, asked or nested)
-        if nested and not asked:
+        uneven = any(sel.store_name in p.lengths for p in pending)
+        ragged, row_shape = _layout(sel.store_name, shapes, asked or uneven)
+        if uneven and not asked:
             log.info("%s: samples of different lengths (a nested tensor or a packed sequence): stored ragged",
                      sel.store_name)
         elif ragged and not asked:
@@ -1971,13 +1971,13 @@ def _duration(seconds: float) -> str:
 
 def _submit(ring: TransferRing, writer: StoreWriter, batch: _BatchRows, out_dtype: torch.dtype) -> tuple[StoreWriter, int]:
     """The batch's tensors and the forward's scalars into a ring slot, the slot to the writer
-    (with the batch's targets, index, items left out before it and nested captures' token
+    (with the batch's targets, index, items left out before it and uneven captures' token
     counts): (the writer, the bytes). A layer whose token count changed after the first batches
     had it stored dense is rewritten ragged first, and the writer that goes on returned."""
     tensors, lengths = batch.tensors, batch.lengths
     background = not all(t.device.type == "cpu" for t in tensors.values())
     dense = {spec.name for spec in writer.layers_spec if not spec.ragged}
-    if set(lengths) & dense:  # a nested capture where the first batches gave dense rows
+    if set(lengths) & dense:  # an uneven capture where the first batches gave dense rows
         writer = _now_ragged(writer, sorted(set(lengths) & dense), None, background)
     try:
         writer.check_shapes({name: tuple(t.shape) for name, t in tensors.items()})

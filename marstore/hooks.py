@@ -588,7 +588,7 @@ def reduce_tokens(x: torch.Tensor, reduction: str | list[int], channels_first: b
             raise HookError(f"reduction {reduction}: its {tokens} tokens do not split into {groups} equal groups")
         return _token_mean(x.unflatten(1, (groups, tokens // groups)), 2)
     if reduction in ("first", "last"):
-        if not x.shape[1]:  # (a nested tensor's sample whose tokens are all padding)
+        if not x.shape[1]:  # (an uneven capture's sample whose tokens are all padding)
             raise HookError(f"reduction {reduction!r} takes a token, and a sample has none")
         return x[:, 0] if reduction == "first" else x[:, -1]
     tokens = x.shape[1]
@@ -655,7 +655,7 @@ class _State:
     fired: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     done: set[str] = field(default_factory=set)
     rows: int | None = None  # samples in the batch, when the caller says
-    lengths: dict[str, list[int]] = field(default_factory=dict)  # nested captures: each sample's token count
+    lengths: dict[str, list[int]] = field(default_factory=dict)  # padded uneven captures: each sample's token count
     error: HookError | None = None  # the first a hook raised, kept in case the model swallowed it
 
 
@@ -673,7 +673,7 @@ class LayerSurvey:
     tokens: tuple[int, int] | None = None
     mean_tokens: float | None = None
     ragged_from: int | None = None  # the batch whose token count makes the run rewrite it ragged, after two alike
-    lengths: list[int] | None = None  # a nested capture's token count for each sample (row: padded to the most)
+    lengths: list[int] | None = None  # an uneven capture's token count for each sample (row: padded to the most)
 
 
 def describe_value(value: Any, depth: int = 0) -> str:
@@ -734,7 +734,8 @@ class Capture:
         self.calls: dict[str, int] = {sel.store_name: 0 for sel in self.layers}
         self.seen: dict[str, str] = {}  # survey: what each hook saw first, described
         self.problems: dict[str, str] = {}  # survey: each module's first error in this forward
-        self.lengths: dict[str, list[int]] = {}  # the last finished batch's nested captures: each sample's token count
+        # the last finished batch's uneven captures (nested tensors, packed sequences): each sample's token count
+        self.lengths: dict[str, list[int]] = {}
 
     def __enter__(self) -> "Capture":
         try:
@@ -766,14 +767,18 @@ class Capture:
             if self.survey and sel.store_name not in self.seen:
                 self.seen[sel.store_name] = describe_value(value)
             path = () if sel.element is None else (sel.element, *sel.inner)
+
+            def picked(depth: int) -> str:  # the elements picked before path[depth], for messages
+                return "".join(f":{e}" for e in path[:depth])
+
             fields = None if isinstance(value, torch.Tensor) else fields_of(value)  # the common case, kept cheap
             for depth, element in enumerate(path):
-                where = f"the {sel.capture} of {sel.label}" + "".join(f":{e}" for e in path[:depth])
                 if isinstance(value, torch.Tensor):
                     # indexing would silently take the first sample (':0') or fail inside torch (':key')
-                    raise HookError(f"{sel.store_name}: {where} is a tensor, and ':{element}' picks an element of a tuple, "
-                                    f"list or dict; hook {sel.label}{'@input' if sel.capture == 'input' else ''}"
-                                    f"{''.join(f':{e}' for e in path[:depth])} without it (--reduction picks tokens)")
+                    raise HookError(f"{sel.store_name}: the {sel.capture} of {sel.label}{picked(depth)} is a tensor, and "
+                                    f"':{element}' picks an element of a tuple, list or dict; hook {sel.label}"
+                                    f"{'@input' if sel.capture == 'input' else ''}{picked(depth)} without it (--reduction "
+                                    "picks tokens)")
                 try:
                     value = fields[element] if fields is not None and isinstance(element, str) else value[element]
                 except (KeyError, IndexError, TypeError):
@@ -783,8 +788,8 @@ class Capture:
                     has = f"fields {', '.join(fields)}" if fields is not None else (
                         f"keys {sorted(map(str, value))}" if isinstance(value, Mapping) else (
                             f"elements 0 to {len(value) - 1}" if isinstance(value, (tuple, list)) else "no elements"))
-                    raise HookError(f"{sel.store_name}: {where} is a {type(value).__name__} with no element "
-                                    f"{element!r}; it has {has}") from None
+                    raise HookError(f"{sel.store_name}: the {sel.capture} of {sel.label}{picked(depth)} is a "
+                                    f"{type(value).__name__} with no element {element!r}; it has {has}") from None
                 fields = None if isinstance(value, torch.Tensor) else fields_of(value)
             if isinstance(value, PackedSequence):  # an RNN's sequences of different lengths: taken whole
                 return value
@@ -797,7 +802,7 @@ class Capture:
                                 f"'{sel.label}:0' (or another index)")
             if not isinstance(value, torch.Tensor):
                 inside = " (one more ':index' picks inside it)" if isinstance(value, (tuple, list, Mapping)) else ""
-                raise HookError(f"{sel.store_name}: the {sel.capture} of {sel.label}{''.join(f':{e}' for e in path)} is a "
+                raise HookError(f"{sel.store_name}: the {sel.capture} of {sel.label}{picked(len(path))} is a "
                                 f"{type(value).__name__}, not a tensor; pick a tensor element with ':index' or ':key'{inside}")
             return value
 
@@ -816,14 +821,14 @@ class Capture:
                                 "step); choose --multi-fire first, last or stack")
             if fired and self.multi_fire == "first":
                 return None
-            if not isinstance(value, PackedSequence) and sel.batch_axis and value.dim() > 1:  # (sequence, batch, ...)
-                value = value.transpose(0, 1)
-            folded_dims = None if isinstance(value, PackedSequence) else value.dim()
             if isinstance(value, PackedSequence) or value.is_nested:  # samples of different lengths
                 value, lengths = self._padded(sel, value)
+                folded_dims = value.dim()
             else:
+                if sel.batch_axis and value.dim() > 1:  # (sequence, batch, ...): a row per sample
+                    value = value.transpose(0, 1)
+                folded_dims = value.dim()
                 value, lengths = self._per_sample(sel, value), None
-            folded_dims = folded_dims or value.dim()
             self.source_dtypes.setdefault(sel.store_name, value.dtype)
             if value.dtype in (torch.float64, torch.bool):
                 # the kernels take float32, bfloat16 and float16: these become float32 on the device (a
@@ -847,7 +852,7 @@ class Capture:
             except HookError as exc:
                 raise HookError(f"{sel.store_name}: {exc}; leave it out of --layers, or store it whole: "
                                 f"--layer-reduction {sel.store_name}=none") from None
-            if lengths is None and _same_memory(x, value):  # (a nested capture's padded copy is the hook's own)
+            if lengths is None and _same_memory(x, value):  # (an uneven capture's padded copy is the hook's own)
                 # The copy to the host comes after the forward, and the model may still change this
                 # tensor in place (ReLU(inplace=True) after a BatchNorm, `out += identity`): keep
                 # what the hook saw. A device copy; the model's own tensor is freed as before.
@@ -861,7 +866,7 @@ class Capture:
                 fired.append(x)
             if lengths is not None:
                 self._state.lengths[sel.store_name] = lengths
-            else:  # (a dense last firing after a nested one)
+            else:  # (a dense last firing after an uneven one)
                 self._state.lengths.pop(sel.store_name, None)
             self._state.done.add(sel.store_name)
             if self.stop_early and len(self._state.done) == len(self.layers):
@@ -939,8 +944,8 @@ class Capture:
 
     def finish_batch(self) -> dict[str, torch.Tensor]:
         """{store name: tensor} for this batch; a module that did not fire is an error unless
-        allowed. A nested capture's tensor is padded, (B, most tokens, ...): self.lengths then
-        holds each of its samples' token count, for this batch."""
+        allowed. An uneven capture's tensor (a nested tensor's, a packed sequence's) is padded, (B,
+        most tokens, ...): self.lengths then holds each of its samples' token count, for this batch."""
         if self._state.error is not None:  # a hook's error that the model's own `except` swallowed
             raise self._state.error
         captured, out = self.captured(), {}

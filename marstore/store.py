@@ -641,7 +641,8 @@ class StoreWriter:
         first row. skipped: (source index, error) of items left out since the last batch,
         committed with this batch's rows, under /skipped. lengths: {ragged layer: each sample's
         token count} where that layer's batch is padded, (batch, most tokens, ...): each sample's
-        first tokens are stored (a nested tensor's samples, padded on the device).
+        first tokens are stored (a nested tensor's or a packed sequence's samples, padded on the
+        device).
         Blocks only while the queue is full."""
         self._raise_if_failed()
         if self._closed:
