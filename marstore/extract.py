@@ -839,6 +839,9 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         model = in_hand.model
         if config:
             log.info("the checkpoint's config (%r) is recorded; the model handed over was built without it", report.config_key)
+    if loading.uncompiled(model) is not model:
+        log.info("the model is compiled (torch.compile): its layers and weights are named as in the %s it wraps, without "
+                 "'_orig_mod.'", type(loading.uncompiled(model)).__name__)
     if state is not None:
         loading.load_weights(model, state, strict=opts.strict, report=report)
         del state
@@ -1630,7 +1633,7 @@ class _StateWatch:
     self.device), which ties no row to the ones before it."""
 
     def __init__(self, model: torch.nn.Module):
-        self.model = model
+        self.model = loading.uncompiled(model)  # its state named as the model's own (not '_orig_mod.')
         self.before = self._state(copy_budget=STATE_COPY_BYTES)
         # the parts that changed, each as the state after the forward holds it (None: removed)
         self.changed: dict[str, tuple[str, Any, Any, Any] | None] = {}

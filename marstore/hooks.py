@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -34,6 +35,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from marstore.errors import MarstoreError
+from marstore.loading import uncompiled
 
 log = logging.getLogger(__name__)
 
@@ -325,8 +327,9 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
     layer, or {pattern: layout} for the layers the patterns name;
     exclude names modules to leave out of what the patterns select ('**' but the attention
     modules, whose outputs are tuples). problems: where given, the error of a selected module
-    whose options do not fit it is recorded there (a survey), not raised."""
-    modules = dict(model.named_modules())
+    whose options do not fit it is recorded there (a survey), not raised. A compiled model's
+    modules are named as in the module it wraps."""
+    modules = dict(uncompiled(model).named_modules())
     names = list(modules)
     # containers without a forward of their own (ModuleList, ModuleDict) are never called, so
     # their hooks would never fire (looked up statically: a scripted module's class raises on `.forward`)
@@ -716,12 +719,11 @@ class Capture:
                  allow_missing: bool = False, stop_early: bool = False, survey: bool = False):
         if multi_fire not in MULTI_FIRE:
             raise HookError(f"multi-fire policy {multi_fire!r}: use one of {MULTI_FIRE}")
-        self.model = model
         self.layers = list(layers)
         self.multi_fire = multi_fire
         self.allow_missing = allow_missing
         self.stop_early = stop_early
-        self.modules = dict(model.named_modules())
+        self.modules = dict(uncompiled(model).named_modules())
         self._handles: list[torch.utils.hooks.RemovableHandle | _MethodHook] = []
         self._state = _State()
         self.missing_counts = {sel.store_name: 0 for sel in self.layers}
@@ -884,9 +886,12 @@ class Capture:
                 self._state.error = self._state.error or exc
                 raise
 
-        if sel.capture == "input":
-            return lambda module, args, kwargs: checked(module, args, kwargs)
-        return checked
+        hook_fn = (lambda module, args, kwargs: checked(module, args, kwargs)) if sel.capture == "input" else checked
+        if "torch._dynamo" in sys.modules:  # something was compiled (torch.compile): the model may be
+            # dynamo would trace this Python, specialise it on each layer and recompile past its limit; run it
+            # outside the graph, which breaks at each hooked module for the hook to see real tensors
+            hook_fn = torch.compiler.disable(hook_fn)
+        return hook_fn
 
     def _padded(self, sel: LayerSelection, value: torch.Tensor | PackedSequence) -> tuple[torch.Tensor, list[int]]:
         """Samples of different lengths, each (tokens, ...): a nested tensor (torch.nested:

@@ -742,10 +742,23 @@ def _best_prefix(state: Mapping[str, torch.Tensor], wanted: set[str]) -> tuple[s
     return best, best_hits
 
 
+def uncompiled(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that torch.compile wrapped (its OptimizedModule's _orig_mod), else the model:
+    its weights and layers are named as the model's checkpoints and other runs name them, not
+    under the wrapper's '_orig_mod.'. The wrapper still runs the forward, and the hooks set on
+    the module inside it fire."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # imported wherever a model was compiled
+    while eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+        model = model._orig_mod
+    return model
+
+
 def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], strict: bool = False,
                  report: LoadReport | None = None) -> LoadReport:
-    """load_state_dict with prefixes stripped and every mismatch reported (an error if strict)."""
+    """load_state_dict with prefixes stripped and every mismatch reported (an error if strict);
+    a compiled model's weights are loaded into the module it wraps."""
     report = report or LoadReport()
+    model = uncompiled(model)
     own = model.state_dict()
     wanted = set(own)
     prefix, _ = _best_prefix(state, wanted)

@@ -991,6 +991,59 @@ def test_sequence_first_modules_are_stored_a_row_per_sample_also_where_tokens_eq
     assert [(s.store_name, s.batch_axis) for s in hooks.parse_layers(["enc", "rnn:0", "rnn:1"], batch_first)] == [
         ("enc", 0), ("rnn:0", 0), ("rnn:1", 1)]
 
+class Blocks(nn.Module):
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.GELU()) for _ in range(2))
+        self.register_buffer("scale", torch.full((8,), float(seed)))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x) * self.scale
+        return x.sum()
+
+
+@pytest.mark.parametrize("saved_compiled", [False, True])
+def test_a_compiled_model_takes_its_own_names_for_layers_and_weights(tmp_path, caplog, saved_compiled):
+    """torch.compile wraps the model under '_orig_mod.': the layers keep the names that runs of
+    the model itself give, and a checkpoint of either loads into it (it loaded none, and the run went
+    on with the compiled model's random weights, its patterns refused for lacking '_orig_mod.').
+    The hooks run outside dynamo's graphs: traced, they were specialised on each layer and
+    recompiled past dynamo's limit, the model's graphs broken where they were."""
+    traced: list[str] = []  # where the code compiled into graphs comes from
+
+    def backend(graph_module, example_inputs):
+        traced.extend(node.meta.get("stack_trace") or "" for node in graph_module.graph.nodes)
+        return graph_module.forward
+
+    trained = Blocks(seed=1)
+    path = tmp_path / "weights.pt"
+    torch.save((torch.compile(trained, backend="eager") if saved_compiled else trained).state_dict(), path)
+    data = [torch.randn(3, 8, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    compiled = torch.compile(Blocks(seed=2), backend=backend)
+    with caplog.at_level(logging.INFO, logger="marstore"):
+        result = extract_from(compiled, data, str(tmp_path / "s.h5"), ["blocks.*"], checkpoint=str(path), batch_size=4,
+                              progress=False, strict=True)
+    assert "the model is compiled (torch.compile): its layers and weights are named as in the Blocks it wraps, without " \
+           "'_orig_mod.'" in caplog.messages
+    assert result.load_report["loaded"] == 5 and result.load_report["missing_count"] == 0
+    assert result.load_report["stripped_prefix"] == ("_orig_mod." if saved_compiled else None)
+    captured = {}
+    handles = [trained.blocks[i].register_forward_hook(lambda m, a, out, i=i: captured.setdefault(i, []).append(out.half()))
+               for i in range(2)]
+    with torch.inference_mode():
+        trained(torch.stack(data[:4])), trained(torch.stack(data[4:]))
+    for handle in handles:
+        handle.remove()
+    with open_store(result.path) as s:
+        assert list(s.layers) == ["blocks.0", "blocks.1"]
+        for i in range(2):
+            assert s.read(f"blocks.{i}").tobytes() == torch.cat(captured[i]).numpy().tobytes()
+    assert hooks.hook_count(compiled) == 0
+    assert traced and not [trace for trace in traced if "hooks.py" in trace]
+
+
 class Recurrent(nn.Module):
     def __init__(self):
         super().__init__()
