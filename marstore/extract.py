@@ -995,8 +995,14 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                 seed_generators(opts.seed, int(index[0]), _BATCH, device)
                 watch = _StateWatch(model) if forwards == 1 else None
                 replay = _map_tensors(batch, torch.clone) if watch is not None else None  # the forward may change it
-                tensors, lengths, out, missing = _run_batch(model, forward, capture, _to_device(batch, device), len(index),
-                                                            shapes, opts, autocast)
+                try:
+                    tensors, lengths, out, missing = _run_batch(model, forward, capture, _to_device(batch, device),
+                                                                len(index), shapes, opts, autocast)
+                except Exception as exc:
+                    if not isinstance(exc, MarstoreError):  # the model's own error: its traceback, and on what
+                        exc.add_note(f"marstore: {_forward_failure(exc, index, batch)}" + (
+                            "; --dry-run shows what each hooked layer gave before it" if not forwards else ""))
+                    raise
                 forwards += 1
                 if watch is not None:
                     metadata["state_changes"] = watch.changes()
@@ -1117,6 +1123,7 @@ class Survey:
     batch_rows: list[int] = field(default_factory=list)  # each surveyed batch's samples
     state_changes: list[str] | None = None  # what the second batch's forward changed of the model's state
     state_dependent_layers: list[str] | None = None  # the captures that came out otherwise when it ran again
+    forward_problem: str | None = None  # what the forward failed on (batches: those surveyed before it)
 
     def rows_per_second(self) -> float | None:
         """The forward's pace: over the batches after the first (its warm-up), where there are."""
@@ -1129,7 +1136,8 @@ class Survey:
 
     def _others(self) -> list[str]:
         """The problems that are not a layer's: the targets', the forward's return's, --out's."""
-        return [t.problem for t in self.targets if t.problem] + [p for p in (self.output_problem, self.out_problem) if p]
+        return [t.problem for t in self.targets if t.problem] + [
+            p for p in (self.forward_problem, self.output_problem, self.out_problem) if p]
 
     def row_bytes(self) -> int:
         """Stored bytes a row of the layers that would be stored, as the surveyed batches gave
@@ -1143,8 +1151,8 @@ class Survey:
         fix, what to leave out, and the bytes the run would store."""
         header = ["layer", "module", "calls", "gave (first call)", "stored row"]
         rows = [[s.name, s.module, str(s.calls), s.gave, self._stored(s)] for s in self.layers]
-        what, count = "the first batch" if self.batches == 1 else f"the first {self.batches} batches", f"{self.rows} samples"
-        if self.batches < self.asked:
+        what, count = "the first batch" if self.batches <= 1 else f"the first {self.batches} batches", f"{self.rows} samples"
+        if 0 < self.batches < self.asked and not self.forward_problem:
             what = "the data set's one batch" if self.batches == 1 else f"all {self.batches} batches of the data set"
             count = f"{count}; {self.asked} asked"
         weights = self.weights or "none loaded (no checkpoint): the model runs with the weights it has"
@@ -1174,6 +1182,8 @@ class Survey:
             leave_out = _covering([s.name for s in bad], [s.name for s in self.layers])
             if leave_out:
                 lines += ["", f"or leave them out: --exclude-layers {' '.join(shlex.quote(p) for p in leave_out)}"]
+        elif not self.batches:  # the first forward failed
+            lines += ["", f"{sum(s.calls > 0 for s in self.layers)} of {len(self.layers)} layers fired before the forward failed"]
         else:
             lines += ["", f"all {len(self.layers)} layers would be stored"]
         late = [s for s in self.layers if s.ragged_from and not s.problem]
@@ -1184,6 +1194,8 @@ class Survey:
                          f"ragged then (--ragged {flag} stores them ragged from the start)")
         if self.state_changes:
             lines.append(_state_note(self.state_changes, self.state_dependent_layers))
+        if not self.batches:
+            return "\n".join(lines)
         shapes = "the first batch's shapes" if self.batches == 1 else "the surveyed batches' shapes"
         lines.append(f"the run's {self.planned} rows: about {human_bytes(self.planned * self.row_bytes())} of activations "
                      f"({human_bytes(self.row_bytes())} a row, as {shapes} give it)")
@@ -1205,6 +1217,8 @@ class Survey:
         return f"{count} tokens of {s.row} {self.dtype}, ragged{when} (from {s.source_dtype})"
 
     def _return(self) -> str:
+        if self.forward_problem and not self.batches:
+            return "the forward's return: none (the forward failed: below)"
         if self.outputs is None:
             return "the forward's return: none of it kept (--stop-early cuts the forward short)"
         if self.output_problem:
@@ -1266,7 +1280,7 @@ def _survey(model, forward, collate_fn: Callable, selections: list, problems: di
     output_problem = None
     skipped: list[tuple[int, str]] = []
     seconds: list[float] = []  # each batch's forward
-    state_changes = dependent = None
+    state_changes = dependent = forward_problem = reached = None
     with hooks.Capture(model, selections, multi_fire=opts.multi_fire, survey=True) as capture:
         for index, batch, failed in itertools.islice(loader, asked):
             if failed and not opts.skip_failed:
@@ -1283,10 +1297,17 @@ def _survey(model, forward, collate_fn: Callable, selections: list, problems: di
             watch = _StateWatch(model) if len(per_batch) == 1 else None
             replay = _map_tensors(batch, torch.clone) if watch is not None else None  # the forward may change it
             started = time.perf_counter()
-            with torch.inference_mode(not opts.train_mode), autocast():
-                out = forward(model, _to_device(batch, device))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            try:
+                with torch.inference_mode(not opts.train_mode), autocast():
+                    out = forward(model, _to_device(batch, device))
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+            except Exception as exc:  # said with what else stands in the way; the layers as far as it went
+                log.debug("the forward's traceback", exc_info=True)
+                forward_problem = (f"in batch {len(per_batch) + 1}: " if per_batch else "") + (
+                    str(exc) if isinstance(exc, MarstoreError) else _forward_failure(exc, index, batch))
+                reached = capture.survey_batch(problems) if not per_batch else None
+                break
             seconds.append(time.perf_counter() - started)
             first = capture.captured() if watch is not None else None  # before the survey forgets them
             per_batch.append(capture.survey_batch(problems))
@@ -1302,6 +1323,10 @@ def _survey(model, forward, collate_fn: Callable, selections: list, problems: di
                 except ExtractError as exc:
                     output_problem = str(exc)
             del out  # it may hold large tensors: not into the next forward
+    if reached is not None:  # the first forward failed: what the layers that fired before it gave
+        layers = [s if s.calls else dataclasses.replace(s, gave="- (not reached)", problem=None) for s in reached]
+        return Survey(len(index), layers, opts.dtype, planned, batches=0, asked=asked, targets=list(targets.values()),
+                      outputs=None, skipped=skipped, forward_problem=forward_problem)
     if not per_batch:
         raise ExtractError("--dry-run: the data set yielded no items" if not skipped else
                            f"--dry-run: the data set failed on all {len(skipped)} items asked of it (the first: item "
@@ -1311,7 +1336,7 @@ def _survey(model, forward, collate_fn: Callable, selections: list, problems: di
     return Survey(sum(batch_rows), layers, opts.dtype, planned, batches=len(per_batch), asked=asked,
                   targets=list(targets.values()), outputs=None if opts.stop_early else list(outputs), left_out=left_out,
                   output_problem=output_problem, skipped=skipped, seconds=seconds, batch_rows=batch_rows,
-                  state_changes=state_changes, state_dependent_layers=dependent)
+                  state_changes=state_changes, state_dependent_layers=dependent, forward_problem=forward_problem)
 
 
 def _dry_run_batches(dry_run: bool | int) -> int:
@@ -1564,15 +1589,30 @@ _CUDA_UNAVAILABLE = re.compile(r"Torch not compiled with CUDA enabled|Found no N
 _DTYPE_MISMATCH = re.compile(r"same dtype|should be the same|share same datatype|dtype .* does not match weight dtype")
 
 
-def _float_parts(batch: Any, path: str = "") -> list[tuple[str, torch.dtype]]:
-    """A batch's floating-point tensors: (name: 'x', 'obs.pos', '0', or 'the batch' for a tensor
-    batch; dtype)."""
+def _tensor_parts(batch: Any, path: str = "") -> list[tuple[str, torch.Tensor]]:
+    """A batch's tensors: (name: 'x', 'obs.pos', '0', or 'the batch' for a tensor batch; tensor)."""
     if isinstance(batch, torch.Tensor):
-        return [(path or "the batch", batch.dtype)] if batch.is_floating_point() else []
+        return [(path or "the batch", batch)]
     fields = hooks.fields_of(batch)
     items = batch.items() if isinstance(batch, Mapping) else fields.items() if fields is not None else \
         enumerate(batch) if isinstance(batch, (list, tuple)) else ()
-    return [part for key, value in items for part in _float_parts(value, f"{path}.{key}" if path else str(key))]
+    return [part for key, value in items for part in _tensor_parts(value, f"{path}.{key}" if path else str(key))]
+
+
+def _float_parts(batch: Any) -> list[tuple[str, torch.dtype]]:
+    """A batch's floating-point tensors: (name, dtype)."""
+    return [(name, t.dtype) for name, t in _tensor_parts(batch) if t.is_floating_point()]
+
+
+def _forward_failure(exc: BaseException, index: Sequence[int], batch: Any) -> str:
+    """What the forward failed on, for a dry run's finding and a run's error: the items, the
+    batch's tensors, the model's line and the error."""
+    parts = _tensor_parts(batch)
+    tensors = ", ".join(f"{name} {hooks.describe_value(t)}".removeprefix("the batch ") for name, t in parts[:6])
+    tensors += ", ..." if len(parts) > 6 else ""
+    items = f"item {index[0]}" if len(index) == 1 else f"items {index[0]} to {index[-1]}"
+    return (f"the forward failed on the batch of {items} ({tensors or 'no tensors'}): {_model_line(exc)}"
+            f"{type(exc).__name__}: {' '.join(str(exc).split())}")
 
 
 def _call_forward(forward: Callable, model: torch.nn.Module, batch: Any, *, device: torch.device) -> Any:
@@ -1609,12 +1649,9 @@ def _call_forward(forward: Callable, model: torch.nn.Module, batch: Any, *, devi
 
 
 def _model_line(exc: BaseException) -> str:
-    """'at FILE:LINE in FUNCTION: `CODE`; ', the last line outside torch and this module (the
-    default forward) that the error passed: none for a model of torch's own modules."""
-    torch_dir = os.path.dirname(torch.__file__) + os.sep
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(torch_dir)
-              and f.filename != __file__]
-    return f"at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}: `{frames[-1].line}`; " if frames else ""
+    """Where in the model's or the forward's code the error was raised (loading.code_line), this
+    module's default forward left out."""
+    return loading.code_line(exc, __file__)
 
 
 # Buffers up to this many bytes in all are kept for comparison by value while a batch is

@@ -25,6 +25,7 @@ import os
 import pickle
 import re
 import sys
+import traceback
 import types
 import typing
 import zipfile
@@ -627,7 +628,7 @@ def build_model(spec: str, config: Mapping[str, Any], overrides: Mapping[str, An
                 f"fix them with --model-arg KEY=VALUE or choose the config with --config-key{_sections_hint(config, config_key)}"
             )
     try:
-        model = _call_builder(builder, kwargs, spec, source, config, config_key)
+        model = _call_builder(builder, kwargs, spec, source, config, config_key, overrides or {})
     except _Rejected as rejected:
         if rejected.passed_on is None:
             raise
@@ -646,7 +647,7 @@ def build_model(spec: str, config: Mapping[str, Any], overrides: Mapping[str, An
         if report is not None:
             report.notes.append(f"config keys that {callee} does not take left out: {', '.join(left_out)}")
         model = _call_builder(builder, {k: v for k, v in kwargs.items() if k not in left_out}, spec, source, config,
-                              config_key)
+                              config_key, overrides or {})
     if not isinstance(model, torch.nn.Module):
         raise CheckpointError(f"--model {spec} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -661,8 +662,18 @@ class _Rejected(CheckpointError):
         self.passed_on = passed_on
 
 
+def code_line(exc: BaseException, *left_out: str) -> str:
+    """'at FILE:LINE in FUNCTION: `CODE`; ', the last line that the error passed outside torch,
+    this module and the files left out: where in the user's code (a model, a builder) it came
+    from; none for an error of torch's own modules."""
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith(torch_dir) and f.filename not in (__file__, *left_out)]
+    return f"at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}: `{frames[-1].line}`; " if frames else ""
+
+
 def _call_builder(builder: Callable, kwargs: dict, spec: str, source: str, config: Mapping[str, Any],
-                  config_key: str | None) -> Any:
+                  config_key: str | None, overrides: Mapping[str, Any]) -> Any:
     try:
         return builder(**kwargs)
     except KeyError as exc:  # a constructor that reads the config's nested keys (UVA's shape_meta[...])
@@ -671,14 +682,17 @@ def _call_builder(builder: Callable, kwargs: dict, spec: str, source: str, confi
             f"{sorted(kwargs)}); give it with --model-arg KEY=VALUE or choose the config with --config-key"
             f"{_sections_hint(config, config_key)}"
         ) from exc
-    except TypeError as exc:
-        # A builder taking **kwargs passes them on, so only the call inside can reject a key;
-        # other TypeErrors keep their traceback.
-        if not _ARGUMENT_MISMATCH.search(str(exc)):
-            raise
-        raise _Rejected(f"--model {spec} rejects {source} ({exc}; its keys: {sorted(kwargs)}); fix them with --model-arg "
-                        f"KEY=VALUE or choose the config with --config-key{_sections_hint(config, config_key)}",
-                        _rejecting_callee(exc)) from exc
+    except Exception as exc:
+        if isinstance(exc, TypeError) and _ARGUMENT_MISMATCH.search(str(exc)):
+            # a builder taking **kwargs passes them on, so only the call inside can reject a key
+            raise _Rejected(f"--model {spec} rejects {source} ({exc}; its keys: {sorted(kwargs)}); fix them with --model-arg "
+                            f"KEY=VALUE or choose the config with --config-key{_sections_hint(config, config_key)}",
+                            _rejecting_callee(exc)) from exc
+        # raised in the builder's code: one line that says where (the traceback with -v)
+        log.debug("the --model traceback", exc_info=True)
+        given = f"; --model-arg gave {', '.join(f'{k}={v!r}' for k, v in overrides.items())}" if overrides else ""
+        raise CheckpointError(f"--model {spec} failed on {source}: {code_line(exc)}{type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())}{given}") from exc
 
 
 def _rejecting_callee(exc: TypeError) -> tuple[str, set[str]] | None:

@@ -41,6 +41,10 @@ def resolve_device(name: str | None) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"--device {name!r}: give cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):  # the transfer engine's kernels are the CPU's and CUDA's
+        raise ValueError(f"--device {name}: marstore runs on cpu or cuda (cuda:N), not {device.type}")
+    if device.type == "cpu" and device.index is not None:  # tensors put there are on 'cpu', and would not match
+        raise ValueError(f"--device {name}: the CPU takes no index; use --device cpu")
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:

@@ -33,6 +33,7 @@ from marstore import extract as extract_module, hooks
 from marstore.cli import main
 from marstore.extract import ExtractError, ExtractOptions, Interrupted, _duration, extract, extract_from
 from marstore.loading import CheckpointError, build_model, file_digest, find_config, find_state_dict, load_weights, read_checkpoint, to_plain
+from marstore.models.video_mar import VideoActionMAR
 from marstore.models import LAYOUTS, policy_forward, save_checkpoint, synthetic_video_actions, video_mar
 from marstore.store import LayerSpec, StoreError, StoreWriter, human_bytes, open_store
 
@@ -310,8 +311,15 @@ def test_builder_errors_list_missing_and_unknown_keys():
         "--model marstore.models:video_mar rejects the config from checkpoint['cfg'] (VideoActionMAR.__init__() got an "
         "unexpected keyword argument 'policy'; its keys: ['policy']); fix them with --model-arg KEY=VALUE or choose the "
         "config with --config-key (its sections: cfg.policy, cfg.policy.model, cfg.policy.model.shape_meta)")
-    with pytest.raises(TypeError, match="cannot be interpreted as an integer"):  # not about which keys: its own error
-        build_model("marstore.models:video_mar", {"depth": "2"})
+    # an error of the builder's own code, on a value of the wrong type: where, what, and the values given
+    source = inspect.getsourcefile(VideoActionMAR)
+    code = next((n, line.strip()) for n, line in enumerate(open(source), 1) if "self.encoder_blocks = " in line)
+    with pytest.raises(CheckpointError) as info:
+        build_model("marstore.models:video_mar", {"depth": 2}, overrides={"depth": "2"})
+    assert str(info.value) == (
+        f"--model marstore.models:video_mar failed on the given arguments: at {source}:{code[0]} in __init__: `{code[1]}`; "
+        "TypeError: 'str' object cannot be interpreted as an integer; --model-arg gave depth='2'")
+    assert isinstance(info.value.__cause__, TypeError)
     with pytest.raises(CheckpointError, match="cannot import 'no_such_module'"):
         build_model("no_such_module:f", {})
     with pytest.raises(CheckpointError, match="write it as MODULE:CALLABLE"):
@@ -827,6 +835,44 @@ def test_a_dry_run_surveys_two_batches_as_the_run_decides_from_them(tmp_path):
     small = extract(options(tmp_path, dry_run=True, dataset_args={"size": 5}, **kw))
     assert survey.describe().splitlines()[0].startswith("dry run: the first 2 batches (16 samples) through the model")
     assert small.describe().splitlines()[0].startswith("dry run: the data set's one batch (5 samples; 2 asked) through")
+
+
+def forward_x(model, batch):
+    return model(batch["x"])
+
+
+def test_a_forward_that_fails_on_the_data_is_a_dry_run_finding_and_a_note_on_the_runs_error(tmp_path):
+    """A batch that does not fit the model (5 features for 4) stopped the dry run with torch's
+    traceback, and the run with one that did not say on which items."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(5, 3))
+    data = [{"x": torch.zeros(4 if i < 8 else 5), "label": i} for i in range(12)]
+    line = inspect.getsourcelines(forward_x)[1] + 1
+    failed = (f"the forward failed on the batch of items {{}} to {{}} (x Tensor(4, {{}}) float32, label Tensor(4,) int64): at "
+              f"{__file__}:{line} in forward_x: `return model(batch[\"x\"])`; RuntimeError: mat1 and mat2 shapes cannot be "
+              "multiplied (4x{} and 5x3)")
+    survey = extract_from(model, data, "", ["0", "1", "2"], forward=forward_x, targets=["label"], batch_size=4,
+                          progress=False, dry_run=True)
+    assert survey.problems() == [failed.format(0, 3, 4, 4)]
+    assert [(s.name, s.calls, s.gave, s.row) for s in survey.layers] == [
+        ("0", 1, "Tensor(4, 4) float32", (4,)), ("1", 1, "Tensor(4, 4) float32", (4,)), ("2", 0, "- (not reached)", None)]
+    text = survey.describe()
+    assert "the forward's return: none (the forward failed: below)" in text
+    assert text.endswith(f"the run would stop at:\n  {failed.format(0, 3, 4, 4)}\n\n2 of 3 layers fired before the forward failed")
+    # the run stores what fits the model, and its error says where it stopped
+    model[2] = nn.Linear(4, 3)
+    survey = extract_from(model, data, "", ["0", "2"], forward=forward_x, batch_size=4, progress=False, dry_run=3)
+    assert survey.problems() == ["in batch 3: " + failed.format(8, 11, 5, 5).replace("5x3", "4x4")]
+    assert [s.row for s in survey.layers] == [(4,), (3,)] and survey.batches == 2
+    with pytest.raises(RuntimeError) as info:
+        extract_from(model, data, str(tmp_path / "s.h5"), ["0", "2"], forward=forward_x, batch_size=4, commit_rows=4,
+                     progress=False)
+    assert info.value.__notes__ == ["marstore: " + failed.format(8, 11, 5, 5).replace("5x3", "4x4")]
+    with open_store(str(tmp_path / "s.h5")) as s:
+        assert s.rows == 8
+    with pytest.raises(RuntimeError) as info:
+        extract_from(model, data[8:], str(tmp_path / "t.h5"), ["0"], forward=forward_x, batch_size=4, progress=False)
+    assert info.value.__notes__ == ["marstore: " + failed.format(0, 3, 5, 5).replace("5x3", "4x4") +
+                                    "; --dry-run shows what each hooked layer gave before it"]
 
 
 def test_the_patterns_a_dry_run_suggests_name_the_bad_layers_and_no_other():
@@ -2518,6 +2564,8 @@ def test_a_device_or_folder_that_is_not_there_is_refused_before_the_checkpoint_i
     never_read = str(tmp_path / "never-read.pt")
     (tmp_path / "runs").mkdir()
     cases = [({"device": "gpu"}, "--device 'gpu': give cpu, cuda or cuda:N"),
+             ({"device": "mps"}, "--device mps: marstore runs on cpu or cuda (cuda:N), not mps"),
+             ({"device": "cpu:3"}, "--device cpu:3: the CPU takes no index; use --device cpu"),
              ({"out": str(tmp_path / "runs")},
               f"--out {tmp_path / 'runs'} is a folder; give the store's file name, e.g. {tmp_path / 'runs' / 'activations.h5'}"),
              ({"out": str(tmp_path / "no" / "s.h5")},
@@ -2659,9 +2707,14 @@ def test_a_forward_that_uses_cuda_itself_on_a_cpu_run_stops_in_one_line(tmp_path
     fix = "; this machine has none" if not torch.cuda.is_available() else ""
     for dry_run in (3, False):
         cuda_on_third_batch.calls = 0
-        with pytest.raises(ExtractError) as info, caplog.at_level(logging.ERROR, logger="marstore.extract"):
-            extract(options(tmp_path, forward="test_extract:cuda_on_third_batch", dry_run=dry_run))
-        message = str(info.value)
+        if dry_run:  # a finding of the dry run's, in the batch where it stops the run
+            survey = extract(options(tmp_path, forward="test_extract:cuda_on_third_batch", dry_run=dry_run))
+            assert survey.batches == 2 and len(survey.problems()) == 1 and survey.problems()[0].startswith("in batch 3: ")
+            message = survey.problems()[0].removeprefix("in batch 3: ")
+        else:
+            with pytest.raises(ExtractError) as info, caplog.at_level(logging.ERROR, logger="marstore.extract"):
+                extract(options(tmp_path, forward="test_extract:cuda_on_third_batch", dry_run=dry_run))
+            message = str(info.value)
         assert message.startswith("the forward uses CUDA in its own code (at ")
         if not torch.cuda.is_available():  # else torch fails later, in the model, on weights left on the CPU
             assert message == (f"the forward uses CUDA in its own code (at {__file__}:{cuda_on_third_batch.__code__.co_firstlineno + 3} "
@@ -2674,10 +2727,16 @@ def test_a_forward_that_uses_cuda_itself_on_a_cpu_run_stops_in_one_line(tmp_path
     assert "stopped by ExtractError: " + str(tmp_path / "s.h5") + " keeps its 16 committed rows" in caplog.text
     with open_store(tmp_path / "s.h5") as store:
         assert (store.rows, store.status) == (16, "incomplete")
-    # the forward's other errors keep their traceback
+    # the forward's other errors keep their traceback, with a note of what failed where
     failing_forward.calls = 0
-    with pytest.raises(RuntimeError, match="^the third batch fails$"):
+    with pytest.raises(RuntimeError) as info:
         extract(options(tmp_path, forward="test_extract:failing_forward", out=str(tmp_path / "t.h5")))
+    assert str(info.value) == "the third batch fails"
+    assert info.value.__notes__ == [
+        "marstore: the forward failed on the batch of items 16 to 23 (imgs Tensor(8, 4, 4, 4, 4) float32, cond Tensor(8, 4, "
+        "4, 4, 4) float32, nactions Tensor(8, 16, 2) float32, label Tensor(8,) int64): at "
+        f"{__file__}:{failing_forward.__code__.co_firstlineno + 2} in failing_forward: `raise RuntimeError(\"the third batch "
+        "fails\")`; RuntimeError: the third batch fails"]
     # --redirect-cuda: the same rows as a forward that makes no .cuda() call, said once, at the first call
     def redirected(forward, out):
         caplog.clear()
