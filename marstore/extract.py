@@ -1611,8 +1611,8 @@ def _forward_failure(exc: BaseException, index: Sequence[int], batch: Any) -> st
     tensors = ", ".join(f"{name} {hooks.describe_value(t)}".removeprefix("the batch ") for name, t in parts[:6])
     tensors += ", ..." if len(parts) > 6 else ""
     items = f"item {index[0]}" if len(index) == 1 else f"items {index[0]} to {index[-1]}"
-    return (f"the forward failed on the batch of {items} ({tensors or 'no tensors'}): {_model_line(exc)}"
-            f"{type(exc).__name__}: {' '.join(str(exc).split())}")
+    message = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")  # the rest: its traceback
+    return f"the forward failed on the batch of {items} ({tensors or 'no tensors'}): {_model_line(exc)}{type(exc).__name__}: {message}"
 
 
 def _call_forward(forward: Callable, model: torch.nn.Module, batch: Any, *, device: torch.device) -> Any:
@@ -1625,6 +1625,10 @@ def _call_forward(forward: Callable, model: torch.nn.Module, batch: Any, *, devi
         return forward(model, batch)
     except (AssertionError, RuntimeError, ValueError) as exc:
         first = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        if type(exc).__module__.startswith("torch._dynamo") and "torch.compiler.disable" in str(exc):
+            raise ExtractError("the model or the forward is compiled with fullgraph=True (torch.compile), which lets no Python "
+                               "run inside its graph, and the hooks must run there: compile it without fullgraph (each "
+                               "hooked module then breaks the graph), or hand it over uncompiled") from exc
         if _DTYPE_MISMATCH.search(str(exc)):
             weights = {p.dtype for p in model.parameters() if p.is_floating_point()}
             other = [(name, dtype) for name, dtype in _float_parts(batch) if weights and dtype not in weights]

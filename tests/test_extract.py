@@ -1063,6 +1063,7 @@ def test_a_compiled_model_takes_its_own_names_for_layers_and_weights(tmp_path, c
         traced.extend(node.meta.get("stack_trace") or "" for node in graph_module.graph.nodes)
         return graph_module.forward
 
+    torch.compiler.reset()  # graphs of Blocks.forward that tests before compiled are not reused
     trained = Blocks(seed=1)
     path = tmp_path / "weights.pt"
     torch.save((torch.compile(trained, backend="eager") if saved_compiled else trained).state_dict(), path)
@@ -1088,6 +1089,21 @@ def test_a_compiled_model_takes_its_own_names_for_layers_and_weights(tmp_path, c
             assert s.read(f"blocks.{i}").tobytes() == torch.cat(captured[i]).numpy().tobytes()
     assert hooks.hook_count(compiled) == 0
     assert traced and not [trace for trace in traced if "hooks.py" in trace]
+
+
+def test_a_model_compiled_whole_graph_is_refused_in_one_line(tmp_path):
+    """fullgraph=True lets no Python run in the graph, and the hooks must: dynamo's error said
+    to remove torch.compiler.disable."""
+    data = [torch.randn(3, 8) for _ in range(6)]
+    torch.compiler.reset()  # dynamo would reuse Blocks.forward's graphs of the tests before, broken at the hooks
+    with pytest.raises(ExtractError) as info:
+        extract_from(torch.compile(Blocks(seed=2), backend="eager", fullgraph=True), data, str(tmp_path / "s.h5"),
+                     ["blocks.*"], batch_size=4, progress=False)
+    assert str(info.value) == (
+        "the model or the forward is compiled with fullgraph=True (torch.compile), which lets no Python run inside its "
+        "graph, and the hooks must run there: compile it without fullgraph (each hooked module then breaks the graph), or "
+        "hand it over uncompiled")
+    assert os.listdir(tmp_path) == []
 
 
 class Recurrent(nn.Module):
