@@ -1612,15 +1612,17 @@ def _forward_failure(exc: BaseException, index: Sequence[int], batch: Any) -> st
     tensors += ", ..." if len(parts) > 6 else ""
     items = f"item {index[0]}" if len(index) == 1 else f"items {index[0]} to {index[-1]}"
     message = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")  # the rest: its traceback
-    return f"the forward failed on the batch of {items} ({tensors or 'no tensors'}): {_model_line(exc)}{type(exc).__name__}: {message}"
+    return (f"the forward failed on the batch of {items} ({tensors or 'no tensors'}): {_model_line(exc)}"
+            f"{type(exc).__name__}: {message}")
 
 
 def _call_forward(forward: Callable, model: torch.nn.Module, batch: Any, *, device: torch.device) -> Any:
     """forward(model, batch). A layer's dtype error where the batch holds floating-point tensors
     of a dtype that none of the model's weights has (numpy's float64 for float32 weights), and,
     on a run whose device is not a GPU, a forward that moves tensors to the GPU in its own code
-    (MAR's calls .cuda()), are said in one line, with the model's line where it failed; any
-    other error keeps its traceback."""
+    (MAR's calls .cuda()), are said in one line, with the model's line where it failed, as is
+    a graph compiled whole (fullgraph=True), where the hooks cannot run; any other error keeps
+    its traceback."""
     try:
         return forward(model, batch)
     except (AssertionError, RuntimeError, ValueError) as exc:

@@ -887,9 +887,9 @@ class Capture:
                 raise
 
         hook_fn = (lambda module, args, kwargs: checked(module, args, kwargs)) if sel.capture == "input" else checked
-        if "torch._dynamo" in sys.modules:  # something was compiled (torch.compile): the model may be
-            # dynamo would trace this Python, specialise it on each layer and recompile past its limit; run it
-            # outside the graph, which breaks at each hooked module for the hook to see real tensors
+        if "torch._dynamo" in sys.modules:  # imported once anything was compiled (torch.compile)
+            # Dynamo would trace this Python, specialise it on each layer and recompile past its limit: it runs
+            # outside the graph instead, which breaks at each hooked module, and sees real tensors.
             hook_fn = torch.compiler.disable(hook_fn)
         return hook_fn
 
