@@ -28,6 +28,7 @@ import sys
 import traceback
 import types
 import typing
+import warnings
 import zipfile
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Mapping
@@ -107,9 +108,11 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", INDEX_SUF
 
 
 def resolve_checkpoint(path: str, quiet: bool = False) -> str:
-    """A checkpoint file; a folder gives the weights Hugging Face's save_pretrained writes into it,
-    and one without them (a training run's checkpoints/) is refused with the files to name."""
-    if not os.path.isdir(path):
+    """A checkpoint file, or a folder that torch.distributed.checkpoint wrote (FSDP's sharded
+    checkpoints, Lightning's with its FSDP strategy); another folder gives the weights Hugging
+    Face's save_pretrained writes into it, and one without them (a training run's checkpoints/)
+    is refused with the files to name."""
+    if not os.path.isdir(path) or _is_dcp(path):
         return path
     for name in FOLDER_CHECKPOINTS:
         if os.path.isfile(os.path.join(path, name)):
@@ -123,8 +126,12 @@ def resolve_checkpoint(path: str, quiet: bool = False) -> str:
 
 
 def checkpoint_files(path: str) -> list[str]:
-    """The file, or a sharded checkpoint's index and its shards."""
+    """The file, a sharded checkpoint's index and its shards, or a distributed checkpoint's
+    metadata and data files."""
     path = resolve_checkpoint(path, quiet=True)
+    if _is_dcp(path):
+        return [os.path.join(path, DCP_METADATA), *sorted(os.path.join(path, name) for name in os.listdir(path)
+                                                          if name.endswith(".distcp"))]
     return [path, *_shards(path)] if path.endswith(INDEX_SUFFIX) else [path]
 
 
@@ -142,7 +149,8 @@ def file_digest(path: str) -> CheckpointInfo:
         with open(name, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)
-    return CheckpointInfo(os.path.abspath(files[0]), sum(os.path.getsize(name) for name in files), h.hexdigest())
+    named = path if _is_dcp(path) else files[0]  # a distributed checkpoint: its folder
+    return CheckpointInfo(os.path.abspath(named), sum(os.path.getsize(name) for name in files), h.hexdigest())
 
 
 def _shards(index_path: str) -> list[str]:
@@ -197,6 +205,8 @@ def read_checkpoint(path: str, trust: bool = False, report: LoadReport | None = 
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path}: no such file")
     path = resolve_checkpoint(path)
+    if _is_dcp(path):
+        return _read_dcp(path, trust)
     if path.endswith(INDEX_SUFFIX):
         return _read_sharded(path, trust, report)
     if path.endswith(".safetensors"):
@@ -418,6 +428,95 @@ def _plain_omegaconf(node: Any, path: str, unresolved: list[str]) -> Any:
         else:
             plain.append(value)
     return plain
+
+
+DCP_METADATA = ".metadata"  # what torch.distributed.checkpoint writes beside its __R_N.distcp files
+# a training checkpoint's parts that no model's weights are in: not read from a distributed checkpoint
+TRAINING_STATE_KEYS = ("optimizer", "optimizers", "optim", "optimizer_states", "lr_scheduler", "lr_schedulers", "scheduler")
+
+
+def _is_dcp(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, DCP_METADATA))
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    """The metadata of a distributed checkpoint (which torch pickles) without running its code:
+    torch.distributed.checkpoint's metadata classes, torch's sizes, dtypes and layouts, paths."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = (module == "torch.distributed.checkpoint.metadata" or (module, name) in {
+            ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+            ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")}
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_dcp(path: str, trust: bool) -> dict[str, Any]:
+    """A torch.distributed.checkpoint folder as the nested dict it was saved from, in this one
+    process (torch's own dcp_to_torch_save way); its metadata and non-tensor values read as
+    safely as a torch file is (unless trust), and the optimizer's and scheduler's state left
+    unread, said in the log."""
+    try:  # private, as torch's own converter (format_utils.dcp_to_torch_save) uses them
+        from torch.distributed.checkpoint import CheckpointException, FileSystemReader
+        from torch.distributed.checkpoint._traverse import set_element
+        from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+        from torch.distributed.checkpoint.metadata import StorageMeta
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    except ImportError as exc:
+        raise CheckpointError(f"checkpoint {path} is a torch.distributed.checkpoint folder, which this torch "
+                              f"({torch.__version__}) cannot read: {exc}") from None
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            if trust:
+                return super().read_metadata(*args, **kwargs)
+            with open(os.path.join(path, DCP_METADATA), "rb") as f:
+                try:
+                    metadata = _DcpMetadataUnpickler(f).load()
+                except pickle.UnpicklingError as exc:
+                    raise CheckpointError(f"checkpoint {path}: its {DCP_METADATA} needs unpickling of {exc}, which a "
+                                          "safe load refuses; if you trust its source, pass --trust-checkpoint") from None
+            metadata.storage_meta = metadata.storage_meta or StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class Planner(_EmptyStateDictLoadPlanner):
+        def load_bytes(self, read_item: Any, value: Any) -> None:  # torch's unpickles with weights_only=False
+            try:
+                with torch.serialization.safe_globals(_config_global_names()):
+                    loaded = torch.load(value, weights_only=not trust)
+            except pickle.UnpicklingError as exc:
+                names = sorted(set(re.findall(r"GLOBAL ([\w.]+) was not an allowed global", str(exc)))) or ["what it does not name"]
+                raise CheckpointError(f"checkpoint {path}: its value {read_item.dest_index.fqn!r} needs unpickling of "
+                                      f"{', '.join(names)}, which a safe load refuses; if you trust its source, pass "
+                                      "--trust-checkpoint") from None
+            if self.flatten_state_dict:  # as torch's: the value into its place in the nested dict
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+
+    reader = Reader(path)
+    top = list(dict.fromkeys(keys[0] for keys in reader.read_metadata().planner_data.values()))
+    left_out = [key for key in top if key in TRAINING_STATE_KEYS]
+    if left_out:
+        log.info("checkpoint %s: %s not read (training state, no weights of the model)", path, ", ".join(left_out))
+    state: dict[str, Any] = {}
+    keep = {key for key in top if key not in left_out}
+    with warnings.catch_warnings():  # "torch.distributed is unavailable or uninitialized": one process, as meant
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            _load_state_dict(state, storage_reader=reader, planner=Planner(keys=keep), no_dist=True)
+        except CheckpointException as exc:  # torch's wrapper of each rank's error: ours said in one line
+            refused = [e for e, _ in exc.failures.values() if isinstance(e, CheckpointError)]
+            if refused:
+                raise refused[0] from None
+            raise
+    shards = len(checkpoint_files(path)) - 1
+    log.info("%s: a torch.distributed.checkpoint folder of %d data file%s, read in this process", path, shards,
+             "s" * (shards != 1))
+    return state
 
 
 def _read_safetensors(path: str) -> dict[str, torch.Tensor]:

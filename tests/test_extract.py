@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import re
 import shlex
@@ -69,7 +70,7 @@ def test_every_layout_loads_the_right_weights(tmp_path, layout):
     assert all(torch.equal(got[k], expected[k]) for k in got)
     assert report.missing == [] and report.unexpected == [] and report.shape_mismatches == []
     assert state_key == {"bare": "(bare state dict)", "mar": "model_ema", "workspace": "state_dicts.ema_model",
-                         "lightning": "state_dict"}.get(layout, "model_state_dict")
+                         "lightning": "state_dict", "fsdp": "model"}.get(layout, "model_state_dict")
     assert report.stripped_prefix == {"lightning": "model.", "workspace": "model.", "ddp": "module.",
                                       "compile": "_orig_mod."}.get(layout)
     if layout == "workspace":
@@ -479,6 +480,52 @@ def test_a_checkpoint_is_read_without_its_optimizer_state_in_memory(tmp_path):
     assert grown < 48  # MiB: the weights (1 MiB), not the 192 MiB of moments
     torch.save({"model": {"w": torch.full((4,), 2.0)}}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
     assert read_checkpoint(str(tmp_path / "legacy.pth"))["model"]["w"].tolist() == [2.0] * 4
+
+
+class NotAConfig:
+    """A class that a safe load must not unpickle."""
+
+
+def test_a_distributed_checkpoint_folder_is_read_safely_without_its_optimizer_state(tmp_path, caplog, capsys):
+    """FSDP's and torchtitan's checkpoints are folders that torch.distributed.checkpoint writes
+    (.metadata and __R_N.distcp files): read in this process, as torch's dcp_to_torch_save
+    does, but with its pickles read as a safe torch.load reads (torch's reader unpickles them
+    whole) and the optimizer's moments never read. The folder was refused as one without weights."""
+    torch.manual_seed(0)
+    model = video_mar(**CONFIG)
+    folder = str(tmp_path / "step-3")
+    save_checkpoint(model, CONFIG, folder, "fsdp")
+    with caplog.at_level(logging.INFO, logger="marstore.loading"):
+        result = extract(options(tmp_path, checkpoint=folder, model_args={}, num_samples=8, strict=True))
+    assert f"checkpoint {folder}: optimizer not read (training state, no weights of the model)" in caplog.messages
+    assert f"{folder}: a torch.distributed.checkpoint folder of 1 data file, read in this process" in caplog.messages
+    files = [os.path.join(folder, ".metadata"), os.path.join(folder, "__0_0.distcp")]
+    digest = hashlib.sha256(b"".join(open(f, "rb").read() for f in files)).hexdigest()
+    assert result.load_report["checkpoint"] == {"path": folder, "bytes": sum(map(os.path.getsize, files)), "sha256": digest}
+    assert (result.load_report["config_key"], result.load_report["state_key"], result.load_report["loaded"]) == (
+        "model_config", "model", len(model.state_dict()))
+    assert sorted(read_checkpoint(folder)) == ["model", "model_config", "step"]  # the optimizer's moments: not read
+    assert main(["info", folder]) == 0
+    assert capsys.readouterr().out.splitlines()[1:4] == [
+        f"  model         state dict of {len(model.state_dict())} tensors",
+        f"  model_config  mapping of {len(CONFIG)}: {', '.join(CONFIG)}", "  step          3"]
+    # a value of a class a safe load refuses: named, with the flag that allows it
+    import torch.distributed.checkpoint as dcp
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"model": model.state_dict(), "extra": NotAConfig()}, checkpoint_id=str(tmp_path / "odd"))
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(str(tmp_path / "odd"))
+    assert str(info.value) == (f"checkpoint {tmp_path / 'odd'}: its value 'extra' needs unpickling of test_extract.NotAConfig, "
+                               "which a safe load refuses; if you trust its source, pass --trust-checkpoint")
+    assert isinstance(read_checkpoint(str(tmp_path / "odd"), trust=True)["extra"], NotAConfig)
+    # its metadata, a pickle too, runs no code of the file's
+    with open(tmp_path / "odd" / ".metadata", "wb") as f:
+        pickle.dump(NotAConfig(), f)
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(str(tmp_path / "odd"))
+    assert str(info.value) == (f"checkpoint {tmp_path / 'odd'}: its .metadata needs unpickling of test_extract.NotAConfig, "
+                               "which a safe load refuses; if you trust its source, pass --trust-checkpoint")
 
 
 def test_info_describes_a_checkpoint_before_any_builder_is_written(tmp_path, capsys):

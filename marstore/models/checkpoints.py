@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import warnings
 
 import torch
 
-LAYOUTS = ("bare", "model_state_dict", "mar", "lightning", "workspace", "ddp", "compile")
+LAYOUTS = ("bare", "model_state_dict", "mar", "lightning", "workspace", "ddp", "compile", "fsdp")
 
 
 def _prefixed(state: dict, prefix: str) -> dict:
@@ -15,7 +16,8 @@ def _prefixed(state: dict, prefix: str) -> dict:
 
 
 def save_checkpoint(model: torch.nn.Module, config: dict, path: str, layout: str, ema: torch.nn.Module | None = None) -> None:
-    """Writes model (and EMA weights, default: a perturbed copy) in the given layout."""
+    """Writes model (and EMA weights, default: a perturbed copy) in the given layout; "fsdp" is
+    a folder that torch.distributed.checkpoint writes, as FSDP's sharded checkpoints are."""
     state = model.state_dict()
     if ema is None:
         ema = copy.deepcopy(model)
@@ -43,6 +45,16 @@ def save_checkpoint(model: torch.nn.Module, config: dict, path: str, layout: str
         obj = {"model_state_dict": _prefixed(state, "module."), "model_config": config}
     elif layout == "compile":
         obj = {"model_state_dict": _prefixed(state, "_orig_mod."), "model_config": config}
+    elif layout == "fsdp":  # torchtitan's and FSDP2's: model and optimizer state, a folder of shards
+        moments = {i: {"exp_avg": torch.zeros_like(p), "step": torch.tensor(3.0)} for i, p in enumerate(model.parameters())}
+        obj = {"model": state, "optimizer": {"state": moments, "param_groups": [{"lr": 1e-4, "params": list(moments)}]},
+               "model_config": config, "step": 3}
+        import torch.distributed.checkpoint as dcp
+
+        with warnings.catch_warnings():  # one process, no process group: as meant here
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save(obj, checkpoint_id=path)
+        return
     else:
         raise ValueError(f"layout {layout!r}: use one of {LAYOUTS}")
     torch.save(obj, path)
