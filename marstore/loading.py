@@ -102,8 +102,12 @@ class LoadReport:
         return d
 
 
-# what a folder of weights holds, in order of preference (Hugging Face's save_pretrained writes these)
-FOLDER_CHECKPOINTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+# what a folder of weights holds, in order of preference (Hugging Face's save_pretrained writes these,
+# diffusers' the diffusion_pytorch_model ones), with the model's config in config.json beside them
+FOLDER_CHECKPOINTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin",
+                      "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors",
+                      "diffusion_pytorch_model.bin.index.json", "diffusion_pytorch_model.bin")
+FOLDER_CONFIG = "config.json"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", INDEX_SUFFIX)
 
 
@@ -120,8 +124,9 @@ def resolve_checkpoint(path: str, quiet: bool = False) -> str:
                 log.info("checkpoint %s is a folder: reading its %s", path, name)
             return os.path.join(path, name)
     found = sorted(name for name in os.listdir(path) if name.endswith(CHECKPOINT_SUFFIXES))
-    raise CheckpointError(f"checkpoint {path} is a folder without {FOLDER_CHECKPOINTS[1]} or {FOLDER_CHECKPOINTS[3]} (or "
-                          f"their index); name one of its checkpoints: {', '.join(found[:8]) or 'it holds none'}"
+    raise CheckpointError(f"checkpoint {path} is a folder without the weights save_pretrained writes (model.safetensors, "
+                          "pytorch_model.bin, diffusion_pytorch_model.safetensors, or their index) nor a distributed "
+                          f"checkpoint's {DCP_METADATA}; name one of its checkpoints: {', '.join(found[:8]) or 'it holds none'}"
                           f"{' ...' if len(found) > 8 else ''}")
 
 
@@ -201,10 +206,29 @@ def read_checkpoint(path: str, trust: bool = False, report: LoadReport | None = 
     trust=True, the file's tensors memory-mapped (_mappable); a .safetensors file is read as the
     flat state dict it holds (it never holds a pickle). In a trusted load, objects whose code is
     not importable here become inert stand-ins (logged, and noted in `report`): a workspace's
-    pickled normalizer should not keep its weights from loading."""
+    pickled normalizer should not keep its weights from loading. Weights that save_pretrained
+    wrote beside a config.json come as {"config": its values, "state_dict": the weights}."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path}: no such file")
     path = resolve_checkpoint(path)
+    ckpt = _read_resolved(path, trust, report)
+    config_path = os.path.join(os.path.dirname(path), FOLDER_CONFIG)
+    if os.path.basename(path) not in FOLDER_CHECKPOINTS or not os.path.isfile(config_path):
+        return ckpt
+    try:  # Hugging Face's and diffusers' folders: the model's config beside its weights
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{config_path}, beside the weights {path}, cannot be read as JSON "
+                              f"({' '.join(str(exc).split())})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path}, beside the weights {path}, holds a {type(config).__name__}, not the "
+                              "mapping of a model's config")
+    log.info("%s: its config is the %s beside it (checkpoint['config'])", path, FOLDER_CONFIG)
+    return {"config": config, "state_dict": ckpt}
+
+
+def _read_resolved(path: str, trust: bool, report: LoadReport | None) -> Any:
     if _is_dcp(path):
         return _read_dcp(path, trust)
     if path.endswith(INDEX_SUFFIX):
@@ -694,7 +718,6 @@ def with_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> d
     return merged
 
 
-HYDRA_KEYS = ("_target_", "_recursive_", "_convert_", "_partial_", "_args_")
 
 
 def build_model(spec: str, config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
@@ -710,10 +733,13 @@ def build_model(spec: str, config: Mapping[str, Any], overrides: Mapping[str, An
         signature = inspect.signature(builder)
     except (TypeError, ValueError):
         signature = None
-    # hydra's instructions (_target_: the class hydra would build) are never the builder's arguments
-    instructions = {k: kwargs.pop(k) for k in HYDRA_KEYS if k in kwargs and not (signature and k in signature.parameters)}
-    if instructions:
-        log.info("left out the config's hydra keys %s: --model %s builds the model", instructions, spec)
+    # keys named with a leading '_' are instructions and records, never the builder's arguments: hydra's
+    # (_target_: the class hydra would build), diffusers' (_class_name, _diffusers_version), _name_or_path
+    records = {k: kwargs.pop(k) for k in list(kwargs) if isinstance(k, str) and k.startswith("_")
+               and not (signature and k in signature.parameters)}
+    if records:
+        log.info("left out the config's keys %s (hydra's instructions and library records, named with a leading '_'): "
+                 "--model %s builds the model", records, spec)
     if signature is not None:
         params = signature.parameters.values()
         takes_any = any(p.kind is p.VAR_KEYWORD for p in params)

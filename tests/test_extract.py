@@ -252,13 +252,15 @@ def test_a_sharded_checkpoint_is_read_through_its_index(tmp_path, shard_format):
         read_checkpoint(str(index))
 
 
-def test_a_folder_checkpoint_is_the_weights_save_pretrained_writes_there(tmp_path, capsys):
+def test_a_folder_checkpoint_is_the_weights_save_pretrained_writes_there(tmp_path, capsys, caplog):
+    """Hugging Face's folders (pytorch_model.bin, model.safetensors) and diffusers' (diffusion_
+    pytorch_model.safetensors), the model's config in the config.json beside the weights, the
+    library's records in it (keys named with a leading '_') left out of the builder's arguments."""
     torch.manual_seed(4)
     state = video_mar(**CONFIG).state_dict()
     folder = tmp_path / "hf"
     folder.mkdir()
     torch.save(state, folder / "pytorch_model.bin")
-    (folder / "config.json").write_text("{}")
     loaded, key = find_state_dict(read_checkpoint(str(folder)))
     assert key == "(bare state dict)" and all(torch.equal(loaded[k], v) for k, v in state.items())
     assert file_digest(str(folder)) == file_digest(str(folder / "pytorch_model.bin"))
@@ -266,6 +268,26 @@ def test_a_folder_checkpoint_is_the_weights_save_pretrained_writes_there(tmp_pat
     assert result.load_report["loaded"] == len(state)
     assert main(["info", str(folder)]) == 0
     assert capsys.readouterr().out.splitlines()[1] == f"  (checkpoint)  state dict of {len(state)} tensors"
+    diffusers = tmp_path / "transformer"
+    diffusers.mkdir()
+    safetensors = pytest.importorskip("safetensors.torch")
+    safetensors.save_file(state, str(diffusers / "diffusion_pytorch_model.safetensors"))
+    (diffusers / "config.json").write_text(json.dumps({"_class_name": "VideoActionMAR", "_diffusers_version": "0.31.0",
+                                                       **CONFIG}))
+    with caplog.at_level(logging.INFO, logger="marstore.loading"):
+        result = extract(options(tmp_path, checkpoint=str(diffusers), model_args={}, num_samples=8, strict=True,
+                                 out=str(tmp_path / "d.h5")))
+    assert (result.load_report["config_key"], result.load_report["state_key"], result.load_report["loaded"]) == (
+        "config", "state_dict", len(state))
+    assert (f"{diffusers / 'diffusion_pytorch_model.safetensors'}: its config is the config.json beside it "
+            "(checkpoint['config'])") in caplog.messages
+    assert "left out the config's keys {'_class_name': 'VideoActionMAR', '_diffusers_version': '0.31.0'}" in caplog.text
+    (diffusers / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(str(diffusers / "diffusion_pytorch_model.safetensors"))
+    assert str(info.value) == (f"{diffusers / 'config.json'}, beside the weights "
+                               f"{diffusers / 'diffusion_pytorch_model.safetensors'}, holds a list, not the mapping of a "
+                               "model's config")
     # a training run's folder of checkpoints: name one
     runs = tmp_path / "checkpoints"
     runs.mkdir()
@@ -273,8 +295,10 @@ def test_a_folder_checkpoint_is_the_weights_save_pretrained_writes_there(tmp_pat
         (runs / name).write_bytes(b"")
     with pytest.raises(CheckpointError) as info:
         read_checkpoint(str(runs))
-    assert str(info.value) == (f"checkpoint {runs} is a folder without model.safetensors or pytorch_model.bin (or their "
-                               "index); name one of its checkpoints: epoch=0100-train_loss=0.1.ckpt, latest.ckpt")
+    assert str(info.value) == (f"checkpoint {runs} is a folder without the weights save_pretrained writes (model.safetensors, "
+                               "pytorch_model.bin, diffusion_pytorch_model.safetensors, or their index) nor a distributed "
+                               "checkpoint's .metadata; name one of its checkpoints: epoch=0100-train_loss=0.1.ckpt, "
+                               "latest.ckpt")
 
 
 def test_a_model_module_in_the_working_directory_is_found_as_python_m_finds_it(tmp_path, monkeypatch, caplog):
@@ -371,8 +395,9 @@ def test_hydra_keys_are_left_out_of_the_builders_arguments(caplog):
     config = {"_target_": "uva.policy.UnifiedVideoActionPolicy", "_recursive_": False, **CONFIG}
     model = build_model("marstore.models:video_mar", config, config_key="cfg.model.policy")
     assert len(model.encoder_blocks) == 2
-    assert ("left out the config's hydra keys {'_target_': 'uva.policy.UnifiedVideoActionPolicy', '_recursive_': False}: "
-            "--model marstore.models:video_mar builds the model") in caplog.text
+    assert ("left out the config's keys {'_target_': 'uva.policy.UnifiedVideoActionPolicy', '_recursive_': False} (hydra's "
+            "instructions and library records, named with a leading '_'): --model marstore.models:video_mar builds the "
+            "model") in caplog.text
     assert config["_target_"] == "uva.policy.UnifiedVideoActionPolicy"  # the checkpoint's config is left as it was
 
     def takes_target(_target_, depth):
