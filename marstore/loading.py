@@ -255,6 +255,10 @@ def _read_resolved(path: str, trust: bool, report: LoadReport | None) -> Any:
         with torch.serialization.safe_globals(_config_global_names()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=_mappable(path))
     except Exception as exc:  # noqa: BLE001 - turned into a clear message below
+        if "TorchScript archive" in str(exc):
+            raise CheckpointError(f"checkpoint {path} is a TorchScript archive (torch.jit.save), which a safe load does not "
+                                  "read: its code runs as it loads; if you trust its source, pass --trust-checkpoint (its "
+                                  "weights are then the module's state_dict)") from None
         if "weights_only" not in str(exc) and "Unsupported global" not in str(exc):
             raise CheckpointError(f"checkpoint {path} cannot be read: {' '.join(str(exc).split())[:300]}") from None
         try:

@@ -113,6 +113,21 @@ def test_untrusted_pickle_is_refused_with_the_flag_named(tmp_path):
         read_checkpoint(path)
     assert "test_extract.Opaque" in str(info.value) and "--trust-checkpoint" in str(info.value)
     assert isinstance(read_checkpoint(path, trust=True)["extra"], Opaque)
+    # a TorchScript archive runs its code as it loads: said as such (it was 'classes it does not name')
+    scripted = str(tmp_path / "scripted.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(nn.Linear(2, 3)), scripted)
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(scripted)
+    assert str(info.value) == (f"checkpoint {scripted} is a TorchScript archive (torch.jit.save), which a safe load does "
+                               "not read: its code runs as it loads; if you trust its source, pass --trust-checkpoint "
+                               "(its weights are then the module's state_dict)")
+    with warnings.catch_warnings():  # torch.load: 'dispatching to torch.jit.load', which is deprecated
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        state, key = find_state_dict(read_checkpoint(scripted, trust=True))
+    assert key == "(whole module)" and {k: tuple(v.shape) for k, v in state.items()} == {"weight": (3, 2), "bias": (3,)}
 
 
 def test_a_trusted_checkpoint_whose_classes_are_not_here_loads_them_as_stand_ins(tmp_path, monkeypatch, caplog, capsys):
