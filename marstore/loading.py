@@ -251,14 +251,14 @@ def _read_resolved(path: str, trust: bool, report: LoadReport | None) -> Any:
             if report is not None:
                 report.notes.append(note)
         return ckpt
+    if _is_torchscript(path):
+        raise CheckpointError(f"checkpoint {path} is a TorchScript archive (torch.jit.save), which a safe load does not "
+                              "read: its code runs as it loads; if you trust its source, pass --trust-checkpoint (its "
+                              "weights are then the module's state_dict)")
     try:
         with torch.serialization.safe_globals(_config_global_names()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=_mappable(path))
     except Exception as exc:  # noqa: BLE001 - turned into a clear message below
-        if "TorchScript archive" in str(exc):
-            raise CheckpointError(f"checkpoint {path} is a TorchScript archive (torch.jit.save), which a safe load does not "
-                                  "read: its code runs as it loads; if you trust its source, pass --trust-checkpoint (its "
-                                  "weights are then the module's state_dict)") from None
         if "weights_only" not in str(exc) and "Unsupported global" not in str(exc):
             raise CheckpointError(f"checkpoint {path} cannot be read: {' '.join(str(exc).split())[:300]}") from None
         try:
@@ -275,6 +275,15 @@ def _read_resolved(path: str, trust: bool, report: LoadReport | None) -> Any:
             f"checkpoint {path} needs unpickling of {listed}, which a safe load refuses{missing}; if you trust "
             "its source, pass --trust-checkpoint"
         ) from None
+
+
+def _is_torchscript(path: str) -> bool:
+    """A torch.jit.save archive (its constants.pkl, as torch.load tells one), which torch.load
+    would hand to torch.jit.load."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
 
 
 def _mappable(path: str) -> bool:
