@@ -49,6 +49,7 @@ STATE_KEYS = (
     ("model_state_dict", False),
     ("state_dict", False),
     ("model", False),
+    ("module", False),  # DeepSpeed's mp_rank_00_model_states.pt
 )
 KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.")
 INDEX_SUFFIX = ".index.json"  # Hugging Face's sharded checkpoints: model.safetensors.index.json

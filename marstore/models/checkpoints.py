@@ -8,7 +8,7 @@ import warnings
 
 import torch
 
-LAYOUTS = ("bare", "model_state_dict", "mar", "lightning", "workspace", "ddp", "compile", "fsdp")
+LAYOUTS = ("bare", "model_state_dict", "mar", "lightning", "workspace", "ddp", "compile", "fsdp", "deepspeed")
 
 
 def _prefixed(state: dict, prefix: str) -> dict:
@@ -45,6 +45,9 @@ def save_checkpoint(model: torch.nn.Module, config: dict, path: str, layout: str
         obj = {"model_state_dict": _prefixed(state, "module."), "model_config": config}
     elif layout == "compile":
         obj = {"model_state_dict": _prefixed(state, "_orig_mod."), "model_config": config}
+    elif layout == "deepspeed":  # a DeepSpeed checkpoint's mp_rank_00_model_states.pt (ZeRO stages 1 and 2)
+        obj = {"module": state, "buffer_names": [], "optimizer": None, "ds_config": {"train_batch_size": 8},
+               "ds_version": "0.14.0", "global_steps": 3}
     elif layout == "fsdp":  # torchtitan's and FSDP2's: model and optimizer state, a folder of shards
         moments = {i: {"exp_avg": torch.zeros_like(p), "step": torch.tensor(3.0)} for i, p in enumerate(model.parameters())}
         obj = {"model": state, "optimizer": {"state": moments, "param_groups": [{"lr": 1e-4, "params": list(moments)}]},
