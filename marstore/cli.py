@@ -593,7 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_info)
 
     ex = sub.add_parser("extract", help="load a checkpoint, hook layers, run a data set, write a store")
-    ex.add_argument("--checkpoint", help="checkpoint file (any layout; loaded with weights_only=True)")
+    ex.add_argument("--checkpoint", help="checkpoint file, or a folder of one (save_pretrained's, a distributed checkpoint's); any "
+                    "layout, read with weights_only=True")
     ex.add_argument("--model", help="MODULE:CALLABLE that builds the model from the config's keys")
     ex.add_argument("--model-arg", action="append", type=_key_value, metavar="KEY=VALUE", help="override a config key")
     ex.add_argument("--config-key", help="dotted path of the model config in the checkpoint (e.g. cfg.model)")
