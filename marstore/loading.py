@@ -236,6 +236,13 @@ def _read_resolved(path: str, trust: bool, report: LoadReport | None) -> Any:
         return _read_sharded(path, trust, report)
     if path.endswith(".safetensors"):
         return _read_safetensors(path)
+    if not zipfile.is_zipfile(path):  # torch.save's legacy format is a pickle: protocol 2 or later starts with 0x80
+        with open(path, "rb") as f:
+            head = f.read(8)
+        if not head.startswith(b"\x80"):
+            what = "an HDF5 file (a marstore store?)" if head.startswith(b"\x89HDF") else f"a file that starts {head!r}"
+            raise CheckpointError(f"checkpoint {path} is not a file that torch.save or safetensors writes (a zip archive, "
+                                  f"or a pickle of torch's legacy format): it is {what}")
     if trust:
         log.warning("loading %s with full unpickling (--trust-checkpoint): it can run code", path)
         unpickler = _StandInUnpickler.module()

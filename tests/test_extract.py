@@ -113,6 +113,16 @@ def test_untrusted_pickle_is_refused_with_the_flag_named(tmp_path):
         read_checkpoint(path)
     assert "test_extract.Opaque" in str(info.value) and "--trust-checkpoint" in str(info.value)
     assert isinstance(read_checkpoint(path, trust=True)["extra"], Opaque)
+    # files that no torch.save wrote: said as such, trusted or not (they were 'classes it does not name')
+    (tmp_path / "build.py").write_text("import torch\n")
+    with h5py.File(tmp_path / "acts.h5", "w"):
+        pass
+    for name, what in (("build.py", "a file that starts b'import t'"), ("acts.h5", "an HDF5 file (a marstore store?)")):
+        for trust in (False, True):
+            with pytest.raises(CheckpointError) as info:
+                read_checkpoint(str(tmp_path / name), trust=trust)
+            assert str(info.value) == (f"checkpoint {tmp_path / name} is not a file that torch.save or safetensors writes "
+                                       f"(a zip archive, or a pickle of torch's legacy format): it is {what}")
     # a TorchScript archive runs its code as it loads: said as such (it was 'classes it does not name')
     scripted = str(tmp_path / "scripted.pt")
     with warnings.catch_warnings():
