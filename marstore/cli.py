@@ -595,7 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("extract", help="load a checkpoint, hook layers, run a data set, write a store")
     ex.add_argument("--checkpoint", help="checkpoint file, or a folder of one (save_pretrained's, a distributed checkpoint's); any "
                     "layout, read with weights_only=True")
-    ex.add_argument("--model", help="MODULE:CALLABLE that builds the model from the config's keys")
+    ex.add_argument("--model", help="MODULE:CALLABLE that builds the model from the config's keys, or hydra: the config's "
+                    "_target_, built by hydra.utils.instantiate (pip install hydra-core)")
     ex.add_argument("--model-arg", action="append", type=_key_value, metavar="KEY=VALUE", help="override a config key")
     ex.add_argument("--config-key", help="dotted path of the model config in the checkpoint (e.g. cfg.model)")
     ex.add_argument("--state-key", help="dotted path of the weights (e.g. ema_model or model_ema)")

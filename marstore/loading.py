@@ -25,6 +25,7 @@ import os
 import pickle
 import re
 import sys
+import sysconfig
 import traceback
 import types
 import typing
@@ -746,10 +747,17 @@ def build_model(spec: str, config: Mapping[str, Any], overrides: Mapping[str, An
     """Calls the builder with the config as keyword arguments, overrides taking precedence; a
     dotted override (shape_meta.action.shape=[7]) replaces one value inside a nested mapping. A
     builder that passes them on (MAR's mar_base(**kwargs)) to a callee that rejects the config's
-    training arguments has those left out, logged and noted in report."""
-    builder = import_callable(spec, "--model")
+    training arguments has those left out, logged and noted in report. spec 'hydra' builds the
+    config's _target_ with hydra.utils.instantiate, as the training program did."""
     kwargs = with_overrides(config, overrides or {})
     source = f"the config from checkpoint[{config_key!r}]" if config_key else "the given arguments"
+    if spec == HYDRA:
+        model = _instantiate(kwargs, source, config, config_key, overrides or {})
+        if not isinstance(model, torch.nn.Module):
+            raise CheckpointError(f"--model hydra built a {type(model).__name__} from {source}'s _target_, not a "
+                                  "torch.nn.Module")
+        return model
+    builder = import_callable(spec, "--model")
     try:
         signature = inspect.signature(builder)
     except (TypeError, ValueError):
@@ -810,11 +818,19 @@ class _Rejected(CheckpointError):
 
 def code_line(exc: BaseException, *left_out: str) -> str:
     """'at FILE:LINE in FUNCTION: `CODE`; ', the last line that the error passed outside torch,
-    this module and the files left out: where in the user's code (a model, a builder) it came
-    from; none for an error of torch's own modules."""
-    torch_dir = os.path.dirname(torch.__file__) + os.sep
-    frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if not f.filename.startswith(torch_dir) and f.filename not in (__file__, *left_out)]
+    hydra, this module and the files or folders left out: where in the user's code (a model, a
+    builder) it came from; none for an error of torch's own modules."""
+    libraries = ("<frozen ",) + left_out + tuple(
+        os.path.dirname(m.__file__) + os.sep for m in (torch, sys.modules.get("hydra")) if m is not None)
+    paths = sysconfig.get_paths()
+    installed = (paths["purelib"] + os.sep, paths["platlib"] + os.sep)  # packages, the user's among them
+
+    def library(name: str) -> bool:
+        return name.startswith(libraries) or (name.startswith(paths["stdlib"] + os.sep) and not name.startswith(installed))
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not library(f.filename) and f.filename != __file__]
+    if not frames and exc.__cause__ is not None:  # a library's wrapper (hydra's InstantiationException): its cause's
+        return code_line(exc.__cause__, *left_out)
     return f"at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}: `{frames[-1].line}`; " if frames else ""
 
 
@@ -869,6 +885,43 @@ def _rejecting_callee(exc: TypeError) -> tuple[str, set[str]] | None:
 
 # What Python says when a call's keyword arguments do not fit the callee's signature.
 _ARGUMENT_MISMATCH = re.compile(r"unexpected keyword argument|missing \d+ required (?:positional|keyword-only) argument")
+
+
+HYDRA = "hydra"  # --model hydra: the config's _target_, built as hydra builds it
+
+
+def _instantiate(kwargs: dict, source: str, config: Mapping[str, Any], config_key: str | None,
+                 overrides: Mapping[str, Any]) -> Any:
+    """hydra.utils.instantiate on the config (its _target_ the class or function, nested
+    _target_ sections built first), its errors in one line as a builder's are."""
+    try:
+        from hydra.utils import instantiate
+    except ImportError:
+        raise CheckpointError("--model hydra builds the config's _target_ with hydra, which is not installed here: "
+                              "pip install hydra-core") from None
+    if "_target_" not in kwargs:
+        raise CheckpointError(f"--model hydra: {source} has no _target_ naming what to build; "
+                              f"{_target_hint(config, config_key)}")
+    log.info("--model hydra: %s from %s, built by hydra.utils.instantiate", kwargs["_target_"], source)
+    return _call_builder(lambda **values: instantiate(values), kwargs, HYDRA, source, config, config_key, overrides)
+
+
+def _target_hint(config: Mapping[str, Any], config_key: str | None) -> str:
+    """Which sections of the config hydra could build (those with a _target_), for --config-key."""
+    found: list[str] = []
+
+    def walk(node: Mapping[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, Mapping) and isinstance(key, str):
+                path = f"{prefix}.{key}" if prefix else key
+                if "_target_" in value:
+                    found.append(f"{path} ({value['_target_']})")
+                walk(value, path)
+
+    walk(config, config_key or "")
+    if not found:
+        return "none of its sections has one either: write a builder, --model MODULE:CALLABLE"
+    return f"choose a section that has one with --config-key: {', '.join(found[:6])}{' ...' if len(found) > 6 else ''}"
 
 
 def config_sections(config: Mapping[str, Any], config_key: str | None, limit: int = 8) -> list[str]:

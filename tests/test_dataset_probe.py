@@ -992,8 +992,8 @@ def test_the_probe_command_takes_several_targets_and_resumes_past_the_finished_o
     # a folder that holds a probe folder named otherwise (the demo's runs/demo/probes) is not one of targets
     shutil.copytree(out / "y", tmp_path / "run" / "probes")
     assert main(["info", str(tmp_path / "run")]) == 2
-    assert capsys.readouterr().err.startswith(f"marstore info: checkpoint {tmp_path / 'run'} is a folder without "
-                                              "model.safetensors")
+    assert capsys.readouterr().err.startswith(f"marstore info: checkpoint {tmp_path / 'run'} is a folder without the "
+                                              "weights save_pretrained writes")
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished target was trained again")

@@ -433,6 +433,47 @@ def test_hydra_keys_are_left_out_of_the_builders_arguments(caplog):
     assert build_model("test_extract:takes_target", {"_target_": "x", "depth": 3}).in_features == 3
 
 
+def test_model_hydra_builds_the_configs_target_as_the_training_program_did(tmp_path, caplog, monkeypatch):
+    """UVA's and diffusion_policy's configs name their policy's class in _target_: --model hydra
+    builds it with hydra.utils.instantiate, no builder to write."""
+    pytest.importorskip("hydra")
+    torch.manual_seed(0)
+    state = video_mar(**CONFIG).state_dict()
+    path = str(tmp_path / "latest.ckpt")
+    scheduler = {"_target_": "torch.nn.Identity"}
+    torch.save({"cfg": {"policy": {"_target_": "marstore.models.VideoActionMAR", **CONFIG}, "scheduler": scheduler},
+                "state_dicts": {"ema_model": {"model." + k: v for k, v in state.items()}}}, path)
+    with caplog.at_level(logging.INFO, logger="marstore.loading"):
+        result = extract(options(tmp_path, checkpoint=path, model="hydra", config_key="cfg.policy", model_args={},
+                                 strict=True, num_samples=8))
+    assert ("--model hydra: marstore.models.VideoActionMAR from the config from checkpoint['cfg.policy'], built by "
+            "hydra.utils.instantiate") in caplog.messages
+    assert result.load_report["loaded"] == len(state) and result.rows == 8
+    reference = extract(options(tmp_path, checkpoint=path, config_key="cfg.policy", model_args={}, num_samples=8,
+                                out=str(tmp_path / "reference.h5")))
+    with open_store(result.path) as a, open_store(reference.path) as b:
+        assert all(a.read(name).tobytes() == b.read(name).tobytes() for name in b.layers)
+    # the errors: no _target_ where the config is taken, an error in what it builds, no hydra
+    with pytest.raises(CheckpointError) as info:
+        build_model("hydra", {"policy": {"_target_": "marstore.models.VideoActionMAR"}, "scheduler": scheduler}, config_key="cfg")
+    assert str(info.value) == ("--model hydra: the config from checkpoint['cfg'] has no _target_ naming what to build; choose "
+                               "a section that has one with --config-key: cfg.policy (marstore.models.VideoActionMAR), "
+                               "cfg.scheduler (torch.nn.Identity)")
+    line = next(n for n, text in enumerate(open(inspect.getsourcefile(VideoActionMAR)), 1) if "self.encoder_blocks = " in text)
+    with pytest.raises(CheckpointError) as info:
+        build_model("hydra", {"_target_": "marstore.models.VideoActionMAR", **CONFIG}, {"depth": "2"}, "cfg.policy")
+    assert str(info.value).startswith(f"--model hydra failed on the config from checkpoint['cfg.policy']: at "
+                                      f"{inspect.getsourcefile(VideoActionMAR)}:{line} in __init__: ")
+    assert str(info.value).endswith("; InstantiationException: Error in call to target 'marstore.models.video_mar."
+                                    "VideoActionMAR': TypeError(\"'str' object cannot be interpreted as an integer\"); "
+                                    "--model-arg gave depth='2'")
+    monkeypatch.setitem(sys.modules, "hydra.utils", None)
+    with pytest.raises(CheckpointError) as info:
+        build_model("hydra", {"_target_": "marstore.models.VideoActionMAR", **CONFIG})
+    assert str(info.value) == ("--model hydra builds the config's _target_ with hydra, which is not installed here: pip "
+                               "install hydra-core")
+
+
 def test_an_omegaconf_workspace_config_resolves_what_it_can(tmp_path, caplog):
     omegaconf = pytest.importorskip("omegaconf")
     # UVA's layout: hydra keys at every level, the policy's shape_meta an interpolation, and values
