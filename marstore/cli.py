@@ -160,6 +160,10 @@ def _checkpoint_info(args: argparse.Namespace, ckpt: object) -> int:
         if config["scalars"]:
             values = ", ".join(f"{k}={v!r}" for k, v in list(config["scalars"].items())[:16])
             print(f"  {values}{' ...' if len(config['scalars']) > 16 else ''}")
+        targets = config["hydra_targets"]
+        if targets:
+            listed = ", ".join(f"{path} ({target})" for path, target in targets[:6]) + (" ..." if len(targets) > 6 else "")
+            print(f"  hydra _target_: {listed}; --model hydra --config-key {targets[0][0]} builds the first")
     if "weights_problem" in info:
         print(f"weights: {info['weights_problem']}")
     if info["weights"]:

@@ -906,19 +906,25 @@ def _instantiate(kwargs: dict, source: str, config: Mapping[str, Any], config_ke
     return _call_builder(lambda **values: instantiate(values), kwargs, HYDRA, source, config, config_key, overrides)
 
 
-def _target_hint(config: Mapping[str, Any], config_key: str | None) -> str:
-    """Which sections of the config hydra could build (those with a _target_), for --config-key."""
-    found: list[str] = []
+def hydra_targets(config: Mapping[str, Any], config_key: str | None) -> list[tuple[str, str]]:
+    """(dotted path, _target_) of the config and each section in it that names one: what
+    --model hydra can build with --config-key PATH."""
+    found: list[tuple[str, str]] = []
 
-    def walk(node: Mapping[str, Any], prefix: str) -> None:
+    def walk(node: Mapping[str, Any], path: str) -> None:
+        if "_target_" in node:
+            found.append((path, str(node["_target_"])))
         for key, value in node.items():
             if isinstance(value, Mapping) and isinstance(key, str):
-                path = f"{prefix}.{key}" if prefix else key
-                if "_target_" in value:
-                    found.append(f"{path} ({value['_target_']})")
-                walk(value, path)
+                walk(value, f"{path}.{key}" if path else key)
 
     walk(config, config_key or "")
+    return found
+
+
+def _target_hint(config: Mapping[str, Any], config_key: str | None) -> str:
+    """Which sections of the config hydra could build (those with a _target_), for --config-key."""
+    found = [f"{path} ({target})" for path, target in hydra_targets(config, config_key)]
     if not found:
         return "none of its sections has one either: write a builder, --model MODULE:CALLABLE"
     return f"choose a section that has one with --config-key: {', '.join(found[:6])}{' ...' if len(found) > 6 else ''}"
@@ -1033,7 +1039,8 @@ def describe_checkpoint(ckpt: Any) -> dict:
         if key:
             scalars = {k: v for k, v in config.items() if isinstance(v, (str, int, float, bool)) or v is None}
             info["config"] = {"key": key, "keys": len(config), "scalars": scalars,
-                              "sections": config_sections(config, key, limit=12), "values": config}
+                              "sections": config_sections(config, key, limit=12), "values": config,
+                              "hydra_targets": hydra_targets(config, key)}
     try:
         loaded, chosen = find_state_dict(ckpt)
     except CheckpointError as exc:

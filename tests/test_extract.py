@@ -433,7 +433,7 @@ def test_hydra_keys_are_left_out_of_the_builders_arguments(caplog):
     assert build_model("test_extract:takes_target", {"_target_": "x", "depth": 3}).in_features == 3
 
 
-def test_model_hydra_builds_the_configs_target_as_the_training_program_did(tmp_path, caplog, monkeypatch):
+def test_model_hydra_builds_the_configs_target_as_the_training_program_did(tmp_path, caplog, monkeypatch, capsys):
     """UVA's and diffusion_policy's configs name their policy's class in _target_: --model hydra
     builds it with hydra.utils.instantiate, no builder to write."""
     pytest.importorskip("hydra")
@@ -443,6 +443,9 @@ def test_model_hydra_builds_the_configs_target_as_the_training_program_did(tmp_p
     scheduler = {"_target_": "torch.nn.Identity"}
     torch.save({"cfg": {"policy": {"_target_": "marstore.models.VideoActionMAR", **CONFIG}, "scheduler": scheduler},
                 "state_dicts": {"ema_model": {"model." + k: v for k, v in state.items()}}}, path)
+    assert main(["info", path]) == 0  # says what --model hydra can build, and how
+    assert ("  hydra _target_: cfg.policy (marstore.models.VideoActionMAR), cfg.scheduler (torch.nn.Identity); --model hydra "
+            "--config-key cfg.policy builds the first") in capsys.readouterr().out.splitlines()
     with caplog.at_level(logging.INFO, logger="marstore.loading"):
         result = extract(options(tmp_path, checkpoint=path, model="hydra", config_key="cfg.policy", model_args={},
                                  strict=True, num_samples=8))
