@@ -209,7 +209,8 @@ def read_checkpoint(path: str, trust: bool = False, report: LoadReport | None = 
     flat state dict it holds (it never holds a pickle). In a trusted load, objects whose code is
     not importable here become inert stand-ins (logged, and noted in `report`): a workspace's
     pickled normalizer should not keep its weights from loading. Weights that save_pretrained
-    wrote beside a config.json come as {"config": its values, "state_dict": the weights}."""
+    wrote beside a config.json come as {"config": its values, "state_dict": the weights}; a
+    torch.distributed.checkpoint folder as the dict it was saved from (_read_dcp)."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path}: no such file")
     path = resolve_checkpoint(path)
@@ -738,8 +739,6 @@ def with_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> d
             node = child
         node[leaf] = value
     return merged
-
-
 
 
 def build_model(spec: str, config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
