@@ -839,9 +839,12 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         model = in_hand.model
         if config:
             log.info("the checkpoint's config (%r) is recorded; the model handed over was built without it", report.config_key)
-    if loading.uncompiled(model) is not model:
-        log.info("the model is compiled (torch.compile): its layers and weights are named as in the %s it wraps, without "
-                 "'_orig_mod.'", type(loading.uncompiled(model)).__name__)
+    compiled = [name for name, m in model.named_modules() if loading.uncompiled(m) is not m]
+    if compiled:
+        whole = compiled[0] == ""
+        log.info("the model is compiled (torch.compile%s): its layers and weights are named as in the module%s it wraps, "
+                 "without '_orig_mod'", "" if whole else f": {len(compiled)} of its modules, as {compiled[0]}",
+                 "" if whole else "s")
     if state is not None:
         loading.load_weights(model, state, strict=opts.strict, report=report)
         del state

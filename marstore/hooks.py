@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from marstore.errors import MarstoreError
-from marstore.loading import uncompiled
+from marstore.loading import named_modules
 
 log = logging.getLogger(__name__)
 
@@ -328,8 +328,8 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
     exclude names modules to leave out of what the patterns select ('**' but the attention
     modules, whose outputs are tuples). problems: where given, the error of a selected module
     whose options do not fit it is recorded there (a survey), not raised. A compiled model's
-    modules are named as in the module it wraps."""
-    modules = dict(uncompiled(model).named_modules())
+    modules (and those of its blocks compiled one by one) are named as in the module it wraps."""
+    modules = named_modules(model)
     names = list(modules)
     # containers without a forward of their own (ModuleList, ModuleDict) are never called, so
     # their hooks would never fire (looked up statically: a scripted module's class raises on `.forward`)
@@ -723,7 +723,7 @@ class Capture:
         self.multi_fire = multi_fire
         self.allow_missing = allow_missing
         self.stop_early = stop_early
-        self.modules = dict(uncompiled(model).named_modules())
+        self.modules = named_modules(model)
         self._handles: list[torch.utils.hooks.RemovableHandle | _MethodHook] = []
         self._state = _State()
         self.missing_counts = {sel.store_name: 0 for sel in self.layers}

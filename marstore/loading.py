@@ -960,15 +960,33 @@ def _best_prefix(state: Mapping[str, torch.Tensor], wanted: set[str]) -> tuple[s
     return best, best_hits
 
 
+def _compiled_wrapper() -> type | tuple:
+    """torch.compile's wrapper class (OptimizedModule), or () where nothing was compiled."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # imported wherever a model was compiled
+    return eval_frame.OptimizedModule if eval_frame is not None else ()
+
+
 def uncompiled(model: torch.nn.Module) -> torch.nn.Module:
     """The module that torch.compile wrapped (its OptimizedModule's _orig_mod), else the model:
     its weights and layers are named as the model's checkpoints and other runs name them, not
     under the wrapper's '_orig_mod.'. The wrapper still runs the forward, and the hooks set on
     the module inside it fire."""
-    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # imported wherever a model was compiled
-    while eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+    while isinstance(model, _compiled_wrapper()):
         model = model._orig_mod
     return model
+
+
+def _own_name(name: str) -> str:
+    """A module's or weight's name without the '._orig_mod' of blocks compiled one by one
+    (model.blocks[i] = torch.compile(block)), as the model's own checkpoints name it."""
+    return re.sub(r"\._orig_mod(?=\.|$)", "", name)
+
+
+def named_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """model.named_modules() by the model's own names: torch.compile's wrappers, of the whole
+    model or of its blocks, left out, the module each wraps taking its name."""
+    return {_own_name(name): module for name, module in uncompiled(model).named_modules()
+            if not isinstance(module, _compiled_wrapper())}
 
 
 def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], strict: bool = False,
@@ -977,7 +995,9 @@ def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], stri
     a compiled model's weights are loaded into the module it wraps."""
     report = report or LoadReport()
     model = uncompiled(model)
-    own = model.state_dict()
+    named = {_own_name(k): k for k in model.state_dict()}  # blocks compiled one by one: their own names
+    own = {k: v for k, v in zip(named, model.state_dict().values())}
+    state = {_own_name(k): v for k, v in state.items()}
     wanted = set(own)
     prefix, _ = _best_prefix(state, wanted)
     if prefix:
@@ -992,9 +1012,9 @@ def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], stri
             report.shape_mismatches.append(f"{k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}")
         else:
             usable[k] = v
-    result = model.load_state_dict(usable, strict=False)
-    report.missing = list(result.missing_keys)
-    report.unexpected = list(result.unexpected_keys)
+    result = model.load_state_dict({named.get(k, k): v for k, v in usable.items()}, strict=False)
+    report.missing = [_own_name(k) for k in result.missing_keys]
+    report.unexpected = [_own_name(k) for k in result.unexpected_keys]
     report.loaded = len(usable) - len(report.unexpected)
     if own and len(report.missing) > len(own) / 2:
         hint = _prefix_hint(state, wanted)

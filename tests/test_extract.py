@@ -1213,8 +1213,8 @@ def test_a_compiled_model_takes_its_own_names_for_layers_and_weights(tmp_path, c
     with caplog.at_level(logging.INFO, logger="marstore"):
         result = extract_from(compiled, data, str(tmp_path / "s.h5"), ["blocks.*"], checkpoint=str(path), batch_size=4,
                               progress=False, strict=True)
-    assert "the model is compiled (torch.compile): its layers and weights are named as in the Blocks it wraps, without " \
-           "'_orig_mod.'" in caplog.messages
+    assert "the model is compiled (torch.compile): its layers and weights are named as in the module it wraps, without " \
+           "'_orig_mod'" in caplog.messages
     assert result.load_report["loaded"] == 5 and result.load_report["missing_count"] == 0
     assert result.load_report["stripped_prefix"] == ("_orig_mod." if saved_compiled else None)
     captured = {}
@@ -1230,6 +1230,41 @@ def test_a_compiled_model_takes_its_own_names_for_layers_and_weights(tmp_path, c
             assert s.read(f"blocks.{i}").tobytes() == torch.cat(captured[i]).numpy().tobytes()
     assert hooks.hook_count(compiled) == 0
     assert traced and not [trace for trace in traced if "hooks.py" in trace]
+
+
+def test_blocks_compiled_one_by_one_keep_the_models_names(tmp_path, caplog):
+    """Compiling each block (model.blocks[i] = torch.compile(block), as torchtitan does) puts
+    '_orig_mod' inside the names: a plain checkpoint loaded none of the blocks' weights, and
+    'blocks.*.0' matched nothing. A checkpoint of such a model loads into a plain one too."""
+    torch.compiler.reset()
+    trained = Blocks(seed=1)
+    path = tmp_path / "weights.pt"
+    torch.save(trained.state_dict(), path)
+    model = Blocks(seed=2)
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = torch.compile(block, backend="eager")
+    assert "blocks.0._orig_mod.0.weight" in model.state_dict()
+    data = [torch.randn(3, 8, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    with caplog.at_level(logging.INFO, logger="marstore"):
+        result = extract_from(model, data, str(tmp_path / "s.h5"), ["blocks.*", "blocks.*.0"], checkpoint=str(path),
+                              batch_size=4, progress=False, strict=True)
+    assert ("the model is compiled (torch.compile: 2 of its modules, as blocks.0): its layers and weights are named as in "
+            "the modules it wraps, without '_orig_mod'") in caplog.messages
+    assert result.load_report["loaded"] == 5 and result.load_report["missing_count"] == 0
+    captured = {}
+    names = ["blocks.0", "blocks.1", "blocks.0.0", "blocks.1.0"]
+    handles = [trained.get_submodule(name).register_forward_hook(
+        lambda m, a, out, name=name: captured.setdefault(name, []).append(out.half())) for name in names]
+    with torch.inference_mode():
+        trained(torch.stack(data[:4])), trained(torch.stack(data[4:]))
+    for handle in handles:
+        handle.remove()
+    with open_store(result.path) as s:
+        assert sorted(s.layers) == sorted(names)
+        for name in names:
+            assert s.read(name).tobytes() == torch.cat(captured[name]).numpy().tobytes(), name
+    report = load_weights(Blocks(seed=3), model.state_dict(), strict=True)  # and back: its checkpoint into a plain model
+    assert report.loaded == 5 and report.stripped_prefix is None
 
 
 def test_a_model_compiled_whole_graph_is_refused_in_one_line(tmp_path):
