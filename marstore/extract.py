@@ -839,12 +839,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         model = in_hand.model
         if config:
             log.info("the checkpoint's config (%r) is recorded; the model handed over was built without it", report.config_key)
-    compiled = [name for name, m in model.named_modules() if loading.uncompiled(m) is not m]
-    if compiled:
-        whole = compiled[0] == ""
-        log.info("the model is compiled (torch.compile%s): its layers and weights are named as in the module%s it wraps, "
-                 "without '_orig_mod'", "" if whole else f": {len(compiled)} of its modules, as {compiled[0]}",
-                 "" if whole else "s")
+    _check_wrappers(model)
     if state is not None:
         loading.load_weights(model, state, strict=opts.strict, report=report)
         del state
@@ -1657,6 +1652,23 @@ def _call_forward(forward: Callable, model: torch.nn.Module, batch: Any, *, devi
                            f"{device}: {fix}") from exc
 
 
+def _check_wrappers(model: torch.nn.Module) -> None:
+    """Says how a wrapped model's layers and weights are named (loading.unwrapped); refuses
+    nn.DataParallel over several GPUs, which runs the hooks on copies of the model in threads,
+    each on a part of the batch."""
+    if isinstance(model, torch.nn.DataParallel) and len(model.device_ids) > 1:
+        raise ExtractError(f"the model is an nn.DataParallel over {len(model.device_ids)} GPUs, which splits each batch "
+                           "over copies of the model, the hooks with them: hand over model.module (a run uses one device)")
+    inside = loading.unwrapped(model)
+    if inside is not model:
+        log.info("the model is wrapped (%s): its layers and weights are named as in the %s inside, without '_orig_mod.' "
+                 "or 'module.'", type(model).__name__, type(inside).__name__)
+    compiled = [name for name, m in inside.named_modules() if loading.unwrapped(m) is not m]
+    if compiled:
+        log.info("%d of its modules are compiled one by one (torch.compile), as %s: named as the modules they wrap, "
+                 "without '_orig_mod'", len(compiled), compiled[0])
+
+
 def _model_line(exc: BaseException) -> str:
     """Where in the model's or the forward's code the error was raised (loading.code_line), this
     module's default forward left out."""
@@ -1679,7 +1691,7 @@ class _StateWatch:
     self.device), which ties no row to the ones before it."""
 
     def __init__(self, model: torch.nn.Module):
-        self.model = loading.uncompiled(model)  # its state named as the model's own (not '_orig_mod.')
+        self.model = loading.unwrapped(model)  # its state named as the model's own (not '_orig_mod.', 'module.')
         self.before = self._state(copy_budget=STATE_COPY_BYTES)
         # the parts that changed, each as the state after the forward holds it (None: removed)
         self.changed: dict[str, tuple[str, Any, Any, Any] | None] = {}

@@ -966,13 +966,14 @@ def _compiled_wrapper() -> type | tuple:
     return eval_frame.OptimizedModule if eval_frame is not None else ()
 
 
-def uncompiled(model: torch.nn.Module) -> torch.nn.Module:
-    """The module that torch.compile wrapped (its OptimizedModule's _orig_mod), else the model:
-    its weights and layers are named as the model's checkpoints and other runs name them, not
-    under the wrapper's '_orig_mod.'. The wrapper still runs the forward, and the hooks set on
-    the module inside it fire."""
-    while isinstance(model, _compiled_wrapper()):
-        model = model._orig_mod
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside torch.compile's wrapper (its _orig_mod) and inside nn.DataParallel or
+    DistributedDataParallel (their .module), else the model: its weights and layers are named as
+    the model's checkpoints and other runs name them, not under '_orig_mod.' or 'module.'. The
+    wrapper still runs the forward, and the hooks set on the module inside it fire."""
+    parallel = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
+    while isinstance(model, _compiled_wrapper()) or isinstance(model, parallel):
+        model = model.module if isinstance(model, parallel) else model._orig_mod
     return model
 
 
@@ -983,18 +984,18 @@ def _own_name(name: str) -> str:
 
 
 def named_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """model.named_modules() by the model's own names: torch.compile's wrappers, of the whole
-    model or of its blocks, left out, the module each wraps taking its name."""
-    return {_own_name(name): module for name, module in uncompiled(model).named_modules()
+    """model.named_modules() by the model's own names: the wrappers of the whole model
+    (unwrapped) and torch.compile's of its blocks left out, the module each wraps taking its name."""
+    return {_own_name(name): module for name, module in unwrapped(model).named_modules()
             if not isinstance(module, _compiled_wrapper())}
 
 
 def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], strict: bool = False,
                  report: LoadReport | None = None) -> LoadReport:
     """load_state_dict with prefixes stripped and every mismatch reported (an error if strict);
-    a compiled model's weights are loaded into the module it wraps."""
+    a wrapped model's weights are loaded into the module it wraps (unwrapped)."""
     report = report or LoadReport()
-    model = uncompiled(model)
+    model = unwrapped(model)
     named = {_own_name(k): k for k in model.state_dict()}  # blocks compiled one by one: their own names
     own = {k: v for k, v in zip(named, model.state_dict().values())}
     state = {_own_name(k): v for k, v in state.items()}

@@ -1213,8 +1213,8 @@ def test_a_compiled_model_takes_its_own_names_for_layers_and_weights(tmp_path, c
     with caplog.at_level(logging.INFO, logger="marstore"):
         result = extract_from(compiled, data, str(tmp_path / "s.h5"), ["blocks.*"], checkpoint=str(path), batch_size=4,
                               progress=False, strict=True)
-    assert "the model is compiled (torch.compile): its layers and weights are named as in the module it wraps, without " \
-           "'_orig_mod'" in caplog.messages
+    assert "the model is wrapped (OptimizedModule): its layers and weights are named as in the Blocks inside, without " \
+           "'_orig_mod.' or 'module.'" in caplog.messages
     assert result.load_report["loaded"] == 5 and result.load_report["missing_count"] == 0
     assert result.load_report["stripped_prefix"] == ("_orig_mod." if saved_compiled else None)
     captured = {}
@@ -1248,8 +1248,8 @@ def test_blocks_compiled_one_by_one_keep_the_models_names(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="marstore"):
         result = extract_from(model, data, str(tmp_path / "s.h5"), ["blocks.*", "blocks.*.0"], checkpoint=str(path),
                               batch_size=4, progress=False, strict=True)
-    assert ("the model is compiled (torch.compile: 2 of its modules, as blocks.0): its layers and weights are named as in "
-            "the modules it wraps, without '_orig_mod'") in caplog.messages
+    assert ("2 of its modules are compiled one by one (torch.compile), as blocks.0: named as the modules they wrap, without "
+            "'_orig_mod'") in caplog.messages
     assert result.load_report["loaded"] == 5 and result.load_report["missing_count"] == 0
     captured = {}
     names = ["blocks.0", "blocks.1", "blocks.0.0", "blocks.1.0"]
@@ -1265,6 +1265,31 @@ def test_blocks_compiled_one_by_one_keep_the_models_names(tmp_path, caplog):
             assert s.read(name).tobytes() == torch.cat(captured[name]).numpy().tobytes(), name
     report = load_weights(Blocks(seed=3), model.state_dict(), strict=True)  # and back: its checkpoint into a plain model
     assert report.loaded == 5 and report.stripped_prefix is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="nn.DataParallel takes the GPUs where there are any")
+def test_a_data_parallel_model_is_named_as_the_module_inside_and_refused_over_several_gpus(tmp_path):
+    """nn.DataParallel (and DistributedDataParallel) put 'module.' before every name: a plain
+    checkpoint loaded none of the weights, and patterns needed the prefix. Over several GPUs it
+    runs the hooks on copies of the model, each on a part of the batch: refused."""
+    trained = Blocks(seed=1)
+    path = tmp_path / "weights.pt"
+    torch.save(trained.state_dict(), path)
+    wrapped = nn.DataParallel(Blocks(seed=2))
+    data = [torch.randn(3, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    result = extract_from(wrapped, data, str(tmp_path / "s.h5"), ["blocks.*"], checkpoint=str(path), batch_size=4,
+                          progress=False, strict=True)
+    assert result.load_report["loaded"] == 5
+    with torch.inference_mode():
+        expected = trained.blocks[0](torch.stack(data)).half()
+    with open_store(result.path) as s:
+        assert sorted(s.layers) == ["blocks.0", "blocks.1"] and s.read("blocks.0").tobytes() == expected.numpy().tobytes()
+    wrapped.device_ids = [0, 1]
+    with pytest.raises(ExtractError) as info:
+        extract_from(wrapped, data, str(tmp_path / "t.h5"), ["blocks.*"], batch_size=4, progress=False)
+    assert str(info.value) == ("the model is an nn.DataParallel over 2 GPUs, which splits each batch over copies of the "
+                               "model, the hooks with them: hand over model.module (a run uses one device)")
+    assert not os.path.exists(tmp_path / "t.h5")
 
 
 def test_a_model_compiled_whole_graph_is_refused_in_one_line(tmp_path):
