@@ -327,8 +327,8 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
     layer, or {pattern: layout} for the layers the patterns name;
     exclude names modules to leave out of what the patterns select ('**' but the attention
     modules, whose outputs are tuples). problems: where given, the error of a selected module
-    whose options do not fit it is recorded there (a survey), not raised. A compiled model's
-    modules (and those of its blocks compiled one by one) are named as in the module it wraps."""
+    whose options do not fit it is recorded there (a survey), not raised. A wrapped model's
+    modules (torch.compile's, DataParallel's) are named as the model's own (loading.named_modules)."""
     modules = named_modules(model)
     names = list(modules)
     # containers without a forward of their own (ModuleList, ModuleDict) are never called, so

@@ -52,7 +52,7 @@ def save_checkpoint(model: torch.nn.Module, config: dict, path: str, layout: str
         moments = {i: {"exp_avg": torch.zeros_like(p), "step": torch.tensor(3.0)} for i, p in enumerate(model.parameters())}
         obj = {"model": state, "optimizer": {"state": moments, "param_groups": [{"lr": 1e-4, "params": list(moments)}]},
                "model_config": config, "step": 3}
-        import torch.distributed.checkpoint as dcp
+        import torch.distributed.checkpoint as dcp  # here: only this layout needs it, and it takes a moment to import
 
         with warnings.catch_warnings():  # one process, no process group: as meant here
             warnings.simplefilter("ignore", UserWarning)
