@@ -1536,6 +1536,13 @@ def _validate(path: str, f: h5py.File) -> None:
     if "index" not in f or f["index"].shape[0] < rows:
         raise StoreError(f"{path} says {rows} rows are committed but /index holds "
                          f"{f['index'].shape[0] if 'index' in f else 'none'}")
+    for group in ("activations", "targets"):
+        broken = [name for name, obj in f[group].items() if obj is None]  # linked, but its object cannot be opened
+        if broken:
+            err = StoreError(f"{path}: {group} {', '.join(map(repr, broken))} cannot be opened (the file's HDF5 objects "
+                             "are damaged: a writer killed while it flushed?)")
+            err.transient = True  # also what a reader beside a flushing writer can meet for a moment
+            raise err
     for name, obj in f["activations"].items():
         if obj.attrs.get("layout") == "ragged":
             offsets = obj["offsets"]
