@@ -1292,6 +1292,30 @@ def test_a_data_parallel_model_is_named_as_the_module_inside_and_refused_over_se
     assert not os.path.exists(tmp_path / "t.h5")
 
 
+def test_a_distributed_data_parallel_model_is_named_as_the_module_inside(tmp_path, monkeypatch):
+    """DistributedDataParallel on one process (gloo): its layers and weights without 'module.'."""
+    import torch.distributed as dist
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # a one-process group of its own, not a scale-out run
+        monkeypatch.delenv(name, raising=False)
+    trained = Blocks(seed=1)
+    path = tmp_path / "weights.pt"
+    torch.save(trained.state_dict(), path)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        wrapped = nn.parallel.DistributedDataParallel(Blocks(seed=2))
+        data = [torch.randn(3, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+        result = extract_from(wrapped, data, str(tmp_path / "s.h5"), ["blocks.*"], checkpoint=str(path), batch_size=4,
+                              progress=False, strict=True)
+    finally:
+        dist.destroy_process_group()
+    assert result.load_report["loaded"] == 5
+    with torch.inference_mode():
+        expected = trained.blocks[0](torch.stack(data)).half()
+    with open_store(result.path) as s:
+        assert sorted(s.layers) == ["blocks.0", "blocks.1"] and s.read("blocks.0").tobytes() == expected.numpy().tobytes()
+
+
 def test_a_model_compiled_whole_graph_is_refused_in_one_line(tmp_path):
     """fullgraph=True lets no Python run in the graph, and the hooks must: dynamo's error said
     to remove torch.compiler.disable."""
