@@ -115,9 +115,8 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", INDEX_SUF
 
 def resolve_checkpoint(path: str, quiet: bool = False) -> str:
     """A checkpoint file, or a folder that torch.distributed.checkpoint wrote (FSDP's sharded
-    checkpoints, Lightning's with its FSDP strategy); another folder gives the weights Hugging
-    Face's save_pretrained writes into it, and one without them (a training run's checkpoints/)
-    is refused with the files to name."""
+    checkpoints); another folder gives the weights Hugging Face's save_pretrained writes into
+    it, and one without them (a training run's checkpoints/) is refused with the files to name."""
     if not os.path.isdir(path) or _is_dcp(path):
         return path
     for name in FOLDER_CHECKPOINTS:
