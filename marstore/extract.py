@@ -1609,9 +1609,13 @@ def _forward_failure(exc: BaseException, index: Sequence[int], batch: Any) -> st
     tensors = ", ".join(f"{name} {hooks.describe_value(t)}".removeprefix("the batch ") for name, t in parts[:6])
     tensors += ", ..." if len(parts) > 6 else ""
     items = f"item {index[0]}" if len(index) == 1 else f"items {index[0]} to {index[-1]}"
-    message = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")  # the rest: its traceback
-    return (f"the forward failed on the batch of {items} ({tensors or 'no tensors'}): {_model_line(exc)}"
-            f"{type(exc).__name__}: {message}")
+    return f"the forward failed on the batch of {items} ({tensors or 'no tensors'}): {_model_line(exc)}{_first_line(exc)}"
+
+
+def _first_line(exc: BaseException) -> str:
+    """'Type: the message's first line' (the rest is in its traceback); a bare `assert` has no message."""
+    message = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 def _call_forward(forward: Callable, model: torch.nn.Module, batch: Any, *, device: torch.device) -> Any:
@@ -1624,7 +1628,7 @@ def _call_forward(forward: Callable, model: torch.nn.Module, batch: Any, *, devi
     try:
         return forward(model, batch)
     except (AssertionError, RuntimeError, ValueError) as exc:
-        first = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        first = _first_line(exc)
         if type(exc).__module__.startswith("torch._dynamo") and "torch.compiler.disable" in str(exc):
             raise ExtractError("the model or the forward is compiled with fullgraph=True (torch.compile), which lets no Python "
                                "run inside its graph, and the hooks must run there: compile it without fullgraph (each "

@@ -1015,6 +1015,15 @@ def test_a_forward_that_fails_on_the_data_is_a_dry_run_finding_and_a_note_on_the
     assert info.value.__notes__ == ["marstore: " + failed.format(0, 3, 5, 5).replace("5x3", "4x4") +
                                     "; --dry-run shows what each hooked layer gave before it"]
 
+    def asserting(model, batch):  # a bare assert's error, no message: it was an IndexError of marstore's own
+        raise AssertionError
+    with pytest.raises(AssertionError) as info:
+        extract_from(model, data, str(tmp_path / "u.h5"), ["0"], forward=asserting, batch_size=4, progress=False)
+    assert info.value.__notes__ == [
+        f"marstore: the forward failed on the batch of items 0 to 3 (x Tensor(4, 4) float32, label Tensor(4,) int64): at "
+        f"{__file__}:{asserting.__code__.co_firstlineno + 1} in asserting: `raise AssertionError`; AssertionError; "
+        "--dry-run shows what each hooked layer gave before it"]
+
 
 def test_the_patterns_a_dry_run_suggests_name_the_bad_layers_and_no_other():
     from marstore.extract import _covering
