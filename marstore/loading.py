@@ -995,8 +995,9 @@ def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], stri
     a wrapped model's weights are loaded into the module it wraps (unwrapped)."""
     report = report or LoadReport()
     model = unwrapped(model)
-    named = {_own_name(k): k for k in model.state_dict()}  # blocks compiled one by one: their own names
-    own = {k: v for k, v in zip(named, model.state_dict().values())}
+    model_state = model.state_dict()
+    named = {_own_name(k): k for k in model_state}  # blocks compiled one by one: their own names
+    own = {plain: model_state[k] for plain, k in named.items()}
     state = {_own_name(k): v for k, v in state.items()}
     wanted = set(own)
     prefix, _ = _best_prefix(state, wanted)
