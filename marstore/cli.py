@@ -238,7 +238,7 @@ def _info(args: argparse.Namespace) -> int:
 
     from marstore.extract import describe_output, summarize_outputs
     from marstore.hooks import reduction_text
-    from marstore.store import TEXT, is_text, open_store
+    from marstore.store import TEXT, is_text, open_store, text_attr
 
     if os.path.isdir(args.store) and (os.path.isfile(os.path.join(args.store, "report.json")) or _report_folders(args.store)):
         return _report_info(args)
@@ -263,7 +263,7 @@ def _info(args: argparse.Namespace) -> int:
             "file_bytes": size,
             "bytes_per_row": size / store.rows if store.rows else None,
             "created": str(attrs["created"]),
-            "committed_at": str(attrs["committed_at"]),
+            "committed_at": text_attr(attrs["committed_at"]),
             "layers": {
                 name: {
                     "layout": layer.layout,

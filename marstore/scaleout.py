@@ -27,6 +27,7 @@ from marstore.store import (
     FORMAT_VERSION,
     SKIPPED_PREFIX,
     STATE_PREFIX,
+    STATUS_LENGTH,
     LayerSpec,
     Ragged,
     StoreError,
@@ -34,6 +35,7 @@ from marstore.store import (
     TargetSpec,
     as_ragged,
     convert_to_ragged,
+    fixed_text,
     moments_std,
     open_store,
     utc_now,
@@ -129,7 +131,7 @@ def write_top_file(out: str, parts: list[str]) -> int:
         tmp = out + ".tmp"
         with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
             f.attrs.update({k: v for k, v in first.attrs.items()
-                           if k not in ("rows", "status", "skipped") and not k.startswith(SKIPPED_PREFIX)})
+                           if k not in ("rows", "status", "skipped", "skipped_at") and not k.startswith(SKIPPED_PREFIX)})
             f.attrs.update({
                 "format": FORMAT, "format_version": FORMAT_VERSION, "rows": total,
                 "status": "complete" if all(s.status == "complete" for s in stores) else "incomplete",
@@ -237,7 +239,7 @@ def join_layers(out: str, paths: list[str]) -> list[str]:
         tmp = out + ".tmp"
         with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
             f.attrs.update({k: v for k, v in first.file.attrs.items()
-                           if k not in ("parts", "skipped") and not k.startswith(SKIPPED_PREFIX)})
+                           if k not in ("parts", "skipped", "skipped_at") and not k.startswith(SKIPPED_PREFIX)})
             f.attrs.update({
                 "format": FORMAT, "format_version": FORMAT_VERSION, "rows": first.rows, "status": "complete",
                 "created": utc_now(), "committed_at": utc_now(),
@@ -328,9 +330,10 @@ def merge(store_path: str, out: str, rows_per_copy: int = 4096) -> int:
                 w.append(acts, targets={t.name: src.target(t.name, a, b) for t in targets}, index=src.index(a, b))
         complete = src.status == "complete"
         with h5py.File(out, "r+", locking=False) as f:
-            if "outputs" in src.file:
+            if src.outputs():
+                del f["outputs"]  # the writer's, empty
                 src.file.copy("outputs", f)
             if not complete:
-                f.attrs["status"] = "incomplete"
+                f.attrs.modify("status", fixed_text("incomplete", STATUS_LENGTH))
     log.info("%s: %d rows copied from %s", out, src.rows, store_path)
     return src.rows

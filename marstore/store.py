@@ -11,8 +11,9 @@ thread writes, and memory stays bounded (background=False writes in append() ins
 CPU extraction, where the model's threads use every core). Rows are gathered per chunk and
 each chunk written once. Commit points (every `commit_rows` rows or
 `commit_bytes` bytes) flush the data, then advance the root attribute `rows` and flush
-again, so a process killed at any moment leaves a file that opens with plain h5py and holds
-exactly the committed rows. The file is written in plain mode, not SWMR: a killed SWMR writer
+again, changing no HDF5 structure (values in place), so a process killed at any write leaves a
+file that opens with plain h5py and holds exactly the committed rows (docs/FORMAT.md says
+where a chunk index that splits a node is the exception). The file is written in plain mode, not SWMR: a killed SWMR writer
 leaves a file that a plain open refuses (docs/FORMAT.md). `resume=True` reopens such a file
 and continues after its last committed row. docs/FORMAT.md describes the layout.
 """
@@ -48,18 +49,32 @@ FORMAT_VERSION = 1
 CHUNK_BYTES = 1 << 20  # about 1 MiB per chunk suits training reads (FIELD-NOTES §4)
 STORED_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
 TEXT = "str"  # a target's dtype for strings, stored as variable-length UTF-8
-STATE_PREFIX = "state_at_row_"
-SKIPPED_PREFIX = "skipped_at_row_"
+STATE_PREFIX = "state_at_row_"  # earlier versions' per-commit layer attributes (read, not written)
+SKIPPED_PREFIX = "skipped_at_row_"  # the same for the root's count of /skipped
+LAYER_STATE = "layer_state"  # the group of each layer's committed counters and statistics
+# A commit changes no HDF5 structure, only values in place: HDF5 writes a flush's metadata in
+# address order, not in the order it depends on, so a kill in the middle of a flush that grew
+# an object header (a new attribute, h5py's replacement of one) left a layer whose header
+# pointed at a block not yet written, and the whole file refused to open (tests replay every
+# prefix of a writer's writes). Per-channel arrays of more channels than this are not kept as
+# attributes at all: an attribute message holds 64 KiB at most in the file format written.
+ATTR_CHANNELS_MAX = 7680
+# The root's strings that commits rewrite are fixed-length: a variable-length string lives in the
+# global heap, which a flush can write after the attribute that points into it.
+STATUS_LENGTH = 10  # "incomplete"
+TIME_LENGTH = 32  # utc_now(): 25
 
 
-def _state_name(rows: int) -> str:
-    """The layer attribute that holds its counters and statistics over its first `rows` rows."""
-    return f"{STATE_PREFIX}{rows}"
+def fixed_text(text: str, length: int) -> np.ndarray:
+    """An ASCII string attribute value of a fixed length (HDF5 pads it with NULs, h5py reads it as bytes)."""
+    if len(text) > length:
+        raise ValueError(f"{text!r} is longer than {length} characters")
+    return np.array(text.encode("ascii"), dtype=f"S{length}")
 
 
-def _skipped_name(rows: int) -> str:
-    """The root attribute that holds the count of /skipped's entries that go with the first `rows` rows."""
-    return f"{SKIPPED_PREFIX}{rows}"
+def text_attr(value: Any) -> str:
+    """A string attribute as str, fixed-length (bytes) or variable-length (str, earlier versions)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def moments_std(count: np.ndarray, m2: np.ndarray) -> np.ndarray:
@@ -67,29 +82,43 @@ def moments_std(count: np.ndarray, m2: np.ndarray) -> np.ndarray:
     return np.sqrt(m2 / np.maximum(count, 1))
 
 
-# a layer's attributes that a commit's last flush rewrites, and that its state_at_row_N holds
+# a layer's attributes that a commit's last flush rewrites, and that its committed state holds
 COMMITTED_LAYER_KEYS = ("nonfinite", "overflow", "stats_count", "mean", "stats_m2", "std")
 
 
-def committed_layer_state(attrs: Mapping[str, Any], rows: int) -> dict[str, Any] | None:
-    """A layer's counters and statistics over exactly its first `rows` rows, from its
-    state_at_row_<rows> (the attributes themselves can be a commit ahead after a kill, or
-    while a writer commits); None where the store has no such attribute (earlier versions)."""
-    packed = attrs.get(_state_name(rows))
-    if packed is None:
-        return None
+def _unpack_state(packed: np.ndarray) -> dict[str, Any]:
+    """[nonfinite, overflow, count..., mean..., m2...] as the layer keys above."""
     packed = np.asarray(packed, np.float64)
     count, mean, m2 = np.split(packed[2:], [(len(packed) - 2) // 3, 2 * (len(packed) - 2) // 3])
     return {"nonfinite": int(packed[0]), "overflow": int(packed[1]), "stats_count": count, "mean": mean,
             "stats_m2": m2, "std": moments_std(count, m2)}
 
 
+def committed_layer_state(file: h5py.File, name: str, attrs: Mapping[str, Any], rows: int) -> dict[str, Any] | None:
+    """A layer's counters and statistics over exactly its first `rows` rows: the slot of
+    /layer_state/<name> whose first value is `rows` (the layer's attributes can be a commit
+    ahead after a kill, or while a writer commits), an earlier version's state_at_row_<rows>
+    attribute, or None where the store has neither (the attributes are then the state)."""
+    group = file.get(LAYER_STATE)
+    if group is not None and name in group:
+        slots = group[name][()]
+        for slot in slots:
+            if slot[0] == rows:
+                return _unpack_state(slot[1:])
+        raise StoreError(f"{file.filename}: /{LAYER_STATE}/{name} holds the state at rows {slots[:, 0].astype(int).tolist()}, "
+                         f"not at the committed {rows}; the store is corrupted")
+    packed = attrs.get(f"{STATE_PREFIX}{rows}")
+    return None if packed is None else _unpack_state(packed)
+
+
 def committed_skipped(attrs: Mapping[str, Any], rows: int) -> int:
-    """The entries of /skipped that go with the first `rows` rows. The root's 'skipped' and
-    'rows' reach the disk one by one in a commit's last flush, so 'skipped_at_row_<rows>',
-    written before it, is the one to trust where it is there (absent: nothing was ever left
-    out, or an earlier version's store)."""
-    return int(attrs.get(_skipped_name(rows), attrs.get("skipped", 0)))
+    """The entries of /skipped that go with the first `rows` rows: from the root's 'skipped_at'
+    slots ([rows, skipped] at the last two commits; 'skipped' reaches the disk with 'rows', in
+    one flush but not one write), an earlier version's 'skipped_at_row_<rows>', or 'skipped'."""
+    for slot_rows, skipped in np.asarray(attrs.get("skipped_at", np.zeros((0, 2))), np.int64).reshape(-1, 2):
+        if slot_rows == rows:
+            return int(skipped)
+    return int(attrs.get(f"{SKIPPED_PREFIX}{rows}", attrs.get("skipped", 0)))
 
 
 _METADATA_SLACK = 1 << 20  # room kept for the metadata that a commit and a close write
@@ -293,7 +322,7 @@ class _Moments:
 class _Layer:
     """Writer-side state of one layer: its datasets, counters and statistics."""
 
-    def __init__(self, spec: LayerSpec, group: h5py.Group):
+    def __init__(self, spec: LayerSpec, group: h5py.Group, state: h5py.Dataset):
         self.spec = spec
         self.np_dtype = np.dtype(STORED_DTYPES[spec.dtype])
         if spec.ragged:
@@ -302,9 +331,11 @@ class _Layer:
             self.offsets = group["offsets"]
         else:
             self.values = group
-        # per channel: the last axis, or the channel axis of a channels-first layer
-        channels = spec.row_shape[-1 if spec.channel_axis is None else spec.channel_axis] if spec.row_shape else 1
-        self.moments = _Moments(channels)
+        self.moments = _Moments(layer_channels(spec))
+        # /layer_state/<name>: two slots of [rows, packed_state()]; a commit writes the one that
+        # does not hold the committed rows' state (a new store's slot 0 holds the state at 0 rows)
+        self.state = state
+        self.free_slot = 1
         self.pending: list[np.ndarray] = []  # small batches' rows not yet in the moments
         self.pending_size = 0
         self.nonfinite = 0
@@ -340,9 +371,16 @@ class _Layer:
         m = self.moments
         return np.concatenate([[self.nonfinite, self.overflow], m.count, m.mean, m.m2]).astype(np.float64)
 
+    def summary(self) -> dict[str, Any]:
+        """The attributes a commit sets (as _create_layer made them: per-channel arrays only where they fit)."""
+        m = self.moments
+        arrays = {"stats_count": m.count, "mean": m.mean, "std": m.std(), "stats_m2": m.m2}
+        return {"nonfinite": self.nonfinite, "overflow": self.overflow,
+                **(arrays if len(m.count) <= ATTR_CHANNELS_MAX else {})}
+
     def restore_state(self, state: Mapping[str, Any]) -> None:
         """Counters and statistics as committed_layer_state gives them."""
-        self.nonfinite, self.overflow = state["nonfinite"], state["overflow"]
+        self.nonfinite, self.overflow = int(state["nonfinite"]), int(state["overflow"])
         self.moments.restore(state["stats_count"], state["mean"], state["stats_m2"])
 
     def settle_stats(self) -> None:
@@ -359,6 +397,11 @@ class _Layer:
 def _index_chunk(expected_rows: int | None, extra: int = 0) -> int:
     """Chunk length of a per-row int64 dataset (the index, ragged offsets)."""
     return min(65536, expected_rows + extra) if expected_rows else 65536
+
+
+def layer_channels(spec: LayerSpec) -> int:
+    """The channels a layer's statistics are kept for: the last axis, or the channel axis of a channels-first layer."""
+    return spec.row_shape[-1 if spec.channel_axis is None else spec.channel_axis] if spec.row_shape else 1
 
 
 def _create_layer(root: h5py.Group, spec: LayerSpec, expected_rows: int | None) -> None:
@@ -386,11 +429,109 @@ def _create_layer(root: h5py.Group, spec: LayerSpec, expected_rows: int | None) 
             "reduction": spec.reduction,
             "nonfinite": 0,
             "overflow": 0,
+            **_stats_attrs(layer_channels(spec)),
             **({"channel_axis": spec.channel_axis} if spec.channel_axis is not None else {}),
             **({"unfolded": spec.unfolded} if spec.unfolded is not None else {}),
             **({"unfold_layout": spec.unfold_layout} if spec.unfold_layout is not None else {}),
         }
     )
+
+
+def _stats_attrs(channels: int) -> dict[str, np.ndarray]:
+    """A new layer's per-channel statistics attributes, at their final size (a commit only
+    rewrites them), where an attribute can hold them; the state slots hold them always."""
+    if channels > ATTR_CHANNELS_MAX:
+        log.info("a layer of %d channels: its per-channel statistics are kept in /%s only (more than %d channels "
+                 "do not fit an attribute)", channels, LAYER_STATE, ATTR_CHANNELS_MAX)
+        return {}
+    zeros = np.zeros(channels, np.float64)
+    return {"stats_count": zeros, "mean": zeros, "std": zeros, "stats_m2": zeros}
+
+
+def _add_commit_places(f: h5py.File, specs: Sequence[LayerSpec]) -> None:
+    """Gives a store of an earlier version, before a writer resumes it, the attributes and state
+    slots that commits now write in place, from what it recorded (one change of its structure,
+    flushed at once; the stores of this version have them from the start)."""
+    rows = int(f.attrs["rows"])
+    added = []
+    for spec in specs:
+        obj = f["activations"][spec.name]
+        a = obj.attrs
+        if LAYER_STATE not in f or spec.name not in f[LAYER_STATE]:
+            state = committed_layer_state(f, spec.name, a, rows)
+            if state is None:  # no state_at_row_N either: the attributes hold the committed rows' state
+                channels = layer_channels(spec)
+                state = {"nonfinite": a["nonfinite"], "overflow": a["overflow"],
+                         **{k: a.get(k, np.zeros(channels)) for k in ("stats_count", "mean", "stats_m2")}}
+            packed = np.concatenate([[state["nonfinite"], state["overflow"]], state["stats_count"], state["mean"], state["stats_m2"]])
+            _create_layer_state(f, spec, rows, packed)
+            added.append(spec.name)
+        for key, value in _stats_attrs(layer_channels(spec)).items():
+            if key not in a:
+                a[key] = value
+        for name in [k for k in a if k.startswith(STATE_PREFIX)]:
+            del a[name]
+    for key, length in (("status", STATUS_LENGTH), ("committed_at", TIME_LENGTH)):
+        if h5py.check_string_dtype(f.attrs.get_id(key).dtype).length is None:
+            f.attrs[key] = fixed_text(text_attr(f.attrs[key]), length)
+    _create_skipped_and_outputs(f)
+    if "skipped_at" not in f.attrs:
+        skipped = committed_skipped(f.attrs, rows)
+        f.attrs.update({"skipped": skipped, "skipped_at": np.array([[rows, skipped], [-1, 0]], np.int64)})
+        for name in [k for k in f.attrs if k.startswith(SKIPPED_PREFIX)]:
+            del f.attrs[name]
+    f.flush()
+    if added:
+        log.info("store %s: state slots added for %d layers (a store of an earlier version)", f.filename, len(added))
+
+
+def _forget_strings_after(ds: h5py.Dataset, rows: int) -> None:
+    """Clears the heap references of a string dataset's rows past `rows` in the chunk that holds
+    row `rows`, in place (past the dataset's extent too, which can be a commit behind the chunk
+    on disk): a killed writer can have left them pointing at heap objects never written, and
+    HDF5 frees the object that a string it overwrites points at, which then fails."""
+    if not is_text(ds) or rows % ds.chunks[0] == 0:
+        return
+    first = rows - rows % ds.chunks[0]
+    if ds.id.get_chunk_info_by_coord((first,) + (0,) * (ds.ndim - 1)).byte_offset is None:
+        return  # never written
+    mask, raw = ds.id.read_direct_chunk((first,) + (0,) * (ds.ndim - 1))
+    chunk = bytearray(raw)
+    row_bytes = len(chunk) // ds.chunks[0]
+    chunk[(rows - first) * row_bytes :] = bytes(len(chunk) - (rows - first) * row_bytes)  # a null reference: no string
+    ds.id.write_direct_chunk((first,) + (0,) * (ds.ndim - 1), bytes(chunk), mask)
+
+
+def _recorded_rows(path: str) -> int | None:
+    """The root's committed row count of a marstore store, read without validating the rest;
+    None where even that cannot be read (the caller then reports the validation's error)."""
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return int(f.attrs["rows"]) if f.attrs.get("format") == FORMAT else None
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _create_skipped_and_outputs(f: h5py.File) -> None:
+    """/skipped and /outputs with its row_start, empty, where they are not yet (made before any
+    commit: only the outputs' own datasets are made later, when the first batch names them)."""
+    group = f.require_group("skipped")
+    if "index" not in group:
+        group.create_dataset("index", shape=(0,), dtype=np.int64, chunks=(1024,), maxshape=(None,))
+        group.create_dataset("error", shape=(0,), dtype=h5py.string_dtype(), chunks=(256,), maxshape=(None,))
+    # track_order: /outputs lists the forward's outputs in its order (loss first), not by name
+    group = f["outputs"] if "outputs" in f else f.create_group("outputs", track_order=True)
+    if "row_start" not in group:
+        group.create_dataset("row_start", shape=(0,), dtype=np.int64, chunks=(4096,), maxshape=(None,))
+
+
+def _create_layer_state(file: h5py.File, spec: LayerSpec, rows: int, packed: np.ndarray) -> None:
+    """/layer_state/<name>: slot 0 the state at `rows`, slot 1 unused (rows -1), written now so
+    that its storage is allocated before any commit."""
+    slots = np.zeros((2, 1 + len(packed)), np.float64)
+    slots[0] = np.concatenate([[rows], packed])
+    slots[1, 0] = -1
+    file.require_group(LAYER_STATE).create_dataset(spec.name, data=slots)
 
 
 class _ChunkBuffer:
@@ -411,6 +552,7 @@ class _ChunkBuffer:
         self.chunk_bytes = self.data.nbytes
         self.start: int | None = None  # the chunk's first row
         self.filled = 0  # rows [start, start + filled) are here
+        self.handed = 0  # ... of which HDF5 has rows [start, start + handed) already
 
 
 def utc_now() -> str:
@@ -480,7 +622,8 @@ class StoreWriter:
                 os.remove(self.path)
             self._lock.release()
             raise
-        self._layers = {s.name: _Layer(s, self._file["activations"][s.name]) for s in self.layers_spec}
+        self._layers = {s.name: _Layer(s, self._file["activations"][s.name], self._file[LAYER_STATE][s.name])
+                        for s in self.layers_spec}
         self._targets = {s.name: self._file["targets"][s.name] for s in self.targets_spec}
         self._text_targets = {s.name for s in self.targets_spec if s.dtype == TEXT}
         # append() checks batches against these, not the datasets: the writer thread closes the
@@ -500,8 +643,8 @@ class StoreWriter:
         # batch); the writer keeps every dataset object it writes for the file's lifetime
         self._chunks: dict[int, _ChunkBuffer] = {}
         # /outputs/<name>, and the batches in it (its datasets grow on disk only as their chunks are written)
-        self._outputs = dict(self._file["outputs"].items()) if "outputs" in self._file else {}
-        self._output_rows = self._outputs["row_start"].shape[0] if "row_start" in self._outputs else 0
+        self._outputs = dict(self._file["outputs"].items())
+        self._output_rows = self._outputs["row_start"].shape[0]
         self._queue: queue.Queue = queue.Queue(maxsize=queue_batches)
         self._error: BaseException | None = None
         self._closed = False
@@ -527,10 +670,12 @@ class StoreWriter:
                 {
                     "format": FORMAT,
                     "format_version": FORMAT_VERSION,
-                    "status": "incomplete",
+                    "status": fixed_text("incomplete", STATUS_LENGTH),
                     "rows": 0,
+                    "skipped": 0,
+                    "skipped_at": np.array([[0, 0], [-1, 0]], np.int64),
                     "created": utc_now(),
-                    "committed_at": utc_now(),
+                    "committed_at": fixed_text(utc_now(), TIME_LENGTH),
                     "marstore_version": __version__,
                     "torch_version": str(torch.__version__),
                     "h5py_version": h5py.version.version,
@@ -543,6 +688,7 @@ class StoreWriter:
             acts = f.create_group("activations")
             for spec in self.layers_spec:
                 _create_layer(acts, spec, self.expected_rows)
+                _create_layer_state(f, spec, 0, np.zeros(2 + 3 * layer_channels(spec)))
             tg = f.create_group("targets")
             for spec in self.targets_spec:
                 itemsize = spec.storage_dtype.itemsize  # a string's: its 16-byte reference to the heap
@@ -550,6 +696,7 @@ class StoreWriter:
                 tg.create_dataset(spec.name, shape=(0, *spec.row_shape), dtype=spec.storage_dtype,
                                   chunks=(rows, *spec.row_shape), maxshape=(None, *spec.row_shape))
             f.create_dataset("index", shape=(0,), dtype=np.int64, chunks=(_index_chunk(self.expected_rows),), maxshape=(None,))
+            _create_skipped_and_outputs(f)
             f.flush()
             log.info("store %s created: %d layers, %d targets", self.path, len(self.layers_spec), len(self.targets_spec))
         except BaseException:  # the caller removes the file; HDF5 must let go of it first
@@ -558,6 +705,11 @@ class StoreWriter:
         return f
 
     def _open_for_resume(self, metadata: Mapping[str, Any] | None) -> h5py.File:
+        if _recorded_rows(self.path) == 0:
+            # nothing to keep, and a writer killed in its first commit can have left the objects made
+            # for its first batch (the outputs' datasets) damaged: begun again (this writer holds its lock)
+            log.info("store %s has no committed rows: it is written again from the start", self.path)
+            return self._create(metadata or {})
         store = open_store(self.path)  # validates the file first, with clear errors
         store.close()
         f = h5py.File(self.path, "r+", locking=False)
@@ -578,7 +730,8 @@ class StoreWriter:
         if metadata is not None and json.loads(f.attrs["run"]) != json.loads(json.dumps(metadata, sort_keys=True, default=str)):
             f.close()
             raise StoreError(f"{self.path} records another run description; resume it with the same options")
-        f.attrs["status"] = "incomplete"
+        _add_commit_places(f, self.layers_spec)
+        f.attrs.modify("status", fixed_text("incomplete", STATUS_LENGTH))
         log.info("store %s: resuming after %d committed rows", self.path, int(f.attrs["rows"]))
         return f
 
@@ -586,14 +739,9 @@ class StoreWriter:
         """Drops rows past the last commit and reloads the counters and statistics."""
         rows = self.committed
         for layer in self._layers.values():
-            a = layer.attrs
-            state = committed_layer_state(a, rows)  # the counters and statistics of exactly the committed rows
-            if state is not None:
-                layer.restore_state(state)
-            else:  # a store of an earlier version
-                layer.nonfinite, layer.overflow = int(a["nonfinite"]), int(a["overflow"])
-                if "stats_count" in a:
-                    layer.moments.restore(*(a[k] for k in ("stats_count", "mean", "stats_m2")))
+            # the counters and statistics of exactly the committed rows
+            layer.restore_state(committed_layer_state(self._file, layer.spec.name, layer.attrs, rows))
+            layer.free_slot = 0 if layer.state[1, 0] == rows else 1
             if layer.spec.ragged:
                 layer.tokens = int(layer.offsets[rows])
                 layer.offsets.resize((rows + 1,))
@@ -601,16 +749,16 @@ class StoreWriter:
             else:
                 layer.values.resize((rows, *layer.spec.row_shape))
         for ds in self._targets.values():
+            _forget_strings_after(ds, rows)
             ds.resize((rows, *ds.shape[1:]))
         self._index.resize((rows,))
-        if "skipped" in self._file:
-            for ds in self._file["skipped"].values():
-                ds.resize((self.skipped_committed,))
-        if "outputs" in self._file:
-            group = self._file["outputs"]
-            keep = int(np.searchsorted(group["row_start"][:], rows))  # batches that start before `rows`
-            for ds in group.values():
-                ds.resize((keep,))
+        for ds in self._file["skipped"].values():
+            _forget_strings_after(ds, self.skipped_committed)
+            ds.resize((self.skipped_committed,))
+        group = self._file["outputs"]
+        keep = int(np.searchsorted(group["row_start"][:], rows))  # batches that start before `rows`
+        for ds in group.values():
+            ds.resize((keep,))
         self._file.flush()
 
     # ---- the caller's side ------------------------------------------------------------
@@ -880,11 +1028,6 @@ class StoreWriter:
         """One value per batch in /outputs/<name>, aligned with /outputs/row_start (NaN where a
         batch lacks that output), through the chunk buffers like every other dataset."""
         n = self._output_rows
-        if not self._outputs:
-            # track_order: /outputs lists the forward's outputs in its order (loss first), not by name
-            group = self._file["outputs"] if "outputs" in self._file else self._file.create_group("outputs", track_order=True)
-            self._outputs["row_start"] = group.create_dataset(
-                "row_start", shape=(0,), dtype=np.int64, chunks=(4096,), maxshape=(None,))
         self._write_rows(self._outputs["row_start"], n, np.array([start], np.int64))
         for name in [k for k in outputs if k not in self._outputs]:  # first seen now: NaN for the batches before
             self._outputs[name] = self._file["outputs"].create_dataset(
@@ -940,7 +1083,7 @@ class StoreWriter:
                 pos += buf.rows
                 continue
             if buf.start != first:  # a new chunk; rows before pos in it are on disk already (a resume)
-                buf.start = first
+                buf.start, buf.handed = first, pos - first
                 if pos > first:
                     buf.data[: pos - first] = (ds.asstr() if buf.text else ds)[first:pos]
             n = min(stop - pos, first + buf.rows - pos)
@@ -949,7 +1092,7 @@ class StoreWriter:
             pos += n
             if buf.filled == buf.rows:
                 self._write_chunk(buf, buf.start, buf.data)
-                buf.start, buf.filled = None, 0
+                buf.start, buf.filled, buf.handed = None, 0, 0
 
     def _buffer(self, ds: h5py.Dataset) -> _ChunkBuffer:
         buf = self._chunks.get(id(ds))
@@ -966,8 +1109,16 @@ class StoreWriter:
         if len(rows) == buf.rows and self.direct_chunks and buf.direct:
             # h5py's selection machinery costs more than the copy; a whole chunk goes as raw bytes
             buf.ds.id.write_direct_chunk((first,) + (0,) * len(buf.row_shape), rows)
+        elif buf.text:
+            # Only the strings not handed over yet: a string rewritten gets a new object in the
+            # global heap, which a flush can write after the chunk that points at it, so a kill in
+            # between would leave committed rows pointing at nothing.
+            done = buf.handed if buf.start == first else 0
+            buf.ds[first + done : stop] = rows[done:]
         else:
             buf.ds[first:stop] = rows
+        if buf.start == first:
+            buf.handed = len(rows)
 
     def _flush_chunks(self) -> None:
         """Writes the part-filled chunks (a commit needs every row on disk); they stay in their
@@ -978,47 +1129,35 @@ class StoreWriter:
 
     def _commit(self, final: bool = False) -> None:
         """Flushes the rows written so far, then advances the committed count and flushes again:
-        a crash between the two leaves the old count, whose rows are all on disk."""
+        a crash between the two leaves the old count, whose rows are all on disk. Every value
+        a commit writes has its place in the file from the start (module notes at ATTR_CHANNELS_MAX)."""
         self._flush_chunks()
         skipped = self._write_skipped()
-        # Each layer's counters and statistics at the new row count, in one attribute written
+        # Each layer's counters and statistics at the new row count go into its free state slot
         # before the count moves: HDF5 writes a flush's attributes one by one, so a kill during
         # the second flush can leave a layer's "mean" new and the root's "rows" old, and a resume
-        # that reloaded "mean" counted the rows after the old count twice. The state of the rows
-        # committed before stays beside it until the new count is on disk.
-        kept = {_state_name(self.committed), _state_name(self.written)}
+        # that reloaded "mean" counted the rows after the old count twice. The slot of the rows
+        # committed before stays as it is until the new count is on disk.
         for layer in self._layers.values():
             layer.settle_stats()
-            a = layer.attrs
-            for name in [k for k in a if k.startswith(STATE_PREFIX) and k not in kept]:
-                del a[name]
-            a[_state_name(self.written)] = layer.packed_state()
-        if skipped:  # the same for the count of /skipped, kept for both row counts
-            a = self._file.attrs
-            for name in [k for k in a if k.startswith(SKIPPED_PREFIX)]:
-                del a[name]
-            a[_skipped_name(self.committed)] = self.skipped_committed
-            a[_skipped_name(self.written)] = skipped
+            layer.state[layer.free_slot] = np.concatenate([[self.written], layer.packed_state()])
+        self._file.attrs.modify("skipped_at", np.array([[self.committed, self.skipped_committed], [self.written, skipped]], np.int64))
         self._file.flush()
         self._sync()
         for layer in self._layers.values():
-            a = layer.attrs
-            a["nonfinite"] = layer.nonfinite
-            a["overflow"] = layer.overflow
-            a["stats_count"] = layer.moments.count
-            a["mean"] = layer.moments.mean
-            a["std"] = layer.moments.std()
-            a["stats_m2"] = layer.moments.m2
-        self._file.attrs["rows"] = self.written
-        if skipped:
-            self._file.attrs["skipped"] = skipped
-        self._file.attrs["committed_at"] = utc_now()
+            for key, value in layer.summary().items():
+                layer.attrs.modify(key, value)
+        self._file.attrs.modify("rows", self.written)
+        self._file.attrs.modify("skipped", skipped)
+        self._file.attrs.modify("committed_at", fixed_text(utc_now(), TIME_LENGTH))
         self._file.flush()
         self._sync()
         if final:  # flushed on its own after the count: a kill cannot leave "complete" over an old count
-            self._file.attrs["status"] = "complete"
+            self._file.attrs.modify("status", fixed_text("complete", STATUS_LENGTH))
             self._file.flush()
             self._sync()
+        for layer in self._layers.values():
+            layer.free_slot ^= 1
         self.committed = self.written
         self.skipped_committed = skipped
         self._uncommitted_bytes = 0
@@ -1029,10 +1168,7 @@ class StoreWriter:
         the root attribute 'skipped', set with 'rows', says how many of them are committed."""
         total = self.skipped_committed + len(self._skipped)
         if self._skipped:
-            group = self._file.require_group("skipped")
-            if "index" not in group:
-                group.create_dataset("index", shape=(0,), dtype=np.int64, chunks=(1024,), maxshape=(None,))
-                group.create_dataset("error", shape=(0,), dtype=h5py.string_dtype(), chunks=(256,), maxshape=(None,))
+            group = self._file["skipped"]
             for name, values in (("index", np.array([i for i, _ in self._skipped], np.int64)),
                                  ("error", np.array([e for _, e in self._skipped], dtype=object))):
                 group[name].resize((total,))
@@ -1200,28 +1336,36 @@ class _LayerAttrs(collections.abc.Mapping):
     once per layer. The counters and statistics are those of the store's first `rows` rows
     (committed_layer_state), where it records them apart."""
 
-    def __init__(self, obj: h5py.HLObject, rows: int):
-        self._obj, self._attrs, self._read, self._rows = obj, obj.attrs, {}, rows
+    def __init__(self, obj: h5py.HLObject, name: str, rows: int):
+        self._obj, self._attrs, self._name, self._read, self._rows = obj, obj.attrs, name, {}, rows
         self._committed: dict[str, Any] | None = None
+
+    def _committed_state(self) -> dict[str, Any]:
+        if self._committed is None:
+            self._committed = committed_layer_state(self._obj.file, self._name, self._attrs, self._rows) or {}
+        return self._committed
 
     def __getitem__(self, key: str) -> Any:
         if key not in self._read:
             if not self._obj:  # closed: h5py's KeyError would read as an absent attribute (.get's default)
                 raise StoreError(f"attribute {key!r} of {self._obj!r} asked for after its store was closed")
-            if key in COMMITTED_LAYER_KEYS and self._committed is None:
-                self._committed = committed_layer_state(self._attrs, self._rows) or {}
-            value = self._committed[key] if key in (self._committed or {}) else self._attrs[key]
+            committed = self._committed_state() if key in COMMITTED_LAYER_KEYS else {}
+            value = committed[key] if key in committed else self._attrs[key]
             self._read[key] = value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value
         return self._read[key]
 
+    def _keys(self) -> list[str]:
+        # a wide layer's per-channel statistics are in its state slots only (ATTR_CHANNELS_MAX)
+        return list(dict.fromkeys([*self._attrs, *self._committed_state()]))
+
     def __iter__(self) -> Iterator[str]:
-        return iter(list(self._attrs))
+        return iter(self._keys())
 
     def __len__(self) -> int:
-        return len(self._attrs)
+        return len(self._keys())
 
     def __contains__(self, key: object) -> bool:
-        return key in self._read or key in self._attrs
+        return key in self._read or key in self._attrs or (key in COMMITTED_LAYER_KEYS and key in self._committed_state())
 
 
 class _WriterLock:
@@ -1384,7 +1528,7 @@ class Store:
         self.path = path
         self.file = file
         a = file.attrs
-        self.status = str(a["status"])
+        self.status = text_attr(a["status"])
         self.rows = int(a["rows"])
         self.metadata = json.loads(a["run"])
         self.layers: dict[str, LayerInfo] = {}  # in the order the writer was given them (the model's)
@@ -1392,7 +1536,7 @@ class Store:
         group = file["activations"]
         for name in sorted(group, key=lambda n: order.get(n, len(order))):
             obj = group[name]
-            attrs = _LayerAttrs(obj, self.rows)
+            attrs = _LayerAttrs(obj, name, self.rows)
             ragged = attrs.get("layout") == "ragged"
             values = obj["values"] if ragged else obj
             self.layers[name] = LayerInfo(
@@ -1450,7 +1594,9 @@ class Store:
     def outputs(self) -> dict[str, np.ndarray]:
         """The forward's per-batch outputs of the committed batches (row_start first, then each
         output in the forward's order; NaN where a batch lacked one)."""
-        if "outputs" not in self.file:
+        # none, or only row_start (the forward gave none); or no row committed, where the outputs'
+        # datasets, made in the first commit, can be damaged by a kill in its flush (none is read)
+        if len(self.file.get("outputs", ())) < 2 or not self.rows:
             return {}
         group = self.file["outputs"]
         batches = int(np.searchsorted(group["row_start"][:], self.rows))  # batches that start before rows

@@ -104,7 +104,7 @@ def test_ranks_write_one_store_equal_to_one_process(tmp_path, ranks, size):
     _, index_m, m = by_index(tmp_path / "merged.h5")
     assert index_m.tolist() == index_b.tolist() and all(m[k].tobytes() == b[k].tobytes() for k in b)
     with h5py.File(tmp_path / "merged.h5", "r") as f:
-        assert not f["activations/encoder_blocks.0"].is_virtual and f.attrs["status"] == "complete"
+        assert not f["activations/encoder_blocks.0"].is_virtual and f.attrs["status"] == b"complete"
     for store in ("one.h5", "many.h5", "merged.h5"):  # the forward's (loss, video_loss, act_loss), in its order
         with h5py.File(tmp_path / store, "r", locking=False) as f:  # as ds, which holds many.h5 open
             assert list(f["outputs"]) == ["row_start", "loss", "loss_1", "loss_2"], store
@@ -229,7 +229,7 @@ def test_text_targets_and_items_left_out_join_in_the_virtual_store_and_survive_a
     skipped = [(6, "OSError: item 6"), (7, "OSError: item 7")]
     with open_store(top) as s:
         assert s.target("task").tolist() == want and s.skipped() == skipped
-        assert not [k for k in s.file.attrs if k.startswith("skipped_at_row_")]  # a part's own counts stay in it
+        assert "skipped_at" not in s.file.attrs  # a part's own counts stay in it
     merge(top, str(tmp_path / "m.h5"))
     with open_store(tmp_path / "m.h5") as s:
         assert s.target("task").tolist() == want and s.index().tolist() == [0, 2, 4, 1, 3, 5] and s.skipped() == skipped

@@ -1,5 +1,6 @@
 """The store: format, dtypes, ragged layers, validation, kills, resume, concurrent reads, disk errors."""
 
+import io
 import json
 import os
 import random
@@ -92,7 +93,11 @@ def test_format_read_back_with_plain_h5py(tmp_path):
     write_all(path, batches=4)
     with h5py.File(path, "r") as f:
         a = f.attrs
-        assert (a["format"], a["format_version"], a["status"], a["rows"]) == ("marstore", 1, "complete", 128)
+        assert (a["format"], a["format_version"], a["status"], a["rows"]) == ("marstore", 1, b"complete", 128)
+        # the strings that commits rewrite are fixed-length, which h5py reads as bytes
+        assert a.get_id("status").dtype == "S10" and a.get_id("committed_at").dtype == "S32"
+        assert a["committed_at"].decode().endswith("+00:00")
+        assert f["layer_state/encoder_blocks.0"].shape == (2, 1 + 2 + 3 * 48) and f["layer_state/encoder_blocks.0"][0, 0] == 128
         assert json.loads(a["run"]) == {"command": "test", "model": "tests.helpers.store_worker"}
         assert [layer["name"] for layer in json.loads(a["layers"])] == [s.name for s in LAYERS]
         assert a["torch_version"] == str(torch.__version__)
@@ -492,7 +497,7 @@ def test_killed_writer_leaves_committed_rows_and_resumes_identically(tmp_path):
         p.wait()
         with h5py.File(path, "r") as f:  # plain h5py, no repair tool
             rows = int(f.attrs["rows"])
-            assert f.attrs["status"] in ("incomplete", "complete")
+            assert f.attrs["status"] in (b"incomplete", b"complete")
         assert rows % COMMIT_ROWS == 0 or rows == batches * BATCH_ROWS
         assert_store_holds(path, rows)
         if rows < batches * BATCH_ROWS:
@@ -514,7 +519,7 @@ def test_killed_writer_leaves_committed_rows_and_resumes_identically(tmp_path):
             skip = {"created", "committed_at"}
             assert {k: np.asarray(v).tolist() for k, v in a[name].attrs.items() if k not in skip} == \
                    {k: np.asarray(v).tolist() for k, v in b[name].attrs.items() if k not in skip}, name
-        assert b.attrs["status"] == "complete" and b.attrs["rows"] == batches * BATCH_ROWS
+        assert b.attrs["status"] == b"complete" and b.attrs["rows"] == batches * BATCH_ROWS
 
 
 def test_a_kill_between_the_statistics_and_the_row_count_resumes_identically(tmp_path):
@@ -552,6 +557,123 @@ def test_a_kill_between_the_statistics_and_the_row_count_resumes_identically(tmp
             assert attrs[0] == attrs[1], name.name
 
 
+class _WriteLog(io.RawIOBase):
+    """A file that HDF5 writes through (h5py's file-object driver), keeping each write in order."""
+
+    def __init__(self, path):
+        self.file, self.writes, self.flushes_done = open(path, "w+b"), [], []
+
+    def readable(self):
+        return True
+
+    def writable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, offset, whence=0):
+        return self.file.seek(offset, whence)
+
+    def tell(self):
+        return self.file.tell()
+
+    def readinto(self, b):
+        return self.file.readinto(b)
+
+    def write(self, b):
+        self.writes.append((self.file.tell(), bytes(b)))
+        return self.file.write(b)
+
+    def truncate(self, size=None):
+        size = self.file.tell() if size is None else size
+        self.writes.append((size, None))
+        return self.file.truncate(size)
+
+
+def test_a_kill_at_any_write_leaves_a_store_that_opens_with_its_committed_rows(tmp_path, monkeypatch):
+    """A killed process leaves the writes it made, in their order (the page cache keeps them), and
+    no other: every prefix of a writer's writes, from its first flush on, must open as a store
+    holding exactly its committed rows, attributes and statistics readable, and resume to the
+    same store. HDF5 writes a flush's metadata in address order, not in the order it depends on;
+    commits that added or replaced attributes, rewrote strings or made objects left about half of
+    these prefixes unopenable (a layer's header pointing at a block not yet written)."""
+    path = tmp_path / "recorded.h5"
+    real_file, log = h5py.File, []
+
+    def recording_file(name, mode="r", **kw):
+        if os.fspath(name) != os.fspath(path) or mode != "w":
+            return real_file(name, mode, **kw)
+        log.append(_WriteLog(name))
+        kw.pop("locking")
+
+        class Flushes(real_file):
+            def flush(self):
+                super().flush()
+                log[0].flushes_done.append(len(log[0].writes))
+
+        return Flushes(log[0], mode, **kw)
+
+    targets = TARGETS + [TargetSpec("caption", (), TEXT)]
+    batches = []
+    for i in range(10):
+        acts, target, index = make_batch(i)
+        target["caption"] = np.array([f"item {j} " * (j % 5) for j in index], dtype=object)
+        outputs = {"loss": float(i), **({"extra": 1.0} if i % 4 == 0 else {})}  # "extra" missing from some batches
+        batches.append((acts, target, index, outputs, [(10**6 + i, f"OSError: {i}")] if i % 4 == 2 else []))
+
+    def write(to, resume=False):
+        with StoreWriter(to, LAYERS, targets, {"model": "test"}, commit_rows=COMMIT_ROWS, background=False, resume=resume) as w:
+            for acts, target, index, outputs, skipped in batches[w.committed // BATCH_ROWS :]:
+                w.append(acts, targets=target, index=index, outputs=outputs, skipped=skipped)
+
+    monkeypatch.setattr(h5py, "File", recording_file)
+    write(path)
+    monkeypatch.setattr(h5py, "File", real_file)
+    writes, created = log[0].writes, log[0].flushes_done[0]
+    assert len(writes) > 150 and len(log[0].flushes_done) == 1 + 2 * 3 + 3  # created; 3 commits; the last, then "complete"
+
+    def contents(store, rows=None):
+        rows = store.rows if rows is None else rows
+        layers = {n: [x.tobytes() for x in store.read(n, 0, rows)] if store.layers[n].layout == "ragged"
+                  else store.read(n, 0, rows).tobytes() for n in store.layers}
+        attrs = {n: {k: np.asarray(v).tolist() for k, v in store.layers[n].attrs.items()} for n in store.layers}
+        return (layers, {n: store.target(n, 0, rows).tolist() for n in store.targets}, store.index(0, rows).tolist(),
+                {k: v.tobytes() for k, v in store.outputs().items()}, store.skipped(), attrs)
+
+    with open_store(path) as full:
+        assert full.rows == 320 and full.skipped() == [(10**6 + 2, "OSError: 2"), (10**6 + 6, "OSError: 6")]
+        expected = contents(full)
+    image, seen = bytearray(), {}
+    torn = tmp_path / "torn.h5"
+    for n, (offset, data) in enumerate(writes, 1):
+        if data is None:
+            del image[offset:]
+        else:
+            image[len(image) : offset + len(data)] = bytes(max(0, offset + len(data) - len(image)))
+            image[offset : offset + len(data)] = data
+        if n < created:
+            continue
+        torn.write_bytes(image)
+        with open_store(torn, retries=0) as store:
+            rows, got = store.rows, contents(store)
+        assert rows % COMMIT_ROWS == 0 or rows == 320, (n, rows)
+        # the statistics of exactly the committed rows, which a store of those rows alone holds
+        if rows not in seen:
+            shorter = tmp_path / f"rows{rows}.h5"
+            batches_kept, batches[rows // BATCH_ROWS :] = batches[rows // BATCH_ROWS :], []
+            write(shorter)
+            batches.extend(batches_kept)
+            with open_store(shorter) as store:
+                seen[rows] = contents(store)
+        assert got == seen[rows], (n, rows)
+        if n % 20 == 0 or n == len(writes):
+            write(torn, resume=True)
+            with open_store(torn) as store:
+                assert store.status == "complete" and contents(store) == expected, n
+    assert sorted(seen) == [0, 96, 192, 288, 320]
+
+
 def test_complete_reaches_the_disk_only_after_the_final_row_count(tmp_path, monkeypatch):
     """The closing commit flushes 'complete' after the row count, in a flush of its own: a kill
     in the count's flush cannot leave a store that says complete over fewer rows."""
@@ -559,7 +681,7 @@ def test_complete_reaches_the_disk_only_after_the_final_row_count(tmp_path, monk
     real_sync = StoreWriter._sync
 
     def sync(self):  # what each flush of a commit put on disk
-        flushed.append((int(self._file.attrs["rows"]), str(self._file.attrs["status"])))
+        flushed.append((int(self._file.attrs["rows"]), self._file.attrs["status"].decode()))
         real_sync(self)
 
     monkeypatch.setattr(StoreWriter, "_sync", sync)
@@ -846,7 +968,7 @@ def test_items_left_out_are_committed_with_the_rows_after_them_and_resume(tmp_pa
 def test_a_kill_between_the_skipped_count_and_the_row_count_resumes_identically(tmp_path, torn):
     """The root's 'skipped' and 'rows' reach the disk one by one in a commit's last flush: a kill
     between them used to record the items left out before the new rows twice (a resume redoes
-    those rows) or lose them. skipped_at_row_N, written before, goes with the row count."""
+    those rows) or lose them. The skipped_at slots, written before, go with the row count."""
     spec = [LayerSpec("enc", (2,))]
 
     def run(path, stop_after=None, resume=False):
@@ -875,8 +997,8 @@ def test_a_kill_between_the_skipped_count_and_the_row_count_resumes_identically(
         assert a.skipped() == b.skipped() == [(1, "OSError: bad 1"), (5, "OSError: bad 5")]
         assert a.index().tolist() == b.index().tolist() == [0, 2, 3, 4, 6, 7, 8, 9]
         assert b.file.attrs["skipped"] == 2
-        for f in (a.file, b.file):  # the closing commit added no rows: one count is left
-            assert {k: int(v) for k, v in f.attrs.items() if k.startswith("skipped_at_row_")} == {"skipped_at_row_8": 2}
+        for f in (a.file, b.file):  # the closing commit added no rows: both slots hold its count
+            assert f.attrs["skipped_at"].tolist() == [[8, 2], [8, 2]]
         assert b.file["skipped/index"][:].tolist() == [1, 5]
 
 
@@ -966,3 +1088,54 @@ def test_a_store_of_many_layers_reads_each_layers_attributes_when_asked(tmp_path
     assert attrs["mean"] == [7.0, 7.0, 7.0]  # read while open: kept
     with pytest.raises(StoreError, match=r"^attribute 'reduction' of <Closed HDF5 dataset> asked for after its store was closed$"):
         s.layers["blocks.8"].attrs.get("reduction", "none")
+
+
+def test_a_layer_wider_than_an_attribute_keeps_its_statistics_in_its_state_slots(tmp_path):
+    """A commit's state of 8192 channels (196 KiB) failed the store at its first commit ("object
+    header message is too large"); the statistics of more than 7680 channels are now kept in
+    /layer_state only, and read from there."""
+    path = tmp_path / "wide.h5"
+    rows = np.random.default_rng(0).standard_normal((12, 8192)).astype(np.float16)
+    with StoreWriter(path, [LayerSpec("fc1", (8192,))], commit_rows=4, background=False) as w:
+        for i in range(3):
+            w.append({"fc1": rows[4 * i : 4 * i + 4]}, index=np.arange(4 * i, 4 * i + 4))
+    with open_store(path) as s:
+        attrs = s.layers["fc1"].attrs
+        assert "mean" in attrs and "mean" not in s.file["activations/fc1"].attrs
+        assert np.allclose(attrs["mean"], rows.astype(np.float64).mean(0), atol=1e-6)
+        assert np.allclose(attrs["std"], rows.astype(np.float64).std(0), atol=1e-6)
+        assert attrs["stats_count"] == [12.0] * 8192 and s.read("fc1").tobytes() == rows.tobytes()
+
+
+def test_a_store_of_the_earlier_commit_layout_resumes_identically(tmp_path):
+    """A store whose commits kept their state in state_at_row_N and skipped_at_row_N attributes
+    and variable-length strings (the earlier layout) gets the state slots and fixed-length strings
+    on resume, from its recorded state, and ends as a store written in one go."""
+    spec = [LayerSpec("enc", (3,))]
+    batches = [(np.full((2, 3), i, np.float16) + np.arange(3, dtype=np.float16), [2 * i, 2 * i + 1]) for i in range(6)]
+
+    def run(path, stop=6, resume=False):
+        with StoreWriter(path, spec, commit_rows=4, background=False, resume=resume) as w:
+            for rows, index in batches[w.committed // 2 : stop]:
+                w.append({"enc": rows}, index=index, skipped=[(100 + index[0], "OSError: x")] if index[0] == 2 else [])
+
+    reference, old = tmp_path / "reference.h5", tmp_path / "old.h5"
+    run(reference)
+    run(old, stop=4)
+    with h5py.File(old, "r+") as f:  # as an earlier version wrote it
+        a, layer = f.attrs, f["activations/enc"].attrs
+        slots = f["layer_state/enc"][()]
+        for slot in slots:
+            layer[f"state_at_row_{int(slot[0])}"] = slot[1:]
+        layer["mean"] = np.zeros(3)  # a commit ahead of the recorded state, as a kill can leave it
+        a["skipped_at_row_8"], a["skipped_at_row_4"] = 1, 1
+        a["status"], a["committed_at"] = "incomplete", "2026-01-01T00:00:00+00:00"
+        for key in ("layer_state", "outputs"):
+            del f[key]
+        del a["skipped_at"]
+    run(old, resume=True)
+    with open_store(reference) as r, open_store(old) as o:
+        assert o.status == "complete" and o.read("enc").tobytes() == r.read("enc").tobytes()
+        assert dict(o.layers["enc"].attrs) == dict(r.layers["enc"].attrs) and o.skipped() == r.skipped() == [(102, "OSError: x")]
+        assert o.file.attrs.get_id("status").dtype == "S10" and o.file.attrs["skipped_at"].tolist() == [[12, 1], [12, 1]]
+        assert not [k for k in o.file["activations/enc"].attrs if k.startswith("state_at_row_")]
