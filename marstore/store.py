@@ -13,7 +13,7 @@ each chunk written once. Commit points (every `commit_rows` rows or
 `commit_bytes` bytes) flush the data, then advance the root attribute `rows` and flush
 again, changing no HDF5 structure (values in place), so a process killed at any write leaves a
 file that opens with plain h5py and holds exactly the committed rows (docs/FORMAT.md says
-where a chunk index that splits a node is the exception). The file is written in plain mode, not SWMR: a killed SWMR writer
+what is not covered). The file is written in plain mode, not SWMR: a killed SWMR writer
 leaves a file that a plain open refuses (docs/FORMAT.md). `resume=True` reopens such a file
 and continues after its last committed row. docs/FORMAT.md describes the layout.
 """
@@ -56,9 +56,16 @@ LAYER_STATE = "layer_state"  # the group of each layer's committed counters and 
 # address order, not in the order it depends on, so a kill in the middle of a flush that grew
 # an object header (a new attribute, h5py's replacement of one) left a layer whose header
 # pointed at a block not yet written, and the whole file refused to open (tests replay every
-# prefix of a writer's writes). Per-channel arrays of more channels than this are not kept as
-# attributes at all: an attribute message holds 64 KiB at most in the file format written.
+# prefix of a writer's writes). Per-channel arrays of more channels than this (60 KiB) are not
+# kept as attributes at all: the earliest file format refused them ("object header message is
+# too large"), and the 1.10 format keeps them in a heap apart from the header, not replayed.
 ATTR_CHANNELS_MAX = 7680
+# The objects are made in HDF5 1.10's format: a dataset of one unlimited axis indexes its chunks
+# in an extensible array, which never moves an entry once written; the earliest format's B-tree
+# moves half a node into a new one when it splits, and a kill in that flush (the parent written
+# first) lost committed chunks. Readable by HDF5 1.10 (2016) and later. (The superblock stays the
+# earliest format's: StoreWriter._create.)
+LIBVER = ("v110", "v110")
 # The root's strings that commits rewrite are fixed-length: a variable-length string lives in the
 # global heap, which a flush can write after the attribute that points into it.
 STATUS_LENGTH = 10  # "incomplete"
@@ -659,12 +666,14 @@ class StoreWriter:
 
     # ---- creating and reopening -------------------------------------------------------
     def _create(self, metadata: Mapping[str, Any]) -> h5py.File:
-        f = h5py.File(self.path, "w", libver="earliest", locking=False)  # the file _WriterLock made
-        # HDF5 opened that file with O_TRUNC, so ext4 (its auto_da_alloc heuristic) flushes it at
-        # the next close of a descriptor, which would be the store's final one: 0.07-0.13 s of
-        # blocking per 268 MB written on the development machine. Closing a descriptor now, while
-        # the file is still empty, spends that flush on nothing.
-        os.close(os.open(self.path, os.O_RDONLY))
+        # Made in the earliest format, whose superblock (version 0) a reopened file keeps, then
+        # reopened to make its objects in LIBVER's: a version 3 superblock would mark the file
+        # open for writing, and HDF5 refuses readers of such a file, and any open of a killed
+        # writer's file until h5clear repairs it. Closing the first open at once also spends the
+        # flush that ext4 (its auto_da_alloc heuristic) makes at the close after an O_TRUNC on
+        # an empty file, not on the store's final close (0.07-0.13 s per 268 MB written).
+        h5py.File(self.path, "w", libver="earliest", locking=False).close()  # the file _WriterLock made
+        f = h5py.File(self.path, "r+", libver=LIBVER, locking=False)
         try:
             f.attrs.update(
                 {
@@ -712,7 +721,7 @@ class StoreWriter:
             return self._create(metadata or {})
         store = open_store(self.path)  # validates the file first, with clear errors
         store.close()
-        f = h5py.File(self.path, "r+", locking=False)
+        f = h5py.File(self.path, "r+", libver=LIBVER, locking=False)
         _finish_swap(f)
         recorded = json.loads(f.attrs["layers"])
         # only the fields the store's version recorded are compared (a later one, such as
@@ -1468,7 +1477,7 @@ def convert_to_ragged(path: str | os.PathLike, names: Sequence[str], run: Mappin
         pass
     lock = _WriterLock(path, create=False)
     try:
-        with h5py.File(path, "r+", locking=False) as f:
+        with h5py.File(path, "r+", libver=LIBVER, locking=False) as f:
             if "parts" in f.attrs:
                 raise StoreError(f"{path} joins the part files of several ranks; their layers cannot be rewritten in "
                                  "place: extract again with --ragged")
