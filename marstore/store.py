@@ -113,7 +113,8 @@ def committed_layer_state(file: h5py.File, name: str, attrs: Mapping[str, Any], 
             if slot[0] == rows:
                 return _unpack_state(slot[1:])
         raise StoreError(f"{file.filename}: /{LAYER_STATE}/{name} holds the state at rows {slots[:, 0].astype(int).tolist()}, "
-                         f"not at the committed {rows}; the store is corrupted")
+                         f"not at the {rows} committed when it was opened: a writer has committed since (open it again), "
+                         "or the file is damaged")
     packed = attrs.get(f"{STATE_PREFIX}{rows}")
     return None if packed is None else _unpack_state(packed)
 

@@ -1142,3 +1142,21 @@ def test_a_store_of_the_earlier_commit_layout_resumes_identically(tmp_path):
         assert dict(o.layers["enc"].attrs) == dict(r.layers["enc"].attrs) and o.skipped() == r.skipped() == [(102, "OSError: x")]
         assert o.file.attrs.get_id("status").dtype == "S10" and o.file.attrs["skipped_at"].tolist() == [[12, 1], [12, 1]]
         assert not [k for k in o.file["activations/enc"].attrs if k.startswith("state_at_row_")]
+
+
+def test_a_reader_opened_before_two_commits_is_told_to_open_again_for_the_statistics(tmp_path):
+    """A layer's state slots hold the last two commits: a reader that opened the store before
+    the writer committed twice more, and asks for its statistics only then, cannot have them."""
+    path = tmp_path / "live.h5"
+    w = StoreWriter(path, [LayerSpec("enc", (2,))], commit_rows=2, background=False)
+    w.append({"enc": np.ones((2, 2), np.float16)}, index=[0, 1])
+    reader = open_store(path)
+    for i in (1, 2):
+        w.append({"enc": np.ones((2, 2), np.float16)}, index=[2 * i, 2 * i + 1])
+    with pytest.raises(StoreError, match=r"holds the state at rows \[4, 6\], not at the 2 committed when it was opened: "
+                                         r"a writer has committed since \(open it again\), or the file is damaged"):
+        reader.layers["enc"].attrs["mean"]
+    reader.close()
+    w.close()
+    with open_store(path) as s:
+        assert s.rows == 6 and s.layers["enc"].attrs["mean"] == [1.0, 1.0]
