@@ -93,8 +93,13 @@ def moments_std(count: np.ndarray, m2: np.ndarray) -> np.ndarray:
 COMMITTED_LAYER_KEYS = ("nonfinite", "overflow", "stats_count", "mean", "stats_m2", "std")
 
 
+def _pack_state(nonfinite: int, overflow: int, count: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> np.ndarray:
+    """[nonfinite, overflow, count..., mean..., m2...] as float64 (exact to 2**53), a layer's state in one array."""
+    return np.concatenate([[nonfinite, overflow], count, mean, m2]).astype(np.float64)
+
+
 def _unpack_state(packed: np.ndarray) -> dict[str, Any]:
-    """[nonfinite, overflow, count..., mean..., m2...] as the layer keys above."""
+    """_pack_state's array as the layer keys above."""
     packed = np.asarray(packed, np.float64)
     count, mean, m2 = np.split(packed[2:], [(len(packed) - 2) // 3, 2 * (len(packed) - 2) // 3])
     return {"nonfinite": int(packed[0]), "overflow": int(packed[1]), "stats_count": count, "mean": mean,
@@ -375,9 +380,9 @@ class _Layer:
         self.overflow += int(overflow)
 
     def packed_state(self) -> np.ndarray:
-        """[nonfinite, overflow, count..., mean..., m2...] as float64 (exact to 2**53), for one attribute."""
+        """The counters and statistics in one array, as a state slot holds them (_pack_state)."""
         m = self.moments
-        return np.concatenate([[self.nonfinite, self.overflow], m.count, m.mean, m.m2]).astype(np.float64)
+        return _pack_state(self.nonfinite, self.overflow, m.count, m.mean, m.m2)
 
     def summary(self) -> dict[str, Any]:
         """The attributes a commit sets (as _create_layer made them: per-channel arrays only where they fit)."""
@@ -463,16 +468,13 @@ def _add_commit_places(f: h5py.File, specs: Sequence[LayerSpec]) -> None:
     rows = int(f.attrs["rows"])
     added = []
     for spec in specs:
-        obj = f["activations"][spec.name]
-        a = obj.attrs
+        a = f["activations"][spec.name].attrs
         if LAYER_STATE not in f or spec.name not in f[LAYER_STATE]:
-            state = committed_layer_state(f, spec.name, a, rows)
-            if state is None:  # no state_at_row_N either: the attributes hold the committed rows' state
-                channels = layer_channels(spec)
-                state = {"nonfinite": a["nonfinite"], "overflow": a["overflow"],
-                         **{k: a.get(k, np.zeros(channels)) for k in ("stats_count", "mean", "stats_m2")}}
-            packed = np.concatenate([[state["nonfinite"], state["overflow"]], state["stats_count"], state["mean"], state["stats_m2"]])
-            _create_layer_state(f, spec, rows, packed)
+            # where there is no state_at_row_N either, the attributes hold the committed rows' state
+            state = committed_layer_state(f, spec.name, a, rows) or {
+                "nonfinite": a["nonfinite"], "overflow": a["overflow"],
+                **{k: a.get(k, np.zeros(layer_channels(spec))) for k in ("stats_count", "mean", "stats_m2")}}
+            _create_layer_state(f, spec, rows, _pack_state(*(state[k] for k in ("nonfinite", "overflow", "stats_count", "mean", "stats_m2"))))
             added.append(spec.name)
         for key, value in _stats_attrs(layer_channels(spec)).items():
             if key not in a:
@@ -501,13 +503,12 @@ def _forget_strings_after(ds: h5py.Dataset, rows: int) -> None:
     if not is_text(ds) or rows % ds.chunks[0] == 0:
         return
     first = rows - rows % ds.chunks[0]
-    if ds.id.get_chunk_info_by_coord((first,) + (0,) * (ds.ndim - 1)).byte_offset is None:
+    offset = (first,) + (0,) * (ds.ndim - 1)
+    if ds.id.get_chunk_info_by_coord(offset).byte_offset is None:
         return  # never written
-    mask, raw = ds.id.read_direct_chunk((first,) + (0,) * (ds.ndim - 1))
-    chunk = bytearray(raw)
-    row_bytes = len(chunk) // ds.chunks[0]
-    chunk[(rows - first) * row_bytes :] = bytes(len(chunk) - (rows - first) * row_bytes)  # a null reference: no string
-    ds.id.write_direct_chunk((first,) + (0,) * (ds.ndim - 1), bytes(chunk), mask)
+    mask, raw = ds.id.read_direct_chunk(offset)
+    kept = (rows - first) * (len(raw) // ds.chunks[0])
+    ds.id.write_direct_chunk(offset, raw[:kept] + bytes(len(raw) - kept), mask)  # zeros: a null reference, no string
 
 
 def _recorded_rows(path: str) -> int | None:
@@ -698,7 +699,8 @@ class StoreWriter:
             acts = f.create_group("activations")
             for spec in self.layers_spec:
                 _create_layer(acts, spec, self.expected_rows)
-                _create_layer_state(f, spec, 0, np.zeros(2 + 3 * layer_channels(spec)))
+                zeros = np.zeros(layer_channels(spec))
+                _create_layer_state(f, spec, 0, _pack_state(0, 0, zeros, zeros, zeros))
             tg = f.create_group("targets")
             for spec in self.targets_spec:
                 itemsize = spec.storage_dtype.itemsize  # a string's: its 16-byte reference to the heap
