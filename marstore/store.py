@@ -70,6 +70,7 @@ LIBVER = ("v110", "v110")
 # global heap, which a flush can write after the attribute that points into it.
 STATUS_LENGTH = 10  # "incomplete"
 TIME_LENGTH = 32  # utc_now(): 25
+OUTPUT_CHUNK = 4096  # batches a chunk of /outputs/<name>
 
 
 def fixed_text(text: str, length: int) -> np.ndarray:
@@ -521,6 +522,34 @@ def _recorded_rows(path: str) -> int | None:
         return None
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_EOA_OFFSET = 40  # a version 0 superblock's end-of-allocation address, after 8-byte base and free-space addresses
+
+
+def _raise_end_of_allocation(path: str) -> None:
+    """Raises the superblock's end-of-allocation address to the file's end, as `h5clear
+    --increment` does, before a writer reopens a store. HDF5 writes the superblock last in a
+    flush, so a writer killed inside one can leave chunks and index blocks past the address it
+    records; HDF5 then refuses to write there ("addr overflow"), and the resume failed. Only
+    rows past the last commit lie there: the space is kept, never read as committed rows."""
+    with open(path, "r+b") as fh:
+        head = fh.read(_EOA_OFFSET + 8)
+        size = os.fstat(fh.fileno()).st_size
+        if len(head) < _EOA_OFFSET + 8 or head[:8] != HDF5_SIGNATURE:
+            return  # not an HDF5 file at its start: the open that follows says so
+        eoa = int.from_bytes(head[_EOA_OFFSET:], "little")
+        if eoa >= size:
+            return
+        if head[8] != 0 or head[13] != 8 or any(head[24:32]):  # marstore's: version 0, 8-byte addresses, base 0
+            log.warning("store %s: HDF5's end of allocation (%d bytes) lies before the file's end (%d bytes), "
+                        "and its superblock (version %d) is not one marstore can mend", path, eoa, size, head[8])
+            return
+        fh.seek(_EOA_OFFSET)
+        fh.write(size.to_bytes(8, "little"))
+    log.warning("store %s: HDF5's end of allocation lay %d bytes before the file's end, as a writer killed inside "
+                "a flush leaves it; raised to the file's end (%d bytes)", path, size - eoa, size)
+
+
 def _create_skipped_and_outputs(f: h5py.File) -> None:
     """/skipped and /outputs with its row_start, empty, where they are not yet (made before any
     commit: only the outputs' own datasets are made later, when the first batch names them)."""
@@ -531,7 +560,7 @@ def _create_skipped_and_outputs(f: h5py.File) -> None:
     # track_order: /outputs lists the forward's outputs in its order (loss first), not by name
     group = f["outputs"] if "outputs" in f else f.create_group("outputs", track_order=True)
     if "row_start" not in group:
-        group.create_dataset("row_start", shape=(0,), dtype=np.int64, chunks=(4096,), maxshape=(None,))
+        group.create_dataset("row_start", shape=(0,), dtype=np.int64, chunks=(OUTPUT_CHUNK,), maxshape=(None,))
 
 
 def _create_layer_state(file: h5py.File, spec: LayerSpec, rows: int, packed: np.ndarray) -> None:
@@ -624,27 +653,30 @@ class StoreWriter:
         if not resuming and os.path.exists(self.path):
             raise StoreError(f"{self.path} exists; pass resume=True to continue it, or choose another path")
         self._lock = _WriterLock(self.path, create=not resuming)
+        self._file: h5py.File | None = None
         try:
             self._file = self._open_for_resume(metadata) if resuming else self._create(metadata or {})
-        except BaseException:
+            self._layers = {s.name: _Layer(s, self._file["activations"][s.name], self._file[LAYER_STATE][s.name])
+                            for s in self.layers_spec}
+            self._targets = {s.name: self._file["targets"][s.name] for s in self.targets_spec}
+            self._text_targets = {s.name for s in self.targets_spec if s.dtype == TEXT}
+            # append() checks batches against these, not the datasets: the writer thread closes the
+            # file when it fails, and an h5py dataset of a closed file cannot tell its shape
+            self._target_row_shapes = {s.name: s.row_shape for s in self.targets_spec}
+            self._index = self._file["index"]
+            self.committed = int(self._file.attrs["rows"])
+            # items the data set failed to give, left out: /skipped holds those committed, this list the rest
+            self.skipped_committed = committed_skipped(self._file.attrs, self.committed)
+            self._skipped: list[tuple[int, str]] = []
+            if resume:
+                self._restore_state()
+        except BaseException:  # a store that cannot be continued: let go of the file and its lock
+            if self._file is not None:
+                self._file.close()
             if not resuming:  # the file is this writer's own, and not yet a store: leave nothing behind
                 os.remove(self.path)
             self._lock.release()
             raise
-        self._layers = {s.name: _Layer(s, self._file["activations"][s.name], self._file[LAYER_STATE][s.name])
-                        for s in self.layers_spec}
-        self._targets = {s.name: self._file["targets"][s.name] for s in self.targets_spec}
-        self._text_targets = {s.name for s in self.targets_spec if s.dtype == TEXT}
-        # append() checks batches against these, not the datasets: the writer thread closes the
-        # file when it fails, and an h5py dataset of a closed file cannot tell its shape
-        self._target_row_shapes = {s.name: s.row_shape for s in self.targets_spec}
-        self._index = self._file["index"]
-        self.committed = int(self._file.attrs["rows"])
-        # items the data set failed to give, left out: /skipped holds those committed, this list the rest
-        self.skipped_committed = committed_skipped(self._file.attrs, self.committed)
-        self._skipped: list[tuple[int, str]] = []
-        if resume:
-            self._restore_state()
         self.written = self.committed  # rows handed to HDF5, committed or not
         self._uncommitted_bytes = 0
         self._last_nbytes = 0  # the batch being written, for the error message
@@ -724,26 +756,28 @@ class StoreWriter:
             return self._create(metadata or {})
         store = open_store(self.path)  # validates the file first, with clear errors
         store.close()
+        _raise_end_of_allocation(self.path)
         f = h5py.File(self.path, "r+", libver=LIBVER, locking=False)
-        _finish_swap(f)
-        recorded = json.loads(f.attrs["layers"])
-        # only the fields the store's version recorded are compared (a later one, such as
-        # unfolded, is not known of the rows written before)
-        wanted = [{k: v for k, v in s.__dict__.items() if i >= len(recorded) or k in recorded[i]}
-                  for i, s in enumerate(self.layers_spec)]
-        if _jsonable(recorded) != _jsonable(wanted):
+        try:
+            _finish_swap(f)
+            recorded = json.loads(f.attrs["layers"])
+            # only the fields the store's version recorded are compared (a later one, such as
+            # unfolded, is not known of the rows written before)
+            wanted = [{k: v for k, v in s.__dict__.items() if i >= len(recorded) or k in recorded[i]}
+                      for i, s in enumerate(self.layers_spec)]
+            if _jsonable(recorded) != _jsonable(wanted):
+                raise StoreError(f"{self.path} was written with other layers than this writer's; "
+                                 f"recorded {[r['name'] for r in recorded]}, asked {[w['name'] for w in wanted]} "
+                                 "(or their shapes, dtypes or options differ)")
+            if _jsonable(json.loads(f.attrs["targets"])) != _jsonable([s.__dict__ for s in self.targets_spec]):
+                raise StoreError(f"{self.path} was written with other targets than this writer's")
+            if metadata is not None and json.loads(f.attrs["run"]) != json.loads(json.dumps(metadata, sort_keys=True, default=str)):
+                raise StoreError(f"{self.path} records another run description; resume it with the same options")
+            _add_commit_places(f, self.layers_spec)
+            f.attrs.modify("status", fixed_text("incomplete", STATUS_LENGTH))
+        except BaseException:
             f.close()
-            raise StoreError(f"{self.path} was written with other layers than this writer's; "
-                             f"recorded {[r['name'] for r in recorded]}, asked {[w['name'] for w in wanted]} "
-                             "(or their shapes, dtypes or options differ)")
-        if _jsonable(json.loads(f.attrs["targets"])) != _jsonable([s.__dict__ for s in self.targets_spec]):
-            f.close()
-            raise StoreError(f"{self.path} was written with other targets than this writer's")
-        if metadata is not None and json.loads(f.attrs["run"]) != json.loads(json.dumps(metadata, sort_keys=True, default=str)):
-            f.close()
-            raise StoreError(f"{self.path} records another run description; resume it with the same options")
-        _add_commit_places(f, self.layers_spec)
-        f.attrs.modify("status", fixed_text("incomplete", STATUS_LENGTH))
+            raise
         log.info("store %s: resuming after %d committed rows", self.path, int(f.attrs["rows"]))
         return f
 
@@ -1042,12 +1076,25 @@ class StoreWriter:
         n = self._output_rows
         self._write_rows(self._outputs["row_start"], n, np.array([start], np.int64))
         for name in [k for k in outputs if k not in self._outputs]:  # first seen now: NaN for the batches before
-            self._outputs[name] = self._file["outputs"].create_dataset(
-                name, shape=(n,), dtype=np.float64, chunks=(4096,), maxshape=(None,), fillvalue=np.nan)
+            self._outputs[name] = self._new_output(name, n)
         for name, ds in self._outputs.items():
             if name != "row_start":
                 self._write_rows(ds, n, np.array([outputs.get(name, np.nan)], np.float64))
         self._output_rows = n + 1
+
+    def _new_output(self, name: str, batches: int) -> h5py.Dataset:
+        """/outputs/<name>, NaN for the batches before, made whole on disk before /outputs links
+        it: HDF5 writes the superblock, which says how far the file's allocations reach, last in a
+        flush, so a link or chunk index written in the same flush as what it points at can be
+        read, after a kill, as pointing past the file's end ("addr overflow")."""
+        ds = self._file["outputs"].create_dataset(
+            None, shape=(batches,), dtype=np.float64, chunks=(OUTPUT_CHUNK,), maxshape=(None,), fillvalue=np.nan)
+        first = batches - batches % OUTPUT_CHUNK
+        if first < batches:  # the chunk that committed batches share with the next ones: allocated now
+            ds[first:batches] = np.nan
+        self._file.flush()
+        self._file["outputs"][name] = ds
+        return ds
 
     def _update_stats(self, parts: Mapping[str, Any], counts: Mapping[str, tuple[int, int]]) -> None:
         # No torch.set_num_threads here: it also sets MKL's thread count, which is global, so
@@ -1480,6 +1527,7 @@ def convert_to_ragged(path: str | os.PathLike, names: Sequence[str], run: Mappin
         pass
     lock = _WriterLock(path, create=False)
     try:
+        _raise_end_of_allocation(path)
         with h5py.File(path, "r+", libver=LIBVER, locking=False) as f:
             if "parts" in f.attrs:
                 raise StoreError(f"{path} joins the part files of several ranks; their layers cannot be rewritten in "
