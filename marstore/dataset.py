@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
 from marstore.hooks import HookError, did_you_mean, match_modules, nearest_names
-from marstore.store import STORED_DTYPES, Store, StoreError, default_chunk_rows, is_text, open_store
+from marstore.store import STORED_DTYPES, Store, StoreError, committed_values, default_chunk_rows, is_text, open_store
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,12 @@ class ActivationDataset(Dataset):
         key = (kind, name)
         if key not in self._objects:
             obj = f[kind][name]
-            self._objects[key] = obj.asstr() if kind == "targets" and name in self.text else obj
+            if kind == "targets":
+                obj = obj.asstr() if name in self.text else obj
+            else:  # a compressed layer of a store not complete reads its last rows from their tail
+                values = committed_values(f, name, self.committed)
+                obj = {"values": values, "offsets": obj["offsets"]} if name in self.ragged else values
+            self._objects[key] = obj
         return self._objects[key]
 
     def __getstate__(self) -> dict:

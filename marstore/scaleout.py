@@ -32,8 +32,10 @@ from marstore.store import (
     Ragged,
     StoreError,
     StoreWriter,
+    TailedValues,
     TargetSpec,
     as_ragged,
+    committed_values,
     convert_to_ragged,
     fixed_text,
     moments_std,
@@ -126,6 +128,11 @@ def write_top_file(out: str, parts: list[str]) -> int:
         for s in stores[1:]:
             if json.loads(s.file.attrs["layers"]) != layer_specs or json.loads(s.file.attrs["targets"]) != target_specs:
                 raise StoreError(f"{s.path} holds other layers or targets than {stores[0].path}; the parts do not belong together")
+        for s in stores:  # a virtual dataset reads the datasets alone, which lack such a layer's last rows
+            tailed = [n for n in s.layers if isinstance(committed_values(s.file, n, s.rows), TailedValues)]
+            if tailed:
+                raise StoreError(f"{s.path} is incomplete, and its compressed layers {', '.join(tailed)} hold their last "
+                                 "rows apart from their datasets until it is finished: resume it first")
         rows = [s.rows for s in stores]
         total = sum(rows)
         tmp = out + ".tmp"

@@ -52,6 +52,15 @@ TEXT = "str"  # a target's dtype for strings, stored as variable-length UTF-8
 STATE_PREFIX = "state_at_row_"  # earlier versions' per-commit layer attributes (read, not written)
 SKIPPED_PREFIX = "skipped_at_row_"  # the same for the root's count of /skipped
 LAYER_STATE = "layer_state"  # the group of each layer's committed counters and statistics
+# A compressed layer's committed rows never lie in a chunk that a later commit rewrites: HDF5
+# writes a compressed chunk that grew at a new place and frees the old one for reuse, and a kill
+# in that commit's flushes left its committed rows unreadable (114 of 269 replayed prefixes of a
+# 10-batch store). Its dataset gets whole chunks only, each written once; at each commit the rows
+# of its last, part-filled chunk go to /layer_tail/<layer> instead, (2, *chunk shape) uncompressed,
+# written in place, slot k with /layer_state slot k. The final commit writes that chunk as well,
+# so a complete store's datasets hold every row; in one that is not, the rows past a compressed
+# layer's last whole chunk are read from its tail (committed_values).
+LAYER_TAIL = "layer_tail"
 # A commit changes no HDF5 structure, only values in place: HDF5 writes a flush's metadata in
 # address order, not in the order it depends on, so a kill in the middle of a flush that grew
 # an object header (a new attribute, h5py's replacement of one) left a layer whose header
@@ -114,15 +123,97 @@ def committed_layer_state(file: h5py.File, name: str, attrs: Mapping[str, Any], 
     attribute, or None where the store has neither (the attributes are then the state)."""
     group = file.get(LAYER_STATE)
     if group is not None and name in group:
-        slots = group[name][()]
-        for slot in slots:
-            if slot[0] == rows:
-                return _unpack_state(slot[1:])
-        raise StoreError(f"{file.filename}: /{LAYER_STATE}/{name} holds the state at rows {slots[:, 0].astype(int).tolist()}, "
-                         f"not at the {rows} committed when it was opened: a writer has committed since (open it again), "
-                         "or the file is damaged")
+        return _unpack_state(group[name][_committed_slot(file, name, rows)][1:])
     packed = attrs.get(f"{STATE_PREFIX}{rows}")
     return None if packed is None else _unpack_state(packed)
+
+
+def _committed_slot(file: h5py.File, name: str, rows: int) -> int:
+    """The slot of /layer_state/<name> (and /layer_tail/<name>) that holds the state at `rows`."""
+    held = file[LAYER_STATE][name][:, 0]
+    if rows not in held:
+        raise StoreError(f"{file.filename}: /{LAYER_STATE}/{name} holds the state at rows {held.astype(int).tolist()}, "
+                         f"not at the {rows} committed when it was opened: a writer has committed since (open it again), "
+                         "or the file is damaged")
+    return int(np.flatnonzero(held == rows)[0])
+
+
+def _values(obj: h5py.HLObject) -> h5py.Dataset:
+    """A layer's dataset of stored rows: the dense dataset, or a ragged layer's token rows."""
+    return obj["values"] if isinstance(obj, h5py.Group) else obj
+
+
+class TailedValues:
+    """A compressed layer's stored rows in a store that is not complete: its whole chunks from
+    the dataset, the rest from /layer_tail (module notes at LAYER_TAIL). Read like the h5py
+    dataset it stands for: shape, dtype, size, slices of rows, read_direct."""
+
+    def __init__(self, values: h5py.Dataset, start: int, tail: np.ndarray):
+        self.values, self.start, self.tail = values, start, tail
+        self.shape = (start + len(tail), *values.shape[1:])
+        self.dtype, self.size = values.dtype, math.prod(self.shape)
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError(f"a compressed layer's rows in a store that is not complete are read by slices, not {key!r}")
+        a, b, _ = key.indices(self.shape[0])
+        b = max(a, b)
+        parts = ([self.values[a : min(b, self.start)]] if a < self.start else []) + \
+                ([self.tail[max(a, self.start) - self.start : b - self.start]] if b > self.start else [])
+        return np.concatenate(parts) if len(parts) == 2 else parts[0] if parts else self.values[0:0]
+
+    def read_direct(self, dest: np.ndarray, source_sel: slice, dest_sel: slice) -> None:
+        dest[dest_sel] = self[source_sel]
+
+
+def committed_values(file: h5py.File, name: str, rows: int) -> h5py.Dataset | TailedValues:
+    """The stored rows of layer `name` as a store of `rows` committed rows holds them: its dataset,
+    or, for a compressed layer of a store that is not complete, the dataset and its tail."""
+    obj = file["activations"][name]
+    values = _values(obj)
+    tails = file.get(LAYER_TAIL)
+    if tails is None or name not in tails or text_attr(file.attrs["status"]) == "complete":
+        return values
+    stored = int(obj["offsets"][rows]) if isinstance(obj, h5py.Group) else rows
+    start = stored - stored % values.chunks[0]
+    tail = tails[name]
+    if tail.shape != (2, *values.chunks):
+        raise StoreError(f"{file.filename}: /{LAYER_TAIL}/{name} has shape {tail.shape}, not that of two chunks of its "
+                         f"layer {(2, *values.chunks)}: the file is damaged")
+    if start == stored:
+        return values
+    return TailedValues(values, start, tail[_committed_slot(file, name, rows), : stored - start])
+
+
+def _make_chunk_index(values: h5py.Dataset) -> None:
+    """Makes the dataset's chunk index now, which HDF5 makes with the first chunk written: a
+    compressed layer's first chunk can be written commits later (whole or final only), and a
+    kill in that flush left the dataset's header pointing at an index not yet written (a chunk
+    written raw and dropped at once: HDF5 reads neither)."""
+    rows, *row_shape = values.chunks
+    values.resize((rows, *row_shape))
+    values.id.write_direct_chunk((0,) * values.ndim, bytes(values.dtype.itemsize * math.prod(values.chunks)), 0xFFFFFFFF)
+    values.resize((0, *row_shape))
+
+
+def _add_tails(f: h5py.File, specs: Sequence[LayerSpec]) -> None:
+    """Gives each compressed layer of a store that lacks it (an earlier version's, or a layer just
+    rewritten ragged) its tail, holding the rows of its last part-filled chunk, before a writer
+    resumes it; the writer then drops that chunk from the dataset."""
+    rows = int(f.attrs["rows"])
+    for spec in specs:
+        values = _values(f["activations"][spec.name])
+        if values.compression is None or (LAYER_TAIL in f and spec.name in f[LAYER_TAIL]):
+            continue
+        stored = int(f["activations"][spec.name]["offsets"][rows]) if spec.ragged else rows
+        start = stored - stored % values.chunks[0]
+        data = np.zeros((2, *values.chunks), values.dtype)
+        data[_committed_slot(f, spec.name, rows), : stored - start] = values[start:stored]
+        tail = f.create_dataset(None, data=data)  # linked once on disk whole (see StoreWriter._new_output)
+        f.flush()
+        f.require_group(LAYER_TAIL)[spec.name] = tail
+        f.flush()
+        log.info("store %s: layer %s given a tail for its part-filled chunk (module notes at LAYER_TAIL)", f.filename, spec.name)
 
 
 def committed_skipped(attrs: Mapping[str, Any], rows: int) -> int:
@@ -336,7 +427,7 @@ class _Moments:
 class _Layer:
     """Writer-side state of one layer: its datasets, counters and statistics."""
 
-    def __init__(self, spec: LayerSpec, group: h5py.Group, state: h5py.Dataset):
+    def __init__(self, spec: LayerSpec, group: h5py.Group, state: h5py.Dataset, tail: h5py.Dataset | None):
         self.spec = spec
         self.np_dtype = np.dtype(STORED_DTYPES[spec.dtype])
         if spec.ragged:
@@ -350,6 +441,7 @@ class _Layer:
         # does not hold the committed rows' state (a new store's slot 0 holds the state at 0 rows)
         self.state = state
         self.free_slot = 1
+        self.tail = tail  # a compressed layer's: the rows of its part-filled chunk at each commit (LAYER_TAIL)
         self.pending: list[np.ndarray] = []  # small batches' rows not yet in the moments
         self.pending_size = 0
         self.nonfinite = 0
@@ -654,10 +746,15 @@ class StoreWriter:
             raise StoreError(f"{self.path} exists; pass resume=True to continue it, or choose another path")
         self._lock = _WriterLock(self.path, create=not resuming)
         self._file: h5py.File | None = None
+        # by id(): hashing an h5py dataset asks HDF5 for its object number (a few µs, 26 times a
+        # batch); the writer keeps every dataset object it writes for the file's lifetime
+        self._chunks: dict[int, _ChunkBuffer] = {}
         try:
             self._file = self._open_for_resume(metadata) if resuming else self._create(metadata or {})
-            self._layers = {s.name: _Layer(s, self._file["activations"][s.name], self._file[LAYER_STATE][s.name])
-                            for s in self.layers_spec}
+            tails = self._file.get(LAYER_TAIL, {})
+            self._layers = {s.name: _Layer(s, self._file["activations"][s.name], self._file[LAYER_STATE][s.name],
+                                           tails.get(s.name)) for s in self.layers_spec}
+            self._tailed = {id(layer.values): layer for layer in self._layers.values() if layer.tail is not None}
             self._targets = {s.name: self._file["targets"][s.name] for s in self.targets_spec}
             self._text_targets = {s.name for s in self.targets_spec if s.dtype == TEXT}
             # append() checks batches against these, not the datasets: the writer thread closes the
@@ -680,9 +777,6 @@ class StoreWriter:
         self.written = self.committed  # rows handed to HDF5, committed or not
         self._uncommitted_bytes = 0
         self._last_nbytes = 0  # the batch being written, for the error message
-        # by id(): hashing an h5py dataset asks HDF5 for its object number (a few µs, 26 times a
-        # batch); the writer keeps every dataset object it writes for the file's lifetime
-        self._chunks: dict[int, _ChunkBuffer] = {}
         # /outputs/<name>, and the batches in it (its datasets grow on disk only as their chunks are written)
         self._outputs = dict(self._file["outputs"].items())
         self._output_rows = self._outputs["row_start"].shape[0]
@@ -733,6 +827,10 @@ class StoreWriter:
                 _create_layer(acts, spec, self.expected_rows)
                 zeros = np.zeros(layer_channels(spec))
                 _create_layer_state(f, spec, 0, _pack_state(0, 0, zeros, zeros, zeros))
+                if spec.compression:  # allocated now (contiguous, written whole), like every place a commit writes
+                    values = _values(acts[spec.name])
+                    f.require_group(LAYER_TAIL).create_dataset(spec.name, data=np.zeros((2, *values.chunks), values.dtype))
+                    _make_chunk_index(values)
             tg = f.create_group("targets")
             for spec in self.targets_spec:
                 itemsize = spec.storage_dtype.itemsize  # a string's: its 16-byte reference to the heap
@@ -774,6 +872,7 @@ class StoreWriter:
             if metadata is not None and json.loads(f.attrs["run"]) != json.loads(json.dumps(metadata, sort_keys=True, default=str)):
                 raise StoreError(f"{self.path} records another run description; resume it with the same options")
             _add_commit_places(f, self.layers_spec)
+            _add_tails(f, self.layers_spec)
             f.attrs.modify("status", fixed_text("incomplete", STATUS_LENGTH))
         except BaseException:
             f.close()
@@ -791,9 +890,11 @@ class StoreWriter:
             if layer.spec.ragged:
                 layer.tokens = int(layer.offsets[rows])
                 layer.offsets.resize((rows + 1,))
-                layer.values.resize((layer.tokens, *layer.spec.row_shape))
+            stored = layer.tokens if layer.spec.ragged else rows
+            if layer.tail is not None:
+                self._restore_tail(layer, stored)
             else:
-                layer.values.resize((rows, *layer.spec.row_shape))
+                layer.values.resize((stored, *layer.spec.row_shape))
         for ds in self._targets.values():
             _forget_strings_after(ds, rows)
             ds.resize((rows, *ds.shape[1:]))
@@ -806,6 +907,17 @@ class StoreWriter:
         for ds in group.values():
             ds.resize((keep,))
         self._file.flush()
+
+    def _restore_tail(self, layer: _Layer, stored: int) -> None:
+        """A compressed layer's dataset cut to its whole chunks (a chunk past them, written
+        before a kill or by the final commit, goes unread), and its part-filled chunk's rows
+        taken from the tail slot of the committed rows into the chunk buffer."""
+        start = stored - stored % layer.values.chunks[0]
+        layer.values.resize((start, *layer.spec.row_shape))
+        buf = self._buffer(layer.values)
+        if stored > start:
+            buf.data[: stored - start] = layer.tail[1 - layer.free_slot, : stored - start]
+            buf.start, buf.filled, buf.handed = start, stored - start, stored - start
 
     # ---- the caller's side ------------------------------------------------------------
     def check_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
@@ -1179,18 +1291,25 @@ class StoreWriter:
         if buf.start == first:
             buf.handed = len(rows)
 
-    def _flush_chunks(self) -> None:
+    def _flush_chunks(self, final: bool = False) -> None:
         """Writes the part-filled chunks (a commit needs every row on disk); they stay in their
-        buffers and are written whole once full."""
+        buffers and are written whole once full. A compressed layer's go to its tail slot, and
+        into the dataset only at the final commit (LAYER_TAIL)."""
         for buf in self._chunks.values():
-            if buf.filled:
-                self._write_chunk(buf, buf.start, buf.data[: buf.filled])
+            if not buf.filled:
+                continue
+            layer = self._tailed.get(id(buf.ds))
+            if layer is not None:
+                layer.tail[layer.free_slot, : buf.filled] = buf.data[: buf.filled]
+                if not final:
+                    continue
+            self._write_chunk(buf, buf.start, buf.data[: buf.filled])
 
     def _commit(self, final: bool = False) -> None:
         """Flushes the rows written so far, then advances the committed count and flushes again:
         a crash between the two leaves the old count, whose rows are all on disk. Every value
         a commit writes has its place in the file from the start (module notes at ATTR_CHANNELS_MAX)."""
-        self._flush_chunks()
+        self._flush_chunks(final)
         skipped = self._write_skipped()
         # Each layer's counters and statistics at the new row count go into its free state slot
         # before the count moves: HDF5 writes a flush's attributes one by one, so a kill during
@@ -1504,11 +1623,21 @@ def _finish_swap(f: h5py.File) -> None:
             changed = True
             log.warning("store %s: finished rewriting layer %s ragged, which a stopped process had left half done",
                         f.filename, name)
+        if obj is not None:
+            _drop_stale_tail(f, name)
     if CONVERTING in f:
         del f[CONVERTING]
     if changed:
         f.attrs["layers"] = json.dumps(recorded)
     f.flush()
+
+
+def _drop_stale_tail(f: h5py.File, name: str) -> None:
+    """Removes /layer_tail/<name> where its layer has been rewritten ragged: its slots hold
+    chunks of the dense rows."""
+    tails = f.get(LAYER_TAIL)
+    if tails is not None and name in tails and tails[name].shape != (2, *_values(f["activations"][name]).chunks):
+        del tails[name]
 
 
 def convert_to_ragged(path: str | os.PathLike, names: Sequence[str], run: Mapping[str, Any] | None = None,
@@ -1551,11 +1680,11 @@ def convert_to_ragged(path: str | os.PathLike, names: Sequence[str], run: Mappin
                 raise StoreError(f"{path}: rewriting {', '.join(todo)} ragged needs about {human_bytes(need)}, but only "
                                  f"{human_bytes(room)} are {what}; make room, then resume")
             for name in todo:
-                dense, spec = f["activations"][name], specs[name]
+                dense, spec = committed_values(f, name, rows), specs[name]
                 tokens, token_shape = spec["row_shape"][0], tuple(spec["row_shape"][1:])
                 _create_layer(f.require_group(CONVERTING), LayerSpec(**as_ragged(spec)), None)
                 group = f[CONVERTING][name]
-                group.attrs.update({k: v for k, v in dense.attrs.items() if k not in ("layout", "channel_axis")})
+                group.attrs.update({k: v for k, v in f["activations"][name].attrs.items() if k not in ("layout", "channel_axis")})
                 group.attrs["rewritten_at_row"] = rows  # provenance: the rows before it were stored dense
                 values = group["values"]
                 values.resize((rows * tokens, *token_shape))
@@ -1569,6 +1698,7 @@ def convert_to_ragged(path: str | os.PathLike, names: Sequence[str], run: Mappin
                 # the switch: the converted layer takes the dense one's place, and the record follows
                 del f["activations"][name]
                 f.move(f"{CONVERTING}/{name}", f"activations/{name}")
+                _drop_stale_tail(f, name)  # the dense rows' tail; the resume gives the ragged layer its own
                 specs[name] = as_ragged(spec)
                 f.attrs["layers"] = json.dumps([specs[s["name"]] for s in recorded])
                 f.flush()
@@ -1604,6 +1734,7 @@ class Store:
                 tuple(values.chunks or ()), values.compression, attrs,  # chunks () for a virtual dataset
             )
         self.targets = {name: ds for name, ds in file["targets"].items()}
+        self._stored: dict[str, h5py.Dataset | TailedValues] = {}  # read() fills it
         # layers whose rewrite to ragged was cut inside its swap: missing until a writer finishes it
         self.cut_short = [n for n in order if n not in group and CONVERTING in file and n in file[CONVERTING]]
         if self.cut_short:
@@ -1629,11 +1760,13 @@ class Store:
         start, stop = self._span(start, stop)
         if layer not in self.layers:
             raise StoreError(f"{self.path} has no layer {layer!r}; it has {sorted(self.layers)}")
-        obj = self.file["activations"][layer]
+        if layer not in self._stored:  # a compressed layer's tail is read once
+            self._stored[layer] = committed_values(self.file, layer, self.rows)
+        stored = self._stored[layer]
         if self.layers[layer].layout == "dense":
-            return obj[start:stop]
-        offsets = obj["offsets"][start : stop + 1]
-        values = obj["values"][offsets[0] : offsets[-1]] if len(offsets) else obj["values"][0:0]
+            return stored[start:stop]
+        offsets = self.file["activations"][layer]["offsets"][start : stop + 1]
+        values = stored[offsets[0] : offsets[-1]] if len(offsets) else stored[0:0]
         return [values[a - offsets[0] : b - offsets[0]] for a, b in zip(offsets[:-1], offsets[1:])]
 
     def target(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
@@ -1754,10 +1887,11 @@ def _validate(path: str, f: h5py.File) -> None:
             offsets = obj["offsets"]
             if offsets.shape[0] < rows + 1:
                 raise StoreError(f"{path}: layer {name!r} has {offsets.shape[0] - 1} ragged rows, but {rows} are committed")
-            if int(offsets[rows]) > obj["values"].shape[0]:
-                raise StoreError(f"{path}: layer {name!r} offsets point past its {obj['values'].shape[0]} token rows")
-        elif obj.shape[0] < rows:
-            raise StoreError(f"{path}: layer {name!r} holds {obj.shape[0]} rows, but {rows} are committed")
+            stored = committed_values(f, name, rows).shape[0]
+            if int(offsets[rows]) > stored:
+                raise StoreError(f"{path}: layer {name!r} offsets point past its {stored} token rows")
+        elif (held := committed_values(f, name, rows).shape[0]) < rows:
+            raise StoreError(f"{path}: layer {name!r} holds {held} rows, but {rows} are committed")
     for name, ds in f["targets"].items():
         if ds.shape[0] < rows:
             raise StoreError(f"{path}: target {name!r} holds {ds.shape[0]} rows, but {rows} are committed")

@@ -191,6 +191,22 @@ def test_a_virtual_store_whose_part_is_missing_is_refused_not_read_as_zeros(tmp_
     assert ActivationDataset(top, "x").read_all()["x"][:, 0].tolist() == [1] * 3 + [2] * 3
 
 
+def test_an_incomplete_part_whose_compressed_layer_holds_rows_in_its_tail_is_refused(tmp_path):
+    # a virtual dataset maps the part's dataset alone, which lacks the rows kept in the tail
+    from marstore.scaleout import write_top_file
+    from marstore.store import LayerSpec, StoreError, StoreWriter
+
+    parts = [str(tmp_path / f"a.part{r:03d}-of-002.h5") for r in range(2)]
+    for r, part in enumerate(parts):
+        w = StoreWriter(part, [LayerSpec("x", (2,), chunk_rows=4, compression="lzf"), LayerSpec("m", (2,))])
+        w.append({"x": np.full((6, 2), r + 1, np.float16), "m": np.zeros((6, 2), np.float16)}, index=np.arange(r, 12, 2))
+        w.close(complete=r == 0)
+    with pytest.raises(StoreError) as info:
+        write_top_file(str(tmp_path / "a.h5"), parts)
+    assert str(info.value) == (f"{parts[1]} is incomplete, and its compressed layers x hold their last rows apart from "
+                               "their datasets until it is finished: resume it first")
+
+
 def test_parts_that_stored_a_layer_dense_and_ragged_join_as_ragged(tmp_path):
     # each rank decides from its own first batches: one saw a token count vary, the others did not
     from marstore.scaleout import write_top_file

@@ -1,5 +1,6 @@
 """The store: format, dtypes, ragged layers, validation, kills, resume, concurrent reads, disk errors."""
 
+import dataclasses
 import io
 import json
 import os
@@ -614,7 +615,8 @@ class _WriteLog(io.RawIOBase):
         return self.file.truncate(size)
 
 
-def test_a_kill_at_any_write_leaves_a_store_that_opens_with_its_committed_rows(tmp_path, monkeypatch):
+@pytest.mark.parametrize("compression", [None, "lzf"])
+def test_a_kill_at_any_write_leaves_a_store_that_opens_with_its_committed_rows(tmp_path, monkeypatch, compression):
     """A killed process leaves the writes it made, in their order (the page cache keeps them), and
     no other: every prefix of a writer's writes, from its first flush on, must open as a store
     holding exactly its committed rows, attributes and statistics readable, and resume to the
@@ -623,7 +625,8 @@ def test_a_kill_at_any_write_leaves_a_store_that_opens_with_its_committed_rows(t
     these prefixes unopenable (a layer's header pointing at a block not yet written). Each prefix
     is resumed: it writes the superblock last, and 4 prefixes of 265 refused the resume's writes
     past the end of allocation it recorded; an output first seen after the first commit left 15
-    whose /outputs did not read."""
+    whose /outputs did not read. Compressed layers left 96 of 287 prefixes whose committed rows
+    did not read (HDF5 moved their part-filled chunk at each commit): see LAYER_TAIL."""
     path = tmp_path / "recorded.h5"
     real_file, writes, flushes = h5py.File, [], []
 
@@ -648,8 +651,10 @@ def test_a_kill_at_any_write_leaves_a_store_that_opens_with_its_committed_rows(t
         outputs = {"loss": float(i), **({"extra": 1.0} if i in (5, 9) else {})}
         batches.append((acts, target, index, outputs, [(10**6 + i, f"OSError: {i}")] if i % 4 == 2 else []))
 
+    layers = [dataclasses.replace(layer, compression=compression) for layer in LAYERS]
+
     def write(to, resume=False):
-        with StoreWriter(to, LAYERS, targets, {"model": "test"}, commit_rows=COMMIT_ROWS, background=False, resume=resume) as w:
+        with StoreWriter(to, layers, targets, {"model": "test"}, commit_rows=COMMIT_ROWS, background=False, resume=resume) as w:
             for acts, target, index, outputs, skipped in batches[w.committed // BATCH_ROWS :]:
                 w.append(acts, targets=target, index=index, outputs=outputs, skipped=skipped)
 
@@ -909,7 +914,15 @@ def test_batches_smaller_than_a_chunk_commit_and_resume_mid_chunk(tmp_path, comp
             w.append({"enc": rows[b : b + 5]}, index=np.arange(b, b + 5))
         w.flush()
         with h5py.File(path, "r", locking=False) as f:  # a plain reader sees every committed row
-            assert f.attrs["rows"] == 15 and np.array_equal(f["activations/enc"][:15], rows[:15])
+            assert f.attrs["rows"] == 15
+            if compression:  # the whole chunk in the dataset, the rows of the part-filled one in its tail
+                assert f["activations/enc"].shape == (8, 3) and np.array_equal(f["activations/enc"][:], rows[:8])
+                slot = int(np.flatnonzero(f["layer_state/enc"][:, 0] == 15)[0])
+                assert np.array_equal(f["layer_tail/enc"][slot, :7], rows[8:15])
+            else:
+                assert np.array_equal(f["activations/enc"][:15], rows[:15])
+        with open_store(path) as store:
+            assert store.read("enc").tobytes() == rows[:15].tobytes()
         w.close(complete=False)
     with StoreWriter(path, spec, resume=True, commit_rows=12, background=background) as w:
         assert w.committed == 15
@@ -919,6 +932,8 @@ def test_batches_smaller_than_a_chunk_commit_and_resume_mid_chunk(tmp_path, comp
         assert store.rows == 40 and store.status == "complete"
         assert store.read("enc").tobytes() == rows.tobytes()
         assert store.index().tolist() == list(range(40))
+    with h5py.File(path, "r", locking=False) as f:  # complete: every row in the dataset
+        assert f["activations/enc"][:].tobytes() == rows.tobytes()
 
 
 def test_inline_writer_reports_a_failed_batch_and_keeps_committed_rows(tmp_path):
@@ -1131,6 +1146,77 @@ def test_a_layer_wider_than_an_attribute_keeps_its_statistics_in_its_state_slots
         assert np.allclose(attrs["mean"], rows.astype(np.float64).mean(0), atol=1e-6)
         assert np.allclose(attrs["std"], rows.astype(np.float64).std(0), atol=1e-6)
         assert attrs["stats_count"] == [12.0] * 8192 and s.read("fc1").tobytes() == rows.tobytes()
+
+
+TAILED = [LayerSpec("enc", (3,), chunk_rows=8, compression="lzf"),
+          LayerSpec("tok", (2,), ragged=True, chunk_rows=8, compression="gzip")]
+
+
+def tailed_batch(i):
+    """Batch i of 3 rows for TAILED: enc rows of 3 values, tok rows of 1 to 3 tokens."""
+    enc = (np.arange(9, dtype=np.float16) + 9 * i).reshape(3, 3)
+    counts = [1 + (i + j) % 3 for j in range(3)]
+    tok = np.arange(2 * sum(counts), dtype=np.float16).reshape(-1, 2) + 100 * i
+    return {"enc": enc, "tok": Ragged(tok, counts)}, [3 * i, 3 * i + 1, 3 * i + 2]
+
+
+def write_tailed(path, stop, resume=False, complete=True):
+    w = StoreWriter(path, TAILED, commit_rows=6, background=False, resume=resume)
+    for i in range(w.committed // 3, stop):
+        acts, index = tailed_batch(i)
+        w.append(acts, index=index)
+    w.close(complete=complete)
+
+
+def test_an_incomplete_store_reads_its_compressed_layers_last_rows_from_their_tails(tmp_path):
+    """15 rows committed, the store not complete: enc's dataset holds its one whole chunk (8
+    rows) and its tail the 7 rows after; every reader gives the 15 rows as they were written."""
+    from marstore.dataset import ActivationDataset
+
+    path, reference = tmp_path / "s.h5", tmp_path / "reference.h5"
+    write_tailed(path, 5, complete=False)
+    write_tailed(reference, 4)
+    with h5py.File(path, "r", locking=False) as f:
+        assert int(f.attrs["rows"]) == 15 and f["activations/enc"].shape == (8, 3)
+        assert f["layer_tail/enc"].shape == (2, 8, 3) and f["layer_tail/tok"].shape == (2, 8, 2)
+        assert f["activations/enc"].compression == "lzf" and f["layer_tail/enc"].compression is None
+    write_tailed(path, 4, resume=True, complete=False)  # nothing appended: its 15 rows stay committed
+    with open_store(path) as store, open_store(reference) as ref:
+        assert store.rows == 15 and store.status == "incomplete"
+        expected = np.concatenate([ref.read("enc"), tailed_batch(4)[0]["enc"]])
+        assert store.read("enc").tobytes() == expected.tobytes()
+        assert store.read("enc", 7, 10).tobytes() == expected[7:10].tobytes()  # across the whole chunk's end
+        tokens = ref.read("tok") + [tailed_batch(4)[0]["tok"].values[a:b] for a, b in [(0, 2), (2, 5), (5, 6)]]
+        assert [t.tobytes() for t in store.read("tok")] == [t.tobytes() for t in tokens]
+    data = ActivationDataset(path, ["enc", "tok"])
+    items = data.__getitems__(list(range(15)))
+    assert torch.equal(items.columns["enc"], torch.from_numpy(expected.astype(np.float32)))
+    assert all(torch.equal(a, torch.from_numpy(b.astype(np.float32))) for a, b in zip(items.columns["tok"], tokens))
+    with h5py.File(path, "r", locking=False) as f:  # as docs/FORMAT.md reads it without marstore
+        rows, name = int(f.attrs["rows"]), "enc"
+        x = f[f"activations/{name}"][:rows]
+        start = rows - rows % f[f"activations/{name}"].chunks[0]
+        slot = int(np.flatnonzero(f[f"layer_state/{name}"][:, 0] == rows)[0])
+        x = np.concatenate([x[:start], f[f"layer_tail/{name}"][slot, : rows - start]])
+        assert x.tobytes() == expected.tobytes()
+
+
+def test_a_compressed_layer_without_a_tail_gets_one_on_resume(tmp_path, caplog):
+    """A store of an earlier version kept a compressed layer's part-filled chunk in its dataset
+    and had no tails: a resume moves those rows to a tail and ends as a store written in one go."""
+    path, reference = tmp_path / "old.h5", tmp_path / "reference.h5"
+    write_tailed(reference, 9)
+    write_tailed(path, 5)
+    with h5py.File(path, "r+") as f:  # its datasets hold every row (the final commit wrote them)
+        del f["layer_tail"]
+        f.attrs.modify("status", np.bytes_("incomplete"))
+    with caplog.at_level("INFO", logger="marstore.store"):
+        write_tailed(path, 9, resume=True)
+    assert sum("given a tail for its part-filled chunk" in r.message for r in caplog.records) == 2
+    with h5py.File(path, "r") as f, h5py.File(reference, "r") as g:
+        assert f.attrs["status"] == b"complete" and int(f.attrs["rows"]) == 27
+        for name in ("activations/enc", "activations/tok/values", "activations/tok/offsets"):
+            assert f[name][:].tobytes() == g[name][:].tobytes(), name
 
 
 def test_a_store_of_the_earlier_commit_layout_resumes_identically(tmp_path):
