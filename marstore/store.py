@@ -185,6 +185,18 @@ def committed_values(file: h5py.File, name: str, rows: int) -> h5py.Dataset | Ta
     return TailedValues(values, start, tail[_committed_slot(file, name, rows), : stored - start])
 
 
+def _new_tail(group: h5py.Group, values: h5py.Dataset, name: str | None = None) -> h5py.Dataset:
+    """A tail for the layer dataset `values` (LAYER_TAIL): contiguous, its space allocated now,
+    as every place a commit writes, and not written (the file holds a hole there until a commit
+    fills a slot); unlinked where name is None."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    space = h5py.h5s.create_simple((2, *values.chunks))
+    return h5py.Dataset(h5py.h5d.create(group.id, None if name is None else name.encode(), values.id.get_type(), space,
+                                        dcpl=dcpl))
+
+
 def _make_chunk_index(values: h5py.Dataset) -> None:
     """Makes the dataset's chunk index now, which HDF5 makes with the first chunk written: a
     compressed layer's first chunk can be written commits later (whole or final only), and a
@@ -192,7 +204,7 @@ def _make_chunk_index(values: h5py.Dataset) -> None:
     written raw and dropped at once: HDF5 reads neither)."""
     rows, *row_shape = values.chunks
     values.resize((rows, *row_shape))
-    values.id.write_direct_chunk((0,) * values.ndim, bytes(values.dtype.itemsize * math.prod(values.chunks)), 0xFFFFFFFF)
+    values.id.write_direct_chunk((0,) * values.ndim, b"\0", 0xFFFFFFFF)
     values.resize((0, *row_shape))
 
 
@@ -207,10 +219,9 @@ def _add_tails(f: h5py.File, specs: Sequence[LayerSpec]) -> None:
             continue
         stored = int(f["activations"][spec.name]["offsets"][rows]) if spec.ragged else rows
         start = stored - stored % values.chunks[0]
-        data = np.zeros((2, *values.chunks), values.dtype)
-        data[_committed_slot(f, spec.name, rows), : stored - start] = values[start:stored]
-        tail = f.create_dataset(None, data=data)  # linked once on disk whole (see StoreWriter._new_output)
-        f.flush()
+        tail = _new_tail(f, values)
+        tail[_committed_slot(f, spec.name, rows), : stored - start] = values[start:stored]
+        f.flush()  # linked once on disk whole (see StoreWriter._new_output)
         f.require_group(LAYER_TAIL)[spec.name] = tail
         f.flush()
         log.info("store %s: layer %s given a tail for its part-filled chunk (module notes at LAYER_TAIL)", f.filename, spec.name)
@@ -827,9 +838,9 @@ class StoreWriter:
                 _create_layer(acts, spec, self.expected_rows)
                 zeros = np.zeros(layer_channels(spec))
                 _create_layer_state(f, spec, 0, _pack_state(0, 0, zeros, zeros, zeros))
-                if spec.compression:  # allocated now (contiguous, written whole), like every place a commit writes
+                if spec.compression:
                     values = _values(acts[spec.name])
-                    f.require_group(LAYER_TAIL).create_dataset(spec.name, data=np.zeros((2, *values.chunks), values.dtype))
+                    _new_tail(f.require_group(LAYER_TAIL), values, spec.name)
                     _make_chunk_index(values)
             tg = f.create_group("targets")
             for spec in self.targets_spec:
@@ -1774,7 +1785,18 @@ class Store:
         if name not in self.targets:
             raise StoreError(f"{self.path} has no target {name!r}; it has {sorted(self.targets)}")
         ds = self.targets[name]
-        return (ds.asstr() if is_text(ds) else ds)[start:stop]
+        if not is_text(ds):
+            return ds[start:stop]
+        try:
+            return ds.asstr()[start:stop]
+        except OSError as exc:
+            if "exceeds EOA" not in str(exc):
+                raise
+            # HDF5 grows the heap collection that holds the strings where it ends the file, and
+            # writes the superblock, which says where the file ends, last in a flush
+            raise StoreError(f"{self.path}: the strings of target {name!r} lie past the end the file records, as a "
+                             "writer killed while it flushed leaves them; resuming the extraction mends it (or "
+                             f"`h5clear --increment {self.path}`)") from None
 
     def index(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         start, stop = self._span(start, stop)

@@ -626,7 +626,10 @@ def test_a_kill_at_any_write_leaves_a_store_that_opens_with_its_committed_rows(t
     is resumed: it writes the superblock last, and 4 prefixes of 265 refused the resume's writes
     past the end of allocation it recorded; an output first seen after the first commit left 15
     whose /outputs did not read. Compressed layers left 96 of 287 prefixes whose committed rows
-    did not read (HDF5 moved their part-filled chunk at each commit): see LAYER_TAIL."""
+    did not read (HDF5 moved their part-filled chunk at each commit): see LAYER_TAIL. Not mended:
+    HDF5 grows the heap of a text target's strings where it ends the file, so a kill in that flush
+    can leave them past the end the superblock records (4 of 273 prefixes here, with lzf); the
+    reader is told so, and the resume mends it."""
     path = tmp_path / "recorded.h5"
     real_file, writes, flushes = h5py.File, [], []
 
@@ -665,18 +668,27 @@ def test_a_kill_at_any_write_leaves_a_store_that_opens_with_its_committed_rows(t
     # created; each output's dataset made (two); 3 commits; the last, then "complete"
     assert len(writes) > 150 and len(flushes) == 1 + 2 + 2 * 3 + 3
 
+    def target(store, name, rows):
+        try:
+            return store.target(name, 0, rows).tolist()
+        except StoreError as exc:  # the one damage left: a string heap grown past the end the file records
+            assert str(exc) == (f"{store.path}: the strings of target {name!r} lie past the end the file records, as a "
+                                "writer killed while it flushed leaves them; resuming the extraction mends it (or "
+                                f"`h5clear --increment {store.path}`)")
+            return None
+
     def contents(store, rows=None):
         rows = store.rows if rows is None else rows
         layers = {n: [x.tobytes() for x in store.read(n, 0, rows)] if store.layers[n].layout == "ragged"
                   else store.read(n, 0, rows).tobytes() for n in store.layers}
         attrs = {n: {k: np.asarray(v).tolist() for k, v in store.layers[n].attrs.items()} for n in store.layers}
-        return (layers, {n: store.target(n, 0, rows).tolist() for n in store.targets}, store.index(0, rows).tolist(),
+        return (layers, {n: target(store, n, rows) for n in store.targets}, store.index(0, rows).tolist(),
                 {k: v.tobytes() for k, v in store.outputs().items() if not np.isnan(v).all()}, store.skipped(), attrs)
 
     with open_store(path) as full:
         assert full.rows == 320 and full.skipped() == [(10**6 + 2, "OSError: 2"), (10**6 + 6, "OSError: 6")]
         expected = contents(full)
-    image, seen = bytearray(), {}
+    image, seen, heap_past_end = bytearray(), {}, []
     torn = tmp_path / "torn.h5"
     for n, (offset, data) in enumerate(writes, 1):
         if data is None:
@@ -698,6 +710,9 @@ def test_a_kill_at_any_write_leaves_a_store_that_opens_with_its_committed_rows(t
             batches.extend(batches_kept)
             with open_store(shorter) as store:
                 seen[rows] = contents(store)
+        if got[1]["caption"] is None:  # the resume mends it (below); every other value reads
+            heap_past_end.append(n)
+            got[1]["caption"] = seen[rows][1]["caption"]
         assert got == seen[rows], (n, rows)
         write(torn, resume=True)  # HDF5 writes the superblock last in a flush: see _raise_end_of_allocation
         with open_store(torn) as store:
