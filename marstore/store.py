@@ -146,12 +146,24 @@ def _values(obj: h5py.HLObject) -> h5py.Dataset:
 class TailedValues:
     """A compressed layer's stored rows in a store that is not complete: its whole chunks from
     the dataset, the rest from /layer_tail (module notes at LAYER_TAIL). Read like the h5py
-    dataset it stands for: shape, dtype, size, slices of rows, read_direct."""
+    dataset it stands for: shape, dtype, size, slices of rows, read_direct. Rows [start, stop)
+    are rows [0, stop - start) of the tail slot that holds the state at `rows`, read at the first
+    read that needs them, then kept: a writer still running overwrites that slot two commits on."""
 
-    def __init__(self, values: h5py.Dataset, start: int, tail: np.ndarray):
-        self.values, self.start, self.tail = values, start, tail
-        self.shape = (start + len(tail), *values.shape[1:])
+    def __init__(self, values: h5py.Dataset, start: int, stop: int, file: h5py.File, name: str, rows: int):
+        self.values, self.start, self.file, self.name, self.rows = values, start, file, name, rows
+        self.shape = (stop, *values.shape[1:])
         self.dtype, self.size = values.dtype, math.prod(self.shape)
+        self._tail: np.ndarray | None = None
+
+    @property
+    def tail(self) -> np.ndarray:
+        if self._tail is None:
+            slot = _committed_slot(self.file, self.name, self.rows)
+            tail = self.file[LAYER_TAIL][self.name][slot, : self.shape[0] - self.start]
+            _committed_slot(self.file, self.name, self.rows)  # still that slot's rows: not overwritten meanwhile
+            self._tail = tail
+        return self._tail
 
     def __getitem__(self, key: slice) -> np.ndarray:
         if not isinstance(key, slice) or key.step not in (None, 1):
@@ -182,7 +194,7 @@ def committed_values(file: h5py.File, name: str, rows: int) -> h5py.Dataset | Ta
                          f"layer {(2, *values.chunks)}: the file is damaged")
     if start == stored:
         return values
-    return TailedValues(values, start, tail[_committed_slot(file, name, rows), : stored - start])
+    return TailedValues(values, start, stored, file, name, rows)
 
 
 def _new_tail(group: h5py.Group, values: h5py.Dataset, name: str | None = None) -> h5py.Dataset:
