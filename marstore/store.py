@@ -645,8 +645,9 @@ def _raise_end_of_allocation(path: str) -> None:
     """Raises the superblock's end-of-allocation address to the file's end, as `h5clear
     --increment` does, before a writer reopens a store. HDF5 writes the superblock last in a
     flush, so a writer killed inside one can leave chunks and index blocks past the address it
-    records; HDF5 then refuses to write there ("addr overflow"), and the resume failed. Only
-    rows past the last commit lie there: the space is kept, never read as committed rows."""
+    records; HDF5 then refuses to write there ("addr overflow"), and the resume failed. What lies
+    there was written for rows past the last commit (a string heap grown in place reaches there
+    too, its committed strings before it); the space is kept."""
     with open(path, "r+b") as fh:
         head = fh.read(_EOA_OFFSET + 8)
         size = os.fstat(fh.fileno()).st_size

@@ -625,7 +625,7 @@ def test_a_kill_at_any_write_leaves_a_store_that_opens_with_its_committed_rows(t
     these prefixes unopenable (a layer's header pointing at a block not yet written). Each prefix
     is resumed: it writes the superblock last, and 4 prefixes of 265 refused the resume's writes
     past the end of allocation it recorded; an output first seen after the first commit left 15
-    whose /outputs did not read. Compressed layers left 96 of 287 prefixes whose committed rows
+    whose /outputs did not read. Compressed layers left 114 of 269 prefixes whose committed rows
     did not read (HDF5 moved their part-filled chunk at each commit): see LAYER_TAIL. Not mended:
     HDF5 grows the heap of a text target's strings where it ends the file, so a kill in that flush
     can leave them past the end the superblock records (4 of 273 prefixes here, with lzf); the
