@@ -143,6 +143,13 @@ def _values(obj: h5py.HLObject) -> h5py.Dataset:
     return obj["values"] if isinstance(obj, h5py.Group) else obj
 
 
+def _stored_rows(obj: h5py.HLObject, rows: int) -> tuple[int, int]:
+    """(first row of the last part-filled chunk, rows stored) of a layer's stored rows (_values)
+    when `rows` are committed: the rows themselves, or a ragged layer's token rows."""
+    stored = int(obj["offsets"][rows]) if isinstance(obj, h5py.Group) else rows
+    return stored - stored % _values(obj).chunks[0], stored
+
+
 class TailedValues:
     """A compressed layer's stored rows in a store that is not complete: its whole chunks from
     the dataset, the rest from /layer_tail (module notes at LAYER_TAIL). Read like the h5py
@@ -186,8 +193,7 @@ def committed_values(file: h5py.File, name: str, rows: int) -> h5py.Dataset | Ta
     tails = file.get(LAYER_TAIL)
     if tails is None or name not in tails or text_attr(file.attrs["status"]) == "complete":
         return values
-    stored = int(obj["offsets"][rows]) if isinstance(obj, h5py.Group) else rows
-    start = stored - stored % values.chunks[0]
+    start, stored = _stored_rows(obj, rows)
     tail = tails[name]
     if tail.shape != (2, *values.chunks):
         raise StoreError(f"{file.filename}: /{LAYER_TAIL}/{name} has shape {tail.shape}, not that of two chunks of its "
@@ -226,11 +232,11 @@ def _add_tails(f: h5py.File, specs: Sequence[LayerSpec]) -> None:
     resumes it; the writer then drops that chunk from the dataset."""
     rows = int(f.attrs["rows"])
     for spec in specs:
-        values = _values(f["activations"][spec.name])
+        obj = f["activations"][spec.name]
+        values = _values(obj)
         if values.compression is None or (LAYER_TAIL in f and spec.name in f[LAYER_TAIL]):
             continue
-        stored = int(f["activations"][spec.name]["offsets"][rows]) if spec.ragged else rows
-        start = stored - stored % values.chunks[0]
+        start, stored = _stored_rows(obj, rows)
         tail = _new_tail(f, values)
         tail[_committed_slot(f, spec.name, rows), : stored - start] = values[start:stored]
         f.flush()  # linked once on disk whole (see StoreWriter._new_output)
