@@ -539,7 +539,10 @@ def layer_channels(spec: LayerSpec) -> int:
     return spec.row_shape[-1 if spec.channel_axis is None else spec.channel_axis] if spec.row_shape else 1
 
 
-def _create_layer(root: h5py.Group, spec: LayerSpec, expected_rows: int | None) -> None:
+def _create_layer(f: h5py.File, spec: LayerSpec, expected_rows: int | None) -> None:
+    """Layer `spec`'s empty dataset (or ragged group) in /activations, and a compressed layer's
+    tail and chunk index, made with it (every place a commit writes exists before the first)."""
+    root = f["activations"]
     np_dtype = np.dtype(STORED_DTYPES[spec.dtype])
     # a ragged layer's rows are tokens, as many as the samples' token counts add up to
     rows = default_chunk_rows(spec.row_shape, np_dtype.itemsize, spec.chunk_rows, None if spec.ragged else expected_rows)
@@ -570,6 +573,10 @@ def _create_layer(root: h5py.Group, spec: LayerSpec, expected_rows: int | None) 
             **({"unfold_layout": spec.unfold_layout} if spec.unfold_layout is not None else {}),
         }
     )
+    if spec.compression:
+        values = _values(obj)
+        _new_tail(f.require_group(LAYER_TAIL), values, spec.name)
+        _make_chunk_index(values)
 
 
 def _stats_attrs(channels: int) -> dict[str, np.ndarray]:
@@ -852,15 +859,11 @@ class StoreWriter:
                     "targets": json.dumps([s.__dict__ for s in self.targets_spec]),
                 }
             )
-            acts = f.create_group("activations")
+            f.create_group("activations")
             for spec in self.layers_spec:
-                _create_layer(acts, spec, self.expected_rows)
+                _create_layer(f, spec, self.expected_rows)
                 zeros = np.zeros(layer_channels(spec))
                 _create_layer_state(f, spec, 0, _pack_state(0, 0, zeros, zeros, zeros))
-                if spec.compression:
-                    values = _values(acts[spec.name])
-                    _new_tail(f.require_group(LAYER_TAIL), values, spec.name)
-                    _make_chunk_index(values)
             tg = f.create_group("targets")
             for spec in self.targets_spec:
                 itemsize = spec.storage_dtype.itemsize  # a string's: its 16-byte reference to the heap
@@ -884,6 +887,7 @@ class StoreWriter:
             return self._create(metadata or {})
         store = open_store(self.path)  # validates the file first, with clear errors
         store.close()
+        remove_stale_rewrite(self.path)
         _raise_end_of_allocation(self.path)
         f = h5py.File(self.path, "r+", libver=LIBVER, locking=False)
         try:
@@ -1599,6 +1603,10 @@ class _WriterLock:
             log.warning("store %s: this filesystem gives no file locks (%s); a second writer would not be refused",
                         path, exc)
 
+    @property
+    def fd(self) -> int | None:
+        return self._fd
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -1670,16 +1678,98 @@ def _drop_stale_tail(f: h5py.File, name: str) -> None:
         del tails[name]
 
 
+def _rewrite_path(path: str) -> str:
+    """Where convert_to_ragged builds a store's new file: beside it, on its filesystem (a rename)."""
+    return path + ".ragged-rewrite"
+
+
+def remove_stale_rewrite(path: str | os.PathLike) -> None:
+    """Removes the new file that a rewrite to ragged killed before its rename left beside the
+    store (the caller holds the store's lock, so no process is building it)."""
+    stale = _rewrite_path(os.path.realpath(os.fspath(path)))
+    if os.path.exists(stale):
+        log.warning("store %s: removing %s, the unfinished rewrite to ragged of a stopped process (the store is as it "
+                    "was before it)", path, stale)
+        os.remove(stale)
+
+
+def _copy_attrs(src: h5py.HLObject, dst: h5py.HLObject) -> None:
+    """Every attribute of src onto dst, each with its HDF5 type (fixed-length strings stay so:
+    commits modify them in place)."""
+    for key in src.attrs:
+        dst.attrs.create(key, src.attrs[key], dtype=src.attrs.get_id(key).dtype)
+
+
+def _copy_except(src: h5py.Group, dst: h5py.Group, skip: set[str]) -> None:
+    """Copies src's members into dst (HDF5's object copy: chunks, filters, attributes), leaving
+    out the objects whose paths are in skip; the groups above them are made member by member."""
+    for name, obj in src.items():
+        path = obj.name.lstrip("/")
+        if path in skip:
+            continue
+        if isinstance(obj, h5py.Group) and any(s.startswith(path + "/") for s in skip):
+            group = dst.create_group(name)
+            _copy_attrs(obj, group)
+            _copy_except(obj, group, skip)
+        else:
+            src.copy(obj, dst, name)
+
+
+def _write_ragged_copy(src: h5py.File, dst: h5py.File, name: str, spec: Mapping[str, Any], rows: int,
+                       block_bytes: int) -> None:
+    """Layer `name`'s committed dense rows (rows, tokens, ...) as a ragged layer in dst, each row
+    its tokens, with the dense layer's attributes (counters, statistics) and where it was
+    rewritten, laid out as a writer leaves it after a commit at `rows`: a compressed layer's
+    dataset holds its whole chunks, and the tail slot of that commit the rest (unless complete)."""
+    dense = committed_values(src, name, rows)
+    tokens, token_shape = spec["row_shape"][0], tuple(spec["row_shape"][1:])
+    _create_layer(dst, LayerSpec(**as_ragged(spec)), None)
+    group = dst["activations"][name]
+    group.attrs.update({k: v for k, v in src["activations"][name].attrs.items() if k not in ("layout", "channel_axis")})
+    group.attrs["rewritten_at_row"] = rows  # provenance: the rows before it were stored dense
+    group["offsets"].resize((rows + 1,))
+    group["offsets"][:] = np.arange(rows + 1, dtype=np.int64) * tokens
+    values = group["values"]
+    start, stored = _stored_rows(group, rows)
+    if values.compression is None or text_attr(dst.attrs["status"]) == "complete":
+        start = stored
+    values.resize((start, *token_shape))
+    rest = np.empty((stored - start, *token_shape), values.dtype)  # under a chunk: the tail slot's rows
+    step = max(1, block_bytes // max(1, dense.dtype.itemsize * math.prod(spec["row_shape"])))
+    for first in range(0, rows, step):
+        block = dense[first : min(rows, first + step)].reshape(-1, *token_shape)
+        a, b = first * tokens, first * tokens + len(block)
+        if a < start:
+            values[a : min(b, start)] = block[: min(b, start) - a]
+        if b > start:
+            rest[max(a, start) - start : b - start] = block[max(a, start) - a :]
+    if len(rest):
+        dst[LAYER_TAIL][name][_committed_slot(dst, name, rows), : len(rest)] = rest
+
+
+def _sync_directory(path: str) -> None:
+    """Syncs the folder that holds path, so that a rename into it survives a power cut."""
+    fd = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def convert_to_ragged(path: str | os.PathLike, names: Sequence[str], run: Mapping[str, Any] | None = None,
                       block_bytes: int = 64 << 20) -> None:
     """Rewrites dense layers of a store as ragged, so that a resumed extraction can append rows
     of other token counts: each committed row (tokens, ...) becomes its tokens' rows. Rows past
     the last commit are dropped (a resume drops them too); counters and statistics are kept.
-    run: the run description to record in place of the old (the resumed run's options). Each
-    layer is built beside the old one and then takes its place: a conversion killed before that
-    leaves the store as it was, with a stray /converting group that the next writer removes; one
-    killed inside the swap is finished by the next writer (a resume). The file keeps the space
-    the dense rows held (h5repack reclaims it)."""
+    run: the run description to record in place of the old (the resumed run's options).
+
+    Changing a store's structure in place is not safe against a kill (HDF5 writes a flush's
+    metadata in address order: replayed, 9 of 109 prefixes of an in-place rewrite left a store
+    that did not open). So the converted store is built as a new file beside it
+    (<path>.ragged-rewrite: every other object copied, the converted layers written ragged),
+    synced, and renamed over the store in one step: a kill at any point leaves the store as it was
+    (and a partial new file, which the next rewrite or resume removes) or the converted store.
+    It needs room for a copy of the store (less the dense rows and the space the file had freed)."""
     path = os.fspath(path)
     check_not_being_written(path)
     with open_store(path):  # validates it, with clear errors
@@ -1687,56 +1777,61 @@ def convert_to_ragged(path: str | os.PathLike, names: Sequence[str], run: Mappin
     lock = _WriterLock(path, create=False)
     try:
         _raise_end_of_allocation(path)
-        with h5py.File(path, "r+", libver=LIBVER, locking=False) as f:
-            if "parts" in f.attrs:
-                raise StoreError(f"{path} joins the part files of several ranks; their layers cannot be rewritten in "
-                                 "place: extract again with --ragged")
-            _finish_swap(f)
-            rows = int(f.attrs["rows"])
-            recorded = json.loads(f.attrs["layers"])
+        with h5py.File(path, "r", locking=False) as f:
+            cut_in_swap = CONVERTING in f
+        if cut_in_swap:  # an earlier version's rewrite, in place, was killed: finished as that version would
+            with h5py.File(path, "r+", libver=LIBVER, locking=False) as f:
+                _finish_swap(f)
+        remove_stale_rewrite(path)
+        real = os.path.realpath(path)  # a link to the store stays one: its target is replaced
+        new = _rewrite_path(real)
+        with h5py.File(path, "r", locking=False) as src:
+            if "parts" in src.attrs:
+                raise StoreError(f"{path} joins the part files of several ranks; their layers cannot be rewritten: "
+                                 "extract again with --ragged")
+            rows = int(src.attrs["rows"])
+            recorded = json.loads(src.attrs["layers"])
             specs = {spec["name"]: spec for spec in recorded}
             for name in names:
                 spec = specs.get(name)
-                if name not in f["activations"] or spec is None:
+                if name not in src["activations"] or spec is None:
                     raise StoreError(f"{path} has no layer {name!r}; it has {sorted(specs)}")
                 if as_ragged(spec) is None:
                     raise StoreError(f"{path}: layer {name!r} has rows of shape {tuple(spec['row_shape'])}, not (tokens, "
                                      "features...): it cannot be stored ragged")
             todo = [name for name in dict.fromkeys(names) if not specs[name].get("ragged")]
-            # the copies are made before the dense rows go: a disk that cannot take them fails here, not halfway
-            need = sum(rows * math.prod(specs[n]["row_shape"]) * f["activations"][n].dtype.itemsize for n in todo)
-            room, what = room_left(path, os.path.getsize(path))
+            if not todo and (run is None or json.loads(src.attrs["run"]) == json.loads(json.dumps(run, sort_keys=True, default=str))):
+                return
+            # the new file is made before the store is replaced: a disk that cannot take it fails here
+            need = os.path.getsize(path) + sum(8 * (rows + 1) for _ in todo)
+            room, what = room_left(new, 0)
             if need > room:
-                raise StoreError(f"{path}: rewriting {', '.join(todo)} ragged needs about {human_bytes(need)}, but only "
-                                 f"{human_bytes(room)} are {what}; make room, then resume")
-            for name in todo:
-                dense, spec = committed_values(f, name, rows), specs[name]
-                tokens, token_shape = spec["row_shape"][0], tuple(spec["row_shape"][1:])
-                _create_layer(f.require_group(CONVERTING), LayerSpec(**as_ragged(spec)), None)
-                group = f[CONVERTING][name]
-                group.attrs.update({k: v for k, v in f["activations"][name].attrs.items() if k not in ("layout", "channel_axis")})
-                group.attrs["rewritten_at_row"] = rows  # provenance: the rows before it were stored dense
-                values = group["values"]
-                values.resize((rows * tokens, *token_shape))
-                step = max(1, block_bytes // max(1, dense.dtype.itemsize * math.prod(spec["row_shape"])))
-                for start in range(0, rows, step):
-                    stop = min(rows, start + step)
-                    values[start * tokens : stop * tokens] = dense[start:stop].reshape(-1, *token_shape)
-                group["offsets"].resize((rows + 1,))
-                group["offsets"][:] = np.arange(rows + 1, dtype=np.int64) * tokens
-                f.flush()
-                # the switch: the converted layer takes the dense one's place, and the record follows
-                del f["activations"][name]
-                f.move(f"{CONVERTING}/{name}", f"activations/{name}")
-                _drop_stale_tail(f, name)  # the dense rows' tail; the resume gives the ragged layer its own
-                specs[name] = as_ragged(spec)
-                f.attrs["layers"] = json.dumps([specs[s["name"]] for s in recorded])
-                f.flush()
-                log.info("store %s: layer %s rewritten ragged (%d rows of %d tokens)", path, name, rows, tokens)
-            if run is not None:
-                f.attrs["run"] = json.dumps(run, sort_keys=True, default=str)
-            if CONVERTING in f:
-                del f[CONVERTING]
+                raise StoreError(f"{path}: rewriting {', '.join(todo)} ragged writes a new copy of the store, about "
+                                 f"{human_bytes(need)}, but only {human_bytes(room)} are {what}; make room, then resume")
+            new_lock = _WriterLock(new, create=True)
+            try:
+                h5py.File(new, "w", libver="earliest", locking=False).close()  # as StoreWriter._create makes it
+                with h5py.File(new, "r+", libver=LIBVER, locking=False) as dst:
+                    _copy_attrs(src, dst)
+                    _copy_except(src, dst, {f"activations/{n}" for n in todo} | {f"{LAYER_TAIL}/{n}" for n in todo})
+                    for name in todo:  # the dense rows' tail goes with them; the ragged layer gets its own
+                        _write_ragged_copy(src, dst, name, specs[name], rows, block_bytes)
+                        log.info("store %s: layer %s rewritten ragged (%d rows of %d tokens)", path, name, rows,
+                                 specs[name]["row_shape"][0])
+                        specs[name] = as_ragged(specs[name])
+                    dst.attrs["layers"] = json.dumps([specs[s["name"]] for s in recorded])
+                    if run is not None:
+                        dst.attrs["run"] = json.dumps(run, sort_keys=True, default=str)
+                os.fsync(new_lock.fd)  # the rows reach the disk before the name does
+                os.chmod(new, os.stat(path).st_mode & 0o7777)
+                os.replace(new, real)  # the switch: one rename
+            except BaseException:
+                if os.path.exists(new):
+                    os.remove(new)
+                raise
+            finally:
+                new_lock.release()
+        _sync_directory(real)
     finally:
         lock.release()
 

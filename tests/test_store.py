@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from helpers.store_worker import BATCH_ROWS, COMMIT_ROWS, LAYERS, TARGETS, make_batch
+import marstore.store
 from marstore import ops
-from marstore.store import COMMITTED_LAYER_KEYS, LayerSpec, Ragged, _Moments, StoreError, check_not_being_written, StoreWriteError, StoreWriter, TargetSpec, TEXT, open_store
+from marstore.store import COMMITTED_LAYER_KEYS, LayerSpec, Ragged, _Moments, StoreError, as_ragged, convert_to_ragged, check_not_being_written, StoreWriteError, StoreWriter, TargetSpec, TEXT, open_store
 
 TESTS = os.path.dirname(__file__)
 
@@ -615,6 +616,41 @@ class _WriteLog(io.RawIOBase):
         return self.file.truncate(size)
 
 
+def recording_opens(path, writes, flushes=None):
+    """h5py.File that logs the writes of a writer's opens of path ("w", then "r+") in writes, and
+    the number of writes at each of its flushes in flushes."""
+    real_file = h5py.File
+
+    def open_file(name, mode="r", **kw):
+        if os.fspath(name) != os.fspath(path) or mode not in ("w", "r+"):
+            return real_file(name, mode, **kw)
+        kw.pop("locking")
+
+        class Flushes(real_file):
+            def flush(self):
+                super().flush()
+                if flushes is not None:
+                    flushes.append(len(writes))
+
+        return Flushes(_WriteLog(name, "w+b" if mode == "w" else "r+b", writes), mode, **kw)
+
+    return open_file
+
+
+def torn_files(writes, torn, image=b""):
+    """Writes each prefix of writes, applied to the file image, to the path torn, in turn, and
+    yields the number of writes it holds: the files a kill at each write leaves."""
+    image = bytearray(image)
+    for n, (offset, data) in enumerate(writes, 1):
+        if data is None:
+            del image[offset:]
+        else:
+            image[len(image) : offset + len(data)] = bytes(max(0, offset + len(data) - len(image)))
+            image[offset : offset + len(data)] = data
+        torn.write_bytes(image)
+        yield n
+
+
 @pytest.mark.parametrize("compression", [None, "lzf"])
 def test_a_kill_at_any_write_leaves_a_store_that_opens_with_its_committed_rows(tmp_path, monkeypatch, compression):
     """A killed process leaves the writes it made, in their order (the page cache keeps them), and
@@ -631,20 +667,7 @@ def test_a_kill_at_any_write_leaves_a_store_that_opens_with_its_committed_rows(t
     can leave them past the end the superblock records (4 of 273 prefixes here, with lzf); the
     reader is told so, and the resume mends it."""
     path = tmp_path / "recorded.h5"
-    real_file, writes, flushes = h5py.File, [], []
-
-    def recording_file(name, mode="r", **kw):  # the writer's opens of the file: "w", then "r+"
-        if os.fspath(name) != os.fspath(path) or mode not in ("w", "r+"):
-            return real_file(name, mode, **kw)
-        kw.pop("locking")
-
-        class Flushes(real_file):
-            def flush(self):
-                super().flush()
-                flushes.append(len(writes))
-
-        return Flushes(_WriteLog(name, "w+b" if mode == "w" else "r+b", writes), mode, **kw)
-
+    writes, flushes = [], []
     targets = TARGETS + [TargetSpec("caption", (), TEXT)]
     batches = []
     for i in range(10):
@@ -661,9 +684,9 @@ def test_a_kill_at_any_write_leaves_a_store_that_opens_with_its_committed_rows(t
             for acts, target, index, outputs, skipped in batches[w.committed // BATCH_ROWS :]:
                 w.append(acts, targets=target, index=index, outputs=outputs, skipped=skipped)
 
-    monkeypatch.setattr(h5py, "File", recording_file)
-    write(path)
-    monkeypatch.setattr(h5py, "File", real_file)
+    with monkeypatch.context() as m:
+        m.setattr(h5py, "File", recording_opens(path, writes, flushes))
+        write(path)
     created = flushes[0]
     # created; each output's dataset made (two); 3 commits; the last, then "complete"
     assert len(writes) > 150 and len(flushes) == 1 + 2 + 2 * 3 + 3
@@ -688,17 +711,11 @@ def test_a_kill_at_any_write_leaves_a_store_that_opens_with_its_committed_rows(t
     with open_store(path) as full:
         assert full.rows == 320 and full.skipped() == [(10**6 + 2, "OSError: 2"), (10**6 + 6, "OSError: 6")]
         expected = contents(full)
-    image, seen, heap_past_end = bytearray(), {}, []
+    seen, heap_past_end = {}, []
     torn = tmp_path / "torn.h5"
-    for n, (offset, data) in enumerate(writes, 1):
-        if data is None:
-            del image[offset:]
-        else:
-            image[len(image) : offset + len(data)] = bytes(max(0, offset + len(data) - len(image)))
-            image[offset : offset + len(data)] = data
+    for n in torn_files(writes, torn):
         if n < created:
             continue
-        torn.write_bytes(image)
         with open_store(torn, retries=0) as store:
             rows, got = store.rows, contents(store)
         assert rows % COMMIT_ROWS == 0 or rows == 320, (n, rows)
@@ -718,6 +735,80 @@ def test_a_kill_at_any_write_leaves_a_store_that_opens_with_its_committed_rows(t
         with open_store(torn) as store:
             assert store.status == "complete" and contents(store) == expected, n
     assert sorted(seen) == [0, 96, 192, 288, 320]
+
+
+def test_a_rewrite_to_ragged_leaves_the_store_as_it_was_until_one_rename_and_its_resume_is_kill_safe(tmp_path, monkeypatch):
+    """convert_to_ragged writes the converted store as a new file and renames it over the store:
+    a kill at any point before the rename leaves the store's bytes as they were (an in-place
+    rewrite, replayed, left 9 of 109 prefixes that did not open). The new file must also be laid
+    out as a writer leaves it (chunk indexes and tails made with their layers, the fixed-length
+    attributes that commits modify in place): every prefix of a resume's writes on it opens with
+    its committed rows and resumes (a converted compressed layer given its tail at the resume
+    left 5 of 131 that did not)."""
+    layers = [dataclasses.replace(layer, compression="lzf") for layer in LAYERS]
+    path = tmp_path / "s.h5"
+    w = StoreWriter(path, layers, TARGETS, commit_rows=COMMIT_ROWS, background=False)
+    for i in range(4):
+        acts, targets, index = make_batch(i)
+        w.append(acts, targets=targets, index=index)
+    w._file.close()  # the process dies after the commit at 96 rows
+    w._lock.release()
+    before = path.read_bytes()
+    with open_store(path) as s:
+        dense = s.read("encoder_blocks.1")
+        others = {n: s.read(n, 0, s.rows) for n in ("encoder_blocks.0", "proj")}
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:  # a conversion that fails halfway: its new file goes, the store stays
+        m.setattr(marstore.store, "_write_ragged_copy", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            convert_to_ragged(path, ["encoder_blocks.1"])
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["s.h5"]
+    real_replace, renamed = os.replace, []
+
+    def replace(src, dst):  # the store is untouched until this one step
+        renamed.append((os.path.basename(src), path.read_bytes() == before))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    convert_to_ragged(path, ["encoder_blocks.1"])
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert renamed == [("s.h5.ragged-rewrite", True)] and os.listdir(tmp_path) == ["s.h5"]
+    with open_store(path) as s:
+        assert s.rows == 96 and s.layers["encoder_blocks.1"].layout == "ragged"
+        assert b"".join(r.tobytes() for r in s.read("encoder_blocks.1")) == dense.tobytes()
+        assert all(s.read(n, 0, 96).tobytes() == rows.tobytes() for n, rows in others.items())
+
+    ragged = [LayerSpec(**as_ragged(dataclasses.asdict(layer))) if layer.name == "encoder_blocks.1" else layer
+              for layer in layers]
+
+    def resume(to):
+        with StoreWriter(to, ragged, TARGETS, commit_rows=COMMIT_ROWS, background=False, resume=True) as w:
+            for i in range(w.committed // BATCH_ROWS, 10):
+                acts, targets, index = make_batch(i)
+                acts["encoder_blocks.1"] = Ragged(acts["encoder_blocks.1"].reshape(-1, 8), [6] * BATCH_ROWS)
+                w.append(acts, targets=targets, index=index)
+
+    def contents(store_path):
+        with open_store(store_path, retries=0) as s:
+            return s.rows, {n: b"".join(r.tobytes() for r in s.read(n, 0, s.rows)) if s.layers[n].layout == "ragged"
+                            else s.read(n, 0, s.rows).tobytes() for n in s.layers}
+
+    converted, writes = path.read_bytes(), []
+    (tmp_path / "s.h5.ragged-rewrite").write_bytes(b"what a conversion killed before its rename leaves")
+    with monkeypatch.context() as m:
+        m.setattr(h5py, "File", recording_opens(path, writes))
+        resume(path)
+    assert os.listdir(tmp_path) == ["s.h5"]  # the resume removed it
+    rows, expected = contents(path)
+    assert rows == 320 and len(writes) > 100
+    torn = tmp_path / "torn.h5"
+    for n in torn_files(writes, torn, converted):
+        rows, got = contents(torn)
+        assert (rows % COMMIT_ROWS == 0 or rows == 320) and all(expected[k].startswith(v) for k, v in got.items()), n
+        resume(torn)
+        assert contents(torn) == (320, expected), n
 
 
 def test_complete_reaches_the_disk_only_after_the_final_row_count(tmp_path, monkeypatch):
