@@ -26,7 +26,8 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
 from marstore.hooks import HookError, did_you_mean, match_modules, nearest_names
-from marstore.store import STORED_DTYPES, Store, StoreError, committed_values, default_chunk_rows, is_text, open_store
+from marstore.store import (STORED_DTYPES, Store, StoreError, committed_values, default_chunk_rows, is_text, open_for_reading,
+                            open_store)
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ class ActivationDataset(Dataset):
     def _handle(self) -> h5py.File:
         if self._file is None or self._pid != os.getpid():
             # after a fork the parent's handle must not be touched, not even closed
-            self._file = h5py.File(self.path, "r", locking=False)
+            self._file = open_for_reading(self.path)
             self._pid = os.getpid()
             self._objects = {}
         return self._file
