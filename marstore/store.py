@@ -591,6 +591,27 @@ def _stats_attrs(channels: int) -> dict[str, np.ndarray]:
     return {"stats_count": zeros, "mean": zeros, "std": zeros, "stats_m2": zeros}
 
 
+def _lacking_commit_places(f: h5py.File, specs: Sequence[LayerSpec]) -> list[str]:
+    """What a store of an earlier version lacks of the places that this version's commits write
+    in place (_add_commit_places and _add_tails add them); empty for a store of this version."""
+    lacking = []
+    for spec in specs:
+        obj = f["activations"][spec.name]
+        if LAYER_STATE not in f or spec.name not in f[LAYER_STATE]:
+            lacking.append(f"/{LAYER_STATE}/{spec.name}")
+        if any(key not in obj.attrs for key in _stats_attrs(1)) or any(k.startswith(STATE_PREFIX) for k in obj.attrs):
+            lacking.append(f"the statistics attributes of {spec.name}")
+        if _values(obj).compression is not None and (LAYER_TAIL not in f or spec.name not in f[LAYER_TAIL]):
+            lacking.append(f"/{LAYER_TAIL}/{spec.name}")
+    lacking += [f"a fixed-length {key}" for key in ("status", "committed_at")
+                if h5py.check_string_dtype(f.attrs.get_id(key).dtype).length is None]
+    if "skipped_at" not in f.attrs:
+        lacking.append("skipped_at")
+    if "index" not in f.get("skipped", {}) or "row_start" not in f.get("outputs", {}):
+        lacking.append("/skipped or /outputs")
+    return lacking
+
+
 def _add_commit_places(f: h5py.File, specs: Sequence[LayerSpec]) -> None:
     """Gives a store of an earlier version, before a writer resumes it, the attributes and state
     slots that commits now write in place, from what it recorded (one change of its structure,
@@ -977,8 +998,20 @@ class StoreWriter:
                 raise StoreError(f"{self.path} was written with other targets than this writer's")
             if metadata is not None and json.loads(f.attrs["run"]) != json.loads(json.dumps(metadata, sort_keys=True, default=str)):
                 raise StoreError(f"{self.path} records another run description; resume it with the same options")
-            _add_commit_places(f, self.layers_spec)
-            _add_tails(f, self.layers_spec)
+            lacking = _lacking_commit_places(f, self.layers_spec)
+            if lacking:
+                f.close()
+                log.info("store %s: written by an earlier version, it lacks %s; written anew with them before the "
+                         "resume", self.path, ", ".join(lacking))
+
+                def build(src: h5py.File, dst: h5py.File) -> None:
+                    _add_commit_places(dst, self.layers_spec)
+                    _add_tails(dst, self.layers_spec)
+
+                lock = _rewrite(self.path, "bringing it to this version's layout", set(), build)
+                self._lock.release()  # held on the replaced file
+                self._lock = lock
+                f = h5py.File(self.path, "r+", libver=LIBVER, locking=False)
             f.attrs.modify("status", fixed_text("incomplete", STATUS_LENGTH))
         except BaseException:
             f.close()
@@ -1758,18 +1791,55 @@ def _drop_stale_tail(f: h5py.File, name: str) -> None:
 
 
 def _rewrite_path(path: str) -> str:
-    """Where convert_to_ragged builds a store's new file: beside it, on its filesystem (a rename)."""
-    return path + ".ragged-rewrite"
+    """Where _rewrite builds a store's new file: beside it, on its filesystem (a rename)."""
+    return path + ".rewrite"
 
 
 def remove_stale_rewrite(path: str | os.PathLike) -> None:
-    """Removes the new file that a rewrite to ragged killed before its rename left beside the
-    store (the caller holds the store's lock, so no process is building it)."""
+    """Removes the new file that a rewrite killed before its rename left beside the store (the
+    caller holds the store's lock, so no process is building it)."""
     stale = _rewrite_path(os.path.realpath(os.fspath(path)))
     if os.path.exists(stale):
-        log.warning("store %s: removing %s, the unfinished rewrite to ragged of a stopped process (the store is as it "
-                    "was before it)", path, stale)
+        log.warning("store %s: removing %s, the unfinished rewrite of a stopped process (the store is as it was "
+                    "before it)", path, stale)
         os.remove(stale)
+
+
+def _rewrite(path: str, what: str, skip: set[str], build: Callable[[h5py.File, h5py.File], None]) -> "_WriterLock":
+    """Changes a store's structure safely against a kill: HDF5 writes a flush's metadata in
+    address order, so a structure changed in place can be left half written (replayed: 9 of 109
+    prefixes of an in-place rewrite to ragged did not open, 34 of 152 of an earlier version's
+    store brought to this layout at its resume). A new file beside the store (<path>.rewrite)
+    receives the store's attributes and every object but those in skip (HDF5's object copy:
+    chunks, filters, attributes), then build(store, new file) makes the changes; it is synced and
+    renamed over the store in one step. A kill before that leaves the store as it was (and the
+    new file, which the next rewrite or resume removes). The caller holds the store's lock and
+    has raised its end of allocation; the lock of the new file, now the store's, is returned.
+    what: the change, for the message when the disk cannot take the copy."""
+    real = os.path.realpath(path)  # a link to the store stays one: its target is replaced
+    new = _rewrite_path(real)
+    need = os.path.getsize(path)
+    room, where = room_left(new, 0)
+    if need > room:
+        raise StoreError(f"{path}: {what} writes a new copy of the store, about {human_bytes(need)}, but only "
+                         f"{human_bytes(room)} are {where}; make room, then resume")
+    lock = _WriterLock(new, create=True)
+    try:
+        h5py.File(new, "w", libver="earliest", locking=False).close()  # as StoreWriter._create makes it
+        with h5py.File(path, "r", locking=False) as src, h5py.File(new, "r+", libver=LIBVER, locking=False) as dst:
+            _copy_attrs(src, dst)
+            _copy_except(src, dst, skip)
+            build(src, dst)
+        os.fsync(lock.fd)  # the rows reach the disk before the name does
+        os.chmod(new, os.stat(path).st_mode & 0o7777)
+        os.replace(new, real)
+    except BaseException:
+        lock.release()
+        if os.path.exists(new):
+            os.remove(new)
+        raise
+    _sync_directory(real)
+    return lock
 
 
 def _copy_attrs(src: h5py.HLObject, dst: h5py.HLObject) -> None:
@@ -1840,15 +1910,9 @@ def convert_to_ragged(path: str | os.PathLike, names: Sequence[str], run: Mappin
     """Rewrites dense layers of a store as ragged, so that a resumed extraction can append rows
     of other token counts: each committed row (tokens, ...) becomes its tokens' rows. Rows past
     the last commit are dropped (a resume drops them too); counters and statistics are kept.
-    run: the run description to record in place of the old (the resumed run's options).
-
-    Changing a store's structure in place is not safe against a kill (HDF5 writes a flush's
-    metadata in address order: replayed, 9 of 109 prefixes of an in-place rewrite left a store
-    that did not open). So the converted store is built as a new file beside it
-    (<path>.ragged-rewrite: every other object copied, the converted layers written ragged),
-    synced, and renamed over the store in one step: a kill at any point leaves the store as it was
-    (and a partial new file, which the next rewrite or resume removes) or the converted store.
-    It needs room for a copy of the store (less the dense rows and the space the file had freed)."""
+    run: the run description to record in place of the old (the resumed run's options). The
+    store is written anew (_rewrite: a kill leaves it as it was, or converted), so the rewrite
+    needs room for a copy of it."""
     path = os.fspath(path)
     check_not_being_written(path)
     with open_store(path):  # validates it, with clear errors
@@ -1862,55 +1926,37 @@ def convert_to_ragged(path: str | os.PathLike, names: Sequence[str], run: Mappin
             with h5py.File(path, "r+", libver=LIBVER, locking=False) as f:
                 _finish_swap(f)
         remove_stale_rewrite(path)
-        real = os.path.realpath(path)  # a link to the store stays one: its target is replaced
-        new = _rewrite_path(real)
-        with h5py.File(path, "r", locking=False) as src:
-            if "parts" in src.attrs:
+        with h5py.File(path, "r", locking=False) as f:
+            if "parts" in f.attrs:
                 raise StoreError(f"{path} joins the part files of several ranks; their layers cannot be rewritten: "
                                  "extract again with --ragged")
-            rows = int(src.attrs["rows"])
-            recorded = json.loads(src.attrs["layers"])
+            rows = int(f.attrs["rows"])
+            recorded = json.loads(f.attrs["layers"])
             specs = {spec["name"]: spec for spec in recorded}
             for name in names:
                 spec = specs.get(name)
-                if name not in src["activations"] or spec is None:
+                if name not in f["activations"] or spec is None:
                     raise StoreError(f"{path} has no layer {name!r}; it has {sorted(specs)}")
                 if as_ragged(spec) is None:
                     raise StoreError(f"{path}: layer {name!r} has rows of shape {tuple(spec['row_shape'])}, not (tokens, "
                                      "features...): it cannot be stored ragged")
             todo = [name for name in dict.fromkeys(names) if not specs[name].get("ragged")]
-            if not todo and (run is None or json.loads(src.attrs["run"]) == json.loads(json.dumps(run, sort_keys=True, default=str))):
-                return
-            # the new file is made before the store is replaced: a disk that cannot take it fails here
-            need = os.path.getsize(path) + sum(8 * (rows + 1) for _ in todo)
-            room, what = room_left(new, 0)
-            if need > room:
-                raise StoreError(f"{path}: rewriting {', '.join(todo)} ragged writes a new copy of the store, about "
-                                 f"{human_bytes(need)}, but only {human_bytes(room)} are {what}; make room, then resume")
-            new_lock = _WriterLock(new, create=True)
-            try:
-                h5py.File(new, "w", libver="earliest", locking=False).close()  # as StoreWriter._create makes it
-                with h5py.File(new, "r+", libver=LIBVER, locking=False) as dst:
-                    _copy_attrs(src, dst)
-                    _copy_except(src, dst, {f"activations/{n}" for n in todo} | {f"{LAYER_TAIL}/{n}" for n in todo})
-                    for name in todo:  # the dense rows' tail goes with them; the ragged layer gets its own
-                        _write_ragged_copy(src, dst, name, specs[name], rows, block_bytes)
-                        log.info("store %s: layer %s rewritten ragged (%d rows of %d tokens)", path, name, rows,
-                                 specs[name]["row_shape"][0])
-                        specs[name] = as_ragged(specs[name])
-                    dst.attrs["layers"] = json.dumps([specs[s["name"]] for s in recorded])
-                    if run is not None:
-                        dst.attrs["run"] = json.dumps(run, sort_keys=True, default=str)
-                os.fsync(new_lock.fd)  # the rows reach the disk before the name does
-                os.chmod(new, os.stat(path).st_mode & 0o7777)
-                os.replace(new, real)  # the switch: one rename
-            except BaseException:
-                if os.path.exists(new):
-                    os.remove(new)
-                raise
-            finally:
-                new_lock.release()
-        _sync_directory(real)
+            recorded_run = json.loads(f.attrs["run"])
+        if not todo and (run is None or recorded_run == json.loads(json.dumps(run, sort_keys=True, default=str))):
+            return
+
+        def build(src: h5py.File, dst: h5py.File) -> None:
+            for name in todo:  # the dense rows' tail goes with them; the ragged layer gets its own
+                _write_ragged_copy(src, dst, name, specs[name], rows, block_bytes)
+                log.info("store %s: layer %s rewritten ragged (%d rows of %d tokens)", path, name, rows,
+                         specs[name]["row_shape"][0])
+                specs[name] = as_ragged(specs[name])
+            dst.attrs["layers"] = json.dumps([specs[s["name"]] for s in recorded])
+            if run is not None:
+                dst.attrs["run"] = json.dumps(run, sort_keys=True, default=str)
+
+        skip = {f"activations/{n}" for n in todo} | {f"{LAYER_TAIL}/{n}" for n in todo}
+        _rewrite(path, f"rewriting {', '.join(todo)} ragged", skip, build).release()
     finally:
         lock.release()
 

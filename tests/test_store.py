@@ -4,6 +4,7 @@ import dataclasses
 import io
 import json
 import os
+import pathlib
 import random
 import signal
 import subprocess
@@ -789,7 +790,7 @@ def test_a_rewrite_to_ragged_leaves_the_store_as_it_was_until_one_rename_and_its
     monkeypatch.setattr(os, "replace", replace)
     convert_to_ragged(path, ["encoder_blocks.1"])
     monkeypatch.setattr(os, "replace", real_replace)
-    assert renamed == [("s.h5.ragged-rewrite", True)] and os.listdir(tmp_path) == ["s.h5"]
+    assert renamed == [("s.h5.rewrite", True)] and os.listdir(tmp_path) == ["s.h5"]
     with open_store(path) as s:
         assert s.rows == 96 and s.layers["encoder_blocks.1"].layout == "ragged"
         assert b"".join(r.tobytes() for r in s.read("encoder_blocks.1")) == dense.tobytes()
@@ -811,7 +812,7 @@ def test_a_rewrite_to_ragged_leaves_the_store_as_it_was_until_one_rename_and_its
                             else s.read(n, 0, s.rows).tobytes() for n in s.layers}
 
     converted, writes = path.read_bytes(), []
-    (tmp_path / "s.h5.ragged-rewrite").write_bytes(b"what a conversion killed before its rename leaves")
+    (tmp_path / "s.h5.rewrite").write_bytes(b"what a conversion killed before its rename leaves")
     with monkeypatch.context() as m:
         m.setattr(h5py, "File", recording_opens(path, writes))
         resume(path)
@@ -824,6 +825,75 @@ def test_a_rewrite_to_ragged_leaves_the_store_as_it_was_until_one_rename_and_its
         assert (rows % COMMIT_ROWS == 0 or rows == 320) and all(expected[k].startswith(v) for k, v in got.items()), n
         resume(torn)
         assert contents(torn) == (320, expected), n
+
+
+@pytest.mark.parametrize("earlier", ["no tails", "commit layout"])
+def test_a_store_of_an_earlier_version_is_brought_to_this_layout_by_a_rewrite_and_its_resume_is_kill_safe(
+        tmp_path, monkeypatch, earlier):
+    """A resume gives a store of an earlier version the places this version's commits write in
+    place (tails, state slots, fixed-length strings): in place, a kill in those flushes left 20
+    of 146 (no tails) and 34 of 152 (the earlier commit layout) prefixes that did not open. It is
+    written anew instead (_rewrite), the store untouched until the rename, and every prefix of the
+    resume's writes on the new file opens with its committed rows and resumes to the same store."""
+    layers = [dataclasses.replace(layer, compression="lzf") for layer in LAYERS] if earlier == "no tails" else LAYERS
+    path = tmp_path / "s.h5"
+
+    def write(to, resume=False):
+        with StoreWriter(to, layers, TARGETS, commit_rows=COMMIT_ROWS, background=False, resume=resume) as w:
+            for i in range(w.committed // BATCH_ROWS, 10):
+                acts, targets, index = make_batch(i)
+                w.append(acts, targets=targets, index=index, skipped=[(10**6 + i, "OSError: x")] if i == 1 else [])
+
+    def contents(store_path):
+        with open_store(store_path, retries=0) as s:
+            return s.rows, {n: b"".join(r.tobytes() for r in s.read(n, 0, s.rows)) if s.layers[n].layout == "ragged"
+                            else s.read(n, 0, s.rows).tobytes() for n in s.layers}, s.skipped()
+
+    w = StoreWriter(path, layers, TARGETS, commit_rows=COMMIT_ROWS, background=False)
+    for i in range(7):
+        acts, targets, index = make_batch(i)
+        w.append(acts, targets=targets, index=index, skipped=[(10**6 + i, "OSError: x")] if i == 1 else [])
+    w._file.close()  # the process dies after the commit at 192 rows
+    w._lock.release()
+    with h5py.File(path, "r+") as f:  # as an earlier version left it
+        a, rows = f.attrs, int(f.attrs["rows"])
+        if earlier == "no tails":  # every committed row in the dataset
+            for name in list(f["layer_tail"]):
+                kept = marstore.store.committed_values(f, name, rows)[:]
+                values = marstore.store._values(f["activations"][name])
+                values.resize(kept.shape)
+                values[:] = kept
+            del f["layer_tail"]
+        else:  # state_at_row_N and skipped_at_row_N attributes, variable-length strings
+            for name in f["layer_state"]:
+                for slot in f["layer_state"][name][()]:
+                    f["activations"][name].attrs[f"state_at_row_{int(slot[0])}"] = slot[1:]
+            a["skipped_at_row_192"], a["skipped_at_row_96"] = 1, 1
+            a["status"], a["committed_at"] = "incomplete", "2026-01-01T00:00:00+00:00"
+            for key in ("layer_state", "outputs"):
+                del f[key]
+            del a["skipped_at"]
+    before, committed = path.read_bytes(), contents(path)
+    real_replace, renamed, writes = os.replace, [], []
+
+    def replace(src, dst):  # the store's bytes as they were until this one step
+        renamed.append((len(writes), path.read_bytes() == before, pathlib.Path(src).read_bytes()))
+        real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", replace)
+        m.setattr(h5py, "File", recording_opens(path, writes))
+        write(path, resume=True)
+    (opened, unchanged, rewritten), = renamed
+    rows, expected, skipped = contents(path)
+    assert unchanged and rows == 320 and skipped == committed[2] == [(10**6 + 1, "OSError: x")]
+    assert all(expected[k].startswith(v) for k, v in committed[1].items())
+    torn = tmp_path / "torn.h5"
+    for n in torn_files(writes[opened:], torn, rewritten):  # from the rename on (before it, the check rewrote equal bytes)
+        rows, got, _ = contents(torn)
+        assert rows in (192, 288, 320) and all(expected[k].startswith(v) for k, v in got.items()), n
+        write(torn, resume=True)
+        assert contents(torn)[:2] == (320, expected), n
 
 
 def test_complete_reaches_the_disk_only_after_the_final_row_count(tmp_path, monkeypatch):
