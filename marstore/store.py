@@ -204,16 +204,15 @@ def committed_values(file: h5py.File, name: str, rows: int) -> h5py.Dataset | Ta
     return TailedValues(values, start, stored, file, name, rows)
 
 
-def _new_tail(group: h5py.Group, values: h5py.Dataset, name: str | None = None) -> h5py.Dataset:
-    """A tail for the layer dataset `values` (LAYER_TAIL): contiguous, its space allocated now,
-    as every place a commit writes, and not written (the file holds a hole there until a commit
-    fills a slot); unlinked where name is None."""
+def _new_tail(group: h5py.Group, values: h5py.Dataset, name: str) -> h5py.Dataset:
+    """group/name, the tail of the layer dataset `values` (LAYER_TAIL): contiguous, its space
+    allocated now, as every place a commit writes, and not written (the file holds a hole there
+    until a commit fills a slot)."""
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
     dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
     space = h5py.h5s.create_simple((2, *values.chunks))
-    return h5py.Dataset(h5py.h5d.create(group.id, None if name is None else name.encode(), values.id.get_type(), space,
-                                        dcpl=dcpl))
+    return h5py.Dataset(h5py.h5d.create(group.id, name.encode(), values.id.get_type(), space, dcpl=dcpl))
 
 
 def _make_chunk_index(values: h5py.Dataset) -> None:
@@ -228,9 +227,9 @@ def _make_chunk_index(values: h5py.Dataset) -> None:
 
 
 def _add_tails(f: h5py.File, specs: Sequence[LayerSpec]) -> None:
-    """Gives each compressed layer of a store that lacks it (an earlier version's, or a layer just
-    rewritten ragged) its tail, holding the rows of its last part-filled chunk, before a writer
-    resumes it; the writer then drops that chunk from the dataset."""
+    """Gives each compressed layer of an earlier version's store its tail, holding the rows of its
+    last part-filled chunk, in the new file of the store's _rewrite before a writer resumes it;
+    the writer then drops that chunk from the dataset."""
     rows = int(f.attrs["rows"])
     for spec in specs:
         obj = f["activations"][spec.name]
@@ -238,11 +237,8 @@ def _add_tails(f: h5py.File, specs: Sequence[LayerSpec]) -> None:
         if values.compression is None or (LAYER_TAIL in f and spec.name in f[LAYER_TAIL]):
             continue
         start, stored = _stored_rows(obj, rows)
-        tail = _new_tail(f, values)
+        tail = _new_tail(f.require_group(LAYER_TAIL), values, spec.name)
         tail[_committed_slot(f, spec.name, rows), : stored - start] = values[start:stored]
-        f.flush()  # linked once on disk whole (see StoreWriter._new_output)
-        f.require_group(LAYER_TAIL)[spec.name] = tail
-        f.flush()
         log.info("store %s: layer %s given a tail for its part-filled chunk (module notes at LAYER_TAIL)", f.filename, spec.name)
 
 
@@ -613,9 +609,9 @@ def _lacking_commit_places(f: h5py.File, specs: Sequence[LayerSpec]) -> list[str
 
 
 def _add_commit_places(f: h5py.File, specs: Sequence[LayerSpec]) -> None:
-    """Gives a store of an earlier version, before a writer resumes it, the attributes and state
-    slots that commits now write in place, from what it recorded (one change of its structure,
-    flushed at once; the stores of this version have them from the start)."""
+    """Gives a store of an earlier version, in the new file of its _rewrite before a writer
+    resumes it, the attributes and state slots that commits now write in place, from what it
+    recorded (the stores of this version have them from the start)."""
     rows = int(f.attrs["rows"])
     added = []
     for spec in specs:
