@@ -929,51 +929,62 @@ class StoreWriter:
         h5py.File(self.path, "w", libver="earliest", locking=False).close()  # the file _WriterLock made
         f = h5py.File(self.path, "r+", libver=LIBVER, locking=False)
         try:
-            f.attrs.update(
-                {
-                    "format": FORMAT,
-                    "format_version": FORMAT_VERSION,
-                    "status": fixed_text("incomplete", STATUS_LENGTH),
-                    "rows": 0,
-                    "skipped": 0,
-                    "skipped_at": np.array([[0, 0], [-1, 0]], np.int64),
-                    "created": utc_now(),
-                    "committed_at": fixed_text(utc_now(), TIME_LENGTH),
-                    "marstore_version": __version__,
-                    "torch_version": str(torch.__version__),
-                    "h5py_version": h5py.version.version,
-                    "hdf5_version": h5py.version.hdf5_version,
-                    "run": json.dumps(metadata, sort_keys=True, default=str),
-                    "layers": json.dumps([s.__dict__ for s in self.layers_spec]),
-                    "targets": json.dumps([s.__dict__ for s in self.targets_spec]),
-                }
-            )
-            f.create_group("activations")
-            for spec in self.layers_spec:
-                _create_layer(f, spec, self.expected_rows)
-                zeros = np.zeros(layer_channels(spec))
-                _create_layer_state(f, spec, 0, _pack_state(0, 0, zeros, zeros, zeros))
-            tg = f.create_group("targets")
-            for spec in self.targets_spec:
-                itemsize = spec.storage_dtype.itemsize  # a string's: its 16-byte reference to the heap
-                rows = default_chunk_rows(spec.row_shape, itemsize, None, self.expected_rows)
-                tg.create_dataset(spec.name, shape=(0, *spec.row_shape), dtype=spec.storage_dtype,
-                                  chunks=(rows, *spec.row_shape), maxshape=(None, *spec.row_shape))
-            f.create_dataset("index", shape=(0,), dtype=np.int64, chunks=(_index_chunk(self.expected_rows),), maxshape=(None,))
-            _create_skipped_and_outputs(f)
-            f.flush()
-            log.info("store %s created: %d layers, %d targets", self.path, len(self.layers_spec), len(self.targets_spec))
+            self._fill(f, metadata)
         except BaseException:  # the caller removes the file; HDF5 must let go of it first
             f.close()
             raise
         return f
 
+    def _fill(self, f: h5py.File, metadata: Mapping[str, Any]) -> None:
+        """Makes the store's attributes and objects in the new, empty file f."""
+        f.attrs.update(
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "status": fixed_text("incomplete", STATUS_LENGTH),
+                "rows": 0,
+                "skipped": 0,
+                "skipped_at": np.array([[0, 0], [-1, 0]], np.int64),
+                "created": utc_now(),
+                "committed_at": fixed_text(utc_now(), TIME_LENGTH),
+                "marstore_version": __version__,
+                "torch_version": str(torch.__version__),
+                "h5py_version": h5py.version.version,
+                "hdf5_version": h5py.version.hdf5_version,
+                "run": json.dumps(metadata, sort_keys=True, default=str),
+                "layers": json.dumps([s.__dict__ for s in self.layers_spec]),
+                "targets": json.dumps([s.__dict__ for s in self.targets_spec]),
+            }
+        )
+        f.create_group("activations")
+        for spec in self.layers_spec:
+            _create_layer(f, spec, self.expected_rows)
+            zeros = np.zeros(layer_channels(spec))
+            _create_layer_state(f, spec, 0, _pack_state(0, 0, zeros, zeros, zeros))
+        tg = f.create_group("targets")
+        for spec in self.targets_spec:
+            itemsize = spec.storage_dtype.itemsize  # a string's: its 16-byte reference to the heap
+            rows = default_chunk_rows(spec.row_shape, itemsize, None, self.expected_rows)
+            tg.create_dataset(spec.name, shape=(0, *spec.row_shape), dtype=spec.storage_dtype,
+                              chunks=(rows, *spec.row_shape), maxshape=(None, *spec.row_shape))
+        f.create_dataset("index", shape=(0,), dtype=np.int64, chunks=(_index_chunk(self.expected_rows),), maxshape=(None,))
+        _create_skipped_and_outputs(f)
+        f.flush()
+        log.info("store %s created: %d layers, %d targets", self.path, len(self.layers_spec), len(self.targets_spec))
+
+    def _take_rewrite(self, lock: "_WriterLock") -> None:
+        """The lock of the file that _rewrite renamed over the store becomes this writer's."""
+        self._lock.release()  # held on the replaced file
+        self._lock = lock
+
     def _open_for_resume(self, metadata: Mapping[str, Any] | None) -> h5py.File:
         if _recorded_rows(self.path) == 0:
             # nothing to keep, and a writer killed in its first commit can have left the objects made
-            # for its first batch (the outputs' datasets) damaged: begun again (this writer holds its lock)
+            # for its first batch (the outputs' datasets) damaged: begun again, as a new file
             log.info("store %s has no committed rows: it is written again from the start", self.path)
-            return self._create(metadata or {})
+            remove_stale_rewrite(self.path)
+            self._take_rewrite(_rewrite(self.path, "writing it again", lambda dst: self._fill(dst, metadata or {})))
+            return h5py.File(self.path, "r+", libver=LIBVER, locking=False)
         store = open_store(self.path)  # validates the file first, with clear errors
         store.close()
         remove_stale_rewrite(self.path)
@@ -1000,13 +1011,12 @@ class StoreWriter:
                 log.info("store %s: written by an earlier version, it lacks %s; written anew with them before the "
                          "resume", self.path, ", ".join(lacking))
 
-                def build(src: h5py.File, dst: h5py.File) -> None:
+                def build(dst: h5py.File) -> None:
+                    _copy_store(self.path, dst, set()).close()
                     _add_commit_places(dst, self.layers_spec)
                     _add_tails(dst, self.layers_spec)
 
-                lock = _rewrite(self.path, "bringing it to this version's layout", set(), build)
-                self._lock.release()  # held on the replaced file
-                self._lock = lock
+                self._take_rewrite(_rewrite(self.path, "bringing it to this version's layout", build))
                 f = h5py.File(self.path, "r+", libver=LIBVER, locking=False)
             f.attrs.modify("status", fixed_text("incomplete", STATUS_LENGTH))
         except BaseException:
@@ -1801,14 +1811,13 @@ def remove_stale_rewrite(path: str | os.PathLike) -> None:
         os.remove(stale)
 
 
-def _rewrite(path: str, what: str, skip: set[str], build: Callable[[h5py.File, h5py.File], None]) -> "_WriterLock":
+def _rewrite(path: str, what: str, build: Callable[[h5py.File], None]) -> "_WriterLock":
     """Changes a store's structure safely against a kill: HDF5 writes a flush's metadata in
     address order, so a structure changed in place can be left half written (replayed: 9 of 109
     prefixes of an in-place rewrite to ragged did not open, 34 of 152 of an earlier version's
-    store brought to this layout at its resume). A new file beside the store (<path>.rewrite)
-    receives the store's attributes and every object but those in skip (HDF5's object copy:
-    chunks, filters, attributes), then build(store, new file) makes the changes; it is synced and
-    renamed over the store in one step. A kill before that leaves the store as it was (and the
+    store brought to this layout at its resume). build(new file) writes the changed store into a
+    new file beside it (<path>.rewrite; _copy_store copies what stays), which is synced and renamed
+    over the store in one step. A kill before that leaves the store as it was (and the
     new file, which the next rewrite or resume removes). The caller holds the store's lock and
     has raised its end of allocation; the lock of the new file, now the store's, is returned.
     what: the change, for the message when the disk cannot take the copy."""
@@ -1822,10 +1831,8 @@ def _rewrite(path: str, what: str, skip: set[str], build: Callable[[h5py.File, h
     lock = _WriterLock(new, create=True)
     try:
         h5py.File(new, "w", libver="earliest", locking=False).close()  # as StoreWriter._create makes it
-        with h5py.File(path, "r", locking=False) as src, h5py.File(new, "r+", libver=LIBVER, locking=False) as dst:
-            _copy_attrs(src, dst)
-            _copy_except(src, dst, skip)
-            build(src, dst)
+        with h5py.File(new, "r+", libver=LIBVER, locking=False) as dst:
+            build(dst)
         os.fsync(lock.fd)  # the rows reach the disk before the name does
         os.chmod(new, os.stat(path).st_mode & 0o7777)
         os.replace(new, real)
@@ -1836,6 +1843,19 @@ def _rewrite(path: str, what: str, skip: set[str], build: Callable[[h5py.File, h
         raise
     _sync_directory(real)
     return lock
+
+
+def _copy_store(path: str, dst: h5py.File, skip: set[str]) -> h5py.File:
+    """Copies the store at path into dst, its root attributes and every object but those in skip
+    (HDF5's object copy: chunks, filters, attributes); returns the store, open to read."""
+    src = h5py.File(path, "r", locking=False)
+    try:
+        _copy_attrs(src, dst)
+        _copy_except(src, dst, skip)
+    except BaseException:
+        src.close()
+        raise
+    return src
 
 
 def _copy_attrs(src: h5py.HLObject, dst: h5py.HLObject) -> None:
@@ -1941,18 +1961,20 @@ def convert_to_ragged(path: str | os.PathLike, names: Sequence[str], run: Mappin
         if not todo and (run is None or recorded_run == json.loads(json.dumps(run, sort_keys=True, default=str))):
             return
 
-        def build(src: h5py.File, dst: h5py.File) -> None:
-            for name in todo:  # the dense rows' tail goes with them; the ragged layer gets its own
-                _write_ragged_copy(src, dst, name, specs[name], rows, block_bytes)
-                log.info("store %s: layer %s rewritten ragged (%d rows of %d tokens)", path, name, rows,
-                         specs[name]["row_shape"][0])
-                specs[name] = as_ragged(specs[name])
+        def build(dst: h5py.File) -> None:
+            # the dense rows' tail goes with them; the ragged layer gets its own
+            skip = {f"activations/{n}" for n in todo} | {f"{LAYER_TAIL}/{n}" for n in todo}
+            with _copy_store(path, dst, skip) as src:
+                for name in todo:
+                    _write_ragged_copy(src, dst, name, specs[name], rows, block_bytes)
+                    log.info("store %s: layer %s rewritten ragged (%d rows of %d tokens)", path, name, rows,
+                             specs[name]["row_shape"][0])
+                    specs[name] = as_ragged(specs[name])
             dst.attrs["layers"] = json.dumps([specs[s["name"]] for s in recorded])
             if run is not None:
                 dst.attrs["run"] = json.dumps(run, sort_keys=True, default=str)
 
-        skip = {f"activations/{n}" for n in todo} | {f"{LAYER_TAIL}/{n}" for n in todo}
-        _rewrite(path, f"rewriting {', '.join(todo)} ragged", skip, build).release()
+        _rewrite(path, f"rewriting {', '.join(todo)} ragged", build).release()
     finally:
         lock.release()
 

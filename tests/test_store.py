@@ -896,6 +896,46 @@ def test_a_store_of_an_earlier_version_is_brought_to_this_layout_by_a_rewrite_an
         assert contents(torn)[:2] == (320, expected), n
 
 
+def test_a_store_with_no_committed_rows_is_begun_again_as_a_new_file(tmp_path, monkeypatch):
+    """A resume of a store killed before its first commit writes it again from the start. In place
+    (the file truncated and remade), a kill in that remaking left a file that was no store ("no
+    format='marstore' attribute") or did not open in 73 of 182 replayed prefixes of the resume's
+    writes, and the next resume had nothing to go on; as a new file renamed over it (_rewrite),
+    every prefix opens and resumes (107 here)."""
+    path = tmp_path / "s.h5"
+    w = StoreWriter(path, LAYERS, TARGETS, commit_rows=COMMIT_ROWS, background=False)
+    acts, targets, index = make_batch(0)
+    w.append(acts, targets=targets, index=index)  # 32 rows, none committed
+    w._file.close()  # the process dies
+    w._lock.release()
+    before, renamed, writes = path.read_bytes(), [], []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        renamed.append((len(writes), path.read_bytes() == before, pathlib.Path(src).read_bytes()))
+        real_replace(src, dst)
+
+    def resume(to):
+        with StoreWriter(to, LAYERS, TARGETS, commit_rows=COMMIT_ROWS, background=False, resume=True) as w:
+            for i in range(w.committed // BATCH_ROWS, 4):
+                acts, targets, index = make_batch(i)
+                w.append(acts, targets=targets, index=index)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", replace)
+        m.setattr(h5py, "File", recording_opens(path, writes))
+        resume(path)
+    (opened, unchanged, remade), = renamed
+    assert unchanged and opened == 0
+    assert_store_holds(path, 128)
+    torn = tmp_path / "torn.h5"
+    for n in torn_files(writes, torn, remade):
+        with open_store(torn, retries=0) as s:
+            assert s.rows in (0, 96, 128), n
+        resume(torn)
+        assert_store_holds(torn, 128)
+
+
 def test_complete_reaches_the_disk_only_after_the_final_row_count(tmp_path, monkeypatch):
     """The closing commit flushes 'complete' after the row count, in a flush of its own: a kill
     in the count's flush cannot leave a store that says complete over fewer rows."""

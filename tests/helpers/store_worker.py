@@ -6,6 +6,7 @@ Batch i is a pure function of i (make_batch), so any prefix of rows can be check
 """
 
 import argparse
+import gc
 import resource
 import signal
 import sys
@@ -57,6 +58,10 @@ def write(path: str, batches: int, resume: bool, sleep: float) -> None:
 
 
 def main() -> None:
+    # the kill tests time their kills against this worker's batches: a full collection of the
+    # heap that importing torch leaves (about 130 ms, when it falls in the first batches) would
+    # move the first commit past the kills' window
+    gc.freeze()
     parser = argparse.ArgumentParser()
     parser.add_argument("path")
     parser.add_argument("--resume", action="store_true")
