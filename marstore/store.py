@@ -747,6 +747,9 @@ class _RaisedEndView(io.RawIOBase):
         super().close()
 
 
+_VIEWED: set[str] = set()  # the stores open_for_reading has said it reads through the view
+
+
 def open_for_reading(path: str) -> h5py.File:
     """The store's file as marstore's readers open it: read only, HDF5's file locking off (a
     writer may be running). A store whose writer was killed inside a flush (no writer holds its
@@ -763,9 +766,6 @@ def open_for_reading(path: str) -> h5py.File:
                     "file's end), so it is read through a view that moves that end; resuming the extraction, or "
                     "`h5clear --increment %s`, mends the file", path, short[1] - short[0], path)
     return h5py.File(_RaisedEndView(path, short[1]), "r")
-
-
-_VIEWED: set[str] = set()
 
 
 def _create_skipped_and_outputs(f: h5py.File) -> None:
@@ -978,16 +978,15 @@ class StoreWriter:
         self._lock = lock
 
     def _open_for_resume(self, metadata: Mapping[str, Any] | None) -> h5py.File:
+        remove_stale_rewrite(self.path)
         if _recorded_rows(self.path) == 0:
             # nothing to keep, and a writer killed in its first commit can have left the objects made
             # for its first batch (the outputs' datasets) damaged: begun again, as a new file
             log.info("store %s has no committed rows: it is written again from the start", self.path)
-            remove_stale_rewrite(self.path)
             self._take_rewrite(_rewrite(self.path, "writing it again", lambda dst: self._fill(dst, metadata or {})))
             return h5py.File(self.path, "r+", libver=LIBVER, locking=False)
         store = open_store(self.path)  # validates the file first, with clear errors
         store.close()
-        remove_stale_rewrite(self.path)
         _raise_end_of_allocation(self.path)
         f = h5py.File(self.path, "r+", libver=LIBVER, locking=False)
         try:
