@@ -768,6 +768,18 @@ def open_for_reading(path: str) -> h5py.File:
     return h5py.File(_RaisedEndView(path, short[1]), "r")
 
 
+def _new_store_file(path: str) -> h5py.File:
+    """The empty file at path (made by _WriterLock), opened to write a store into it. Made in the
+    earliest format, whose superblock (version 0) a reopened file keeps, then reopened to make its
+    objects in LIBVER's: a version 3 superblock would mark the file open for writing, and HDF5
+    refuses readers of such a file, and any open of a killed writer's file until h5clear repairs
+    it. Closing the first open at once also spends the flush that ext4 (its auto_da_alloc
+    heuristic) makes at the close after an O_TRUNC on an empty file, not on the store's final
+    close (0.07-0.13 s per 268 MB written)."""
+    h5py.File(path, "w", libver="earliest", locking=False).close()
+    return h5py.File(path, "r+", libver=LIBVER, locking=False)
+
+
 def _create_skipped_and_outputs(f: h5py.File) -> None:
     """/skipped and /outputs with its row_start, empty, where they are not yet (made before any
     commit: only the outputs' own datasets are made later, when the first batch names them)."""
@@ -920,14 +932,7 @@ class StoreWriter:
 
     # ---- creating and reopening -------------------------------------------------------
     def _create(self, metadata: Mapping[str, Any]) -> h5py.File:
-        # Made in the earliest format, whose superblock (version 0) a reopened file keeps, then
-        # reopened to make its objects in LIBVER's: a version 3 superblock would mark the file
-        # open for writing, and HDF5 refuses readers of such a file, and any open of a killed
-        # writer's file until h5clear repairs it. Closing the first open at once also spends the
-        # flush that ext4 (its auto_da_alloc heuristic) makes at the close after an O_TRUNC on
-        # an empty file, not on the store's final close (0.07-0.13 s per 268 MB written).
-        h5py.File(self.path, "w", libver="earliest", locking=False).close()  # the file _WriterLock made
-        f = h5py.File(self.path, "r+", libver=LIBVER, locking=False)
+        f = _new_store_file(self.path)  # the file _WriterLock made
         try:
             self._fill(f, metadata)
         except BaseException:  # the caller removes the file; HDF5 must let go of it first
@@ -1817,8 +1822,9 @@ def _rewrite(path: str, what: str, build: Callable[[h5py.File], None]) -> "_Writ
     store brought to this layout at its resume). build(new file) writes the changed store into a
     new file beside it (<path>.rewrite; _copy_store copies what stays), which is synced and renamed
     over the store in one step. A kill before that leaves the store as it was (and the
-    new file, which the next rewrite or resume removes). The caller holds the store's lock and
-    has raised its end of allocation; the lock of the new file, now the store's, is returned.
+    new file, which the next rewrite or resume removes). The caller holds the store's lock and,
+    where build reads the store, has raised its end of allocation; the lock of the new file, now
+    the store's, is returned.
     what: the change, for the message when the disk cannot take the copy."""
     real = os.path.realpath(path)  # a link to the store stays one: its target is replaced
     new = _rewrite_path(real)
@@ -1829,8 +1835,7 @@ def _rewrite(path: str, what: str, build: Callable[[h5py.File], None]) -> "_Writ
                          f"{human_bytes(room)} are {where}; make room, then resume")
     lock = _WriterLock(new, create=True)
     try:
-        h5py.File(new, "w", libver="earliest", locking=False).close()  # as StoreWriter._create makes it
-        with h5py.File(new, "r+", libver=LIBVER, locking=False) as dst:
+        with _new_store_file(new) as dst:
             build(dst)
         os.fsync(lock.fd)  # the rows reach the disk before the name does
         os.chmod(new, os.stat(path).st_mode & 0o7777)

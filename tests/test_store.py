@@ -639,6 +639,12 @@ def recording_opens(path, writes, flushes=None):
     return open_file
 
 
+def committed_layer_bytes(store):
+    """Each layer's committed rows as bytes (a ragged layer's samples one after another)."""
+    return {n: b"".join(r.tobytes() for r in store.read(n, 0, store.rows)) if store.layers[n].layout == "ragged"
+            else store.read(n, 0, store.rows).tobytes() for n in store.layers}
+
+
 def torn_files(writes, torn, image=b""):
     """Writes each prefix of writes, applied to the file image, to the path torn, in turn, and
     yields the number of writes it holds: the files a kill at each write leaves."""
@@ -808,8 +814,7 @@ def test_a_rewrite_to_ragged_leaves_the_store_as_it_was_until_one_rename_and_its
 
     def contents(store_path):
         with open_store(store_path, retries=0) as s:
-            return s.rows, {n: b"".join(r.tobytes() for r in s.read(n, 0, s.rows)) if s.layers[n].layout == "ragged"
-                            else s.read(n, 0, s.rows).tobytes() for n in s.layers}
+            return s.rows, committed_layer_bytes(s)
 
     converted, writes = path.read_bytes(), []
     (tmp_path / "s.h5.rewrite").write_bytes(b"what a conversion killed before its rename leaves")
@@ -846,8 +851,7 @@ def test_a_store_of_an_earlier_version_is_brought_to_this_layout_by_a_rewrite_an
 
     def contents(store_path):
         with open_store(store_path, retries=0) as s:
-            return s.rows, {n: b"".join(r.tobytes() for r in s.read(n, 0, s.rows)) if s.layers[n].layout == "ragged"
-                            else s.read(n, 0, s.rows).tobytes() for n in s.layers}, s.skipped()
+            return s.rows, committed_layer_bytes(s), s.skipped()
 
     w = StoreWriter(path, layers, TARGETS, commit_rows=COMMIT_ROWS, background=False)
     for i in range(7):
