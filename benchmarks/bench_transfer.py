@@ -110,7 +110,8 @@ def run(quick: bool) -> dict:
         "single_ge_4MB_alloc_vs_copy_min": min(r["seconds"]["copy_"] / r["seconds"]["alloc"] for r in big),
         "multi_alloc_vs_copy_loop": multi["copy_loop"] / multi["alloc"],
     }
-    return {"device": machine(), "backend": ops.backend(), "quick": quick, "single": rows, "multi_24x256KB": multi,
+    kernels = ops._C.cpu_kernels() if ops._C is not None else None
+    return {"device": machine(), "backend": ops.backend(), "cpu_kernels": kernels, "quick": quick, "single": rows, "multi_24x256KB": multi,
             "multi_24x256KB_back_to_back": tight, "ratios": ratios}
 
 
@@ -127,10 +128,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats (about 1 minute on 2 cores)")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--cpu-kernels", help="time a lesser CPU kernel set of marstore._C (e.g. avx2 where the best "
+                                              "is avx512), for A/B runs")
     args = parser.parse_args()
+    if args.cpu_kernels:
+        if ops._C is None:
+            parser.error(f"--cpu-kernels needs marstore._C, which is not in use: {ops.EXTENSION_STATUS}")
+        ops._C.set_cpu_kernels(args.cpu_kernels)
     result = run(args.quick)
     modes = torch.cuda.is_available()
-    print(f"device: {result['device']} (operators: {result['backend']})")
+    print(f"device: {result['device']} (operators: {result['backend']}, CPU kernels: {result['cpu_kernels']})")
     head = f"{'size':>8} {'marstore':>9} {'alloc':>8} {'copy_':>8} {'users':>8} {'limit':>8}" + (f" {'direct':>8} {'staged':>8}" if modes else "") + "   GB/s of source bytes"
     print(head)
     for r in result["single"]:

@@ -1,6 +1,7 @@
-// x86 vector loads shared by the CPU kernels: eight values of any supported dtype as eight
-// float32 lanes. The kernels that use them are compiled for AVX2/F16C by attribute and
-// chosen at run time, so the rest of the library still runs on any x86-64 processor.
+// x86 vector loads shared by the CPU kernels: eight (AVX2) or sixteen (AVX-512) values of any
+// supported dtype as float32 lanes. The kernels that use them are compiled for AVX2/F16C or
+// AVX-512 by attribute and chosen at run time, so the rest of the library still runs on any
+// x86-64 processor.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -10,6 +11,7 @@
 #include <immintrin.h>
 #define MARSTORE_X86 1
 #define MARSTORE_AVX2 __attribute__((target("avx2,f16c")))
+#define MARSTORE_AVX512 __attribute__((target("avx512f,avx2,f16c")))
 
 namespace marstore {
 
@@ -23,6 +25,19 @@ MARSTORE_AVX2 inline __m256 load8(const c10::BFloat16* p) {
 
 MARSTORE_AVX2 inline __m256 load8(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// The AVX-512 code uses the zero-masking forms with every lane kept: they compile to the same
+// instructions, where the plain forms' undefined pass-through register makes GCC 12 warn
+// (a false positive, GCC bug 105593).
+constexpr __mmask16 kAllLanes = 0xffff;
+
+MARSTORE_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+
+MARSTORE_AVX512 inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(
+      _mm512_maskz_slli_epi32(kAllLanes, _mm512_maskz_cvtepu16_epi32(kAllLanes, b), 16));
 }
 
 }  // namespace marstore

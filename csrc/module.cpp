@@ -9,7 +9,9 @@
 #include <torch/extension.h>
 
 namespace marstore {
-bool cpu_has_f16c();
+std::string cpu_kernels();
+std::vector<std::string> cpu_kernels_available();
+void set_cpu_kernels(const std::string& name);
 
 namespace {
 
@@ -97,8 +99,13 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
-  m.def("cpu_has_f16c", &marstore::cpu_has_f16c,
-        "Whether the CPU kernels use the AVX2/F16C path on this processor");
+  m.def("cpu_kernels", &marstore::cpu_kernels,
+        "The kernel set the CPU float16 conversions use: 'avx512', 'avx2' (with F16C) or 'scalar'");
+  m.def("cpu_kernels_available", &marstore::cpu_kernels_available,
+        "The kernel sets this processor runs, best last");
+  m.def("set_cpu_kernels", &marstore::set_cpu_kernels,
+        "Makes the CPU conversions use a lesser kernel set (tests, benchmarks); all give the same bytes",
+        py::arg("name"));
   m.def("cast_copy", &marstore::cast_copy, "torch.ops.marstore.cast_copy without Python dispatch",
         py::arg("src"), py::arg("dst"), py::arg("mode") = 0);
   m.def("cast_copy_many", &marstore::cast_copy_many,

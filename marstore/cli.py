@@ -22,7 +22,7 @@ def _doctor(args: argparse.Namespace) -> int:
     ]
     if ext is not None:
         rows.append(("compiled with CUDA", "yes" if ext.with_cuda else "no"))
-        rows.append(("CPU kernels", "AVX2+F16C" if ext.cpu_has_f16c() else "scalar"))
+        rows.append(("CPU kernels", f"{ext.cpu_kernels()} (this processor runs: {', '.join(ext.cpu_kernels_available())})"))
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             rows.append((f"GPU {i}", torch.cuda.get_device_name(i)))

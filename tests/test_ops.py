@@ -75,7 +75,7 @@ def expected_counts(src: torch.Tensor, dst_dtype: torch.dtype) -> list[int]:
 
 @pytest.mark.parametrize("src_dtype,dst_dtype", PAIRS)
 @pytest.mark.parametrize("kind", ["special", "random"])
-def test_single_matches_torch_bytes_and_counts(backend, src_dtype, dst_dtype, kind):
+def test_single_matches_torch_bytes_and_counts(cpu_backend, src_dtype, dst_dtype, kind):
     src = special_values(src_dtype) if kind == "special" else random_values(src_dtype, 100_003)
     dst = torch.full(src.shape, 7, dtype=dst_dtype)
     counts = ops.cast_copy(src, dst)
@@ -83,7 +83,7 @@ def test_single_matches_torch_bytes_and_counts(backend, src_dtype, dst_dtype, ki
     assert counts.dtype == torch.int64 and counts.tolist() == expected_counts(src, dst_dtype)
 
 
-def test_counts_of_known_values(backend):
+def test_counts_of_known_values(cpu_backend):
     src = torch.tensor([1.0, float("nan"), float("inf"), -float("inf"), 65519.0, 65520.0, -7e4, 3e38])
     counts = ops.cast_copy(src, torch.empty(8, dtype=torch.float16))
     assert counts.tolist() == [3, 3]
@@ -103,7 +103,7 @@ def test_counts_of_known_values(backend):
     ids=["transposed", "sliced", "expanded", "empty", "permuted"],
 )
 @pytest.mark.parametrize("src_dtype", [torch.float32, torch.bfloat16])
-def test_non_contiguous_sources(backend, make, src_dtype):
+def test_non_contiguous_sources(cpu_backend, make, src_dtype):
     src = make(random_values(src_dtype, 64 * 96, seed=3))
     dst = torch.empty(src.shape, dtype=torch.float16)
     counts = ops.cast_copy(src, dst)
@@ -112,7 +112,7 @@ def test_non_contiguous_sources(backend, make, src_dtype):
 
 
 @pytest.mark.parametrize("src_dtype", [torch.float32, torch.bfloat16])
-def test_large_tensor_uses_every_path(backend, src_dtype):
+def test_large_tensor_uses_every_path(cpu_backend, src_dtype):
     # Past the streaming-store (and source prefetch) threshold, with an odd length and an unaligned start.
     src = random_values(src_dtype, 5_000_011, seed=5)[1:]
     src[123] = float("nan")
@@ -124,7 +124,7 @@ def test_large_tensor_uses_every_path(backend, src_dtype):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_work_split_does_not_change_bytes_or_counts(backend, threads):
+def test_work_split_does_not_change_bytes_or_counts(cpu_backend, threads):
     # The CPU pass cuts the sources, end to end, into one part per thread, splitting a source
     # where a part ends; the counts of every piece must add up.
     srcs = [
@@ -148,6 +148,24 @@ def test_work_split_does_not_change_bytes_or_counts(backend, threads):
     assert counts.tolist() == [expected_counts(s, torch.float16) for s in srcs]
 
 
+def test_cpu_kernel_sets_are_chosen_by_name_and_refused_where_not_run():
+    if ops._C is None:
+        pytest.skip("extension not built")
+    available = ops._C.cpu_kernels_available()
+    assert available[0] == "scalar" and set(available) <= {"scalar", "avx2", "avx512"}
+    assert ops._C.cpu_kernels() == available[-1]  # the best, unless a test chose another
+    try:
+        for name in reversed(available):  # scalar last
+            ops._C.set_cpu_kernels(name)
+            assert ops._C.cpu_kernels() == name
+        with pytest.raises(ValueError, match=re.escape(
+                f"set_cpu_kernels: 'avx9' is not a kernel set this processor runs; it runs {', '.join(available)}")):
+            ops._C.set_cpu_kernels("avx9")
+        assert ops._C.cpu_kernels() == available[0]  # a refused name changes nothing
+    finally:
+        ops._C.set_cpu_kernels(available[-1])
+
+
 def test_direct_entries_match_the_registered_operators():
     if ops._C is None:
         pytest.skip("extension not built")
@@ -161,7 +179,7 @@ def test_direct_entries_match_the_registered_operators():
     assert not direct.requires_grad
 
 
-def test_counts_into_a_kept_tensor(backend):
+def test_counts_into_a_kept_tensor(cpu_backend):
     # The ring's form: the counts land in a tensor the caller keeps, overwritten every call.
     srcs = [torch.tensor([1.0, float("nan"), 7e4]), torch.tensor([float("-inf"), 2.0])]
     counts = torch.full((2, 2), -9, dtype=torch.int64)
@@ -174,7 +192,7 @@ def test_counts_into_a_kept_tensor(backend):
     assert ops.cast_copy(srcs[0], dst[:3], counts=one) is one and one.tolist() == [1, 1]
 
 
-def test_many_fills_regions_and_leaves_gaps(backend):
+def test_many_fills_regions_and_leaves_gaps(cpu_backend):
     srcs = [
         random_values(torch.float32, 1000, 1),
         random_values(torch.bfloat16, 17, 2).view(17, 1),
@@ -195,7 +213,7 @@ def test_many_fills_regions_and_leaves_gaps(backend):
     assert counts.tolist() == [expected_counts(s, torch.float16) for s in srcs]
 
 
-def test_many_with_48_plus_tensors(backend):
+def test_many_with_48_plus_tensors(cpu_backend):
     srcs = [random_values(torch.float32, 256 + i, seed=i) for i in range(60)]
     offsets, total = ops.aligned_offsets(srcs, torch.float16)
     dst = torch.empty(total, dtype=torch.float16)
@@ -421,3 +439,5 @@ def test_doctor_says_what_it_found_and_exits_non_zero_without_the_extension(disa
         assert p.stdout.splitlines()[-1] == "NOT OK: the extension is not usable (see above)"
     else:
         assert (p.returncode, rows["marstore._C"], p.stdout.splitlines()[-1]) == (0, f"loaded, built for torch {torch.__version__}", "ok")
+        available = ops._C.cpu_kernels_available()
+        assert rows["CPU kernels"] == f"{available[-1]} (this processor runs: {', '.join(available)})"

@@ -18,7 +18,7 @@ def batch(seed: int, device="cpu") -> dict[str, torch.Tensor]:
     }
 
 
-def test_ring_copies_exact_bytes_and_counts(backend):
+def test_ring_copies_exact_bytes_and_counts(cpu_backend):
     with TransferRing(num_slots=2, device="cpu") as ring:
         src = batch(0)
         src["decoder_norm"][1, 3] = float("inf")
@@ -58,7 +58,7 @@ def test_per_layer_destination_dtypes():
         assert as_bytes(out["encoder_blocks.0"]) == as_bytes(src["encoder_blocks.0"].half())
 
 
-def test_counts_by_name_across_dtype_groups_and_batches(backend):
+def test_counts_by_name_across_dtype_groups_and_batches(cpu_backend):
     # Rows of the kept counts tensor follow the dtype groups, not the order of the batch.
     with TransferRing(num_slots=1, device="cpu") as ring:
         for bad in (1, 3):
