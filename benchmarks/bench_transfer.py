@@ -36,7 +36,8 @@ KB, MB = 1 << 10, 1 << 20
 def measure_size(size: int, device: str, cuda: bool, quick: bool) -> dict:
     """One size: the same source and destinations through every way, in interleaved rounds."""
     n = size // 4
-    repeats = 7 if size >= 64 * MB else (25 if quick else 60)
+    # Sizes to 16 MB take well under a millisecond a call: many rounds make their medians steady.
+    repeats = 7 if size >= 64 * MB else 200
     src = torch.randn(n, device=device)
     src16 = src.half()
     dst = torch.empty(n, dtype=torch.float16, pin_memory=cuda)
