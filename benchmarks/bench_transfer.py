@@ -1,6 +1,6 @@
 """Cast-copy throughput: marstore's operator against torch's own ways, side by side.
 
-    python benchmarks/bench_transfer.py [--quick] [--json PATH]
+    python benchmarks/bench_transfer.py [--quick] [--json PATH] [--cpu-kernels avx2]
 
 For each size (source float32 bytes), the same source and preallocated destination go through:
   marstore   ops.cast_copy(src, dst, counts=c)    (the fused cast + copy, counts into a kept
@@ -14,7 +14,8 @@ faster. The multi-tensor case copies 24 tensors of 256 KB: one cast_copy_many ag
 copy_ into the same regions, timed both among the other contenders and back to back (each way
 called repeatedly with nothing between its calls), there beside its limit: multi_limit_vs_copy_loop
 is the most that multi_vs_copy_loop could be on the machine, for a way as fast as a plain copy. On a GPU, the direct-write and staged modes are timed as well.
-The contenders run in a shuffled order every round (benchmarks/common.py says why).
+The contenders run in a shuffled order every round (benchmarks/common.py says why). On the CPU,
+--cpu-kernels times a lesser kernel set of marstore._C than the best one the processor runs.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def back_to_back(fns: dict, repeats: int, cuda: bool, blocks: int = 4) -> dict[s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats (about 1 minute on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="fewer sizes (64 KB to 64 MB) and fewer rounds of the multi-tensor case")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--cpu-kernels", help="time a lesser CPU kernel set of marstore._C (e.g. avx2 where the best "
                                               "is avx512), for A/B runs")
@@ -135,7 +136,10 @@ def main() -> None:
     if args.cpu_kernels:
         if ops._C is None:
             parser.error(f"--cpu-kernels needs marstore._C, which is not in use: {ops.EXTENSION_STATUS}")
-        ops._C.set_cpu_kernels(args.cpu_kernels)
+        try:
+            ops._C.set_cpu_kernels(args.cpu_kernels)
+        except ValueError as exc:
+            parser.error(f"--cpu-kernels: {exc}")
     result = run(args.quick)
     modes = torch.cuda.is_available()
     print(f"device: {result['device']} (operators: {result['backend']}, CPU kernels: {result['cpu_kernels']})")
