@@ -125,8 +125,8 @@ def test_large_tensor_uses_every_path(cpu_backend, src_dtype):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_work_split_does_not_change_bytes_or_counts(cpu_backend, threads):
-    # The CPU pass cuts the sources, end to end, into one part per thread, splitting a source
-    # where a part ends; the counts of every piece must add up.
+    # The CPU pass cuts the sources, end to end, into one share per thread, splitting a source
+    # where a share ends, and each share into halving items; the counts of every item must add up.
     srcs = [
         random_values(torch.float32, 70_001, seed=9),
         torch.empty(0),
