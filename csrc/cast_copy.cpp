@@ -8,6 +8,7 @@
 
 #include <ATen/Parallel.h>
 #include <c10/util/SmallVector.h>
+#include <c10/util/StringUtil.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -438,12 +439,8 @@ std::vector<std::string> cpu_kernels_available() {
 void set_cpu_kernels(const std::string& name) {
   const auto available = cpu_kernels_available();
   const auto found = std::find(available.begin(), available.end(), name);
-  if (found == available.end()) {
-    std::string names;
-    for (const auto& a : available) names += (names.empty() ? "" : ", ") + a;
-    TORCH_CHECK_VALUE(false, "set_cpu_kernels: '", name, "' is not a kernel set this processor runs; it runs ",
-                names);
-  }
+  TORCH_CHECK_VALUE(found != available.end(), "set_cpu_kernels: '", name,
+                    "' is not a kernel set this processor runs; it runs ", c10::Join(", ", available));
   kernels_in_use.store(static_cast<Kernels>(found - available.begin()));
 }
 
