@@ -226,6 +226,16 @@ def _make_chunk_index(values: h5py.Dataset) -> None:
     values.resize((0, *row_shape))
 
 
+def _lacks_tail(f: h5py.File, name: str, values: h5py.Dataset) -> bool:
+    """Whether the compressed layer dataset `values` has no tail (an earlier version's store)."""
+    return values.compression is not None and (LAYER_TAIL not in f or name not in f[LAYER_TAIL])
+
+
+def _lacks_state_slots(f: h5py.File, name: str) -> bool:
+    """Whether layer `name` has no /layer_state slots (an earlier version's store)."""
+    return LAYER_STATE not in f or name not in f[LAYER_STATE]
+
+
 def _add_tails(f: h5py.File, specs: Sequence[LayerSpec]) -> None:
     """Gives each compressed layer of an earlier version's store its tail, holding the rows of its
     last part-filled chunk, in the new file of the store's _rewrite before a writer resumes it;
@@ -234,7 +244,7 @@ def _add_tails(f: h5py.File, specs: Sequence[LayerSpec]) -> None:
     for spec in specs:
         obj = f["activations"][spec.name]
         values = _values(obj)
-        if values.compression is None or (LAYER_TAIL in f and spec.name in f[LAYER_TAIL]):
+        if not _lacks_tail(f, spec.name, values):
             continue
         start, stored = _stored_rows(obj, rows)
         tail = _new_tail(f.require_group(LAYER_TAIL), values, spec.name)
@@ -593,11 +603,11 @@ def _lacking_commit_places(f: h5py.File, specs: Sequence[LayerSpec]) -> list[str
     lacking = []
     for spec in specs:
         obj = f["activations"][spec.name]
-        if LAYER_STATE not in f or spec.name not in f[LAYER_STATE]:
+        if _lacks_state_slots(f, spec.name):
             lacking.append(f"/{LAYER_STATE}/{spec.name}")
         if any(key not in obj.attrs for key in _stats_attrs(1)) or any(k.startswith(STATE_PREFIX) for k in obj.attrs):
             lacking.append(f"the statistics attributes of {spec.name}")
-        if _values(obj).compression is not None and (LAYER_TAIL not in f or spec.name not in f[LAYER_TAIL]):
+        if _lacks_tail(f, spec.name, _values(obj)):
             lacking.append(f"/{LAYER_TAIL}/{spec.name}")
     lacking += [f"a fixed-length {key}" for key in ("status", "committed_at")
                 if h5py.check_string_dtype(f.attrs.get_id(key).dtype).length is None]
@@ -616,7 +626,7 @@ def _add_commit_places(f: h5py.File, specs: Sequence[LayerSpec]) -> None:
     added = []
     for spec in specs:
         a = f["activations"][spec.name].attrs
-        if LAYER_STATE not in f or spec.name not in f[LAYER_STATE]:
+        if _lacks_state_slots(f, spec.name):
             # where there is no state_at_row_N either, the attributes hold the committed rows' state
             state = committed_layer_state(f, spec.name, a, rows) or {
                 "nonfinite": a["nonfinite"], "overflow": a["overflow"],
