@@ -135,8 +135,7 @@ def _checkpoint_info(args: argparse.Namespace, ckpt: object) -> int:
     import json
 
     from marstore.loading import CONFIG_KEYS, checkpoint_bytes, describe_checkpoint
-    from marstore.report import text_table
-    from marstore.store import human_bytes
+    from marstore.report import human_bytes, text_table
 
     info = {"path": args.store, "bytes": checkpoint_bytes(args.store), "trusted": args.trust_checkpoint,
             **describe_checkpoint(ckpt)}

@@ -1,5 +1,5 @@
 """Report helpers shared by the commands that print and write results: terminal and Markdown
-tables, and heatmaps (probe reports, target summaries, layer similarity, dry runs)."""
+tables, byte sizes, and heatmaps (probe reports, target summaries, layer similarity, dry runs)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,15 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     """A Markdown table's lines: the first column left-aligned, the figures right-aligned."""
     return ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1),
             *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def human_bytes(nbytes: float) -> str:
+    """'512 bytes', '1.5 KiB', '2.0 GiB'."""
+    units = ["bytes", "KiB", "MiB", "GiB", "TiB"]
+    step = 0
+    while abs(nbytes) >= 1024 and step < len(units) - 1:
+        nbytes, step = nbytes / 1024, step + 1
+    return f"{nbytes:.0f} bytes" if step == 0 else f"{nbytes:.1f} {units[step]}"
 
 
 def heatmap(path: str, values: np.ndarray, rows: Sequence[str], columns: Sequence[str] | None, *, label: str, title: str,

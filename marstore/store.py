@@ -42,6 +42,7 @@ import torch
 
 from marstore import __version__, ops
 from marstore.errors import MarstoreError
+from marstore.report import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -1631,15 +1632,6 @@ def rows_equal(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     to NaN): two stores' targets for samples matched by source index."""
     same = (a == b) | ((a != a) & (b != b)) if a.dtype.kind == "f" and b.dtype.kind == "f" else a == b
     return np.asarray(same).reshape(len(a), -1).all(1)
-
-
-def human_bytes(nbytes: float) -> str:
-    """'512 bytes', '1.5 KiB', '2.0 GiB'."""
-    units = ["bytes", "KiB", "MiB", "GiB", "TiB"]
-    step = 0
-    while abs(nbytes) >= 1024 and step < len(units) - 1:
-        nbytes, step = nbytes / 1024, step + 1
-    return f"{nbytes:.0f} bytes" if step == 0 else f"{nbytes:.1f} {units[step]}"
 
 
 def room_left(path: str, file_size: int) -> tuple[int, str]:

@@ -26,6 +26,7 @@ from typing import Mapping
 import torch
 
 from marstore import ops
+from marstore.report import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ class TransferRing:
         slot_bytes = -(-int(slot_bytes) // _ALIGN) * _ALIGN
         self._slots = [Slot(self, i, slot_bytes, self.pin_memory) for i in range(self.num_slots)]
         self._free = list(reversed(self._slots))
-        log.info("transfer ring: %d slots of %.1f MiB (%s memory)", self.num_slots, slot_bytes / 2**20,
+        log.info("transfer ring: %d slots of %s (%s memory)", self.num_slots, human_bytes(slot_bytes),
                  "pinned" if self.pin_memory else "pageable")
 
     def reserve(self, slot_bytes: int) -> None:

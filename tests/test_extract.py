@@ -36,7 +36,8 @@ from marstore.extract import ExtractError, ExtractOptions, Interrupted, _duratio
 from marstore.loading import CheckpointError, build_model, file_digest, find_config, find_state_dict, load_weights, read_checkpoint, to_plain
 from marstore.models.video_mar import VideoActionMAR
 from marstore.models import LAYOUTS, policy_forward, save_checkpoint, synthetic_video_actions, video_mar
-from marstore.store import LayerSpec, StoreError, StoreWriter, human_bytes, open_store
+from marstore.report import human_bytes
+from marstore.store import LayerSpec, StoreError, StoreWriter, open_store
 
 CONFIG = {"task_name": "t", "shape_meta": {"action": {"shape": [2]}, "horizon": 16}, "embed_dim": 32,
           "depth": 2, "decoder_depth": 2, "num_heads": 2}
@@ -3815,8 +3816,6 @@ def test_a_run_the_disk_cannot_take_is_refused_before_the_store_is_made(tmp_path
 
 
 def test_sizes_read_as_people_write_them():
-    from marstore.store import human_bytes
-
     assert [human_bytes(n) for n in (0, 1023, 1024, 1536 << 20, 3 << 40, 5 << 50)] == [
         "0 bytes", "1023 bytes", "1.0 KiB", "1.5 GiB", "3.0 TiB", "5120.0 TiB"]
 

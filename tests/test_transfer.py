@@ -33,12 +33,14 @@ def test_ring_copies_exact_bytes_and_counts(cpu_backend):
         slot.release()
 
 
-def test_ring_sizes_slots_from_first_batch_and_reuses_them():
+def test_ring_sizes_slots_from_first_batch_and_reuses_them(caplog):
     ring = TransferRing(num_slots=2, device="cpu")
     assert ring.slot_bytes is None
-    first = ring.submit(batch(0))
+    with caplog.at_level("INFO", logger="marstore.transfer"):
+        first = ring.submit(batch(0))
     # 4*33*8 float16 = 2112 bytes -> 2112 (aligned to 64), 4*16 -> 128: 2240 bytes in all
     assert ring.slot_bytes == 2240
+    assert "transfer ring: 2 slots of 2.2 KiB (pageable memory)" in caplog.text
     buffers = {first.buffer.data_ptr()}
     first.release()
     for i in range(5):
