@@ -598,6 +598,11 @@ def _stats_attrs(channels: int) -> dict[str, np.ndarray]:
     return {"stats_count": zeros, "mean": zeros, "std": zeros, "stats_m2": zeros}
 
 
+def _variable_length_text(f: h5py.File, key: str) -> bool:
+    """Whether the root's string attribute `key` is variable-length (an earlier version's)."""
+    return h5py.check_string_dtype(f.attrs.get_id(key).dtype).length is None
+
+
 def _lacking_commit_places(f: h5py.File, specs: Sequence[LayerSpec]) -> list[str]:
     """What a store of an earlier version lacks of the places that this version's commits write
     in place (_add_commit_places and _add_tails add them); empty for a store of this version."""
@@ -610,8 +615,7 @@ def _lacking_commit_places(f: h5py.File, specs: Sequence[LayerSpec]) -> list[str
             lacking.append(f"the statistics attributes of {spec.name}")
         if _lacks_tail(f, spec.name, _values(obj)):
             lacking.append(f"/{LAYER_TAIL}/{spec.name}")
-    lacking += [f"a fixed-length {key}" for key in ("status", "committed_at")
-                if h5py.check_string_dtype(f.attrs.get_id(key).dtype).length is None]
+    lacking += [f"a fixed-length {key}" for key in ("status", "committed_at") if _variable_length_text(f, key)]
     if "skipped_at" not in f.attrs:
         lacking.append("skipped_at")
     if "index" not in f.get("skipped", {}) or "row_start" not in f.get("outputs", {}):
@@ -640,7 +644,7 @@ def _add_commit_places(f: h5py.File, specs: Sequence[LayerSpec]) -> None:
         for name in [k for k in a if k.startswith(STATE_PREFIX)]:
             del a[name]
     for key, length in (("status", STATUS_LENGTH), ("committed_at", TIME_LENGTH)):
-        if h5py.check_string_dtype(f.attrs.get_id(key).dtype).length is None:
+        if _variable_length_text(f, key):
             f.attrs[key] = fixed_text(text_attr(f.attrs[key]), length)
     _create_skipped_and_outputs(f)
     if "skipped_at" not in f.attrs:
