@@ -381,27 +381,25 @@ class ActivationDataset(Dataset):
 
     # ---- splits ---------------------------------------------------------------------------
     def split(self, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0, group: str | None = None) -> dict[str, np.ndarray]:
-        """Deterministic train/val/test positions; by row, or keeping each value of the target
-        `group` (an episode id, say) within one split."""
-        if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0:
-            raise StoreError(f"split fractions {tuple(fractions)} must be three non-negative numbers summing to 1")
+        """Deterministic positions for train/val/test (three fractions) or train/val (two); by
+        row, or keeping each value of the target `group` (an episode id, say) within one split."""
+        if len(fractions) not in (2, 3) or abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0:
+            raise StoreError(f"split fractions {tuple(fractions)} must be two (train, val) or three (train, val, test) "
+                             "non-negative numbers summing to 1")
         rng = np.random.default_rng(seed)
         if group is None:
-            order = rng.permutation(len(self))
-            n_train = int(round(fractions[0] * len(self)))
-            n_val = int(round(fractions[1] * len(self)))
-            parts = np.split(order, [n_train, n_train + n_val])
+            units = rng.permutation(len(self))
         else:
             if group not in self._handle()["targets"]:
                 raise StoreError(f"group {group!r} is not a target of {self.path}; its targets are "
                                  f"{sorted(self._handle()['targets'])}")
             stored, back = np.unique(self.rows, return_inverse=True)
             keys = self._read(group, "targets", stored)[back]
-            unique = rng.permutation(np.unique(keys))
-            n_train = int(round(fractions[0] * len(unique)))
-            n_val = int(round(fractions[1] * len(unique)))
-            groups = np.split(unique, [n_train, n_train + n_val])
-            parts = [np.nonzero(np.isin(keys, g))[0] for g in groups]
+            units = rng.permutation(np.unique(keys))
+        sizes = [int(round(f * len(units))) for f in fractions[:-1]]  # the last split takes the rest
+        parts = np.split(units, np.cumsum(sizes))
+        if group is not None:
+            parts = [np.nonzero(np.isin(keys, g))[0] for g in parts]
         return {name: np.sort(p) for name, p in zip(("train", "val", "test"), parts)}
 
 

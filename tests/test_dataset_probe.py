@@ -143,8 +143,15 @@ def test_splits_are_deterministic_and_respect_groups(tmp_path):
     g = ds.split((0.6, 0.2, 0.2), seed=7, group="episode")
     episodes = {k: set((v // 10).tolist()) for k, v in g.items()}
     assert not (episodes["train"] & episodes["val"]) and not (episodes["train"] & episodes["test"])
-    with pytest.raises(StoreError, match="must be three non-negative numbers summing to 1"):
-        ds.split((0.5, 0.1, 0.1))
+    # two fractions: train and val, the same rows as three with no test split
+    two = ds.split((0.8, 0.2), seed=7)
+    assert list(two) == ["train", "val"] and (len(two["train"]), len(two["val"])) == (400, 100)
+    three = ds.split((0.8, 0.2, 0.0), seed=7)
+    assert np.array_equal(two["train"], three["train"]) and np.array_equal(two["val"], three["val"])
+    assert not len(three["test"])
+    for bad in ((0.5, 0.1, 0.1), (1.0,), (0.5, 0.2, 0.2, 0.1), (1.2, -0.2)):
+        with pytest.raises(StoreError, match=r"must be two \(train, val\) or three \(train, val, test\) non-negative"):
+            ds.split(bad)
 
 
 def test_preload_ragged_and_errors(tmp_path):
