@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import sys
@@ -581,10 +582,29 @@ def _demo(args: argparse.Namespace) -> int:
     return main(probes)
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser, which refuses the arguments it does not know itself, naming the
+    command and the nearest option to a misspelt one (argparse leaves them to the top parser,
+    which does neither)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            hints = []
+            for arg in extras:
+                name = arg.split("=", 1)[0]
+                # 0.75: a misspelling ("--chekpoint"), not any option sharing letters ("--probe", "--no-progress")
+                near = difflib.get_close_matches(name, list(self._option_string_actions), n=1, cutoff=0.75)
+                if name.startswith("-") and near:
+                    hints.append(f"{name}: did you mean {near[0]}?")
+            self.error(f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else ""))
+        return parsed, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="marstore", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
     doctor = sub.add_parser("doctor", help="check the installation: torch, marstore._C, GPU, HDF5")
     doctor.set_defaults(func=_doctor)
     info = sub.add_parser("info", help="describe a store (status, rows, layers, targets, the recorded run), a probe file, "

@@ -3993,6 +3993,19 @@ def test_unfold_batch_alone_with_one_layout_or_with_a_layout_a_pattern(tmp_path)
                                    "as '(k b)', or PATTERN=LAYOUT for each, such as 'diffloss.net.**=(m=4 b t)'")
 
 
+def test_an_unknown_option_is_refused_by_its_command_with_the_nearest_one(capsys):
+    for argv, said in [
+        (["probe", "s.h5", "--targt", "y"], "marstore probe: error: unrecognized arguments: --targt y (--targt: did you mean --target?)"),
+        (["extract", "--batchsize=3", "--chekpoint", "c.pt"], "marstore extract: error: unrecognized arguments: --batchsize=3 "
+         "--chekpoint c.pt (--batchsize: did you mean --batch-size?; --chekpoint: did you mean --checkpoint?)"),
+        (["probe", "s.h5", "--probe", "mlp"], "marstore probe: error: unrecognized arguments: --probe mlp"),  # nothing near
+        (["info", "s.h5", "stray"], "marstore info: error: unrecognized arguments: stray"),
+    ]:
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == said
+
+
 def test_a_tuple_option_is_kept_as_the_list_a_resume_reads_back(tmp_path):
     assert options(tmp_path, layers=("encoder_blocks.0", "encoder_blocks.1")).layers == ["encoder_blocks.0", "encoder_blocks.1"]
     assert options(tmp_path, reduction=[0, 5, 9]).reduction == "0,5,9"  # token indices as a YAML list
