@@ -585,7 +585,12 @@ def _demo(args: argparse.Namespace) -> int:
 class _CommandParser(argparse.ArgumentParser):
     """A command's parser, which refuses the arguments it does not know itself, naming the
     command and the nearest option to a misspelt one (argparse leaves them to the top parser,
-    which does neither)."""
+    which does neither). It takes -v after the command too, where people put it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # SUPPRESS: when not given here, the top parser's value stands
+        self.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log marstore's debug messages")
 
     def parse_known_args(self, args=None, namespace=None):
         parsed, extras = super().parse_known_args(args, namespace)
@@ -603,7 +608,7 @@ class _CommandParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="marstore", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log marstore's debug messages")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
     doctor = sub.add_parser("doctor", help="check the installation: torch, marstore._C, GPU, HDF5")
     doctor.set_defaults(func=_doctor)
@@ -788,11 +793,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.verbose:  # marstore's debug messages, not every library's (h5py logs each type converter it makes)
+        logging.getLogger("marstore").setLevel(logging.DEBUG)
     from marstore.errors import MarstoreError
 
     try:

@@ -4006,6 +4006,21 @@ def test_an_unknown_option_is_refused_by_its_command_with_the_nearest_one(capsys
         assert info.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == said
 
 
+def test_verbose_goes_before_or_after_the_command():
+    from marstore.cli import build_parser
+
+    assert [build_parser().parse_args(argv).verbose for argv in (["-v", "info", "s.h5"], ["info", "s.h5", "-v"],
+                                                                 ["info", "--verbose", "s.h5"], ["info", "s.h5"])] == [
+        True, True, True, False]
+    # -v is marstore's debug messages, not those of every library it uses
+    marstore_log = logging.getLogger("marstore")
+    try:
+        assert main(["info", "nowhere.h5", "-v"]) == 2
+        assert marstore_log.level == logging.DEBUG and not logging.getLogger("h5py").isEnabledFor(logging.DEBUG)
+    finally:
+        marstore_log.setLevel(logging.NOTSET)
+
+
 def test_a_tuple_option_is_kept_as_the_list_a_resume_reads_back(tmp_path):
     assert options(tmp_path, layers=("encoder_blocks.0", "encoder_blocks.1")).layers == ["encoder_blocks.0", "encoder_blocks.1"]
     assert options(tmp_path, reduction=[0, 5, 9]).reduction == "0,5,9"  # token indices as a YAML list
