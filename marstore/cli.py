@@ -599,8 +599,8 @@ class _CommandParser(argparse.ArgumentParser):
             for arg in extras:
                 name = arg.split("=", 1)[0]
                 # 0.75: a misspelling ("--chekpoint"), not any option sharing letters ("--probe", "--no-progress")
-                near = difflib.get_close_matches(name, list(self._option_string_actions), n=1, cutoff=0.75)
-                if name.startswith("-") and near:
+                near = name.startswith("-") and difflib.get_close_matches(name, list(self._option_string_actions), n=1, cutoff=0.75)
+                if near:
                     hints.append(f"{name}: did you mean {near[0]}?")
             self.error(f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else ""))
         return parsed, extras
