@@ -2113,7 +2113,12 @@ def open_store(path: str | os.PathLike, retries: int = 20) -> Store:
     if not os.path.exists(path):
         raise StoreError(f"{path}: no such file")
     if not h5py.is_hdf5(path):
-        raise StoreError(f"{path} is not an HDF5 file, so not a marstore store (is it truncated, or another format?)")
+        with open(path, "rb") as f:
+            head = f.read(4)
+        # a zip archive or a pickle: what torch.save writes (the store readers get handed checkpoints)
+        what = ("it looks like a checkpoint, as torch.save writes: `marstore extract --checkpoint` reads those and writes "
+                "the .h5 store") if head.startswith((b"PK\x03\x04", b"\x80")) else "is it truncated, or another format?"
+        raise StoreError(f"{path} is not an HDF5 file, so not a marstore store ({what})")
     for attempt in range(retries + 1):
         try:
             return _open_once(path)

@@ -1039,7 +1039,10 @@ def test_invalid_files_give_one_clear_error(tmp_path):
     cases = {}
     cases["missing"] = (tmp_path / "nope.h5", "no such file")
     (tmp_path / "text.h5").write_text("hello")
-    cases["not hdf5"] = (tmp_path / "text.h5", "is not an HDF5 file")
+    cases["not hdf5"] = (tmp_path / "text.h5", "is not an HDF5 file, so not a marstore store (is it truncated, or another format?)")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "model.pt")
+    cases["a checkpoint"] = (tmp_path / "model.pt", "is not an HDF5 file, so not a marstore store (it looks like a checkpoint, "
+                             "as torch.save writes: `marstore extract --checkpoint` reads those and writes the .h5 store)")
     with h5py.File(tmp_path / "other.h5", "w") as f:
         f["x"] = 1
     cases["other hdf5"] = (tmp_path / "other.h5", "is an HDF5 file but not a marstore store")
