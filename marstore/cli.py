@@ -433,7 +433,8 @@ def _options_from(args: argparse.Namespace):
     required = ("model", "dataset", "layers") if dry_run else ("out", "model", "dataset", "layers")
     missing = [k for k in required if not merged.get(k)]
     if missing:
-        raise SystemExit(f"marstore extract: missing {', '.join('--' + m for m in missing)} (or give them in --config)")
+        raise SystemExit(f"marstore extract: missing {', '.join('--' + m for m in missing)} (or give "
+                         f"{'it' if len(missing) == 1 else 'them'} in --config)")
     from marstore.extract import command_line
 
     merged["command"] = command_line()

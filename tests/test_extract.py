@@ -4006,6 +4006,13 @@ def test_an_unknown_option_is_refused_by_its_command_with_the_nearest_one(capsys
         assert info.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == said
 
 
+def test_missing_extract_options_are_named():
+    with pytest.raises(SystemExit, match=r"^marstore extract: missing --out, --dataset \(or give them in --config\)$"):
+        main(["extract", "--model", "m:f", "--layers", "x"])
+    with pytest.raises(SystemExit, match=r"^marstore extract: missing --layers \(or give it in --config\)$"):
+        main(["extract", "--model", "m:f", "--dataset", "d:f", "--out", "o.h5"])
+
+
 def test_verbose_goes_before_or_after_the_command():
     from marstore.cli import build_parser
 
