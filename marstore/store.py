@@ -1017,9 +1017,14 @@ class StoreWriter:
             wanted = [{k: v for k, v in s.__dict__.items() if i >= len(recorded) or k in recorded[i]}
                       for i, s in enumerate(self.layers_spec)]
             if _jsonable(recorded) != _jsonable(wanted):
-                raise StoreError(f"{self.path} was written with other layers than this writer's; "
-                                 f"recorded {[r['name'] for r in recorded]}, asked {[w['name'] for w in wanted]} "
-                                 "(or their shapes, dtypes or options differ)")
+                names = ([r["name"] for r in recorded], [w["name"] for w in wanted])
+                if names[0] != names[1]:
+                    what = f"recorded {names[0]}, asked {names[1]}"
+                else:  # the same layers: the first that differs, and how
+                    r, w = next((r, w) for r, w in zip(_jsonable(recorded), _jsonable(wanted)) if r != w)
+                    what = f"{r['name']}: " + ", ".join(f"{k} recorded {r.get(k)!r}, asked {w.get(k)!r}"
+                                                        for k in sorted(set(r) | set(w)) if r.get(k) != w.get(k))
+                raise StoreError(f"{self.path} was written with other layers than this writer's; {what}")
             if _jsonable(json.loads(f.attrs["targets"])) != _jsonable([s.__dict__ for s in self.targets_spec]):
                 raise StoreError(f"{self.path} was written with other targets than this writer's")
             if metadata is not None and json.loads(f.attrs["run"]) != json.loads(json.dumps(metadata, sort_keys=True, default=str)):

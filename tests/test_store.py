@@ -250,8 +250,13 @@ def test_existing_file_needs_resume_and_matching_layers(tmp_path):
     write_all(path, batches=1)
     with pytest.raises(StoreError, match="exists; pass resume=True"):
         StoreWriter(path, LAYERS, TARGETS)
-    with pytest.raises(StoreError, match="written with other layers than this writer's"):
+    with pytest.raises(StoreError, match=r"written with other layers than this writer's; recorded \['encoder_blocks.0', "
+                                         r"'encoder_blocks.1', 'proj', 'encoder_norm'\], asked \['encoder_blocks.0', 'encoder_blocks.1'\]$"):
         StoreWriter(path, LAYERS[:2], TARGETS, resume=True)
+    other = [LAYERS[0], dataclasses.replace(LAYERS[1], dtype="float16", channel_axis=0), *LAYERS[2:]]
+    with pytest.raises(StoreError, match=r"written with other layers than this writer's; encoder_blocks.1: channel_axis "
+                                         r"recorded None, asked 0, dtype recorded 'float32', asked 'float16'$"):
+        StoreWriter(path, other, TARGETS, resume=True)
 
 
 def test_a_resume_that_fails_lets_go_of_the_store(tmp_path, monkeypatch):
