@@ -2112,7 +2112,8 @@ def _json(value: Any) -> Any:
 def _check_resume(opts: ExtractOptions, metadata: dict, selections: list[hooks.LayerSelection]) -> tuple[int, set[str]]:
     """(the planned items to continue after, the layers the store keeps ragged). A --ragged
     that names layers the store keeps dense has their committed rows rewritten ragged first, as
-    a run rewrites a layer whose token count changes after its first batches."""
+    a run rewrites a layer whose token count changes after its first batches. A layer stored
+    whole keeps the channel axis the store recorded (its selection is changed to match)."""
     if not os.path.exists(opts.out):
         log.info("--resume: %s does not exist yet; starting from the beginning", opts.out)
         return 0, set()
@@ -2138,6 +2139,17 @@ def _check_resume(opts: ExtractOptions, metadata: dict, selections: list[hooks.L
             raise RestartNeeded(f"--resume: {opts.out} took the rows of {', '.join(moved)} from the first axis of their "
                                 "(sequence, batch, ...) tensors, as marstore did before it read torch's batch_first: "
                                 "those rows are positions, not samples; extract into a new store")
+        # a layer stored whole whose channels this version recognises (a Sequential ending in a
+        # convolution) and the store's earlier version did not: the same bytes, and the store's
+        # layout is kept, so that its statistics go on over the axis they began on
+        unrecorded = [sel for sel in selections if sel.reduction == "none" and sel.channels_first
+                      and sel.store_name in store.layers and store.layers[sel.store_name].layout == "dense"
+                      and "channel_axis" not in store.layers[sel.store_name].attrs]
+        for sel in unrecorded:
+            sel.channels_first = False
+        if unrecorded:
+            log.info("--resume: %s records no channel axis for %s (an earlier marstore's store): kept so", opts.out,
+                     ", ".join(sel.store_name for sel in unrecorded))
         if store.status == "complete":
             raise ExtractError(f"--resume: {opts.out} is already complete ({store.rows} rows)")
         # every item before the resume point is a committed row or a committed item left out

@@ -313,6 +313,24 @@ CHANNELS_FIRST_MODULES = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNo
                           nn.modules.pooling._AdaptiveMaxPoolNd, nn.GroupNorm)
 # and modules whose outputs keep their features last, which channels_first would get wrong
 CHANNELS_LAST_MODULES = (nn.Linear, nn.LayerNorm, nn.MultiheadAttention, nn.Embedding, nn.RMSNorm)
+# modules that act value by value: their output has the layout of their input
+ELEMENTWISE_MODULES = (nn.Identity, nn.modules.dropout._DropoutNd, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU,
+                       nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
+                       nn.Hardtanh, nn.Softplus)
+
+
+def layout_module(module: nn.Module, capture: str = "output") -> nn.Module:
+    """The module whose class tells the layout of module's output (or input): an nn.Sequential's
+    is its last child's that does more than act value by value (its first's for the input), as a
+    CNN block Sequential(Conv2d, BatchNorm2d, ReLU) gives its BatchNorm2d's; any other module's,
+    its own (its code may move the axes: a patch embedding's convolution then flatten(2).transpose(1, 2))."""
+    while isinstance(module, nn.Sequential):
+        children = list(module) if capture == "input" else list(module)[::-1]
+        deciding = next((child for child in children if not isinstance(child, ELEMENTWISE_MODULES)), None)
+        if deciding is None:
+            break
+        module = deciding
+    return module
 
 
 def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | list[int] = "none",
@@ -407,16 +425,19 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
         if sel.batch_axis:
             log.info("%s: the %s of a %s (batch_first=False) is (sequence or layers, batch, ...): each sample's row is "
                      "taken from its second axis", sel.store_name, sel.capture, type(module).__name__)
-        if sel.reduction == "none" and isinstance(module, CHANNELS_FIRST_MODULES):
+        deciding = layout_module(module, sel.capture) if module is not None else None
+        whose = f"{sel.name} is a {type(module).__name__}, whose {sel.capture}" + (
+            "" if deciding is module else f" (its {type(deciding).__name__}'s)")
+        if sel.reduction == "none" and isinstance(deciding, CHANNELS_FIRST_MODULES):
             sel.channels_first = True  # stored whole, nothing to choose: recorded, for reductions at read time
         problem = None
-        if sel.reduction != "none" and not sel.channels_first and isinstance(module, CHANNELS_FIRST_MODULES):
-            problem = (f"{sel.name} is a {type(module).__name__}, whose output is (batch, channels, ...): "
+        if sel.reduction != "none" and not sel.channels_first and isinstance(deciding, CHANNELS_FIRST_MODULES):
+            problem = (f"{whose} is (batch, channels, ...): "
                        f"reduction {_reduction_text(sel.reduction)} would take its channels for tokens; "
                        f"pass --channels-first {sel.name} to reduce its positions")
-        if sel.channels_first and isinstance(module, CHANNELS_LAST_MODULES):  # stored whole too: its channel axis is recorded
+        if sel.channels_first and isinstance(deciding, CHANNELS_LAST_MODULES):  # stored whole too: its channel axis is recorded
             given = "given alone applies to every layer and" if channels_first is True else f"{' '.join(channels_first)} selects it and"
-            problem = (f"{sel.name} is a {type(module).__name__}, whose output keeps its features last: --channels-first "
+            problem = (f"{whose} keeps its features last: --channels-first "
                        f"{given} would take them for positions; name only the channels-first layers "
                        "(--channels-first PATTERN...)")
         if problem is not None:

@@ -1820,6 +1820,57 @@ def test_a_convolution_stored_whole_records_its_channel_axis_for_reductions_at_r
                                               r"given alone applies to every layer"):  # its channel axis would be recorded
         hooks.parse_layers(["0", "1"], net, channels_first=True)
 
+def test_a_sequential_block_has_the_layout_of_the_child_that_makes_its_output():
+    # a CNN block Sequential(Conv2d, BatchNorm2d, ReLU) gives what its BatchNorm2d gives: (batch, channels, ...)
+    class PatchEmbed(nn.Module):  # a convolution whose tokens its own code moves last: its class tells nothing
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Conv2d(3, 4, 2, stride=2)
+
+        def forward(self, x):
+            return self.proj(x).flatten(2).transpose(1, 2)
+
+    net = nn.Sequential(PatchEmbed(), nn.Sequential(nn.Conv2d(4, 4, 1), nn.Sequential(nn.BatchNorm2d(4), nn.ReLU()), nn.Dropout()),
+                        nn.Sequential(nn.Linear(4, 4), nn.GELU()), nn.Sequential(nn.ReLU()))
+    assert [type(hooks.layout_module(m)).__name__ for m in net] == ["PatchEmbed", "BatchNorm2d", "Linear", "Sequential"]
+    assert type(hooks.layout_module(net[1], "input")).__name__ == "Conv2d"
+    # stored whole, the block's channel axis is recorded, as a convolution's is; the others' are not
+    assert [sel.channels_first for sel in hooks.parse_layers(["0", "1", "2", "3"], net)] == [False, True, False, False]
+    with pytest.raises(hooks.HookError) as info:
+        hooks.parse_layers(["0", "1"], net, "mean")
+    assert str(info.value) == ("1 is a Sequential, whose output (its BatchNorm2d's) is (batch, channels, ...): reduction "
+                               "mean would take its channels for tokens; pass --channels-first 1 to reduce its positions")
+    with pytest.raises(hooks.HookError, match=r"^1 is a Sequential, whose input \(its Conv2d's\) is \(batch, channels"):
+        hooks.parse_layers(["1@input"], net, "mean")
+    with pytest.raises(hooks.HookError, match=r"^2 is a Sequential, whose output \(its Linear's\) keeps its features last"):
+        hooks.parse_layers(["1", "2"], net, "mean", channels_first=True)
+    assert [sel.channels_first for sel in hooks.parse_layers(["0", "1", "3"], net, "mean", channels_first=["1"])] == [
+        False, True, False]
+
+
+def test_a_store_that_recorded_no_channel_axis_for_a_block_keeps_it_so_when_resumed(tmp_path, monkeypatch, caplog):
+    # an earlier marstore did not recognise Sequential(Conv2d, GELU) as channels-first: its store
+    # of the block whole has no channel axis, and its statistics run over the last axis
+    kw = dict(model="helpers.inplace:conv_net", dataset="helpers.inplace:images", layers=["bn", "block"], batch_size=4,
+              commit_rows=4, progress=False, device="cpu")
+    with monkeypatch.context() as earlier:
+        earlier.setattr(hooks, "layout_module", lambda module, capture="output": module)
+        whole = extract(ExtractOptions(out=str(tmp_path / "whole.h5"), **kw))
+        with pytest.raises(Interrupted):
+            extract(ExtractOptions(out=str(tmp_path / "s.h5"), **kw), on_batch=lambda rows: rows >= 4 and _raise(KeyboardInterrupt))
+    with caplog.at_level("INFO", logger="marstore.extract"):
+        resumed = extract(ExtractOptions(out=str(tmp_path / "s.h5"), resume=True, **kw))
+    assert "records no channel axis for block (an earlier marstore's store): kept so" in caplog.text
+    fresh = extract(ExtractOptions(out=str(tmp_path / "fresh.h5"), **kw))
+    with open_store(whole.path) as w, open_store(resumed.path) as r, open_store(fresh.path) as f:
+        assert r.rows == w.rows == f.rows == 12
+        for name in ("bn", "block"):
+            assert r.read(name).tobytes() == w.read(name).tobytes() == f.read(name).tobytes()
+            assert np.array_equal(r.layers[name].attrs["mean"], w.layers[name].attrs["mean"])
+        assert [s.layers["block"].attrs.get("channel_axis") for s in (w, r, f)] == [None, None, 0]
+        assert [len(s.layers["block"].attrs["mean"]) for s in (w, r, f)] == [4, 4, 6]  # the last axis, or the channels
+
+
 def test_one_run_gives_each_layer_its_own_reduction_and_channel_axis(tmp_path):
     # UVA's blocks as token means, its final norm whole, its action head's convolution pooled
     # over its positions: one run, where --reduction and --channels-first used to hold for all
