@@ -665,7 +665,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--redirect-cuda", action="store_true",
                     help="the model's own CUDA calls (MAR's .cuda(), .to('cuda'), device='cuda') keep their tensors on "
                          "--device: a MAR runs on a CPU")
-    ex.add_argument("--targets", nargs="+", help="batch entries to keep as targets (dotted paths)")
+    ex.add_argument("--targets", nargs="+", metavar="[NAME=]PATH",
+                    help="batch entries to keep as targets (dotted paths; NAME=PATH stores one under NAME: label=1)")
     ex.add_argument("--output-names", nargs="+", metavar="NAME",
                     help="names for the scalars of a tuple the forward returns, in order (e.g. loss video_loss act_loss)")
     ex.add_argument("--num-samples", type=int, help="extract the first N samples (needed for an iterable data set)")

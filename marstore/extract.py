@@ -134,7 +134,13 @@ class ExtractOptions:
         if isinstance(self.channels_first, (str, tuple)):
             self.channels_first = [self.channels_first] if isinstance(self.channels_first, str) else list(self.channels_first)
         _check_option_types(self)
-        repeated = sorted({t for t in self.targets if self.targets.count(t) > 1})
+        for entry in self.targets:
+            name, path = target_entry(entry)
+            if not name or not path or "/" in name:
+                raise ExtractError(f"--targets {entry!r}: give a dotted path into the batch (label, obs.agent_pos, 1), or "
+                                   "NAME=PATH to store it under another name (one without '/')")
+        names = [target_entry(t)[0] for t in self.targets]
+        repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise ExtractError(f"--targets names {', '.join(repeated)} more than once; give each once")
         if self.sample_seed is not None and self.num_samples is None:
@@ -566,6 +572,13 @@ def _left_out(failed: list[tuple[int, _FailedItem]], earlier: int) -> list[tuple
     return [(index, item.error) for index, item in failed]
 
 
+def target_entry(entry: str) -> tuple[str, str]:
+    """A --targets entry, PATH or NAME=PATH, as (the target's name in the store, its dotted path in
+    the batch): a tuple batch's label, `--targets label=1`, is stored as `label`, not `1`."""
+    name, renamed, path = entry.partition("=")
+    return (name, path) if renamed else (entry, entry)
+
+
 def _get_dotted(batch: Any, path: str) -> Any:
     obj = batch
     for part in path.split("."):
@@ -988,7 +1001,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
                 if isinstance(batch, _Unbatchable):
                     raise batch.error()
                 # copied before the forward, which may change its inputs in place (UVA's does)
-                targets = {t: _target_array(_get_dotted(batch, t)) for t in opts.targets}
+                targets = {name: _target_array(_get_dotted(batch, path)) for name, path in map(target_entry, opts.targets)}
                 capture.start_batch(len(index))
                 seed_generators(opts.seed, int(index[0]), _BATCH, device)
                 watch = _StateWatch(model) if forwards == 1 else None
@@ -1272,7 +1285,8 @@ def _survey(model, forward, collate_fn: Callable, selections: list, problems: di
     loader = DataLoader(source, batch_size=opts.batch_size, shuffle=False, collate_fn=collate_fn)
     per_batch: list[list[hooks.LayerSurvey]] = []
     batch_rows: list[int] = []
-    targets = {name: TargetSurvey(name, None, None, None) for name in opts.targets}
+    paths = dict(map(target_entry, opts.targets))
+    targets = {name: TargetSurvey(name, None, None, None) for name in paths}
     outputs: dict[str, None] = {}  # the scalars' names, in the order first seen
     left_out: dict[str, str] = {}
     output_problem = None
@@ -1289,7 +1303,7 @@ def _survey(model, forward, collate_fn: Callable, selections: list, problems: di
             if isinstance(batch, _Unbatchable):
                 raise batch.error()
             for name, seen in targets.items():  # before the forward, which may change the batch in place
-                targets[name] = seen if seen.problem else _surveyed_target(seen, batch, len(per_batch))
+                targets[name] = seen if seen.problem else _surveyed_target(seen, batch, len(per_batch), paths[name])
             capture.start_batch(len(index))
             seed_generators(opts.seed, int(index[0]), _BATCH, device)
             watch = _StateWatch(model) if len(per_batch) == 1 else None
@@ -1343,10 +1357,10 @@ def _dry_run_batches(dry_run: bool | int) -> int:
     return 2 if dry_run is True else int(dry_run)
 
 
-def _surveyed_target(seen: TargetSurvey, batch: Any, k: int) -> TargetSurvey:
-    """A target as batch k gives it, checked against the batches before."""
+def _surveyed_target(seen: TargetSurvey, batch: Any, k: int, path: str) -> TargetSurvey:
+    """A target as batch k gives it at path, checked against the batches before."""
     try:
-        value = _target_array(_get_dotted(batch, seen.name))
+        value = _target_array(_get_dotted(batch, path))
         dtype = _target_dtype(seen.name, value)
     except ExtractError as exc:
         return dataclasses.replace(seen, problem=str(exc) if not k else f"in batch {k + 1}: {exc}")
@@ -1974,7 +1988,7 @@ def _open_writer(opts, selections, capture: hooks.Capture, pending: list[_BatchR
                  start_row: int) -> StoreWriter:
     specs = _layer_specs(opts, selections, capture, pending)
     targets = []
-    for name in opts.targets:
+    for name, _ in map(target_entry, opts.targets):
         value = pending[0].targets[name]
         targets.append(TargetSpec(name, tuple(value.shape[1:]), _target_dtype(name, value)))
     _check_room(opts, specs, targets, pending, metadata["rows_planned"] - start_row, metadata["world_size"])

@@ -3939,6 +3939,34 @@ def test_targets_are_read_before_the_forward_can_change_them(tmp_path):
         assert s.target("nactions").tobytes() == torch.stack([ds[i]["nactions"] for i in range(40)]).numpy().tobytes()
 
 
+class LabelledPairs(torch.utils.data.Dataset):
+    """(features, label) items, as torchvision's data sets give them."""
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.full((4,), float(i)), i % 3
+
+
+def test_a_target_is_stored_under_the_name_given_to_its_path(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 4))
+    result = extract_from(model, LabelledPairs(), str(tmp_path / "s.h5"), ["0"], forward=lambda m, b: m(b[0]),
+                          targets=["label=1", "0"], batch_size=4, progress=False)
+    with open_store(result.path) as s:
+        assert sorted(s.targets) == ["0", "label"] and s.target("label").tolist() == [i % 3 for i in range(10)]
+        assert s.metadata["options"]["targets"] == ["label=1", "0"]
+    survey = extract_from(model, LabelledPairs(), str(tmp_path / "dry.h5"), ["0"], forward=lambda m, b: m(b[0]),
+                          targets=["label=1"], batch_size=4, dry_run=True)
+    assert [(t.name, t.row, t.dtype, t.problem) for t in survey.targets] == [("label", (), "int64", None)]
+    for targets, error in [(["=1"], "--targets '=1': give a dotted path"), (["label="], "--targets 'label=': give a dotted path"),
+                           (["a/b"], "--targets 'a/b': give a dotted path into the batch (label, obs.agent_pos, 1), or NAME=PATH "
+                                     "to store it under another name (one without '/')"),
+                           (["label=1", "label=0"], "--targets names label more than once; give each once")]:
+        with pytest.raises(ExtractError, match="^" + re.escape(error)):
+            options(tmp_path, targets=targets)
+
+
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
 def test_a_config_file_holds_the_options_and_the_command_line_wins(tmp_path, suffix, capsys):
     import json
