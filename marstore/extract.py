@@ -134,12 +134,13 @@ class ExtractOptions:
         if isinstance(self.channels_first, (str, tuple)):
             self.channels_first = [self.channels_first] if isinstance(self.channels_first, str) else list(self.channels_first)
         _check_option_types(self)
+        names = []
         for entry in self.targets:
             name, path = target_entry(entry)
             if not name or not path or "/" in name:
                 raise ExtractError(f"--targets {entry!r}: give a dotted path into the batch (label, obs.agent_pos, 1), or "
                                    "NAME=PATH to store it under another name (one without '/')")
-        names = [target_entry(t)[0] for t in self.targets]
+            names.append(name)
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise ExtractError(f"--targets names {', '.join(repeated)} more than once; give each once")
