@@ -50,6 +50,13 @@ def _runs(sorted_rows: np.ndarray, row_bytes: int = 1) -> list[tuple[int, int]]:
     return [(int(sorted_rows[a]), int(sorted_rows[b - 1]) + 1) for a, b in zip(starts, stops)]
 
 
+def split_sizes(count: int, fractions: Sequence[float]) -> list[int]:
+    """How many of count rows (or groups) each split of ActivationDataset.split gets: each
+    fraction's share rounded, the last split taking the rest."""
+    sizes = [int(round(f * count)) for f in fractions[:-1]]
+    return [*sizes, count - sum(sizes)]
+
+
 def layers_of(store: Store, patterns: str | Sequence[str]) -> list[str]:
     """The store's layers that the patterns name (exact names, globs as in --layers, or re:REGEX;
     one, or several), in the order the patterns give, each pattern's in the store's order; each once."""
@@ -396,8 +403,7 @@ class ActivationDataset(Dataset):
             stored, back = np.unique(self.rows, return_inverse=True)
             keys = self._read(group, "targets", stored)[back]
             units = rng.permutation(np.unique(keys))
-        sizes = [int(round(f * len(units))) for f in fractions[:-1]]  # the last split takes the rest
-        parts = np.split(units, np.cumsum(sizes))
+        parts = np.split(units, np.cumsum(split_sizes(len(units), fractions))[:-1])
         if group is not None:
             parts = [np.nonzero(np.isin(keys, g))[0] for g in parts]
         return {name: np.sort(p) for name, p in zip(("train", "val", "test"), parts)}

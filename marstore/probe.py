@@ -49,7 +49,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from marstore.dataset import ActivationDataset, flat_tokens, layers_of, reduce_read_tokens, row_tokens, rows_where
+from marstore.dataset import ActivationDataset, flat_tokens, layers_of, reduce_read_tokens, row_tokens, rows_where, split_sizes
 from marstore.errors import MarstoreError
 from marstore.hooks import (HookError, UnfoldLayout, parse_recorded_reduction, recorded_unfold, reduce_tokens,
                             reduction_text)
@@ -81,6 +81,9 @@ ADAMW_WEIGHT_DECAY = 1e-4
 PENALTIES = tuple(10.0 ** k for k in range(-6, 3))
 LBFGS_ITERATIONS = 200  # a penalty, for logistic regression
 BOOTSTRAP_DRAWS = 1000  # resamples of the test rows behind each 95% interval
+# Fewer test rows than this and the resamples understate the spread: 0 of 7 right resamples to
+# 0.000 to 0.000. Such a run is told so (the usual rule of thumb for a sample's mean).
+FEW_TEST_ROWS = 30
 
 
 @dataclass
@@ -598,6 +601,11 @@ class _Prepared:
                        features={**self.features, "token": i})
 
 
+def _split_fractions(opts: ProbeOptions) -> tuple[float, float, float]:
+    """The train, val and test fractions of the selected rows."""
+    return 1 - opts.val_fraction - opts.test_fraction, opts.val_fraction, opts.test_fraction
+
+
 def _prepare(opts: ProbeOptions, layer: str, selection: np.ndarray) -> _Prepared:
     """A layer's features and targets in train, val and test splits of the selected rows."""
     ds = ActivationDataset(opts.store, [layer], [opts.target, *([opts.group] if opts.group else [])], rows=selection,
@@ -605,7 +613,7 @@ def _prepare(opts: ProbeOptions, layer: str, selection: np.ndarray) -> _Prepared
     if ds.ragged and opts.tokens != "mean":
         raise ProbeError(f"{layer} is ragged (its token count varies): --tokens {opts.tokens} needs one count; use --tokens mean")
     test_frac, val_frac = opts.test_fraction, opts.val_fraction
-    splits = ds.split((1 - val_frac - test_frac, val_frac, test_frac), seed=opts.seed, group=opts.group)
+    splits = ds.split(_split_fractions(opts), seed=opts.seed, group=opts.group)
     empty = [name for name, positions in splits.items() if not len(positions)]
     if empty:
         grouped = f" grouped by {opts.group!r}" if opts.group else ""
@@ -712,6 +720,12 @@ def run_probes(opts: ProbeOptions) -> dict:
     if source["status"] != "complete":
         log.warning("%s is incomplete (an extraction was interrupted or still runs): the probes see its %d committed "
                     "rows only", opts.store, source["rows"])
+    if not opts.group:  # (grouped, the test rows are those of whole groups, known once split)
+        test_rows = split_sizes(len(selection), _split_fractions(opts))[-1]
+        if 0 < test_rows < FEW_TEST_ROWS:
+            log.warning("the test split holds %d of the %d rows: each moves the metric by %.2f, and the interval from "
+                        "resamples of so few understates the spread; extract more rows, or raise --test-fraction",
+                        test_rows, len(selection), 1 / test_rows)
     finished = _finished_report(opts, source) if opts.resume else None
     if finished is not None:
         return finished

@@ -324,6 +324,19 @@ def test_a_store_too_small_to_split_is_refused_in_one_line(tmp_path):
                                "(--val-fraction 0.3, --test-fraction 0.3); extract more rows")  # one episode
 
 
+def test_a_test_split_of_few_rows_is_said_to_be_rough(tmp_path, caplog):
+    path = tmp_path / "s.h5"
+    planted_store(path, n=64)
+    with caplog.at_level("WARNING", logger="marstore.probe"):
+        run_probes(probe_opts(tmp_path, path, solver="direct"))
+    assert ("the test split holds 7 of the 64 rows: each moves the metric by 0.14, and the interval from resamples of "
+            "so few understates the spread; extract more rows, or raise --test-fraction") in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="marstore.probe"):  # 0.5 of 64 rows: 32 test rows
+        run_probes(probe_opts(tmp_path, path, solver="direct", val_fraction=0.1, test_fraction=0.5, out=str(tmp_path / "p2")))
+    assert "the test split holds" not in caplog.text
+
+
 def test_planted_linear_signal_is_found_and_the_control_is_not(tmp_path):
     path = tmp_path / "s.h5"
     planted_store(path)
