@@ -893,6 +893,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
     problems: dict[str, str] | None = {} if opts.dry_run else None  # a dry run reports them all, and goes on
     selections = hooks.parse_layers(opts.layers, model, reduction, opts.channels_first, layer_reductions,
                                     opts.exclude_layers, problems, opts.unfold_batch)
+    hooks.warn_likely_channels_first(selections)
     _asked_ragged(opts, selections)  # a --ragged pattern that names no layer: before any data is read
 
     # data

@@ -154,6 +154,8 @@ class LayerSelection:
     method: str | None = None  # capture "return": the method's name
     batch_axis: int = 0  # 1: the tensor is (sequence, batch, ...), as torch's sequence modules give without batch_first
     inner: tuple[int | str, ...] = ()  # elements picked inside the element: 'lstm:1:0', an LSTM's h_n
+    # an unrecognised block built of channels-first parts only (channels_first_parts): their classes
+    likely_channels_first: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.store_name:
@@ -333,6 +335,27 @@ def layout_module(module: nn.Module, capture: str = "output") -> nn.Module:
     return module
 
 
+def warn_likely_channels_first(selections: Sequence[LayerSelection]) -> None:
+    """Says which selected blocks are likely channels-first though not recognised as such (a
+    ResNet block), and the flag that makes them so: an extraction's advice, not an error."""
+    for sel in selections:
+        if sel.likely_channels_first:
+            log.warning("%s: its %s is likely (batch, channels, ...), from a block built of %s only; if so, pass "
+                        "--channels-first %s, or a token reduction (%s) takes its channels for tokens", sel.name, sel.capture,
+                        ", ".join(sel.likely_channels_first), sel.name,
+                        "this run's" if sel.reduction != "none" else "a probe's, at read time")
+
+
+def channels_first_parts(module: nn.Module) -> list[str]:
+    """The classes module is built of, where every part that does more than act value by value
+    keeps its channels first (convolutions, norms, pooling: a ResNet block); otherwise none. Its
+    own output is then likely (batch, channels, ...) too, though its code could move the axes."""
+    parts = [m for m in module.modules() if next(m.children(), None) is None and not isinstance(m, ELEMENTWISE_MODULES)]
+    if parts and all(isinstance(m, CHANNELS_FIRST_MODULES) for m in parts):
+        return sorted({type(m).__name__ for m in parts})
+    return []
+
+
 def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | list[int] = "none",
                  channels_first: bool | Sequence[str] = False,
                  layer_reductions: Mapping[str, str | list[int]] | None = None,
@@ -430,6 +453,9 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
             "" if deciding is module else f" (its {type(deciding).__name__}'s)")
         if sel.reduction == "none" and isinstance(deciding, CHANNELS_FIRST_MODULES):
             sel.channels_first = True  # stored whole, nothing to choose: recorded, for reductions at read time
+        elif not sel.channels_first and deciding is not None \
+                and not isinstance(deciding, CHANNELS_FIRST_MODULES + CHANNELS_LAST_MODULES):
+            sel.likely_channels_first = tuple(channels_first_parts(deciding))
         problem = None
         if sel.reduction != "none" and not sel.channels_first and isinstance(deciding, CHANNELS_FIRST_MODULES):
             problem = (f"{whose} is (batch, channels, ...): "

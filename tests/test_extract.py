@@ -1848,6 +1848,55 @@ def test_a_sequential_block_has_the_layout_of_the_child_that_makes_its_output():
         False, True, False]
 
 
+class ResidualBlock(nn.Module):
+    """A ResNet block: its class tells nothing of its layout, its parts do."""
+
+    def __init__(self, c: int = 4):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.bn(self.conv(x)) + x)
+
+
+class ConvThenLinear(nn.Module):
+    def __init__(self, c: int = 4):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(c, c, 1), nn.Linear(c, c)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).flatten(2).transpose(1, 2))
+
+
+def test_a_block_built_of_channels_first_parts_is_said_to_be_likely_channels_first(tmp_path, caplog):
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Sequential(ResidualBlock(), ResidualBlock()), ConvThenLinear())
+    assert [sel.likely_channels_first for sel in hooks.parse_layers(["0", "1", "1.0", "2"], net)] == [
+        (), ("BatchNorm2d", "Conv2d"), ("BatchNorm2d", "Conv2d"), ()]  # "0" is recognised; "2" mixes layouts
+    assert hooks.parse_layers(["1"], net, channels_first=["1"])[0].likely_channels_first == ()
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(i))
+
+    with caplog.at_level("WARNING", logger="marstore.hooks"):
+        extract_from(net, Images(), str(tmp_path / "s.h5"), ["1"], batch_size=4, progress=False)
+    assert caplog.messages == ["1: its output is likely (batch, channels, ...), from a block built of BatchNorm2d, Conv2d "
+                               "only; if so, pass --channels-first 1, or a token reduction (a probe's, at read time) takes "
+                               "its channels for tokens"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="marstore.hooks"):
+        extract_from(net, Images(), str(tmp_path / "t.h5"), ["1"], batch_size=4, progress=False, channels_first=["1"],
+                     reduction="mean")
+    assert not caplog.messages
+    with open_store(tmp_path / "t.h5") as s:
+        assert s.layers["1"].row_shape == (4,)  # its positions pooled, its channels kept
+
+
 def test_a_store_that_recorded_no_channel_axis_for_a_block_keeps_it_so_when_resumed(tmp_path, monkeypatch, caplog):
     # an earlier marstore did not recognise Sequential(Conv2d, GELU) as channels-first: its store
     # of the block whole has no channel axis, and its statistics run over the last axis
