@@ -673,6 +673,11 @@ def _prepare(opts: ProbeOptions, layer: str, selection: np.ndarray) -> _Prepared
                          f"holds {kind}; use --task regression")
     if min(len(v) for v in xs.values()) == 0:
         raise ProbeError(f"{layer}: a split is empty after skipping {skipped} non-finite rows; the store has too few rows")
+    every = torch.cat([v.reshape(len(v), -1) for v in ys.values()])
+    if bool((every == every[0]).all()):  # (the rows left after skipping non-finite ones)
+        value = names[int(every[0, 0])] if names else (every[0, 0].item() if every.shape[1] == 1 else every[0].tolist())
+        raise ProbeError(f"{layer}: target {opts.target!r} is {value!r} in every selected row: a probe has nothing to "
+                         "predict; choose another target, or select rows where it varies (--where)")
     if task == "classification":
         # the label values, in order, become classes 0..k-1: labels such as -1 ("unknown") or
         # sparse ids are classes like any other, and the probe has one output per value seen

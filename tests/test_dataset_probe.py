@@ -696,7 +696,8 @@ def test_a_label_far_from_balanced_is_headed_by_the_metric_asked_for(tmp_path):
     path = tmp_path / "rare.h5"
     with StoreWriter(path, [LayerSpec("a", (4,))], [TargetSpec("y", (), "int64"), TargetSpec("v", (), "float32")]) as w:
         w.append({"a": rng.standard_normal((1000, 4)).astype(np.float16)},
-                 targets={"y": (np.arange(1000) % 10 == 0).astype(np.int64), "v": np.zeros(1000, np.float32)}, index=range(1000))
+                 targets={"y": (np.arange(1000) % 10 == 0).astype(np.int64), "v": rng.standard_normal(1000).astype(np.float32)},
+                 index=range(1000))
     report = run_probes(probe_opts(tmp_path, path, layer="a", metric="balanced_accuracy"))
     test = report["layers"][0]["probe"]["test"]
     assert report["metric"] == "balanced_accuracy" and test["accuracy"] > 0.85 and test["balanced_accuracy"] == 0.5
@@ -711,6 +712,21 @@ def test_a_label_far_from_balanced_is_headed_by_the_metric_asked_for(tmp_path):
     with pytest.raises(ProbeError) as info:
         probe_opts(tmp_path, path, metric="f1")
     assert str(info.value) == "--metric 'f1': use one of accuracy, balanced_accuracy, macro_f1 (for classification)"
+
+
+def test_a_target_of_one_value_is_refused_with_that_value(tmp_path):
+    path = tmp_path / "s.h5"
+    with StoreWriter(path, [LayerSpec("a", (4,))], [TargetSpec("k", (), "int64"), TargetSpec("task", (), "str"),
+                                                    TargetSpec("xy", (2,), "float32")]) as w:
+        w.append({"a": np.random.default_rng(0).standard_normal((200, 4)).astype(np.float16)},
+                 targets={"k": np.full(200, 3), "task": ["pick"] * 100 + ["push"] * 100,
+                          "xy": np.tile(np.float32([0.5, -1.0]), (200, 1))}, index=range(200))
+    for kw, value in [({"target": "k"}, "3"), ({"target": "xy"}, "[0.5, -1.0]"),
+                      ({"target": "task", "where": ["task=push"]}, "'push'")]:
+        with pytest.raises(ProbeError) as info:
+            run_probes(probe_opts(tmp_path, path, layer="a", **kw))
+        assert str(info.value) == (f"a: target {kw['target']!r} is {value} in every selected row: a probe has nothing to "
+                                   "predict; choose another target, or select rows where it varies (--where)")
 
 
 def test_classification_probe(tmp_path):
