@@ -235,6 +235,10 @@ def _evaluate_layer(opts: EvaluateOptions, probes: dict[str, TrainedProbe], data
         dims = probe.head(x[:0]).shape[1]
         if y.shape[1] != dims:
             raise ProbeError(f"{layer}: target {target!r} has {y.shape[1]} values a row, the probe predicts {dims}")
+        if bool((y == y[0]).all()):  # R² would be 0 by convention, with an interval of 0 to 0
+            value = y[0, 0].item() if dims == 1 else y[0].tolist()
+            raise ProbeError(f"{layer}: target {target!r} is {value!r} in every evaluated row, where R² is undefined; "
+                             "evaluate on rows where it varies")
     tests = {}
     for which, p in probes.items():
         with torch.no_grad():

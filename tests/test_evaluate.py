@@ -265,6 +265,9 @@ def test_evaluate_refuses_what_does_not_fit_in_one_line(tmp_path, capsys):
         writer.append({"h": np.zeros((10, D + 1), np.float16)}, targets={"y": np.zeros((10, 3), np.float32)}, index=np.arange(10))
     with StoreWriter(tmp_path / "no_y.h5", [LayerSpec("h", (D,))], [TargetSpec("z", (), "float32")]) as writer:
         writer.append({"h": np.zeros((10, D), np.float16)}, targets={"z": np.zeros(10, np.float32)}, index=np.arange(10))
+    with StoreWriter(tmp_path / "flat.h5", [LayerSpec("h", (D,))], [TargetSpec("y", (3,), "float32")]) as writer:
+        writer.append({"h": np.ones((10, D), np.float16)}, targets={"y": np.tile(np.float32([1, 2, 3]), (10, 1))},
+                      index=np.arange(10))
     cases = [
         ([probes, str(tmp_path / "wide.h5")], f"h: {tmp_path / 'wide.h5'} holds rows of shape (9,), the probe was trained on "
                                               "rows of shape (8,); evaluate on a store of this layer extracted as the probe's was"),
@@ -272,6 +275,8 @@ def test_evaluate_refuses_what_does_not_fit_in_one_line(tmp_path, capsys):
                                               "names the one to score against)"),
         ([probes, str(tmp_path / "no_y.h5"), "--target", "z"], "h: target 'z' has 1 values a row, the probe predicts 3"),
         ([probes, str(tmp_path / "a.h5"), "--layer", "g"], f"--layer 'g': no probe of {probes} is of such a layer; nearest: h"),
+        ([probes, str(tmp_path / "flat.h5")], "h: target 'y' is [1.0, 2.0, 3.0] in every evaluated row, where R² is undefined; "
+                                              "evaluate on rows where it varies"),
     ]
     for argv, message in cases:
         code = main(["evaluate", *argv, "--out", str(tmp_path / "e")])
