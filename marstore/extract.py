@@ -48,9 +48,9 @@ from tqdm import tqdm
 
 from marstore import hooks, loading, scaleout
 from marstore.errors import MarstoreError
-from marstore.report import text_table
+from marstore.report import human_bytes, text_table
 from marstore.store import (LayerSpec, RowShapeError, Store, StoreError, StoreWriter, TargetSpec, TEXT, check_not_being_written,
-                            as_ragged, convert_to_ragged, human_bytes, open_store, room_left)
+                            as_ragged, convert_to_ragged, open_store, room_left)
 from marstore.transfer import SlotTooSmall, TransferRing, resolve_device
 
 log = logging.getLogger(__name__)
@@ -2079,9 +2079,9 @@ def _submit(ring: TransferRing, writer: StoreWriter, batch: _BatchRows, out_dtyp
         slot = ring.submit(tensors, dtype=out_dtype, scalars=batch.outputs)
     except SlotTooSmall:
         _, need = ring.layout(tensors, {n: out_dtype for n in tensors})
-        grown = int(need * 1.25)
-        log.info("transfer ring: a batch needs %d bytes, more than a slot holds; re-allocating slots of %d bytes", need, grown)
-        ring.reserve(grown)
+        log.info("transfer ring: a batch needs %s, more than a slot's %s: slots made anew, a quarter larger than that",
+                 human_bytes(need), human_bytes(ring.slot_bytes))
+        ring.reserve(int(need * 1.25))
         slot = ring.submit(tensors, dtype=out_dtype, scalars=batch.outputs)
     writer.append(slot, targets=batch.targets, index=batch.index.numpy(), skipped=batch.skipped, lengths=lengths)
     return writer, sum(t.numel() for t in tensors.values()) * out_dtype.itemsize

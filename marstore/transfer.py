@@ -141,17 +141,17 @@ class TransferRing:
         self._free: list[Slot] = []
         self._closed = False
         if slot_bytes is not None:
-            self._allocate(slot_bytes)
+            self._allocate(slot_bytes, "as given")
 
     @property
     def slot_bytes(self) -> int | None:
         return self._slots[0].nbytes if self._slots else None
 
-    def _allocate(self, slot_bytes: int) -> None:
+    def _allocate(self, slot_bytes: int, sized: str) -> None:
         slot_bytes = -(-int(slot_bytes) // _ALIGN) * _ALIGN
         self._slots = [Slot(self, i, slot_bytes, self.pin_memory) for i in range(self.num_slots)]
         self._free = list(reversed(self._slots))
-        log.info("transfer ring: %d slots of %s (%s memory)", self.num_slots, human_bytes(slot_bytes),
+        log.info("transfer ring: %d slots of %s, %s (%s memory)", self.num_slots, human_bytes(slot_bytes), sized,
                  "pinned" if self.pin_memory else "pageable")
 
     def reserve(self, slot_bytes: int) -> None:
@@ -159,7 +159,7 @@ class TransferRing:
         with self._cond:
             self._cond.wait_for(lambda: len(self._free) == len(self._slots))
             if self.slot_bytes is None or slot_bytes > self.slot_bytes:
-                self._allocate(slot_bytes)
+                self._allocate(slot_bytes, "as reserved")
 
     def layout(self, tensors: Mapping[str, torch.Tensor], dtypes: Mapping[str, torch.dtype]) -> tuple[dict, int]:
         """Byte layout of a batch in a slot: {name: (offset, shape, dtype)} and the bytes needed."""
@@ -188,8 +188,7 @@ class TransferRing:
                 raise ValueError(f"tensor {name!r} is on {t.device}, but this ring copies from {self.device}")
         layout, need = self.layout(tensors, dtypes)
         if self.slot_bytes is None:
-            log.info("transfer ring: sizing slots from the first batch (%d bytes)", need)
-            self._allocate(need)
+            self._allocate(need, "the first batch's size")
         if need > self.slot_bytes:
             raise SlotTooSmall(
                 f"batch needs {need} bytes but each slot holds {self.slot_bytes}; call ring.reserve({need}) "

@@ -2396,7 +2396,13 @@ def test_a_rewrite_cut_inside_its_swap_is_finished_by_the_resume(tmp_path, caplo
 
     kw = dict(model="test_extract:OneLinear", dataset="test_extract:TokensGrow", layers=["fc"], targets=["label"],
               batch_size=4, commit_rows=4, progress=False, device="cpu")
-    fresh = extract(ExtractOptions(out=str(tmp_path / "fresh.h5"), ragged=["fc"], **kw))
+    with caplog.at_level("INFO", logger="marstore"):
+        fresh = extract(ExtractOptions(out=str(tmp_path / "fresh.h5"), ragged=["fc"], **kw))
+    # the third batch's tokens outgrow the slots sized from the first
+    assert [m for m in caplog.messages if m.startswith("transfer ring")] == [
+        "transfer ring: 4 slots of 128 bytes, the first batch's size (pageable memory)",
+        "transfer ring: a batch needs 192 bytes, more than a slot's 128 bytes: slots made anew, a quarter larger than that",
+        "transfer ring: 4 slots of 256 bytes, as reserved (pageable memory)"]
 
     def stop(rows):
         if rows >= 8:
