@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import difflib
 import hashlib
 import importlib
 import importlib.machinery
@@ -845,9 +846,18 @@ def _call_builder(builder: Callable, kwargs: dict, spec: str, source: str, confi
     except Exception as exc:
         if isinstance(exc, TypeError) and _ARGUMENT_MISMATCH.search(str(exc)):
             # a builder taking **kwargs passes them on, so only the call inside can reject a key
-            raise _Rejected(f"--model {spec} rejects {source} ({exc}; its keys: {sorted(kwargs)}); fix them with --model-arg "
-                            f"KEY=VALUE or choose the config with --config-key{_sections_hint(config, config_key)}",
-                            _rejecting_callee(exc)) from exc
+            passed_on = _rejecting_callee(exc)
+            takes = ""
+            if passed_on is not None:  # what the callee does take, and the nearest to a misspelt key
+                callee, accepted = passed_on
+                unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+                near = difflib.get_close_matches(unexpected.group(1), sorted(accepted), n=1) if unexpected else []
+                names = sorted(accepted)
+                shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
+                takes = f"; {callee} takes {shown}" + (f" (did you mean {near[0]!r}?)" if near else "")
+            raise _Rejected(f"--model {spec} rejects {source} ({exc}; its keys: {sorted(kwargs)}{takes}); fix them with "
+                            f"--model-arg KEY=VALUE or choose the config with --config-key{_sections_hint(config, config_key)}",
+                            passed_on) from exc
         # raised in the builder's code: one line that says where (the traceback with -v)
         log.debug("the --model traceback", exc_info=True)
         given = f"; --model-arg gave {', '.join(f'{k}={v!r}' for k, v in overrides.items())}" if overrides else ""

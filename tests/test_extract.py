@@ -345,6 +345,18 @@ def test_a_model_module_in_the_working_directory_is_found_as_python_m_finds_it(t
     with pytest.raises(CheckpointError, match=r"^--model 'nowhere_here:build': cannot import 'nowhere_here' \(No module "):
         import_callable("nowhere_here:build", "--model")
 
+class ManyKeywords(nn.Module):
+    """A model class of 25 keywords, as real MAR classes take: an error names the first 20."""
+
+    def __init__(self, k00=0, k01=0, k02=0, k03=0, k04=0, k05=0, k06=0, k07=0, k08=0, k09=0, k10=0, k11=0, k12=0,
+                 k13=0, k14=0, k15=0, k16=0, k17=0, k18=0, k19=0, k20=0, k21=0, k22=0, k23=0, k24=0):
+        super().__init__()
+
+
+def build_many(**kwargs) -> nn.Module:
+    return ManyKeywords(**kwargs)
+
+
 def test_builder_errors_list_missing_and_unknown_keys():
     with pytest.raises(CheckpointError) as info:
         build_model("marstore.models.video_mar:VideoActionMAR", {"task_name": "x", "bogus": 1, "depth": 1}, config_key="model_config")
@@ -360,8 +372,16 @@ def test_builder_errors_list_missing_and_unknown_keys():
         build_model("marstore.models:video_mar", {"policy": {"model": {"depth": 1, "shape_meta": {}}}}, config_key="cfg")
     assert str(info.value) == (
         "--model marstore.models:video_mar rejects the config from checkpoint['cfg'] (VideoActionMAR.__init__() got an "
-        "unexpected keyword argument 'policy'; its keys: ['policy']); fix them with --model-arg KEY=VALUE or choose the "
-        "config with --config-key (its sections: cfg.policy, cfg.policy.model, cfg.policy.model.shape_meta)")
+        "unexpected keyword argument 'policy'; its keys: ['policy']; VideoActionMAR takes decoder_depth, depth, "
+        "diffusion_batch_mul, drop_masked, embed_dim, frames, grid, latent_channels, mask_ratio_min, num_heads, shape_meta, "
+        "task_name, use_history_action); fix them with --model-arg KEY=VALUE or choose the config with --config-key (its "
+        "sections: cfg.policy, cfg.policy.model, cfg.policy.model.shape_meta)")
+    # a misspelt --model-arg: the nearest keyword the class takes
+    with pytest.raises(CheckpointError, match=r"; VideoActionMAR takes decoder_depth, .*, use_history_action \(did you mean "
+                                              r"'embed_dim'\?\)\); fix them"):
+        build_model("marstore.models:video_mar", {}, overrides={"embed_dimm": 32})
+    with pytest.raises(CheckpointError, match=r"; ManyKeywords takes k00, k01, .*, k19, \.\.\. \(25 in all\)\); fix them"):
+        build_model("test_extract:build_many", {}, overrides={"other": 1})
     # an error of the builder's own code, on a value of the wrong type: where, what, and the values given
     source = inspect.getsourcefile(VideoActionMAR)
     code = next((n, line.strip()) for n, line in enumerate(open(source), 1) if "self.encoder_blocks = " in line)
@@ -402,7 +422,7 @@ def test_a_builder_that_passes_the_config_on_gets_the_keys_its_callee_takes(tmp_
         extract(options(tmp_path, checkpoint=str(tmp_path / "checkpoint-last.pth"), model_args={"bogus": 1},
                         out=str(tmp_path / "bogus.h5")))
     with pytest.raises(CheckpointError, match=r"got an unexpected keyword argument 'lr'; its keys: \['epochs', 'lr', "
-                                              r"'model', 'output_dir', 'task_name'\]\)"):
+                                              r"'model', 'output_dir', 'task_name'\]; VideoActionMAR takes decoder_depth, "):
         build_model("marstore.models:video_mar", training, {"task_name": "t"}, config_key="args")
 
 
