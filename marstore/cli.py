@@ -600,7 +600,8 @@ class _CommandParser(argparse.ArgumentParser):
             for arg in extras:
                 name = arg.split("=", 1)[0]
                 # 0.75: a misspelling ("--chekpoint"), not any option sharing letters ("--probe", "--no-progress")
-                near = name.startswith("-") and difflib.get_close_matches(name, list(self._option_string_actions), n=1, cutoff=0.75)
+                options = list(self._option_string_actions)
+                near = name.startswith("-") and difflib.get_close_matches(name, options, n=1, cutoff=0.75)
                 if near:
                     hints.append(f"{name}: did you mean {near[0]}?")
             self.error(f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else ""))
