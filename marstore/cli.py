@@ -597,10 +597,10 @@ class _CommandParser(argparse.ArgumentParser):
         parsed, extras = super().parse_known_args(args, namespace)
         if extras:
             hints = []
+            options = list(self._option_string_actions)
             for arg in extras:
                 name = arg.split("=", 1)[0]
                 # 0.75: a misspelling ("--chekpoint"), not any option sharing letters ("--probe", "--no-progress")
-                options = list(self._option_string_actions)
                 near = name.startswith("-") and difflib.get_close_matches(name, options, n=1, cutoff=0.75)
                 if near:
                     hints.append(f"{name}: did you mean {near[0]}?")

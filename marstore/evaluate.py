@@ -34,7 +34,7 @@ from marstore.hooks import Capture, did_you_mean, match_modules, nearest_names, 
 from marstore.loading import IN_HAND
 from marstore.probe import (ProbeError, TrainedProbe, _add_intervals, _breakdown_lines, _features_text, _metrics, _read_report,
                             _table_rows, finite_rows, load_probe, probe_inputs, report_breakdown_plot, report_depth_plot,
-                            token_mean_shape)
+                            the_one_value, token_mean_shape)
 from marstore.report import markdown_table
 from marstore.store import Store, StoreError, open_store, rows_equal
 from marstore.transfer import resolve_device
@@ -235,8 +235,8 @@ def _evaluate_layer(opts: EvaluateOptions, probes: dict[str, TrainedProbe], data
         dims = probe.head(x[:0]).shape[1]
         if y.shape[1] != dims:
             raise ProbeError(f"{layer}: target {target!r} has {y.shape[1]} values a row, the probe predicts {dims}")
-        if bool((y == y[0]).all()):  # R² would be 0 by convention, with an interval of 0 to 0
-            value = y[0, 0].item() if dims == 1 else y[0].tolist()
+        value = the_one_value(y)
+        if value is not None:  # R² would be 0 by convention, with an interval of 0 to 0
             raise ProbeError(f"{layer}: target {target!r} is {value!r} in every evaluated row, where R² is undefined; "
                              "evaluate on rows where it varies")
     tests = {}

@@ -850,9 +850,9 @@ def _call_builder(builder: Callable, kwargs: dict, spec: str, source: str, confi
             takes = ""
             if passed_on is not None:  # what the callee does take, and the nearest to a misspelt key
                 callee, accepted = passed_on
-                unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
-                near = difflib.get_close_matches(unexpected.group(1), sorted(accepted), n=1) if unexpected else []
                 names = sorted(accepted)
+                unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+                near = difflib.get_close_matches(unexpected.group(1), names, n=1) if unexpected else []
                 shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
                 takes = f"; {callee} takes {shown}" + (f" (did you mean {near[0]!r}?)" if near else "")
             raise _Rejected(f"--model {spec} rejects {source} ({exc}; its keys: {sorted(kwargs)}{takes}); fix them with "

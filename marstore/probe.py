@@ -601,6 +601,15 @@ class _Prepared:
                        features={**self.features, "token": i})
 
 
+def the_one_value(y: torch.Tensor) -> Any:
+    """What every row of y holds, where all hold the same (a number for rows of one value, else
+    a list); None where the rows differ, so that there is something to predict."""
+    rows = y.reshape(len(y), -1)
+    if not bool((rows == rows[0]).all()):
+        return None
+    return rows[0, 0].item() if rows.shape[1] == 1 else rows[0].tolist()
+
+
 def _split_fractions(opts: ProbeOptions) -> tuple[float, float, float]:
     """The train, val and test fractions of the selected rows."""
     return 1 - opts.val_fraction - opts.test_fraction, opts.val_fraction, opts.test_fraction
@@ -673,9 +682,9 @@ def _prepare(opts: ProbeOptions, layer: str, selection: np.ndarray) -> _Prepared
                          f"holds {kind}; use --task regression")
     if min(len(v) for v in xs.values()) == 0:
         raise ProbeError(f"{layer}: a split is empty after skipping {skipped} non-finite rows; the store has too few rows")
-    every = torch.cat([v.reshape(len(v), -1) for v in ys.values()])
-    if bool((every == every[0]).all()):  # (the rows left after skipping non-finite ones)
-        value = names[int(every[0, 0])] if names else (every[0, 0].item() if every.shape[1] == 1 else every[0].tolist())
+    value = the_one_value(torch.cat([v.reshape(len(v), -1) for v in ys.values()]))  # of the rows left
+    if value is not None:
+        value = names[int(value)] if names else value
         raise ProbeError(f"{layer}: target {opts.target!r} is {value!r} in every selected row: a probe has nothing to "
                          "predict; choose another target, or select rows where it varies (--where)")
     if task == "classification":

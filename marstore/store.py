@@ -1014,14 +1014,14 @@ class StoreWriter:
             recorded = json.loads(f.attrs["layers"])
             # only the fields the store's version recorded are compared (a later one, such as
             # unfolded, is not known of the rows written before)
-            wanted = [{k: v for k, v in s.__dict__.items() if i >= len(recorded) or k in recorded[i]}
-                      for i, s in enumerate(self.layers_spec)]
-            if _jsonable(recorded) != _jsonable(wanted):
+            wanted = _jsonable([{k: v for k, v in s.__dict__.items() if i >= len(recorded) or k in recorded[i]}
+                                for i, s in enumerate(self.layers_spec)])
+            if recorded != wanted:  # (recorded is JSON as read)
                 names = ([r["name"] for r in recorded], [w["name"] for w in wanted])
                 if names[0] != names[1]:
                     what = f"recorded {names[0]}, asked {names[1]}"
                 else:  # the same layers: the first that differs, and how
-                    r, w = next((r, w) for r, w in zip(_jsonable(recorded), _jsonable(wanted)) if r != w)
+                    r, w = next((r, w) for r, w in zip(recorded, wanted) if r != w)
                     what = f"{r['name']}: " + ", ".join(f"{k} recorded {r.get(k)!r}, asked {w.get(k)!r}"
                                                         for k in sorted(set(r) | set(w)) if r.get(k) != w.get(k))
                 raise StoreError(f"{self.path} was written with other layers than this writer's; {what}")
