@@ -77,6 +77,14 @@ def layers_of(store: Store, patterns: str | Sequence[str]) -> list[str]:
     return names
 
 
+def in_forward_order(store: Store, names: Sequence[str]) -> list[str]:
+    """The layers in the order the model made them in the extraction's forward (the store's
+    forward_order), as a depth axis wants them, whatever order --layers gave; layers it does not
+    record (a store of an earlier marstore, or joined from another extraction) follow, as given."""
+    position = {name: i for i, name in enumerate(store.metadata.get("forward_order") or ())}
+    return sorted(names, key=lambda name: position.get(name, len(position)))
+
+
 def rows_where(store: Store, conditions: str | Sequence[str], rows: int | None = None) -> np.ndarray:
     """The committed rows (of the first `rows`) whose targets meet every condition, TARGET=VALUE
     or TARGET!=VALUE: the rows of one task, say, for a probe within it. VALUE is compared as text

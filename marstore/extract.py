@@ -946,6 +946,7 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
         # the layers whose captures came out otherwise when that forward ran again from the state it
         # left ([]: none, the rows do not depend on that state; None: not run again)
         "state_dependent_layers": None,
+        "forward_order": None,  # the layers' store names in the order the forward made them (when the store opens)
         "rank": rank.rank,
         "world_size": rank.world,
     }
@@ -1989,6 +1990,7 @@ def _unfolded(layout: hooks.UnfoldLayout | None) -> dict[str, Any]:
 def _open_writer(opts, selections, capture: hooks.Capture, pending: list[_BatchRows], metadata,
                  start_row: int) -> StoreWriter:
     specs = _layer_specs(opts, selections, capture, pending)
+    metadata["forward_order"] = capture.forward_order  # (a resume keeps the order its store recorded)
     targets = []
     for name, _ in map(target_entry, opts.targets):
         value = pending[0].targets[name]

@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from marstore.errors import MarstoreError
-from marstore.loading import named_modules
+from marstore.loading import module_aliases, named_modules
 
 log = logging.getLogger(__name__)
 
@@ -392,6 +392,13 @@ def parse_layers(patterns: Iterable[str], model: nn.Module, reduction: str | lis
         found = match_modules(body, names)
         found = [n for n in found if n]  # the root module is never a layer
         if not found:
+            aliases = module_aliases(model)
+            aliased = match_modules(body, list(aliases))
+            if aliased:
+                raise HookError(f"layer pattern {pattern!r}: {aliased[0]} is {aliases[aliased[0]]} under another name (the "
+                                "model holds one module under both, as tied weights do, and torch names it once); hook "
+                                f"{aliases[aliased[0]]!r}: it fires at each use, and --multi-fire first, last or stack "
+                                "(every use, in order) keeps the one or all")
             raise HookError(f"layer pattern {pattern!r} matches no module; "
                             f"{_prefix_hint(body, names) or did_you_mean(body, names)}nearest names: {nearest_names(body, names)}")
         containers = [n for n in found if n in never_called]
@@ -771,6 +778,7 @@ class Capture:
         self.allow_missing = allow_missing
         self.stop_early = stop_early
         self.modules = named_modules(model)
+        self.aliases = module_aliases(model)
         self._handles: list[torch.utils.hooks.RemovableHandle | _MethodHook] = []
         self._state = _State()
         self.missing_counts = {sel.store_name: 0 for sel in self.layers}
@@ -781,6 +789,7 @@ class Capture:
         self.unfolded: dict[str, UnfoldLayout] = {}
         self.survey = survey
         self.calls: dict[str, int] = {sel.store_name: 0 for sel in self.layers}
+        self._first_fired: dict[str, None] = {}  # store names in the order they first fired (an ordered set)
         self.seen: dict[str, str] = {}  # survey: what each hook saw first, described
         self.problems: dict[str, str] = {}  # survey: each module's first error in this forward
         # the last finished batch's uneven captures (nested tensors, packed sequences): each sample's token count
@@ -866,8 +875,8 @@ class Capture:
                 value = pick(output)
             fired = self._state.fired.setdefault(sel.store_name, [])
             if fired and self.multi_fire == "error":
-                raise HookError(f"{sel.label} fired more than once in one forward (diffusion heads fire once per "
-                                "step); choose --multi-fire first, last or stack")
+                raise HookError(f"{sel.label} fired more than once in one forward{self._why_again(sel)}; choose "
+                                "--multi-fire first, last or stack")
             if fired and self.multi_fire == "first":
                 return None
             if isinstance(value, PackedSequence) or value.is_nested:  # samples of different lengths
@@ -924,6 +933,8 @@ class Capture:
 
         def checked(module, args, kwargs, output=None):
             self.calls[sel.store_name] += 1
+            if sel.store_name not in self._first_fired:
+                self._first_fired[sel.store_name] = None
             try:
                 return hook(module, args, kwargs, output)
             except HookError as exc:
@@ -989,6 +1000,14 @@ class Capture:
         except HookError as exc:
             raise HookError(f"{sel.store_name}: {exc}") from None
 
+    @property
+    def forward_order(self) -> list[str]:
+        """The store names in the order the forward made them (their first firing in any batch so
+        far: a module's output after its sub-modules', its @input before them), then those that never
+        fired, as selected: the depth axis of probes' and similarities' plots, whatever order
+        --layers gave."""
+        return [*self._first_fired, *(sel.store_name for sel in self.layers if sel.store_name not in self._first_fired)]
+
     def start_batch(self, rows: int | None = None) -> None:
         """Forgets what earlier batches captured; rows (the batch's samples) lets every capture
         be checked for one leading row per sample."""
@@ -1024,6 +1043,15 @@ class Capture:
         self._state = _State()
         self.calls = dict.fromkeys(self.calls, 0)
         self.problems = {}
+
+    def _why_again(self, sel: LayerSelection) -> str:
+        """Why a module fires more than once in a forward: it is held under other names too, or
+        called again (in a loop, or once per denoising step as diffusion heads are)."""
+        also = [alias for alias, name in self.aliases.items() if name == sel.name]
+        if also:
+            return (f": the model holds it also as {', '.join(also)} (one module under {len(also) + 1} names, as tied "
+                    "weights are), and it fires at each use")
+        return " (diffusion heads fire once per step)"
 
     def _never_called(self, sel: LayerSelection) -> str | None:
         """Why a module can never fire, where its parent uses its weights without calling it."""

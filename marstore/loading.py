@@ -999,6 +999,20 @@ def named_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
             if not isinstance(module, _compiled_wrapper())}
 
 
+def module_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """{another name: the name named_modules gives} for a module the model holds under several
+    names (tied weights: self.dec = self.enc), which torch lists once, under the first."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, module in unwrapped(model).named_modules(remove_duplicate=False):
+        if isinstance(module, _compiled_wrapper()):
+            continue
+        name = _own_name(name)
+        if first.setdefault(id(module), name) != name:
+            aliases[name] = first[id(module)]
+    return aliases
+
+
 def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], strict: bool = False,
                  report: LoadReport | None = None) -> LoadReport:
     """load_state_dict with prefixes stripped and every mismatch reported (an error if strict);

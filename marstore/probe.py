@@ -49,7 +49,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from marstore.dataset import ActivationDataset, flat_tokens, layers_of, reduce_read_tokens, row_tokens, rows_where, split_sizes
+from marstore.dataset import ActivationDataset, flat_tokens, in_forward_order, layers_of, reduce_read_tokens, row_tokens, rows_where, split_sizes
 from marstore.errors import MarstoreError
 from marstore.hooks import (HookError, UnfoldLayout, parse_recorded_reduction, recorded_unfold, reduce_tokens,
                             reduction_text)
@@ -709,7 +709,7 @@ def _control(ys: dict, seed: int) -> dict:
 def run_probes(opts: ProbeOptions) -> dict:
     """Trains the probes that opts asks for; writes report.json and the plots; returns the report."""
     with open_store(opts.store) as s:
-        layers = layers_of(s, opts.layer)
+        layers = in_forward_order(s, layers_of(s, opts.layer))
         if opts.layer == "**":
             log.info("probing every layer of %s (%d; --layer picks some)", opts.store, len(layers))
         if opts.target is None:

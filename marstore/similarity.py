@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from marstore.dataset import READ_BLOCK_BYTES, ActivationDataset, flat_tokens, layers_of, row_tokens, rows_where
+from marstore.dataset import READ_BLOCK_BYTES, ActivationDataset, flat_tokens, in_forward_order, layers_of, row_tokens, rows_where
 from marstore.errors import MarstoreError
 from marstore.report import heatmap, markdown_table, text_table
 from marstore.store import open_store, rows_equal
@@ -238,9 +238,10 @@ def layer_similarity(opts: SimilarityOptions) -> dict:
     except ValueError as exc:
         raise SimilarityError(str(exc)) from None
     with open_store(opts.store) as store:
-        layers = layers_of(store, opts.layer)
+        layers = in_forward_order(store, layers_of(store, opts.layer))
     with open_store(opts.against or opts.store) as other:
-        other_layers = layers_of(other, opts.against_layer if opts.against_layer is not None else opts.layer)
+        other_layers = in_forward_order(other, layers_of(other, opts.against_layer if opts.against_layer is not None
+                                                         else opts.layer))
     first, second, available = _shared_rows(opts, sample=opts.tokens == "mean")
     samples = None
     if opts.tokens == "flat":

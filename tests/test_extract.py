@@ -1462,6 +1462,42 @@ def test_multi_fire_policies_and_modules_that_do_not_fire():
         assert cap.finish_batch() == {} and cap.missing_counts == {"never": 1}
 
 
+class Tied(nn.Module):
+    """One block under two names (tied weights), used twice: torch names it once, 'enc.0'."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+        self.dec = self.enc
+
+    def forward(self, x):
+        return self.dec(self.enc(x) * 2)
+
+
+def test_a_module_held_under_two_names_is_named_by_its_first_and_fires_at_each_use():
+    torch.manual_seed(0)
+    model, x = Tied(), torch.randn(3, 4)
+    for pattern, alias, name in (("dec", "dec", "enc"), ("dec.0", "dec.0", "enc.0"), ("de?.1", "dec.1", "enc.1")):
+        with pytest.raises(hooks.HookError) as err:
+            hooks.parse_layers([pattern], model)
+        assert str(err.value) == (
+            f"layer pattern {pattern!r}: {alias} is {name} under another name (the model holds one module under both, as "
+            f"tied weights do, and torch names it once); hook {name!r}: it fires at each use, and --multi-fire first, "
+            "last or stack (every use, in order) keeps the one or all")
+    with hooks.Capture(model, hooks.parse_layers(["enc"], model)) as cap, pytest.raises(hooks.HookError) as err:
+        cap.start_batch()
+        model(x)
+    assert str(err.value) == ("enc fired more than once in one forward: the model holds it also as dec (one module under 2 "
+                              "names, as tied weights are), and it fires at each use; choose --multi-fire first, last or stack")
+    with torch.no_grad():
+        first = model.enc(x)
+        uses = torch.stack([first, model.enc(first * 2)], dim=1)
+    with hooks.Capture(model, hooks.parse_layers(["enc"], model), multi_fire="stack") as cap, torch.no_grad():
+        cap.start_batch()
+        model(x)
+        assert torch.equal(cap.finish_batch()["enc"], uses)
+
+
 def test_hooks_removed_after_exception_and_keyboard_interrupt():
     model = Toy()
     for exc in (RuntimeError, KeyboardInterrupt):
@@ -1729,6 +1765,30 @@ def test_stored_bytes_equal_a_plain_reference(tmp_path, device):
         assert s.index().tolist() == list(range(40))
         assert s.target("label").tolist() == [synthetic_video_actions(40)[i]["label"] for i in range(40)]
         assert s.layers["z_proj"].row_shape == (4, 16, 32)  # 4-D output, as UVA's z_proj
+
+
+def test_the_store_records_the_forwards_order_and_probes_and_similarities_follow_it(tmp_path):
+    """--layers in any order: the store keeps it, and records the order the forward made the
+    layers in (a module's @input before its sub-modules' outputs, its output after them), which
+    the probes' depth plot and the similarity's table follow."""
+    from marstore.probe import ProbeOptions, run_probes
+    from marstore.similarity import SimilarityOptions, layer_similarity
+
+    given = ["decoder_norm", "encoder_blocks.*", "z_proj", "decoder_blocks.0@input", "decoder_blocks.0.mlp",
+             "decoder_blocks.0", "proj_cond_x_layer", "encoder_norm"]
+    forward = ["z_proj", "proj_cond_x_layer", "encoder_blocks.0", "encoder_blocks.1", "encoder_norm",
+               "decoder_blocks.0@input", "decoder_blocks.0.mlp", "decoder_blocks.0", "decoder_norm"]
+    result = extract(options(tmp_path, layers=given, reduction="mean", dataset_args={"size": 64}))
+    with open_store(result.path) as s:
+        assert list(s.layers) == ["decoder_norm", "encoder_blocks.0", "encoder_blocks.1", "z_proj", "decoder_blocks.0@input",
+                                  "decoder_blocks.0.mlp", "decoder_blocks.0", "proj_cond_x_layer", "encoder_norm"]
+        assert s.metadata["forward_order"] == forward
+    report = run_probes(ProbeOptions(store=result.path, layer=given[:3], target="label", out=str(tmp_path / "p"),
+                                     progress=False))
+    assert [e["layer"] for e in report["layers"]] == ["z_proj", "encoder_blocks.0", "encoder_blocks.1", "decoder_norm"]
+    similar = layer_similarity(SimilarityOptions(store=result.path, layer=["decoder_norm", "encoder_norm", "z_proj"],
+                                                 out=str(tmp_path / "sim")))
+    assert similar["layers"] == ["z_proj", "encoder_norm", "decoder_norm"]
 
 
 def test_a_diffusion_heads_denoising_steps_are_stored_stacked_and_probed_each(tmp_path):
