@@ -110,7 +110,8 @@ def _probe_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    tokens = {"mean": "token means", "flat": "every token side by side", "each": f"token {probe.token}"}[probe.tokens]
+    tokens = {"mean": "token means", "flat": "every token side by side", "each": f"token {probe.token}",
+              "aligned": "the tokens one by one, each with its own target value,"}[probe.tokens]
     outputs = f"{len(probe.classes)} classes" if probe.task == "classification" else f"{info['outputs']} outputs"
     where = probe.trained_on
     dataset = f"; data set {where['dataset'][0]} {json.dumps(where['dataset'][1])}" if where["dataset"][0] else ""
@@ -703,10 +704,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--metric", choices=["accuracy", "balanced_accuracy", "macro_f1"],
                     help="a classification's headline, with its interval and selectivity (default accuracy; "
                          "balanced_accuracy or macro_f1 for labels far from balanced)")
-    pr.add_argument("--tokens", choices=["mean", "flat", "each"],
+    pr.add_argument("--tokens", choices=["mean", "flat", "each", "aligned"],
                     help="a layer stored with tokens: probe their mean (default), all of them side by side (a few "
-                         "tokens a row, as the frame means of --reduction mean:4), or each alone, a probe each (the "
-                         "denoising steps of --multi-fire stack, frames): entries LAYER[0], LAYER[1], ...")
+                         "tokens a row, as the frame means of --reduction mean:4), each alone, a probe each (the "
+                         "denoising steps of --multi-fire stack, frames): entries LAYER[0], LAYER[1], ..., or aligned: "
+                         "one probe reading each token as a row, with its own value of a target that holds one a token "
+                         "(a label for each frame or position)")
     pr.add_argument("--solver", choices=["auto", "direct", "adamw"],
                     help="direct: the linear probe's optimum (ridge, its L2 penalty chosen by leave-one-out error; or "
                          "L-BFGS logistic regression, chosen on the validation split); adamw: minibatch training with "

@@ -29,12 +29,12 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from marstore.dataset import ActivationDataset, rows_where
+from marstore.dataset import ActivationDataset, row_tokens, rows_where
 from marstore.hooks import Capture, did_you_mean, match_modules, nearest_names, parse_layers, recorded_unfold, reduction_text
 from marstore.loading import IN_HAND
 from marstore.probe import (ProbeError, TrainedProbe, _add_intervals, _breakdown_lines, _features_text, _metrics, _read_report,
-                            _table_rows, finite_rows, load_probe, probe_inputs, report_breakdown_plot, report_depth_plot,
-                            the_one_value, token_mean_shape)
+                            _table_rows, aligned_targets, finite_rows, load_probe, probe_inputs, report_breakdown_plot,
+                            report_depth_plot, the_one_value, token_mean_shape)
 from marstore.report import markdown_table
 from marstore.store import Store, StoreError, open_store, rows_equal
 from marstore.transfer import resolve_device
@@ -216,11 +216,17 @@ def _evaluate_layer(opts: EvaluateOptions, probes: dict[str, TrainedProbe], data
     layer, device = probe.name, resolve_device(opts.device)
     x = probe.features(data[probe.layer])
     y = data[target]
+    groups = np.asarray(data[group]) if group else None
+    if probe.tokens == "aligned":  # a row for each token, with its own target value
+        y, owner = aligned_targets(y, row_tokens(probe.row_shape, probe.channel_axis)[0], target, layer)
+        groups = owner if groups is None else groups[owner]  # the intervals draw whole rows
     finite = finite_rows(x, y)
     x, y = x[finite], y[finite.numpy()] if isinstance(y, np.ndarray) else y[finite]
     if not len(x):
         raise ProbeError(f"{layer}: none of the {len(finite)} rows has finite features and targets")
     entry: dict = {"layer": layer, "task": probe.task, "split_rows": {"test": len(x)}, "skipped_rows": int((~finite).sum())}
+    if probe.tokens == "aligned":  # as a probe report says it: the rows, and their tokens (skipped_rows counts these)
+        entry |= {"split_rows": {"test": len(np.unique(owner[finite.numpy()]))}, "token_rows": {"test": len(x)}}
     if probe.task == "classification":
         y, unseen = _class_numbers(probe, y, target)
         entry |= {"classes": probe.classes, "unseen_label_rows": unseen}
@@ -251,8 +257,7 @@ def _evaluate_layer(opts: EvaluateOptions, probes: dict[str, TrainedProbe], data
             del entry[which]["test"]["recall_per_class"][len(probe.classes):]
     if "control" in tests:
         entry["selectivity"] = entry["probe"]["test"][metric] - entry["control"]["test"][metric]
-    groups = np.asarray(data[group])[finite.numpy()] if group else None
-    _add_intervals(entry, metric, tests, seed, groups)
+    _add_intervals(entry, metric, tests, seed, None if groups is None else groups[finite.numpy()])
     return entry
 
 

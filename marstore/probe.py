@@ -74,7 +74,7 @@ class ProbeInterrupted(Exception):
 
 
 SOLVERS = ("auto", "direct", "adamw")
-TOKEN_MODES = ("mean", "flat", "each")
+TOKEN_MODES = ("mean", "flat", "each", "aligned")
 MAX_EACH = 256  # probes a layer with --tokens each: more tokens than that want a reduction first
 ADAMW_WEIGHT_DECAY = 1e-4
 # L2 penalties the direct solver tries, on features standardised to unit variance
@@ -96,7 +96,8 @@ class ProbeOptions:
     kind: str = "linear"  # linear or mlp
     metric: str | None = None  # classification's headline: accuracy (default), balanced_accuracy or macro_f1
     # a row of tokens read as their mean, "flat": side by side (frame means of --reduction mean:4), or
-    # "each": a probe for each (a diffusion head's denoising steps stacked by --multi-fire stack, frames)
+    # "each": a probe for each (a diffusion head's denoising steps stacked by --multi-fire stack, frames);
+    # "aligned": each token a row of its own, with its own value of a target that holds one a token
     tokens: str = "mean"
     solver: str = "auto"  # direct (linear probes' optimum), adamw (minibatches), or auto: direct for linear, adamw for mlp
     hidden: int = 256
@@ -186,6 +187,20 @@ def finite_rows(x: torch.Tensor, y: torch.Tensor | np.ndarray) -> torch.Tensor:
     if isinstance(y, torch.Tensor):
         finite &= torch.isfinite(y.reshape(len(y), -1).float()).all(1)
     return finite
+
+
+def aligned_targets(y: torch.Tensor | np.ndarray, count: int, target: str, layer: str) -> tuple[torch.Tensor | np.ndarray, np.ndarray]:
+    """--tokens aligned: a target that holds a value (or a row of values) for each of a row's
+    `count` tokens, laid out as its rows' tokens are ((rows, count, ...), or the tokens' own axes:
+    UVA's mask (rows, 4, 256) for z_proj's (4, 256, D)), as one row a token; and the row each
+    token row came from (tokens of one sample are not independent: intervals draw whole rows)."""
+    shape = tuple(y.shape[1:])
+    axes = next((k for k in range(1, len(shape) + 1) if math.prod(shape[:k]) == count), None)
+    if not count or axes is None:
+        raise ProbeError(f"{layer}: --tokens aligned reads each of its {count} tokens with its own value of target "
+                         f"{target!r}, which holds {shape or 'one value'} a row; give a target of shape ({count}, ...) a row "
+                         "(a value for each token), or probe --tokens mean")
+    return y.reshape(len(y) * count, *shape[axes:]), np.repeat(np.arange(len(y)), count)
 
 
 def _metrics(task: str, pred: torch.Tensor, y: torch.Tensor) -> dict:
@@ -635,11 +650,17 @@ def _prepare(opts: ProbeOptions, layer: str, selection: np.ndarray) -> _Prepared
     for name, positions in splits.items():
         x, data, stats = _features(ds, positions, layer)
         y = data[opts.target]
+        groups = np.asarray(data[opts.group]) if opts.group else None
+        if opts.tokens == "aligned":
+            count, width = row_tokens(data[layer].shape[1:], ds.channel_axes.get(layer))
+            y, owner = aligned_targets(y, count, opts.target, layer)
+            x = x.reshape(len(y), width)
+            groups = owner if groups is None else groups[owner]  # the test's intervals draw whole rows
         finite = finite_rows(x, y)
         skipped += int((~finite).sum())
         xs[name], ys[name] = x[finite], y[finite.numpy()] if isinstance(y, np.ndarray) else y[finite]
-        if name == "test" and opts.group:
-            test_groups = np.asarray(data[opts.group])[finite.numpy()]
+        if name == "test" and groups is not None:
+            test_groups = groups[finite.numpy()]
     ds.close()
     with open_store(opts.store) as store:
         seen_sources = store.index()[selection[np.concatenate([splits["train"], splits["val"]])]]
@@ -795,6 +816,8 @@ def _probe_entry(opts: ProbeOptions, name: str, prep: _Prepared, source: dict) -
     task, xs, ys, labels = prep.task, prep.xs, prep.ys, prep.labels
     entry: dict[str, Any] = {"layer": name, "task": task, "split_rows": prep.sizes, "skipped_rows": prep.skipped,
                              "inputs": int(xs["train"].shape[1]), "features": _features_text(prep.features)}
+    if prep.features["tokens"] == "aligned":  # the rows the probe saw: each split's tokens (skipped_rows counts them)
+        entry["token_rows"] = {split: len(x) for split, x in xs.items()}
     if task == "regression":
         entry["target_shape"] = prep.features["target_shape"]  # of r2_per_dim, flat in the metrics
     if labels:
@@ -844,6 +867,8 @@ def _features_text(features: dict) -> str:
         text = "stored row"
     elif "token" in features:
         text = f"token {features['token']} of {count}"
+    elif features["tokens"] == "aligned":
+        text = f"tokens one by one ({count} a row), each with its own target value"
     else:
         text = f"mean of {count} tokens" if features["tokens"] == "mean" else f"{count} tokens side by side"
     reduction = features["reduction"]
@@ -949,9 +974,11 @@ class TrainedProbe(nn.Module):
 
     def features(self, rows: torch.Tensor) -> torch.Tensor:
         """The probe's input from rows as ActivationDataset reads them for it (reduction="mean"
-        where the probe took token means, else None)."""
-        return feature_rows(rows.float(), self.mean, self.std, None if self.tokens == "mean" else self.channel_axis,
-                            self.token)
+        where the probe took token means, else None); --tokens aligned: a row for each token,
+        the rows' tokens one after another."""
+        x = feature_rows(rows.float(), self.mean, self.std, None if self.tokens == "mean" else self.channel_axis,
+                         self.token)
+        return x.reshape(-1, row_tokens(self.row_shape, self.channel_axis)[1]) if self.tokens == "aligned" else x
 
     def _as_stored(self, x: torch.Tensor) -> torch.Tensor:
         stored = x.shape[2:] == self.row_shape if self.ragged else x.shape[1:] == self.row_shape
@@ -979,20 +1006,25 @@ class TrainedProbe(nn.Module):
         return reduced
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(rows, outputs), or (rows, tokens, outputs) for a probe of each token (--tokens aligned)."""
         rows = reduce_read_tokens(self._as_stored(x), "mean" if self.tokens == "mean" else None, 1,
                                   self.channel_axis)
-        return self.head(self.features(rows))
+        out = self.head(self.features(rows))
+        return out.reshape(len(rows), -1, out.shape[-1]) if self.tokens == "aligned" else out
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor | list[str]:
+    def predict(self, x: torch.Tensor) -> torch.Tensor | list:
         """Class labels (the label values the store held: ints, or strings as a list), or the
-        target's values (rows, *dims) for a regression."""
+        target's values (rows, *dims) for a regression; a probe of each token (--tokens aligned)
+        gives (rows, tokens, ...), or a list of rows of strings."""
         out = self(x)
         if self.task == "regression":
-            return out.reshape(len(out), *self.target_shape)
-        chosen = out.argmax(1).tolist()
-        return [self.classes[i] for i in chosen] if self.classes and isinstance(self.classes[0], str) else \
-            torch.tensor([self.classes[i] for i in chosen], dtype=torch.long)
+            return out.reshape(*out.shape[:-1], *self.target_shape)
+        chosen = out.argmax(-1)
+        if self.classes and isinstance(self.classes[0], str):
+            names = [self.classes[i] for i in chosen.reshape(-1).tolist()]
+            return names if chosen.dim() == 1 else [names[i:i + chosen.shape[1]] for i in range(0, len(names), chosen.shape[1])]
+        return torch.tensor(self.classes, dtype=torch.long)[chosen]
 
 
 def load_probe(path: str | os.PathLike) -> TrainedProbe:

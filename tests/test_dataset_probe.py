@@ -680,7 +680,7 @@ def test_tokens_side_by_side_read_what_their_mean_loses(tmp_path):
     assert torch.load(flat["probe"]["weights"], weights_only=True)["state_dict"]["weight"].shape == (1, 16)
     with pytest.raises(ProbeError) as info:
         probe_opts(tmp_path, path, tokens="all")
-    assert str(info.value) == "--tokens 'all': use one of mean, flat, each"
+    assert str(info.value) == "--tokens 'all': use one of mean, flat, each, aligned"
     ragged = tmp_path / "ragged.h5"
     with StoreWriter(ragged, [LayerSpec("enc", (2,), ragged=True)], [TargetSpec("y", (), "int64")]) as writer:
         writer.append({"enc": Ragged(np.zeros((30, 2), np.float16), [1, 2] * 10)}, targets={"y": np.arange(20) % 2},
@@ -688,6 +688,54 @@ def test_tokens_side_by_side_read_what_their_mean_loses(tmp_path):
     with pytest.raises(ProbeError) as info:
         run_probes(probe_opts(tmp_path, ragged, layer="enc", tokens="flat"))
     assert str(info.value) == "enc is ragged (its token count varies): --tokens flat needs one count; use --tokens mean"
+
+
+def test_tokens_aligned_read_each_token_with_its_own_label_and_draw_whole_rows(tmp_path, monkeypatch):
+    """A label for each of a row's 2 x 3 tokens (a frame's positions, say): --tokens aligned
+    trains one probe on every token, each against its own label; its intervals draw whole rows,
+    and the probe applied to rows labels each token."""
+    import marstore.probe as probe_module
+    from marstore.evaluate import EvaluateOptions, evaluate_probes
+    from marstore.probe import load_probe
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((500, 2, 3, 8)).astype(np.float16)
+    w = rng.standard_normal(8)
+    labels = (x.astype(np.float64) @ w > 0).astype(np.int64) * 2 - 1  # -1 or 1: the classes' values, kept
+    path = tmp_path / "tokens.h5"
+    with StoreWriter(path, [LayerSpec("frames", (2, 3, 8))], [TargetSpec("part", (2, 3), "int64"),
+                                                            TargetSpec("kind", (), "int64")]) as writer:
+        writer.append({"frames": x}, targets={"part": labels, "kind": np.arange(500) % 2}, index=range(500))
+    drawn = []
+    intervals = probe_module._add_intervals
+    monkeypatch.setattr(probe_module, "_add_intervals",
+                        lambda entry, metric, tests, seed, groups: drawn.append(groups) or intervals(entry, metric, tests, seed, groups))
+    report = run_probes(probe_opts(tmp_path, path, layer="frames", target="part", tokens="aligned"))
+    entry = report["layers"][0]
+    assert (entry["features"], entry["inputs"], entry["classes"]) == (
+        "tokens one by one (6 a row), each with its own target value", 8, [-1, 1])
+    assert entry["split_rows"] == {"train": 400, "val": 50, "test": 50}
+    assert entry["token_rows"] == {"train": 2400, "val": 300, "test": 300}
+    assert entry["probe"]["test"]["accuracy"] > 0.95 and entry["control"]["test"]["accuracy"] < 0.65
+    (groups,) = drawn  # each of the 50 test rows' 6 tokens, drawn together
+    assert len(groups) == 300 and sorted(np.unique(groups, return_counts=True)[1]) == [6] * 50
+    probe = load_probe(entry["probe"]["weights"])
+    rows = torch.from_numpy(x[:40])
+    assert probe(rows).shape == (40, 6, 2)
+    predicted = probe.predict(rows)
+    assert predicted.shape == (40, 6) and set(predicted.unique().tolist()) == {-1, 1}
+    assert (predicted == torch.from_numpy(labels[:40]).reshape(40, 6)).float().mean() > 0.95
+    # another store's rows: the same probe, scored on each token against its own label
+    evaluated = evaluate_probes(EvaluateOptions(probes=str(tmp_path / "probes"), store=str(path), rows="all",
+                                                out=str(tmp_path / "evaluated")))["layers"][0]
+    every = probe.predict(torch.from_numpy(x)).reshape(-1)
+    assert (evaluated["split_rows"], evaluated["token_rows"]) == ({"test": 500}, {"test": 3000})
+    assert evaluated["probe"]["test"]["accuracy"] == pytest.approx(float((every == torch.from_numpy(labels).reshape(-1)).float().mean()))
+    with pytest.raises(ProbeError) as info:
+        run_probes(probe_opts(tmp_path, path, layer="frames", target="kind", tokens="aligned"))
+    assert str(info.value) == ("frames: --tokens aligned reads each of its 6 tokens with its own value of target 'kind', "
+                               "which holds one value a row; give a target of shape (6, ...) a row (a value for each "
+                               "token), or probe --tokens mean")
 
 
 def test_a_label_far_from_balanced_is_headed_by_the_metric_asked_for(tmp_path):
