@@ -174,9 +174,14 @@ class ActivationDataset(Dataset):
         self.reduction = reduction
         with open_store(self.path) as store:  # validate once, in the creating process
             self.layer_names = layers_of(store, layers)
+            # a target may be a layer stored dense (what a method returned: MAR's mask), read as stored
+            self.layer_targets = {n for n in self.target_names if n not in store.targets and n in store.layers}
             for name in self.target_names:
-                if name not in store.targets:
+                if name not in store.targets and name not in self.layer_targets:
                     raise StoreError(f"{self.path} has no target {name!r}; it has {sorted(store.targets)}")
+                if name in self.layer_targets and store.layers[name].layout == "ragged":
+                    raise StoreError(f"{self.path}: the layer {name!r} is ragged (its token count varies); a layer read "
+                                     "as a target needs one shape a row")
             self.committed = store.rows
             self.ragged = {n for n in self.layer_names if store.layers[n].layout == "ragged"}
             self.token_shapes = {n: tuple(store.layers[n].row_shape) for n in self.ragged}  # of one token
@@ -186,10 +191,11 @@ class ActivationDataset(Dataset):
             # a virtual store (scale-out) has no chunks of its own: use the size the parts use
             self.chunk_rows = int(first.chunks[0]) if first.chunks else default_chunk_rows(
                 first.row_shape, np.dtype(STORED_DTYPES[first.dtype]).itemsize, None)
-            self.bfloat16 = {n for n in self.layer_names if store.layers[n].attrs.get("encoding") == "bfloat16-bits"}
+            self.bfloat16 = {n for n in [*self.layer_names, *self.layer_targets]
+                             if store.layers[n].attrs.get("encoding") == "bfloat16-bits"}
             self.channel_axes = {n: store.layers[n].attrs["channel_axis"] for n in self.layer_names
                                  if "channel_axis" in store.layers[n].attrs}
-            self.text = {n for n in self.target_names if is_text(store.targets[n])}  # read as str, batched as lists
+            self.text = {n for n in self.target_names if n not in self.layer_targets and is_text(store.targets[n])}  # read as str, batched as lists
         self.rows = np.arange(self.committed) if rows is None else self._row_positions(rows)
         self.follows_writer = rows is None  # refresh() extends only a view of every row
         if len(self.rows) and self.rows.min() < 0:
@@ -316,6 +322,10 @@ class ActivationDataset(Dataset):
         axis = 0 if name in self.ragged else 1  # the token axis: of one ragged row, or of a dense batch
         return reduce_read_tokens(t, self.reduction, axis, self.channel_axes.get(name)).to(self.dtype)
 
+    def _kind(self, target: str) -> str:
+        """Where a target's rows lie: a layer read as a target lies among the activations."""
+        return "activations" if target in self.layer_targets else "targets"
+
     def __getitems__(self, positions: Sequence[int]) -> "RowBatch":
         """Many items with one HDF5 read per run of consecutive rows (DataLoader calls this).
         The result is a sequence of items; collate_rows turns it into a batch without copies."""
@@ -333,9 +343,12 @@ class ActivationDataset(Dataset):
             else:
                 columns[name] = self._to_tensor(name, data if in_order else data[back])
         for name in self.target_names:
-            data = self._read(name, "targets", sorted_rows)
+            data = self._read(name, self._kind(name), sorted_rows)
             data = data if in_order else data[back]
             columns[name] = data if name in self.text else torch.from_numpy(np.ascontiguousarray(data))
+            if name in self.layer_targets:  # as stored, in float32: never reduced
+                bits = name in self.bfloat16
+                columns[name] = (columns[name].view(torch.int16).view(torch.bfloat16) if bits else columns[name]).float()
         return RowBatch(columns, self.layer_names + self.target_names, len(positions), self.as_tuple)
 
     def __getitem__(self, position: int):
@@ -364,7 +377,7 @@ class ActivationDataset(Dataset):
         total = 0
         for kind, names in (("activations", self.layer_names), ("targets", self.target_names)):
             for name in names:
-                obj = self._object(kind, name)
+                obj = self._object(self._kind(name) if kind == "targets" else kind, name)
                 if kind == "activations" and name in self.ragged:
                     values = obj["values"]
                     total += values.size * values.dtype.itemsize // max(1, self.committed)
@@ -378,7 +391,7 @@ class ActivationDataset(Dataset):
             raise StoreError(f"preload keeps dense rows only; {sorted(self.ragged)} are ragged")
         self._memory = None  # read from the file, also when preloading again
         sorted_rows = np.unique(self.rows)
-        objects = [self._object("activations", n) for n in self.layer_names] + [self._object("targets", n) for n in self.target_names]
+        objects = [self._object("activations", n) for n in self.layer_names] + [self._object(self._kind(n), n) for n in self.target_names]
         need = sum(int(np.prod(o.shape[1:])) * o.dtype.itemsize for o in objects)
         need *= len(sorted_rows)
         limit = max_bytes if max_bytes is not None else _available_memory() // 2
@@ -389,7 +402,7 @@ class ActivationDataset(Dataset):
         for name in self.layer_names:
             memory[f"activations/{name}"] = self._read(name, "activations", sorted_rows)
         for name in self.target_names:
-            memory[f"targets/{name}"] = self._read(name, "targets", sorted_rows)
+            memory[f"{self._kind(name)}/{name}"] = self._read(name, self._kind(name), sorted_rows)
         self._memory = memory
         log.info("preloaded %d rows of %s: %.1f MiB in memory", len(sorted_rows), self.path, need / 2**20)
         return need

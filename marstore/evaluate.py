@@ -286,9 +286,9 @@ def evaluate_probes(opts: EvaluateOptions) -> dict:
     training = report["options"]
     with open_store(opts.store) as store:
         target = opts.target or report["target"]
-        if target not in store.targets:
+        if target not in store.targets and target not in store.layers:
             raise ProbeError(f"target {target!r} is not in {opts.store}; its targets are {sorted(store.targets)} "
-                             "(--target names the one to score against)")
+                             "(--target names the one to score against, or a layer)")
         group = opts.group
         if group is None and training.get("group") in store.targets:
             group = training["group"]

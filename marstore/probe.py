@@ -435,7 +435,10 @@ def _metric_of_sums(metric: str, sums: torch.Tensor, total: torch.Tensor) -> tor
     if metric == "r2":  # squared errors, centred targets and their squares
         err, mean, square = first / total, second / total, last / total
         var = square - mean**2
-        return torch.where(var > 0, 1 - err / var.clamp_min(1e-12), torch.zeros_like(var)).mean(0)
+        # a value constant in the resample leaves rounding's 1e-17 here, not 0 (R² -1e9): within
+        # float64's rounding of the squares, the variance is none (its R² 0, as _metrics has it)
+        varies = var > 1e-12 * square
+        return torch.where(varies, 1 - err / var.clamp_min(1e-300), torch.zeros_like(var)).mean(0)
     hits, support, chosen = first, second, last  # per class: true positives, rows of the class, rows predicted as it
     if metric == "balanced_accuracy":  # the mean recall of the classes the resample holds
         scores, counted = hits / support.clamp_min(1), support > 0
@@ -739,9 +742,17 @@ def run_probes(opts: ProbeOptions) -> dict:
                                  if s.targets else f"{opts.store} holds no targets to probe: extract with --targets")
             opts = replace(opts, target=next(iter(s.targets)))
             log.info("probing for %s, the target of %s", opts.target, opts.store)
-        for flag, name in (("--target", opts.target), ("--group", opts.group)):
-            if name is not None and name not in s.targets:
-                raise ProbeError(f"{flag} {name!r} is not in {opts.store}; its targets are {sorted(s.targets)}")
+        # a layer is a target too (what a method returned, stored with --layers: MAR's mask), but not a group
+        if opts.target not in s.targets and opts.target not in s.layers:
+            raise ProbeError(f"--target {opts.target!r} is not in {opts.store}; its targets are {sorted(s.targets)} (or "
+                             "name one of its layers)")
+        if opts.group is not None and opts.group not in s.targets:
+            raise ProbeError(f"--group {opts.group!r} is not in {opts.store}; its targets are {sorted(s.targets)}")
+        if opts.target in layers:
+            layers.remove(opts.target)
+            log.info("--target %s is a layer: it is not probed for itself", opts.target)
+            if not layers:
+                raise ProbeError(f"--target {opts.target!r} is the one layer --layer selects; a layer cannot be its own target")
         # every layer's probe sees the same rows, also while an extraction still adds some
         source = {"path": os.path.abspath(opts.store), "status": s.status, "rows": s.rows, "created": str(s.file.attrs["created"]),
                   # what the source indices index: the probe files say which samples they saw

@@ -590,6 +590,29 @@ def test_each_bootstrap_resample_gets_the_metric_of_its_rows(metric, rows, group
     assert torch.allclose(got, want, rtol=0, atol=1e-9)
 
 
+def test_a_resample_in_which_a_target_value_is_constant_scores_it_zero_as_the_metric_does():
+    """A mask position that is 1 in all but two of 40 test rows is constant in many resamples; its
+    variance there must read 0 (R² 0 by convention, as _metrics gives it), not a rounding error's
+    1e-17, which made one resample's R² -1e9 and the interval '-1659758581.864 to 0.272'."""
+    from marstore.probe import _intervals, _resampled_counts, _resampled_metric
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.ones(40, 2)
+    y[[3, 17], 0] = 0
+    y[:, 1] = torch.randn(40, generator=g)
+    pred = y + 0.1 * torch.randn(40, 2, generator=g) + 0.05
+    counts = torch.cat(list(_resampled_counts(40, 0, draws=200)))
+    constant = int(((counts[:, [3, 17]] == 0).all(1)).sum())
+    assert constant > 10  # the case at hand: resamples without either zero
+    got = _resampled_metric("r2", pred, y, counts)
+    picked = [torch.repeat_interleave(torch.arange(40), c.long()) for c in counts]
+    want = torch.tensor([reference_metrics("regression", pred[p].double(), y[p].double())["r2"] for p in picked],
+                        dtype=torch.float64)
+    assert torch.allclose(got, want, rtol=0, atol=1e-9)
+    low, high = _intervals("r2", {"probe": (pred, y)}, 0)["probe"]
+    assert -1 < low < high < 1
+
+
 def test_the_intervals_compare_probe_and_control_on_the_same_resamples():
     from marstore.probe import _intervals
 
@@ -736,6 +759,44 @@ def test_tokens_aligned_read_each_token_with_its_own_label_and_draw_whole_rows(t
     assert str(info.value) == ("frames: --tokens aligned reads each of its 6 tokens with its own value of target 'kind', "
                                "which holds one value a row; give a target of shape (6, ...) a row (a value for each "
                                "token), or probe --tokens mean")
+
+
+def test_a_layer_is_a_target_read_as_stored_such_as_a_mask_for_each_token(tmp_path):
+    """What a method returned, stored as a layer (MAR's random_masking(): 1 where a token was
+    masked), is a target: read as stored, in float32, never reduced; probed for on every other
+    layer, each token against its own mask value."""
+    from marstore.probe import load_probe
+
+    rng = np.random.default_rng(1)
+    mask = (rng.random((400, 6)) < 0.7).astype(np.float16)
+    tokens = rng.standard_normal((400, 6, 8)).astype(np.float16)
+    tokens[..., 0] += 6 * mask  # a masked token shows it in its first feature
+    path = tmp_path / "masked.h5"
+    with StoreWriter(path, [LayerSpec("blocks.0", (6, 8)), LayerSpec("random_masking()", (6,)),
+                            LayerSpec("enc", (8,), ragged=True)], [TargetSpec("label", (), "int64")]) as writer:
+        writer.append({"blocks.0": tokens, "random_masking()": mask, "enc": Ragged(np.zeros((800, 8), np.float16), [2] * 400)},
+                      targets={"label": np.arange(400) % 3}, index=range(400))
+    for preload in (False, True):
+        ds = ActivationDataset(path, ["blocks.0"], ["random_masking()", "label"], reduction="mean", preload=preload)
+        batch = collate_rows(ds.__getitems__([3, 1, 3]))
+        assert batch["random_masking()"].dtype == torch.float32
+        assert torch.equal(batch["random_masking()"], torch.from_numpy(mask[[3, 1, 3]]).float())  # not reduced
+        assert batch["blocks.0"].shape == (3, 8) and batch["label"].tolist() == [0, 1, 0]
+    report = run_probes(probe_opts(tmp_path, path, layer=["blocks.0", "random_masking()"], target="random_masking()",
+                                   tokens="aligned", task="classification", metric="balanced_accuracy"))
+    (entry,) = report["layers"]  # the target's own layer is not probed for itself
+    assert entry["layer"] == "blocks.0" and entry["classes"] == [0, 1]
+    assert entry["probe"]["test"]["balanced_accuracy"] > 0.95 and entry["control"]["test"]["balanced_accuracy"] < 0.6
+    assert load_probe(entry["probe"]["weights"]).predict(torch.from_numpy(tokens[:5])).tolist() == mask[:5].astype(int).tolist()
+    for kw, message in (
+            ({"layer": "blocks.0", "target": "mask"}, f"--target 'mask' is not in {path}; its targets are ['label'] (or name one of its layers)"),
+            ({"layer": "random_masking()", "target": "random_masking()"},
+             "--target 'random_masking()' is the one layer --layer selects; a layer cannot be its own target"),
+            ({"layer": "blocks.0", "target": "enc"},
+             f"{path}: the layer 'enc' is ragged (its token count varies); a layer read as a target needs one shape a row")):
+        with pytest.raises((ProbeError, StoreError)) as info:
+            run_probes(probe_opts(tmp_path, path, **kw))
+        assert str(info.value) == message
 
 
 def test_a_label_far_from_balanced_is_headed_by_the_metric_asked_for(tmp_path):

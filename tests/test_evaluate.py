@@ -272,7 +272,7 @@ def test_evaluate_refuses_what_does_not_fit_in_one_line(tmp_path, capsys):
         ([probes, str(tmp_path / "wide.h5")], f"h: {tmp_path / 'wide.h5'} holds rows of shape (9,), the probe was trained on "
                                               "rows of shape (8,); evaluate on a store of this layer extracted as the probe's was"),
         ([probes, str(tmp_path / "no_y.h5")], f"target 'y' is not in {tmp_path / 'no_y.h5'}; its targets are ['z'] (--target "
-                                              "names the one to score against)"),
+                                              "names the one to score against, or a layer)"),
         ([probes, str(tmp_path / "no_y.h5"), "--target", "z"], "h: target 'z' has 1 values a row, the probe predicts 3"),
         ([probes, str(tmp_path / "a.h5"), "--layer", "g"], f"--layer 'g': no probe of {probes} is of such a layer; nearest: h"),
         ([probes, str(tmp_path / "flat.h5")], "h: target 'y' is [1.0, 2.0, 3.0] in every evaluated row, where R² is undefined; "
