@@ -697,8 +697,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("store")
     pr.add_argument("--layer", nargs="+", metavar="LAYER",
                     help="layer names, globs or re:REGEX; several layers give a depth plot (default: every layer)")
-    pr.add_argument("--target", nargs="+", help="the target to probe for (default: the store's, when it has one); "
-                                                "several: a report each, in OUT/TARGET")
+    pr.add_argument("--target", nargs="+", help="the target to probe for (default: the store's, when it has one), or a "
+                                                "layer the store holds dense (MAR's mask, 'random_masking()'); several: "
+                                                "a report each, in OUT/TARGET")
     pr.add_argument("--task", choices=["auto", "regression", "classification"])
     pr.add_argument("--kind", choices=["linear", "mlp"])
     pr.add_argument("--metric", choices=["accuracy", "balanced_accuracy", "macro_f1"],

@@ -195,7 +195,8 @@ class ActivationDataset(Dataset):
                              if store.layers[n].attrs.get("encoding") == "bfloat16-bits"}
             self.channel_axes = {n: store.layers[n].attrs["channel_axis"] for n in self.layer_names
                                  if "channel_axis" in store.layers[n].attrs}
-            self.text = {n for n in self.target_names if n not in self.layer_targets and is_text(store.targets[n])}  # read as str, batched as lists
+            # read as str, batched as lists
+            self.text = {n for n in self.target_names if n not in self.layer_targets and is_text(store.targets[n])}
         self.rows = np.arange(self.committed) if rows is None else self._row_positions(rows)
         self.follows_writer = rows is None  # refresh() extends only a view of every row
         if len(self.rows) and self.rows.min() < 0:
