@@ -650,13 +650,16 @@ def _prepare(opts: ProbeOptions, layer: str, selection: np.ndarray) -> _Prepared
     xs, ys = {}, {}
     skipped = 0
     test_groups = None
+    target_tokens: dict = {}  # --tokens aligned: the target's own axes of the tokens, as predictions take them back
     for name, positions in splits.items():
         x, data, stats = _features(ds, positions, layer)
         y = data[opts.target]
         groups = np.asarray(data[opts.group]) if opts.group else None
         if opts.tokens == "aligned":
             count, width = row_tokens(data[layer].shape[1:], ds.channel_axes.get(layer))
+            stored = tuple(y.shape[1:])
             y, owner = aligned_targets(y, count, opts.target, layer)
+            target_tokens = {"target_tokens": list(stored[: len(stored) - len(y.shape[1:])])}
             x = x.reshape(len(y), width)
             groups = owner if groups is None else groups[owner]  # the test's intervals draw whole rows
         finite = finite_rows(x, y)
@@ -674,7 +677,7 @@ def _prepare(opts: ProbeOptions, layer: str, selection: np.ndarray) -> _Prepared
         # read while the store is open: a closed file's attributes read as absent
         features = {"layer": layer, "row_shape": list(info.row_shape), "ragged": info.layout == "ragged",
                     "channel_axis": ds.channel_axes.get(layer), "reduction": str(info.attrs.get("reduction", "none")),
-                    "channels_first": bool(recorded.get("channels_first", False)), "tokens": opts.tokens,
+                    "channels_first": bool(recorded.get("channels_first", False)), "tokens": opts.tokens, **target_tokens,
                     "mean": stats[0], "std": stats[1],
                     # how the hooks took the module's captures, for a probe of its live output (LiveProbes)
                     "multi_fire": extraction.get("multi_fire", "error"),
@@ -975,6 +978,7 @@ class TrainedProbe(nn.Module):
             self.head = ResidualMLP(state["linear.weight"].shape[1], file["hidden"], state["linear.weight"].shape[0])
         self.head.load_state_dict(state)
         self.target_shape = tuple(f.get("target_shape", ()))
+        self.target_tokens = tuple(f.get("target_tokens", ()))  # --tokens aligned: the target's axes of the tokens
         self.requires_grad_(False).eval()  # fitted: gradients reach the activations only
 
     def saw(self, sources: np.ndarray | Sequence[int]) -> np.ndarray:
@@ -1027,14 +1031,15 @@ class TrainedProbe(nn.Module):
     def predict(self, x: torch.Tensor) -> torch.Tensor | list:
         """Class labels (the label values the store held: ints, or strings as a list), or the
         target's values (rows, *dims) for a regression; a probe of each token (--tokens aligned)
-        gives (rows, tokens, ...), or a list of rows of strings."""
+        gives them for each token, laid out as its target was ((rows, h, w) for a (rows, h, w) map), or a
+        list of rows of strings."""
         out = self(x)
         if self.task == "regression":
-            return out.reshape(*out.shape[:-1], *self.target_shape)
-        chosen = out.argmax(-1)
+            return out.reshape(len(out), *self.target_tokens, *self.target_shape)
+        chosen = out.argmax(-1).reshape(len(out), *self.target_tokens)
         if self.classes and isinstance(self.classes[0], str):
-            names = [self.classes[i] for i in chosen.reshape(-1).tolist()]
-            return names if chosen.dim() == 1 else [names[i:i + chosen.shape[1]] for i in range(0, len(names), chosen.shape[1])]
+            names = np.array(self.classes, dtype=object)[chosen.numpy()]
+            return names.tolist()
         return torch.tensor(self.classes, dtype=torch.long)[chosen]
 
 

@@ -746,14 +746,26 @@ def test_tokens_aligned_read_each_token_with_its_own_label_and_draw_whole_rows(t
     rows = torch.from_numpy(x[:40])
     assert probe(rows).shape == (40, 6, 2)
     predicted = probe.predict(rows)
-    assert predicted.shape == (40, 6) and set(predicted.unique().tolist()) == {-1, 1}
-    assert (predicted == torch.from_numpy(labels[:40]).reshape(40, 6)).float().mean() > 0.95
+    assert predicted.shape == (40, 2, 3) and set(predicted.unique().tolist()) == {-1, 1}  # laid out as the target
+    assert (predicted == torch.from_numpy(labels[:40])).float().mean() > 0.95
     # another store's rows: the same probe, scored on each token against its own label
     evaluated = evaluate_probes(EvaluateOptions(probes=str(tmp_path / "probes"), store=str(path), rows="all",
                                                 out=str(tmp_path / "evaluated")))["layers"][0]
     every = probe.predict(torch.from_numpy(x)).reshape(-1)
     assert (evaluated["split_rows"], evaluated["token_rows"]) == ({"test": 500}, {"test": 3000})
     assert evaluated["probe"]["test"]["accuracy"] == pytest.approx(float((every == torch.from_numpy(labels).reshape(-1)).float().mean()))
+    # a convolution's (C, h, w): its positions are the tokens, row-major, each labelled by a (h, w) map
+    maps = rng.standard_normal((300, 5, 3, 4)).astype(np.float16)
+    segments = (maps[:, 2] > 0).astype(np.int64)  # (300, 3, 4): a pixel's label is its channel 2's sign
+    conv = tmp_path / "conv.h5"
+    with StoreWriter(conv, [LayerSpec("conv", (5, 3, 4), channel_axis=0)], [TargetSpec("segments", (3, 4), "int64")]) as writer:
+        writer.append({"conv": maps}, targets={"segments": segments}, index=range(300))
+    pixels = run_probes(probe_opts(tmp_path, conv, layer="conv", target="segments", tokens="aligned",
+                                   out=str(tmp_path / "conv")))["layers"][0]
+    assert (pixels["inputs"], pixels["token_rows"]["test"]) == (5, 30 * 12)
+    assert pixels["probe"]["test"]["accuracy"] > 0.97
+    assert torch.equal(load_probe(pixels["probe"]["weights"]).predict(torch.from_numpy(maps[:8])),
+                       torch.from_numpy(segments[:8]))
     with pytest.raises(ProbeError) as info:
         run_probes(probe_opts(tmp_path, path, layer="frames", target="kind", tokens="aligned"))
     assert str(info.value) == ("frames: --tokens aligned reads each of its 6 tokens with its own value of target 'kind', "
