@@ -1158,6 +1158,11 @@ class StoreWriter:
         targets = {name: _text_rows(name, t) if name in self._text_targets else _as_numpy(t) for name, t in targets.items()}
         for name, t in targets.items():
             expected = (n, *self._target_row_shapes[name])
+            if t.shape != expected and t.shape[:1] == expected[:1] and t.ndim == len(expected):
+                raise StoreError(f"target {name!r}: rows of shape {t.shape[1:]} in this batch, {expected[1:]} in the store; a "
+                                 "target keeps one shape a row (a batch padded to its longest item has another length "
+                                 "each time): pad it to one length (in --collate, or the tokenizer's max_length), or leave "
+                                 "it out of --targets")
             if t.shape != expected:
                 raise StoreError(f"target {name!r}: batch shape {t.shape}, expected {expected}")
         nbytes = sum(v[0].nbytes for v in activations.values()) if slot is None else slot.nbytes

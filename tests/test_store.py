@@ -228,6 +228,21 @@ BAD_APPENDS = [
 ]
 
 
+def test_a_target_whose_length_changes_between_batches_is_refused_with_the_fix(tmp_path):
+    """Labels padded to each batch's longest sentence: the layers' tokens become ragged, the
+    target cannot; the error says so and what to do, and the rows before it stay."""
+    with StoreWriter(tmp_path / "s.h5", [LayerSpec("a", (8,))], [TargetSpec("labels", (11,), "int64")]) as w:
+        w.append({"a": np.ones((2, 8), np.float16)}, targets={"labels": np.zeros((2, 11), np.int64)}, index=[0, 1])
+        with pytest.raises(StoreError) as info:
+            w.append({"a": np.ones((2, 8), np.float16)}, targets={"labels": np.zeros((2, 10), np.int64)}, index=[2, 3])
+    assert str(info.value) == (
+        "target 'labels': rows of shape (10,) in this batch, (11,) in the store; a target keeps one shape a row (a batch "
+        "padded to its longest item has another length each time): pad it to one length (in --collate, or the "
+        "tokenizer's max_length), or leave it out of --targets")
+    with open_store(tmp_path / "s.h5") as s:
+        assert s.rows == 2
+
+
 @pytest.mark.parametrize("call,message", BAD_APPENDS, ids=[m[:30] for _, m in BAD_APPENDS])
 def test_bad_batches_are_refused_in_the_callers_thread(tmp_path, call, message):
     with StoreWriter(tmp_path / "s.h5", [LayerSpec("a", (8,)), LayerSpec("r", (4,), ragged=True)]) as w:
