@@ -85,6 +85,54 @@ def in_forward_order(store: Store, names: Sequence[str]) -> list[str]:
     return sorted(names, key=lambda name: position.get(name, len(position)))
 
 
+def _sides(condition: str) -> tuple[str, str, str]:
+    """TARGET=VALUE or TARGET!=VALUE as (TARGET, '=' or '!=', VALUE); the operator empty where absent."""
+    return condition.partition("!=") if "!=" in condition else condition.partition("=")
+
+
+def parse_condition(store: Store, condition: str) -> tuple[str, bool, Any]:
+    """--where's TARGET=VALUE or TARGET!=VALUE as (target, negated, value): VALUE as text for a
+    text target, as a number (or true, false) of the target's type otherwise."""
+    name, op, text = _sides(condition)
+    if not name or not op:
+        raise StoreError(f"--where {condition!r}: write TARGET=VALUE or TARGET!=VALUE")
+    if name not in store.targets:
+        raise StoreError(f"--where {condition}: {store.path} has no target {name!r}; it has {sorted(store.targets)}")
+    value: Any = text
+    if not is_text(store.targets[name]):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
+        if isinstance(value, (str, list, dict)) or value is None:
+            raise StoreError(f"--where {condition}: target {name!r} holds numbers, and {text!r} is not one")
+        dtype = np.dtype(store.targets[name].dtype)
+        if dtype.kind == "f":  # 0.1 as the target's float32 holds it, as `marstore info` prints it
+            value = dtype.type(value)
+    return name, op == "!=", value
+
+
+def condition_mask(column: np.ndarray, condition: str, negated: bool, value: Any, where: str) -> np.ndarray:
+    """Which of column's values (a target's, one a row or one a token) meet a parsed condition; a
+    value that none holds is refused with the values it does hold: a typo would select nothing,
+    or everything. where: what holds them, for the message ('no row of acts.h5')."""
+    match = column == value
+    if not match.any():
+        held = np.unique(column)
+        shown = ", ".join(map(str, held[:12].tolist())) + (f" ... ({len(held)} values)" if len(held) > 12 else "")
+        name, _, text = _sides(condition)
+        raise StoreError(f"--where {condition}: {where} has {name} = {text}; it holds {shown}")
+    return ~match if negated else match
+
+
+def token_conditions(store: Store, conditions: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(row conditions, token conditions): --where's conditions on targets of one value a row, and
+    on targets of several (a label for each token), which --tokens aligned applies token by token
+    (labels!=-100: the tokens that Hugging Face's labels do not leave out)."""
+    several = [c for c in conditions if store.targets[parse_condition(store, c)[0]].shape[1:]]
+    return [c for c in conditions if c not in several], several
+
+
 def rows_where(store: Store, conditions: str | Sequence[str], rows: int | None = None) -> np.ndarray:
     """The committed rows (of the first `rows`) whose targets meet every condition, TARGET=VALUE
     or TARGET!=VALUE: the rows of one task, say, for a probe within it. VALUE is compared as text
@@ -94,31 +142,12 @@ def rows_where(store: Store, conditions: str | Sequence[str], rows: int | None =
     count = store.rows if rows is None else rows
     keep = np.ones(count, dtype=bool)
     for condition in conditions:
-        name, negated, text = condition.partition("!=") if "!=" in condition else condition.partition("=")
-        if not name or not negated:
-            raise StoreError(f"--where {condition!r}: write TARGET=VALUE or TARGET!=VALUE")
-        if name not in store.targets:
-            raise StoreError(f"--where {condition}: {store.path} has no target {name!r}; it has {sorted(store.targets)}")
+        name, negated, value = parse_condition(store, condition)
         column = store.target(name, 0, count)
         if column.ndim != 1:
             raise StoreError(f"--where {condition}: target {name!r} holds {column.shape[1:]} values a row; --where "
-                             "compares a target of one value a row")
-        value: Any = text
-        if not is_text(store.targets[name]):
-            try:
-                value = json.loads(text)
-            except ValueError:
-                value = None
-            if isinstance(value, (str, list, dict)) or value is None:
-                raise StoreError(f"--where {condition}: target {name!r} holds numbers, and {text!r} is not one")
-            if column.dtype.kind == "f":  # 0.1 as the target's float32 holds it, as `marstore info` prints it
-                value = column.dtype.type(value)
-        match = column == value
-        if not match.any():
-            held = np.unique(column)
-            shown = ", ".join(map(str, held[:12].tolist())) + (f" ... ({len(held)} values)" if len(held) > 12 else "")
-            raise StoreError(f"--where {condition}: no row of {store.path} has {name} = {text}; it holds {shown}")
-        keep &= ~match if negated == "!=" else match
+                             "compares a target of one value a row (or, for probe --tokens aligned, one a token)")
+        keep &= condition_mask(column, condition, negated, value, f"no row of {store.path}")
     selected = np.flatnonzero(keep)
     if not len(selected):
         raise StoreError(f"--where {' '.join(conditions)}: no row of {store.path} meets them all")

@@ -29,12 +29,12 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from marstore.dataset import ActivationDataset, row_tokens, rows_where
+from marstore.dataset import ActivationDataset, row_tokens
 from marstore.hooks import Capture, did_you_mean, match_modules, nearest_names, parse_layers, recorded_unfold, reduction_text
 from marstore.loading import IN_HAND
 from marstore.probe import (ProbeError, TrainedProbe, _add_intervals, _breakdown_lines, _features_text, _metrics, _read_report,
                             _table_rows, aligned_targets, finite_rows, load_probe, probe_inputs, report_breakdown_plot,
-                            report_depth_plot, the_one_value, token_mean_shape)
+                            report_depth_plot, the_one_value, token_mean_shape, tokens_meeting, where_rows_and_tokens)
 from marstore.report import markdown_table
 from marstore.store import Store, StoreError, open_store, rows_equal
 from marstore.transfer import resolve_device
@@ -193,8 +193,8 @@ def _class_numbers(probe: TrainedProbe, y: np.ndarray | torch.Tensor, target: st
 class _Reads:
     """A layer's rows, read once for the probes of all its tokens (--tokens each): the last read is kept."""
 
-    def __init__(self, store: str, target: str, group: str | None):
-        self.store, self.columns = store, [target, *([group] if group else [])]
+    def __init__(self, store: str, columns: list[str]):
+        self.store, self.columns = store, list(dict.fromkeys(columns))
         self.key: tuple | None = None
         self.data: dict = {}
 
@@ -210,7 +210,7 @@ class _Reads:
 
 
 def _evaluate_layer(opts: EvaluateOptions, probes: dict[str, TrainedProbe], data: dict, target: str, group: str | None,
-                    seed: int, metric: str) -> dict:
+                    seed: int, metric: str, token_where: list[tuple]) -> dict:
     """The entry of one probe (and its control), from data: its layer's rows, the target's and the group's."""
     probe = probes["probe"]
     layer, device = probe.name, resolve_device(opts.device)
@@ -220,11 +220,14 @@ def _evaluate_layer(opts: EvaluateOptions, probes: dict[str, TrainedProbe], data
     if probe.tokens == "aligned":  # a row for each token, with its own target value
         y, owner = aligned_targets(y, row_tokens(probe.row_shape, probe.channel_axis)[0], target, layer)
         groups = owner if groups is None else groups[owner]  # the intervals draw whole rows
+    meeting = tokens_meeting(data, token_where, len(x), layer)
     finite = finite_rows(x, y)
+    skipped = int((meeting & ~finite).sum())
+    finite &= meeting
     x, y = x[finite], y[finite.numpy()] if isinstance(y, np.ndarray) else y[finite]
     if not len(x):
         raise ProbeError(f"{layer}: none of the {len(finite)} rows has finite features and targets")
-    entry: dict = {"layer": layer, "task": probe.task, "split_rows": {"test": len(x)}, "skipped_rows": int((~finite).sum())}
+    entry: dict = {"layer": layer, "task": probe.task, "split_rows": {"test": len(x)}, "skipped_rows": skipped}
     if probe.tokens == "aligned":  # as a probe report says it: the rows, and their tokens (skipped_rows counts these)
         entry |= {"split_rows": {"test": len(np.unique(owner[finite.numpy()]))}, "token_rows": {"test": len(x)}}
     if probe.task == "classification":
@@ -323,7 +326,8 @@ def evaluate_probes(opts: EvaluateOptions) -> dict:
                 "whose samples the probes never saw"))
         where = training.get("where", []) if opts.where is None else opts.where
         try:
-            allowed = rows_where(store, where, store.rows) if where else None
+            aligned = training.get("tokens") == "aligned"  # conditions on a target of a value a token select tokens
+            allowed, token_where = where_rows_and_tokens(store, where, store.rows, aligned) if where else (None, [])
         except StoreError as exc:
             raise ProbeError(str(exc) + (" (the probes' --where; --where with no condition scores every row)"
                                          if opts.where is None else "")) from None
@@ -334,11 +338,11 @@ def evaluate_probes(opts: EvaluateOptions) -> dict:
     os.makedirs(opts.out, exist_ok=True)
     metric, seed = report["metric"], training.get("seed", 0)
     out_entries = []
-    read = _Reads(opts.store, target, group)
+    read = _Reads(opts.store, [target, *([group] if group else []), *(c[1] for c in token_where)])
     for name, probes in zip(chosen, layers):
         rows = _held_out_rows(probes["probe"], index, opts.store, allowed) if mode == "held-out" else \
             np.arange(len(index)) if allowed is None else allowed
-        entry = _evaluate_layer(opts, probes, read(probes["probe"], rows), target, group, seed, metric)
+        entry = _evaluate_layer(opts, probes, read(probes["probe"], rows), target, group, seed, metric, token_where)
         out_entries.append({**entry, **{k: entries[name][k] for k in ("features", "inputs") if k in entries[name]},
                             **({"store_rows": held_as[name]} if held_as[name] else {})})
         log.info("%s: test %s %.3f on %d rows", probes["probe"].name, metric, out_entries[-1]["probe"]["test"][metric],

@@ -49,12 +49,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from marstore.dataset import ActivationDataset, flat_tokens, in_forward_order, layers_of, reduce_read_tokens, row_tokens, rows_where, split_sizes
+from marstore.dataset import (ActivationDataset, condition_mask, flat_tokens, in_forward_order, layers_of, parse_condition,
+                              reduce_read_tokens, row_tokens, rows_where, split_sizes, token_conditions)
 from marstore.errors import MarstoreError
 from marstore.hooks import (HookError, UnfoldLayout, parse_recorded_reduction, recorded_unfold, reduce_tokens,
                             reduction_text)
 from marstore.report import heatmap, markdown_table, text_table
-from marstore.store import StoreError, open_store
+from marstore.store import Store, StoreError, open_store
 from marstore.transfer import resolve_device
 
 log = logging.getLogger(__name__)
@@ -201,6 +202,35 @@ def aligned_targets(y: torch.Tensor | np.ndarray, count: int, target: str, layer
                          f"{target!r}, which holds {shape or 'one value'} a row; give a target of shape ({count}, ...) a row "
                          "(a value for each token), or probe --tokens mean")
     return y.reshape(len(y) * count, *shape[axes:]), np.repeat(np.arange(len(y)), count)
+
+
+def where_rows_and_tokens(store: Store, where: Sequence[str], rows: int, aligned: bool) -> tuple[np.ndarray, list[tuple]]:
+    """--where's rows (those of the first `rows` that meet its conditions on targets of one value
+    a row) and, for --tokens aligned, its conditions on targets of a value a token (labels!=-100),
+    parsed as (condition, target, negated, value), each checked to hold its value in those rows."""
+    row_where, token_where = token_conditions(store, where) if aligned else (list(where), [])
+    selection = rows_where(store, row_where, rows) if row_where else np.arange(rows)
+    parsed = []
+    for condition in token_where:
+        name, negated, value = parse_condition(store, condition)
+        column = np.asarray(store.target(name, 0, rows))[selection]
+        condition_mask(column.reshape(-1), condition, negated, value, f"no token of the rows of {store.path}")
+        parsed.append((condition, name, negated, value))
+    return selection, parsed
+
+
+def tokens_meeting(data: dict, conditions: Sequence[tuple], tokens: int, layer: str) -> torch.Tensor:
+    """Which of `tokens` token rows (--tokens aligned) meet every parsed condition of
+    where_rows_and_tokens, on the targets of a value a token that data holds for their rows."""
+    keep = np.ones(tokens, dtype=bool)
+    for condition, name, negated, value in conditions:
+        column, _ = aligned_targets(data[name], tokens // max(1, len(data[name])), name, layer)
+        column = np.asarray(column)
+        if column.ndim != 1:
+            raise ProbeError(f"--where {condition}: target {name!r} holds {column.shape[1:]} values a token; --where "
+                             "compares a target of one value a token")
+        keep &= ~(column == value) if negated else column == value
+    return torch.from_numpy(keep)
 
 
 def _metrics(task: str, pred: torch.Tensor, y: torch.Tensor) -> dict:
@@ -633,9 +663,11 @@ def _split_fractions(opts: ProbeOptions) -> tuple[float, float, float]:
     return 1 - opts.val_fraction - opts.test_fraction, opts.val_fraction, opts.test_fraction
 
 
-def _prepare(opts: ProbeOptions, layer: str, selection: np.ndarray) -> _Prepared:
-    """A layer's features and targets in train, val and test splits of the selected rows."""
-    ds = ActivationDataset(opts.store, [layer], [opts.target, *([opts.group] if opts.group else [])], rows=selection,
+def _prepare(opts: ProbeOptions, layer: str, selection: np.ndarray, token_where: Sequence[tuple]) -> _Prepared:
+    """A layer's features and targets in train, val and test splits of the selected rows (and,
+    with --tokens aligned, of the tokens that token_where's conditions select)."""
+    columns = dict.fromkeys([opts.target, *([opts.group] if opts.group else []), *(c[1] for c in token_where)])
+    ds = ActivationDataset(opts.store, [layer], list(columns), rows=selection,
                            reduction="mean" if opts.tokens == "mean" else None)
     if ds.ragged and opts.tokens != "mean":
         raise ProbeError(f"{layer} is ragged (its token count varies): --tokens {opts.tokens} needs one count; use --tokens mean")
@@ -662,8 +694,10 @@ def _prepare(opts: ProbeOptions, layer: str, selection: np.ndarray) -> _Prepared
             target_tokens = {"target_tokens": list(stored[: len(stored) - len(y.shape[1:])])}
             x = x.reshape(len(y), width)
             groups = owner if groups is None else groups[owner]  # the test's intervals draw whole rows
+        meeting = tokens_meeting(data, token_where, len(x), layer)
         finite = finite_rows(x, y)
-        skipped += int((~finite).sum())
+        skipped += int((meeting & ~finite).sum())
+        finite &= meeting
         xs[name], ys[name] = x[finite], y[finite.numpy()] if isinstance(y, np.ndarray) else y[finite]
         if name == "test" and groups is not None:
             test_groups = groups[finite.numpy()]
@@ -761,7 +795,7 @@ def run_probes(opts: ProbeOptions) -> dict:
                   # what the source indices index: the probe files say which samples they saw
                   "dataset": [s.metadata.get("dataset"), s.metadata.get("dataset_args")]}
         try:
-            selection = rows_where(s, opts.where, s.rows) if opts.where else np.arange(s.rows)
+            selection, token_where = where_rows_and_tokens(s, opts.where, s.rows, opts.tokens == "aligned")
         except StoreError as exc:
             raise ProbeError(str(exc)) from None
     if opts.where:
@@ -785,7 +819,7 @@ def run_probes(opts: ProbeOptions) -> dict:
             for layer in layers:
                 entries = _finished_before(opts, layer, source)
                 if entries is None:
-                    entries = _probe_layer(opts, layer, source, selection)
+                    entries = _probe_layer(opts, layer, source, selection, token_where)
                     _write_json(_finished_path(opts, layer), {"options": _recorded(opts), "store": source, "entries": entries})
                 rows += entries
         except (KeyboardInterrupt, ProbeInterrupted) as exc:
@@ -808,10 +842,11 @@ def run_probes(opts: ProbeOptions) -> dict:
     return report
 
 
-def _probe_layer(opts: ProbeOptions, layer: str, source: dict, selection: np.ndarray) -> list[dict]:
+def _probe_layer(opts: ProbeOptions, layer: str, source: dict, selection: np.ndarray,
+                 token_where: Sequence[tuple]) -> list[dict]:
     """The probe (and its control) on one layer of source (the store's path and committed rows),
     or with --tokens each on each of its tokens: the layer's entries in the report."""
-    prep = _prepare(opts, layer, selection)
+    prep = _prepare(opts, layer, selection, token_where)
     if prep.task == "regression" and opts.metric:
         raise ProbeError(f"{layer}: --metric {opts.metric} is a classification's; target {opts.target!r} is probed by "
                          "regression, whose metric is R²")

@@ -773,6 +773,38 @@ def test_tokens_aligned_read_each_token_with_its_own_label_and_draw_whole_rows(t
                                "token), or probe --tokens mean")
 
 
+def test_where_on_a_label_for_each_token_selects_tokens_such_as_the_ones_not_padding(tmp_path):
+    """Sentences padded to 5 tokens, their labels -100 at the padding (Hugging Face's): with
+    --tokens aligned, --where labels!=-100 leaves the padding's tokens out, token by token, in the
+    probe and in evaluate; a condition on a target of one value a row still selects rows."""
+    from marstore.evaluate import EvaluateOptions, evaluate_probes
+
+    rng = np.random.default_rng(2)
+    lengths = rng.integers(1, 6, 300)
+    x = rng.standard_normal((300, 5, 8)).astype(np.float16)
+    labels = (x[..., 1] > 0).astype(np.int64)
+    padding = np.arange(5)[None, :] >= lengths[:, None]
+    labels[padding] = -100
+    x[padding] = 0  # the padding's tokens all alike: a probe of every token would score them free
+    path = tmp_path / "sentences.h5"
+    with StoreWriter(path, [LayerSpec("layers.0", (5, 8))], [TargetSpec("labels", (5,), "int64"),
+                                                            TargetSpec("split", (), "int64")]) as writer:
+        writer.append({"layers.0": x}, targets={"labels": labels, "split": np.arange(300) % 3}, index=range(300))
+    report = run_probes(probe_opts(tmp_path, path, layer="layers.0", target="labels", tokens="aligned",
+                                   where=["labels!=-100", "split!=2"]))
+    entry = report["layers"][0]
+    assert entry["classes"] == [0, 1]  # no class for the padding
+    kept = ~padding & (np.arange(300) % 3 != 2)[:, None]
+    assert sum(entry["token_rows"].values()) == int(kept.sum()) and sum(entry["split_rows"].values()) == 200
+    assert entry["probe"]["test"]["accuracy"] > 0.95
+    evaluated = evaluate_probes(EvaluateOptions(probes=str(tmp_path / "probes"), store=str(path), rows="all",
+                                                out=str(tmp_path / "evaluated")))["layers"][0]
+    assert evaluated["token_rows"] == {"test": int(kept.sum())} and evaluated["split_rows"] == {"test": 200}
+    with pytest.raises(ProbeError) as info:
+        run_probes(probe_opts(tmp_path, path, layer="layers.0", target="labels", tokens="aligned", where=["labels=7"]))
+    assert str(info.value) == f"--where labels=7: no token of the rows of {path} has labels = 7; it holds -100, 0, 1"
+
+
 def test_a_layer_is_a_target_read_as_stored_such_as_a_mask_for_each_token(tmp_path):
     """What a method returned, stored as a layer (MAR's random_masking(): 1 where a token was
     masked), is a target: read as stored, in float32, never reduced; probed for on every other
@@ -967,11 +999,11 @@ def test_a_resume_keeps_the_layers_finished_before_the_interruption(tmp_path, mo
     prepared = []
     original = probe._prepare
 
-    def interrupting(opts, layer, rows):
+    def interrupting(opts, layer, rows, token_where):
         prepared.append(layer)
         if layer == "noise" and len(prepared) == 2:  # Ctrl-C while the second layer is read, before any epoch
             raise KeyboardInterrupt
-        return original(opts, layer, rows)
+        return original(opts, layer, rows, token_where)
 
     monkeypatch.setattr(probe, "_prepare", interrupting)
     out = tmp_path / "b"
@@ -995,7 +1027,7 @@ def test_a_resume_on_a_store_written_again_is_refused(tmp_path, monkeypatch):
     path = tmp_path / "s.h5"
     planted_store(path)
     original = probe._prepare
-    monkeypatch.setattr(probe, "_prepare", lambda opts, layer, rows: (_ for _ in ()).throw(KeyboardInterrupt)
+    monkeypatch.setattr(probe, "_prepare", lambda opts, layer, rows, token_where: (_ for _ in ()).throw(KeyboardInterrupt)
                         if layer == "noise" else original(opts, layer, rows))
     with pytest.raises(ProbeInterrupted):
         run_probes(probe_opts(tmp_path, path, layer=["signal", "noise"], epochs=3))
