@@ -1028,7 +1028,7 @@ def test_a_resume_on_a_store_written_again_is_refused(tmp_path, monkeypatch):
     planted_store(path)
     original = probe._prepare
     monkeypatch.setattr(probe, "_prepare", lambda opts, layer, rows, token_where: (_ for _ in ()).throw(KeyboardInterrupt)
-                        if layer == "noise" else original(opts, layer, rows))
+                        if layer == "noise" else original(opts, layer, rows, token_where))
     with pytest.raises(ProbeInterrupted):
         run_probes(probe_opts(tmp_path, path, layer=["signal", "noise"], epochs=3))
     os.remove(path)
