@@ -705,6 +705,9 @@ def _prepare(opts: ProbeOptions, layer: str, selection: np.ndarray, token_where:
     with open_store(opts.store) as store:
         seen_sources = store.index()[selection[np.concatenate([splits["train"], splits["val"]])]]
         info = store.layers[layer]
+        # a layer as the target that a module gave as booleans (a mask), stored as they were: labels 0 and 1
+        boolean = opts.target in store.layers and store.layers[opts.target].attrs.get("source_dtype") == "bool" \
+            and store.layers[opts.target].attrs.get("reduction") == "none"
         run = store.run_of(layer)
         recorded = next((spec for spec in run.get("layers", []) if spec.get("store_name") == layer), {})
         extraction = run.get("options", {})
@@ -732,7 +735,7 @@ def _prepare(opts: ProbeOptions, layer: str, selection: np.ndarray, token_where:
         task = "classification"
     y_all = ys["train"]
     if task == "auto":
-        integral = not torch.is_floating_point(y_all) and y_all.dim() == 1
+        integral = (not torch.is_floating_point(y_all) or boolean) and y_all.dim() == 1
         task = "classification" if integral and int(y_all.max()) < 1000 else "regression"
     labels: list[int] | list[str] = []
     fractional = torch.is_floating_point(y_all) and any(not torch.equal(v, v.round()) for v in ys.values())

@@ -830,6 +830,15 @@ def test_a_layer_is_a_target_read_as_stored_such_as_a_mask_for_each_token(tmp_pa
                                    tokens="aligned", task="classification", metric="balanced_accuracy"))
     (entry,) = report["layers"]  # the target's own layer is not probed for itself
     assert entry["layer"] == "blocks.0" and entry["classes"] == [0, 1]
+    # left to --task auto, float values are regressed; a mask the module gave as booleans is classified
+    tasks = []
+    for source in ("float32", "bool"):
+        masked = tmp_path / f"{source}.h5"
+        with StoreWriter(masked, [LayerSpec("blocks.0", (6, 8)), LayerSpec("mask", (6,), source_dtype=source)]) as writer:
+            writer.append({"blocks.0": tokens, "mask": mask}, index=range(400))
+        tasks += [entry["task"] for entry in run_probes(probe_opts(tmp_path, masked, layer="blocks.0", target="mask",
+                                                                   tokens="aligned", out=str(tmp_path / source)))["layers"]]
+    assert tasks == ["regression", "classification"]
     assert entry["probe"]["test"]["balanced_accuracy"] > 0.95 and entry["control"]["test"]["balanced_accuracy"] < 0.6
     assert load_probe(entry["probe"]["weights"]).predict(torch.from_numpy(tokens[:5])).tolist() == mask[:5].astype(int).tolist()
     for kw, message in (
