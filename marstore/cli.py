@@ -47,25 +47,26 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 SKIPPED_SHOWN = 10  # items left out that `marstore info` lists (--json: all)
-SUMMARY_LABELS = 50  # a target of one integer, boolean or string a row with at most this many values: counted
+SUMMARY_LABELS = 50  # a target of integers, booleans or strings with at most this many values: counted
 SUMMARY_MAX_BYTES = 256 << 20  # a larger target is not read for `marstore info`
 
 
 def _target_summary(store, name: str) -> dict | None:
-    """What a target holds, for a look before probing: each value's count for labels, or the
-    values' mean, std, min and max; None for a target too large to read here."""
+    """What a target holds, for a look before probing: each value's count for labels (over every
+    entry of a target of several a row: a label for each token), or the values' mean, std, min
+    and max; None for a target too large to read here."""
     import numpy as np
 
     ds = store.targets[name]
     if store.rows * max(1, int(np.prod(ds.shape[1:]))) * ds.dtype.itemsize > SUMMARY_MAX_BYTES:
         return None
     values = store.target(name)
-    if values.ndim == 1 and (values.dtype.kind in "biuO"):
-        labels, counts = np.unique(values, return_counts=True)
+    if values.dtype.kind in "biuO":
+        labels, counts = np.unique(values.reshape(-1), return_counts=True)
         if len(labels) <= SUMMARY_LABELS:
             order = np.argsort(-counts, kind="stable")
             return {"counts": {str(labels[i].item() if hasattr(labels[i], "item") else labels[i]): int(counts[i])
-                               for i in order}}
+                               for i in order}, **({"entries": int(values.size)} if values.ndim > 1 else {})}
     if values.dtype.kind == "O":
         return {"distinct": int(len(np.unique(values)))}
     finite = values[np.isfinite(values)] if values.dtype.kind == "f" else values
@@ -81,7 +82,8 @@ def _summary_text(summary: dict | None) -> str:
     if "counts" in summary:
         counts = list(summary["counts"].items())
         shown = ", ".join(f"{value} ({n})" for value, n in counts[:8])
-        return f"{len(counts)} value{'s' * (len(counts) != 1)}: {shown}" + (", ..." if len(counts) > 8 else "")
+        over = f" over its {summary['entries']} entries" if "entries" in summary else ""
+        return f"{len(counts)} value{'s' * (len(counts) != 1)}{over}: {shown}" + (", ..." if len(counts) > 8 else "")
     if "distinct" in summary:
         return f"{summary['distinct']} distinct strings"
     if "mean" not in summary:

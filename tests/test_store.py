@@ -1128,6 +1128,21 @@ def test_info_describes_a_store(tmp_path, capsys, monkeypatch):
         "(not read: too large)")
 
 
+def test_info_counts_the_labels_of_a_target_of_a_label_for_each_token(tmp_path, capsys):
+    from marstore.cli import main
+
+    path = tmp_path / "s.h5"
+    labels = np.array([[0, 2, -100], [1, -100, -100], [2, 2, 2], [0, 1, -100]], np.int64)
+    with StoreWriter(path, [LayerSpec("a", (3, 4))], [TargetSpec("labels", (3,), "int64")]) as w:
+        w.append({"a": np.zeros((4, 3, 4), np.float16)}, targets={"labels": labels}, index=range(4))
+    assert main(["info", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["targets"]["labels"]["summary"] == {
+        "counts": {"-100": 4, "2": 4, "0": 2, "1": 2}, "entries": 12}
+    assert main(["info", str(path)]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("    labels "))
+    assert line.split(None, 3)[3] == "4 values over its 12 entries: -100 (4), 2 (4), 0 (2), 1 (2)"
+
+
 def test_info_into_a_closed_pipe_stops_quietly(tmp_path):
     """`marstore info s.h5 | head -1`: the reader leaves early; no traceback, status 141."""
     path = tmp_path / "s.h5"
