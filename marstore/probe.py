@@ -835,6 +835,8 @@ def run_probes(opts: ProbeOptions) -> dict:
               "task": task, "metric": _headline(task, opts.metric), "solver": _solver_of(opts), "options": asdict(opts), "layers": rows}
     if opts.where:
         report["selected_rows"] = len(selection)
+    if token_where:  # the conditions that selected tokens, not rows (--tokens aligned)
+        report["token_where"] = [condition for condition, *_ in token_where]
     report["plots"] = _plots(report, opts.out)
     with open(os.path.join(opts.out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -1471,11 +1473,13 @@ def _markdown(report: dict, out: str) -> str:
     o = report["options"]
     drawn = f" (drawn by whole {o['group']!r} groups)" if o["group"] else ""
     reads = probe_inputs(report, header, cells)
+    row_where = [c for c in o.get("where") or [] if c not in report.get("token_where", [])]
     lines = [
         f"# What each layer knows about `{report['target']}`",
         "",
         f"Store `{report['store']}` ({report['store_status']}, {report['rows']} rows"
-        + (f"; the {report['selected_rows']} where {' and '.join(o['where'])}" if o.get("where") else "") +
+        + (f"; the {report['selected_rows']} where {' and '.join(row_where)}" if row_where else "")
+        + (f"; their tokens where {' and '.join(report['token_where'])}" if report.get("token_where") else "") +
         f"). {'MLP' if o['kind'] == 'mlp' else 'Linear'} probes "
         f"for {report['task']}, {_solver_text(report)}; the metric is the test {report['metric']}, its 95% interval "
         f"the percentiles of {BOOTSTRAP_DRAWS} resamples of the test rows{drawn}.{reads} " + (

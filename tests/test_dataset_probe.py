@@ -797,6 +797,7 @@ def test_where_on_a_label_for_each_token_selects_tokens_such_as_the_ones_not_pad
     kept = ~padding & (np.arange(300) % 3 != 2)[:, None]
     assert sum(entry["token_rows"].values()) == int(kept.sum()) and sum(entry["split_rows"].values()) == 200
     assert entry["probe"]["test"]["accuracy"] > 0.95
+    assert "(complete, 300 rows; the 200 where split!=2; their tokens where labels!=-100)" in open(report["markdown"]).read()
     evaluated = evaluate_probes(EvaluateOptions(probes=str(tmp_path / "probes"), store=str(path), rows="all",
                                                 out=str(tmp_path / "evaluated")))["layers"][0]
     assert evaluated["token_rows"] == {"test": int(kept.sum())} and evaluated["split_rows"] == {"test": 200}
