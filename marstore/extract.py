@@ -1138,6 +1138,7 @@ class Survey:
     state_changes: list[str] | None = None  # what the second batch's forward changed of the model's state
     state_dependent_layers: list[str] | None = None  # the captures that came out otherwise when it ran again
     forward_problem: str | None = None  # what the forward failed on (batches: those surveyed before it)
+    forward_order: list[str] = field(default_factory=list)  # the layers in the order the forward ran them
 
     def rows_per_second(self) -> float | None:
         """The forward's pace: over the batches after the first (its warm-up), where there are."""
@@ -1164,7 +1165,9 @@ class Survey:
         """The layers and targets as tables, the forward's return, then each problem with its
         fix, what to leave out, and the bytes the run would store."""
         header = ["layer", "module", "calls", "gave (first call)", "stored row"]
-        rows = [[s.name, s.module, str(s.calls), s.gave, self._stored(s)] for s in self.layers]
+        position = {name: i for i, name in enumerate(self.forward_order)}  # the table in the forward's order
+        rows = [[s.name, s.module, str(s.calls), s.gave, self._stored(s)]
+                for s in sorted(self.layers, key=lambda s: position.get(s.name, len(position)))]
         what, count = "the first batch" if self.batches <= 1 else f"the first {self.batches} batches", f"{self.rows} samples"
         if 0 < self.batches < self.asked and not self.forward_problem:
             what = "the data set's one batch" if self.batches == 1 else f"all {self.batches} batches of the data set"
@@ -1351,7 +1354,8 @@ def _survey(model, forward, collate_fn: Callable, selections: list, problems: di
     return Survey(sum(batch_rows), layers, opts.dtype, planned, batches=len(per_batch), asked=asked,
                   targets=list(targets.values()), outputs=None if opts.stop_early else list(outputs), left_out=left_out,
                   output_problem=output_problem, skipped=skipped, seconds=seconds, batch_rows=batch_rows,
-                  state_changes=state_changes, state_dependent_layers=dependent, forward_problem=forward_problem)
+                  state_changes=state_changes, state_dependent_layers=dependent, forward_problem=forward_problem,
+                  forward_order=capture.forward_order)
 
 
 def _dry_run_batches(dry_run: bool | int) -> int:

@@ -1789,6 +1789,9 @@ def test_the_store_records_the_forwards_order_and_probes_and_similarities_follow
     similar = layer_similarity(SimilarityOptions(store=result.path, layer=["decoder_norm", "encoder_norm", "z_proj"],
                                                  out=str(tmp_path / "sim")))
     assert similar["layers"] == ["z_proj", "encoder_norm", "decoder_norm"]
+    survey = extract(options(tmp_path, layers=given, reduction="mean", dry_run=True))  # its table in that order too
+    table = survey.describe().split("\n\n")[1].splitlines()
+    assert [line.split()[0] for line in table[1:]] == forward
 
 
 def test_a_diffusion_heads_denoising_steps_are_stored_stacked_and_probed_each(tmp_path):
