@@ -350,7 +350,8 @@ def evaluate_probes(opts: EvaluateOptions) -> dict:
     result = {"store": source["path"], "store_status": source["status"], "rows": source["rows"], "target": target,
               "task": report["task"], "metric": metric, "solver": report["solver"], "options": training,
               "evaluation": {**asdict(opts), "probes": os.path.abspath(folder), "trained_on": report["store"], "rows": mode,
-                             "same_samples": same, "group": group, "where": where},
+                             "same_samples": same, "group": group, "where": where,
+                             **({"token_where": [c for c, *_ in token_where]} if token_where else {})},
               "layers": out_entries}
     result["plots"] = {"depth": report_depth_plot(result, opts.out, f"Probes of {report['target']} from {report['store']}, "
                                                                      f"on {os.path.basename(opts.store)}"),
@@ -436,8 +437,11 @@ def _markdown(result: dict, out: str) -> str:
     e = result["evaluation"]
     rows = (f"the {result['layers'][0]['split_rows']['test']} rows of samples the probes were not fitted or chosen on"
             if e["rows"] == "held-out" else "every committed row")
-    if e["where"]:
-        rows += f", where {' and '.join(e['where'])}"
+    row_where = [c for c in e["where"] if c not in e.get("token_where", [])]
+    if row_where:
+        rows += f", where {' and '.join(row_where)}"
+    if e.get("token_where"):  # conditions that selected tokens (--tokens aligned)
+        rows += f"; their tokens where {' and '.join(e['token_where'])}"
     drawn = f" (drawn by whole {e['group']!r} groups)" if e["group"] else ""
     lines = [f"# Probes of `{result['target']}` from another store", "",
              f"The probes trained on `{e['trained_on']}` (`{e['probes']}`), unchanged, on `{result['store']}` "

@@ -801,6 +801,8 @@ def test_where_on_a_label_for_each_token_selects_tokens_such_as_the_ones_not_pad
     evaluated = evaluate_probes(EvaluateOptions(probes=str(tmp_path / "probes"), store=str(path), rows="all",
                                                 out=str(tmp_path / "evaluated")))["layers"][0]
     assert evaluated["token_rows"] == {"test": int(kept.sum())} and evaluated["split_rows"] == {"test": 200}
+    assert "every committed row, where split!=2; their tokens where labels!=-100." in open(
+        tmp_path / "evaluated" / "report.md").read()
     with pytest.raises(ProbeError) as info:
         run_probes(probe_opts(tmp_path, path, layer="layers.0", target="labels", tokens="aligned", where=["labels=7"]))
     assert str(info.value) == f"--where labels=7: no token of the rows of {path} has labels = 7; it holds -100, 0, 1"
