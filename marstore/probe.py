@@ -1078,8 +1078,7 @@ class TrainedProbe(nn.Module):
             return out.reshape(len(out), *self.target_tokens, *self.target_shape)
         chosen = out.argmax(-1).reshape(len(out), *self.target_tokens)
         if self.classes and isinstance(self.classes[0], str):
-            names = np.array(self.classes, dtype=object)[chosen.numpy()]
-            return names.tolist()
+            return np.array(self.classes, dtype=object)[chosen.numpy()].tolist()
         return torch.tensor(self.classes, dtype=torch.long)[chosen]
 
 
