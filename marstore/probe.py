@@ -196,8 +196,11 @@ def aligned_targets(y: torch.Tensor | np.ndarray, count: int, target: str, layer
     UVA's mask (rows, 4, 256) for z_proj's (4, 256, D)), as one row a token; and the row each
     token row came from (tokens of one sample are not independent: intervals draw whole rows)."""
     shape = tuple(y.shape[1:])
+    if not count:
+        raise ProbeError(f"{layer}: its rows have no tokens (a row of features alone, or tokens reduced at extraction); "
+                         "--tokens aligned reads a layer stored with its tokens (--reduction none)")
     axes = next((k for k in range(1, len(shape) + 1) if math.prod(shape[:k]) == count), None)
-    if not count or axes is None:
+    if axes is None:
         raise ProbeError(f"{layer}: --tokens aligned reads each of its {count} tokens with its own value of target "
                          f"{target!r}, which holds {shape or 'one value'} a row; give a target of shape ({count}, ...) a row "
                          "(a value for each token), or probe --tokens mean")

@@ -771,6 +771,13 @@ def test_tokens_aligned_read_each_token_with_its_own_label_and_draw_whole_rows(t
     assert str(info.value) == ("frames: --tokens aligned reads each of its 6 tokens with its own value of target 'kind', "
                                "which holds one value a row; give a target of shape (6, ...) a row (a value for each "
                                "token), or probe --tokens mean")
+    means = tmp_path / "means.h5"
+    with StoreWriter(means, [LayerSpec("frames", (8,), reduction="mean")], [TargetSpec("part", (6,), "int64")]) as writer:
+        writer.append({"frames": x.mean((1, 2))}, targets={"part": labels.reshape(500, 6)}, index=range(500))
+    with pytest.raises(ProbeError) as info:
+        run_probes(probe_opts(tmp_path, means, layer="frames", target="part", tokens="aligned"))
+    assert str(info.value) == ("frames: its rows have no tokens (a row of features alone, or tokens reduced at extraction); "
+                               "--tokens aligned reads a layer stored with its tokens (--reduction none)")
 
 
 def test_where_on_a_label_for_each_token_selects_tokens_such_as_the_ones_not_padding(tmp_path):
