@@ -172,6 +172,13 @@ def row_tokens(row_shape: Sequence[int], channel_axis: int | None = None) -> tup
     return (math.prod(shape) if shape else 0), features
 
 
+def token_axes(shape: Sequence[int], tokens: int) -> int | None:
+    """How many leading axes of a target's row shape hold a row's `tokens` tokens, laid out as
+    they are ((tokens, ...), or the tokens' own axes: UVA's mask (4, 256) for z_proj's (4, 256,
+    D)); None where they do not: the target is not one value (or row of values) a token."""
+    return next((k for k in range(1, len(shape) + 1) if math.prod(shape[:k]) == tokens), None) if tokens else None
+
+
 def reduce_read_tokens(t: torch.Tensor, reduction: str | None, axis: int = 1, channel_axis: int | None = None) -> torch.Tensor:
     """A read-time token reduction (READ_REDUCTIONS) of rows whose tokens start at axis, laid out
     as flat_tokens takes them. A row without tokens is returned as it is."""
@@ -591,14 +598,16 @@ class TokenStream(IterableDataset):
     order, about buffer_bytes of tokens as stored), shuffles the tokens of the buffer together
     and yields them in float32 batches; every token comes exactly once an epoch (a buffer's last
     tokens join the next buffer's). Memory: the buffer, and a batch at a time.
-    Targets come with each token, its row's value. DataLoader workers (and num_replicas ranks)
+    Targets come with each token, its row's value; token_targets (a label for each token, such as
+    the token ids) come with each token its own value. DataLoader workers (and num_replicas ranks)
     take every k-th buffer: reads stay whole chunks and disjoint. Peers shuffle with such a
     buffer too; here the store needs no shuffling pass of its own."""
 
     def __init__(self, path: str | os.PathLike, layer: str, targets: str | Sequence[str] = (), *, batch_size: int = 4096,
                  buffer_bytes: int = 256 << 20, rows: Sequence[int] | None = None, seed: int = 0, drop_last: bool = False,
-                 num_replicas: int = 1, rank: int = 0):
-        self.rows_ds = ActivationDataset(path, [layer], targets, rows=rows)
+                 num_replicas: int = 1, rank: int = 0, token_targets: Sequence[str] = ()):
+        targets = [targets] if isinstance(targets, str) else list(targets)
+        self.rows_ds = ActivationDataset(path, [layer], list(dict.fromkeys([*targets, *token_targets])), rows=rows)
         self.layer, self.targets = self.rows_ds.layer_names[0], self.rows_ds.target_names
         if "position" in self.targets or self.layer == "position":
             raise StoreError("a target or layer named 'position' would clash with the stream's own (store row, token)")
@@ -618,6 +627,15 @@ class TokenStream(IterableDataset):
                     raise StoreError(f"{self.layer} has rows of shape {info.row_shape}, with no tokens to stream; read its "
                                      "rows with ActivationDataset")
                 self.counts = np.full(len(self.rows_ds.rows), tokens, dtype=np.int64)
+            self.token_targets = {}  # {name: the shape of one token's value}
+            for name in token_targets:
+                shape = tuple(store.targets[name].shape[1:] if name in store.targets else store.layers[name].row_shape)
+                axes = None if self.ragged else token_axes(shape, tokens)
+                if axes is None:
+                    raise StoreError(f"token target {name!r} holds {shape} a row, not a value for each of {self.layer}'s "
+                                     f"{'tokens (a ragged layer has no fixed count)' if self.ragged else f'{tokens} tokens'}; "
+                                     "give it as a target (each token gets its row's value)")
+                self.token_targets[name] = shape[axes:]
         self.num_tokens = int(self.counts.sum())  # an epoch's, over every worker and rank
         self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
         self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
@@ -669,7 +687,12 @@ class TokenStream(IterableDataset):
         batch: dict[str, Any] = {self.layer: buffer["x"][picks].float(),
                                  "position": torch.stack([buffer["store_row"][row], buffer["token"][picks]], 1)}
         for name, values in buffer["targets"].items():  # text as a list of str, as default_collate gives it
-            batch[name] = values[row.numpy()].tolist() if isinstance(values, np.ndarray) else values[row]
+            if name in self.token_targets:  # each token its own value
+                values = values.reshape(len(values), -1, *self.token_targets[name])
+                at = (row.numpy(), buffer["token"][picks].numpy()) if isinstance(values, np.ndarray) else (row, buffer["token"][picks])
+            else:
+                at = row.numpy() if isinstance(values, np.ndarray) else row
+            batch[name] = values[at].tolist() if isinstance(values, np.ndarray) else values[at]
         return batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

@@ -50,7 +50,7 @@ from torch import nn
 from tqdm import tqdm
 
 from marstore.dataset import (ActivationDataset, condition_mask, flat_tokens, in_forward_order, layers_of, parse_condition,
-                              reduce_read_tokens, row_tokens, rows_where, split_sizes, token_conditions)
+                              reduce_read_tokens, row_tokens, rows_where, split_sizes, token_axes, token_conditions)
 from marstore.errors import MarstoreError
 from marstore.hooks import (HookError, UnfoldLayout, parse_recorded_reduction, recorded_unfold, reduce_tokens,
                             reduction_text)
@@ -199,7 +199,7 @@ def aligned_targets(y: torch.Tensor | np.ndarray, count: int, target: str, layer
     if not count:
         raise ProbeError(f"{layer}: its rows have no tokens (a row of features alone, or tokens reduced at extraction); "
                          "--tokens aligned reads a layer stored with its tokens (--reduction none)")
-    axes = next((k for k in range(1, len(shape) + 1) if math.prod(shape[:k]) == count), None)
+    axes = token_axes(shape, count)
     if axes is None:
         raise ProbeError(f"{layer}: --tokens aligned reads each of its {count} tokens with its own value of target "
                          f"{target!r}, which holds {shape or 'one value'} a row; give a target of shape ({count}, ...) a row "

@@ -116,3 +116,28 @@ def test_a_convolutions_positions_are_its_tokens(tmp_path):
         rows, tokens = b["position"][:, 0].numpy(), b["position"][:, 1].numpy()
         want = conv[rows, :, tokens // 5, tokens % 5]  # position t is (t // w, t % w); its 3 channels the features
         assert torch.equal(b["conv"], torch.from_numpy(want.astype(np.float32)))
+
+
+def test_a_token_target_gives_each_token_its_own_value(tmp_path):
+    """Token ids (a value for each token, laid out as the convolution's (h, w) positions, or a
+    text and a pair for each of 6 tokens) come with each token; the row's targets with every token."""
+    rng = np.random.default_rng(1)
+    conv = rng.standard_normal((40, 3, 2, 5)).astype(np.float16)
+    ids = rng.integers(0, 1000, (40, 2, 5))
+    words = np.array([[f"w{r}.{t}" for t in range(10)] for r in range(40)], dtype=object)
+    with StoreWriter(tmp_path / "c.h5", [LayerSpec("conv", (3, 2, 5), channel_axis=0)],
+                     [TargetSpec("ids", (2, 5), "int64"), TargetSpec("words", (10,), TEXT), TargetSpec("row", (), "int64"),
+                      TargetSpec("pairs", (10, 2), "float32")]) as writer:
+        writer.append({"conv": conv}, targets={"ids": ids, "words": words, "row": np.arange(40),
+                                               "pairs": np.arange(800, dtype=np.float32).reshape(40, 10, 2)}, index=range(40))
+    stream = TokenStream(tmp_path / "c.h5", "conv", ["row"], batch_size=64, token_targets=["ids", "words", "pairs"])
+    for b in stream:
+        rows, tokens = b["position"][:, 0].numpy(), b["position"][:, 1].numpy()
+        assert b["ids"].tolist() == ids[rows, tokens // 5, tokens % 5].tolist()
+        assert b["words"] == [f"w{r}.{t}" for r, t in zip(rows, tokens)]
+        assert b["pairs"].tolist() == [[(r * 10 + t) * 2, (r * 10 + t) * 2 + 1] for r, t in zip(rows, tokens)]
+        assert b["row"].tolist() == rows.tolist()
+    with pytest.raises(StoreError) as info:
+        TokenStream(tmp_path / "c.h5", "conv", token_targets=["row"])
+    assert str(info.value) == ("token target 'row' holds () a row, not a value for each of conv's 10 tokens; give it as "
+                               "a target (each token gets its row's value)")
