@@ -687,12 +687,10 @@ class TokenStream(IterableDataset):
         batch: dict[str, Any] = {self.layer: buffer["x"][picks].float(),
                                  "position": torch.stack([buffer["store_row"][row], buffer["token"][picks]], 1)}
         for name, values in buffer["targets"].items():  # text as a list of str, as default_collate gives it
+            at = (row,)
             if name in self.token_targets:  # each token its own value
-                values = values.reshape(len(values), -1, *self.token_targets[name])
-                at = (row.numpy(), buffer["token"][picks].numpy()) if isinstance(values, np.ndarray) else (row, buffer["token"][picks])
-            else:
-                at = row.numpy() if isinstance(values, np.ndarray) else row
-            batch[name] = values[at].tolist() if isinstance(values, np.ndarray) else values[at]
+                values, at = values.reshape(len(values), -1, *self.token_targets[name]), (row, buffer["token"][picks])
+            batch[name] = values[tuple(a.numpy() for a in at)].tolist() if isinstance(values, np.ndarray) else values[at]
         return batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
