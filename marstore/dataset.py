@@ -431,7 +431,7 @@ class ActivationDataset(Dataset):
         objects = [self._object("activations", n) for n in self.layer_names] + [self._object(self._kind(n), n) for n in self.target_names]
         need = sum(int(np.prod(o.shape[1:])) * o.dtype.itemsize for o in objects)
         need *= len(sorted_rows)
-        limit = max_bytes if max_bytes is not None else _available_memory() // 2
+        limit = max_bytes if max_bytes is not None else available_memory() // 2
         if need > limit:
             raise StoreError(f"preload needs {need / 2**20:.0f} MiB, more than the {limit / 2**20:.0f} MiB allowed; "
                              "read from disk instead (preload=False)")
@@ -499,7 +499,7 @@ def collate_rows(batch: Any) -> Any:
     return columns
 
 
-def _available_memory() -> int:
+def available_memory() -> int:
     """Bytes of memory available: Linux's MemAvailable, else free pages, else a guess, said."""
     try:
         with open("/proc/meminfo") as f:

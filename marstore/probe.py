@@ -49,12 +49,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from marstore.dataset import (ActivationDataset, condition_mask, flat_tokens, in_forward_order, layers_of, parse_condition,
-                              reduce_read_tokens, row_tokens, rows_where, split_sizes, token_axes, token_conditions)
+from marstore.dataset import (ActivationDataset, available_memory, condition_mask, flat_tokens, in_forward_order, layers_of,
+                              parse_condition, reduce_read_tokens, row_tokens, rows_where, split_sizes, token_axes,
+                              token_conditions)
 from marstore.errors import MarstoreError
 from marstore.hooks import (HookError, UnfoldLayout, parse_recorded_reduction, recorded_unfold, reduce_tokens,
                             reduction_text)
-from marstore.report import heatmap, markdown_table, text_table
+from marstore.report import heatmap, human_bytes, markdown_table, text_table
 from marstore.store import Store, StoreError, open_store
 from marstore.transfer import resolve_device
 
@@ -674,6 +675,8 @@ def _prepare(opts: ProbeOptions, layer: str, selection: np.ndarray, token_where:
                            reduction="mean" if opts.tokens == "mean" else None)
     if ds.ragged and opts.tokens != "mean":
         raise ProbeError(f"{layer} is ragged (its token count varies): --tokens {opts.tokens} needs one count; use --tokens mean")
+    if opts.tokens != "mean":  # every token in memory as float32 (token means are read block by block, the means kept)
+        _check_memory(opts, layer, len(selection))
     test_frac, val_frac = opts.test_fraction, opts.val_fraction
     splits = ds.split(_split_fractions(opts), seed=opts.seed, group=opts.group)
     empty = [name for name, positions in splits.items() if not len(positions)]
@@ -765,6 +768,20 @@ def _prepare(opts: ProbeOptions, layer: str, selection: np.ndarray, token_where:
         ys = {name: v.float().reshape(len(v), -1) for name, v in ys.items()}
     return _Prepared(task, xs, ys, labels, skipped, {k: len(v) for k, v in splits.items()}, test_groups, seen_sources,
                      features)
+
+
+def _check_memory(opts: ProbeOptions, layer: str, rows: int) -> None:
+    """Refuses a probe whose features would not fit in memory (a killed process says nothing):
+    --tokens flat, each and aligned hold every token of the selected rows as float32, and a
+    standardised copy of them."""
+    with open_store(opts.store) as store:
+        shape = tuple(store.layers[layer].row_shape)
+    features, available = rows * math.prod(shape) * 4, available_memory()
+    if 2 * features > available:
+        raise ProbeError(f"{layer}: --tokens {opts.tokens} holds {human_bytes(features)} of float32 features ({rows} rows of "
+                         f"{shape}), twice that while it standardises them, and {human_bytes(available)} of memory is "
+                         "available; probe fewer rows (--where), their token means (--tokens mean), or store fewer "
+                         "tokens (--reduction mean:G at extraction)")
 
 
 def _control(ys: dict, seed: int) -> dict:

@@ -771,6 +771,15 @@ def test_tokens_aligned_read_each_token_with_its_own_label_and_draw_whole_rows(t
     assert str(info.value) == ("frames: --tokens aligned reads each of its 6 tokens with its own value of target 'kind', "
                                "which holds one value a row; give a target of shape (6, ...) a row (a value for each "
                                "token), or probe --tokens mean")
+    # every token in float32 in memory, and a copy: refused where that is more than the memory available
+    monkeypatch.setattr(probe_module, "available_memory", lambda: 150_000)
+    with pytest.raises(ProbeError) as info:
+        run_probes(probe_opts(tmp_path, path, layer="frames", target="part", tokens="aligned"))
+    assert str(info.value) == ("frames: --tokens aligned holds 93.8 KiB of float32 features (500 rows of (2, 3, 8)), twice "
+                               "that while it standardises them, and 146.5 KiB of memory is available; probe fewer rows "
+                               "(--where), their token means (--tokens mean), or store fewer tokens (--reduction mean:G at "
+                               "extraction)")
+    monkeypatch.undo()
     means = tmp_path / "means.h5"
     with StoreWriter(means, [LayerSpec("frames", (8,), reduction="mean")], [TargetSpec("part", (6,), "int64")]) as writer:
         writer.append({"frames": x.mean((1, 2))}, targets={"part": labels.reshape(500, 6)}, index=range(500))
