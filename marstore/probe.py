@@ -770,6 +770,19 @@ def _prepare(opts: ProbeOptions, layer: str, selection: np.ndarray, token_where:
                      features)
 
 
+def _suggest_aligned(store: Store, target: str, layers: list[str]) -> None:
+    """Says where the target has a value for each token of a layer stored with its tokens (a
+    label for each position): probed on token means or side by side, each row's values are one
+    output each, where --tokens aligned reads each token against its own."""
+    shape = tuple(store.targets[target].shape[1:] if target in store.targets else store.layers[target].row_shape)
+    fitting = [name for name in layers if store.layers[name].layout == "dense" and token_axes(
+        shape, row_tokens(store.layers[name].row_shape, store.layers[name].attrs.get("channel_axis"))[0]) is not None]
+    if fitting:
+        log.info("target %s holds %s a row, a value for each token of %s: if each belongs to its token (a label for "
+                 "each position), --tokens aligned probes every token against its own", target, shape,
+                 ", ".join(fitting[:3]) + (f" and {len(fitting) - 3} more" if len(fitting) > 3 else ""))
+
+
 def _check_memory(opts: ProbeOptions, layer: str, rows: int) -> None:
     """Refuses a probe whose features would not fit in memory (a killed process says nothing):
     --tokens flat, each and aligned hold every token of the selected rows as float32, and a
@@ -821,6 +834,8 @@ def run_probes(opts: ProbeOptions) -> dict:
             selection, token_where = where_rows_and_tokens(s, opts.where, s.rows, opts.tokens == "aligned")
         except StoreError as exc:
             raise ProbeError(str(exc)) from None
+        if opts.tokens != "aligned":
+            _suggest_aligned(s, opts.target, layers)
     if opts.where:
         log.info("--where %s: %d of the %d committed rows", " ".join(opts.where), len(selection), source["rows"])
     if source["status"] != "complete":

@@ -789,7 +789,7 @@ def test_tokens_aligned_read_each_token_with_its_own_label_and_draw_whole_rows(t
                                "--tokens aligned reads a layer stored with its tokens (--reduction none)")
 
 
-def test_where_on_a_label_for_each_token_selects_tokens_such_as_the_ones_not_padding(tmp_path):
+def test_where_on_a_label_for_each_token_selects_tokens_such_as_the_ones_not_padding(tmp_path, caplog):
     """Sentences padded to 5 tokens, their labels -100 at the padding (Hugging Face's): with
     --tokens aligned, --where labels!=-100 leaves the padding's tokens out, token by token, in the
     probe and in evaluate; a condition on a target of one value a row still selects rows."""
@@ -819,6 +819,10 @@ def test_where_on_a_label_for_each_token_selects_tokens_such_as_the_ones_not_pad
     assert evaluated["token_rows"] == {"test": int(kept.sum())} and evaluated["split_rows"] == {"test": 200}
     assert "every committed row, where split!=2; their tokens where labels!=-100." in open(
         tmp_path / "evaluated" / "report.md").read()
+    with caplog.at_level(logging.INFO, logger="marstore.probe"):  # probed on token means, a word to say what fits
+        run_probes(probe_opts(tmp_path, path, layer="layers.0", target="labels", out=str(tmp_path / "means")))
+    assert ("target labels holds (5,) a row, a value for each token of layers.0: if each belongs to its token (a label "
+            "for each position), --tokens aligned probes every token against its own") in caplog.messages
     with pytest.raises(ProbeError) as info:
         run_probes(probe_opts(tmp_path, path, layer="layers.0", target="labels", tokens="aligned", where=["labels=7"]))
     assert str(info.value) == f"--where labels=7: no token of the rows of {path} has labels = 7; it holds -100, 0, 1"
