@@ -204,7 +204,14 @@ class _Reads:
         if key != self.key:
             self.data = {}  # the last layer's rows go before the next are read
             ds = ActivationDataset(self.store, [probe.layer], self.columns, rows=rows, reduction=reduction)
-            self.key, self.data = key, ds.read_all()
+            if ds.ragged and probe.tokens == "aligned":  # every token of the rows, one after another, and their counts
+                self.data = dict(ds.__getitems__(np.arange(len(rows))).columns)
+                tokens = self.data[probe.layer]
+                self.data["token counts"] = np.array([len(t) for t in tokens], dtype=np.int64)
+                self.data[probe.layer] = torch.cat(tokens) if tokens else torch.empty(0, *probe.row_shape)
+            else:
+                self.data = ds.read_all()
+            self.key = key
             ds.close()
         return self.data
 
@@ -217,10 +224,12 @@ def _evaluate_layer(opts: EvaluateOptions, probes: dict[str, TrainedProbe], data
     x = probe.features(data[probe.layer])
     y = data[target]
     groups = np.asarray(data[group]) if group else None
+    count: int | np.ndarray = 0
     if probe.tokens == "aligned":  # a row for each token, with its own target value
-        y, owner = aligned_targets(y, row_tokens(probe.row_shape, probe.channel_axis)[0], target, layer)
+        count = data["token counts"] if probe.ragged else row_tokens(probe.row_shape, probe.channel_axis)[0]
+        y, owner = aligned_targets(y, count, target, layer)
         groups = owner if groups is None else groups[owner]  # the intervals draw whole rows
-    meeting = tokens_meeting(data, token_where, len(x), layer)
+    meeting = tokens_meeting(data, token_where, len(x), count, layer)
     finite = finite_rows(x, y)
     skipped = int((meeting & ~finite).sum())
     finite &= meeting
@@ -411,7 +420,7 @@ class LiveProbes:
         for name, probe in self.probes.items():
             x, lengths = captured[probe.layer], self.capture.lengths.get(probe.layer)
             probe = probe.to(x.device)
-            if lengths is None:
+            if lengths is None or probe.tokens == "aligned":  # (each token alone: a padded sample's first ones its own)
                 out[name] = probe.predict(x)
                 continue
             # samples of different lengths, padded: each is read over its own tokens, as extraction stored it

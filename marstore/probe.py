@@ -159,6 +159,17 @@ def _features(ds: ActivationDataset, positions: np.ndarray, layer: str) -> tuple
     return feature_rows(data[layer], *stats, channel_axis), data, stats
 
 
+def _ragged_tokens(ds: ActivationDataset, positions: np.ndarray, layer: str) -> tuple[torch.Tensor, dict, tuple]:
+    """As _features, for --tokens aligned on a ragged layer: every token of the rows, one after
+    another, standardised; data["token counts"] holds each row's count."""
+    data = dict(ds.__getitems__(positions).columns)
+    rows = data[layer]
+    data["token counts"] = np.array([len(r) for r in rows], dtype=np.int64)
+    x = torch.cat(rows) if rows else torch.empty(0, *ds.token_shapes[layer])
+    stats = _used_stats(*ds.stats[layer], x, None)
+    return feature_rows(x, *stats), data, stats
+
+
 def _used_stats(mean: Any, std: Any, x: torch.Tensor, channel_axis: int | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The store's per-channel statistics as the features take them, or (None, None) where they
     do not fit the rows' channels (a store written without statistics)."""
@@ -191,12 +202,24 @@ def finite_rows(x: torch.Tensor, y: torch.Tensor | np.ndarray) -> torch.Tensor:
     return finite
 
 
-def aligned_targets(y: torch.Tensor | np.ndarray, count: int, target: str, layer: str) -> tuple[torch.Tensor | np.ndarray, np.ndarray]:
+def aligned_targets(y: torch.Tensor | np.ndarray, count: int | np.ndarray, target: str,
+                    layer: str) -> tuple[torch.Tensor | np.ndarray, np.ndarray]:
     """--tokens aligned: a target that holds a value (or a row of values) for each of a row's
     `count` tokens, laid out as its rows' tokens are ((rows, count, ...), or the tokens' own axes:
     UVA's mask (rows, 4, 256) for z_proj's (4, 256, D)), as one row a token; and the row each
-    token row came from (tokens of one sample are not independent: intervals draw whole rows)."""
+    token row came from (tokens of one sample are not independent: intervals draw whole rows).
+    count, for a ragged layer: each row's token count, whose first values of the target's (padded
+    to the most, or longer) are its tokens'."""
     shape = tuple(y.shape[1:])
+    if isinstance(count, np.ndarray):
+        most = int(count.max()) if len(count) else 0
+        if not shape or shape[0] < most:
+            raise ProbeError(f"{layer}: --tokens aligned reads each of a row's tokens (their count varies, up to {most}) "
+                             f"with its own value of target {target!r}, which holds {shape or 'one value'} a row; give a "
+                             f"target padded to at least {most} values a row, its first ones the tokens'")
+        owner = np.repeat(np.arange(len(y)), count)
+        token = np.arange(len(owner)) - np.repeat(np.cumsum(count) - count, count)
+        return (y[owner, token] if isinstance(y, np.ndarray) else y[torch.from_numpy(owner), torch.from_numpy(token)]), owner
     if not count:
         raise ProbeError(f"{layer}: its rows have no tokens (a row of features alone, or tokens reduced at extraction); "
                          "--tokens aligned reads a layer stored with its tokens (--reduction none)")
@@ -223,12 +246,13 @@ def where_rows_and_tokens(store: Store, where: Sequence[str], rows: int, aligned
     return selection, parsed
 
 
-def tokens_meeting(data: dict, conditions: Sequence[tuple], tokens: int, layer: str) -> torch.Tensor:
-    """Which of `tokens` token rows (--tokens aligned) meet every parsed condition of
-    where_rows_and_tokens, on the targets of a value a token that data holds for their rows."""
+def tokens_meeting(data: dict, conditions: Sequence[tuple], tokens: int, count: int | np.ndarray, layer: str) -> torch.Tensor:
+    """Which of `tokens` token rows (--tokens aligned; count: a row's tokens, or each row's) meet
+    every parsed condition of where_rows_and_tokens, on the targets of a value a token that data
+    holds for their rows."""
     keep = np.ones(tokens, dtype=bool)
     for condition, name, negated, value in conditions:
-        column, _ = aligned_targets(data[name], tokens // max(1, len(data[name])), name, layer)
+        column, _ = aligned_targets(data[name], count, name, layer)
         column = np.asarray(column)
         if column.ndim != 1:
             raise ProbeError(f"--where {condition}: target {name!r} holds {column.shape[1:]} values a token; --where "
@@ -673,10 +697,11 @@ def _prepare(opts: ProbeOptions, layer: str, selection: np.ndarray, token_where:
     columns = dict.fromkeys([opts.target, *([opts.group] if opts.group else []), *(c[1] for c in token_where)])
     ds = ActivationDataset(opts.store, [layer], list(columns), rows=selection,
                            reduction="mean" if opts.tokens == "mean" else None)
-    if ds.ragged and opts.tokens != "mean":
-        raise ProbeError(f"{layer} is ragged (its token count varies): --tokens {opts.tokens} needs one count; use --tokens mean")
+    if ds.ragged and opts.tokens not in ("mean", "aligned"):
+        raise ProbeError(f"{layer} is ragged (its token count varies): --tokens {opts.tokens} needs one count; use --tokens "
+                         "mean (or aligned)")
     if opts.tokens != "mean":  # every token in memory as float32 (token means are read block by block, the means kept)
-        _check_memory(opts, layer, len(selection))
+        _check_memory(opts, layer, selection)
     test_frac, val_frac = opts.test_fraction, opts.val_fraction
     splits = ds.split(_split_fractions(opts), seed=opts.seed, group=opts.group)
     empty = [name for name, positions in splits.items() if not len(positions)]
@@ -690,17 +715,20 @@ def _prepare(opts: ProbeOptions, layer: str, selection: np.ndarray, token_where:
     test_groups = None
     target_tokens: dict = {}  # --tokens aligned: the target's own axes of the tokens, as predictions take them back
     for name, positions in splits.items():
-        x, data, stats = _features(ds, positions, layer)
+        x, data, stats = _ragged_tokens(ds, positions, layer) if ds.ragged and opts.tokens == "aligned" else \
+            _features(ds, positions, layer)
         y = data[opts.target]
         groups = np.asarray(data[opts.group]) if opts.group else None
+        count: int | np.ndarray = 0
         if opts.tokens == "aligned":
-            count, width = row_tokens(data[layer].shape[1:], ds.channel_axes.get(layer))
+            count = data["token counts"] if ds.ragged else row_tokens(data[layer].shape[1:], ds.channel_axes.get(layer))[0]
             stored = tuple(y.shape[1:])
             y, owner = aligned_targets(y, count, opts.target, layer)
-            target_tokens = {"target_tokens": list(stored[: len(stored) - len(y.shape[1:])])}
-            x = x.reshape(len(y), width)
+            # (a ragged layer's predictions: (rows, most tokens), each row's first ones its tokens')
+            target_tokens = {"target_tokens": [] if ds.ragged else list(stored[: len(stored) - len(y.shape[1:])])}
+            x = x.reshape(len(y), -1)
             groups = owner if groups is None else groups[owner]  # the test's intervals draw whole rows
-        meeting = tokens_meeting(data, token_where, len(x), layer)
+        meeting = tokens_meeting(data, token_where, len(x), count, layer)
         finite = finite_rows(x, y)
         skipped += int((meeting & ~finite).sum())
         finite &= meeting
@@ -783,16 +811,21 @@ def _suggest_aligned(store: Store, target: str, layers: list[str]) -> None:
                  ", ".join(fitting[:3]) + (f" and {len(fitting) - 3} more" if len(fitting) > 3 else ""))
 
 
-def _check_memory(opts: ProbeOptions, layer: str, rows: int) -> None:
+def _check_memory(opts: ProbeOptions, layer: str, selection: np.ndarray) -> None:
     """Refuses a probe whose features would not fit in memory (a killed process says nothing):
     --tokens flat, each and aligned hold every token of the selected rows as float32, and a
     standardised copy of them."""
     with open_store(opts.store) as store:
-        shape = tuple(store.layers[layer].row_shape)
-    features, available = rows * math.prod(shape) * 4, available_memory()
+        info = store.layers[layer]
+        shape: tuple | str = tuple(info.row_shape)
+        values = len(selection) * math.prod(info.row_shape)
+        if info.layout == "ragged":  # (a token's shape)
+            tokens = int(store.token_counts(layer)[selection].sum())
+            values, shape = tokens * math.prod(info.row_shape), f"{tokens} tokens of {shape} in all"
+    features, available = values * 4, available_memory()
     if 2 * features > available:
-        raise ProbeError(f"{layer}: --tokens {opts.tokens} holds {human_bytes(features)} of float32 features ({rows} rows of "
-                         f"{shape}), twice that while it standardises them, and {human_bytes(available)} of memory is "
+        raise ProbeError(f"{layer}: --tokens {opts.tokens} holds {human_bytes(features)} of float32 features ({len(selection)} "
+                         f"rows of {shape}), twice that while it standardises them, and {human_bytes(available)} of memory is "
                          "available; probe fewer rows (--where), their token means (--tokens mean), or store fewer "
                          "tokens (--reduction mean:G at extraction)")
 
@@ -950,14 +983,14 @@ def _probe_entry(opts: ProbeOptions, name: str, prep: _Prepared, source: dict) -
 def _features_text(features: dict) -> str:
     """What a probe's input is, in words: which tokens of the stored rows, and how reduced."""
     count = row_tokens(features["row_shape"], features["channel_axis"])[0]
-    if features["ragged"]:
+    if features["tokens"] == "aligned":
+        text = f"tokens one by one ({'their count varies' if features['ragged'] else f'{count} a row'}), each with its own target value"
+    elif features["ragged"]:
         text = "mean of each row's tokens (their count varies)"
     elif not count:
         text = "stored row"
     elif "token" in features:
         text = f"token {features['token']} of {count}"
-    elif features["tokens"] == "aligned":
-        text = f"tokens one by one ({count} a row), each with its own target value"
     else:
         text = f"mean of {count} tokens" if features["tokens"] == "mean" else f"{count} tokens side by side"
     reduction = features["reduction"]
@@ -1109,9 +1142,10 @@ class TrainedProbe(nn.Module):
         gives them for each token, laid out as its target was ((rows, h, w) for a (rows, h, w) map), or a
         list of rows of strings."""
         out = self(x)
+        tokens = self.target_tokens or ((-1,) if self.tokens == "aligned" else ())  # a ragged layer's: as padded
         if self.task == "regression":
-            return out.reshape(len(out), *self.target_tokens, *self.target_shape)
-        chosen = out.argmax(-1).reshape(len(out), *self.target_tokens)
+            return out.reshape(len(out), *tokens, *self.target_shape)
+        chosen = out.argmax(-1).reshape(len(out), *tokens)
         if self.classes and isinstance(self.classes[0], str):
             return np.array(self.classes, dtype=object)[chosen.numpy()].tolist()
         return torch.tensor(self.classes, dtype=torch.long)[chosen]

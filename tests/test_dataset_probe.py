@@ -710,7 +710,7 @@ def test_tokens_side_by_side_read_what_their_mean_loses(tmp_path):
                       index=range(20))
     with pytest.raises(ProbeError) as info:
         run_probes(probe_opts(tmp_path, ragged, layer="enc", tokens="flat"))
-    assert str(info.value) == "enc is ragged (its token count varies): --tokens flat needs one count; use --tokens mean"
+    assert str(info.value) == "enc is ragged (its token count varies): --tokens flat needs one count; use --tokens mean (or aligned)"
 
 
 def test_tokens_aligned_read_each_token_with_its_own_label_and_draw_whole_rows(tmp_path, monkeypatch):
@@ -826,6 +826,47 @@ def test_where_on_a_label_for_each_token_selects_tokens_such_as_the_ones_not_pad
     with pytest.raises(ProbeError) as info:
         run_probes(probe_opts(tmp_path, path, layer="layers.0", target="labels", tokens="aligned", where=["labels=7"]))
     assert str(info.value) == f"--where labels=7: no token of the rows of {path} has labels = 7; it holds -100, 0, 1"
+
+
+def test_tokens_aligned_on_a_ragged_layer_reads_each_rows_first_labels(tmp_path):
+    """An RNN tagger's packed sequences, stored ragged (each sample its own token count), and
+    its tags padded to 7 with -100: each token is read against its own tag, the padding's
+    never; the probe labels a padded batch's tokens."""
+    from marstore.evaluate import EvaluateOptions, evaluate_probes
+    from marstore.probe import load_probe
+
+    rng = np.random.default_rng(3)
+    counts = rng.integers(1, 7, 400)
+    tokens = rng.standard_normal((int(counts.sum()), 8)).astype(np.float16)
+    tags = np.full((400, 7), -100, np.int64)
+    starts = np.cumsum(counts) - counts
+    for i, (start, n) in enumerate(zip(starts, counts)):
+        tags[i, :n] = tokens[start:start + n, 3] > 0
+    path = tmp_path / "tagger.h5"
+    with StoreWriter(path, [LayerSpec("lstm:0", (8,), ragged=True)], [TargetSpec("tags", (7,), "int64")]) as writer:
+        writer.append({"lstm:0": Ragged(tokens, counts)}, targets={"tags": tags}, index=range(400))
+    entry = run_probes(probe_opts(tmp_path, path, layer="lstm:0", target="tags", tokens="aligned"))["layers"][0]
+    assert entry["classes"] == [0, 1] and sum(entry["token_rows"].values()) == int(counts.sum())
+    assert entry["features"] == "tokens one by one (their count varies), each with its own target value"
+    assert entry["probe"]["test"]["accuracy"] > 0.97
+    probe = load_probe(entry["probe"]["weights"])
+    padded = torch.zeros(5, 6, 8)
+    for i in range(5):
+        padded[i, :counts[i]] = torch.from_numpy(tokens[starts[i]:starts[i] + counts[i]].astype(np.float32))
+    predicted = probe.predict(padded)
+    assert predicted.shape == (5, 6)
+    assert [predicted[i, :counts[i]].tolist() for i in range(5)] == [tags[i, :counts[i]].tolist() for i in range(5)]
+    evaluated = evaluate_probes(EvaluateOptions(probes=str(tmp_path / "probes"), store=str(path), rows="all",
+                                                out=str(tmp_path / "evaluated")))["layers"][0]
+    assert (evaluated["split_rows"], evaluated["token_rows"]) == ({"test": 400}, {"test": int(counts.sum())})
+    short = tmp_path / "short.h5"
+    with StoreWriter(short, [LayerSpec("lstm:0", (8,), ragged=True)], [TargetSpec("tags", (5,), "int64")]) as writer:
+        writer.append({"lstm:0": Ragged(tokens, counts)}, targets={"tags": tags[:, :5]}, index=range(400))
+    with pytest.raises(ProbeError) as info:
+        run_probes(probe_opts(tmp_path, short, layer="lstm:0", target="tags", tokens="aligned"))
+    assert str(info.value) == ("lstm:0: --tokens aligned reads each of a row's tokens (their count varies, up to 6) with "
+                               "its own value of target 'tags', which holds (5,) a row; give a target padded to at least 6 "
+                               "values a row, its first ones the tokens'")
 
 
 def test_a_layer_is_a_target_read_as_stored_such_as_a_mask_for_each_token(tmp_path):

@@ -396,7 +396,7 @@ def test_tokens_each_refuses_rows_it_cannot_split(tmp_path):
     for layer, message in [("plain", r"plain: rows of shape \(8,\) have no tokens; --tokens each trains a probe for each of "
                                      r"1 to 256 tokens \(store fewer: --reduction mean:G, or probe --tokens mean\)$"),
                            ("wide", r"wide: rows of shape \(300, 2\) have 300 tokens; --tokens each trains a probe"),
-                           ("enc", r"enc is ragged \(its token count varies\): --tokens each needs one count; use --tokens mean$")]:
+                           ("enc", r"enc is ragged \(its token count varies\): --tokens each needs one count; use --tokens mean \(or aligned\)$")]:
         with pytest.raises(ProbeError, match="^" + message):
             train(tmp_path, store, layer=layer, tokens="each")
 
