@@ -739,6 +739,49 @@ def test_every_stage_error_is_one_line_from_any_command(monkeypatch, capsys):
     assert capsys.readouterr().err == "marstore compare: r.h5 is not an HDF5 file\n"
 
 
+class _Tagged(torch.utils.data.Dataset):
+    """PaddedTokens with a tag for each of its 10 token places: the token id's parity."""
+
+    def __init__(self):
+        from test_extract import PaddedTokens
+
+        self.items = PaddedTokens()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.items[i]
+        return {**item, "odd": item["tokens"] % 2}
+
+
+def test_live_probes_label_each_token_of_a_nested_tensor_as_the_stored_rows_are(tmp_path):
+    """A probe of each token (--tokens aligned) of a layer that gives nested tensors (stored
+    ragged): read live, each sample's first tokens are labelled as its stored tokens are."""
+    from torch.utils.data import default_collate
+
+    from marstore.evaluate import LiveProbes
+    from marstore.extract import extract_from
+    from test_extract import PaddedEncoder
+
+    model, data = PaddedEncoder().eval(), _Tagged()
+    extract_from(model, data, str(tmp_path / "s.h5"), ["encoder.layers.0"], targets=["odd"], batch_size=6,
+                 dtype="float32", progress=False)
+    entry = run_probes(ProbeOptions(store=str(tmp_path / "s.h5"), target="odd", tokens="aligned", out=str(tmp_path / "p"),
+                                    progress=False, control=False, val_fraction=0.25, test_fraction=0.25))["layers"][0]
+    with open_store(tmp_path / "s.h5") as s:
+        rows = [torch.from_numpy(r) for r in s.read("encoder.layers.0", 0, 6)]
+    assert entry["layer"] == "encoder.layers.0" and sum(entry["token_rows"].values()) == sum(3 + i % 7 for i in range(24))
+    probe = load_probe(entry["probe"]["weights"])
+    with LiveProbes(model, [probe]) as live:
+        with torch.inference_mode():
+            batch = default_collate([data[i] for i in range(6)])
+            model(batch["tokens"], batch["padding"])
+        read = live.read()["encoder.layers.0"]
+    assert read.shape == (6, 8)  # padded to the batch's most tokens
+    assert [read[i, :len(r)].tolist() for i, r in enumerate(rows)] == [probe.predict(r[None])[0].tolist() for r in rows]
+
+
 def test_live_probes_read_a_nested_tensor_each_sample_over_its_own_tokens(tmp_path):
     from torch.utils.data import default_collate
 
