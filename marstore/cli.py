@@ -333,6 +333,9 @@ def _info(args: argparse.Namespace) -> int:
         for key in ("model", "checkpoint", "command"):
             if key in run:
                 print(f"{indent}{key}: {json.dumps(run[key]) if not isinstance(run[key], str) else run[key]}")
+        order = [name for name in run.get("forward_order") or () if name in info["layers"]]
+        if order and order != [name for name in info["layers"] if name in order]:  # probes' depth plots follow it
+            print(f"{indent}the forward ran the layers in the order: {', '.join(order)}")
         if "seed" in run.get("options", {}):  # what a random forward's rows (MAR's masks) were drawn from
             print(f"{indent}seed: {run['options']['seed']}, "
                   f"{run.get('seeding', 'torch seeded once at the start (an earlier marstore)')}")

@@ -1767,7 +1767,7 @@ def test_stored_bytes_equal_a_plain_reference(tmp_path, device):
         assert s.layers["z_proj"].row_shape == (4, 16, 32)  # 4-D output, as UVA's z_proj
 
 
-def test_the_store_records_the_forwards_order_and_probes_and_similarities_follow_it(tmp_path):
+def test_the_store_records_the_forwards_order_and_probes_and_similarities_follow_it(tmp_path, capsys):
     """--layers in any order: the store keeps it, and records the order the forward made the
     layers in (a module's @input before its sub-modules' outputs, its output after them), which
     the probes' depth plot and the similarity's table follow."""
@@ -1783,6 +1783,8 @@ def test_the_store_records_the_forwards_order_and_probes_and_similarities_follow
         assert list(s.layers) == ["decoder_norm", "encoder_blocks.0", "encoder_blocks.1", "z_proj", "decoder_blocks.0@input",
                                   "decoder_blocks.0.mlp", "decoder_blocks.0", "proj_cond_x_layer", "encoder_norm"]
         assert s.metadata["forward_order"] == forward
+    assert main(["info", result.path]) == 0
+    assert f"  the forward ran the layers in the order: {', '.join(forward)}" in capsys.readouterr().out.splitlines()
     report = run_probes(ProbeOptions(store=result.path, layer=given[:3], target="label", out=str(tmp_path / "p"),
                                      progress=False))
     assert [e["layer"] for e in report["layers"]] == ["z_proj", "encoder_blocks.0", "encoder_blocks.1", "decoder_norm"]
