@@ -162,8 +162,22 @@ def _check_rows(probe: TrainedProbe, store: Store) -> str | None:
         log.info("%s: %s holds %s, the probe's store held %s: the mean of their tokens is the probe's input all the same",
                  probe.layer, store.path, _rows_text(held), _rows_text(trained))
         return _features_text(held)
+    if probe.tokens == "aligned" and hooked == (probe.unfolded, probe.multi_fire) and _token_width(held) is not None \
+            and all(held[k] == trained[k] for k in ("reduction", "channel_axis")) and _token_width(held) == _token_width(trained):
+        log.info("%s: %s holds %s, the probe's store held %s: each token is the probe's input all the same",
+                 probe.layer, store.path, _rows_text(held), _rows_text(trained))
+        return _features_text(held)
     raise ProbeError(f"{probe.layer}: {store.path} holds {_rows_text(held)}, the probe was trained on {_rows_text(trained)}"
                      "; evaluate on a store of this layer extracted as the probe's was")
+
+
+def _token_width(features: dict) -> int | None:
+    """The features of one token of rows held as features describes them (a ragged layer's rows
+    are its tokens'); None for rows without tokens."""
+    if features["ragged"]:
+        return features["row_shape"][-1]
+    tokens, width = row_tokens(features["row_shape"], features["channel_axis"])
+    return width if tokens else None
 
 
 def _rows_text(features: dict) -> str:
@@ -226,7 +240,9 @@ def _evaluate_layer(opts: EvaluateOptions, probes: dict[str, TrainedProbe], data
     groups = np.asarray(data[group]) if group else None
     count: int | np.ndarray = 0
     if probe.tokens == "aligned":  # a row for each token, with its own target value
-        count = data["token counts"] if probe.ragged else row_tokens(probe.row_shape, probe.channel_axis)[0]
+        # as this store holds the layer (a probe of tokens stored dense reads a ragged store's too, and back)
+        count = data["token counts"] if "token counts" in data else \
+            row_tokens(tuple(data[probe.layer].shape[1:]), probe.channel_axis)[0]
         y, owner = aligned_targets(y, count, target, layer)
         groups = owner if groups is None else groups[owner]  # the intervals draw whole rows
     meeting = tokens_meeting(data, token_where, len(x), count, layer)

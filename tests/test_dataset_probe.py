@@ -869,6 +869,35 @@ def test_tokens_aligned_on_a_ragged_layer_reads_each_rows_first_labels(tmp_path)
                                "values a row, its first ones the tokens'")
 
 
+def test_a_probe_of_each_token_carries_between_padded_and_ragged_stores_of_a_layer(tmp_path):
+    """Sentences padded to 6 tokens in one store, stored ragged (each its own tokens) in another:
+    a probe of each token trained on either is scored on the other, token by token."""
+    from marstore.evaluate import EvaluateOptions, evaluate_probes
+    from marstore.probe import load_probe
+
+    rng = np.random.default_rng(4)
+    counts = rng.integers(1, 7, 300)
+    padded = rng.standard_normal((300, 6, 8)).astype(np.float16)
+    real = np.arange(6)[None, :] < counts[:, None]
+    padded[~real] = 0
+    tags = np.where(real, padded[..., 5] > 0, -100).astype(np.int64)
+    dense, ragged = tmp_path / "dense.h5", tmp_path / "ragged.h5"
+    with StoreWriter(dense, [LayerSpec("enc", (6, 8))], [TargetSpec("tags", (6,), "int64")]) as writer:
+        writer.append({"enc": padded}, targets={"tags": tags}, index=range(300))
+    with StoreWriter(ragged, [LayerSpec("enc", (8,), ragged=True)], [TargetSpec("tags", (6,), "int64")]) as writer:
+        writer.append({"enc": Ragged(padded[real], counts)}, targets={"tags": tags}, index=range(300))
+    for trained, other in ((dense, ragged), (ragged, dense)):
+        out = tmp_path / f"from-{trained.stem}"
+        entry = run_probes(probe_opts(tmp_path, trained, layer="enc", target="tags", tokens="aligned", where=["tags!=-100"],
+                                      out=str(out)))["layers"][0]
+        evaluated = evaluate_probes(EvaluateOptions(probes=str(out), store=str(other), rows="all",
+                                                    out=str(tmp_path / f"on-{other.stem}")))["layers"][0]
+        right = load_probe(entry["probe"]["weights"]).predict(torch.from_numpy(padded).float()).numpy() == tags
+        assert evaluated["token_rows"] == {"test": int(counts.sum())}
+        assert evaluated["probe"]["test"]["accuracy"] == pytest.approx(float(right[real].mean()))
+        assert evaluated["probe"]["test"]["accuracy"] > 0.95
+
+
 def test_a_layer_is_a_target_read_as_stored_such_as_a_mask_for_each_token(tmp_path):
     """What a method returned, stored as a layer (MAR's random_masking(): 1 where a token was
     masked), is a target: read as stored, in float32, never reduced; probed for on every other
