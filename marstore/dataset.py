@@ -125,14 +125,6 @@ def condition_mask(column: np.ndarray, condition: str, negated: bool, value: Any
     return ~match if negated else match
 
 
-def token_conditions(store: Store, conditions: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(row conditions, token conditions): --where's conditions on targets of one value a row, and
-    on targets of several (a label for each token), which --tokens aligned applies token by token
-    (labels!=-100: the tokens that Hugging Face's labels do not leave out)."""
-    several = [c for c in conditions if store.targets[parse_condition(store, c)[0]].shape[1:]]
-    return [c for c in conditions if c not in several], several
-
-
 def rows_where(store: Store, conditions: str | Sequence[str], rows: int | None = None) -> np.ndarray:
     """The committed rows (of the first `rows`) whose targets meet every condition, TARGET=VALUE
     or TARGET!=VALUE: the rows of one task, say, for a probe within it. VALUE is compared as text
@@ -170,6 +162,11 @@ def row_tokens(row_shape: Sequence[int], channel_axis: int | None = None) -> tup
     shape = list(row_shape)
     features = shape.pop(-1 if channel_axis is None else channel_axis)
     return (math.prod(shape) if shape else 0), features
+
+
+def target_row_shape(store: Store, name: str) -> tuple[int, ...]:
+    """The shape of one row of a target, or of a layer read as a target."""
+    return tuple(store.targets[name].shape[1:] if name in store.targets else store.layers[name].row_shape)
 
 
 def token_axes(shape: Sequence[int], tokens: int) -> int | None:
@@ -629,7 +626,7 @@ class TokenStream(IterableDataset):
                 self.counts = np.full(len(self.rows_ds.rows), tokens, dtype=np.int64)
             self.token_targets = {}  # {name: the shape of one token's value}
             for name in token_targets:
-                shape = tuple(store.targets[name].shape[1:] if name in store.targets else store.layers[name].row_shape)
+                shape = target_row_shape(store, name)
                 axes = None if self.ragged else token_axes(shape, tokens)
                 if axes is None:
                     raise StoreError(f"token target {name!r} holds {shape} a row, not a value for each of {self.layer}'s "

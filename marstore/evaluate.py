@@ -34,7 +34,8 @@ from marstore.hooks import Capture, did_you_mean, match_modules, nearest_names, 
 from marstore.loading import IN_HAND
 from marstore.probe import (ProbeError, TrainedProbe, _add_intervals, _breakdown_lines, _features_text, _metrics, _read_report,
                             _table_rows, aligned_targets, finite_rows, load_probe, probe_inputs, report_breakdown_plot,
-                            report_depth_plot, the_one_value, token_mean_shape, tokens_meeting, where_rows_and_tokens)
+                            read_ragged_tokens, report_depth_plot, the_one_value, token_mean_shape, tokens_meeting,
+                            where_rows_and_tokens)
 from marstore.report import markdown_table
 from marstore.store import Store, StoreError, open_store, rows_equal
 from marstore.transfer import resolve_device
@@ -218,13 +219,8 @@ class _Reads:
         if key != self.key:
             self.data = {}  # the last layer's rows go before the next are read
             ds = ActivationDataset(self.store, [probe.layer], self.columns, rows=rows, reduction=reduction)
-            if ds.ragged and probe.tokens == "aligned":  # every token of the rows, one after another, and their counts
-                self.data = dict(ds.__getitems__(np.arange(len(rows))).columns)
-                tokens = self.data[probe.layer]
-                self.data["token counts"] = np.array([len(t) for t in tokens], dtype=np.int64)
-                self.data[probe.layer] = torch.cat(tokens) if tokens else torch.empty(0, *probe.row_shape)
-            else:
-                self.data = ds.read_all()
+            ragged = ds.ragged and probe.tokens == "aligned"  # every token of the rows, one after another
+            self.data = read_ragged_tokens(ds, np.arange(len(rows)), probe.layer) if ragged else ds.read_all()
             self.key = key
             ds.close()
         return self.data

@@ -778,7 +778,7 @@ class Capture:
         self.allow_missing = allow_missing
         self.stop_early = stop_early
         self.modules = named_modules(model)
-        self.aliases = module_aliases(model)
+        self.model = model  # (aliases: looked up only where a module fires twice)
         self._handles: list[torch.utils.hooks.RemovableHandle | _MethodHook] = []
         self._state = _State()
         self.missing_counts = {sel.store_name: 0 for sel in self.layers}
@@ -1043,6 +1043,11 @@ class Capture:
         self._state = _State()
         self.calls = dict.fromkeys(self.calls, 0)
         self.problems = {}
+
+    @functools.cached_property
+    def aliases(self) -> dict[str, str]:
+        """The model's other names of modules it holds under several (module_aliases)."""
+        return module_aliases(self.model)
 
     def _why_again(self, sel: LayerSelection) -> str:
         """Why a module fires more than once in a forward: it is held under other names too, or

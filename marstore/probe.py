@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from marstore.dataset import (ActivationDataset, available_memory, condition_mask, flat_tokens, in_forward_order, layers_of,
                               parse_condition, reduce_read_tokens, row_tokens, rows_where, split_sizes, token_axes,
-                              token_conditions)
+                              target_row_shape)
 from marstore.errors import MarstoreError
 from marstore.hooks import (HookError, UnfoldLayout, parse_recorded_reduction, recorded_unfold, reduce_tokens,
                             reduction_text)
@@ -159,15 +159,22 @@ def _features(ds: ActivationDataset, positions: np.ndarray, layer: str) -> tuple
     return feature_rows(data[layer], *stats, channel_axis), data, stats
 
 
-def _ragged_tokens(ds: ActivationDataset, positions: np.ndarray, layer: str) -> tuple[torch.Tensor, dict, tuple]:
-    """As _features, for --tokens aligned on a ragged layer: every token of the rows, one after
-    another, standardised; data["token counts"] holds each row's count."""
+def read_ragged_tokens(ds: ActivationDataset, positions: np.ndarray, layer: str) -> dict:
+    """The columns of the rows at positions, a ragged layer's as every token of the rows, one after
+    another, (tokens, ...), and data["token counts"] each row's count (--tokens aligned)."""
     data = dict(ds.__getitems__(positions).columns)
     rows = data[layer]
     data["token counts"] = np.array([len(r) for r in rows], dtype=np.int64)
-    x = torch.cat(rows) if rows else torch.empty(0, *ds.token_shapes[layer])
-    stats = _used_stats(*ds.stats[layer], x, None)
-    return feature_rows(x, *stats), data, stats
+    data[layer] = torch.cat(rows) if rows else torch.empty(0, *ds.token_shapes[layer])
+    return data
+
+
+def _ragged_tokens(ds: ActivationDataset, positions: np.ndarray, layer: str) -> tuple[torch.Tensor, dict, tuple]:
+    """As _features, for --tokens aligned on a ragged layer: every token of the rows, one after
+    another, standardised (read_ragged_tokens)."""
+    data = read_ragged_tokens(ds, positions, layer)
+    stats = _used_stats(*ds.stats[layer], data[layer], None)
+    return feature_rows(data[layer], *stats), data, stats
 
 
 def _used_stats(mean: Any, std: Any, x: torch.Tensor, channel_axis: int | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -235,15 +242,15 @@ def where_rows_and_tokens(store: Store, where: Sequence[str], rows: int, aligned
     """--where's rows (those of the first `rows` that meet its conditions on targets of one value
     a row) and, for --tokens aligned, its conditions on targets of a value a token (labels!=-100),
     parsed as (condition, target, negated, value), each checked to hold its value in those rows."""
-    row_where, token_where = token_conditions(store, where) if aligned else (list(where), [])
+    parsed = [(condition, *parse_condition(store, condition)) for condition in where]
+    # a target of several values a row (a label for each token) selects tokens
+    token_where = [p for p in parsed if aligned and store.targets[p[1]].shape[1:]]
+    row_where = [p[0] for p in parsed if p not in token_where]
     selection = rows_where(store, row_where, rows) if row_where else np.arange(rows)
-    parsed = []
-    for condition in token_where:
-        name, negated, value = parse_condition(store, condition)
+    for condition, name, negated, value in token_where:
         column = np.asarray(store.target(name, 0, rows))[selection]
         condition_mask(column.reshape(-1), condition, negated, value, f"no token of the rows of {store.path}")
-        parsed.append((condition, name, negated, value))
-    return selection, parsed
+    return selection, token_where
 
 
 def tokens_meeting(data: dict, conditions: Sequence[tuple], tokens: int, count: int | np.ndarray, layer: str) -> torch.Tensor:
@@ -802,7 +809,7 @@ def _suggest_aligned(store: Store, target: str, layers: list[str]) -> None:
     """Says where the target has a value for each token of a layer stored with its tokens (a
     label for each position): probed on token means or side by side, each row's values are one
     output each, where --tokens aligned reads each token against its own."""
-    shape = tuple(store.targets[target].shape[1:] if target in store.targets else store.layers[target].row_shape)
+    shape = target_row_shape(store, target)
     fitting = [name for name in layers if store.layers[name].layout == "dense" and token_axes(
         shape, row_tokens(store.layers[name].row_shape, store.layers[name].attrs.get("channel_axis"))[0]) is not None]
     if fitting:
