@@ -33,7 +33,7 @@ import typing
 import warnings
 import zipfile
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping
 
 import torch
 
@@ -76,6 +76,7 @@ class LoadReport:
     state_key: str | None = None
     stripped_prefix: str | None = None
     ignored_outside_prefix: int = 0
+    added_prefix: str | None = None  # the checkpoint holds a module that the model holds inside it
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     shape_mismatches: list[str] = field(default_factory=list)
@@ -86,6 +87,8 @@ class LoadReport:
         parts = [f"loaded {self.loaded} tensors from {self.state_key or 'the state dict'}"]
         if self.stripped_prefix:
             parts.append(f"stripped prefix {self.stripped_prefix!r}")
+        if self.added_prefix:
+            parts.append(f"added prefix {self.added_prefix!r}")
         for what, names in (("missing", self.missing), ("unexpected", self.unexpected), ("shape mismatches", self.shape_mismatches)):
             if names:
                 parts.append(f"{len(names)} {what} (first: {', '.join(names[:3])})")
@@ -959,14 +962,39 @@ def _sections_hint(config: Mapping[str, Any], config_key: str | None) -> str:
     return f" (its sections: {', '.join(paths)})" if paths else ""
 
 
-def _best_prefix(state: Mapping[str, torch.Tensor], wanted: set[str]) -> tuple[str | None, int]:
-    """The known prefix (or chain of them) whose removal matches the most model keys."""
-    best, best_hits = None, len(wanted & set(state))
+def _fitting_prefix(state: Mapping[str, torch.Tensor], wanted: set[str]) -> tuple[str, str, int]:
+    """(a prefix to strip from the checkpoint's keys, one to add to them, the model keys they then
+    match). A known wrapper's prefix (module., _orig_mod., model., or a chain of them) is taken
+    wherever it matches more keys than the names as they are. Any other prefix of up to three
+    name components (Lightning's self.net, a checkpoint of a module that the model holds inside
+    it) only where it matches more than half the model's keys and no other prefix matches as many."""
+    best = ("", "", len(wanted & state.keys()))
     for prefix in _PREFIX_CHAINS:
         hits = sum(1 for k in state if k.startswith(prefix) and k[len(prefix):] in wanted)
-        if hits > best_hits:
-            best, best_hits = prefix, hits
-    return best, best_hits
+        if hits > best[2]:
+            best = (prefix, "", hits)
+    if best[2] > len(wanted) / 2:
+        return best
+    candidates = sorted([(n, p, "") for p, n in _prefix_matches(state, wanted).items()] +
+                        [(n, "", p) for p, n in _prefix_matches(wanted, state).items()], reverse=True)
+    if candidates and candidates[0][0] > len(wanted) / 2 and (len(candidates) == 1 or candidates[1][0] < candidates[0][0]):
+        hits, strip, add = candidates[0]
+        return strip, add, hits
+    return best
+
+
+def _prefix_matches(keys: Iterable[str], targets: Collection[str]) -> collections.Counter:
+    """{prefix of up to three name components: the keys that it, removed, turns into targets}."""
+    counts: collections.Counter = collections.Counter()
+    for key in keys:
+        dot = -1
+        for _ in range(3):
+            dot = key.find(".", dot + 1)
+            if dot < 0:
+                break
+            if key[dot + 1:] in targets:
+                counts[key[: dot + 1]] += 1
+    return counts
 
 
 def _compiled_wrapper() -> type | tuple:
@@ -1024,13 +1052,20 @@ def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], stri
     own = {plain: model_state[k] for plain, k in named.items()}
     state = {_own_name(k): v for k, v in state.items()}
     wanted = set(own)
-    prefix, _ = _best_prefix(state, wanted)
-    if prefix:
-        inside = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        report.stripped_prefix = prefix
+    strip, add, hits = _fitting_prefix(state, wanted)
+    unknown = f"; {hits} of the model's {len(wanted)} weights fit then" if (strip or add) and strip not in _PREFIX_CHAINS else ""
+    if strip:
+        inside = {k[len(strip):]: v for k, v in state.items() if k.startswith(strip)}
+        report.stripped_prefix = strip
         report.ignored_outside_prefix = len(state) - len(inside)
-        log.info("checkpoint keys carry the prefix %r: stripped (%d keys outside it ignored)", prefix, report.ignored_outside_prefix)
+        log.info("checkpoint keys carry the prefix %r: stripped (%d keys outside it ignored%s)", strip,
+                 report.ignored_outside_prefix, unknown)
         state = inside
+    elif add:
+        report.added_prefix = add
+        log.info("the model's weights carry the prefix %r that the checkpoint's keys lack (it holds the module "
+                 "%s of the model): added%s", add, add.rstrip("."), unknown)
+        state = {add + k: v for k, v in state.items()}
     usable = {}
     for k, v in state.items():
         if k in own and tuple(own[k].shape) != tuple(v.shape):
@@ -1041,6 +1076,12 @@ def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], stri
     report.missing = [_own_name(k) for k in result.missing_keys]
     report.unexpected = [_own_name(k) for k in result.unexpected_keys]
     report.loaded = len(usable) - len(report.unexpected)
+    if own and not report.loaded:  # a model of its own random weights, never what a checkpoint was given for
+        raise CheckpointError(
+            f"none of the checkpoint's {len(state)} tensors loads into the model's {len(own)} weights "
+            f"({len(report.unexpected)} under names the model lacks, {len(report.shape_mismatches)} of another shape; the "
+            f"checkpoint's keys look like {next(iter(state), None)!r}, the model's like {next(iter(own))!r})"
+            f"{_prefix_hint(state, wanted)}; choose other weights with --state-key, or the model that saved them (--model)")
     if own and len(report.missing) > len(own) / 2:
         hint = _prefix_hint(state, wanted)
         report.notes.append(f"most model keys are missing{hint}")

@@ -96,10 +96,51 @@ def test_load_report_and_strict(tmp_path):
         load_weights(video_mar(**CONFIG), state, strict=True)
 
 
-def test_unknown_prefix_is_named(tmp_path):
-    state = {"net.backbone." + k: v for k, v in video_mar(**CONFIG).state_dict().items()}
-    report = load_weights(video_mar(**CONFIG), state)
-    assert "removing the prefix 'net.backbone.' would fit them" in report.notes[0]
+def test_another_prefix_is_stripped_or_added_where_it_fits_most_weights(caplog):
+    saved = video_mar(**CONFIG)
+    names = list(saved.state_dict())
+    state = {"net.backbone." + k: v for k, v in saved.state_dict().items()} | {"net.head.weight": torch.zeros(2)}
+    fresh = video_mar(**CONFIG)
+    with caplog.at_level(logging.INFO, logger="marstore.loading"):
+        report = load_weights(fresh, state)
+    assert report.stripped_prefix == "net.backbone." and report.ignored_outside_prefix == 1
+    assert report.loaded == len(names) and report.missing == report.unexpected == []
+    assert all(torch.equal(fresh.state_dict()[k], saved.state_dict()[k]) for k in names)
+    assert f"stripped (1 keys outside it ignored; {len(names)} of the model's {len(names)} weights fit then)" in caplog.text
+
+    class Policy(nn.Module):  # the checkpoint is the network that it holds inside it
+        def __init__(self):
+            super().__init__()
+            self.net, self.norm = video_mar(**CONFIG), nn.LayerNorm(4)
+
+    policy = Policy()
+    report = load_weights(policy, saved.state_dict())
+    assert report.added_prefix == "net." and report.stripped_prefix is None
+    assert report.loaded == len(names) and report.missing == ["norm.weight", "norm.bias"]
+    assert all(torch.equal(policy.net.state_dict()[k], saved.state_dict()[k]) for k in names)
+    assert "added prefix 'net.'; 2 missing (first: norm.weight, norm.bias)" in report.summary()
+
+
+def test_a_checkpoint_of_which_nothing_loads_is_refused():
+    saved = video_mar(**CONFIG).state_dict()
+    first = next(iter(saved))
+    # two copies (a student's and a teacher's) fit alike: which one is meant cannot be told
+    state = {f"{who}.{k}": v for who in ("student", "teacher") for k, v in saved.items()}
+    with pytest.raises(CheckpointError) as info:
+        load_weights(video_mar(**CONFIG), state)
+    assert str(info.value) == (
+        f"none of the checkpoint's {len(state)} tensors loads into the model's {len(saved)} weights ({len(state)} under "
+        f"names the model lacks, 0 of another shape; the checkpoint's keys look like 'student.{first}', the model's "
+        f"like '{first}'); the checkpoint's keys look like 'student.{first}': removing the prefix 'student.' would fit "
+        "them; choose other weights with --state-key, or the model that saved them (--model)")
+    other = {"a.weight": torch.zeros(3)}
+    with pytest.raises(CheckpointError, match=r"^none of the checkpoint's 1 tensors loads into the model's \d+ weights \(1 under "
+                       r"names the model lacks, 0 of another shape; the checkpoint's keys look like 'a.weight', the model's "
+                       f"like '{first}'\\); choose other weights"):
+        load_weights(video_mar(**CONFIG), other)
+    wrong_shapes = {k: torch.zeros(7) for k in saved}
+    with pytest.raises(CheckpointError, match=rf"\(0 under names the model lacks, {len(saved)} of another shape;"):
+        load_weights(video_mar(**CONFIG), wrong_shapes)
 
 
 class Opaque:
