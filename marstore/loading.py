@@ -614,16 +614,14 @@ def _as_config(value: Any, key: str) -> dict:
 
 
 def find_state_dict(ckpt: Any, key: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
-    """The weights: under `key` (dotted), else EMA weights where the layout has them. A module
-    saved whole (torch.save(model), which only a trusted load reads) gives its state_dict()."""
+    """The weights: under `key` (dotted, and on into a state dict's names: _named_within), else EMA
+    weights where the layout has them. A module saved whole (torch.save(model), which only a
+    trusted load reads) gives its state_dict()."""
     if isinstance(ckpt, torch.nn.Module):
-        if key:
-            raise CheckpointError(f"--state-key {key!r}: this checkpoint is a whole {type(ckpt).__name__}, with no keys "
-                                  "to choose from")
-        return _module_state(ckpt, "the checkpoint"), "(whole module)"
-    if _is_state(ckpt):
-        if key:
-            raise CheckpointError(f"--state-key {key!r}: this checkpoint is a bare state dict, with no keys to choose from")
+        if not key:
+            return _module_state(ckpt, "the checkpoint"), "(whole module)"
+        ckpt = _module_state(ckpt, "the checkpoint")  # whose names --state-key may choose among
+    if _is_state(ckpt) and not key:
         return dict(ckpt), "(bare state dict)"
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"the checkpoint is a {type(ckpt).__name__}, not a state dict or a mapping that holds one")
@@ -631,8 +629,14 @@ def find_state_dict(ckpt: Any, key: str | None = None) -> tuple[dict[str, torch.
         try:
             state = _get_path(ckpt, key)
         except KeyError:
-            raise CheckpointError(f"--state-key {key!r} is not in the checkpoint; weights found under: "
-                                  f"{[k for k, _ in STATE_KEYS if _has(ckpt, k)] or sorted(map(str, ckpt))}") from None
+            state = _named_within(ckpt, key)
+            if state is None and _is_state(ckpt):
+                heads = sorted({name.split(".")[0] for name in ckpt if "." in name})
+                raise CheckpointError(f"--state-key {key!r}: no tensor of the checkpoint's state dict is named {key}.*; "
+                                      f"--state-key PREFIX takes those named PREFIX.*, of {heads[:8]}") from None
+            if state is None:
+                found = [k for k, _ in STATE_KEYS if _has(ckpt, k)] or sorted(map(str, ckpt))
+                raise CheckpointError(f"--state-key {key!r} is not in the checkpoint; weights found under: {found}") from None
         return _check_state(_module_state(state, f"checkpoint[{key!r}]"), key), key
     for candidate, ema in STATE_KEYS:
         if _has(ckpt, candidate):
@@ -644,6 +648,27 @@ def find_state_dict(ckpt: Any, key: str | None = None) -> tuple[dict[str, torch.
                 return _check_state(state, candidate), candidate
     raise CheckpointError(f"no weights found in the checkpoint: none of {[k for k, _ in STATE_KEYS]} holds a state "
                           f"dict; its top-level keys are {sorted(map(str, ckpt))}; name one with --state-key")
+
+
+def _named_within(ckpt: Mapping, key: str) -> dict[str, torch.Tensor] | None:
+    """The tensors of a state dict on key's path whose names begin with the rest of it, that
+    prefix removed: 'state_dict.teacher' takes a Lightning checkpoint's teacher.* weights, and
+    'teacher' a bare state dict's; None where key leads nowhere."""
+    obj, parts = ckpt, key.split(".")
+    for i, part in enumerate(parts):
+        obj = _module_state(obj, f"checkpoint[{'.'.join(parts[:i])!r}]") if i else obj
+        if _is_state(obj):
+            prefix = ".".join(parts[i:]) + "."
+            inside = {name[len(prefix):]: v for name, v in obj.items() if name.startswith(prefix)}
+            if inside:
+                where = f"checkpoint[{'.'.join(parts[:i])!r}]" if i else "the checkpoint"
+                log.info("--state-key %r: the %d of %s's %d tensors named %s*, without that prefix", key, len(inside),
+                         where, len(obj), prefix)
+            return inside or None
+        if not isinstance(obj, Mapping) or part not in obj:
+            return None
+        obj = obj[part]
+    return None
 
 
 def _module_state(obj: Any, where: str) -> Any:
@@ -1077,13 +1102,14 @@ def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], stri
     report.unexpected = [_own_name(k) for k in result.unexpected_keys]
     report.loaded = len(usable) - len(report.unexpected)
     if own and not report.loaded:  # a model of its own random weights, never what a checkpoint was given for
+        hint = _prefix_hint(state, wanted, report.state_key)
         raise CheckpointError(
             f"none of the checkpoint's {len(state)} tensors loads into the model's {len(own)} weights "
             f"({len(report.unexpected)} under names the model lacks, {len(report.shape_mismatches)} of another shape; the "
-            f"checkpoint's keys look like {next(iter(state), None)!r}, the model's like {next(iter(own))!r})"
-            f"{_prefix_hint(state, wanted)}; choose other weights with --state-key, or the model that saved them (--model)")
+            f"checkpoint's keys look like {next(iter(state), None)!r}, the model's like {next(iter(own))!r}){hint}"
+            + ("" if "--state-key" in hint else "; choose other weights with --state-key, or the model that saved them (--model)"))
     if own and len(report.missing) > len(own) / 2:
-        hint = _prefix_hint(state, wanted)
+        hint = _prefix_hint(state, wanted, report.state_key)
         report.notes.append(f"most model keys are missing{hint}")
     if report.missing or report.unexpected or report.shape_mismatches:
         (log.error if strict else log.warning)("weights: %s", report.summary())
@@ -1095,15 +1121,24 @@ def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], stri
     return report
 
 
-def _prefix_hint(state: Mapping[str, torch.Tensor], wanted: set[str]) -> str:
-    """Names the prefix that, added to or removed from the checkpoint's keys, would fit them."""
-    for key in state:
-        for target in wanted:
-            if key.endswith("." + target):
-                return f"; the checkpoint's keys look like {key!r}: removing the prefix {key[: -len(target)]!r} would fit them"
-            if target.endswith("." + key):
-                return f"; the model's keys look like {target!r}: adding the prefix {target[: -len(key)]!r} would fit them"
-    return ""
+def _prefix_hint(state: Mapping[str, torch.Tensor], wanted: set[str], state_key: str | None) -> str:
+    """Names the prefix that, removed from the checkpoint's keys or added to them, would fit the
+    most of the model's weights, and how to choose among prefixes that fit alike."""
+    strip, add = _prefix_matches(state, wanted), _prefix_matches(wanted, state)
+    if not strip and not add:
+        return ""
+    removing = bool(strip) and (not add or max(strip.values()) >= max(add.values()))
+    counts = strip if removing else add
+    most = max(counts.values())
+    best = sorted(p for p, n in counts.items() if n == most)
+    fits = f"{most} of the model's {len(wanted)} weights"
+    if not removing:
+        return f"; adding the prefix {best[0]!r} to the checkpoint's keys would fit {fits} (it holds the model's {best[0][:-1]})"
+    if len(best) == 1:
+        return f"; removing the prefix {best[0]!r} from the checkpoint's keys would fit {fits}"
+    keyed = [p[:-1] if not state_key or state_key.startswith("(") else f"{state_key}.{p[:-1]}" for p in best]
+    return (f"; the prefixes {', '.join(map(repr, best))}, each removed, would fit {fits} alike: take one's tensors with "
+            f"--state-key {' or '.join(map(repr, keyed))}")
 
 
 def describe_checkpoint(ckpt: Any) -> dict:

@@ -33,7 +33,7 @@ from conftest import requires_cuda
 from marstore import extract as extract_module, hooks
 from marstore.cli import main
 from marstore.extract import ExtractError, ExtractOptions, Interrupted, _duration, extract, extract_from
-from marstore.loading import CheckpointError, build_model, file_digest, find_config, find_state_dict, load_weights, read_checkpoint, to_plain
+from marstore.loading import CheckpointError, build_model, file_digest, find_config, find_state_dict, LoadReport, load_weights, read_checkpoint, to_plain
 from marstore.models.video_mar import VideoActionMAR
 from marstore.models import LAYOUTS, policy_forward, save_checkpoint, synthetic_video_actions, video_mar
 from marstore.report import human_bytes
@@ -131,8 +131,21 @@ def test_a_checkpoint_of_which_nothing_loads_is_refused():
     assert str(info.value) == (
         f"none of the checkpoint's {len(state)} tensors loads into the model's {len(saved)} weights ({len(state)} under "
         f"names the model lacks, 0 of another shape; the checkpoint's keys look like 'student.{first}', the model's "
-        f"like '{first}'); the checkpoint's keys look like 'student.{first}': removing the prefix 'student.' would fit "
-        "them; choose other weights with --state-key, or the model that saved them (--model)")
+        f"like '{first}'); the prefixes 'student.', 'teacher.', each removed, would fit {len(saved)} of the model's "
+        f"{len(saved)} weights alike: take one's tensors with --state-key 'student' or 'teacher'")
+    fresh = video_mar(**CONFIG)
+    state, key = find_state_dict({"state_dict": state}, "state_dict.teacher")
+    assert key == "state_dict.teacher" and list(state) == list(saved)
+    report = load_weights(fresh, state, strict=True, report=LoadReport(state_key=key))
+    assert report.loaded == len(saved) and report.stripped_prefix is None
+    assert list(find_state_dict({f"teacher.{k}": v for k, v in saved.items()}, "teacher")[0]) == list(saved)
+    with pytest.raises(CheckpointError, match=r"^--state-key 'tutor': no tensor of the checkpoint's state dict is named tutor\.\*; "
+                       r"--state-key PREFIX takes those named PREFIX\.\*, of \['student', 'teacher'\]$"):
+        find_state_dict({f"{who}.{k}": v for who in ("student", "teacher") for k, v in saved.items()}, "tutor")
+    part = dict(list(saved.items())[:3])  # fewer than half of the model's weights: named, not stripped
+    with pytest.raises(CheckpointError, match=rf"; removing the prefix 'ema\.' from the checkpoint's keys would fit 3 of the "
+                       rf"model's {len(saved)} weights; choose other weights with --state-key"):
+        load_weights(video_mar(**CONFIG), {f"ema.{k}": v for k, v in part.items()})
     other = {"a.weight": torch.zeros(3)}
     with pytest.raises(CheckpointError, match=r"^none of the checkpoint's 1 tensors loads into the model's \d+ weights \(1 under "
                        r"names the model lacks, 0 of another shape; the checkpoint's keys look like 'a.weight', the model's "
@@ -250,8 +263,11 @@ def test_a_model_saved_whole_gives_its_weights_to_a_trusted_load(tmp_path):
         state, key = find_state_dict(read_checkpoint(str(tmp_path / name), trust=True))
         assert key == ("(whole module)" if name == "whole.pt" else "model")
         assert state.keys() == model.state_dict().keys() and all(torch.equal(state[k], v) for k, v in model.state_dict().items())
-    with pytest.raises(CheckpointError, match=r"^--state-key 'ema': this checkpoint is a whole VideoActionMAR, with no keys"):
+    with pytest.raises(CheckpointError, match=r"^--state-key 'ema': no tensor of the checkpoint's state dict is named ema\.\*; "
+                       r"--state-key PREFIX takes those named PREFIX\.\*, of \['action_proj', 'decoder_blocks', "):
         find_state_dict(model, "ema")
+    state, key = find_state_dict(model, "encoder_blocks.1")  # a module of a model saved whole
+    assert key == "encoder_blocks.1" and state.keys() == model.encoder_blocks[1].state_dict().keys()
 
 
 def test_a_safetensors_checkpoint_is_a_state_dict_without_pickles(tmp_path, monkeypatch):
