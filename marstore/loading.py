@@ -47,6 +47,8 @@ STATE_KEYS = (
     ("state_dicts.ema_model", True),
     ("model_ema", True),
     ("ema_state_dict", True),
+    ("state_dict_ema", True),  # timm's train.py
+    ("ema", True),  # DiT's and its descendants' {"model", "ema", "opt", "args"}
     ("state_dicts.model", False),
     ("model_state_dict", False),
     ("state_dict", False),
@@ -641,6 +643,11 @@ def find_state_dict(ckpt: Any, key: str | None = None) -> tuple[dict[str, torch.
     for candidate, ema in STATE_KEYS:
         if _has(ckpt, candidate):
             state = _module_state(_get_path(ckpt, candidate), f"checkpoint[{candidate!r}]")
+            if ema and isinstance(state, Mapping) and state and not _is_state(state):
+                # an EMA helper's own state (diffusers' EMAModel keeps a list of shadow_params): no names to load by
+                log.warning("checkpoint[%r] holds EMA weights but is not a state dict (it holds %s): looking further; "
+                            "the weights taken are not the EMA ones", candidate, ", ".join(map(str, list(state)[:6])))
+                continue
             if isinstance(state, Mapping) and state:
                 others = [k for k, e in STATE_KEYS if _has(ckpt, k) and k != candidate]
                 if ema:
@@ -992,7 +999,8 @@ def _fitting_prefix(state: Mapping[str, torch.Tensor], wanted: set[str]) -> tupl
     match). A known wrapper's prefix (module., _orig_mod., model., or a chain of them) is taken
     wherever it matches more keys than the names as they are. Any other prefix of up to three
     name components (Lightning's self.net, a checkpoint of a module that the model holds inside
-    it) only where it matches more than half the model's keys and no other prefix matches as many."""
+    it) only where it matches more than half the model's keys and no other prefix matches as many,
+    or where of those that match as many one alone names EMA weights."""
     best = ("", "", len(wanted & state.keys()))
     for prefix in _PREFIX_CHAINS:
         hits = sum(1 for k in state if k.startswith(prefix) and k[len(prefix):] in wanted)
@@ -1002,8 +1010,15 @@ def _fitting_prefix(state: Mapping[str, torch.Tensor], wanted: set[str]) -> tupl
         return best
     candidates = sorted([(n, p, "") for p, n in _prefix_matches(state, wanted).items()] +
                         [(n, "", p) for p, n in _prefix_matches(wanted, state).items()], reverse=True)
-    if candidates and candidates[0][0] > len(wanted) / 2 and (len(candidates) == 1 or candidates[1][0] < candidates[0][0]):
-        hits, strip, add = candidates[0]
+    if not candidates or candidates[0][0] <= len(wanted) / 2:
+        return best
+    tied = [c for c in candidates if c[0] == candidates[0][0]]
+    ema = [c for c in tied if "ema" in c[1].lower()]  # ema_pytorch's EMA keeps ema_model.* beside online_model.*
+    if len(tied) == 1 or len(ema) == 1:
+        hits, strip, add = tied[0] if len(tied) == 1 else ema[0]
+        if len(tied) > 1:
+            log.info("the prefixes %s fit alike: the EMA weights' %r taken (--state-key chooses)",
+                     ", ".join(repr(c[1]) for c in tied), strip)
         return strip, add, hits
     return best
 

@@ -64,22 +64,33 @@ def test_every_layout_loads_the_right_weights(tmp_path, layout):
     state, state_key = find_state_dict(ckpt)
     fresh = build_model("marstore.models:video_mar", config, {} if config else CONFIG, key)
     report = load_weights(fresh, state, strict=True)
-    ema = layout in ("mar", "workspace")
+    ema = layout in ("mar", "workspace", "dit", "timm", "ema_pytorch")
     expected = {k: v * (0.5 if ema and v.is_floating_point() and k in dict(model.named_parameters()) else 1)
                 for k, v in model.state_dict().items()}
     got = fresh.state_dict()
     assert all(torch.equal(got[k], expected[k]) for k in got)
     assert report.missing == [] and report.unexpected == [] and report.shape_mismatches == []
     assert state_key == {"bare": "(bare state dict)", "mar": "model_ema", "workspace": "state_dicts.ema_model",
-                         "lightning": "state_dict", "fsdp": "model", "deepspeed": "module"}.get(layout, "model_state_dict")
+                         "lightning": "state_dict", "fsdp": "model", "deepspeed": "module", "dit": "ema", "timm": "state_dict_ema",
+                         "ema_pytorch": "ema"}.get(layout, "model_state_dict")
     assert report.stripped_prefix == {"lightning": "model.", "workspace": "model.", "ddp": "module.",
-                                      "compile": "_orig_mod."}.get(layout)
-    if layout == "workspace":
-        assert report.ignored_outside_prefix == 2  # vae_model.*, normalizer.*
+                                      "compile": "_orig_mod.", "ema_pytorch": "ema_model."}.get(layout)
+    if layout in ("workspace", "ema_pytorch"):
+        assert report.ignored_outside_prefix == {"workspace": 2, "ema_pytorch": len(expected) + 2}[layout]
     if layout in ("bare", "deepspeed"):
         assert key is None and config == {}
     else:
         assert config["embed_dim"] == 32
+
+
+def test_an_ema_entry_that_is_not_a_state_dict_is_passed_over_in_the_log(caplog):
+    state = video_mar(**CONFIG).state_dict()
+    shadow = {"decay": 0.9999, "optimization_step": 3, "shadow_params": [v.clone() for v in state.values()]}  # diffusers' EMAModel
+    with caplog.at_level(logging.WARNING, logger="marstore.loading"):
+        found, key = find_state_dict({"model": state, "ema": shadow, "args": {}})
+    assert key == "model" and found.keys() == state.keys()
+    assert ("checkpoint['ema'] holds EMA weights but is not a state dict (it holds decay, optimization_step, shadow_params): "
+            "looking further; the weights taken are not the EMA ones") in caplog.text
 
 
 def test_load_report_and_strict(tmp_path):

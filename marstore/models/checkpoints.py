@@ -8,7 +8,8 @@ import warnings
 
 import torch
 
-LAYOUTS = ("bare", "model_state_dict", "mar", "lightning", "workspace", "ddp", "compile", "fsdp", "deepspeed")
+LAYOUTS = ("bare", "model_state_dict", "mar", "lightning", "workspace", "ddp", "compile", "fsdp", "deepspeed", "dit", "timm",
+           "ema_pytorch")
 
 
 def _prefixed(state: dict, prefix: str) -> dict:
@@ -41,6 +42,15 @@ def save_checkpoint(model: torch.nn.Module, config: dict, path: str, layout: str
                                "ema_model": {**_prefixed(ema_state, "model."), **extras},
                                "optimizer": {}, "lr_scheduler": {}},
                "pickles": {}}
+    elif layout == "dit":  # DiT's train.py, and its descendants'
+        obj = {"model": state, "ema": ema_state, "opt": {}, "args": argparse.Namespace(**config)}
+    elif layout == "timm":  # timm's CheckpointSaver
+        obj = {"epoch": 3, "arch": "video_mar", "state_dict": state, "optimizer": {}, "version": 2,
+               "args": argparse.Namespace(**config), "state_dict_ema": ema_state}
+    elif layout == "ema_pytorch":  # lucidrains' ema_pytorch: its EMA holds the EMA copy and the online model
+        obj = {"model": state, "ema": {**_prefixed(ema_state, "ema_model."), **_prefixed(state, "online_model."),
+                                       "initted": torch.tensor(True), "step": torch.tensor(3)},
+               "config": config}
     elif layout == "ddp":
         obj = {"model_state_dict": _prefixed(state, "module."), "model_config": config}
     elif layout == "compile":
