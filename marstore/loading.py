@@ -55,6 +55,9 @@ STATE_KEYS = (
     ("model", False),
     ("module", False),  # DeepSpeed's mp_rank_00_model_states.pt
 )
+# the names of a builder's one parameter that takes the config whole (Net(cfg), build_model(args), Model(config))
+CONFIG_PARAMETERS = ("cfg", "config", "conf", "args", "opt", "opts", "options", "hparams", "hp", "params", "settings")
+CONFIG_PARAMETER_ENDINGS = ("_cfg", "_config", "_conf", "_args", "_hparams", "_opts", "_options")
 KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.")
 INDEX_SUFFIX = ".index.json"  # Hugging Face's sharded checkpoints: model.safetensors.index.json
 _PREFIX_CHAINS = KNOWN_PREFIXES + tuple(a + b for a in KNOWN_PREFIXES for b in KNOWN_PREFIXES if a != b)
@@ -810,6 +813,18 @@ def build_model(spec: str, config: Mapping[str, Any], overrides: Mapping[str, An
         required = [p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
         lacks = [n for n in required if n not in kwargs]
         extra = [] if takes_any else sorted(k for k in kwargs if k not in named)
+        whole = _whole_config_parameter(params, kwargs)
+        if whole is not None:
+            # Net(cfg), build_model(args): one parameter that the config does not name, and none that it does
+            log.info("--model %s takes one argument, %s, and none of %s's keys: the config goes whole as %s (its keys "
+                     "read as attributes too: %s.%s)", spec, whole, source, whole, whole, next(iter(kwargs), "key"))
+            if report is not None:
+                report.notes.append(f"the config passed whole as --model's argument {whole}")
+            model = _call_builder(builder, {whole: config_object({**records, **kwargs})}, spec, source, config, config_key,
+                                  overrides or {}, keys=sorted(kwargs))
+            if not isinstance(model, torch.nn.Module):
+                raise CheckpointError(f"--model {spec} returned a {type(model).__name__}, not a torch.nn.Module")
+            return model
         if lacks or extra:
             raise CheckpointError(
                 f"--model {spec} rejects {source}: it lacks {lacks} and does not accept {extra}; "
@@ -868,14 +883,48 @@ def code_line(exc: BaseException, *left_out: str) -> str:
     return f"at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}: `{frames[-1].line}`; " if frames else ""
 
 
+def _whole_config_parameter(params: Iterable[inspect.Parameter], kwargs: Mapping[str, Any]) -> str | None:
+    """The one parameter of a builder that takes the config as one object (Net(cfg), build(args)):
+    its only required one, named as configs are, where the config names none of its parameters;
+    else None."""
+    params = list(params)
+    required = [p.name for p in params if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
+    others = [p for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.KEYWORD_ONLY)]
+    if len(required) != 1 or others or not kwargs or any(p.name in kwargs for p in params):
+        return None
+    # named as configs are: a builder's one other argument (Net(num_classes)) is no config to pass whole
+    return required[0] if required[0] in CONFIG_PARAMETERS or required[0].endswith(CONFIG_PARAMETER_ENDINGS) else None
+
+
+class ConfigObject(dict):
+    """A config passed whole to a builder that takes one (Net(cfg), build(args)): a dict whose
+    keys read as attributes too (cfg.width as cfg["width"]), as argparse's and OmegaConf's did."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"the config has no key {name!r} (its keys: {', '.join(map(str, self))})") from None
+
+
+def config_object(value: Any) -> Any:
+    """value with every mapping in it a ConfigObject."""
+    if isinstance(value, Mapping):
+        return ConfigObject({k: config_object(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return type(value)(config_object(v) for v in value)
+    return value
+
+
 def _call_builder(builder: Callable, kwargs: dict, spec: str, source: str, config: Mapping[str, Any],
-                  config_key: str | None, overrides: Mapping[str, Any]) -> Any:
+                  config_key: str | None, overrides: Mapping[str, Any], keys: list[str] | None = None) -> Any:
+    """builder(**kwargs), its errors said in one line; keys: the config's, where it goes whole."""
     try:
         return builder(**kwargs)
     except KeyError as exc:  # a constructor that reads the config's nested keys (UVA's shape_meta[...])
         raise CheckpointError(
             f"--model {spec} failed on {source}: it looked up {exc.args[0]!r}, which that config lacks (its keys: "
-            f"{sorted(kwargs)}); give it with --model-arg KEY=VALUE or choose the config with --config-key"
+            f"{keys or sorted(kwargs)}); give it with --model-arg KEY=VALUE or choose the config with --config-key"
             f"{_sections_hint(config, config_key)}"
         ) from exc
     except Exception as exc:

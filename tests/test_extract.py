@@ -1,5 +1,6 @@
 """Extraction: checkpoint layouts, loading reports, hooks, the pipeline, resume and Ctrl-C."""
 
+import argparse
 import collections
 import contextlib
 import dataclasses
@@ -463,6 +464,44 @@ def test_builder_errors_list_missing_and_unknown_keys():
         build_model("no_such_module:f", {})
     with pytest.raises(CheckpointError, match="write it as MODULE:CALLABLE"):
         build_model("marstore.models", {})
+
+
+class WholeConfigNet(nn.Module):
+    """Built from one config object, read both ways (research code's Net(cfg), build_model(args))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(cfg.width, cfg["width"]) for _ in range(cfg.head.depth))
+        self.bias = getattr(cfg, "bias", None)
+
+
+def build_from_args(args, *, seed: int = 0):
+    torch.manual_seed(seed)
+    return WholeConfigNet(args)
+
+
+def build_with_classes(num_classes):
+    return nn.Linear(4, num_classes)
+
+
+def test_a_builder_that_takes_one_config_object_gets_the_config_whole(caplog):
+    report = LoadReport()
+    with caplog.at_level(logging.INFO, logger="marstore.loading"):
+        model = build_model("test_extract:WholeConfigNet", {"width": 3, "head": {"depth": 2}}, config_key="config",
+                            overrides={"head.depth": 4}, report=report)
+    assert [tuple(b.weight.shape) for b in model.blocks] == [(3, 3)] * 4 and model.bias is None
+    assert report.notes == ["the config passed whole as --model's argument cfg"]
+    assert ("--model test_extract:WholeConfigNet takes one argument, cfg, and none of the config from checkpoint['config']'s "
+            "keys: the config goes whole as cfg (its keys read as attributes too: cfg.width)") in caplog.text
+    # MAR-style argparse arguments, to a builder with an optional keyword besides
+    model = build_model("test_extract:build_from_args", to_plain(argparse.Namespace(width=2, head={"depth": 1}, lr=0.1)))
+    assert len(model.blocks) == 1
+    with pytest.raises(CheckpointError) as info:  # a key the builder reads and the config lacks, in one line
+        build_model("test_extract:WholeConfigNet", {"width": 3}, config_key="config")
+    assert str(info.value).endswith("AttributeError: the config has no key 'head' (its keys: width)")
+    # a builder's one argument that is not named as a config is not given the config
+    with pytest.raises(CheckpointError, match=r"rejects the given arguments: it lacks \['num_classes'\] and does not accept \['width'\]"):
+        build_model("test_extract:build_with_classes", {"width": 3})
 
 
 def test_a_builder_that_passes_the_config_on_gets_the_keys_its_callee_takes(tmp_path, caplog):
