@@ -238,23 +238,52 @@ def _arguments_taken(forward: Callable) -> tuple[frozenset[str] | None, int | No
             None if inspect.Parameter.VAR_POSITIONAL in kinds else positions)
 
 
+# the names of a forward's one argument that takes a dict batch whole: forward(self, batch)
+BATCH_PARAMETERS = ("batch", "inputs", "data", "sample", "samples", "example", "examples", "features", "obs",
+                    "observation", "observations")
+BATCH_PARAMETER_ENDINGS = ("_dict", "_batch", "_inputs")
+
+
+def _whole_batch_parameter(forward: Callable) -> str | None:
+    """The one argument of a forward that takes a dict batch whole (forward(self, batch)): its only
+    required one, named as batches are, with no **kwargs beside it; else None."""
+    try:
+        params = list(inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    required = [p for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(required) != 1 or any(p.kind in (p.VAR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty for p in params):
+        return None
+    name = required[0].name
+    return name if name in BATCH_PARAMETERS or name.endswith(BATCH_PARAMETER_ENDINGS) else None
+
+
 class DefaultForward:
     """The forward without --forward: a dict batch as keyword arguments, a tuple or list as
     positional ones, a tensor or a dataclass alone. Keys the model's forward does not take
     (labels and other targets beside the inputs) are left out, as Hugging Face's Trainer leaves
     out such columns, and so are a tuple's last values where the forward takes fewer (the label
-    of torchvision's (image, label) items), with a warning that names them, once a run."""
+    of torchvision's (image, label) items), with a warning that names them, once a run. A dict
+    batch none of whose keys the forward names goes whole to a forward(self, batch)."""
 
     def __init__(self) -> None:
         self.said: set[tuple[type, tuple[str, ...]]] = set()
-        # a model class's forward, read once, not a batch: its keywords, and its most positional values
-        self.taken: dict[type, tuple[frozenset[str] | None, int | None]] = {}
+        # a model class's forward, read once, not a batch: its keywords, its most positional values, and
+        # the one argument that takes a dict batch whole
+        self.taken: dict[type, tuple[frozenset[str] | None, int | None, str | None]] = {}
 
     def __call__(self, model: torch.nn.Module, batch: Any) -> Any:
         if type(model) not in self.taken:
-            self.taken[type(model)] = _arguments_taken(model.forward)
-        taken, most = self.taken[type(model)]
-        if isinstance(batch, Mapping):
+            self.taken[type(model)] = (*_arguments_taken(model.forward), _whole_batch_parameter(model.forward))
+        taken, most, whole = self.taken[type(model)]
+        if isinstance(batch, Mapping) and whole is not None and taken is not None and not taken & batch.keys():
+            if (type(model), ()) not in self.said:
+                self.said.add((type(model), ()))
+                log.info("the default forward passes the batch whole to %s.forward%s, as %s: none of its keys (%s) names "
+                         "an argument of it", type(model).__name__, inspect.signature(model.forward), whole,
+                         ", ".join(map(str, batch)))
+            args, kwargs = (batch,), {}
+        elif isinstance(batch, Mapping):
             args, kwargs = (), dict(batch)
             left_out = tuple(sorted(k for k in kwargs if taken is not None and k not in taken))
             if left_out and taken & kwargs.keys():  # a batch of none of its keys is the user's to fix (below)

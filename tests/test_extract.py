@@ -3189,6 +3189,32 @@ def test_a_type_error_inside_the_forward_keeps_its_traceback(tmp_path):
         default_forward(Pair(), (torch.zeros(2),))
 
 
+def test_a_dict_batch_goes_whole_to_a_forward_of_one_batch_argument(caplog):
+    """forward(self, batch) of a dict batch none of whose keys it names: the batch goes whole,
+    said once; a forward whose one argument is not named as batches are (nn.Sequential's input)
+    still asks for --forward."""
+
+    class Policy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(3, 2)
+
+        def forward(self, batch, scale: float = 1.0):
+            return self.enc(batch["obs"]).sum() * scale + batch["y"].sum()
+
+    from marstore.extract import DefaultForward
+    torch.manual_seed(0)
+    policy, forward = Policy(), DefaultForward()
+    batch = {"obs": torch.randn(4, 3), "y": torch.ones(4)}
+    with caplog.at_level(logging.INFO, logger="marstore.extract"):
+        assert torch.equal(forward(policy, batch), policy(batch)) and torch.equal(forward(policy, batch), policy(batch))
+    assert caplog.text.count("the default forward passes the batch whole to Policy.forward(batch, scale: float = 1.0), "
+                             "as batch: none of its keys (obs, y) names an argument of it") == 1
+    with pytest.raises(ExtractError, match=r"^the default forward calls the model with the batch's keys \['obs', 'y'\], "
+                                           r"and Sequential.forward\(input\) rejects them"):
+        forward(nn.Sequential(nn.Linear(3, 2)), batch)
+
+
 def test_the_labels_of_image_label_items_are_left_out_of_the_forward_and_stored_as_targets(tmp_path, caplog):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
