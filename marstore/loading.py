@@ -784,7 +784,8 @@ def build_model(spec: str, config: Mapping[str, Any], overrides: Mapping[str, An
     """Calls the builder with the config as keyword arguments, overrides taking precedence; a
     dotted override (shape_meta.action.shape=[7]) replaces one value inside a nested mapping. A
     builder that passes them on (MAR's mar_base(**kwargs)) to a callee that rejects the config's
-    training arguments has those left out, logged and noted in report. spec 'hydra' builds the
+    training arguments has those left out, logged and noted in report; one that takes the config
+    as one object (Net(cfg): _whole_config_parameter) gets it whole. spec 'hydra' builds the
     config's _target_ with hydra.utils.instantiate, as the training program did."""
     kwargs = with_overrides(config, overrides or {})
     source = f"the config from checkpoint[{config_key!r}]" if config_key else "the given arguments"
@@ -806,32 +807,49 @@ def build_model(spec: str, config: Mapping[str, Any], overrides: Mapping[str, An
     if records:
         log.info("left out the config's keys %s (hydra's instructions and library records, named with a leading '_'): "
                  "--model %s builds the model", records, spec)
-    if signature is not None:
-        params = signature.parameters.values()
-        takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
-        named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-        required = [p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-        lacks = [n for n in required if n not in kwargs]
-        extra = [] if takes_any else sorted(k for k in kwargs if k not in named)
-        whole = _whole_config_parameter(params, kwargs)
-        if whole is not None:
-            # Net(cfg), build_model(args): one parameter that the config does not name, and none that it does
-            log.info("--model %s takes one argument, %s, and none of %s's keys: the config goes whole as %s (its keys "
-                     "read as attributes too: %s.%s)", spec, whole, source, whole, whole, next(iter(kwargs), "key"))
-            if report is not None:
-                report.notes.append(f"the config passed whole as --model's argument {whole}")
-            model = _call_builder(builder, {whole: config_object({**records, **kwargs})}, spec, source, config, config_key,
-                                  overrides or {}, keys=sorted(kwargs))
-            if not isinstance(model, torch.nn.Module):
-                raise CheckpointError(f"--model {spec} returned a {type(model).__name__}, not a torch.nn.Module")
-            return model
-        if lacks or extra:
-            raise CheckpointError(
-                f"--model {spec} rejects {source}: it lacks {lacks} and does not accept {extra}; "
-                f"fix them with --model-arg KEY=VALUE or choose the config with --config-key{_sections_hint(config, config_key)}"
-            )
+    whole = _whole_config_parameter(signature.parameters.values(), kwargs) if signature is not None else None
+    if whole is not None:
+        # Net(cfg), build_model(args): one parameter that the config does not name, and none that it does
+        log.info("--model %s takes one argument, %s, and none of %s's keys: the config goes whole as %s (its keys "
+                 "read as attributes too: %s.%s)", spec, whole, source, whole, whole, next(iter(kwargs)))
+        if report is not None:
+            report.notes.append(f"the config passed whole as --model's argument {whole}")
+        model = _call_builder(builder, {whole: config_object({**records, **kwargs})}, spec, source, config, config_key,
+                              overrides or {}, keys=sorted(kwargs))
+    else:
+        _check_arguments(signature, kwargs, spec, source, config, config_key)
+        model = _call_with_passed_on_keys(builder, signature, kwargs, spec, source, config, config_key, overrides or {},
+                                          report)
+    if not isinstance(model, torch.nn.Module):
+        raise CheckpointError(f"--model {spec} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _check_arguments(signature: inspect.Signature | None, kwargs: Mapping[str, Any], spec: str, source: str,
+                     config: Mapping[str, Any], config_key: str | None) -> None:
+    """Refuses a config whose keys the builder's signature does not fit: the keys it lacks, those it does not take."""
+    if signature is None:
+        return
+    params = signature.parameters.values()
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    required = [p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    lacks = [n for n in required if n not in kwargs]
+    extra = [] if takes_any else sorted(k for k in kwargs if k not in named)
+    if lacks or extra:
+        raise CheckpointError(
+            f"--model {spec} rejects {source}: it lacks {lacks} and does not accept {extra}; "
+            f"fix them with --model-arg KEY=VALUE or choose the config with --config-key{_sections_hint(config, config_key)}"
+        )
+
+
+def _call_with_passed_on_keys(builder: Callable, signature: inspect.Signature | None, kwargs: dict, spec: str, source: str,
+                              config: Mapping[str, Any], config_key: str | None, overrides: Mapping[str, Any],
+                              report: LoadReport | None) -> Any:
+    """builder(**kwargs); where it passes them on to a callee that rejects some of the config's keys,
+    again without those."""
     try:
-        model = _call_builder(builder, kwargs, spec, source, config, config_key, overrides or {})
+        return _call_builder(builder, kwargs, spec, source, config, config_key, overrides)
     except _Rejected as rejected:
         if rejected.passed_on is None:
             raise
@@ -839,7 +857,7 @@ def build_model(spec: str, config: Mapping[str, Any], overrides: Mapping[str, An
         # MAR's checkpoint['args'] is the training run's argparse arguments: the config's keys that
         # the callee takes go on, the others are left out, said and recorded
         callee, takes = rejected.passed_on
-        given = {key.split(".")[0] for key in overrides or {}}
+        given = {key.split(".")[0] for key in overrides}
         named = {p.name for p in signature.parameters.values()} if signature is not None else set()
         from_config = [k for k in kwargs if k not in given]
         left_out = sorted(k for k in from_config if k not in takes and k not in named)
@@ -849,11 +867,8 @@ def build_model(spec: str, config: Mapping[str, Any], overrides: Mapping[str, An
                     "other %d passed on", spec, callee, left_out, len(kwargs) - len(left_out))
         if report is not None:
             report.notes.append(f"config keys that {callee} does not take left out: {', '.join(left_out)}")
-        model = _call_builder(builder, {k: v for k, v in kwargs.items() if k not in left_out}, spec, source, config,
-                              config_key, overrides or {})
-    if not isinstance(model, torch.nn.Module):
-        raise CheckpointError(f"--model {spec} returned a {type(model).__name__}, not a torch.nn.Module")
-    return model
+        return _call_builder(builder, {k: v for k, v in kwargs.items() if k not in left_out}, spec, source, config,
+                             config_key, overrides)
 
 
 class _Rejected(CheckpointError):
@@ -1067,7 +1082,7 @@ def _fitting_prefix(state: Mapping[str, torch.Tensor], wanted: set[str]) -> tupl
         hits, strip, add = tied[0] if len(tied) == 1 else ema[0]
         if len(tied) > 1:
             log.info("the prefixes %s fit alike: the EMA weights' %r taken (--state-key chooses)",
-                     ", ".join(repr(c[1]) for c in tied), strip)
+                     ", ".join(repr(c[1] or c[2]) for c in tied), strip)
         return strip, add, hits
     return best
 
