@@ -2183,6 +2183,7 @@ def _check_resume(opts: ExtractOptions, metadata: dict, selections: list[hooks.L
             raise ExtractError(f"--resume: the options differ from the ones {opts.out} was written with: "
                                + ", ".join(f"{k} (recorded {recorded.get(k)!r}, now {now.get(k)!r})" for k in differ))
         _check_same_weights(opts.out, store.metadata.get("checkpoint"), metadata["checkpoint"])
+        _check_same_load(opts.out, store.metadata.get("load_report"), metadata["load_report"])
         # a store of an earlier marstore took a sequence module's (sequence, batch, ...) rows from their first axis
         then = {layer["store_name"]: layer.get("batch_axis", 0) for layer in store.metadata.get("layers", [])}
         moved = [sel.store_name for sel in selections if then.get(sel.store_name, sel.batch_axis) != sel.batch_axis]
@@ -2235,6 +2236,21 @@ def _check_same_weights(out: str, then: dict | None, now: dict | None) -> None:
                        f"{then['sha256'][:12]}... then, {now['sha256'][:12]}... now: saved over since?); its rows would "
                        f"mix two models' activations: resume with that checkpoint ({then['path']}, {then['bytes']} bytes), "
                        "or extract into another --out")
+
+
+# what a resume must find as the store's run found it: which weights went where
+LOAD_OUTCOME = ("loaded", "stripped_prefix", "added_prefix", "missing_count", "unexpected_count", "shape_mismatches_count")
+
+
+def _check_same_load(out: str, then: dict | None, now: dict) -> None:
+    """The same checkpoint must load into the model as it did for the store's rows: another
+    marstore (one that strips a prefix the store's did not) or another model would give the rows
+    after the resume other weights."""
+    differ = [k for k in LOAD_OUTCOME if then is not None and k in then and then[k] != now.get(k)]
+    if differ:
+        raise ExtractError(f"--resume: the checkpoint loads into the model otherwise than when {out} was begun ("
+                           + ", ".join(f"{k.replace('_', ' ')} {then[k]!r} then, {now.get(k)!r} now" for k in differ)
+                           + "); its rows would mix two models' activations: extract into another --out")
 
 
 def _items(n: int) -> str:

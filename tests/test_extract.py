@@ -3016,6 +3016,30 @@ def test_resume_refuses_a_checkpoint_saved_over_since(tmp_path):
     assert extract(options(tmp_path, resume=True, **run)).rows == 40
 
 
+def test_resume_refuses_weights_that_load_otherwise_than_for_the_stores_rows(tmp_path):
+    """A store begun by a marstore that loaded the checkpoint otherwise (one that did not strip a
+    prefix this one strips) would get rows of other weights after the resume."""
+    import h5py
+
+    path = tmp_path / "lit.ckpt"
+    save_checkpoint(video_mar(**CONFIG), CONFIG, str(path), "lightning")
+    run = dict(checkpoint=str(path), model_args={}, commit_rows=8)
+    with pytest.raises(Interrupted):
+        extract(options(tmp_path, **run), on_batch=lambda rows: rows >= 16 and _raise(KeyboardInterrupt))
+    with h5py.File(tmp_path / "s.h5", "r+") as f:
+        recorded = json.loads(f.attrs["run"])
+        assert recorded["load_report"]["stripped_prefix"] == "model."
+        recorded["load_report"]["stripped_prefix"] = None
+        f.attrs["run"] = json.dumps(recorded, sort_keys=True)
+    store = (tmp_path / "s.h5").read_bytes()
+    with pytest.raises(ExtractError) as info:
+        extract(options(tmp_path, resume=True, **run))
+    assert str(info.value) == (f"--resume: the checkpoint loads into the model otherwise than when {tmp_path / 's.h5'} was "
+                               "begun (stripped prefix None then, 'model.' now); its rows would mix two models' activations: "
+                               "extract into another --out")
+    assert (tmp_path / "s.h5").read_bytes() == store
+
+
 def test_resume_continues_a_store_written_before_newer_options_existed(tmp_path, caplog, capsys):
     import json
 
