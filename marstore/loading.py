@@ -102,7 +102,9 @@ class LoadReport:
     @staticmethod
     def counts(d: Mapping[str, Any]) -> str:
         """What loading found, from the as_dict() form that a store records: for a summary line."""
-        return (f"loaded {d['loaded']} tensors, {d['missing_count']} missing, {d['unexpected_count']} unexpected, "
+        prefix = (f" (prefix {d['stripped_prefix']!r} stripped)" if d.get("stripped_prefix") else
+                  f" (prefix {d['added_prefix']!r} added)" if d.get("added_prefix") else "")
+        return (f"loaded {d['loaded']} tensors{prefix}, {d['missing_count']} missing, {d['unexpected_count']} unexpected, "
                 f"{d['shape_mismatches_count']} shape mismatches" + "".join(f"; {note}" for note in d.get("notes", [])))
 
     def as_dict(self) -> dict:

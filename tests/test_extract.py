@@ -242,7 +242,8 @@ def test_a_trusted_checkpoint_whose_classes_are_not_here_loads_them_as_stand_ins
 
     capsys.readouterr()
     assert main(["info", result.path]) == 0
-    assert (f"  weights from 'state_dicts.ema_model': loaded 82 tensors, 0 missing, 0 unexpected, 0 shape mismatches; "
+    assert (f"  weights from 'state_dicts.ema_model': loaded 82 tensors (prefix 'model.' stripped), 0 missing, 0 unexpected, "
+            "0 shape mismatches; "
             f"{note}") in capsys.readouterr().out.splitlines()
     with pytest.raises(CheckpointError) as info:  # the config itself is one: nothing to build from
         find_config(read_checkpoint(bad, trust=True), "cfg")
@@ -1082,8 +1083,8 @@ def test_a_dry_run_says_what_every_layer_gives_and_all_that_stands_in_the_way(tm
     torch.manual_seed(0)
     save_checkpoint(video_mar(**CONFIG), CONFIG, str(path), "workspace")
     survey = extract(options(tmp_path, checkpoint=str(path), config_key="cfg.policy.model", model_args={}, dry_run=True))
-    assert survey.describe().splitlines()[1] == (f"weights: state_dicts.ema_model of {path}: loaded 82 tensors, 0 missing, "
-                                                 "0 unexpected, 0 shape mismatches")
+    assert survey.describe().splitlines()[1] == (f"weights: state_dicts.ema_model of {path}: loaded 82 tensors (prefix "
+                                                 "'model.' stripped), 0 missing, 0 unexpected, 0 shape mismatches")
 
 
 def test_a_dry_run_surveys_two_batches_as_the_run_decides_from_them(tmp_path):
