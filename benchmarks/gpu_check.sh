@@ -68,9 +68,11 @@ if want extract; then
     --rows ${MEAN_ROWS:-1024} --rounds ${MEAN_ROUNDS:-1} --json "$OUT/extract_gpu_mean.json"
 fi
 if want rest; then
-  # the rest of the suite, on a machine where a GPU is the default device; 2 threads a process,
-  # as in CI: 8 workers whose tests start torchrun ranks would otherwise each run 16 threads
-  OMP_NUM_THREADS=2 step rest-tests ${REST_LIMIT:-240} "$OUT/pytest.log" $PY -m pytest -q -rfEs -n 8 -p no:cacheprovider \
+  # the rest of the suite, on a machine where a GPU is the default device: in 8 processes where
+  # pytest-xdist is installed (nothing can be installed there), of 2 threads each, since 8 workers
+  # whose tests start torchrun ranks would otherwise each run 16 threads
+  WORKERS=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
+  OMP_NUM_THREADS=2 step rest-tests ${REST_LIMIT:-240} "$OUT/pytest.log" $PY -m pytest -q -rfEs $WORKERS -p no:cacheprovider \
     --ignore tests/test_ops_cuda.py --ignore tests/test_transfer.py --ignore tests/test_extract.py tests
 fi
 echo "=== summary ==="
