@@ -1062,31 +1062,34 @@ def _sections_hint(config: Mapping[str, Any], config_key: str | None) -> str:
 
 def _fitting_prefix(state: Mapping[str, torch.Tensor], wanted: set[str]) -> tuple[str, str, int]:
     """(a prefix to strip from the checkpoint's keys, one to add to them, the model keys they then
-    match). A known wrapper's prefix (module., _orig_mod., model., or a chain of them) is taken
-    wherever it matches more keys than the names as they are. Any other prefix of up to three
-    name components (Lightning's self.net, a checkpoint of a module that the model holds inside
-    it) only where it matches more than half the model's keys and no other prefix matches as many,
-    or where of those that match as many one alone names EMA weights."""
+    match). The prefix of EMA weights (model_ema.module., ema_pytorch's ema_model.) where it alone
+    matches as many keys as any, and more than half the model's. Else a known wrapper's prefix
+    (module., _orig_mod., model., or a chain of them) wherever it matches more keys than the names
+    as they are. Else any other prefix of up to three name components (Lightning's self.net, a
+    checkpoint of a module that the model holds inside it) where it matches more than half the
+    model's keys and no other prefix matches as many."""
     best = ("", "", len(wanted & state.keys()))
     for prefix in _PREFIX_CHAINS:
         hits = sum(1 for k in state if k.startswith(prefix) and k[len(prefix):] in wanted)
         if hits > best[2]:
             best = (prefix, "", hits)
-    if best[2] > len(wanted) / 2:
-        return best
     candidates = sorted([(n, p, "") for p, n in _prefix_matches(state, wanted).items()] +
                         [(n, "", p) for p, n in _prefix_matches(wanted, state).items()], reverse=True)
-    if not candidates or candidates[0][0] <= len(wanted) / 2:
+    most = candidates[0][0] if candidates else 0
+    tied = [c for c in candidates if c[0] == most]
+    ema = [c for c in tied if _EMA_NAME.search(c[1])]
+    if len(ema) == 1 and most >= best[2] and most > len(wanted) / 2:
+        others = [c[1] or c[2] for c in tied if c is not ema[0]] + ([best[0] or "(none)"] if best[2] == most else [])
+        if others:
+            log.info("the EMA weights' prefix %r taken: it fits %d of the model's weights, as %s does (--state-key "
+                     "chooses)", ema[0][1], most, ", ".join(map(repr, others)))
+        return ema[0][1], "", most
+    if best[2] > len(wanted) / 2 or most <= len(wanted) / 2 or len(tied) > 1:
         return best
-    tied = [c for c in candidates if c[0] == candidates[0][0]]
-    ema = [c for c in tied if "ema" in c[1].lower()]  # ema_pytorch's EMA keeps ema_model.* beside online_model.*
-    if len(tied) == 1 or len(ema) == 1:
-        hits, strip, add = tied[0] if len(tied) == 1 else ema[0]
-        if len(tied) > 1:
-            log.info("the prefixes %s fit alike: the EMA weights' %r taken (--state-key chooses)",
-                     ", ".join(repr(c[1] or c[2]) for c in tied), strip)
-        return strip, add, hits
-    return best
+    return tied[0][1], tied[0][2], most
+
+
+_EMA_NAME = re.compile(r"(^|[._])ema([._]|$)", re.IGNORECASE)
 
 
 def _prefix_matches(keys: Iterable[str], targets: Collection[str]) -> collections.Counter:

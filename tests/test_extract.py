@@ -65,7 +65,7 @@ def test_every_layout_loads_the_right_weights(tmp_path, layout):
     state, state_key = find_state_dict(ckpt)
     fresh = build_model("marstore.models:video_mar", config, {} if config else CONFIG, key)
     report = load_weights(fresh, state, strict=True)
-    ema = layout in ("mar", "workspace", "dit", "timm", "ema_pytorch")
+    ema = layout in ("mar", "workspace", "dit", "timm", "ema_pytorch", "lightning_ema")
     expected = {k: v * (0.5 if ema and v.is_floating_point() and k in dict(model.named_parameters()) else 1)
                 for k, v in model.state_dict().items()}
     got = fresh.state_dict()
@@ -73,11 +73,13 @@ def test_every_layout_loads_the_right_weights(tmp_path, layout):
     assert report.missing == [] and report.unexpected == [] and report.shape_mismatches == []
     assert state_key == {"bare": "(bare state dict)", "mar": "model_ema", "workspace": "state_dicts.ema_model",
                          "lightning": "state_dict", "fsdp": "model", "deepspeed": "module", "dit": "ema", "timm": "state_dict_ema",
-                         "ema_pytorch": "ema"}.get(layout, "model_state_dict")
+                         "ema_pytorch": "ema", "lightning_ema": "state_dict"}.get(layout, "model_state_dict")
     assert report.stripped_prefix == {"lightning": "model.", "workspace": "model.", "ddp": "module.",
-                                      "compile": "_orig_mod.", "ema_pytorch": "ema_model."}.get(layout)
-    if layout in ("workspace", "ema_pytorch"):
-        assert report.ignored_outside_prefix == {"workspace": 2, "ema_pytorch": len(expected) + 2}[layout]
+                                      "compile": "_orig_mod.", "ema_pytorch": "ema_model.",
+                                      "lightning_ema": "model_ema.module."}.get(layout)
+    if layout in ("workspace", "ema_pytorch", "lightning_ema"):
+        assert report.ignored_outside_prefix == {"workspace": 2, "ema_pytorch": len(expected) + 2,
+                                                 "lightning_ema": len(expected)}[layout]
     if layout in ("bare", "deepspeed"):
         assert key is None and config == {}
     else:

@@ -9,7 +9,7 @@ import warnings
 import torch
 
 LAYOUTS = ("bare", "model_state_dict", "mar", "lightning", "workspace", "ddp", "compile", "fsdp", "deepspeed", "dit", "timm",
-           "ema_pytorch")
+           "ema_pytorch", "lightning_ema")
 
 
 def _prefixed(state: dict, prefix: str) -> dict:
@@ -35,6 +35,9 @@ def save_checkpoint(model: torch.nn.Module, config: dict, path: str, layout: str
                "args": argparse.Namespace(**config)}
     elif layout == "lightning":
         obj = {"state_dict": _prefixed(state, "model."), "hyper_parameters": config, "epoch": 3}
+    elif layout == "lightning_ema":  # a LightningModule holding timm's ModelEmaV2 beside its model
+        obj = {"state_dict": {**_prefixed(state, "model."), **_prefixed(ema_state, "model_ema.module.")},
+               "hyper_parameters": config, "epoch": 3}
     elif layout == "workspace":  # diffusion_policy: the whole policy, MAR under model.
         extras = {"vae_model.encoder.weight": torch.zeros(2, 2), "normalizer.params.scale": torch.ones(3)}
         obj = {"cfg": {"policy": {"model": config}},
