@@ -286,7 +286,7 @@ def _read_resolved(path: str, trust: bool, report: LoadReport | None) -> Any:
         except Exception:  # noqa: BLE001 - the names are a courtesy; the refusal stands
             names = []
         # the checkpoint's own classes first (they say what it is), then torch's; each in order
-        allowed = {name for name, _ in _config_global_names()}
+        allowed = {name for _, name in _config_global_names()}
         names = sorted((n for n in names if n not in allowed), key=lambda n: (n.startswith("torch."), n))
         listed = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "") if names else "classes it does not name"
         missing = "" if not any(n.startswith("omegaconf.") for n in names) or _omegaconf_classes() else \
@@ -339,10 +339,25 @@ def _omegaconf_classes() -> list[type]:
 def _config_global_names() -> list[tuple[Any, str]]:
     """(object, the name a pickle gives it) of what a safe load allows beside tensors: configs
     (argparse.Namespace as MAR's args; OmegaConf's classes as UVA's cfg) and the builtins and
-    types they refer to, dill's way of naming them included."""
+    types they refer to, dill's way of naming them included; numpy's numbers and arrays."""
     plain = [argparse.Namespace, collections.defaultdict, typing.Any, *_DILL_TYPES.values(), *_omegaconf_classes()]
     named = [(obj, f"{obj.__module__}.{getattr(obj, '__qualname__', getattr(obj, '_name', None))}") for obj in plain]
-    return named + [(_dill_load_type, "dill._dill._load_type")]
+    return named + [(_dill_load_type, "dill._dill._load_type")] + _numpy_global_names()
+
+
+def _numpy_global_names() -> list[tuple[Any, str]]:
+    """numpy's scalars and arrays of numbers, text and booleans, as numpy 1 and 2 name them in a
+    pickle: training scripts keep metrics (np.float64) and their RNG state (np.random.get_state())
+    beside the weights. Data, not code: an object array's items still need their own classes."""
+    import numpy as np
+
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    named = [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")]
+    for name in ("_reconstruct", "scalar"):
+        named += [(getattr(multiarray, name), f"{package}.multiarray.{name}") for package in ("numpy.core", "numpy._core")]
+    kinds = [getattr(np.dtypes, n) for n in dir(getattr(np, "dtypes", None)) if n.endswith("DType")
+             and n not in ("ObjectDType", "VoidDType")]  # (numpy's own dtype classes, pickled by some versions)
+    return named + [(kind, f"numpy.dtypes.{kind.__name__}") for kind in kinds]
 
 
 class StandIn:

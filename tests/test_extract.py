@@ -175,6 +175,24 @@ class Opaque:
         self.x = 1
 
 
+def test_numpy_numbers_and_arrays_load_safely(tmp_path):
+    """Training scripts keep metrics and their RNG state as numpy values beside the weights: data,
+    which the safe load reads; an object array of some class still needs its class trusted."""
+    path = str(tmp_path / "c.pt")
+    rng = np.random.get_state()
+    torch.save({"model_state_dict": video_mar(**CONFIG).state_dict(), "best": np.float64(0.25), "step": np.int64(7),
+                "history": np.arange(6, dtype=np.float32).reshape(2, 3), "flags": np.array([True, False]),
+                "names": np.array(["a", "bc"]), "rng": rng}, path)
+    ckpt = read_checkpoint(path)
+    assert ckpt["best"] == 0.25 and type(ckpt["best"]) is np.float64 and ckpt["step"] == 7
+    assert ckpt["history"].dtype == np.float32 and ckpt["history"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert ckpt["flags"].tolist() == [True, False] and ckpt["names"].tolist() == ["a", "bc"]
+    assert ckpt["rng"][0] == "MT19937" and np.array_equal(ckpt["rng"][1], rng[1]) and ckpt["rng"][2:] == rng[2:]
+    torch.save({"model_state_dict": video_mar(**CONFIG).state_dict(), "objects": np.array([Opaque()], dtype=object)}, path)
+    with pytest.raises(CheckpointError, match=r"needs unpickling of test_extract\.Opaque, which a safe load refuses"):
+        read_checkpoint(path)
+
+
 def test_untrusted_pickle_is_refused_with_the_flag_named(tmp_path):
     path = str(tmp_path / "c.pt")
     torch.save({"model_state_dict": video_mar(**CONFIG).state_dict(), "extra": Opaque()}, path)
