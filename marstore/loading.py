@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import datetime
 import difflib
 import hashlib
 import importlib
@@ -23,6 +24,7 @@ import inspect
 import json
 import logging
 import os
+import pathlib
 import pickle
 import re
 import sys
@@ -339,10 +341,18 @@ def _omegaconf_classes() -> list[type]:
 def _config_global_names() -> list[tuple[Any, str]]:
     """(object, the name a pickle gives it) of what a safe load allows beside tensors: configs
     (argparse.Namespace as MAR's args; OmegaConf's classes as UVA's cfg) and the builtins and
-    types they refer to, dill's way of naming them included; numpy's numbers and arrays."""
-    plain = [argparse.Namespace, collections.defaultdict, typing.Any, *_DILL_TYPES.values(), *_omegaconf_classes()]
+    types they refer to, dill's way of naming them included; plain values (paths, times); numpy's
+    numbers and arrays."""
+    plain = [argparse.Namespace, collections.defaultdict, typing.Any, *_DILL_TYPES.values(), *_omegaconf_classes(),
+             *PLAIN_VALUES]
     named = [(obj, f"{obj.__module__}.{getattr(obj, '__qualname__', getattr(obj, '_name', None))}") for obj in plain]
     return named + [(_dill_load_type, "dill._dill._load_type")] + _numpy_global_names()
+
+
+# values that configs and training scripts keep beside the weights (a Namespace's type=Path arguments,
+# a run's start time) and whose making runs no code of the checkpoint's
+PLAIN_VALUES = (pathlib.PurePosixPath, pathlib.PosixPath, datetime.datetime, datetime.date, datetime.time,
+                datetime.timedelta, datetime.timezone, frozenset, slice, range)
 
 
 def _numpy_global_names() -> list[tuple[Any, str]]:

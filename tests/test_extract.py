@@ -175,15 +175,23 @@ class Opaque:
         self.x = 1
 
 
-def test_numpy_numbers_and_arrays_load_safely(tmp_path):
-    """Training scripts keep metrics and their RNG state as numpy values beside the weights: data,
-    which the safe load reads; an object array of some class still needs its class trusted."""
+def test_numpy_numbers_and_arrays_and_plain_values_load_safely(tmp_path):
+    """Training scripts keep metrics and their RNG state as numpy values beside the weights, and
+    paths and times in their arguments: data, which the safe load reads; an object array of some
+    class still needs its class trusted."""
+    import datetime
+    import pathlib
+
     path = str(tmp_path / "c.pt")
     rng = np.random.get_state()
+    started = datetime.datetime(2026, 12, 8, 5, 30, tzinfo=datetime.timezone.utc)
+    args = argparse.Namespace(data_dir=pathlib.Path("/data/uva"), started=started, every=datetime.timedelta(hours=1),
+                              tasks=frozenset(["pick"]), window=slice(0, 16), steps=range(3))
     torch.save({"model_state_dict": video_mar(**CONFIG).state_dict(), "best": np.float64(0.25), "step": np.int64(7),
                 "history": np.arange(6, dtype=np.float32).reshape(2, 3), "flags": np.array([True, False]),
-                "names": np.array(["a", "bc"]), "rng": rng}, path)
+                "names": np.array(["a", "bc"]), "rng": rng, "args": args}, path)
     ckpt = read_checkpoint(path)
+    assert ckpt["args"] == args
     assert ckpt["best"] == 0.25 and type(ckpt["best"]) is np.float64 and ckpt["step"] == 7
     assert ckpt["history"].dtype == np.float32 and ckpt["history"].tolist() == [[0, 1, 2], [3, 4, 5]]
     assert ckpt["flags"].tolist() == [True, False] and ckpt["names"].tolist() == ["a", "bc"]
