@@ -175,6 +175,11 @@ def _checkpoint_info(args: argparse.Namespace, ckpt: object) -> int:
                 for w in info["weights"]]
         print(text_table(["weights", "run", "tensors", "values", "bytes", "dtypes", "prefix"], rows))
     chosen = next((w for w in info["weights"] if w["chosen"]), None)
+    if chosen and chosen["copies"]:
+        ema, other = chosen["copies"]
+        keyed = other[:-1] if chosen["key"].startswith("(") else f"{chosen['key']}.{other[:-1]}"  # a bare state dict's
+        print(f"{chosen['key']} holds its weights twice, under {other!r} and, as EMA weights, under {ema!r}: a run takes "
+              f"the EMA ones (--state-key {keyed} the others)")
     if chosen and info["modules"]:
         stripped = f", {chosen['prefix']!r} stripped" if chosen["prefix"] else ""
         print(f"modules of {chosen['key']}{stripped}, which --layers names (each with the modules inside it):")

@@ -1281,12 +1281,13 @@ def describe_checkpoint(ckpt: Any) -> dict:
     for key, ema, state in states:
         if not _is_state(state):
             continue
-        prefix = _common_prefix(state)
+        copies = _ema_copy(state)
+        prefix = copies[0] if copies else _common_prefix(state)
         dtypes = collections.Counter(str(v.dtype).removeprefix("torch.") for v in state.values())
         info["weights"].append({"key": key, "ema": ema, "chosen": key == chosen, "tensors": len(state),
                                 "values": sum(v.numel() for v in state.values()),
                                 "bytes": sum(v.numel() * v.element_size() for v in state.values()),
-                                "dtypes": dict(dtypes.most_common()), "prefix": prefix})
+                                "dtypes": dict(dtypes.most_common()), "prefix": prefix, "copies": copies})
         if key == chosen:
             info["modules"] = _top_modules(state, prefix)
     return info
@@ -1331,6 +1332,25 @@ def _common_prefix(state: Mapping[str, torch.Tensor]) -> str | None:
         if hits > best_hits or (hits == best_hits and best and len(prefix) > len(best)):
             best, best_hits = prefix, hits
     return best
+
+
+def _ema_copy(state: Mapping[str, torch.Tensor]) -> tuple[str, str] | None:
+    """(the EMA copy's prefix, the other copy's) where a state dict holds the same names twice, once
+    under a prefix that names EMA weights (model_ema.module. beside model.): the copy that
+    load_weights takes (_fitting_prefix) against a model of those names."""
+    names: dict[str, set[str]] = collections.defaultdict(set)
+    for key in state:
+        dot = -1
+        for _ in range(3):
+            dot = key.find(".", dot + 1)
+            if dot < 0:
+                break
+            names[key[: dot + 1]].add(key[dot + 1:])
+    for ema in (p for p in names if _EMA_NAME.search(p) and len(names[p]) > 1):
+        other = next((p for p in names if p != ema and not _EMA_NAME.search(p) and names[p] == names[ema]), None)
+        if other is not None:
+            return ema, other
+    return None
 
 
 def _top_modules(state: Mapping[str, torch.Tensor], prefix: str | None) -> list[dict]:
