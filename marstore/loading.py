@@ -940,7 +940,9 @@ def _whole_config_parameter(params: Iterable[inspect.Parameter], kwargs: Mapping
 
 class ConfigObject(dict):
     """A config passed whole to a builder that takes one (Net(cfg), build(args)): a dict whose
-    keys read as attributes too (cfg.width as cfg["width"]), as argparse's and OmegaConf's did."""
+    keys read as attributes too (cfg.width as cfg["width"]), as argparse's and OmegaConf's did.
+    A key named as a dict method (items, values) stays the method as an attribute, so that json and
+    other code that takes it for a dict read it as one: its value is cfg["items"]."""
 
     def __getattr__(self, name: str) -> Any:
         try:

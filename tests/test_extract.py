@@ -34,7 +34,7 @@ from conftest import requires_cuda
 from marstore import extract as extract_module, hooks
 from marstore.cli import main
 from marstore.extract import ExtractError, ExtractOptions, Interrupted, _duration, extract, extract_from
-from marstore.loading import CheckpointError, build_model, file_digest, find_config, find_state_dict, LoadReport, load_weights, read_checkpoint, to_plain
+from marstore.loading import CheckpointError, build_model, config_object, file_digest, find_config, find_state_dict, LoadReport, load_weights, read_checkpoint, to_plain
 from marstore.models.video_mar import VideoActionMAR
 from marstore.models import LAYOUTS, policy_forward, save_checkpoint, synthetic_video_actions, video_mar
 from marstore.report import human_bytes
@@ -522,6 +522,8 @@ def test_a_builder_that_takes_one_config_object_gets_the_config_whole(caplog):
     assert report.notes == ["the config passed whole as --model's argument cfg"]
     assert ("--model test_extract:WholeConfigNet takes one argument, cfg, and none of the config from checkpoint['config']'s "
             "keys: the config goes whole as cfg (its keys read as attributes too: cfg.width)") in caplog.text
+    cfg = config_object({"items": [{"depth": 1}], "width": 2})  # a dict still, for code that takes it for one
+    assert cfg["items"][0].depth == 1 and json.loads(json.dumps(cfg)) == {"items": [{"depth": 1}], "width": 2}
     # MAR-style argparse arguments, to a builder with an optional keyword besides
     model = build_model("test_extract:build_from_args", to_plain(argparse.Namespace(width=2, head={"depth": 1}, lr=0.1)))
     assert len(model.blocks) == 1
