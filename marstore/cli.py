@@ -178,8 +178,8 @@ def _checkpoint_info(args: argparse.Namespace, ckpt: object) -> int:
     if chosen and chosen["copies"]:
         ema, other = chosen["copies"]
         keyed = other[:-1] if chosen["key"].startswith("(") else f"{chosen['key']}.{other[:-1]}"  # a bare state dict's
-        print(f"{chosen['key']} holds its weights twice, under {other!r} and, as EMA weights, under {ema!r}: a run takes "
-              f"the EMA ones (--state-key {keyed} the others)")
+        print(f"{chosen['key']} holds its weights twice, under {other!r} and, as EMA weights, under {ema!r}: a model "
+              f"named as one copy gets the EMA ones (--state-key {keyed} the others)")
     if chosen and info["modules"]:
         stripped = f", {chosen['prefix']!r} stripped" if chosen["prefix"] else ""
         print(f"modules of {chosen['key']}{stripped}, which --layers names (each with the modules inside it):")

@@ -841,8 +841,8 @@ def test_info_describes_a_checkpoint_before_any_builder_is_written(tmp_path, cap
     out = capsys.readouterr().out.splitlines()
     at = next(i for i, line in enumerate(out) if line.startswith("state_dict "))
     assert out[at].split()[-1] == "'model_ema.module.'" and out[at + 1:at + 3] == [
-        "state_dict holds its weights twice, under 'model.' and, as EMA weights, under 'model_ema.module.': a run takes "
-        "the EMA ones (--state-key state_dict.model the others)",
+        "state_dict holds its weights twice, under 'model.' and, as EMA weights, under 'model_ema.module.': a model "
+        "named as one copy gets the EMA ones (--state-key state_dict.model the others)",
         "modules of state_dict, 'model_ema.module.' stripped, which --layers names (each with the modules inside it):"]
     assert main(["info", str(tmp_path / "ema.ckpt"), "--json"]) == 0
     assert [m["name"] for m in json.loads(capsys.readouterr().out)["modules"]] == [m["name"] for m in modules]
