@@ -737,6 +737,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--where", nargs="+", metavar="TARGET=VALUE",
                     help="probe only the rows whose targets meet every condition (TARGET=VALUE or TARGET!=VALUE: "
                          "the rows of one task, say)")
+    pr.add_argument("--max-rows", type=int, metavar="N",
+                    help="probe at most N of the rows (of those --where selects), drawn at random with --seed: a "
+                         "quick look at a large store, or token-level probes whose tokens would not fit in memory")
     pr.add_argument("--patience", type=int, help="epochs without a better validation loss before stopping")
     pr.add_argument("--seed", type=int)
     pr.add_argument("--device")

@@ -111,6 +111,7 @@ class ProbeOptions:
     test_fraction: float = 0.1
     group: str | None = None
     where: list[str] = field(default_factory=list)  # TARGET=VALUE or TARGET!=VALUE: probe the rows that meet them all
+    max_rows: int | None = None  # at most this many of those rows, drawn at random with the seed
     patience: int = 8
     seed: int = 0
     device: str = "cpu"
@@ -121,7 +122,7 @@ class ProbeOptions:
     def __post_init__(self) -> None:
         if isinstance(self.where, str):  # one condition, not its characters
             self.where = [self.where]
-        for name in ("epochs", "batch_size", "hidden", "patience"):
+        for name in ("epochs", "batch_size", "hidden", "patience") + (("max_rows",) if self.max_rows is not None else ()):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ProbeError(f"--{name.replace('_', '-')} {value!r}: give an integer of at least 1")
@@ -831,10 +832,11 @@ def _check_memory(opts: ProbeOptions, layer: str, selection: np.ndarray) -> None
             values, shape = tokens * math.prod(info.row_shape), f"{tokens} tokens of {shape} in all"
     features, available = values * 4, available_memory()
     if 2 * features > available:
+        fit = int(available / (2 * features / len(selection)))
         raise ProbeError(f"{layer}: --tokens {opts.tokens} holds {human_bytes(features)} of float32 features ({len(selection)} "
                          f"rows of {shape}), twice that while it standardises them, and {human_bytes(available)} of memory is "
-                         "available; probe fewer rows (--where), their token means (--tokens mean), or store fewer "
-                         "tokens (--reduction mean:G at extraction)")
+                         f"available; probe fewer rows (--max-rows {fit} or fewer, or --where), their token means (--tokens "
+                         "mean), or store fewer tokens (--reduction mean:G at extraction)")
 
 
 def _control(ys: dict, seed: int) -> dict:
@@ -878,6 +880,11 @@ def run_probes(opts: ProbeOptions) -> dict:
             _suggest_aligned(s, opts.target, layers)
     if opts.where:
         log.info("--where %s: %d of the %d committed rows", " ".join(opts.where), len(selection), source["rows"])
+    matched = len(selection)  # (the rows --where selects, before --max-rows draws some)
+    if opts.max_rows is not None and len(selection) > opts.max_rows:
+        log.info("--max-rows %d: probing %d of the %d rows%s, drawn with --seed %d", opts.max_rows, opts.max_rows,
+                 len(selection), " that meet --where" if opts.where else "", opts.seed)
+        selection = np.sort(np.random.default_rng(opts.seed).choice(selection, opts.max_rows, replace=False))
     if source["status"] != "complete":
         log.warning("%s is incomplete (an extraction was interrupted or still runs): the probes see its %d committed "
                     "rows only", opts.store, source["rows"])
@@ -908,8 +915,9 @@ def run_probes(opts: ProbeOptions) -> dict:
     task = rows[-1]["task"]
     report = {"store": source["path"], "store_status": source["status"], "rows": source["rows"], "target": opts.target,
               "task": task, "metric": _headline(task, opts.metric), "solver": _solver_of(opts), "options": asdict(opts), "layers": rows}
-    if opts.where:
+    if opts.where or opts.max_rows is not None:
         report["selected_rows"] = len(selection)
+        report["where_rows"] = matched
     if token_where:  # the conditions that selected tokens, not rows (--tokens aligned)
         report["token_where"] = [condition for condition, *_ in token_where]
     report["plots"] = _plots(report, opts.out)
@@ -1553,7 +1561,9 @@ def _markdown(report: dict, out: str) -> str:
         f"# What each layer knows about `{report['target']}`",
         "",
         f"Store `{report['store']}` ({report['store_status']}, {report['rows']} rows"
-        + (f"; the {report['selected_rows']} where {' and '.join(row_where)}" if row_where else "")
+        + (f"; the {report.get('where_rows', report.get('selected_rows'))} where {' and '.join(row_where)}" if row_where else "")
+        + (f"; {report['selected_rows']} of them, drawn at random with seed {o['seed']} by --max-rows"
+           if report.get("where_rows", 0) > report.get("selected_rows", 0) else "")
         + (f"; their tokens where {' and '.join(report['token_where'])}" if report.get("token_where") else "") +
         f"). {'MLP' if o['kind'] == 'mlp' else 'Linear'} probes "
         f"for {report['task']}, {_solver_text(report)}; the metric is the test {report['metric']}, its 95% interval "

@@ -287,6 +287,7 @@ def probe_opts(tmp_path, path, **kw):
 
 @pytest.mark.parametrize("kw, message", [
     ({"epochs": 0}, "--epochs 0: give an integer of at least 1"),
+    ({"max_rows": 0}, "--max-rows 0: give an integer of at least 1"),
     ({"batch_size": -3}, "--batch-size -3: give an integer of at least 1"),
     ({"lr": 0.0}, "--lr 0.0 --weight-decay None: the rate must be above 0, the decay at least 0"),
     ({"val_fraction": 0.5, "test_fraction": 0.5},
@@ -301,6 +302,22 @@ def test_settings_that_would_train_nothing_are_refused(tmp_path, kw, message):
     with pytest.raises(ProbeError) as info:
         probe_opts(tmp_path, "s.h5", **kw)
     assert str(info.value) == message
+
+
+def test_max_rows_draws_the_same_rows_with_the_same_seed(tmp_path, caplog):
+    path = tmp_path / "s.h5"
+    planted_store(path, n=600)
+    with caplog.at_level(logging.INFO, logger="marstore.probe"):
+        first = run_probes(probe_opts(tmp_path, path, max_rows=250, out=str(tmp_path / "a")))
+    assert "--max-rows 250: probing 250 of the 600 rows, drawn with --seed 0" in caplog.text
+    again = run_probes(probe_opts(tmp_path, path, max_rows=250, out=str(tmp_path / "b")))
+    other = run_probes(probe_opts(tmp_path, path, max_rows=250, seed=1, out=str(tmp_path / "c")))
+    metric = [r["layers"][0]["probe"]["test"]["r2"] for r in (first, again, other)]
+    assert metric[0] == metric[1] != metric[2]
+    assert (first["selected_rows"], first["where_rows"], sum(first["layers"][0]["split_rows"].values())) == (250, 600, 250)
+    assert "(complete, 600 rows; 250 of them, drawn at random with seed 0 by --max-rows)" in open(first["markdown"]).read()
+    everything = run_probes(probe_opts(tmp_path, path, max_rows=600, out=str(tmp_path / "d")))  # as many as there are
+    assert sum(everything["layers"][0]["split_rows"].values()) == 600 and "drawn at random" not in open(everything["markdown"]).read()
 
 
 def test_classification_of_a_target_that_holds_no_labels_is_refused(tmp_path):
@@ -777,8 +794,13 @@ def test_tokens_aligned_read_each_token_with_its_own_label_and_draw_whole_rows(t
         run_probes(probe_opts(tmp_path, path, layer="frames", target="part", tokens="aligned"))
     assert str(info.value) == ("frames: --tokens aligned holds 93.8 KiB of float32 features (500 rows of (2, 3, 8)), twice "
                                "that while it standardises them, and 146.5 KiB of memory is available; probe fewer rows "
-                               "(--where), their token means (--tokens mean), or store fewer tokens (--reduction mean:G at "
-                               "extraction)")
+                               "(--max-rows 390 or fewer, or --where), their token means (--tokens mean), or store fewer "
+                               "tokens (--reduction mean:G at extraction)")
+    report = run_probes(probe_opts(tmp_path, path, layer="frames", target="part", tokens="aligned", max_rows=390,
+                                   out=str(tmp_path / "drawn")))  # as many rows as the memory takes, drawn with the seed
+    drawn = report["layers"][0]
+    assert (report["selected_rows"], report["where_rows"], sum(drawn["split_rows"].values())) == (390, 500, 390)
+    assert sum(drawn["token_rows"].values()) == 390 * 6
     monkeypatch.undo()
     means = tmp_path / "means.h5"
     with StoreWriter(means, [LayerSpec("frames", (8,), reduction="mean")], [TargetSpec("part", (6,), "int64")]) as writer:
