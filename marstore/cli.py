@@ -552,7 +552,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from marstore.evaluate import EvaluateOptions, evaluate_probes
 
     report = evaluate_probes(EvaluateOptions(args.probes, args.store, args.out, args.layer, args.target, args.rows,
-                                             args.group, args.device, args.where))
+                                             args.group, args.device, args.where, args.max_rows))
     _print_report(report)
     return 0
 
@@ -761,6 +761,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--where", nargs="*", metavar="TARGET=VALUE",
                     help="score only the rows that meet every condition (default: the probes' --where; with no "
                          "condition, every row)")
+    ev.add_argument("--max-rows", type=int, metavar="N",
+                    help="score at most N of those rows, drawn at random with the probes' --seed")
     ev.add_argument("--device", default="cpu")
     ev.set_defaults(func=_evaluate)
 

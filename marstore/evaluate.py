@@ -33,7 +33,7 @@ from marstore.dataset import ActivationDataset, row_tokens
 from marstore.hooks import Capture, did_you_mean, match_modules, nearest_names, parse_layers, recorded_unfold, reduction_text
 from marstore.loading import IN_HAND
 from marstore.probe import (ProbeError, TrainedProbe, _add_intervals, _breakdown_lines, _features_text, _metrics, _read_report,
-                            _table_rows, aligned_targets, finite_rows, load_probe, probe_inputs, report_breakdown_plot,
+                            _table_rows, aligned_targets, check_token_memory, finite_rows, load_probe, probe_inputs, report_breakdown_plot,
                             read_ragged_tokens, report_depth_plot, the_one_value, token_mean_shape, tokens_meeting,
                             where_rows_and_tokens)
 from marstore.report import markdown_table
@@ -57,10 +57,13 @@ class EvaluateOptions:
     group: str | None = None  # resample whole groups for the intervals; None: the probes' --group, where the store has it
     device: str = "cpu"
     where: list[str] | None = None  # TARGET=VALUE conditions on the rows scored; None: the probes' --where; []: none
+    max_rows: int | None = None  # at most this many of those rows, drawn at random with the probes' seed
 
     def __post_init__(self) -> None:
         if self.rows not in ROWS:
             raise ProbeError(f"--rows {self.rows!r}: use one of {', '.join(ROWS)}")
+        if self.max_rows is not None and (not isinstance(self.max_rows, int) or self.max_rows < 1):
+            raise ProbeError(f"--max-rows {self.max_rows!r}: give an integer of at least 1")
         try:
             resolve_device(self.device)
         except ValueError as exc:
@@ -363,6 +366,12 @@ def evaluate_probes(opts: EvaluateOptions) -> dict:
     for name, probes in zip(chosen, layers):
         rows = _held_out_rows(probes["probe"], index, opts.store, allowed) if mode == "held-out" else \
             np.arange(len(index)) if allowed is None else allowed
+        if opts.max_rows is not None and len(rows) > opts.max_rows:  # the same draw for every layer's rows
+            log.info("--max-rows %d: scoring %d of %d rows, drawn with the probes' seed %d", opts.max_rows, opts.max_rows,
+                     len(rows), seed)
+            rows = np.sort(np.random.default_rng(seed).choice(rows, opts.max_rows, replace=False))
+        if probes["probe"].tokens != "mean":
+            check_token_memory(opts.store, probes["probe"].layer, probes["probe"].tokens, rows)
         entry = _evaluate_layer(opts, probes, read(probes["probe"], rows), target, group, seed, metric, token_where)
         out_entries.append({**entry, **{k: entries[name][k] for k in ("features", "inputs") if k in entries[name]},
                             **({"store_rows": held_as[name]} if held_as[name] else {})})

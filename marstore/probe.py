@@ -709,7 +709,7 @@ def _prepare(opts: ProbeOptions, layer: str, selection: np.ndarray, token_where:
         raise ProbeError(f"{layer} is ragged (its token count varies): --tokens {opts.tokens} needs one count; use --tokens "
                          "mean (or aligned)")
     if opts.tokens != "mean":  # every token in memory as float32 (token means are read block by block, the means kept)
-        _check_memory(opts, layer, selection)
+        check_token_memory(opts.store, layer, opts.tokens, selection)
     test_frac, val_frac = opts.test_fraction, opts.val_fraction
     splits = ds.split(_split_fractions(opts), seed=opts.seed, group=opts.group)
     empty = [name for name, positions in splits.items() if not len(positions)]
@@ -819,11 +819,11 @@ def _suggest_aligned(store: Store, target: str, layers: list[str]) -> None:
                  ", ".join(fitting[:3]) + (f" and {len(fitting) - 3} more" if len(fitting) > 3 else ""))
 
 
-def _check_memory(opts: ProbeOptions, layer: str, selection: np.ndarray) -> None:
+def check_token_memory(path: str, layer: str, tokens: str, selection: np.ndarray) -> None:
     """Refuses a probe whose features would not fit in memory (a killed process says nothing):
     --tokens flat, each and aligned hold every token of the selected rows as float32, and a
-    standardised copy of them."""
-    with open_store(opts.store) as store:
+    standardised copy of them (marstore evaluate: a copy as the probe reads them)."""
+    with open_store(path) as store:
         info = store.layers[layer]
         shape: tuple | str = tuple(info.row_shape)
         values = len(selection) * math.prod(info.row_shape)
@@ -833,7 +833,7 @@ def _check_memory(opts: ProbeOptions, layer: str, selection: np.ndarray) -> None
     features, available = values * 4, available_memory()
     if 2 * features > available:
         fit = int(available / (2 * features / len(selection)))
-        raise ProbeError(f"{layer}: --tokens {opts.tokens} holds {human_bytes(features)} of float32 features ({len(selection)} "
+        raise ProbeError(f"{layer}: --tokens {tokens} holds {human_bytes(features)} of float32 features ({len(selection)} "
                          f"rows of {shape}), twice that while it standardises them, and {human_bytes(available)} of memory is "
                          f"available; probe fewer rows (--max-rows {fit} or fewer, or --where), their token means (--tokens "
                          "mean), or store fewer tokens (--reduction mean:G at extraction)")

@@ -801,6 +801,12 @@ def test_tokens_aligned_read_each_token_with_its_own_label_and_draw_whole_rows(t
     drawn = report["layers"][0]
     assert (report["selected_rows"], report["where_rows"], sum(drawn["split_rows"].values())) == (390, 500, 390)
     assert sum(drawn["token_rows"].values()) == 390 * 6
+    with pytest.raises(ProbeError, match=r"^frames: --tokens aligned holds 93.8 KiB of float32 features \(500 rows"):
+        evaluate_probes(EvaluateOptions(probes=str(tmp_path / "drawn"), store=str(path), rows="all",
+                                        out=str(tmp_path / "evaluated")))
+    scored = evaluate_probes(EvaluateOptions(probes=str(tmp_path / "drawn"), store=str(path), rows="all", max_rows=200,
+                                             out=str(tmp_path / "evaluated")))["layers"][0]
+    assert (scored["split_rows"], scored["token_rows"]) == ({"test": 200}, {"test": 1200})
     monkeypatch.undo()
     means = tmp_path / "means.h5"
     with StoreWriter(means, [LayerSpec("frames", (8,), reduction="mean")], [TargetSpec("part", (6,), "int64")]) as writer:
