@@ -1214,6 +1214,9 @@ def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], stri
     report.loaded = len(usable) - len(report.unexpected)
     if own and not report.loaded:  # a model of its own random weights, never what a checkpoint was given for
         hint = _prefix_hint(state, wanted, report.state_key)
+        if state and all(v.numel() == 0 for v in state.values()):
+            hint += ("; its tensors are all empty, as a DeepSpeed ZeRO-3 checkpoint's model states are (its weights lie "
+                     "in its optimizer shards): make one file of them with DeepSpeed's zero_to_fp32.py")
         raise CheckpointError(
             f"none of the checkpoint's {len(state)} tensors loads into the model's {len(own)} weights "
             f"({len(report.unexpected)} under names the model lacks, {len(report.shape_mismatches)} of another shape; the "

@@ -168,6 +168,11 @@ def test_a_checkpoint_of_which_nothing_loads_is_refused():
     wrong_shapes = {k: torch.zeros(7) for k in saved}
     with pytest.raises(CheckpointError, match=rf"\(0 under names the model lacks, {len(saved)} of another shape;"):
         load_weights(video_mar(**CONFIG), wrong_shapes)
+    zero3 = {k: torch.empty(0) for k in saved}  # a DeepSpeed ZeRO-3 checkpoint's mp_rank_00_model_states.pt
+    with pytest.raises(CheckpointError, match=r"; its tensors are all empty, as a DeepSpeed ZeRO-3 checkpoint's model states "
+                                              r"are \(its weights lie in its optimizer shards\): make one file of them with "
+                                              r"DeepSpeed's zero_to_fp32.py; choose other weights"):
+        load_weights(video_mar(**CONFIG), zero3)
 
 
 class Opaque:
