@@ -33,8 +33,8 @@ from marstore.dataset import ActivationDataset, row_tokens
 from marstore.hooks import Capture, did_you_mean, match_modules, nearest_names, parse_layers, recorded_unfold, reduction_text
 from marstore.loading import IN_HAND
 from marstore.probe import (ProbeError, TrainedProbe, _add_intervals, _breakdown_lines, _features_text, _metrics, _read_report,
-                            _table_rows, aligned_targets, check_token_memory, finite_rows, load_probe, probe_inputs, report_breakdown_plot,
-                            read_ragged_tokens, report_depth_plot, the_one_value, token_mean_shape, tokens_meeting,
+                            _table_rows, aligned_targets, check_token_memory, drawn_rows, finite_rows, load_probe,
+                            probe_inputs, report_breakdown_plot, read_ragged_tokens, report_depth_plot, the_one_value, token_mean_shape, tokens_meeting,
                             where_rows_and_tokens)
 from marstore.report import markdown_table
 from marstore.store import Store, StoreError, open_store, rows_equal
@@ -369,7 +369,7 @@ def evaluate_probes(opts: EvaluateOptions) -> dict:
         if opts.max_rows is not None and len(rows) > opts.max_rows:  # the same draw for every layer's rows
             log.info("--max-rows %d: scoring %d of %d rows, drawn with the probes' seed %d", opts.max_rows, opts.max_rows,
                      len(rows), seed)
-            rows = np.sort(np.random.default_rng(seed).choice(rows, opts.max_rows, replace=False))
+            rows = drawn_rows(rows, opts.max_rows, seed)
         if probes["probe"].tokens != "mean":
             check_token_memory(opts.store, probes["probe"].layer, probes["probe"].tokens, rows)
         entry = _evaluate_layer(opts, probes, read(probes["probe"], rows), target, group, seed, metric, token_where)

@@ -839,6 +839,11 @@ def check_token_memory(path: str, layer: str, tokens: str, selection: np.ndarray
                          "mean), or store fewer tokens (--reduction mean:G at extraction)")
 
 
+def drawn_rows(rows: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """count of the rows, drawn at random with the seed (--max-rows), in their order."""
+    return np.sort(np.random.default_rng(seed).choice(rows, count, replace=False))
+
+
 def _control(ys: dict, seed: int) -> dict:
     """The control task: every split's targets shuffled across its rows (fixed seed)."""
     g = torch.Generator().manual_seed(seed + 99_991)
@@ -884,7 +889,7 @@ def run_probes(opts: ProbeOptions) -> dict:
     if opts.max_rows is not None and len(selection) > opts.max_rows:
         log.info("--max-rows %d: probing %d of the %d rows%s, drawn with --seed %d", opts.max_rows, opts.max_rows,
                  len(selection), " that meet --where" if opts.where else "", opts.seed)
-        selection = np.sort(np.random.default_rng(opts.seed).choice(selection, opts.max_rows, replace=False))
+        selection = drawn_rows(selection, opts.max_rows, opts.seed)
     if source["status"] != "complete":
         log.warning("%s is incomplete (an extraction was interrupted or still runs): the probes see its %d committed "
                     "rows only", opts.store, source["rows"])
