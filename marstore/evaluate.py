@@ -34,8 +34,8 @@ from marstore.hooks import Capture, did_you_mean, match_modules, nearest_names, 
 from marstore.loading import IN_HAND
 from marstore.probe import (ProbeError, TrainedProbe, _add_intervals, _breakdown_lines, _features_text, _metrics, _read_report,
                             _table_rows, aligned_targets, check_token_memory, drawn_rows, finite_rows, load_probe,
-                            probe_inputs, report_breakdown_plot, read_ragged_tokens, report_depth_plot, the_one_value, token_mean_shape, tokens_meeting,
-                            where_rows_and_tokens)
+                            probe_inputs, read_ragged_tokens, report_breakdown_plot, report_depth_plot, the_one_value,
+                            token_mean_shape, tokens_meeting, where_rows_and_tokens)
 from marstore.report import markdown_table
 from marstore.store import Store, StoreError, open_store, rows_equal
 from marstore.transfer import resolve_device
