@@ -640,7 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "_target_, built by hydra.utils.instantiate (pip install hydra-core)")
     ex.add_argument("--model-arg", action="append", type=_key_value, metavar="KEY=VALUE", help="override a config key")
     ex.add_argument("--config-key", help="dotted path of the model config in the checkpoint (e.g. cfg.model)")
-    ex.add_argument("--state-key", help="dotted path of the weights (e.g. ema_model or model_ema); it may go on into a state dict's names: state_dict.teacher takes the teacher.* tensors")
+    ex.add_argument("--state-key", help="dotted path of the weights (e.g. ema_model or model_ema); it may go on into a "
+                                        "state dict's names: state_dict.teacher takes the teacher.* tensors")
     ex.add_argument("--strict", action="store_true", help="missing, unexpected or mis-shaped weights are errors")
     ex.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling (runs code in the file)")
     ex.add_argument("--dataset", help="MODULE:CALLABLE returning a torch Dataset")

@@ -1189,7 +1189,8 @@ def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], stri
     state = {_own_name(k): v for k, v in state.items()}
     wanted = set(own)
     strip, add, hits = _fitting_prefix(state, wanted)
-    unknown = f"; {hits} of the model's {len(wanted)} weights fit then" if (strip or add) and strip not in _PREFIX_CHAINS else ""
+    inferred = (strip or add) and strip not in _PREFIX_CHAINS  # (not a wrapper's: how well it fits is said)
+    unknown = f"; {hits} of the model's {len(wanted)} weights fit then" if inferred else ""
     if strip:
         inside = {k[len(strip):]: v for k, v in state.items() if k.startswith(strip)}
         report.stripped_prefix = strip
@@ -1221,7 +1222,8 @@ def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], stri
             f"none of the checkpoint's {len(state)} tensors loads into the model's {len(own)} weights "
             f"({len(report.unexpected)} under names the model lacks, {len(report.shape_mismatches)} of another shape; the "
             f"checkpoint's keys look like {next(iter(state), None)!r}, the model's like {next(iter(own))!r}){hint}"
-            + ("" if "--state-key" in hint else "; choose other weights with --state-key, or the model that saved them (--model)"))
+            + ("" if "--state-key" in hint else
+               "; choose other weights with --state-key, or the model that saved them (--model)"))
     if own and len(report.missing) > len(own) / 2:
         hint = _prefix_hint(state, wanted, report.state_key)
         report.notes.append(f"most model keys are missing{hint}")
@@ -1247,7 +1249,8 @@ def _prefix_hint(state: Mapping[str, torch.Tensor], wanted: set[str], state_key:
     best = sorted(p for p, n in counts.items() if n == most)
     fits = f"{most} of the model's {len(wanted)} weights"
     if not removing:
-        return f"; adding the prefix {best[0]!r} to the checkpoint's keys would fit {fits} (it holds the model's {best[0][:-1]})"
+        return (f"; adding the prefix {best[0]!r} to the checkpoint's keys would fit {fits} (it holds the model's "
+                f"{best[0][:-1]})")
     if len(best) == 1:
         return f"; removing the prefix {best[0]!r} from the checkpoint's keys would fit {fits}"
     keyed = [p[:-1] if not state_key or state_key.startswith("(") else f"{state_key}.{p[:-1]}" for p in best]

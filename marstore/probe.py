@@ -1566,7 +1566,8 @@ def _markdown(report: dict, out: str) -> str:
         f"# What each layer knows about `{report['target']}`",
         "",
         f"Store `{report['store']}` ({report['store_status']}, {report['rows']} rows"
-        + (f"; the {report.get('where_rows', report.get('selected_rows'))} where {' and '.join(row_where)}" if row_where else "")
+        + (f"; the {report.get('where_rows', report.get('selected_rows'))} where {' and '.join(row_where)}"
+           if row_where else "")
         + (f"; {report['selected_rows']} of them, drawn at random with seed {o['seed']} by --max-rows"
            if report.get("where_rows", 0) > report.get("selected_rows", 0) else "")
         + (f"; their tokens where {' and '.join(report['token_where'])}" if report.get("token_where") else "") +
