@@ -1397,7 +1397,7 @@ def _surveyed_target(seen: TargetSurvey, batch: Any, k: int, path: str) -> Targe
     """A target as batch k gives it at path, checked against the batches before."""
     try:
         value = _target_array(_get_dotted(batch, path))
-        dtype = _target_dtype(seen.name, value)
+        dtype = _target_dtype(seen.name, value, path)
     except ExtractError as exc:
         return dataclasses.replace(seen, problem=str(exc) if not k else f"in batch {k + 1}: {exc}")
     row = tuple(value.shape[1:])
@@ -1540,8 +1540,13 @@ def _target_array(value: Any) -> np.ndarray:
     return np.array(value)
 
 
-def _target_dtype(name: str, value: np.ndarray) -> str:
+def _target_dtype(name: str, value: np.ndarray, path: str | None = None) -> str:
     """How a target is stored: its numbers' dtype, or text."""
+    first = value.flat[0] if value.dtype.kind == "O" and value.size else None
+    if isinstance(first, Mapping):  # a batch entry of several (obs: {state, agent_pos})
+        keys = [str(k) for k in first]
+        raise ExtractError(f"--targets {name!r} is a mapping of {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}: "
+                           f"name one of its entries, as {path or name}.{keys[0]}")
     if value.dtype.kind == "U" or (value.dtype.kind == "O" and value.size and all(isinstance(v, str) for v in value.flat)):
         return TEXT  # a task name or an instruction: the probe takes each string for a class
     if value.dtype.kind in "biuf":
@@ -2025,9 +2030,9 @@ def _open_writer(opts, selections, capture: hooks.Capture, pending: list[_BatchR
     specs = _layer_specs(opts, selections, capture, pending)
     metadata["forward_order"] = capture.forward_order  # (a resume keeps the order its store recorded)
     targets = []
-    for name, _ in map(target_entry, opts.targets):
+    for name, path in map(target_entry, opts.targets):
         value = pending[0].targets[name]
-        targets.append(TargetSpec(name, tuple(value.shape[1:]), _target_dtype(name, value)))
+        targets.append(TargetSpec(name, tuple(value.shape[1:]), _target_dtype(name, value, path)))
     _check_room(opts, specs, targets, pending, metadata["rows_planned"] - start_row, metadata["world_size"])
     # On --resume the options were compared already (_check_resume); the store keeps the run
     # description it was started with (its command line has no --resume).

@@ -3596,6 +3596,21 @@ def test_a_target_that_is_neither_numbers_nor_text_is_refused_before_the_store_i
     assert str(info.value) == ("--targets 'raw' holds bytes (decode them to str in the data set); targets are numbers "
                                "(booleans, integers, floats) or text")
     assert os.listdir(tmp_path) == []
+    # a mapping of several entries (a robot's obs: {state, agent_pos}): one of them is the target
+    model = nn.Sequential(nn.Linear(3, 2))
+    items = [{"x": torch.randn(3), "obs": {"state": torch.randn(3), "agent_pos": torch.randn(2)}} for _ in range(8)]
+    with pytest.raises(ExtractError) as info:
+        extract_from(model, items, str(tmp_path / "s.h5"), ["0"], targets=["o=obs"], forward=linear_of_x, progress=False)
+    assert str(info.value) == "--targets 'o' is a mapping of state, agent_pos: name one of its entries, as obs.state"
+    assert os.listdir(tmp_path) == []
+    result = extract_from(model, items, str(tmp_path / "s.h5"), ["0"], targets=["obs.agent_pos"], forward=linear_of_x,
+                          progress=False)
+    with open_store(result.path) as store:
+        assert np.array_equal(store.target("obs.agent_pos"), torch.stack([i["obs"]["agent_pos"] for i in items]).numpy())
+
+
+def linear_of_x(model, batch):
+    return model(batch["x"])
 
 
 def test_namedtuple_batches_reach_the_forward_and_name_targets(tmp_path):
