@@ -734,7 +734,8 @@ def extract_from(model: torch.nn.Module, dataset: Any, out: str, layers: Sequenc
     placed = [t.device for t in itertools.chain(model.parameters(), model.buffers())]
     move = options.get("device") is not None
     if not move and placed:  # inputs go where the first weights are (a model split over GPUs takes them there)
-        options["device"] = str(placed[0])
+        # (a model built on the meta device runs on the CPU once a checkpoint= gives it values)
+        options["device"] = "cpu" if placed[0].type == "meta" else str(placed[0])
     opts = ExtractOptions(out=out, model=loading.in_hand_name(model), dataset=dataset_name or loading.in_hand_name(dataset),
                           forward=loading.in_hand_name(forward) if forward is not None else None,
                           collate=loading.in_hand_name(collate) if collate is not None else None, layers=layers, **options)
@@ -886,10 +887,15 @@ def _extract_rank(opts: ExtractOptions, rank: "scaleout.Rank", on_batch: Callabl
     if state is not None:
         loading.load_weights(model, state, strict=opts.strict, report=report)
         del state
-    elif in_hand is not None:
-        log.info("no checkpoint=: the store records no weights file; the model keeps the weights it has")
-    else:  # legitimate for a builder that loads its own weights; a forgotten flag otherwise
-        log.warning("no --checkpoint: the model keeps the weights %s gave it (random, unless it loads its own)", opts.model)
+    else:
+        if in_hand is not None:
+            log.info("no checkpoint=: the store records no weights file; the model keeps the weights it has")
+        else:  # legitimate for a builder that loads its own weights; a forgotten flag otherwise
+            log.warning("no --checkpoint: the model keeps the weights %s gave it (random, unless it loads its own)", opts.model)
+        try:
+            loading.check_materialized(model, f"no {'checkpoint=' if in_hand is not None else '--checkpoint'} gives them values")
+        except loading.CheckpointError as exc:
+            raise ExtractError(str(exc)) from None
     if in_hand is None or in_hand.move:
         model.to(device)
     model.train(opts.train_mode)

@@ -1209,7 +1209,14 @@ def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], stri
             report.shape_mismatches.append(f"{k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}")
         else:
             usable[k] = v
-    result = model.load_state_dict({named.get(k, k): v for k, v in usable.items()}, strict=False)
+    # a model built on the meta device (torchtitan's way: no memory, no init) takes the checkpoint's
+    # tensors as its own, each in the dtype the model was built with
+    on_meta = any(t.is_meta for t in own.values())
+    if on_meta:
+        usable = {k: v.to(own[k].dtype) if k in own and own[k].is_floating_point() else v for k, v in usable.items()}
+        log.info("the model was built on the meta device: the checkpoint's tensors become its weights "
+                 "(load_state_dict(assign=True)), in the dtypes it was built with")
+    result = model.load_state_dict({named.get(k, k): v for k, v in usable.items()}, strict=False, assign=on_meta)
     report.missing = [_own_name(k) for k in result.missing_keys]
     report.unexpected = [_own_name(k) for k in result.unexpected_keys]
     report.loaded = len(usable) - len(report.unexpected)
@@ -1224,6 +1231,8 @@ def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], stri
             f"checkpoint's keys look like {next(iter(state), None)!r}, the model's like {next(iter(own))!r}){hint}"
             + ("" if "--state-key" in hint else
                "; choose other weights with --state-key, or the model that saved them (--model)"))
+    if on_meta:
+        check_materialized(model, "the checkpoint gives no values for them")
     if own and len(report.missing) > len(own) / 2:
         hint = _prefix_hint(state, wanted, report.state_key)
         report.notes.append(f"most model keys are missing{hint}")
@@ -1235,6 +1244,16 @@ def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], stri
     else:
         log.info("weights: %s", report.summary())
     return report
+
+
+def check_materialized(model: torch.nn.Module, why: str) -> None:
+    """Refuses a model that still has tensors on the meta device (built without values), naming them."""
+    left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+        raise CheckpointError(f"the model was built on the meta device, and {len(left)} of its tensors have no values "
+                              f"({shown}): {why}; build those with values (buffers that __init__ computes, such as "
+                              "rotary frequencies, are not in a checkpoint), or load a checkpoint that holds them")
 
 
 def _prefix_hint(state: Mapping[str, torch.Tensor], wanted: set[str], state_key: str | None) -> str:

@@ -96,6 +96,52 @@ def test_an_ema_entry_that_is_not_a_state_dict_is_passed_over_in_the_log(caplog)
             "looking further; the weights taken are not the EMA ones") in caplog.text
 
 
+class WithRotary(nn.Module):
+    """A block whose rotary frequencies __init__ computes: a buffer no checkpoint holds."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.register_buffer("freqs", torch.arange(4.0), persistent=False)
+
+    def forward(self, x):
+        return self.proj(x) * self.freqs
+
+
+def test_a_model_built_on_the_meta_device_takes_the_checkpoints_tensors(tmp_path):
+    torch.manual_seed(0)
+    saved = video_mar(**CONFIG)
+    state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in saved.state_dict().items()}
+    with torch.device("meta"):
+        model = video_mar(**CONFIG)
+    report = load_weights(model, state, strict=True)
+    assert report.loaded == len(state) and not any(t.is_meta for t in model.state_dict().values())
+    built = video_mar(**CONFIG)
+    built.load_state_dict(state)  # as a model built with values takes them: the dtype it was built with
+    assert all(torch.equal(model.state_dict()[k], v) and model.state_dict()[k].dtype == v.dtype
+               for k, v in built.state_dict().items())
+    with torch.device("meta"):
+        rotary = WithRotary()
+    with pytest.raises(CheckpointError) as info:
+        load_weights(rotary, WithRotary().state_dict())
+    assert str(info.value) == (
+        "the model was built on the meta device, and 1 of its tensors have no values (freqs): the checkpoint gives no "
+        "values for them; build those with values (buffers that __init__ computes, such as rotary frequencies, are not "
+        "in a checkpoint), or load a checkpoint that holds them")
+    with pytest.raises(ExtractError, match=r"^the model was built on the meta device, and 2 of its tensors have no values "
+                                           r"\(0.weight, 0.bias\): no checkpoint= gives them values"):
+        extract_from(nn.Sequential(nn.Linear(3, 2, device="meta")), torch.utils.data.TensorDataset(torch.randn(8, 3)),
+                     str(tmp_path / "s.h5"), ["0"], progress=False)
+    assert os.listdir(tmp_path) == []
+    # with a checkpoint, the run is the one of the model built with values
+    data, valued = torch.utils.data.TensorDataset(torch.randn(8, 3)), nn.Sequential(nn.Linear(3, 2))
+    torch.save(valued.state_dict(), tmp_path / "w.pt")
+    runs = [extract_from(m, data, str(tmp_path / f"{i}.h5"), ["0"], checkpoint=str(tmp_path / "w.pt"), progress=False)
+            for i, m in enumerate((valued, nn.Sequential(nn.Linear(3, 2, device="meta"))))]
+    with open_store(runs[0].path) as a, open_store(runs[1].path) as b:
+        assert a.read("0").tobytes() == b.read("0").tobytes()
+
+
 def test_load_report_and_strict(tmp_path):
     model = video_mar(**CONFIG)
     state = dict(model.state_dict())
