@@ -1119,18 +1119,20 @@ def _fitting_prefix(state: Mapping[str, torch.Tensor], wanted: set[str]) -> tupl
 _EMA_NAME = re.compile(r"(^|[._])ema([._]|$)", re.IGNORECASE)
 
 
+def _prefix_splits(key: str) -> Iterator[tuple[str, str]]:
+    """(prefix, rest) of a name, for each prefix of up to three components: 'a.b.c.w' gives
+    ('a.', 'b.c.w'), ('a.b.', 'c.w'), ('a.b.c.', 'w')."""
+    dot = -1
+    for _ in range(3):
+        dot = key.find(".", dot + 1)
+        if dot < 0:
+            return
+        yield key[: dot + 1], key[dot + 1:]
+
+
 def _prefix_matches(keys: Iterable[str], targets: Collection[str]) -> collections.Counter:
     """{prefix of up to three name components: the keys that it, removed, turns into targets}."""
-    counts: collections.Counter = collections.Counter()
-    for key in keys:
-        dot = -1
-        for _ in range(3):
-            dot = key.find(".", dot + 1)
-            if dot < 0:
-                break
-            if key[dot + 1:] in targets:
-                counts[key[: dot + 1]] += 1
-    return counts
+    return collections.Counter(prefix for key in keys for prefix, rest in _prefix_splits(key) if rest in targets)
 
 
 def _compiled_wrapper() -> type | tuple:
@@ -1367,12 +1369,8 @@ def _ema_copy(state: Mapping[str, torch.Tensor]) -> tuple[str, str] | None:
     load_weights takes (_fitting_prefix) against a model of those names."""
     names: dict[str, set[str]] = collections.defaultdict(set)
     for key in state:
-        dot = -1
-        for _ in range(3):
-            dot = key.find(".", dot + 1)
-            if dot < 0:
-                break
-            names[key[: dot + 1]].add(key[dot + 1:])
+        for prefix, rest in _prefix_splits(key):
+            names[prefix].add(rest)
     for ema in (p for p in names if _EMA_NAME.search(p) and len(names[p]) > 1):
         other = next((p for p in names if p != ema and not _EMA_NAME.search(p) and names[p] == names[ema]), None)
         if other is not None:
