@@ -844,7 +844,7 @@ def build_model(spec: str, config: Mapping[str, Any], overrides: Mapping[str, An
         model = _call_builder(builder, {whole: config_object({**records, **kwargs})}, spec, source, config, config_key,
                               overrides or {}, keys=sorted(kwargs))
     else:
-        _check_arguments(signature, kwargs, spec, source, config, config_key)
+        kwargs = _fitting_arguments(signature, kwargs, spec, source, config, config_key, overrides or {}, report)
         model = _call_with_passed_on_keys(builder, signature, kwargs, spec, source, config, config_key, overrides or {},
                                           report)
     if not isinstance(model, torch.nn.Module):
@@ -852,22 +852,46 @@ def build_model(spec: str, config: Mapping[str, Any], overrides: Mapping[str, An
     return model
 
 
-def _check_arguments(signature: inspect.Signature | None, kwargs: Mapping[str, Any], spec: str, source: str,
-                     config: Mapping[str, Any], config_key: str | None) -> None:
-    """Refuses a config whose keys the builder's signature does not fit: the keys it lacks, those it does not take."""
+def _fitting_arguments(signature: inspect.Signature | None, kwargs: dict, spec: str, source: str, config: Mapping[str, Any],
+                       config_key: str | None, overrides: Mapping[str, Any], report: LoadReport | None) -> dict:
+    """The config's keys that the builder's signature takes. Keys of the config that it does not
+    take (a LightningModule's hyper_parameters hold lr and batch_size beside the model's) are left
+    out, said and noted, where it takes the others and lacks none; otherwise, or where a --model-arg
+    names a key it does not take, the config is refused with the keys it lacks and those it does
+    not take."""
     if signature is None:
-        return
+        return kwargs
     params = signature.parameters.values()
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
     named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     required = [p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     lacks = [n for n in required if n not in kwargs]
     extra = [] if takes_any else sorted(k for k in kwargs if k not in named)
-    if lacks or extra:
+    # a key the config names otherwise (embed_size for embed_dim, a typo): the --model-arg that gives it
+    unset = sorted(named - kwargs.keys())
+    renamed = [(key, near[0]) for key in extra if (near := difflib.get_close_matches(key, unset, n=1, cutoff=0.6))]
+    hint = "".join(f"; {key!r} for {param!r}? --model-arg {param}={_argument_text(kwargs[key])}" for key, param in renamed)
+    given = [k for k in extra if k in {key.split(".")[0] for key in overrides}]
+    if lacks or given or (extra and not named & kwargs.keys()):
         raise CheckpointError(
-            f"--model {spec} rejects {source}: it lacks {lacks} and does not accept {extra}; "
+            f"--model {spec} rejects {source}: it lacks {lacks} and does not accept {extra}{hint}; "
             f"fix them with --model-arg KEY=VALUE or choose the config with --config-key{_sections_hint(config, config_key)}"
         )
+    if extra:
+        log.warning("--model %s does not take the config's keys %s: those are left out, the other %d passed%s", spec,
+                    extra, len(kwargs) - len(extra), hint.replace("; ", " (", 1) + ")" if hint else "")
+        if report is not None:
+            report.notes.append(f"config keys that {spec} does not take left out: {', '.join(extra)}")
+    return {k: v for k, v in kwargs.items() if k not in extra}
+
+
+def _argument_text(value: Any) -> str:
+    """value as --model-arg reads it (JSON), where it is short; else VALUE."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        return "VALUE"
+    return text if len(text) <= 40 else "VALUE"
 
 
 def _call_with_passed_on_keys(builder: Callable, signature: inspect.Signature | None, kwargs: dict, spec: str, source: str,

@@ -564,6 +564,40 @@ def build_with_classes(num_classes):
     return nn.Linear(4, num_classes)
 
 
+def build_blocks(width: int, depth: int = 2, dropout: float = 0.0):
+    return nn.Sequential(*(nn.Linear(width, width) for _ in range(depth)), nn.Dropout(dropout))
+
+
+def test_config_keys_that_the_builder_does_not_take_are_left_out_where_it_takes_the_others(caplog):
+    """A LightningModule's hyper_parameters hold the training run's keys beside the model's."""
+    report = LoadReport()
+    with caplog.at_level(logging.WARNING, logger="marstore.loading"):
+        model = build_model("test_extract:build_blocks", {"width": 3, "depht": 3, "lr": 1e-3, "batch_size": 32},
+                            config_key="hyper_parameters", report=report)
+    assert len(model) == 3 and model[0].in_features == 3  # two blocks: depht is not depth
+    assert ("--model test_extract:build_blocks does not take the config's keys ['batch_size', 'depht', 'lr']: those are "
+            "left out, the other 1 passed ('depht' for 'depth'? --model-arg depth=3)") in caplog.text
+    assert report.notes == ["config keys that test_extract:build_blocks does not take left out: batch_size, depht, lr"]
+    assert len(build_model("test_extract:build_blocks", {"width": 3, "depht": 3}, overrides={"depth": 3})) == 4
+    # a --model-arg it does not take is the user's typo: refused, with the argument it may mean
+    with pytest.raises(CheckpointError) as info:
+        build_model("test_extract:build_blocks", {"width": 3}, overrides={"dropuot": 0.1})
+    assert str(info.value) == ("--model test_extract:build_blocks rejects the given arguments: it lacks [] and does not "
+                               "accept ['dropuot']; 'dropuot' for 'dropout'? --model-arg dropout=0.1; fix them with "
+                               "--model-arg KEY=VALUE or choose the config with --config-key")
+    # a config of none of its arguments is another model's, even where it needs none: refused
+    with pytest.raises(CheckpointError, match=r"rejects the config from checkpoint\['cfg'\]: it lacks \['width'\] and "
+                                              r"does not accept \['lr'\];"):
+        build_model("test_extract:build_blocks", {"lr": 1e-3}, config_key="cfg")
+    with pytest.raises(CheckpointError, match=r"rejects the config from checkpoint\['cfg'\]: it lacks \[\] and does not "
+                                              r"accept \['lr'\];"):
+        build_model("test_extract:build_optional", {"lr": 1e-3}, config_key="cfg")
+
+
+def build_optional(depth: int = 2):
+    return build_blocks(4, depth)
+
+
 def test_a_builder_that_takes_one_config_object_gets_the_config_whole(caplog):
     report = LoadReport()
     with caplog.at_level(logging.INFO, logger="marstore.loading"):
