@@ -1114,11 +1114,11 @@ def _sections_hint(config: Mapping[str, Any], config_key: str | None) -> str:
 def _fitting_prefix(state: Mapping[str, torch.Tensor], wanted: set[str]) -> tuple[str, str, int]:
     """(a prefix to strip from the checkpoint's keys, one to add to them, the model keys they then
     match). The prefix of EMA weights (model_ema.module., ema_pytorch's ema_model.) where it alone
-    matches as many keys as any, and more than half the model's. Else a known wrapper's prefix
-    (module., _orig_mod., model., or a chain of them) wherever it matches more keys than the names
-    as they are. Else any other prefix of up to three name components (Lightning's self.net, a
-    checkpoint of a module that the model holds inside it) where it matches more than half the
-    model's keys and no other prefix matches as many."""
+    matches as many keys as any, and more than half the model's. Else any other prefix of up to
+    three name components (Lightning's self.net, a checkpoint of a module that the model holds
+    inside it) where it matches more than half the model's keys and more than any other does.
+    Else a known wrapper's prefix (module., _orig_mod., model., or a chain of them) wherever it
+    matches more keys than the names as they are."""
     best = ("", "", len(wanted & state.keys()))
     for prefix in _PREFIX_CHAINS:
         hits = sum(1 for k in state if k.startswith(prefix) and k[len(prefix):] in wanted)
@@ -1130,12 +1130,13 @@ def _fitting_prefix(state: Mapping[str, torch.Tensor], wanted: set[str]) -> tupl
     tied = [c for c in candidates if c[0] == most]
     ema = [c for c in tied if _EMA_NAME.search(c[1])]
     if len(ema) == 1 and most >= best[2] and most > len(wanted) / 2:
-        others = [c[1] or c[2] for c in tied if c is not ema[0]] + ([best[0] or "(none)"] if best[2] == most else [])
+        others = [repr(c[1] or c[2]) for c in tied if c is not ema[0] and (c[1] or c[2]) != best[0]]
+        others += [repr(best[0]) if best[0] else "the names as they are"] if best[2] == most else []
         if others:
-            log.info("the EMA weights' prefix %r taken: it fits %d of the model's weights, as %s does (--state-key "
-                     "chooses)", ema[0][1], most, ", ".join(map(repr, others)))
+            log.info("the EMA weights' prefix %r taken; %s fit the model's weights as well (%d of them; --state-key "
+                     "chooses)", ema[0][1], " and ".join(others), most)
         return ema[0][1], "", most
-    if best[2] > len(wanted) / 2 or most <= len(wanted) / 2 or len(tied) > 1:
+    if best[2] >= most or most <= len(wanted) / 2 or len(tied) > 1:  # (a wrapper's prefix is taken where it fits as many)
         return best
     return tied[0][1], tied[0][2], most
 
