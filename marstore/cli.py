@@ -138,7 +138,7 @@ def _checkpoint_info(args: argparse.Namespace, ckpt: object) -> int:
     and the modules those weights belong to (what --layers can name)."""
     import json
 
-    from marstore.loading import CONFIG_KEYS, checkpoint_bytes, describe_checkpoint
+    from marstore.loading import CONFIG_KEYS, checkpoint_bytes, describe_checkpoint, state_key_within
     from marstore.report import human_bytes, text_table
 
     info = {"path": args.store, "bytes": checkpoint_bytes(args.store), "trusted": args.trust_checkpoint,
@@ -177,7 +177,7 @@ def _checkpoint_info(args: argparse.Namespace, ckpt: object) -> int:
     chosen = next((w for w in info["weights"] if w["chosen"]), None)
     if chosen and chosen["copies"]:
         ema, other = chosen["copies"]
-        keyed = other[:-1] if chosen["key"].startswith("(") else f"{chosen['key']}.{other[:-1]}"  # a bare state dict's
+        keyed = state_key_within(chosen["key"], other)
         print(f"{chosen['key']} holds its weights twice, under {other!r} and, as EMA weights, under {ema!r}: a model "
               f"named as one copy gets the EMA ones (--state-key {keyed} the others)")
     if chosen and info["modules"]:

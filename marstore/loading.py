@@ -1111,7 +1111,7 @@ def _sections_hint(config: Mapping[str, Any], config_key: str | None) -> str:
     return f" (its sections: {', '.join(paths)})" if paths else ""
 
 
-def _fitting_prefix(state: Mapping[str, torch.Tensor], wanted: set[str]) -> tuple[str, str, int]:
+def _fitting_prefix(state: Mapping[str, torch.Tensor], wanted: set[str], state_key: str | None = None) -> tuple[str, str, int]:
     """(a prefix to strip from the checkpoint's keys, one to add to them, the model keys they then
     match). The prefix of EMA weights (model_ema.module., ema_pytorch's ema_model.) where it alone
     matches as many keys as any, and more than half the model's. Else any other prefix of up to
@@ -1130,11 +1130,13 @@ def _fitting_prefix(state: Mapping[str, torch.Tensor], wanted: set[str]) -> tupl
     tied = [c for c in candidates if c[0] == most]
     ema = [c for c in tied if _EMA_NAME.search(c[1])]
     if len(ema) == 1 and most >= best[2] and most > len(wanted) / 2:
-        others = [repr(c[1] or c[2]) for c in tied if c is not ema[0] and (c[1] or c[2]) != best[0]]
-        others += [repr(best[0]) if best[0] else "the names as they are"] if best[2] == most else []
-        if others:
-            log.info("the EMA weights' prefix %r taken; %s fit the model's weights as well (%d of them; --state-key "
-                     "chooses)", ema[0][1], " and ".join(others), most)
+        others = [c[1] or c[2] for c in tied if c is not ema[0] and (c[1] or c[2]) != best[0]]
+        others += [best[0]] if best[2] == most and best[0] else []
+        said = [repr(p) for p in others] + (["the names as they are"] if best[2] == most and not best[0] else [])
+        if said:
+            takes = f"; --state-key {state_key_within(state_key, others[0])} takes those" if others else ""
+            log.info("the EMA weights' prefix %r taken; %s fit the model's weights as well (%d of them%s)", ema[0][1],
+                     " and ".join(said), most, takes)
         return ema[0][1], "", most
     if best[2] >= most or most <= len(wanted) / 2 or len(tied) > 1:  # (a wrapper's prefix is taken where it fits as many)
         return best
@@ -1215,7 +1217,7 @@ def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], stri
     own = {plain: model_state[k] for plain, k in named.items()}
     state = {_own_name(k): v for k, v in state.items()}
     wanted = set(own)
-    strip, add, hits = _fitting_prefix(state, wanted)
+    strip, add, hits = _fitting_prefix(state, wanted, report.state_key)
     inferred = (strip or add) and strip not in _PREFIX_CHAINS  # (not a wrapper's: how well it fits is said)
     unknown = f"; {hits} of the model's {len(wanted)} weights fit then" if inferred else ""
     if strip:
@@ -1283,6 +1285,12 @@ def check_materialized(model: torch.nn.Module, why: str) -> None:
                               "rotary frequencies, are not in a checkpoint), or load a checkpoint that holds them")
 
 
+def state_key_within(state_key: str | None, prefix: str) -> str:
+    """The --state-key that takes a state dict's tensors named prefix* (_named_within): the state
+    dict's own key, then the prefix without its dot; the prefix alone for a bare state dict."""
+    return prefix[:-1] if not state_key or state_key.startswith("(") else f"{state_key}.{prefix[:-1]}"
+
+
 def _prefix_hint(state: Mapping[str, torch.Tensor], wanted: set[str], state_key: str | None) -> str:
     """Names the prefix that, removed from the checkpoint's keys or added to them, would fit the
     most of the model's weights, and how to choose among prefixes that fit alike."""
@@ -1299,7 +1307,7 @@ def _prefix_hint(state: Mapping[str, torch.Tensor], wanted: set[str], state_key:
                 f"{best[0][:-1]})")
     if len(best) == 1:
         return f"; removing the prefix {best[0]!r} from the checkpoint's keys would fit {fits}"
-    keyed = [p[:-1] if not state_key or state_key.startswith("(") else f"{state_key}.{p[:-1]}" for p in best]
+    keyed = [state_key_within(state_key, p) for p in best]
     return (f"; the prefixes {', '.join(map(repr, best))}, each removed, would fit {fits} alike: take one's tensors with "
             f"--state-key {' or '.join(map(repr, keyed))}")
 

@@ -181,6 +181,20 @@ def test_another_prefix_is_stripped_or_added_where_it_fits_most_weights(caplog):
     assert "added prefix 'net.'; 2 missing (first: norm.weight, norm.bias)" in report.summary()
 
 
+def test_ema_weights_beside_the_models_are_taken_and_the_other_copy_named(caplog):
+    saved = video_mar(**CONFIG).state_dict()
+    state = {**{f"model.{k}": v for k, v in saved.items()}, **{f"model_ema.module.{k}": v * 2 for k, v in saved.items()}}
+    model = video_mar(**CONFIG)
+    with caplog.at_level(logging.INFO, logger="marstore.loading"):
+        report = load_weights(model, state, strict=True, report=LoadReport(state_key="state_dict"))
+    assert report.stripped_prefix == "model_ema.module." and all(torch.equal(model.state_dict()[k], v * 2)
+                                                                for k, v in saved.items())
+    assert (f"the EMA weights' prefix 'model_ema.module.' taken; 'model.' fit the model's weights as well ({len(saved)} "
+            "of them; --state-key state_dict.model takes those)") in caplog.text
+    other, key = find_state_dict({"state_dict": state}, "state_dict.model")
+    assert load_weights(video_mar(**CONFIG), other, strict=True).loaded == len(saved)
+
+
 def test_a_checkpoint_of_which_nothing_loads_is_refused():
     saved = video_mar(**CONFIG).state_dict()
     first = next(iter(saved))
