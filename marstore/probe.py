@@ -828,8 +828,8 @@ def check_token_memory(path: str, layer: str, tokens: str, selection: np.ndarray
         shape: tuple | str = tuple(info.row_shape)
         values = len(selection) * math.prod(info.row_shape)
         if info.layout == "ragged":  # (a token's shape)
-            tokens = int(store.token_counts(layer)[selection].sum())
-            values, shape = tokens * math.prod(info.row_shape), f"{tokens} tokens of {shape} in all"
+            count = int(store.token_counts(layer)[selection].sum())
+            values, shape = count * math.prod(info.row_shape), f"{count} tokens of {shape} in all"
     features, available = values * 4, available_memory()
     if 2 * features > available:
         fit = int(available / (2 * features / len(selection)))

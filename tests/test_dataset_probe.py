@@ -860,8 +860,10 @@ def test_tokens_aligned_on_a_ragged_layer_reads_each_rows_first_labels(tmp_path)
     """An RNN tagger's packed sequences, stored ragged (each sample its own token count), and
     its tags padded to 7 with -100: each token is read against its own tag, the padding's
     never; the probe labels a padded batch's tokens."""
+    import marstore.probe as probe_module
     from marstore.evaluate import EvaluateOptions, evaluate_probes
     from marstore.probe import load_probe
+    from marstore.report import human_bytes
 
     rng = np.random.default_rng(3)
     counts = rng.integers(1, 7, 400)
@@ -887,6 +889,16 @@ def test_tokens_aligned_on_a_ragged_layer_reads_each_rows_first_labels(tmp_path)
     evaluated = evaluate_probes(EvaluateOptions(probes=str(tmp_path / "probes"), store=str(path), rows="all",
                                                 out=str(tmp_path / "evaluated")))["layers"][0]
     assert (evaluated["split_rows"], evaluated["token_rows"]) == ({"test": 400}, {"test": int(counts.sum())})
+    with pytest.MonkeyPatch.context() as patch:  # the memory check counts a ragged layer's tokens
+        patch.setattr(probe_module, "available_memory", lambda: 40_000)
+        with pytest.raises(ProbeError) as info:
+            run_probes(probe_opts(tmp_path, path, layer="lstm:0", target="tags", tokens="aligned"))
+    features = int(counts.sum()) * 8 * 4
+    assert str(info.value) == (f"lstm:0: --tokens aligned holds {human_bytes(features)} of float32 features (400 rows of "
+                               f"{int(counts.sum())} tokens of (8,) in all), twice that while it standardises them, and "
+                               f"39.1 KiB of memory is available; probe fewer rows (--max-rows {int(40_000 / (2 * features / 400))} "
+                               "or fewer, or --where), their token means (--tokens mean), or store fewer tokens (--reduction "
+                               "mean:G at extraction)")
     short = tmp_path / "short.h5"
     with StoreWriter(short, [LayerSpec("lstm:0", (8,), ragged=True)], [TargetSpec("tags", (5,), "int64")]) as writer:
         writer.append({"lstm:0": Ragged(tokens, counts)}, targets={"tags": tags[:, :5]}, index=range(400))
