@@ -221,6 +221,8 @@ class _Reads:
         key = (probe.layer, reduction, rows.tobytes())
         if key != self.key:
             self.data = {}  # the last layer's rows go before the next are read
+            if probe.tokens != "mean":  # every token of the rows in memory: refused where they would not fit
+                check_token_memory(self.store, probe.layer, probe.tokens, rows)
             ds = ActivationDataset(self.store, [probe.layer], self.columns, rows=rows, reduction=reduction)
             ragged = ds.ragged and probe.tokens == "aligned"  # every token of the rows, one after another
             self.data = read_ragged_tokens(ds, np.arange(len(rows)), probe.layer) if ragged else ds.read_all()
@@ -370,8 +372,6 @@ def evaluate_probes(opts: EvaluateOptions) -> dict:
             log.info("--max-rows %d: scoring %d of %d rows, drawn with the probes' seed %d", opts.max_rows, opts.max_rows,
                      len(rows), seed)
             rows = drawn_rows(rows, opts.max_rows, seed)
-        if probes["probe"].tokens != "mean":
-            check_token_memory(opts.store, probes["probe"].layer, probes["probe"].tokens, rows)
         entry = _evaluate_layer(opts, probes, read(probes["probe"], rows), target, group, seed, metric, token_where)
         out_entries.append({**entry, **{k: entries[name][k] for k in ("features", "inputs") if k in entries[name]},
                             **({"store_rows": held_as[name]} if held_as[name] else {})})
