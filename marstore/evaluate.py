@@ -365,13 +365,14 @@ def evaluate_probes(opts: EvaluateOptions) -> dict:
     metric, seed = report["metric"], training.get("seed", 0)
     out_entries = []
     read = _Reads(opts.store, [target, *([group] if group else []), *(c[1] for c in token_where)])
+    drawn_from = None  # the rows --max-rows drew from, where it drew
     for name, probes in zip(chosen, layers):
         rows = _held_out_rows(probes["probe"], index, opts.store, allowed) if mode == "held-out" else \
             np.arange(len(index)) if allowed is None else allowed
         if opts.max_rows is not None and len(rows) > opts.max_rows:  # the same draw for every layer's rows
             log.info("--max-rows %d: scoring %d of %d rows, drawn with the probes' seed %d", opts.max_rows, opts.max_rows,
                      len(rows), seed)
-            rows = drawn_rows(rows, opts.max_rows, seed)
+            rows, drawn_from = drawn_rows(rows, opts.max_rows, seed), len(rows)
         entry = _evaluate_layer(opts, probes, read(probes["probe"], rows), target, group, seed, metric, token_where)
         out_entries.append({**entry, **{k: entries[name][k] for k in ("features", "inputs") if k in entries[name]},
                             **({"store_rows": held_as[name]} if held_as[name] else {})})
@@ -381,7 +382,8 @@ def evaluate_probes(opts: EvaluateOptions) -> dict:
               "task": report["task"], "metric": metric, "solver": report["solver"], "options": training,
               "evaluation": {**asdict(opts), "probes": os.path.abspath(folder), "trained_on": report["store"], "rows": mode,
                              "same_samples": same, "group": group, "where": where,
-                             **({"token_where": [c for c, *_ in token_where]} if token_where else {})},
+                             **({"token_where": [c for c, *_ in token_where]} if token_where else {}),
+                             **({"drawn_from": drawn_from, "seed": seed} if drawn_from else {})},
               "layers": out_entries}
     result["plots"] = {"depth": report_depth_plot(result, opts.out, f"Probes of {report['target']} from {report['store']}, "
                                                                      f"on {os.path.basename(opts.store)}"),
@@ -470,6 +472,8 @@ def _markdown(result: dict, out: str) -> str:
     row_where = [c for c in e["where"] if c not in e.get("token_where", [])]
     if row_where:
         rows += f", where {' and '.join(row_where)}"
+    if e.get("drawn_from"):
+        rows += f"; {e['max_rows']} of those {e['drawn_from']}, drawn at random with seed {e['seed']} by --max-rows"
     if e.get("token_where"):  # conditions that selected tokens (--tokens aligned)
         rows += f"; their tokens where {' and '.join(e['token_where'])}"
     drawn = f" (drawn by whole {e['group']!r} groups)" if e["group"] else ""

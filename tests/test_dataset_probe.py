@@ -805,8 +805,9 @@ def test_tokens_aligned_read_each_token_with_its_own_label_and_draw_whole_rows(t
         evaluate_probes(EvaluateOptions(probes=str(tmp_path / "drawn"), store=str(path), rows="all",
                                         out=str(tmp_path / "evaluated")))
     scored = evaluate_probes(EvaluateOptions(probes=str(tmp_path / "drawn"), store=str(path), rows="all", max_rows=200,
-                                             out=str(tmp_path / "evaluated")))["layers"][0]
-    assert (scored["split_rows"], scored["token_rows"]) == ({"test": 200}, {"test": 1200})
+                                             out=str(tmp_path / "evaluated")))
+    assert (scored["layers"][0]["split_rows"], scored["layers"][0]["token_rows"]) == ({"test": 200}, {"test": 1200})
+    assert "every committed row; 200 of those 500, drawn at random with seed 0 by --max-rows" in open(scored["markdown"]).read()
     monkeypatch.undo()
     means = tmp_path / "means.h5"
     with StoreWriter(means, [LayerSpec("frames", (8,), reduction="mean")], [TargetSpec("part", (6,), "int64")]) as writer:
